@@ -1,0 +1,179 @@
+"""The eager reference: what an MoE layer computes, in a few lines of torch per step.
+
+This is the ground truth the generated kernels, the IR interpreter and the lifted regions are
+tested against. All arithmetic is float32 (inputs upcast); results are cast back by callers.
+Semantics of every option are documented on `moec.spec.RouterConfig`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .spec import MoESpec, MoEWeights, RouterConfig
+
+DROPPED = -1  # expert id of a (token, slot) pair dropped by capacity
+
+
+def activation(name: str, x: torch.Tensor) -> torch.Tensor:
+    if name == "silu":
+        return F.silu(x)
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if name == "relu":
+        return F.relu(x)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def ranked(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest values per row; ties go to the lower index, NaN ranks first."""
+    key = torch.where(torch.isnan(values), torch.full_like(values, float("inf")), values)
+    return torch.sort(key, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def router_logits(x: torch.Tensor, w_router: torch.Tensor, b_router: Optional[torch.Tensor] = None,
+                  w_noise: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """fp32 logits ``x @ w_router.T (+ b)``, plus ``noise * softplus(x @ w_noise.T)`` when noisy."""
+    logits = x.float() @ w_router.float().t()
+    if b_router is not None:
+        logits = logits + b_router.float()
+    if noise is not None:
+        logits = logits + noise.float() * F.softplus(x.float() @ w_noise.float().t())
+    return logits
+
+
+def scores_of(logits: torch.Tensor, cfg: RouterConfig) -> torch.Tensor:
+    return torch.softmax(logits, dim=-1) if cfg.score == "softmax" else torch.sigmoid(logits)
+
+
+def selection_keys(scores: torch.Tensor, cfg: RouterConfig, score_bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The values experts are ranked by: biased scores, experts outside the chosen groups at -inf."""
+    sel = scores + score_bias.float() if score_bias is not None else scores
+    if cfg.n_group > 1:
+        T, E = sel.shape
+        grouped = sel.view(T, cfg.n_group, E // cfg.n_group)
+        if cfg.group_score == "max":
+            gscore = grouped.max(dim=-1).values
+        else:
+            gscore = torch.sort(grouped, dim=-1, descending=True).values[..., :2].sum(-1)
+        keep = torch.zeros_like(gscore, dtype=torch.bool)
+        keep.scatter_(1, ranked(gscore, cfg.topk_group), True)
+        sel = sel.masked_fill(~keep.repeat_interleave(E // cfg.n_group, dim=1), float("-inf"))
+    return sel
+
+
+def route(logits: torch.Tensor, cfg: RouterConfig, score_bias: Optional[torch.Tensor] = None):
+    """Top-k routing. Returns ``(ids [T,k] int64, weights [T,k] fp32, aux_loss fp32 scalar or None)``.
+
+    Capacity (if configured) is applied: dropped pairs get id ``DROPPED`` and weight 0.
+    """
+    logits = logits.float()
+    T, E = logits.shape
+    k = cfg.top_k
+    scores = scores_of(logits, cfg)
+    if cfg.order == "topk_then_score":
+        sel = logits
+        ids = ranked(sel, k)
+        weights = torch.softmax(logits.gather(1, ids), dim=-1)
+        factor = 1.0 / scores.gather(1, ids).sum(-1, keepdim=True)   # the same weights, from scores
+    else:
+        sel = selection_keys(scores, cfg, score_bias)
+        ids = ranked(sel, k)
+        weights = scores.gather(1, ids)
+        factor = torch.ones_like(weights[:, :1])
+        if cfg.renormalize:
+            factor = 1.0 / (weights.sum(-1, keepdim=True) + 1e-20)
+            weights = weights * factor
+    weights = weights * cfg.routed_scaling
+    factor = factor * cfg.routed_scaling
+    aux = load_balancing_loss(scores, ids, cfg) if cfg.aux_loss else None
+    if cfg.capacity_factor is not None:
+        ids, weights = apply_capacity(ids, weights, scores, sel, factor, cfg)
+    return ids, weights, aux
+
+
+def load_balancing_loss(scores: torch.Tensor, ids: torch.Tensor, cfg: RouterConfig) -> torch.Tensor:
+    """``E * sum_e (n_e / T) * P_e`` (see `RouterConfig`); 0 for an empty batch."""
+    T, E = scores.shape
+    if T == 0:
+        return scores.new_zeros(())
+    probs = scores if cfg.score == "softmax" else scores / scores.sum(-1, keepdim=True)
+    counts = torch.bincount(ids.reshape(-1), minlength=E).float()
+    return E * torch.sum(counts / T * probs.mean(0))
+
+
+def apply_capacity(ids, weights, scores, sel, factor, cfg: RouterConfig):
+    """Enforce per-expert capacity (slot-major, then token priority); see `RouterConfig`."""
+    T, k = ids.shape
+    E = cfg.num_experts
+    cap = cfg.capacity(T)
+    ids, weights = ids.clone(), weights.clone()
+    used = torch.zeros(E, dtype=torch.long, device=ids.device)
+    # pairs in priority order: p = slot * T + token
+    pend_tok = torch.arange(T, device=ids.device).repeat(k)
+    pend_slot = torch.arange(k, device=ids.device).repeat_interleave(T)
+    cand = ids.t().reshape(-1)
+    order = ranked(sel, E) if cfg.overflow == "next_best" else None
+    next_rank = torch.full((T,), k, dtype=torch.long, device=ids.device)
+    while cand.numel():
+        # rank of each candidate among candidates of the same expert, in priority order
+        srt = torch.sort(cand, stable=True)
+        seg_start = torch.searchsorted(srt.values, srt.values, right=False)
+        rank = torch.empty_like(cand)
+        rank[srt.indices] = torch.arange(cand.numel(), device=ids.device) - seg_start
+        ok = used[cand] + rank < cap
+        used += torch.bincount(cand[ok], minlength=E)
+        ids[pend_tok[ok], pend_slot[ok]] = cand[ok]
+        if order is not None:
+            weights[pend_tok[ok], pend_slot[ok]] = scores[pend_tok[ok], cand[ok]] * factor[pend_tok[ok], 0]
+        pend_tok, pend_slot = pend_tok[~ok], pend_slot[~ok]
+        ids[pend_tok, pend_slot] = DROPPED
+        weights[pend_tok, pend_slot] = 0.0
+        if order is None or pend_tok.numel() == 0:
+            break
+        # next candidates: each token's pending slots take its next unused ranks, in slot order
+        ps = torch.sort(pend_slot, stable=True).indices
+        pend_tok, pend_slot = pend_tok[ps], pend_slot[ps]
+        ts = torch.sort(pend_tok, stable=True)
+        first = torch.searchsorted(ts.values, ts.values, right=False)
+        offset = torch.empty_like(pend_tok)
+        offset[ts.indices] = torch.arange(pend_tok.numel(), device=ids.device) - first
+        rnk = next_rank[pend_tok] + offset
+        next_rank.index_add_(0, pend_tok, torch.ones_like(pend_tok))
+        live = rnk < E
+        live[live.clone()] &= torch.isfinite(sel[pend_tok[live], order[pend_tok[live], rnk[live]]])
+        pend_tok, pend_slot = pend_tok[live], pend_slot[live]
+        cand = order[pend_tok, rnk[live]]
+    return ids, weights
+
+
+def expert_mlp(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, gate: Optional[torch.Tensor],
+               act: str) -> torch.Tensor:
+    """One expert on fp32 rows: ``down(act(gate(x)) * up(x))`` (GLU) or ``down(act(up(x)))``."""
+    u = x @ up.float().t()
+    h = activation(act, x @ gate.float().t()) * u if gate is not None else activation(act, u)
+    return h @ down.float().t()
+
+
+def moe(x: torch.Tensor, w: MoEWeights, spec: MoESpec, noise: Optional[torch.Tensor] = None):
+    """The whole layer on ``x [T, d]``: returns ``(y [T, d] in x.dtype, aux_loss or None)``."""
+    xf = x.float()
+    cfg = spec.router
+    logits = router_logits(x, w.w_router, w.b_router, w.w_noise, noise if cfg.noisy else None)
+    ids, weights, aux = route(logits, cfg, w.score_bias)
+    y = torch.zeros_like(xf)
+    for e in range(cfg.num_experts):
+        tok, slot = torch.nonzero(ids == e, as_tuple=True)
+        if tok.numel():
+            out = expert_mlp(xf[tok], w.w_up[e], w.w_down[e], w.w_gate[e] if spec.glu else None,
+                             spec.activation)
+            y.index_add_(0, tok, out * weights[tok, slot, None])
+    if spec.shared is not None:
+        s = expert_mlp(xf, w.shared_up, w.shared_down, w.shared_gate if spec.glu else None, spec.activation)
+        if spec.shared.gated:
+            s = s * torch.sigmoid(xf @ w.shared_gate_proj.float().t())
+        y = y + s
+    return y.to(x.dtype), aux

@@ -1,0 +1,171 @@
+"""What an MoE layer computes, as plain data: the router configuration and the layer's shape.
+
+These frozen dataclasses are the contract between the frontend (which reads them off user
+code), the IR (whose `route` op carries a `RouterConfig`), the eager reference
+(`moec.reference`) and the generated kernels. Every field has one meaning, written here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+SCORES = ("softmax", "sigmoid")
+ORDERS = ("score_then_topk", "topk_then_score")
+GROUP_SCORES = ("max", "top2_sum")
+OVERFLOWS = ("drop", "next_best")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+
+
+class MoESpecError(ValueError):
+    """A configuration or input that moec cannot compute correctly; the message names why."""
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """How token scores become (expert ids, weights).
+
+    - ``score``: ``softmax`` over all E logits, or elementwise ``sigmoid``.
+    - ``order``: ``score_then_topk`` scores every expert then keeps the k best;
+      ``topk_then_score`` keeps the k best logits then applies softmax to just those (Mixtral);
+      the latter equals softmax-then-top-k with renormalisation (canonicalisation uses this).
+    - ``renormalize``: divide the k kept weights by their sum.
+    - ``routed_scaling``: multiply the final weights by this factor (DeepSeek-V3: 2.5).
+    - ``score_bias``: a per-expert bias added to the scores for *selection only*; the weights
+      use the unbiased scores (DeepSeek-V3 ``e_score_correction_bias``).
+    - ``n_group``/``topk_group``: group-limited selection: experts are cut into ``n_group``
+      equal groups, each group scored by ``group_score`` of its (biased) scores (``max``, or
+      ``top2_sum``: the sum of its two best), and only experts of the ``topk_group`` best
+      groups may be chosen.
+    - ``capacity_factor``: when set, each expert keeps at most
+      ``C = ceil(capacity_factor * T * k / E)`` (token, slot) pairs. Priority is slot-major
+      (every token's first choice before any second choice), then token order. Overflowing
+      pairs are dropped (weight 0) or, with ``overflow="next_best"``, moved to the token's
+      next-ranked expert that still has room (weight: that expert's score, under the same
+      normalisation); a pair that finds no room is dropped.
+    - ``noisy``: noisy top-k gating: in training mode logits get
+      ``noise * softplus(x @ w_noise.T)`` with ``noise ~ N(0, 1)`` drawn as ``torch.randn``
+      of shape ``[T, E]``; in eval mode no noise is added.
+    - ``aux_loss``: also return the load-balancing loss ``E * sum_e (n_e / T) * P_e``, where
+      ``n_e`` counts the (token, slot) pairs routed to e before capacity and ``P_e`` is the mean
+      over tokens of the normalised scores (softmax of logits, or sigmoid scores / their sum).
+    Ties between equal scores go to the lower expert index.
+    """
+
+    num_experts: int
+    top_k: int
+    score: str = "softmax"
+    order: str = "score_then_topk"
+    renormalize: bool = False
+    routed_scaling: float = 1.0
+    score_bias: bool = False
+    router_bias: bool = False
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: str = "max"
+    capacity_factor: Optional[float] = None
+    overflow: str = "drop"
+    noisy: bool = False
+    aux_loss: bool = False
+
+    def __post_init__(self) -> None:
+        E, k = self.num_experts, self.top_k
+        if E < 1:
+            raise MoESpecError(f"num_experts must be >= 1, got {E}")
+        if not 1 <= k <= E:
+            raise MoESpecError(f"top_k must be in [1, num_experts={E}], got {k}")
+        for name, allowed in (("score", SCORES), ("order", ORDERS),
+                              ("group_score", GROUP_SCORES), ("overflow", OVERFLOWS)):
+            if getattr(self, name) not in allowed:
+                raise MoESpecError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.order == "topk_then_score" and self.score != "softmax":
+            raise MoESpecError("order='topk_then_score' is defined for softmax scores only")
+        if self.n_group < 1 or E % self.n_group:
+            raise MoESpecError(f"n_group={self.n_group} must divide num_experts={E}")
+        if self.n_group > 1:
+            per = E // self.n_group
+            if not 1 <= self.topk_group <= self.n_group:
+                raise MoESpecError(f"topk_group must be in [1, n_group={self.n_group}]")
+            if self.topk_group * per < k:
+                raise MoESpecError(
+                    f"topk_group={self.topk_group} groups of {per} experts hold fewer than top_k={k}")
+            if self.group_score == "top2_sum" and per < 2:
+                raise MoESpecError("group_score='top2_sum' needs at least 2 experts per group")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise MoESpecError(f"capacity_factor must be > 0, got {self.capacity_factor}")
+
+    def replace(self, **changes) -> "RouterConfig":
+        return dataclasses.replace(self, **changes)
+
+    def capacity(self, num_tokens: int) -> Optional[int]:
+        """Per-expert capacity for ``num_tokens`` tokens (None: unlimited)."""
+        if self.capacity_factor is None:
+            return None
+        return max(1, math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts))
+
+
+@dataclass(frozen=True)
+class SharedExpertConfig:
+    """Dense expert(s) every token passes through, added to the routed output.
+
+    ``width`` is the total intermediate size (DeepSeek: n_shared * moe_intermediate);
+    ``gated``: the output is scaled per token by ``sigmoid(x @ w_shared_gate.T)`` (Qwen-MoE).
+    """
+
+    width: int
+    gated: bool = False
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """One MoE layer: hidden size ``hidden``, expert width ``ffn``, a router, an activation.
+
+    ``glu``: experts compute ``down(act(gate(x)) * up(x))`` (SwiGLU when act is silu);
+    otherwise ``down(act(up(x)))``.
+    """
+
+    hidden: int
+    ffn: int
+    router: RouterConfig
+    activation: str = "silu"
+    glu: bool = True
+    shared: Optional[SharedExpertConfig] = None
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise MoESpecError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.hidden < 1 or self.ffn < 1:
+            raise MoESpecError(f"hidden and ffn must be positive, got {self.hidden}, {self.ffn}")
+
+    @property
+    def num_experts(self) -> int:
+        return self.router.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.router.top_k
+
+
+@dataclass
+class MoEWeights:
+    """The tensors of one MoE layer, in ``nn.Linear`` layout ``[out, in]`` per expert.
+
+    Expert weights are ``[E, out, in]`` tensors or views (a ``[E, in, out]`` parameter is passed
+    as ``.transpose(1, 2)``; kernels read strides, so no copy is made).
+    """
+
+    w_router: torch.Tensor                      # [E, d]
+    w_up: torch.Tensor                          # [E, f, d]
+    w_down: torch.Tensor                        # [E, d, f]
+    w_gate: Optional[torch.Tensor] = None       # [E, f, d] when glu
+    b_router: Optional[torch.Tensor] = None     # [E]
+    score_bias: Optional[torch.Tensor] = None   # [E], selection only
+    w_noise: Optional[torch.Tensor] = None      # [E, d]
+    shared_up: Optional[torch.Tensor] = None    # [fs, d]
+    shared_down: Optional[torch.Tensor] = None  # [d, fs]
+    shared_gate: Optional[torch.Tensor] = None  # [fs, d] when glu
+    shared_gate_proj: Optional[torch.Tensor] = None  # [1, d] sigmoid gate on the shared output
+    extras: dict = field(default_factory=dict)

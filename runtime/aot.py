@@ -1,0 +1,54 @@
+"""Ahead-of-time compilation of a recorded launch for any GPU arch, on a machine without one.
+
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` runs the whole Triton
+pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin) on the CPU; the result's metadata reports the
+shared memory the kernel needs, which must fit the arch's per-block limit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from .arch import ARCHS, Arch
+from .launch import LaunchRecord
+
+
+@dataclass(frozen=True)
+class AotReport:
+    kernel: str
+    arch: str
+    shared: int
+    smem_limit: int
+    mma: str       # tensor-core instruction family found in the PTX ("" if none)
+    ptx: str
+
+    @property
+    def fits(self) -> bool:
+        return self.shared <= self.smem_limit
+
+
+_MMA_MARKERS = (("tcgen05", "tcgen05"), ("wgmma", "wgmma"), ("mma.sync", "mma.sync"))
+
+
+def compile_launch(record: LaunchRecord, arch: str | Arch) -> AotReport:
+    """Compile the kernel of ``record`` with its signature and constexprs for ``arch``."""
+    arch = ARCHS[arch] if isinstance(arch, str) else arch
+    fn = record.kernel.function(interpret=False)
+    signature = dict(record.signature)
+    constexprs = dict(record.constexprs)
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name not in signature:           # an argument passed as None
+            signature[name] = "constexpr"
+            constexprs[name] = None
+    signature = {n: signature[n] for n in fn.arg_names}
+    src = ASTSource(fn, signature, constexprs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch.cc, 32),
+                              options={"num_warps": record.num_warps, "num_stages": record.num_stages})
+    ptx = compiled.asm["ptx"]
+    mma = next((name for name, marker in _MMA_MARKERS if marker in ptx), "")
+    return AotReport(record.kernel.fn_name, arch.name, compiled.metadata.shared, arch.smem_per_block, mma, ptx)

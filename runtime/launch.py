@@ -1,0 +1,86 @@
+"""Launch a generated kernel and record what was launched.
+
+`Kernel` wraps one rendered Triton source. Calling it with CPU tensors runs the Triton
+interpreter; with CUDA tensors the compiled kernel. Every launch inside a `recording()` block
+is kept as a `LaunchRecord` (grid, argument signature, constexprs, warps, stages): the dump
+writes them out and the ahead-of-time tests recompile each one for every GPU arch.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass, field
+
+import torch
+
+from . import cache
+
+_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+           torch.int32: "i32", torch.int64: "i64", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
+_recorder: contextvars.ContextVar[list | None] = contextvars.ContextVar("moec_recorder", default=None)
+
+
+@dataclass(frozen=True)
+class LaunchRecord:
+    kernel: "Kernel"
+    grid: tuple
+    signature: dict      # argument name -> Triton type ("*fp16", "i32", ...)
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+
+    def describe(self) -> dict:
+        return {"kernel": self.kernel.fn_name, "source_key": cache.source_key(self.kernel.source),
+                "grid": list(self.grid), "signature": self.signature, "constexprs": self.constexprs,
+                "num_warps": self.num_warps, "num_stages": self.num_stages}
+
+
+@contextlib.contextmanager
+def recording():
+    """Collect every launch made inside the block into the yielded list."""
+    records: list[LaunchRecord] = []
+    token = _recorder.set(records)
+    try:
+        yield records
+    finally:
+        _recorder.reset(token)
+
+
+def triton_type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + _DTYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2**31 <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"cannot pass {type(value).__name__} to a Triton kernel")
+
+
+@dataclass(eq=False)
+class Kernel:
+    """One rendered kernel source whose ``@triton.jit`` function is ``fn_name``."""
+
+    source: str
+    fn_name: str
+    arg_names: tuple = field(default=())
+
+    def function(self, interpret: bool):
+        return getattr(cache.load(self.source, self.fn_name, interpret), self.fn_name)
+
+    def __call__(self, grid: tuple, args: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 2):
+        """Launch on ``grid``; ``args`` in the kernel's parameter order (a dict, names checked)."""
+        if any(g == 0 for g in grid):
+            return
+        tensors = [a for a in args.values() if isinstance(a, torch.Tensor)]
+        interpret = bool(tensors) and tensors[0].device.type == "cpu"
+        fn = self.function(interpret)
+        records = _recorder.get()
+        if records is not None:
+            sig = {k: triton_type(v) for k, v in args.items() if v is not None}
+            records.append(LaunchRecord(self, tuple(grid), sig, dict(constexprs), num_warps, num_stages))
+        if interpret:
+            fn[grid](**args, **constexprs)
+        else:
+            fn[grid](**args, **constexprs, num_warps=num_warps, num_stages=num_stages)
