@@ -1,1 +1,16 @@
-"""moec."""
+"""moec: a compiler for sparse Mixture-of-Experts layers.
+
+    import moec
+    model = moec.compile(model)      # lifts MoE layers into moec IR, runs generated Triton kernels
+    print(model.explain())           # what was lifted, what stayed eager, and why
+
+See docs/architecture.md for the pipeline and examples/ for runnable scripts.
+"""
+from . import ops
+from .api import compile
+from .region import disabled
+from .spec import MoESpec, MoESpecError, MoEWeights, RouterConfig, SharedExpertConfig
+
+__version__ = "0.1.0"
+__all__ = ["compile", "disabled", "ops", "MoESpec", "MoESpecError", "MoEWeights", "RouterConfig",
+           "SharedExpertConfig"]

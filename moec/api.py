@@ -1,0 +1,145 @@
+"""`moec.compile`: find the MoE layers of a module, lift them, and run them as generated kernels.
+
+Compilation is in place: each lifted submodule's class is swapped for a subclass whose forward
+runs the region (keeping its parameters, buffers, state_dict, hooks, `.to()`, `.eval()`); the
+root also gains `explain()`. Everything moec does not lift runs as the user's eager code.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .region import Region
+
+_SUBCLASSES: dict[type, type] = {}
+
+
+def _compiled_forward(self, *args, **kwargs):
+    region = self.__dict__.get("_moec_region")
+    base = self._moec_base
+    eager = functools.partial(base.forward, self)
+    if region is None:
+        return eager(*args, **kwargs)
+    if not args and len(kwargs) == 1:      # forward(hidden_states=x)
+        args, kwargs = tuple(kwargs.values()), {}
+    if not args:
+        return eager(*args, **kwargs)
+    return region(self, eager, *args, **kwargs)
+
+
+def _explain(self) -> str:
+    """A readable report: which regions were lifted into moec IR, which were not, and why."""
+    from .explain import report
+    return report(self)
+
+
+def _compiled_class(cls: type) -> type:
+    if getattr(cls, "_moec_base", None) is not None and cls in _SUBCLASSES.values():
+        return cls
+    if cls not in _SUBCLASSES:
+        _SUBCLASSES[cls] = type(cls.__name__, (cls,), {
+            "forward": _compiled_forward, "explain": _explain, "_moec_base": cls,
+            "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+            "__doc__": cls.__doc__})
+    return _SUBCLASSES[cls]
+
+
+def _dump_root(dump_dir) -> Optional[Path]:
+    dump_dir = dump_dir or os.environ.get("MOEC_DUMP_DIR")
+    return Path(dump_dir) if dump_dir else None
+
+
+def compile_module(model: nn.Module, *, dump_dir=None, arch: Optional[str] = None) -> nn.Module:
+    """Compile ``model`` in place (see `compile`) and return it."""
+    from .frontend import LiftedMoE, NotLifted, find_moe_modules, lift
+    root = _dump_root(dump_dir)
+    regions, skipped = [], []
+    for qualname, module in find_moe_modules(model):
+        name = qualname or type(module).__name__
+        try:
+            got = lift(module)
+        except Exception as e:  # the frontend must not crash a model eager PyTorch runs
+            got = NotLifted(f"{type(module).__name__}: analysis failed: {type(e).__name__}: {e}")
+        if isinstance(got, LiftedMoE):
+            region = Region(name.replace(".", "_") or "root", got, arch=arch, dump_dir=root)
+            module.__class__ = _compiled_class(type(module))
+            module.__dict__["_moec_region"] = region
+            regions.append((qualname, type(module).__name__, region))
+        elif isinstance(got, NotLifted):
+            skipped.append((qualname, type(module).__name__, got.reason))
+    model.__class__ = _compiled_class(type(model))
+    model.__dict__["_moec_report"] = {"regions": regions, "skipped": skipped, "root": type(model).__name__}
+    if root is not None:
+        from .explain import report
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "explain.txt").write_text(report(model) + "\n")
+    return model
+
+
+def _compile_class(cls: type, **options) -> type:
+    class Compiled(cls):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if type(self) is Compiled:
+                compile_module(self, **options)
+
+    Compiled.__name__ = cls.__name__
+    Compiled.__qualname__ = cls.__qualname__
+    Compiled.__module__ = cls.__module__
+    Compiled.__doc__ = cls.__doc__
+    return Compiled
+
+
+def _compile_function(fn: Callable, **options) -> Callable:
+    """A function: every `nn.Module` passed to it is compiled (once) before the call."""
+    seen: dict[int, nn.Module] = {}
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        for a in list(args) + list(kwargs.values()):
+            if isinstance(a, nn.Module) and id(a) not in seen:
+                seen[id(a)] = compile_module(a, **options)
+        return fn(*args, **kwargs)
+
+    def explain() -> str:
+        from .explain import report
+        if not seen:
+            return (f"moec report for function {fn.__name__}: no module has been passed to it yet; "
+                    "its body runs as eager PyTorch (call moec.ops.moe inside it, or pass the MoE "
+                    "module as an argument, to use moec's kernels)")
+        return "\n\n".join(report(m) for m in seen.values())
+
+    wrapper.explain = explain
+    return wrapper
+
+
+def compile(obj=None, *, dump_dir: str | os.PathLike | None = None, arch: Optional[str] = None):
+    """Compile the MoE layers of a module, module class or function into generated Triton kernels.
+
+    Usable as ``@moec.compile``, ``@moec.compile(dump_dir=..., arch=...)`` on an ``nn.Module``
+    class, or ``moec.compile(model)`` on an instance (compiled in place and returned) or a
+    function (modules passed to it are compiled). ``dump_dir`` (or env ``MOEC_DUMP_DIR``) receives
+    the captured region, the IR after each pass, every kernel, tiles and launches. ``arch``
+    (``"sm80"``, ``"sm90"``, ...) overrides the tile table's target; by default the device decides.
+
+    Example::
+
+        model = moec.compile(MyMoEBlock(d=64, f=128, E=8, k=2))
+        y = model(x)                 # fused kernels (the Triton interpreter on a CPU)
+        print(model.explain())
+    """
+    options = {"dump_dir": dump_dir, "arch": arch}
+    if obj is None:
+        return lambda o: compile(o, **options)
+    if isinstance(obj, type) and issubclass(obj, nn.Module):
+        return _compile_class(obj, **options)
+    if isinstance(obj, nn.Module):
+        return compile_module(obj, **options)
+    if callable(obj):
+        return _compile_function(obj, **options)
+    raise TypeError(f"moec.compile takes an nn.Module, an nn.Module class or a function, got {type(obj).__name__}")

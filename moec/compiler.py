@@ -1,0 +1,65 @@
+"""From an `MoESpec` to a runnable `Program`: build IR, run the pass pipeline, lower, dump.
+
+One compile serves every token count: T stays symbolic until `Program.run` binds it. Compiled
+programs are memoised per (spec, dtype, outputs, arch), so equal layers share their kernels.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from moec.ir.build import build_moe_graph
+from moec.ir.graph import Graph
+from moec.ir.text import print_graph
+from moec.passes.lower import lower
+from moec.passes.pipeline import PassContext, run_passes
+from moec.runtime.arch import Arch
+from moec.runtime.program import Program
+
+from .spec import MoESpec
+
+
+@dataclass
+class Compiled:
+    """The result of compiling one region: the IR after each pass and the program."""
+
+    spec: MoESpec
+    dtype: torch.dtype
+    arch: Arch
+    stages: list[tuple[str, str]] = field(default_factory=list)   # (stage name, IR text)
+    program: Program | None = None
+
+    @property
+    def graph(self) -> Graph:
+        return self.program.graph
+
+    def tiles(self) -> dict:
+        return {s.node.name: {"op": s.node.op, **s.node.attr["tile"].as_dict()}
+                for s in self.program.steps if s.kernel is not None}
+
+    def dump(self, directory: str | Path, captured: str = "") -> Path:
+        """Write the captured region, IR after each pass, kernels and tiles under ``directory``."""
+        d = Path(directory)
+        (d / "kernels").mkdir(parents=True, exist_ok=True)
+        if captured:
+            (d / "captured.txt").write_text(captured)
+        for i, (name, text) in enumerate(self.stages):
+            (d / f"ir.{i:02d}.{name}.txt").write_text(text)
+        for step, kernel in self.program.kernels():
+            (d / "kernels" / f"{step.node.name}.{kernel.fn_name}.py").write_text(kernel.source)
+        (d / "tiles.json").write_text(json.dumps(self.tiles(), indent=2) + "\n")
+        return d
+
+
+@functools.lru_cache(maxsize=256)
+def compile_spec(spec: MoESpec, dtype: torch.dtype, outputs: tuple[str, ...], arch: Arch) -> Compiled:
+    """Compile ``spec`` for inputs of ``dtype`` on ``arch``; ``outputs`` from y/logits/aux."""
+    graph = build_moe_graph(spec, dtype, outputs)
+    out = Compiled(spec, dtype, arch, [("captured", print_graph(graph))])
+    final = run_passes(graph, PassContext(arch), after=lambda name, g: out.stages.append((name, print_graph(g))))
+    out.program = lower(final, arch.name)
+    return out

@@ -1,0 +1,64 @@
+"""`explain()`: which regions moec lifted, what it generated for them, and what stayed eager, why."""
+from __future__ import annotations
+
+from moec.passes.lower import torch_steps
+
+
+def _spec_line(spec) -> str:
+    r = spec.router
+    bits = [f"{r.num_experts} experts", f"top-{r.top_k}", r.score]
+    if r.order == "topk_then_score":
+        bits.append("top-k then softmax")
+    if r.renormalize:
+        bits.append("renormalised")
+    if r.routed_scaling != 1.0:
+        bits.append(f"scaled x{r.routed_scaling:g}")
+    if r.score_bias:
+        bits.append("selection bias")
+    if r.n_group > 1:
+        bits.append(f"group-limited {r.topk_group}/{r.n_group} ({r.group_score})")
+    if r.capacity_factor is not None:
+        bits.append(f"capacity {r.capacity_factor:g} ({r.overflow})")
+    if r.noisy:
+        bits.append("noisy gating")
+    if r.aux_loss:
+        bits.append("aux loss")
+    act = ("SwiGLU" if spec.activation == "silu" else f"{spec.activation} GLU") if spec.glu else spec.activation
+    bits.append(f"{act} experts d={spec.hidden} f={spec.ffn}")
+    if spec.shared is not None:
+        bits.append(f"shared expert f={spec.shared.width}" + (" (sigmoid-gated)" if spec.shared.gated else ""))
+    return ", ".join(bits)
+
+
+def report(model) -> str:
+    info = model.__dict__.get("_moec_report")
+    if info is None:
+        return f"{type(model).__name__} was not compiled by moec"
+    lines = [f"moec report for {info['root']}"]
+    if not info["regions"] and not info["skipped"]:
+        lines.append("  no MoE layer found: the whole module runs as eager PyTorch")
+    for qualname, cls, region in info["regions"]:
+        lines.append(f"  LIFTED  {qualname or '<root>'} ({cls}): {region.lifted.formulation}")
+        lines.append(f"          {_spec_line(region.spec)}")
+        for note in getattr(region.lifted, "notes", []):
+            lines.append(f"          note: {note}")
+        for (dtype, arch), c in region.compiled.items():
+            kernels = ", ".join(f"{s.kernel.fn_name}[{s.node.op} {_tile(s.node.attr['tile'])}]"
+                                for s, _ in c.program.kernels())
+            lines.append(f"          compiled for {str(dtype).split('.')[-1]} on {arch.name}: {kernels}")
+            torch_ops = torch_steps(c.program)
+            if torch_ops:
+                lines.append(f"          torch steps (not generated kernels): {', '.join(torch_ops)}")
+        lines.append("          backward: when gradients are needed the forward runs the kernels and "
+                     "the backward runs eager PyTorch (autograd through the reference)")
+        for what, n in sorted(region.calls.items()):
+            lines.append(f"          calls: {n} x {what}")
+    for qualname, cls, reason in info["skipped"]:
+        lines.append(f"  EAGER   {qualname or '<root>'} ({cls}): {reason}")
+    lines.append("  everything else runs as eager PyTorch")
+    return "\n".join(lines)
+
+
+def _tile(t) -> str:
+    d = t.as_dict()
+    return "x".join(str(v) for k, v in d.items() if k.startswith("block")) + f" w{d['num_warps']} s{d['num_stages']}"

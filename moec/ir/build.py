@@ -1,0 +1,69 @@
+"""Build the unfused IR graph of an MoE layer from its `MoESpec`: the frontend's output.
+
+The graph spells out every step the eager code performs (router linear, route, dispatch,
+permute, per-projection grouped GEMMs, activation, combine, shared expert, cast); the passes
+then fuse it. Graph inputs are named after `MoEWeights` fields, plus ``x``.
+"""
+from __future__ import annotations
+
+from ..spec import MoESpec
+from .graph import Builder, Graph
+from .ops import router_attrs
+from .types import T, TensorType, dtype_name
+
+OUTPUTS = ("y", "logits", "aux")
+
+
+def build_moe_graph(spec: MoESpec, dtype, outputs=("y",), name: str = "moe") -> Graph:
+    """The layer on ``x: dtype[T, hidden]``; ``outputs`` picks from ``y``, ``logits``, ``aux``."""
+    for o in outputs:
+        if o not in OUTPUTS:
+            raise ValueError(f"unknown output {o!r}; choose from {OUTPUTS}")
+    dt = dtype_name(dtype)
+    r = spec.router
+    E, k, d, f = r.num_experts, r.top_k, spec.hidden, spec.ffn
+    b = Builder(name)
+    x = b.input("x", TensorType(dt, (T, d)))
+    w_router = b.input("w_router", TensorType(dt, (E, d)))
+    b_router = b.input("b_router", TensorType(dt, (E,))) if r.router_bias else None
+    score_bias = b.input("score_bias", TensorType("f32", (E,))) if r.score_bias else None
+    w_noise = b.input("w_noise", TensorType(dt, (E, d))) if r.noisy else None
+    w_gate = b.input("w_gate", TensorType(dt, (E, f, d))) if spec.glu else None
+    w_up = b.input("w_up", TensorType(dt, (E, f, d)))
+    w_down = b.input("w_down", TensorType(dt, (E, d, f)))
+
+    logits = b.add("linear", {"x": x, "w": w_router, "b": b_router}, names={"out": "logits"})["out"]
+    noise = b.add("linear", {"x": x, "w": w_noise}, names={"out": "noise_logits"})["out"] if r.noisy else None
+    route = b.add("route", {"logits": logits, "score_bias": score_bias, "noise_logits": noise},
+                  router_attrs(r), results=["ids", "weights"] + (["aux"] if r.aux_loss else []))
+    disp = b.add("dispatch", {"ids": route["ids"]}, {"num_experts": E})
+    xs = b.add("permute", {"x": x, "order": disp["order"]}, {"top_k": k}, names={"out": "xs"})["out"]
+    proj = {"num_experts": E}
+    up = b.add("grouped_gemm", {"a": xs, "w": w_up, "offsets": disp["offsets"]}, proj, names={"out": "up"})["out"]
+    gate = (b.add("grouped_gemm", {"a": xs, "w": w_gate, "offsets": disp["offsets"]}, proj,
+                  names={"out": "gate"})["out"] if spec.glu else None)
+    h = b.add("activate", {"gate": gate or up, "up": up if spec.glu else None},
+              {"activation": spec.activation, "glu": spec.glu}, names={"out": "h"})["out"]
+    ys = b.add("grouped_gemm", {"a": h, "w": w_down, "offsets": disp["offsets"]}, proj, names={"out": "ys"})["out"]
+    y = b.add("combine", {"y": ys, "order": disp["order"], "weights": route["weights"], "ids": route["ids"]},
+              {"top_k": k}, names={"out": "routed"})["out"]
+
+    if spec.shared is not None:
+        fs = spec.shared.width
+        s_up = b.input("shared_up", TensorType(dt, (1, fs, d)))
+        s_gate = b.input("shared_gate", TensorType(dt, (1, fs, d))) if spec.glu else None
+        s_down = b.input("shared_down", TensorType(dt, (1, d, fs)))
+        scale = None
+        if spec.shared.gated:
+            w_sg = b.input("shared_gate_proj", TensorType(dt, (1, d)))
+            scale = b.add("shared_gate", {"x": x, "w": w_sg}, names={"scale": "shared_scale"})["scale"]
+        one = {"num_experts": 1}
+        sh = b.add("grouped_gemm", {"a": x, "w": s_gate or s_up, "w_up": s_up if spec.glu else None},
+                   {**one, "activation": spec.activation, "glu": spec.glu}, names={"out": "shared_h"})["out"]
+        so = b.add("grouped_gemm", {"a": sh, "w": s_down, "scale": scale}, {**one, "out_dtype": "f32"},
+                   names={"out": "shared_out"})["out"]
+        y = b.add("add", {"a": y, "b": so}, names={"out": "routed_shared"})["out"]
+
+    out = {"y": b.add("cast", {"x": y}, {"dtype": dt}, names={"out": "y"})["out"],
+           "logits": logits, "aux": route.get("aux")}
+    return b.graph([out[o] for o in outputs])

@@ -1,0 +1,203 @@
+"""The reference interpreter: runs any IR graph (before or after any pass) with plain torch.
+
+Each op's semantics is a few lines here, written from its `OpDef` doc and `moec.reference`, so a
+pass can be tested numerically (interpret before == interpret after) and not only as text.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .. import reference as ref
+from .graph import Graph, Node
+from .ops import router_config
+
+_IMPL: dict[str, Callable] = {}
+
+
+def impl(name):
+    def deco(fn):
+        _IMPL[name] = fn
+        return fn
+    return deco
+
+
+@impl("linear")
+def _linear(n, v, ctx):
+    return {"out": ref.router_logits(v["x"], v["w"], v.get("b"))}
+
+
+def _noise(ctx, T, E, device):
+    noise = ctx.get("noise")
+    if noise is None:
+        raise ValueError("a noisy router in training mode needs a noise tensor")
+    if tuple(noise.shape) != (T, E):
+        raise ValueError(f"noise must have shape {(T, E)}, got {tuple(noise.shape)}")
+    return noise.to(device=device, dtype=torch.float32)
+
+
+@impl("route")
+def _route(n, v, ctx):
+    cfg = router_config(n.attr)
+    logits = v["logits"]
+    if cfg.noisy and ctx.get("training"):
+        noise = _noise(ctx, *logits.shape, logits.device)
+        logits = logits + noise * torch.nn.functional.softplus(v["noise_logits"])
+    ids, w, aux = ref.route(logits, cfg, v.get("score_bias"))
+    return {"ids": ids.to(torch.int32), "weights": w, "aux": aux}
+
+
+@impl("fused_route")
+def _fused_route(n, v, ctx):
+    cfg = router_config(n.attr)
+    noisy = cfg.noisy and ctx.get("training")
+    x = v["x"]
+    noise = _noise(ctx, x.shape[0], cfg.num_experts, x.device) if noisy else None
+    logits = ref.router_logits(x, v["w"], v.get("b"), v.get("w_noise"), noise)
+    ids, w, _ = ref.route(logits, cfg.replace(aux_loss=False), v.get("score_bias"))
+    scores = ref.scores_of(logits, cfg)
+    probs = scores if cfg.score == "softmax" else scores / scores.sum(-1, keepdim=True)
+    out = {"ids": ids.to(torch.int32), "weights": w, "logits": logits, "prob_sum": probs.sum(0),
+           "counts": torch.bincount(ids.reshape(-1), minlength=cfg.num_experts).to(torch.int32)}
+    if "w_shared_gate" in n.ins:
+        out["shared_scale"] = torch.sigmoid(x.float() @ v["w_shared_gate"].float().t())[:, 0]
+    return out
+
+
+@impl("aux_loss")
+def _aux(n, v, ctx):
+    T = v["ids"].shape[0]
+    E = n.attr["num_experts"]
+    if T == 0:
+        return {"out": v["prob_sum"].new_zeros(())}
+    return {"out": E * torch.sum(v["counts"].float() / T * v["prob_sum"] / T)}
+
+
+@impl("apply_capacity")
+def _capacity(n, v, ctx):
+    cfg = router_config(n.attr)
+    scores = ref.scores_of(v["logits"], cfg)
+    sel = ref.selection_keys(scores, cfg, v.get("score_bias"))
+    ids = v["ids"].long()
+    full = scores.gather(1, ids)
+    factor = v["weights"][:, :1] / full[:, :1]       # the per-token normalisation applied by route
+    ids, w = ref.apply_capacity(ids, v["weights"], scores, sel, factor, cfg)
+    return {"ids": ids.to(torch.int32), "weights": w}
+
+
+@impl("shared_gate")
+def _shared_gate(n, v, ctx):
+    return {"scale": torch.sigmoid(v["x"].float() @ v["w"].float().t())[:, 0]}
+
+
+@impl("dispatch")
+def _dispatch(n, v, ctx):
+    E = n.attr["num_experts"]
+    flat = v["ids"].reshape(-1).long()
+    key = torch.where(flat < 0, torch.full_like(flat, E), flat)
+    order = torch.sort(key, stable=True).indices
+    counts = torch.bincount(key, minlength=E + 1)[:E]
+    offsets = torch.zeros(E + 1, dtype=torch.long, device=flat.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return {"order": order.to(torch.int32), "offsets": offsets.to(torch.int32)}
+
+
+@impl("permute")
+def _permute(n, v, ctx):
+    return {"out": v["x"][v["order"].long() // n.attr["top_k"]]}
+
+
+@impl("grouped_gemm")
+def _grouped_gemm(n, v, ctx):
+    a_attr = n.attr
+    A = v["a"]
+    order = v.get("order")
+    if a_attr["gather_top_k"]:
+        A = A[order.long() // a_attr["gather_top_k"]]
+    rows = A.shape[0]
+    out_t = n.types[0]
+    out = torch.zeros(rows, out_t.shape[1], dtype=out_t.torch_dtype, device=A.device)
+    offsets = v.get("offsets")
+    if offsets is None:
+        offsets = torch.tensor([0, rows], device=A.device)
+    E = a_attr["num_experts"]
+    for e in range(E):
+        lo, hi = int(offsets[e]), int(offsets[e + 1])
+        if hi <= lo:
+            continue
+        a = A[lo:hi].float()
+        h = a @ v["w"][e].float().t()
+        if a_attr["glu"]:
+            h = ref.activation(a_attr["activation"], h) * (a @ v["w_up"][e].float().t())
+        elif a_attr["activation"]:
+            h = ref.activation(a_attr["activation"], h)
+        if "scale" in v:
+            s = v["scale"].reshape(-1)
+            h = h * (s[order[lo:hi].long()] if order is not None else s[lo:hi])[:, None]
+        out[lo:hi] = h.to(out.dtype)
+    if a_attr["scatter"]:
+        scattered = torch.zeros_like(out)
+        kept = int(offsets[E])
+        scattered[order[:kept].long()] = out[:kept]
+        out = scattered
+    return {"out": out}
+
+
+@impl("activate")
+def _activate(n, v, ctx):
+    g = v["gate"]
+    h = ref.activation(n.attr["activation"], g.float())
+    if n.attr["glu"]:
+        h = h * v["up"].float()
+    return {"out": h.to(g.dtype)}
+
+
+@impl("combine")
+def _combine(n, v, ctx):
+    k = n.attr["top_k"]
+    ids, w = v["ids"], v["weights"]
+    T = ids.shape[0]
+    pos = torch.empty(T * k, dtype=torch.long, device=ids.device)
+    pos[v["order"].long()] = torch.arange(T * k, device=ids.device)
+    y = v["y"].float()[pos].view(T, k, v["y"].shape[1]) * w[..., None]
+    y = torch.where((ids >= 0)[..., None], y, torch.zeros_like(y))
+    return {"out": y.sum(1)}
+
+
+@impl("reduce_topk")
+def _reduce(n, v, ctx):
+    k = n.attr["top_k"]
+    ids = v["ids"]
+    y = v["y"].float().view(ids.shape[0], k, v["y"].shape[1])
+    y = torch.where((ids >= 0)[..., None], y, torch.zeros_like(y)).sum(1)
+    if "residual" in v:
+        y = y + v["residual"].float()
+    return {"out": y.to(n.types[0].torch_dtype)}
+
+
+@impl("add")
+def _add(n, v, ctx):
+    return {"out": v["a"].float() + v["b"].float()}
+
+
+@impl("cast")
+def _cast(n, v, ctx):
+    return {"out": v["x"].to(n.types[0].torch_dtype)}
+
+
+def run_node(n: Node, values: dict, ctx: dict) -> dict:
+    got = _IMPL[n.op](n, {r: values[v] for r, v in n.operands}, ctx)
+    return {name: got[role] for role, name in n.results}
+
+
+def interpret(g: Graph, inputs: dict, *, training: bool = False, noise=None) -> list:
+    """Run ``g`` on ``inputs`` (value name -> tensor); returns the outputs in order."""
+    values = dict(inputs)
+    missing = [name for name, _ in g.inputs if name not in values]
+    if missing:
+        raise ValueError(f"missing graph inputs: {missing}")
+    ctx = {"training": training, "noise": noise}
+    for n in g.nodes:
+        values.update(run_node(n, values, ctx))
+    return [values[o] for o in g.outputs]

@@ -1,0 +1,182 @@
+"""The op vocabulary: one `OpDef` per op, with its operands, results, attributes and semantics.
+
+Operands and results are named by role. Shapes use ``T`` (tokens), ``k`` (top-k), ``E``
+(experts), ``d`` (hidden), ``f``/``n`` (widths). A "pair" is one (token, slot) choice; pair
+``p = t * k + s``; "sorted order" lists pairs grouped by expert (see ``dispatch``).
+Each op's numeric meaning is implemented in `moec.ir.interp` as a few lines of torch.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable
+
+import sympy
+
+from ..spec import ACTIVATIONS, RouterConfig
+from .types import TensorType
+
+ROUTER_FIELDS = tuple(f.name for f in dataclasses.fields(RouterConfig))
+_ROUTER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RouterConfig)
+                    if f.default is not dataclasses.MISSING}
+
+
+class IRError(ValueError):
+    """Ill-formed IR: the message names the node and the rule it breaks."""
+
+
+@dataclass(frozen=True)
+class OpDef:
+    name: str
+    doc: str
+    operands: tuple[str, ...]                 # required operand roles
+    results: tuple[str, ...]                  # result roles, in printed order
+    optional_operands: tuple[str, ...] = ()
+    optional_results: tuple[str, ...] = ()    # roles that may be absent ("_" in text)
+    attrs: dict = field(default_factory=dict)  # name -> default (a required attr has default REQUIRED)
+    infer: Callable | None = None             # (operand types by role, attrs) -> result types by role
+
+    @property
+    def all_operands(self) -> tuple[str, ...]:
+        return self.operands + self.optional_operands
+
+
+REQUIRED = object()
+OPS: dict[str, OpDef] = {}
+
+
+def op(name, doc, operands, results, infer, optional_operands=(), optional_results=(), attrs=None):
+    OPS[name] = OpDef(name, doc, tuple(operands), tuple(results), tuple(optional_operands),
+                      tuple(optional_results), dict(attrs or {}), infer)
+
+
+def _rows(t: TensorType):
+    return t.shape[0]
+
+
+# ---- routing -------------------------------------------------------------------------------
+
+def _infer_linear(o, a):
+    return {"out": TensorType("f32", (_rows(o["x"]), o["w"].shape[0]))}
+
+
+op("linear", "out[t] = x[t] @ w.T (+ b), accumulated and returned in fp32 (router logits).",
+   ["x", "w"], ["out"], _infer_linear, optional_operands=["b"])
+
+
+def _route_types(o, a, T):
+    k = a["top_k"]
+    return {"ids": TensorType("i32", (T, k)), "weights": TensorType("f32", (T, k)),
+            "aux": TensorType("f32", ())}
+
+
+op("route", "Top-k routing of fp32 logits [T, E] under the RouterConfig held in the attributes "
+   "(see moec.spec.RouterConfig): ids i32[T, k] (-1 = dropped by capacity), weights f32[T, k], "
+   "aux: the load-balancing loss when aux_loss. noise_logits = x @ w_noise.T for noisy gating.",
+   ["logits"], ["ids", "weights", "aux"], lambda o, a: _route_types(o, a, _rows(o["logits"])),
+   optional_operands=["score_bias", "noise_logits"], optional_results=["aux"],
+   attrs={**{n: REQUIRED for n in ("num_experts", "top_k")}, **_ROUTER_DEFAULTS})
+
+
+def _infer_fused_route(o, a):
+    T, E = _rows(o["x"]), a["num_experts"]
+    return {**_route_types(o, a, T), "counts": TensorType("i32", (E,)),
+            "prob_sum": TensorType("f32", (E,)), "shared_scale": TensorType("f32", (T,)),
+            "logits": TensorType("f32", (T, E))}
+
+
+op("fused_route", "One kernel: gate GEMM x @ w.T (+ b) (+ noise), score, group-limited top-k, "
+   "renormalise, scale, per-expert pair counts (and prob_sum for the aux loss, the shared-expert "
+   "gate sigmoid(x @ w_shared_gate.T), the logits, when asked). Capacity is not applied here.",
+   ["x", "w"], ["ids", "weights", "counts", "prob_sum", "shared_scale", "logits"], _infer_fused_route,
+   optional_operands=["b", "score_bias", "w_noise", "w_shared_gate"],
+   optional_results=["prob_sum", "shared_scale", "logits"],
+   attrs={**{n: REQUIRED for n in ("num_experts", "top_k")}, **_ROUTER_DEFAULTS, "tile": None})
+
+op("aux_loss", "The load-balancing loss E * sum_e (counts_e / T) * (prob_sum_e / T); 0 when T = 0.",
+   ["counts", "prob_sum", "ids"], ["out"], lambda o, a: {"out": TensorType("f32", ())},
+   attrs={"num_experts": REQUIRED})
+
+op("apply_capacity", "Per-expert capacity on routed pairs (RouterConfig semantics: slot-major "
+   "priority, overflow dropped (id -1, weight 0) or moved to the next-best expert).",
+   ["ids", "weights", "logits"], ["ids", "weights"],
+   lambda o, a: {"ids": o["ids"], "weights": o["weights"]}, optional_operands=["score_bias"],
+   attrs={**{n: REQUIRED for n in ("num_experts", "top_k")}, **_ROUTER_DEFAULTS})
+
+op("shared_gate", "scale[t] = sigmoid(x[t] @ w[0]) (fp32), the gate of a sigmoid-gated shared expert.",
+   ["x", "w"], ["scale"], lambda o, a: {"scale": TensorType("f32", (_rows(o["x"]),))})
+
+# ---- dispatch and experts ------------------------------------------------------------------
+
+
+def _infer_dispatch(o, a):
+    T, k = o["ids"].shape
+    return {"order": TensorType("i32", (T * k,)), "offsets": TensorType("i32", (a["num_experts"] + 1,))}
+
+
+op("dispatch", "Sort pairs by expert: order[i] = pair p (stable: token order within an expert; dropped "
+   "pairs last), expert e owns order[offsets[e]:offsets[e+1]]. No activations move.",
+   ["ids"], ["order", "offsets"], _infer_dispatch, attrs={"num_experts": REQUIRED})
+
+op("permute", "out[i] = x[order[i] // top_k]: token rows copied into sorted pair order.",
+   ["x", "order"], ["out"],
+   lambda o, a: {"out": TensorType(o["x"].dtype, (o["order"].shape[0], o["x"].shape[1]))},
+   attrs={"top_k": REQUIRED})
+
+
+def _infer_gg(o, a):
+    a_rows = _rows(o["a"])
+    rows = a_rows * a["gather_top_k"] if a["gather_top_k"] else a_rows
+    dtype = a["out_dtype"] or o["a"].dtype
+    return {"out": TensorType(dtype, (rows, o["w"].shape[1]))}
+
+
+op("grouped_gemm", "Row i of the sorted rows belongs to expert e(i) (offsets; one expert when "
+   "offsets is absent): h = A_i @ w[e].T; with glu: act(h) * (A_i @ w_up[e].T), else act(h) when "
+   "activation is set. A_i = a[order[i] // gather_top_k] when gather_top_k > 0 (the permute "
+   "folded into the prologue), else a[i]. scale multiplies row i by scale.flat[order[i]] (routed) "
+   "or scale[i] (dense); scatter stores row i at out[order[i]] (the un-permute folded into the "
+   "epilogue). Rows of dropped pairs are left unwritten. fp32 accumulation.",
+   ["a", "w"], ["out"], _infer_gg, optional_operands=["offsets", "w_up", "order", "scale"],
+   attrs={"num_experts": REQUIRED, "activation": None, "glu": False, "gather_top_k": 0,
+          "scatter": False, "out_dtype": None, "tile": None})
+
+op("activate", "out = act(gate) * up (glu) or act(gate), computed in fp32, stored in gate's dtype.",
+   ["gate"], ["out"], lambda o, a: {"out": o["gate"]}, optional_operands=["up"],
+   attrs={"activation": REQUIRED, "glu": False})
+
+op("combine", "out[t] = sum_s weights[t, s] * y[position of pair t*k+s in order], skipping "
+   "dropped pairs (ids = -1); fp32.",
+   ["y", "order", "weights", "ids"], ["out"],
+   lambda o, a: {"out": TensorType("f32", (_rows(o["weights"]), o["y"].shape[1]))},
+   attrs={"top_k": REQUIRED})
+
+op("reduce_topk", "out[t] = sum_s y[t*k+s] over slots s in fixed order, skipping dropped pairs "
+   "(ids = -1), + residual[t]; fp32 sum, stored in out_dtype. Deterministic: no atomics.",
+   ["y", "ids"], ["out"],
+   lambda o, a: {"out": TensorType(a["out_dtype"], (_rows(o["ids"]), o["y"].shape[1]))},
+   optional_operands=["residual"], attrs={"top_k": REQUIRED, "out_dtype": REQUIRED, "tile": None})
+
+op("add", "out = a + b (fp32).", ["a", "b"], ["out"],
+   lambda o, a: {"out": TensorType("f32", o["a"].shape)})
+
+op("cast", "out = x converted to dtype.", ["x"], ["out"],
+   lambda o, a: {"out": TensorType(a["dtype"], o["x"].shape)}, attrs={"dtype": REQUIRED})
+
+
+def router_config(attrs: dict) -> RouterConfig:
+    """The RouterConfig held in a routing op's attributes."""
+    return RouterConfig(**{n: attrs[n] for n in ROUTER_FIELDS if n in attrs})
+
+
+def router_attrs(cfg: RouterConfig) -> dict:
+    return {n: getattr(cfg, n) for n in ROUTER_FIELDS}
+
+
+def check_activation(name):
+    if name is not None and name not in ACTIVATIONS:
+        raise IRError(f"unknown activation {name!r}")
+
+
+def is_symbolic(expr) -> bool:
+    return bool(sympy.sympify(expr).free_symbols)

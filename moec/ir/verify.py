@@ -1,0 +1,112 @@
+"""The verifier: structural rules for every node, then per-op rules from a table.
+
+`verify(graph)` raises `IRError` naming the node and the broken rule. Run after every pass.
+"""
+from __future__ import annotations
+
+import networkx as nx
+
+from ..spec import MoESpecError
+from .graph import Graph, Node
+from .ops import OPS, REQUIRED, IRError, check_activation, router_config
+from .types import TensorType
+
+
+def _router_ok(n: Node, types) -> None:
+    cfg = router_config(n.attr)
+    if n.op == "fused_route" and cfg.order != "score_then_topk":
+        raise IRError("fused_route needs order='score_then_topk' (canonicalise first)")
+    if n.op == "fused_route" and cfg.capacity_factor is not None:
+        raise IRError("fused_route does not apply capacity; add an apply_capacity node")
+    if cfg.score_bias != ("score_bias" in n.ins):
+        raise IRError("score_bias attribute and score_bias operand disagree")
+    if n.op == "fused_route":
+        if cfg.router_bias != ("b" in n.ins):
+            raise IRError("router_bias attribute and operand b disagree")
+        if cfg.noisy != ("w_noise" in n.ins):
+            raise IRError("noisy attribute and w_noise operand disagree")
+        if cfg.aux_loss != ("prob_sum" in n.outs):
+            raise IRError("aux_loss attribute and prob_sum result disagree")
+        if ("w_shared_gate" in n.ins) != ("shared_scale" in n.outs):
+            raise IRError("w_shared_gate operand and shared_scale result go together")
+    if n.op == "route":
+        if cfg.noisy != ("noise_logits" in n.ins):
+            raise IRError("noisy attribute and noise_logits operand disagree")
+        if cfg.aux_loss != ("aux" in n.outs):
+            raise IRError("aux_loss attribute and aux result disagree")
+
+
+def _gemm_ok(n: Node, types) -> None:
+    a = n.attr
+    check_activation(a["activation"])
+    if a["glu"] and ("w_up" not in n.ins or a["activation"] is None):
+        raise IRError("glu needs a w_up operand and an activation")
+    if "w_up" in n.ins and not a["glu"]:
+        raise IRError("w_up given without glu")
+    if (a["gather_top_k"] or a["scatter"]) and "order" not in n.ins:
+        raise IRError("gather/scatter needs the order operand")
+    if a["num_experts"] > 1 and "offsets" not in n.ins:
+        raise IRError("more than one expert needs offsets")
+    w = types[n.ins["w"]]
+    if w.rank != 3 or w.shape[0] != a["num_experts"] or w.shape[2] != types[n.ins["a"]].shape[1]:
+        raise IRError(f"w {w} does not match {a['num_experts']} experts and a's width")
+
+
+def _activate_ok(n: Node, types) -> None:
+    check_activation(n.attr["activation"])
+    if n.attr["glu"] != ("up" in n.ins):
+        raise IRError("glu and the up operand go together")
+
+
+RULES = {"route": _router_ok, "fused_route": _router_ok, "apply_capacity": lambda n, t: router_config(n.attr),
+         "grouped_gemm": _gemm_ok, "activate": _activate_ok}
+
+
+def verify(g: Graph) -> Graph:
+    types: dict[str, TensorType] = {}
+    for name, t in g.inputs:
+        if name in types:
+            raise IRError(f"input %{name} defined twice")
+        types[name] = t
+    for i, n in enumerate(g.nodes):
+        where = f"node {i} ({n.op} %{n.name if n.results else '?'})"
+        if n.op not in OPS:
+            raise IRError(f"{where}: unknown op")
+        opdef = OPS[n.op]
+        try:
+            for role in opdef.operands:
+                if role not in n.ins:
+                    raise IRError(f"missing operand {role!r}")
+            for role, v in n.operands:
+                if role not in opdef.all_operands:
+                    raise IRError(f"unknown operand role {role!r}")
+                if v not in types:
+                    raise IRError(f"operand %{v} is not defined before use")
+            for k, default in opdef.attrs.items():
+                if default is REQUIRED and k not in dict(n.attrs):
+                    raise IRError(f"missing attribute {k!r}")
+            for k, _ in n.attrs:
+                if k not in opdef.attrs:
+                    raise IRError(f"unknown attribute {k!r}")
+            for role in opdef.results:
+                if role not in opdef.optional_results and role not in n.outs:
+                    raise IRError(f"missing result {role!r}")
+            if n.op in RULES:
+                RULES[n.op](n, types)
+            inferred = opdef.infer({r: types[v] for r, v in n.operands}, n.attr)
+            for (role, v), t in zip(n.results, n.types):
+                if v in types:
+                    raise IRError(f"value %{v} defined twice")
+                if inferred[role] != t:
+                    raise IRError(f"result %{v} has type {t}, inferred {inferred[role]}")
+                types[v] = t
+        except IRError as e:
+            raise IRError(f"{where}: {e}") from None
+        except (MoESpecError, KeyError, TypeError, IndexError) as e:
+            raise IRError(f"{where}: {type(e).__name__}: {e}") from None
+    for v in g.outputs:
+        if v not in types:
+            raise IRError(f"output %{v} is not defined")
+    if not nx.is_directed_acyclic_graph(g.nx()):
+        raise IRError("graph has a cycle")
+    return g

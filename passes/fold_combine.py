@@ -1,0 +1,60 @@
+"""fold-combine: routing weights and the un-permute go into the down projection's epilogue.
+
+Expects: ``combine(y=G, order, weights, ids)`` with G a plain grouped GEMM read only by it;
+optionally followed by ``add`` (the shared expert) and ``cast`` (back to the input dtype).
+Guarantees: G stores row i, multiplied by its pair's routing weight, at row ``order[i]`` of a
+pair-major fp32 buffer (``scatter``, ``scale``); a ``reduce_topk`` sums each token's k rows in
+slot order (deterministic: no atomics), adds the shared expert's output as ``residual`` and
+casts on store, absorbing the ``add`` and ``cast``.
+"""
+from __future__ import annotations
+
+from moec.ir.graph import Graph, Node
+from moec.ir.ops import OPS
+
+from .rewrite import fresh_name, single_use_producer, swap
+
+
+def _reduce(g: Graph, combine: Node, ys: str):
+    """The reduce_topk replacing ``combine``, absorbing a following add and cast."""
+    out = combine.outs["out"]
+    residual, dtype, absorbed = None, "f32", []
+    add = next(iter(g.users(out)), None) if g.uses(out) == 1 else None
+    if add is not None and add.op == "add":
+        residual = add.ins["b"] if add.ins["a"] == out else add.ins["a"]
+        absorbed.append(add)
+        out = add.outs["out"]
+    cast = next(iter(g.users(out)), None) if g.uses(out) == 1 else None
+    if cast is not None and cast.op == "cast":
+        dtype = cast.attr["dtype"]
+        absorbed.append(cast)
+        out = cast.outs["out"]
+    operands = {"y": ys, "ids": combine.ins["ids"], "residual": residual}
+    operands = {r: v for r, v in operands.items() if v}
+    attrs = {"top_k": combine.attr["top_k"], "out_dtype": dtype}
+    t = OPS["reduce_topk"].infer({"y": g.types[combine.ins["y"]], "ids": g.types[combine.ins["ids"]]}, attrs)
+    return Node("reduce_topk", tuple(operands.items()), (("out", out),), (t["out"],), tuple(attrs.items())), absorbed
+
+
+def fold_combine(g: Graph, ctx) -> Graph:
+    repl = {}
+    for i, n in enumerate(g.nodes):
+        if n.op != "combine":
+            continue
+        gemm = single_use_producer(g, n.ins["y"], "grouped_gemm")
+        if gemm is None or gemm.attr["scatter"] or "scale" in gemm.ins:
+            continue
+        ys = fresh_name(g, "pairs_out")
+        scattered = gemm.replace(operands={"order": n.ins["order"], "scale": n.ins["weights"]},
+                                 attrs={"scatter": True, "out_dtype": "f32"},
+                                 results=(("out", ys),))
+        scattered = scattered.replace(types=(OPS["grouped_gemm"].infer(
+            {r: g.types[v] for r, v in scattered.operands}, scattered.attr)["out"],))
+        reduce, absorbed = _reduce(g, n, ys)
+        repl[g.nodes.index(gemm)] = []
+        repl[i] = []
+        last = max([i] + [g.nodes.index(a) for a in absorbed])
+        for a in absorbed:
+            repl[g.nodes.index(a)] = []
+        repl[last] = [scattered, reduce]
+    return swap(g, repl)

@@ -1,0 +1,40 @@
+"""fuse-activation: gate/up projections and their activation become one GEMM with an epilogue.
+
+Expects: ``activate(gate=G, up=U)`` where G and U are plain grouped GEMMs over the same rows
+(same ``a``, ``offsets``, ``order``, gather) read only by the activation (or, non-gated,
+``activate(gate=U)``).
+Guarantees: one ``grouped_gemm(w=G.w, w_up=U.w)`` with ``activation`` and ``glu`` set: both
+products are accumulated in the same K loop over one A tile and SwiGLU/GeGLU is applied to the
+fp32 accumulators before the single store; the intermediate projections never reach memory.
+"""
+from __future__ import annotations
+
+from moec.ir.graph import Graph
+
+from .rewrite import single_use_producer, swap
+
+_SAME = ("a", "offsets", "order")
+
+
+def fuse_activation(g: Graph, ctx) -> Graph:
+    repl = {}
+    for i, n in enumerate(g.nodes):
+        if n.op != "activate":
+            continue
+        gate = single_use_producer(g, n.ins["gate"], "grouped_gemm")
+        up = single_use_producer(g, n.ins["up"], "grouped_gemm") if n.attr["glu"] else None
+        plain = lambda m: m is not None and m.attr["activation"] is None and "w_up" not in m.ins \
+            and "scale" not in m.ins and not m.attr["scatter"]
+        if not plain(gate) or (n.attr["glu"] and not plain(up)):
+            continue
+        if up is not None and any(gate.ins.get(r) != up.ins.get(r) for r in _SAME) \
+                or up is not None and gate.attr != up.attr:
+            continue
+        fused = gate.replace(operands={"w_up": up.ins["w"] if up else None},
+                             attrs={"activation": n.attr["activation"], "glu": n.attr["glu"]},
+                             results=((("out", n.outs["out"]),)), types=n.types)
+        repl[g.nodes.index(gate)] = []
+        if up is not None:
+            repl[g.nodes.index(up)] = []
+        repl[i] = [fused]
+    return swap(g, repl)

@@ -1,0 +1,71 @@
+"""fuse-routing: gate GEMM + score + top-k + renormalise + counts become one `fused_route`.
+
+Expects: canonical routers (``score_then_topk``); ``route(logits=linear(x, w, b))``, the noise
+projection (if noisy) another ``linear`` of the same ``x``; optionally a ``shared_gate(x, w)``.
+Guarantees: each such route is one ``fused_route`` reading ``x`` and the router weights,
+which also yields per-expert pair counts; the shared-expert gate of the same ``x`` is computed
+in the same kernel (``shared_scale``); the aux loss becomes ``aux_loss(counts, prob_sum)``;
+capacity becomes an ``apply_capacity`` node after the kernel (it needs a global, ordered
+count over all tokens, which one tile of tokens cannot see). Logits are written out only when
+something still reads them. The linear nodes that only fed the route disappear.
+"""
+from __future__ import annotations
+
+from moec.ir.graph import Graph, Node
+from moec.ir.ops import OPS, router_attrs, router_config
+
+from .rewrite import fresh_name, swap
+
+
+def _fuse_one(g: Graph, i: int, route: Node) -> Graph:
+    lin = g.producer(route.ins["logits"])
+    if lin is None or lin.op != "linear":
+        return g
+    x = lin.ins["x"]
+    cfg = router_config(route.attr)
+    noise = g.producer(route.ins["noise_logits"]) if "noise_logits" in route.ins else None
+    if noise is not None and (noise.op != "linear" or noise.ins["x"] != x):
+        return g
+    gates = [n for n in g.find("shared_gate") if n.ins["x"] == x]
+    logits = route.ins["logits"]
+    capacity = cfg.capacity_factor is not None
+    logits_needed = capacity or g.uses(logits) > 1
+
+    operands = {"x": x, "w": lin.ins["w"], "b": lin.ins.get("b"), "score_bias": route.ins.get("score_bias"),
+                "w_noise": noise.ins["w"] if noise else None,
+                "w_shared_gate": gates[0].ins["w"] if gates else None}
+    outs = route.outs
+    names = {"ids": fresh_name(g, "ids_routed") if capacity else outs["ids"],
+             "weights": fresh_name(g, "weights_routed") if capacity else outs["weights"],
+             "counts": fresh_name(g, "counts")}
+    if cfg.aux_loss:
+        names["prob_sum"] = fresh_name(g, "prob_sum")
+    if gates:
+        names["shared_scale"] = gates[0].outs["scale"]
+    if logits_needed:
+        names["logits"] = logits
+    fused_cfg = cfg.replace(capacity_factor=None, overflow="drop")
+    inferred = OPS["fused_route"].infer({r: g.types[v] for r, v in operands.items() if v}, router_attrs(fused_cfg))
+    roles = [r for r in OPS["fused_route"].results if r in names]
+    fused = Node("fused_route", tuple((r, v) for r, v in operands.items() if v),
+                 tuple((r, names[r]) for r in roles), tuple(inferred[r] for r in roles),
+                 tuple(router_attrs(fused_cfg).items()))
+    new = [fused]
+    if cfg.aux_loss:
+        new.append(Node("aux_loss", (("counts", names["counts"]), ("prob_sum", names["prob_sum"]),
+                                     ("ids", names["ids"])),
+                        (("out", outs["aux"]),), (g.types[outs["aux"]],), (("num_experts", cfg.num_experts),)))
+    if capacity:
+        new.append(Node("apply_capacity", (("ids", names["ids"]), ("weights", names["weights"]),
+                                           ("logits", logits), *(("score_bias", v) for v in [route.ins.get("score_bias")] if v)),
+                        (("ids", outs["ids"]), ("weights", outs["weights"])),
+                        (g.types[outs["ids"]], g.types[outs["weights"]]), tuple(router_attrs(cfg).items())))
+    drop = {g.nodes.index(n): [] for n in gates + [lin] + ([noise] if noise else [])}
+    # the fused node must come after every input it reads: place it where the route was
+    return swap(g, {**drop, i: new})
+
+
+def fuse_routing(g: Graph, ctx) -> Graph:
+    for route in g.find("route"):
+        g = _fuse_one(g, g.nodes.index(route), route)
+    return g

@@ -1,0 +1,107 @@
+"""lower: the final graph becomes a `Program` of kernel launches (the one non-IR -> IR stage).
+
+Expects: a verified graph after `choose-tiles` (kernel nodes carry tiles).
+Guarantees: every ``fused_route``, ``grouped_gemm`` and ``reduce_topk`` node is a generated
+Triton kernel (rendered here, so dumps can show it before the first call); ``dispatch`` and
+``aux_loss`` are device-side torch steps (sort / a few element-wise ops, no host sync);
+``apply_capacity`` is a torch step (its greedy, token-ordered overflow needs a global order).
+Any node no pass fused (e.g. a lone ``linear``) runs through the reference interpreter's torch
+code, so a graph is always runnable; `Program.torch_steps` lists those for explain().
+"""
+from __future__ import annotations
+
+import torch
+
+from moec.ir.graph import Graph, Node
+from moec.ir.interp import run_node
+from moec.ir.ops import router_config
+from moec.ir.text import print_node
+from moec.ir.types import DTYPES
+from moec.runtime.program import Program, Step
+
+KERNEL_OPS = ("fused_route", "grouped_gemm", "reduce_topk")
+
+
+def _route_step(n: Node, g: Graph) -> Step:
+    from moec.runtime.route_kernel import RouteParams, fused_route, render_route
+    cfg = router_config(n.attr)
+    params = RouteParams(router=cfg, hidden=int(g.types[n.ins["x"]].shape[1]),
+                         shared_gate="w_shared_gate" in n.ins, write_logits="logits" in n.outs,
+                         tile=n.attr["tile"], header=print_node(n))
+
+    def run(v, outs, ctx):
+        noise = ctx["noise"] if (cfg.noisy and ctx["training"]) else None
+        if cfg.noisy and ctx["training"] and noise is None:
+            raise ValueError("noisy router in training mode: no noise tensor was drawn")
+        r = fused_route(v["x"], v["w"], params, b_router=v.get("b"), score_bias=v.get("score_bias"),
+                        w_noise=v.get("w_noise"), noise=noise, w_shared_gate=v.get("w_shared_gate"))
+        got = {"ids": r.ids, "weights": r.weights, "counts": r.counts, "prob_sum": r.prob_sum,
+               "shared_scale": r.shared_scale, "logits": r.logits}
+        return {role: got[role] for role in outs}
+    return Step(n, run, render_route(params), params)
+
+
+def _gemm_step(n: Node, g: Graph) -> Step:
+    from moec.runtime.grouped_gemm_kernel import GroupedGemmParams, grouped_gemm, render_grouped_gemm
+    a = n.attr
+    params = GroupedGemmParams(num_experts=a["num_experts"], n=int(n.types[0].shape[1]),
+                               k_dim=int(g.types[n.ins["a"]].shape[1]), activation=a["activation"],
+                               glu=a["glu"], gather_top_k=a["gather_top_k"], scatter=a["scatter"],
+                               scale="scale" in n.ins, out_dtype=n.types[0].torch_dtype,
+                               tile=a["tile"], header=print_node(n))
+
+    def run(v, outs, ctx):
+        scale = v.get("scale")
+        grouped_gemm(v["a"], v["w"], params, out=outs["out"], offsets=v.get("offsets"), order=v.get("order"),
+                     w_up=v.get("w_up"), scale_vec=scale.reshape(-1) if scale is not None else None)
+    return Step(n, run, render_grouped_gemm(params), params)
+
+
+def _reduce_step(n: Node, g: Graph) -> Step:
+    from moec.runtime.reduce_kernel import ReduceParams, reduce_topk, render_reduce
+    params = ReduceParams(top_k=n.attr["top_k"], hidden=int(n.types[0].shape[1]), residual="residual" in n.ins,
+                          out_dtype=DTYPES[n.attr["out_dtype"]], tile=n.attr["tile"], header=print_node(n))
+
+    def run(v, outs, ctx):
+        reduce_topk(v["y"], params, out=outs["out"], ids=v["ids"], residual=v.get("residual"))
+    return Step(n, run, render_reduce(params), params)
+
+
+def _dispatch_step(n: Node, g: Graph) -> Step:
+    from moec.runtime.dispatch import dispatch
+
+    def run(v, outs, ctx):
+        order, offsets = dispatch(v["ids"], n.attr["num_experts"])
+        return {"order": order, "offsets": offsets}
+    return Step(n, run)
+
+
+def _aux_step(n: Node, g: Graph) -> Step:
+    E = n.attr["num_experts"]
+
+    def run(v, outs, ctx):
+        T = max(ctx["T"], 1)   # T = 0: counts are all zero, so the loss is 0
+        return {"out": E * torch.sum(v["counts"].float() / T * v["prob_sum"] / T)}
+    return Step(n, run)
+
+
+def _torch_step(n: Node, g: Graph) -> Step:
+    def run(v, outs, ctx):
+        by_name = {name: v[role] for role, name in n.operands}
+        got = run_node(n, by_name, ctx)
+        return {role: got[name] for role, name in n.results}
+    return Step(n, run)
+
+
+LOWERINGS = {"fused_route": _route_step, "grouped_gemm": _gemm_step, "reduce_topk": _reduce_step,
+             "dispatch": _dispatch_step, "aux_loss": _aux_step}
+
+
+def lower(g: Graph, arch: str) -> Program:
+    steps = [LOWERINGS.get(n.op, _torch_step)(n, g) for n in g.nodes]
+    return Program(g, steps, arch)
+
+
+def torch_steps(p: Program) -> list[str]:
+    """Ops of ``p`` that run as torch code rather than generated kernels."""
+    return [s.node.op for s in p.steps if s.kernel is None and s.node.op not in ("dispatch", "aux_loss")]

@@ -1,0 +1,76 @@
+"""The pass pipeline, in the order it runs. Read this file top to bottom to know what moec does.
+
+Each pass is a pure function ``(Graph, PassContext) -> Graph`` with its contract in its module
+docstring. Between passes the graph is verified; ``MOEC_PRINT_AFTER=<pass>[,<pass>]`` (or
+``all``) prints the IR after those passes; a failing pass raises `PassError` naming it and the
+passes that ran before it. `lower` then turns the final graph into a runnable `Program`.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+from moec.ir.graph import Graph
+from moec.ir.text import print_graph
+from moec.ir.verify import verify
+from moec.runtime.arch import Arch
+
+from .canonicalize_router import canonicalize_router
+from .choose_tiles import choose_tiles
+from .fold_combine import fold_combine
+from .fold_permute import fold_permute
+from .fuse_activation import fuse_activation
+from .fuse_routing import fuse_routing
+from .infer_shapes import infer_shapes
+
+
+@dataclass(frozen=True)
+class PassContext:
+    arch: Arch
+
+
+@dataclass(frozen=True)
+class Pass:
+    name: str
+    fn: Callable[[Graph, PassContext], Graph]
+
+
+def _verify(g: Graph, ctx: PassContext) -> Graph:
+    """verify: the input graph is well formed (see moec.ir.verify); returns it unchanged."""
+    return verify(g)
+
+
+PIPELINE: tuple[Pass, ...] = (
+    Pass("verify", _verify),
+    Pass("infer-shapes", infer_shapes),
+    Pass("canonicalize-router", canonicalize_router),
+    Pass("fuse-routing", fuse_routing),
+    Pass("fold-permute", fold_permute),
+    Pass("fuse-activation", fuse_activation),
+    Pass("fold-combine", fold_combine),
+    Pass("choose-tiles", choose_tiles),
+)
+
+
+class PassError(RuntimeError):
+    pass
+
+
+def run_passes(g: Graph, ctx: PassContext, passes=PIPELINE, after: Callable | None = None) -> Graph:
+    """Run ``passes`` in order; ``after(pass_name, graph)`` is called after each (for dumps)."""
+    wanted = {p.strip() for p in os.environ.get("MOEC_PRINT_AFTER", "").split(",") if p.strip()}
+    done: list[str] = []
+    for p in passes:
+        try:
+            g = verify(p.fn(g, ctx))
+        except Exception as e:
+            raise PassError(f"pass {p.name!r} failed (after {done or 'nothing'}): "
+                            f"{type(e).__name__}: {e}") from e
+        done.append(p.name)
+        if after is not None:
+            after(p.name, g)
+        if p.name in wanted or "all" in wanted:
+            print(f"// ----- IR after {p.name}\n{print_graph(g)}", file=sys.stderr)
+    return g
