@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -58,6 +59,38 @@ def triton_type(value) -> str:
     raise TypeError(f"cannot pass {type(value).__name__} to a Triton kernel")
 
 
+@contextlib.contextmanager
+def _interpretable_stdlib():
+    """Let interpreted kernels call Triton's own ``@triton.jit`` helpers (``tl.sum``, ``tl.cdiv``...).
+
+    Those helpers were decorated when Triton was imported, in compiled mode (this process also
+    compiles kernels ahead of time), and refuse to be called outside a compiled kernel. While an
+    interpreted kernel runs, a call to such a helper is interpreted on the fly instead.
+    """
+    from triton.runtime.interpreter import InterpretedFunction, _patch_lang
+    from triton.runtime.jit import JITFunction
+    original = JITFunction.__call__
+
+    def call(self, *args, **kwargs):
+        fn = _INTERPRETED.setdefault(self.fn, InterpretedFunction(self.fn))
+        scope = _patch_lang(self.fn)
+        try:
+            return fn.rewrite()(*args, **kwargs)
+        finally:
+            scope.restore()
+
+    with _INTERPRET_LOCK:
+        JITFunction.__call__ = call
+        try:
+            yield
+        finally:
+            JITFunction.__call__ = original
+
+
+_INTERPRETED: dict = {}
+_INTERPRET_LOCK = threading.RLock()
+
+
 @dataclass(eq=False)
 class Kernel:
     """One rendered kernel source whose ``@triton.jit`` function is ``fn_name``."""
@@ -81,6 +114,7 @@ class Kernel:
             sig = {k: triton_type(v) for k, v in args.items() if v is not None}
             records.append(LaunchRecord(self, tuple(grid), sig, dict(constexprs), num_warps, num_stages))
         if interpret:
-            fn[grid](**args, **constexprs)
+            with _interpretable_stdlib():
+                fn[grid](**args, **constexprs)
         else:
             fn[grid](**args, **constexprs, num_warps=num_warps, num_stages=num_stages)

@@ -1,0 +1,209 @@
+"""The grouped GEMM: every expert's rows times that expert's weight, in one launch.
+
+Rows are (token, expert) pairs grouped by expert (`moec.runtime.dispatch`). Variants, all
+``tl.constexpr`` flags of the one kernel in ``templates/grouped_gemm.py.jinja``:
+
+- gather prologue (``gather_top_k = k``): row ``r`` reads activation row ``order[r] // k``,
+  so no permuted copy of the activations is ever made;
+- activation / GLU epilogue (``out = act(A @ W^T) * (A @ Wup^T)``), computed in fp32;
+- scale epilogue: row ``r`` times ``scale_vec[order[r]]`` (routed: the flat ``[T*k]`` routing
+  weights) or ``scale_vec[r]`` (dense: e.g. the shared expert's sigmoid gate);
+- scatter epilogue: row ``r`` is stored at ``out[order[r]]``, i.e. back in token-major pair order
+  (``p = t * k + slot``), ready for the fixed-order top-k reduce.
+
+The routed grid is sized from M and E only (never from the routing data): it has
+``min(M, (M + E * (BLOCK_M - 1)) // BLOCK_M)`` row tiles, an upper bound on
+``sum_e cdiv(count_e, BLOCK_M)``; surplus programs exit at once. Rows of dropped pairs (past
+``offsets[E]``) are neither read nor written: ``out`` keeps whatever it held there, and the
+reduce skips those pairs by their id ``-1``.
+"""
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+from torch import Tensor
+
+from moec.spec import ACTIVATIONS
+
+from .launch import Kernel
+from .render import render
+from .tiles import GemmTile
+
+# The epilogue's activation as a Triton expression on the fp32 tile ``x``. Only builtins are used
+# (``tl.exp``, ``tl.maximum``, ``tl.math.erf``: all in Triton 3.6 and 3.9); ``tl.sigmoid`` is a
+# standard-library @jit helper (see the template header) and ``tl.math.tanh`` does not exist in
+# 3.9, so gelu_tanh uses 0.5 * (1 + tanh(y)) = sigmoid(2 y) = 1 / (1 + exp(-2 y)).
+ACTIVATION_EXPR = {
+    None: "x",
+    "silu": "x / (1.0 + tl.exp(-x))",
+    "gelu": "0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))",
+    "gelu_tanh": "x / (1.0 + tl.exp(-1.5957691216057308 * (x + 0.044715 * x * x * x)))",
+    "relu": "tl.maximum(x, 0.0)",
+}
+assert set(ACTIVATION_EXPR) == {None, *ACTIVATIONS}
+
+ARG_NAMES = ("a_ptr", "w_ptr", "wup_ptr", "out_ptr", "offsets_ptr", "order_ptr", "scale_ptr", "M",
+             "stride_am", "stride_ak", "stride_we", "stride_wn", "stride_wk",
+             "stride_ue", "stride_un", "stride_uk", "stride_om", "stride_on")
+
+
+@dataclass(frozen=True)
+class GroupedGemmParams:
+    num_experts: int                    # E (1 for a dense/shared expert)
+    n: int                              # output features N
+    k_dim: int                          # input features K
+    activation: Optional[str] = None    # None or one of moec.spec.ACTIVATIONS
+    glu: bool = False                   # out = act(A @ W^T) * (A @ Wup^T); needs activation
+    gather_top_k: int = 0               # > 0: row r reads a[order[r] // gather_top_k]
+    scatter: bool = False               # row r is stored at out[order[r]]
+    scale: bool = False                 # row r *= scale_vec[order[r]] (routed) or scale_vec[r]
+    out_dtype: torch.dtype = torch.float32
+    tile: GemmTile = GemmTile(16, 32, 32)
+    header: str = ""                    # the IR node's text line
+
+    def __post_init__(self) -> None:
+        if self.num_experts < 1 or self.n < 1 or self.k_dim < 1:
+            raise ValueError(f"num_experts, n, k_dim must be positive: {self}")
+        if self.activation not in ACTIVATION_EXPR:
+            raise ValueError(f"activation must be None or one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.glu and self.activation is None:
+            raise ValueError("glu needs an activation")
+        if self.gather_top_k < 0:
+            raise ValueError(f"gather_top_k must be >= 0, got {self.gather_top_k}")
+        t = self.tile
+        for name in ("block_m", "block_n", "block_k"):
+            v = getattr(t, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"tile.{name} must be a power of two >= 16 (tl.dot), got {v}")
+
+    @property
+    def routed(self) -> bool:
+        return self.gather_top_k > 0 or self.scatter
+
+    def fn_name(self) -> str:
+        parts = ["grouped_gemm"]
+        if self.gather_top_k:
+            parts.append("gather")
+        parts.append(self.activation or "linear")
+        if self.glu:
+            parts.append("glu")
+        if self.scale:
+            parts.append("scaled")
+        if self.scatter:
+            parts.append("scatter")
+        return "_".join(parts)
+
+
+def _one_line(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+@functools.lru_cache(maxsize=None)
+def render_grouped_gemm(params: GroupedGemmParams) -> Kernel:
+    """The kernel for ``params`` (rendered once per distinct params)."""
+    name = params.fn_name()
+    source = render("grouped_gemm.py.jinja", fn_name=name, header=_one_line(params.header),
+                    num_experts=params.num_experts, n=params.n, k_dim=params.k_dim,
+                    activation=params.activation, glu=params.glu, gather_top_k=params.gather_top_k,
+                    scatter=params.scatter, scale=params.scale,
+                    out_dtype=str(params.out_dtype).replace("torch.", ""), tile=params.tile,
+                    activation_expr=ACTIVATION_EXPR[params.activation])
+    return Kernel(source, name, ARG_NAMES)
+
+
+def grid_rows(params: GroupedGemmParams, m: int, routed: bool) -> int:
+    """Row tiles launched for ``m`` rows: an upper bound on the tiles the data can need."""
+    bm = params.tile.block_m
+    if not routed:
+        return triton.cdiv(m, bm)
+    # sum_e cdiv(c_e, BM) <= (sum_e c_e + E (BM - 1)) // BM, and <= m (a tile holds >= 1 row)
+    return min(m, (m + params.num_experts * (bm - 1)) // bm)
+
+
+def _expert_weight(w: Tensor, params: GroupedGemmParams, what: str) -> Tensor:
+    E, N, K = params.num_experts, params.n, params.k_dim
+    if w.dim() == 2 and E == 1:
+        w = w.unsqueeze(0)          # a dense weight [N, K]: a view
+    if tuple(w.shape) != (E, N, K):
+        raise ValueError(f"{what} must be [E={E}, N={N}, K={K}] (a view is fine), got {tuple(w.shape)}")
+    return w
+
+
+def grouped_gemm(a: Tensor, w: Tensor, params: GroupedGemmParams, *, out: Tensor,
+                 offsets: Optional[Tensor] = None, order: Optional[Tensor] = None,
+                 w_up: Optional[Tensor] = None, scale_vec: Optional[Tensor] = None) -> Tensor:
+    """Run the grouped GEMM; returns ``out``.
+
+    - ``a [rows_a, K]``: activations, any strides. With ``gather_top_k = k`` these are the
+      ``T`` token rows; otherwise the ``M`` rows in expert-sorted order (e.g. the previous
+      grouped GEMM's output).
+    - ``w``, ``w_up``: ``[E, N, K]`` tensors or views (strides are read; a ``[E, K, N]``
+      parameter is passed as ``.transpose(1, 2)``); ``[N, K]`` is accepted when ``E == 1``.
+    - ``offsets`` int32 ``[E+1]`` and ``order`` int32 ``[T*k]`` from `dispatch`. ``offsets=None``
+      is the dense case: one expert over all ``M = a.shape[0]`` rows, no order.
+    - ``scale_vec``: routed: the flat ``[T*k]`` routing weights indexed by pair; dense: ``[M]``.
+    - ``out``: ``[M, N]`` of ``params.out_dtype``, any strides, ``M = T*k`` when routed. With
+      ``scatter`` rows are pair-indexed, else sorted-row-indexed; rows of dropped pairs are
+      left untouched.
+    """
+    E, N, K = params.num_experts, params.n, params.k_dim
+    if a.dim() != 2 or a.shape[1] != K:
+        raise ValueError(f"a must be [rows, K={K}], got {tuple(a.shape)}")
+    w = _expert_weight(w, params, "w")
+    if params.glu:
+        if w_up is None:
+            raise ValueError("glu needs w_up")
+        w_up = _expert_weight(w_up, params, "w_up")
+    elif w_up is not None:
+        raise ValueError("w_up given but params.glu is False")
+    if out.dtype != params.out_dtype:
+        raise ValueError(f"out is {out.dtype}, params.out_dtype is {params.out_dtype}")
+    if offsets is None:
+        if params.routed or order is not None:
+            raise ValueError("gather/scatter need offsets and order from dispatch")
+        if E != 1:
+            raise ValueError("offsets=None is the dense case and needs num_experts == 1")
+        M = a.shape[0]
+    else:
+        if tuple(offsets.shape) != (E + 1,) or offsets.dtype != torch.int32:
+            raise ValueError(f"offsets must be int32 [E+1={E + 1}], got {offsets.dtype} {tuple(offsets.shape)}")
+        if params.routed:
+            if order is None or order.dim() != 1 or order.dtype != torch.int32:
+                raise ValueError("gather/scatter need order: int32 [T*k] from dispatch")
+            order = order if order.is_contiguous() else order.contiguous()
+            M = order.shape[0]
+        else:
+            M = a.shape[0]
+    if params.gather_top_k and M != a.shape[0] * params.gather_top_k:
+        raise ValueError(f"gather: order has {M} pairs, a has {a.shape[0]} tokens x top_k {params.gather_top_k}")
+    if not params.gather_top_k and a.shape[0] != M:
+        raise ValueError(f"a has {a.shape[0]} rows, expected {M}")
+    if out.dim() != 2 or tuple(out.shape) != (M, N):
+        raise ValueError(f"out must be [{M}, {N}], got {tuple(out.shape)}")
+    if params.scale:
+        if scale_vec is None:
+            raise ValueError("params.scale needs scale_vec")
+        scale_vec = scale_vec.reshape(-1)
+        if scale_vec.shape[0] != M:
+            raise ValueError(f"scale_vec must have {M} entries, got {scale_vec.shape[0]}")
+    elif scale_vec is not None:
+        raise ValueError("scale_vec given but params.scale is False")
+
+    tile = params.tile
+    grid = (grid_rows(params, M, offsets is not None), triton.cdiv(N, tile.block_n))
+    u = w_up if w_up is not None else w
+    args = dict(zip(ARG_NAMES, (
+        a, w, w_up, out, offsets, order if params.routed else None, scale_vec, M,
+        a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2),
+        u.stride(0), u.stride(1), u.stride(2), out.stride(0), out.stride(1))))
+    constexprs = dict(N=N, K=K, NUM_EXPERTS=E, E_PAD=max(2, triton.next_power_of_2(E)),
+                      HAS_OFFSETS=offsets is not None, GATHER_TOP_K=params.gather_top_k,
+                      SCATTER=params.scatter, SCALE=params.scale, GLU=params.glu,
+                      BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k)
+    render_grouped_gemm(params)(grid, args, constexprs, num_warps=tile.num_warps, num_stages=tile.num_stages)
+    return out

@@ -1,0 +1,88 @@
+"""The fixed-order top-k reduce: each token's k expert outputs summed in slot order.
+
+``y_pairs [T*k, D]`` holds one row per (token, slot) pair in token-major order
+(``p = t * k + slot``), as the scatter epilogue of the down-projection grouped GEMM writes it.
+Rows of pairs dropped by capacity were never written; passing ``ids`` makes the reduce skip
+them (``ids[t, s] == -1``), so their contents never matter. Sums are fp32, in slot order, then
+the optional residual (e.g. the shared expert's output); no atomics, so results are bitwise
+reproducible.
+"""
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+from torch import Tensor
+
+from .launch import Kernel
+from .render import render
+from .tiles import RowTile
+
+ARG_NAMES = ("y_ptr", "ids_ptr", "res_ptr", "out_ptr", "T", "stride_ym", "stride_yd",
+             "stride_it", "stride_is", "stride_rt", "stride_rd", "stride_ot", "stride_od")
+
+
+@dataclass(frozen=True)
+class ReduceParams:
+    top_k: int
+    hidden: int
+    residual: bool = False
+    out_dtype: torch.dtype = torch.float32
+    tile: RowTile = RowTile(16, 64)
+    header: str = ""
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1 or self.hidden < 1:
+            raise ValueError(f"top_k and hidden must be positive: {self}")
+        for name in ("block_t", "block_d"):
+            v = getattr(self.tile, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"tile.{name} must be a power of two, got {v}")
+
+
+@functools.lru_cache(maxsize=None)
+def render_reduce(params: ReduceParams) -> Kernel:
+    """The kernel for ``params`` (rendered once per distinct params)."""
+    name = "reduce_topk" + ("_residual" if params.residual else "")
+    source = render("reduce_topk.py.jinja", fn_name=name, header=re.sub(r"\s+", " ", params.header).strip(),
+                    top_k=params.top_k, hidden=params.hidden, residual=params.residual,
+                    out_dtype=str(params.out_dtype).replace("torch.", ""), tile=params.tile)
+    return Kernel(source, name, ARG_NAMES)
+
+
+def reduce_topk(y_pairs: Tensor, params: ReduceParams, *, out: Tensor, ids: Optional[Tensor] = None,
+                residual: Optional[Tensor] = None) -> Tensor:
+    """``out[t] = sum_s y_pairs[t*k + s] (pairs with ids[t, s] == -1 skipped) + residual[t]``; returns ``out``.
+
+    ``y_pairs [T*k, D]``, ``ids [T, k]`` (any int dtype; None: every pair is kept),
+    ``residual [T, D]`` iff ``params.residual``, ``out [T, D]`` of ``params.out_dtype``; any strides.
+    """
+    k, D = params.top_k, params.hidden
+    if out.dim() != 2 or out.shape[1] != D:
+        raise ValueError(f"out must be [T, D={D}], got {tuple(out.shape)}")
+    if out.dtype != params.out_dtype:
+        raise ValueError(f"out is {out.dtype}, params.out_dtype is {params.out_dtype}")
+    T = out.shape[0]
+    if tuple(y_pairs.shape) != (T * k, D):
+        raise ValueError(f"y_pairs must be [T*k={T * k}, D={D}], got {tuple(y_pairs.shape)}")
+    if ids is not None and tuple(ids.shape) != (T, k):
+        raise ValueError(f"ids must be [T={T}, k={k}], got {tuple(ids.shape)}")
+    if params.residual:
+        if residual is None or tuple(residual.shape) != (T, D):
+            raise ValueError(f"params.residual needs residual [T={T}, D={D}]")
+    elif residual is not None:
+        raise ValueError("residual given but params.residual is False")
+    tile = params.tile
+    grid = (triton.cdiv(T, tile.block_t), triton.cdiv(D, tile.block_d))
+    i_strides = ids.stride() if ids is not None else (0, 0)
+    r_strides = residual.stride() if residual is not None else (0, 0)
+    args = dict(zip(ARG_NAMES, (y_pairs, ids, residual, out, T, *y_pairs.stride(), *i_strides, *r_strides,
+                                *out.stride())))
+    constexprs = dict(D=D, TOP_K=k, HAS_IDS=ids is not None, HAS_RESIDUAL=params.residual,
+                      BLOCK_T=tile.block_t, BLOCK_D=tile.block_d)
+    render_reduce(params)(grid, args, constexprs, num_warps=tile.num_warps, num_stages=tile.num_stages)
+    return out
