@@ -108,8 +108,19 @@ class Region:
             self.compiled[key] = c
             if self.dump_dir is not None:
                 c.dump(self.dump_dir / f"{self.name}.{str(x.dtype).split('.')[-1]}.{arch.name}",
-                       getattr(self.lifted, "captured", "") or "")
+                       self.captured())
         return self.compiled[key]
+
+    def captured(self) -> str:
+        """What the frontend read off the module: formulation, spec, weight bindings, notes."""
+        lines = [f"region {self.name}: {self.lifted.formulation}", f"spec: {self.spec}",
+                 f"outputs: {self.lifted.outputs}"]
+        paths = getattr(self.lifted.param_tensors, "paths", None)
+        describe = getattr(self.lifted.weights, "describe", None)
+        if paths is not None and describe is not None:
+            lines += ["weights:"] + [f"  {line}" for line in describe(paths)]
+        lines += [f"note: {n}" for n in self.lifted.notes]
+        return "\n".join(lines) + "\n"
 
     # ---- calls ------------------------------------------------------------------------------
     def __call__(self, module, eager_forward, x, *args, **kwargs):

@@ -1,0 +1,240 @@
+"""`moec.compile` end to end: every zoo formulation compiled vs its own eager code, the decorator
+forms, behaving like the original module, dumps, explain(), bad input, gradients."""
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import moec
+from moec.compiler import compile_spec
+from moec.runtime import cache
+
+import zoo
+
+LIFTED = {
+    "MixtralMoE": lambda: zoo.MixtralMoE(),
+    "MixtralSkipEmptyMoE": lambda: zoo.MixtralSkipEmptyMoE(),
+    "MixtralTopkSoftmaxMoE": lambda: zoo.MixtralTopkSoftmaxMoE(),
+    "MixtralLogitsMoE": lambda: zoo.MixtralLogitsMoE(),
+    "StackedSortMoE": lambda: zoo.StackedSortMoE(),
+    "StackedGatherBmmMoE": lambda: zoo.StackedGatherBmmMoE(),
+    "DenseOneHotMoE": lambda: zoo.DenseOneHotMoE(),
+    "DeepseekV3MoE": lambda: zoo.DeepseekV3MoE(),
+    "DeepseekV2MoE": lambda: zoo.DeepseekV2MoE(),
+    "SwitchMoE": lambda: zoo.SwitchMoE(),
+    "QwenMoE": lambda: zoo.QwenMoE(),
+    "CapacityMoE": lambda: zoo.CapacityMoE(),
+    "AuxLossMoE": lambda: zoo.AuxLossMoE(),
+}
+
+
+def compiled_and_eager(factory, **options):
+    torch.manual_seed(0)
+    eager = factory().eval()
+    compiled = moec.compile(copy.deepcopy(eager), **options)
+    return compiled, eager
+
+
+def assert_same(a, b, tol=1e-4):
+    if isinstance(a, tuple):
+        assert isinstance(b, tuple) and len(a) == len(b)
+        for u, v in zip(a, b):
+            assert_same(u, v, tol)
+        return
+    assert a.shape == b.shape and a.dtype == b.dtype
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("name", LIFTED)
+def test_zoo_module_compiled_matches_eager(name):
+    compiled, eager = compiled_and_eager(LIFTED[name])
+    report = compiled.explain()
+    assert "LIFTED" in report and "EAGER" not in report, report
+    for T in (1, 7):
+        x = torch.randn(1, T, 16)
+        with torch.no_grad():
+            assert_same(compiled(x), eager(x))
+    region = compiled.__dict__.get("_moec_region")
+    assert region is not None and region.calls["kernels"] == 2
+
+
+def test_model_with_two_moe_layers_and_other_modules():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(16, 16)
+            self.moe1 = zoo.MixtralMoE()
+            self.mlp = zoo.DenseMLP()
+            self.moe2 = zoo.DeepseekV3MoE()
+
+        def forward(self, x):
+            return self.moe2(self.mlp(self.moe1(self.inp(x))))
+
+    compiled, eager = compiled_and_eager(Net)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        assert_same(compiled(x), eager(x))
+    report = compiled.explain()
+    assert "moe1 (MixtralMoE)" in report and "moe2 (DeepseekV3MoE)" in report
+
+
+def test_decorator_forms_and_function(tmp_path):
+    @moec.compile
+    class A(zoo.MixtralMoE):
+        pass
+
+    @moec.compile(dump_dir=tmp_path / "b", arch="sm80")
+    class B(zoo.MixtralMoE):
+        pass
+
+    torch.manual_seed(0)
+    a, b = A(), B()
+    assert isinstance(a, zoo.MixtralMoE) and "LIFTED" in a.explain() and "LIFTED" in b.explain()
+    x = torch.randn(1, 3, 16)
+    with torch.no_grad():
+        ya = a(x)
+        with moec.disabled():
+            assert_same(ya, a(x))
+        b(x)
+    assert any((tmp_path / "b").rglob("*.sm80/tiles.json"))
+
+    def run(layer, x):
+        return layer(x) * 2
+
+    f = moec.compile(run)
+    assert "no module" in f.explain()
+    layer = zoo.StackedSortMoE()
+    with torch.no_grad():
+        y = f(layer, x)
+        with moec.disabled():
+            assert_same(y, run(layer, x))
+    assert "LIFTED" in f.explain()
+
+
+def test_behaves_like_the_original():
+    torch.manual_seed(0)
+    model = zoo.MixtralMoE()
+    keys = list(model.state_dict())
+    params = list(model.parameters())
+    compiled = moec.compile(model)
+    assert compiled is model and isinstance(compiled, zoo.MixtralMoE)
+    assert list(compiled.state_dict()) == keys and list(compiled.parameters()) == params
+    compiled.load_state_dict(copy.deepcopy(compiled.state_dict()))
+    x = torch.randn(1, 4, 16)
+    with torch.no_grad():
+        y1 = compiled(x)
+        compiled.experts[0].w1.weight.mul_(3.0)            # weight updates are seen
+        compiled.gate.weight.add_(0.5)
+        y2 = compiled(x)
+        with moec.disabled():
+            assert_same(y2, compiled(x))
+    assert not torch.allclose(y1, y2)
+    half = compiled.to(torch.float16).eval()               # .to() and .eval() keep working
+    with torch.no_grad():
+        yh = half(x.half())
+        with moec.disabled():
+            assert_same(yh, half(x.half()), tol=2e-2)
+    assert half.__dict__["_moec_region"].calls["kernels"] >= 1
+
+
+def test_one_compile_serves_every_token_count():
+    compiled, eager = compiled_and_eager(LIFTED["MixtralMoE"])
+    with torch.no_grad():
+        compiled(torch.randn(1, 1, 16))
+        misses, modules = compile_spec.cache_info().misses, len(cache._modules)
+        for T in (1, 7, 300):
+            x = torch.randn(1, T, 16)
+            assert_same(compiled(x), eager(x))
+    assert compile_spec.cache_info().misses == misses and len(cache._modules) == modules
+    assert len(compiled.__dict__["_moec_region"].compiled) == 1
+
+
+def test_dump_dir_contents(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEC_DUMP_DIR", str(tmp_path))
+    compiled, _ = compiled_and_eager(LIFTED["QwenMoE"])
+    with torch.no_grad():
+        compiled(torch.randn(1, 5, 16))
+    (region,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    names = {p.name for p in region.iterdir()}
+    assert {"captured.txt", "tiles.json", "launches.json", "kernels"} <= names
+    assert any(n.endswith("fuse-routing.txt") for n in names) and any(n.endswith("choose-tiles.txt") for n in names)
+    kernels = list((region / "kernels").glob("*.py"))
+    assert len(kernels) >= 4
+    for k in kernels:
+        head = k.read_text().splitlines()[:6]
+        assert any("IR node:" in line for line in head), head
+    launches = json.loads((region / "launches.json").read_text())
+    assert launches["T"] == 5 and len(launches["launches"]) >= 4
+    assert "LIFTED" in (tmp_path / "explain.txt").read_text()
+
+
+def test_explain_names_what_stays_eager():
+    torch.manual_seed(0)
+    for bad in (zoo.TanhExpertMoE(), zoo.BiasedExpertMoE()):
+        eager = copy.deepcopy(bad)
+        compiled = moec.compile(bad)
+        report = compiled.explain()
+        assert "EAGER" in report and type(bad).__name__ in report, report
+        x = torch.randn(1, 6, 16)
+        with torch.no_grad():
+            assert_same(compiled(x), eager(x))
+    dense = moec.compile(zoo.DenseMLP())
+    assert "no MoE layer found" in dense.explain()
+
+
+def test_bad_input():
+    compiled, eager = compiled_and_eager(LIFTED["MixtralMoE"])
+    with pytest.raises(ValueError, match="hidden size 16"):
+        compiled(torch.randn(1, 3, 15))
+    region = compiled.__dict__["_moec_region"]
+    with torch.no_grad():
+        x64 = torch.randn(1, 3, 16, dtype=torch.float64)       # runs eager, correctly, and says so
+        assert_same(compiled.double()(x64), eager.double()(x64))
+        compiled.float(), eager.float()
+        xb = torch.randn(1, 3, 16, dtype=torch.bfloat16)
+        assert_same(compiled.bfloat16()(xb), eager.bfloat16()(xb), tol=2e-2)
+        compiled.float(), eager.float()
+        x = torch.randn(1, 4, 16)
+        x[0, 2] = float("nan")
+        y = compiled(x)[0]
+    assert torch.isnan(y[2]).all() and torch.isfinite(y[[0, 1, 3]]).all()
+    calls = " ".join(region.calls)
+    assert "float64" in calls and "bfloat16 on CPU" in calls
+    assert "float64" in compiled.explain()
+
+
+def test_gradients_flow_through_compiled_forward():
+    compiled, eager = compiled_and_eager(LIFTED["DeepseekV3MoE"])
+    compiled.train(), eager.train()
+    x = torch.randn(2, 5, 16)
+    xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yc, ye = compiled(xc), eager(xe)
+    assert_same(yc.detach(), ye.detach())
+    g = torch.randn_like(ye)
+    yc.backward(g)
+    ye.backward(g)
+    torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-4, atol=1e-4)
+    for (n, pc), (_, pe) in zip(compiled.named_parameters(), eager.named_parameters()):
+        if pe.grad is None:
+            assert pc.grad is None or not pc.grad.any(), n
+        else:
+            torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-4, atol=1e-4, msg=n)
+    assert compiled.__dict__["_moec_region"].calls["kernels forward, eager backward"] == 1
+    assert "backward" in compiled.explain()
+
+
+def test_noisy_gating_in_training_matches_eager_draws():
+    compiled, eager = compiled_and_eager(lambda: zoo.NoisyTopKMoE())
+    assert "LIFTED" in compiled.explain(), compiled.explain()
+    compiled.train(), eager.train()
+    x = torch.randn(1, 9, 16)
+    with torch.no_grad():
+        torch.manual_seed(123)
+        yc = compiled(x)
+        torch.manual_seed(123)
+        ye = eager(x)
+        assert_same(yc, ye)
+        compiled.eval(), eager.eval()
+        assert_same(compiled(x), eager(x))
