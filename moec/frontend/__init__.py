@@ -1,0 +1,13 @@
+"""moec's frontend: recognise MoE layers in eager PyTorch modules and read off their MoESpec.
+
+    lifted = lift(module)        # LiftedMoE | NotLifted(reason) | None (nothing MoE-like)
+    probe(module, lifted)        # None when eager forward == moec.reference.moe on random inputs
+    find_moe_modules(model)      # [(qualified name, module)] MoE-like candidates
+
+How a module is read (why fx alone is not enough) is explained in `moec.frontend.capture`.
+"""
+from .lift import find_moe_modules, lift
+from .lifted import LiftedMoE, NotLifted
+from .probe import probe
+
+__all__ = ["lift", "probe", "find_moe_modules", "LiftedMoE", "NotLifted"]

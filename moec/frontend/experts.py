@@ -1,0 +1,398 @@
+"""Experts: which tensors play gate/up/down, and which activation, for each way experts are stored.
+
+- A ModuleList of MLPs: each expert's forward is fx-traceable on its own, so `read_expert` gives
+  the roles and activation; the expert modules are then *called* on random rows and compared with
+  `moec.reference.expert_mlp`, so a misread is caught here, per expert. If the trace is not
+  understood, the few role/activation assignments the linears' shapes allow are tried the same way.
+- Stacked 3-D parameters: no standalone expert to call, so every assignment the shapes allow
+  (which tensor is down, gate/up order or the halves of a fused ``[E, d, 2f]``, ``[E, in, out]``
+  vs ``[E, out, in]`` layout, activation) becomes a candidate, best-named first; the layer probe
+  decides among them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .. import reference
+from ..spec import ACTIVATIONS
+from .capture import ACTIVATION_KINDS, Capture, int_arg, trace_partial
+from .lifted import Src
+from .structure import Structure
+
+_GATE_WORDS = ("gate", "w1", "wi_0")
+_UP_WORDS = ("up", "w3", "wi_1", "w_in", "fc1", "wi")
+_DOWN_WORDS = ("down", "w2", "wo", "w_out", "out", "fc2")
+_FUSED_WORDS = ("gate_up", "w13", "w1_3", "gateup")
+
+
+# ---- reading one expert MLP off its own fx graph ---------------------------------------------
+
+@dataclass
+class ExpertRead:
+    """An expert MLP read off its own fx graph. Roles name linear submodules; ``*_part`` is
+    ``(i, n)`` for the i-th of n equal chunks of that linear's output, or None."""
+
+    glu: bool
+    activation: str
+    up: str
+    down: str
+    gate: Optional[str] = None
+    up_part: Optional[tuple] = None
+    gate_part: Optional[tuple] = None
+
+
+def _strip(cap: Capture, n):
+    while isinstance(n, fx.Node) and (cap.kind(n) == "identity" or (
+            n.op == "call_method" and n.target in ("to", "type", "float", "half", "bfloat16", "contiguous"))):
+        n = n.args[0]
+    return n
+
+
+def _linear_src(cap: Capture, n):
+    """``(linear path, part)`` when ``n`` is a linear's output or one chunk of it."""
+    n = _strip(cap, n)
+    if not isinstance(n, fx.Node):
+        return None
+    if cap.kind(n) == "linear" and n.op == "call_module":
+        return n.target, None
+    if cap.kind(n) == "getitem" and isinstance(n.args[1], int):
+        c = n.args[0]
+        if isinstance(c, fx.Node) and cap.kind(c) == "chunk":
+            src = _strip(cap, c.args[0])
+            parts = int_arg(c, 1, "chunks")
+            dim = c.args[2] if len(c.args) > 2 else c.kwargs.get("dim", 0)
+            if c.target in ("split", torch.split):
+                return None
+            if isinstance(src, fx.Node) and src.op == "call_module" and cap.kind(src) == "linear" and parts and dim in (-1,):
+                return src.target, (n.args[1], parts)
+    return None
+
+
+def _activation(cap: Capture, n):
+    """``(activation kind, input)`` when ``n`` applies an elementwise activation."""
+    n = _strip(cap, n)
+    if not isinstance(n, fx.Node):
+        return None
+    k = cap.kind(n)
+    if k in ACTIVATION_KINDS or k == "sigmoid":
+        return k, n.args[0]
+    if k == "mul" and len(n.args) == 2:       # x * sigmoid(x) is silu
+        a, b = n.args
+        for p, q in ((a, b), (b, a)):
+            if isinstance(q, fx.Node) and cap.kind(q) == "sigmoid" and q.args[0] is p:
+                return "silu", p
+    return None
+
+
+def read_expert(expert: nn.Module):
+    """Read an expert MLP's roles and activation from its own fx graph.
+
+    Returns an `ExpertRead`, a string naming an unsupported construct, or None (not understood).
+    """
+    cap = trace_partial(expert)
+    if not cap.complete:
+        return None
+    outs = [n for n in cap.graph.nodes if n.op == "output"]
+    if not outs:
+        return None
+    res = _strip(cap, outs[0].args[0])
+    if not isinstance(res, fx.Node) or not (res.op == "call_module" and cap.kind(res) == "linear"):
+        return None
+    down = res.target
+    h = _strip(cap, res.args[0])
+    act = _activation(cap, h)
+    if act is not None and _linear_src(cap, act[1]) is not None:
+        up = _linear_src(cap, act[1])
+        return _expert_or_reason(act[0], False, up, None, down, h)
+    if isinstance(h, fx.Node) and cap.kind(h) == "mul" and len(h.args) == 2:
+        a, b = h.args
+        for p, q in ((a, b), (b, a)):
+            act = _activation(cap, p)
+            if act is None:
+                continue
+            gate, up = _linear_src(cap, act[1]), _linear_src(cap, q)
+            if gate is not None and up is not None:
+                return _expert_or_reason(act[0], True, up, gate, down, p)
+    return None
+
+
+def _expert_or_reason(kind, glu, up, gate, down, node):
+    if kind not in ("silu", "gelu", "gelu_tanh", "relu"):
+        what = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+        return f"activation {kind} ({what}) is not supported (moec supports silu, gelu, gelu_tanh, relu)"
+    return ExpertRead(glu=glu, activation=kind, up=up[0], up_part=up[1], down=down,
+                      gate=gate[0] if gate else None, gate_part=gate[1] if gate else None)
+
+
+# ---- layouts ----------------------------------------------------------------------------------
+
+@dataclass
+class ExpertLayout:
+    """How to read the experts' weights: ``paths`` are leaf tensors, ``fields`` build
+    ``w_up``/``w_down``/``w_gate`` from them (indices into ``paths``)."""
+
+    glu: bool
+    activation: str
+    ffn: int
+    paths: list
+    fields: list
+    desc: str
+    verified: bool = False
+    score: int = 0
+
+    def build(self, tensors) -> dict:
+        return {name: src.build(tensors) for name, src in self.fields}
+
+
+@dataclass(frozen=True)
+class _Form:
+    """One expert MLP in terms of its linear submodules (relative names)."""
+
+    glu: bool
+    activation: str
+    up: str
+    down: str
+    gate: Optional[str] = None
+    up_rows: Optional[tuple] = None
+    gate_rows: Optional[tuple] = None
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    return 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, dtype) -> bool:
+    a, b = a.float(), b.float()
+    if a.shape != b.shape or not torch.isfinite(a).all():
+        return False
+    return bool((a - b).abs().max() <= tolerance(dtype) * max(float(b.abs().max()), 1e-6) + 1e-6)
+
+
+def _rows(part, f2: int):
+    """Chunk ``(i, n)`` of a weight with ``f2`` output rows -> ``(start, stop, 1)``."""
+    if part is None:
+        return None
+    i, n = part
+    size = f2 // n
+    return (i * size, (i + 1) * size, 1)
+
+
+def _form_from_read(expert: nn.Module, r: ExpertRead) -> _Form:
+    out_of = lambda name: expert.get_submodule(name).out_features  # noqa: E731
+    return _Form(r.glu, r.activation, r.up, r.down, r.gate,
+                 _rows(r.up_part, out_of(r.up)), _rows(r.gate_part, out_of(r.gate)) if r.gate else None)
+
+
+def _enumerate_forms(expert: nn.Module, d: int) -> list:
+    lins = [(n, m) for n, m in expert.named_modules() if isinstance(m, nn.Linear)]
+    downs = [(n, m) for n, m in lins if m.out_features == d]
+    ins = [(n, m) for n, m in lins if m.in_features == d]
+    forms = []
+    for dn, dm in downs:
+        f = dm.in_features
+        rest = [(n, m) for n, m in ins if n != dn]
+        if len(rest) == 2 and all(m.out_features == f for _, m in rest):
+            (a, _), (b, _) = rest
+            if _score(b, _GATE_WORDS) > _score(a, _GATE_WORDS):
+                a, b = b, a
+            for act in ACTIVATIONS:
+                forms += [_Form(True, act, b, dn, a), _Form(True, act, a, dn, b)]
+        elif len(rest) == 1 and rest[0][1].out_features == 2 * f:
+            n = rest[0][0]
+            for act in ACTIVATIONS:
+                forms += [_Form(True, act, n, dn, n, (f, 2 * f, 1), (0, f, 1)),
+                          _Form(True, act, n, dn, n, (0, f, 1), (f, 2 * f, 1)),
+                          _Form(True, act, n, dn, n, (1, 2 * f, 2), (0, 2 * f, 2))]
+        elif len(rest) == 1 and rest[0][1].out_features == f:
+            forms += [_Form(False, act, rest[0][0], dn) for act in ("relu", "gelu", "gelu_tanh", "silu")]
+    return forms
+
+
+def _score(name: str, words) -> int:
+    leaf = name.lower().split(".")[-1]
+    return sum(w in leaf for w in words)
+
+
+class _EvalMode:
+    def __init__(self, module: nn.Module):
+        self.flags = [(m, m.training) for m in module.modules()]
+
+    def __enter__(self):
+        for m, _ in self.flags:
+            m.training = False
+
+    def __exit__(self, *exc):
+        for m, f in self.flags:
+            m.training = f
+
+
+def _form_weights(expert: nn.Module, form: _Form):
+    def w(name, rows):
+        t = expert.get_submodule(name).weight
+        return t if rows is None else t[slice(*rows)]
+    return (w(form.up, form.up_rows), expert.get_submodule(form.down).weight,
+            w(form.gate, form.gate_rows) if form.glu else None)
+
+
+def verify_form(modules: list, form: _Form, d: int, dtype, device) -> bool:
+    """Call each expert module on random rows and compare with `reference.expert_mlp`."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(6, d, generator=g).to(dtype=dtype, device=device)
+    try:
+        with torch.no_grad():
+            for m in modules:
+                with _EvalMode(m):
+                    y = m(x)
+                up, down, gate = _form_weights(m, form)
+                if not isinstance(y, torch.Tensor) or not _close(
+                        y, reference.expert_mlp(x.float(), up, down, gate, form.activation), dtype):
+                    return False
+    except Exception:  # noqa: BLE001 - a form that cannot even run is simply not this expert
+        return False
+    return True
+
+
+def analyse_mlp(module: nn.Module, paths: list, d: int, dtype, device):
+    """The verified `_Form` shared by the MLP modules at ``paths`` or a reason string."""
+    mods = [module.get_submodule(p) for p in paths]
+    for p, m in zip(paths, mods):
+        for n, lin in m.named_modules():
+            if isinstance(lin, nn.Linear) and lin.bias is not None:
+                return (f"expert linear {p}.{n} has a bias; per-expert biases are not supported "
+                        f"(MoESpec experts are bias-free)")
+    shapes0 = [(n, tuple(t.shape)) for n, t in mods[0].named_parameters()]
+    for p, m in zip(paths[1:], mods[1:]):
+        if [(n, tuple(t.shape)) for n, t in m.named_parameters()] != shapes0:
+            return f"{p} has different parameters from {paths[0]}"
+    read = read_expert(mods[0])
+    if isinstance(read, str):
+        return f"{paths[0]}: {read}"
+    forms = [_form_from_read(mods[0], read)] if read is not None else []
+    forms += [f for f in _enumerate_forms(mods[0], d) if f not in forms]
+    for form in forms:
+        if verify_form(mods[:1], form, d, dtype, device) and verify_form(mods, form, d, dtype, device):
+            return form
+    how = "its fx graph was read but" if read is not None else "its forward could not be read and"
+    return (f"{paths[0]} ({type(mods[0]).__name__}): {how} no assignment of its linears to "
+            f"down(act(gate(x)) * up(x)) or down(act(up(x))) with act in {ACTIVATIONS} reproduces it")
+
+
+def _layout_from_form(paths: list, form: _Form, module: nn.Module) -> ExpertLayout:
+    leaf: dict = {}
+
+    def idx(p):
+        return leaf.setdefault(p, len(leaf))
+
+    up = [idx(f"{p}.{form.up}.weight") for p in paths]
+    gate = [idx(f"{p}.{form.gate}.weight") for p in paths] if form.glu else None
+    down = [idx(f"{p}.{form.down}.weight") for p in paths]
+    fields = [("w_up", Src(tuple(up), stack=True, rows=form.up_rows)),
+              ("w_down", Src(tuple(down), stack=True))]
+    if form.glu:
+        fields.append(("w_gate", Src(tuple(gate), stack=True, rows=form.gate_rows)))
+    f = module.get_submodule(f"{paths[0]}.{form.down}").in_features
+    rows = lambda r: "" if r is None else f"[{r[0]}:{r[1]}" + (f":{r[2]}" if r[2] != 1 else "") + "]"  # noqa: E731
+    desc = (f"gate={form.gate}{rows(form.gate_rows)}, up={form.up}{rows(form.up_rows)}, down={form.down}, "
+            f"{form.activation}" if form.glu else f"up={form.up}, down={form.down}, {form.activation}")
+    return ExpertLayout(form.glu, form.activation, f, list(leaf), fields, desc, verified=True)
+
+
+def list_layout(module: nn.Module, st: Structure):
+    """The verified layout of ModuleList experts, or a reason string."""
+    form = analyse_mlp(module, st.expert_paths, st.d, st.dtype, st.device)
+    if isinstance(form, str):
+        return form
+    return _layout_from_form(st.expert_paths, form, module)
+
+
+def shared_layout(module: nn.Module, path: str, st: Structure):
+    """A shared expert (one MLP module) as plain ``[f, d]`` weights, or a reason string."""
+    form = analyse_mlp(module, [path], st.d, st.dtype, st.device)
+    if isinstance(form, str):
+        return form
+    lay = _layout_from_form([path], form, module)
+    fields = [(name.replace("w_", "shared_"), Src(src.indices, rows=src.rows)) for name, src in lay.fields]
+    return ExpertLayout(lay.glu, lay.activation, lay.ffn, lay.paths, fields, lay.desc, verified=True)
+
+
+def stacked_layouts(st: Structure, activations_hint: list) -> list:
+    """Every reading of stacked 3-D expert weights that the shapes allow, best-named first."""
+    d = st.d
+    params = st.stacked
+
+    def as_down(shape):   # [E, a, b] projecting X -> d: (X, transpose to [E, d, X])
+        _, a, b = shape
+        out = []
+        if a == d:
+            out.append((b, False))      # [E, d, X] nn.Linear layout
+        if b == d:
+            out.append((a, True))       # [E, X, d] used as h @ W
+        return out
+
+    def as_in(shape):     # [E, a, b] projecting d -> X: (X, transpose to [E, X, d])
+        _, a, b = shape
+        out = []
+        if a == d:
+            out.append((b, True))       # [E, d, X] used as x @ W
+        if b == d:
+            out.append((a, False))      # [E, X, d] nn.Linear layout
+        return out
+
+    hinted = [a for a in activations_hint if a in ACTIVATIONS]
+    glu_acts = hinted + [a for a in ("silu", "gelu_tanh", "gelu", "relu") if a not in hinted]
+    plain_acts = hinted + [a for a in ("relu", "gelu", "gelu_tanh", "silu") if a not in hinted]
+    paths = [p for p, _ in params]
+    out = []
+    for di, (dpath, dshape) in enumerate(params):
+        rest = [i for i in range(len(params)) if i != di]
+        for f, dt in as_down(dshape):
+            down = ("w_down", Src((di,), transpose=dt))
+            base = 2 * _score(dpath, _DOWN_WORDS)
+            if len(rest) == 1:
+                ri = rest[0]
+                rpath = params[ri][0]
+                for X, rt in as_in(params[ri][1]):
+                    cons = 1 if rt == dt else 0
+                    if X == f:
+                        for a in plain_acts:
+                            out.append(ExpertLayout(False, a, f, paths, [("w_up", Src((ri,), transpose=rt)), down],
+                                                    f"up={rpath}{'.mT' if rt else ''}, down={dpath}{'.mT' if dt else ''}, {a}",
+                                                    score=base + cons + _score(rpath, _UP_WORDS)))
+                    elif X == 2 * f:
+                        fused = _score(rpath, _FUSED_WORDS) + _score(rpath, _GATE_WORDS)
+                        splits = (("gate first", (0, f, 1), (f, 2 * f, 1), 1),
+                                  ("up first", (f, 2 * f, 1), (0, f, 1), 0),
+                                  ("interleaved", (0, 2 * f, 2), (1, 2 * f, 2), 0))
+                        for a in glu_acts:
+                            for sname, grows, urows, pref in splits:
+                                out.append(ExpertLayout(
+                                    True, a, f, paths,
+                                    [("w_gate", Src((ri,), transpose=rt, rows=grows)),
+                                     ("w_up", Src((ri,), transpose=rt, rows=urows)), down],
+                                    f"gate,up={rpath}{'.mT' if rt else ''} ({sname}), down={dpath}{'.mT' if dt else ''}, {a}",
+                                    score=base + cons + fused + pref))
+            elif len(rest) == 2:
+                (gi, ui) = rest
+                for gX, gt in as_in(params[gi][1]):
+                    for uX, ut in as_in(params[ui][1]):
+                        if gX != f or uX != f:
+                            continue
+                        cons = (gt == dt) + (ut == dt)
+                        for a in glu_acts:
+                            for g_, u_, gt_, ut_ in ((gi, ui, gt, ut), (ui, gi, ut, gt)):
+                                gp, up_ = params[g_][0], params[u_][0]
+                                out.append(ExpertLayout(
+                                    True, a, f, paths,
+                                    [("w_gate", Src((g_,), transpose=gt_)), ("w_up", Src((u_,), transpose=ut_)), down],
+                                    f"gate={gp}{'.mT' if gt_ else ''}, up={up_}{'.mT' if ut_ else ''}, "
+                                    f"down={dpath}{'.mT' if dt else ''}, {a}",
+                                    score=base + cons + 2 * _score(gp, _GATE_WORDS) + 2 * _score(up_, _UP_WORDS)))
+    # best names first; stable, so activations stay in hint order within a reading
+    order = {id(l): i for i, l in enumerate(out)}
+    out.sort(key=lambda l: (-l.score, order[id(l)]))
+    return out

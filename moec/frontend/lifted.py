@@ -1,0 +1,124 @@
+"""What `lift` hands back: a `LiftedMoE` (spec + how to read the weights) or a `NotLifted` reason.
+
+The weights are described as data, not closures: `ParamTensors` names the leaf tensors the layer
+reads (by qualified attribute path, resolved afresh on every call, so `.half()`, `.to(device)` and
+in-place updates are always seen), and `WeightsRecipe` says how each `MoEWeights` field is built
+from those tensors with differentiable views only (stack, transpose, row slices).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..spec import MoESpec, MoEWeights
+
+OUTPUTS = ("y", "y_logits", "y_aux")
+
+
+@dataclass
+class LiftedMoE:
+    """A recognised MoE layer, confirmed by the probe against the module's own forward.
+
+    - ``spec``: what the layer computes (see `moec.spec`).
+    - ``formulation``: how the eager code is written ("module-list loop", "stacked 3-D weights,
+      ...", "dense one-hot"); informational.
+    - ``param_tensors(module)``: the leaf tensors (parameters/buffers) the layer reads, fixed order.
+    - ``weights(tensors)``: `MoEWeights` from those tensors; differentiable.
+    - ``outputs``: how forward packs its result: ``"y"`` (y shaped like the input), ``"y_logits"``
+      (y, router logits ``[T, E]`` in the input dtype), ``"y_aux"`` (y, load-balancing loss scalar).
+    - ``noise_dtype``: for noisy gating, the dtype eager draws ``randn_like`` in (at lift time).
+    - ``notes``: human-readable facts for ``explain()``.
+    """
+
+    spec: MoESpec
+    formulation: str
+    param_tensors: Callable[[nn.Module], list[Tensor]]
+    weights: Callable[[Sequence[Tensor]], MoEWeights]
+    outputs: str
+    noise_dtype: Optional[torch.dtype] = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class NotLifted:
+    """A module that looks like (or was asked to be) an MoE layer but is not lifted; ``reason`` says why."""
+
+    reason: str
+
+
+def resolve(module: nn.Module, path: str) -> Tensor:
+    """The tensor at a dotted attribute path (``experts.0.w1.weight``)."""
+    obj = module
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    if not isinstance(obj, Tensor):
+        raise TypeError(f"{path} is a {type(obj).__name__}, not a tensor")
+    return obj
+
+
+@dataclass(frozen=True)
+class ParamTensors:
+    """``module -> [tensor at each path]``, resolved on every call."""
+
+    paths: tuple[str, ...]
+
+    def __call__(self, module: nn.Module) -> list[Tensor]:
+        return [resolve(module, p) for p in self.paths]
+
+
+@dataclass(frozen=True)
+class Src:
+    """One `MoEWeights` field from leaf tensors: optionally stack several along a new dim 0,
+    optionally swap the last two dims, optionally keep rows ``start:stop:step`` of dim -2."""
+
+    indices: tuple[int, ...]
+    stack: bool = False
+    transpose: bool = False
+    rows: Optional[tuple[int, int, int]] = None
+
+    def build(self, ts: Sequence[Tensor]) -> Tensor:
+        t = torch.stack([ts[i] for i in self.indices]) if self.stack else ts[self.indices[0]]
+        if self.transpose:
+            t = t.transpose(-1, -2)
+        if self.rows is not None:
+            t = t[..., slice(*self.rows), :]
+        return t
+
+    def describe(self, paths: Sequence[str]) -> str:
+        if self.stack:
+            names = [paths[i] for i in self.indices]
+            text = f"stack({_pattern(names)})"
+        else:
+            text = paths[self.indices[0]]
+        if self.transpose:
+            text += ".mT"
+        if self.rows is not None:
+            a, b, c = self.rows
+            text += f"[{a}:{b}" + (f":{c}" if c != 1 else "") + "]"
+        return text
+
+
+def _pattern(names: list[str]) -> str:
+    """``experts.0.w1.weight, experts.1.w1.weight`` -> ``experts.*.w1.weight``."""
+    split = [n.split(".") for n in names]
+    if len({len(s) for s in split}) == 1:
+        parts = [p[0] if len(set(p)) == 1 else "*" for p in zip(*split)]
+        if parts.count("*") == 1:
+            return ".".join(parts)
+    return ", ".join(names)
+
+
+@dataclass(frozen=True)
+class WeightsRecipe:
+    """``tensors -> MoEWeights``: each field (by name) built by a `Src`."""
+
+    fields: tuple[tuple[str, Src], ...]
+
+    def __call__(self, tensors: Sequence[Tensor]) -> MoEWeights:
+        return MoEWeights(**{name: src.build(tensors) for name, src in self.fields})
+
+    def describe(self, paths: Sequence[str]) -> list[str]:
+        return [f"{name} = {src.describe(paths)}" for name, src in self.fields]

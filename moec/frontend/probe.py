@@ -1,0 +1,274 @@
+"""The probe: run the module's own eager forward and `moec.reference.moe` on a few random inputs.
+
+Matching by structure proposes; the probe confirms. `probe(module, lifted)` returns None when
+they agree, else a message naming the mismatch. What it checks:
+- token counts T = 1, 5 and 48, plus 48 tokens pushed towards expert 0 (so that a capacity
+  limit, when there is one that can bind, does bind; a capacity configuration whose limit never
+  binds on any probe input is not confirmed), inputs shaped like the module expects
+  (``[B, S, d]``, else ``[T, d]``), in the module's dtype/device;
+- both training and eval mode (training flags and buffers restored afterwards); in training mode
+  the RNG is forked and seeded, so a noisy router's ``randn_like`` and the reference's
+  ``torch.randn([T, E], dtype=noise_dtype)`` draw the same noise; the caller's RNG is untouched;
+- y (shape of the input), and the second output: router logits ``[T, E]`` or the aux loss;
+- tolerance: max |eager - reference| <= rtol * max |reference| with rtol 1e-4 for fp32 and
+  2e-2 for fp16/bf16. In fp16/bf16 the router's logits are rounded, so a token whose k-th and
+  (k+1)-th selection scores lie within that rounding may pick a different expert; such tokens
+  (only those) are left out of the y comparison.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import reference
+from ..spec import MoESpec, MoEWeights, RouterConfig
+
+TOKENS = (1, 5, 48, 48)
+SKEWED = 3          # input 3: tokens pushed towards expert 0
+_SHAPES_3D = ((1, 1), (1, 5), (2, 24), (2, 24))
+
+
+def rtol(dtype: torch.dtype) -> float:
+    return 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
+
+
+def _tie_rtol(dtype: torch.dtype) -> float:
+    return 1e-5 if dtype in (torch.float32, torch.float64) else (1e-2 if dtype == torch.float16 else 3e-2)
+
+
+def mismatch(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype,
+             keep: Optional[torch.Tensor] = None) -> Optional[str]:
+    """None when ``actual`` matches ``expected`` within the dtype's tolerance (rows in ``keep``)."""
+    a, b = actual.detach().float(), expected.detach().float()
+    if a.shape != b.shape:
+        if a.numel() != b.numel():
+            return f"shape {tuple(actual.shape)} vs reference {tuple(expected.shape)}"
+        a = a.reshape(b.shape)
+    scale = float(b.abs().max()) if b.numel() else 0.0
+    if keep is not None and a.dim() >= 1 and keep.shape[0] == a.shape[0]:
+        a, b = a[keep], b[keep]
+    if a.numel() == 0:
+        return None
+    if not torch.isfinite(a).all() and torch.isfinite(b).all():
+        return "non-finite values where the reference is finite"
+    err = float((a - b).abs().max())
+    tol = rtol(dtype) * max(scale, 1e-6) + 1e-7
+    if err <= tol:
+        return None
+    return f"max abs error {err:.3g} > {tol:.3g} (relative {err / max(scale, 1e-12):.2e})"
+
+
+def near_ties(logits: torch.Tensor, cfg: RouterConfig, score_bias, dtype) -> torch.Tensor:
+    """Tokens whose top-k (or top groups) could flip under the input dtype's rounding."""
+    T, E = logits.shape
+    thr = _tie_rtol(dtype)
+    if thr <= 1e-5 or T == 0:
+        return torch.zeros(T, dtype=torch.bool, device=logits.device)
+    logits = logits.float()
+    if cfg.order == "topk_then_score":
+        keys = logits
+    else:
+        keys = reference.selection_keys(reference.scores_of(logits, cfg), cfg, score_bias)
+    out = torch.zeros(T, dtype=torch.bool, device=logits.device)
+    spread = keys.masked_fill(~torch.isfinite(keys), 0).abs().amax(-1) + 1e-6
+    if cfg.top_k < E:
+        s = torch.sort(keys, dim=-1, descending=True).values
+        out |= (s[:, cfg.top_k - 1] - s[:, cfg.top_k]) < thr * spread
+    if cfg.n_group > 1 and cfg.topk_group < cfg.n_group and cfg.order != "topk_then_score":
+        sel = reference.scores_of(logits, cfg)
+        sel = sel + score_bias.float() if score_bias is not None else sel
+        g = sel.view(T, cfg.n_group, E // cfg.n_group)
+        gs = g.amax(-1) if cfg.group_score == "max" else torch.sort(g, -1, descending=True).values[..., :2].sum(-1)
+        s = torch.sort(gs, dim=-1, descending=True).values
+        out |= (s[:, cfg.topk_group - 1] - s[:, cfg.topk_group]) < thr * spread
+    return out
+
+
+@contextlib.contextmanager
+def mode(module: nn.Module, training: bool):
+    """Run with every submodule in ``training`` mode; restore flags and buffers afterwards."""
+    flags = [(m, m.training) for m in module.modules()]
+    bufs = [(m, n, b, b.detach().clone()) for m in module.modules() for n, b in m._buffers.items() if b is not None]
+    try:
+        for m, _ in flags:
+            m.training = training
+        yield
+    finally:
+        for m, f in flags:
+            m.training = f
+        with torch.no_grad():
+            for m, n, b, saved in bufs:
+                m._buffers[n] = b
+                b.copy_(saved)
+
+
+@contextlib.contextmanager
+def seeded(device: torch.device, seed: int):
+    """Seed the generator of ``device`` inside a forked RNG state (the caller's is restored)."""
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        with torch.random.fork_rng(devices=[idx]):
+            with torch.cuda.device(idx):
+                torch.cuda.manual_seed(seed)
+            torch.random.default_generator.manual_seed(seed)
+            yield
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(seed)
+            yield
+
+
+class Prober:
+    """The module's eager outputs on the probe inputs, computed once and cached."""
+
+    def __init__(self, module: nn.Module, d: int, E: int, dtype: torch.dtype, device: torch.device):
+        self.module, self.d, self.E, self.dtype, self.device = module, d, E, dtype, device
+        self.rank3 = True
+        self.outputs: Optional[str] = None
+        self.skew: Optional[torch.Tensor] = None
+        self._cache: dict = {}
+        self._x: dict = {}
+
+    def set_skew(self, w_router: torch.Tensor) -> None:
+        """Input `SKEWED` leans on router row 0: ``x = 0.5 n + 4 w0 / |w0|^2`` (logit 0 is about 4)."""
+        w0 = w_router.detach()[0].float().cpu()
+        self.skew = 4 * w0 / w0.pow(2).sum().clamp_min(1e-12)
+        self._x.pop(SKEWED, None)
+        self._cache = {k: v for k, v in self._cache.items() if k[0] != SKEWED}
+
+    def x(self, i: int) -> torch.Tensor:
+        key = (i, self.rank3)
+        if key not in self._x:
+            g = torch.Generator().manual_seed(1000 + i)
+            B, S = _SHAPES_3D[i]
+            x = torch.randn(B * S, self.d, generator=g)
+            if i == SKEWED and self.skew is not None:
+                x = 0.5 * x + self.skew
+            shape = (B, S, self.d) if self.rank3 else (B * S, self.d)
+            self._x[key] = x.reshape(shape).to(dtype=self.dtype, device=self.device)
+        return self._x[key]
+
+    def setup(self) -> Optional[str]:
+        """Find the input rank the forward accepts and what it returns; a reason on failure."""
+        errors = []
+        for rank3 in (True, False):
+            self.rank3 = rank3
+            self._cache.clear()
+            try:
+                y, extra, packed = self.eager(1, self.module.training, raw=True)
+            except Exception as e:  # noqa: BLE001
+                errors.append(f"{'[B, S, d]' if rank3 else '[T, d]'} input: {type(e).__name__}: {e}")
+                continue
+            return self._classify(y, extra, packed)
+        return "forward fails on random inputs: " + "; ".join(errors)
+
+    def _classify(self, y, extra, packed: bool) -> Optional[str]:
+        x = self.x(1)
+        T = x.numel() // self.d
+        if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+            got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            return f"forward returns {got} for an input of shape {tuple(x.shape)} (expected the input's shape)"
+        if not packed:
+            self.outputs = "y"
+        elif isinstance(extra, torch.Tensor) and extra.numel() == 1 and extra.dim() == 0:
+            self.outputs = "y_aux"
+        elif isinstance(extra, torch.Tensor) and extra.numel() == T * self.E and extra.shape[-1] == self.E:
+            self.outputs = "y_logits"
+        else:
+            return "forward returns a second output that is neither router logits [T, E] nor a scalar aux loss"
+        return None
+
+    def eager(self, i: int, training: bool, raw: bool = False):
+        """``(y, extra)`` of the module's forward on input i (cached); in training mode under a seeded RNG."""
+        key = (i, training, self.rank3)
+        if key not in self._cache:
+            x = self.x(i)
+            with torch.no_grad(), mode(self.module, training), seeded(self.device, 2000 + i):
+                out = self.module(x)
+            if isinstance(out, (tuple, list)):
+                if len(out) != 2:
+                    raise ValueError(f"forward returns a {type(out).__name__} of {len(out)} items")
+                y, extra = out
+            else:
+                y, extra = out, None
+            self._cache[key] = (y, extra, isinstance(out, (tuple, list)))
+        y, extra, packed = self._cache[key]
+        return (y, extra, packed) if raw else (y.reshape(-1, self.d), extra)
+
+    def noise(self, i: int, dtype: Optional[torch.dtype]) -> torch.Tensor:
+        """The noise eager's ``randn_like`` drew on input i in training mode."""
+        T = self.x(i).numel() // self.d
+        with seeded(self.device, 2000 + i):
+            return torch.randn(T, self.E, dtype=dtype or self.dtype, device=self.device)
+
+    def compare(self, i: int, training: bool, spec: MoESpec, w: MoEWeights, outputs: str,
+                noise_dtype: Optional[torch.dtype], y_ref=None, aux=None) -> Optional[str]:
+        """Compare eager with the reference on input i; ``y_ref``/``aux`` may be precomputed."""
+        x = self.x(i).reshape(-1, self.d)
+        T = x.shape[0]
+        y, extra = self.eager(i, training)
+        cfg = spec.router
+        noise = self.noise(i, noise_dtype) if (training and cfg.noisy) else None
+        if y_ref is None:
+            y_ref, aux = reference.moe(x, w, spec, noise)
+        where = f"T={T}, {'training' if training else 'eval'} mode"
+        logits = reference.router_logits(x, w.w_router, w.b_router, w.w_noise, noise)
+        keep = ~near_ties(logits, cfg, w.score_bias, self.dtype)
+        msg = mismatch(y, y_ref, self.dtype, keep)
+        if msg:
+            return f"{where}: output {msg}"
+        if outputs == "y_logits":
+            msg = mismatch(extra.reshape(T, self.E), logits.to(x.dtype), self.dtype)
+            if msg:
+                return f"{where}: router logits {msg}"
+        if outputs == "y_aux":
+            if aux is None:
+                return f"{where}: the module returns an aux loss but the spec computes none"
+            msg = mismatch(extra.reshape(()), aux, self.dtype)
+            if msg:
+                return f"{where}: aux loss {msg}"
+        return None
+
+    def check(self, lifted) -> Optional[str]:
+        """The full probe of a `LiftedMoE`: every input, both modes."""
+        if self.outputs != lifted.outputs:
+            return f"forward returns {self.outputs!r} but the lifted layer says {lifted.outputs!r}"
+        with torch.no_grad():
+            w = lifted.weights(lifted.param_tensors(self.module))
+            if self.skew is None:
+                self.set_skew(w.w_router)
+            current = self.module.training
+            for training in (current, not current):
+                for i in range(len(TOKENS)):
+                    msg = self.compare(i, training, lifted.spec, w, lifted.outputs, lifted.noise_dtype)
+                    if msg:
+                        return msg
+            return self.capacity_binds(lifted.spec.router, w)
+
+    def capacity_binds(self, cfg: RouterConfig, w: MoEWeights) -> Optional[str]:
+        """A capacity that could bind must have bound on some probe input, else it is unconfirmed."""
+        if cfg.capacity_factor is None or cfg.capacity(TOKENS[SKEWED]) >= TOKENS[SKEWED]:
+            return None
+        for i in range(len(TOKENS)):
+            x = self.x(i).reshape(-1, self.d)
+            logits = reference.router_logits(x, w.w_router, w.b_router)
+            if not torch.equal(reference.route(logits, cfg, w.score_bias)[0],
+                               reference.route(logits, cfg.replace(capacity_factor=None), w.score_bias)[0]):
+                return None
+        return (f"capacity_factor={cfg.capacity_factor} never binds on the probe inputs, so the probe cannot "
+                f"tell it from no capacity")
+
+
+def probe(module: nn.Module, lifted) -> Optional[str]:
+    """Run ``module``'s eager forward and `moec.reference.moe` on random inputs; None if they agree."""
+    try:
+        with torch.no_grad():
+            ref = lifted.weights(lifted.param_tensors(module)).w_up   # inputs take the experts' dtype
+        pr = Prober(module, lifted.spec.hidden, lifted.spec.num_experts, ref.dtype, ref.device)
+        msg = pr.setup()
+        return msg or pr.check(lifted)
+    except Exception as e:  # noqa: BLE001 - a probe that crashes is a failed probe
+        return f"probe failed: {type(e).__name__}: {e}"

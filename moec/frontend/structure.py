@@ -1,0 +1,213 @@
+"""Structure: find an MoE layer's parts by looking at the module tree (no tracing, no running).
+
+An MoE layer, for moec, is a module that directly owns
+- experts: a child ``nn.ModuleList``/``nn.ModuleDict`` of >= 2 same-class MLPs (2-3 linears each),
+  or 3-D parameters with a common leading dim E (on the module or one child), and
+- a router: an ``nn.Linear(d, E)`` or an ``[E, d]`` / ``[d, E]`` parameter, at most two levels down.
+Optional parts: a shared expert (an MLP child, preferably named ``shared*``), a shared-expert gate
+(``nn.Linear(d, 1)``), a per-expert selection bias (a 1-D tensor of size E), a noise projection
+(a second d->E projection whose name contains ``noise``), and plain attributes (``top_k``, ...).
+Everything found here is a candidate; `moec.frontend.lift` lets the probe decide.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+_EXPERT_NAMES = ("expert",)
+_ROUTER_NAMES = ("gate", "router", "gating", "classifier", "wg", "w_gate", "route")
+_SHARED_NAMES = ("shared",)
+
+
+@dataclass
+class RouterCand:
+    """A d->E projection: ``weight`` path, ``layout`` 'out_in' ([E, d], nn.Linear) or 'in_out' ([d, E])."""
+
+    weight: str
+    layout: str = "out_in"
+    bias: Optional[str] = None
+    module: Optional[str] = None     # the nn.Linear's path, when it is one
+
+
+@dataclass
+class Structure:
+    d: int
+    E: int
+    dtype: torch.dtype
+    device: torch.device
+    experts: Optional[str]                  # ModuleList/ModuleDict path (None: stacked weights)
+    expert_paths: list = field(default_factory=list)   # one module path per expert, in expert order
+    stacked: list = field(default_factory=list)        # [(path, shape)] 3-D parameters
+    expert_biases: list = field(default_factory=list)  # [E, *] parameters named *bias*
+    routers: list = field(default_factory=list)        # [RouterCand], best first
+    noises: list = field(default_factory=list)         # [RouterCand]
+    score_biases: list = field(default_factory=list)   # paths of [E] tensors
+    shared: list = field(default_factory=list)         # module paths of shared-expert MLPs, best first
+    shared_gates: list = field(default_factory=list)   # weight paths of Linear(d, 1)
+    attrs: dict = field(default_factory=dict)          # plain int/float/bool/str attributes
+    shapes: dict = field(default_factory=dict)         # every tensor path -> shape
+    expert_class: str = ""
+
+    def describe(self) -> str:
+        if self.experts is not None:
+            what = f"{self.experts} ({len(self.expert_paths)} x {self.expert_class})"
+        else:
+            what = ", ".join(f"{p} {list(s)}" for p, s in self.stacked)
+        r = self.routers[0]
+        return f"experts: {what}; router: {r.weight} ({'[E, d]' if r.layout == 'out_in' else '[d, E]'})"
+
+
+def _linears(m: nn.Module) -> list:
+    return [(n, x) for n, x in m.named_modules() if isinstance(x, nn.Linear)]
+
+
+def _mlp_like(m: nn.Module) -> bool:
+    lin = _linears(m)
+    return 2 <= len(lin) <= 3 and not any(isinstance(x, (nn.ModuleList, nn.ModuleDict)) for x in m.modules())
+
+
+def _depth(path: str) -> int:
+    return path.count(".")
+
+
+def _score(path: str, words) -> int:
+    leaf = path.lower()
+    return sum(w in leaf for w in words)
+
+
+def _expert_containers(module: nn.Module):
+    out = []
+    for name, child in module.named_children():
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            items = list(child.named_children())
+            if len(items) >= 2 and len({type(c) for _, c in items}) == 1 and all(_mlp_like(c) for _, c in items):
+                out.append((name, [f"{name}.{k}" for k, _ in items], type(items[0][1]).__name__))
+    out.sort(key=lambda t: -_score(t[0], _EXPERT_NAMES))
+    return out
+
+
+def _stacked_params(module: nn.Module):
+    """3-D parameters on the module or one child (not in a ModuleList), grouped by leading dim."""
+    groups: dict = {}
+    for path, p in module.named_parameters():
+        if p.dim() == 3 and _depth(path) <= 1 and p.shape[0] >= 2:
+            owner = module.get_submodule(path.rsplit(".", 1)[0]) if "." in path else module
+            if isinstance(owner, (nn.ModuleList, nn.ModuleDict)):
+                continue
+            groups.setdefault(p.shape[0], []).append((path, tuple(p.shape)))
+    if not groups:
+        return None, []
+    E, params = max(groups.items(), key=lambda kv: (len(kv[1]), kv[0]))
+    return E, params
+
+
+def _owner(module: nn.Module, path: str) -> nn.Module:
+    return module.get_submodule(path.rsplit(".", 1)[0]) if "." in path else module
+
+
+def discover(module: nn.Module):
+    """A `Structure` when ``module`` directly holds experts and a router, else ``None``."""
+    containers = _expert_containers(module)
+    expert_paths: list = []
+    stacked: list = []
+    experts_path = None
+    if containers:
+        experts_path, expert_paths, cls_name = containers[0]
+        E = len(expert_paths)
+    else:
+        E, stacked = _stacked_params(module)
+        cls_name = None
+        if not stacked:
+            return None
+    inside = (experts_path + ".") if experts_path else None
+
+    def excluded(path: str) -> bool:
+        return bool(inside) and (path + ".").startswith(inside)
+
+    shapes = {p: tuple(t.shape) for p, t in list(module.named_parameters()) + list(module.named_buffers())}
+    # routers: nn.Linear(d, E) or free [E, d] / [d, E] parameters, at most two levels down
+    routers, seen_weights = [], set()
+    for path, lin in module.named_modules():
+        if isinstance(lin, nn.Linear) and path and _depth(path) <= 1 and not excluded(path) and lin.out_features == E:
+            w = f"{path}.weight"
+            seen_weights.add(w)
+            routers.append(RouterCand(w, "out_in", f"{path}.bias" if lin.bias is not None else None, path))
+    for path, p in module.named_parameters():
+        if p.dim() != 2 or path in seen_weights or excluded(path) or _depth(path) > 1 or "bias" in path.split(".")[-1]:
+            continue
+        if isinstance(_owner(module, path), nn.Linear):
+            continue
+        if p.shape[0] == E and p.shape[1] != E:
+            routers.append(RouterCand(path, "out_in"))
+        elif p.shape[1] == E and p.shape[0] != E:
+            routers.append(RouterCand(path, "in_out"))
+        elif p.shape == (E, E):
+            routers += [RouterCand(path, "out_in"), RouterCand(path, "in_out")]
+    noises = [r for r in routers if "noise" in r.weight.lower()]
+    routers = [r for r in routers if "noise" not in r.weight.lower()]
+    if not routers:
+        return None
+    routers.sort(key=lambda r: -_score(r.weight, _ROUTER_NAMES))
+
+    def in_dim(r: RouterCand) -> int:
+        s = shapes[r.weight]
+        return s[1] if r.layout == "out_in" else s[0]
+
+    d = in_dim(routers[0])
+    routers = [r for r in routers if in_dim(r) == d]
+    noises = [r for r in noises if in_dim(r) == d]
+
+    # dtype/device: of the expert weights (routers are sometimes kept in fp32)
+    if expert_paths:
+        ref = next(iter(module.get_submodule(expert_paths[0]).parameters()))
+    else:
+        ref = module.get_parameter(stacked[0][0])
+    st = Structure(d=d, E=E, dtype=ref.dtype, device=ref.device, experts=experts_path,
+                   expert_paths=expert_paths, stacked=stacked, routers=routers, noises=noises, shapes=shapes)
+    st.expert_class = cls_name or ""
+
+    # per-expert biases of stacked experts
+    if stacked:
+        for path, p in module.named_parameters():
+            if p.dim() == 2 and p.shape[0] == E and "bias" in path.split(".")[-1].lower() and _depth(path) <= 1:
+                st.expert_biases.append(path)
+    # selection bias: a 1-D [E] tensor that is not a linear's bias
+    for path, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if t.dim() == 1 and t.shape[0] == E and not excluded(path) and _depth(path) <= 1 and path not in st.expert_biases:
+            if isinstance(_owner(module, path), nn.Linear):
+                continue
+            st.score_biases.append(path)
+    # shared experts and their gates
+    for cname, child in module.named_children():
+        if cname == experts_path or isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            continue
+        if _mlp_like(child):
+            lin = _linears(child)
+            if any(l.in_features == d for _, l in lin) and any(l.out_features == d for _, l in lin):
+                st.shared.append(cname)
+    st.shared.sort(key=lambda p: -_score(p, _SHARED_NAMES))
+    shared_prefixes = tuple(p + "." for p in st.shared)
+    for path, lin in module.named_modules():
+        if (isinstance(lin, nn.Linear) and path and _depth(path) <= 1 and not excluded(path)
+                and lin.out_features == 1 and lin.in_features == d and not (path + ".").startswith(shared_prefixes)):
+            st.shared_gates.append(f"{path}.weight")
+    # plain attributes, the module's own first, then its children's, then a config object
+    sources = [module] + [c for n, c in module.named_children() if n != experts_path]
+    cfg = getattr(module, "config", None)
+    if cfg is not None:
+        sources.append(cfg)
+    for src in sources:
+        for k, v in vars(src).items():
+            if isinstance(v, (int, float, bool, str)) and not k.startswith("_") and k not in st.attrs:
+                st.attrs[k] = v
+    return st
+
+
+def meta_or_none(module: nn.Module) -> Optional[str]:
+    for path, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if t.is_meta:
+            return f"{path} is on the meta device (no values to read or probe; materialise the module first)"
+    return None

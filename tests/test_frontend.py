@@ -1,0 +1,316 @@
+"""The frontend: every zoo MoE lifts to the right spec, and the spec computes what the module does.
+
+Each positive case is lifted once (cached); tests that change a module work on a deep copy
+(the LiftedMoE stays valid: it reads tensors by path).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+import zoo
+from moec import reference
+from moec.frontend import LiftedMoE, NotLifted, find_moe_modules, lift, probe
+from moec.frontend.probe import near_ties
+
+# id: (factory, formulation prefix, RouterConfig fields, MoESpec fields, outputs)
+CASES = {
+    "mixtral": (lambda: zoo.MixtralMoE(), "module-list loop",
+                dict(top_k=2, score="softmax", order="score_then_topk", renormalize=True), dict(ffn=32, activation="silu", glu=True), "y"),
+    "mixtral_no_renorm": (lambda: zoo.MixtralMoE(norm_topk_prob=False), "module-list loop",
+                          dict(top_k=2, renormalize=False), dict(activation="silu"), "y"),
+    "mixtral_skip_empty": (lambda: zoo.MixtralSkipEmptyMoE(k=3), "module-list loop",
+                           dict(top_k=3, renormalize=True), dict(activation="silu"), "y"),
+    "mixtral_topk_softmax": (lambda: zoo.MixtralTopkSoftmaxMoE(), "module-list loop",
+                             dict(top_k=2, order="topk_then_score"), dict(activation="silu"), "y"),
+    "mixtral_logits": (lambda: zoo.MixtralLogitsMoE(), "module-list loop",
+                       dict(top_k=2, renormalize=True), {}, "y_logits"),
+    "stacked_sort": (lambda: zoo.StackedSortMoE(), "stacked 3-D weights",
+                     dict(top_k=2, score="softmax", renormalize=False), dict(ffn=32, activation="silu", glu=True), "y"),
+    "stacked_gather_bmm": (lambda: zoo.StackedGatherBmmMoE(), "stacked 3-D weights, gather + bmm",
+                           dict(top_k=2, renormalize=True), dict(ffn=32, activation="gelu_tanh", glu=True), "y"),
+    "stacked_experts_module": (lambda: zoo.StackedExpertsModuleMoE(), "stacked 3-D weights",
+                               dict(top_k=2, renormalize=True), dict(ffn=32, activation="silu", glu=True), "y"),
+    "dense_one_hot": (lambda: zoo.DenseOneHotMoE(), "dense one-hot",
+                      dict(top_k=2, score="sigmoid", renormalize=True, routed_scaling=2.0),
+                      dict(ffn=24, activation="gelu", glu=False), "y"),
+    "deepseek_v3": (lambda: zoo.DeepseekV3MoE(), "module-list loop",
+                    dict(top_k=3, score="sigmoid", score_bias=True, n_group=4, topk_group=2, group_score="top2_sum",
+                         renormalize=True, routed_scaling=2.5),
+                    dict(activation="silu"), "y"),
+    "deepseek_v2": (lambda: zoo.DeepseekV2MoE(), "module-list loop",
+                    dict(top_k=2, score="softmax", n_group=4, topk_group=2, group_score="max", renormalize=False,
+                         routed_scaling=16.0), dict(activation="silu"), "y"),
+    "switch_relu": (lambda: zoo.SwitchMoE(), "module-list loop",
+                    dict(top_k=1, score="softmax", renormalize=False, router_bias=False),
+                    dict(activation="relu", glu=False), "y"),
+    "switch_gelu_bias": (lambda: zoo.SwitchMoE(act="gelu", router_bias=True), "module-list loop",
+                         dict(top_k=1, renormalize=False, router_bias=True), dict(activation="gelu", glu=False), "y"),
+    "qwen": (lambda: zoo.QwenMoE(), "module-list loop",
+             dict(top_k=2, score="softmax", renormalize=False), dict(activation="silu"), "y_logits"),
+    "capacity_drop": (lambda: zoo.CapacityMoE(), "module-list loop",
+                      dict(top_k=2, capacity_factor=1.0, overflow="drop", renormalize=False), {}, "y"),
+    "capacity_next_best": (lambda: zoo.CapacityMoE(overflow="next_best", norm_topk_prob=True), "module-list loop",
+                           dict(top_k=2, capacity_factor=1.0, overflow="next_best", renormalize=True), {}, "y"),
+    "noisy": (lambda: zoo.NoisyTopKMoE(), "module-list loop",
+              dict(top_k=2, noisy=True, order="topk_then_score"), dict(activation="relu", glu=False), "y"),
+    "aux_loss": (lambda: zoo.AuxLossMoE(), "module-list loop",
+                 dict(top_k=2, aux_loss=True, renormalize=True), dict(activation="silu", glu=True), "y_aux"),
+}
+SHARED = {"deepseek_v3": (16, False), "qwen": (48, True)}
+
+
+@functools.lru_cache(maxsize=None)
+def lifted_case(case: str):
+    torch.manual_seed(sum(map(ord, case)))
+    m = CASES[case][0]()
+    if case != "noisy":
+        m.eval()
+    return m, lift(m)
+
+
+def fresh(case: str) -> tuple[nn.Module, LiftedMoE]:
+    m, lifted = lifted_case(case)
+    return copy.deepcopy(m), lifted
+
+
+def inputs(d: int, T: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    shape = (1, T, d) if T < 8 else (2, T // 2, d)
+    return torch.randn(shape, generator=g).to(dtype)
+
+
+def unpack(out):
+    return out if isinstance(out, tuple) else (out, None)
+
+
+def assert_matches(m, lifted, x, noise=None):
+    """m(x) == reference.moe per ``lifted.outputs`` (tokens at a routing tie excluded in fp16)."""
+    d, E = lifted.spec.hidden, lifted.spec.num_experts
+    y, extra = unpack(m(x))
+    x2 = x.reshape(-1, d)
+    w = lifted.weights(lifted.param_tensors(m))
+    y_ref, aux = reference.moe(x2, w, lifted.spec, noise)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    rtol = 1e-4 if x.dtype == torch.float32 else 2e-2
+    logits = reference.router_logits(x2, w.w_router, w.b_router, w.w_noise, noise)
+    keep = ~near_ties(logits, lifted.spec.router, w.score_bias, x.dtype)
+    scale = y_ref.float().abs().max().item()
+    err = (y.reshape(-1, d).float() - y_ref.float())[keep].abs().max().item() if keep.any() else 0.0
+    assert err <= rtol * scale + 1e-6, f"max error {err} vs scale {scale}"
+    if lifted.outputs == "y_logits":
+        torch.testing.assert_close(extra.reshape(-1, E).float(), logits.to(x.dtype).float(), rtol=rtol, atol=rtol)
+    elif lifted.outputs == "y_aux":
+        torch.testing.assert_close(extra.float(), aux.float(), rtol=rtol, atol=1e-5)
+    else:
+        assert extra is None
+
+
+# ---- positive cases -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", CASES)
+def test_lift_recognises_spec(case):
+    _, formulation, router, spec_fields, outputs = CASES[case]
+    m, lifted = lifted_case(case)
+    assert isinstance(lifted, LiftedMoE), lifted
+    assert lifted.formulation.startswith(formulation), lifted.formulation
+    assert lifted.outputs == outputs
+    for k, v in router.items():
+        assert getattr(lifted.spec.router, k) == v, (k, lifted.spec.router)
+    for k, v in spec_fields.items():
+        assert getattr(lifted.spec, k) == v, (k, lifted.spec)
+    if case in SHARED:
+        width, gated = SHARED[case]
+        assert (lifted.spec.shared.width, lifted.spec.shared.gated) == (width, gated)
+    else:
+        assert lifted.spec.shared is None
+    assert lifted.notes and any("probe" in n for n in lifted.notes)
+    assert probe(m, lifted) is None
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_reference_matches_module(case):
+    m, lifted = fresh(case)
+    m.eval()
+    with torch.no_grad():
+        for T, seed in ((1, 11), (7, 12), (40, 13)):
+            assert_matches(m, lifted, inputs(lifted.spec.hidden, T, seed=seed))
+        if lifted.spec.router.capacity_factor is not None:   # the inputs do overflow
+            x = inputs(lifted.spec.hidden, 40, seed=13).reshape(-1, lifted.spec.hidden)
+            w = lifted.weights(lifted.param_tensors(m))
+            logits = reference.router_logits(x, w.w_router)
+            capped = reference.route(logits, lifted.spec.router)[0]
+            free = reference.route(logits, lifted.spec.router.replace(capacity_factor=None))[0]
+            assert not torch.equal(capped, free)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_reference_matches_module_fp16(case):
+    m, lifted = fresh(case)
+    m.eval().half()
+    with torch.no_grad():
+        for T, seed in ((1, 21), (9, 22), (40, 23)):
+            assert_matches(m, lifted, inputs(lifted.spec.hidden, T, torch.float16, seed=seed))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_weights_carry_gradients(case):
+    m, lifted = fresh(case)
+    m.eval()
+    d = lifted.spec.hidden
+    x = inputs(d, 12, seed=31)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(32))
+    y, extra = unpack(m(x))
+    loss = (y * g).sum() + (extra if lifted.outputs == "y_aux" else 0)
+    tensors = lifted.param_tensors(m)
+    trainable = [t for t in tensors if t.requires_grad]
+    eager = torch.autograd.grad(loss, trainable, allow_unused=True)
+    y_ref, aux = reference.moe(x.reshape(-1, d), lifted.weights(tensors), lifted.spec)
+    loss_ref = (y_ref.reshape(x.shape) * g).sum() + (aux if lifted.outputs == "y_aux" else 0)
+    ref = torch.autograd.grad(loss_ref, trainable, allow_unused=True)
+    assert trainable
+    for t, a, b in zip(trainable, eager, ref):
+        a = torch.zeros_like(t) if a is None else a
+        b = torch.zeros_like(t) if b is None else b
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    assert any(b is not None and b.abs().sum() > 0 for b in ref)
+
+
+def test_noisy_gating_in_training_mode():
+    m, lifted = fresh("noisy")
+    m.train()
+    assert lifted.noise_dtype == torch.float32
+    x = inputs(lifted.spec.hidden, 24, seed=41)
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(5)
+        y_train = m(x)
+        torch.manual_seed(5)
+        noise = torch.randn(24, lifted.spec.num_experts, dtype=lifted.noise_dtype)
+        y_ref, _ = reference.moe(x.reshape(24, -1), lifted.weights(lifted.param_tensors(m)), lifted.spec, noise)
+        torch.testing.assert_close(y_train.reshape(24, -1), y_ref, rtol=1e-4, atol=1e-5)
+        m.eval()
+        assert not torch.allclose(m(x), y_train)   # noise only in training
+        assert_matches(m, lifted, x)
+
+
+def test_fp16_module_lifts_directly():
+    torch.manual_seed(3)
+    m = zoo.DeepseekV3MoE().eval().half()
+    lifted = lift(m)
+    assert isinstance(lifted, LiftedMoE), lifted
+    assert lifted.spec.router.group_score == "top2_sum" and lifted.spec.router.score_bias
+    with torch.no_grad():
+        assert_matches(m, lifted, inputs(16, 30, torch.float16, seed=51))
+
+
+def test_weight_updates_are_seen():
+    for case, param in (("mixtral", "gate.weight"), ("stacked_gather_bmm", "gate_up_proj"),
+                        ("qwen", "shared_expert_gate.weight")):
+        m, lifted = fresh(case)
+        m.eval()
+        p = m.get_parameter(param)
+        before = [t.clone() for t in lifted.param_tensors(m)]
+        with torch.no_grad():
+            p.add_(0.25)
+            after = lifted.param_tensors(m)
+            assert any(not torch.equal(a, b) for a, b in zip(before, after))
+            w = lifted.weights(after)
+            if param == "gate.weight":
+                assert torch.equal(w.w_router, p)
+            assert_matches(m, lifted, inputs(lifted.spec.hidden, 10, seed=61))
+
+
+def test_probe_catches_a_wrong_spec():
+    m, lifted = lifted_case("mixtral")
+    wrong = dataclasses.replace(lifted, spec=dataclasses.replace(
+        lifted.spec, router=lifted.spec.router.replace(renormalize=False)))
+    msg = probe(m, wrong)
+    assert msg and "output" in msg
+    wrong_act = dataclasses.replace(lifted, spec=dataclasses.replace(lifted.spec, activation="gelu"))
+    assert probe(m, wrong_act)
+
+
+def test_lift_leaves_module_and_rng_alone():
+    torch.manual_seed(4)
+    m = zoo.DeepseekV3MoE()                      # training mode, as constructed
+    state = copy.deepcopy(m.state_dict())
+    attrs = set(vars(m))
+    rng = torch.get_rng_state()
+    assert isinstance(lift(m), LiftedMoE)
+    assert torch.equal(rng, torch.get_rng_state())
+    assert all(mod.training for mod in m.modules())
+    assert set(vars(m)) == attrs
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+# ---- negative cases -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("factory, words", [
+    (lambda: zoo.TanhExpertMoE(), ("tanh", "activation")),
+    (lambda: zoo.BiasedExpertMoE(), ("bias",)),
+    (lambda: zoo.ExtraArgMoE(), ("attention_mask", "argument")),
+    (lambda: zoo.TemperatureMoE(), ("no candidate",)),
+])
+def test_unsupported_modules_say_why(factory, words):
+    torch.manual_seed(0)
+    m = factory()
+    got = lift(m)
+    assert isinstance(got, NotLifted), got
+    assert type(m).__name__ in got.reason
+    for w in words:
+        assert w in got.reason, got.reason
+
+
+def test_meta_device_is_not_lifted():
+    with torch.device("meta"):
+        m = zoo.MixtralMoE()
+    got = lift(m)
+    assert isinstance(got, NotLifted) and "meta" in got.reason
+
+
+class _Raises(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(16, 4, bias=False)
+        self.experts = nn.ModuleList([zoo.GatedMLP(16, 8) for _ in range(4)])
+
+    def forward(self, hidden_states):
+        raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize("factory", [
+    lambda: zoo.DenseMLP(), lambda: nn.Linear(4, 4), lambda: nn.Sequential(nn.Linear(4, 4), nn.ReLU()),
+    lambda: nn.TransformerEncoderLayer(16, 2, 32), lambda: nn.ModuleList([zoo.GatedMLP(4, 8)] * 3),
+    lambda: nn.Module(), lambda: _Raises(),
+])
+def test_arbitrary_modules_never_raise(factory):
+    m = factory()
+    got = lift(m)
+    assert got is None or isinstance(got, NotLifted)
+    if isinstance(got, NotLifted):
+        assert got.reason
+    if isinstance(m, _Raises):
+        assert isinstance(got, NotLifted) and "boom" in got.reason
+
+
+def test_find_moe_modules():
+    class Block(nn.Module):
+        def __init__(self, moe):
+            super().__init__()
+            self.norm = nn.LayerNorm(16)
+            self.mlp = moe
+
+        def forward(self, x):
+            return x + self.mlp(self.norm(x))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(zoo.MixtralMoE()), Block(zoo.DenseMLP()), Block(zoo.QwenMoE()), nn.Linear(16, 4))
+    found = find_moe_modules(model)
+    assert [n for n, _ in found] == ["0.mlp", "2.mlp"]
+    assert all(isinstance(lift(m), LiftedMoE) for _, m in found)

@@ -1,0 +1,757 @@
+"""A zoo of eager Mixture-of-Experts layers, written the way model code writes them.
+
+Plain torch only (no moec imports): these are the user programs moec must recognise. Every
+module's forward takes ``hidden_states`` of shape ``[B, S, d]`` (some accept any ``[..., d]``)
+and returns a tensor of the same shape, or a pair ``(y, router_logits)`` / ``(y, aux_loss)``.
+Parameters are drawn from torch's global RNG, so ``torch.manual_seed`` before construction
+makes a module reproducible.
+
+MoE layers                       router                                   experts
+- MixtralMoE                     softmax -> top-k -> renormalise          ModuleList SwiGLU, where/index_add_
+- MixtralSkipEmptyMoE            same, ``if top_x.numel() == 0: continue`` ModuleList SwiGLU
+- MixtralTopkSoftmaxMoE          top-k logits -> softmax (mistral-src)    ModuleList SwiGLU, ``results[idx] +=``
+- MixtralLogitsMoE               softmax -> top-k, returns router_logits  ModuleList SwiGLU
+- StackedSortMoE                 softmax -> top-k (no renormalise)        [E, d, f] params, argsort/bincount loop
+- StackedGatherBmmMoE            softmax -> top-k -> renormalise          fused [E, d, 2f] gate-up, ``w[ids]`` + bmm, GeGLU(tanh)
+- StackedExpertsModuleMoE        router module with an [E, d] weight      experts module, [E, 2f, d] / [E, d, f], loop over hit experts
+- DenseOneHotMoE                 sigmoid -> top-k -> renormalise -> x2    [E, f, d] params, einsum over all experts
+- DeepseekV3MoE                  sigmoid, score bias, top2-sum groups, renorm, x2.5, shared expert; sort-by-expert loop
+- DeepseekV2MoE                  softmax, max-score groups, no renormalise, x16; ``y[mask] = expert(x[mask])``
+- SwitchMoE                      top-1 softmax (no renormalise), ReLU or GELU experts in a ModuleDict
+- QwenMoE                        softmax -> top-k, shared expert with sigmoid gate, returns router_logits
+- CapacityMoE                    capacity factor, overflow dropped or moved to the next-best expert
+- NoisyTopKMoE                   Shazeer noisy top-k gating (noise in training only), ReLU experts
+- AuxLossMoE                     softmax -> top-k -> renormalise, returns the load-balancing loss
+Negative examples: DenseMLP, TanhExpertMoE, BiasedExpertMoE, ExtraArgMoE, TemperatureMoE.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------------------------
+# Experts
+# ----------------------------------------------------------------------------------------------
+
+class MixtralBlockSparseTop2MLP(nn.Module):
+    """Mixtral's expert: ``w2(silu(w1(x)) * w3(x))``."""
+
+    def __init__(self, d: int, f: int):
+        super().__init__()
+        self.w1 = nn.Linear(d, f, bias=False)
+        self.w2 = nn.Linear(f, d, bias=False)
+        self.w3 = nn.Linear(d, f, bias=False)
+        self.act_fn = nn.SiLU()
+
+    def forward(self, hidden_states):
+        current_hidden_states = self.act_fn(self.w1(hidden_states)) * self.w3(hidden_states)
+        return self.w2(current_hidden_states)
+
+
+class GatedMLP(nn.Module):
+    """The Llama/Qwen/DeepSeek MLP: ``down_proj(act(gate_proj(x)) * up_proj(x))``."""
+
+    def __init__(self, d: int, f: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(d, f, bias=False)
+        self.up_proj = nn.Linear(d, f, bias=False)
+        self.down_proj = nn.Linear(f, d, bias=False)
+        self.act_fn = nn.SiLU()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class FusedGateUpMLP(nn.Module):
+    """Phi-3 style: one ``gate_up_proj`` linear, split with ``chunk``."""
+
+    def __init__(self, d: int, f: int):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(d, 2 * f, bias=False)
+        self.down_proj = nn.Linear(f, d, bias=False)
+
+    def forward(self, hidden_states):
+        gate, up = self.gate_up_proj(hidden_states).chunk(2, dim=-1)
+        return self.down_proj(up * F.silu(gate))
+
+
+class DenseActDense(nn.Module):
+    """Switch Transformer's expert: ``wo(act(wi(x)))`` (dropout 0)."""
+
+    def __init__(self, d: int, f: int, act: str = "relu"):
+        super().__init__()
+        self.wi = nn.Linear(d, f, bias=False)
+        self.wo = nn.Linear(f, d, bias=False)
+        self.dropout = nn.Dropout(0.0)
+        self.act = nn.ReLU() if act == "relu" else nn.GELU()
+
+    def forward(self, hidden_states):
+        hidden_states = self.act(self.wi(hidden_states))
+        hidden_states = self.dropout(hidden_states)
+        return self.wo(hidden_states)
+
+
+class FeedForward(nn.Module):
+    """Shazeer's expert: two linears around a ReLU."""
+
+    def __init__(self, d: int, f: int):
+        super().__init__()
+        self.fc1 = nn.Linear(d, f, bias=False)
+        self.fc2 = nn.Linear(f, d, bias=False)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.fc2(self.relu(self.fc1(x)))
+
+
+# ----------------------------------------------------------------------------------------------
+# a. Mixtral: a ModuleList of experts, a loop with torch.where and index_add_
+# ----------------------------------------------------------------------------------------------
+
+class MixtralMoE(nn.Module):
+    """Hugging Face's ``MixtralSparseMoeBlock`` (router softmax in float, top-k, renormalise)."""
+
+    def __init__(self, d: int = 16, f: int = 32, E: int = 4, k: int = 2, norm_topk_prob: bool = True):
+        super().__init__()
+        self.hidden_dim = d
+        self.ffn_dim = f
+        self.num_experts = E
+        self.top_k = k
+        self.norm_topk_prob = norm_topk_prob
+        self.gate = nn.Linear(d, E, bias=False)
+        self.experts = nn.ModuleList([MixtralBlockSparseTop2MLP(d, f) for _ in range(E)])
+
+    def route(self, hidden_states):
+        router_logits = self.gate(hidden_states)
+        routing_weights = F.softmax(router_logits, dim=1, dtype=torch.float)
+        routing_weights, selected_experts = torch.topk(routing_weights, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            routing_weights /= routing_weights.sum(dim=-1, keepdim=True)
+        routing_weights = routing_weights.to(hidden_states.dtype)
+        return router_logits, routing_weights, selected_experts
+
+    def forward(self, hidden_states):
+        batch_size, sequence_length, hidden_dim = hidden_states.shape
+        hidden_states = hidden_states.view(-1, hidden_dim)
+        router_logits, routing_weights, selected_experts = self.route(hidden_states)
+        final_hidden_states = torch.zeros(
+            (batch_size * sequence_length, hidden_dim), dtype=hidden_states.dtype, device=hidden_states.device)
+        expert_mask = F.one_hot(selected_experts, num_classes=self.num_experts).permute(2, 1, 0)
+        for expert_idx in range(self.num_experts):
+            expert_layer = self.experts[expert_idx]
+            idx, top_x = torch.where(expert_mask[expert_idx])
+            current_state = hidden_states[None, top_x].reshape(-1, hidden_dim)
+            current_hidden_states = expert_layer(current_state) * routing_weights[top_x, idx, None]
+            final_hidden_states.index_add_(0, top_x, current_hidden_states.to(hidden_states.dtype))
+        return final_hidden_states.reshape(batch_size, sequence_length, hidden_dim)
+
+
+class MixtralSkipEmptyMoE(MixtralMoE):
+    """Mixtral with the data-dependent ``if top_x.numel() == 0: continue`` (not fx-traceable)."""
+
+    def forward(self, hidden_states):
+        batch_size, sequence_length, hidden_dim = hidden_states.shape
+        hidden_states = hidden_states.view(-1, hidden_dim)
+        router_logits, routing_weights, selected_experts = self.route(hidden_states)
+        final_hidden_states = torch.zeros(
+            (batch_size * sequence_length, hidden_dim), dtype=hidden_states.dtype, device=hidden_states.device)
+        expert_mask = F.one_hot(selected_experts, num_classes=self.num_experts).permute(2, 1, 0)
+        for expert_idx in range(self.num_experts):
+            idx, top_x = torch.where(expert_mask[expert_idx])
+            if top_x.numel() == 0:
+                continue
+            current_state = hidden_states[None, top_x].reshape(-1, hidden_dim)
+            current_hidden_states = self.experts[expert_idx](current_state) * routing_weights[top_x, idx, None]
+            final_hidden_states.index_add_(0, top_x, current_hidden_states.to(hidden_states.dtype))
+        return final_hidden_states.reshape(batch_size, sequence_length, hidden_dim)
+
+
+class MixtralTopkSoftmaxMoE(nn.Module):
+    """mistral-src's original MoE: top-k of the logits, then softmax over the k kept."""
+
+    def __init__(self, d: int = 16, f: int = 32, E: int = 4, k: int = 2):
+        super().__init__()
+        self.num_experts_per_tok = k
+        self.gate = nn.Linear(d, E, bias=False)
+        self.experts = nn.ModuleList([MixtralBlockSparseTop2MLP(d, f) for _ in range(E)])
+
+    def forward(self, hidden_states):
+        inputs = hidden_states.reshape(-1, hidden_states.shape[-1])
+        gate_logits = self.gate(inputs)
+        weights, selected_experts = torch.topk(gate_logits, self.num_experts_per_tok)
+        weights = F.softmax(weights, dim=1, dtype=torch.float).to(inputs.dtype)
+        results = torch.zeros_like(inputs)
+        for i, expert in enumerate(self.experts):
+            batch_idx, nth_expert = torch.where(selected_experts == i)
+            results[batch_idx] += weights[batch_idx, nth_expert, None] * expert(inputs[batch_idx])
+        return results.view_as(hidden_states)
+
+
+class MixtralLogitsMoE(MixtralMoE):
+    """Mixtral returning ``(final_hidden_states, router_logits)`` as Hugging Face does."""
+
+    def forward(self, hidden_states):
+        batch_size, sequence_length, hidden_dim = hidden_states.shape
+        hidden_states = hidden_states.view(-1, hidden_dim)
+        router_logits, routing_weights, selected_experts = self.route(hidden_states)
+        final_hidden_states = torch.zeros(
+            (batch_size * sequence_length, hidden_dim), dtype=hidden_states.dtype, device=hidden_states.device)
+        expert_mask = F.one_hot(selected_experts, num_classes=self.num_experts).permute(2, 1, 0)
+        for expert_idx in range(self.num_experts):
+            idx, top_x = torch.where(expert_mask[expert_idx])
+            current_state = hidden_states[None, top_x].reshape(-1, hidden_dim)
+            current_hidden_states = self.experts[expert_idx](current_state) * routing_weights[top_x, idx, None]
+            final_hidden_states.index_add_(0, top_x, current_hidden_states.to(hidden_states.dtype))
+        final_hidden_states = final_hidden_states.reshape(batch_size, sequence_length, hidden_dim)
+        return final_hidden_states, router_logits
+
+
+# ----------------------------------------------------------------------------------------------
+# b. Stacked 3-D expert weights
+# ----------------------------------------------------------------------------------------------
+
+class StackedSortMoE(nn.Module):
+    """``[E, d, f]`` / ``[E, f, d]`` parameters, tokens sorted by expert (argsort + bincount)."""
+
+    def __init__(self, d: int = 16, f: int = 32, E: int = 4, k: int = 2):
+        super().__init__()
+        self.num_experts = E
+        self.top_k = k
+        self.router = nn.Linear(d, E, bias=False)
+        self.w_gate = nn.Parameter(torch.randn(E, d, f) / math.sqrt(d))
+        self.w_up = nn.Parameter(torch.randn(E, d, f) / math.sqrt(d))
+        self.w_down = nn.Parameter(torch.randn(E, f, d) / math.sqrt(f))
+
+    def forward(self, hidden_states):
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        probs = torch.softmax(self.router(x).float(), dim=-1)
+        topk_weights, topk_ids = probs.topk(self.top_k, dim=-1)
+        flat_ids = topk_ids.reshape(-1)
+        order = torch.argsort(flat_ids, stable=True)
+        counts = torch.bincount(flat_ids, minlength=self.num_experts)
+        token_of = order // self.top_k
+        xs = x[token_of]
+        out = torch.zeros_like(xs)
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            if n > 0:
+                h = xs[start:start + n]
+                out[start:start + n] = (F.silu(h @ self.w_gate[e]) * (h @ self.w_up[e])) @ self.w_down[e]
+            start += n
+        y = torch.zeros_like(x)
+        y.index_add_(0, token_of, out * topk_weights.reshape(-1)[order, None].to(x.dtype))
+        return y.reshape(shape)
+
+
+class StackedGatherBmmMoE(nn.Module):
+    """Llama-4 style fused ``gate_up_proj [E, d, 2f]``; per-pair weights gathered, then bmm."""
+
+    def __init__(self, d: int = 16, f: int = 32, E: int = 4, k: int = 2):
+        super().__init__()
+        self.num_experts = E
+        self.top_k = k
+        self.gate = nn.Linear(d, E, bias=False)
+        self.gate_up_proj = nn.Parameter(torch.randn(E, d, 2 * f) / math.sqrt(d))
+        self.down_proj = nn.Parameter(torch.randn(E, f, d) / math.sqrt(f))
+
+    def forward(self, hidden_states):
+        T = hidden_states.numel() // hidden_states.shape[-1]
+        x = hidden_states.reshape(T, -1)
+        scores = self.gate(x).softmax(dim=-1)
+        weights, ids = scores.topk(self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        flat = ids.reshape(-1)
+        xr = x.repeat_interleave(self.top_k, dim=0)
+        gate_up = torch.bmm(xr.unsqueeze(1), self.gate_up_proj[flat])
+        gate, up = gate_up.chunk(2, dim=-1)
+        h = F.gelu(gate, approximate="tanh") * up
+        out = torch.bmm(h, self.down_proj[flat]).squeeze(1)
+        y = (out.view(T, self.top_k, -1) * weights.unsqueeze(-1)).sum(dim=1)
+        return y.view(hidden_states.shape)
+
+
+class MixtralExperts(nn.Module):
+    """transformers-v5 style experts: one module, ``[E, 2f, d]`` / ``[E, d, f]`` in nn.Linear layout,
+    looping over the experts that were hit."""
+
+    def __init__(self, d: int, f: int, E: int):
+        super().__init__()
+        self.num_experts = E
+        self.gate_up_proj = nn.Parameter(torch.randn(E, 2 * f, d) / math.sqrt(d))
+        self.down_proj = nn.Parameter(torch.randn(E, d, f) / math.sqrt(f))
+        self.act_fn = nn.SiLU()
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        final_hidden_states = torch.zeros_like(hidden_states)
+        expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
+        expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+        for expert_idx in expert_hit:
+            expert_idx = expert_idx[0]
+            top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
+            current_state = hidden_states[token_idx]
+            gate, up = F.linear(current_state, self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
+            current_hidden_states = F.linear(self.act_fn(gate) * up, self.down_proj[expert_idx])
+            current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
+            final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
+        return final_hidden_states
+
+
+class MixtralTopKRouter(nn.Module):
+    def __init__(self, d: int, E: int, k: int):
+        super().__init__()
+        self.top_k = k
+        self.weight = nn.Parameter(torch.empty(E, d))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(self, hidden_states):
+        router_logits = F.linear(hidden_states, self.weight)
+        router_probs = F.softmax(router_logits.float(), dim=-1)
+        router_top_value, router_indices = torch.topk(router_probs, self.top_k, dim=-1)
+        router_top_value /= router_top_value.sum(dim=-1, keepdim=True)
+        return router_logits, router_top_value.to(router_logits.dtype), router_indices
+
+
+class StackedExpertsModuleMoE(nn.Module):
+    """transformers-v5 Mixtral: a router module with an ``[E, d]`` weight and an experts module."""
+
+    def __init__(self, d: int = 16, f: int = 32, E: int = 4, k: int = 2):
+        super().__init__()
+        self.gate = MixtralTopKRouter(d, E, k)
+        self.experts = MixtralExperts(d, f, E)
+
+    def forward(self, hidden_states):
+        batch_size, sequence_length, hidden_dim = hidden_states.shape
+        hidden_states = hidden_states.view(-1, hidden_dim)
+        _, top_k_weights, top_k_index = self.gate(hidden_states)
+        hidden_states = self.experts(hidden_states, top_k_index, top_k_weights)
+        return hidden_states.reshape(batch_size, sequence_length, hidden_dim)
+
+
+# ----------------------------------------------------------------------------------------------
+# c. Dense one-hot: every expert on every token, weighted by a dense routing matrix
+# ----------------------------------------------------------------------------------------------
+
+class DenseOneHotMoE(nn.Module):
+    """All experts for all tokens (einsum); sigmoid router, renormalised, scaled by 2.
+
+    Attribute names are deliberately unconventional: k and the scale are read off the graph.
+    """
+
+    def __init__(self, d: int = 16, f: int = 24, E: int = 4, k: int = 2):
+        super().__init__()
+        self.n_active = k
+        self.proj = nn.Linear(d, E, bias=False)
+        self.w_in = nn.Parameter(torch.randn(E, f, d) / math.sqrt(d))
+        self.w_out = nn.Parameter(torch.randn(E, d, f) / math.sqrt(f))
+
+    def forward(self, hidden_states):
+        scores = torch.sigmoid(self.proj(hidden_states))
+        vals, idx = torch.topk(scores, self.n_active, dim=-1)
+        vals = vals / vals.sum(-1, keepdim=True)
+        route = torch.zeros_like(scores).scatter(-1, idx, vals) * 2.0
+        h = F.gelu(torch.einsum("...d,efd->...ef", hidden_states, self.w_in))
+        out = torch.einsum("...ef,edf->...ed", h, self.w_out)
+        return torch.einsum("...e,...ed->...d", route, out)
+
+
+# ----------------------------------------------------------------------------------------------
+# d. Router variants
+# ----------------------------------------------------------------------------------------------
+
+class DeepseekV3TopkRouter(nn.Module):
+    """DeepSeek-V3's ``noaux_tc`` gate: sigmoid, bias for selection only, top2-sum groups."""
+
+    def __init__(self, d, E, k, n_group, topk_group, routed_scaling_factor, norm_topk_prob=True):
+        super().__init__()
+        self.top_k = k
+        self.n_routed_experts = E
+        self.routed_scaling_factor = routed_scaling_factor
+        self.n_group = n_group
+        self.topk_group = topk_group
+        self.norm_topk_prob = norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(E, d))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        self.register_buffer("e_score_correction_bias", 0.1 * torch.randn(E))
+
+    def forward(self, hidden_states):
+        hidden_states = hidden_states.view(-1, hidden_states.shape[-1])
+        router_logits = F.linear(hidden_states.type(torch.float32), self.weight.type(torch.float32))
+        scores = router_logits.sigmoid()
+        scores_for_choice = scores + self.e_score_correction_bias.unsqueeze(0)
+        group_scores = (
+            scores_for_choice.view(-1, self.n_group, self.n_routed_experts // self.n_group)
+            .topk(2, dim=-1)[0].sum(dim=-1))
+        group_idx = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores)
+        group_mask.scatter_(1, group_idx, 1)
+        score_mask = (
+            group_mask.unsqueeze(-1)
+            .expand(-1, self.n_group, self.n_routed_experts // self.n_group)
+            .reshape(-1, self.n_routed_experts))
+        scores_for_choice = scores_for_choice.masked_fill(~score_mask.bool(), float("-inf"))
+        topk_indices = torch.topk(scores_for_choice, k=self.top_k, dim=-1, sorted=False)[1]
+        topk_weights = scores.gather(1, topk_indices)
+        if self.norm_topk_prob:
+            denominator = topk_weights.sum(dim=-1, keepdim=True) + 1e-20
+            topk_weights /= denominator
+        topk_weights = topk_weights * self.routed_scaling_factor
+        return topk_indices, topk_weights
+
+
+class DeepseekV3MoE(nn.Module):
+    """DeepSeek-V3 MoE: routed experts by sort-by-expert (``moe_infer``) plus a shared expert."""
+
+    def __init__(self, d: int = 16, f: int = 16, E: int = 8, k: int = 3, n_group: int = 4, topk_group: int = 2,
+                 routed_scaling_factor: float = 2.5, n_shared_experts: int = 1):
+        super().__init__()
+        self.experts = nn.ModuleList([GatedMLP(d, f) for _ in range(E)])
+        self.gate = DeepseekV3TopkRouter(d, E, k, n_group, topk_group, routed_scaling_factor)
+        self.shared_experts = GatedMLP(d, f * n_shared_experts)
+
+    def moe_infer(self, x, topk_ids, topk_weight):
+        cnts = topk_ids.new_zeros((topk_ids.shape[0], len(self.experts)))
+        cnts.scatter_(1, topk_ids, 1)
+        tokens_per_expert = cnts.sum(dim=0)
+        idxs = topk_ids.view(-1).argsort()
+        sorted_tokens = x[idxs // topk_ids.shape[1]]
+        tokens_per_expert = tokens_per_expert.cpu().numpy()
+        outputs = []
+        start_idx = 0
+        for i, num_tokens in enumerate(tokens_per_expert):
+            end_idx = start_idx + num_tokens
+            if num_tokens == 0:
+                continue
+            expert = self.experts[i]
+            outputs.append(expert(sorted_tokens[start_idx:end_idx]))
+            start_idx = end_idx
+        outs = torch.cat(outputs, dim=0) if len(outputs) else sorted_tokens.new_empty(0)
+        new_x = torch.empty_like(outs)
+        new_x[idxs] = outs
+        final_out = (
+            new_x.view(*topk_ids.shape, -1).type(topk_weight.dtype)
+            .mul_(topk_weight.unsqueeze(dim=-1)).sum(dim=1).type(new_x.dtype))
+        return final_out
+
+    def forward(self, hidden_states):
+        identity = hidden_states
+        orig_shape = hidden_states.shape
+        topk_idx, topk_weight = self.gate(hidden_states)
+        hidden_states = hidden_states.view(-1, hidden_states.shape[-1])
+        y = self.moe_infer(hidden_states, topk_idx, topk_weight).view(*orig_shape)
+        return y + self.shared_experts(identity)
+
+
+class DeepseekV2MoE(nn.Module):
+    """DeepSeek-V2 ``group_limited_greedy``: softmax, groups scored by their max, no renormalise."""
+
+    def __init__(self, d: int = 16, f: int = 16, E: int = 8, k: int = 2, n_group: int = 4, topk_group: int = 2,
+                 routed_scaling_factor: float = 16.0):
+        super().__init__()
+        self.num_experts_per_tok = k
+        self.n_routed_experts = E
+        self.n_group = n_group
+        self.topk_group = topk_group
+        self.routed_scaling_factor = routed_scaling_factor
+        self.gate = nn.Linear(d, E, bias=False)
+        self.experts = nn.ModuleList([GatedMLP(d, f) for _ in range(E)])
+
+    def forward(self, hidden_states):
+        orig_shape = hidden_states.shape
+        hidden_states = hidden_states.view(-1, orig_shape[-1])
+        logits = self.gate(hidden_states)
+        scores = logits.softmax(dim=-1, dtype=torch.float32)
+        n_tokens = hidden_states.shape[0]
+        group_scores = scores.view(n_tokens, self.n_group, -1).max(dim=-1).values
+        group_idx = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores)
+        group_mask.scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(
+            n_tokens, self.n_group, self.n_routed_experts // self.n_group).reshape(n_tokens, -1)
+        tmp_scores = scores.masked_fill(~score_mask.bool(), 0.0)
+        topk_weight, topk_idx = torch.topk(tmp_scores, k=self.num_experts_per_tok, dim=-1, sorted=False)
+        topk_weight = topk_weight * self.routed_scaling_factor
+        flat_topk_idx = topk_idx.view(-1)
+        x = hidden_states.repeat_interleave(self.num_experts_per_tok, dim=0)
+        y = torch.empty_like(x)
+        for i, expert in enumerate(self.experts):
+            y[flat_topk_idx == i] = expert(x[flat_topk_idx == i]).to(y.dtype)
+        y = (y.view(*topk_weight.shape, -1) * topk_weight.unsqueeze(-1)).sum(dim=1)
+        return y.to(hidden_states.dtype).view(*orig_shape)
+
+
+class SwitchRouter(nn.Module):
+    def __init__(self, d: int, E: int, router_bias: bool = False):
+        super().__init__()
+        self.classifier = nn.Linear(d, E, bias=router_bias)
+
+    def forward(self, hidden_states):
+        router_logits = self.classifier(hidden_states)
+        router_probs = F.softmax(router_logits.float(), dim=-1)
+        expert_index = torch.argmax(router_probs, dim=-1)
+        router_probs = torch.max(router_probs, dim=-1).values.unsqueeze(-1)
+        return expert_index, router_probs
+
+
+class SwitchMoE(nn.Module):
+    """Switch Transformer top-1 (softmax probability of the chosen expert, no renormalise)."""
+
+    def __init__(self, d: int = 16, f: int = 32, E: int = 4, act: str = "relu", router_bias: bool = False):
+        super().__init__()
+        self.router = SwitchRouter(d, E, router_bias)
+        self.experts = nn.ModuleDict({f"expert_{i}": DenseActDense(d, f, act) for i in range(E)})
+
+    def forward(self, hidden_states):
+        expert_index, router_probs = self.router(hidden_states)
+        next_states = torch.zeros_like(hidden_states)
+        for idx, expert in enumerate(self.experts.values()):
+            token_indices = expert_index == idx
+            next_states[token_indices] = expert(hidden_states[token_indices]).to(next_states.dtype)
+        return (router_probs * next_states).to(hidden_states.dtype)
+
+
+class QwenMoE(nn.Module):
+    """Qwen2-MoE's sparse block: softmax top-k (no renormalise) plus a sigmoid-gated shared expert."""
+
+    def __init__(self, d: int = 16, f: int = 16, E: int = 4, k: int = 2, shared_f: int = 48):
+        super().__init__()
+        self.num_experts = E
+        self.top_k = k
+        self.norm_topk_prob = False
+        self.gate = nn.Linear(d, E, bias=False)
+        self.experts = nn.ModuleList([GatedMLP(d, f) for _ in range(E)])
+        self.shared_expert = GatedMLP(d, shared_f)
+        self.shared_expert_gate = nn.Linear(d, 1, bias=False)
+
+    def forward(self, hidden_states):
+        batch_size, sequence_length, hidden_dim = hidden_states.shape
+        hidden_states = hidden_states.view(-1, hidden_dim)
+        router_logits = self.gate(hidden_states)
+        routing_weights = F.softmax(router_logits, dim=1, dtype=torch.float)
+        routing_weights, selected_experts = torch.topk(routing_weights, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            routing_weights /= routing_weights.sum(dim=-1, keepdim=True)
+        routing_weights = routing_weights.to(hidden_states.dtype)
+        final_hidden_states = torch.zeros(
+            (batch_size * sequence_length, hidden_dim), dtype=hidden_states.dtype, device=hidden_states.device)
+        expert_mask = F.one_hot(selected_experts, num_classes=self.num_experts).permute(2, 1, 0)
+        for expert_idx in range(self.num_experts):
+            idx, top_x = torch.where(expert_mask[expert_idx])
+            current_state = hidden_states[None, top_x].reshape(-1, hidden_dim)
+            current_hidden_states = self.experts[expert_idx](current_state) * routing_weights[top_x, idx, None]
+            final_hidden_states.index_add_(0, top_x, current_hidden_states.to(hidden_states.dtype))
+        shared_expert_output = self.shared_expert(hidden_states)
+        shared_expert_output = F.sigmoid(self.shared_expert_gate(hidden_states)) * shared_expert_output
+        final_hidden_states = final_hidden_states + shared_expert_output
+        return final_hidden_states.reshape(batch_size, sequence_length, hidden_dim), router_logits
+
+
+class CapacityMoE(nn.Module):
+    """Expert capacity ``C = ceil(capacity_factor * T * k / E)``; slot-major, then token priority.
+
+    ``overflow="drop"``: pairs beyond capacity get weight 0 (GShard position-in-expert cumsum).
+    ``overflow="next_best"``: overflowing pairs move, round by round, to their token's next-ranked
+    expert that still has room (weight: that expert's probability, same normalisation).
+    """
+
+    def __init__(self, d: int = 16, f: int = 32, E: int = 4, k: int = 2, capacity_factor: float = 1.0,
+                 overflow: str = "drop", norm_topk_prob: bool = False):
+        super().__init__()
+        self.num_experts = E
+        self.top_k = k
+        self.capacity_factor = capacity_factor
+        self.overflow = overflow
+        self.norm_topk_prob = norm_topk_prob
+        self.gate = nn.Linear(d, E, bias=False)
+        self.experts = nn.ModuleList([MixtralBlockSparseTop2MLP(d, f) for _ in range(E)])
+
+    def _drop(self, topk_ids, topk_weights, capacity):
+        T, k = topk_ids.shape
+        slot_major = F.one_hot(topk_ids.t().reshape(-1), self.num_experts)          # [k*T, E]
+        position_in_expert = ((torch.cumsum(slot_major, dim=0) - 1) * slot_major).sum(-1)
+        keep = (position_in_expert < capacity).view(k, T).t()
+        return torch.where(keep, topk_ids, -1), topk_weights * keep
+
+    def _next_best(self, probs, topk_ids, topk_weights, capacity, factor):
+        T, k = topk_ids.shape
+        preference = torch.argsort(probs, dim=-1, descending=True, stable=True).tolist()
+        ids = torch.full_like(topk_ids, -1)
+        weights = torch.zeros_like(topk_weights)
+        load = [0] * self.num_experts
+        next_rank = [k] * T
+        candidate = {(s, t): int(topk_ids[t, s]) for s in range(k) for t in range(T)}
+        pending = sorted(candidate)                       # slot-major, then token order
+        while pending:
+            overflowed = []
+            for s, t in pending:
+                e = candidate[s, t]
+                if load[e] < capacity:
+                    load[e] += 1
+                    ids[t, s] = e
+                    weights[t, s] = probs[t, e] * factor[t]
+                else:
+                    overflowed.append((s, t))
+            pending = []
+            for s, t in overflowed:
+                if next_rank[t] < self.num_experts:
+                    candidate[s, t] = preference[t][next_rank[t]]
+                    next_rank[t] += 1
+                    pending.append((s, t))
+        return ids, weights
+
+    def forward(self, hidden_states):
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        T = x.shape[0]
+        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float)
+        topk_weights, topk_ids = torch.topk(probs, self.top_k, dim=-1)
+        factor = torch.ones(T, dtype=probs.dtype, device=probs.device)
+        if self.norm_topk_prob:
+            factor = 1.0 / topk_weights.sum(dim=-1)
+            topk_weights = topk_weights * factor[:, None]
+        capacity = max(1, math.ceil(self.capacity_factor * T * self.top_k / self.num_experts))
+        if self.overflow == "drop":
+            topk_ids, topk_weights = self._drop(topk_ids, topk_weights, capacity)
+        else:
+            topk_ids, topk_weights = self._next_best(probs, topk_ids, topk_weights, capacity, factor)
+        y = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok, slot = torch.where(topk_ids == e)
+            y.index_add_(0, tok, (expert(x[tok]) * topk_weights[tok, slot, None]).to(x.dtype))
+        return y.reshape(shape)
+
+
+class NoisyTopKMoE(nn.Module):
+    """Shazeer et al. (2017) noisy top-k gating: Gaussian noise scaled by softplus, training only."""
+
+    def __init__(self, d: int = 16, f: int = 32, E: int = 4, k: int = 2):
+        super().__init__()
+        self.num_experts = E
+        self.k = k
+        self.w_gate = nn.Linear(d, E, bias=False)
+        self.w_noise = nn.Linear(d, E, bias=False)
+        self.experts = nn.ModuleList([FeedForward(d, f) for _ in range(E)])
+
+    def noisy_top_k_gating(self, x):
+        clean_logits = self.w_gate(x)
+        if self.training:
+            noise_stddev = F.softplus(self.w_noise(x))
+            logits = clean_logits + torch.randn_like(clean_logits) * noise_stddev
+        else:
+            logits = clean_logits
+        top_logits, top_indices = logits.topk(min(self.k + 1, self.num_experts), dim=1)
+        top_k_logits = top_logits[:, :self.k]
+        top_k_indices = top_indices[:, :self.k]
+        top_k_gates = F.softmax(top_k_logits, dim=1)
+        return torch.zeros_like(logits).scatter(1, top_k_indices, top_k_gates)
+
+    def forward(self, hidden_states):
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        gates = self.noisy_top_k_gating(x)
+        y = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            rows = torch.nonzero(gates[:, e] > 0).squeeze(-1)
+            y[rows] += gates[rows, e, None] * expert(x[rows])
+        return y.view_as(hidden_states)
+
+
+class AuxLossMoE(nn.Module):
+    """Top-k softmax routing that also returns the load-balancing loss (Switch / Mixtral form)."""
+
+    def __init__(self, d: int = 16, f: int = 32, E: int = 4, k: int = 2):
+        super().__init__()
+        self.num_experts = E
+        self.top_k = k
+        self.router = nn.Linear(d, E, bias=False)
+        self.experts = nn.ModuleList([FusedGateUpMLP(d, f) for _ in range(E)])
+
+    def forward(self, hidden_states):
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        router_probs = torch.softmax(self.router(x).float(), dim=-1)
+        topk_weights, topk_ids = torch.topk(router_probs, self.top_k, dim=-1)
+        topk_weights = (topk_weights / topk_weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        expert_mask = F.one_hot(topk_ids, self.num_experts).float()                 # [T, k, E]
+        tokens_per_expert = expert_mask.mean(dim=0)                                # [k, E]
+        router_prob_per_expert = router_probs.mean(dim=0)                          # [E]
+        aux_loss = self.num_experts * torch.sum(tokens_per_expert * router_prob_per_expert.unsqueeze(0))
+        y = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok, slot = torch.where(topk_ids == e)
+            y.index_add_(0, tok, expert(x[tok]) * topk_weights[tok, slot, None])
+        return y.reshape(shape), aux_loss
+
+
+# ----------------------------------------------------------------------------------------------
+# e. Negative examples
+# ----------------------------------------------------------------------------------------------
+
+class DenseMLP(nn.Module):
+    """No experts at all: an ordinary gated MLP."""
+
+    def __init__(self, d: int = 16, f: int = 32):
+        super().__init__()
+        self.mlp = GatedMLP(d, f)
+
+    def forward(self, hidden_states):
+        return self.mlp(hidden_states)
+
+
+class TanhExpert(nn.Module):
+    def __init__(self, d: int, f: int):
+        super().__init__()
+        self.w1 = nn.Linear(d, f, bias=False)
+        self.w2 = nn.Linear(f, d, bias=False)
+        self.w3 = nn.Linear(d, f, bias=False)
+
+    def forward(self, x):
+        return self.w2(torch.tanh(self.w1(x)) * self.w3(x))
+
+
+class TanhExpertMoE(MixtralMoE):
+    """Mixtral routing, but experts use tanh (unsupported activation)."""
+
+    def __init__(self, d: int = 16, f: int = 32, E: int = 4, k: int = 2):
+        super().__init__(d, f, E, k)
+        self.experts = nn.ModuleList([TanhExpert(d, f) for _ in range(E)])
+
+
+class BiasedExpert(nn.Module):
+    def __init__(self, d: int, f: int):
+        super().__init__()
+        self.w1 = nn.Linear(d, f, bias=True)
+        self.w2 = nn.Linear(f, d, bias=True)
+        self.w3 = nn.Linear(d, f, bias=True)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class BiasedExpertMoE(MixtralMoE):
+    """Mixtral routing, but each expert's linears carry biases (unsupported)."""
+
+    def __init__(self, d: int = 16, f: int = 32, E: int = 4, k: int = 2):
+        super().__init__(d, f, E, k)
+        self.experts = nn.ModuleList([BiasedExpert(d, f) for _ in range(E)])
+
+
+class ExtraArgMoE(MixtralMoE):
+    """Mixtral whose forward takes a required ``attention_mask`` too."""
+
+    def forward(self, hidden_states, attention_mask):
+        return super().forward(hidden_states * attention_mask[..., None])
+
+
+class TemperatureMoE(MixtralMoE):
+    """Router softmax at temperature 2 (not expressible by RouterConfig): must not lift."""
+
+    def route(self, hidden_states):
+        router_logits = self.gate(hidden_states)
+        routing_weights = F.softmax(router_logits / 2.0, dim=1, dtype=torch.float)
+        routing_weights, selected_experts = torch.topk(routing_weights, self.top_k, dim=-1)
+        routing_weights /= routing_weights.sum(dim=-1, keepdim=True)
+        return router_logits, routing_weights.to(hidden_states.dtype), selected_experts
