@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -75,10 +76,19 @@ def compile_module(model: nn.Module, *, dump_dir=None, arch: Optional[str] = Non
     model.__class__ = _compiled_class(type(model))
     model.__dict__["_moec_report"] = {"regions": regions, "skipped": skipped, "root": type(model).__name__}
     if root is not None:
-        from .explain import report
         root.mkdir(parents=True, exist_ok=True)
-        (root / "explain.txt").write_text(report(model) + "\n")
+        write = functools.partial(_write_explain, weakref.ref(model), root / "explain.txt")
+        for _, _, region in regions:
+            region.on_compile = write           # the report grows a line per compiled program
+        write()
     return model
+
+
+def _write_explain(model_ref, path: Path) -> None:
+    from .explain import report
+    model = model_ref()
+    if model is not None:
+        path.write_text(report(model) + "\n")
 
 
 def _compile_class(cls: type, **options) -> type:

@@ -30,6 +30,9 @@ def _spec_line(spec) -> str:
     return ", ".join(bits)
 
 
+_SHOWN_NOTES = ("fx trace", "traced router path", "experts:", "shared expert", "probe:")
+
+
 def report(model) -> str:
     info = model.__dict__.get("_moec_report")
     if info is None:
@@ -41,7 +44,8 @@ def report(model) -> str:
         lines.append(f"  LIFTED  {qualname or '<root>'} ({cls}): {region.lifted.formulation}")
         lines.append(f"          {_spec_line(region.spec)}")
         for note in getattr(region.lifted, "notes", []):
-            lines.append(f"          note: {note}")
+            if note.startswith(_SHOWN_NOTES):          # the rest is in the dump's captured.txt
+                lines.append(f"          {note}")
         for (dtype, arch), c in region.compiled.items():
             kernels = ", ".join(f"{s.kernel.fn_name}[{s.node.op} {_tile(s.node.attr['tile'])}]"
                                 for s, _ in c.program.kernels())

@@ -61,6 +61,7 @@ class Region:
     dump_dir: Optional[Path] = None
     calls: Counter = field(default_factory=Counter)
     compiled: dict = field(default_factory=dict)
+    on_compile: Optional[object] = None    # called after each new compile (rewrites explain.txt)
     _weights_key: tuple = ()
     _weights: Optional[MoEWeights] = None
 
@@ -109,6 +110,8 @@ class Region:
             if self.dump_dir is not None:
                 c.dump(self.dump_dir / f"{self.name}.{str(x.dtype).split('.')[-1]}.{arch.name}",
                        self.captured())
+            if self.on_compile is not None:
+                self.on_compile()
         return self.compiled[key]
 
     def captured(self) -> str:
