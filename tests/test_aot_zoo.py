@@ -1,0 +1,55 @@
+"""Every kernel moec generates for the zoo's layers, with the tiles chosen for each GPU arch,
+compiles ahead of time for that arch (bf16, the GPU dtype) and fits its shared memory.
+
+Each layer is lifted from its eager module, compiled with ``arch=sm80/sm90/sm100`` (so the
+tile table of that arch is used), run once on the CPU under the interpreter in fp16 to record
+its launches, and every distinct launch is compiled with ``triton.compile(target=GPUTarget)``.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import zoo
+from aot_util import distinct_launches, launch_key, record_launches, retyped
+from moec.compiler import compile_spec
+from moec.frontend import LiftedMoE, lift
+from moec.region import Region, graph_inputs
+from moec.runtime.aot import compile_launch
+from moec.runtime.arch import ARCHS
+
+pytestmark = pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+
+MODULES = [zoo.MixtralMoE, zoo.StackedGatherBmmMoE, zoo.DenseOneHotMoE, zoo.DeepseekV3MoE, zoo.SwitchMoE,
+           zoo.QwenMoE, zoo.AuxLossMoE]
+
+
+@pytest.fixture(scope="module")
+def lifted():
+    torch.manual_seed(0)
+    out = []
+    for cls in MODULES:
+        module = cls().eval()
+        got = lift(module)
+        assert isinstance(got, LiftedMoE), got
+        out.append((cls.__name__, module, got))
+    return out
+
+
+@pytest.mark.parametrize("arch", ["sm80", "sm90", "sm100"])
+def test_zoo_kernels_compile_for_arch(lifted, arch):
+    records = []
+    for name, module, got in lifted:
+        region = Region(name, got)
+        tensors = [t.half() for t in got.param_tensors(module)]
+        c = compile_spec(got.spec, torch.float16, region.outputs, ARCHS[arch])
+        x = torch.randn(8, got.spec.hidden).half()
+        records += record_launches(lambda: c.program.run(graph_inputs(x, got.weights(tensors))))
+    seen = set()
+    for rec in distinct_launches(retyped(r) for r in records):
+        if launch_key(rec) in seen:
+            continue
+        seen.add(launch_key(rec))
+        report = compile_launch(rec, arch)
+        assert report.fits, f"{rec.kernel.fn_name} needs {report.shared} B of shared memory on {arch}"
+    assert len(seen) >= len(MODULES)
