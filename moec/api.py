@@ -67,7 +67,8 @@ def compile_module(model: nn.Module, *, dump_dir=None, arch: Optional[str] = Non
         except Exception as e:  # the frontend must not crash a model eager PyTorch runs
             got = NotLifted(f"{type(module).__name__}: analysis failed: {type(e).__name__}: {e}")
         if isinstance(got, LiftedMoE):
-            region = Region(name.replace(".", "_") or "root", got, arch=arch, dump_dir=root)
+            region = Region(name.replace(".", "_") or "root", got, arch=arch, dump_dir=root,
+                            lift_dtype=got.param_tensors(module)[0].dtype)
             module.__class__ = _compiled_class(type(module))
             module.__dict__["_moec_region"] = region
             regions.append((qualname, type(module).__name__, region))

@@ -61,6 +61,7 @@ class Region:
     dump_dir: Optional[Path] = None
     calls: Counter = field(default_factory=Counter)
     compiled: dict = field(default_factory=dict)
+    lift_dtype: Optional[torch.dtype] = None    # the layer's dtype when it was lifted
     on_compile: Optional[object] = None    # called after each new compile (rewrites explain.txt)
     _weights_key: tuple = ()
     _weights: Optional[MoEWeights] = None
@@ -140,6 +141,8 @@ class Region:
         noise = None
         if self.spec.router.noisy and module.training:
             dtype = self.lifted.noise_dtype or x.dtype
+            if dtype == self.lift_dtype:        # eager draws in the layer's dtype, which follows .to()
+                dtype = x.dtype
             noise = torch.randn(x2.shape[0], self.spec.num_experts, dtype=dtype, device=x.device)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors))
         if needs_grad:

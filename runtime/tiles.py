@@ -4,8 +4,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 
+class _Tile:
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
 @dataclass(frozen=True)
-class GemmTile:
+class GemmTile(_Tile):
     """A grouped GEMM tile: BLOCK_M rows (token-expert pairs) x BLOCK_N outputs, BLOCK_K deep."""
 
     block_m: int
@@ -14,12 +19,9 @@ class GemmTile:
     num_warps: int = 4
     num_stages: int = 2
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
-class RouteTile:
+class RouteTile(_Tile):
     """The routing kernel: BLOCK_T tokens per program, the hidden dim streamed BLOCK_K at a time."""
 
     block_t: int
@@ -27,12 +29,9 @@ class RouteTile:
     num_warps: int = 4
     num_stages: int = 2
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
-class RowTile:
+class RowTile(_Tile):
     """Row-wise kernels (the top-k reduce): BLOCK_T rows x BLOCK_D columns per program."""
 
     block_t: int
