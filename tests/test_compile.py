@@ -238,3 +238,15 @@ def test_noisy_gating_in_training_matches_eager_draws():
         assert_same(yc, ye)
         compiled.eval(), eager.eval()
         assert_same(compiled(x), eager(x))
+
+
+def test_noisy_gating_follows_dtype_changes():
+    compiled, eager = compiled_and_eager(lambda: zoo.NoisyTopKMoE())
+    compiled.half().train(), eager.half().train()
+    x = torch.randn(1, 6, 16).half()
+    with torch.no_grad():
+        torch.manual_seed(7)
+        yc = compiled(x)
+        torch.manual_seed(7)
+        ye = eager(x)
+    assert_same(yc, ye, tol=2e-2)
