@@ -34,10 +34,9 @@ from .launch import Kernel
 from .render import render
 from .tiles import GemmTile
 
-# The epilogue's activation as a Triton expression on the fp32 tile ``x``. Only builtins are used
-# (``tl.exp``, ``tl.maximum``, ``tl.math.erf``: all in Triton 3.6 and 3.9); ``tl.sigmoid`` is a
-# standard-library @jit helper (see the template header) and ``tl.math.tanh`` does not exist in
-# 3.9, so gelu_tanh uses 0.5 * (1 + tanh(y)) = sigmoid(2 y) = 1 / (1 + exp(-2 y)).
+# The epilogue's activation as a Triton expression on the fp32 tile ``x``. silu is x / (1 + exp(-x)),
+# the rounding torch uses (x * tl.sigmoid(x) is off by an ulp or two); gelu_tanh is 0.5 x (1 + tanh(y))
+# written the same way, as x / (1 + exp(-2 y)): Triton has no ``tl.math.tanh`` (3.6 nor 3.9).
 ACTIVATION_EXPR = {
     None: "x",
     "silu": "x / (1.0 + tl.exp(-x))",

@@ -13,6 +13,8 @@ import threading
 from dataclasses import dataclass, field
 
 import torch
+import triton.language as tl
+from triton.language import core as tl_core
 
 from . import cache
 
@@ -65,29 +67,37 @@ def _interpretable_stdlib():
 
     Those helpers were decorated when Triton was imported, in compiled mode (this process also
     compiles kernels ahead of time), and refuse to be called outside a compiled kernel. While an
-    interpreted kernel runs, a call to such a helper is interpreted on the fly instead.
+    interpreted kernel runs, a call to such a helper runs its interpreter rewrite instead.
     """
     from triton.runtime.interpreter import InterpretedFunction, _patch_lang
     from triton.runtime.jit import JITFunction
     original = JITFunction.__call__
 
     def call(self, *args, **kwargs):
-        fn = _INTERPRETED.setdefault(self.fn, InterpretedFunction(self.fn))
-        scope = _patch_lang(self.fn)
-        try:
-            return fn.rewrite()(*args, **kwargs)
-        finally:
-            scope.restore()
+        fn = _INTERPRETED.get(self.fn)
+        if fn is None:
+            fn = _INTERPRETED[self.fn] = InterpretedFunction(self.fn).rewrite()
+        return fn(*args, **kwargs)
 
     with _INTERPRET_LOCK:
+        # The helpers call into tl.core, which the kernel's own patch (tl only) leaves compiled:
+        # patch tl and tl.core for the interpreter once for the whole launch, not on every call.
+        # This scope is entered before the kernel's and left after it, so each restores in turn.
+        scope = _patch_lang(_sees_tl_and_core)
         JITFunction.__call__ = call
         try:
             yield
         finally:
             JITFunction.__call__ = original
+            scope.restore()
 
 
-_INTERPRETED: dict = {}
+def _sees_tl_and_core():
+    """Triton's ``_patch_lang(fn)`` patches the language modules named in ``fn``'s globals."""
+    return tl, tl_core
+
+
+_INTERPRETED: dict = {}     # a helper's Python function -> its interpreter rewrite
 _INTERPRET_LOCK = threading.RLock()
 
 
