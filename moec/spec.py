@@ -81,8 +81,9 @@ class RouterConfig:
                               ("group_score", GROUP_SCORES), ("overflow", OVERFLOWS)):
             if getattr(self, name) not in allowed:
                 raise MoESpecError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.order == "topk_then_score" and self.score != "softmax":
-            raise MoESpecError("order='topk_then_score' is defined for softmax scores only")
+        if self.order == "topk_then_score" and (self.score != "softmax" or self.score_bias or self.n_group > 1):
+            raise MoESpecError("order='topk_then_score' ranks raw logits: it is defined for softmax scores "
+                               "without score_bias or group-limited selection")
         if self.n_group < 1 or E % self.n_group:
             raise MoESpecError(f"n_group={self.n_group} must divide num_experts={E}")
         if self.n_group > 1:

@@ -6,7 +6,8 @@ Guarantees: each such route is one ``fused_route`` reading ``x`` and the router 
 which also yields per-expert pair counts; the shared-expert gate of the same ``x`` is computed
 in the same kernel (``shared_scale``); the aux loss becomes ``aux_loss(counts, prob_sum)``;
 capacity becomes an ``apply_capacity`` node after the kernel (it needs a global, ordered
-count over all tokens, which one tile of tokens cannot see). Logits are written out only when
+count over all tokens, which one tile of tokens cannot see; a noisy router with capacity stays
+unfused, as capacity ranks by the noisy scores). Logits (before noise) are written out only when
 something still reads them. The linear nodes that only fed the route disappear.
 """
 from __future__ import annotations
@@ -26,9 +27,11 @@ def _fuse_one(g: Graph, i: int, route: Node) -> Graph:
     noise = g.producer(route.ins["noise_logits"]) if "noise_logits" in route.ins else None
     if noise is not None and (noise.op != "linear" or noise.ins["x"] != x):
         return g
+    capacity = cfg.capacity_factor is not None
+    if capacity and cfg.noisy:      # capacity ranks by the noisy scores, which the kernel keeps inside
+        return g
     gates = [n for n in g.find("shared_gate") if n.ins["x"] == x]
     logits = route.ins["logits"]
-    capacity = cfg.capacity_factor is not None
     logits_needed = capacity or g.uses(logits) > 1
 
     operands = {"x": x, "w": lin.ins["w"], "b": lin.ins.get("b"), "score_bias": route.ins.get("score_bias"),

@@ -49,7 +49,8 @@ def reference(x, cfg: RouterConfig, w: dict, noise=None):
     keys = ref.selection_keys(scores, cfg, w.get("score_bias"))
     probs = scores if cfg.score == "softmax" else scores / scores.sum(-1, keepdim=True)
     biased = scores + w["score_bias"].float() if w.get("score_bias") is not None else scores
-    return dict(logits=logits, ids=ids, weights=weights, aux=aux, scores=scores, keys=keys, biased=biased,
+    clean = ref.router_logits(x, w["w_router"], w.get("b_router"))    # the kernel writes logits before noise
+    return dict(logits=clean, ids=ids, weights=weights, aux=aux, scores=scores, keys=keys, biased=biased,
                 prob_sum=probs.sum(0), counts=torch.bincount(ids.reshape(-1), minlength=cfg.num_experts))
 
 

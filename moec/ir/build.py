@@ -19,6 +19,8 @@ def build_moe_graph(spec: MoESpec, dtype, outputs=("y",), name: str = "moe") -> 
     for o in outputs:
         if o not in OUTPUTS:
             raise ValueError(f"unknown output {o!r}; choose from {OUTPUTS}")
+    if "aux" in outputs and not spec.router.aux_loss:
+        raise ValueError("the aux output needs a router with aux_loss=True")
     dt = dtype_name(dtype)
     r = spec.router
     E, k, d, f = r.num_experts, r.top_k, spec.hidden, spec.ffn

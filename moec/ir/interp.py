@@ -57,8 +57,9 @@ def _fused_route(n, v, ctx):
     logits = ref.router_logits(x, v["w"], v.get("b"), v.get("w_noise"), noise)
     ids, w, _ = ref.route(logits, cfg.replace(aux_loss=False), v.get("score_bias"))
     scores = ref.scores_of(logits, cfg)
+    clean = ref.router_logits(x, v["w"], v.get("b")) if noisy else logits
     probs = scores if cfg.score == "softmax" else scores / scores.sum(-1, keepdim=True)
-    out = {"ids": ids.to(torch.int32), "weights": w, "logits": logits, "prob_sum": probs.sum(0),
+    out = {"ids": ids.to(torch.int32), "weights": w, "logits": clean, "prob_sum": probs.sum(0),
            "counts": torch.bincount(ids.reshape(-1), minlength=cfg.num_experts).to(torch.int32)}
     if "w_shared_gate" in n.ins:
         out["shared_scale"] = torch.sigmoid(x.float() @ v["w_shared_gate"].float().t())[:, 0]

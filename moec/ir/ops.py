@@ -87,7 +87,8 @@ def _infer_fused_route(o, a):
 
 op("fused_route", "One kernel: gate GEMM x @ w.T (+ b) (+ noise), score, group-limited top-k, "
    "renormalise, scale, per-expert pair counts (and prob_sum for the aux loss, the shared-expert "
-   "gate sigmoid(x @ w_shared_gate.T), the logits, when asked). Capacity is not applied here.",
+   "gate sigmoid(x @ w_shared_gate.T), the router's logits before noise, when asked). Capacity is "
+   "not applied here.",
    ["x", "w"], ["ids", "weights", "counts", "prob_sum", "shared_scale", "logits"], _infer_fused_route,
    optional_operands=["b", "score_bias", "w_noise", "w_shared_gate"],
    optional_results=["prob_sum", "shared_scale", "logits"],
