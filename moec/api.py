@@ -106,13 +106,31 @@ def _compile_class(cls: type, **options) -> type:
     return Compiled
 
 
+def _referenced_modules(fn: Callable) -> list[nn.Module]:
+    """Modules a function reaches by name: its closure cells and the globals its code reads."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return []
+    found = [c.cell_contents for c in (fn.__closure__ or ()) if _cell_module(c)]
+    found += [fn.__globals__[n] for n in code.co_names if isinstance(fn.__globals__.get(n), nn.Module)]
+    return found
+
+
+def _cell_module(cell) -> bool:
+    try:
+        return isinstance(cell.cell_contents, nn.Module)
+    except ValueError:          # an empty cell
+        return False
+
+
 def _compile_function(fn: Callable, **options) -> Callable:
-    """A function: every `nn.Module` passed to it is compiled (once) before the call."""
+    """A function: the modules it references (closure, globals) and every `nn.Module` passed to it
+    are compiled (once, in place) before the call; the function's own code runs as written."""
     seen: dict[int, nn.Module] = {}
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        for a in list(args) + list(kwargs.values()):
+        for a in _referenced_modules(fn) + list(args) + list(kwargs.values()):
             if isinstance(a, nn.Module) and id(a) not in seen:
                 seen[id(a)] = compile_module(a, **options)
         return fn(*args, **kwargs)
@@ -120,9 +138,9 @@ def _compile_function(fn: Callable, **options) -> Callable:
     def explain() -> str:
         from .explain import report
         if not seen:
-            return (f"moec report for function {fn.__name__}: no module has been passed to it yet; "
-                    "its body runs as eager PyTorch (call moec.ops.moe inside it, or pass the MoE "
-                    "module as an argument, to use moec's kernels)")
+            return (f"moec report for function {fn.__name__}: it has not been called yet, or it reaches "
+                    "no module; its body runs as eager PyTorch (call moec.ops.moe inside it, or use "
+                    "an MoE module from it, to use moec's kernels)")
         return "\n\n".join(report(m) for m in seen.values())
 
     wrapper.explain = explain
@@ -134,7 +152,7 @@ def compile(obj=None, *, dump_dir: str | os.PathLike | None = None, arch: Option
 
     Usable as ``@moec.compile``, ``@moec.compile(dump_dir=..., arch=...)`` on an ``nn.Module``
     class, or ``moec.compile(model)`` on an instance (compiled in place and returned) or a
-    function (modules passed to it are compiled). ``dump_dir`` (or env ``MOEC_DUMP_DIR``) receives
+    function (the modules it uses, by closure, global or argument, are compiled). ``dump_dir`` (or env ``MOEC_DUMP_DIR``) receives
     the captured region, the IR after each pass, every kernel, tiles and launches. ``arch``
     (``"sm80"``, ``"sm90"``, ...) overrides the tile table's target; by default the device decides.
 

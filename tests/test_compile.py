@@ -104,13 +104,25 @@ def test_decorator_forms_and_function(tmp_path):
         return layer(x) * 2
 
     f = moec.compile(run)
-    assert "no module" in f.explain()
+    assert "not been called" in f.explain()
     layer = zoo.StackedSortMoE()
     with torch.no_grad():
         y = f(layer, x)
         with moec.disabled():
             assert_same(y, run(layer, x))
     assert "LIFTED" in f.explain()
+
+    torch.manual_seed(1)
+    inner = zoo.DenseOneHotMoE()
+    eager = copy.deepcopy(inner)
+
+    @moec.compile
+    def residual(x):                     # reaches its MoE layer through the closure
+        return x + inner(x)
+
+    with torch.no_grad():
+        assert_same(residual(x), x + eager(x))
+    assert "LIFTED" in residual.explain() and inner.__dict__["_moec_region"].calls["kernels"] == 1
 
 
 def test_behaves_like_the_original():
@@ -250,3 +262,15 @@ def test_noisy_gating_follows_dtype_changes():
         torch.manual_seed(7)
         ye = eager(x)
     assert_same(yc, ye, tol=2e-2)
+
+
+def test_inputs_the_kernels_cannot_take_are_named():
+    compiled, _ = compiled_and_eager(LIFTED["MixtralMoE"])
+    region = compiled.__dict__["_moec_region"]
+    tensors = region.lifted.param_tensors(compiled)
+    assert "device meta" in region.why_eager(torch.empty(2, 16, device="meta"), tensors)
+    assert "not a tensor" in region.why_eager([1.0] * 16, tensors)
+    assert "int64" in region.why_eager(torch.zeros(2, 16, dtype=torch.int64), tensors)
+    halves = [t.half() for t in tensors]
+    assert "weights in torch.float16" in region.why_eager(torch.randn(2, 16), halves)
+    assert region.why_eager(torch.randn(2, 16), tensors) is None
