@@ -33,7 +33,12 @@ def test_compiled_module_matches_its_eager_forward(name, d, f, E, k, T, dtype, s
     assert "LIFTED" in compiled.explain(), compiled.explain()
     x = torch.randn(1, T, d).to(dtype)
     with torch.no_grad():
-        got, want = compiled(x), eager(x)
+        got = compiled(x)
+        try:
+            want = eager(x)
+        except RuntimeError:            # some eager code cannot take T = 0 (reshape(-1, ...))
+            assert T == 0 and (got[0] if isinstance(got, tuple) else got).shape == x.shape
+            return
     if isinstance(want, tuple):
         got, want = got[0], want[0]
     assert got.shape == want.shape and got.dtype == want.dtype
