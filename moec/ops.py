@@ -138,3 +138,6 @@ def moe_reference(x: Tensor, w_router: Tensor, w_up: Tensor, w_down: Tensor, w_g
                                 cfg["renormalize"], cfg["routed_scaling"], cfg["n_group"], cfg["topk_group"],
                                 cfg["group_score"], cfg["activation"])
     return reference.moe(x.reshape(-1, x.shape[-1]), w, spec)[0].reshape(x.shape)
+
+
+from .moba.ops import moba_attention  # noqa: E402  (MoBA forward: fused gate + block-sparse attention)

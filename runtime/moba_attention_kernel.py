@@ -1,0 +1,122 @@
+"""The MoBA block-sparse attention forward kernel family: (q, k, v, block indices) -> (out, lse).
+
+`moba_attention_fwd` launches ``templates/moba_attention.py.jinja`` on ``(query tiles, B*H)``
+programs. Scheme (first step, correctness first): each program owns BLOCK_M consecutive queries of
+one sequence and one head, walks the union of the key blocks its rows selected (ascending, read
+from the index tile in registers; unselected blocks are skipped), and for each computes dense
+``[BLOCK_M, BLOCK_N]`` score tiles with a row mask (rows that did not select the block) and the
+causal mask on the diagonal block, under one online softmax per row. It is the same per-tile
+arithmetic as FlashMoBA's "collect and densify" forward; what changes later on a GPU is which rows
+a tile holds (gathered per key block from a sorted query list, instead of consecutive rows with a
+mask), which removes the masked-row waste when the rows of a tile pick different blocks.
+
+Indices are those of `moec.moba.reference.moba_block_selection` (any block numbers work: the
+kernel attends to the union of the listed blocks of the query's sequence, causally; ``-1`` is
+ignored), so the kernel is testable on its own against `moba_attention_from_indices`.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .arch import Arch, resolve
+from .launch import Kernel
+from .moba_common import LaunchPlan, MobaAttentionTile, attention_tile, pow2, query_tile_map
+from .render import render
+
+TEMPLATE = "moba_attention.py.jinja"
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class MobaAttentionParams:
+    """What shapes the attention kernel's source and launch (one rendered kernel per value)."""
+
+    block_size: int
+    top_k: int                     # index slots per query
+    head_dim: int
+    group: int = 1
+    varlen: bool = False
+    tile: MobaAttentionTile = MobaAttentionTile(32, 32, 4, 1)
+    dtype: str = "float16"         # for the header only
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.top_k < 1 or self.head_dim < 1 or self.group < 1:
+            raise ValueError(f"invalid MoBA attention parameters {self}")
+        for name, v in (("block_m", self.tile.block_m), ("block_n", self.tile.block_n)):
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"MobaAttentionTile.{name} must be a power of two >= 16 (tl.dot), got {v}")
+
+    @property
+    def fn_name(self) -> str:
+        return f"moec_moba_attention_bs{self.block_size}_k{self.top_k}" + ("_varlen" if self.varlen else "")
+
+    def constexprs(self) -> dict:
+        return dict(D=self.head_dim, D_PAD=pow2(self.head_dim), GROUP=self.group, BLOCK_SIZE=self.block_size,
+                    K=self.top_k, K_PAD=pow2(self.top_k, 1), VARLEN=self.varlen,
+                    BLOCK_M=self.tile.block_m, BLOCK_N=self.tile.block_n)
+
+
+@functools.lru_cache(maxsize=None)
+def render_attention(params: MobaAttentionParams) -> Kernel:
+    source = render(TEMPLATE, fn_name=params.fn_name, head_dim=params.head_dim, top_k=params.top_k,
+                    block_size=params.block_size, group=params.group, varlen=params.varlen,
+                    dtype=params.dtype, tile=params.tile)
+    return Kernel(source, params.fn_name)
+
+
+def plan_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, *, block_size: int,
+                   cu_seqlens: Optional[Tensor] = None, arch: str | Arch | None = None,
+                   tile: Optional[MobaAttentionTile] = None) -> tuple[LaunchPlan, Tensor, Tensor]:
+    """The attention's launch and its (unwritten) outputs; `moba_attention_fwd` runs it."""
+    if q.dtype not in _FLOATS or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one of fp32/fp16/bf16, got {q.dtype}, {k.dtype}, {v.dtype}")
+    B, H, N, D = q.shape
+    if indices.dim() != 4 or tuple(indices.shape[:3]) != (B, H, N) or indices.dtype != torch.int32:
+        raise ValueError(f"indices must be int32 [B, H, N, K] = [{B}, {H}, {N}, K], got "
+                         f"{indices.dtype} {list(indices.shape)}")
+    Hkv = k.shape[1]
+    a = resolve(arch, q.device)
+    params = MobaAttentionParams(block_size, indices.shape[3], D, H // Hkv, cu_seqlens is not None,
+                                 tile or attention_tile(block_size, D, a), str(q.dtype).replace("torch.", ""))
+    out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    bm = params.tile.block_m
+    if cu_seqlens is not None:
+        tile_seq, tile_local, n_prog = query_tile_map(cu_seqlens, N, bm)
+        S = cu_seqlens.numel() - 1
+    else:
+        tile_seq = tile_local = None
+        n_prog, S = -(-N // bm), 1
+    args = dict(
+        q_ptr=q, k_ptr=k, v_ptr=v, idx_ptr=indices, out_ptr=out, lse_ptr=lse, cu_ptr=cu_seqlens,
+        tile_seq_ptr=tile_seq, tile_local_ptr=tile_local,
+        N=N, H=H, S=S, sm_scale=1.0 / math.sqrt(D),
+        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qn=q.stride(2), stride_qd=q.stride(3),
+        stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2), stride_kd=k.stride(3),
+        stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2), stride_vd=v.stride(3),
+        stride_ib=indices.stride(0), stride_ih=indices.stride(1), stride_in=indices.stride(2),
+        stride_ik=indices.stride(3),
+        stride_ob=out.stride(0), stride_oh=out.stride(1), stride_on=out.stride(2), stride_od=out.stride(3),
+        stride_lb=lse.stride(0), stride_lh=lse.stride(1), stride_ln=lse.stride(2),
+    )
+    grid = (n_prog if N else 0, B * H)
+    return LaunchPlan(render_attention(params), grid, args, params.constexprs(), params.tile.num_warps,
+                      params.tile.num_stages), out, lse
+
+
+def moba_attention_fwd(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, *, block_size: int,
+                       cu_seqlens: Optional[Tensor] = None, arch: str | Arch | None = None,
+                       tile: Optional[MobaAttentionTile] = None) -> tuple[Tensor, Tensor]:
+    """``(out [B, H, N, D] in q's dtype, lse [B, H, N] fp32)`` of each query over the blocks
+    ``indices [B, H, N, K]`` (int32) lists for it. ``arch`` picks the tile from the table (default:
+    the device's); ``tile`` overrides it."""
+    plan, out, lse = plan_attention(q, k, v, indices, block_size=block_size, cu_seqlens=cu_seqlens, arch=arch,
+                                    tile=tile)
+    plan.run()
+    return out, lse

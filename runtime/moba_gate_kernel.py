@@ -1,0 +1,118 @@
+"""The MoBA gate kernel family: (q, pooled keys) -> per-query block indices, top-k fused in registers.
+
+`moba_gate(q, pooled, params)` launches ``templates/moba_gate.py.jinja`` on ``(query tiles, B*H)``
+programs and returns int32 ``[B, H, N, top_k]`` (see `moec.moba.reference.moba_block_selection`
+for the contract: selected blocks ascending, own block last, ``-1`` in unused slots). Each program
+keeps its q tile resident, streams the pooled keys of its past blocks and merges a running
+top-(k-1) per row in registers, so nothing of size N x n_blocks is ever allocated: the only
+buffers are the indices and, for packed sequences, two int32 tile maps of ``cdiv(N, BLOCK_M) + S``
+entries. Pooled keys come from `moec.runtime.moba_common.pool_keys` (a torch op).
+No host synchronisation: grids and buffers depend on shapes only.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .arch import Arch, resolve
+from .launch import Kernel
+from .moba_common import LaunchPlan, MobaGateTile, block_offsets, gate_tile, pow2, query_tile_map
+from .render import render
+
+TEMPLATE = "moba_gate.py.jinja"
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class MobaGateParams:
+    """What shapes the gate kernel's source and launch (one rendered kernel per value)."""
+
+    block_size: int
+    top_k: int
+    head_dim: int
+    group: int = 1                 # query heads per kv head
+    varlen: bool = False
+    tile: MobaGateTile = MobaGateTile(32, 16, 4, 1)
+    dtype: str = "float16"         # for the header only (the source is dtype-generic)
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.top_k < 1 or self.head_dim < 1 or self.group < 1:
+            raise ValueError(f"invalid MoBA gate parameters {self}")
+        for name, v in (("block_m", self.tile.block_m), ("block_nb", self.tile.block_nb)):
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"MobaGateTile.{name} must be a power of two >= 16 (tl.dot), got {v}")
+
+    @property
+    def fn_name(self) -> str:
+        return f"moec_moba_gate_bs{self.block_size}_k{self.top_k}" + ("_varlen" if self.varlen else "")
+
+    def constexprs(self) -> dict:
+        k1 = self.top_k - 1
+        return dict(D=self.head_dim, D_PAD=pow2(self.head_dim), GROUP=self.group, BLOCK_SIZE=self.block_size,
+                    K=self.top_k, K1=k1, K_PAD=pow2(self.top_k, 1), K1_PAD=pow2(max(k1, 1), 1),
+                    VARLEN=self.varlen, BLOCK_M=self.tile.block_m, BLOCK_NB=self.tile.block_nb)
+
+
+@functools.lru_cache(maxsize=None)
+def render_gate(params: MobaGateParams) -> Kernel:
+    source = render(TEMPLATE, fn_name=params.fn_name, head_dim=params.head_dim, top_k=params.top_k,
+                    block_size=params.block_size, group=params.group, varlen=params.varlen,
+                    dtype=params.dtype, tile=params.tile)
+    return Kernel(source, params.fn_name)
+
+
+def gate_params(q: Tensor, k_heads: int, *, block_size: int, top_k: int, varlen: bool,
+                arch: str | Arch | None = None, tile: Optional[MobaGateTile] = None) -> MobaGateParams:
+    a = resolve(arch, q.device)
+    D = q.shape[-1]
+    return MobaGateParams(block_size, top_k, D, q.shape[1] // k_heads, varlen,
+                          tile or gate_tile(block_size, D, a), str(q.dtype).replace("torch.", ""))
+
+
+def plan_gate(q: Tensor, pooled: Tensor, *, block_size: int, top_k: int, cu_seqlens: Optional[Tensor] = None,
+              arch: str | Arch | None = None, tile: Optional[MobaGateTile] = None) -> tuple[LaunchPlan, Tensor]:
+    """The gate's launch and its (unwritten) output; `moba_gate` runs it."""
+    if q.dim() != 4 or pooled.dim() != 4 or pooled.shape[0] != q.shape[0] or pooled.shape[3] != q.shape[3]:
+        raise ValueError(f"q [B, H, N, D] and pooled [B, Hkv, NB, D] expected, got {list(q.shape)}, "
+                         f"{list(pooled.shape)}")
+    if q.dtype not in _FLOATS or pooled.device != q.device:
+        raise ValueError(f"q must be fp32/fp16/bf16 and pooled on its device, got {q.dtype}, {pooled.device}")
+    B, H, N, D = q.shape
+    params = gate_params(q, pooled.shape[1], block_size=block_size, top_k=top_k,
+                         varlen=cu_seqlens is not None, arch=arch, tile=tile)
+    idx = torch.empty((B, H, N, top_k), dtype=torch.int32, device=q.device)
+    bm = params.tile.block_m
+    if cu_seqlens is not None:
+        tile_seq, tile_local, n_prog = query_tile_map(cu_seqlens, N, bm)
+        boff, _ = block_offsets(cu_seqlens, N, block_size)
+        S = cu_seqlens.numel() - 1
+    else:
+        tile_seq = tile_local = boff = None
+        n_prog, S = -(-N // bm), 1
+    args = dict(
+        q_ptr=q, pk_ptr=pooled, idx_ptr=idx, cu_ptr=cu_seqlens, tile_seq_ptr=tile_seq,
+        tile_local_ptr=tile_local, boff_ptr=boff,
+        N=N, H=H, S=S,
+        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qn=q.stride(2), stride_qd=q.stride(3),
+        stride_pb=pooled.stride(0), stride_ph=pooled.stride(1), stride_pn=pooled.stride(2),
+        stride_pd=pooled.stride(3),
+        stride_ib=idx.stride(0), stride_ih=idx.stride(1), stride_in=idx.stride(2), stride_ik=idx.stride(3),
+    )
+    grid = (n_prog if N else 0, B * H)
+    return LaunchPlan(render_gate(params), grid, args, params.constexprs(), params.tile.num_warps,
+                      params.tile.num_stages), idx
+
+
+def moba_gate(q: Tensor, pooled: Tensor, *, block_size: int, top_k: int, cu_seqlens: Optional[Tensor] = None,
+              arch: str | Arch | None = None, tile: Optional[MobaGateTile] = None) -> Tensor:
+    """Block indices int32 ``[B, H, N, top_k]`` for ``q [B, H, N, D]`` from ``pooled [B, Hkv, NB, D]``
+    (`pool_keys`, with the same ``block_size`` and ``cu_seqlens``). ``arch`` picks the tile from the
+    table (default: the device's); ``tile`` overrides it."""
+    plan, idx = plan_gate(q, pooled, block_size=block_size, top_k=top_k, cu_seqlens=cu_seqlens, arch=arch,
+                          tile=tile)
+    plan.run()
+    return idx
