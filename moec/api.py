@@ -43,8 +43,12 @@ def _compiled_class(cls: type) -> type:
     if getattr(cls, "_moec_base", None) is not None and cls in _SUBCLASSES.values():
         return cls
     if cls not in _SUBCLASSES:
+        # forward keeps the original's signature (libraries inspect it: transformers' generate()
+        # checks which arguments a model's forward takes)
+        forward = functools.wraps(cls.forward)(
+            lambda self, *args, **kwargs: _compiled_forward(self, *args, **kwargs))
         _SUBCLASSES[cls] = type(cls.__name__, (cls,), {
-            "forward": _compiled_forward, "explain": _explain, "_moec_base": cls,
+            "forward": forward, "explain": _explain, "_moec_base": cls,
             "__module__": cls.__module__, "__qualname__": cls.__qualname__,
             "__doc__": cls.__doc__})
     return _SUBCLASSES[cls]
@@ -58,6 +62,7 @@ def _dump_root(dump_dir) -> Optional[Path]:
 def compile_module(model: nn.Module, *, dump_dir=None, arch: Optional[str] = None) -> nn.Module:
     """Compile ``model`` in place (see `compile`) and return it."""
     from .frontend import LiftedMoE, NotLifted, find_moe_modules, lift
+    _register_integrations()
     root = _dump_root(dump_dir)
     regions, skipped = [], []
     for qualname, module in find_moe_modules(model):
@@ -83,6 +88,14 @@ def compile_module(model: nn.Module, *, dump_dir=None, arch: Optional[str] = Non
             region.on_compile = write           # the report grows a line per compiled program
         write()
     return model
+
+
+def _register_integrations() -> None:
+    """When transformers is imported, make ``experts_implementation="moec"`` available (`moec.hf`)."""
+    import sys
+    if sys.modules.get("transformers") is not None:
+        from . import hf
+        hf.register()
 
 
 def _write_explain(model_ref, path: Path) -> None:

@@ -138,6 +138,7 @@ class Region:
             return eager_forward(x, *args, **kwargs)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
+        _call_observed(module, getattr(self.lifted, "observed", ()), x2)
         noise = None
         if self.spec.router.noisy and module.training:
             dtype = self.lifted.noise_dtype or x.dtype
@@ -175,6 +176,22 @@ class Region:
         out = {"y": y, "aux": aux,
                "logits": lambda: reference.router_logits(x2, w.w_router, w.b_router)}
         return [out[o]() if callable(out[o]) else out[o] for o in self.outputs]
+
+
+def _hooked(m: torch.nn.Module) -> bool:
+    from torch.nn.modules import module as mm
+    if mm._global_forward_hooks or mm._global_forward_pre_hooks:
+        return True
+    return any(s._forward_hooks or s._forward_pre_hooks for s in m.modules())
+
+
+def _call_observed(module, paths, x2) -> None:
+    """Call the observed children (the router) that have forward hooks, so that the hooks still see
+    their outputs (Hugging Face records router logits with hooks); results are discarded."""
+    for path in paths:
+        sub = module.get_submodule(path)
+        if _hooked(sub):
+            sub(x2)
 
 
 def _dump_launches(root: Path, name: str, x2, c: Compiled, records) -> None:

@@ -3,11 +3,13 @@
     lifted = lift(module)        # LiftedMoE | NotLifted(reason) | None (nothing MoE-like)
     probe(module, lifted)        # None when eager forward == moec.reference.moe on random inputs
     find_moe_modules(model)      # [(qualified name, module)] MoE-like candidates
+    register_adapter(name, prefix)(build)   # a lifting rule for a class the generic reader cannot read
 
 How a module is read (why fx alone is not enough) is explained in `moec.frontend.capture`.
 """
+from .adapters import adapter_for, register_adapter
 from .lift import find_moe_modules, lift
 from .lifted import LiftedMoE, NotLifted
 from .probe import probe
 
-__all__ = ["lift", "probe", "find_moe_modules", "LiftedMoE", "NotLifted"]
+__all__ = ["lift", "probe", "find_moe_modules", "LiftedMoE", "NotLifted", "register_adapter", "adapter_for"]

@@ -1,5 +1,8 @@
 """lift: module -> `LiftedMoE` (confirmed by the probe) | `NotLifted` (with the reason) | None.
 
+A module whose class has a registered adapter (`moec.frontend.adapters`, e.g. Hugging Face
+blocks the generic reader cannot read) is read by the adapter first; its `LiftedMoE` goes through
+the same full probe. Otherwise (or when the adapter does not know the module's layout):
 Steps: `structure.discover` finds the parts (experts, router, shared expert, biases, attributes);
 `experts` reads the expert weights' roles (ModuleList experts are verified by calling them);
 `capture` traces the forward as far as fx can and reads router hints off the graph; then the
@@ -21,10 +24,11 @@ from torch import nn
 
 from .. import reference
 from ..spec import OVERFLOWS, MoESpec, MoESpecError, RouterConfig, SharedExpertConfig
+from .adapters import adapter_for
 from .capture import module_calls_depend_on, read_router, stacked_usage, trace_partial
 from .experts import ExpertLayout, list_layout, shared_layout, stacked_layouts
 from .lifted import LiftedMoE, NotLifted, ParamTensors, Src, WeightsRecipe, resolve
-from .probe import TOKENS, Prober
+from .probe import TOKENS, Prober, probe
 from .structure import Structure, discover, meta_or_none
 
 _K_ATTRS = ("top_k", "num_experts_per_tok", "topk", "k", "num_selected_experts", "moe_top_k",
@@ -245,10 +249,53 @@ def lift(module: nn.Module) -> Union[LiftedMoE, NotLifted, None]:
         return NotLifted(f"{type(module).__name__}: analysis failed: {type(e).__name__}: {e}")
 
 
+_EXPERT_FIELDS = ("w_up", "w_down", "w_gate", "shared_up", "shared_down", "shared_gate")
+
+
+def _observed(module: nn.Module, paths, recipe: WeightsRecipe) -> tuple:
+    """The child module holding the router weight, when it holds no expert weights (so it is the
+    router alone): the compiled forward calls it when it has forward hooks (`LiftedMoE.observed`)."""
+    fields = dict(recipe.fields)
+    router_path = paths[fields["w_router"].indices[0]]
+    if "." not in router_path:
+        return ()
+    top = router_path.split(".", 1)[0]
+    experts = {paths[i].split(".", 1)[0] for name, src in recipe.fields if name in _EXPERT_FIELDS for i in src.indices}
+    if top in experts or not isinstance(getattr(module, top, None), nn.Module):
+        return ()
+    return (top,)
+
+
+def _lift_with_adapter(module: nn.Module):
+    ad = adapter_for(module)
+    if ad is None:
+        return None
+    got = ad.build(module)
+    if not isinstance(got, LiftedMoE):
+        return got
+    cls = type(module).__name__
+    meta = meta_or_none(module)
+    if meta:
+        return NotLifted(f"{cls}: {meta}")
+    msg = probe(module, got)
+    if msg:
+        return NotLifted(f"{cls}: the {ad.name} adapter's reading does not reproduce the module's forward: {msg}")
+    dtype = str(got.param_tensors(module)[-1].dtype).replace("torch.", "")
+    got.notes = [f"read by the {ad.name} adapter"] + list(got.notes) + [
+        f"router: {_cfg_text(got.spec.router)}",
+        *("weights: " + line for line in got.weights.describe(got.param_tensors.paths)),
+        f"probe: eager forward matched moec.reference.moe for T={', '.join(map(str, TOKENS))} "
+        f"(the last leaning on one expert) in training and eval mode ({dtype})"]
+    return got
+
+
 def _lift(module: nn.Module):
     cls = type(module).__name__
     if not isinstance(module, nn.Module):
         return None
+    got = _lift_with_adapter(module)
+    if got is not None:
+        return got
     st = discover(module)
     if st is None:
         return None
@@ -349,7 +396,8 @@ def _lift(module: nn.Module):
                             continue
                         lifted = LiftedMoE(spec=spec, formulation=formulation, param_tensors=param_tensors,
                                            weights=recipe, outputs=outputs,
-                                           noise_dtype=(nd or st.dtype) if cfg.noisy else None, notes=list(notes))
+                                           noise_dtype=(nd or st.dtype) if cfg.noisy else None, notes=list(notes),
+                                           observed=_observed(module, param_tensors.paths, recipe))
                         msg = pr.check(lifted)
                         if msg:
                             if first_fail is None or first_fail.startswith(_cfg_text(cfg)):
@@ -380,11 +428,14 @@ def _finish_notes(lifted: LiftedMoE, parts, layout: ExpertLayout, sh_part, cfg, 
 
 
 def find_moe_modules(model: nn.Module) -> list:
-    """``[(qualified name, module)]`` of MoE-like modules (experts + router directly owned), top-down;
-    a module found is not descended into. Whether each lifts is `lift`'s question."""
+    """``[(qualified name, module)]`` of MoE-like modules (experts + router directly owned, or a class
+    with a registered adapter), top-down; a module found is not descended into. Whether each lifts is `lift`'s question."""
     found: list = []
 
     def visit(prefix: str, m: nn.Module) -> None:
+        if adapter_for(m) is not None:
+            found.append((prefix, m))
+            return
         try:
             st = discover(m)
         except Exception:  # noqa: BLE001 - an odd module is simply not a candidate

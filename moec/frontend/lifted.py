@@ -31,6 +31,10 @@ class LiftedMoE:
       (y, router logits ``[T, E]`` in the input dtype), ``"y_aux"`` (y, load-balancing loss scalar).
     - ``noise_dtype``: for noisy gating, the dtype eager draws ``randn_like`` in (at lift time).
     - ``notes``: human-readable facts for ``explain()``.
+    - ``observed``: paths of child modules (the router) that the eager forward calls and that
+      others may watch with forward hooks (Hugging Face records router logits this way); when
+      one of them has hooks, the compiled forward calls it on the ``[T, d]`` input (result
+      discarded) so the hooks still see its output.
     """
 
     spec: MoESpec
@@ -40,6 +44,7 @@ class LiftedMoE:
     outputs: str
     noise_dtype: Optional[torch.dtype] = None
     notes: list[str] = field(default_factory=list)
+    observed: tuple[str, ...] = ()
 
 
 @dataclass
@@ -72,15 +77,19 @@ class ParamTensors:
 @dataclass(frozen=True)
 class Src:
     """One `MoEWeights` field from leaf tensors: optionally stack several along a new dim 0,
-    optionally swap the last two dims, optionally keep rows ``start:stop:step`` of dim -2."""
+    optionally view it as ``view`` (e.g. ``[E*f, d]`` as ``[E, f, d]``), optionally swap the
+    last two dims, optionally keep rows ``start:stop:step`` of dim -2."""
 
     indices: tuple[int, ...]
     stack: bool = False
     transpose: bool = False
     rows: Optional[tuple[int, int, int]] = None
+    view: Optional[tuple[int, ...]] = None
 
     def build(self, ts: Sequence[Tensor]) -> Tensor:
         t = torch.stack([ts[i] for i in self.indices]) if self.stack else ts[self.indices[0]]
+        if self.view is not None:
+            t = t.view(self.view)
         if self.transpose:
             t = t.transpose(-1, -2)
         if self.rows is not None:
@@ -93,6 +102,8 @@ class Src:
             text = f"stack({_pattern(names)})"
         else:
             text = paths[self.indices[0]]
+        if self.view is not None:
+            text += f".view({', '.join(map(str, self.view))})"
         if self.transpose:
             text += ".mT"
         if self.rows is not None:

@@ -90,13 +90,14 @@ def _expert_containers(module: nn.Module):
 
 
 def _stacked_params(module: nn.Module):
-    """3-D parameters on the module or one child (not in a ModuleList), grouped by leading dim."""
+    """3-D parameters on the module or one child (not in a ModuleList or a convolution), grouped by
+    leading dim."""
     groups: dict = {}
     for path, p in module.named_parameters():
         if p.dim() == 3 and _depth(path) <= 1 and p.shape[0] >= 2:
             owner = module.get_submodule(path.rsplit(".", 1)[0]) if "." in path else module
-            if isinstance(owner, (nn.ModuleList, nn.ModuleDict)):
-                continue
+            if isinstance(owner, (nn.ModuleList, nn.ModuleDict, nn.modules.conv._ConvNd)):
+                continue            # a convolution's kernel (e.g. a Mamba mixer's conv1d) is no expert
             groups.setdefault(p.shape[0], []).append((path, tuple(p.shape)))
     if not groups:
         return None, []

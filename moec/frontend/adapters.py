@@ -1,0 +1,172 @@
+"""Module adapters: lifting rules for MoE blocks that the generic reader cannot read.
+
+The generic frontend (`structure` + `capture` + `experts` + the probe) reads most MoE blocks,
+including the Hugging Face transformers 5 ones (a router module with a ``weight`` and an experts
+module with stacked ``gate_up_proj [E, 2f, d]`` / ``down_proj [E, d, f]``). An adapter is for a
+block it cannot read (weights kept in an unusual layout, e.g. DBRX's ``[E*f, d]`` matrices) or
+that moec knows it cannot compute (so `explain()` can say exactly why).
+
+An adapter is registered for a class *name* and the prefix of the module defining the class, so
+moec matches ``transformers`` classes without importing transformers. Its builder returns
+
+- a `LiftedMoE` candidate: `moec.frontend.lift` confirms it with the probe (the module's own
+  eager forward vs `moec.reference.moe`) before it is used, exactly as a generic reading;
+- a `NotLifted` with the reason (the block stays eager);
+- None: not a layout this adapter knows (say, another library version): the generic reader runs.
+
+`lift` consults this registry first; `find_moe_modules` treats a matched module as a candidate.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
+
+import torch
+from torch import nn
+
+from .. import reference
+from ..spec import ACTIVATIONS, MoESpec, MoESpecError, RouterConfig
+from .lifted import LiftedMoE, NotLifted, ParamTensors, Src, WeightsRecipe
+
+Built = Union[LiftedMoE, NotLifted, None]
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """``build(module)`` for modules whose class is named ``class_name`` and defined in a module
+    whose name starts with ``module_prefix``."""
+
+    class_name: str
+    module_prefix: str
+    build: Callable[[nn.Module], Built]
+    description: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.module_prefix.rstrip('.')}:{self.class_name}" if self.module_prefix else self.class_name
+
+
+_ADAPTERS: dict[str, list[Adapter]] = {}
+
+
+def register_adapter(class_name: str, module_prefix: str = "", description: str = ""):
+    """Decorator: register ``build(module) -> LiftedMoE | NotLifted | None`` for a class name.
+    A later registration for the same (name, prefix) replaces the earlier one."""
+    def deco(build: Callable[[nn.Module], Built]) -> Callable[[nn.Module], Built]:
+        entries = [a for a in _ADAPTERS.get(class_name, []) if a.module_prefix != module_prefix]
+        entries.append(Adapter(class_name, module_prefix, build, description or (build.__doc__ or "").strip()))
+        entries.sort(key=lambda a: -len(a.module_prefix))          # the most specific prefix first
+        _ADAPTERS[class_name] = entries
+        return build
+    return deco
+
+
+def adapter_for(module: nn.Module) -> Optional[Adapter]:
+    """The adapter registered for ``module``'s class (matched by name and defining module), if any."""
+    cls = type(module)
+    for a in _ADAPTERS.get(cls.__name__, ()):
+        if (cls.__module__ or "").startswith(a.module_prefix):
+            return a
+    return None
+
+
+def adapters() -> list[Adapter]:
+    return [a for entries in _ADAPTERS.values() for a in entries]
+
+
+def activation_of(fn: Callable) -> Optional[str]:
+    """Which of moec's activations ``fn`` computes, found by evaluating it (None: none of them)."""
+    x = torch.linspace(-8.0, 8.0, 161)
+    try:
+        with torch.no_grad():
+            y = fn(x.clone())
+    except Exception:  # noqa: BLE001 - not an elementwise activation
+        return None
+    if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+        return None
+    for name in ACTIVATIONS:
+        ref = reference.activation(name, x)
+        if torch.allclose(y.float(), ref, rtol=1e-5, atol=1e-6):
+            return name
+    return None
+
+
+# ---- Hugging Face transformers --------------------------------------------------------------
+
+_HF = "transformers."
+
+
+@register_adapter("DbrxFFN", _HF)
+def _dbrx_ffn(m: nn.Module) -> Built:
+    """DBRX: experts keep ``w1``/``v1``/``w2`` as 2-D ``[E*f, d]`` matrices (w2 used as ``h @ w2_e``)
+    in ``experts.mlp``; softmax router ``router.layer``, top-k weights divided by their p-norm."""
+    try:
+        lin, mlp, experts = m.router.layer, m.experts.mlp, m.experts
+        E, f, d, k = int(experts.num_experts), int(experts.ffn_hidden_size), int(experts.hidden_size), int(m.top_k)
+        norm = m.moe_normalize_expert_weights
+        shapes = {n: tuple(getattr(mlp, n).shape) for n in ("w1", "v1", "w2")}
+    except (AttributeError, TypeError):
+        return None
+    if not isinstance(lin, nn.Linear) or any(s != (E * f, d) for s in shapes.values()) or lin.out_features != E:
+        return None
+    cls = type(m).__name__
+    if norm not in (None, 1, 1.0):
+        return NotLifted(f"{cls}: top-k weights are divided by their L{norm:g} norm (moe_normalize_expert_weights="
+                         f"{norm}); moec renormalises by the sum only (the L1 norm of positive weights)")
+    jitter = getattr(m.router, "moe_jitter_eps", None)
+    if jitter:
+        return NotLifted(f"{cls}: the router multiplies its input by uniform noise in training (moe_jitter_eps="
+                         f"{jitter}), which moec's router does not model")
+    act = activation_of(mlp.activation_fn)
+    if act is None:
+        return NotLifted(f"{cls}: expert activation {type(mlp.activation_fn).__name__} is none of {ACTIVATIONS}")
+    paths = ["router.layer.weight", "experts.mlp.w1", "experts.mlp.v1", "experts.mlp.w2"]
+    fields = [("w_router", Src((0,))), ("w_gate", Src((1,), view=(E, f, d))), ("w_up", Src((2,), view=(E, f, d))),
+              ("w_down", Src((3,), view=(E, f, d), transpose=True))]
+    if lin.bias is not None:
+        paths.append("router.layer.bias")
+        fields.append(("b_router", Src((4,))))
+    try:
+        spec = MoESpec(hidden=d, ffn=f, activation=act, glu=True,
+                       router=RouterConfig(num_experts=E, top_k=k, renormalize=norm is not None,
+                                           router_bias=lin.bias is not None))
+    except MoESpecError as e:
+        return NotLifted(f"{cls}: {e}")
+    return LiftedMoE(spec=spec, formulation="adapter DbrxFFN: 2-D expert matrices [E*f, d], loop over experts",
+                     param_tensors=ParamTensors(tuple(paths)), weights=WeightsRecipe(tuple(fields)), outputs="y",
+                     notes=[f"experts: experts.mlp.w1/v1/w2 [{E * f}, {d}] read as [{E}, {f}, {d}] "
+                            f"(gate=w1, up=v1, down=w2^T), {act} (DbrxFFN adapter)",
+                            f"router: router.layer ({'softmax, top-%d' % k}"
+                            f"{', renormalised' if norm is not None else ''})"],
+                     observed=("router",))
+
+
+@register_adapter("GptOssMLP", _HF)
+def _gpt_oss_mlp(m: nn.Module) -> Built:
+    """GPT-OSS: biased experts with a clamped gated activation; reported, never lifted."""
+    try:
+        ex = m.experts
+        has = all(hasattr(ex, n) for n in ("gate_up_proj_bias", "down_proj_bias", "alpha", "limit"))
+    except AttributeError:
+        return None
+    if not has:
+        return None
+    E = ex.gate_up_proj.shape[0]
+    return NotLifted(
+        f"{type(m).__name__}: GPT-OSS experts are not supported by moec's kernels: they have per-expert biases "
+        f"(experts.gate_up_proj_bias [{E}, {ex.gate_up_proj_bias.shape[1]}], experts.down_proj_bias "
+        f"[{E}, {ex.down_proj_bias.shape[1]}]) and GPT-OSS's own clamped gated activation "
+        f"(gate.clamp(max={ex.limit:g}) * sigmoid({ex.alpha:g} * gate) * (up.clamp(-{ex.limit:g}, {ex.limit:g}) + 1) "
+        f"on interleaved gate/up columns), where moec's experts are bias-free silu/gelu/relu (GLU) MLPs; "
+        f"its router (linear with bias, top-k then softmax) alone would be supported")
+
+
+@register_adapter("PhimoeSparseMoeBlock", _HF)
+def _phimoe(m: nn.Module) -> Built:
+    """PhiMoE: sparsemixer routing; reported, never lifted."""
+    if not hasattr(m, "router") or not hasattr(m.router, "router_jitter_noise"):
+        return None
+    return NotLifted(
+        f"{type(m).__name__}: PhiMoE routes with sparsemixer (each of the top-2 picks is a softmax over the "
+        f"experts within a relative margin 2 * router_jitter_noise={2 * m.router.router_jitter_noise:g} of the best "
+        f"remaining one; Gumbel sampling in training), which is not one of moec's routers")

@@ -1,0 +1,56 @@
+"""Hugging Face transformers integration (optional: ``import moec`` never imports transformers).
+
+Two ways to run a transformers MoE model on moec's kernels:
+
+1. ``moec.compile(model)``: every MoE block is lifted whole — router, dispatch, experts, combine,
+   shared experts — by the generic frontend or, for blocks it cannot read, by a module adapter
+   (`moec.frontend.adapters`); each lifting is confirmed by the probe. Blocks moec cannot compute
+   (GPT-OSS, PhiMoE) stay eager and ``model.explain()`` says why.
+2. ``experts_implementation="moec"``: transformers keeps its own router and calls moec for the
+   expert computation (`moec.hf.experts.moec_experts_forward`)::
+
+       import moec.hf
+       moec.hf.register()          # also done by moec.compile once transformers is imported
+       model = AutoModelForCausalLM.from_config(cfg, experts_implementation="moec")
+
+   ``moec.hf.calls(model)`` counts how the experts modules ran (kernels, or eager and why).
+"""
+from __future__ import annotations
+
+_registered = False
+
+
+def register() -> bool:
+    """Register ``"moec"`` in transformers' experts interface (idempotent). Returns whether it is
+    registered: False when transformers is not installed or has no experts interface."""
+    global _registered
+    if _registered:
+        return True
+    try:
+        from transformers.integrations.moe import ExpertsInterface
+    except Exception:  # noqa: BLE001 - no transformers, or one without the interface
+        return False
+    from .experts import moec_experts_forward
+    ExpertsInterface.register("moec", moec_experts_forward)
+    _registered = True
+    return True
+
+
+def is_registered() -> bool:
+    return _registered
+
+
+def calls(model):
+    """How the experts modules of ``model`` ran under ``experts_implementation="moec"`` (a Counter)."""
+    from .experts import calls as _calls
+    return _calls(model)
+
+
+def __getattr__(name):
+    if name == "moec_experts_forward":
+        from .experts import moec_experts_forward
+        return moec_experts_forward
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["register", "is_registered", "calls", "moec_experts_forward"]
