@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .arch import ARCHS, Arch
-from .launch import Kernel, LaunchRecord, triton_type
+from .launch import Kernel, LaunchRecord, specialize, triton_type
 
 
 def pow2(n: int, lo: int = 16) -> int:
@@ -44,8 +44,9 @@ class LaunchPlan:
     def record(self) -> LaunchRecord:
         """The `LaunchRecord` running it would make (works for ``meta`` tensors: nothing runs)."""
         sig = {k: triton_type(v) for k, v in self.args.items() if v is not None}
+        spec = {k: specialize(v) for k, v in self.args.items() if v is not None}
         return LaunchRecord(self.kernel, tuple(self.grid), sig, dict(self.constexprs), self.num_warps,
-                            self.num_stages)
+                            self.num_stages, spec)
 
 
 # ----------------------------------------------------------------------------------------------
