@@ -38,8 +38,13 @@ class Compiled:
         return self.program.graph
 
     def tiles(self) -> dict:
-        return {s.node.name: {"op": s.node.op, **s.node.attr["tile"].as_dict()}
-                for s in self.program.steps if s.kernel is not None}
+        """Per kernel node: its op and, per token-count bucket, the kernel and its tile."""
+        from moec.runtime.tiles import bucket_text
+        return {s.node.name: {"op": s.node.op,
+                              "buckets": {(bucket_text(*v.params.bucket) if v.params.bucket else "every T"):
+                                          {"kernel": v.kernel.fn_name, **v.params.tile.as_dict()}
+                                          for v in s.variants}}
+                for s in self.program.steps if s.variants}
 
     def dump(self, directory: str | Path, captured: str = "") -> Path:
         """Write the captured region, IR after each pass, kernels and tiles under ``directory``."""

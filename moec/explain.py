@@ -47,8 +47,7 @@ def report(model) -> str:
             if note.startswith(_SHOWN_NOTES):          # the rest is in the dump's captured.txt
                 lines.append(f"          {note}")
         for (dtype, arch), c in region.compiled.items():
-            kernels = ", ".join(f"{s.kernel.fn_name}[{s.node.op} {_tile(s.node.attr['tile'])}]"
-                                for s, _ in c.program.kernels())
+            kernels = ", ".join(f"{s.node.op} {_tiles(s)}" for s in c.program.steps if s.variants)
             lines.append(f"          compiled for {str(dtype).split('.')[-1]} on {arch.name}: {kernels}")
             torch_ops = torch_steps(c.program)
             if torch_ops:
@@ -61,6 +60,11 @@ def report(model) -> str:
         lines.append(f"  EAGER   {qualname or '<root>'} ({cls}): {reason}")
     lines.append("  everything else runs as eager PyTorch")
     return "\n".join(lines)
+
+
+def _tiles(step) -> str:
+    """``[kernel: tile; ...]``, one entry per token-count bucket (the kernel name says which)."""
+    return "[" + "; ".join(f"{v.kernel.fn_name}: {_tile(v.params.tile)}" for v in step.variants) + "]"
 
 
 def _tile(t) -> str:

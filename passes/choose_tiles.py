@@ -1,71 +1,77 @@
-"""choose-tiles: attach a tile to every kernel node from a small per-arch table.
+"""choose-tiles: attach to every kernel node the tile of each token-count bucket.
 
 Expects: fused nodes (``fused_route``, ``grouped_gemm``, ``reduce_topk``) and ``ctx.arch``.
-Guarantees: each has a ``tile`` attribute whose blocks are powers of two no wider than needed
-(clamped to the padded problem dims) and whose pipelined shared-memory footprint fits the
-arch's per-block limit (stages are reduced until it does). The cost model and autotuning that
-refine this per token-count bucket are later work; the table is the safe default.
+Guarantees: each has a ``tiles`` attribute ``{bound: tile}`` over the buckets of
+`moec.runtime.tiles.BUCKETS` (``T <= 16``, ``<= 128``, ``<= 1024``, larger: ``None``), with
+adjacent buckets that got the same tile folded into one (``{None: tile}`` serves every T). Blocks
+are powers of two no wider than the padded problem dims; on a GPU arch each tile's pipelined
+shared memory fits the arch's per-block limit and its accumulators fit in registers.
+
+Where the tile comes from, per bucket:
+
+1. the autotune file (`moec.runtime.autotune`), when it has an entry for this device, kernel
+   shape and bucket, and the entry is one of the cost model's legal candidates on this arch;
+2. otherwise the cost model (`passes/cost_model.py`): the candidate with the least predicted
+   time over the bucket's sample token counts;
+3. on ``cpu`` (the Triton interpreter) a fixed table: few, wide programs run fastest there.
 """
 from __future__ import annotations
 
 from moec.ir.graph import Graph
-from moec.ir.types import DTYPES
-from moec.runtime.tiles import GemmTile, RouteTile, RowTile
+from moec.runtime import autotune
+from moec.runtime.tiles import BUCKETS, GemmTile, RouteTile, RowTile, bucket_ranges, merge_buckets
 
-# arch -> (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) for grouped GEMMs
-GEMM_TABLE = {
-    "cpu": (16, 64, 64, 4, 1),          # the interpreter: few, wide programs run fastest
-    "sm80": (64, 128, 32, 4, 4),
-    "sm86": (64, 128, 32, 4, 3),
-    "sm89": (64, 128, 32, 4, 3),
-    "sm90": (64, 128, 64, 4, 4),
-    "sm100": (128, 128, 64, 8, 4),
-}
-ROUTE_TABLE = {"cpu": (16, 64, 4, 1)}
-ROUTE_DEFAULT = (32, 64, 4, 3)
+from . import cost_model
+from .cost_model import pow2
+
+# the interpreter's tiles (arch "cpu"): one bucket
+CPU_GEMM = (16, 64, 64, 4, 1)       # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
+CPU_ROUTE = (16, 64, 4, 1)          # BLOCK_T, BLOCK_K, warps, stages
+CPU_ROW = (16, 128, 4, 1)           # BLOCK_T, BLOCK_D, warps, stages
 
 
-def pow2(n: int, lo: int = 16) -> int:
-    p = lo
-    while p < n:
-        p *= 2
-    return p
+def _cpu_tile(n, g):
+    if n.op == "grouped_gemm":
+        bm, bn, bk, w, s = CPU_GEMM
+        N, K = int(n.types[0].shape[1]), int(g.types[n.ins["a"]].shape[1])
+        return GemmTile(bm, min(bn, pow2(N)), min(bk, pow2(K)), w, s)
+    if n.op == "fused_route":
+        bt, bk, w, s = CPU_ROUTE
+        return RouteTile(bt, min(bk, pow2(int(g.types[n.ins["x"]].shape[1]))), w, s)
+    bt, bd, w, s = CPU_ROW
+    return RowTile(bt, min(bd, pow2(int(n.types[0].shape[1]))), w, s)
 
 
-def _itemsize(dtype: str) -> int:
-    return DTYPES[dtype].itemsize
+def _rows(tile) -> int:
+    return getattr(tile, "block_m", None) or tile.block_t
 
 
-def gemm_smem(t: GemmTile, glu: bool, itemsize: int) -> int:
-    per_stage = (t.block_m * t.block_k + (2 if glu else 1) * t.block_n * t.block_k) * itemsize
-    return per_stage * max(t.num_stages, 1)
+def tiles_for(n, g: Graph, arch, tuned=None) -> dict:
+    """``{bound: tile}`` for one kernel node (``tuned``: an `autotune.Lookup` or None).
 
-
-def _gemm_tile(n, g, arch) -> GemmTile:
-    bm, bn, bk, warps, stages = GEMM_TABLE[arch.name]
-    N, K = int(n.types[0].shape[1]), int(g.types[n.ins["a"]].shape[1])
-    bn, bk = min(bn, pow2(N)), min(bk, pow2(K))
-    size = _itemsize(g.types[n.ins["a"]].dtype)
-    tile = GemmTile(bm, bn, bk, warps, stages)
-    while stages > 1 and gemm_smem(tile, n.attr["glu"], size) > arch.smem_per_block * 0.9:
-        stages -= 1
-        tile = GemmTile(bm, bn, bk, warps, stages)
-    return tile
-
-
-def _route_tile(n, g, arch) -> RouteTile:
-    bt, bk, warps, stages = ROUTE_TABLE.get(arch.name, ROUTE_DEFAULT)
-    return RouteTile(bt, min(bk, pow2(int(g.types[n.ins["x"]].shape[1]))), warps, stages)
-
-
-def _row_tile(n, g, arch) -> RowTile:
-    return RowTile(16, min(128, pow2(int(n.types[0].shape[1]))), 4, 1)
-
-
-CHOOSERS = {"grouped_gemm": _gemm_tile, "fused_route": _route_tile, "reduce_topk": _row_tile}
+    Buckets are visited from the largest down; a bucket the model would serve about as well
+    (within ``cost_model.NEAR_TIE``) with the next larger bucket's tile, *with the same rows per
+    program*, takes that tile, so near-identical kernels are not rendered and compiled twice.
+    Tiles of more rows are never carried down to smaller T: where the model calls a 128-row and
+    a 16-row tile a tie (memory-bound, small T), it is least to be trusted."""
+    if arch.name == "cpu":
+        return {None: _cpu_tile(n, g)}
+    problem = cost_model.problem_of(n, g)
+    chosen, larger = {}, None
+    for (lo, hi), bound in reversed(list(zip(bucket_ranges(BUCKETS), BUCKETS))):
+        tile = tuned.tile(problem.key, bound) if tuned is not None else None
+        if tile is None or cost_model.score(problem, arch, lo, hi, tile) is None:   # not a legal candidate
+            tile = cost_model.choose(problem, arch, lo, hi)
+            kept = cost_model.score(problem, arch, lo, hi, larger) if larger is not None else None
+            if (kept is not None and _rows(larger) == _rows(tile)
+                    and kept <= cost_model.score(problem, arch, lo, hi, tile) * (1 + cost_model.NEAR_TIE)):
+                tile = larger
+        chosen[bound] = larger = tile
+    return merge_buckets(chosen)
 
 
 def choose_tiles(g: Graph, ctx) -> Graph:
-    nodes = [n.replace(attrs={"tile": CHOOSERS[n.op](n, g, ctx.arch)}) if n.op in CHOOSERS else n
+    tuned = autotune.lookup_for(ctx.arch)
+    nodes = [n.replace(attrs={"tiles": tiles_for(n, g, ctx.arch, tuned)}) if n.op in cost_model.PROBLEMS else n
              for n in g.nodes]
     return g.with_nodes(nodes)

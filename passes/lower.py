@@ -2,7 +2,8 @@
 
 Expects: a verified graph after `choose-tiles` (kernel nodes carry tiles).
 Guarantees: every ``fused_route``, ``grouped_gemm`` and ``reduce_topk`` node is a generated
-Triton kernel (rendered here, so dumps can show it before the first call); ``dispatch`` and
+Triton kernel per token-count bucket of its ``tiles`` (rendered here, so dumps can show them
+before the first call; a call launches the one whose bucket holds its T); ``dispatch`` and
 ``aux_loss`` are device-side torch steps (sort / a few element-wise ops, no host sync);
 ``apply_capacity`` is a torch step (its greedy, token-ordered overflow needs a global order).
 Any node no pass fused (e.g. a lone ``linear``) runs through the reference interpreter's torch
@@ -17,19 +18,35 @@ from moec.ir.interp import run_node
 from moec.ir.ops import router_config
 from moec.ir.text import print_node
 from moec.ir.types import DTYPES
-from moec.runtime.program import Program, Step
+from moec.runtime.program import Program, Step, Variant
+from moec.runtime.tiles import bucket_ranges
 
 KERNEL_OPS = ("fused_route", "grouped_gemm", "reduce_topk")
+
+
+def _kernel_step(n: Node, params_for, render, launch) -> Step:
+    """A kernel step with one variant per bucket of the node's ``tiles`` (each rendered here)."""
+    tiles = n.attr.get("tiles")
+    if not tiles:
+        raise ValueError(f"{n.op} %{n.name} has no tiles: run choose-tiles before lowering")
+    bounds = list(tiles)
+    variants = []
+    for bound, (lo, hi) in zip(bounds, bucket_ranges(bounds)):
+        params = params_for(tiles[bound], () if len(bounds) == 1 else (lo, hi))
+        variants.append(Variant(bound, params, render(params)))
+    return Step(n, variants=tuple(variants), launch=launch)
 
 
 def _route_step(n: Node, g: Graph) -> Step:
     from moec.runtime.route_kernel import RouteParams, fused_route, render_route
     cfg = router_config(n.attr)
-    params = RouteParams(router=cfg, hidden=int(g.types[n.ins["x"]].shape[1]),
-                         shared_gate="w_shared_gate" in n.ins, write_logits="logits" in n.outs,
-                         tile=n.attr["tile"], header=print_node(n))
 
-    def run(v, outs, ctx):
+    def params_for(tile, bucket):
+        return RouteParams(router=cfg, hidden=int(g.types[n.ins["x"]].shape[1]),
+                           shared_gate="w_shared_gate" in n.ins, write_logits="logits" in n.outs,
+                           tile=tile, header=print_node(n), bucket=bucket)
+
+    def launch(params, v, outs, ctx):
         noise = ctx["noise"] if (cfg.noisy and ctx["training"]) else None
         if cfg.noisy and ctx["training"] and noise is None:
             raise ValueError("noisy router in training mode: no noise tensor was drawn")
@@ -38,33 +55,37 @@ def _route_step(n: Node, g: Graph) -> Step:
         got = {"ids": r.ids, "weights": r.weights, "counts": r.counts, "prob_sum": r.prob_sum,
                "shared_scale": r.shared_scale, "logits": r.logits}
         return {role: got[role] for role in outs}
-    return Step(n, run, render_route(params), params)
+    return _kernel_step(n, params_for, render_route, launch)
 
 
 def _gemm_step(n: Node, g: Graph) -> Step:
     from moec.runtime.grouped_gemm_kernel import GroupedGemmParams, grouped_gemm, render_grouped_gemm
     a = n.attr
-    params = GroupedGemmParams(num_experts=a["num_experts"], n=int(n.types[0].shape[1]),
-                               k_dim=int(g.types[n.ins["a"]].shape[1]), activation=a["activation"],
-                               glu=a["glu"], gather_top_k=a["gather_top_k"], scatter=a["scatter"],
-                               scale="scale" in n.ins, out_dtype=n.types[0].torch_dtype,
-                               tile=a["tile"], header=print_node(n))
 
-    def run(v, outs, ctx):
+    def params_for(tile, bucket):
+        return GroupedGemmParams(num_experts=a["num_experts"], n=int(n.types[0].shape[1]),
+                                 k_dim=int(g.types[n.ins["a"]].shape[1]), activation=a["activation"],
+                                 glu=a["glu"], gather_top_k=a["gather_top_k"], scatter=a["scatter"],
+                                 scale="scale" in n.ins, out_dtype=n.types[0].torch_dtype,
+                                 tile=tile, header=print_node(n), bucket=bucket)
+
+    def launch(params, v, outs, ctx):
         scale = v.get("scale")
         grouped_gemm(v["a"], v["w"], params, out=outs["out"], offsets=v.get("offsets"), order=v.get("order"),
                      w_up=v.get("w_up"), scale_vec=scale.reshape(-1) if scale is not None else None)
-    return Step(n, run, render_grouped_gemm(params), params)
+    return _kernel_step(n, params_for, render_grouped_gemm, launch)
 
 
 def _reduce_step(n: Node, g: Graph) -> Step:
     from moec.runtime.reduce_kernel import ReduceParams, reduce_topk, render_reduce
-    params = ReduceParams(top_k=n.attr["top_k"], hidden=int(n.types[0].shape[1]), residual="residual" in n.ins,
-                          out_dtype=DTYPES[n.attr["out_dtype"]], tile=n.attr["tile"], header=print_node(n))
 
-    def run(v, outs, ctx):
+    def params_for(tile, bucket):
+        return ReduceParams(top_k=n.attr["top_k"], hidden=int(n.types[0].shape[1]), residual="residual" in n.ins,
+                            out_dtype=DTYPES[n.attr["out_dtype"]], tile=tile, header=print_node(n), bucket=bucket)
+
+    def launch(params, v, outs, ctx):
         reduce_topk(v["y"], params, out=outs["out"], ids=v["ids"], residual=v.get("residual"))
-    return Step(n, run, render_reduce(params), params)
+    return _kernel_step(n, params_for, render_reduce, launch)
 
 
 def _dispatch_step(n: Node, g: Graph) -> Step:

@@ -34,19 +34,29 @@ _MMA_MARKERS = (("tcgen05", "tcgen05"), ("wgmma", "wgmma"), ("mma.sync", "mma.sy
 
 
 def compile_launch(record: LaunchRecord, arch: str | Arch) -> AotReport:
-    """Compile the kernel of ``record`` with its signature and constexprs for ``arch``."""
+    """Compile the kernel of ``record`` with its signature and constexprs for ``arch``, with the
+    specializations the JIT would make for the recorded values (ints equal to 1 as constants,
+    16-divisible ints and addresses marked so): without them Triton cannot prove the loads
+    contiguous, does not pipeline them, and reports far less shared memory than a real launch."""
     arch = ARCHS[arch] if isinstance(arch, str) else arch
     fn = record.kernel.function(interpret=False)
     signature = dict(record.signature)
     constexprs = dict(record.constexprs)
-    for name in fn.arg_names:
+    spec = getattr(record, "specialization", {}) or {}
+    attrs = {}
+    for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
         elif name not in signature:           # an argument passed as None
             signature[name] = "constexpr"
             constexprs[name] = None
+        elif spec.get(name) == "1" and not signature[name].startswith("*"):
+            signature[name] = "constexpr"
+            constexprs[name] = 1
+        elif spec.get(name) == "D":
+            attrs[(i,)] = [["tt.divisibility", 16]]
     signature = {n: signature[n] for n in fn.arg_names}
-    src = ASTSource(fn, signature, constexprs)
+    src = ASTSource(fn, signature, constexprs, attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch.cc, 32),
                               options={"num_warps": record.num_warps, "num_stages": record.num_stages})
     ptx = compiled.asm["ptx"]

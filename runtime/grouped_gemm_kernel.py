@@ -32,7 +32,7 @@ from moec.spec import ACTIVATIONS
 
 from .launch import Kernel
 from .render import render
-from .tiles import GemmTile
+from .tiles import GemmTile, bucket_suffix, bucket_text
 
 # The epilogue's activation as a Triton expression on the fp32 tile ``x``. silu is x / (1 + exp(-x)),
 # the rounding torch uses (x * tl.sigmoid(x) is off by an ulp or two); gelu_tanh is 0.5 x (1 + tanh(y))
@@ -64,6 +64,7 @@ class GroupedGemmParams:
     out_dtype: torch.dtype = torch.float32
     tile: GemmTile = GemmTile(16, 32, 32)
     header: str = ""                    # the IR node's text line
+    bucket: tuple = ()                  # (lo, hi): this kernel serves lo <= T <= hi; () every T
 
     def __post_init__(self) -> None:
         if self.num_experts < 1 or self.n < 1 or self.k_dim < 1:
@@ -95,6 +96,8 @@ class GroupedGemmParams:
             parts.append("scaled")
         if self.scatter:
             parts.append("scatter")
+        if self.bucket:
+            parts.append(bucket_suffix(*self.bucket))
         return "_".join(parts)
 
 
@@ -111,6 +114,7 @@ def render_grouped_gemm(params: GroupedGemmParams) -> Kernel:
                     activation=params.activation, glu=params.glu, gather_top_k=params.gather_top_k,
                     scatter=params.scatter, scale=params.scale,
                     out_dtype=str(params.out_dtype).replace("torch.", ""), tile=params.tile,
+                    bucket=bucket_text(*params.bucket) if params.bucket else "every T",
                     activation_expr=ACTIVATION_EXPR[params.activation])
     return Kernel(source, name, ARG_NAMES)
 

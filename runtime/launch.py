@@ -31,6 +31,7 @@ class LaunchRecord:
     constexprs: dict
     num_warps: int
     num_stages: int
+    specialization: dict = field(default_factory=dict)   # argument name -> "1" | "D" (see `specialize`)
 
     def describe(self) -> dict:
         return {"kernel": self.kernel.fn_name, "source_key": cache.source_key(self.kernel.source),
@@ -47,6 +48,20 @@ def recording():
         yield records
     finally:
         _recorder.reset(token)
+
+
+def specialize(value) -> str:
+    """How Triton's JIT specializes an argument value: ``"1"`` (an int equal to 1 becomes a
+    constant), ``"D"`` (an int, or a tensor's address, divisible by 16), or ``""``. Recorded so
+    that an ahead-of-time compile sees what the JIT would (divisibility decides vector widths,
+    and so whether loads are pipelined and how much shared memory a kernel takes)."""
+    if isinstance(value, bool) or not isinstance(value, (int, torch.Tensor)):
+        return ""
+    if isinstance(value, torch.Tensor):
+        return "D" if value.data_ptr() % 16 == 0 else ""
+    if value == 1:
+        return "1"
+    return "D" if value % 16 == 0 else ""
 
 
 def triton_type(value) -> str:
@@ -122,7 +137,9 @@ class Kernel:
         records = _recorder.get()
         if records is not None:
             sig = {k: triton_type(v) for k, v in args.items() if v is not None}
-            records.append(LaunchRecord(self, tuple(grid), sig, dict(constexprs), num_warps, num_stages))
+            spec = {k: specialize(v) for k, v in args.items() if v is not None}
+            records.append(LaunchRecord(self, tuple(grid), sig, dict(constexprs), num_warps, num_stages,
+                                        {k: v for k, v in spec.items() if v}))
         if interpret:
             with _interpretable_stdlib():
                 fn[grid](**args, **constexprs)

@@ -3,30 +3,76 @@
 `Program.run` binds the token count T from ``x``, allocates every result from its IR type
 (sympy shapes evaluated at T: sizes depend on T only, never on routing data, so there is no host
 synchronisation and CUDA graphs can capture a call), and runs the steps in order.
+
+A kernel step has one `Variant` per token-count bucket of its node's ``tiles`` (each rendered
+once, at lowering); a call launches the variant whose bucket holds the call's T, a host int, so
+choosing costs no synchronisation either.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import sympy
 import torch
 
 from moec.ir.graph import Graph, Node
+from moec.ir.types import T as SYM_T
 from moec.ir.text import print_node
 
 from .launch import Kernel
 
 
 @dataclass(frozen=True)
+class Variant:
+    """One rendered kernel of a kernel step: the one launched when ``T <= bound``."""
+
+    bound: Optional[int]          # inclusive upper bound of its bucket; None: every larger T
+    params: object                # the kernel family's params dataclass (its tile and bucket)
+    kernel: Kernel
+
+
+@dataclass(frozen=True)
 class Step:
     node: Node
-    run: Callable                 # (operands by role, results preallocated by role, ctx) -> None
-    kernel: Optional[Kernel] = None
-    params: object = None         # the kernel family's params dataclass (for dumps)
+    run: Optional[Callable] = None     # torch steps: (operands, preallocated results, ctx) -> dict | None
+    variants: tuple = ()               # kernel steps: one Variant per bucket, ascending, None last
+    launch: Optional[Callable] = None  # kernel steps: (params, operands, results, ctx) -> dict | None
 
     @property
     def text(self) -> str:
         return print_node(self.node)
+
+    def variant(self, T: int) -> Variant:
+        """The variant whose bucket holds ``T`` (the first, in ascending order, with ``T <= bound``)."""
+        for v in self.variants:
+            if v.bound is None or T <= v.bound:
+                return v
+        raise ValueError(f"{self.node.name}: no bucket holds T={T} (bounds {[v.bound for v in self.variants]})")
+
+    def execute(self, operands: dict, results: dict, ctx: dict):
+        if self.variants:
+            return self.launch(self.variant(ctx["T"]).params, operands, results, ctx)
+        return self.run(operands, results, ctx)
+
+    @property
+    def kernel(self) -> Optional[Kernel]:
+        """The largest bucket's kernel (None for a torch step)."""
+        return self.variants[-1].kernel if self.variants else None
+
+    @property
+    def params(self):
+        return self.variants[-1].params if self.variants else None
+
+
+def _shape_fn(t) -> Callable[[int], tuple]:
+    """``T -> shape`` of an IR type, compiled once: evaluating the sympy dims at every call would
+    cost ~100 us per result, more than a decode step's kernels."""
+    if all(d.is_Integer for d in t.shape):
+        const = tuple(int(d) for d in t.shape)
+        return lambda T: const
+    f = sympy.lambdify(SYM_T, sympy.Tuple(*t.shape), "math")
+    return lambda T: tuple(int(v) for v in f(T))
 
 
 @dataclass
@@ -36,21 +82,30 @@ class Program:
     arch: str
     meta: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # per step: (role, T -> shape, dtype) of each result, for allocation at call time
+        self._allocs = [[(r, _shape_fn(t), t.torch_dtype) for (r, _), t in zip(s.node.results, s.node.types)]
+                        for s in self.steps]
+
     def kernels(self) -> list[tuple[Step, Kernel]]:
-        return [(s, s.kernel) for s in self.steps if s.kernel is not None]
+        """Every rendered kernel (one per bucket variant) with its step."""
+        return [(s, v.kernel) for s in self.steps for v in s.variants]
 
     def run(self, inputs: dict[str, torch.Tensor], *, training: bool = False,
-            noise: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
+            noise: Optional[torch.Tensor] = None, on_step: Optional[Callable] = None) -> list[torch.Tensor]:
+        """Run every step; ``on_step(step, operands, results, ctx)`` is called after each (autotune
+        uses it to capture a kernel's operands)."""
         x = inputs["x"]
         T = x.shape[0]
         values = dict(inputs)
         ctx = {"training": training, "noise": noise, "T": T}
-        for step in self.steps:
+        for step, allocs in zip(self.steps, self._allocs):
             ins = {r: values[v] for r, v in step.node.operands}
-            outs = {r: torch.empty(t.concrete(T=T), dtype=t.torch_dtype, device=x.device)
-                    for (r, _), t in zip(step.node.results, step.node.types)}
-            got = step.run(ins, outs, ctx)
+            outs = {r: torch.empty(shape(T), dtype=dtype, device=x.device) for r, shape, dtype in allocs}
+            got = step.execute(ins, outs, ctx)
             if got:                      # a step may return new tensors instead of filling outs
                 outs.update(got)
+            if on_step is not None:
+                on_step(step, ins, outs, ctx)
             values.update({v: outs[r] for r, v in step.node.results})
         return [values[o] for o in self.graph.outputs]

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .launch import Kernel
 from .render import render
-from .tiles import RowTile
+from .tiles import RowTile, bucket_suffix, bucket_text
 
 ARG_NAMES = ("y_ptr", "ids_ptr", "res_ptr", "out_ptr", "T", "stride_ym", "stride_yd",
              "stride_it", "stride_is", "stride_rt", "stride_rd", "stride_ot", "stride_od")
@@ -34,6 +34,7 @@ class ReduceParams:
     out_dtype: torch.dtype = torch.float32
     tile: RowTile = RowTile(16, 64)
     header: str = ""
+    bucket: tuple = ()                  # (lo, hi): this kernel serves lo <= T <= hi; () every T
 
     def __post_init__(self) -> None:
         if self.top_k < 1 or self.hidden < 1:
@@ -48,9 +49,12 @@ class ReduceParams:
 def render_reduce(params: ReduceParams) -> Kernel:
     """The kernel for ``params`` (rendered once per distinct params)."""
     name = "reduce_topk" + ("_residual" if params.residual else "")
+    if params.bucket:
+        name += "_" + bucket_suffix(*params.bucket)
     source = render("reduce_topk.py.jinja", fn_name=name, header=re.sub(r"\s+", " ", params.header).strip(),
                     top_k=params.top_k, hidden=params.hidden, residual=params.residual,
-                    out_dtype=str(params.out_dtype).replace("torch.", ""), tile=params.tile)
+                    out_dtype=str(params.out_dtype).replace("torch.", ""), tile=params.tile,
+                    bucket=bucket_text(*params.bucket) if params.bucket else "every T")
     return Kernel(source, name, ARG_NAMES)
 
 

@@ -26,7 +26,7 @@ from moec.spec import RouterConfig
 
 from .launch import Kernel
 from .render import render
-from .tiles import RouteTile
+from .tiles import RouteTile, bucket_suffix, bucket_text
 
 TEMPLATE = "route.py.jinja"
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -51,6 +51,7 @@ class RouteParams:
     write_logits: bool = False
     tile: RouteTile = RouteTile(16, 64)
     header: str = ""
+    bucket: tuple = ()                  # (lo, hi): this kernel serves lo <= T <= hi; () every T
 
     def __post_init__(self) -> None:
         if not isinstance(self.router, RouterConfig):
@@ -85,6 +86,8 @@ class RouteParams:
         name = f"moec_route_{r.score}_e{r.num_experts}_k{r.top_k}"
         if r.n_group > 1:
             name += f"_g{r.n_group}x{r.topk_group}"
+        if self.bucket:
+            name += "_" + bucket_suffix(*self.bucket)
         return name
 
     def constexprs(self, has_noise: bool) -> dict:
@@ -135,7 +138,8 @@ def render_route(params: RouteParams) -> Kernel:
     source = render(TEMPLATE, fn_name=params.fn_name, header=_one_line(params.header) or "(none)",
                     hidden=params.hidden, num_experts=params.router.num_experts,
                     top_k=params.router.top_k, e_pad=params.e_pad, router=_describe(params),
-                    tile=params.tile, block_k=params.block_k)
+                    tile=params.tile, block_k=params.block_k,
+                    bucket=bucket_text(*params.bucket) if params.bucket else "every T")
     return Kernel(source, params.fn_name)
 
 

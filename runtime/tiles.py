@@ -1,7 +1,16 @@
-"""Tiling configurations: typed, frozen, printable (they appear in IR text and kernel headers)."""
+"""Tiling configurations: typed, frozen, printable (they appear in IR text and kernel headers),
+and the token-count buckets a kernel node's tiles are chosen for.
+
+A kernel node carries ``tiles={16: GemmTile(...), 128: ..., None: ...}``: the tile for each bucket
+of the token count T, keyed by the bucket's inclusive upper bound, ``None`` for every larger T
+(one entry ``{None: tile}`` serves every T). The runtime picks the bucket of the current T, a
+host-side int, so the choice costs no device synchronisation; each bucket's kernel is rendered
+once.
+"""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 
 class _Tile:
@@ -44,3 +53,55 @@ class RowTile(_Tile):
 
 
 TILE_TYPES = {"GemmTile": GemmTile, "RouteTile": RouteTile, "RowTile": RowTile}
+
+
+# ---- token-count buckets ---------------------------------------------------------------------
+
+BUCKETS: tuple = (16, 128, 1024, None)   # T <= 16 (decode), <= 128, <= 1024, larger
+
+
+def bucket_of(T: int, bounds) -> Optional[int]:
+    """The bound of the first bucket (in ascending order, ``None`` last) that holds ``T``."""
+    for b in bounds:
+        if b is None or T <= b:
+            return b
+    raise ValueError(f"no bucket holds T={T}: bounds {list(bounds)} need a last None bucket")
+
+
+def bucket_ranges(bounds) -> list[tuple[int, Optional[int]]]:
+    """``[(lo, hi)]`` per bound: the bucket holds ``lo <= T <= hi`` (``hi`` None: unbounded)."""
+    out, lo = [], 1
+    for b in bounds:
+        out.append((lo, b))
+        lo = (b or 0) + 1
+    return out
+
+
+def bucket_text(lo: int, hi: Optional[int]) -> str:
+    if hi is None:
+        return f"T >= {lo}" if lo > 1 else "every T"
+    return f"T <= {hi}" if lo <= 1 else f"{lo} <= T <= {hi}"
+
+
+def bucket_suffix(lo: int, hi: Optional[int]) -> str:
+    """A kernel-name suffix for a bucket: ``T1to16``, ``T17to128``, ``T1025up``."""
+    return f"T{lo}up" if hi is None else f"T{lo}to{hi}"
+
+
+def bucket_key(bound: Optional[int]) -> str:
+    """The JSON key of a bucket bound (the autotune file): ``"T<=16"``, ``"T>1024"``."""
+    if bound is not None:
+        return f"T<={bound}"
+    finite = [b for b in BUCKETS if b is not None]
+    return f"T>{finite[-1]}"
+
+
+def merge_buckets(tiles: dict) -> dict:
+    """Ascending bounds, ``None`` last; a bucket whose tile equals the next one's is folded into it."""
+    items = sorted(tiles.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
+    out: dict = {}
+    for i, (bound, tile) in enumerate(items):
+        if i + 1 < len(items) and items[i + 1][1] == tile:
+            continue
+        out[bound] = tile
+    return out

@@ -92,7 +92,7 @@ op("fused_route", "One kernel: gate GEMM x @ w.T (+ b) (+ noise), score, group-l
    ["x", "w"], ["ids", "weights", "counts", "prob_sum", "shared_scale", "logits"], _infer_fused_route,
    optional_operands=["b", "score_bias", "w_noise", "w_shared_gate"],
    optional_results=["prob_sum", "shared_scale", "logits"],
-   attrs={**{n: REQUIRED for n in ("num_experts", "top_k")}, **_ROUTER_DEFAULTS, "tile": None})
+   attrs={**{n: REQUIRED for n in ("num_experts", "top_k")}, **_ROUTER_DEFAULTS, "tiles": None})
 
 op("aux_loss", "The load-balancing loss E * sum_e (counts_e / T) * (prob_sum_e / T); 0 when T = 0.",
    ["counts", "prob_sum", "ids"], ["out"], lambda o, a: {"out": TensorType("f32", ())},
@@ -140,7 +140,7 @@ op("grouped_gemm", "Row i of the sorted rows belongs to expert e(i) (offsets; on
    "epilogue). Rows of dropped pairs are left unwritten. fp32 accumulation.",
    ["a", "w"], ["out"], _infer_gg, optional_operands=["offsets", "w_up", "order", "scale"],
    attrs={"num_experts": REQUIRED, "activation": None, "glu": False, "gather_top_k": 0,
-          "scatter": False, "out_dtype": None, "tile": None})
+          "scatter": False, "out_dtype": None, "tiles": None})
 
 op("activate", "out = act(gate) * up (glu) or act(gate), computed in fp32, stored in gate's dtype.",
    ["gate"], ["out"], lambda o, a: {"out": o["gate"]}, optional_operands=["up"],
@@ -156,7 +156,7 @@ op("reduce_topk", "out[t] = sum_s y[t*k+s] over slots s in fixed order, skipping
    "(ids = -1), + residual[t]; fp32 sum, stored in out_dtype. Deterministic: no atomics.",
    ["y", "ids"], ["out"],
    lambda o, a: {"out": TensorType(a["out_dtype"], (_rows(o["ids"]), o["y"].shape[1]))},
-   optional_operands=["residual"], attrs={"top_k": REQUIRED, "out_dtype": REQUIRED, "tile": None})
+   optional_operands=["residual"], attrs={"top_k": REQUIRED, "out_dtype": REQUIRED, "tiles": None})
 
 op("add", "out = a + b (fp32).", ["a", "b"], ["out"],
    lambda o, a: {"out": TensorType("f32", o["a"].shape)})

@@ -7,7 +7,9 @@
     }
 
 Results are printed in the op's declared order, ``_`` standing for an absent optional result.
-Attributes equal to the op's default are not printed; values are Python literals or tiles.
+Attributes equal to the op's default are not printed; values are Python literals, tiles
+(``GemmTile(block_m=16, ...)``), or dicts of them (a kernel node's per-bucket
+``tiles={16: GemmTile(...), None: GemmTile(...)}``).
 """
 from __future__ import annotations
 
@@ -58,6 +60,8 @@ _NODE = re.compile(r"^(?P<res>.*?)\s=\s(?P<op>\w+)\((?P<args>.*?)\)(\s*\{(?P<att
 def _literal(node: ast.AST):
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in TILE_TYPES:
         return TILE_TYPES[node.func.id](**{kw.arg: ast.literal_eval(kw.value) for kw in node.keywords})
+    if isinstance(node, ast.Dict) and None not in node.keys:   # (None keys: a ** expansion)
+        return {ast.literal_eval(k): _literal(v) for k, v in zip(node.keys, node.values)}
     return ast.literal_eval(node)
 
 

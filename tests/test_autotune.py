@@ -1,0 +1,208 @@
+"""Autotuning without a GPU: the tune file's format, merge and atomic write, the lookup that
+choose-tiles makes, the winner selection, and a whole `tune` run driven by a fake timer (the
+kernels run in the Triton interpreter; the timer reads the launched tile and makes one faster)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moec.compiler import compile_spec
+from moec.passes import cost_model as cm
+from moec.runtime import autotune
+from moec.runtime.arch import ARCHS
+from moec.runtime.launch import recording
+from moec.runtime.tiles import BUCKETS, GemmTile, RouteTile, RowTile, bucket_ranges
+from moec.spec import MoESpec, MoEWeights, RouterConfig
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+SPEC = MoESpec(32, 64, RouterConfig(8, 2, renormalize=True))
+
+
+@pytest.fixture(autouse=True)
+def tune_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEC_TUNE_FILE", str(tmp_path / "tune.json"))
+    monkeypatch.delenv("MOEC_TUNE_DEVICE", raising=False)
+    compile_spec.cache_clear()
+    yield tmp_path / "tune.json"
+    compile_spec.cache_clear()
+
+
+def entry(tile, us=1.0):
+    return {"tile": autotune.tile_to_json(tile), "us": us, "T": 16}
+
+
+# ---- the file ---------------------------------------------------------------------------------
+
+def test_file_format_and_merge(tune_env):
+    assert autotune.tune_file() == tune_env and autotune.load() == autotune.empty()
+    a, b = GemmTile(16, 64, 128, 4, 4), GemmTile(128, 128, 64, 8, 4)
+    autotune.save("GPU A", "sm90", {"k1": {"T<=16": entry(a)}})
+    autotune.save("GPU A", "sm90", {"k1": {"T>1024": entry(b)}, "k2": {"T<=16": entry(a)}})
+    autotune.save("GPU B", "sm80", {"k1": {"T<=16": entry(b)}})
+    data = json.loads(tune_env.read_text())
+    assert data["format"] == "moec-tune/1"
+    assert set(data["devices"]) == {"GPU A", "GPU B"} and data["devices"]["GPU B"]["arch"] == "sm80"
+    assert set(data["devices"]["GPU A"]["kernels"]["k1"]) == {"T<=16", "T>1024"}      # merged, not replaced
+    assert autotune.tile_from_json(data["devices"]["GPU A"]["kernels"]["k1"]["T>1024"]["tile"]) == b
+    assert autotune.load() == data
+
+
+def test_tile_json_round_trip_and_malformed_entries():
+    for t in (GemmTile(16, 32, 64, 4, 2), RouteTile(16, 64, 4, 3), RowTile(4, 1024, 4, 1)):
+        assert autotune.tile_from_json(autotune.tile_to_json(t)) == t
+    assert autotune.tile_from_json({"type": "Nope", "block_m": 16}) is None
+    assert autotune.tile_from_json({"type": "GemmTile", "block_m": 16}) is None           # missing fields
+    assert autotune.tile_from_json({"type": "GemmTile", "block_m": 24, "block_n": 16, "block_k": 16}) is None
+
+
+def test_atomic_write_leaves_the_old_file_on_failure(tune_env, monkeypatch):
+    autotune.save("GPU A", "sm90", {"k1": {"T<=16": entry(GemmTile(16, 64, 128))}})
+    before = tune_env.read_text()
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(autotune.json, "dump", broken)
+    with pytest.raises(OSError):
+        autotune.save("GPU A", "sm90", {"k2": {"T<=16": entry(GemmTile(16, 64, 128))}})
+    assert tune_env.read_text() == before
+    assert [p.name for p in tune_env.parent.iterdir()] == ["tune.json"]              # no temporary left
+
+
+def test_a_different_format_is_refused(tune_env):
+    tune_env.write_text(json.dumps({"format": "something-else", "devices": {}}))
+    with pytest.raises(ValueError, match="moec-tune/1"):
+        autotune.load()
+
+
+# ---- lookup by choose-tiles ---------------------------------------------------------------------
+
+def _up_node(c):
+    return next(n for n in c.graph.nodes if n.name == "h")
+
+
+def test_choose_tiles_uses_tuned_entries_first(tune_env, monkeypatch):
+    c = compile_spec(SPEC, torch.float16, ("y",), ARCHS["sm90"])
+    key = cm.problem_of(_up_node(c), c.graph).key
+    model = _up_node(c).attr["tiles"]
+    tuned = GemmTile(32, 32, 32, 4, 2)
+    assert tuned not in model.values()
+    autotune.save("Fake GPU", "sm90", {key: {"T<=128": entry(tuned)}})
+    # no device of that name here: the entry does not apply
+    compile_spec.cache_clear()
+    assert _up_node(compile_spec(SPEC, torch.float16, ("y",), ARCHS["sm90"])).attr["tiles"] == model
+    # compiling for the tuned device (by name): the T <= 128 bucket takes the tuned tile
+    monkeypatch.setenv("MOEC_TUNE_DEVICE", "Fake GPU")
+    compile_spec.cache_clear()
+    c2 = compile_spec(SPEC, torch.float16, ("y",), ARCHS["sm90"])
+    step = next(s for s in c2.program.steps if s.node.name == "h")
+    assert step.variant(100).params.tile == tuned and step.variant(17).params.tile == tuned
+    assert step.variant(5000).params.tile == model[None]
+    # another arch does not take an sm90 device's entries
+    compile_spec.cache_clear()
+    c3 = compile_spec(SPEC, torch.float16, ("y",), ARCHS["sm80"])
+    assert tuned not in _up_node(c3).attr["tiles"].values()
+
+
+def test_tuned_tiles_that_do_not_fit_are_ignored(tune_env, monkeypatch):
+    c = compile_spec(SPEC, torch.float16, ("y",), ARCHS["sm90"])
+    key = cm.problem_of(_up_node(c), c.graph).key
+    monkeypatch.setenv("MOEC_TUNE_DEVICE", "Fake GPU")
+    huge = GemmTile(128, 256, 256, 4, 5)                    # accumulators and shared memory too large
+    autotune.save("Fake GPU", "sm90", {key: {"T<=16": entry(huge), "T<=128": {"tile": {"type": "GemmTile"}}}})
+    compile_spec.cache_clear()
+    tiles = _up_node(compile_spec(SPEC, torch.float16, ("y",), ARCHS["sm90"])).attr["tiles"]
+    assert huge not in tiles.values() and tiles == _up_node(c).attr["tiles"]
+
+
+# ---- selection ----------------------------------------------------------------------------------
+
+def test_select():
+    a, b, c = GemmTile(16, 16, 64), GemmTile(16, 32, 64), GemmTile(32, 32, 64)
+    assert autotune.select([(a, 1.0), (b, 0.5), (c, 0.7)], a) == b
+    assert autotune.select([(a, 1.0), (b, 0.98)], a) == a              # within 3%: keep the current tile
+    assert autotune.select([(a, 1.0), (b, 0.96)], a) == b
+    assert autotune.select([(a, None), (b, 2.0), (c, None)], a) == b  # a failed current tile loses
+    assert autotune.select([(a, None), (b, None)], a) == a
+    assert autotune.select([], a) == a
+
+
+def test_agreement_check():
+    w = {"out": torch.randn(8, 4), "ids": torch.arange(200, dtype=torch.int32)}
+    assert autotune._agrees({k: v.clone() for k, v in w.items()}, w)
+    assert not autotune._agrees({"out": w["out"] * 1.5, "ids": w["ids"]}, w)
+    ids = w["ids"].clone()
+    ids[0] = 7                                      # one near-tie token routed differently: tolerated
+    assert autotune._agrees({"out": w["out"], "ids": ids}, w)
+    nan = w["out"].clone()
+    nan[0, 0] = float("nan")
+    assert not autotune._agrees({"out": nan, "ids": w["ids"]}, w)
+
+
+def test_tune_needs_a_timer_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("has CUDA")
+    c = compile_spec(SPEC, torch.float32, ("y",), ARCHS["sm90"])
+    with pytest.raises(RuntimeError, match="timer="):
+        autotune.tune(c.program, {})
+
+
+# ---- a whole run with a fake timer -----------------------------------------------------------------
+
+def _weights(gen):
+    E, d, f = 8, 32, 64
+    return MoEWeights(w_router=torch.randn(E, d, generator=gen) / 6, w_up=torch.randn(E, f, d, generator=gen) / 6,
+                      w_down=torch.randn(E, d, f, generator=gen) / 8, w_gate=torch.randn(E, f, d, generator=gen) / 6)
+
+
+def fake_timer(fn):
+    """Runs ``fn`` once and prices the tile it launched: narrower N (then fewer stages) is faster."""
+    with recording() as recs:
+        fn()
+    (rec,) = recs
+    cx = rec.constexprs
+    width = cx.get("BLOCK_N", cx.get("BLOCK_D", cx.get("BLOCK_T")))
+    return 1e-6 * (width + 0.1 * rec.num_stages)
+
+
+def price(tile) -> float:
+    """What `fake_timer` says a tile costs."""
+    d = tile.as_dict()
+    return 1e-6 * (d.get("block_n", d.get("block_d", d.get("block_t"))) + 0.1 * tile.num_stages)
+
+
+def test_tune_with_a_fake_timer(tune_env, monkeypatch, capsys):
+    from moec.region import graph_inputs
+    c = compile_spec(SPEC, torch.float32, ("y",), ARCHS["sm90"])          # interpreted: fp32
+    weights = {k: v for k, v in graph_inputs(torch.zeros(1, 32), _weights(torch.Generator().manual_seed(0))).items()
+               if k != "x"}
+    sizes = {16: 4, 128: 40}
+    got = autotune.tune(c.program, weights, timer=fake_timer, device="Fake GPU", candidates=2,
+                        buckets=(16, 128), sizes=sizes)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("moec autotune [Fake GPU]")]
+    kernels = [s for s in c.program.steps if s.variants]
+    assert len(lines) == 2 * len(kernels)                                  # a line per kernel and bucket
+    data = json.loads(tune_env.read_text())
+    assert data["devices"]["Fake GPU"]["kernels"] == got and data["devices"]["Fake GPU"]["arch"] == "sm90"
+    ranges = dict(zip(BUCKETS, bucket_ranges(BUCKETS)))
+    changed = 0
+    for step in kernels:
+        problem = cm.problem_of(step.node, c.graph)
+        for bound in (16, 128):
+            e = got[problem.key][f"T<={bound}"]
+            assert e["T"] == sizes[bound] and e["candidates"] >= 2
+            current = step.variant(sizes[bound]).params.tile
+            tried = [current] + [t for _, t in cm.rank(problem, ARCHS["sm90"], *ranges[bound]) if t != current][:2]
+            want = autotune.select([(t, price(t)) for t in tried], current)
+            assert autotune.tile_from_json(e["tile"]) == want, (step.node.name, bound)
+            changed += want != current
+    assert changed                                  # the fake timer made some other tile win
+    # a later compile for that device uses the winners
+    monkeypatch.setenv("MOEC_TUNE_DEVICE", "Fake GPU")
+    c2 = compile_spec(SPEC, torch.float32, ("y",), ARCHS["sm90"])
+    for step in (s for s in c2.program.steps if s.variants):
+        key = cm.problem_of(step.node, c2.graph).key
+        for bound in (16, 128):
+            assert step.variant(sizes[bound]).params.tile == autotune.tile_from_json(got[key][f"T<={bound}"]["tile"])
