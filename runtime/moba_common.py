@@ -9,13 +9,14 @@ cross a sequence boundary, so every row of a tile shares its sequence's start an
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .arch import ARCHS, Arch
+from .tiles import Tile
 from .launch import Kernel, LaunchRecord, specialize, triton_type
 
 
@@ -53,7 +54,7 @@ class LaunchPlan:
 # tiles
 
 @dataclass(frozen=True)
-class MobaGateTile:
+class MobaGateTile(Tile):
     """The gate: BLOCK_M query rows per program (resident), pooled keys streamed BLOCK_NB blocks at a time."""
 
     block_m: int
@@ -61,21 +62,15 @@ class MobaGateTile:
     num_warps: int = 4
     num_stages: int = 2
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
-class MobaAttentionTile:
+class MobaAttentionTile(Tile):
     """The block-sparse attention: BLOCK_M query rows per program, keys in chunks of BLOCK_N."""
 
     block_m: int
     block_n: int
     num_warps: int = 4
     num_stages: int = 2
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 # Attention: (BLOCK_M, BLOCK_N, warps, stages) per arch for block sizes >= 64, D <= 128.

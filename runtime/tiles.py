@@ -13,13 +13,15 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 
-class _Tile:
+class Tile:
+    """Base of every tile dataclass: printable as a dict (dumps, tiles.json)."""
+
     def as_dict(self) -> dict:
         return asdict(self)
 
 
 @dataclass(frozen=True)
-class GemmTile(_Tile):
+class GemmTile(Tile):
     """A grouped GEMM tile: BLOCK_M rows (token-expert pairs) x BLOCK_N outputs, BLOCK_K deep."""
 
     block_m: int
@@ -30,7 +32,7 @@ class GemmTile(_Tile):
 
 
 @dataclass(frozen=True)
-class RouteTile(_Tile):
+class RouteTile(Tile):
     """The routing kernel: BLOCK_T tokens per program, the hidden dim streamed BLOCK_K at a time."""
 
     block_t: int
@@ -40,16 +42,13 @@ class RouteTile(_Tile):
 
 
 @dataclass(frozen=True)
-class RowTile(_Tile):
+class RowTile(Tile):
     """Row-wise kernels (the top-k reduce): BLOCK_T rows x BLOCK_D columns per program."""
 
     block_t: int
     block_d: int
     num_warps: int = 4
     num_stages: int = 1
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 TILE_TYPES = {"GemmTile": GemmTile, "RouteTile": RouteTile, "RowTile": RowTile}

@@ -122,24 +122,23 @@ def origin(node, passthrough=_PASS_METHODS):
     return node
 
 
-def descendants(starts: Iterable[fx.Node]) -> set:
+def _reach(starts: Iterable[fx.Node], edges) -> set:
+    """Every node reachable from ``starts`` (included) along ``edges(node)``."""
     seen, todo = set(), list(starts)
     while todo:
         n = todo.pop()
         if n not in seen:
             seen.add(n)
-            todo.extend(n.users)
+            todo.extend(edges(n))
     return seen
+
+
+def descendants(starts: Iterable[fx.Node]) -> set:
+    return _reach(starts, lambda n: n.users)
 
 
 def ancestors(start: fx.Node) -> set:
-    seen, todo = set(), [start]
-    while todo:
-        n = todo.pop()
-        if n not in seen:
-            seen.add(n)
-            todo.extend(n.all_input_nodes)
-    return seen
+    return _reach([start], lambda n: n.all_input_nodes)
 
 
 # ----------------------------------------------------------------------------------------------
