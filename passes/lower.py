@@ -24,7 +24,7 @@ from moec.runtime.tiles import bucket_ranges
 KERNEL_OPS = ("fused_route", "grouped_gemm", "reduce_topk")
 
 
-def _kernel_step(n: Node, params_for, render, launch) -> Step:
+def _kernel_step(n: Node, params_for, render, launch, fills_results: bool = True) -> Step:
     """A kernel step with one variant per bucket of the node's ``tiles`` (each rendered here)."""
     tiles = n.attr.get("tiles")
     if not tiles:
@@ -34,7 +34,7 @@ def _kernel_step(n: Node, params_for, render, launch) -> Step:
     for bound, (lo, hi) in zip(bounds, bucket_ranges(bounds)):
         params = params_for(tiles[bound], () if len(bounds) == 1 else (lo, hi))
         variants.append(Variant(bound, params, render(params)))
-    return Step(n, variants=tuple(variants), launch=launch)
+    return Step(n, variants=tuple(variants), launch=launch, fills_results=fills_results)
 
 
 def _route_step(n: Node, g: Graph) -> Step:
@@ -55,7 +55,7 @@ def _route_step(n: Node, g: Graph) -> Step:
         got = {"ids": r.ids, "weights": r.weights, "counts": r.counts, "prob_sum": r.prob_sum,
                "shared_scale": r.shared_scale, "logits": r.logits}
         return {role: got[role] for role in outs}
-    return _kernel_step(n, params_for, render_route, launch)
+    return _kernel_step(n, params_for, render_route, launch, fills_results=False)   # it allocates its outputs
 
 
 def _gemm_step(n: Node, g: Graph) -> Step:

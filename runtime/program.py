@@ -38,6 +38,7 @@ class Step:
     run: Optional[Callable] = None     # torch steps: (operands, preallocated results, ctx) -> dict | None
     variants: tuple = ()               # kernel steps: one Variant per bucket, ascending, None last
     launch: Optional[Callable] = None  # kernel steps: (params, operands, results, ctx) -> dict | None
+    fills_results: bool = False        # it writes into preallocated results (else it returns its own)
 
     @property
     def text(self) -> str:
@@ -101,7 +102,10 @@ class Program:
         ctx = {"training": training, "noise": noise, "T": T}
         for step, allocs in zip(self.steps, self._allocs):
             ins = {r: values[v] for r, v in step.node.operands}
-            outs = {r: torch.empty(shape(T), dtype=dtype, device=x.device) for r, shape, dtype in allocs}
+            if step.fills_results:
+                outs = {r: torch.empty(shape(T), dtype=dtype, device=x.device) for r, shape, dtype in allocs}
+            else:
+                outs = {r: None for r, _, _ in allocs}
             got = step.execute(ins, outs, ctx)
             if got:                      # a step may return new tensors instead of filling outs
                 outs.update(got)
