@@ -23,8 +23,13 @@ def _spec_line(spec) -> str:
         bits.append("noisy gating")
     if r.aux_loss:
         bits.append("aux loss")
+    if r.router_bias:
+        bits.append("router bias")
     act = ("SwiGLU" if spec.activation == "silu" else f"{spec.activation} GLU") if spec.glu else spec.activation
-    bits.append(f"{act} experts d={spec.hidden} f={spec.ffn}")
+    variant = [f"{k}={v:g}" for k, v in spec.glu_variant.items()]
+    if variant:
+        act += f" ({', '.join(variant)})"
+    bits.append(f"{act} experts{' with biases' if spec.expert_bias else ''} d={spec.hidden} f={spec.ffn}")
     if spec.shared is not None:
         bits.append(f"shared expert f={spec.shared.width}" + (" (sigmoid-gated)" if spec.shared.gated else ""))
     return ", ".join(bits)

@@ -16,9 +16,10 @@ from .spec import MoESpec, MoEWeights, RouterConfig
 DROPPED = -1  # expert id of a (token, slot) pair dropped by capacity
 
 
-def activation(name: str, x: torch.Tensor) -> torch.Tensor:
+def activation(name: str, x: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """``name`` on ``x``; ``alpha`` is silu's slope: ``x * sigmoid(alpha * x)``."""
     if name == "silu":
-        return F.silu(x)
+        return F.silu(x) if alpha == 1.0 else x * torch.sigmoid(alpha * x)
     if name == "gelu":
         return F.gelu(x)
     if name == "gelu_tanh":
@@ -150,12 +151,33 @@ def apply_capacity(ids, weights, scores, sel, factor, cfg: RouterConfig):
     return ids, weights
 
 
+def gated(gate: torch.Tensor, up: Optional[torch.Tensor], act: str, act_alpha: float = 1.0,
+          glu_limit: Optional[float] = None, up_shift: float = 0.0) -> torch.Tensor:
+    """The hidden activation from fp32 projections: ``act(gate) * (up + up_shift)`` with the
+    `MoESpec` clamps (GLU), or ``act(gate)`` when ``up`` is None."""
+    if up is None:
+        return activation(act, gate, act_alpha)
+    if glu_limit is not None:
+        gate = gate.clamp(max=glu_limit)
+        up = up.clamp(-glu_limit, glu_limit)
+    return activation(act, gate, act_alpha) * (up + up_shift)
+
+
+def _biased(x, w, b):
+    y = x @ w.float().t()
+    return y + b.float() if b is not None else y
+
+
 def expert_mlp(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, gate: Optional[torch.Tensor],
-               act: str) -> torch.Tensor:
-    """One expert on fp32 rows: ``down(act(gate(x)) * up(x))`` (GLU) or ``down(act(up(x)))``."""
-    u = x @ up.float().t()
-    h = activation(act, x @ gate.float().t()) * u if gate is not None else activation(act, u)
-    return h @ down.float().t()
+               act: str, variant: Optional[dict] = None, biases=(None, None, None)) -> torch.Tensor:
+    """One expert on fp32 rows: ``down(act(gate(x)) * up(x))`` (GLU) or ``down(act(up(x)))``.
+    ``variant``: the GLU variant (`MoESpec.glu_variant`); ``biases``: ``(b_gate, b_up, b_down)``
+    rows of this expert, or Nones."""
+    b_gate, b_up, b_down = biases
+    u = _biased(x, up, b_up)
+    h = gated(_biased(x, gate, b_gate), u, act, **(variant or {})) if gate is not None \
+        else gated(u, None, act, **(variant or {}))
+    return _biased(h, down, b_down)
 
 
 def moe(x: torch.Tensor, w: MoEWeights, spec: MoESpec, noise: Optional[torch.Tensor] = None):
@@ -168,8 +190,10 @@ def moe(x: torch.Tensor, w: MoEWeights, spec: MoESpec, noise: Optional[torch.Ten
     for e in range(cfg.num_experts):
         tok, slot = torch.nonzero(ids == e, as_tuple=True)
         if tok.numel():
+            biases = tuple(b[e] if b is not None else None for b in (w.b_gate, w.b_up, w.b_down)) \
+                if spec.expert_bias else (None, None, None)
             out = expert_mlp(xf[tok], w.w_up[e], w.w_down[e], w.w_gate[e] if spec.glu else None,
-                             spec.activation)
+                             spec.activation, spec.glu_variant, biases)
             y.index_add_(0, tok, out * weights[tok, slot, None])
     if spec.shared is not None:
         s = expert_mlp(xf, w.shared_up, w.shared_down, w.shared_gate if spec.glu else None, spec.activation)

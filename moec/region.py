@@ -44,7 +44,7 @@ def graph_inputs(x: torch.Tensor, w: MoEWeights) -> dict[str, torch.Tensor]:
              "w_gate": w.w_gate, "w_up": w.w_up, "w_down": w.w_down,
              "score_bias": w.score_bias.float() if w.score_bias is not None else None,
              "shared_up": w.shared_up, "shared_gate": w.shared_gate, "shared_down": w.shared_down,
-             "shared_gate_proj": w.shared_gate_proj}
+             "shared_gate_proj": w.shared_gate_proj, "b_gate": w.b_gate, "b_up": w.b_up, "b_down": w.b_down}
     for k in ("shared_up", "shared_gate", "shared_down"):
         if named[k] is not None:
             named[k] = named[k].unsqueeze(0)
@@ -72,7 +72,8 @@ class Region:
 
     @property
     def outputs(self) -> tuple[str, ...]:
-        return {"y": ("y",), "y_logits": ("y", "logits"), "y_aux": ("y", "aux")}[self.lifted.outputs]
+        return {"y": ("y",), "y_logits": ("y", "logits"), "y_aux": ("y", "aux"),
+                "y_weights": ("y", "weights")}[self.lifted.outputs]
 
     # ---- eligibility ------------------------------------------------------------------------
     def why_eager(self, x, tensors) -> Optional[str]:
@@ -155,7 +156,7 @@ class Region:
         y = outs[0].reshape(*lead, x.shape[-1])
         if len(outs) == 1:
             return y
-        extra = outs[1].to(x.dtype) if self.outputs[1] == "logits" else outs[1]
+        extra = outs[1].to(x.dtype) if self.outputs[1] in ("logits", "weights") else outs[1]
         return (y, extra)
 
     def run(self, x2, tensors, training, noise):
@@ -174,7 +175,10 @@ class Region:
         w = self.lifted.weights(tensors)
         y, aux = reference.moe(x2, w, self.spec, noise=noise if training else None)
         out = {"y": y, "aux": aux,
-               "logits": lambda: reference.router_logits(x2, w.w_router, w.b_router)}
+               "logits": lambda: reference.router_logits(x2, w.w_router, w.b_router),
+               "weights": lambda: reference.route(reference.router_logits(
+                   x2, w.w_router, w.b_router, w.w_noise, noise if training else None),
+                   self.spec.router, w.score_bias)[1]}
         return [out[o]() if callable(out[o]) else out[o] for o in self.outputs]
 
 

@@ -24,6 +24,23 @@ class MoESpecError(ValueError):
     """A configuration or input that moec cannot compute correctly; the message names why."""
 
 
+GLU_PLAIN = {"act_alpha": 1.0, "glu_limit": None, "up_shift": 0.0}
+
+
+def check_glu_variant(activation, glu: bool, act_alpha: float = 1.0, glu_limit=None, up_shift: float = 0.0) -> None:
+    """Raise `MoESpecError` unless the GLU variant (see `MoESpec`) is well formed."""
+    if act_alpha != 1.0 and activation != "silu":
+        raise MoESpecError(f"act_alpha={act_alpha} applies to silu only, activation is {activation!r}")
+    if not (math.isfinite(act_alpha) and act_alpha > 0):
+        raise MoESpecError(f"act_alpha must be a positive finite number, got {act_alpha}")
+    if (glu_limit is not None or up_shift != 0.0) and not glu:
+        raise MoESpecError("glu_limit and up_shift are GLU options; the experts are not gated (glu=False)")
+    if glu_limit is not None and not (math.isfinite(glu_limit) and glu_limit > 0):
+        raise MoESpecError(f"glu_limit must be a positive finite number, got {glu_limit}")
+    if not math.isfinite(up_shift):
+        raise MoESpecError(f"up_shift must be finite, got {up_shift}")
+
+
 @dataclass(frozen=True)
 class RouterConfig:
     """How token scores become (expert ids, weights).
@@ -126,6 +143,16 @@ class MoESpec:
 
     ``glu``: experts compute ``down(act(gate(x)) * up(x))`` (SwiGLU when act is silu);
     otherwise ``down(act(up(x)))``.
+
+    GLU variants (GPT-OSS uses all three: ``act_alpha=1.702, glu_limit=7.0, up_shift=1.0``):
+
+    - ``act_alpha``: silu's slope, ``act(x) = x * sigmoid(act_alpha * x)`` (silu only);
+    - ``glu_limit``: clamp ``gate`` to ``<= glu_limit`` and ``up`` to ``[-glu_limit, glu_limit]``
+      before the activation and the product;
+    - ``up_shift``: ``up + up_shift`` enters the product;
+    - ``expert_bias``: each expert's projections add a bias (``b_gate``/``b_up`` ``[E, f]``,
+      ``b_down`` ``[E, d]``); the routing weight multiplies the down projection *with* its bias.
+      A shared expert stays bias-free and plain GLU.
     """
 
     hidden: int
@@ -134,12 +161,23 @@ class MoESpec:
     activation: str = "silu"
     glu: bool = True
     shared: Optional[SharedExpertConfig] = None
+    expert_bias: bool = False
+    act_alpha: float = 1.0
+    glu_limit: Optional[float] = None
+    up_shift: float = 0.0
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
             raise MoESpecError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.hidden < 1 or self.ffn < 1:
             raise MoESpecError(f"hidden and ffn must be positive, got {self.hidden}, {self.ffn}")
+        check_glu_variant(self.activation, self.glu, self.act_alpha, self.glu_limit, self.up_shift)
+
+    @property
+    def glu_variant(self) -> dict:
+        """The GLU variant as IR attributes (only the ones that differ from plain GLU)."""
+        v = {"act_alpha": self.act_alpha, "glu_limit": self.glu_limit, "up_shift": self.up_shift}
+        return {k: x for k, x in v.items() if x != GLU_PLAIN[k]}
 
     @property
     def num_experts(self) -> int:
@@ -169,4 +207,7 @@ class MoEWeights:
     shared_down: Optional[torch.Tensor] = None  # [d, fs]
     shared_gate: Optional[torch.Tensor] = None  # [fs, d] when glu
     shared_gate_proj: Optional[torch.Tensor] = None  # [1, d] sigmoid gate on the shared output
+    b_gate: Optional[torch.Tensor] = None       # [E, f] when expert_bias (and glu)
+    b_up: Optional[torch.Tensor] = None         # [E, f] when expert_bias
+    b_down: Optional[torch.Tensor] = None       # [E, d] when expert_bias
     extras: dict = field(default_factory=dict)

@@ -3,13 +3,16 @@
 Expects: ``activate(gate=G, up=U)`` where G and U are plain grouped GEMMs over the same rows
 (same ``a``, ``offsets``, ``order``, gather) read only by the activation (or, non-gated,
 ``activate(gate=U)``).
-Guarantees: one ``grouped_gemm(w=G.w, w_up=U.w)`` with ``activation`` and ``glu`` set: both
-products are accumulated in the same K loop over one A tile and SwiGLU/GeGLU is applied to the
-fp32 accumulators before the single store; the intermediate projections never reach memory.
+Guarantees: one ``grouped_gemm(w=G.w, w_up=U.w, bias=G.bias, bias_up=U.bias)`` with ``activation``,
+``glu`` and the GLU variant (clamp, slope, up shift) set: both products are accumulated in the same K
+loop over one A tile, their biases added and SwiGLU/GeGLU applied to the fp32 accumulators before the
+single store; the intermediate projections never reach memory.
 """
 from __future__ import annotations
 
 from moec.ir.graph import Graph
+from moec.ir.ops import glu_variant
+from moec.spec import GLU_PLAIN
 
 from .rewrite import single_use_producer, swap
 
@@ -30,8 +33,10 @@ def fuse_activation(g: Graph, ctx) -> Graph:
         if up is not None and any(gate.ins.get(r) != up.ins.get(r) for r in _SAME) \
                 or up is not None and gate.attr != up.attr:
             continue
-        fused = gate.replace(operands={"w_up": up.ins["w"] if up else None},
-                             attrs={"activation": n.attr["activation"], "glu": n.attr["glu"]},
+        fused = gate.replace(operands={"w_up": up.ins["w"] if up else None,
+                                       "bias_up": up.ins.get("bias") if up else None},
+                             attrs={"activation": n.attr["activation"], "glu": n.attr["glu"],
+                                    **{k: v for k, v in glu_variant(n.attr).items() if v != GLU_PLAIN[k]}},
                              results=((("out", n.outs["out"]),)), types=n.types)
         repl[g.nodes.index(gate)] = []
         if up is not None:

@@ -15,7 +15,7 @@ import torch
 
 from moec.ir.graph import Graph, Node
 from moec.ir.interp import run_node
-from moec.ir.ops import router_config
+from moec.ir.ops import glu_variant, router_config
 from moec.ir.text import print_node
 from moec.ir.types import DTYPES
 from moec.runtime.program import Program, Step, Variant
@@ -65,14 +65,16 @@ def _gemm_step(n: Node, g: Graph) -> Step:
     def params_for(tile, bucket):
         return GroupedGemmParams(num_experts=a["num_experts"], n=int(n.types[0].shape[1]),
                                  k_dim=int(g.types[n.ins["a"]].shape[1]), activation=a["activation"],
-                                 glu=a["glu"], gather_top_k=a["gather_top_k"], scatter=a["scatter"],
+                                 glu=a["glu"], bias="bias" in n.ins, bias_up="bias_up" in n.ins,
+                                 **glu_variant(a), gather_top_k=a["gather_top_k"], scatter=a["scatter"],
                                  scale="scale" in n.ins, out_dtype=n.types[0].torch_dtype,
                                  tile=tile, header=print_node(n), bucket=bucket)
 
     def launch(params, v, outs, ctx):
         scale = v.get("scale")
         grouped_gemm(v["a"], v["w"], params, out=outs["out"], offsets=v.get("offsets"), order=v.get("order"),
-                     w_up=v.get("w_up"), scale_vec=scale.reshape(-1) if scale is not None else None)
+                     w_up=v.get("w_up"), scale_vec=scale.reshape(-1) if scale is not None else None,
+                     bias=v.get("bias"), bias_up=v.get("bias_up"))
     return _kernel_step(n, params_for, render_grouped_gemm, launch)
 
 

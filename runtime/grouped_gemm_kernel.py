@@ -5,7 +5,9 @@ Rows are (token, expert) pairs grouped by expert (`moec.runtime.dispatch`). Vari
 
 - gather prologue (``gather_top_k = k``): row ``r`` reads activation row ``order[r] // k``,
   so no permuted copy of the activations is ever made;
-- activation / GLU epilogue (``out = act(A @ W^T) * (A @ Wup^T)``), computed in fp32;
+- bias epilogue: ``+ bias[e]`` (and ``+ bias_up[e]`` on the up product) before the activation;
+- activation / GLU epilogue (``out = act(A @ W^T) * (A @ Wup^T)``), computed in fp32, with the GLU
+  variants of `moec.spec.MoESpec` (silu slope, clamps, up shift) spelled into the expression;
 - scale epilogue: row ``r`` times ``scale_vec[order[r]]`` (routed: the flat ``[T*k]`` routing
   weights) or ``scale_vec[r]`` (dense: e.g. the shared expert's sigmoid gate);
 - scatter epilogue: row ``r`` is stored at ``out[order[r]]``, i.e. back in token-major pair order
@@ -28,7 +30,7 @@ import torch
 import triton
 from torch import Tensor
 
-from moec.spec import ACTIVATIONS
+from moec.spec import ACTIVATIONS, check_glu_variant
 
 from .launch import Kernel
 from .render import render
@@ -46,9 +48,28 @@ ACTIVATION_EXPR = {
 }
 assert set(ACTIVATION_EXPR) == {None, *ACTIVATIONS}
 
-ARG_NAMES = ("a_ptr", "w_ptr", "wup_ptr", "out_ptr", "offsets_ptr", "order_ptr", "scale_ptr", "M",
+ARG_NAMES = ("a_ptr", "w_ptr", "wup_ptr", "out_ptr", "offsets_ptr", "order_ptr", "scale_ptr",
+             "bias_ptr", "bias_up_ptr", "M",
              "stride_am", "stride_ak", "stride_we", "stride_wn", "stride_wk",
-             "stride_ue", "stride_un", "stride_uk", "stride_om", "stride_on")
+             "stride_ue", "stride_un", "stride_uk", "stride_om", "stride_on",
+             "stride_be", "stride_bn", "stride_bue", "stride_bun")
+
+
+def epilogue_exprs(activation: Optional[str], act_alpha: float = 1.0, glu_limit: Optional[float] = None,
+                   up_shift: float = 0.0) -> dict:
+    """Triton expressions of the fp32 epilogue: ``gate_expr`` (from ``acc``), ``activation_expr`` (of
+    ``x``) and ``up_expr`` (from ``acc_up``). Clamps are ``tl.where`` so a NaN stays NaN, as in torch."""
+    act = ACTIVATION_EXPR[activation]
+    if act_alpha != 1.0:
+        act = f"x / (1.0 + tl.exp(-{act_alpha!r} * x))"
+    gate, up = "acc", "acc_up"
+    if glu_limit is not None:
+        lim = repr(float(glu_limit))
+        gate = f"tl.where(acc > {lim}, {lim}, acc)"
+        up = f"tl.where(acc_up > {lim}, {lim}, tl.where(acc_up < -{lim}, -{lim}, acc_up))"
+    if up_shift != 0.0:
+        up = f"({up}) + {float(up_shift)!r}"
+    return {"gate_expr": gate, "activation_expr": act, "up_expr": up}
 
 
 @dataclass(frozen=True)
@@ -58,6 +79,11 @@ class GroupedGemmParams:
     k_dim: int                          # input features K
     activation: Optional[str] = None    # None or one of moec.spec.ACTIVATIONS
     glu: bool = False                   # out = act(A @ W^T) * (A @ Wup^T); needs activation
+    bias: bool = False                  # + bias[e, n] on A @ W^T
+    bias_up: bool = False               # + bias_up[e, n] on A @ Wup^T (glu)
+    act_alpha: float = 1.0              # the GLU variant (moec.spec.MoESpec)
+    glu_limit: Optional[float] = None
+    up_shift: float = 0.0
     gather_top_k: int = 0               # > 0: row r reads a[order[r] // gather_top_k]
     scatter: bool = False               # row r is stored at out[order[r]]
     scale: bool = False                 # row r *= scale_vec[order[r]] (routed) or scale_vec[r]
@@ -73,6 +99,9 @@ class GroupedGemmParams:
             raise ValueError(f"activation must be None or one of {ACTIVATIONS}, got {self.activation!r}")
         if self.glu and self.activation is None:
             raise ValueError("glu needs an activation")
+        if self.bias_up and not self.glu:
+            raise ValueError("bias_up needs glu")
+        check_glu_variant(self.activation or "silu", self.glu, self.act_alpha, self.glu_limit, self.up_shift)
         if self.gather_top_k < 0:
             raise ValueError(f"gather_top_k must be >= 0, got {self.gather_top_k}")
         t = self.tile
@@ -89,9 +118,13 @@ class GroupedGemmParams:
         parts = ["grouped_gemm"]
         if self.gather_top_k:
             parts.append("gather")
+        if self.bias or self.bias_up:
+            parts.append("bias")
         parts.append(self.activation or "linear")
         if self.glu:
             parts.append("glu")
+        if (self.act_alpha, self.glu_limit, self.up_shift) != (1.0, None, 0.0):
+            parts.append("variant")
         if self.scale:
             parts.append("scaled")
         if self.scatter:
@@ -114,8 +147,9 @@ def render_grouped_gemm(params: GroupedGemmParams) -> Kernel:
                     activation=params.activation, glu=params.glu, gather_top_k=params.gather_top_k,
                     scatter=params.scatter, scale=params.scale,
                     out_dtype=str(params.out_dtype).replace("torch.", ""), tile=params.tile,
+                    bias=params.bias, bias_up=params.bias_up,
                     bucket=bucket_text(*params.bucket) if params.bucket else "every T",
-                    activation_expr=ACTIVATION_EXPR[params.activation])
+                    **epilogue_exprs(params.activation, params.act_alpha, params.glu_limit, params.up_shift))
     return Kernel(source, name, ARG_NAMES)
 
 
@@ -137,9 +171,25 @@ def _expert_weight(w: Tensor, params: GroupedGemmParams, what: str) -> Tensor:
     return w
 
 
+def _expert_bias(b: Optional[Tensor], wanted: bool, params: GroupedGemmParams, what: str) -> Optional[Tensor]:
+    if b is None:
+        if wanted:
+            raise ValueError(f"params.{what} needs a {what} tensor")
+        return None
+    if not wanted:
+        raise ValueError(f"{what} given but params.{what} is False")
+    E, N = params.num_experts, params.n
+    if b.dim() == 1 and E == 1:
+        b = b.unsqueeze(0)
+    if tuple(b.shape) != (E, N):
+        raise ValueError(f"{what} must be [E={E}, N={N}] (a view is fine), got {tuple(b.shape)}")
+    return b
+
+
 def grouped_gemm(a: Tensor, w: Tensor, params: GroupedGemmParams, *, out: Tensor,
                  offsets: Optional[Tensor] = None, order: Optional[Tensor] = None,
-                 w_up: Optional[Tensor] = None, scale_vec: Optional[Tensor] = None) -> Tensor:
+                 w_up: Optional[Tensor] = None, scale_vec: Optional[Tensor] = None,
+                 bias: Optional[Tensor] = None, bias_up: Optional[Tensor] = None) -> Tensor:
     """Run the grouped GEMM; returns ``out``.
 
     - ``a [rows_a, K]``: activations, any strides. With ``gather_top_k = k`` these are the
@@ -150,6 +200,8 @@ def grouped_gemm(a: Tensor, w: Tensor, params: GroupedGemmParams, *, out: Tensor
     - ``offsets`` int32 ``[E+1]`` and ``order`` int32 ``[T*k]`` from `dispatch`. ``offsets=None``
       is the dense case: one expert over all ``M = a.shape[0]`` rows, no order.
     - ``scale_vec``: routed: the flat ``[T*k]`` routing weights indexed by pair; dense: ``[M]``.
+    - ``bias``, ``bias_up``: ``[E, N]`` (any strides; ``[N]`` when ``E == 1``), with ``params.bias``
+      / ``params.bias_up``.
     - ``out``: ``[M, N]`` of ``params.out_dtype``, any strides, ``M = T*k`` when routed. With
       ``scatter`` rows are pair-indexed, else sorted-row-indexed; rows of dropped pairs are
       left untouched.
@@ -197,16 +249,22 @@ def grouped_gemm(a: Tensor, w: Tensor, params: GroupedGemmParams, *, out: Tensor
     elif scale_vec is not None:
         raise ValueError("scale_vec given but params.scale is False")
 
+    bias = _expert_bias(bias, params.bias, params, "bias")
+    bias_up = _expert_bias(bias_up, params.bias_up, params, "bias_up")
+
     tile = params.tile
     grid = (grid_rows(params, M, offsets is not None), triton.cdiv(N, tile.block_n))
     u = w_up if w_up is not None else w
+    bs = bias.stride() if bias is not None else (0, 0)
+    bus = bias_up.stride() if bias_up is not None else (0, 0)
     args = dict(zip(ARG_NAMES, (
-        a, w, w_up, out, offsets, order if params.routed else None, scale_vec, M,
+        a, w, w_up, out, offsets, order if params.routed else None, scale_vec, bias, bias_up, M,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2),
-        u.stride(0), u.stride(1), u.stride(2), out.stride(0), out.stride(1))))
+        u.stride(0), u.stride(1), u.stride(2), out.stride(0), out.stride(1), *bs, *bus)))
     constexprs = dict(N=N, K=K, NUM_EXPERTS=E, E_PAD=max(2, triton.next_power_of_2(E)),
                       HAS_OFFSETS=offsets is not None, GATHER_TOP_K=params.gather_top_k,
                       SCATTER=params.scatter, SCALE=params.scale, GLU=params.glu,
+                      HAS_BIAS=params.bias, HAS_BIAS_UP=params.bias_up,
                       BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k)
     render_grouped_gemm(params)(grid, args, constexprs, num_warps=tile.num_warps, num_stages=tile.num_stages)
     return out

@@ -64,7 +64,7 @@ BLOCKS = {
     "qwen3_moe": ("Qwen3MoeSparseMoeBlock", "lifted", ()),
     "deepseek_v3": ("DeepseekV3MoE", "lifted", ()),
     "olmoe": ("OlmoeSparseMoeBlock", "lifted", ()),
-    "gpt_oss": ("GptOssMLP", "eager", ("biases", "clamped gated activation")),
+    "gpt_oss": ("GptOssMLP", "lifted", ()),
     "granitemoe": ("GraniteMoeMoE", "lifted", ()),
     "glm4_moe": ("Glm4MoeMoE", "lifted", ()),
     "jamba": ("JambaSparseMoeBlock", "lifted", ()),

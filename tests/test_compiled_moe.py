@@ -42,7 +42,7 @@ TOL = {torch.float32: 1e-4, torch.float16: 1e-2}
 LOGITS_TOL = {torch.float32: 1e-4, torch.float16: 1e-3}   # logits are fp32 dots of the inputs
 AUX_TOL = 1e-4
 HIDDEN = (16, 24, 32, 48)                    # 24: not a multiple of the 16-wide tl.dot tiles
-OUTPUTS = (("y",), ("y", "logits"), ("y", "aux"))
+OUTPUTS = (("y",), ("y", "logits"), ("y", "aux"), ("y", "weights"))
 DTYPES = (torch.float32, torch.float16)
 
 
@@ -65,6 +65,10 @@ def make_weights(spec: MoESpec, dtype, gen: torch.Generator, *, router_scale: fl
         score_bias=torch.randn(E, generator=gen) * 0.1 if r.score_bias else None,
         w_noise=rnd(E, d, scale=1 / math.sqrt(d)) if r.noisy else None,
     )
+    if spec.expert_bias:
+        w.b_gate = rnd(E, f, scale=0.5) if spec.glu else None
+        w.b_up = rnd(E, f, scale=0.5)
+        w.b_down = rnd(E, d, scale=0.5)
     if spec.shared is not None:
         fs = spec.shared.width
         w.shared_up = rnd(fs, d, scale=1 / math.sqrt(d))
@@ -84,7 +88,17 @@ def transposed_views(w: MoEWeights) -> MoEWeights:
     return MoEWeights(w_router=view(w.w_router), w_up=view(w.w_up), w_down=view(w.w_down), w_gate=view(w.w_gate),
                       b_router=w.b_router, score_bias=w.score_bias, w_noise=view(w.w_noise),
                       shared_up=view(w.shared_up), shared_down=view(w.shared_down),
-                      shared_gate=view(w.shared_gate), shared_gate_proj=w.shared_gate_proj)
+                      shared_gate=view(w.shared_gate), shared_gate_proj=w.shared_gate_proj,
+                      b_gate=_strided(w.b_gate), b_up=_strided(w.b_up), b_down=_strided(w.b_down))
+
+
+def _strided(b):
+    """A bias ``[E, n]`` as every other column of a ``[E, 2n]`` buffer (GPT-OSS's interleaved layout)."""
+    if b is None:
+        return None
+    wide = torch.zeros(b.shape[0], 2 * b.shape[1], dtype=b.dtype)
+    wide[:, 1::2] = b
+    return wide[:, 1::2]
 
 
 def run_compiled(spec, dtype, outputs, arch, x, w, *, training=False, noise=None):
@@ -96,7 +110,9 @@ def reference_outputs(spec, outputs, x, w, noise=None):
     """What the program must return; ``noise`` only when it applies (noisy router, training).
     The ``logits`` output is the router's linear (``x @ w_router.T + b``), as in the IR graph."""
     y, aux = ref.moe(x, w, spec, noise=noise)
-    values = {"y": y, "aux": aux, "logits": ref.router_logits(x, w.w_router, w.b_router)}
+    values = {"y": y, "aux": aux, "logits": ref.router_logits(x, w.w_router, w.b_router),
+              "weights": ref.route(ref.router_logits(x, w.w_router, w.b_router, w.w_noise, noise), spec.router,
+                                   w.score_bias)[1]}
     return [values[o] for o in outputs]
 
 
@@ -145,6 +161,9 @@ def assert_matches(got, want, outputs, dtype, T, d, E):
             tol = TOL[dtype]
         elif name == "logits":
             assert g.is_floating_point() and tuple(g.shape) == (T, E), (g.dtype, tuple(g.shape))
+            tol = LOGITS_TOL[dtype]
+        elif name == "weights":
+            assert g.dtype == torch.float32 and g.shape[0] == T, (g.dtype, tuple(g.shape))
             tol = LOGITS_TOL[dtype]
         else:
             assert g.dtype == torch.float32 and g.dim() == 0, (g.dtype, tuple(g.shape))
@@ -225,8 +244,14 @@ def specs(draw, router):
     shared = None
     if draw(st.booleans()):
         shared = SharedExpertConfig(width=draw(st.integers(8, 48)), gated=draw(st.booleans()))
+    activation, glu = draw(st.sampled_from(ACTIVATIONS)), draw(st.booleans())
+    variant = {}
+    if glu and draw(st.integers(0, 3)) == 0:          # now and then GPT-OSS's clamped SwiGLU, or a part of it
+        variant = {"glu_limit": draw(st.sampled_from([None, 0.5, 7.0])), "up_shift": draw(st.sampled_from([0.0, 1.0]))}
+        if activation == "silu":
+            variant["act_alpha"] = draw(st.sampled_from([1.0, 1.702]))
     return MoESpec(hidden=draw(st.sampled_from(HIDDEN)), ffn=draw(st.integers(8, 80)), router=r,
-                   activation=draw(st.sampled_from(ACTIVATIONS)), glu=draw(st.booleans()), shared=shared)
+                   activation=activation, glu=glu, shared=shared, expert_bias=draw(st.booleans()), **variant)
 
 
 @st.composite
@@ -307,13 +332,17 @@ NAMED = {
     "k_equals_e": MoESpec(16, 16, RouterConfig(4, 4, renormalize=True)),
     "e64": MoESpec(32, 16, RouterConfig(64, 4, score="sigmoid", score_bias=True, n_group=8, topk_group=3,
                                         renormalize=True, aux_loss=True)),
+    "gpt_oss": MoESpec(32, 24, RouterConfig(8, 2, order="topk_then_score", router_bias=True), expert_bias=True,
+                       act_alpha=1.702, glu_limit=0.5, up_shift=1.0),
+    "bias_plain_gelu": MoESpec(16, 40, RouterConfig(6, 3, renormalize=True), glu=False, activation="gelu",
+                               expert_bias=True, shared=SharedExpertConfig(16)),
 }
 
 
 @pytest.mark.parametrize("name", list(NAMED))
 def test_named_variant(name):
     spec = NAMED[name]
-    outputs = ("y", "aux") if spec.router.aux_loss else ("y", "logits")
+    outputs = ("y", "aux") if spec.router.aux_loss else ("y", "weights") if spec.expert_bias else ("y", "logits")
     for dtype, T, seed in ((torch.float32, 13, 1), (torch.float16, 9, 2)):
         check_case(spec, dtype, outputs, CPU, T, seed, training=spec.router.noisy, router_scale=2.0)
 
@@ -341,7 +370,7 @@ def test_zero_tokens(outputs, dtype):
 @pytest.mark.parametrize("arch", ["cpu", "sm90"])
 def test_one_token(name, arch):
     spec = NAMED[name]
-    outputs = ("y", "aux") if spec.router.aux_loss else ("y", "logits")
+    outputs = ("y", "aux") if spec.router.aux_loss else ("y", "weights") if spec.expert_bias else ("y", "logits")
     assert check_case(spec, torch.float32, outputs, ARCHS[arch], 1, 5, filter_ties=False) == 1
 
 
@@ -426,7 +455,9 @@ def test_exact_ties_go_to_the_lower_expert(name, dtype):
     MoESpec(24, 16, RouterConfig(16, 3, score="sigmoid", score_bias=True, n_group=4, topk_group=2,
                                  group_score="top2_sum"), shared=SharedExpertConfig(16, gated=True)),
     MoESpec(32, 16, RouterConfig(4, 1), glu=False, activation="relu"),
-], ids=["softmax", "sigmoid_groups_shared", "relu_k1"])
+    MoESpec(32, 16, RouterConfig(4, 2, order="topk_then_score", router_bias=True), expert_bias=True,
+            act_alpha=1.702, glu_limit=0.5, up_shift=1.0),
+], ids=["softmax", "sigmoid_groups_shared", "relu_k1", "gpt_oss_clamped"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_nan_token_is_isolated(spec, dtype):
     """A NaN in one token's input makes that token's output NaN and leaves every other token's
@@ -509,3 +540,28 @@ def test_aux_output_without_aux_loss_is_a_clear_error():
     spec = MoESpec(16, 16, RouterConfig(4, 1))
     with pytest.raises(ValueError, match="aux_loss"):
         compile_spec(spec, torch.float32, ("y", "aux"), CPU)
+
+
+@pytest.mark.parametrize("options, cause", [
+    (dict(activation="gelu", act_alpha=1.702), "silu only"),
+    (dict(glu=False, glu_limit=7.0), "not gated"),
+    (dict(glu=False, up_shift=1.0), "not gated"),
+    (dict(glu_limit=-1.0), "glu_limit"),
+    (dict(act_alpha=float("inf")), "act_alpha"),
+], ids=["alpha_on_gelu", "limit_without_glu", "shift_without_glu", "negative_limit", "infinite_alpha"])
+def test_bad_glu_variant_is_a_clear_error(options, cause):
+    with pytest.raises(MoESpecError, match=cause):
+        MoESpec(16, 16, RouterConfig(4, 1), **options)
+
+
+def test_bias_of_the_wrong_shape_is_rejected_by_the_verifier():
+    from moec.ir.build import build_moe_graph
+    from moec.ir.ops import IRError
+    from moec.ir.text import parse_graph, print_graph
+    from moec.ir.verify import verify
+    spec = MoESpec(16, 8, RouterConfig(4, 2), expert_bias=True)
+    text = print_graph(build_moe_graph(spec, torch.float32))
+    bad = text.replace("%b_up: f32[4, 8]", "%b_up: f32[4, 16]")
+    assert bad != text
+    with pytest.raises(IRError, match="bias"):
+        verify(parse_graph(bad))

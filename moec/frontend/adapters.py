@@ -143,22 +143,44 @@ def _dbrx_ffn(m: nn.Module) -> Built:
 
 @register_adapter("GptOssMLP", _HF)
 def _gpt_oss_mlp(m: nn.Module) -> Built:
-    """GPT-OSS: biased experts with a clamped gated activation; reported, never lifted."""
+    """GPT-OSS: router ``linear + bias -> top-k -> softmax``; experts with ``gate_up_proj [E, d, 2f]``
+    (gate and up columns interleaved), per-expert biases, GPT-OSS's clamped SwiGLU
+    ``(up.clamp(-l, l) + 1) * g * sigmoid(alpha * g)``, ``g = gate.clamp(max=l)``; forward returns
+    ``(y, routing weights [T, k])``."""
     try:
-        ex = m.experts
-        has = all(hasattr(ex, n) for n in ("gate_up_proj_bias", "down_proj_bias", "alpha", "limit"))
-    except AttributeError:
+        r, ex = m.router, m.experts
+        E, d, f2 = (int(s) for s in ex.gate_up_proj.shape)
+        k, alpha, limit = int(r.top_k), float(ex.alpha), float(ex.limit)
+        shapes = (tuple(ex.gate_up_proj_bias.shape), tuple(ex.down_proj.shape), tuple(ex.down_proj_bias.shape),
+                  tuple(r.weight.shape), tuple(r.bias.shape))
+    except (AttributeError, TypeError, ValueError):
         return None
-    if not has:
+    f = f2 // 2
+    if f2 % 2 or shapes != ((E, f2), (E, f, d), (E, d), (E, d), (E,)):
         return None
-    E = ex.gate_up_proj.shape[0]
-    return NotLifted(
-        f"{type(m).__name__}: GPT-OSS experts are not supported by moec's kernels: they have per-expert biases "
-        f"(experts.gate_up_proj_bias [{E}, {ex.gate_up_proj_bias.shape[1]}], experts.down_proj_bias "
-        f"[{E}, {ex.down_proj_bias.shape[1]}]) and GPT-OSS's own clamped gated activation "
-        f"(gate.clamp(max={ex.limit:g}) * sigmoid({ex.alpha:g} * gate) * (up.clamp(-{ex.limit:g}, {ex.limit:g}) + 1) "
-        f"on interleaved gate/up columns), where moec's experts are bias-free silu/gelu/relu (GLU) MLPs; "
-        f"its router (linear with bias, top-k then softmax) alone would be supported")
+    paths = ("router.weight", "router.bias", "experts.gate_up_proj", "experts.gate_up_proj_bias",
+             "experts.down_proj", "experts.down_proj_bias")
+    fields = (("w_router", Src((0,))), ("b_router", Src((1,))),
+              ("w_gate", Src((2,), transpose=True, rows=(0, f2, 2))),
+              ("w_up", Src((2,), transpose=True, rows=(1, f2, 2))),
+              ("w_down", Src((4,), transpose=True)),
+              ("b_gate", Src((3,), cols=(0, f2, 2))), ("b_up", Src((3,), cols=(1, f2, 2))),
+              ("b_down", Src((5,))))
+    try:
+        spec = MoESpec(hidden=d, ffn=f, activation="silu", glu=True, expert_bias=True, act_alpha=alpha,
+                       glu_limit=limit, up_shift=1.0,
+                       router=RouterConfig(num_experts=E, top_k=k, order="topk_then_score", router_bias=True))
+    except MoESpecError as e:
+        return NotLifted(f"{type(m).__name__}: {e}")
+    return LiftedMoE(spec=spec, formulation="adapter GptOssMLP: stacked [E, d, 2f] weights with interleaved gate/up "
+                                            "columns, biases, loop over hit experts",
+                     param_tensors=ParamTensors(paths), weights=WeightsRecipe(fields), outputs="y_weights",
+                     notes=[f"experts: gate = experts.gate_up_proj[..., 0::2], up = [..., 1::2] (views, no copy), "
+                            f"biases likewise; clamped SwiGLU (alpha={alpha:g}, limit={limit:g}, up + 1) "
+                            f"(GptOssMLP adapter)",
+                            f"router: router (linear with bias, top-{k} then softmax); forward also returns "
+                            f"the [T, {k}] routing weights"],
+                     observed=("router",))
 
 
 @register_adapter("PhimoeSparseMoeBlock", _HF)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..spec import MoESpec, MoEWeights
 
-OUTPUTS = ("y", "y_logits", "y_aux")
+OUTPUTS = ("y", "y_logits", "y_aux", "y_weights")
 
 
 @dataclass
@@ -28,7 +28,8 @@ class LiftedMoE:
     - ``param_tensors(module)``: the leaf tensors (parameters/buffers) the layer reads, fixed order.
     - ``weights(tensors)``: `MoEWeights` from those tensors; differentiable.
     - ``outputs``: how forward packs its result: ``"y"`` (y shaped like the input), ``"y_logits"``
-      (y, router logits ``[T, E]`` in the input dtype), ``"y_aux"`` (y, load-balancing loss scalar).
+      (y, router logits ``[T, E]`` in the input dtype), ``"y_aux"`` (y, load-balancing loss scalar),
+      ``"y_weights"`` (y, the routing weights ``[T, k]`` in slot order, input dtype: GPT-OSS).
     - ``noise_dtype``: for noisy gating, the dtype eager draws ``randn_like`` in (at lift time).
     - ``notes``: human-readable facts for ``explain()``.
     - ``observed``: paths of child modules (the router) that the eager forward calls and that
@@ -78,13 +79,15 @@ class ParamTensors:
 class Src:
     """One `MoEWeights` field from leaf tensors: optionally stack several along a new dim 0,
     optionally view it as ``view`` (e.g. ``[E*f, d]`` as ``[E, f, d]``), optionally swap the
-    last two dims, optionally keep rows ``start:stop:step`` of dim -2."""
+    last two dims, optionally keep rows ``start:stop:step`` of dim -2 and columns of dim -1
+    (GPT-OSS interleaves gate and up: gate = ``gate_up[..., 0::2]``)."""
 
     indices: tuple[int, ...]
     stack: bool = False
     transpose: bool = False
     rows: Optional[tuple[int, int, int]] = None
     view: Optional[tuple[int, ...]] = None
+    cols: Optional[tuple[int, int, int]] = None
 
     def build(self, ts: Sequence[Tensor]) -> Tensor:
         t = torch.stack([ts[i] for i in self.indices]) if self.stack else ts[self.indices[0]]
@@ -94,6 +97,8 @@ class Src:
             t = t.transpose(-1, -2)
         if self.rows is not None:
             t = t[..., slice(*self.rows), :]
+        if self.cols is not None:
+            t = t[..., slice(*self.cols)]
         return t
 
     def describe(self, paths: Sequence[str]) -> str:
@@ -109,6 +114,9 @@ class Src:
         if self.rows is not None:
             a, b, c = self.rows
             text += f"[{a}:{b}" + (f":{c}" if c != 1 else "") + "]"
+        if self.cols is not None:
+            a, b, c = self.cols
+            text += f"[..., {a}:{b}" + (f":{c}" if c != 1 else "") + "]"
         return text
 
 

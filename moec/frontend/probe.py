@@ -177,8 +177,11 @@ class Prober:
             self.outputs = "y_aux"
         elif isinstance(extra, torch.Tensor) and extra.numel() == T * self.E and extra.shape[-1] == self.E:
             self.outputs = "y_logits"
+        elif isinstance(extra, torch.Tensor) and extra.dim() == 2 and extra.shape[0] == T and extra.shape[1] < self.E:
+            self.outputs = "y_weights"
         else:
-            return "forward returns a second output that is neither router logits [T, E] nor a scalar aux loss"
+            return ("forward returns a second output that is neither router logits [T, E], routing weights "
+                    "[T, k] nor a scalar aux loss")
         return None
 
     def eager(self, i: int, training: bool, raw: bool = False):
@@ -224,6 +227,13 @@ class Prober:
             msg = mismatch(extra.reshape(T, self.E), logits.to(x.dtype), self.dtype)
             if msg:
                 return f"{where}: router logits {msg}"
+        if outputs == "y_weights":
+            if extra.shape[-1] != cfg.top_k:
+                return f"{where}: the module returns {extra.shape[-1]} routing weights per token, top_k is {cfg.top_k}"
+            weights = reference.route(logits, cfg, w.score_bias)[1]
+            msg = mismatch(extra.reshape(T, cfg.top_k), weights.to(x.dtype), self.dtype, keep)
+            if msg:
+                return f"{where}: routing weights {msg}"
         if outputs == "y_aux":
             if aux is None:
                 return f"{where}: the module returns an aux loss but the spec computes none"

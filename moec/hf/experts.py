@@ -8,7 +8,10 @@ is that function for ``"moec"``:
 
 - it reads the stacked expert weights as views, without copies (``gate_up_proj [E, 2f, d]``, gate
   first, or ``[E, d, 2f]`` when the class is ``is_transposed``; ``down_proj [E, d, f]`` / ``[E, f, d]``;
-  ``up_proj`` alone for ungated experts), and the activation by evaluating ``act_fn``;
+  ``up_proj`` alone for ungated experts; the ``*_bias`` tensors when ``has_bias``), and the gate by
+  evaluating it: the default gate (``act_fn(gate) * up`` on halves, ``act_fn`` one of moec's
+  activations) or a custom ``_apply_gate`` that matches one of moec's GLU variants on interleaved or
+  halved columns (GPT-OSS: clamped SwiGLU with slope ``alpha``, ``up + 1``, interleaved);
 - it builds, once per (E, k, d, f, activation, dtype, arch), the IR graph of the routed experts
   alone (no router: ids and weights are graph inputs) — dispatch, permute, gate/up/down grouped
   GEMMs, activation, weighted combine — and runs moec's pass pipeline and lowering on it, so the
@@ -18,9 +21,9 @@ is that function for ``"moec"``:
   reference under autograd (gradients for hidden states, routing weights and expert weights).
 
 What it cannot serve runs the experts module's own eager forward (the ``"eager"`` implementation),
-counted per reason (`calls`): per-expert biases, a custom gate (``_apply_gate`` overridden, e.g.
-GPT-OSS's clamped SwiGLU), an activation that is none of moec's, a post-expert norm, expert
-parallelism, and inputs the kernels do not take (float64, bf16 on a CPU, mixed dtypes/devices).
+counted per reason (`calls`): a custom gate none of moec's GLU variants matches, an activation that is
+none of moec's, a post-expert norm, expert parallelism, and inputs the kernels do not take (float64,
+bf16 on a CPU, mixed dtypes/devices).
 ``MOEC_DUMP_DIR`` receives each program's IR stages and kernels under ``hf_experts.*``.
 """
 from __future__ import annotations
@@ -38,6 +41,8 @@ from torch import Tensor, nn
 from moec import reference
 from moec.compiler import Compiled
 from moec.frontend.adapters import activation_of
+from moec.spec import ACTIVATIONS, MoESpecError, check_glu_variant
+from moec.ir.build import expert_inputs, routed_experts
 from moec.ir.graph import Builder, Graph
 from moec.ir.text import print_graph
 from moec.ir.types import T, TensorType, dtype_name
@@ -50,53 +55,48 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # ---- the program ------------------------------------------------------------------------------
 
-def build_experts_graph(E: int, k: int, d: int, f: int, activation: str, glu: bool, dtype) -> Graph:
+def build_experts_graph(E: int, k: int, d: int, f: int, activation: str, glu: bool, dtype,
+                        bias: bool = False, variant: tuple = ()) -> Graph:
     """The routed experts of an MoE layer, given the routing: ``y[t] = sum_s weights[t, s] *
-    expert_{ids[t, s]}(x[t])``; graph inputs ``x, ids, weights, [w_gate,] w_up, w_down``."""
+    expert_{ids[t, s]}(x[t])``; graph inputs ``x, ids, weights, [w_gate,] w_up, w_down`` (and
+    ``[b_gate,] b_up, b_down`` with ``bias``); ``variant``: the GLU variant's non-default items."""
     dt = dtype_name(dtype)
     b = Builder("hf_experts")
     x = b.input("x", TensorType(dt, (T, d)))
     ids = b.input("ids", TensorType("i32", (T, k)))
     weights = b.input("weights", TensorType("f32", (T, k)))
-    w_gate = b.input("w_gate", TensorType(dt, (E, f, d))) if glu else None
-    w_up = b.input("w_up", TensorType(dt, (E, f, d)))
-    w_down = b.input("w_down", TensorType(dt, (E, d, f)))
-    disp = b.add("dispatch", {"ids": ids}, {"num_experts": E})
-    xs = b.add("permute", {"x": x, "order": disp["order"]}, {"top_k": k}, names={"out": "xs"})["out"]
-    proj = {"num_experts": E}
-    up = b.add("grouped_gemm", {"a": xs, "w": w_up, "offsets": disp["offsets"]}, proj, names={"out": "up"})["out"]
-    gate = (b.add("grouped_gemm", {"a": xs, "w": w_gate, "offsets": disp["offsets"]}, proj,
-                  names={"out": "gate"})["out"] if glu else None)
-    h = b.add("activate", {"gate": gate or up, "up": up if glu else None},
-              {"activation": activation, "glu": glu}, names={"out": "h"})["out"]
-    ys = b.add("grouped_gemm", {"a": h, "w": w_down, "offsets": disp["offsets"]}, proj, names={"out": "ys"})["out"]
-    y = b.add("combine", {"y": ys, "order": disp["order"], "weights": weights, "ids": ids}, {"top_k": k},
-              names={"out": "routed"})["out"]
+    ws = expert_inputs(b, E, d, f, dt, glu, bias)
+    y = routed_experts(b, x, ids, weights, ws, E, k, activation, glu, dict(variant))
     y = b.add("cast", {"x": y}, {"dtype": dt}, names={"out": "y"})["out"]
     return b.graph([y])
 
 
-def program_name(E: int, k: int, d: int, f: int, activation: str, glu: bool, dtype, arch: Arch) -> str:
-    return (f"hf_experts.E{E}.k{k}.d{d}.f{f}.{activation}{'_glu' if glu else ''}."
+def program_name(E: int, k: int, d: int, f: int, activation: str, glu: bool, dtype, arch: Arch,
+                 bias: bool = False, variant: tuple = ()) -> str:
+    extra = "".join(f".{n}{v:g}" for n, v in variant) + (".bias" if bias else "")
+    return (f"hf_experts.E{E}.k{k}.d{d}.f{f}.{activation}{'_glu' if glu else ''}{extra}."
             f"{str(dtype).replace('torch.', '')}.{arch.name}")
 
 
 @functools.lru_cache(maxsize=128)
 def experts_program(E: int, k: int, d: int, f: int, activation: str, glu: bool, dtype: torch.dtype,
-                    arch: Arch) -> Compiled:
+                    arch: Arch, bias: bool = False, variant: tuple = ()) -> Compiled:
     """Build, optimise and lower the routed-experts graph (memoised); a `Compiled` without a spec,
     whose ``stages`` hold the IR after each pass and ``program`` the kernels."""
-    graph = build_experts_graph(E, k, d, f, activation, glu, dtype)
+    graph = build_experts_graph(E, k, d, f, activation, glu, dtype, bias, variant)
     out = Compiled(None, dtype, arch, [("captured", print_graph(graph))])
     final = run_passes(graph, PassContext(arch), after=lambda name, g: out.stages.append((name, print_graph(g))))
     out.program = lower(final, arch.name)
     dump = os.environ.get("MOEC_DUMP_DIR")
     if dump:
-        out.dump(Path(dump) / program_name(E, k, d, f, activation, glu, dtype, arch))
+        out.dump(Path(dump) / program_name(E, k, d, f, activation, glu, dtype, arch, bias, variant))
     return out
 
 
 # ---- reading an experts module ----------------------------------------------------------------
+
+_WEIGHT_FIELDS = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")
+
 
 @dataclass(frozen=True)
 class ExpertsLayout:
@@ -108,15 +108,31 @@ class ExpertsLayout:
     glu: bool
     activation: str
     transposed: bool
+    bias: bool = False
+    interleaved: bool = False     # gate = gate_up columns 0::2, up = 1::2 (else the two halves)
+    variant: tuple = ()           # the GLU variant's non-default items ((name, value), ...)
 
-    def weights(self, m: nn.Module) -> tuple[Optional[Tensor], Tensor, Tensor]:
-        """``(w_gate, w_up, w_down)`` as ``[E, f, d]``, ``[E, f, d]``, ``[E, d, f]`` views."""
+    def _halves(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        return (t[:, 0::2], t[:, 1::2]) if self.interleaved else (t[:, :self.f], t[:, self.f:])
+
+    def weights(self, m: nn.Module) -> dict:
+        """`MoEWeights`-named views: ``w_gate``/``w_up`` ``[E, f, d]``, ``w_down`` ``[E, d, f]`` and,
+        with biases, ``b_gate``/``b_up`` ``[E, f]``, ``b_down`` ``[E, d]`` (``w_gate``/``b_gate`` None
+        for ungated experts)."""
         tr = (lambda t: t.transpose(1, 2)) if self.transposed else (lambda t: t)   # noqa: E731
-        down = tr(m.down_proj)
+        w = dict.fromkeys(_WEIGHT_FIELDS)
+        w["w_down"] = tr(m.down_proj)
         if self.glu:
-            gu = tr(m.gate_up_proj)
-            return gu[:, :self.f], gu[:, self.f:], down
-        return None, tr(m.up_proj), down
+            w["w_gate"], w["w_up"] = self._halves(tr(m.gate_up_proj))
+        else:
+            w["w_up"] = tr(m.up_proj)
+        if self.bias:
+            w["b_down"] = m.down_proj_bias
+            if self.glu:
+                w["b_gate"], w["b_up"] = self._halves(m.gate_up_proj_bias)
+            else:
+                w["b_up"] = m.up_proj_bias
+        return w
 
 
 def _default_gate(m: nn.Module) -> bool:
@@ -127,26 +143,53 @@ def _default_gate(m: nn.Module) -> bool:
     return getattr(type(m), "_apply_gate", None) is _default_apply_gate
 
 
+def _cached(m: nn.Module, name: str, key: tuple, compute):
+    got = m.__dict__.get(name)
+    if got is None or got[0] != key:
+        got = (key, compute())
+        m.__dict__[name] = got
+    return got[1]
+
+
+def _custom_gate(m: nn.Module, act: Optional[str], f: int):
+    """``(interleaved, activation, variant)`` of moec's GLU forms that ``m._apply_gate`` computes, found
+    by evaluating it on random fp32 rows (magnitudes past any clamp), or None."""
+    z = torch.randn(64, 2 * f, generator=torch.Generator().manual_seed(0)) * 8
+    try:
+        with torch.no_grad():
+            y = m._apply_gate(z)
+    except Exception:  # noqa: BLE001 - not evaluable on its own
+        return None
+    if not isinstance(y, Tensor) or tuple(y.shape) != (64, f):
+        return None
+    variants = [()]
+    alpha, limit = getattr(m, "alpha", None), getattr(m, "limit", None)
+    if isinstance(alpha, (int, float)) and isinstance(limit, (int, float)):     # GPT-OSS's clamped SwiGLU
+        variants.append((("act_alpha", float(alpha)), ("glu_limit", float(limit)), ("up_shift", 1.0)))
+    for interleaved in (False, True):
+        g, u = (z[:, 0::2], z[:, 1::2]) if interleaved else (z[:, :f], z[:, f:])
+        for a in ([act] if act else ACTIVATIONS):
+            for v in variants:
+                try:
+                    check_glu_variant(a, True, **dict(v))
+                except MoESpecError:
+                    continue
+                if torch.allclose(y.float(), reference.gated(g, u, a, **dict(v)), rtol=1e-5, atol=1e-5):
+                    return interleaved, a, v
+    return None
+
+
 def read_layout(m: nn.Module, d: int):
     """The `ExpertsLayout` of experts module ``m`` for hidden size ``d``, or the reason it has none."""
-    if getattr(m, "has_bias", False):
-        return "per-expert biases"
     if getattr(m, "has_post_expert_norm", False):
         return "a post-expert norm"
     if getattr(m, "_is_expert_parallel", False):
         return "expert parallelism (sentinel expert ids)"
     glu = bool(getattr(m, "has_gate", True))
-    if glu and not _default_gate(m):
-        return f"a custom gate ({type(m).__name__}._apply_gate)"
+    bias = bool(getattr(m, "has_bias", False))
     act_fn = getattr(m, "act_fn", None)
-    cached = m.__dict__.get("_moec_activation")
-    if cached is not None and cached[0] is act_fn:
-        act = cached[1]
-    else:
-        act = activation_of(act_fn) if act_fn is not None else None
-        m.__dict__["_moec_activation"] = (act_fn, act)
-    if act is None:
-        return f"activation {type(act_fn).__name__} (moec's experts compute silu, gelu, gelu_tanh or relu)"
+    act = _cached(m, "_moec_activation", (act_fn,),
+                  lambda: activation_of(act_fn) if act_fn is not None else None)
     transposed = bool(getattr(m, "is_transposed", False))
     try:
         w = m.gate_up_proj if glu else m.up_proj
@@ -160,7 +203,26 @@ def read_layout(m: nn.Module, d: int):
     if (wf.dim() != 3 or tuple(wf.shape) != (E, 2 * f if glu else f, d) or tuple(df.shape) != (E, d, f)):
         return (f"unexpected weight shapes {'gate_up_proj' if glu else 'up_proj'} {tuple(w.shape)}, "
                 f"down_proj {tuple(down.shape)} for hidden size {d}")
-    return ExpertsLayout(E, d, f, glu, act, transposed)
+    if bias:
+        try:
+            shapes = (tuple(getattr(m, "gate_up_proj_bias" if glu else "up_proj_bias").shape),
+                      tuple(m.down_proj_bias.shape))
+        except AttributeError as e:
+            return f"biases not found ({e})"
+        if shapes != ((E, 2 * f if glu else f), (E, d)):
+            return f"unexpected bias shapes {shapes}"
+    interleaved, variant = False, ()
+    if glu and not _default_gate(m):
+        gate_key = (getattr(type(m), "_apply_gate", None), act_fn, getattr(m, "alpha", None),
+                    getattr(m, "limit", None), f)
+        form = _cached(m, "_moec_gate", gate_key, lambda: _custom_gate(m, act, f))
+        if form is None:
+            return (f"a custom gate ({type(m).__name__}._apply_gate) that is none of moec's GLU forms "
+                    f"(act(gate) * up, GPT-OSS's clamped SwiGLU; halved or interleaved columns)")
+        interleaved, act, variant = form
+    if act is None:
+        return f"activation {type(act_fn).__name__} (moec's experts compute silu, gelu, gelu_tanh or relu)"
+    return ExpertsLayout(E, d, f, glu, act, transposed, bias, interleaved, variant)
 
 
 # ---- the forward ------------------------------------------------------------------------------
@@ -206,51 +268,51 @@ def _eager_forward(m: nn.Module):
     return None
 
 
-def run_kernels(x: Tensor, ids: Tensor, wts: Tensor, layout: ExpertsLayout, w_gate, w_up, w_down) -> Tensor:
+def run_kernels(x: Tensor, ids: Tensor, wts: Tensor, layout: ExpertsLayout, w: dict) -> Tensor:
     k = ids.shape[1]
     prog = experts_program(layout.E, k, layout.d, layout.f, layout.activation, layout.glu, x.dtype,
-                           arch_of(x.device))
+                           arch_of(x.device), layout.bias, layout.variant)
     inputs = {"x": x if x.stride(-1) == 1 else x.contiguous(), "ids": ids.to(torch.int32).contiguous(),
-              "weights": wts.to(torch.float32).contiguous(), "w_up": w_up, "w_down": w_down}
-    if layout.glu:
-        inputs["w_gate"] = w_gate
+              "weights": wts.to(torch.float32).contiguous(), **{n: t for n, t in w.items() if t is not None}}
     (y,) = prog.program.run(inputs)
     return y
 
 
-def reference_experts(x: Tensor, ids: Tensor, wts: Tensor, layout: ExpertsLayout, w_gate, w_up, w_down) -> Tensor:
+def reference_experts(x: Tensor, ids: Tensor, wts: Tensor, layout: ExpertsLayout, w: dict) -> Tensor:
     """The same result in plain torch (differentiable; fp32 arithmetic, like the kernels)."""
     xf = x.float()
     y = torch.zeros_like(xf)
     for e in range(layout.E):
         tok, slot = torch.nonzero(ids == e, as_tuple=True)
         if tok.numel():
-            out = reference.expert_mlp(xf[tok], w_up[e], w_down[e], w_gate[e] if layout.glu else None,
-                                       layout.activation)
+            at = {n: (t[e] if t is not None else None) for n, t in w.items()}
+            out = reference.expert_mlp(xf[tok], at["w_up"], at["w_down"], at["w_gate"], layout.activation,
+                                       dict(layout.variant), (at["b_gate"], at["b_up"], at["b_down"]))
             y = y.index_add(0, tok, out * wts[tok, slot, None].float())
     return y.to(x.dtype)
 
 
 class _ExpertsFunction(torch.autograd.Function):
-    """Kernels forward; backward = autograd through `reference_experts` on the saved inputs."""
+    """Kernels forward; backward = autograd through `reference_experts` on the saved inputs.
+    ``weights``: the `_WEIGHT_FIELDS` tensors in order (None where absent)."""
 
     @staticmethod
-    def forward(ctx, layout, ids, x, wts, w_gate, w_up, w_down):
+    def forward(ctx, layout, ids, x, wts, *weights):
         ctx.layout = layout
-        ctx.has_gate = w_gate is not None
-        ctx.save_for_backward(ids, x, wts, w_gate if w_gate is not None else torch.empty(0), w_up, w_down)
-        return run_kernels(x.detach(), ids, wts.detach(), layout,
-                           w_gate.detach() if w_gate is not None else None, w_up.detach(), w_down.detach())
+        ctx.present = [t is not None for t in weights]
+        ctx.save_for_backward(ids, x, wts, *[t for t in weights if t is not None])
+        w = {n: (t.detach() if t is not None else None) for n, t in zip(_WEIGHT_FIELDS, weights)}
+        return run_kernels(x.detach(), ids, wts.detach(), layout, w)
 
     @staticmethod
     def backward(ctx, grad):
-        ids, *leaves = ctx.saved_tensors
-        if not ctx.has_gate:
-            leaves[2] = None
+        ids, x, wts, *saved = ctx.saved_tensors
+        it = iter(saved)
+        leaves = [x, wts] + [next(it) if p else None for p in ctx.present]
         needs = ctx.needs_input_grad[2:]
         with torch.enable_grad():
             det = [t.detach().requires_grad_(n) if t is not None else None for t, n in zip(leaves, needs)]
-            y = reference_experts(det[0], ids, det[1], ctx.layout, *det[2:])
+            y = reference_experts(det[0], ids, det[1], ctx.layout, dict(zip(_WEIGHT_FIELDS, det[2:])))
             wanted = [t for t, n in zip(det, needs) if n and t is not None]
             got = iter(torch.autograd.grad(y, wanted, grad, allow_unused=True) if wanted else [])
         return (None, None, *[next(got) if n and t is not None else None for t, n in zip(det, needs)])
@@ -263,8 +325,8 @@ def moec_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Te
     layout = read_layout(self, x.shape[-1]) if isinstance(x, Tensor) else "input is not a tensor"
     reason = layout if isinstance(layout, str) else None
     if reason is None:
-        w_gate, w_up, w_down = layout.weights(self)
-        reason = _why_eager(x, ids, wts, [t for t in (w_gate, w_up, w_down) if t is not None])
+        w = layout.weights(self)
+        reason = _why_eager(x, ids, wts, [t for t in w.values() if t is not None])
     if reason is not None:
         eager = _eager_forward(self)
         if eager is None:
@@ -272,9 +334,8 @@ def moec_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Te
                                f"its eager forward was not found")
         _count(self, f"eager: {reason}")
         return eager(hidden_states, top_k_index, top_k_weights)
-    tensors = [x, wts, w_up, w_down] + ([w_gate] if w_gate is not None else [])
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in [x, wts, *w.values()] if t is not None):
         _count(self, "kernels forward, eager backward")
-        return _ExpertsFunction.apply(layout, ids, x, wts, w_gate, w_up, w_down)
+        return _ExpertsFunction.apply(layout, ids, x, wts, *(w[n] for n in _WEIGHT_FIELDS))
     _count(self, "kernels")
-    return run_kernels(x, ids, wts, layout, w_gate, w_up, w_down)
+    return run_kernels(x, ids, wts, layout, w)

@@ -11,11 +11,42 @@ from .graph import Builder, Graph
 from .ops import router_attrs
 from .types import T, TensorType, dtype_name
 
-OUTPUTS = ("y", "logits", "aux")
+OUTPUTS = ("y", "logits", "aux", "weights")
+
+
+def expert_inputs(b: Builder, E: int, d: int, f: int, dt: str, glu: bool, bias: bool) -> dict:
+    """Declare the routed experts' weight inputs (named after `MoEWeights` fields); role -> value."""
+    ws = {"w_gate": b.input("w_gate", TensorType(dt, (E, f, d))) if glu else None,
+          "w_up": b.input("w_up", TensorType(dt, (E, f, d))),
+          "w_down": b.input("w_down", TensorType(dt, (E, d, f)))}
+    if bias:
+        ws.update(b_gate=b.input("b_gate", TensorType(dt, (E, f))) if glu else None,
+                  b_up=b.input("b_up", TensorType(dt, (E, f))), b_down=b.input("b_down", TensorType(dt, (E, d))))
+    return ws
+
+
+def routed_experts(b: Builder, x: str, ids: str, weights: str, ws: dict, E: int, k: int, activation: str,
+                   glu: bool, variant: dict) -> str:
+    """Dispatch, permute, the gate/up/down grouped GEMMs, the activation and the weighted combine, unfused
+    (``ws`` from `expert_inputs`); returns the fp32 ``[T, d]`` combined output."""
+    disp = b.add("dispatch", {"ids": ids}, {"num_experts": E})
+    xs = b.add("permute", {"x": x, "order": disp["order"]}, {"top_k": k}, names={"out": "xs"})["out"]
+    proj = {"num_experts": E}
+    up = b.add("grouped_gemm", {"a": xs, "w": ws["w_up"], "offsets": disp["offsets"], "bias": ws.get("b_up")},
+               proj, names={"out": "up"})["out"]
+    gate = (b.add("grouped_gemm", {"a": xs, "w": ws["w_gate"], "offsets": disp["offsets"],
+                                   "bias": ws.get("b_gate")}, proj, names={"out": "gate"})["out"] if glu else None)
+    h = b.add("activate", {"gate": gate or up, "up": up if glu else None},
+              {"activation": activation, "glu": glu, **variant}, names={"out": "h"})["out"]
+    ys = b.add("grouped_gemm", {"a": h, "w": ws["w_down"], "offsets": disp["offsets"], "bias": ws.get("b_down")},
+               proj, names={"out": "ys"})["out"]
+    return b.add("combine", {"y": ys, "order": disp["order"], "weights": weights, "ids": ids}, {"top_k": k},
+                 names={"out": "routed"})["out"]
 
 
 def build_moe_graph(spec: MoESpec, dtype, outputs=("y",), name: str = "moe") -> Graph:
-    """The layer on ``x: dtype[T, hidden]``; ``outputs`` picks from ``y``, ``logits``, ``aux``."""
+    """The layer on ``x: dtype[T, hidden]``; ``outputs`` picks from ``y``, ``logits`` (fp32 router logits),
+    ``aux`` (the load-balancing loss), ``weights`` (fp32 routing weights ``[T, k]``, after capacity)."""
     for o in outputs:
         if o not in OUTPUTS:
             raise ValueError(f"unknown output {o!r}; choose from {OUTPUTS}")
@@ -30,25 +61,14 @@ def build_moe_graph(spec: MoESpec, dtype, outputs=("y",), name: str = "moe") -> 
     b_router = b.input("b_router", TensorType(dt, (E,))) if r.router_bias else None
     score_bias = b.input("score_bias", TensorType("f32", (E,))) if r.score_bias else None
     w_noise = b.input("w_noise", TensorType(dt, (E, d))) if r.noisy else None
-    w_gate = b.input("w_gate", TensorType(dt, (E, f, d))) if spec.glu else None
-    w_up = b.input("w_up", TensorType(dt, (E, f, d)))
-    w_down = b.input("w_down", TensorType(dt, (E, d, f)))
+    ws = expert_inputs(b, E, d, f, dt, spec.glu, spec.expert_bias)
 
     logits = b.add("linear", {"x": x, "w": w_router, "b": b_router}, names={"out": "logits"})["out"]
     noise = b.add("linear", {"x": x, "w": w_noise}, names={"out": "noise_logits"})["out"] if r.noisy else None
     route = b.add("route", {"logits": logits, "score_bias": score_bias, "noise_logits": noise},
                   router_attrs(r), results=["ids", "weights"] + (["aux"] if r.aux_loss else []))
-    disp = b.add("dispatch", {"ids": route["ids"]}, {"num_experts": E})
-    xs = b.add("permute", {"x": x, "order": disp["order"]}, {"top_k": k}, names={"out": "xs"})["out"]
-    proj = {"num_experts": E}
-    up = b.add("grouped_gemm", {"a": xs, "w": w_up, "offsets": disp["offsets"]}, proj, names={"out": "up"})["out"]
-    gate = (b.add("grouped_gemm", {"a": xs, "w": w_gate, "offsets": disp["offsets"]}, proj,
-                  names={"out": "gate"})["out"] if spec.glu else None)
-    h = b.add("activate", {"gate": gate or up, "up": up if spec.glu else None},
-              {"activation": spec.activation, "glu": spec.glu}, names={"out": "h"})["out"]
-    ys = b.add("grouped_gemm", {"a": h, "w": w_down, "offsets": disp["offsets"]}, proj, names={"out": "ys"})["out"]
-    y = b.add("combine", {"y": ys, "order": disp["order"], "weights": route["weights"], "ids": route["ids"]},
-              {"top_k": k}, names={"out": "routed"})["out"]
+    y = routed_experts(b, x, route["ids"], route["weights"], ws, E, k, spec.activation, spec.glu,
+                       spec.glu_variant)
 
     if spec.shared is not None:
         fs = spec.shared.width
@@ -67,5 +87,5 @@ def build_moe_graph(spec: MoESpec, dtype, outputs=("y",), name: str = "moe") -> 
         y = b.add("add", {"a": y, "b": so}, names={"out": "routed_shared"})["out"]
 
     out = {"y": b.add("cast", {"x": y}, {"dtype": dt}, names={"out": "y"})["out"],
-           "logits": logits, "aux": route.get("aux")}
+           "logits": logits, "aux": route.get("aux"), "weights": route["weights"]}
     return b.graph([out[o] for o in outputs])

@@ -11,7 +11,7 @@ import torch
 
 from .. import reference as ref
 from .graph import Graph, Node
-from .ops import router_config
+from .ops import glu_variant, router_config
 
 _IMPL: dict[str, Callable] = {}
 
@@ -129,10 +129,14 @@ def _grouped_gemm(n, v, ctx):
             continue
         a = A[lo:hi].float()
         h = a @ v["w"][e].float().t()
+        if "bias" in v:
+            h = h + v["bias"][e].float()
         if a_attr["glu"]:
-            h = ref.activation(a_attr["activation"], h) * (a @ v["w_up"][e].float().t())
+            u = a @ v["w_up"][e].float().t()
+            u = u + v["bias_up"][e].float() if "bias_up" in v else u
+            h = ref.gated(h, u, a_attr["activation"], **glu_variant(a_attr))
         elif a_attr["activation"]:
-            h = ref.activation(a_attr["activation"], h)
+            h = ref.gated(h, None, a_attr["activation"], **glu_variant(a_attr))
         if "scale" in v:
             s = v["scale"].reshape(-1)
             h = h * (s[order[lo:hi].long()] if order is not None else s[lo:hi])[:, None]
@@ -148,9 +152,8 @@ def _grouped_gemm(n, v, ctx):
 @impl("activate")
 def _activate(n, v, ctx):
     g = v["gate"]
-    h = ref.activation(n.attr["activation"], g.float())
-    if n.attr["glu"]:
-        h = h * v["up"].float()
+    h = ref.gated(g.float(), v["up"].float() if n.attr["glu"] else None, n.attr["activation"],
+                  **glu_variant(n.attr))
     return {"out": h.to(g.dtype)}
 
 

@@ -13,7 +13,7 @@ from typing import Callable
 
 import sympy
 
-from ..spec import ACTIVATIONS, RouterConfig
+from ..spec import ACTIVATIONS, GLU_PLAIN, RouterConfig
 from .types import TensorType
 
 ROUTER_FIELDS = tuple(f.name for f in dataclasses.fields(RouterConfig))
@@ -133,18 +133,20 @@ def _infer_gg(o, a):
 
 
 op("grouped_gemm", "Row i of the sorted rows belongs to expert e(i) (offsets; one expert when "
-   "offsets is absent): h = A_i @ w[e].T; with glu: act(h) * (A_i @ w_up[e].T), else act(h) when "
-   "activation is set. A_i = a[order[i] // gather_top_k] when gather_top_k > 0 (the permute "
-   "folded into the prologue), else a[i]. scale multiplies row i by scale.flat[order[i]] (routed) "
-   "or scale[i] (dense); scatter stores row i at out[order[i]] (the un-permute folded into the "
-   "epilogue). Rows of dropped pairs are left unwritten. fp32 accumulation.",
-   ["a", "w"], ["out"], _infer_gg, optional_operands=["offsets", "w_up", "order", "scale"],
-   attrs={"num_experts": REQUIRED, "activation": None, "glu": False, "gather_top_k": 0,
+   "offsets is absent): h = A_i @ w[e].T (+ bias[e]); with glu: gated(h, A_i @ w_up[e].T (+ bias_up[e])), "
+   "else act(h) when activation is set (gated: see activate). A_i = a[order[i] // gather_top_k] when "
+   "gather_top_k > 0 (the permute folded into the prologue), else a[i]. scale multiplies row i by "
+   "scale.flat[order[i]] (routed) or scale[i] (dense); scatter stores row i at out[order[i]] (the "
+   "un-permute folded into the epilogue). Rows of dropped pairs are left unwritten. fp32 accumulation.",
+   ["a", "w"], ["out"], _infer_gg, optional_operands=["offsets", "w_up", "order", "scale", "bias", "bias_up"],
+   attrs={"num_experts": REQUIRED, "activation": None, "glu": False, **GLU_PLAIN, "gather_top_k": 0,
           "scatter": False, "out_dtype": None, "tiles": None})
 
-op("activate", "out = act(gate) * up (glu) or act(gate), computed in fp32, stored in gate's dtype.",
+op("activate", "out = act(gate) * (up + up_shift) (glu) or act(gate), computed in fp32, stored in gate's "
+   "dtype; act_alpha is silu's slope (x * sigmoid(act_alpha * x)); glu_limit clamps gate <= limit and up "
+   "to [-limit, limit] first (see moec.spec.MoESpec).",
    ["gate"], ["out"], lambda o, a: {"out": o["gate"]}, optional_operands=["up"],
-   attrs={"activation": REQUIRED, "glu": False})
+   attrs={"activation": REQUIRED, "glu": False, **GLU_PLAIN})
 
 op("combine", "out[t] = sum_s weights[t, s] * y[position of pair t*k+s in order], skipping "
    "dropped pairs (ids = -1); fp32.",
@@ -177,6 +179,11 @@ def router_attrs(cfg: RouterConfig) -> dict:
 def check_activation(name):
     if name is not None and name not in ACTIVATIONS:
         raise IRError(f"unknown activation {name!r}")
+
+
+def glu_variant(attrs: dict) -> dict:
+    """The GLU-variant attributes of a grouped_gemm/activate node (for `moec.reference.gated`)."""
+    return {k: attrs[k] for k in GLU_PLAIN}
 
 
 def is_symbolic(expr) -> bool:

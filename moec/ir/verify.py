@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import networkx as nx
 
-from ..spec import MoESpecError
+from ..spec import GLU_PLAIN, MoESpecError, check_glu_variant
 from .graph import Graph, Node
-from .ops import OPS, REQUIRED, IRError, check_activation, router_config
+from .ops import OPS, REQUIRED, IRError, check_activation, glu_variant, router_config
 from .types import TensorType
 
 
@@ -36,9 +36,26 @@ def _router_ok(n: Node, types) -> None:
             raise IRError("aux_loss attribute and aux result disagree")
 
 
+def _variant_ok(a: dict, glu: bool) -> None:
+    try:
+        check_glu_variant(a["activation"] or "silu", glu, **glu_variant(a))
+    except MoESpecError as e:
+        raise IRError(str(e)) from None
+
+
 def _gemm_ok(n: Node, types) -> None:
     a = n.attr
     check_activation(a["activation"])
+    if a["activation"] is None and glu_variant(a) != GLU_PLAIN:
+        raise IRError("a GLU variant needs an activation")
+    _variant_ok(a, a["glu"])
+    if "bias_up" in n.ins and not a["glu"]:
+        raise IRError("bias_up given without glu")
+    for role, of in (("bias", "w"), ("bias_up", "w_up")):
+        if role in n.ins:
+            b, w = types[n.ins[role]], types[n.ins[of]]
+            if b.rank != 2 or b.shape != (w.shape[0], w.shape[1]):
+                raise IRError(f"{role} {b} must be [experts, out features] of {of} {w}")
     if a["glu"] and ("w_up" not in n.ins or a["activation"] is None):
         raise IRError("glu needs a w_up operand and an activation")
     if "w_up" in n.ins and not a["glu"]:
@@ -54,6 +71,7 @@ def _gemm_ok(n: Node, types) -> None:
 
 def _activate_ok(n: Node, types) -> None:
     check_activation(n.attr["activation"])
+    _variant_ok(n.attr, n.attr["glu"])
     if n.attr["glu"] != ("up" in n.ins):
         raise IRError("glu and the up operand go together")
 
