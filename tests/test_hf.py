@@ -77,7 +77,7 @@ def test_greedy_generate_matches_eager(name):
     assert model.generate(prompt, **kw).tolist() == eager.generate(prompt, **kw).tolist()
 
 
-@pytest.mark.parametrize("name", ["mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("name", ["mixtral", "deepseek_v3", "gpt_oss"])
 def test_router_logits_and_aux_loss_still_recorded(name):
     """transformers records router logits with forward hooks on the router module, which a
     compiled block does not otherwise call: the region calls the hooked router for them."""
@@ -94,8 +94,9 @@ def test_router_logits_and_aux_loss_still_recorded(name):
     _close(a.logits, b.logits)
 
 
-def test_training_step_gradients_match_eager():
-    eager, _ = H.pair("qwen2_moe")
+@pytest.mark.parametrize("name", ["qwen2_moe", "gpt_oss"])
+def test_training_step_gradients_match_eager(name):
+    eager, _ = H.pair(name)
     import copy
     e = copy.deepcopy(eager).train()
     m = moec.compile(copy.deepcopy(eager)).train()
