@@ -205,3 +205,18 @@ def test_moec_imports_and_compiles_without_transformers(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
                           cwd=tmp_path)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def test_layer_benchmark_runs_small(tmp_path):
+    """benchmarks/hf_layer.py (real-size layers on a GPU) runs at tiny sizes on the CPU and every method's
+    output matches eager's (its exit code says so)."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    try:
+        import hf_layer
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "hf_layer.json"
+    assert hf_layer.main(["--small", "--models", "qwen3", "--tokens", "3", "--out", str(out)]) == 0
+    import json
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["method"] for r in rows} == set(hf_layer.METHODS) and all("error" not in r for r in rows)
