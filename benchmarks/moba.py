@@ -4,11 +4,17 @@
     python benchmarks/moba.py --small         # any machine: small N, checks every result, no GPU timing
 
 Configurations (block size / top-k, the own block counted): 128/8 and 512/4. Each row prints the
-times in ms (CUDA events, median of a few runs after a warm-up) and the sparse floor: the time the
+times in ms (CUDA events, median of a few runs after a warm-up): the whole op (``scheme="auto"``),
+the gate, and the attention given the gate's indices in both schemes, ``rows`` (query tiles with
+row masks) and ``densify`` (collect + gathered key-block tiles + own block and merge; ``collect``
+is its torch part alone), with ``|r-d|`` the largest difference of their outputs; then SDPA,
+FlexAttention and the sparse floor: the time the
 selected blocks need at 794 TFLOP/s (bf16 dense tensor-core peak assumed) vs the bytes a fused
 forward must move at 3.0 TB/s (q, k, v and out once, lse, indices written and read back, pooled
 keys), the larger of the two being the floor. FLOPs count 4*D per (query, attended key) over the
 exact causal union (own block up to the query), plus 2*D per (query, past block) for the gate.
+The densify scheme also writes and reads its partials (``densify_extra_bytes``), which the floor
+does not count; ``--small`` prints that traffic beside the floor.
 
 FlexAttention's BlockMask comes from ``create_block_mask`` over the exact per-query, per-head
 selection (the indices moec's gate chose); building it evaluates the mask at every (query, key)
@@ -32,7 +38,8 @@ import torch.nn.functional as F
 from moec.moba import moba_attention, moba_reference
 from moec.moba.ops import moba_forward_kernels
 from moec.runtime.moba_attention_kernel import moba_attention_fwd
-from moec.runtime.moba_common import pool_keys
+from moec.runtime.moba_common import choose_scheme, densify_tile, pool_keys
+from moec.runtime.moba_densify_kernel import collect_block_queries
 from moec.runtime.moba_gate_kernel import moba_gate
 
 PEAK_FLOPS = 794e12     # bf16 dense, per second
@@ -66,6 +73,14 @@ def floor(N: int, H: int, Hkv: int, D: int, bs: int, top_k: int, itemsize: int =
     t_c, t_m = (flops + gate_flops) / PEAK_FLOPS, bytes_ / PEAK_BYTES
     return dict(flops=flops + gate_flops, bytes=bytes_, compute_ms=t_c * 1e3, memory_ms=t_m * 1e3,
                 floor_ms=max(t_c, t_m) * 1e3, bound="compute" if t_c >= t_m else "memory")
+
+
+def densify_extra_bytes(N: int, H: int, Hkv: int, D: int, bs: int, top_k: int, itemsize: int = 2) -> int:
+    """Traffic of the densify scheme beyond a fused forward: every (query, slot) partial (out in q's
+    dtype, fp32 lse) written and read once, the -inf fill of the lse partials, and the collect's
+    sort (about 3 passes over int32 keys and int64 entry ids, read and written)."""
+    E = H * N * top_k
+    return E * (2 * (D * itemsize + 4) + 4) + 3 * 2 * E * (4 + 8)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,8 +131,8 @@ def gpu(args) -> None:
     dev, dt = torch.device("cuda"), torch.bfloat16
     H, Hkv, D = args.heads, args.kv_heads or args.heads, args.head_dim
     print(f"# {torch.cuda.get_device_name()}  H={H} Hkv={Hkv} D={D} bf16 causal; times in ms")
-    print(f"{'N':>7} {'bs/k':>6} {'moba':>9} {'gate':>8} {'attn':>8} {'sdpa':>9} {'flex':>9} "
-          f"{'floor':>8} {'bound':>7} {'moba/floor':>10}")
+    print(f"{'N':>7} {'bs/k':>6} {'moba':>9} {'auto':>8} {'gate':>8} {'rows':>8} {'densify':>8} {'collect':>8} "
+          f"{'|r-d|':>8} {'sdpa':>9} {'flex':>9} {'floor':>8} {'bound':>7} {'moba/floor':>10}")
     for N in args.sizes:
         g = torch.Generator(device=dev).manual_seed(0)
         q = torch.randn(1, H, N, D, device=dev, dtype=dt, generator=g)
@@ -130,7 +145,13 @@ def gpu(args) -> None:
             pooled = pool_keys(k, bs)
             t_gate = cuda_ms(lambda: moba_gate(q, pooled, block_size=bs, top_k=top_k), reps)
             idx = moba_gate(q, pooled, block_size=bs, top_k=top_k)
-            t_attn = cuda_ms(lambda: moba_attention_fwd(q, k, v, idx, block_size=bs), reps)
+            t_rows = cuda_ms(lambda: moba_attention_fwd(q, k, v, idx, block_size=bs, scheme="rows"), reps)
+            t_dens = cuda_ms(lambda: moba_attention_fwd(q, k, v, idx, block_size=bs, scheme="densify"), reps)
+            bm = densify_tile(bs, D, "sm90" if torch.cuda.get_device_capability()[0] >= 9 else "sm80").block_m
+            t_coll = cuda_ms(lambda: collect_block_queries(idx, block_size=bs, kv_heads=Hkv, block_m=bm), reps)
+            diff = (moba_attention_fwd(q, k, v, idx, block_size=bs, scheme="rows")[0].float()
+                    - moba_attention_fwd(q, k, v, idx, block_size=bs, scheme="densify")[0].float()).abs().max().item()
+            auto = choose_scheme("auto", n_rows=N, block_size=bs, top_k=top_k)
             t_flex = float("nan")
             if N <= args.flex_max_n:
                 try:
@@ -139,8 +160,9 @@ def gpu(args) -> None:
                 except Exception as e:                     # noqa: BLE001 - report and go on
                     print(f"  flex failed at N={N}: {type(e).__name__}: {e}", file=sys.stderr)
             f = floor(N, H, Hkv, D, bs, top_k)
-            print(f"{N:>7} {bs:>3}/{top_k:<2} {t_moba:9.2f} {t_gate:8.2f} {t_attn:8.2f} {t_sdpa:9.2f} "
-                  f"{t_flex:9.2f} {f['floor_ms']:8.3f} {f['bound']:>7} {t_moba / f['floor_ms']:10.1f}")
+            print(f"{N:>7} {bs:>3}/{top_k:<2} {t_moba:9.2f} {auto:>8} {t_gate:8.2f} {t_rows:8.2f} {t_dens:8.2f} "
+                  f"{t_coll:8.2f} {diff:8.1e} {t_sdpa:9.2f} {t_flex:9.2f} {f['floor_ms']:8.3f} {f['bound']:>7} "
+                  f"{t_moba / f['floor_ms']:10.1f}")
             del idx, pooled
         del q, k, v
         torch.cuda.empty_cache()
@@ -158,29 +180,35 @@ def small(args) -> None:
         k = torch.randn(1, Hkv, N, D, generator=g).to(dt)
         v = torch.randn(1, Hkv, N, D, generator=g).to(dt)
         for bs, top_k in ((32, 4), (64, 2), (64, 8)):
-            t0 = time.perf_counter()
-            out, lse, idx = moba_forward_kernels(q, k, v, block_size=bs, top_k=top_k)
-            t_moba = time.perf_counter() - t0
             ref, _ = moba_reference(q, k, v, block_size=bs, top_k=top_k)
-            err_ref = (out.float() - ref.float()).abs().max().item()
-            fn, _ = flex_moba(q.float(), k.float(), v.float(), idx, bs, compile_=False)
-            err_flex = (out.float() - fn()).abs().max().item()
-            line = f"N={N:4d} bs/k={bs}/{top_k}: |moba-ref| {err_ref:.1e}  |moba-flex| {err_flex:.1e}"
-            assert err_ref < 2e-2 and err_flex < 2e-2, line
-            if -(-N // bs) <= top_k:                       # every block selected: dense causal
-                err_sdpa = (out.float() - sdpa(q.float(), k.float(), v.float())).abs().max().item()
-                assert err_sdpa < 2e-2, err_sdpa
-                line += f"  |moba-sdpa| {err_sdpa:.1e} (all blocks selected)"
-            print(line + f"  ({t_moba:.1f} s interpreted)")
+            line = f"N={N:4d} bs/k={bs}/{top_k}:"
+            for scheme in ("rows", "densify"):
+                t0 = time.perf_counter()
+                out, lse, idx = moba_forward_kernels(q, k, v, block_size=bs, top_k=top_k, scheme=scheme)
+                t_moba = time.perf_counter() - t0
+                err_ref = (out.float() - ref.float()).abs().max().item()
+                fn, _ = flex_moba(q.float(), k.float(), v.float(), idx, bs, compile_=False)
+                err_flex = (out.float() - fn()).abs().max().item()
+                line += f"  {scheme}: |ref| {err_ref:.1e} |flex| {err_flex:.1e}"
+                assert err_ref < 2e-2 and err_flex < 2e-2, line
+                if -(-N // bs) <= top_k:                   # every block selected: dense causal
+                    err_sdpa = (out.float() - sdpa(q.float(), k.float(), v.float())).abs().max().item()
+                    assert err_sdpa < 2e-2, err_sdpa
+                    line += f" |sdpa| {err_sdpa:.1e}"
+                line += f" ({t_moba:.1f} s)"
+            print(line)
     print("\n# sparse floor of the GPU configurations (H=16, D=128, bf16; arithmetic only)")
     print(f"{'N':>7} {'bs/k':>6} {'TFLOP':>8} {'GB':>7} {'compute ms':>11} {'memory ms':>10} {'floor ms':>9} "
-          f"{'dense ms':>9}")
+          f"{'dense ms':>9} {'auto':>8} {'densify +GB':>11} {'+ms':>6}")
     for N in SIZES:
         dense_ms = 4 * 128 * 16 * N * (N + 1) / 2 / PEAK_FLOPS * 1e3
         for bs, top_k in CONFIGS:
             f = floor(N, 16, 16, 128, bs, top_k)
+            extra = densify_extra_bytes(N, 16, 16, 128, bs, top_k)
             print(f"{N:>7} {bs:>3}/{top_k:<2} {f['flops'] / 1e12:8.2f} {f['bytes'] / 1e9:7.2f} "
-                  f"{f['compute_ms']:11.3f} {f['memory_ms']:10.3f} {f['floor_ms']:9.3f} {dense_ms:9.2f}")
+                  f"{f['compute_ms']:11.3f} {f['memory_ms']:10.3f} {f['floor_ms']:9.3f} {dense_ms:9.2f} "
+                  f"{choose_scheme('auto', n_rows=N, block_size=bs, top_k=top_k):>8} {extra / 1e9:11.2f} "
+                  f"{extra / PEAK_BYTES * 1e3:6.2f}")
     print("\nGPU timing was not measured (no CUDA device here); run without --small on a GPU.")
 
 

@@ -1,14 +1,14 @@
 """The MoBA block-sparse attention forward kernel family: (q, k, v, block indices) -> (out, lse).
 
 `moba_attention_fwd` launches ``templates/moba_attention.py.jinja`` on ``(query tiles, B*H)``
-programs. Scheme (first step, correctness first): each program owns BLOCK_M consecutive queries of
-one sequence and one head, walks the union of the key blocks its rows selected (ascending, read
-from the index tile in registers; unselected blocks are skipped), and for each computes dense
-``[BLOCK_M, BLOCK_N]`` score tiles with a row mask (rows that did not select the block) and the
-causal mask on the diagonal block, under one online softmax per row. It is the same per-tile
-arithmetic as FlashMoBA's "collect and densify" forward; what changes later on a GPU is which rows
-a tile holds (gathered per key block from a sorted query list, instead of consecutive rows with a
-mask), which removes the masked-row waste when the rows of a tile pick different blocks.
+programs ("rows" scheme): each program owns BLOCK_M consecutive queries of one sequence and one
+head, walks the union of the key blocks its rows selected (ascending, read from the index tile in
+registers; unselected blocks are skipped), and for each computes dense ``[BLOCK_M, BLOCK_N]`` score
+tiles with a row mask (rows that did not select the block) and the causal mask on the diagonal
+block, under one online softmax per row: no collect step, no partials, no merge. Its work grows
+with the union of the blocks a tile's rows picked, so long sequences go to the "densify" scheme
+(`moba_densify_kernel`: FlashMoBA's key-block-major gathered tiles); this one stays for short
+sequences and decode-like shapes. `moba_attention_fwd(scheme=...)` picks.
 
 Indices are those of `moec.moba.reference.moba_block_selection` (any block numbers work: the
 kernel attends to the union of the listed blocks of the query's sequence, causally; ``-1`` is
@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .arch import Arch, resolve
 from .launch import Kernel
-from .moba_common import LaunchPlan, MobaAttentionTile, attention_tile, pow2, query_tile_map
+from .moba_common import LaunchPlan, MobaAttentionTile, attention_tile, choose_scheme, pow2, query_programs, strides
 from .render import render
 
 TEMPLATE = "moba_attention.py.jinja"
@@ -86,24 +86,13 @@ def plan_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, *, block_si
                                  tile or attention_tile(block_size, D, a), str(q.dtype).replace("torch.", ""))
     out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    bm = params.tile.block_m
-    if cu_seqlens is not None:
-        tile_seq, tile_local, n_prog = query_tile_map(cu_seqlens, N, bm)
-        S = cu_seqlens.numel() - 1
-    else:
-        tile_seq = tile_local = None
-        n_prog, S = -(-N // bm), 1
+    tile_seq, tile_local, n_prog, S = query_programs(cu_seqlens, N, params.tile.block_m)
     args = dict(
         q_ptr=q, k_ptr=k, v_ptr=v, idx_ptr=indices, out_ptr=out, lse_ptr=lse, cu_ptr=cu_seqlens,
         tile_seq_ptr=tile_seq, tile_local_ptr=tile_local,
         N=N, H=H, S=S, sm_scale=1.0 / math.sqrt(D),
-        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qn=q.stride(2), stride_qd=q.stride(3),
-        stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2), stride_kd=k.stride(3),
-        stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2), stride_vd=v.stride(3),
-        stride_ib=indices.stride(0), stride_ih=indices.stride(1), stride_in=indices.stride(2),
-        stride_ik=indices.stride(3),
-        stride_ob=out.stride(0), stride_oh=out.stride(1), stride_on=out.stride(2), stride_od=out.stride(3),
-        stride_lb=lse.stride(0), stride_lh=lse.stride(1), stride_ln=lse.stride(2),
+        **strides(q, "q", "bhnd"), **strides(k, "k", "bhnd"), **strides(v, "v", "bhnd"),
+        **strides(indices, "i", "bhnk"), **strides(out, "o", "bhnd"), **strides(lse, "l", "bhn"),
     )
     grid = (n_prog if N else 0, B * H)
     return LaunchPlan(render_attention(params), grid, args, params.constexprs(), params.tile.num_warps,
@@ -112,10 +101,20 @@ def plan_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, *, block_si
 
 def moba_attention_fwd(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, *, block_size: int,
                        cu_seqlens: Optional[Tensor] = None, arch: str | Arch | None = None,
-                       tile: Optional[MobaAttentionTile] = None) -> tuple[Tensor, Tensor]:
+                       tile: Optional[MobaAttentionTile] = None, scheme: str = "auto") -> tuple[Tensor, Tensor]:
     """``(out [B, H, N, D] in q's dtype, lse [B, H, N] fp32)`` of each query over the blocks
-    ``indices [B, H, N, K]`` (int32) lists for it. ``arch`` picks the tile from the table (default:
-    the device's); ``tile`` overrides it."""
+    ``indices [B, H, N, K]`` (int32) lists for it. ``scheme``: ``"rows"`` (this module: query tiles
+    with row masks), ``"densify"`` (`moba_densify_kernel`: key-block-major gathered tiles, partials
+    merged by log-sum-exp) or ``"auto"`` (`moba_common.choose_scheme`: densify when the average
+    sequence has more than 4 x top_k blocks; that threshold is not measured on a GPU). Both give the
+    same results. ``arch`` picks the tiles from the tables (default: the device's); ``tile``
+    overrides the tile (for densify, the gathered-query tile)."""
+    S = 1 if cu_seqlens is None else max(1, cu_seqlens.numel() - 1)
+    if choose_scheme(scheme, n_rows=q.shape[2], block_size=block_size, top_k=indices.shape[-1],
+                     n_seqs=S) == "densify":
+        from .moba_densify_kernel import moba_densify_fwd
+        return moba_densify_fwd(q, k, v, indices, block_size=block_size, cu_seqlens=cu_seqlens, arch=arch,
+                                tile=tile)
     plan, out, lse = plan_attention(q, k, v, indices, block_size=block_size, cu_seqlens=cu_seqlens, arch=arch,
                                     tile=tile)
     plan.run()

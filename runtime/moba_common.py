@@ -89,6 +89,29 @@ _GATE = {"sm80": (64, 32, 4, 2), "sm86": (64, 32, 4, 2), "sm89": (64, 32, 4, 2),
          "sm90": (128, 32, 4, 2), "sm100": (128, 32, 4, 2)}
 
 
+# Densify (key-block-major gathered tiles, `moba_densify_kernel`): (BLOCK_M, BLOCK_N, warps, stages).
+# Every program does the same work (BLOCK_M gathered rows x one whole block of keys), so a larger
+# BLOCK_M only costs the partly filled last chunk of each (key block, kv head) list; 128 rows with 8
+# warps where shared memory allows (the gathered q tile stays resident; K and V chunks pipelined).
+# The key loop has a constexpr trip count (bs / BLOCK_N), so it is an scf.for that Triton pipelines.
+_DENSIFY = {
+    "sm80": {64: (128, 64, 8, 2), 128: (128, 64, 8, 2), 256: (128, 64, 8, 2), 512: (128, 64, 8, 2)},
+    "sm86": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (64, 64, 4, 2), 512: (64, 64, 4, 2)},
+    "sm89": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (64, 64, 4, 2), 512: (64, 64, 4, 2)},
+    "sm90": {64: (128, 64, 8, 2), 128: (128, 128, 8, 2), 256: (128, 128, 8, 2), 512: (128, 128, 8, 2)},
+    "sm100": {64: (128, 64, 8, 2), 128: (128, 128, 8, 2), 256: (128, 128, 8, 2), 512: (128, 128, 8, 2)},
+}
+# Own block + merge (`moba_densify_kernel`): consecutive query rows x their own block, causal. BLOCK_M
+# divides the block size, so a tile never spans two blocks (no keys of a neighbour block visited).
+_OWN = {
+    "sm80": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (64, 64, 4, 2), 512: (64, 64, 4, 2)},
+    "sm86": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (64, 64, 4, 2), 512: (64, 64, 4, 2)},
+    "sm89": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (64, 64, 4, 2), 512: (64, 64, 4, 2)},
+    "sm90": {64: (64, 64, 4, 2), 128: (128, 64, 8, 2), 256: (128, 64, 8, 2), 512: (128, 64, 8, 2)},
+    "sm100": {64: (64, 64, 4, 2), 128: (128, 64, 8, 2), 256: (128, 64, 8, 2), 512: (128, 64, 8, 2)},
+}
+
+
 def _arch(arch) -> Arch:
     return arch if isinstance(arch, Arch) else ARCHS[arch or "cpu"]
 
@@ -128,6 +151,74 @@ def attention_tile(block_size: int, head_dim: int, arch: str | Arch | None = Non
     return tile
 
 
+def _table_tile(table: dict, block_size: int, head_dim: int, a: Arch) -> MobaAttentionTile:
+    """A table entry for the block size, BLOCK_N <= the block, then shrunk (stages, BLOCK_N, BLOCK_M)
+    until the 16-bit shared-memory estimate fits 90% of the arch (only D > 128 needs that)."""
+    row = table[a.name]
+    key = min((b for b in row if b >= block_size), default=max(row))
+    bm, bn, warps, stages = row[key]
+    tile = MobaAttentionTile(bm, max(16, min(bn, pow2(block_size))), warps, stages)
+    while attention_smem(tile, head_dim) > 0.9 * a.smem_per_block:
+        bm, bn, warps, stages = tile.block_m, tile.block_n, tile.num_warps, tile.num_stages
+        if stages > 2:
+            stages -= 1
+        elif bn > 32:
+            bn //= 2
+        elif bm > 64:
+            bm, warps = bm // 2, max(4, warps // 2)
+        elif stages > 1:
+            stages = 1
+        else:
+            break
+        tile = MobaAttentionTile(bm, bn, warps, stages)
+    return tile
+
+
+def densify_tile(block_size: int, head_dim: int, arch: str | Arch | None = None) -> MobaAttentionTile:
+    """The gathered-query tile of the densify scheme (BLOCK_M gathered rows, keys in BLOCK_N chunks)."""
+    a = _arch(arch)
+    if a.name == "cpu":      # the interpreter: few, wide programs
+        return MobaAttentionTile(64, min(64, pow2(block_size)), 4, 1)
+    return _table_tile(_DENSIFY, block_size, head_dim, a)
+
+
+def own_tile(block_size: int, head_dim: int, arch: str | Arch | None = None) -> MobaAttentionTile:
+    """The own-block (causal diagonal) + merge tile of the densify scheme."""
+    a = _arch(arch)
+    if a.name == "cpu":
+        return MobaAttentionTile(64, min(64, pow2(block_size)), 4, 1)
+    return _table_tile(_OWN, block_size, head_dim, a)
+
+
+# ----------------------------------------------------------------------------------------------
+# which attention scheme
+
+SCHEMES = ("auto", "rows", "densify")
+DENSIFY_BLOCKS_PER_K = 4     # unmeasured on a GPU: a guess from the work model below
+
+
+def choose_scheme(scheme: str, *, n_rows: int, block_size: int, top_k: int, n_seqs: int = 1) -> str:
+    """``"rows"`` or ``"densify"`` for ``scheme`` (``"auto"`` decides from host-side shapes only).
+
+    The rows scheme's program does |union of the blocks its BLOCK_M rows selected| x bs x BLOCK_M of
+    score work for top_k x bs x BLOCK_M useful; the union can only exceed top_k when a sequence has
+    more blocks than that, and grows toward all of them as N grows. Densify does the useful work
+    (plus partly filled last chunks) but pays the collect (a sort of B*H*N*K keys) and the partials'
+    traffic (write + read of K partial rows per query). So ``"auto"`` picks densify when the average
+    sequence (``n_rows / n_seqs``: no look at ``cu_seqlens``, which would synchronise) has more than
+    ``DENSIFY_BLOCKS_PER_K * top_k`` blocks, rows otherwise (short N, decode-like shapes, few blocks,
+    and ``top_k = 1``: the own block alone, whose rows scheme has no union to waste work on).
+    The factor is a guess: it has not been measured on a GPU."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    if scheme != "auto":
+        return scheme
+    if top_k <= 1:
+        return "rows"
+    avg_len = -(-n_rows // max(1, n_seqs))
+    return "densify" if -(-avg_len // block_size) > DENSIFY_BLOCKS_PER_K * top_k else "rows"
+
+
 def gate_tile(block_size: int, head_dim: int, arch: str | Arch | None = None) -> MobaGateTile:
     """The gate tile: wide pooled-key tiles when blocks are small (many blocks), narrow when D is large."""
     a = _arch(arch)
@@ -158,6 +249,19 @@ def query_tile_map(cu_seqlens: Tensor, n_rows: int, block_m: int) -> tuple[Tenso
     seq = torch.searchsorted(ends, p, right=True)                            # first s with ends[s] > p
     start = torch.cat([ends.new_zeros(1), ends])[seq.clamp(max=S)]
     return seq.to(torch.int32), (p - start).to(torch.int32), n_prog
+
+
+def query_programs(cu_seqlens: Optional[Tensor], n_rows: int, block_m: int) -> tuple:
+    """``(tile_seq, tile_local, n_programs, n_sequences)`` of a query-tile-major launch: the packed map of
+    `query_tile_map`, or (None, None, cdiv(n_rows, block_m), 1) for one sequence per batch row."""
+    if cu_seqlens is None:
+        return None, None, -(-n_rows // block_m), 1
+    return (*query_tile_map(cu_seqlens, n_rows, block_m), cu_seqlens.numel() - 1)
+
+
+def strides(t: Tensor, prefix: str, dims: str) -> dict:
+    """``{f"stride_{prefix}{dim}": t.stride(i)}`` for the kernels' stride arguments (``dims``: ``"bhnd"``, ...)."""
+    return {f"stride_{prefix}{d}": t.stride(i) for i, d in enumerate(dims)}
 
 
 def block_offsets(cu_seqlens: Tensor, n_rows: int, block_size: int) -> tuple[Tensor, int]:

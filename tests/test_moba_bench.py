@@ -24,3 +24,11 @@ def test_attended_keys_counts_the_selection(N, bs, top_k):
 def test_floor_is_the_larger_bound():
     f = bench.floor(8192, 16, 16, 128, 128, 8)
     assert f["floor_ms"] == max(f["compute_ms"], f["memory_ms"]) and f["bound"] in ("compute", "memory")
+
+
+def test_densify_extra_bytes_counts_the_partials():
+    """At least every (query, slot) partial written and read once (bf16 out + fp32 lse)."""
+    N, H, D, bs, top_k = 4096, 4, 128, 128, 8
+    extra = bench.densify_extra_bytes(N, H, H, D, bs, top_k)
+    assert extra >= 2 * H * N * top_k * (D * 2 + 4)
+    assert bench.densify_extra_bytes(2 * N, H, H, D, bs, top_k) == 2 * extra

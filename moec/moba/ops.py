@@ -32,8 +32,10 @@ def kernels_apply(q: Tensor, k: Tensor, v: Tensor, kconv_weight: Optional[Tensor
 
 def moba_forward_kernels(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int,
                          cu_seqlens: Optional[Tensor] = None, kconv_weight: Optional[Tensor] = None,
-                         arch=None) -> tuple[Tensor, Tensor, Tensor]:
-    """The three kernel stages: ``(out, lse, indices)``. ``arch`` picks the tiles (default: the device's)."""
+                         arch=None, scheme: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+    """The three kernel stages: ``(out, lse, indices)``. ``arch`` picks the tiles (default: the device's);
+    ``scheme`` the attention kernels (``"rows"``, ``"densify"`` or ``"auto"``: see
+    `moec.runtime.moba_attention_kernel.moba_attention_fwd`)."""
     from moec.runtime.moba_attention_kernel import moba_attention_fwd
     from moec.runtime.moba_common import pool_keys
     from moec.runtime.moba_gate_kernel import moba_gate
@@ -41,19 +43,27 @@ def moba_forward_kernels(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, to
                            kconv_weight=kconv_weight)
     pooled = pool_keys(k, block_size, cu_seqlens, kconv_weight)
     idx = moba_gate(q, pooled, block_size=block_size, top_k=top_k, cu_seqlens=cu_seqlens, arch=arch)
-    out, lse = moba_attention_fwd(q, k, v, idx, block_size=block_size, cu_seqlens=cu_seqlens, arch=arch)
+    out, lse = moba_attention_fwd(q, k, v, idx, block_size=block_size, cu_seqlens=cu_seqlens, arch=arch,
+                                  scheme=scheme)
     return out, lse, idx
+
+
+def check_scheme(scheme: str) -> None:
+    from moec.runtime.moba_common import SCHEMES
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
 
 
 @torch.library.custom_op("moec::moba_attention", mutates_args=())
 def _moba_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], kconv_weight: Optional[Tensor],
-             block_size: int, top_k: int, causal: bool) -> tuple[Tensor, Tensor, Tensor]:
+             block_size: int, top_k: int, causal: bool, scheme: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
     reference.check_inputs(q, k, v, block_size=block_size, top_k=top_k, causal=causal, cu_seqlens=cu_seqlens,
                            kconv_weight=kconv_weight)
+    check_scheme(scheme)
     if kernels_apply(q, k, v, kconv_weight):
         # any strides: the kernels take them as arguments (e.g. q.transpose(1, 2) of a [B, N, H, D] tensor)
         return moba_forward_kernels(q, k, v, block_size=block_size, top_k=top_k, cu_seqlens=cu_seqlens,
-                                    kconv_weight=kconv_weight)
+                                    kconv_weight=kconv_weight, scheme=scheme)
     idx = reference.moba_block_selection(q, k, block_size=block_size, top_k=top_k, causal=causal,
                                          cu_seqlens=cu_seqlens, kconv_weight=kconv_weight)
     out, lse = reference.moba_attention_from_indices(q, k, v, idx, block_size=block_size, cu_seqlens=cu_seqlens)
@@ -61,7 +71,7 @@ def _moba_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], kcon
 
 
 @_moba_op.register_fake
-def _(q, k, v, cu_seqlens, kconv_weight, block_size, top_k, causal):
+def _(q, k, v, cu_seqlens, kconv_weight, block_size, top_k, causal, scheme="auto"):
     B, H, N, _ = q.shape
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return (torch.empty_like(q), q.new_empty((B, H, N), dtype=lse_dtype),
@@ -69,7 +79,7 @@ def _(q, k, v, cu_seqlens, kconv_weight, block_size, top_k, causal):
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, cu_seqlens, _kconv, block_size, _top_k, _causal = inputs
+    q, k, v, cu_seqlens, _kconv, block_size = inputs[:6]
     ctx.save_for_backward(q, k, v, output[2], cu_seqlens)
     ctx.block_size = block_size
 
@@ -88,7 +98,7 @@ def _backward(ctx, grad_out, grad_lse, _grad_idx):
             grads.append(grad_lse.to(lse.dtype))
         wanted = [t for t, n in zip(leaves, needs) if n]
         got = iter(torch.autograd.grad(outs, wanted, grads, allow_unused=True))
-    return (*[next(got) if n else None for n in needs], None, None, None, None, None)
+    return (*[next(got) if n else None for n in needs], None, None, None, None, None, None)
 
 
 _moba_op.register_autograd(_backward, setup_context=_setup)
@@ -96,7 +106,7 @@ _moba_op.register_autograd(_backward, setup_context=_setup)
 
 def moba_attention(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, causal: bool = True,
                    cu_seqlens: Optional[Tensor] = None, kconv_weight: Optional[Tensor] = None,
-                   return_lse: bool = False):
+                   return_lse: bool = False, scheme: str = "auto"):
     """Mixture-of-Block-Attention, forward: each query attends to ``top_k`` key blocks of ``block_size``
     keys (its own, causally, plus the best-scoring past blocks by ``q . mean(block keys)``).
 
@@ -105,12 +115,16 @@ def moba_attention(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: i
     convolves the keys causally before pooling (routing only). The exact definition is in
     `moec.moba.reference`. Returns ``out [B, H, N, D]``, and with ``return_lse`` also the fp32
     log-sum-exp ``[B, H, N]``. Differentiable in q, k, v (the backward recomputes the eager dense
-    attention for the selected blocks).
+    attention for the selected blocks). ``scheme`` picks the attention kernels: ``"rows"`` (query tiles
+    with row masks: short sequences), ``"densify"`` (FlashMoBA's key-block-major gathered tiles: long
+    sequences) or ``"auto"`` (densify when the average sequence has more than 4 x top_k blocks; a
+    threshold not yet measured on a GPU); all give the same result.
 
     Example::
 
         out = moba_attention(q, k, v, block_size=128, top_k=8)
     """
+    check_scheme(scheme)
     out, lse, _ = torch.ops.moec.moba_attention(q, k, v, cu_seqlens, kconv_weight, int(block_size), int(top_k),
-                                                bool(causal))
+                                                bool(causal), scheme)
     return (out, lse) if return_lse else out

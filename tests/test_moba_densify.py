@@ -1,0 +1,313 @@
+"""The densify scheme of the MoBA attention forward (`moec.runtime.moba_densify_kernel`: collect, gathered
+key-block-major tiles, own block + log-sum-exp merge) under the Triton interpreter, against the eager
+reference: given the gate's indices and any hand-made indices, chained with the gate (the full op),
+plus the collect step's lists, its lack of host synchronisation, and the memory formula."""
+from __future__ import annotations
+
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import pytest
+
+from moec.moba import moba_attention
+from moec.moba.ops import moba_forward_kernels
+from moec.moba.reference import moba_attention_from_indices, moba_block_selection, moba_reference
+from moec.runtime.launch import recording
+from moec.runtime.moba_attention_kernel import moba_attention_fwd
+from moec.runtime.moba_common import DENSIFY_BLOCKS_PER_K, MobaAttentionTile, choose_scheme
+from moec.runtime.moba_densify_kernel import (collect_block_queries, densify_workspace_bytes, moba_densify_fwd,
+                                              plan_densify)
+from test_moba_kernels import GAP, check_selection
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")   # the interpreter's numpy: inf - inf
+
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float16: dict(rtol=1e-2, atol=1e-2)}
+LSE_TOL = dict(rtol=1e-4, atol=1e-4)
+# half the profile's examples (6 under 'ci', 150 under 'large'): each runs several interpreted launches
+FEW = settings(max_examples=max(6, settings.default.max_examples // 2))
+
+
+# ----------------------------------------------------------------------------------------------
+# problems: shapes, a tile pair small enough that lists span several chunks, and an index pattern
+
+@st.composite
+def problems(draw, max_n=96):
+    dtype = draw(st.sampled_from([torch.float32, torch.float16]))
+    hkv = draw(st.integers(1, 2))
+    H = hkv * draw(st.sampled_from([1, 2, 3]))
+    D = draw(st.sampled_from([16, 32, 24]))
+    bs = draw(st.sampled_from([16, 32]))
+    N = draw(st.integers(1, max_n))
+    top_k = draw(st.integers(1, 8))
+    B = draw(st.integers(1, 2))
+    cu = None
+    if B == 1 and draw(st.booleans()):
+        cu = [0] + sorted(draw(st.lists(st.integers(0, N), max_size=3))) + [N]
+    tile = MobaAttentionTile(draw(st.sampled_from([16, 32, 64])), draw(st.sampled_from([16, 32])), 4, 1)
+    own = MobaAttentionTile(draw(st.sampled_from([16, 32])), draw(st.sampled_from([16, 32])), 4, 1)
+    return dict(B=B, H=H, hkv=hkv, N=N, D=D, bs=bs, top_k=top_k, cu=cu, dtype=dtype, tile=tile, own=own)
+
+
+def make(p, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(p["B"], h, p["N"], p["D"], generator=g).to(p["dtype"]) for h in (p["H"], p["hkv"], p["hkv"]))
+    cu = torch.tensor(p["cu"], dtype=torch.int32) if p["cu"] else None
+    return q, k, v, cu, g
+
+
+def check(p, q, k, v, idx, cu):
+    out, lse = moba_densify_fwd(q, k, v, idx, block_size=p["bs"], cu_seqlens=cu, tile=p["tile"], own=p["own"])
+    r_out, r_lse = moba_attention_from_indices(q, k, v, idx, block_size=p["bs"], cu_seqlens=cu)
+    assert out.dtype == q.dtype and lse.dtype == torch.float32 and out.shape == q.shape
+    torch.testing.assert_close(out.float(), r_out.float(), **TOL[p["dtype"]])
+    torch.testing.assert_close(lse, r_lse, **LSE_TOL)
+    return out, lse
+
+
+def P(B=1, H=2, hkv=1, N=80, D=16, bs=16, top_k=3, cu=None, dtype=torch.float32, bm=16, bn=16, obm=16, obn=16):
+    return dict(B=B, H=H, hkv=hkv, N=N, D=D, bs=bs, top_k=top_k, cu=cu, dtype=dtype,
+                tile=MobaAttentionTile(bm, bn, 4, 1), own=MobaAttentionTile(obm, obn, 4, 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# attention given indices
+
+@FEW
+@given(problems(), st.integers(0, 2**31 - 1))
+@example(P(N=90, top_k=1), 1)                                              # top_k = 1: own block only
+@example(P(B=2, H=4, hkv=2, N=77, D=32, top_k=8, dtype=torch.float16, bm=32), 2)   # top_k > blocks, GQA
+@example(P(N=95, bs=32, top_k=3, cu=[0, 5, 5, 70, 95], bm=64, obm=32), 3)  # varlen, empty sequence
+def test_densify_matches_reference_on_gate_indices(p, seed):
+    q, k, v, cu, _ = make(p, seed)
+    idx = moba_block_selection(q, k, block_size=p["bs"], top_k=p["top_k"], cu_seqlens=cu)
+    _, lse = check(p, q, k, v, idx, cu)
+    assert torch.isfinite(lse).all()
+
+
+@FEW
+@given(problems(), st.integers(0, 2**31 - 1), st.sampled_from(["random", "same", "shuffled"]))
+@example(P(N=1, top_k=2), 0, "random")                                     # one query
+@example(P(B=2, H=3, hkv=1, N=96, top_k=4, dtype=torch.float16), 1, "same")
+@example(P(N=96, D=24, top_k=6, cu=[0, 17, 96], bm=32, bn=32), 2, "shuffled")
+def test_densify_matches_reference_on_any_indices(p, seed, pattern):
+    """random: -1, future and out-of-range blocks, duplicates, own block missing (rows with nothing:
+    0 and -inf). same: every slot of every query picks block 0 or its own (one list holds all queries:
+    many chunks). shuffled: the gate's selection, slots permuted per row (duplicate-free, unsorted)."""
+    q, k, v, cu, g = make(p, seed)
+    B, H, N, bs, K = p["B"], p["H"], p["N"], p["bs"], p["top_k"]
+    if pattern == "random":
+        idx = torch.randint(-1, -(-N // bs) + 2, (B, H, N, K), generator=g, dtype=torch.int32)
+    elif pattern == "same":
+        idx = torch.full((B, H, N, K), -1, dtype=torch.int32)
+        idx[..., 0] = 0
+        if K > 1:
+            starts = torch.zeros(N, dtype=torch.int64) if cu is None else \
+                torch.tensor(p["cu"][:-1])[torch.searchsorted(torch.tensor(p["cu"][1:]), torch.arange(N), right=True)]
+            idx[..., 1] = ((torch.arange(N) - starts) // bs).to(torch.int32)
+    else:
+        idx = moba_block_selection(q, k, block_size=bs, top_k=K, cu_seqlens=cu)
+        perm = torch.rand(B, H, N, K, generator=g).argsort(-1)
+        idx = idx.gather(-1, perm)
+    check(p, q, k, v, idx, cu)
+
+
+# ----------------------------------------------------------------------------------------------
+# the full op (gate + densify) and the scheme switch
+
+@FEW
+@given(problems(), st.integers(0, 2**31 - 1), st.sampled_from([None, 3]))
+@example(P(H=4, hkv=2, N=96, D=32, top_k=3, cu=[0, 33, 33, 96], dtype=torch.float16), 4, 3)
+@example(P(B=2, N=50, bs=32, top_k=4), 5, None)
+def test_full_op_with_densify_matches_reference(p, seed, kc):
+    q, k, v, cu, g = make(p, seed)
+    w = torch.randn(p["hkv"], p["D"], kc, generator=g) * 0.5 if kc else None
+    bs, K = p["bs"], p["top_k"]
+    with recording() as launches:
+        out, lse, idx = moba_forward_kernels(q, k, v, block_size=bs, top_k=K, cu_seqlens=cu, kconv_weight=w,
+                                             scheme="densify")
+    assert any("moba_densify" in r.kernel.fn_name for r in launches)
+    check_selection(idx, q, k, bs=bs, top_k=K, cu=cu, w=w, gap=GAP[p["dtype"]])     # the reference's, up to ties
+    r_out, r_lse = moba_attention_from_indices(q, k, v, idx, block_size=bs, cu_seqlens=cu)
+    torch.testing.assert_close(out.float(), r_out.float(), **TOL[p["dtype"]])
+    torch.testing.assert_close(lse, r_lse, **LSE_TOL)
+    assert torch.isfinite(lse).all()
+
+
+def test_op_scheme_argument():
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, h, 70, 16, generator=g) for h in (2, 1, 1))
+    r_out, r_lse = moba_reference(q, k, v, block_size=8, top_k=2)
+    for scheme, kernel in (("densify", "moec_moba_own_merge"), ("rows", "moec_moba_attention"),
+                           ("auto", "moec_moba_attention")):      # 9 blocks <= 4 * top_k: rows
+        with recording() as launches:
+            out, lse = moba_attention(q, k, v, block_size=8, top_k=3 if scheme == "auto" else 2,
+                                      return_lse=True, scheme=scheme)
+        assert kernel in {r.kernel.fn_name.split("_bs")[0] for r in launches}, scheme
+        if scheme != "auto":
+            torch.testing.assert_close(out, r_out, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(lse, r_lse, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="scheme"):
+        moba_attention(q, k, v, block_size=8, top_k=2, scheme="columns")
+
+
+def test_auto_rule():
+    """Densify once the average sequence has more than DENSIFY_BLOCKS_PER_K * top_k blocks."""
+    f = DENSIFY_BLOCKS_PER_K
+    assert choose_scheme("auto", n_rows=128 * 8 * f, block_size=128, top_k=8) == "rows"
+    assert choose_scheme("auto", n_rows=128 * 8 * f + 1, block_size=128, top_k=8) == "densify"
+    assert choose_scheme("auto", n_rows=524288, block_size=128, top_k=8) == "densify"
+    assert choose_scheme("auto", n_rows=524288, block_size=128, top_k=8, n_seqs=512) == "rows"   # 1K each
+    assert choose_scheme("rows", n_rows=524288, block_size=16, top_k=2) == "rows"
+    assert choose_scheme("auto", n_rows=524288, block_size=16, top_k=1) == "rows"       # own block only
+    assert choose_scheme("densify", n_rows=16, block_size=16, top_k=1) == "densify"
+    q = torch.randn(1, 1, 16 * 2 * f + 1, 16)
+    idx = moba_block_selection(q, q, block_size=16, top_k=2)
+    with recording() as launches:
+        out, _ = moba_attention_fwd(q, q, q, idx, block_size=16)
+    assert [r.kernel.fn_name.split("_bs")[0] for r in launches] == ["moec_moba_densify", "moec_moba_own_merge"]
+    torch.testing.assert_close(out, moba_attention_from_indices(q, q, q, idx, block_size=16)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_fp32_partials_for_16bit_inputs():
+    """partial_dtype=float32 keeps the partial outs exact; q's dtype (the default) rounds them once."""
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, h, 90, 32, generator=g).half() for h in (2, 1, 1))
+    idx = moba_block_selection(q, k, block_size=16, top_k=4)
+    r_out, _ = moba_attention_from_indices(q.float(), k.float(), v.float(), idx, block_size=16)
+    err = {}
+    for pd in (None, torch.float32):
+        out, _ = moba_densify_fwd(q, k, v, idx, block_size=16, partial_dtype=pd)
+        err[pd] = (out.float() - r_out).abs().max().item()
+    assert err[torch.float32] <= err[None] + 1e-6 and err[None] < 2e-3, err
+
+
+def test_strided_inputs_and_empty():
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 40, 4, 16, generator=g).transpose(1, 2)
+    k, v = (torch.randn(2, 40, 2, 16, generator=g).transpose(1, 2) for _ in range(2))
+    idx = moba_block_selection(q, k, block_size=8, top_k=3).transpose(2, 3).contiguous().transpose(2, 3)
+    out, lse = moba_densify_fwd(q, k, v, idx, block_size=8)
+    r_out, r_lse = moba_attention_from_indices(q, k, v, idx, block_size=8)
+    torch.testing.assert_close(out, r_out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lse, r_lse, **LSE_TOL)
+    q0 = torch.randn(1, 2, 0, 16)
+    out, lse = moba_densify_fwd(q0, q0[:, :1], q0[:, :1], torch.zeros(1, 2, 0, 3, dtype=torch.int32), block_size=8)
+    assert out.shape == q0.shape and lse.shape == (1, 2, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# collect: the lists, no host synchronisation, the memory formula
+
+def expected_lists(idx, bs, hkv, cu):
+    """{(b, hk, packed block): sorted [(h, row)]} by brute force."""
+    B, H, N, K = idx.shape
+    G = H // hkv
+    bounds = [(0, N)] if cu is None else list(zip(cu[:-1], cu[1:]))
+    boff, want = [], {}
+    for a, e in bounds:
+        boff.append(sum(-(-(y - x) // bs) for x, y in bounds[:len(boff)]))
+    for b in range(B):
+        for h in range(H):
+            for s_i, (a, e) in enumerate(bounds):
+                for t in range(a, e):
+                    for j in set(int(x) for x in idx[b, h, t]):
+                        if 0 <= j < (t - a) // bs:
+                            want.setdefault((b, h // G, boff[s_i] + j), []).append((h, t))
+    return {key: sorted(v) for key, v in want.items()}
+
+
+@pytest.mark.parametrize("cu", [None, [0, 30, 30, 61, 100]])
+@pytest.mark.parametrize("block_m", [16, 64])
+def test_collect_lists(cu, block_m):
+    g = torch.Generator().manual_seed(1)
+    B, H, hkv, N, K, bs = (1, 4, 2, 100, 5, 8) if cu else (2, 4, 2, 100, 5, 8)
+    idx = torch.randint(-1, 14, (B, H, N, K), generator=g, dtype=torch.int32)
+    lists = collect_block_queries(idx, block_size=bs, kv_heads=hkv, block_m=block_m,
+                                  cu_seqlens=torch.tensor(cu, dtype=torch.int32) if cu else None)
+    want = expected_lists(idx, bs, hkv, cu)
+    got, NB = {}, lists.n_blocks
+    off = lists.offsets.tolist()
+    for s in range(lists.n_seg):
+        if off[s + 1] > off[s]:
+            ent = lists.entries[off[s]:off[s + 1]]
+            rows = ent // K
+            got[(s // NB // hkv, s // NB % hkv, s % NB)] = list(zip(((rows // N) % H).tolist(), (rows % N).tolist()))
+    assert got == want                              # grouped, ascending (head, row), own block and repeats left out
+    slots = lists.entries[:off[-1]] % K             # one entry per (query, slot): no partial written twice
+    assert lists.entries[:off[-1]].unique().numel() == off[-1] and bool((slots < K).all())
+    # the chunk map covers every entry once; surplus programs say so
+    covered = []
+    for p in range(lists.n_chunks):
+        s, c = int(lists.chunk_seg[p]), int(lists.chunk_local[p])
+        if s < lists.n_seg:
+            lo = off[s] + c * block_m
+            assert lo < off[s + 1]
+            covered += range(lo, min(off[s + 1], lo + block_m))
+    assert covered == list(range(off[-1]))
+    if cu:
+        starts = lists.block_start.tolist()
+        for s_i, (a, e) in enumerate(zip(cu[:-1], cu[1:])):
+            b0 = sum(-(-(y - x) // bs) for x, y in zip(cu[:s_i], cu[1:s_i + 1]))
+            assert starts[b0:b0 + -(-(e - a) // bs)] == list(range(a, e, bs))
+
+
+class _Watch(TorchDispatchMode):
+    """Every aten op and the shape of every tensor it returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.shapes = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.append(str(func))
+        self.shapes += [tuple(t.shape) for t in (out if isinstance(out, (tuple, list)) else [out])
+                        if isinstance(t, torch.Tensor)]
+        return out
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_collect_never_synchronises(varlen):
+    """No .item()/nonzero and the same allocations whatever the routing: sizes come from shapes only."""
+    cu = torch.tensor([0, 40, 64], dtype=torch.int32) if varlen else None
+    seen = []
+    for fill in ("random", "none", "all_block0"):
+        if fill == "random":
+            idx = torch.randint(-1, 8, (1, 4, 64, 3), dtype=torch.int32)
+        elif fill == "none":
+            idx = torch.full((1, 4, 64, 3), -1, dtype=torch.int32)
+        else:
+            idx = torch.zeros((1, 4, 64, 3), dtype=torch.int32)
+        with _Watch() as w:
+            collect_block_queries(idx, block_size=8, kv_heads=2, block_m=16, cu_seqlens=cu)
+        assert not [op for op in w.ops if "_local_scalar_dense" in op or "nonzero" in op or "item" in op]
+        seen.append(w.shapes)
+    assert seen[0] == seen[1] == seen[2]
+
+
+class _Allocations(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.storages = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                s = t.untyped_storage()
+                self.storages[s.data_ptr()] = max(self.storages.get(s.data_ptr(), 0), s.nbytes())
+        return out
+
+
+def test_workspace_formula_bounds_allocations_and_fits_512k():
+    B, H, hkv, N, D, bs, K = 1, 4, 2, 96, 16, 8, 4
+    q, k = torch.randn(B, H, N, D).half(), torch.randn(B, hkv, N, D).half()
+    idx = moba_block_selection(q, k, block_size=bs, top_k=K)
+    with _Allocations() as alloc:
+        plan_densify(q, k, k, idx, block_size=bs, tile=MobaAttentionTile(16, 16, 4, 1))
+    planned = sum(alloc.storages.values()) - 2 * B * H * N * D * 2 - B * H * N * 4   # less out and lse
+    assert planned <= densify_workspace_bytes(B, H, hkv, N, D, K, bs, q.element_size(), block_m=16)
+    big = densify_workspace_bytes(1, 16, 16, 524288, 128, 8, 128, 2, block_m=128)
+    assert big < 25e9, big                                                 # 80 GB GPU: q, k, v, out are 8.6 GB
