@@ -3,7 +3,11 @@ the roofline floor measured on the same GPU in the same run.
 
     python benchmarks/moe.py                       # GPU: four models, T = 1 ... 16384, bf16
     python benchmarks/moe.py --models mixtral olmoe --tokens 1 128 4096
+    python benchmarks/moe.py --tune-only --models mixtral   # GPU: autotune the layer's kernels first
     python benchmarks/moe.py --small               # CPU: tiny shapes, fp32, Triton interpreter
+
+``benchmarks/run_gpu.sh`` runs the whole GPU suite (this benchmark, the autotune of the four
+layers, MoBA) in steps that each fit a 10-minute call; see benchmarks/README.md.
 
 Per (model, T) row:
 
@@ -20,10 +24,19 @@ Per (model, T) row:
   of the experts this routing actually hit, read once. ``peak`` is a large bf16 matmul and
   ``bandwidth`` a large device-to-device copy, both timed at the start of the run.
 
-moec's output is checked against eager's in the same run (relative L2 error; a routing near-tie
-may send a token elsewhere, which moves the error a little, not a lot). Times are medians of
-``triton.testing.do_bench`` (CUDA events). Results go to ``--out`` as JSON and CSV, and, when
-matplotlib is installed, a plot (time per layer call against T, one panel per model).
+moec's output (and, on a GPU, the output of the CUDA-graph replay) is checked against eager's in
+the same run (relative L2 error; a routing near-tie may send a token elsewhere, which moves the
+error a little, not a lot); a mismatch fails the run. Times are medians of
+``triton.testing.do_bench`` (CUDA events). Results go to ``--out`` as JSON and CSV
+(``<method>_s`` seconds, ``<method>_floor_pct`` = 100 * floor / time: the share of the roofline
+floor a method reaches, 100 at the floor), and, when matplotlib is installed, a plot: per model
+one row, time per layer call in ms against T (every method and the floor) and % of the floor
+against T (the latter only where a floor was measured, i.e. on a GPU). ``--tag`` names the files
+(``moe_<arch>[_<tag>].json/.csv/.png``).
+
+``--tune-only`` runs `moec.runtime.autotune` on each selected model's compiled layer (bf16, the
+GPU's arch), one bucket at a time (each bucket's winners are saved as soon as they are timed), and
+writes ``MOEC_TUNE_FILE``; later runs compile with the tuned tiles.
 
 ``--small`` runs tiny versions of the four layers in fp32 on the CPU, moec through the Triton
 interpreter: it proves the script and every method work; its times are CPU times and say
@@ -85,15 +98,18 @@ ALIASES = {"mixtral": "mixtral-8x7b", "qwen3": "qwen3-30b-a3b", "deepseek": "dee
 # ---- weights and the eager layer ---------------------------------------------------------------
 
 def make_weights(spec: MoESpec, dtype, device, seed=0) -> MoEWeights:
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    """Random weights drawn on ``device`` (DeepSeek-V3's experts are 11G values: a CPU draw would
+    take minutes) in ``dtype``, scaled by 1/sqrt(fan-in)."""
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
     E, d, f = spec.num_experts, spec.hidden, spec.ffn
 
     def rnd(*shape, fan_in):
-        return (torch.randn(*shape, generator=gen) / math.sqrt(fan_in)).to(dtype=dtype, device=device)
+        return torch.randn(*shape, generator=gen, device=device, dtype=dtype).div_(math.sqrt(fan_in))
     w = MoEWeights(w_router=rnd(E, d, fan_in=d), w_up=rnd(E, f, d, fan_in=d), w_down=rnd(E, d, f, fan_in=f),
                    w_gate=rnd(E, f, d, fan_in=d))
     if spec.router.score_bias:
-        w.score_bias = (torch.randn(E, generator=gen) * 0.1).to(device)
+        w.score_bias = torch.randn(E, generator=gen, device=device) * 0.1
     if spec.shared is not None:
         fs = spec.shared.width
         w.shared_up, w.shared_gate = rnd(fs, d, fan_in=d), rnd(fs, d, fan_in=d)
@@ -244,7 +260,8 @@ def measure(model: Model, tokens, device, dtype, small: bool, methods, log) -> l
         y_eager = eager_moe(x, w, spec)
         (y_moec,) = program.run(inputs)
         row["moec_vs_eager_rel_err"] = rel_err(y_moec, y_eager)
-        row["verified"] = row["moec_vs_eager_rel_err"] < (2e-2 if dtype == torch.bfloat16 else 1e-3)
+        tol = 2e-2 if dtype == torch.bfloat16 else 1e-3
+        row["verified"] = row["moec_vs_eager_rel_err"] < tol
         ids, _ = route(x, w, spec.router)
         row["experts_hit"] = hit = int(torch.unique(ids).numel())
         row["tiles"] = {s.node.name: s.variant(T).kernel.fn_name for s in program.steps if s.variants}
@@ -258,7 +275,11 @@ def measure(model: Model, tokens, device, dtype, small: bool, methods, log) -> l
                     if not cuda:
                         row[key], row[f"{m}_note"] = None, "CUDA graphs need a GPU"
                         continue
-                    replay, _ = capture_graph(lambda: program.run(inputs))
+                    replay, (y_graph,) = capture_graph(lambda: program.run(inputs))
+                    y_graph.zero_()
+                    replay()
+                    row[f"{m}_vs_eager_rel_err"] = rel_err(y_graph, y_eager)
+                    row["verified"] = row["verified"] and row[f"{m}_vs_eager_rel_err"] < tol
                     row[key] = bench(replay, cuda)
                 elif fns.get(m) is None:
                     row[key], row[f"{m}_note"] = None, "not available in this torch build"
@@ -285,18 +306,27 @@ def _fmt(s: Optional[float]) -> str:
 
 
 def table(rows, methods, cuda: bool) -> str:
-    head = ["model", "T", *(f"{m} us" for m in methods), "floor us", "moec/floor", "check"]
+    head = ["model", "T", *(f"{m} us" for m in methods), "floor us", "moec % of floor", "check"]
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in rows:
         floor = r.get("floor_s")
-        ratio = f"{r['moec_s'] / floor:.2f}" if floor and r.get("moec_s") else "n/a"
+        pct = floor_pct(r, "moec")
+        ratio = f"{pct:.0f}%" if pct is not None else "n/a"
         check = f"{'ok' if r['verified'] else 'MISMATCH'} ({r['moec_vs_eager_rel_err']:.1e})"
         lines.append(" | ".join([r["model"], str(r["T"]), *(_fmt(r.get(f"{m}_s")) for m in methods),
                                  _fmt(floor), ratio, check]))
     return "\n".join(lines)
 
 
+def floor_pct(row: dict, method: str) -> Optional[float]:
+    """100 * floor / time: the share of the roofline floor ``method`` reaches (None: not measured)."""
+    t, floor = row.get(f"{method}_s"), row.get("floor_s")
+    return 100.0 * floor / t if t and floor else None
+
+
 def plot(rows, methods, path: Path, title: str) -> Optional[Path]:
+    """Per model a row of two panels: ms per layer call against T (every method, and the floor
+    dashed) and % of the floor against T. None (and no file) without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -304,24 +334,63 @@ def plot(rows, methods, path: Path, title: str) -> Optional[Path]:
     except ImportError:
         return None
     models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 4), squeeze=False)
-    for ax, name in zip(axes[0], models):
-        mine = [r for r in rows if r["model"] == name]
+    fig, axes = plt.subplots(len(models), 2, figsize=(11, 3.6 * len(models)), squeeze=False)
+    for (ax_ms, ax_pct), name in zip(axes, models):
+        mine = sorted((r for r in rows if r["model"] == name), key=lambda r: r["T"])
         for m in [*methods, "floor"]:
-            pts = [(r["T"], r.get(f"{m}_s")) for r in mine if r.get(f"{m}_s")]
+            pts = [(r["T"], r[f"{m}_s"] * 1e3) for r in mine if r.get(f"{m}_s")]
             if pts:
-                ax.plot(*zip(*pts), marker="o", linestyle="--" if m == "floor" else "-", label=m)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_title(name)
-        ax.set_xlabel("tokens T")
-        ax.set_ylabel("seconds per layer call")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend()
+                ax_ms.plot(*zip(*pts), marker="o", linestyle="--" if m == "floor" else "-",
+                           color="black" if m == "floor" else None, label=m)
+        for m in methods:
+            pts = [(r["T"], floor_pct(r, m)) for r in mine if floor_pct(r, m) is not None]
+            if pts:
+                ax_pct.plot(*zip(*pts), marker="o", label=m)
+        if not any(r.get("floor_s") for r in mine):
+            ax_pct.text(0.5, 0.5, "no floor measured\n(CPU run: no GPU roofline)", ha="center", va="center",
+                        transform=ax_pct.transAxes)
+        else:
+            ax_pct.axhline(100, color="black", linestyle="--", linewidth=1)
+            ax_pct.legend(fontsize=8)
+        ax_ms.set_xscale("log")
+        ax_ms.set_yscale("log")
+        ax_ms.set_ylabel("ms per layer call")
+        ax_pct.set_xscale("log")
+        ax_pct.set_ylabel("% of floor (floor / time)")
+        for ax, what in ((ax_ms, "time"), (ax_pct, "share of the roofline floor")):
+            ax.set_title(f"{name}: {what}")
+            ax.set_xlabel("tokens T")
+            ax.grid(True, which="both", alpha=0.3)
+        ax_ms.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
     return path
+
+
+def tune_models(names, device, dtype, candidates: int, log=print) -> None:
+    """Autotune each model's compiled layer (`moec.runtime.autotune`), bucket by bucket."""
+    from moec.runtime import autotune
+    from moec.runtime.tiles import BUCKETS
+    if device.type != "cuda":
+        log("--tune-only: autotune times kernels on a GPU; no CUDA device here, nothing tuned")
+        return
+    arch = arch_of(device)
+    for name in names:
+        spec = MODELS[name].spec
+        w = make_weights(spec, dtype, device)
+        weights = {k: v for k, v in graph_inputs(torch.zeros(1, spec.hidden, dtype=dtype, device=device), w).items()
+                   if k != "x"}
+        for bound in BUCKETS:
+            t0 = time.perf_counter()
+            compile_spec.cache_clear()            # every bucket compiles with what is tuned so far
+            program = compile_spec(spec, dtype, ("y",), arch).program
+            log(f"[tune] {name}: bucket {bound or 'largest'} ...")
+            autotune.tune(program, weights, candidates=candidates, buckets=(bound,), progress=log)
+            log(f"[tune] {name}: bucket {bound or 'largest'} done in {time.perf_counter() - t0:.0f} s", flush=True)
+        del w, weights
+        torch.cuda.empty_cache()
 
 
 def main(argv=None) -> int:
@@ -331,6 +400,11 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", nargs="*", type=int, default=None)
     ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     ap.add_argument("--out", default="benchmarks/results", help="directory for JSON, CSV and the plot")
+    ap.add_argument("--tag", default="", help="suffix of the result files' names (moe_<arch>_<tag>.*)")
+    ap.add_argument("--tune-only", action="store_true",
+                    help="autotune the selected models' kernels on this GPU (writes MOEC_TUNE_FILE), then exit")
+    ap.add_argument("--tune-candidates", type=int, default=4,
+                    help="with --tune-only: tiles of the cost model's ranking timed besides the current one")
     args = ap.parse_args(argv)
 
     cuda = torch.cuda.is_available() and not args.small
@@ -339,6 +413,9 @@ def main(argv=None) -> int:
     tokens = args.tokens or (TOKENS if cuda else SMALL_TOKENS)
     names = [ALIASES.get(n, n) for n in (args.models or MODELS)]
     small = not cuda
+    if args.tune_only:
+        tune_models(names, device, dtype, args.tune_candidates, log=lambda *a, **k: print(*a, flush=True))
+        return 0
     if not cuda:
         print("NOTE: CPU run (--small or no GPU): tiny shapes in fp32, moec through the Triton interpreter.\n"
               "      GPU timings were NOT measured; the times below are CPU times and say nothing about a GPU.")
@@ -355,13 +432,16 @@ def main(argv=None) -> int:
               + f", moec vs eager {row['moec_vs_eager_rel_err']:.1e}", flush=True)
     rows = []
     for name in names:
+        print(f"[moe] {name}: T = {', '.join(map(str, tokens))}", flush=True)
         rows += measure(MODELS[name], tokens, device, dtype, small, args.methods, log)
     for r in rows:
         r["floor_s"] = max(r["flops"] / peak, r["bytes"] / bandwidth) if cuda else None
         r["gpu_timed"] = cuda
+        for m in args.methods:
+            r[f"{m}_floor_pct"] = floor_pct(r, m)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "moe_small_cpu" if not cuda else f"moe_{arch_of(device).name}"
+    stem = ("moe_small_cpu" if not cuda else f"moe_{arch_of(device).name}") + (f"_{args.tag}" if args.tag else "")
     meta = {"gpu_timed": cuda, "device": torch.cuda.get_device_name() if cuda else "cpu",
             "peak_flops": peak, "bandwidth_bytes_s": bandwidth, "torch": torch.__version__}
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str) + "\n")
@@ -376,7 +456,7 @@ def main(argv=None) -> int:
              "CPU smoke run (fp32, Triton interpreter): NOT GPU timings")
     png = plot(rows, args.methods, out / f"{stem}.png", title)
     print(f"\nwrote {out / (stem + '.json')}, {out / (stem + '.csv')}"
-          + (f", {png}" if png else " (no plot: matplotlib is not installed)"))
+          + (f", {png}" if png else "; NOTE: no plot, matplotlib is not installed (pip install matplotlib)"))
     if not cuda:
         print("GPU timings were NOT measured (CPU run).")
     bad = [r for r in rows if not r["verified"]]

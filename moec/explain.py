@@ -58,6 +58,7 @@ def report(model) -> str:
             if torch_ops:
                 lines.append(f"          torch steps (not generated kernels): {', '.join(torch_ops)}")
         lines.append("          backward: when gradients are needed the forward runs the kernels and "
+            lines.append(f"          {_graph_line(c.program)}")
                      "the backward runs eager PyTorch (autograd through the reference)")
         for what, n in sorted(region.calls.items()):
             lines.append(f"          calls: {n} x {what}")
@@ -69,6 +70,13 @@ def report(model) -> str:
 
 def _tiles(step) -> str:
     """``[kernel: tile; ...]``, one entry per token-count bucket (the kernel name says which)."""
+def _graph_line(program) -> str:
+    if program.graph_safe:
+        return "CUDA graphs: a call can be captured (no host synchronisation; buffers and grids sized from T)"
+    steps = ", ".join(dict.fromkeys(program.graph_unsafe_steps()))
+    return f"CUDA graphs: not capturable: {steps} run the reference's torch code, which synchronises with the host"
+
+
     return "[" + "; ".join(f"{v.kernel.fn_name}: {_tile(v.params.tile)}" for v in step.variants) + "]"
 
 

@@ -5,7 +5,8 @@ Guarantees: every ``fused_route``, ``grouped_gemm`` and ``reduce_topk`` node is 
 Triton kernel per token-count bucket of its ``tiles`` (rendered here, so dumps can show them
 before the first call; a call launches the one whose bucket holds its T); ``dispatch`` and
 ``aux_loss`` are device-side torch steps (sort / a few element-wise ops, no host sync);
-``apply_capacity`` is a torch step (its greedy, token-ordered overflow needs a global order).
+``apply_capacity`` is a torch step too (its greedy, token-ordered overflow needs a global order;
+`moec.runtime.capacity` computes it with fixed-shape ops, so it does not synchronise either).
 Any node no pass fused (e.g. a lone ``linear``) runs through the reference interpreter's torch
 code, so a graph is always runnable; `Program.torch_steps` lists those for explain().
 """
@@ -108,6 +109,16 @@ def _aux_step(n: Node, g: Graph) -> Step:
     return Step(n, run)
 
 
+def _capacity_step(n: Node, g: Graph) -> Step:
+    from moec.runtime.capacity import apply_capacity
+    cfg = router_config(n.attr)
+
+    def run(v, outs, ctx):
+        ids, weights = apply_capacity(v["ids"], v["weights"], v["logits"], cfg, v.get("score_bias"))
+        return {"ids": ids, "weights": weights}
+    return Step(n, run)
+
+
 def _torch_step(n: Node, g: Graph) -> Step:
     def run(v, outs, ctx):
         by_name = {name: v[role] for role, name in n.operands}
@@ -117,7 +128,7 @@ def _torch_step(n: Node, g: Graph) -> Step:
 
 
 LOWERINGS = {"fused_route": _route_step, "grouped_gemm": _gemm_step, "reduce_topk": _reduce_step,
-             "dispatch": _dispatch_step, "aux_loss": _aux_step}
+             "dispatch": _dispatch_step, "aux_loss": _aux_step, "apply_capacity": _capacity_step}
 
 
 def lower(g: Graph, arch: str) -> Program:

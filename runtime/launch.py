@@ -4,6 +4,12 @@
 interpreter; with CUDA tensors the compiled kernel. Every launch inside a `recording()` block
 is kept as a `LaunchRecord` (grid, argument signature, constexprs, warps, stages): the dump
 writes them out and the ahead-of-time tests recompile each one for every GPU arch.
+
+`in_launch()` is true while a kernel itself runs (after its grid and arguments are fixed): the
+Triton interpreter moves tensors to and from numpy then, which is the launch, not host code of
+moec's. tests/test_graph_safety.py watches every torch op of a call outside launches (no host
+synchronisation, no allocation that depends on the routing) and compares the recorded grids and
+scalar arguments across routings.
 """
 from __future__ import annotations
 
@@ -21,6 +27,12 @@ from . import cache
 _DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
            torch.int32: "i32", torch.int64: "i64", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
 _recorder: contextvars.ContextVar[list | None] = contextvars.ContextVar("moec_recorder", default=None)
+_launching: contextvars.ContextVar[bool] = contextvars.ContextVar("moec_launching", default=False)
+
+
+def in_launch() -> bool:
+    """True inside a kernel launch proper (see the module docstring)."""
+    return _launching.get()
 
 
 @dataclass(frozen=True)
@@ -32,6 +44,7 @@ class LaunchRecord:
     num_warps: int
     num_stages: int
     specialization: dict = field(default_factory=dict)   # argument name -> "1" | "D" (see `specialize`)
+    scalars: dict = field(default_factory=dict)          # argument name -> value, non-tensor arguments
 
     def describe(self) -> dict:
         return {"kernel": self.kernel.fn_name, "source_key": cache.source_key(self.kernel.source),
@@ -139,9 +152,15 @@ class Kernel:
             sig = {k: triton_type(v) for k, v in args.items() if v is not None}
             spec = {k: specialize(v) for k, v in args.items() if v is not None}
             records.append(LaunchRecord(self, tuple(grid), sig, dict(constexprs), num_warps, num_stages,
-                                        {k: v for k, v in spec.items() if v}))
-        if interpret:
-            with _interpretable_stdlib():
-                fn[grid](**args, **constexprs)
-        else:
-            fn[grid](**args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+                                        {k: v for k, v in spec.items() if v},
+                                        {k: v for k, v in args.items()
+                                         if v is not None and not isinstance(v, torch.Tensor)}))
+        token = _launching.set(True)
+        try:
+            if interpret:
+                with _interpretable_stdlib():
+                    fn[grid](**args, **constexprs)
+            else:
+                fn[grid](**args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+        finally:
+            _launching.reset(token)

@@ -7,6 +7,11 @@ synchronisation and CUDA graphs can capture a call), and runs the steps in order
 A kernel step has one `Variant` per token-count bucket of its node's ``tiles`` (each rendered
 once, at lowering); a call launches the variant whose bucket holds the call's T, a host int, so
 choosing costs no synchronisation either.
+
+`Program.graph_safe` says whether a call can be captured in a CUDA graph: every step is a kernel
+or a torch step written without host reads and data-dependent shapes (`GRAPH_SAFE_TORCH_OPS`);
+any other torch step runs the reference interpreter's code (e.g. a router no pass fused), which
+may synchronise. tests/test_graph_safety.py checks the claim op by op on the CPU.
 """
 from __future__ import annotations
 
@@ -66,6 +71,12 @@ class Step:
         return self.variants[-1].params if self.variants else None
 
 
+# torch steps lowered without host synchronisation or data-dependent shapes: the dispatch sort
+# (runtime/dispatch.py), the aux loss's element-wise ops (passes/lower.py), expert capacity
+# (runtime/capacity.py)
+GRAPH_SAFE_TORCH_OPS = frozenset({"dispatch", "aux_loss", "apply_capacity"})
+
+
 def _shape_fn(t) -> Callable[[int], tuple]:
     """``T -> shape`` of an IR type, compiled once: evaluating the sympy dims at every call would
     cost ~100 us per result, more than a decode step's kernels."""
@@ -87,6 +98,16 @@ class Program:
         # per step: (role, T -> shape, dtype) of each result, for allocation at call time
         self._allocs = [[(r, _shape_fn(t), t.torch_dtype) for (r, _), t in zip(s.node.results, s.node.types)]
                         for s in self.steps]
+
+    @property
+    def graph_safe(self) -> bool:
+        """Whether a call can be captured in a CUDA graph (no host synchronisation, every buffer
+        and grid sized from T alone)."""
+        return not self.graph_unsafe_steps()
+
+    def graph_unsafe_steps(self) -> list[str]:
+        """Ops of the torch steps that may synchronise with the host (empty when `graph_safe`)."""
+        return [s.node.op for s in self.steps if not s.variants and s.node.op not in GRAPH_SAFE_TORCH_OPS]
 
     def kernels(self) -> list[tuple[Step, Kernel]]:
         """Every rendered kernel (one per bucket variant) with its step."""

@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# The GPU benchmark suite in steps that each fit one 10-minute call (see benchmarks/README.md).
+#
+#   bash benchmarks/run_gpu.sh                  # list the steps
+#   bash benchmarks/run_gpu.sh env moe-mixtral  # run steps in order (each under `timeout`)
+#   bash benchmarks/run_gpu.sh all              # every step, in the order below
+#
+# Everything goes under benchmarks/results/ (RESULTS=... moves it; git ignores it): per step a log
+# (<step>.log), the MoE benchmark's JSON/CSV/PNG per model (moe_<arch>_<model>[_tuned|_compile].*),
+# the autotune file (tune.json) and MoBA's tables (moba*.txt). When $OUT is set (the GPU tool's
+# folder of files that come back), the results folder is copied to $OUT/results after every step.
+# STEP_TIMEOUT (default 570 s) bounds each step, so a step that runs long is cut off before the
+# caller's 10-minute limit and the files of the work that finished stay.
+set -u
+cd "$(dirname "$0")/.."
+RESULTS=${RESULTS:-benchmarks/results}
+STEP_TIMEOUT=${STEP_TIMEOUT:-570}
+export PYTHONUNBUFFERED=1
+TUNE_FILE="$RESULTS/tune.json"
+NO_TUNE="$RESULTS/no-tune-file.json"          # never written: model tiles, not tuned ones
+MODELS="mixtral qwen3 deepseek olmoe"
+FAST="moec moec+graph eager grouped_mm"
+
+steps() {
+    echo "env"
+    for m in $MODELS; do echo "moe-$m"; done
+    for m in $MODELS; do echo "tune-$m"; done
+    echo "moe-tuned"
+    echo "moba"
+    echo "moba-large"
+    for m in $MODELS; do echo "compile-$m"; done
+}
+
+describe() {
+    case "$1" in
+        env) echo "GPU, driver, torch/triton versions, pip freeze (seconds)";;
+        moe-tuned) echo "MoE benchmark again with the tuned tiles (moec, moec+graph), all four models, T = 1, 16, 128, 4096";;
+        moe-*) echo "MoE layer benchmark of ${1#moe-}, the cost model's tiles: moec, moec+graph, eager, grouped_mm, floor; T = 1..16384";;
+        tune-*) echo "autotune ${1#tune-}'s kernels per token-count bucket into $TUNE_FILE";;
+        moba) echo "benchmarks/moba.py, N = 8K..64K (moec vs SDPA vs FlexAttention)";;
+        moba-large) echo "benchmarks/moba.py, N = 128K..512K";;
+        compile-*) echo "torch.compile baseline of ${1#compile-} (eager code compiled; slow to compile), T = 1, 16, 128, 1024";;
+    esac
+}
+
+run_step() {
+    local step=$1 rc start
+    start=$(date +%s)
+    echo "=== [$(date +%H:%M:%S)] step $step: $(describe "$step")"
+    case "$step" in
+        env)
+            { nvidia-smi; python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"; pip freeze; } \
+                > "$RESULTS/env.log" 2>&1
+            rc=$?; head -20 "$RESULTS/env.log";;
+        moe-tuned)
+            if [ ! -f "$TUNE_FILE" ]; then
+                echo "no $TUNE_FILE: run the tune-* steps first (or carry the file to this machine)"; return 2
+            fi
+            MOEC_TUNE_FILE="$TUNE_FILE" timeout "$STEP_TIMEOUT" python benchmarks/moe.py --methods moec moec+graph \
+                --tokens 1 16 128 4096 --tag tuned --out "$RESULTS" 2>&1 | tee "$RESULTS/$step.log"
+            rc=${PIPESTATUS[0]};;
+        moe-*)
+            MOEC_TUNE_FILE="$NO_TUNE" timeout "$STEP_TIMEOUT" python benchmarks/moe.py --models "${step#moe-}" \
+                --methods $FAST --tag "${step#moe-}" --out "$RESULTS" 2>&1 | tee "$RESULTS/$step.log"
+            rc=${PIPESTATUS[0]};;
+        tune-*)
+            MOEC_TUNE_FILE="$TUNE_FILE" timeout "$STEP_TIMEOUT" python benchmarks/moe.py --tune-only \
+                --models "${step#tune-}" 2>&1 | tee "$RESULTS/$step.log"
+            rc=${PIPESTATUS[0]};;
+        compile-*)
+            MOEC_TUNE_FILE="$NO_TUNE" timeout "$STEP_TIMEOUT" python benchmarks/moe.py --models "${step#compile-}" \
+                --methods compile --tokens 1 16 128 1024 --tag "${step#compile-}_compile" --out "$RESULTS" 2>&1 \
+                | tee "$RESULTS/$step.log"
+            rc=${PIPESTATUS[0]};;
+        moba)
+            timeout "$STEP_TIMEOUT" python benchmarks/moba.py --sizes 8192 16384 32768 65536 2>&1 | tee "$RESULTS/moba.txt"
+            rc=${PIPESTATUS[0]};;
+        moba-large)
+            timeout "$STEP_TIMEOUT" python benchmarks/moba.py --sizes 131072 262144 524288 2>&1 \
+                | tee "$RESULTS/moba_large.txt"
+            rc=${PIPESTATUS[0]};;
+        *)
+            echo "unknown step $step; steps:"; steps; return 2;;
+    esac
+    local note=""
+    [ "$rc" = 124 ] && note=" (cut off after ${STEP_TIMEOUT} s: the files of what finished are kept)"
+    echo "=== [$(date +%H:%M:%S)] step $step: rc=$rc in $(( $(date +%s) - start )) s$note"
+    if [ -n "${OUT:-}" ]; then
+        mkdir -p "$OUT/results" && cp -r "$RESULTS"/. "$OUT/results/"
+    fi
+    return "$rc"
+}
+
+if [ $# -eq 0 ]; then
+    echo "usage: bash benchmarks/run_gpu.sh STEP... | all   (one step per 10-minute call); steps:"
+    for s in $(steps); do printf "  %-16s %s\n" "$s" "$(describe "$s")"; done
+    exit 0
+fi
+[ "$1" = all ] && set -- $(steps)
+if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "no CUDA device: these are GPU steps (the CPU smoke run is: python benchmarks/moe.py --small)"
+    exit 1
+fi
+mkdir -p "$RESULTS"
+status=0
+for step in "$@"; do
+    run_step "$step" || status=1
+done
+exit "$status"
