@@ -28,6 +28,7 @@ steps() {
     echo "moe-tuned"
     echo "moba"
     echo "moba-large"
+    echo "hf-layer"
     for m in $MODELS; do echo "compile-$m"; done
 }
 
@@ -39,6 +40,7 @@ describe() {
         tune-*) echo "autotune ${1#tune-}'s kernels per token-count bucket into $TUNE_FILE";;
         moba) echo "benchmarks/moba.py, N = 8K..64K (moec vs SDPA vs FlexAttention)";;
         moba-large) echo "benchmarks/moba.py, N = 128K..512K";;
+        hf-layer) echo "benchmarks/hf_layer.py: a transformers decoder layer at Mixtral / Qwen3-30B-A3B sizes, T = 1 and 4096";;
         compile-*) echo "torch.compile baseline of ${1#compile-} (eager code compiled; slow to compile), T = 1, 16, 128, 1024";;
     esac
 }
@@ -71,6 +73,10 @@ run_step() {
             MOEC_TUNE_FILE="$NO_TUNE" timeout "$STEP_TIMEOUT" python benchmarks/moe.py --models "${step#compile-}" \
                 --methods compile --tokens 1 16 128 1024 --tag "${step#compile-}_compile" --out "$RESULTS" 2>&1 \
                 | tee "$RESULTS/$step.log"
+            rc=${PIPESTATUS[0]};;
+        hf-layer)
+            timeout "$STEP_TIMEOUT" python benchmarks/hf_layer.py --out "$RESULTS/hf_layer.json" 2>&1 \
+                | tee "$RESULTS/hf_layer.txt"
             rc=${PIPESTATUS[0]};;
         moba)
             timeout "$STEP_TIMEOUT" python benchmarks/moba.py --sizes 8192 16384 32768 65536 2>&1 | tee "$RESULTS/moba.txt"
