@@ -26,6 +26,8 @@ def _compiled_forward(self, *args, **kwargs):
     eager = functools.partial(base.forward, self)
     if region is None:
         return eager(*args, **kwargs)
+    if getattr(region, "takes_any_call", False):    # a MoBA region binds the call to forward itself
+        return region(self, eager, *args, **kwargs)
     if not args and len(kwargs) == 1:      # forward(hidden_states=x)
         args, kwargs = tuple(kwargs.values()), {}
     if not args:
@@ -79,15 +81,32 @@ def compile_module(model: nn.Module, *, dump_dir=None, arch: Optional[str] = Non
             regions.append((qualname, type(module).__name__, region))
         elif isinstance(got, NotLifted):
             skipped.append((qualname, type(module).__name__, got.reason))
+    moba = _attach_moba(model, find_moe_modules(model), arch, root)
     model.__class__ = _compiled_class(type(model))
-    model.__dict__["_moec_report"] = {"regions": regions, "skipped": skipped, "root": type(model).__name__}
+    model.__dict__["_moec_report"] = {"regions": regions, "skipped": skipped, "root": type(model).__name__,
+                                      "moba": moba}
     if root is not None:
         root.mkdir(parents=True, exist_ok=True)
         write = functools.partial(_write_explain, weakref.ref(model), root / "explain.txt")
-        for _, _, region in regions:
+        for _, _, region in regions + moba:
             region.on_compile = write           # the report grows a line per compiled program
         write()
     return model
+
+
+def _attach_moba(model: nn.Module, moe: list, arch, root) -> list:
+    """A `MobaRegion` on every module whose forward uses ``topk`` outside the MoE candidates; each is
+    analysed now when inputs can be made up, else at its first call (`moec.frontend.moba_lift`)."""
+    from .frontend.moba_lift import find_moba_modules
+    from .moba.region import MobaRegion
+    found = []
+    for qualname, module in find_moba_modules(model, exclude=[m for _, m in moe]):
+        region = MobaRegion((qualname.replace(".", "_") or "root") + "_moba", arch=arch, dump_dir=root)
+        region.analyse_at_compile(module)
+        module.__class__ = _compiled_class(type(module))
+        module.__dict__["_moec_region"] = region
+        found.append((qualname, type(module).__name__, region))
+    return found
 
 
 def _register_integrations() -> None:

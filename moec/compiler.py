@@ -48,16 +48,23 @@ class Compiled:
 
     def dump(self, directory: str | Path, captured: str = "") -> Path:
         """Write the captured region, IR after each pass, kernels and tiles under ``directory``."""
-        d = Path(directory)
-        (d / "kernels").mkdir(parents=True, exist_ok=True)
-        if captured:
-            (d / "captured.txt").write_text(captured)
-        for i, (name, text) in enumerate(self.stages):
-            (d / f"ir.{i:02d}.{name}.txt").write_text(text)
-        for step, kernel in self.program.kernels():
-            (d / "kernels" / f"{step.node.name}.{kernel.fn_name}.py").write_text(kernel.source)
-        (d / "tiles.json").write_text(json.dumps(self.tiles(), indent=2) + "\n")
-        return d
+        return dump_compiled(self, directory, captured)
+
+
+def dump_compiled(c, directory: str | Path, captured: str = "") -> Path:
+    """Write a compiled region for inspection under ``directory``: ``captured.txt`` (what the frontend
+    read), ``ir.NN.<stage>.txt`` (the IR after each pass), ``kernels/`` (every generated kernel) and
+    ``tiles.json``. ``c`` has ``stages``, ``program.kernels()`` and ``tiles()``."""
+    d = Path(directory)
+    (d / "kernels").mkdir(parents=True, exist_ok=True)
+    if captured:
+        (d / "captured.txt").write_text(captured)
+    for i, (name, text) in enumerate(c.stages):
+        (d / f"ir.{i:02d}.{name}.txt").write_text(text)
+    for step, kernel in c.program.kernels():
+        (d / "kernels" / f"{step.node.name}.{kernel.fn_name}.py").write_text(kernel.source)
+    (d / "tiles.json").write_text(json.dumps(c.tiles(), indent=2) + "\n")
+    return d
 
 
 @functools.lru_cache(maxsize=256)

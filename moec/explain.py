@@ -43,8 +43,9 @@ def report(model) -> str:
     if info is None:
         return f"{type(model).__name__} was not compiled by moec"
     lines = [f"moec report for {info['root']}"]
-    if not info["regions"] and not info["skipped"]:
-        lines.append("  no MoE layer found: the whole module runs as eager PyTorch")
+    moba = [line for q, cls, region in info.get("moba", ()) for line in region.report(q, cls)]
+    if not info["regions"] and not info["skipped"] and not moba:
+        lines.append("  no MoE layer found (nor a MoBA core): the whole module runs as eager PyTorch")
     for qualname, cls, region in info["regions"]:
         lines.append(f"  LIFTED  {qualname or '<root>'} ({cls}): {region.lifted.formulation}")
         lines.append(f"          {_spec_line(region.spec)}")
@@ -57,19 +58,18 @@ def report(model) -> str:
             torch_ops = torch_steps(c.program)
             if torch_ops:
                 lines.append(f"          torch steps (not generated kernels): {', '.join(torch_ops)}")
-        lines.append("          backward: when gradients are needed the forward runs the kernels and "
             lines.append(f"          {_graph_line(c.program)}")
+        lines.append("          backward: when gradients are needed the forward runs the kernels and "
                      "the backward runs eager PyTorch (autograd through the reference)")
         for what, n in sorted(region.calls.items()):
             lines.append(f"          calls: {n} x {what}")
     for qualname, cls, reason in info["skipped"]:
         lines.append(f"  EAGER   {qualname or '<root>'} ({cls}): {reason}")
+    lines += moba                                  # MoBA regions (`moec.moba.region.MobaRegion.report`)
     lines.append("  everything else runs as eager PyTorch")
     return "\n".join(lines)
 
 
-def _tiles(step) -> str:
-    """``[kernel: tile; ...]``, one entry per token-count bucket (the kernel name says which)."""
 def _graph_line(program) -> str:
     if program.graph_safe:
         return "CUDA graphs: a call can be captured (no host synchronisation; buffers and grids sized from T)"
@@ -77,6 +77,8 @@ def _graph_line(program) -> str:
     return f"CUDA graphs: not capturable: {steps} run the reference's torch code, which synchronises with the host"
 
 
+def _tiles(step) -> str:
+    """``[kernel: tile; ...]``, one entry per token-count bucket (the kernel name says which)."""
     return "[" + "; ".join(f"{v.kernel.fn_name}: {_tile(v.params.tile)}" for v in step.variants) + "]"
 
 

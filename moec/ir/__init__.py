@@ -9,3 +9,5 @@ from .verify import verify
 
 __all__ = ["Builder", "Graph", "IRError", "Node", "OPS", "T", "TensorType", "build_moe_graph",
            "interpret", "parse_graph", "print_graph", "router_attrs", "router_config", "verify"]
+
+from moec.moba import ir_ops as _moba_ir_ops  # noqa: E402,F401  (registers MoBA's ops: block_pool, block_gate, ...)

@@ -1,0 +1,322 @@
+"""Find the MoBA core in a shape-specialised fx graph (`moec.frontend.moba_trace`).
+
+What is matched, whatever the spelling (function or method, matmul or einsum, reshape or unfold or
+a loop of slices), anchored on the one ``topk`` of the gate:
+
+1. **gate scores**: the ``topk`` input is, through masking (``masked_fill``, ``where``, ``+ mask``,
+   in-place writes), a matmul/einsum ``S`` of a query-side operand and a **pooled-key** operand:
+   a ``mean`` (or ``sum``, the same ranking) over a block axis, made by ``reshape``/``view`` (after a
+   ``pad``), ``unfold``, or a ``cat`` of per-block slice means. ``amax``/``max`` pooling is named
+   and rejected. The block size is read there (the reduced axis, or the slice bounds).
+2. **attention**: the first ``softmax`` or ``scaled_dot_product_attention`` downstream of the
+   selection. For a softmax, its input is (through masking and a constant scale) a matmul/einsum
+   of queries and keys, and its output is multiplied by the values.
+3. **boundaries**: the query the gate reads and the query the attention reads must meet in one node
+   (following layout ops, casts and constant scales); so must the keys that are pooled and the keys
+   attended. From the meeting node outwards the boundary is the innermost 4-D ``[B, h, N, D]`` or
+   ``[B, N, h, D]`` tensor, preferring a further-out one with fewer heads (GQA repeats stay inside
+   the core). The values are followed the same way from the attention.
+4. **closure**: the core = everything the attention output needs that the boundaries do not
+   provide. It may create constants (``arange``, masks) but must not read another input, a
+   parameter or buffer, or call a submodule; nothing inside may be used outside it (e.g. returned
+   attention weights), and it must not write into its inputs.
+
+The result proposes ``q``, ``k``, ``v``, the output node, the block size and the ``topk`` count;
+semantics (own block forced, causal, the softmax scale, whether ``topk`` counts the own block) are
+the probe's to confirm (`moec.frontend.moba_probe`). `NotMoba` means nothing MoBA-shaped is there;
+`Reject` that a MoBA-shaped core cannot be lifted, and why.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from .capture import ancestors, descendants
+from .moba_graph import (CASTS, MASKING, REDUCE, _INPLACE, arg, chain, data_operand, is_tensor, kind, operands,
+                         search, val)
+from .moba_trace import Traced, resolve_attr
+
+
+class NotMoba(Exception):
+    pass
+
+
+class Reject(Exception):
+    pass
+
+
+@dataclass
+class Pool:
+    reduce: fx.Node            # the mean/sum/cat node
+    keys: fx.Node              # the key tensor the blocks are cut from
+    block_size: int
+    n_blocks: int
+    how: str
+
+
+def _norm_dim(d, rank):
+    if isinstance(d, (list, tuple)):
+        if len(d) != 1:
+            raise Reject(f"block pooling reduces over several dims {tuple(d)}")
+        d = d[0]
+    return d % rank if isinstance(d, int) else None
+
+
+def read_pool(r: fx.Node) -> Pool:
+    """Block size, block count and key tensor of a pooling reduction (raises Reject with the cause)."""
+    k = kind(r)
+    if k in ("amax", "max", "amin", "min", "logsumexp"):
+        raise Reject(f"block representatives are {k}-pooled keys ({r.name}); MoBA scores a block by its "
+                     "mean key")
+    if k in ("cat", "stack"):
+        parts = arg(r, 0, "tensors")
+        pools = [read_pool(p) for p in parts] if parts else []
+        if not pools or any(p.how != "slice" or p.keys is not pools[0].keys for p in pools):
+            raise NotMoba(f"{r.name} concatenates something other than per-block key means")
+        return Pool(r, pools[0].keys, pools[0].block_size, len(pools), "per-block slice means (a loop)")
+    x = r.args[0]
+    while kind(x) in CASTS:
+        x = x.args[0]
+    rank = val(x).dim() if is_tensor(x) else 0
+    d = _norm_dim(arg(r, 1, "dim"), rank) if rank else None
+    if d is None:
+        raise NotMoba(f"{r.name} does not reduce one axis")
+    if kind(x) in ("view", "reshape") and 0 < d:
+        shape = val(x).shape
+        return Pool(r, x.args[0], int(shape[d]), int(shape[d - 1]), f"{kind(x)} into blocks + {k}")
+    if kind(x) == "unfold" and d == rank - 1:
+        size, step = arg(x, 2, "size"), arg(x, 3, "step")
+        if size != step:
+            raise Reject(f"key windows overlap (unfold size {size}, step {step}); MoBA blocks do not")
+        return Pool(r, x.args[0], int(size), int(val(x).shape[arg(x, 1, 'dimension') % (rank - 1)]),
+                    f"unfold into blocks + {k}")
+    if kind(x) == "getitem" and isinstance(x.args[1], tuple) and d < len(x.args[1]):
+        s = x.args[1][d]
+        if isinstance(s, slice) and isinstance(s.start or 0, int) and isinstance(s.stop, int):
+            return Pool(r, x.args[0], s.stop - (s.start or 0), 1, "slice")
+    raise NotMoba(f"{r.name} ({k} over dim {d} of {kind(x)}) is not a mean over key blocks")
+
+
+@dataclass
+class CoreMatch:
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    out: fx.Node
+    seq_dims: dict               # role -> index of the sequence dim (1 or 2)
+    block_size: int
+    top_k_read: int
+    n_blocks: int
+    formulation: str
+    nodes: set = field(default_factory=set)      # the core, replaced by moec's op
+
+    def fingerprint(self) -> tuple:
+        """The core's op sequence with its semantic constants (floats, bools, negative ints, dims,
+        dtypes: scales, fills, axes), without the shape-derived ints, plus the block size and whether
+        ``topk`` selects some or all of the blocks. Equal fingerprints at two sequence lengths mean the
+        same computation with the sizes substituted."""
+        order = {n: i for i, n in enumerate(self.out.graph.nodes)}
+        ops = tuple((n.op, n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "?"),
+                     _semantic(n.args), _semantic(n.kwargs)) for n in sorted(self.nodes, key=order.get))
+        regime = "all blocks" if self.top_k_read >= self.n_blocks else self.top_k_read
+        return ops + (("block_size", self.block_size), ("topk", regime))
+
+
+def _semantic(a):
+    if isinstance(a, (list, tuple)):
+        return tuple(_semantic(x) for x in a)
+    if isinstance(a, dict):
+        return tuple((k, _semantic(v) if k not in ("dim", "dims") else v) for k, v in sorted(a.items()))
+    if isinstance(a, (bool, float, str, torch.dtype)) or (isinstance(a, int) and a < 0):
+        return a
+    return "." if a is None or isinstance(a, (int, slice)) else "%"
+
+
+def _seq_dim(n, D, n_blocks, bs, prefer=2) -> Optional[int]:
+    """The sequence dim (1 or 2) of a ``[B, h, N, D]`` / ``[B, N, h, D]`` float tensor, else None; when
+    both fit (heads and N both in the block count's range), ``prefer``."""
+    t = val(n)
+    if not isinstance(t, torch.Tensor) or t.dim() != 4 or not t.is_floating_point() or t.shape[3] != D:
+        return None
+    fits = [d for d in (prefer, 3 - prefer) if -(-t.shape[d] // bs) == n_blocks]
+    return fits[0] if fits else None
+
+
+def _boundary(nodes: list, D, nb, bs, N=None, prefer=2) -> tuple[fx.Node, int]:
+    cands = [(n, s) for n in nodes if (s := _seq_dim(n, D, nb, bs, prefer)) is not None and kind(n) != "pad"
+             and (N is None or val(n).shape[s] == N)]        # a pad that pads nothing is its input
+    if not cands:
+        raise Reject(f"no [B, heads, N, D={D}] tensor where the core starts ({nodes[0].name})")
+    best, s = cands[0]
+    heads = val(best).shape[3 - s]
+    for n, sd in cands[1:]:
+        t = val(n)
+        if t.shape[3 - sd] < heads and t.dtype == val(best).dtype and t.shape[sd] == val(best).shape[s]:
+            best, s, heads = n, sd, t.shape[3 - sd]
+    return best, s
+
+
+def _meet(a: fx.Node, b: fx.Node, what: str) -> list[fx.Node]:
+    """The chain from the first node the chains of ``a`` and ``b`` share, outwards."""
+    ca, cb = chain(a), chain(b)
+    for i, n in enumerate(cb):
+        if n in ca:
+            return cb[i:]
+    raise Reject(f"the gate and the attention read different {what} ({ca[-1].name} vs {cb[-1].name})")
+
+
+def match(tr: Traced, prefer: Optional[dict] = None) -> CoreMatch:
+    """The MoBA core of ``tr``; ``prefer`` (role -> sequence dim) settles layouts that shapes leave open
+    (as many heads as tokens)."""
+    topks = [n for n in tr.graph.nodes if kind(n) == "topk"]
+    if not topks:
+        raise NotMoba("no topk in forward")
+    first: Optional[Exception] = None
+    for tk in topks:
+        try:
+            return _match_one(tr, tk, prefer or {})
+        except (NotMoba, Reject) as e:
+            first = first if isinstance(first, Reject) else e
+    raise first
+
+
+def _attention(tr: Traced, tk: fx.Node, gate_q: fx.Node):
+    """``(q operand, k operand, v operand, output node, how)`` of the attention fed by the selection."""
+    desc = descendants([tk])
+    att = next((n for n in tr.graph.nodes if n in desc and kind(n, tr.root) in ("softmax", "sdpa")), None)
+    if att is None:
+        raise Reject("the selected blocks feed no softmax or scaled_dot_product_attention")
+    if kind(att) == "sdpa":
+        if arg(att, 4, "dropout_p", 0.0):
+            raise Reject("attention dropout inside the MoBA core (dropout_p > 0)")
+        qa, ka, va = (arg(att, i, nm) for i, nm in enumerate(("query", "key", "value")))
+        return qa, ka, va, att, "a token mask + scaled_dot_product_attention"
+    if att.op == "call_module":
+        raise Reject(f"softmax module {att.target} inside the core")
+    dim = arg(att, 1, "dim", None)
+    if dim is not None and dim not in (-1, val(att).dim() - 1):
+        raise Reject(f"softmax over dim {dim}, not over the keys")
+    scores = search(att.args[0], MASKING, {"matmul", "einsum"})
+    if scores is None:
+        raise Reject(f"the softmax input ({att.args[0].name}) is not a q . k score")
+    ops = operands(scores)
+    gq = set(chain(gate_q))
+    qside = [o for o in ops if set(chain(o)) & gq]
+    if len(ops) != 2 or len(qside) != 1:
+        raise Reject(f"cannot tell queries from keys in the attention scores {scores.name}")
+    qa, ka = qside[0], next(o for o in ops if o is not qside[0])
+    out, todo = None, list(att.users)
+    while todo and out is None:
+        u = todo.pop(0)
+        if kind(u) == "dropout" or kind(u, tr.root) == "dropout":
+            training = arg(u, 2, "training", True) if u.op != "call_module" else resolve_attr(tr.root, u.target).training
+            if training and (arg(u, 1, "p", 0.5) if u.op != "call_module" else resolve_attr(tr.root, u.target).p):
+                raise Reject("attention dropout inside the MoBA core")
+            todo += list(u.users)
+        elif kind(u) in CASTS:
+            todo += list(u.users)
+        elif kind(u) in ("matmul", "einsum"):
+            out = u
+    if out is None:
+        raise Reject("the attention probabilities are not multiplied by values")
+    va = next((o for o in operands(out) if att not in chain(o) and not (set(chain(o)) & set(chain(att)))), None)
+    if va is None:
+        raise Reject(f"no value operand in {out.name}")
+    gathered = any(kind(n) in ("getitem", "gather", "index_select", "take_along_dim") and is_tensor(n.args[0])
+                   and tk in ancestors(n) for n in chain(ka))
+    how = "gathered key/value blocks" if gathered else "a dense token mask"
+    return qa, ka, va, out, how + " + softmax attention"
+
+
+def _output(out: fx.Node, q: fx.Node, qs: int, prefer: int) -> tuple[fx.Node, int]:
+    """The attention output in a ``[B, H, N, D]`` or ``[B, N, H, D]`` layout matching q's sizes."""
+    want = tuple(val(q).shape)
+    swapped = (want[0], want[2], want[1], want[3])
+    layouts = {swapped: 3 - qs, want: qs} if want != swapped else {want: prefer}
+    n = out
+    while True:
+        t = val(n)
+        if isinstance(t, torch.Tensor) and tuple(t.shape) in layouts:
+            return n, layouts[tuple(t.shape)]
+        users = list(n.users)
+        if len(users) != 1 or data_operand(users[0]) is not n:
+            raise Reject(f"the attention output {out.name} has shape {list(val(out).shape)}, not q's "
+                         f"{list(want)} (or with heads and sequence swapped)")
+        n = users[0]
+
+
+def _closure(tr: Traced, bounds: list, out: fx.Node) -> set:
+    outer = set().union(*(ancestors(b) for b in bounds))
+    core = {n for n in ancestors(out) if n not in outer}
+    for n in tr.graph.nodes:                   # in-place writes into core tensors belong to the core
+        if kind(n) in _INPLACE | {"masked_fill_"} or (n.op == "call_method" and str(n.target).endswith("_")):
+            if n.args and n.args[0] in core:
+                core.add(n)
+            elif n.args and n.args[0] in bounds:
+                raise Reject(f"{n.name} writes into the core's input {n.args[0].name} in place")
+    params = {id(t) for t in tr.root.parameters()} | {id(t) for t in tr.root.buffers()}
+    for n in core:
+        if n.op == "placeholder":
+            raise Reject(f"the attention also reads the forward argument {n.target!r} (e.g. a mask or bias)")
+        if n.op == "get_attr" and id(resolve_attr(tr.root, n.target)) in params:
+            raise Reject(f"the attention also reads the module's tensor {n.target!r}")
+        if n.op == "call_module":
+            raise Reject(f"the attention calls the submodule {n.target!r}")
+        if n is not out and any(u not in core for u in n.users):
+            used = next(u for u in n.users if u not in core)
+            raise Reject(f"{n.name} inside the MoBA core is also used outside it (by {used.name}; e.g. "
+                         "returned scores or weights)")
+    return core
+
+
+def _boundaries(gate_q, qa, ka, va, pool: Pool, D: int, pq: int, prefer: dict):
+    bs, nb = pool.block_size, pool.n_blocks
+    q, qs = _boundary(_meet(gate_q, qa, "queries"), D, nb, bs, None, pq)
+    N = val(q).shape[qs]
+    k, ks = _boundary(_meet(pool.keys, ka, "keys"), D, nb, bs, N, prefer.get("k", qs))
+    v, vs = _boundary(chain(va), D, nb, bs, N, prefer.get("v", qs))
+    tq, tk, tv = val(q), val(k), val(v)
+    if tk.shape[ks] != tq.shape[qs] or tuple(tk.shape) != tuple(tv.shape) or ks != vs:
+        raise Reject(f"keys {list(tk.shape)} and values {list(tv.shape)} do not match queries {list(tq.shape)}")
+    hq, hk = tq.shape[3 - qs], tk.shape[3 - ks]
+    if hk < 1 or hq % hk:
+        raise Reject(f"query heads ({hq}) are not a multiple of the key heads ({hk})")
+    return q, k, v, (qs, ks, vs)
+
+
+def _match_one(tr: Traced, tk: fx.Node, prefer: dict) -> CoreMatch:
+    k_read, dim, largest = arg(tk, 1, "k"), arg(tk, 2, "dim", -1), arg(tk, 3, "largest", True)
+    if not isinstance(k_read, int):
+        raise Reject(f"the top-k count of {tk.name} is not a constant ({k_read!r})")
+    rank = val(tk.args[0]).dim() if is_tensor(tk.args[0]) else 0
+    if not rank or dim not in (-1, rank - 1):
+        raise NotMoba(f"{tk.name} does not select along the last dim")
+    scores = search(tk.args[0], MASKING, {"matmul", "einsum"})
+    if scores is None:
+        raise NotMoba(f"the input of {tk.name} is not a matmul/einsum score")
+    pooled = [(o, search(o, set(), REDUCE)) for o in operands(scores)]
+    pooled = [(o, r) for o, r in pooled if r is not None]
+    if len(pooled) != 1 or len(operands(scores)) != 2:
+        raise NotMoba(f"the scores {scores.name} do not compare queries with block-pooled keys")
+    if not largest:
+        raise Reject(f"{tk.name} selects the lowest-scoring blocks (largest=False)")
+    pool = read_pool(pooled[0][1])
+    gate_q = next(o for o in operands(scores) if o is not pooled[0][0])
+    qa, ka, va, out, how = _attention(tr, tk, gate_q)
+    D = int(val(gate_q).shape[-1])
+    bs, nb = pool.block_size, pool.n_blocks
+    tries = [prefer["q"]] if "q" in prefer else [2, 1]         # as many heads as tokens: try both
+    for i, pq in enumerate(tries):
+        try:
+            q, k, v, (qs, ks, vs) = _boundaries(gate_q, qa, ka, va, pool, D, pq, prefer)
+            break
+        except Reject:
+            if i + 1 == len(tries):
+                raise
+    out, os_ = _output(out, q, qs, prefer.get("out", qs))
+    core = _closure(tr, [q, k, v], out)
+    what = f"MoBA core: block means by {pool.how}, top-k of the scores, {how}"
+    return CoreMatch(q, k, v, out, {"q": qs, "k": ks, "v": vs, "out": os_}, bs, k_read, nb, what, core)

@@ -1,0 +1,176 @@
+"""Eager MoBA, written the ways model code writes it: fixtures for the MoBA frontend's tests.
+
+Core functions take ``q [B, H, N, D]``, ``k``/``v [B, Hkv, N, D]`` and return ``[B, H, N, D]``:
+
+- `moba_dense_mask`: mean-pool the keys of each block (pad + reshape + mean), gate scores with a
+  matmul, mask future blocks, force the own block (+inf), top-k, a ``[B, H, N, N]`` boolean token
+  mask from the selected blocks and the causal triangle, then masked softmax attention (einsum +
+  softmax + matmul) or ``F.scaled_dot_product_attention(attn_mask=...)``;
+- `moba_gather`: the same gate, then the keys and values of the selected blocks gathered per query
+  (advanced indexing), attention over the gathered keys with the causal mask inside the own block;
+- `moba_loop`: MoBA's own naive style: Python loops over the blocks (slice means, in-place masks);
+- `moba_bnhd`: the dense-mask core on ``[B, N, H, D]`` tensors (the flash-attention layout), einsums.
+
+Flags make the variants moec must *not* lift: max-pooled representatives, no own-block forcing,
+attention not causal. `MobaAttention` wraps a core in q/k/v/o projections and a reshape to heads;
+``block_size=None`` there means a block size computed from the sequence length (not a constant).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _gate(q, k, block_size, top_k, pool="mean", force_own=True):
+    """Top-k block indices ``[B, H, N, kk]`` (own block forced unless told otherwise)."""
+    B, H, N, D = q.shape
+    Hkv = k.shape[1]
+    nb = (N + block_size - 1) // block_size
+    kp = F.pad(k, (0, 0, 0, nb * block_size - N))
+    blocks = kp.reshape(B, Hkv, nb, block_size, D)
+    pooled = blocks.amax(dim=3) if pool == "max" else blocks.mean(dim=3)
+    gate = q @ pooled.repeat_interleave(H // Hkv, dim=1).transpose(-1, -2)           # [B, H, N, nb]
+    q_blk = torch.arange(N, device=q.device) // block_size
+    blk = torch.arange(nb, device=q.device)
+    gate = gate.masked_fill(blk[None, :] > q_blk[:, None], float("-inf"))
+    if force_own:
+        gate = gate.masked_fill(blk[None, :] == q_blk[:, None], float("inf"))
+    return torch.topk(gate, k=min(top_k, nb), dim=-1).indices, nb
+
+
+def moba_dense_mask(q, k, v, block_size, top_k, *, sdpa=False, pool="mean", force_own=True, causal=True):
+    B, H, N, D = q.shape
+    G = H // k.shape[1]
+    idx, nb = _gate(q, k, block_size, top_k, pool, force_own)
+    chosen = torch.zeros(B, H, N, nb, dtype=torch.bool, device=q.device).scatter_(-1, idx, True)
+    mask = chosen.repeat_interleave(block_size, dim=-1)[..., :N]                    # [B, H, N, N]
+    if causal:
+        mask = mask & torch.ones(N, N, dtype=torch.bool, device=q.device).tril()
+    kk, vv = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+    if sdpa:
+        return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
+    s = torch.einsum("bhnd,bhmd->bhnm", q, kk) * D ** -0.5
+    s = s.masked_fill(~mask, float("-inf"))
+    return torch.softmax(s.float(), dim=-1).to(q.dtype) @ vv
+
+
+def moba_gather(q, k, v, block_size, top_k, *, causal=True):
+    B, H, N, D = q.shape
+    G = H // k.shape[1]
+    idx, nb = _gate(q, k, block_size, top_k)                                         # [B, H, N, kk]
+    pad = nb * block_size - N
+    kb = F.pad(k, (0, 0, 0, pad)).view(B, -1, nb, block_size, D).repeat_interleave(G, dim=1)
+    vb = F.pad(v, (0, 0, 0, pad)).view(B, -1, nb, block_size, D).repeat_interleave(G, dim=1)
+    b_i = torch.arange(B, device=q.device)[:, None, None, None]
+    h_i = torch.arange(H, device=q.device)[None, :, None, None]
+    kg = kb[b_i, h_i, idx].flatten(3, 4)                                             # [B, H, N, kk*bs, D]
+    vg = vb[b_i, h_i, idx].flatten(3, 4)
+    kpos = (idx[..., None] * block_size + torch.arange(block_size, device=q.device)).flatten(3)
+    pos = torch.arange(N, device=q.device)
+    s = torch.einsum("bhnd,bhnjd->bhnj", q, kg) / math.sqrt(D)
+    s = s.masked_fill(kpos >= N, float("-inf"))                                      # padding
+    if causal:
+        s = s.masked_fill(kpos > pos[:, None], float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    return torch.einsum("bhnj,bhnjd->bhnd", p, vg)
+
+
+def moba_loop(q, k, v, block_size, top_k):
+    B, H, N, D = q.shape
+    G = H // k.shape[1]
+    k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+    nb = math.ceil(N / block_size)
+    bs = block_size
+    pooled = torch.cat([k[:, :, i * bs:(i + 1) * bs].mean(dim=2, keepdim=True) for i in range(nb)], dim=2)
+    gate = torch.einsum("bhnd,bhjd->bhnj", q, pooled)
+    for i in range(nb):
+        gate[:, :, i * bs:(i + 1) * bs, i + 1:] = float("-inf")
+        gate[:, :, i * bs:(i + 1) * bs, i] = float("inf")
+    idx = gate.topk(min(top_k, nb), dim=-1).indices
+    sel = torch.zeros(B, H, N, nb, dtype=torch.bool, device=q.device).scatter(-1, idx, True)
+    mask = sel.repeat_interleave(bs, dim=-1)[..., :N].tril()
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(D)
+    return s.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ v
+
+
+def moba_bnhd(q, k, v, block_size, top_k):
+    """The dense-mask core in the flash-attention layout: ``q [B, N, H, D]``, ``k``/``v [B, N, Hkv, D]``."""
+    B, N, H, D = q.shape
+    G = H // k.shape[2]
+    nb = math.ceil(N / block_size)
+    kb = F.pad(k, (0, 0, 0, 0, 0, nb * block_size - N)).view(B, nb, block_size, -1, D)
+    gate = torch.einsum("bnhd,bjhd->bhnj", q, kb.mean(dim=2).repeat_interleave(G, dim=2))
+    q_blk = torch.arange(N, device=q.device) // block_size
+    blk = torch.arange(nb, device=q.device)
+    gate = gate.masked_fill(blk > q_blk[:, None], float("-inf")).masked_fill(blk == q_blk[:, None], float("inf"))
+    idx = gate.topk(min(top_k, nb), dim=-1).indices
+    chosen = torch.zeros(B, H, N, nb, dtype=torch.bool, device=q.device).scatter(-1, idx, True)
+    mask = chosen.repeat_interleave(block_size, dim=-1)[..., :N].tril()
+    s = torch.einsum("bnhd,bmhd->bhnm", q, k.repeat_interleave(G, dim=2)) / math.sqrt(D)
+    p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1)
+    return torch.einsum("bhnm,bmhd->bnhd", p, v.repeat_interleave(G, dim=2))
+
+
+FORMULATIONS = {
+    "dense": moba_dense_mask,
+    "sdpa": lambda q, k, v, bs, top_k: moba_dense_mask(q, k, v, bs, top_k, sdpa=True),
+    "gather": moba_gather,
+    "loop": moba_loop,
+    "bnhd": moba_bnhd,                       # [B, N, H, D] in and out
+    # variants moec must leave eager, each for a named reason
+    "maxpool": lambda q, k, v, bs, top_k: moba_dense_mask(q, k, v, bs, top_k, pool="max"),
+    "no_own_block": lambda q, k, v, bs, top_k: moba_dense_mask(q, k, v, bs, top_k, force_own=False),
+    "non_causal": lambda q, k, v, bs, top_k: moba_gather(q, k, v, bs, top_k, causal=False),
+}
+
+
+class MobaCore(nn.Module):
+    """``forward(q, k, v)``: one MoBA core, no parameters."""
+
+    def __init__(self, block_size=16, top_k=3, formulation="dense"):
+        super().__init__()
+        self.block_size, self.top_k, self.formulation = block_size, top_k, formulation
+
+    def forward(self, q, k, v):
+        return FORMULATIONS[self.formulation](q, k, v, self.block_size, self.top_k)
+
+
+class MobaAttention(nn.Module):
+    """Causal self-attention with a MoBA core between q/k/v projections and the output projection."""
+
+    def __init__(self, d=64, heads=4, kv_heads=2, block_size=16, top_k=3, formulation="dense"):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, d // heads
+        self.block_size, self.top_k, self.formulation = block_size, top_k, formulation
+        self.q_proj = nn.Linear(d, heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(heads * self.head_dim, d, bias=False)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q = self.q_proj(x).view(B, N, self.heads, self.head_dim)
+        k = self.k_proj(x).view(B, N, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, N, self.kv_heads, self.head_dim)
+        bs = self.block_size if self.block_size is not None else max(1, N // 4)
+        if self.formulation == "bnhd":
+            return self.o_proj(moba_bnhd(q, k, v, bs, self.top_k).reshape(B, N, -1))
+        o = FORMULATIONS[self.formulation](q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bs, self.top_k)
+        return self.o_proj(o.transpose(1, 2).reshape(B, N, -1))
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block: MoBA attention + MLP, residuals."""
+
+    def __init__(self, d=64, heads=4, kv_heads=2, block_size=16, top_k=3, formulation="dense"):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = MobaAttention(d, heads, kv_heads, block_size, top_k, formulation)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
