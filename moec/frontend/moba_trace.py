@@ -25,6 +25,7 @@ import copy
 import inspect
 import math
 import operator
+import threading
 import types
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -186,9 +187,9 @@ class ValueTracer(fx.Tracer):
             self._computing -= 1
 
 
-def _factory_wrapper(tracer: ValueTracer, name: str, fn):
+def _factory_wrapper(tracer: ValueTracer, name: str, fn, thread: int):
     def wrapper(*args, **kwargs):
-        if tracer._computing:
+        if tracer._computing or threading.get_ident() != thread:    # other threads see plain torch
             return fn(*args, **kwargs)
         return tracer.create_proxy("call_function", fn, args, kwargs)
     wrapper.__name__ = name
@@ -263,12 +264,14 @@ def trace(module: nn.Module, bound: Bound) -> Traced:
         raise TraceFailed(f"tensor arguments on several devices {sorted(map(str, devices))}")
     tracer = ValueTracer(dict(zip(bound.names, bound.values)), devices.pop() if devices else torch.device("cpu"))
     saved = {n: getattr(torch, n) for n in _FACTORIES if hasattr(torch, n)}
+    thread = threading.get_ident()                 # the patches act on this thread only
     for n, fn in saved.items():
-        setattr(torch, n, _factory_wrapper(tracer, n, fn))
+        setattr(torch, n, _factory_wrapper(tracer, n, fn, thread))
     setattr_ = nn.Module.__setattr__
 
     def no_state_changes(m, name, value):          # a graph cannot replay Python-side state updates
-        if not tracer._computing and not (m is root and name.startswith("_tensor_constant")):
+        if threading.get_ident() == thread and not tracer._computing \
+                and not (m is root and name.startswith("_tensor_constant")):
             raise TraceFailed(f"forward assigns {type(m).__name__}.{name}: module state changes cannot be "
                               "replayed by a traced graph")
         setattr_(m, name, value)
