@@ -19,7 +19,7 @@ from moec.runtime.moba_attention_kernel import moba_attention_fwd
 from moec.runtime.moba_common import DENSIFY_BLOCKS_PER_K, MobaAttentionTile, choose_scheme
 from moec.runtime.moba_densify_kernel import (collect_block_queries, densify_workspace_bytes, moba_densify_fwd,
                                               plan_densify)
-from test_moba_kernels import GAP, check_selection
+from test_moba_kernels import GAP, _Allocations, check_selection
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")   # the interpreter's numpy: inf - inf
 
@@ -285,20 +285,6 @@ def test_collect_never_synchronises(varlen):
         assert not [op for op in w.ops if "_local_scalar_dense" in op or "nonzero" in op or "item" in op]
         seen.append(w.shapes)
     assert seen[0] == seen[1] == seen[2]
-
-
-class _Allocations(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.storages = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in (out if isinstance(out, (tuple, list)) else [out]):
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                s = t.untyped_storage()
-                self.storages[s.data_ptr()] = max(self.storages.get(s.data_ptr(), 0), s.nbytes())
-        return out
 
 
 def test_workspace_formula_bounds_allocations_and_fits_512k():
