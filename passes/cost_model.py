@@ -2,8 +2,9 @@
 each token-count bucket should use.
 
 What a tile costs is in `passes/kernel_costs.py` (the problems read off kernel nodes, their
-FLOPs, bytes, row tiles, programs and waves as sympy expressions of T, and a tile's predicted
-time on an arch); its names are re-exported here, so ``cost_model.problem_of``,
+FLOPs, bytes, row tiles, programs and waves as sympy expressions of T, a grouped GEMM's traffic
+in its program order) and `passes/cost_terms.py` (a tile's predicted time on an arch); their
+names are re-exported here, so ``cost_model.problem_of``,
 ``cost_model.GemmProblem`` ... keep working. This module chooses:
 
 - candidates (`candidates`): legal Triton tiles from a grid of powers of two per kernel family,
@@ -13,13 +14,15 @@ time on an arch); its names are re-exported here, so ``cost_model.problem_of``,
   T of the bucket (`bucket_samples`: its ends and geometric middle), of its predicted time
   relative to the best candidate's at that T (1.0: best at every sample). Candidates within
   `NEAR_TIE` of the best score are ties, settled by the preference order (for GEMMs: most K in
-  flight, deeper K, narrower N, fewer rows, fewer warps): the model is not finer than that;
+  flight, deeper K, narrower N, fewer rows, fewer warps; of one tile's program orders, the one
+  with the least traffic): the model is not finer than that;
 - `choose`: the first of the ranking; `score`: a given tile's score (None: not a candidate, e.g.
   a hand-edited autotune entry that does not fit); `describe`: the sympy expressions of a
   problem with a tile, for docs and tests.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Optional
@@ -29,15 +32,16 @@ import sympy
 from moec.runtime.arch import Arch
 from moec.runtime.tiles import GemmTile, RouteTile, RowTile
 
-from .kernel_costs import (DRAM_LATENCY_S, ITER_S, L2_OVER_DRAM, LINE_BYTES, MAX_ACC_REGS, PROBLEMS,  # noqa: F401
-                           SLOW_MMA, SMEM_RESERVE, TCGEN05_HALF, WAVE_LATENCIES, GemmProblem, RouteProblem,
-                           RowProblem, _Num, _Sym, mma_efficiency, pow2, problem_of)
+from .cost_terms import (DRAM_LATENCY_S, ITER_S, L2_OVER_DRAM, L2_SHARE, LINE_BYTES, MAX_ACC_REGS,  # noqa: F401
+                         SLOW_MMA, SMEM_RESERVE, TCGEN05_HALF, WAVE_LATENCIES, Num, Sym, mma_efficiency, pow2)
+from .kernel_costs import PROBLEMS, GemmProblem, RouteProblem, RowProblem, problem_of  # noqa: F401
 
 # candidate grids (powers of two >= 16 for tl.dot dims); near-ties are broken by each family's
 # preference order (`candidates`)
 GEMM_BM = (16, 32, 64, 128)
 GEMM_BN = (16, 32, 64, 128, 256)
 GEMM_BK = (16, 32, 64, 128, 256)
+GEMM_GROUPS = (8, 4, 16, 32, 64, 1)   # group_m (program order), in preference order
 WARPS = (4, 8)
 GEMM_STAGES = (2, 3, 4, 5)
 ROUTE_BT = (16, 32, 64)
@@ -53,9 +57,10 @@ NEAR_TIE = 0.02              # scores within 2% of the best are a tie: the model
 def gemm_candidates(p: GemmProblem, arch: Arch) -> list[GemmTile]:
     """Legal tiles in preference order: blocks clamped to the padded problem, 8 warps only
     for tiles of at least 128 x 128 outputs, K chunks of whole 128-byte lines (K is the contiguous
-    dim of both operands), the accumulators in registers, shared memory fitting.
+    dim of both operands), the accumulators in registers, shared memory fitting; each with every
+    program order of ``GEMM_GROUPS``.
     Preference (for near-ties): the most K in flight (``(stages - 1) * BLOCK_K``), then deeper
-    K, then narrower N, fewer rows, fewer warps."""
+    K, then narrower N, fewer rows, fewer warps, then ``GEMM_GROUPS``' order."""
     bn_max, bk_max = pow2(p.n), pow2(p.k)
     bk_min = min(bk_max, LINE_BYTES // p.in_size)
     out = []
@@ -66,11 +71,10 @@ def gemm_candidates(p: GemmProblem, arch: Arch) -> list[GemmTile]:
                     if w == 8 and bm * bn * p.mats < 128 * 128:
                         continue
                     for s in GEMM_STAGES:
-                        tile = GemmTile(bm, bn, bk, w, s)
-                        if p.fits(tile, arch):
-                            out.append(tile)
+                        if p.fits(GemmTile(bm, bn, bk, w, s), arch):
+                            out += [GemmTile(bm, bn, bk, w, s, g) for g in GEMM_GROUPS]
     return sorted(out, key=lambda t: (-(max(t.num_stages - 1, 1) * t.block_k), -t.block_k, t.block_n,
-                                      t.block_m, t.num_warps))
+                                      t.block_m, t.num_warps, GEMM_GROUPS.index(t.group_m)))
 
 
 def route_candidates(p: RouteProblem, arch: Arch) -> list[RouteTile]:
@@ -121,8 +125,9 @@ def rank(problem, arch: Arch, lo: int, hi: Optional[int]) -> list[tuple[float, o
 
 @functools.lru_cache(maxsize=512)
 def _rank(problem, arch: Arch, lo: int, hi: Optional[int]) -> tuple:
-    if arch.dram_gbps <= 0 or arch.bf16_tflops <= 0 or arch.fp32_tflops <= 0:
-        raise ValueError(f"arch {arch.name} lacks the facts the cost model needs (bf16_tflops, fp32_tflops, dram_gbps)")
+    if min(arch.dram_gbps, arch.bf16_tflops, arch.fp32_tflops, arch.l2_bytes) <= 0:
+        raise ValueError(f"arch {arch.name} lacks the facts the cost model needs "
+                         "(bf16_tflops, fp32_tflops, dram_gbps, l2_bytes)")
     cands = candidates(problem, arch)
     if not cands:
         raise ValueError(f"no tile of {problem.key} fits {arch.name}")
@@ -131,11 +136,26 @@ def _rank(problem, arch: Arch, lo: int, hi: Optional[int]) -> tuple:
     best = [min(col) or 1e-30 for col in zip(*times)]
     scores = [sum(x / b for x, b in zip(row, best)) / len(samples) for row in times]
     top = min(scores)
+    # near-ties keep the candidates' preference order, but of one tile's program orders the one
+    # that moves the fewest bytes (the time model overlaps memory with compute perfectly: extra
+    # traffic a compute-bound tile hides in the model costs on a real GPU); the rest go by score
+    first = {}
+    for i, c in enumerate(cands):
+        first.setdefault(without_order(c), i)
+    traffic = [sum(problem.traffic(c, arch, t) for t in samples) if isinstance(problem, GemmProblem) else 0.0
+               for c in cands]
 
-    def key(i):   # near-ties keep the candidates' preference order; the rest go by score
-        return (0, 0.0, i) if scores[i] <= top * (1 + NEAR_TIE) else (1, scores[i], i)
+    def key(i):
+        if scores[i] <= top * (1 + NEAR_TIE):
+            return (0, first[without_order(cands[i])], traffic[i], i)
+        return (1, scores[i], 0.0, i)
     order = sorted(range(len(cands)), key=key)
     return tuple((scores[i], cands[i]) for i in order)
+
+
+def without_order(tile):
+    """A tile without its program order (grouped GEMM tiles differ only in ``group_m``)."""
+    return dataclasses.replace(tile, group_m=0) if isinstance(tile, GemmTile) else tile
 
 
 def score(problem, arch: Arch, lo: int, hi: Optional[int], tile) -> Optional[float]:

@@ -6,7 +6,7 @@ hardware's; `smem_per_block` is the opt-in maximum dynamic shared memory one CTA
 what a kernel's tiles must fit, `smem_per_sm` what all resident CTAs of an SM share.
 
 `bf16_tflops` (dense tensor-core rate, fp16 the same), `fp32_tflops` (CUDA cores, which the exact
-fp32 GEMM path uses) and `dram_gbps` are nominal datasheet numbers of that part. The cost model
+fp32 GEMM path uses), `dram_gbps` and `l2_bytes` are nominal datasheet numbers of that part. The cost model
 (`passes/cost_model.py`) uses them only to rank tiles against each other, never as a promise;
 `benchmarks/moe.py` measures the real ceilings of the GPU it runs on.
 
@@ -37,29 +37,31 @@ class Arch:
     bf16_tflops: float = 0.0      # nominal dense fp16/bf16 tensor-core rate
     fp32_tflops: float = 0.0      # nominal fp32 rate of the CUDA cores (FMA)
     dram_gbps: float = 0.0        # nominal device-memory bandwidth, GB/s
+    l2_bytes: int = 0             # L2 cache, bytes (what operand reuse across programs can rely on)
     part: str = ""                # the product these numbers describe
 
 
 KB = 1024
+MB = 1024 * KB
 
 ARCHS = {
     "sm80": Arch("sm80", 80, 108, 163 * KB, 65536, "mma.sync", False, smem_per_sm=164 * KB,
                  max_threads_per_sm=2048, fast_mma_min_m=16, bf16_tflops=312.0, fp32_tflops=19.5,
-                 dram_gbps=2039.0, part="A100 SXM4 80GB"),
+                 dram_gbps=2039.0, l2_bytes=40 * MB, part="A100 SXM4 80GB"),
     "sm86": Arch("sm86", 86, 84, 99 * KB, 65536, "mma.sync", False, smem_per_sm=100 * KB,
                  max_threads_per_sm=1536, fast_mma_min_m=16, bf16_tflops=149.7, fp32_tflops=37.4,
-                 dram_gbps=696.0, part="A40"),
+                 dram_gbps=696.0, l2_bytes=6 * MB, part="A40"),
     "sm89": Arch("sm89", 89, 142, 99 * KB, 65536, "mma.sync", True, smem_per_sm=100 * KB,
                  max_threads_per_sm=1536, fast_mma_min_m=16, bf16_tflops=362.0, fp32_tflops=91.6,
-                 dram_gbps=864.0, part="L40S"),
+                 dram_gbps=864.0, l2_bytes=96 * MB, part="L40S"),
     "sm90": Arch("sm90", 90, 132, 227 * KB, 65536, "wgmma", True, smem_per_sm=228 * KB,
                  max_threads_per_sm=2048, fast_mma_min_m=64, bf16_tflops=989.0, fp32_tflops=67.0,
-                 dram_gbps=3350.0, part="H100 SXM5 80GB"),
+                 dram_gbps=3350.0, l2_bytes=50 * MB, part="H100 SXM5 80GB"),
     "sm100": Arch("sm100", 100, 148, 227 * KB, 65536, "tcgen05", True, smem_per_sm=228 * KB,
                   max_threads_per_sm=2048, fast_mma_min_m=64, bf16_tflops=2250.0, fp32_tflops=80.0,
-                  dram_gbps=8000.0, part="B200"),
+                  dram_gbps=8000.0, l2_bytes=126 * MB, part="B200"),
     "cpu": Arch("cpu", 0, 1, 1 << 30, 1 << 30, "interpreter", False, smem_per_sm=1 << 30,
-                part="Triton interpreter"),
+                l2_bytes=1 << 30, part="Triton interpreter"),
 }
 GPU_ARCHS = ("sm80", "sm86", "sm89", "sm90", "sm100")
 

@@ -25,7 +25,7 @@ machine without it). Format 1::
        "arch": "sm90",
        "kernels": {"grouped_gemm E=8 N=14336 K=4096 glu gather=2 bf16->bf16": {
          "T<=16": {"tile": {"type": "GemmTile", "block_m": 16, "block_n": 64, "block_k": 128,
-                            "num_warps": 4, "num_stages": 4},
+                            "num_warps": 4, "num_stages": 4, "group_m": 8},
                    "us": 41.2, "default_us": 45.1, "T": 16, "candidates": 7, "triton": "3.6.0"}}}}}}
 
 Writes merge with what the file holds and are atomic (a temporary file in the same directory,
@@ -240,6 +240,21 @@ def _inputs_from(program, weights: dict, T: int, gen: torch.Generator) -> dict:
     return {**weights, "x": x}
 
 
+def trials(problem, arch: Arch, lo: int, hi, current, candidates: int, orders: int = 2) -> list:
+    """The tiles timed against ``current``: the cost model's ``candidates`` best tiles of distinct
+    blocks (each in its best-ranked program order), then the ``orders`` best other program orders
+    of ``current``'s blocks (the model ranks orders by bytes moved, which a GPU's L2 may not follow)."""
+    from moec.passes import cost_model
+    ranked = [t for _, t in cost_model.rank(problem, arch, lo, hi)]
+    seen, out = {cost_model.without_order(current)}, []
+    for tile in ranked:
+        if len(out) < candidates and cost_model.without_order(tile) not in seen:
+            seen.add(cost_model.without_order(tile))
+            out.append(tile)
+    same = [t for t in ranked if t != current and cost_model.without_order(t) == cost_model.without_order(current)]
+    return out + same[:orders]
+
+
 def tune(program, weights_or_inputs, *, timer: Optional[Callable] = None, device: Optional[str] = None,
          candidates: int = 6, buckets=BUCKETS, sizes: Optional[dict] = None, path: Optional[Path] = None,
          progress: Optional[Callable] = print, seed: int = 0) -> dict:
@@ -250,7 +265,7 @@ def tune(program, weights_or_inputs, *, timer: Optional[Callable] = None, device
     token count), or a callable ``T -> inputs``. ``timer(fn) -> seconds`` defaults to do_bench
     on CUDA (required without a GPU). ``device`` names the entries (default: the CUDA device's
     name). ``sizes`` overrides `REPRESENTATIVE_T` (tests use tiny ones). ``candidates``: how many
-    of the cost model's ranking to time besides the current tile.
+    of the cost model's ranking to time besides the current tile (see `trials`).
     """
     from moec.passes import cost_model
     arch = ARCHS[program.arch]
@@ -279,8 +294,7 @@ def tune(program, weights_or_inputs, *, timer: Optional[Callable] = None, device
             problem = cost_model.problem_of(step.node, program.graph)
             base = step.variant(T).params
             current = base.tile
-            ranked = [t for _, t in cost_model.rank(problem, arch, lo, hi)]
-            tiles = [current] + [t for t in ranked if t != current][:candidates]
+            tiles = [current] + trials(problem, arch, lo, hi, current, candidates)
             want, timings = None, []
             saved = {r: t.clone() for r, t in outs.items() if isinstance(t, torch.Tensor)}
             for tile in tiles:

@@ -15,7 +15,8 @@ Rows are (token, expert) pairs grouped by expert (`moec.runtime.dispatch`). Vari
 
 The routed grid is sized from M and E only (never from the routing data): it has
 ``min(M, (M + E * (BLOCK_M - 1)) // BLOCK_M)`` row tiles, an upper bound on
-``sum_e cdiv(count_e, BLOCK_M)``; surplus programs exit at once. Rows of dropped pairs (past
+``sum_e cdiv(count_e, BLOCK_M)``; surplus programs exit at once. The grid is 1-D, row tiles x N
+tiles in the tile's grouped order (`moec.runtime.tiles.GemmTile.group_m`). Rows of dropped pairs (past
 ``offsets[E]``) are neither read nor written: ``out`` keeps whatever it held there, and the
 reduce skips those pairs by their id ``-1``.
 """
@@ -49,7 +50,7 @@ ACTIVATION_EXPR = {
 assert set(ACTIVATION_EXPR) == {None, *ACTIVATIONS}
 
 ARG_NAMES = ("a_ptr", "w_ptr", "wup_ptr", "out_ptr", "offsets_ptr", "order_ptr", "scale_ptr",
-             "bias_ptr", "bias_up_ptr", "M",
+             "bias_ptr", "bias_up_ptr", "M", "ROW_TILES",
              "stride_am", "stride_ak", "stride_we", "stride_wn", "stride_wk",
              "stride_ue", "stride_un", "stride_uk", "stride_om", "stride_on",
              "stride_be", "stride_bn", "stride_bue", "stride_bun")
@@ -109,6 +110,8 @@ class GroupedGemmParams:
             v = getattr(t, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"tile.{name} must be a power of two >= 16 (tl.dot), got {v}")
+        if t.group_m < 1:
+            raise ValueError(f"tile.group_m must be >= 1, got {t.group_m}")
 
     @property
     def routed(self) -> bool:
@@ -253,18 +256,20 @@ def grouped_gemm(a: Tensor, w: Tensor, params: GroupedGemmParams, *, out: Tensor
     bias_up = _expert_bias(bias_up, params.bias_up, params, "bias_up")
 
     tile = params.tile
-    grid = (grid_rows(params, M, offsets is not None), triton.cdiv(N, tile.block_n))
+    row_tiles = grid_rows(params, M, offsets is not None)
+    grid = (row_tiles * triton.cdiv(N, tile.block_n),)
     u = w_up if w_up is not None else w
     bs = bias.stride() if bias is not None else (0, 0)
     bus = bias_up.stride() if bias_up is not None else (0, 0)
     args = dict(zip(ARG_NAMES, (
-        a, w, w_up, out, offsets, order if params.routed else None, scale_vec, bias, bias_up, M,
+        a, w, w_up, out, offsets, order if params.routed else None, scale_vec, bias, bias_up, M, row_tiles,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2),
         u.stride(0), u.stride(1), u.stride(2), out.stride(0), out.stride(1), *bs, *bus)))
     constexprs = dict(N=N, K=K, NUM_EXPERTS=E, E_PAD=max(2, triton.next_power_of_2(E)),
                       HAS_OFFSETS=offsets is not None, GATHER_TOP_K=params.gather_top_k,
                       SCATTER=params.scatter, SCALE=params.scale, GLU=params.glu,
                       HAS_BIAS=params.bias, HAS_BIAS_UP=params.bias_up,
-                      BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k)
+                      BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+                      GROUP_M=tile.group_m)
     render_grouped_gemm(params)(grid, args, constexprs, num_warps=tile.num_warps, num_stages=tile.num_stages)
     return out

@@ -22,13 +22,19 @@ class Tile:
 
 @dataclass(frozen=True)
 class GemmTile(Tile):
-    """A grouped GEMM tile: BLOCK_M rows (token-expert pairs) x BLOCK_N outputs, BLOCK_K deep."""
+    """A grouped GEMM tile: BLOCK_M rows (token-expert pairs) x BLOCK_N outputs, BLOCK_K deep.
+
+    ``group_m`` is the program order: programs sweep ``group_m`` row tiles fastest, then the N
+    tiles, then the next ``group_m`` row tiles, so the rows of a group stay in L2 while the
+    weight columns stream past (1: each row tile sweeps all of N before the next; at least the
+    grid's row tiles: rows fastest over the whole grid)."""
 
     block_m: int
     block_n: int
     block_k: int
     num_warps: int = 4
     num_stages: int = 2
+    group_m: int = 8
 
 
 @dataclass(frozen=True)

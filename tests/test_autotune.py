@@ -173,6 +173,22 @@ def price(tile) -> float:
     return 1e-6 * (d.get("block_n", d.get("block_d", d.get("block_t"))) + 0.1 * tile.num_stages)
 
 
+def test_trials_are_distinct_blocks_then_other_orders_of_the_current_tile():
+    c = compile_spec(MoESpec(4096, 14336, RouterConfig(8, 2)), torch.bfloat16, ("y",), ARCHS["sm90"])
+    step = next(s for s in c.program.steps if s.node.op == "grouped_gemm")
+    problem, arch = cm.problem_of(step.node, c.graph), ARCHS["sm90"]
+    lo, hi = bucket_ranges(BUCKETS)[-1]
+    ranked = [t for _, t in cm.rank(problem, arch, lo, hi)]
+    current = ranked[0]
+    tried = autotune.trials(problem, arch, lo, hi, current, 5)
+    blocks, orders = tried[:5], tried[5:]
+    assert len({cm.without_order(t) for t in [current, *blocks]}) == 6
+    for t in blocks:      # each in the best-ranked order of its blocks
+        assert t == next(r for r in ranked if cm.without_order(r) == cm.without_order(t))
+    assert len(orders) == 2 and all(cm.without_order(t) == cm.without_order(current) and t != current for t in orders)
+    assert len({t.group_m for t in [current, *orders]}) == 3
+
+
 def test_tune_with_a_fake_timer(tune_env, monkeypatch, capsys):
     from moec.region import graph_inputs
     c = compile_spec(SPEC, torch.float32, ("y",), ARCHS["sm90"])          # interpreted: fp32
@@ -194,7 +210,7 @@ def test_tune_with_a_fake_timer(tune_env, monkeypatch, capsys):
             e = got[problem.key][f"T<={bound}"]
             assert e["T"] == sizes[bound] and e["candidates"] >= 2
             current = step.variant(sizes[bound]).params.tile
-            tried = [current] + [t for _, t in cm.rank(problem, ARCHS["sm90"], *ranges[bound]) if t != current][:2]
+            tried = [current] + autotune.trials(problem, ARCHS["sm90"], *ranges[bound], current, 2)
             want = autotune.select([(t, price(t)) for t in tried], current)
             assert autotune.tile_from_json(e["tile"]) == want, (step.node.name, bound)
             changed += want != current

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moec import reference
+from moec.runtime import launch
 from moec.runtime.dispatch import dispatch
 from moec.runtime.grouped_gemm_kernel import (ACTIVATION_EXPR, GroupedGemmParams, grid_rows, grouped_gemm,
                                              render_grouped_gemm)
@@ -30,8 +31,8 @@ from moec.spec import ACTIVATIONS, MoESpec, MoEWeights, RouterConfig, SharedExpe
 # right -0 / 0; numpy (the interpreter) warns about the overflow, a GPU does not.
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
-TILES = [GemmTile(16, 16, 16), GemmTile(16, 32, 32), GemmTile(32, 64, 16), GemmTile(32, 16, 32),
-         GemmTile(16, 64, 32), GemmTile(32, 32, 16)]
+TILES = [GemmTile(16, 16, 16), GemmTile(16, 32, 32, group_m=1), GemmTile(32, 64, 16), GemmTile(32, 16, 32, group_m=3),
+         GemmTile(16, 64, 32, group_m=64), GemmTile(32, 32, 16, group_m=2)]
 ROW_TILES = [RowTile(16, 64), RowTile(4, 16), RowTile(32, 32)]
 NAN = float("nan")
 
@@ -262,6 +263,26 @@ def test_grid_bounds_the_tiles(counts, bm, dropped):
     assert grid_rows(params, m, routed=True) >= sum(-(-c // bm) for c in counts)
 
 
+@pytest.mark.parametrize("group_m", [1, 2, 3, 5, 64])
+def test_grouped_program_order_covers_every_tile_once(group_m):
+    """Any GROUP_M (a last, partial group; surplus row tiles of the routed grid) visits each (row tile,
+    N tile) exactly once: every row of every expert is written, with its own expert's product."""
+    g = torch.Generator().manual_seed(group_m)
+    E, K, N = 5, 16, 80                                   # 5 N tiles of 16
+    counts = [40, 0, 7, 33, 17]                           # 3 + 0 + 1 + 3 + 2 row tiles of 16, 9 launched
+    offsets = torch.tensor([0] + list(torch.tensor(counts).cumsum(0)), dtype=torch.int32)
+    M = sum(counts)
+    a, w = torch.randn(M, K, generator=g), torch.randn(E, N, K, generator=g)
+    out = torch.full((M, N), NAN)
+    params = GroupedGemmParams(E, N, K, tile=GemmTile(16, 16, 16, group_m=group_m))
+    with launch.recording() as rec:
+        grouped_gemm(a, w, params, out=out, offsets=offsets)
+    assert rec[0].grid == (grid_rows(params, M, routed=True) * 5,)
+    for e in range(E):
+        lo, hi = offsets[e].item(), offsets[e + 1].item()
+        torch.testing.assert_close(out[lo:hi], a[lo:hi] @ w[e].t(), rtol=1e-5, atol=1e-4)
+
+
 def test_argument_checks():
     a, w = torch.randn(4, 8), torch.randn(2, 16, 8)
     order, offsets = dispatch(torch.zeros(4, 1, dtype=torch.int32), 2)
@@ -269,6 +290,8 @@ def test_argument_checks():
         GroupedGemmParams(2, 16, 8, glu=True)
     with pytest.raises(ValueError, match="power of two"):
         GroupedGemmParams(2, 16, 8, tile=GemmTile(8, 16, 16))
+    with pytest.raises(ValueError, match="group_m"):
+        GroupedGemmParams(2, 16, 8, tile=GemmTile(16, 16, 16, group_m=0))
     with pytest.raises(ValueError, match="w must be"):
         grouped_gemm(a, w[:, :8], GroupedGemmParams(2, 16, 8, gather_top_k=1), out=torch.empty(4, 16),
                      offsets=offsets, order=order)
@@ -286,7 +309,7 @@ def test_kernel_source_header():
     lines = kern.source.splitlines()
     assert lines[0] == f"# moec kernel {kern.fn_name}"
     assert lines[1] == "# IR node: %h = grouped_gemm[gather, silu*up](%x, %w_gate, %w_up)"
-    assert "BLOCK_M=32 BLOCK_N=64 BLOCK_K=16" in kern.source
+    assert "BLOCK_M=32 BLOCK_N=64 BLOCK_K=16 GROUP_M=8" in kern.source
     assert kern.source.count("@triton.jit") == 1 and f"def {kern.fn_name}(" in kern.source
     assert render_grouped_gemm(params) is kern
     red = render_reduce(ReduceParams(2, 64, header="%y = reduce_topk(%yp)"))
