@@ -14,8 +14,9 @@ names are re-exported here, so ``cost_model.problem_of``,
   T of the bucket (`bucket_samples`: its ends and geometric middle), of its predicted time
   relative to the best candidate's at that T (1.0: best at every sample). Candidates within
   `NEAR_TIE` of the best score are ties, settled by the preference order (for GEMMs: most K in
-  flight, deeper K, narrower N, fewer rows, fewer warps; of one tile's program orders, the one
-  with the least traffic): the model is not finer than that;
+  flight, deeper K, narrower N, fewer rows, fewer warps; in the unbounded bucket the widest output
+  tile first; of one tile's program orders, the one with the least traffic): the model is not
+  finer than that;
 - `choose`: the first of the ranking; `score`: a given tile's score (None: not a candidate, e.g.
   a hand-edited autotune entry that does not fit); `describe`: the sympy expressions of a
   problem with a tile, for docs and tests.
@@ -136,19 +137,24 @@ def _rank(problem, arch: Arch, lo: int, hi: Optional[int]) -> tuple:
     best = [min(col) or 1e-30 for col in zip(*times)]
     scores = [sum(x / b for x, b in zip(row, best)) / len(samples) for row in times]
     top = min(scores)
-    # near-ties keep the candidates' preference order, but of one tile's program orders the one
-    # that moves the fewest bytes (the time model overlaps memory with compute perfectly: extra
-    # traffic a compute-bound tile hides in the model costs on a real GPU); the rest go by score
+    # near-ties keep the candidates' preference order, except that at large T (every sample past
+    # the last bounded bucket) wider output tiles come first: the model is then compute-bound for
+    # most tiles and misses the shared-memory and issue cost of re-loading operands for small ones.
+    # Of one tile's program orders, the one that moves the fewest bytes (the model overlaps memory
+    # with compute perfectly: traffic a compute-bound tile hides in the model costs on a GPU).
+    # The rest go by score.
     first = {}
     for i, c in enumerate(cands):
         first.setdefault(without_order(c), i)
-    traffic = [sum(problem.traffic(c, arch, t) for t in samples) if isinstance(problem, GemmProblem) else 0.0
-               for c in cands]
+    gemm = isinstance(problem, GemmProblem)
+    traffic = [sum(problem.traffic(c, arch, t) for t in samples) if gemm else 0.0 for c in cands]
+    wide_first = gemm and hi is None
 
     def key(i):
         if scores[i] <= top * (1 + NEAR_TIE):
-            return (0, first[without_order(cands[i])], traffic[i], i)
-        return (1, scores[i], 0.0, i)
+            area = -cands[i].block_m * cands[i].block_n if wide_first else 0
+            return (0, area, first[without_order(cands[i])], traffic[i], i)
+        return (1, scores[i], 0, 0.0, i)
     order = sorted(range(len(cands)), key=key)
     return tuple((scores[i], cands[i]) for i in order)
 

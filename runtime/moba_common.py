@@ -73,7 +73,8 @@ class MobaAttentionTile(Tile):
     num_stages: int = 2
 
 
-# Attention: (BLOCK_M, BLOCK_N, warps, stages) per arch for block sizes >= 64, D <= 128.
+# Attention: (BLOCK_M, BLOCK_N, warps, stages) per arch for block sizes >= 64, D <= 128 (sm120 has
+# sm89's 99 KB of shared memory and mma.sync: it takes sm89's rows in every table).
 # BLOCK_M = 64 is the smallest wgmma/tcgen05 M; a larger M would widen the union of blocks a tile
 # visits (each row selects its own). BLOCK_N <= block size, 128 where shared memory allows it
 # (K and V chunks of [BLOCK_N, D] per stage).
@@ -83,10 +84,11 @@ _ATTN = {
     "sm89": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (64, 64, 4, 2), 512: (64, 64, 4, 2)},
     "sm90": {64: (64, 64, 4, 3), 128: (64, 128, 8, 2), 256: (64, 128, 8, 2), 512: (64, 128, 8, 2)},
     "sm100": {64: (64, 64, 4, 3), 128: (64, 128, 8, 2), 256: (64, 128, 8, 2), 512: (64, 128, 8, 2)},
+    "sm120": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (64, 64, 4, 2), 512: (64, 64, 4, 2)},
 }
 # Gate: (BLOCK_M, BLOCK_NB, warps, stages); FlashMoBA uses 128 x 32 (D = 128) with 4 warps.
 _GATE = {"sm80": (64, 32, 4, 2), "sm86": (64, 32, 4, 2), "sm89": (64, 32, 4, 2),
-         "sm90": (128, 32, 4, 2), "sm100": (128, 32, 4, 2)}
+         "sm90": (128, 32, 4, 2), "sm100": (128, 32, 4, 2), "sm120": (64, 32, 4, 2)}
 
 
 # Densify (key-block-major gathered tiles, `moba_densify_kernel`): (BLOCK_M, BLOCK_N, warps, stages).
@@ -100,6 +102,7 @@ _DENSIFY = {
     "sm89": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (64, 64, 4, 2), 512: (64, 64, 4, 2)},
     "sm90": {64: (128, 64, 8, 2), 128: (128, 128, 8, 2), 256: (128, 128, 8, 2), 512: (128, 128, 8, 2)},
     "sm100": {64: (128, 64, 8, 2), 128: (128, 128, 8, 2), 256: (128, 128, 8, 2), 512: (128, 128, 8, 2)},
+    "sm120": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (64, 64, 4, 2), 512: (64, 64, 4, 2)},
 }
 # Own block + merge (`moba_densify_kernel`): consecutive query rows x their own block, causal. BLOCK_M
 # divides the block size, so a tile never spans two blocks (no keys of a neighbour block visited).
@@ -109,6 +112,7 @@ _OWN = {
     "sm89": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (64, 64, 4, 2), 512: (64, 64, 4, 2)},
     "sm90": {64: (64, 64, 4, 2), 128: (128, 64, 8, 2), 256: (128, 64, 8, 2), 512: (128, 64, 8, 2)},
     "sm100": {64: (64, 64, 4, 2), 128: (128, 64, 8, 2), 256: (128, 64, 8, 2), 512: (128, 64, 8, 2)},
+    "sm120": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (64, 64, 4, 2), 512: (64, 64, 4, 2)},
 }
 
 

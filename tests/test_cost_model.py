@@ -1,6 +1,7 @@
 """The cost model, the per-bucket tiles choose-tiles attaches, and their kernels.
 
-- arch facts are complete for every GPU target;
+- arch facts are complete for every GPU target; a GPU gets its capability's target with the
+  limits it reports, an unknown capability a clear error;
 - a grouped GEMM's FLOPs, bytes, hit experts, row tiles, programs and waves are sympy expressions
   of T that agree with the numeric evaluation the model ranks tiles with;
 - the tiles chosen for real models (Mixtral 8x7B, Qwen3-30B-A3B, DeepSeek-V3, OLMoE) on every
@@ -8,9 +9,10 @@
   the fast tensor-core family, every tile fits the model's shared-memory and register limits;
 - compiled ahead of time for every arch at the models' real sizes (recorded without running: meta
   tensors), the chosen tiles fit the arch's shared memory, and the model's shared-memory estimate
-  is never below what Triton allocates (so a tile the model admits fits). By default the
-  up-projection of Mixtral and DeepSeek-V3 (the most shared memory per tile: two weight tiles) is
-  compiled per arch; ``MOEC_AOT_ALL=1`` compiles every kernel of every model;
+  is never below what Triton allocates (so a tile the model admits fits). By default every bucket
+  of Mixtral's up-projection (the most shared memory per tile: two weight tiles) and every kernel
+  kind of DeepSeek-V3 at its largest bucket are compiled per arch; ``MOEC_AOT_ALL=1`` compiles
+  every kernel of every model at every bucket;
 - a compiled program launches the kernel of the current T's bucket (T = 4 and T = 300), each
   rendered once, named by its bucket, its header showing its tile and the node's tiles.
 """
@@ -31,7 +33,7 @@ from moec.passes import cost_model as cm
 from moec.region import graph_inputs
 from moec.runtime import launch
 from moec.runtime.aot import compile_launch
-from moec.runtime.arch import ARCHS, GPU_ARCHS
+from moec.runtime.arch import ARCHS, GPU_ARCHS, arch_of, with_device_facts
 from moec.runtime.launch import Kernel, recording
 from moec.runtime.tiles import (BUCKETS, GemmTile, RouteTile, RowTile, bucket_of, bucket_ranges, bucket_suffix,
                                 bucket_text,                                 merge_buckets)
@@ -66,9 +68,43 @@ def test_arch_facts_are_complete():
         assert a.sms > 0 and a.regs_per_sm == 65536 and a.max_regs_per_thread == 255
         assert 0 < a.smem_per_block <= a.smem_per_sm
         assert a.bf16_tflops > a.fp32_tflops > 0 and a.dram_gbps > 0 and a.l2_bytes >= 4 << 20 and a.part
-    assert [ARCHS[n].mma for n in GPU_ARCHS] == ["mma.sync", "mma.sync", "mma.sync", "wgmma", "tcgen05"]
-    assert [ARCHS[n].fp8 for n in GPU_ARCHS] == [False, False, True, True, True]
+    assert [ARCHS[n].mma for n in GPU_ARCHS] == ["mma.sync", "mma.sync", "mma.sync", "wgmma", "tcgen05", "mma.sync"]
+    assert [ARCHS[n].fp8 for n in GPU_ARCHS] == [False, False, True, True, True, True]
     assert ARCHS["sm90"].fast_mma_min_m == ARCHS["sm100"].fast_mma_min_m == 64
+
+
+class FakeProps:
+    """What ``torch.cuda.get_device_properties`` reports (an H100 PCIe unless told otherwise)."""
+    def __init__(self, **kw):
+        self.name, self.multi_processor_count, self.L2_cache_size = "NVIDIA H100 PCIe", 114, 50 << 20
+        self.shared_memory_per_block_optin, self.shared_memory_per_multiprocessor = 227 * 1024, 228 * 1024
+        self.__dict__.update(kw)
+
+
+@pytest.mark.parametrize("cc, target", [((8, 0), "sm80"), ((8, 6), "sm86"), ((8, 7), "sm86"), ((8, 9), "sm89"),
+                                        ((9, 0), "sm90"), ((10, 0), "sm100"), ((10, 3), "sm100"), ((11, 0), "sm100"),
+                                        ((12, 0), "sm120"), ((12, 1), "sm120"), ((7, 5), None), ((13, 0), None)])
+def test_device_detection(monkeypatch, cc, target):
+    """A GPU gets the target of its capability with the limits it reports (SMs, shared memory, L2);
+    a capability without a target is a clear error, never another generation's facts."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cc)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: FakeProps())
+    if target is None:
+        with pytest.raises(RuntimeError, match=rf"compute capability {cc[0]}\.{cc[1]}.*arch="):
+            arch_of("cuda")
+        return
+    a = arch_of("cuda")
+    assert a.name == target and a.mma == ARCHS[target].mma and a.bf16_tflops == ARCHS[target].bf16_tflops
+    assert (a.sms, a.l2_bytes, a.smem_per_block, a.part) == (114, 50 << 20, 227 * 1024, "NVIDIA H100 PCIe")
+    # the cost model sizes waves by the device's SMs
+    up = _problems("mixtral-8x7b")["h"]
+    tile = GemmTile(128, 128, 64, 8, 4)
+    assert up.slots(tile, a) == 114 * up.slots(tile, ARCHS[target]) // ARCHS[target].sms
+
+
+def test_device_facts_keep_nominal_values_the_device_does_not_report():
+    a = with_device_facts(ARCHS["sm90"], FakeProps(multi_processor_count=0, L2_cache_size=None))
+    assert (a.sms, a.l2_bytes, a.smem_per_block) == (ARCHS["sm90"].sms, ARCHS["sm90"].l2_bytes, 227 * 1024)
 
 
 # ---- expressions ------------------------------------------------------------------------------
@@ -263,16 +299,22 @@ def record_variants(c, nodes=None, T=4) -> list:
 
 
 AOT_ALL = os.environ.get("MOEC_AOT_ALL") == "1"
-AOT_CASES = [(m, None) for m in MODELS] if AOT_ALL else [("mixtral-8x7b", {"h"}), ("deepseek-v3", {"h"})]
+# (model, kernel nodes or None for all, buckets or None for all): by default every bucket of
+# Mixtral's up projection (the most shared memory: two weight tiles) and every kernel of DeepSeek-V3
+# (routing with groups, shared expert, gather / scatter GEMMs, reduce) at its largest bucket
+AOT_CASES = ([(m, None, None) for m in MODELS] if AOT_ALL
+             else [("mixtral-8x7b", {"h"}, None), ("deepseek-v3", None, {None})])
 
 
 @pytest.mark.parametrize("arch", GPU_ARCHS)
 def test_chosen_tiles_compile_and_fit(arch):
     a = ARCHS[arch]
     seen = set()
-    for model, nodes in AOT_CASES:
+    for model, nodes, buckets in AOT_CASES:
         c = compiled(model, arch)
         for step, variant, rec in record_variants(c, nodes):
+            if buckets is not None and variant.bound not in buckets:
+                continue
             assert all(v in ("1", "D") for v in rec.specialization.values())
             key = (variant.params.tile, rec.kernel.fn_name.split("_T")[0], tuple(sorted(rec.constexprs.items())))
             if key in seen:

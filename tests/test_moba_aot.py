@@ -23,7 +23,7 @@ import torch
 from aot_util import ARCHS, distinct_launches, record_launches
 from moec.moba.ops import moba_forward_kernels
 from moec.runtime.aot import compile_launch
-from moec.runtime.arch import ARCHS as ARCH_INFO
+from moec.runtime.arch import ARCHS as ARCH_INFO, GPU_ARCHS
 from moec.runtime.moba_attention_kernel import plan_attention
 from moec.runtime.moba_common import (attention_smem, attention_tile, densify_tile, gate_smem, gate_tile,
                                       own_tile, pow2)
@@ -34,7 +34,6 @@ pytestmark = [pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION"),
               pytest.mark.filterwarnings("ignore::RuntimeWarning")]
 
 FULL = os.environ.get("HYPOTHESIS_PROFILE") == "large"
-MMA = {"sm80": "mma.sync", "sm90": "wgmma", "sm100": "tcgen05"}
 
 
 def uses_dot(record) -> bool:
@@ -46,7 +45,7 @@ def check(record, arch):
     where = f"{record.kernel.fn_name} {record.signature['q_ptr']} {record.constexprs} on {arch}"
     assert report.fits, f"{where}: {report.shared} > {report.smem_limit} bytes of shared memory"
     if record.signature["q_ptr"] in ("*fp16", "*bf16") and uses_dot(record):
-        assert report.mma == MMA[arch], f"{where}: {report.mma!r}"
+        assert report.mma == ARCH_INFO[arch].mma, f"{where}: {report.mma!r}"
     return report
 
 
@@ -93,7 +92,7 @@ def test_benchmark_tiles_compile(arch):
 
 
 @pytest.mark.skipif(not FULL, reason="the whole tile table compiles under HYPOTHESIS_PROFILE=large")
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", GPU_ARCHS)
 @pytest.mark.parametrize("block_size", [64, 128, 256, 512])
 def test_whole_table_compiles(arch, block_size):
     for dtype in (torch.float16, torch.bfloat16):
@@ -102,7 +101,7 @@ def test_whole_table_compiles(arch, block_size):
                 check(record, arch)
 
 
-@pytest.mark.parametrize("arch", ["sm80", "sm86", "sm89", "sm90", "sm100"])
+@pytest.mark.parametrize("arch", GPU_ARCHS)
 def test_table_shared_memory_estimate(arch):
     """Every entry, pipelined K and V chunks plus the resident q tile (16-bit), fits with 10% spare."""
     limit = ARCH_INFO[arch].smem_per_block * 0.9
@@ -141,7 +140,7 @@ def test_densify_tiles_compile(arch, block_size):
                         check(record, arch)
 
 
-@pytest.mark.parametrize("arch", ["sm80", "sm86", "sm89", "sm90", "sm100"])
+@pytest.mark.parametrize("arch", GPU_ARCHS)
 def test_densify_table_shared_memory_estimate(arch):
     limit = ARCH_INFO[arch].smem_per_block * 0.9
     for bs in (16, 64, 128, 256, 512, 1024):
