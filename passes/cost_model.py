@@ -174,11 +174,16 @@ def choose(problem, arch: Arch, lo: int, hi: Optional[int]):
     return _rank(problem, arch, lo, hi)[0][1]
 
 
-def describe(problem, tile, arch: Arch) -> dict:
-    """The sympy expressions of T for ``problem`` with ``tile`` on ``arch`` (for docs and tests)."""
-    out = {"flops": sympy.sympify(problem.flops()), "bytes": sympy.sympify(problem.bytes()),
-           "programs": sympy.sympify(problem.programs(tile)), "waves": sympy.sympify(problem.waves(tile, arch))}
-    if isinstance(problem, GemmProblem):
-        out["hit_experts"] = sympy.sympify(problem.hit_experts())
-        out["row_tiles"] = sympy.sympify(problem.row_tiles(tile))
-    return out
+def describe(problem, tile, arch: Arch, loads=None) -> dict:
+    """The sympy expressions of T for ``problem`` with ``tile`` on ``arch`` (for docs and tests);
+    for a grouped GEMM with ``loads`` (e.g. ``problem.load_symbols()``), of T and those loads."""
+    if not isinstance(problem, GemmProblem):
+        if loads is not None:
+            raise ValueError(f"{problem.key} has no per-expert loads")
+        return {"flops": sympy.sympify(problem.flops()), "bytes": sympy.sympify(problem.bytes()),
+                "programs": sympy.sympify(problem.programs(tile)), "waves": sympy.sympify(problem.waves(tile, arch))}
+    return {"flops": sympy.sympify(problem.flops(loads=loads)), "bytes": sympy.sympify(problem.bytes(loads=loads)),
+            "programs": sympy.sympify(problem.programs(tile, loads=loads)),
+            "waves": sympy.sympify(problem.waves(tile, arch, loads=loads)),
+            "hit_experts": sympy.sympify(problem.hit_experts(loads=loads)),
+            "row_tiles": sympy.sympify(problem.row_tiles(tile, loads=loads))}

@@ -17,7 +17,11 @@ counts ``hit = Min(E, M)`` experts touched, each with ``M / hit`` rows, so weigh
 ``hit * N * K`` and row tiles ``hit * ceiling(M / (hit * BLOCK_M))``. ``Min(E, M)`` is an upper
 bound of the expected number of distinct experts (``E (1 - (1 - 1/E)^M)``): the model errs on
 the side of more weight traffic and more, emptier tiles for small T, and is exact for large T.
-Skewed routing (a few hot experts) has fewer, fuller tiles than assumed.
+Skewed routing (a few hot experts) has fewer, fuller tiles than assumed. Given the per-expert
+loads ``n_e`` (numbers, or the sympy symbols of `GemmProblem.load_symbols`), the same quantities
+are exact in them: ``rows = sum n_e``, ``hit = sum Min(1, n_e)``, ``row_tiles = sum
+ceiling(n_e / BLOCK_M)`` (``loads=`` on each method; `cost_model.describe` too), so a benchmark can
+set the prediction for the routing it measured beside the time it measured.
 
 Program order and L2 (grouped GEMMs, `GemmProblem.traffic`). ``bytes`` reads each operand once;
 a tile's programs may read more. Programs run ``slots`` at a time in the grid's grouped order
@@ -105,31 +109,55 @@ class GemmProblem:
     def mats(self) -> int:
         return 2 if self.glu else 1
 
-    # -- sympy expressions of T (also evaluated numerically with ops=Num and an int t)
-    def rows(self, t=T):
-        return self.rows_per_token * t
+    # -- sympy expressions of T (also evaluated numerically with ops=Num and an int t). With
+    # ``loads`` (each expert's rows: ints, or sympy symbols such as `load_symbols`) the expressions
+    # count those loads instead of the uniform-routing assumption.
+    def load_symbols(self) -> tuple:
+        """``n_0 .. n_{E-1}``: the rows each expert gets, as sympy symbols."""
+        return sympy.symbols(f"n_0:{self.experts}", integer=True, nonnegative=True)
 
-    def hit_experts(self, t=T, ops=Sym):
+    def rows(self, t=T, loads=None):
+        return sum(loads) if loads is not None else self.rows_per_token * t
+
+    def hit_experts(self, t=T, ops=Sym, loads=None):
+        if loads is not None:
+            return sum(ops.min(1, n) for n in loads)
         return ops.min(self.experts if self.routed else 1, self.rows(t))
 
-    def flops(self, t=T):
-        return 2 * self.rows(t) * self.n * self.k * self.mats
+    def flops(self, t=T, loads=None):
+        return 2 * self.rows(t, loads) * self.n * self.k * self.mats
 
-    def bytes(self, t=T, ops=Sym):
-        M = self.rows(t)
+    def bytes(self, t=T, ops=Sym, loads=None):
+        M = self.rows(t, loads)
         b = self.a_rows_per_token * t * self.k * self.in_size              # activations, read once
-        b += self.hit_experts(t, ops) * self.mats * self.n * self.k * self.in_size   # hit experts' weights
+        b += self.hit_experts(t, ops, loads) * self.mats * self.n * self.k * self.in_size   # hit experts' weights
         b += M * self.n * self.out_size                                     # output
         b += 4 * M * (int(self.indexed) + int(self.scale))                  # order, scale vectors
         return b
 
-    def traffic(self, tile: GemmTile, arch: Arch, t: int) -> float:
+    def row_tiles(self, tile: GemmTile, t=T, ops=Sym, loads=None):
+        if loads is not None:
+            return sum(ops.ceil_div(n, tile.block_m) for n in loads)
+        M = self.rows(t)
+        if not self.routed:
+            return ops.ceil_div(M, tile.block_m)
+        hit = self.hit_experts(t, ops)
+        return hit * ops.ceil_div(M, ops.max(hit, 1) * tile.block_m)
+
+    def programs(self, tile: GemmTile, t=T, ops=Sym, loads=None):
+        return self.row_tiles(tile, t, ops, loads) * cdiv(self.n, tile.block_n)
+
+    def waves(self, tile: GemmTile, arch: Arch, t=T, ops=Sym, loads=None):
+        return ops.ceil_div(self.programs(tile, t, ops, loads), self.slots(tile, arch))
+
+    def traffic(self, tile: GemmTile, arch: Arch, t: int, loads=None) -> float:
         """Bytes moved from device memory at ``T = t`` in the tile's program order: ``bytes``
         plus the re-reads of activations and weights (see the module docstring)."""
-        rows = self.row_tiles(tile, t, Num)
+        floor = float(self.bytes(t, Num, loads))
+        rows = self.row_tiles(tile, t, Num, loads)
         if rows == 0:
-            return float(self.bytes(t, Num))
-        hit, cols, slots = self.hit_experts(t, Num), cdiv(self.n, tile.block_n), self.slots(tile, arch)
+            return floor
+        cols, slots = cdiv(self.n, tile.block_n), self.slots(tile, arch)
         share = arch.l2_bytes * L2_SHARE
         group = min(tile.group_m, rows)
         a_total = self.a_rows_per_token * t * self.k * self.in_size
@@ -137,21 +165,13 @@ class GemmProblem:
         a_reads = 1.0 if min(a_total, a_group) <= share else max(1.0, cols * min(group, slots) / slots)
         w_expert = self.mats * self.n * self.k * self.in_size
         sharing = max(group, min(rows, slots // cols))        # row tiles that read a weight column together
-        w_reads = 1 if w_expert <= share else max(1, math.ceil(rows / hit / sharing))
-        return self.bytes(t, Num) + (a_reads - 1) * a_total + (w_reads - 1) * hit * w_expert
-
-    def row_tiles(self, tile: GemmTile, t=T, ops=Sym):
-        M = self.rows(t)
-        if not self.routed:
-            return ops.ceil_div(M, tile.block_m)
-        hit = self.hit_experts(t, ops)
-        return hit * ops.ceil_div(M, ops.max(hit, 1) * tile.block_m)
-
-    def programs(self, tile: GemmTile, t=T, ops=Sym):
-        return self.row_tiles(tile, t, ops) * cdiv(self.n, tile.block_n)
-
-    def waves(self, tile: GemmTile, arch: Arch, t=T, ops=Sym):
-        return ops.ceil_div(self.programs(tile, t, ops), self.slots(tile, arch))
+        if loads is not None:
+            per_expert = [cdiv(n, tile.block_m) for n in loads if n]
+        else:
+            hit = self.hit_experts(t, Num)
+            per_expert = [rows / hit] * hit
+        w_extra = 0 if w_expert <= share else sum(max(1, math.ceil(n / sharing)) - 1 for n in per_expert)
+        return floor + (a_reads - 1) * a_total + w_extra * w_expert
 
     # -- per-tile facts
     def stage_bytes(self, tile: GemmTile) -> int:
@@ -170,23 +190,24 @@ class GemmProblem:
         return (self.smem(tile, arch) + SMEM_RESERVE <= arch.smem_per_block
                 and self.acc_regs(tile) <= MAX_ACC_REGS)
 
-    def loaded_rows(self, tile: GemmTile, t: int) -> float:
+    def loaded_rows(self, tile: GemmTile, t: int, loads=None) -> float:
         """Rows a tile loads on average at ``T = t``: ``min(BLOCK_M, M / row_tiles)`` (rows past
         an expert's last pair are masked, never fetched)."""
-        tiles = self.row_tiles(tile, t, Num)
-        return min(tile.block_m, self.rows(t) / tiles) if tiles else tile.block_m
+        tiles = self.row_tiles(tile, t, Num, loads)
+        return min(tile.block_m, self.rows(t, loads) / tiles) if tiles else tile.block_m
 
-    def time(self, tile: GemmTile, arch: Arch, t: int) -> float:
-        """Predicted seconds at ``T = t`` (see the module docstring)."""
-        programs = self.programs(tile, t, Num)
+    def time(self, tile: GemmTile, arch: Arch, t: int, loads=None) -> float:
+        """Predicted seconds at ``T = t`` (see the module docstring), for the uniform-routing
+        assumption or the given per-expert ``loads``."""
+        programs = self.programs(tile, t, Num, loads)
         k_pad = cdiv(self.k, tile.block_k) * tile.block_k
         peak = (arch.fp32_tflops if self.fp32 else arch.bf16_tflops) * 1e12
         rate = peak * mma_efficiency(tile.block_m, arch, self.fp32)
-        loaded = (self.loaded_rows(tile, t) + self.mats * tile.block_n) * self.in_size   # bytes per unit of K
+        loaded = (self.loaded_rows(tile, t, loads) + self.mats * tile.block_n) * self.in_size   # bytes per unit of K
         in_flight = max(tile.num_stages - 1, 1) * loaded * tile.block_k
         return waves_time(programs, self.slots(tile, arch), arch,
                            flops_per_program=2 * tile.block_m * tile.block_n * k_pad * self.mats,
-                           dram_total=self.traffic(tile, arch, t), l2_per_program=loaded * k_pad,
+                           dram_total=self.traffic(tile, arch, t, loads), l2_per_program=loaded * k_pad,
                            in_flight=in_flight, flops_rate=rate, iters=k_pad // tile.block_k)
 
 

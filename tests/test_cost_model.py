@@ -3,7 +3,8 @@
 - arch facts are complete for every GPU target; a GPU gets its capability's target with the
   limits it reports, an unknown capability a clear error;
 - a grouped GEMM's FLOPs, bytes, hit experts, row tiles, programs and waves are sympy expressions
-  of T that agree with the numeric evaluation the model ranks tiles with;
+  of T (and of the per-expert loads, when given) that agree with the numeric evaluation the model
+  ranks tiles with; its traffic per program order;
 - the tiles chosen for real models (Mixtral 8x7B, Qwen3-30B-A3B, DeepSeek-V3, OLMoE) on every
   arch: decode (T <= 16) gets BLOCK_M 16 with a narrow N and a deep K, large T 64+-row tiles on
   the fast tensor-core family, every tile fits the model's shared-memory and register limits;
@@ -157,6 +158,36 @@ def test_model_prefers_memory_parallelism_at_decode_and_big_tiles_at_scale():
         tile = cm.choose(up, arch, 1, 16)
         floor = up.bytes(1, cm.Num) / (arch.dram_gbps * 1e9)
         assert floor < up.time(tile, arch, 1) < 2 * floor, arch.name
+
+
+def test_expressions_of_per_expert_loads():
+    """With per-expert loads the GEMM's quantities are exact in them: the symbolic expressions agree
+    with the numbers, even loads reproduce the uniform-routing ones, and skew shows what it saves
+    (all pairs to one expert: one expert's weights, full tiles)."""
+    up, arch = _problems("mixtral-8x7b")["h"], ARCHS["sm90"]
+    tile, n = GemmTile(128, 128, 64, 8, 4, 16), up.load_symbols()
+    exprs = cm.describe(up, tile, arch, loads=n)
+    assert str(exprs["row_tiles"]).startswith("ceiling(n_0/128) + ceiling(n_1/128)")
+    for loads in ([0, 3, 129, 0, 1, 64, 256, 7], [5] * 8, [40, 0, 0, 0, 0, 0, 0, 0]):
+        t = sum(loads) // 2 + 1                         # any T: loads need not be k T (dropped pairs)
+        values = {**dict(zip(n, loads)), T: t}
+        numbers = {"flops": up.flops(t, loads), "bytes": up.bytes(t, cm.Num, loads),
+                   "programs": up.programs(tile, t, cm.Num, loads), "waves": up.waves(tile, arch, t, cm.Num, loads),
+                   "hit_experts": up.hit_experts(t, cm.Num, loads), "row_tiles": up.row_tiles(tile, t, cm.Num, loads)}
+        for name, expr in exprs.items():
+            assert expr.subs(values) == numbers[name], (name, loads)
+    for t in (4, 4096, 16384):                          # even loads: the uniform assumption's numbers
+        even = [2 * t // 8] * 8
+        assert up.bytes(t, cm.Num, even) == up.bytes(t, cm.Num) and up.row_tiles(tile, t, cm.Num, even) == up.row_tiles(tile, t, cm.Num)
+        assert up.traffic(tile, arch, t, even) == up.traffic(tile, arch, t) and up.time(tile, arch, t, even) == up.time(tile, arch, t)
+    t, w_bytes = 4096, 2 * 14336 * 4096 * 2
+    one = [2 * t] + [0] * 7
+    assert up.hit_experts(t, cm.Num, one) == 1 and up.row_tiles(tile, t, cm.Num, one) == 64
+    assert up.bytes(t, cm.Num) - up.bytes(t, cm.Num, one) == 7 * w_bytes
+    decode = cm.choose(up, arch, 1, 16)
+    assert up.time(decode, arch, 16, [32] + [0] * 7) < 0.5 * up.time(decode, arch, 16)
+    with pytest.raises(ValueError, match="no per-expert loads"):
+        cm.describe(_problems("mixtral-8x7b")["y"], RowTile(16, 128), arch, loads=n)
 
 
 def test_traffic_of_each_program_order():
