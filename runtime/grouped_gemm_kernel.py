@@ -7,7 +7,9 @@ Rows are (token, expert) pairs grouped by expert (`moec.runtime.dispatch`). Vari
   so no permuted copy of the activations is ever made;
 - bias epilogue: ``+ bias[e]`` (and ``+ bias_up[e]`` on the up product) before the activation;
 - activation / GLU epilogue (``out = act(A @ W^T) * (A @ Wup^T)``), computed in fp32, with the GLU
-  variants of `moec.spec.MoESpec` (silu slope, clamps, up shift) spelled into the expression;
+  variants of `moec.spec.MoESpec` (silu slope, clamps, up shift) spelled into the expression; when
+  ``W`` and ``Wup`` are the even and odd rows of one tensor (GPT-OSS's interleaved ``gate_up``), a
+  launch-time flag loads both tiles at once, contiguously, instead of two stride-2 loads;
 - scale epilogue: row ``r`` times ``scale_vec[order[r]]`` (routed: the flat ``[T*k]`` routing
   weights) or ``scale_vec[r]`` (dense: e.g. the shared expert's sigmoid gate);
 - scatter epilogue: row ``r`` is stored at ``out[order[r]]``, i.e. back in token-major pair order
@@ -189,6 +191,15 @@ def _expert_bias(b: Optional[Tensor], wanted: bool, params: GroupedGemmParams, w
     return b
 
 
+def _interleaved(w: Tensor, w_up: Tensor) -> bool:
+    """Whether ``w`` and ``w_up`` are rows ``0::2`` and ``1::2`` (dim 1) of one ``[E, 2N, K]`` tensor
+    (GPT-OSS's ``gate_up_proj`` read as views): then one load fetches both tiles."""
+    s = w.stride(1)
+    return (w_up.shape == w.shape and w_up.stride() == w.stride() and w_up.dtype == w.dtype
+            and w_up.device == w.device and s > 0 and s % 2 == 0
+            and w_up.data_ptr() - w.data_ptr() == (s // 2) * w.element_size())
+
+
 def grouped_gemm(a: Tensor, w: Tensor, params: GroupedGemmParams, *, out: Tensor,
                  offsets: Optional[Tensor] = None, order: Optional[Tensor] = None,
                  w_up: Optional[Tensor] = None, scale_vec: Optional[Tensor] = None,
@@ -255,6 +266,9 @@ def grouped_gemm(a: Tensor, w: Tensor, params: GroupedGemmParams, *, out: Tensor
     bias = _expert_bias(bias, params.bias, params, "bias")
     bias_up = _expert_bias(bias_up, params.bias_up, params, "bias_up")
 
+    interleaved = params.glu and _interleaved(w, w_up)
+    if interleaved:     # the up operand becomes the [E, 2N, K] tensor both are rows of
+        w_up = w.as_strided((E, 2 * N, K), (w.stride(0), w.stride(1) // 2, w.stride(2)))
     tile = params.tile
     row_tiles = grid_rows(params, M, offsets is not None)
     grid = (row_tiles * triton.cdiv(N, tile.block_n),)
@@ -267,7 +281,7 @@ def grouped_gemm(a: Tensor, w: Tensor, params: GroupedGemmParams, *, out: Tensor
         u.stride(0), u.stride(1), u.stride(2), out.stride(0), out.stride(1), *bs, *bus)))
     constexprs = dict(N=N, K=K, NUM_EXPERTS=E, E_PAD=max(2, triton.next_power_of_2(E)),
                       HAS_OFFSETS=offsets is not None, GATHER_TOP_K=params.gather_top_k,
-                      SCATTER=params.scatter, SCALE=params.scale, GLU=params.glu,
+                      SCATTER=params.scatter, SCALE=params.scale, GLU=params.glu, GLU_INTERLEAVED=interleaved,
                       HAS_BIAS=params.bias, HAS_BIAS_UP=params.bias_up,
                       BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
                       GROUP_M=tile.group_m)

@@ -283,6 +283,36 @@ def test_grouped_program_order_covers_every_tile_once(group_m):
         torch.testing.assert_close(out[lo:hi], a[lo:hi] @ w[e].t(), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("layout", ["gpt_oss", "rows", "apart"])
+def test_interleaved_gate_up_is_one_load(dtype, layout):
+    """Gate and up as the even / odd columns of GPT-OSS's ``gate_up [E, K, 2N]`` (or rows of an
+    ``[E, 2N, K]``): the launch loads both tiles at once; same-strided views of two tensors do not."""
+    g = torch.Generator().manual_seed(1)
+    E, K, N, T, k = 3, 40, 24, 11, 2
+    if layout == "gpt_oss":
+        gate_up = torch.randn(E, K, 2 * N, generator=g).to(dtype)
+        w, w_up = gate_up[..., 0::2].transpose(1, 2), gate_up[..., 1::2].transpose(1, 2)
+    else:
+        gate_up = torch.randn(E, 2 * N, K, generator=g).to(dtype)
+        w, w_up = gate_up[:, 0::2], gate_up[:, 1::2]
+        if layout == "apart":
+            w_up = gate_up.clone()[:, 1::2]
+    x = torch.randn(T, K, generator=g).to(dtype)
+    ids = torch.randint(0, E, (T, k), generator=g, dtype=torch.int32)
+    order, offsets = dispatch(ids, E)
+    params = GroupedGemmParams(E, N, K, "silu", True, gather_top_k=k, out_dtype=dtype, tile=GemmTile(16, 16, 16))
+    out = torch.full((T * k, N), NAN, dtype=dtype)
+    with launch.recording() as rec:
+        grouped_gemm(x, w, params, out=out, offsets=offsets, order=order, w_up=w_up)
+    assert rec[0].constexprs["GLU_INTERLEAVED"] == (layout != "apart")
+    rows = order.long() // k
+    experts = ids.reshape(-1)[order.long()].long()
+    xf, wf, uf = x.float()[rows], w.float()[experts], w_up.float()[experts]
+    want = reference.activation("silu", torch.einsum("rk,rnk->rn", xf, wf)) * torch.einsum("rk,rnk->rn", xf, uf)
+    check_close(out, want.to(dtype), dtype)
+
+
 def test_argument_checks():
     a, w = torch.randn(4, 8), torch.randn(2, 16, 8)
     order, offsets = dispatch(torch.zeros(4, 1, dtype=torch.int32), 2)
