@@ -5,68 +5,33 @@ blocks the generic reader cannot read) is read by the adapter first; its `Lifted
 the same full probe. Otherwise (or when the adapter does not know the module's layout):
 Steps: `structure.discover` finds the parts (experts, router, shared expert, biases, attributes);
 `experts` reads the expert weights' roles (ModuleList experts are verified by calling them);
-`capture` traces the forward as far as fx can and reads router hints off the graph; then the
-candidate configurations the hints and attributes leave open are enumerated, most plausible
-first. Each is screened cheaply on one probe input (expert outputs precomputed once, only the
-routing recomputed), and the first that matches is put through the full probe (every input,
-both training modes). Only a configuration that passed the probe is returned.
+`capture` traces the forward as far as fx can and `router_hints` reads router hints off the
+graph; then `candidates` enumerates the configurations the hints and attributes leave open, most
+plausible first. Each is screened cheaply on one probe input (expert outputs precomputed once,
+only the routing recomputed), and the first that matches is put through the full probe (every
+input, both training modes). Only a configuration that passed the probe is returned.
 """
 from __future__ import annotations
 
-import dataclasses
 import inspect
-import itertools
-from dataclasses import dataclass
-from typing import Iterator, Union
+from typing import Union
 
 import torch
 from torch import nn
 
 from .. import reference
-from ..spec import OVERFLOWS, MoESpec, MoESpecError, RouterConfig, SharedExpertConfig
+from ..spec import MoESpec, MoESpecError
 from .adapters import adapter_for
-from .capture import module_calls_depend_on, read_router, stacked_usage, trace_partial
+from .candidates import Part, assemble, config_text, dedupe, router_configs, router_options, shared_options
+from .capture import module_calls_depend_on, stacked_usage, trace_partial
 from .experts import ExpertLayout, list_layout, shared_layout, stacked_layouts
-from .lifted import LiftedMoE, NotLifted, ParamTensors, Src, WeightsRecipe, resolve
+from .lifted import LiftedMoE, NotLifted, WeightsRecipe, resolve
 from .probe import TOKENS, Prober, probe
+from .router_hints import read_router
 from .structure import Structure, discover, meta_or_none
 
-_K_ATTRS = ("top_k", "num_experts_per_tok", "topk", "k", "num_selected_experts", "moe_top_k",
-            "experts_per_token", "top_k_experts", "router_topk", "moe_k")
-_NORM_ATTRS = ("norm_topk_prob", "normalize_topk", "renormalize", "norm_topk", "renorm")
-_SCALE_ATTRS = ("routed_scaling_factor", "routed_scaling", "scaling_factor", "route_scale")
-_GROUP_ATTRS = ("n_group", "num_expert_group", "n_groups", "num_groups")
-_TOPK_GROUP_ATTRS = ("topk_group", "num_topk_group", "topk_groups")
-_CAP_ATTRS = ("capacity_factor", "expert_capacity_factor")
-_OVERFLOW_ATTRS = ("overflow", "overflow_policy", "capacity_overflow")
 MAX_SCREENS = 4000
 _SCREEN_INPUT = 2          # 48 random tokens
-
-
-@dataclass
-class _Part:
-    """Some MoEWeights fields and the leaf tensors (paths) they are built from (local indices)."""
-
-    paths: list
-    fields: list
-    desc: str = ""
-
-
-def _assemble(parts: list) -> tuple:
-    paths, fields = [], []
-    for p in parts:
-        off = len(paths)
-        paths += p.paths
-        fields += [(n, dataclasses.replace(s, indices=tuple(i + off for i in s.indices))) for n, s in p.fields]
-    return ParamTensors(tuple(paths)), WeightsRecipe(tuple(fields))
-
-
-def _attr(st: Structure, names, kind):
-    for n in names:
-        v = st.attrs.get(n)
-        if isinstance(v, kind) and not (kind is not bool and isinstance(v, bool)):
-            return v
-    return None
 
 
 def _extra_required_args(module: nn.Module) -> list:
@@ -78,119 +43,6 @@ def _extra_required_args(module: nn.Module) -> list:
              inspect.Parameter.KEYWORD_ONLY)
     req = [p.name for p in sig.parameters.values() if p.default is p.empty and p.kind in kinds]
     return req[1:]
-
-
-def _dedupe(xs):
-    out = []
-    for x in xs:
-        if x is not None and x not in out:
-            out.append(x)
-    return out
-
-
-def _router_configs(st: Structure, hints, aux: bool, router_bias: bool, has_bias: bool,
-                    has_noise: bool) -> Iterator[RouterConfig]:
-    """Candidate router configurations, most plausible first."""
-    E = st.E
-    ks = _dedupe([_attr(st, _K_ATTRS, int)] + list(hints.top_k) + list(range(1, min(E, 8) + 1)))
-    ks = [k for k in ks if 1 <= k <= E]
-    scores = _dedupe([hints.score, "softmax", "sigmoid"])
-    norm_attr = _attr(st, _NORM_ATTRS, bool)
-    renorm_first = hints.renormalize if norm_attr is None else norm_attr
-    if renorm_first is None:
-        renorm_first = False
-    scaling = _dedupe([hints.scaling, _attr(st, _SCALE_ATTRS, float), _attr(st, _SCALE_ATTRS, int), 1.0])
-    G, TG = _attr(st, _GROUP_ATTRS, int) or hints.n_group, _attr(st, _TOPK_GROUP_ATTRS, int) or hints.topk_group
-    groups = []
-    if G and G > 1 and TG:
-        groups += [(G, TG, gs) for gs in _dedupe([hints.group_score, "max", "top2_sum"])]
-    groups.append((1, 1, "max"))
-    cf = _attr(st, _CAP_ATTRS, float) or _attr(st, _CAP_ATTRS, int)
-    caps = [(None, "drop")]
-    if cf and cf > 0:
-        ov = _attr(st, _OVERFLOW_ATTRS, str)
-        caps = [(float(cf), o) for o in _dedupe([ov if ov in OVERFLOWS else None, "drop", "next_best"])] + caps
-    biases = [True, False] if has_bias else [False]
-    noisy = [True, False] if has_noise else [False]
-    for k, score in itertools.product(ks, scores):
-        if score == "softmax":
-            forms = [("score_then_topk", renorm_first), ("score_then_topk", not renorm_first), ("topk_then_score", False)]
-            if hints.order == "topk_then_score":
-                forms.insert(0, forms.pop())
-        else:
-            forms = [("score_then_topk", renorm_first), ("score_then_topk", not renorm_first)]
-        for (order, renorm), scale, (g, tg, gs), bias, (c, ov), nz in itertools.product(
-                forms, scaling, groups, biases, caps, noisy):
-            try:
-                yield RouterConfig(num_experts=E, top_k=k, score=score, order=order, renormalize=renorm,
-                                   routed_scaling=float(scale), score_bias=bias, router_bias=router_bias,
-                                   n_group=g, topk_group=tg, group_score=gs, capacity_factor=c, overflow=ov,
-                                   noisy=nz, aux_loss=aux)
-            except MoESpecError:
-                continue
-
-
-def _router_parts(st: Structure, hints) -> list:
-    """(part, has_score_bias, has_noise, router_bias) options for the router's tensors."""
-    out = []
-    biases = _dedupe([hints.score_bias] + st.score_biases)
-    for r in st.routers:
-        paths = [r.weight] + ([r.bias] if r.bias else [])
-        fields = [("w_router", Src((0,), transpose=r.layout == "in_out"))]
-        if r.bias:
-            fields.append(("b_router", Src((1,))))
-        noise_opts = [st.noises[0]] if st.noises else [None]
-        for nz in noise_opts:
-            p2, f2 = list(paths), list(fields)
-            if nz is not None:
-                f2.append(("w_noise", Src((len(p2),), transpose=nz.layout == "in_out")))
-                p2.append(nz.weight)
-            # a bias the trace saw added before top-k first; if the trace reached top-k without
-            # one, try "no bias" first (an unused or zero buffer must not be read as a bias)
-            reached = hints.found and bool(hints.top_k)
-            for b in (biases + [None]) if (hints.score_bias or not reached) else ([None] + biases):
-                p3, f3 = list(p2), list(f2)
-                if b is not None:
-                    f3.append(("score_bias", Src((len(p3),))))
-                    p3.append(b)
-                desc = f"router {r.weight}" + (f" + bias {r.bias}" if r.bias else "") + \
-                    (f", noise {nz.weight}" if nz else "") + (f", selection bias {b}" if b else "")
-                out.append((_Part(p3, f3, desc), b is not None, nz is not None, r.bias is not None))
-    return out
-
-
-def _shared_options(shared: dict, st: Structure, layout: ExpertLayout, why: list) -> list:
-    """[(part or None, SharedExpertConfig or None)]: each shared candidate (gated first), then none.
-    ``shared`` maps each candidate's path to its `ExpertLayout` or the reason it has none."""
-    out = []
-    for path, lay in shared.items():
-        if isinstance(lay, str):
-            if f"shared expert {lay}" not in why:
-                why.append(f"shared expert {lay}")
-            continue
-        if (lay.glu, lay.activation) != (layout.glu, layout.activation):
-            msg = (f"shared expert {path} computes {'GLU ' if lay.glu else ''}{lay.activation} but the routed "
-                   f"experts compute {'GLU ' if layout.glu else ''}{layout.activation} (MoESpec has one activation)")
-            if msg not in why:
-                why.append(msg)
-            continue
-        for g in st.shared_gates + [None]:
-            fields = list(lay.fields)
-            paths = list(lay.paths)
-            if g is not None:
-                fields.append(("shared_gate_proj", Src((len(paths),))))
-                paths.append(g)
-            desc = f"shared expert {path} ({lay.desc}, width {lay.ffn})" + (f", sigmoid gate {g}" if g else "")
-            out.append((_Part(paths, fields, desc), SharedExpertConfig(width=lay.ffn, gated=g is not None)))
-    out.append((None, None))
-    return out
-
-
-def _cfg_text(cfg: RouterConfig) -> str:
-    default = RouterConfig(num_experts=cfg.num_experts, top_k=cfg.top_k)
-    diff = [f"{f.name}={getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)
-            if f.name not in ("num_experts", "top_k") and getattr(cfg, f.name) != getattr(default, f.name)]
-    return f"E={cfg.num_experts}, top_k={cfg.top_k}" + (", " + ", ".join(diff) if diff else "")
 
 
 class _ExpertRows:
@@ -282,7 +134,7 @@ def _lift_with_adapter(module: nn.Module):
         return NotLifted(f"{cls}: the {ad.name} adapter's reading does not reproduce the module's forward: {msg}")
     dtype = str(got.param_tensors(module)[-1].dtype).replace("torch.", "")
     got.notes = [f"read by the {ad.name} adapter"] + list(got.notes) + [
-        f"router: {_cfg_text(got.spec.router)}",
+        f"router: {config_text(got.spec.router)}",
         *("weights: " + line for line in got.weights.describe(got.param_tensors.paths)),
         f"probe: eager forward matched moec.reference.moe for T={', '.join(map(str, TOKENS))} "
         f"(the last leaning on one expert) in training and eval mode ({dtype})"]
@@ -355,18 +207,18 @@ def _lift(module: nn.Module):
     x_screen = pr.x(_SCREEN_INPUT).reshape(-1, st.d)
     xf = x_screen.float()
     training = module.training
-    noise_dtypes = _dedupe([st.dtype, torch.float32])
-    router_parts = _router_parts(st, hints)
+    noise_dtypes = dedupe([st.dtype, torch.float32])
+    router_opts = router_options(st, hints)
     shared = {p: shared_layout(module, p, st) for p in st.shared}
     for layout in layouts:
-        exp_part = _Part(layout.paths, layout.fields, layout.desc)
-        shared_opts = _shared_options(shared, st, layout, why)
+        exp_part = Part(layout.paths, layout.fields, layout.desc)
+        shared_opts = shared_options(shared, st, layout, why)
         with torch.no_grad():
             experts = _ExpertRows(xf, layout.build([resolve(module, p) for p in layout.paths]), layout, st.E)
         for sh_part, sh_cfg in shared_opts:
-            for r_part, has_bias, has_noise, router_bias in router_parts:
+            for r_part, has_bias, has_noise, router_bias in router_opts:
                 parts = [r_part, exp_part] + ([sh_part] if sh_part else [])
-                param_tensors, recipe = _assemble(parts)
+                param_tensors, recipe = assemble(parts)
                 with torch.no_grad():
                     w = recipe(param_tensors(module))
                     S = None
@@ -375,7 +227,7 @@ def _lift(module: nn.Module):
                                                  layout.activation)
                         if sh_cfg.gated:
                             S = S * torch.sigmoid(xf @ w.shared_gate_proj.float().t())
-                for cfg in _router_configs(st, hints, outputs == "y_aux", router_bias, has_bias, has_noise):
+                for cfg in router_configs(st, hints, outputs == "y_aux", router_bias, has_bias, has_noise):
                     try:
                         spec = MoESpec(hidden=st.d, ffn=layout.ffn, router=cfg, activation=layout.activation,
                                        glu=layout.glu, shared=sh_cfg)
@@ -392,7 +244,7 @@ def _lift(module: nn.Module):
                             msg = pr.compare(_SCREEN_INPUT, training, spec, w, outputs, nd, y_ref=y_ref, aux=aux)
                         if msg:
                             if first_fail is None:
-                                first_fail = f"{_cfg_text(cfg)}: {msg}"
+                                first_fail = f"{config_text(cfg)}: {msg}"
                             continue
                         lifted = LiftedMoE(spec=spec, formulation=formulation, param_tensors=param_tensors,
                                            weights=recipe, outputs=outputs,
@@ -400,8 +252,8 @@ def _lift(module: nn.Module):
                                            observed=_observed(module, param_tensors.paths, recipe))
                         msg = pr.check(lifted)
                         if msg:
-                            if first_fail is None or first_fail.startswith(_cfg_text(cfg)):
-                                first_fail = f"{_cfg_text(cfg)}: {msg}"
+                            if first_fail is None or first_fail.startswith(config_text(cfg)):
+                                first_fail = f"{config_text(cfg)}: {msg}"
                             continue
                         _finish_notes(lifted, parts, layout, sh_part, cfg, tried, st)
                         return lifted
@@ -419,7 +271,7 @@ def _finish_notes(lifted: LiftedMoE, parts, layout: ExpertLayout, sh_part, cfg, 
     n.append(parts[0].desc)
     if sh_part is not None:
         n.append(sh_part.desc)
-    n.append(f"router: {_cfg_text(cfg)}")
+    n.append(f"router: {config_text(cfg)}")
     if cfg.noisy:
         n.append(f"noisy gating: training-mode noise drawn as randn([T, E]) in {lifted.noise_dtype}")
     n.extend("weights: " + line for line in lifted.weights.describe(lifted.param_tensors.paths))

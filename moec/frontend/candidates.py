@@ -1,0 +1,173 @@
+"""The candidate configurations `lift` screens: what the module's attributes and the traced
+router hints leave open, enumerated most plausible first.
+
+`router_configs` yields `RouterConfig`s (top-k, score function, order, renormalisation, scaling,
+groups, capacity, noise) from well-known attribute names (``top_k``, ``norm_topk_prob``,
+``routed_scaling_factor``...) and `RouterHints`; `router_options` and `shared_options` list the
+ways the router's and the shared expert's tensors may be read, each as a `Part` that `assemble`
+joins with the experts' into the `ParamTensors` + `WeightsRecipe` of one candidate. Kept apart
+from `moec.frontend.lift` so that the search driver there reads as a loop over these options.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass
+from typing import Iterator
+
+from ..spec import OVERFLOWS, MoESpecError, RouterConfig, SharedExpertConfig
+from .experts import ExpertLayout
+from .lifted import ParamTensors, Src, WeightsRecipe
+from .router_hints import RouterHints
+from .structure import Structure
+
+_K_ATTRS = ("top_k", "num_experts_per_tok", "topk", "k", "num_selected_experts", "moe_top_k",
+            "experts_per_token", "top_k_experts", "router_topk", "moe_k")
+_NORM_ATTRS = ("norm_topk_prob", "normalize_topk", "renormalize", "norm_topk", "renorm")
+_SCALE_ATTRS = ("routed_scaling_factor", "routed_scaling", "scaling_factor", "route_scale")
+_GROUP_ATTRS = ("n_group", "num_expert_group", "n_groups", "num_groups")
+_TOPK_GROUP_ATTRS = ("topk_group", "num_topk_group", "topk_groups")
+_CAP_ATTRS = ("capacity_factor", "expert_capacity_factor")
+_OVERFLOW_ATTRS = ("overflow", "overflow_policy", "capacity_overflow")
+
+
+@dataclass
+class Part:
+    """Some MoEWeights fields and the leaf tensors (paths) they are built from (local indices)."""
+
+    paths: list
+    fields: list
+    desc: str = ""
+
+
+def assemble(parts: list) -> tuple:
+    """``(ParamTensors, WeightsRecipe)`` of ``parts`` joined in order (their indices shifted)."""
+    paths, fields = [], []
+    for p in parts:
+        off = len(paths)
+        paths += p.paths
+        fields += [(n, dataclasses.replace(s, indices=tuple(i + off for i in s.indices))) for n, s in p.fields]
+    return ParamTensors(tuple(paths)), WeightsRecipe(tuple(fields))
+
+
+def _attr(st: Structure, names, kind):
+    for n in names:
+        v = st.attrs.get(n)
+        if isinstance(v, kind) and not (kind is not bool and isinstance(v, bool)):
+            return v
+    return None
+
+
+def dedupe(xs) -> list:
+    """``xs`` without Nones and repeats, in first-seen order."""
+    out = []
+    for x in xs:
+        if x is not None and x not in out:
+            out.append(x)
+    return out
+
+
+def router_configs(st: Structure, hints: RouterHints, aux: bool, router_bias: bool, has_bias: bool,
+                   has_noise: bool) -> Iterator[RouterConfig]:
+    """Candidate router configurations, most plausible first."""
+    E = st.E
+    ks = dedupe([_attr(st, _K_ATTRS, int)] + list(hints.top_k) + list(range(1, min(E, 8) + 1)))
+    ks = [k for k in ks if 1 <= k <= E]
+    scores = dedupe([hints.score, "softmax", "sigmoid"])
+    norm_attr = _attr(st, _NORM_ATTRS, bool)
+    renorm_first = hints.renormalize if norm_attr is None else norm_attr
+    if renorm_first is None:
+        renorm_first = False
+    scaling = dedupe([hints.scaling, _attr(st, _SCALE_ATTRS, float), _attr(st, _SCALE_ATTRS, int), 1.0])
+    G, TG = _attr(st, _GROUP_ATTRS, int) or hints.n_group, _attr(st, _TOPK_GROUP_ATTRS, int) or hints.topk_group
+    groups = []
+    if G and G > 1 and TG:
+        groups += [(G, TG, gs) for gs in dedupe([hints.group_score, "max", "top2_sum"])]
+    groups.append((1, 1, "max"))
+    cf = _attr(st, _CAP_ATTRS, float) or _attr(st, _CAP_ATTRS, int)
+    caps = [(None, "drop")]
+    if cf and cf > 0:
+        ov = _attr(st, _OVERFLOW_ATTRS, str)
+        caps = [(float(cf), o) for o in dedupe([ov if ov in OVERFLOWS else None, "drop", "next_best"])] + caps
+    biases = [True, False] if has_bias else [False]
+    noisy = [True, False] if has_noise else [False]
+    for k, score in itertools.product(ks, scores):
+        if score == "softmax":
+            forms = [("score_then_topk", renorm_first), ("score_then_topk", not renorm_first), ("topk_then_score", False)]
+            if hints.order == "topk_then_score":
+                forms.insert(0, forms.pop())
+        else:
+            forms = [("score_then_topk", renorm_first), ("score_then_topk", not renorm_first)]
+        for (order, renorm), scale, (g, tg, gs), bias, (c, ov), nz in itertools.product(
+                forms, scaling, groups, biases, caps, noisy):
+            try:
+                yield RouterConfig(num_experts=E, top_k=k, score=score, order=order, renormalize=renorm,
+                                   routed_scaling=float(scale), score_bias=bias, router_bias=router_bias,
+                                   n_group=g, topk_group=tg, group_score=gs, capacity_factor=c, overflow=ov,
+                                   noisy=nz, aux_loss=aux)
+            except MoESpecError:
+                continue
+
+
+def router_options(st: Structure, hints: RouterHints) -> list:
+    """(part, has_score_bias, has_noise, router_bias) options for the router's tensors."""
+    out = []
+    biases = dedupe([hints.score_bias] + st.score_biases)
+    for r in st.routers:
+        paths = [r.weight] + ([r.bias] if r.bias else [])
+        fields = [("w_router", Src((0,), transpose=r.layout == "in_out"))]
+        if r.bias:
+            fields.append(("b_router", Src((1,))))
+        noise_opts = [st.noises[0]] if st.noises else [None]
+        for nz in noise_opts:
+            p2, f2 = list(paths), list(fields)
+            if nz is not None:
+                f2.append(("w_noise", Src((len(p2),), transpose=nz.layout == "in_out")))
+                p2.append(nz.weight)
+            # a bias the trace saw added before top-k first; if the trace reached top-k without
+            # one, try "no bias" first (an unused or zero buffer must not be read as a bias)
+            reached = hints.found and bool(hints.top_k)
+            for b in (biases + [None]) if (hints.score_bias or not reached) else ([None] + biases):
+                p3, f3 = list(p2), list(f2)
+                if b is not None:
+                    f3.append(("score_bias", Src((len(p3),))))
+                    p3.append(b)
+                desc = f"router {r.weight}" + (f" + bias {r.bias}" if r.bias else "") + \
+                    (f", noise {nz.weight}" if nz else "") + (f", selection bias {b}" if b else "")
+                out.append((Part(p3, f3, desc), b is not None, nz is not None, r.bias is not None))
+    return out
+
+
+def shared_options(shared: dict, st: Structure, layout: ExpertLayout, why: list) -> list:
+    """[(part or None, SharedExpertConfig or None)]: each shared candidate (gated first), then none.
+    ``shared`` maps each candidate's path to its `ExpertLayout` or the reason it has none."""
+    out = []
+    for path, lay in shared.items():
+        if isinstance(lay, str):
+            if f"shared expert {lay}" not in why:
+                why.append(f"shared expert {lay}")
+            continue
+        if (lay.glu, lay.activation) != (layout.glu, layout.activation):
+            msg = (f"shared expert {path} computes {'GLU ' if lay.glu else ''}{lay.activation} but the routed "
+                   f"experts compute {'GLU ' if layout.glu else ''}{layout.activation} (MoESpec has one activation)")
+            if msg not in why:
+                why.append(msg)
+            continue
+        for g in st.shared_gates + [None]:
+            fields = list(lay.fields)
+            paths = list(lay.paths)
+            if g is not None:
+                fields.append(("shared_gate_proj", Src((len(paths),))))
+                paths.append(g)
+            desc = f"shared expert {path} ({lay.desc}, width {lay.ffn})" + (f", sigmoid gate {g}" if g else "")
+            out.append((Part(paths, fields, desc), SharedExpertConfig(width=lay.ffn, gated=g is not None)))
+    out.append((None, None))
+    return out
+
+
+def config_text(cfg: RouterConfig) -> str:
+    """``cfg`` as E, top_k and the fields that differ from the defaults (for notes and reasons)."""
+    default = RouterConfig(num_experts=cfg.num_experts, top_k=cfg.top_k)
+    diff = [f"{f.name}={getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)
+            if f.name not in ("num_experts", "top_k") and getattr(cfg, f.name) != getattr(default, f.name)]
+    return f"E={cfg.num_experts}, top_k={cfg.top_k}" + (", " + ", ".join(diff) if diff else "")
