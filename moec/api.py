@@ -204,3 +204,67 @@ def compile(obj=None, *, dump_dir: str | os.PathLike | None = None, arch: Option
     if callable(obj):
         return _compile_function(obj, **options)
     raise TypeError(f"moec.compile takes an nn.Module, an nn.Module class or a function, got {type(obj).__name__}")
+
+
+def tune(model: nn.Module, example_input=None, **options) -> dict:
+    """Autotune the kernels of every MoE layer `compile` lifted in ``model``, on this GPU, and keep
+    the winners in the tune file (`moec.runtime.autotune`: per device, kernel and token-count
+    bucket; ``MOEC_TUNE_FILE`` picks the file, which can be shipped with the model).
+
+    ``example_input`` (a tensor, a tuple of positional arguments or a dict of keyword arguments for
+    ``model``) is run once first, without gradients, so each layer it reaches compiles for the dtype
+    and device it really runs in; a layer is tuned for every dtype and arch it has been called
+    with, else for its parameters' dtype and device. Identical layers share a program and are tuned
+    once. Afterwards every compiled layer recompiles (once, at its next call) with the tuned tiles:
+    nothing keeps stale tiles, and ``explain()`` says which tiles came from the tune file.
+
+    ``options`` go to `moec.runtime.autotune.tune`: ``candidates`` (cost-model candidates timed
+    besides the current tile), ``buckets``, ``progress`` (``line -> None``, default print: a line
+    per timed candidate with kernel i/n, bucket, candidate j/m and elapsed time), ``path``; and,
+    without a GPU (tests, examples/autotune.py), ``timer``, ``device`` and ``sizes``. Programs of the
+    CPU interpreter (arch ``cpu``) have fixed tiles and are skipped: compile with ``arch="sm90"``
+    to tune a GPU arch's tiles elsewhere. Returns ``{kernel key: {bucket: entry}}`` of all tuned.
+
+    Example (on a GPU)::
+
+        model = moec.compile(model)
+        moec.tune(model, torch.randn(8, 4096, device="cuda", dtype=torch.bfloat16))
+        y = model(x)                 # tuned tiles; later processes read them from the file
+    """
+    from moec.runtime import autotune
+
+    from .region import Region, graph_inputs
+    if example_input is not None:
+        with torch.no_grad():
+            if isinstance(example_input, dict):
+                model(**example_input)
+            elif isinstance(example_input, tuple):
+                model(*example_input)
+            else:
+                model(example_input)
+    say = options.get("progress", print) or (lambda *_: None)
+    results, done = {}, set()
+    for _, module in model.named_modules():
+        region = module.__dict__.get("_moec_region")
+        if not isinstance(region, Region):
+            continue
+        tensors = list(region.lifted.param_tensors(module))
+        device = tensors[0].device
+        wanted = list(region.compiled) or [(tensors[0].dtype, None)]
+        for dtype, _ in wanted:
+            x = torch.empty(0, region.spec.hidden, dtype=dtype, device=device)
+            c = region.compiled_for(x)             # refreshed if an earlier tune made it stale
+            key = (region.spec, dtype, region.outputs, c.arch.name)
+            if key in done:
+                continue
+            done.add(key)
+            if c.arch.name == "cpu":
+                say(f"moec tune: {region.name} ({dtype}) runs in the CPU interpreter, whose tiles are fixed: skipped")
+                continue
+            say(f"moec tune: region {region.name} ({str(dtype).split('.')[-1]} on {c.arch.name})")
+            weights = {k: v for k, v in graph_inputs(x, region.weights(tensors)).items() if k != "x"}
+            for kernel, buckets in autotune.tune(c.program, weights, **options).items():
+                results.setdefault(kernel, {}).update(buckets)
+    if not done:
+        raise ValueError(f"moec.tune: {type(model).__name__} has no MoE layer lifted by moec.compile")
+    return results

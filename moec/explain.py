@@ -53,8 +53,9 @@ def report(model) -> str:
             if note.startswith(_SHOWN_NOTES):          # the rest is in the dump's captured.txt
                 lines.append(f"          {note}")
         for (dtype, arch), c in region.compiled.items():
-            kernels = ", ".join(f"{s.node.op} {_tiles(s)}" for s in c.program.steps if s.variants)
+            kernels = ", ".join(f"{s.node.op} {_tiles(s, c)}" for s in c.program.steps if s.variants)
             lines.append(f"          compiled for {str(dtype).split('.')[-1]} on {arch.name}: {kernels}")
+            lines += [f"          {line}" for line in _tile_lines(c)]
             torch_ops = torch_steps(c.program)
             if torch_ops:
                 lines.append(f"          torch steps (not generated kernels): {', '.join(torch_ops)}")
@@ -77,9 +78,27 @@ def _graph_line(program) -> str:
     return f"CUDA graphs: not capturable: {steps} run the reference's torch code, which synchronises with the host"
 
 
-def _tiles(step) -> str:
-    """``[kernel: tile; ...]``, one entry per token-count bucket (the kernel name says which)."""
-    return "[" + "; ".join(f"{v.kernel.fn_name}: {_tile(v.params.tile)}" for v in step.variants) + "]"
+def _tiles(step, c=None) -> str:
+    """``[kernel: tile; ...]``, one entry per token-count bucket (the kernel name says which);
+    tiles taken from the tune file are marked ``(tuned)``, or ``(partly tuned)`` when only some of
+    the buckets the kernel serves have an entry (the others' model tile happened to equal it)."""
+    def mark(v):
+        source = c.variant_source(step, v) if c is not None else ""
+        return "" if "tune file" not in source else " (tuned)" if source == "tune file" else " (partly tuned)"
+    return "[" + "; ".join(f"{v.kernel.fn_name}: {_tile(v.params.tile)}{mark(v)}" for v in step.variants) + "]"
+
+
+def _tile_lines(c) -> list[str]:
+    """Where the program's tiles came from, and every tune entry for this device that was ignored."""
+    if c.arch.name == "cpu":
+        return []
+    if not c.tuned_from:
+        lines = [f"tiles: the cost model's for {c.arch.name} (no tune file entries for this device; moec.tune times candidates)"]
+    else:
+        sources = [src for per_bucket in c.sources.values() for src in per_bucket.values()]
+        lines = [f"tiles: {sources.count('tune file')} of {len(sources)} kernel buckets from the tune file "
+                 f"({c.tuned_from}), the rest the cost model's"]
+    return lines + [f"tune file entry ignored: {note}" for note in c.tune_notes]
 
 
 def _tile(t) -> str:

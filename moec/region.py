@@ -16,8 +16,8 @@ from typing import Optional
 
 import torch
 
-from moec.runtime import launch
-from moec.runtime.arch import Arch, resolve
+from moec.runtime import autotune, launch
+from moec.runtime.arch import resolve
 
 from . import reference
 from .compiler import Compiled, compile_spec
@@ -63,6 +63,7 @@ class Region:
     compiled: dict = field(default_factory=dict)
     lift_dtype: Optional[torch.dtype] = None    # the layer's dtype when it was lifted
     on_compile: Optional[object] = None    # called after each new compile (rewrites explain.txt)
+    _generations: dict = field(default_factory=dict)   # (dtype, arch) -> tune generation compiled at
     _weights_key: tuple = ()
     _weights: Optional[MoEWeights] = None
 
@@ -104,11 +105,16 @@ class Region:
         return self._weights
 
     def compiled_for(self, x: torch.Tensor) -> Compiled:
+        """The program for ``x``'s dtype and device, compiled at the first call and again (once)
+        after the tune file changed in this process (`autotune.invalidate`, which `moec.tune`
+        and `autotune.tune` call), so a tuned module never keeps its old tiles silently."""
         arch = resolve(self.arch, x.device)   # an explicit arch on a CPU picks its tiles, run interpreted
         key = (x.dtype, arch)
-        if key not in self.compiled:
+        generation = autotune.generation()
+        if key not in self.compiled or self._generations.get(key) != generation:
             c = compile_spec(self.spec, x.dtype, self.outputs, arch)
             self.compiled[key] = c
+            self._generations[key] = generation
             if self.dump_dir is not None:
                 c.dump(self.dump_dir / f"{self.name}.{str(x.dtype).split('.')[-1]}.{arch.name}",
                        self.captured())

@@ -94,14 +94,24 @@ class GemmProblem:
 
     @property
     def key(self) -> str:
-        """Names the kernel shape (the autotune file's key)."""
-        bits = [f"grouped_gemm E={self.experts} N={self.n} K={self.k}"]
+        """Names everything of the problem that changes the kernel or its cost (the autotune
+        file's key, with `moec.runtime.autotune.kernel_key`'s node attributes): ``M=2T`` rows
+        (rows per token: top-k of a routed GEMM), ``A=T`` rows of the ``a`` operand when it
+        differs, ``dense`` (no expert offsets), the GLU, gather, scatter, the per-row scale."""
+        m = f"{self.rows_per_token}T" if self.rows_per_token != 1 else "T"
+        bits = [f"grouped_gemm E={self.experts} M={m} N={self.n} K={self.k}"]
+        if self.a_rows_per_token != self.rows_per_token and not self.gather_top_k:
+            bits.append(f"A={self.a_rows_per_token}T")
+        if not self.routed:
+            bits.append("dense")
         if self.glu:
             bits.append("glu")
         if self.gather_top_k:
             bits.append(f"gather={self.gather_top_k}")
         if self.scatter:
             bits.append("scatter")
+        if self.scale:
+            bits.append("scale")
         bits.append(f"{self.dtype}->{self.out_dtype}")
         return " ".join(bits)
 
