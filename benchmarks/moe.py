@@ -4,19 +4,26 @@ the roofline floor measured on the same GPU in the same run.
     python benchmarks/moe.py                       # GPU: four models, T = 1 ... 16384, bf16
     python benchmarks/moe.py --models mixtral olmoe --tokens 1 128 4096
     python benchmarks/moe.py --tune-only --models mixtral   # GPU: autotune the layer's kernels first
+    python benchmarks/moe.py --merge benchmarks/results     # one table + plot + verdict from many runs
     python benchmarks/moe.py --small               # CPU: tiny shapes, fp32, Triton interpreter
 
 ``benchmarks/run_gpu.sh`` runs the whole GPU suite (this benchmark, the autotune of the four
-layers, MoBA) in steps that each fit a 10-minute call; see benchmarks/README.md.
+layers, MoBA) in steps that each fit a 10-minute call, and its ``summary`` step merges the steps'
+files; see benchmarks/README.md. The layers, their weights and the eager and grouped_mm peers are
+in ``benchmarks/moe_layers.py``; the targets, tables, plot and ``--merge`` (pure functions of the
+result rows, no GPU) in ``benchmarks/moe_report.py``.
 
-Per (model, T) row:
+Per (model, T) row, times in milliseconds everywhere (tables, logs, plot; JSON/CSV keep seconds
+in ``<method>_s``):
 
-- ``moec``: the layer compiled by moec (`moec.compiler.compile_spec`, the program `moec.ops.moe`
-  runs), launched as usual; ``moec+graph``: the same call captured in a CUDA graph and replayed
-  (moec's calls never synchronise, so they can be captured);
+- ``moec``: the public entry a user calls, ``moec.ops.moe`` (Python argument handling, the
+  compile-cache lookup and the launches all timed, as a decode step pays them); the run checks that
+  moec's kernels ran, not the op's eager fallback. ``moec+graph``: the same call captured in a CUDA
+  graph and replayed (moec's calls never synchronise, so they can be captured);
 - ``eager``: the layer as model code writes it: fp32 router, top-k, then a Python loop over the
   experts that were hit (``torch.where`` + ``index_add_``), bf16 expert MLPs;
-- ``compile``: ``torch.compile`` of that same eager function;
+- ``compile``: ``torch.compile`` of that same eager function, default (automatic dynamic) shapes,
+  one compile per model reused for every T (see benchmarks/README.md for why not ``dynamic=False``);
 - ``grouped_mm``: the experts as two ``torch._grouped_mm`` calls on rows sorted by expert (each
   expert's rows padded to 16, sized from T only), same router, where the build has it;
 - ``floor``: ``max(FLOPs / peak, bytes / bandwidth)``: FLOPs of router + routed experts + shared
@@ -24,15 +31,24 @@ Per (model, T) row:
   of the experts this routing actually hit, read once. ``peak`` is a large bf16 matmul and
   ``bandwidth`` a large device-to-device copy, both timed at the start of the run.
 
-moec's output (and, on a GPU, the output of the CUDA-graph replay) is checked against eager's in
-the same run (relative L2 error; a routing near-tie may send a token elsewhere, which moves the
-error a little, not a lot); a mismatch fails the run. Times are medians of
-``triton.testing.do_bench`` (CUDA events). Results go to ``--out`` as JSON and CSV
-(``<method>_s`` seconds, ``<method>_floor_pct`` = 100 * floor / time: the share of the roofline
-floor a method reaches, 100 at the floor), and, when matplotlib is installed, a plot: per model
-one row, time per layer call in ms against T (every method and the floor) and % of the floor
-against T (the latter only where a floor was measured, i.e. on a GPU). ``--tag`` names the files
-(``moe_<arch>[_<tag>].json/.csv/.png``).
+Every method's output is checked against eager's in the same run (relative L2 error; a routing
+near-tie may send a token elsewhere, which moves the error a little, not a lot). moec disagreeing
+(or failing to run) fails the run; a peer disagreeing is marked INVALID: its time is shown but
+never counts as faster than moec. Per row the output gives moec / floor, the best valid peer and
+moec / best peer, and per model and moec variant a verdict on the issue's targets (within 1.2x of
+the floor for T >= 1024, within 1.5x for T <= 16, faster than every peer at every T of
+1 ... 16384): PASS, FAIL or not measured. Times are medians of ``triton.testing.do_bench`` (CUDA
+events). Results go to ``--out`` as JSON (rows, meta, verdicts; rewritten after every row, so a
+step cut off by its time limit keeps what finished), CSV, a text table and, with matplotlib
+(``pip install -e '.[bench]'``), a plot: per model time against T and % of the floor against T;
+without matplotlib the run says that the plot was skipped. ``--tag`` names the files
+(``moe_<arch>[_<tag>].*``).
+
+``--merge`` reads the JSON files of several runs (the per-step files of run_gpu.sh; a directory
+means its ``moe_*.json``) and writes one row per (model, T) with every method of every run, the
+floor from the highest peak and bandwidth any run measured, and the verdicts
+(``moe_<arch>_summary.*``). Methods of a run made with tuned tiles become ``moec[tuned]`` and
+``moec+graph[tuned]``. It needs no GPU.
 
 ``--tune-only`` runs `moec.runtime.autotune` on each selected model's compiled layer (bf16, the
 GPU's arch), one bucket at a time (each bucket's winners are saved as soon as they are timed), and
@@ -40,157 +56,40 @@ writes ``MOEC_TUNE_FILE``; later runs compile with the tuned tiles.
 
 ``--small`` runs tiny versions of the four layers in fp32 on the CPU, moec through the Triton
 interpreter: it proves the script and every method work; its times are CPU times and say
-nothing about a GPU, and the run says so.
+nothing about a GPU, and the run says so (its verdicts are "not measured").
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import math
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
+import moec.ops
 from moec.compiler import compile_spec
 from moec.region import graph_inputs
 from moec.runtime.arch import arch_of, resolve
-from moec.spec import MoESpec, MoEWeights, RouterConfig, SharedExpertConfig
+from moec.spec import MoESpec, MoEWeights
 
-TOKENS = (1, 16, 128, 1024, 4096, 16384)
+from moe_layers import ALIASES, MODELS, Model, eager_moe, grouped_mm_moe, make_weights, route
+from moe_report import METHODS, TOKENS, annotate, error_text, finish, log_row, merge_main, write_json
+
 SMALL_TOKENS = (1, 16, 40)
-METHODS = ("moec", "moec+graph", "eager", "compile", "grouped_mm")
-
-
-@dataclass(frozen=True)
-class Model:
-    name: str
-    spec: MoESpec
-    small: MoESpec              # the same layer, tiny (for --small)
-
-
-def _models() -> dict[str, Model]:
-    def softmax(E, k, renorm):
-        return RouterConfig(E, k, renormalize=renorm)
-
-    def dsv3(E, k, groups, keep):
-        return RouterConfig(E, k, score="sigmoid", score_bias=True, n_group=groups, topk_group=keep,
-                            group_score="top2_sum", renormalize=True, routed_scaling=2.5)
-    return {m.name: m for m in (
-        Model("mixtral-8x7b", MoESpec(4096, 14336, softmax(8, 2, True)), MoESpec(64, 128, softmax(8, 2, True))),
-        Model("qwen3-30b-a3b", MoESpec(2048, 768, softmax(128, 8, True)), MoESpec(32, 16, softmax(32, 8, True))),
-        Model("deepseek-v3", MoESpec(7168, 2048, dsv3(256, 8, 8, 4), shared=SharedExpertConfig(2048)),
-              MoESpec(64, 32, dsv3(32, 8, 8, 4), shared=SharedExpertConfig(32))),
-        Model("olmoe", MoESpec(2048, 1024, softmax(64, 8, False)), MoESpec(32, 32, softmax(16, 8, False))),
-    )}
-
-
-MODELS = _models()
-ALIASES = {"mixtral": "mixtral-8x7b", "qwen3": "qwen3-30b-a3b", "deepseek": "deepseek-v3", "dsv3": "deepseek-v3"}
-
-
-# ---- weights and the eager layer ---------------------------------------------------------------
-
-def make_weights(spec: MoESpec, dtype, device, seed=0) -> MoEWeights:
-    """Random weights drawn on ``device`` (DeepSeek-V3's experts are 11G values: a CPU draw would
-    take minutes) in ``dtype``, scaled by 1/sqrt(fan-in)."""
-    device = torch.device(device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    E, d, f = spec.num_experts, spec.hidden, spec.ffn
-
-    def rnd(*shape, fan_in):
-        return torch.randn(*shape, generator=gen, device=device, dtype=dtype).div_(math.sqrt(fan_in))
-    w = MoEWeights(w_router=rnd(E, d, fan_in=d), w_up=rnd(E, f, d, fan_in=d), w_down=rnd(E, d, f, fan_in=f),
-                   w_gate=rnd(E, f, d, fan_in=d))
-    if spec.router.score_bias:
-        w.score_bias = torch.randn(E, generator=gen, device=device) * 0.1
-    if spec.shared is not None:
-        fs = spec.shared.width
-        w.shared_up, w.shared_gate = rnd(fs, d, fan_in=d), rnd(fs, d, fan_in=d)
-        w.shared_down = rnd(d, fs, fan_in=fs)
-    return w
-
-
-def route(x, w: MoEWeights, cfg: RouterConfig):
-    """Model-code routing: fp32 logits, softmax/top-k (+ renormalise) or DeepSeek-V3's sigmoid with a
-    selection-only bias, top-2-sum group scores, top groups, top-k, renormalised and scaled."""
-    logits = x.float() @ w.w_router.float().t()
-    if cfg.score == "softmax":
-        probs = torch.softmax(logits, dim=-1)
-        weights, ids = torch.topk(probs, cfg.top_k, dim=-1)
-    else:
-        scores = torch.sigmoid(logits)
-        sel = scores + w.score_bias.float()
-        T, E = sel.shape
-        grouped = sel.view(T, cfg.n_group, E // cfg.n_group)
-        gscore = grouped.topk(2, dim=-1).values.sum(-1)
-        keep = torch.zeros_like(gscore).scatter_(1, gscore.topk(cfg.topk_group, dim=-1).indices, 1.0)
-        sel = sel.masked_fill(keep.repeat_interleave(E // cfg.n_group, dim=1) == 0, float("-inf"))
-        ids = sel.topk(cfg.top_k, dim=-1).indices
-        weights = scores.gather(1, ids)
-    if cfg.renormalize:
-        weights = weights / weights.sum(-1, keepdim=True)
-    return ids, weights * cfg.routed_scaling
-
-
-def _mlp(x, gate, up, down):
-    return (F.silu(x @ gate.t()) * (x @ up.t())) @ down.t()
-
-
-def eager_moe(x, w: MoEWeights, spec: MoESpec):
-    """The layer as model code writes it: a loop over the experts that were hit."""
-    ids, weights = route(x, w, spec.router)
-    y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    for e in torch.unique(ids).tolist():
-        tok, slot = torch.where(ids == e)
-        out = _mlp(x[tok], w.w_gate[e], w.w_up[e], w.w_down[e])
-        y.index_add_(0, tok, out.float() * weights[tok, slot, None])
-    if spec.shared is not None:
-        y += _mlp(x, w.shared_gate, w.shared_up, w.shared_down).float()
-    return y.to(x.dtype)
-
-
-ALIGN = 16
-
-
-def grouped_mm_moe(x, w: MoEWeights, spec: MoESpec):
-    """Routed experts as two ``torch._grouped_mm`` calls; rows sorted by expert, each expert's
-    group padded to ALIGN rows; every size depends on T only (no host synchronisation)."""
-    ids, weights = route(x, w, spec.router)
-    T, k = ids.shape
-    E = spec.num_experts
-    flat = ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
-    padded = (counts + ALIGN - 1) // ALIGN * ALIGN
-    ends = torch.cumsum(padded, 0)
-    first = torch.cumsum(counts, 0) - counts
-    e_sorted = flat[order]
-    dest = ends[e_sorted] - padded[e_sorted] + torch.arange(T * k, device=x.device) - first[e_sorted]
-    rows = (T * k + E * (ALIGN - 1) + ALIGN - 1) // ALIGN * ALIGN
-    xa = x.new_zeros(rows, x.shape[1])
-    xa[dest] = x[order // k]
-    offs = ends.to(torch.int32)
-    h = F.silu(torch._grouped_mm(xa, w.w_gate.transpose(1, 2), offs=offs)) * \
-        torch._grouped_mm(xa, w.w_up.transpose(1, 2), offs=offs)
-    out = torch._grouped_mm(h, w.w_down.transpose(1, 2), offs=offs)
-    y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    y.index_add_(0, order // k, out[dest].float() * weights.reshape(-1)[order, None])
-    if spec.shared is not None:
-        y += _mlp(x, w.shared_gate, w.shared_up, w.shared_down).float()
-    return y.to(x.dtype)
 
 
 # ---- measuring ------------------------------------------------------------------------------------
 
+class Unavailable(Exception):
+    """A method that cannot run here by design (no CUDA graphs on a CPU, no ``torch._grouped_mm`` in
+    this build): reported, but neither a failure nor a peer that moec has to beat."""
+
+
 def bench(fn: Callable, cuda: bool) -> float:
-    """Median seconds of ``fn``."""
+    """Median seconds of ``fn`` (CUDA events on a GPU; a few wall-clock calls on a CPU)."""
     if cuda:
         import triton.testing
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3
@@ -203,21 +102,26 @@ def bench(fn: Callable, cuda: bool) -> float:
     return statistics.median(times)
 
 
-def ceilings(device) -> tuple[float, float]:
-    """(bf16 FLOP/s of a large matmul, bytes/s of a large device copy), measured now."""
-    n = 8192
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    t_mm = bench(lambda: a @ b, True)
-    src = torch.randn(1 << 29, device=device, dtype=torch.float32)      # 2 GiB
+def ceilings(device, n: int = 8192, copy_elems: int = 1 << 29) -> tuple[float, float]:
+    """(FLOP/s of an n^3 matmul, bytes/s of a copy of ``copy_elems`` fp32 values), timed now: the
+    floor is relative to what this device does in this run, not to a datasheet. bf16 on a GPU; on
+    a CPU (tests, with small sizes) fp32, the dtype the --small run uses."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t_mm = bench(lambda: a @ b, cuda)
+    src = torch.randn(copy_elems, device=device, dtype=torch.float32)
     dst = torch.empty_like(src)
-    t_cp = bench(lambda: dst.copy_(src), True)
-    del a, b, src, dst
-    return 2 * n ** 3 / t_mm, 2 * (1 << 29) * 4 / t_cp
+    t_cp = bench(lambda: dst.copy_(src), cuda)
+    return 2 * n ** 3 / t_mm, 2 * copy_elems * 4 / t_cp
 
 
 def floor_terms(spec: MoESpec, T: int, hit: int, itemsize: int) -> tuple[float, float]:
-    """(FLOPs, fewest bytes) of one layer call at T tokens with ``hit`` experts hit."""
+    """(FLOPs, fewest bytes) of one layer call at T tokens with ``hit`` experts hit: no kernel can
+    do less than this arithmetic, nor read less than x, y, the router and shared weights and the
+    hit experts' weights once (the floor is the larger of the two times)."""
     d, f, E, k = spec.hidden, spec.ffn, spec.num_experts, spec.router.top_k
     fs = spec.shared.width if spec.shared is not None else 0
     flops = 2 * T * d * E + 2 * T * k * 3 * d * f + 2 * T * 3 * d * fs
@@ -225,16 +129,17 @@ def floor_terms(spec: MoESpec, T: int, hit: int, itemsize: int) -> tuple[float, 
     return float(flops), float(bytes_)
 
 
-def capture_graph(run: Callable):
-    """``run`` captured in a CUDA graph: returns (replay, outputs)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
+def capture_graph(run: Callable, cuda=torch.cuda):
+    """``run`` captured in a CUDA graph: returns (replay, output of the captured call). Two warm-up
+    calls on a side stream first, as capture requires (lazy init, allocator pools)."""
+    stream = cuda.Stream()
+    stream.wait_stream(cuda.current_stream())
+    with cuda.stream(stream):
         for _ in range(2):
             run()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    cuda.current_stream().wait_stream(stream)
+    graph = cuda.CUDAGraph()
+    with cuda.graph(graph):
         out = run()
     return graph.replay, out
 
@@ -244,129 +149,111 @@ def rel_err(a, b) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def measure(model: Model, tokens, device, dtype, small: bool, methods, log) -> list[dict]:
+def moec_call(spec: MoESpec, w: MoEWeights) -> Callable:
+    """``x -> moec.ops.moe(x, ...)`` for this layer: the public entry, so what is timed includes the
+    Python a user's call goes through (argument checks, spec building, compile-cache lookup)."""
+    r = spec.router
+    kw = dict(top_k=r.top_k, score=r.score, renormalize=r.renormalize, routed_scaling=r.routed_scaling,
+              n_group=r.n_group, topk_group=r.topk_group, group_score=r.group_score, score_bias=w.score_bias)
+    if spec.shared is not None:
+        kw.update(shared_up=w.shared_up, shared_down=w.shared_down, shared_gate=w.shared_gate)
+    return lambda x: moec.ops.moe(x, w.w_router, w.w_up, w.w_down, w.w_gate, **kw)
+
+
+def kernels_ran(fn: Callable):
+    """``fn()``, checking that it went through moec's compiled program: ``moec.ops.moe`` falls back
+    to the eager reference for dtypes or devices its kernels do not take, and timing that would
+    not be timing moec."""
+    info = compile_spec.cache_info()
+    before = info.hits + info.misses
+    out = fn()
+    info = compile_spec.cache_info()
+    if info.hits + info.misses == before:
+        raise RuntimeError("moec.ops.moe ran its eager fallback, not moec's kernels")
+    return out
+
+
+def prepare(m: str, x, w: MoEWeights, spec: MoESpec, call: Callable, compiled, cuda: bool):
+    """(the callable to time, its output on ``x``) for method ``m``; the first call (compiles,
+    JIT) happens here, outside the timing."""
+    if m == "moec":
+        return (lambda: call(x)), kernels_ran(lambda: call(x))
+    if m == "moec+graph":
+        if not cuda:
+            raise Unavailable("CUDA graphs need a GPU")
+        replay, out = capture_graph(lambda: call(x))
+        out.zero_()                 # the check below must see the replay's result
+        replay()
+        return replay, out
+    if m == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
+        raise Unavailable("torch._grouped_mm is not in this torch build")
+    fn = {"eager": lambda: eager_moe(x, w, spec), "compile": lambda: compiled(x, w, spec),
+          "grouped_mm": lambda: grouped_mm_moe(x, w, spec)}[m]
+    return fn, fn()
+
+
+def run_method(m: str, setup: Callable, y_ref, cuda: bool, tol: float) -> dict:
+    """One method's fields of a row: ``<m>_s``, ``<m>_status`` (ok / invalid: output disagrees with
+    eager / unavailable / error), ``<m>_vs_eager_rel_err``, ``<m>_first_call_s``, ``<m>_note``.
+    Errors are recorded, not raised, so one broken method does not lose the others' numbers."""
+    t0 = time.perf_counter()
+    try:
+        fn, got = setup()
+        if cuda:
+            torch.cuda.synchronize()
+        first = time.perf_counter() - t0
+        err = rel_err(got, y_ref)
+        out = {f"{m}_first_call_s": first, f"{m}_vs_eager_rel_err": err,
+               f"{m}_status": "ok" if err < tol else "invalid", f"{m}_s": bench(fn, cuda)}
+    except Unavailable as e:
+        return {f"{m}_s": None, f"{m}_status": "unavailable", f"{m}_note": str(e)}
+    except Exception as e:                 # report, keep going
+        return {f"{m}_s": None, f"{m}_status": "error", f"{m}_note": error_text(e)}
+    if out[f"{m}_status"] == "invalid":
+        out[f"{m}_note"] = f"output disagrees with eager (rel. error {err:.1e} >= {tol:.0e})"
+    return out
+
+
+def fresh_compile():
+    """``torch.compile(eager_moe)`` with default (automatic dynamic) shapes after a dynamo reset:
+    dynamo's cache lives on eager_moe's code object, so without the reset the models of one run
+    would share it and its recompile limit. ``dynamic=False`` is worse, not better: every expert's
+    row count is a new static shape, so the loop body recompiles per expert, hits the recompile
+    limit (8) and runs eagerly from then on (one warning in the log)."""
+    torch._dynamo.reset()
+    return torch.compile(eager_moe)
+
+
+def measure(model: Model, tokens, device, dtype, small: bool, methods, on_row=None) -> list[dict]:
+    """One row per T: every method's time and check against eager, the routing's experts hit,
+    FLOPs and bytes (the floor comes later, from ceilings measured once per run); ``on_row`` sees
+    each row as soon as it is measured (to log and save it)."""
     spec = model.small if small else model.spec
     cuda = device.type == "cuda"
     w = make_weights(spec, dtype, device)
     arch = arch_of(device) if cuda else resolve("cpu")
     program = compile_spec(spec, dtype, ("y",), arch).program
-    compiled_eager = torch.compile(eager_moe) if "compile" in methods else None
+    call = moec_call(spec, w)
+    compiled = fresh_compile() if "compile" in methods else None
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-3
     rows = []
     for T in tokens:
         gen = torch.Generator(device="cpu").manual_seed(T)
         x = torch.randn(T, spec.hidden, generator=gen).to(dtype=dtype, device=device)
-        inputs = graph_inputs(x, w)
-        row = {"model": model.name, "T": T, "dtype": str(dtype).replace("torch.", ""), "device": str(device)}
-        y_eager = eager_moe(x, w, spec)
-        (y_moec,) = program.run(inputs)
-        row["moec_vs_eager_rel_err"] = rel_err(y_moec, y_eager)
-        tol = 2e-2 if dtype == torch.bfloat16 else 1e-3
-        row["verified"] = row["moec_vs_eager_rel_err"] < tol
         ids, _ = route(x, w, spec.router)
-        row["experts_hit"] = hit = int(torch.unique(ids).numel())
-        row["tiles"] = {s.node.name: s.variant(T).kernel.fn_name for s in program.steps if s.variants}
-        fns = {"moec": lambda: program.run(inputs), "eager": lambda: eager_moe(x, w, spec),
-               "compile": (lambda: compiled_eager(x, w, spec)) if compiled_eager else None,
-               "grouped_mm": (lambda: grouped_mm_moe(x, w, spec)) if hasattr(torch, "_grouped_mm") else None}
-        for m in methods:
-            key = f"{m}_s"
-            try:
-                if m == "moec+graph":
-                    if not cuda:
-                        row[key], row[f"{m}_note"] = None, "CUDA graphs need a GPU"
-                        continue
-                    replay, (y_graph,) = capture_graph(lambda: program.run(inputs))
-                    y_graph.zero_()
-                    replay()
-                    row[f"{m}_vs_eager_rel_err"] = rel_err(y_graph, y_eager)
-                    row["verified"] = row["verified"] and row[f"{m}_vs_eager_rel_err"] < tol
-                    row[key] = bench(replay, cuda)
-                elif fns.get(m) is None:
-                    row[key], row[f"{m}_note"] = None, "not available in this torch build"
-                else:
-                    got = fns[m]()
-                    if m != "moec":
-                        row[f"{m}_vs_eager_rel_err"] = rel_err(got, y_eager)
-                    row[key] = bench(fns[m], cuda)
-            except Exception as e:                 # report, keep going
-                row[key], row[f"{m}_note"] = None, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        hit = int(torch.unique(ids).numel())
         flops, nbytes = floor_terms(spec, T, hit, torch.finfo(dtype).bits // 8)
-        row["flops"], row["bytes"] = flops, nbytes
-        rows.append(row)
-        log(row)
-    return rows
-
-
-# ---- output -----------------------------------------------------------------------------------------
-
-def _fmt(s: Optional[float]) -> str:
-    if s is None:
-        return "n/a"
-    return f"{s * 1e6:.1f}" if s < 1e-1 else f"{s * 1e3:.1f}ms"
-
-
-def table(rows, methods, cuda: bool) -> str:
-    head = ["model", "T", *(f"{m} us" for m in methods), "floor us", "moec % of floor", "check"]
-    lines = [" | ".join(head), " | ".join("---" for _ in head)]
-    for r in rows:
-        floor = r.get("floor_s")
-        pct = floor_pct(r, "moec")
-        ratio = f"{pct:.0f}%" if pct is not None else "n/a"
-        check = f"{'ok' if r['verified'] else 'MISMATCH'} ({r['moec_vs_eager_rel_err']:.1e})"
-        lines.append(" | ".join([r["model"], str(r["T"]), *(_fmt(r.get(f"{m}_s")) for m in methods),
-                                 _fmt(floor), ratio, check]))
-    return "\n".join(lines)
-
-
-def floor_pct(row: dict, method: str) -> Optional[float]:
-    """100 * floor / time: the share of the roofline floor ``method`` reaches (None: not measured)."""
-    t, floor = row.get(f"{method}_s"), row.get("floor_s")
-    return 100.0 * floor / t if t and floor else None
-
-
-def plot(rows, methods, path: Path, title: str) -> Optional[Path]:
-    """Per model a row of two panels: ms per layer call against T (every method, and the floor
-    dashed) and % of the floor against T. None (and no file) without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(len(models), 2, figsize=(11, 3.6 * len(models)), squeeze=False)
-    for (ax_ms, ax_pct), name in zip(axes, models):
-        mine = sorted((r for r in rows if r["model"] == name), key=lambda r: r["T"])
-        for m in [*methods, "floor"]:
-            pts = [(r["T"], r[f"{m}_s"] * 1e3) for r in mine if r.get(f"{m}_s")]
-            if pts:
-                ax_ms.plot(*zip(*pts), marker="o", linestyle="--" if m == "floor" else "-",
-                           color="black" if m == "floor" else None, label=m)
+        row = {"model": model.name, "T": T, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
+               "methods": list(methods), "experts_hit": hit, "flops": flops, "bytes": nbytes,
+               "gpu_timed": cuda, "moec_entry": "moec.ops.moe",
+               "tiles": {s.node.name: s.variant(T).kernel.fn_name for s in program.steps if s.variants}}
+        y_eager = eager_moe(x, w, spec)
         for m in methods:
-            pts = [(r["T"], floor_pct(r, m)) for r in mine if floor_pct(r, m) is not None]
-            if pts:
-                ax_pct.plot(*zip(*pts), marker="o", label=m)
-        if not any(r.get("floor_s") for r in mine):
-            ax_pct.text(0.5, 0.5, "no floor measured\n(CPU run: no GPU roofline)", ha="center", va="center",
-                        transform=ax_pct.transAxes)
-        else:
-            ax_pct.axhline(100, color="black", linestyle="--", linewidth=1)
-            ax_pct.legend(fontsize=8)
-        ax_ms.set_xscale("log")
-        ax_ms.set_yscale("log")
-        ax_ms.set_ylabel("ms per layer call")
-        ax_pct.set_xscale("log")
-        ax_pct.set_ylabel("% of floor (floor / time)")
-        for ax, what in ((ax_ms, "time"), (ax_pct, "share of the roofline floor")):
-            ax.set_title(f"{name}: {what}")
-            ax.set_xlabel("tokens T")
-            ax.grid(True, which="both", alpha=0.3)
-        ax_ms.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+            row.update(run_method(m, lambda: prepare(m, x, w, spec, call, compiled, cuda), y_eager, cuda, tol))
+        rows.append(row)
+        if on_row:
+            on_row(row)
+    return rows
 
 
 def tune_models(names, device, dtype, candidates: int, log=print) -> None:
@@ -393,26 +280,44 @@ def tune_models(names, device, dtype, candidates: int, log=print) -> None:
         torch.cuda.empty_cache()
 
 
+def run_meta(cuda: bool, device, peak, bandwidth, args, methods) -> dict:
+    """What a result file needs to be read later on its own, or merged with others'."""
+    from moec.runtime import autotune
+    import triton
+    arch = arch_of(device) if cuda else None
+    return {"gpu_timed": cuda, "device": torch.cuda.get_device_name() if cuda else "cpu",
+            "arch": arch.name if cuda else "small_cpu", "peak_flops": peak, "bandwidth_bytes_s": bandwidth,
+            "tuned": bool(cuda and autotune.lookup_for(arch) is not None), "tune_file": str(autotune.tune_file()),
+            "torch": torch.__version__, "triton": triton.__version__, "tag": args.tag, "methods": list(methods),
+            "compile": "torch.compile(eager_moe), automatic dynamic shapes, one per model for every T",
+            "written": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--small", action="store_true", help="tiny shapes, fp32, on the CPU (interpreter)")
     ap.add_argument("--models", nargs="*", default=None, help=f"subset of {sorted(MODELS)}")
     ap.add_argument("--tokens", nargs="*", type=int, default=None)
     ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
-    ap.add_argument("--out", default="benchmarks/results", help="directory for JSON, CSV and the plot")
+    ap.add_argument("--out", default="benchmarks/results", help="directory for JSON, CSV, table and plot")
     ap.add_argument("--tag", default="", help="suffix of the result files' names (moe_<arch>_<tag>.*)")
+    ap.add_argument("--merge", nargs="+", metavar="PATH",
+                    help="merge these result JSON files / directories into moe_<arch>_summary.* in --out, then exit")
     ap.add_argument("--tune-only", action="store_true",
                     help="autotune the selected models' kernels on this GPU (writes MOEC_TUNE_FILE), then exit")
     ap.add_argument("--tune-candidates", type=int, default=4,
                     help="with --tune-only: tiles of the cost model's ranking timed besides the current one")
     args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        return merge_main(args.merge, out)
 
     cuda = torch.cuda.is_available() and not args.small
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     tokens = args.tokens or (TOKENS if cuda else SMALL_TOKENS)
     names = [ALIASES.get(n, n) for n in (args.models or MODELS)]
-    small = not cuda
     if args.tune_only:
         tune_models(names, device, dtype, args.tune_candidates, log=lambda *a, **k: print(*a, flush=True))
         return 0
@@ -426,44 +331,19 @@ def main(argv=None) -> int:
         peak, bandwidth = ceilings(device)
         print(f"device: {torch.cuda.get_device_name()} ({arch_of(device).name}); measured peak bf16 matmul "
               f"{peak / 1e12:.0f} TFLOP/s, copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+    meta = run_meta(cuda, device, peak, bandwidth, args, args.methods)
+    stem = f"moe_{meta['arch']}" + (f"_{args.tag}" if args.tag else "")
+    done: list[dict] = []
 
-    def log(row):
-        print(f"  {row['model']} T={row['T']}: " + ", ".join(f"{m} {_fmt(row.get(f'{m}_s'))}" for m in args.methods)
-              + f", moec vs eager {row['moec_vs_eager_rel_err']:.1e}", flush=True)
-    rows = []
+    def on_row(row):
+        """Log the row and rewrite the JSON: a step cut off by its time limit keeps what finished."""
+        done.append(annotate(row, peak, bandwidth, args.methods))
+        log_row(row, args.methods)
+        write_json(out / f"{stem}.json", meta, done)
     for name in names:
         print(f"[moe] {name}: T = {', '.join(map(str, tokens))}", flush=True)
-        rows += measure(MODELS[name], tokens, device, dtype, small, args.methods, log)
-    for r in rows:
-        r["floor_s"] = max(r["flops"] / peak, r["bytes"] / bandwidth) if cuda else None
-        r["gpu_timed"] = cuda
-        for m in args.methods:
-            r[f"{m}_floor_pct"] = floor_pct(r, m)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = ("moe_small_cpu" if not cuda else f"moe_{arch_of(device).name}") + (f"_{args.tag}" if args.tag else "")
-    meta = {"gpu_timed": cuda, "device": torch.cuda.get_device_name() if cuda else "cpu",
-            "peak_flops": peak, "bandwidth_bytes_s": bandwidth, "torch": torch.__version__}
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str) + "\n")
-    keys = sorted({k for r in rows for k in r if k != "tiles"})
-    with open(out / f"{stem}.csv", "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        wr.writeheader()
-        wr.writerows(rows)
-    print()
-    print(table(rows, args.methods, cuda))
-    title = (f"MoE layer forward, bf16, {meta['device']}" if cuda else
-             "CPU smoke run (fp32, Triton interpreter): NOT GPU timings")
-    png = plot(rows, args.methods, out / f"{stem}.png", title)
-    print(f"\nwrote {out / (stem + '.json')}, {out / (stem + '.csv')}"
-          + (f", {png}" if png else "; NOTE: no plot, matplotlib is not installed (pip install matplotlib)"))
-    if not cuda:
-        print("GPU timings were NOT measured (CPU run).")
-    bad = [r for r in rows if not r["verified"]]
-    if bad:
-        print(f"MISMATCH: moec disagrees with eager on {[(r['model'], r['T']) for r in bad]}")
-        return 1
-    return 0
+        measure(MODELS[name], tokens, device, dtype, not cuda, args.methods, on_row)
+    return finish(done, meta, args.methods, out, stem)
 
 
 if __name__ == "__main__":

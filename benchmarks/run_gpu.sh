@@ -4,17 +4,21 @@
 #   bash benchmarks/run_gpu.sh                  # list the steps
 #   bash benchmarks/run_gpu.sh env moe-mixtral  # run steps in order (each under `timeout`)
 #   bash benchmarks/run_gpu.sh all              # every step, in the order below
+#   bash benchmarks/run_gpu.sh summary          # merge the MoE files into one table + plot (no GPU needed)
 #
 # Everything goes under benchmarks/results/ (RESULTS=... moves it; git ignores it): per step a log
-# (<step>.log), the MoE benchmark's JSON/CSV/PNG per model (moe_<arch>_<model>[_tuned|_compile].*),
-# the autotune file (tune.json) and MoBA's tables (moba*.txt). When $OUT is set (the GPU tool's
+# (<step>.log), the MoE benchmark's JSON/CSV/TXT/PNG per step (moe_<arch>_<model>[_compile].*,
+# moe_<arch>_tuned[_<model>].*), their merge (moe_<arch>_summary.*: every method and peer of a model
+# at every T in one table and plot, with the target verdicts; redone after every MoE step), the
+# autotune file (tune.json) and MoBA's tables (moba*.txt). When $OUT is set (the GPU tool's
 # folder of files that come back), the results folder is copied to $OUT/results after every step.
-# STEP_TIMEOUT (default 570 s) bounds each step, so a step that runs long is cut off before the
-# caller's 10-minute limit and the files of the work that finished stay.
+# STEP_TIMEOUT (default 560 s; the merge after an MoE step adds at most 25 s) bounds each step, so
+# a step that runs long is cut off before the caller's 10-minute limit and the files of the work
+# that finished stay (moe.py rewrites its JSON after every row).
 set -u
 cd "$(dirname "$0")/.."
 RESULTS=${RESULTS:-benchmarks/results}
-STEP_TIMEOUT=${STEP_TIMEOUT:-570}
+STEP_TIMEOUT=${STEP_TIMEOUT:-560}
 export PYTHONUNBUFFERED=1
 TUNE_FILE="$RESULTS/tune.json"
 NO_TUNE="$RESULTS/no-tune-file.json"          # never written: model tiles, not tuned ones
@@ -24,25 +28,37 @@ FAST="moec moec+graph eager grouped_mm"
 steps() {
     echo "env"
     for m in $MODELS; do echo "moe-$m"; done
+    for m in $MODELS; do echo "compile-$m"; done
     for m in $MODELS; do echo "tune-$m"; done
     echo "moe-tuned"
+    echo "summary"
     echo "moba"
     echo "moba-large"
     echo "hf-layer"
-    for m in $MODELS; do echo "compile-$m"; done
 }
 
 describe() {
     case "$1" in
         env) echo "GPU, driver, torch/triton versions, pip freeze (seconds)";;
-        moe-tuned) echo "MoE benchmark again with the tuned tiles (moec, moec+graph), all four models, T = 1, 16, 128, 4096";;
+        moe-tuned) echo "MoE benchmark again with the tuned tiles (moec, moec+graph), all four models, T = 1..16384 (moe-tuned-<model>: one model)";;
+        moe-tuned-*) echo "MoE benchmark of ${1#moe-tuned-} with the tuned tiles (moec, moec+graph), T = 1..16384";;
         moe-*) echo "MoE layer benchmark of ${1#moe-}, the cost model's tiles: moec, moec+graph, eager, grouped_mm, floor; T = 1..16384";;
+        summary) echo "merge every moe_*.json into moe_<arch>_summary.* (one table + plot per model, verdicts); no GPU needed";;
         tune-*) echo "autotune ${1#tune-}'s kernels per token-count bucket into $TUNE_FILE";;
         moba) echo "benchmarks/moba.py, N = 8K..64K (moec vs SDPA vs FlexAttention)";;
         moba-large) echo "benchmarks/moba.py, N = 128K..512K";;
         hf-layer) echo "benchmarks/hf_layer.py: a transformers decoder layer at Mixtral / Qwen3-30B-A3B sizes, T = 1 and 4096";;
-        compile-*) echo "torch.compile baseline of ${1#compile-} (eager code compiled; slow to compile), T = 1, 16, 128, 1024";;
+        compile-*) echo "torch.compile baseline of ${1#compile-} (one compile, automatic dynamic shapes), T = 1..16384";;
     esac
+}
+
+summarize() {
+    # Re-merge every MoE result so far into moe_<arch>_summary.* (seconds, bounded; never fails the step).
+    if timeout 25 python benchmarks/moe.py --merge "$RESULTS" --out "$RESULTS" > "$RESULTS/summary.log" 2>&1; then
+        grep '^VERDICT' "$RESULTS/summary.log" || true
+    else
+        echo "(summary not updated: see $RESULTS/summary.log)"
+    fi
 }
 
 run_step() {
@@ -54,16 +70,21 @@ run_step() {
             { nvidia-smi; python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"; pip freeze; } \
                 > "$RESULTS/env.log" 2>&1
             rc=$?; head -20 "$RESULTS/env.log";;
-        moe-tuned)
+        moe-tuned|moe-tuned-*)
             if [ ! -f "$TUNE_FILE" ]; then
                 echo "no $TUNE_FILE: run the tune-* steps first (or carry the file to this machine)"; return 2
             fi
-            MOEC_TUNE_FILE="$TUNE_FILE" timeout "$STEP_TIMEOUT" python benchmarks/moe.py --methods moec moec+graph \
-                --tokens 1 16 128 4096 --tag tuned --out "$RESULTS" 2>&1 | tee "$RESULTS/$step.log"
-            rc=${PIPESTATUS[0]};;
+            local which="" tag=tuned
+            [ "$step" != moe-tuned ] && which="--models ${step#moe-tuned-}" && tag="tuned_${step#moe-tuned-}"
+            MOEC_TUNE_FILE="$TUNE_FILE" timeout "$STEP_TIMEOUT" python benchmarks/moe.py $which --methods moec moec+graph \
+                --tag "$tag" --out "$RESULTS" 2>&1 | tee "$RESULTS/$step.log"
+            rc=${PIPESTATUS[0]}; summarize;;
         moe-*)
             MOEC_TUNE_FILE="$NO_TUNE" timeout "$STEP_TIMEOUT" python benchmarks/moe.py --models "${step#moe-}" \
                 --methods $FAST --tag "${step#moe-}" --out "$RESULTS" 2>&1 | tee "$RESULTS/$step.log"
+            rc=${PIPESTATUS[0]}; summarize;;
+        summary)
+            python benchmarks/moe.py --merge "$RESULTS" --out "$RESULTS" 2>&1 | tee "$RESULTS/summary.log"
             rc=${PIPESTATUS[0]};;
         tune-*)
             MOEC_TUNE_FILE="$TUNE_FILE" timeout "$STEP_TIMEOUT" python benchmarks/moe.py --tune-only \
@@ -71,9 +92,8 @@ run_step() {
             rc=${PIPESTATUS[0]};;
         compile-*)
             MOEC_TUNE_FILE="$NO_TUNE" timeout "$STEP_TIMEOUT" python benchmarks/moe.py --models "${step#compile-}" \
-                --methods compile --tokens 1 16 128 1024 --tag "${step#compile-}_compile" --out "$RESULTS" 2>&1 \
-                | tee "$RESULTS/$step.log"
-            rc=${PIPESTATUS[0]};;
+                --methods compile --tag "${step#compile-}_compile" --out "$RESULTS" 2>&1 | tee "$RESULTS/$step.log"
+            rc=${PIPESTATUS[0]}; summarize;;
         hf-layer)
             timeout "$STEP_TIMEOUT" python benchmarks/hf_layer.py --out "$RESULTS/hf_layer.json" 2>&1 \
                 | tee "$RESULTS/hf_layer.txt"
@@ -103,7 +123,7 @@ if [ $# -eq 0 ]; then
     exit 0
 fi
 [ "$1" = all ] && set -- $(steps)
-if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+if [ "$*" != summary ] && ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "no CUDA device: these are GPU steps (the CPU smoke run is: python benchmarks/moe.py --small)"
     exit 1
 fi
