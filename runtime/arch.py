@@ -17,6 +17,7 @@ back to `mma.sync`, the Ampere instructions, on Hopper and Blackwell too).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +84,14 @@ def arch_of(device: torch.device | str | None = None) -> Arch:
     device = torch.device(device) if device is not None else None
     if device is None or device.type != "cuda":
         return ARCHS["cpu"]
+    return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_arch(index: int) -> Arch:
+    """`arch_of` for CUDA device ``index``: asked once per process (it runs on every compiled
+    call's path, where building it anew would cost at decode)."""
+    device = torch.device("cuda", index)
     major, minor = torch.cuda.get_device_capability(device)
     name = FAMILY.get((major, minor)) or FAMILY.get(major)
     if name is None:

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import pytest
@@ -32,7 +33,7 @@ from moec.ir import parse_graph, print_graph
 from moec.ir.types import T
 from moec.passes import cost_model as cm
 from moec.region import graph_inputs
-from moec.runtime import launch
+from moec.runtime import arch as arch_module, launch
 from moec.runtime.aot import compile_launch
 from moec.runtime.arch import ARCHS, GPU_ARCHS, arch_of, with_device_facts
 from moec.runtime.launch import Kernel, recording
@@ -90,11 +91,15 @@ def test_device_detection(monkeypatch, cc, target):
     a capability without a target is a clear error, never another generation's facts."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cc)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: FakeProps())
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    # the answer is cached per process: a fresh cache for the fakes, the real one back afterwards
+    monkeypatch.setattr(arch_module, "_cuda_arch", functools.lru_cache(arch_module._cuda_arch.__wrapped__))
     if target is None:
         with pytest.raises(RuntimeError, match=rf"compute capability {cc[0]}\.{cc[1]}.*arch="):
             arch_of("cuda")
         return
     a = arch_of("cuda")
+    assert arch_of("cuda:0") is a                        # one answer per device and process
     assert a.name == target and a.mma == ARCHS[target].mma and a.bf16_tflops == ARCHS[target].bf16_tflops
     assert (a.sms, a.l2_bytes, a.smem_per_block, a.part) == (114, 50 << 20, 227 * 1024, "NVIDIA H100 PCIe")
     # the cost model sizes waves by the device's SMs
