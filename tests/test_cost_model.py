@@ -33,12 +33,12 @@ from moec.ir import parse_graph, print_graph
 from moec.ir.types import T
 from moec.passes import cost_model as cm
 from moec.region import graph_inputs
-from moec.runtime import arch as arch_module, launch
+from moec.runtime import arch as arch_module
 from moec.runtime.aot import compile_launch
 from moec.runtime.arch import ARCHS, GPU_ARCHS, arch_of, with_device_facts
 from moec.runtime.launch import Kernel, recording
-from moec.runtime.tiles import (BUCKETS, GemmTile, RouteTile, RowTile, bucket_of, bucket_ranges, bucket_suffix,
-                                bucket_text,                                 merge_buckets)
+from moec.runtime.tiles import (BUCKETS, GemmTile, RowTile, bucket_of, bucket_ranges, bucket_suffix, bucket_text,
+                                merge_buckets)
 from moec.spec import MoESpec, MoEWeights, RouterConfig, SharedExpertConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
