@@ -78,12 +78,12 @@ def _graph_line(program) -> str:
     return f"CUDA graphs: not capturable: {steps} run the reference's torch code, which synchronises with the host"
 
 
-def _tiles(step, c=None) -> str:
+def _tiles(step, c) -> str:
     """``[kernel: tile; ...]``, one entry per token-count bucket (the kernel name says which);
     tiles taken from the tune file are marked ``(tuned)``, or ``(partly tuned)`` when only some of
     the buckets the kernel serves have an entry (the others' model tile happened to equal it)."""
     def mark(v):
-        source = c.variant_source(step, v) if c is not None else ""
+        source = c.variant_source(step, v)
         return "" if "tune file" not in source else " (tuned)" if source == "tune file" else " (partly tuned)"
     return "[" + "; ".join(f"{v.kernel.fn_name}: {_tile(v.params.tile)}{mark(v)}" for v in step.variants) + "]"
 

@@ -147,13 +147,13 @@ def _rank(problem, arch: Arch, lo: int, hi: Optional[int]) -> tuple:
     for i, c in enumerate(cands):
         first.setdefault(without_order(c), i)
     gemm = isinstance(problem, GemmProblem)
-    traffic = [sum(problem.traffic(c, arch, t) for t in samples) if gemm else 0.0 for c in cands]
     wide_first = gemm and hi is None
 
     def key(i):
-        if scores[i] <= top * (1 + NEAR_TIE):
-            area = -cands[i].block_m * cands[i].block_n if wide_first else 0
-            return (0, area, first[without_order(cands[i])], traffic[i], i)
+        c = cands[i]
+        if scores[i] <= top * (1 + NEAR_TIE):     # only near-ties need their traffic
+            traffic = sum(problem.traffic(c, arch, t) for t in samples) if gemm else 0.0
+            return (0, -c.block_m * c.block_n if wide_first else 0, first[without_order(c)], traffic, i)
         return (1, scores[i], 0, 0.0, i)
     order = sorted(range(len(cands)), key=key)
     return tuple((scores[i], cands[i]) for i in order)
