@@ -1,0 +1,126 @@
+"""Golden generated kernels: the rendered Triton source of a representative set of kernels (every
+template, its main variants, token-count buckets, MoE and MoBA, GPU and interpreter tiles), pinned
+as files under ``tests/golden/kernels/<case>/``.
+
+A change that should not alter generated code must leave every file identical; a change that does
+is reviewed as the diff of these files. Regenerate after an intended change with
+``MOEC_UPDATE_GOLDEN=1 pytest tests/test_kernel_goldens.py`` and read the diff.
+"""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from moec.compiler import compile_spec
+from moec.hf.experts import experts_program
+from moec.moba.build import MobaConfig
+from moec.moba.compiler import compile_moba
+from moec.runtime.arch import ARCHS
+from moec.runtime.moba_common import densify_tile, own_tile
+from moec.runtime.moba_densify_kernel import MobaDensifyParams, render_densify, render_own_merge
+from moec.runtime.moba_attention_kernel import MobaAttentionParams, render_attention
+from moec.runtime.moba_common import attention_tile, gate_tile
+from moec.runtime.moba_gate_kernel import MobaGateParams, render_gate
+from moec.spec import MoESpec, RouterConfig, SharedExpertConfig
+
+GOLDEN = Path(__file__).parent / "golden" / "kernels"
+DT = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+MOE = {
+    "mixtral": (MoESpec(64, 128, RouterConfig(8, 2, order="topk_then_score")), "f16", ("y",)),
+    "deepseek": (MoESpec(64, 32, RouterConfig(16, 4, score="sigmoid", score_bias=True, n_group=4, topk_group=2,
+                                              group_score="top2_sum", renormalize=True, routed_scaling=2.5),
+                         shared=SharedExpertConfig(64)), "bf16", ("y",)),
+    "qwen_aux": (MoESpec(64, 32, RouterConfig(8, 2, aux_loss=True), shared=SharedExpertConfig(48, gated=True)),
+                 "f32", ("y", "aux", "logits")),
+    "switch_capacity": (MoESpec(64, 256, RouterConfig(4, 1, capacity_factor=1.25, overflow="next_best"),
+                                glu=False, activation="relu"), "f32", ("y", "logits")),
+    "noisy": (MoESpec(32, 64, RouterConfig(8, 2, order="topk_then_score", noisy=True)), "f32", ("y",)),
+    "gpt_oss": (MoESpec(64, 32, RouterConfig(8, 2, order="topk_then_score", router_bias=True), expert_bias=True,
+                        act_alpha=1.702, glu_limit=7.0, up_shift=1.0), "bf16", ("y", "weights")),
+}
+EXPERTS = {   # transformers' experts interface: (E, k, d, f, activation, glu, dtype, bias, variant)
+    "experts_silu_glu": (8, 2, 64, 128, "silu", True, torch.float16, False, ()),
+    "experts_gelu": (4, 1, 32, 64, "gelu", False, torch.float32, False, ()),
+    "experts_gpt_oss": (8, 2, 64, 32, "silu", True, torch.bfloat16, True,
+                        (("act_alpha", 1.702), ("glu_limit", 7.0), ("up_shift", 1.0))),
+}
+MOBA = {
+    "moba_gqa": (MobaConfig(block_size=64, top_k=4, heads=8, kv_heads=2, head_dim=64), torch.float16),
+    "moba_mha": (MobaConfig(block_size=16, top_k=3, heads=4, kv_heads=4, head_dim=32), torch.float32),
+}
+
+
+def _program_kernels(c) -> dict:
+    return {f"{step.node.name}.{kernel.fn_name}.py": kernel.source for step, kernel in c.program.kernels()}
+
+
+def _moba_other_kernels(cfg: MobaConfig, dtype, arch) -> dict:
+    """The kernels a MoBA core can also run: packed sequences (varlen) and the densify scheme."""
+    a, D, bs, dt = ARCHS[arch], cfg.head_dim, cfg.block_size, str(dtype).replace("torch.", "")
+    out = {}
+    gate = render_gate(MobaGateParams(bs, cfg.top_k, D, cfg.group, True, gate_tile(bs, D, a), dt))
+    att = render_attention(MobaAttentionParams(bs, cfg.top_k, D, cfg.group, True, attention_tile(bs, D, a), dt))
+    for varlen in (False, True):
+        p = MobaDensifyParams(bs, cfg.top_k, D, cfg.group, varlen, densify_tile(bs, D, a), own_tile(bs, D, a), dt)
+        for k in (render_densify(p), render_own_merge(p)):
+            out[f"{k.fn_name}.py"] = k.source
+    for k in (gate, att):
+        out[f"{k.fn_name}.py"] = k.source
+    return out
+
+
+def generate(case: str) -> dict:
+    """``{file name: source}`` of every kernel of one golden case ``<name>.<arch>``."""
+    name, arch = case.rsplit(".", 1)
+    if name in MOE:
+        spec, dt, outs = MOE[name]
+        return _program_kernels(compile_spec(spec, DT[dt], outs, ARCHS[arch]))
+    if name in EXPERTS:
+        E, k, d, f, act, glu, dtype, bias, variant = EXPERTS[name]
+        return _program_kernels(experts_program(E, k, d, f, act, glu, dtype, ARCHS[arch], bias, variant))
+    cfg, dtype = MOBA[name]
+    return {**_program_kernels(compile_moba(cfg, dtype, ARCHS[arch])), **_moba_other_kernels(cfg, dtype, arch)}
+
+
+# every case with sm90's tiles (token-count buckets), a few with the interpreter's and other arches'
+CASES = [f"{n}.sm90" for n in (*MOE, *EXPERTS, *MOBA)] + \
+        ["mixtral.cpu", "gpt_oss.cpu", "experts_gelu.cpu", "moba_mha.cpu", "mixtral.sm80", "deepseek.sm100",
+         "moba_gqa.sm100"]
+
+
+@pytest.fixture(autouse=True)
+def _no_tune_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("MOEC_TUNE_FILE", str(tmp_path / "none.json"))     # tiles from the cost model only
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_kernels_match_golden(case):
+    got = generate(case)
+    d = GOLDEN / case
+    if os.environ.get("MOEC_UPDATE_GOLDEN"):
+        d.mkdir(parents=True, exist_ok=True)
+        for old in d.glob("*.py"):
+            old.unlink()
+        for fname, src in got.items():
+            (d / fname).write_text(src)
+    want = {p.name: p.read_text() for p in sorted(d.glob("*.py"))}
+    assert sorted(got) == sorted(want), f"{case}: kernel set changed"
+    for fname in want:
+        assert got[fname] == want[fname], f"{case}/{fname} differs from the golden"
+
+
+# the kernel name each template renders (a new template must be added here, and so get goldens)
+TEMPLATE_KERNELS = {"route": "moec_route", "grouped_gemm": "grouped_gemm", "reduce_topk": "reduce_topk",
+                    "moba_gate": "moec_moba_gate", "moba_attention": "moec_moba_attention",
+                    "moba_densify": "moec_moba_densify", "moba_own_merge": "moec_moba_own_merge"}
+
+
+def test_every_template_is_pinned():
+    from moec import templates
+    names = {p.name.split(".")[0] for p in Path(templates.__file__).parent.glob("*.jinja")}
+    assert names == set(TEMPLATE_KERNELS)
+    firsts = {p.read_text().splitlines()[0] for p in GOLDEN.rglob("*.py")}
+    for name, kernel in TEMPLATE_KERNELS.items():
+        assert any(f.startswith(f"# moec kernel {kernel}") for f in firsts), f"template {name} has no golden kernel"
