@@ -35,7 +35,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from moec.moba import moba_attention, moba_reference
+from moec.moba import moba_reference
+from moec.ops import moba_attention
 from moec.moba.ops import moba_forward_kernels
 from moec.runtime.moba_attention_kernel import moba_attention_fwd
 from moec.runtime.moba_common import choose_scheme, densify_tile, pool_keys

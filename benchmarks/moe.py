@@ -259,7 +259,7 @@ def measure(model: Model, tokens, device, dtype, small: bool, methods, on_row=No
 def tune_models(names, device, dtype, candidates: int, log=print) -> None:
     """Autotune each model's compiled layer (`moec.runtime.autotune`), bucket by bucket."""
     from moec.runtime import autotune
-    from moec.runtime.tiles import BUCKETS
+    from moec.ir.tiles import BUCKETS
     if device.type != "cuda":
         log("--tune-only: autotune times kernels on a GPU; no CUDA device here, nothing tuned")
         return

@@ -10,7 +10,8 @@ import warnings
 
 import torch
 
-from moec.moba import moba_attention, moba_block_selection, moba_reference
+from moec.moba import moba_block_selection, moba_reference
+from moec.ops import moba_attention
 from moec.moba.ops import moba_forward_kernels
 
 warnings.filterwarnings("ignore", category=RuntimeWarning)       # the CPU interpreter's numpy warnings

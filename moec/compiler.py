@@ -48,7 +48,7 @@ class Compiled:
     def tiles(self) -> dict:
         """Per kernel node: its op and, per token-count bucket, the kernel, its tile and where the
         tile came from (``source``: see `variant_source`)."""
-        from moec.runtime.tiles import bucket_text
+        from moec.ir.tiles import bucket_text
         return {s.node.name: {"op": s.node.op,
                               "buckets": {(bucket_text(*v.params.bucket) if v.params.bucket else "every T"):
                                           {"kernel": v.kernel.fn_name, **v.params.tile.as_dict(),
@@ -59,7 +59,7 @@ class Compiled:
     def variant_source(self, step, variant) -> str:
         """Where a kernel variant's tile came from: "tune file", "cost model", "interpreter table",
         or e.g. "tune file + cost model" when its folded buckets differ."""
-        from moec.runtime.tiles import BUCKETS, bucket_ranges
+        from moec.ir.tiles import BUCKETS, bucket_ranges
         per_bucket = self.sources.get(step.node.name, {})
         got = [per_bucket.get(b, "cost model") for (lo, _), b in zip(bucket_ranges(BUCKETS), BUCKETS)
                if step.variant(lo) is variant]

@@ -2,7 +2,7 @@
 
 Expects: fused nodes (``fused_route``, ``grouped_gemm``, ``reduce_topk``) and ``ctx.arch``.
 Guarantees: each has a ``tiles`` attribute ``{bound: tile}`` over the buckets of
-`moec.runtime.tiles.BUCKETS` (``T <= 16``, ``<= 128``, ``<= 1024``, larger: ``None``), with
+`moec.ir.tiles.BUCKETS` (``T <= 16``, ``<= 128``, ``<= 1024``, larger: ``None``), with
 adjacent buckets that got the same tile folded into one (``{None: tile}`` serves every T). Blocks
 are powers of two no wider than the padded problem dims; on a GPU arch each tile's pipelined
 shared memory fits the arch's per-block limit and its accumulators fit in registers.
@@ -26,7 +26,7 @@ import warnings
 
 from moec.ir.graph import Graph
 from moec.runtime import autotune
-from moec.runtime.tiles import BUCKETS, GemmTile, RouteTile, RowTile, bucket_key, bucket_ranges, merge_buckets
+from moec.ir.tiles import BUCKETS, GemmTile, RouteTile, RowTile, bucket_key, bucket_ranges, merge_buckets
 
 from . import cost_model
 from .cost_model import pow2

@@ -31,7 +31,7 @@ from typing import Optional
 import sympy
 
 from moec.runtime.arch import Arch
-from moec.runtime.tiles import GemmTile, RouteTile, RowTile
+from moec.ir.tiles import GemmTile, RouteTile, RowTile
 
 from .cost_terms import (DRAM_LATENCY_S, ITER_S, L2_OVER_DRAM, L2_SHARE, LINE_BYTES, MAX_ACC_REGS,  # noqa: F401
                          SLOW_MMA, SMEM_RESERVE, TCGEN05_HALF, WAVE_LATENCIES, Num, Sym, mma_efficiency, pow2)

@@ -25,7 +25,7 @@ set the prediction for the routing it measured beside the time it measured.
 
 Program order and L2 (grouped GEMMs, `GemmProblem.traffic`). ``bytes`` reads each operand once;
 a tile's programs may read more. Programs run ``slots`` at a time in the grid's grouped order
-(``group_m`` row tiles fastest, then the N tiles; `moec.runtime.tiles.GemmTile`), and an operand
+(``group_m`` row tiles fastest, then the N tiles; `moec.ir.tiles.GemmTile`), and an operand
 is fetched again when the programs that share it do not run close enough in time for it to stay
 in L2 (`L2_SHARE` of the arch's ``l2_bytes`` per operand):
 
@@ -50,7 +50,7 @@ import sympy
 from moec.ir.graph import Graph, Node
 from moec.ir.types import T
 from moec.runtime.arch import Arch
-from moec.runtime.tiles import GemmTile, RouteTile, RowTile
+from moec.ir.tiles import GemmTile, RouteTile, RowTile
 
 from .cost_terms import (L2_SHARE, MAX_ACC_REGS, SMEM_RESERVE, Num, Sym, cdiv, itemsize, mma_efficiency, occupancy,
                          per_token, pipeline_buffers, pow2, waves_time)

@@ -20,7 +20,7 @@ from moec.ir.ops import glu_variant, router_config
 from moec.ir.text import print_node
 from moec.ir.types import DTYPES
 from moec.runtime.program import Program, Step, Variant
-from moec.runtime.tiles import bucket_ranges
+from moec.ir.tiles import bucket_ranges
 
 KERNEL_OPS = ("fused_route", "grouped_gemm", "reduce_topk")
 

@@ -1,13 +1,7 @@
-"""Small helpers passes share: rename uses of a value, splice nodes, look up producers."""
+"""Small helpers passes share: splice nodes, look up producers, fresh value names."""
 from __future__ import annotations
 
 from moec.ir.graph import Graph, Node
-
-
-def rename_uses(nodes, outputs, old: str, new: str):
-    """Make every use of value ``old`` read ``new`` instead."""
-    nodes = [n.replace(operands={r: new for r, v in n.operands if v == old}) for n in nodes]
-    return nodes, [new if o == old else o for o in outputs]
 
 
 def single_use_producer(g: Graph, value: str, op: str) -> Node | None:

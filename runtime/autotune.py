@@ -32,7 +32,7 @@ from typing import Callable, Optional
 import torch
 
 from .arch import Arch, facts
-from .tiles import BUCKETS, bucket_key, bucket_ranges, bucket_text
+from moec.ir.tiles import BUCKETS, bucket_key, bucket_ranges, bucket_text
 from .tune_file import (FORMAT, Lookup, TuneWarning, atomic_write_json, device_name_for, empty,  # noqa: F401
                         generation, invalidate, json, kernel_key, load, lookup_for, save, tile_from_json,
                         tile_to_json, tune_file)

@@ -18,7 +18,7 @@ Rows are (token, expert) pairs grouped by expert (`moec.runtime.dispatch`). Vari
 The routed grid is sized from M and E only (never from the routing data): it has
 ``min(M, (M + E * (BLOCK_M - 1)) // BLOCK_M)`` row tiles, an upper bound on
 ``sum_e cdiv(count_e, BLOCK_M)``; surplus programs exit at once. The grid is 1-D, row tiles x N
-tiles in the tile's grouped order (`moec.runtime.tiles.GemmTile.group_m`). Rows of dropped pairs (past
+tiles in the tile's grouped order (`moec.ir.tiles.GemmTile.group_m`). Rows of dropped pairs (past
 ``offsets[E]``) are neither read nor written: ``out`` keeps whatever it held there, and the
 reduce skips those pairs by their id ``-1``.
 """
@@ -37,7 +37,7 @@ from moec.spec import ACTIVATIONS, check_glu_variant
 
 from .launch import Kernel
 from .render import render
-from .tiles import GemmTile, bucket_suffix, bucket_text
+from moec.ir.tiles import GemmTile, bucket_suffix, bucket_text
 
 # The epilogue's activation as a Triton expression on the fp32 tile ``x``. silu is x / (1 + exp(-x)),
 # the rounding torch uses (x * tl.sigmoid(x) is off by an ulp or two); gelu_tanh is 0.5 x (1 + tanh(y))

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .arch import ARCHS, Arch
-from .tiles import Tile
+from moec.ir.tiles import MobaAttentionTile, MobaGateTile
 from .launch import Kernel, LaunchRecord, specialize, triton_type
 
 
@@ -52,26 +52,6 @@ class LaunchPlan:
 
 # ----------------------------------------------------------------------------------------------
 # tiles
-
-@dataclass(frozen=True)
-class MobaGateTile(Tile):
-    """The gate: BLOCK_M query rows per program (resident), pooled keys streamed BLOCK_NB blocks at a time."""
-
-    block_m: int
-    block_nb: int
-    num_warps: int = 4
-    num_stages: int = 2
-
-
-@dataclass(frozen=True)
-class MobaAttentionTile(Tile):
-    """The block-sparse attention: BLOCK_M query rows per program, keys in chunks of BLOCK_N."""
-
-    block_m: int
-    block_n: int
-    num_warps: int = 4
-    num_stages: int = 2
-
 
 # Attention: (BLOCK_M, BLOCK_N, warps, stages) per arch for block sizes >= 64, D <= 128 (sm120 has
 # sm89's 99 KB of shared memory and mma.sync: it takes sm89's rows in every table).

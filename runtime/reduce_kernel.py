@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .launch import Kernel
 from .render import render
-from .tiles import RowTile, bucket_suffix, bucket_text
+from moec.ir.tiles import RowTile, bucket_suffix, bucket_text
 
 ARG_NAMES = ("y_ptr", "ids_ptr", "res_ptr", "out_ptr", "T", "stride_ym", "stride_yd",
              "stride_it", "stride_is", "stride_rt", "stride_rd", "stride_ot", "stride_od")

@@ -26,7 +26,7 @@ from moec.spec import RouterConfig
 
 from .launch import Kernel
 from .render import render
-from .tiles import RouteTile, bucket_suffix, bucket_text
+from moec.ir.tiles import RouteTile, bucket_suffix, bucket_text
 
 TEMPLATE = "route.py.jinja"
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)

@@ -41,7 +41,7 @@ import torch
 
 from . import cache
 from .arch import Arch, arch_of
-from .tiles import TILE_TYPES, bucket_key
+from moec.ir.tiles import TILE_TYPES, bucket_key
 
 FORMAT = "moec-tune/2"
 

@@ -15,7 +15,7 @@ from aot_util import ARCHS, compile_all, distinct_launches, record_launches, ret
 from moec.runtime.dispatch import dispatch
 from moec.runtime.grouped_gemm_kernel import GroupedGemmParams, grouped_gemm
 from moec.runtime.reduce_kernel import ReduceParams, reduce_topk
-from moec.runtime.tiles import GemmTile, RowTile
+from moec.ir.tiles import GemmTile, RowTile
 
 pytestmark = pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
 

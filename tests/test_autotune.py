@@ -14,7 +14,7 @@ from moec.passes import cost_model as cm
 from moec.runtime import autotune
 from moec.runtime.arch import ARCHS
 from moec.runtime.launch import recording
-from moec.runtime.tiles import BUCKETS, GemmTile, RouteTile, RowTile, bucket_ranges
+from moec.ir.tiles import BUCKETS, GemmTile, RouteTile, RowTile, bucket_ranges
 from moec.spec import MoESpec, MoEWeights, RouterConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")

@@ -37,7 +37,7 @@ from moec.runtime import arch as arch_module
 from moec.runtime.aot import compile_launch
 from moec.runtime.arch import ARCHS, GPU_ARCHS, arch_of, with_device_facts
 from moec.runtime.launch import Kernel, recording
-from moec.runtime.tiles import (BUCKETS, GemmTile, RowTile, bucket_of, bucket_ranges, bucket_suffix, bucket_text,
+from moec.ir.tiles import (BUCKETS, GemmTile, RowTile, bucket_of, bucket_ranges, bucket_suffix, bucket_text,
                                 merge_buckets)
 from moec.spec import MoESpec, MoEWeights, RouterConfig, SharedExpertConfig
 

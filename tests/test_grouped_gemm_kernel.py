@@ -24,7 +24,7 @@ from moec.runtime.dispatch import dispatch
 from moec.runtime.grouped_gemm_kernel import (ACTIVATION_EXPR, GroupedGemmParams, grid_rows, grouped_gemm,
                                              render_grouped_gemm)
 from moec.runtime.reduce_kernel import ReduceParams, reduce_topk, render_reduce
-from moec.runtime.tiles import GemmTile, RowTile
+from moec.ir.tiles import GemmTile, RowTile
 from moec.spec import ACTIVATIONS, MoESpec, MoEWeights, RouterConfig, SharedExpertConfig
 
 # silu / gelu_tanh are x / (1 + exp(-z)): exp overflows to inf for very negative z and the result is the

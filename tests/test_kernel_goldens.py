@@ -14,7 +14,7 @@ import torch
 
 from moec.compiler import compile_spec
 from moec.hf.experts import experts_program
-from moec.moba.build import MobaConfig
+from moec.moba.config import MobaConfig
 from moec.moba.compiler import compile_moba
 from moec.runtime.arch import ARCHS
 from moec.runtime.moba_common import densify_tile, own_tile

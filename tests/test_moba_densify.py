@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import pytest
 
-from moec.moba import moba_attention
+from moec.ops import moba_attention
 from moec.moba.ops import moba_forward_kernels
 from moec.moba.reference import moba_attention_from_indices, moba_block_selection, moba_reference
 from moec.runtime.launch import recording

@@ -13,7 +13,8 @@ import torch
 
 from moec.ir import IRError, interpret, parse_graph, print_graph, verify
 from moec.moba import moba_reference
-from moec.moba.build import MobaConfig, build_moba_graph
+from moec.ir.build import build_moba_graph
+from moec.moba.config import MobaConfig
 from moec.moba.compiler import compile_moba
 from moec.passes.lower_moba import lower_moba
 from moec.passes.moba_pipeline import MOBA_PIPELINE, run_moba_passes

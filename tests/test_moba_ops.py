@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moec.moba import kernels_apply, moba_attention, moba_reference
+from moec.moba import moba_reference
+from moec.moba.ops import kernels_apply
+from moec.ops import moba_attention
 from moec.runtime.launch import recording
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")

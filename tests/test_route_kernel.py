@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from moec import reference as ref
 from moec.runtime import aot, launch
 from moec.runtime.route_kernel import RouteOutputs, RouteParams, fused_route, load_balancing_loss, render_route
-from moec.runtime.tiles import RouteTile
+from moec.ir.tiles import RouteTile
 from moec.spec import RouterConfig
 
 # the interpreter evaluates in numpy: exp overflow / NaN arithmetic warnings are expected there

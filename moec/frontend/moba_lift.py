@@ -32,7 +32,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..moba.build import MobaConfig
+from ..moba.config import MobaConfig
 from .moba_match import CoreMatch, NotMoba, Reject, match, val
 from .moba_probe import probe_once, random_bound, to_bhnd
 from .moba_trace import Bound, TraceFailed, Traced, _eager_forward, bind, resolve_attr, signature, trace

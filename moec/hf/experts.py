@@ -42,7 +42,7 @@ from moec import reference
 from moec.compiler import Compiled
 from moec.frontend.adapters import activation_of
 from moec.spec import ACTIVATIONS, MoESpecError, check_glu_variant
-from moec.ir.build import expert_inputs, routed_experts
+from moec.ir.build import build_experts_graph
 from moec.ir.graph import Builder, Graph
 from moec.ir.text import print_graph
 from moec.ir.types import T, TensorType, dtype_name
@@ -54,22 +54,6 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ---- the program ------------------------------------------------------------------------------
-
-def build_experts_graph(E: int, k: int, d: int, f: int, activation: str, glu: bool, dtype,
-                        bias: bool = False, variant: tuple = ()) -> Graph:
-    """The routed experts of an MoE layer, given the routing: ``y[t] = sum_s weights[t, s] *
-    expert_{ids[t, s]}(x[t])``; graph inputs ``x, ids, weights, [w_gate,] w_up, w_down`` (and
-    ``[b_gate,] b_up, b_down`` with ``bias``); ``variant``: the GLU variant's non-default items."""
-    dt = dtype_name(dtype)
-    b = Builder("hf_experts")
-    x = b.input("x", TensorType(dt, (T, d)))
-    ids = b.input("ids", TensorType("i32", (T, k)))
-    weights = b.input("weights", TensorType("f32", (T, k)))
-    ws = expert_inputs(b, E, d, f, dt, glu, bias)
-    y = routed_experts(b, x, ids, weights, ws, E, k, activation, glu, dict(variant))
-    y = b.add("cast", {"x": y}, {"dtype": dt}, names={"out": "y"})["out"]
-    return b.graph([y])
-
 
 def program_name(E: int, k: int, d: int, f: int, activation: str, glu: bool, dtype, arch: Arch,
                  bias: bool = False, variant: tuple = ()) -> str:

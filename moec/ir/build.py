@@ -1,15 +1,31 @@
-"""Build the unfused IR graph of an MoE layer from its `MoESpec`: the frontend's output.
+"""Build the unfused IR graph of what the frontend lifted: an MoE layer from its `MoESpec`, the routed
+experts alone (transformers' experts interface), or a MoBA core from its `MobaConfig`.
 
-The graph spells out every step the eager code performs (router linear, route, dispatch,
-permute, per-projection grouped GEMMs, activation, combine, shared expert, cast); the passes
-then fuse it. Graph inputs are named after `MoEWeights` fields, plus ``x``.
+Each graph spells out every step the eager code performs; the passes then fuse it.
+
+- `build_moe_graph`: router linear, route, dispatch, permute, per-projection grouped GEMMs,
+  activation, combine, shared expert, cast. Graph inputs are named after `MoEWeights` fields,
+  plus ``x``.
+- `build_experts_graph`: the same experts given the routing (ids and weights are graph inputs).
+- `build_moba_graph`: pool the key blocks, score and select blocks, attend::
+
+    graph moba(%q: f16[B, 8, T, 64], %k: f16[B, 2, T, 64], %v: f16[B, 2, T, 64]) {
+      %pooled: f16[B, 2, ceiling(T/64), 64] = block_pool(k=%k) {block_size=64}
+      %indices: i32[B, 8, T, 4] = block_gate(q=%q, pooled=%pooled) {block_size=64, top_k=4}
+      %out: f16[B, 8, T, 64] = block_sparse_attention(q=%q, k=%k, v=%v, indices=%indices) {block_size=64}
+      return %out
+    }
+
+  Inputs ``q``, ``k``, ``v`` are in ``[B, heads, T, D]`` layout (callers pass strided views of
+  other layouts).
 """
 from __future__ import annotations
 
+from ..moba.config import MobaConfig
 from ..spec import MoESpec
 from .graph import Builder, Graph
 from .ops import router_attrs
-from .types import T, TensorType, dtype_name
+from .types import B, T, TensorType, dtype_name
 
 OUTPUTS = ("y", "logits", "aux", "weights")
 
@@ -42,6 +58,22 @@ def routed_experts(b: Builder, x: str, ids: str, weights: str, ws: dict, E: int,
                proj, names={"out": "ys"})["out"]
     return b.add("combine", {"y": ys, "order": disp["order"], "weights": weights, "ids": ids}, {"top_k": k},
                  names={"out": "routed"})["out"]
+
+
+def build_experts_graph(E: int, k: int, d: int, f: int, activation: str, glu: bool, dtype,
+                        bias: bool = False, variant: tuple = ()) -> Graph:
+    """The routed experts of an MoE layer, given the routing: ``y[t] = sum_s weights[t, s] *
+    expert_{ids[t, s]}(x[t])``; graph inputs ``x, ids, weights, [w_gate,] w_up, w_down`` (and
+    ``[b_gate,] b_up, b_down`` with ``bias``); ``variant``: the GLU variant's non-default items."""
+    dt = dtype_name(dtype)
+    b = Builder("hf_experts")
+    x = b.input("x", TensorType(dt, (T, d)))
+    ids = b.input("ids", TensorType("i32", (T, k)))
+    weights = b.input("weights", TensorType("f32", (T, k)))
+    ws = expert_inputs(b, E, d, f, dt, glu, bias)
+    y = routed_experts(b, x, ids, weights, ws, E, k, activation, glu, dict(variant))
+    y = b.add("cast", {"x": y}, {"dtype": dt}, names={"out": "y"})["out"]
+    return b.graph([y])
 
 
 def build_moe_graph(spec: MoESpec, dtype, outputs=("y",), name: str = "moe") -> Graph:
@@ -89,3 +121,17 @@ def build_moe_graph(spec: MoESpec, dtype, outputs=("y",), name: str = "moe") -> 
     out = {"y": b.add("cast", {"x": y}, {"dtype": dt}, names={"out": "y"})["out"],
            "logits": logits, "aux": route.get("aux"), "weights": route["weights"]}
     return b.graph([out[o] for o in outputs])
+
+
+def build_moba_graph(cfg: MobaConfig, dtype, name: str = "moba") -> Graph:
+    """The core on ``q: dtype[B, H, T, D]``, ``k``/``v: dtype[B, Hkv, T, D]``; returns ``out``."""
+    dt = dtype_name(dtype)
+    b = Builder(name)
+    q = b.input("q", TensorType(dt, (B, cfg.heads, T, cfg.head_dim)))
+    k = b.input("k", TensorType(dt, (B, cfg.kv_heads, T, cfg.head_dim)))
+    v = b.input("v", TensorType(dt, (B, cfg.kv_heads, T, cfg.head_dim)))
+    bs = {"block_size": cfg.block_size}
+    pooled = b.add("block_pool", {"k": k}, bs)["pooled"]
+    idx = b.add("block_gate", {"q": q, "pooled": pooled}, {**bs, "top_k": cfg.top_k})["indices"]
+    out = b.add("block_sparse_attention", {"q": q, "k": k, "v": v, "indices": idx}, bs)["out"]
+    return b.graph([out])

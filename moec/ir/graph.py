@@ -5,7 +5,7 @@ named strings (``%x`` in text); each is defined once, by a graph input or a node
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import networkx as nx
@@ -70,7 +70,6 @@ class Graph:
     inputs: tuple[tuple[str, TensorType], ...]
     nodes: tuple[Node, ...]
     outputs: tuple[str, ...]
-    meta: tuple[tuple[str, Any], ...] = field(default=())
 
     @property
     def types(self) -> dict[str, TensorType]:
@@ -96,7 +95,7 @@ class Graph:
 
     def with_nodes(self, nodes: Iterable[Node], outputs: Iterable[str] | None = None) -> "Graph":
         return Graph(self.name, self.inputs, tuple(nodes),
-                     tuple(outputs) if outputs is not None else self.outputs, self.meta)
+                     tuple(outputs) if outputs is not None else self.outputs)
 
     def nx(self) -> nx.DiGraph:
         """Def-use graph over node indices (edge i -> j: node j reads a result of node i)."""
@@ -120,10 +119,6 @@ class Graph:
                 kept.append(n)
                 live.update(n.ins.values())
         return self.with_nodes(reversed(kept))
-
-    def __str__(self) -> str:
-        from .text import print_graph
-        return print_graph(self)
 
 
 class Builder:
@@ -176,6 +171,5 @@ class Builder:
         self.types.update(node.result_types)
         return dict(outs)
 
-    def graph(self, outputs: Iterable[str], meta: dict | None = None) -> Graph:
-        return Graph(self.name, tuple(self.inputs), tuple(self.nodes), tuple(outputs),
-                     tuple((meta or {}).items()))
+    def graph(self, outputs: Iterable[str]) -> Graph:
+        return Graph(self.name, tuple(self.inputs), tuple(self.nodes), tuple(outputs))

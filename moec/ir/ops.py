@@ -11,8 +11,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
-import sympy
-
 from ..spec import ACTIVATIONS, GLU_PLAIN, RouterConfig
 from .types import TensorType
 
@@ -184,7 +182,3 @@ def check_activation(name):
 def glu_variant(attrs: dict) -> dict:
     """The GLU-variant attributes of a grouped_gemm/activate node (for `moec.reference.gated`)."""
     return {k: attrs[k] for k in GLU_PLAIN}
-
-
-def is_symbolic(expr) -> bool:
-    return bool(sympy.sympify(expr).free_symbols)

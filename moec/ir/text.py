@@ -16,7 +16,7 @@ from __future__ import annotations
 import ast
 import re
 
-from moec.runtime.tiles import TILE_TYPES
+from .tiles import TILE_TYPES
 
 from .graph import Graph, Node
 from .ops import OPS, REQUIRED, IRError

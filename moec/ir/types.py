@@ -12,7 +12,8 @@ import sympy
 import torch
 
 T = sympy.Symbol("T", integer=True, nonnegative=True)
-SYMBOLS = {"T": T}
+B = sympy.Symbol("B")          # batch (MoBA): a plain symbol, so the text form parses back to it
+SYMBOLS = {"T": T, "B": B}
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16,
           "i32": torch.int32, "i64": torch.int64}

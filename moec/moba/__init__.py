@@ -1,16 +1,13 @@
-"""Mixture-of-Block-Attention (MoBA), forward: eager reference, fused Triton kernels, functional op.
-
-    from moec.moba import moba_attention
-    out = moba_attention(q, k, v, block_size=128, top_k=8)            # q [B, H, N, D], k/v [B, Hkv, N, D]
+"""Mixture-of-Block-Attention (MoBA): what it computes.
 
 - `moec.moba.reference`: the definition (`moba_reference`, `moba_block_selection`,
-  `moba_attention_from_indices`), dense and eager.
-- `moec.moba.ops`: `moba_attention`, registered as ``torch.ops.moec.moba_attention``; it runs
-  ``runtime/moba_gate_kernel.py`` (fused gate + top-k) and ``runtime/moba_attention_kernel.py``
-  (block-sparse attention) where the kernels apply, else the reference.
+  `moba_attention_from_indices`), dense and eager;
+- `moec.moba.config.MobaConfig`: what a lifted MoBA core fixes (block size, top-k, heads).
+
+The fused kernels run through `moec.ops.moba_attention` (``torch.ops.moec.moba_attention``) and,
+for MoBA written in eager PyTorch, through `moec.compile`.
 """
-from .ops import kernels_apply, moba_attention, moba_forward_kernels
+from .config import MobaConfig
 from .reference import moba_attention_from_indices, moba_block_selection, moba_reference
 
-__all__ = ["moba_attention", "moba_reference", "moba_block_selection", "moba_attention_from_indices",
-           "moba_forward_kernels", "kernels_apply"]
+__all__ = ["MobaConfig", "moba_reference", "moba_block_selection", "moba_attention_from_indices"]

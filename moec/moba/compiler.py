@@ -17,7 +17,9 @@ from moec.passes.moba_pipeline import run_moba_passes
 from moec.passes.pipeline import PassContext
 from moec.runtime.arch import Arch
 
-from .build import MobaConfig, build_moba_graph
+from moec.ir.build import build_moba_graph
+
+from .config import MobaConfig
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """MoBA's IR ops, registered into moec's one op registry (`moec.ir.ops.OPS`), with their interpreter
-semantics, verifier rules and tile types.
+semantics and verifier rules.
 
 Shapes: ``q [B, H, T, D]``, ``k``/``v [B, Hkv, T, D]`` (``T``: tokens per sequence, symbolic; ``B``:
 batch, symbolic; ``H``, ``Hkv``, ``D`` concrete, ``H`` a multiple of ``Hkv``). Block ``j`` holds keys
@@ -32,20 +32,13 @@ from __future__ import annotations
 import sympy
 import torch
 
-from moec.ir.interp import impl
-from moec.ir.ops import REQUIRED, IRError, op
-from moec.ir.types import TensorType
-from moec.ir.verify import RULES
-from moec.runtime.moba_common import MobaAttentionTile, MobaGateTile
-from moec.runtime.tiles import TILE_TYPES
+from moec.moba import reference
 
-from . import reference
-
-B = sympy.Symbol("B")          # batch: symbolic (a plain symbol, so the text form parses back to it)
-MOBA_OPS = ("block_pool", "block_gate", "fused_block_gate", "block_sparse_attention")
-
-TILE_TYPES.setdefault("MobaGateTile", MobaGateTile)           # tiles print and parse in IR text
-TILE_TYPES.setdefault("MobaAttentionTile", MobaAttentionTile)
+from .interp import impl
+from .ops import REQUIRED, IRError, op
+from .tiles import MobaAttentionTile, MobaGateTile
+from .types import B, TensorType
+from .verify import RULES
 
 
 def _seq(t: TensorType) -> tuple:

@@ -1,4 +1,4 @@
-"""Tiling configurations: typed, frozen, printable (they appear in IR text and kernel headers),
+"""Tiling configurations of every kernel kind: typed, frozen, printable (they appear in IR text and kernel headers),
 and the token-count buckets a kernel node's tiles are chosen for.
 
 A kernel node carries ``tiles={16: GemmTile(...), 128: ..., None: ...}``: the tile for each bucket
@@ -57,7 +57,27 @@ class RowTile(Tile):
     num_stages: int = 1
 
 
-TILE_TYPES = {"GemmTile": GemmTile, "RouteTile": RouteTile, "RowTile": RowTile}
+@dataclass(frozen=True)
+class MobaGateTile(Tile):
+    """The MoBA gate: BLOCK_M query rows per program (resident), pooled keys streamed BLOCK_NB blocks at a time."""
+
+    block_m: int
+    block_nb: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+@dataclass(frozen=True)
+class MobaAttentionTile(Tile):
+    """MoBA attention kernels: BLOCK_M query rows per program, keys in chunks of BLOCK_N."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+TILE_TYPES = {t.__name__: t for t in (GemmTile, RouteTile, RowTile, MobaGateTile, MobaAttentionTile)}
 
 
 # ---- token-count buckets ---------------------------------------------------------------------
