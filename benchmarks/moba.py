@@ -35,13 +35,16 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from moec.ir.types import T, condition
 from moec.moba import moba_reference
-from moec.ops import moba_attention
-from moec.moba.ops import moba_forward_kernels
+from moec.ops import moba_attention, moba_forward_kernels
+from moec.passes.choose_moba_scheme import densify_condition
+from moec.passes.moba_tiles import attention_tile, densify_tile, gate_tile, own_tile
+from moec.runtime.arch import arch_of
 from moec.runtime.moba_attention_kernel import moba_attention_fwd
-from moec.runtime.moba_common import choose_scheme, densify_tile, pool_keys
-from moec.runtime.moba_densify_kernel import collect_block_queries
+from moec.runtime.moba_densify_kernel import collect_block_queries, moba_densify_fwd
 from moec.runtime.moba_gate_kernel import moba_gate
+from moec.runtime.moba_pool import pool_keys
 
 PEAK_FLOPS = 794e12     # bf16 dense, per second
 PEAK_BYTES = 3.0e12     # HBM, per second
@@ -143,16 +146,20 @@ def gpu(args) -> None:
         t_sdpa = cuda_ms(lambda: sdpa(q, k, v), reps)
         for bs, top_k in CONFIGS:
             t_moba = cuda_ms(lambda: moba_attention(q, k, v, block_size=bs, top_k=top_k), reps)
+            arch = arch_of(q.device)
+            tiles = dict(tile=densify_tile(bs, D, arch), own=own_tile(bs, D, arch))
             pooled = pool_keys(k, bs)
-            t_gate = cuda_ms(lambda: moba_gate(q, pooled, block_size=bs, top_k=top_k), reps)
-            idx = moba_gate(q, pooled, block_size=bs, top_k=top_k)
-            t_rows = cuda_ms(lambda: moba_attention_fwd(q, k, v, idx, block_size=bs, scheme="rows"), reps)
-            t_dens = cuda_ms(lambda: moba_attention_fwd(q, k, v, idx, block_size=bs, scheme="densify"), reps)
-            bm = densify_tile(bs, D, "sm90" if torch.cuda.get_device_capability()[0] >= 9 else "sm80").block_m
+            gate = dict(block_size=bs, top_k=top_k, tile=gate_tile(bs, D, arch))
+            t_gate = cuda_ms(lambda: moba_gate(q, pooled, **gate), reps)
+            idx = moba_gate(q, pooled, **gate)
+            rows = dict(block_size=bs, tile=attention_tile(bs, D, arch))
+            t_rows = cuda_ms(lambda: moba_attention_fwd(q, k, v, idx, **rows), reps)
+            t_dens = cuda_ms(lambda: moba_densify_fwd(q, k, v, idx, block_size=bs, **tiles), reps)
+            bm = tiles["tile"].block_m
             t_coll = cuda_ms(lambda: collect_block_queries(idx, block_size=bs, kv_heads=Hkv, block_m=bm), reps)
-            diff = (moba_attention_fwd(q, k, v, idx, block_size=bs, scheme="rows")[0].float()
-                    - moba_attention_fwd(q, k, v, idx, block_size=bs, scheme="densify")[0].float()).abs().max().item()
-            auto = choose_scheme("auto", n_rows=N, block_size=bs, top_k=top_k)
+            diff = (moba_attention_fwd(q, k, v, idx, **rows)[0].float()
+                    - moba_densify_fwd(q, k, v, idx, block_size=bs, **tiles)[0].float()).abs().max().item()
+            auto = auto_scheme(N, bs, top_k)
             t_flex = float("nan")
             if N <= args.flex_max_n:
                 try:
@@ -167,6 +174,13 @@ def gpu(args) -> None:
             del idx, pooled
         del q, k, v
         torch.cuda.empty_cache()
+
+
+def auto_scheme(N: int, block_size: int, top_k: int) -> str:
+    """The attention kernels ``scheme="auto"`` runs for one sequence of N tokens (choose-moba-scheme)."""
+    if top_k <= 1:
+        return "rows"
+    return "densify" if bool(condition(densify_condition(block_size, top_k, False)).subs({T: N})) else "rows"
 
 
 def small(args) -> None:
@@ -208,7 +222,7 @@ def small(args) -> None:
             extra = densify_extra_bytes(N, 16, 16, 128, bs, top_k)
             print(f"{N:>7} {bs:>3}/{top_k:<2} {f['flops'] / 1e12:8.2f} {f['bytes'] / 1e9:7.2f} "
                   f"{f['compute_ms']:11.3f} {f['memory_ms']:10.3f} {f['floor_ms']:9.3f} {dense_ms:9.2f} "
-                  f"{choose_scheme('auto', n_rows=N, block_size=bs, top_k=top_k):>8} {extra / 1e9:11.2f} "
+                  f"{auto_scheme(N, bs, top_k):>8} {extra / 1e9:11.2f} "
                   f"{extra / PEAK_BYTES * 1e3:6.2f}")
     print("\nGPU timing was not measured (no CUDA device here); run without --small on a GPU.")
 

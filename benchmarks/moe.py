@@ -50,7 +50,7 @@ floor from the highest peak and bandwidth any run measured, and the verdicts
 (``moe_<arch>_summary.*``). Methods of a run made with tuned tiles become ``moec[tuned]`` and
 ``moec+graph[tuned]``. It needs no GPU.
 
-``--tune-only`` runs `moec.runtime.autotune` on each selected model's compiled layer (bf16, the
+``--tune-only`` runs `moec.autotune` on each selected model's compiled layer (bf16, the
 GPU's arch), one bucket at a time (each bucket's winners are saved as soon as they are timed), and
 writes ``MOEC_TUNE_FILE``; later runs compile with the tuned tiles.
 
@@ -70,8 +70,9 @@ from typing import Callable
 import torch
 
 import moec.ops
+from moec import compiler
 from moec.compiler import compile_spec
-from moec.region import graph_inputs
+from moec.ir.build import moe_inputs
 from moec.runtime.arch import arch_of, resolve
 from moec.spec import MoESpec, MoEWeights
 
@@ -164,10 +165,10 @@ def kernels_ran(fn: Callable):
     """``fn()``, checking that it went through moec's compiled program: ``moec.ops.moe`` falls back
     to the eager reference for dtypes or devices its kernels do not take, and timing that would
     not be timing moec."""
-    info = compile_spec.cache_info()
+    info = compiler.cache_info()
     before = info.hits + info.misses
     out = fn()
-    info = compile_spec.cache_info()
+    info = compiler.cache_info()
     if info.hits + info.misses == before:
         raise RuntimeError("moec.ops.moe ran its eager fallback, not moec's kernels")
     return out
@@ -257,8 +258,8 @@ def measure(model: Model, tokens, device, dtype, small: bool, methods, on_row=No
 
 
 def tune_models(names, device, dtype, candidates: int, log=print) -> None:
-    """Autotune each model's compiled layer (`moec.runtime.autotune`), bucket by bucket."""
-    from moec.runtime import autotune
+    """Autotune each model's compiled layer (`moec.autotune`), bucket by bucket."""
+    from moec import autotune
     from moec.ir.tiles import BUCKETS
     if device.type != "cuda":
         log("--tune-only: autotune times kernels on a GPU; no CUDA device here, nothing tuned")
@@ -267,11 +268,11 @@ def tune_models(names, device, dtype, candidates: int, log=print) -> None:
     for name in names:
         spec = MODELS[name].spec
         w = make_weights(spec, dtype, device)
-        weights = {k: v for k, v in graph_inputs(torch.zeros(1, spec.hidden, dtype=dtype, device=device), w).items()
+        weights = {k: v for k, v in moe_inputs(torch.zeros(1, spec.hidden, dtype=dtype, device=device), w).items()
                    if k != "x"}
         for bound in BUCKETS:
             t0 = time.perf_counter()
-            compile_spec.cache_clear()            # every bucket compiles with what is tuned so far
+            autotune.invalidate()                 # every bucket compiles with what is tuned so far
             program = compile_spec(spec, dtype, ("y",), arch).program
             log(f"[tune] {name}: bucket {bound or 'largest'} ...")
             autotune.tune(program, weights, candidates=candidates, buckets=(bound,), progress=log)
@@ -282,7 +283,7 @@ def tune_models(names, device, dtype, candidates: int, log=print) -> None:
 
 def run_meta(cuda: bool, device, peak, bandwidth, args, methods) -> dict:
     """What a result file needs to be read later on its own, or merged with others'."""
-    from moec.runtime import autotune
+    from moec import autotune
     import triton
     arch = arch_of(device) if cuda else None
     return {"gpu_timed": cuda, "device": torch.cuda.get_device_name() if cuda else "cpu",

@@ -8,7 +8,7 @@
 import torch
 
 from moec.compiler import compile_spec
-from moec.region import graph_inputs
+from moec.ir.build import moe_inputs
 from moec.reference import moe
 from moec.runtime.arch import ARCHS
 from moec.spec import MoESpec, MoEWeights, RouterConfig
@@ -26,5 +26,5 @@ torch.manual_seed(0)
 w = MoEWeights(w_router=torch.randn(8, 64).half(), w_gate=(torch.randn(8, 128, 64) * 0.1).half(),
                w_up=(torch.randn(8, 128, 64) * 0.1).half(), w_down=(torch.randn(8, 64, 128) * 0.1).half())
 x = torch.randn(5, 64).half()
-(y,) = compiled.program.run(graph_inputs(x, w))
+(y,) = compiled.program.run(moe_inputs(x, w))
 print("max |kernels - reference|:", (y.float() - moe(x, w, spec)[0].float()).abs().max().item())

@@ -11,8 +11,7 @@ import warnings
 import torch
 
 from moec.moba import moba_block_selection, moba_reference
-from moec.ops import moba_attention
-from moec.moba.ops import moba_forward_kernels
+from moec.ops import moba_attention, moba_forward_kernels
 
 warnings.filterwarnings("ignore", category=RuntimeWarning)       # the CPU interpreter's numpy warnings
 torch.manual_seed(0)

@@ -82,6 +82,6 @@ with torch.no_grad():
 
 print(model.explain())
 print("dumped:", sorted(p.name for p in (dump / "attn_moba.float32.cpu").iterdir()))
-print((dump / "attn_moba.float32.cpu" / "ir.04.choose-moba-tiles.txt").read_text())
+print((dump / "attn_moba.float32.cpu" / "ir.05.choose-tiles.txt").read_text())
 assert "LIFTED  attn (MobaSelfAttention)" in model.explain()
 assert "amax-pooled keys" in model.explain()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import weakref
 from pathlib import Path
 from typing import Callable, Optional
@@ -15,7 +16,13 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .region import Region
+from . import hf
+from .autotune import tune_model
+from .explain import report
+from .frontend import LiftedMoE, NotLifted, find_moe_modules, lift
+from .frontend.moba_lift import find_moba_modules
+from .moba_region import MobaRegion
+from .moe_region import MoERegion
 
 _SUBCLASSES: dict[type, type] = {}
 
@@ -37,7 +44,6 @@ def _compiled_forward(self, *args, **kwargs):
 
 def _explain(self) -> str:
     """A readable report: which regions were lifted into moec IR, which were not, and why."""
-    from .explain import report
     return report(self)
 
 
@@ -63,7 +69,6 @@ def _dump_root(dump_dir) -> Optional[Path]:
 
 def compile_module(model: nn.Module, *, dump_dir=None, arch: Optional[str] = None) -> nn.Module:
     """Compile ``model`` in place (see `compile`) and return it."""
-    from .frontend import LiftedMoE, NotLifted, find_moe_modules, lift
     _register_integrations()
     root = _dump_root(dump_dir)
     regions, skipped = [], []
@@ -74,8 +79,8 @@ def compile_module(model: nn.Module, *, dump_dir=None, arch: Optional[str] = Non
         except Exception as e:  # the frontend must not crash a model eager PyTorch runs
             got = NotLifted(f"{type(module).__name__}: analysis failed: {type(e).__name__}: {e}")
         if isinstance(got, LiftedMoE):
-            region = Region(name.replace(".", "_") or "root", got, arch=arch, dump_dir=root,
-                            lift_dtype=got.param_tensors(module)[0].dtype)
+            region = MoERegion(name.replace(".", "_") or "root", arch=arch, dump_dir=root, lifted=got,
+                               lift_dtype=got.param_tensors(module)[0].dtype)
             module.__class__ = _compiled_class(type(module))
             module.__dict__["_moec_region"] = region
             regions.append((qualname, type(module).__name__, region))
@@ -97,8 +102,6 @@ def compile_module(model: nn.Module, *, dump_dir=None, arch: Optional[str] = Non
 def _attach_moba(model: nn.Module, moe: list, arch, root) -> list:
     """A `MobaRegion` on every module whose forward uses ``topk`` outside the MoE candidates; each is
     analysed now when inputs can be made up, else at its first call (`moec.frontend.moba_lift`)."""
-    from .frontend.moba_lift import find_moba_modules
-    from .moba.region import MobaRegion
     found = []
     for qualname, module in find_moba_modules(model, exclude=[m for _, m in moe]):
         region = MobaRegion((qualname.replace(".", "_") or "root") + "_moba", arch=arch, dump_dir=root)
@@ -111,14 +114,11 @@ def _attach_moba(model: nn.Module, moe: list, arch, root) -> list:
 
 def _register_integrations() -> None:
     """When transformers is imported, make ``experts_implementation="moec"`` available (`moec.hf`)."""
-    import sys
     if sys.modules.get("transformers") is not None:
-        from . import hf
         hf.register()
 
 
 def _write_explain(model_ref, path: Path) -> None:
-    from .explain import report
     model = model_ref()
     if model is not None:
         path.write_text(report(model) + "\n")
@@ -168,7 +168,6 @@ def _compile_function(fn: Callable, **options) -> Callable:
         return fn(*args, **kwargs)
 
     def explain() -> str:
-        from .explain import report
         if not seen:
             return (f"moec report for function {fn.__name__}: it has not been called yet, or it reaches "
                     "no module; its body runs as eager PyTorch (call moec.ops.moe inside it, or use "
@@ -208,7 +207,7 @@ def compile(obj=None, *, dump_dir: str | os.PathLike | None = None, arch: Option
 
 def tune(model: nn.Module, example_input=None, **options) -> dict:
     """Autotune the kernels of every MoE layer `compile` lifted in ``model``, on this GPU, and keep
-    the winners in the tune file (`moec.runtime.autotune`: per device, kernel and token-count
+    the winners in the tune file (`moec.runtime.tune_file`: per device, kernel and token-count
     bucket; ``MOEC_TUNE_FILE`` picks the file, which can be shipped with the model).
 
     ``example_input`` (a tensor, a tuple of positional arguments or a dict of keyword arguments for
@@ -218,12 +217,12 @@ def tune(model: nn.Module, example_input=None, **options) -> dict:
     once. Afterwards every compiled layer recompiles (once, at its next call) with the tuned tiles:
     nothing keeps stale tiles, and ``explain()`` says which tiles came from the tune file.
 
-    ``options`` go to `moec.runtime.autotune.tune`: ``candidates`` (cost-model candidates timed
-    besides the current tile), ``buckets``, ``progress`` (``line -> None``, default print: a line
-    per timed candidate with kernel i/n, bucket, candidate j/m and elapsed time), ``path``; and,
-    without a GPU (tests, examples/autotune.py), ``timer``, ``device`` and ``sizes``. Programs of the
-    CPU interpreter (arch ``cpu``) have fixed tiles and are skipped: compile with ``arch="sm90"``
-    to tune a GPU arch's tiles elsewhere. Returns ``{kernel key: {bucket: entry}}`` of all tuned.
+    ``options`` go to `moec.autotune.tune`: ``candidates`` (cost-model candidates timed besides the
+    current tile), ``buckets``, ``progress`` (``line -> None``, default print: a line per timed
+    candidate with kernel i/n, bucket, candidate j/m and elapsed time), ``path``; and, without a GPU
+    (tests, examples/autotune.py), ``timer``, ``device`` and ``sizes``. Programs of the CPU
+    interpreter (arch ``cpu``) have fixed tiles and are skipped: compile with ``arch="sm90"`` to tune
+    a GPU arch's tiles elsewhere. Returns ``{kernel key: {bucket: entry}}`` of all tuned.
 
     Example (on a GPU)::
 
@@ -231,40 +230,4 @@ def tune(model: nn.Module, example_input=None, **options) -> dict:
         moec.tune(model, torch.randn(8, 4096, device="cuda", dtype=torch.bfloat16))
         y = model(x)                 # tuned tiles; later processes read them from the file
     """
-    from moec.runtime import autotune
-
-    from .region import Region, graph_inputs
-    if example_input is not None:
-        with torch.no_grad():
-            if isinstance(example_input, dict):
-                model(**example_input)
-            elif isinstance(example_input, tuple):
-                model(*example_input)
-            else:
-                model(example_input)
-    say = options.get("progress", print) or (lambda *_: None)
-    results, done = {}, set()
-    for _, module in model.named_modules():
-        region = module.__dict__.get("_moec_region")
-        if not isinstance(region, Region):
-            continue
-        tensors = list(region.lifted.param_tensors(module))
-        device = tensors[0].device
-        wanted = list(region.compiled) or [(tensors[0].dtype, None)]
-        for dtype, _ in wanted:
-            x = torch.empty(0, region.spec.hidden, dtype=dtype, device=device)
-            c = region.compiled_for(x)             # refreshed if an earlier tune made it stale
-            key = (region.spec, dtype, region.outputs, c.arch.name)
-            if key in done:
-                continue
-            done.add(key)
-            if c.arch.name == "cpu":
-                say(f"moec tune: {region.name} ({dtype}) runs in the CPU interpreter, whose tiles are fixed: skipped")
-                continue
-            say(f"moec tune: region {region.name} ({str(dtype).split('.')[-1]} on {c.arch.name})")
-            weights = {k: v for k, v in graph_inputs(x, region.weights(tensors)).items() if k != "x"}
-            for kernel, buckets in autotune.tune(c.program, weights, **options).items():
-                results.setdefault(kernel, {}).update(buckets)
-    if not done:
-        raise ValueError(f"moec.tune: {type(model).__name__} has no MoE layer lifted by moec.compile")
-    return results
+    return tune_model(model, example_input, **options)

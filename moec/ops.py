@@ -1,10 +1,12 @@
-"""`moec.ops.moe`: the fused MoE layer as one functional op, registered with ``torch.library``.
+"""The functional ops, registered with ``torch.library``: `moe` (``torch.ops.moec.moe``, a whole MoE
+layer) and `moba_attention` (``torch.ops.moec.moba_attention``, MoBA's forward).
 
-New model code can call it directly; ``torch.compile`` sees ``torch.ops.moec.moe`` as a single
-op (a fake implementation gives it shapes). The implementation runs moec's generated kernels
-(the Triton interpreter on a CPU) and falls back to the eager reference where the kernels do
-not apply (float64, bfloat16 on a CPU, other devices); the backward recomputes the eager
-reference under autograd.
+New model code can call them directly; ``torch.compile`` sees each as a single op (a fake
+implementation gives it shapes). Each builds its IR graph through the compile driver
+(`moec.compiler`, memoised per configuration, dtype and arch) and runs the generated kernels (the
+Triton interpreter on a CPU); where the kernels do not apply (float64, bfloat16 on a CPU, other
+devices, mixed dtypes or devices) it runs the eager reference. The backward recomputes the eager
+reference under autograd (`moec.runtime.autograd.reference_grads`).
 """
 from __future__ import annotations
 
@@ -13,10 +15,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import reference
-from .spec import MoESpec, MoEWeights, RouterConfig, SharedExpertConfig
+from moec.ir.build import moe_inputs
+from moec.runtime.arch import arch_of, resolve
+from moec.runtime.autograd import reference_grads
+from moec.runtime.support import why_not_kernels
 
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from . import reference
+from .compiler import MobaRecipe, compile_program, compile_spec
+from .moba import reference as moba_ref
+from .moba.config import MobaConfig
+from .spec import MoESpec, MoEWeights, RouterConfig, SharedExpertConfig
 
 
 def _spec_and_weights(x, w_router, w_up, w_down, w_gate, b_router, score_bias, shared_up, shared_down,
@@ -62,9 +70,6 @@ def _moe_op(x: Tensor, w_router: Tensor, w_up: Tensor, w_down: Tensor, w_gate: O
             top_k: int, score: str, renormalize: bool, routed_scaling: float, n_group: int,
             topk_group: int, group_score: str, activation: str, act_alpha: float, glu_limit: Optional[float],
             up_shift: float) -> Tensor:
-    from .compiler import compile_spec
-    from .region import graph_inputs
-    from moec.runtime.arch import arch_of
     args = (x, w_router, w_up, w_down, w_gate, b_router, score_bias, shared_up, shared_down, shared_gate,
             shared_gate_proj, b_gate, b_up, b_down, top_k, score, renormalize, routed_scaling, n_group, topk_group,
             group_score, activation, act_alpha, glu_limit, up_shift)
@@ -72,13 +77,10 @@ def _moe_op(x: Tensor, w_router: Tensor, w_up: Tensor, w_down: Tensor, w_gate: O
     x2 = x.reshape(-1, x.shape[-1])
     weights = [t for t in (w_router, w_up, w_down, w_gate, b_router, shared_up, shared_down, shared_gate,
                            shared_gate_proj, b_gate, b_up, b_down) if t is not None]
-    kernels_ok = (x.dtype in _KERNEL_DTYPES and x.device.type in ("cpu", "cuda")
-                  and not (x.device.type == "cpu" and x.dtype == torch.bfloat16)
-                  and all(t.dtype == x.dtype and t.device == x.device for t in weights))
-    if not kernels_ok:
+    if why_not_kernels(x, weights) is not None:
         return reference.moe(x2, w, spec)[0].reshape(x.shape).clone()
     c = compile_spec(spec, x.dtype, ("y",), arch_of(x.device))
-    (y,) = c.program.run(graph_inputs(x2.contiguous(), w))
+    (y,) = c.program.run(moe_inputs(x2.contiguous(), w))
     return y.reshape(x.shape)
 
 
@@ -99,15 +101,13 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad):
     saved = [t if p else None for t, p in zip(ctx.saved_tensors, ctx.present)]
-    needs = ctx.needs_input_grad[:len(_ARGS)]
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(n) if t is not None else None for t, n in zip(saved, needs)]
+
+    def layer(leaves):
         spec, w = _spec_and_weights(*leaves, *ctx.config)
         x = leaves[0]
-        y = reference.moe(x.reshape(-1, x.shape[-1]), w, spec)[0].reshape(x.shape)
-        wanted = [t for t, n in zip(leaves, needs) if n and t is not None]
-        got = iter(torch.autograd.grad(y, wanted, grad, allow_unused=True))
-    grads = [next(got) if n and t is not None else None for t, n in zip(leaves, needs)]
+        return (reference.moe(x.reshape(-1, x.shape[-1]), w, spec)[0].reshape(x.shape),)
+
+    grads = reference_grads(layer, saved, ctx.needs_input_grad[:len(_ARGS)], (grad,))
     return (*grads, *[None] * len(ctx.config))
 
 
@@ -160,4 +160,117 @@ def moe_reference(x: Tensor, w_router: Tensor, w_up: Tensor, w_down: Tensor, w_g
     return reference.moe(x.reshape(-1, x.shape[-1]), w, spec)[0].reshape(x.shape)
 
 
-from .moba.ops import moba_attention  # noqa: E402  (MoBA forward: fused gate + block-sparse attention)
+
+# ---- MoBA --------------------------------------------------------------------------------------
+# `moba_attention`: each query attends to its own block (causally) plus the top-k-1 past key blocks
+# whose mean key scores highest. The backward recomputes the eager dense attention for the **same**
+# block indices the forward used (`moba_attention_from_indices`) under autograd, so gradients are those
+# of the computed forward; the selection itself is discrete and gets no gradient (``kconv_weight`` gets
+# none either: it only feeds the selection).
+
+SCHEMES = ("auto", "rows", "densify")
+
+
+def moba_recipe(q: Tensor, k: Tensor, *, block_size: int, top_k: int, cu_seqlens: Optional[Tensor] = None,
+                kconv_weight: Optional[Tensor] = None, scheme: str = "auto") -> MobaRecipe:
+    """The compile recipe of a `moba_attention` call (its config, packing, key convolution, scheme)."""
+    cfg = MobaConfig(block_size, top_k, q.shape[1], k.shape[1], q.shape[3])
+    return MobaRecipe(cfg, varlen=cu_seqlens is not None, kconv=0 if kconv_weight is None else kconv_weight.shape[2],
+                      scheme=scheme, outputs=("out", "lse", "indices"))
+
+
+def kernels_apply(q: Tensor, k: Tensor, v: Tensor, kconv_weight: Optional[Tensor] = None) -> bool:
+    """Whether `moba_attention` runs the generated kernels for these inputs (else the eager reference)."""
+    return why_not_kernels(q, [k, v]) is None and (kconv_weight is None or kconv_weight.device == q.device)
+
+
+def moba_forward_kernels(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int,
+                         cu_seqlens: Optional[Tensor] = None, kconv_weight: Optional[Tensor] = None,
+                         arch=None, scheme: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+    """The compiled MoBA program's ``(out, lse, indices)``. ``arch`` picks the tiles (default: the
+    device's); ``scheme`` the attention kernels (``"rows"``, ``"densify"`` or ``"auto"``: see
+    `moec.passes.choose_moba_scheme`)."""
+    moba_ref.check_inputs(q, k, v, block_size=block_size, top_k=top_k, cu_seqlens=cu_seqlens,
+                          kconv_weight=kconv_weight)
+    check_scheme(scheme)
+    recipe = moba_recipe(q, k, block_size=block_size, top_k=top_k, cu_seqlens=cu_seqlens, kconv_weight=kconv_weight,
+                         scheme=scheme)
+    c = compile_program(recipe, q.dtype, resolve(arch, q.device))
+    inputs = {"q": q, "k": k, "v": v, "cu_seqlens": cu_seqlens, "kconv_weight": kconv_weight}
+    out, lse, idx = c.program.run({n: t for n, t in inputs.items() if t is not None})
+    return out, lse, idx
+
+
+def check_scheme(scheme: str) -> None:
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+
+
+@torch.library.custom_op("moec::moba_attention", mutates_args=())
+def _moba_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], kconv_weight: Optional[Tensor],
+             block_size: int, top_k: int, causal: bool, scheme: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+    moba_ref.check_inputs(q, k, v, block_size=block_size, top_k=top_k, causal=causal, cu_seqlens=cu_seqlens,
+                          kconv_weight=kconv_weight)
+    check_scheme(scheme)
+    if kernels_apply(q, k, v, kconv_weight):
+        # any strides: the kernels take them as arguments (e.g. q.transpose(1, 2) of a [B, N, H, D] tensor)
+        return moba_forward_kernels(q, k, v, block_size=block_size, top_k=top_k, cu_seqlens=cu_seqlens,
+                                    kconv_weight=kconv_weight, scheme=scheme)
+    idx = moba_ref.moba_block_selection(q, k, block_size=block_size, top_k=top_k, causal=causal,
+                                        cu_seqlens=cu_seqlens, kconv_weight=kconv_weight)
+    out, lse = moba_ref.moba_attention_from_indices(q, k, v, idx, block_size=block_size, cu_seqlens=cu_seqlens)
+    return out.contiguous(), lse.contiguous(), idx
+
+
+@_moba_op.register_fake
+def _moba_fake(q, k, v, cu_seqlens, kconv_weight, block_size, top_k, causal, scheme="auto"):
+    B, H, N, _ = q.shape
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return (torch.empty_like(q), q.new_empty((B, H, N), dtype=lse_dtype),
+            q.new_empty((B, H, N, top_k), dtype=torch.int32))
+
+
+def _moba_setup(ctx, inputs, output):
+    q, k, v, cu_seqlens, _kconv, block_size = inputs[:6]
+    ctx.save_for_backward(q, k, v, output[2], cu_seqlens)
+    ctx.block_size = block_size
+
+
+def _moba_backward(ctx, grad_out, grad_lse, _grad_idx):
+    q, k, v, idx, cu_seqlens = ctx.saved_tensors
+
+    def attend(qkv):          # the blocks the forward selected; rows with lse = -inf carry no gradient
+        out, lse = moba_ref.moba_attention_from_indices(*qkv, idx, block_size=ctx.block_size, cu_seqlens=cu_seqlens)
+        return out, torch.where(torch.isinf(lse), 0.0, lse)
+
+    grads = reference_grads(attend, (q, k, v), ctx.needs_input_grad[:3], (grad_out, grad_lse))
+    return (*grads, None, None, None, None, None, None)
+
+
+_moba_op.register_autograd(_moba_backward, setup_context=_moba_setup)
+
+
+def moba_attention(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, causal: bool = True,
+                   cu_seqlens: Optional[Tensor] = None, kconv_weight: Optional[Tensor] = None,
+                   return_lse: bool = False, scheme: str = "auto"):
+    """Mixture-of-Block-Attention, forward: each query attends to ``top_k`` key blocks of ``block_size``
+    keys (its own, causally, plus the best-scoring past blocks by ``q . mean(block keys)``).
+
+    ``q [B, H, N, D]``, ``k``/``v [B, Hkv, N, D]`` (GQA when ``Hkv < H``); ``cu_seqlens`` (int32
+    ``[S+1]``, with ``B = 1``) packs variable-length sequences along N; ``kconv_weight [Hkv, D, kc]``
+    convolves the keys causally before pooling (routing only). The exact definition is in
+    `moec.moba.reference`. Returns ``out [B, H, N, D]``, and with ``return_lse`` also the fp32
+    log-sum-exp ``[B, H, N]``. Differentiable in q, k, v (the backward recomputes the eager dense
+    attention for the selected blocks). ``scheme`` picks the attention kernels: ``"rows"`` (query tiles
+    with row masks: short sequences), ``"densify"`` (FlashMoBA's key-block-major gathered tiles: long
+    sequences) or ``"auto"`` (densify when the average sequence has more than 4 x top_k blocks; a
+    threshold not yet measured on a GPU); all give the same result.
+
+    Example::
+
+        out = moba_attention(q, k, v, block_size=128, top_k=8)
+    """
+    check_scheme(scheme)
+    out, lse, _ = torch.ops.moec.moba_attention(q, k, v, cu_seqlens, kconv_weight, int(block_size), int(top_k),
+                                                bool(causal), scheme)
+    return (out, lse) if return_lse else out

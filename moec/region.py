@@ -1,30 +1,37 @@
-"""A lifted MoE region at run time: validate the call, bind weights, run kernels, pack outputs.
+"""What every compiled region shares at run time, whatever it computes (an MoE layer, a MoBA core,
+transformers' experts): its programs, the eager fallback and its reasons, dumps and the report.
 
-A call the kernels cannot serve (an unsupported dtype or device, bf16 under the CPU
-interpreter, moec disabled) runs the module's own eager forward, and the region counts why,
-so `explain()` can say it. When gradients are needed, the forward still runs the kernels and
-the backward recomputes the eager reference under autograd (exact gradients, eager speed).
+A `Region` is attached to a module in place (`moec.api`). Subclasses (`moec.moe_region.MoERegion`,
+`moec.moba_region.MobaRegion`, `moec.hf.experts.ExpertsRegion`) read the call and say which recipe
+to run; the base
+
+- compiles through the one driver (`moec.compiler.compile_program`) once per (recipe, dtype, arch)
+  and again, once, after the tune file changed, dumping each new program (``dump_dir``) and telling
+  ``on_compile`` (which rewrites ``explain.txt``);
+- runs a program, recording its launches into the dump the first time;
+- counts every call by what served it (``"kernels"``, ``"kernels forward, eager backward"``,
+  ``"eager: <reason>"``), which ``explain()`` reports.
+
+`disabled()` makes every region run its eager code.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
-from moec.runtime import autotune, launch
+from moec.runtime import launch, tune_file
 from moec.runtime.arch import resolve
 
-from . import reference
-from .compiler import Compiled, compile_spec
-from .spec import MoEWeights
+from .compiler import Compiled, compile_program
 
 _state = threading.local()
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @contextlib.contextmanager
@@ -38,204 +45,131 @@ def disabled():
         _state.disabled = old
 
 
-def graph_inputs(x: torch.Tensor, w: MoEWeights) -> dict[str, torch.Tensor]:
-    """IR graph inputs (named after MoEWeights fields) for one call."""
-    named = {"x": x, "w_router": w.w_router, "b_router": w.b_router, "w_noise": w.w_noise,
-             "w_gate": w.w_gate, "w_up": w.w_up, "w_down": w.w_down,
-             "score_bias": w.score_bias.float() if w.score_bias is not None else None,
-             "shared_up": w.shared_up, "shared_gate": w.shared_gate, "shared_down": w.shared_down,
-             "shared_gate_proj": w.shared_gate_proj, "b_gate": w.b_gate, "b_up": w.b_up, "b_down": w.b_down}
-    for k in ("shared_up", "shared_gate", "shared_down"):
-        if named[k] is not None:
-            named[k] = named[k].unsqueeze(0)
-    return {k: v for k, v in named.items() if v is not None}
+def is_disabled() -> bool:
+    return getattr(_state, "disabled", False)
 
 
-@dataclass
+def dtype_text(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+@dataclass(eq=False)
 class Region:
-    """One lifted module. ``lifted`` is the frontend's `LiftedMoE`."""
-
     name: str
-    lifted: object
-    arch: Optional[str] = None
+    arch: Optional[str] = None                 # an explicit target (tiles); None: the device decides
     dump_dir: Optional[Path] = None
     calls: Counter = field(default_factory=Counter)
-    compiled: dict = field(default_factory=dict)
-    lift_dtype: Optional[torch.dtype] = None    # the layer's dtype when it was lifted
-    on_compile: Optional[object] = None    # called after each new compile (rewrites explain.txt)
-    _generations: dict = field(default_factory=dict)   # (dtype, arch) -> tune generation compiled at
-    _weights_key: tuple = ()
-    _weights: Optional[MoEWeights] = None
+    compiled: dict = field(default_factory=dict)        # (recipe, dtype, arch) -> Compiled
+    on_compile: Optional[Callable] = None
+    _launches_dumped: set = field(default_factory=set)
 
-    @property
-    def spec(self):
-        return self.lifted.spec
-
-    @property
-    def outputs(self) -> tuple[str, ...]:
-        return {"y": ("y",), "y_logits": ("y", "logits"), "y_aux": ("y", "aux"),
-                "y_weights": ("y", "weights")}[self.lifted.outputs]
-
-    # ---- eligibility ------------------------------------------------------------------------
-    def why_eager(self, x, tensors) -> Optional[str]:
-        if getattr(_state, "disabled", False):
-            return "moec.disabled() is active"
-        if not isinstance(x, torch.Tensor):
-            return f"input is {type(x).__name__}, not a tensor"
-        if x.dtype not in KERNEL_DTYPES:
-            return f"input dtype {x.dtype} (kernels take float32, float16, bfloat16)"
-        if x.device.type not in ("cpu", "cuda"):
-            return f"input on device {x.device}"
-        for t in tensors:
-            if t.device != x.device:
-                return f"weights on {t.device}, input on {x.device}"
-            if t.is_floating_point() and t.dtype != x.dtype and t.dtype != torch.float32:
-                return f"weights in {t.dtype}, input in {x.dtype}"
-        if x.device.type == "cpu" and x.dtype == torch.bfloat16:
-            return "bfloat16 on CPU (the Triton interpreter computes bf16 dots wrongly)"
-        return None
-
-    def weights(self, tensors) -> MoEWeights:
-        """The layer's weights; stacked copies are rebuilt only when a parameter changed."""
-        key = tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
-        if key != self._weights_key:
-            with torch.no_grad():
-                self._weights = self.lifted.weights(tensors)
-            self._weights_key = key
-        return self._weights
-
-    def compiled_for(self, x: torch.Tensor) -> Compiled:
-        """The program for ``x``'s dtype and device, compiled at the first call and again (once)
-        after the tune file changed in this process (`autotune.invalidate`, which `moec.tune`
-        and `autotune.tune` call), so a tuned module never keeps its old tiles silently."""
-        arch = resolve(self.arch, x.device)   # an explicit arch on a CPU picks its tiles, run interpreted
-        key = (x.dtype, arch)
-        generation = autotune.generation()
-        if key not in self.compiled or self._generations.get(key) != generation:
-            c = compile_spec(self.spec, x.dtype, self.outputs, arch)
-            self.compiled[key] = c
-            self._generations[key] = generation
+    # ---- compile and run ---------------------------------------------------------------------
+    def compiled_for(self, recipe, dtype: torch.dtype, device) -> Compiled:
+        """The program of ``recipe`` for ``dtype`` on ``device`` (an explicit ``arch`` on a CPU picks its
+        tiles, run interpreted): compiled at the first call, and again, once, after the tune file
+        changed in this process, so a tuned module never keeps its old tiles silently."""
+        arch = resolve(self.arch, device)
+        key = (recipe, dtype, arch)
+        c = self.compiled.get(key)
+        if c is None or c.generation != tune_file.generation():
+            c = self.compiled[key] = compile_program(recipe, dtype, arch)
             if self.dump_dir is not None:
-                c.dump(self.dump_dir / f"{self.name}.{str(x.dtype).split('.')[-1]}.{arch.name}",
-                       self.captured())
+                c.dump(self.dump_path(c), self.captured())
             if self.on_compile is not None:
                 self.on_compile()
-        return self.compiled[key]
+        return c
+
+    def run(self, c: Compiled, inputs: dict, **kwargs):
+        """Run ``c``'s program (`Program.run`'s keywords); the first run of each program in a dump
+        also writes its launches (``launches.json``)."""
+        if self.dump_dir is None or id(c) in self._launches_dumped:
+            return c.program.run(inputs, **kwargs)
+        with launch.recording() as records:
+            got = c.program.run(inputs, **kwargs)
+        self._launches_dumped.add(id(c))
+        sizes = {str(s): v for s, v in c.program.sizes(inputs).items()}
+        doc = {**sizes, "launches": [r.describe() for r in records]}
+        (self.dump_path(c) / "launches.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
+        return got
+
+    def count(self, what: str) -> None:
+        self.calls[what] += 1
+
+    def eager(self, reason: str, fn: Callable, *args, **kwargs):
+        """Run the eager code ``fn`` and count why."""
+        self.calls[f"eager: {reason}"] += 1
+        return fn(*args, **kwargs)
+
+    # ---- dumps -------------------------------------------------------------------------------
+    def dump_path(self, c: Compiled) -> Path:
+        d = self.dump_dir / f"{self.name}.{dtype_text(c.dtype)}.{c.arch.name}{self.dump_suffix(c)}"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def dump_suffix(self, c: Compiled) -> str:
+        """Tells apart the programs of one region for one dtype and arch (MoBA: other head shapes)."""
+        return ""
 
     def captured(self) -> str:
-        """What the frontend read off the module: formulation, spec, weight bindings, notes."""
-        lines = [f"region {self.name}: {self.lifted.formulation}", f"spec: {self.spec}",
-                 f"outputs: {self.lifted.outputs}"]
-        paths = getattr(self.lifted.param_tensors, "paths", None)
-        describe = getattr(self.lifted.weights, "describe", None)
-        if paths is not None and describe is not None:
-            lines += ["weights:"] + [f"  {line}" for line in describe(paths)]
-        lines += [f"note: {n}" for n in self.lifted.notes]
-        return "\n".join(lines) + "\n"
+        """What the frontend read off the module (``captured.txt`` in a dump)."""
+        return ""
 
-    # ---- calls ------------------------------------------------------------------------------
-    def __call__(self, module, eager_forward, x, *args, **kwargs):
-        tensors = list(self.lifted.param_tensors(module))
-        reason = self.why_eager(x, tensors) if not args and not kwargs else "extra forward arguments"
-        if reason is None and x.shape[-1] != self.spec.hidden:
-            raise ValueError(f"moec region {self.name!r}: expects hidden size {self.spec.hidden} on the "
-                             f"last dim, got input of shape {tuple(x.shape)}")
-        if reason is not None:
-            self.calls[f"eager: {reason}"] += 1
-            return eager_forward(x, *args, **kwargs)
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
-        _call_observed(module, getattr(self.lifted, "observed", ()), x2)
-        noise = None
-        if self.spec.router.noisy and module.training:
-            dtype = self.lifted.noise_dtype or x.dtype
-            if dtype == self.lift_dtype:        # eager draws in the layer's dtype, which follows .to()
-                dtype = x.dtype
-            noise = torch.randn(x2.shape[0], self.spec.num_experts, dtype=dtype, device=x.device)
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors))
-        if needs_grad:
-            self.calls["kernels forward, eager backward"] += 1
-            outs = _MoEFunction.apply(self, module.training, noise, x2, *tensors)
-        else:
-            self.calls["kernels"] += 1
-            outs = self.run(x2, tensors, module.training, noise)
-        y = outs[0].reshape(*lead, x.shape[-1])
-        if len(outs) == 1:
-            return y
-        extra = outs[1].to(x.dtype) if self.outputs[1] in ("logits", "weights") else outs[1]
-        return (y, extra)
+    # ---- report ------------------------------------------------------------------------------
+    def report(self, qualname: str, cls: str) -> list[str]:
+        """explain()'s lines for this region (``qualname``/``cls``: the module it is attached to)."""
+        return []
 
-    def run(self, x2, tensors, training, noise):
-        c = self.compiled_for(x2)
-        inputs = graph_inputs(x2.contiguous() if x2.stride(-1) != 1 else x2, self.weights(tensors))
-        if self.dump_dir is not None and not getattr(c, "_launches_dumped", False):
-            with launch.recording() as records:
-                outs = c.program.run(inputs, training=training, noise=noise)
-            _dump_launches(self.dump_dir, self.name, x2, c, records)
-            c._launches_dumped = True
-            return outs
-        return c.program.run(inputs, training=training, noise=noise)
+    def program_lines(self) -> list[str]:
+        """Per compiled program: its kernels with their tiles, torch steps, where tiles came from,
+        whether a call can be captured in a CUDA graph."""
+        lines = []
+        for c in self.compiled.values():
+            kernels = ", ".join(f"{s.node.op} {_tiles(s, c)}" for s in c.kernel_steps())
+            lines.append(f"compiled for {dtype_text(c.dtype)} on {c.arch.name}{self.program_note(c)}: {kernels}")
+            lines += _tile_lines(c)
+            if c.program.torch_steps():
+                lines.append(f"torch steps (not generated kernels): {', '.join(c.program.torch_steps())}")
+            lines.append(_graph_line(c.program))
+        return lines
 
-    def reference(self, x2, tensors, training, noise):
-        """The same outputs from the eager reference (differentiable)."""
-        w = self.lifted.weights(tensors)
-        y, aux = reference.moe(x2, w, self.spec, noise=noise if training else None)
-        out = {"y": y, "aux": aux,
-               "logits": lambda: reference.router_logits(x2, w.w_router, w.b_router),
-               "weights": lambda: reference.route(reference.router_logits(
-                   x2, w.w_router, w.b_router, w.w_noise, noise if training else None),
-                   self.spec.router, w.score_bias)[1]}
-        return [out[o]() if callable(out[o]) else out[o] for o in self.outputs]
+    def program_note(self, c: Compiled) -> str:
+        return ""
+
+    def call_lines(self) -> list[str]:
+        return [f"calls: {n} x {what}" for what, n in sorted(self.calls.items())]
 
 
-def _hooked(m: torch.nn.Module) -> bool:
-    from torch.nn.modules import module as mm
-    if mm._global_forward_hooks or mm._global_forward_pre_hooks:
-        return True
-    return any(s._forward_hooks or s._forward_pre_hooks for s in m.modules())
+def _tiles(step, c: Compiled) -> str:
+    """``[kernel: tile; ...]``, one entry per token-count bucket (the kernel name says which);
+    tiles taken from the tune file are marked ``(tuned)``, or ``(partly tuned)`` when only some of
+    the buckets the kernel serves have an entry (the others' model tile happened to equal it)."""
+    def mark(v):
+        source = c.variant_source(step, v)
+        return "" if "tune file" not in source else " (tuned)" if source == "tune file" else " (partly tuned)"
+    return "[" + "; ".join(f"{v.kernel.fn_name}: {tile_text(v.params.tile)}{mark(v)}" for v in step.variants) + "]"
 
 
-def _call_observed(module, paths, x2) -> None:
-    """Call the observed children (the router) that have forward hooks, so that the hooks still see
-    their outputs (Hugging Face records router logits with hooks); results are discarded."""
-    for path in paths:
-        sub = module.get_submodule(path)
-        if _hooked(sub):
-            sub(x2)
+def tile_text(t) -> str:
+    d = t.as_dict()
+    return "x".join(str(v) for k, v in d.items() if k.startswith("block")) + f" w{d['num_warps']} s{d['num_stages']}"
 
 
-def _dump_launches(root: Path, name: str, x2, c: Compiled, records) -> None:
-    import json
-    d = root / f"{name}.{str(x2.dtype).split('.')[-1]}.{c.arch.name}"
-    d.mkdir(parents=True, exist_ok=True)
-    doc = {"T": int(x2.shape[0]), "launches": [r.describe() for r in records]}
-    (d / "launches.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
+def _tile_lines(c: Compiled) -> list[str]:
+    """Where the program's tiles came from, and every tune entry for this device that was ignored."""
+    sources = [src for per_bucket in c.sources.values() for src in per_bucket.values()]
+    if not sources or set(sources) <= {"interpreter table", "table"}:
+        return []
+    if not c.tuned_from:
+        lines = [f"tiles: the cost model's for {c.arch.name} (no tune file entries for this device; moec.tune times "
+                 "candidates)"]
+    else:
+        lines = [f"tiles: {sources.count('tune file')} of {len(sources)} kernel buckets from the tune file "
+                 f"({c.tuned_from}), the rest the cost model's"]
+    return lines + [f"tune file entry ignored: {note}" for note in c.tune_notes]
 
 
-class _MoEFunction(torch.autograd.Function):
-    """Kernels forward; backward = autograd through the eager reference on saved inputs."""
-
-    @staticmethod
-    def forward(ctx, region, training, noise, x2, *tensors):
-        ctx.region, ctx.training = region, training
-        ctx.save_for_backward(x2, noise if noise is not None else torch.empty(0), *tensors)
-        ctx.has_noise = noise is not None
-        outs = region.run(x2.detach(), [t.detach() for t in tensors], training, noise)
-        return tuple(outs)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        x2, noise, *tensors = ctx.saved_tensors
-        noise = noise if ctx.has_noise else None
-        leaves = [x2] + tensors
-        needs = [ctx.needs_input_grad[3 + i] for i in range(len(leaves))]
-        with torch.enable_grad():
-            detached = [t.detach().requires_grad_(n) for t, n in zip(leaves, needs)]
-            outs = ctx.region.reference(detached[0], detached[1:], ctx.training, noise)
-            pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o is not None and o.requires_grad]
-            wanted = [t for t, n in zip(detached, needs) if n]
-            got = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
-                                      allow_unused=True) if pairs and wanted else [None] * len(wanted)
-        it = iter(got)
-        result = [next(it) if n else None for n in needs]
-        return (None, None, None, *result)
+def _graph_line(program) -> str:
+    if program.graph_safe:
+        return "CUDA graphs: a call can be captured (no host synchronisation; buffers and grids sized from shapes)"
+    steps = ", ".join(dict.fromkeys(program.graph_unsafe_steps()))
+    return f"CUDA graphs: not capturable: {steps} run the reference's torch code, which synchronises with the host"

@@ -1,35 +1,42 @@
-"""choose-tiles: attach to every kernel node the tile of each token-count bucket.
+"""choose-tiles: attach to every kernel node the tile of each token-count bucket, and where it came from.
 
-Expects: fused nodes (``fused_route``, ``grouped_gemm``, ``reduce_topk``) and ``ctx.arch``.
+Expects: kernel nodes (ops with a ``tiles`` attribute: ``fused_route``, ``grouped_gemm``,
+``reduce_topk``, and MoBA's ``fused_block_gate``, ``block_sparse_attention``, ``densify_attention``,
+``own_block_merge``), ``ctx.arch`` and ``ctx.tuned`` (the tune file's entries for this device, or None).
 Guarantees: each has a ``tiles`` attribute ``{bound: tile}`` over the buckets of
 `moec.ir.tiles.BUCKETS` (``T <= 16``, ``<= 128``, ``<= 1024``, larger: ``None``), with
-adjacent buckets that got the same tile folded into one (``{None: tile}`` serves every T). Blocks
-are powers of two no wider than the padded problem dims; on a GPU arch each tile's pipelined
-shared memory fits the arch's per-block limit and its accumulators fit in registers.
+adjacent buckets that got the same tile folded into one (``{None: tile}`` serves every T), and a
+``tile_source`` attribute saying where the tiles came from: one string when every bucket's came from
+the same place, else ``{bucket bound: source}`` over all of `BUCKETS`, and, when tune file entries
+were ignored, ``tune_ignored={bucket bound: why}``. Blocks are powers of two no
+wider than the padded problem dims; on a GPU arch each tile's pipelined shared memory fits the arch's
+per-block limit and its accumulators fit in registers.
 
-Where the tile comes from, per bucket:
+Where a tile comes from, per bucket (the source names):
 
-1. the autotune file (`moec.runtime.autotune`), when it has an entry for this device, kernel
-   (`autotune.kernel_key`) and bucket, and the entry is one of the cost model's legal candidates
-   on this arch; an entry that is malformed or not legal here is ignored with a
-   `autotune.TuneWarning` naming it (never silently);
-2. otherwise the cost model (`passes/cost_model.py`): the candidate with the least predicted
-   time over the bucket's sample token counts;
-3. on ``cpu`` (the Triton interpreter) a fixed table: few, wide programs run fastest there.
+1. ``"tune file"``: the autotune file (``ctx.tuned``, `moec.runtime.tune_file`), when it has an entry
+   for this device, kernel (`kernel_key`) and bucket, and the entry is one of the cost model's legal
+   candidates on this arch; an entry that is malformed or not legal here is ignored with a
+   `TuneWarning` naming it (never silently) and recorded in ``tune_ignored``;
+2. ``"cost model"`` (`passes/cost_model.py`): the candidate with the least predicted time over the
+   bucket's sample token counts;
+3. ``"interpreter table"`` on ``cpu`` (the Triton interpreter): few, wide programs run fastest there;
+4. ``"table"`` for MoBA's kernels, which the cost model does not model yet (`passes/moba_tiles.py`):
+   one tile for every T.
 
-`tile_sources` says which of these each bucket's tile came from (the compiler records it for
-``tiles.json`` and ``explain()``; the IR cannot carry it: its attributes are the op's own).
+The pass is pure: the tune file is read by the compile driver and handed in through ``ctx``.
 """
 from __future__ import annotations
 
 import warnings
 
 from moec.ir.graph import Graph
-from moec.runtime import autotune
-from moec.ir.tiles import BUCKETS, GemmTile, RouteTile, RowTile, bucket_key, bucket_ranges, merge_buckets
+from moec.ir.ops import is_kernel
+from moec.ir.tiles import BUCKETS, GemmTile, RouteTile, RowTile, bucket_key, bucket_ranges, merge_buckets, pow2
+from moec.runtime.tune_file import TuneWarning
 
 from . import cost_model
-from .cost_model import pow2
+from .moba_tiles import moba_tile
 
 # the interpreter's tiles (arch "cpu"): one bucket
 CPU_GEMM = (16, 64, 64, 4, 1)       # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
@@ -53,8 +60,10 @@ def _rows(tile) -> int:
     return getattr(tile, "block_m", None) or tile.block_t
 
 
-def tiles_for(n, g: Graph, arch, tuned=None) -> dict:
-    """``{bound: tile}`` for one kernel node (``tuned``: an `autotune.Lookup` or None).
+def tiles_for(n, g: Graph, arch, tuned=None) -> tuple[dict, dict, dict]:
+    """``({bound: tile}, {bound: source}, {bound: why a tune entry was ignored})`` for one kernel node
+    of the cost model (``tuned``: a `tune_file.Lookup` or None); sources per bucket of `BUCKETS`, tiles
+    folded.
 
     Buckets are visited from the largest down; a bucket the model would serve about as well
     (within ``cost_model.NEAR_TIE``) with the next larger bucket's tile, *with the same rows per
@@ -62,15 +71,17 @@ def tiles_for(n, g: Graph, arch, tuned=None) -> dict:
     Tiles of more rows are never carried down to smaller T: where the model calls a 128-row and
     a 16-row tile a tie (memory-bound, small T), it is least to be trusted."""
     if arch.name == "cpu":
-        return {None: _cpu_tile(n, g)}
+        return {None: _cpu_tile(n, g)}, {None: "interpreter table"}, {}
     problem = cost_model.problem_of(n, g)
-    key = autotune.kernel_key(n, g) if tuned is not None else None
-    chosen, larger = {}, None
+    key = kernel_key(n, g) if tuned is not None else None
+    chosen, sources, ignored, larger = {}, {}, {}, None
     for (lo, hi), bound in reversed(list(zip(bucket_ranges(BUCKETS), BUCKETS))):
         tile, why = _tuned(tuned, key, problem, arch, lo, hi, bound)
+        sources[bound] = "tune file" if tile is not None else "cost model"
         if why:
             warnings.warn(f"moec: tune file {tuned.path}: [{tuned.device}] {key} {bucket_key(bound)}: "
-                          f"entry ignored ({why}); the cost model chooses", autotune.TuneWarning, stacklevel=2)
+                          f"entry ignored ({why}); the cost model chooses", TuneWarning, stacklevel=2)
+            ignored[bound] = why
         if tile is None:
             tile = cost_model.choose(problem, arch, lo, hi)
             kept = cost_model.score(problem, arch, lo, hi, larger) if larger is not None else None
@@ -78,7 +89,7 @@ def tiles_for(n, g: Graph, arch, tuned=None) -> dict:
                     and kept <= cost_model.score(problem, arch, lo, hi, tile) * (1 + cost_model.NEAR_TIE)):
                 tile = larger
         chosen[bound] = larger = tile
-    return merge_buckets(chosen)
+    return merge_buckets(chosen), {b: sources[b] for b in BUCKETS}, {b: ignored[b] for b in BUCKETS if b in ignored}
 
 
 def _tuned(tuned, key, problem, arch, lo, hi, bound):
@@ -92,27 +103,48 @@ def _tuned(tuned, key, problem, arch, lo, hi, bound):
     return tile, why
 
 
-def tile_sources(n, g: Graph, arch, tuned=None) -> tuple[dict, list]:
-    """Where each bucket's tile of a chosen kernel node came from: ``({bound: "tune file" |
-    "cost model" | "interpreter table"}, [notes on ignored entries])``. A bucket's tile is the
-    tune file's when it equals that bucket's usable entry (choose-tiles takes every usable one)."""
-    if arch.name == "cpu":
-        return {b: "interpreter table" for b in BUCKETS}, []
-    tiles = n.attr["tiles"]
-    key = autotune.kernel_key(n, g) if tuned is not None else None
-    problem = cost_model.problem_of(n, g) if tuned is not None else None
-    sources, notes = {}, []
-    for (lo, hi), bound in zip(bucket_ranges(BUCKETS), BUCKETS):
-        mine = next(t for b, t in tiles.items() if b is None or (hi is not None and b >= hi))
-        tile, why = _tuned(tuned, key, problem, arch, lo, hi, bound)
-        sources[bound] = "tune file" if tile is not None and tile == mine else "cost model"
-        if why:
-            notes.append(f"{n.name} {bucket_key(bound)}: tune entry ignored ({why})")
-    return sources, notes
+def _source_attr(sources: dict):
+    """One string when every bucket's tile came from the same place, else the dict."""
+    values = set(sources.values())
+    return values.pop() if len(values) == 1 else sources
 
 
 def choose_tiles(g: Graph, ctx) -> Graph:
-    tuned = autotune.lookup_for(ctx.arch)
-    nodes = [n.replace(attrs={"tiles": tiles_for(n, g, ctx.arch, tuned)}) if n.op in cost_model.PROBLEMS else n
-             for n in g.nodes]
+    nodes = []
+    for n in g.nodes:
+        if is_kernel(n.op):
+            if n.op in cost_model.PROBLEMS:
+                tiles, sources, ignored = tiles_for(n, g, ctx.arch, ctx.tuned)
+            else:
+                bs, D = n.attr["block_size"], int(g.types[n.ins["q"]].shape[3])
+                tiles, sources, ignored = {None: moba_tile(n.op, bs, D, ctx.arch)}, {None: "table"}, {}
+            n = n.replace(attrs={"tiles": tiles, "tile_source": _source_attr(sources), "tune_ignored": ignored or None})
+        nodes.append(n)
     return g.with_nodes(nodes)
+
+
+# ---- the tune file's key of a kernel node --------------------------------------------------------
+
+# node attributes the problem key already names, and optional operands it implies
+_IN_PROBLEM_KEY = {"tiles", "tile_source", "tune_ignored", "num_experts", "top_k", "glu", "gather_top_k", "scatter", "out_dtype",
+                   "noisy"}
+_IMPLIED_OPERANDS = {"offsets", "w_up", "order", "scale", "w_noise", "residual"}
+
+
+def _attr_text(name: str, v) -> str:
+    if v is True:
+        return name
+    return f"{name}={v:g}" if isinstance(v, float) else f"{name}={v}"
+
+
+def kernel_key(node, graph) -> str:
+    """The tune file's key of a kernel node: the cost model's problem key (shape, rows per token,
+    dtypes, fused gather/scatter/scale), then every other attribute of the node that is set (False
+    and None ones omitted, sorted) and the optional operands it reads (``+b``): whatever changes
+    the generated kernel. Two nodes with one key run the same kernel on the same shapes."""
+    bits = [cost_model.problem_of(node, graph).key]
+    bits += [_attr_text(k, v) for k, v in sorted(node.attr.items())
+             if k not in _IN_PROBLEM_KEY and v is not None and v is not False]
+    required = set(node.opdef.operands)
+    bits += [f"+{r}" for r in sorted(node.ins) if r not in required and r not in _IMPLIED_OPERANDS]
+    return " ".join(bits)

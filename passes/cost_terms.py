@@ -31,7 +31,7 @@ tiles, ``stages - 1`` on mma.sync ones (checked against AOT compiles in
 tests/test_cost_model.py); a tile fits when that and its fp32 accumulators fit the arch.
 
 The constants below are uncalibrated estimates (no GPU measured them for this model); the
-arch facts are nominal datasheet numbers. `moec.runtime.autotune` times the model's best
+arch facts are nominal datasheet numbers. `moec.autotune` times the model's best
 candidates on a real GPU and records the winners, which choose-tiles uses before the model.
 """
 from __future__ import annotations

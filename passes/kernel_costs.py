@@ -95,7 +95,7 @@ class GemmProblem:
     @property
     def key(self) -> str:
         """Names everything of the problem that changes the kernel or its cost (the autotune
-        file's key, with `moec.runtime.autotune.kernel_key`'s node attributes): ``M=2T`` rows
+        file's key, with `moec.passes.choose_tiles.kernel_key`'s node attributes): ``M=2T`` rows
         (rows per token: top-k of a routed GEMM), ``A=T`` rows of the ``a`` operand when it
         differs, ``dense`` (no expert offsets), the GLU, gather, scatter, the per-row scale."""
         m = f"{self.rows_per_token}T" if self.rows_per_token != 1 else "T"

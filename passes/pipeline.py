@@ -1,34 +1,44 @@
-"""The pass pipeline, in the order it runs. Read this file top to bottom to know what moec does.
+"""The pass pipelines, in the order they run. Read this file top to bottom to know what moec does.
 
+One pipeline per region kind (`PIPELINES`): an MoE layer (or the routed experts alone) and a MoBA
+core share the driver (`run_passes`), the verifier between passes, choose-tiles and the lowering.
 Each pass is a pure function ``(Graph, PassContext) -> Graph`` with its contract in its module
-docstring. Between passes the graph is verified; ``MOEC_PRINT_AFTER=<pass>[,<pass>]`` (or
+docstring; what a pass needs from outside (the target arch, the tune file's entries) comes in the
+`PassContext`. Between passes the graph is verified; ``MOEC_PRINT_AFTER=<pass>[,<pass>]`` (or
 ``all``) prints the IR after those passes; a failing pass raises `PassError` naming it and the
-passes that ran before it. `lower` then turns the final graph into a runnable `Program`.
+passes that ran before it. `moec.passes.lower.lower` then turns the final graph into a runnable
+`moec.runtime.program.Program`.
 """
 from __future__ import annotations
 
 import os
 import sys
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 from moec.ir.graph import Graph
 from moec.ir.text import print_graph
 from moec.ir.verify import verify
 from moec.runtime.arch import Arch
+from moec.runtime.tune_file import Lookup
 
 from .canonicalize_router import canonicalize_router
+from .choose_moba_scheme import choose_moba_scheme
 from .choose_tiles import choose_tiles
 from .fold_combine import fold_combine
 from .fold_permute import fold_permute
 from .fuse_activation import fuse_activation
+from .fuse_block_gate import fuse_block_gate
 from .fuse_routing import fuse_routing
 from .infer_shapes import infer_shapes
 
 
 @dataclass(frozen=True)
 class PassContext:
+    """What passes may know beyond the graph: the target, and the tune file's entries for it."""
+
     arch: Arch
+    tuned: Optional[Lookup] = None
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,7 @@ def _verify(g: Graph, ctx: PassContext) -> Graph:
     return verify(g)
 
 
+# An MoE layer (`moec.ir.build.build_moe_graph`) or its routed experts (`build_experts_graph`).
 PIPELINE: tuple[Pass, ...] = (
     Pass("verify", _verify),
     Pass("infer-shapes", infer_shapes),
@@ -52,6 +63,17 @@ PIPELINE: tuple[Pass, ...] = (
     Pass("fold-combine", fold_combine),
     Pass("choose-tiles", choose_tiles),
 )
+
+# A MoBA core (`moec.ir.build.build_moba_graph`).
+MOBA_PIPELINE: tuple[Pass, ...] = (
+    Pass("verify", _verify),
+    Pass("infer-shapes", infer_shapes),
+    Pass("fuse-block-gate", fuse_block_gate),
+    Pass("choose-moba-scheme", choose_moba_scheme),
+    Pass("choose-tiles", choose_tiles),
+)
+
+PIPELINES = {"moe": PIPELINE, "moba": MOBA_PIPELINE}
 
 
 class PassError(RuntimeError):

@@ -21,6 +21,7 @@ import threading
 from pathlib import Path
 from types import ModuleType
 
+import platformdirs
 import triton
 
 _lock = threading.Lock()
@@ -31,7 +32,6 @@ def cache_dir() -> Path:
     env = os.environ.get("MOEC_CACHE_DIR")
     if env:
         return Path(env)
-    import platformdirs
     return Path(platformdirs.user_cache_dir("moec"))
 
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 import triton.language as tl
 from triton.language import core as tl_core
+from triton.runtime.interpreter import InterpretedFunction, _patch_lang
+from triton.runtime.jit import JITFunction
 
 from . import cache
 
@@ -97,8 +99,6 @@ def _interpretable_stdlib():
     compiles kernels ahead of time), and refuse to be called outside a compiled kernel. While an
     interpreted kernel runs, a call to such a helper runs its interpreter rewrite instead.
     """
-    from triton.runtime.interpreter import InterpretedFunction, _patch_lang
-    from triton.runtime.jit import JITFunction
     original = JITFunction.__call__
 
     def call(self, *args, **kwargs):
@@ -164,3 +164,25 @@ class Kernel:
                 fn[grid](**args, **constexprs, num_warps=num_warps, num_stages=num_stages)
         finally:
             _launching.reset(token)
+
+
+# a launch, prepared: run it, or turn it into a record without running it (AOT checks of big tiles)
+
+@dataclass
+class LaunchPlan:
+    kernel: Kernel
+    grid: tuple
+    args: dict
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+
+    def run(self) -> None:
+        self.kernel(self.grid, self.args, self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
+
+    def record(self) -> LaunchRecord:
+        """The `LaunchRecord` running it would make (works for ``meta`` tensors: nothing runs)."""
+        sig = {k: triton_type(v) for k, v in self.args.items() if v is not None}
+        spec = {k: specialize(v) for k, v in self.args.items() if v is not None}
+        return LaunchRecord(self.kernel, tuple(self.grid), sig, dict(self.constexprs), self.num_warps,
+                            self.num_stages, spec)

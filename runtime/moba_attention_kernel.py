@@ -8,7 +8,7 @@ tiles with a row mask (rows that did not select the block) and the causal mask o
 block, under one online softmax per row: no collect step, no partials, no merge. Its work grows
 with the union of the blocks a tile's rows picked, so long sequences go to the "densify" scheme
 (`moba_densify_kernel`: FlashMoBA's key-block-major gathered tiles); this one stays for short
-sequences and decode-like shapes. `moba_attention_fwd(scheme=...)` picks.
+sequences and decode-like shapes. The choose-moba-scheme pass picks, in the IR.
 
 Indices are those of `moec.moba.reference.moba_block_selection` (any block numbers work: the
 kernel attends to the union of the listed blocks of the query's sequence, causally; ``-1`` is
@@ -24,9 +24,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .arch import Arch, resolve
-from .launch import Kernel
-from .moba_common import LaunchPlan, MobaAttentionTile, attention_tile, choose_scheme, pow2, query_programs, strides
+from moec.ir.tiles import MobaAttentionTile, pow2
+
+from .launch import Kernel, LaunchPlan
+from .moba_maps import query_programs, strides
 from .render import render
 
 TEMPLATE = "moba_attention.py.jinja"
@@ -44,6 +45,7 @@ class MobaAttentionParams:
     varlen: bool = False
     tile: MobaAttentionTile = MobaAttentionTile(32, 32, 4, 1)
     dtype: str = "float16"         # for the header only
+    header: str = ""               # the IR node's text line
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.top_k < 1 or self.head_dim < 1 or self.group < 1:
@@ -66,13 +68,12 @@ class MobaAttentionParams:
 def render_attention(params: MobaAttentionParams) -> Kernel:
     source = render(TEMPLATE, fn_name=params.fn_name, head_dim=params.head_dim, top_k=params.top_k,
                     block_size=params.block_size, group=params.group, varlen=params.varlen,
-                    dtype=params.dtype, tile=params.tile)
+                    dtype=params.dtype, tile=params.tile, header=params.header)
     return Kernel(source, params.fn_name)
 
 
-def plan_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, *, block_size: int,
-                   cu_seqlens: Optional[Tensor] = None, arch: str | Arch | None = None,
-                   tile: Optional[MobaAttentionTile] = None) -> tuple[LaunchPlan, Tensor, Tensor]:
+def plan_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, *, block_size: int, tile: MobaAttentionTile,
+                   cu_seqlens: Optional[Tensor] = None, header: str = "") -> tuple[LaunchPlan, Tensor, Tensor]:
     """The attention's launch and its (unwritten) outputs; `moba_attention_fwd` runs it."""
     if q.dtype not in _FLOATS or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share one of fp32/fp16/bf16, got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -81,9 +82,8 @@ def plan_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, *, block_si
         raise ValueError(f"indices must be int32 [B, H, N, K] = [{B}, {H}, {N}, K], got "
                          f"{indices.dtype} {list(indices.shape)}")
     Hkv = k.shape[1]
-    a = resolve(arch, q.device)
-    params = MobaAttentionParams(block_size, indices.shape[3], D, H // Hkv, cu_seqlens is not None,
-                                 tile or attention_tile(block_size, D, a), str(q.dtype).replace("torch.", ""))
+    params = MobaAttentionParams(block_size, indices.shape[3], D, H // Hkv, cu_seqlens is not None, tile,
+                                 str(q.dtype).replace("torch.", ""), header)
     out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     tile_seq, tile_local, n_prog, S = query_programs(cu_seqlens, N, params.tile.block_m)
@@ -100,22 +100,12 @@ def plan_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, *, block_si
 
 
 def moba_attention_fwd(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, *, block_size: int,
-                       cu_seqlens: Optional[Tensor] = None, arch: str | Arch | None = None,
-                       tile: Optional[MobaAttentionTile] = None, scheme: str = "auto") -> tuple[Tensor, Tensor]:
+                       tile: MobaAttentionTile, cu_seqlens: Optional[Tensor] = None,
+                       header: str = "") -> tuple[Tensor, Tensor]:
     """``(out [B, H, N, D] in q's dtype, lse [B, H, N] fp32)`` of each query over the blocks
-    ``indices [B, H, N, K]`` (int32) lists for it. ``scheme``: ``"rows"`` (this module: query tiles
-    with row masks), ``"densify"`` (`moba_densify_kernel`: key-block-major gathered tiles, partials
-    merged by log-sum-exp) or ``"auto"`` (`moba_common.choose_scheme`: densify when the average
-    sequence has more than 4 x top_k blocks; that threshold is not measured on a GPU). Both give the
-    same results. ``arch`` picks the tiles from the tables (default: the device's); ``tile``
-    overrides the tile (for densify, the gathered-query tile)."""
-    S = 1 if cu_seqlens is None else max(1, cu_seqlens.numel() - 1)
-    if choose_scheme(scheme, n_rows=q.shape[2], block_size=block_size, top_k=indices.shape[-1],
-                     n_seqs=S) == "densify":
-        from .moba_densify_kernel import moba_densify_fwd
-        return moba_densify_fwd(q, k, v, indices, block_size=block_size, cu_seqlens=cu_seqlens, arch=arch,
-                                tile=tile)
-    plan, out, lse = plan_attention(q, k, v, indices, block_size=block_size, cu_seqlens=cu_seqlens, arch=arch,
-                                    tile=tile)
+    ``indices [B, H, N, K]`` (int32) lists for it, by query tiles with row masks, with ``tile``
+    (choose-tiles picks it); ``header``: the IR node's line for the kernel's header."""
+    plan, out, lse = plan_attention(q, k, v, indices, block_size=block_size, tile=tile, cu_seqlens=cu_seqlens,
+                                    header=header)
     plan.run()
     return out, lse

@@ -17,6 +17,9 @@ and grid is sized from shapes):
 2. **Densify** (``templates/moba_densify.py.jinja``): one program per chunk of BLOCK_M entries of one
    list: gathered q rows x the block's keys, dense ``tl.dot``, online softmax, no causal mask; each
    entry writes a normalised partial out (q's dtype) and its lse (fp32) at its entry.
+Steps 1 and 2 are the IR's ``densify_attention`` (`densify_partials`), step 3 its ``own_block_merge``
+(`own_block_merge`); `moba_densify_fwd` runs both.
+
 3. **Own block + merge** (``templates/moba_own_merge.py.jinja``): per query tile, the causal diagonal
    (own block) under an online softmax, then the row's K partials folded in by log-sum-exp, then out
    and lse. Fusing the own block with the merge saves writing and re-reading an own-block partial
@@ -47,10 +50,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .arch import Arch, resolve
-from .launch import Kernel
-from .moba_common import (LaunchPlan, MobaAttentionTile, _row_positions, block_offsets, densify_tile, own_tile,
-                          pow2, query_programs, strides)
+from moec.ir.tiles import MobaAttentionTile, pow2
+
+from .launch import Kernel, LaunchPlan
+from .moba_maps import _row_positions, block_offsets, query_programs, strides
 from .render import render
 
 DENSIFY_TEMPLATE = "moba_densify.py.jinja"
@@ -151,115 +154,153 @@ def densify_workspace_bytes(B: int, H: int, Hkv: int, N: int, D: int, K: int, bl
 # ----------------------------------------------------------------------------------------------
 # 2 and 3. the two kernels
 
+TEMPLATES = {"densify": DENSIFY_TEMPLATE, "own_merge": OWN_TEMPLATE}
+
+
 @dataclass(frozen=True)
 class MobaDensifyParams:
-    """What shapes the two densify-scheme kernels' sources and launches."""
+    """What shapes one of the two densify-scheme kernels (``part``: ``"densify"``, the gathered past
+    blocks, or ``"own_merge"``, the own block and the merge) and its launch."""
 
+    part: str
     block_size: int
     top_k: int
     head_dim: int
     group: int = 1
     varlen: bool = False
-    gather_tile: MobaAttentionTile = MobaAttentionTile(64, 64, 4, 1)
-    own_tile: MobaAttentionTile = MobaAttentionTile(64, 64, 4, 1)
-    dtype: str = "float16"         # for the headers only
+    tile: MobaAttentionTile = MobaAttentionTile(64, 64, 4, 1)
+    dtype: str = "float16"         # for the header only
+    header: str = ""               # the IR node's text line
 
     def __post_init__(self) -> None:
+        if self.part not in TEMPLATES:
+            raise ValueError(f"part must be one of {sorted(TEMPLATES)}, got {self.part!r}")
         if self.block_size < 1 or self.top_k < 1 or self.head_dim < 1 or self.group < 1:
             raise ValueError(f"invalid MoBA densify parameters {self}")
-        for t in (self.gather_tile, self.own_tile):
-            for name, v in (("block_m", t.block_m), ("block_n", t.block_n)):
-                if v < 16 or v & (v - 1):
-                    raise ValueError(f"MobaAttentionTile.{name} must be a power of two >= 16 (tl.dot), got {v}")
+        for name, v in (("block_m", self.tile.block_m), ("block_n", self.tile.block_n)):
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"MobaAttentionTile.{name} must be a power of two >= 16 (tl.dot), got {v}")
 
-    def fn_name(self, part: str) -> str:
-        return f"moec_moba_{part}_bs{self.block_size}_k{self.top_k}" + ("_varlen" if self.varlen else "")
+    @property
+    def fn_name(self) -> str:
+        return f"moec_moba_{self.part}_bs{self.block_size}_k{self.top_k}" + ("_varlen" if self.varlen else "")
 
-    def densify_constexprs(self) -> dict:
-        return dict(D=self.head_dim, D_PAD=pow2(self.head_dim), K=self.top_k, BLOCK_SIZE=self.block_size,
-                    VARLEN=self.varlen, BLOCK_M=self.gather_tile.block_m, BLOCK_N=self.gather_tile.block_n)
-
-    def own_constexprs(self) -> dict:
+    def constexprs(self) -> dict:
+        t = self.tile
+        if self.part == "densify":
+            return dict(D=self.head_dim, D_PAD=pow2(self.head_dim), K=self.top_k, BLOCK_SIZE=self.block_size,
+                        VARLEN=self.varlen, BLOCK_M=t.block_m, BLOCK_N=t.block_n)
         return dict(D=self.head_dim, D_PAD=pow2(self.head_dim), GROUP=self.group, BLOCK_SIZE=self.block_size,
-                    K=self.top_k, K_PAD=pow2(self.top_k, 1), VARLEN=self.varlen,
-                    BLOCK_M=self.own_tile.block_m, BLOCK_N=self.own_tile.block_n)
-
-
-def _render(template: str, params: MobaDensifyParams, part: str, tile: MobaAttentionTile) -> Kernel:
-    name = params.fn_name(part)
-    source = render(template, fn_name=name, head_dim=params.head_dim, top_k=params.top_k,
-                    block_size=params.block_size, group=params.group, varlen=params.varlen,
-                    dtype=params.dtype, tile=tile)
-    return Kernel(source, name)
+                    K=self.top_k, K_PAD=pow2(self.top_k, 1), VARLEN=self.varlen, BLOCK_M=t.block_m, BLOCK_N=t.block_n)
 
 
 @functools.lru_cache(maxsize=None)
 def render_densify(params: MobaDensifyParams) -> Kernel:
-    return _render(DENSIFY_TEMPLATE, params, "densify", params.gather_tile)
+    source = render(TEMPLATES[params.part], fn_name=params.fn_name, head_dim=params.head_dim, top_k=params.top_k,
+                    block_size=params.block_size, group=params.group, varlen=params.varlen, dtype=params.dtype,
+                    tile=params.tile, header=params.header)
+    return Kernel(source, params.fn_name)
 
 
-@functools.lru_cache(maxsize=None)
-def render_own_merge(params: MobaDensifyParams) -> Kernel:
-    return _render(OWN_TEMPLATE, params, "own_merge", params.own_tile)
-
-
-def plan_densify(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, *, block_size: int,
-                 cu_seqlens: Optional[Tensor] = None, arch: str | Arch | None = None,
-                 tile: Optional[MobaAttentionTile] = None, own: Optional[MobaAttentionTile] = None,
-                 partial_dtype: Optional[torch.dtype] = None) -> tuple[list[LaunchPlan], Tensor, Tensor]:
-    """Collect (runs now: torch ops) and the two launches, in order, with the (unwritten) outputs;
-    `moba_densify_fwd` runs them. Works on ``meta`` tensors (AOT checks: nothing runs).
-    ``tile``/``own`` override the gather and own-block tiles; ``partial_dtype`` (default q's dtype)
-    stores the partial outs."""
+def _check(q: Tensor, k: Tensor, v: Tensor, indices: Tensor) -> None:
     if q.dtype not in _FLOATS or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share one of fp32/fp16/bf16, got {q.dtype}, {k.dtype}, {v.dtype}")
-    B, H, N, D = q.shape
+    B, H, N, _ = q.shape
     if indices.dim() != 4 or tuple(indices.shape[:3]) != (B, H, N) or indices.dtype != torch.int32:
         raise ValueError(f"indices must be int32 [B, H, N, K] = [{B}, {H}, {N}, K], got "
                          f"{indices.dtype} {list(indices.shape)}")
+
+
+def _params(part: str, q: Tensor, k: Tensor, indices: Tensor, block_size: int, tile, cu_seqlens, header):
+    return MobaDensifyParams(part, block_size, indices.shape[3], q.shape[3], q.shape[1] // k.shape[1],
+                             cu_seqlens is not None, tile, str(q.dtype).replace("torch.", ""), header)
+
+
+def plan_partials(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, *, block_size: int, tile: MobaAttentionTile,
+                  cu_seqlens: Optional[Tensor] = None, header: str = "",
+                  partial_dtype: Optional[torch.dtype] = None) -> tuple[LaunchPlan, Tensor, Tensor]:
+    """Collect (runs now: torch ops) and the densify launch, with its (unwritten) partials
+    ``part_o [B*H*N*K, D]`` (``partial_dtype``, default q's) and ``part_lse [B*H*N*K]`` (filled with
+    -inf: entries no program writes keep it). Works on ``meta`` tensors (AOT checks: nothing runs)."""
+    _check(q, k, v, indices)
+    B, H, N, D = q.shape
     Hkv, K = k.shape[1], indices.shape[3]
-    a = resolve(arch, q.device)
-    params = MobaDensifyParams(block_size, K, D, H // Hkv, cu_seqlens is not None,
-                               tile or densify_tile(block_size, D, a), own or own_tile(block_size, D, a),
-                               str(q.dtype).replace("torch.", ""))
-    out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    params = _params("densify", q, k, indices, block_size, tile, cu_seqlens, header)
     E = B * H * N * K
     part_o = torch.empty((E, D), dtype=partial_dtype or q.dtype, device=q.device)
     part_lse = torch.full((E,), float("-inf"), dtype=torch.float32, device=q.device)
-    lists = collect_block_queries(indices, block_size=block_size, kv_heads=Hkv, block_m=params.gather_tile.block_m,
+    lists = collect_block_queries(indices, block_size=block_size, kv_heads=Hkv, block_m=tile.block_m,
                                   cu_seqlens=cu_seqlens)
-    sm_scale = 1.0 / math.sqrt(D) if D else 1.0
-    qkv_strides = {**strides(q, "q", "bhnd"), **strides(k, "k", "bhnd"), **strides(v, "v", "bhnd")}
-    gather_args = dict(
+    args = dict(
         q_ptr=q, k_ptr=k, v_ptr=v, ent_ptr=lists.entries, off_ptr=lists.offsets, chunk_seg_ptr=lists.chunk_seg,
         chunk_local_ptr=lists.chunk_local, blk_start_ptr=lists.block_start, part_o_ptr=part_o,
-        part_lse_ptr=part_lse, N=N, H=H, HKV=Hkv, NB=lists.n_blocks, N_SEG=lists.n_seg, sm_scale=sm_scale,
-        **qkv_strides)
-    gt = params.gather_tile
-    gather = LaunchPlan(render_densify(params), (lists.n_chunks if E else 0,), gather_args,
-                        params.densify_constexprs(), gt.num_warps, gt.num_stages)
+        part_lse_ptr=part_lse, N=N, H=H, HKV=Hkv, NB=lists.n_blocks, N_SEG=lists.n_seg,
+        sm_scale=1.0 / math.sqrt(D) if D else 1.0,
+        **strides(q, "q", "bhnd"), **strides(k, "k", "bhnd"), **strides(v, "v", "bhnd"))
+    plan = LaunchPlan(render_densify(params), (lists.n_chunks if E else 0,), args, params.constexprs(),
+                      tile.num_warps, tile.num_stages)
+    return plan, part_o, part_lse
 
-    tile_seq, tile_local, n_prog, S = query_programs(cu_seqlens, N, params.own_tile.block_m)
-    own_args = dict(
+
+def plan_merge(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, part_o: Tensor, part_lse: Tensor, *,
+               block_size: int, tile: MobaAttentionTile, cu_seqlens: Optional[Tensor] = None,
+               header: str = "") -> tuple[LaunchPlan, Tensor, Tensor]:
+    """The own-block + merge launch and its (unwritten) ``out``, ``lse``."""
+    _check(q, k, v, indices)
+    B, H, N, D = q.shape
+    params = _params("own_merge", q, k, indices, block_size, tile, cu_seqlens, header)
+    out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    tile_seq, tile_local, n_prog, S = query_programs(cu_seqlens, N, tile.block_m)
+    args = dict(
         q_ptr=q, k_ptr=k, v_ptr=v, idx_ptr=indices, part_o_ptr=part_o, part_lse_ptr=part_lse, out_ptr=out,
         lse_ptr=lse, cu_ptr=cu_seqlens, tile_seq_ptr=tile_seq, tile_local_ptr=tile_local,
-        N=N, H=H, S=S, sm_scale=sm_scale, **qkv_strides, **strides(indices, "i", "bhnk"),
-        **strides(out, "o", "bhnd"), **strides(lse, "l", "bhn"))
-    ot = params.own_tile
-    merge = LaunchPlan(render_own_merge(params), (n_prog if N else 0, B * H), own_args, params.own_constexprs(),
-                       ot.num_warps, ot.num_stages)
+        N=N, H=H, S=S, sm_scale=1.0 / math.sqrt(D) if D else 1.0,
+        **strides(q, "q", "bhnd"), **strides(k, "k", "bhnd"), **strides(v, "v", "bhnd"),
+        **strides(indices, "i", "bhnk"), **strides(out, "o", "bhnd"), **strides(lse, "l", "bhn"))
+    plan = LaunchPlan(render_densify(params), (n_prog if N else 0, B * H), args, params.constexprs(),
+                      tile.num_warps, tile.num_stages)
+    return plan, out, lse
+
+
+def densify_partials(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, *, block_size: int, tile: MobaAttentionTile,
+                     cu_seqlens: Optional[Tensor] = None, header: str = "") -> tuple[Tensor, Tensor]:
+    """Steps 1 and 2 (the IR's ``densify_attention``): ``(part_o, part_lse)``."""
+    plan, part_o, part_lse = plan_partials(q, k, v, indices, block_size=block_size, tile=tile,
+                                           cu_seqlens=cu_seqlens, header=header)
+    plan.run()
+    return part_o, part_lse
+
+
+def own_block_merge(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, part_o: Tensor, part_lse: Tensor, *,
+                    block_size: int, tile: MobaAttentionTile, cu_seqlens: Optional[Tensor] = None,
+                    header: str = "") -> tuple[Tensor, Tensor]:
+    """Step 3 (the IR's ``own_block_merge``): ``(out, lse)``."""
+    plan, out, lse = plan_merge(q, k, v, indices, part_o, part_lse, block_size=block_size, tile=tile,
+                                cu_seqlens=cu_seqlens, header=header)
+    plan.run()
+    return out, lse
+
+
+def plan_densify(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, *, block_size: int, tile: MobaAttentionTile,
+                 own: MobaAttentionTile, cu_seqlens: Optional[Tensor] = None,
+                 partial_dtype: Optional[torch.dtype] = None) -> tuple[list[LaunchPlan], Tensor, Tensor]:
+    """Collect (runs now) and the two launches, in order, with the (unwritten) outputs; ``tile``/``own``
+    are the gather and own-block tiles. Works on ``meta`` tensors (AOT checks: nothing runs)."""
+    gather, part_o, part_lse = plan_partials(q, k, v, indices, block_size=block_size, tile=tile,
+                                             cu_seqlens=cu_seqlens, partial_dtype=partial_dtype)
+    merge, out, lse = plan_merge(q, k, v, indices, part_o, part_lse, block_size=block_size, tile=own,
+                                 cu_seqlens=cu_seqlens)
     return [gather, merge], out, lse
 
 
-def moba_densify_fwd(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, *, block_size: int,
-                     cu_seqlens: Optional[Tensor] = None, arch: str | Arch | None = None,
-                     tile: Optional[MobaAttentionTile] = None, own: Optional[MobaAttentionTile] = None,
+def moba_densify_fwd(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, *, block_size: int, tile: MobaAttentionTile,
+                     own: MobaAttentionTile, cu_seqlens: Optional[Tensor] = None,
                      partial_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
     """``(out [B, H, N, D] in q's dtype, lse [B, H, N] fp32)``, as `moba_attention_fwd`, by collect and
     densify (see the module docstring for the steps and the memory they take)."""
-    plans, out, lse = plan_densify(q, k, v, indices, block_size=block_size, cu_seqlens=cu_seqlens, arch=arch,
-                                   tile=tile, own=own, partial_dtype=partial_dtype)
+    plans, out, lse = plan_densify(q, k, v, indices, block_size=block_size, tile=tile, own=own,
+                                   cu_seqlens=cu_seqlens, partial_dtype=partial_dtype)
     for plan in plans:
         plan.run()
     return out, lse

@@ -6,7 +6,7 @@ for the contract: selected blocks ascending, own block last, ``-1`` in unused sl
 keeps its q tile resident, streams the pooled keys of its past blocks and merges a running
 top-(k-1) per row in registers, so nothing of size N x n_blocks is ever allocated: the only
 buffers are the indices and, for packed sequences, two int32 tile maps of ``cdiv(N, BLOCK_M) + S``
-entries. Pooled keys come from `moec.runtime.moba_common.pool_keys` (a torch op).
+entries. Pooled keys come from `moec.runtime.moba_pool.pool_keys` (a torch op).
 No host synchronisation: grids and buffers depend on shapes only.
 """
 from __future__ import annotations
@@ -18,9 +18,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .arch import Arch, resolve
-from .launch import Kernel
-from .moba_common import LaunchPlan, MobaGateTile, block_offsets, gate_tile, pow2, query_tile_map
+from moec.ir.tiles import MobaGateTile, pow2
+
+from .launch import Kernel, LaunchPlan
+from .moba_maps import block_offsets, query_tile_map
 from .render import render
 
 TEMPLATE = "moba_gate.py.jinja"
@@ -38,6 +39,7 @@ class MobaGateParams:
     varlen: bool = False
     tile: MobaGateTile = MobaGateTile(32, 16, 4, 1)
     dtype: str = "float16"         # for the header only (the source is dtype-generic)
+    header: str = ""               # the IR node's text line
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.top_k < 1 or self.head_dim < 1 or self.group < 1:
@@ -61,20 +63,18 @@ class MobaGateParams:
 def render_gate(params: MobaGateParams) -> Kernel:
     source = render(TEMPLATE, fn_name=params.fn_name, head_dim=params.head_dim, top_k=params.top_k,
                     block_size=params.block_size, group=params.group, varlen=params.varlen,
-                    dtype=params.dtype, tile=params.tile)
+                    dtype=params.dtype, tile=params.tile, header=params.header)
     return Kernel(source, params.fn_name)
 
 
-def gate_params(q: Tensor, k_heads: int, *, block_size: int, top_k: int, varlen: bool,
-                arch: str | Arch | None = None, tile: Optional[MobaGateTile] = None) -> MobaGateParams:
-    a = resolve(arch, q.device)
-    D = q.shape[-1]
-    return MobaGateParams(block_size, top_k, D, q.shape[1] // k_heads, varlen,
-                          tile or gate_tile(block_size, D, a), str(q.dtype).replace("torch.", ""))
+def gate_params(q: Tensor, k_heads: int, *, block_size: int, top_k: int, varlen: bool, tile: MobaGateTile,
+                header: str = "") -> MobaGateParams:
+    return MobaGateParams(block_size, top_k, q.shape[-1], q.shape[1] // k_heads, varlen, tile,
+                          str(q.dtype).replace("torch.", ""), header)
 
 
-def plan_gate(q: Tensor, pooled: Tensor, *, block_size: int, top_k: int, cu_seqlens: Optional[Tensor] = None,
-              arch: str | Arch | None = None, tile: Optional[MobaGateTile] = None) -> tuple[LaunchPlan, Tensor]:
+def plan_gate(q: Tensor, pooled: Tensor, *, block_size: int, top_k: int, tile: MobaGateTile,
+              cu_seqlens: Optional[Tensor] = None, header: str = "") -> tuple[LaunchPlan, Tensor]:
     """The gate's launch and its (unwritten) output; `moba_gate` runs it."""
     if q.dim() != 4 or pooled.dim() != 4 or pooled.shape[0] != q.shape[0] or pooled.shape[3] != q.shape[3]:
         raise ValueError(f"q [B, H, N, D] and pooled [B, Hkv, NB, D] expected, got {list(q.shape)}, "
@@ -83,7 +83,7 @@ def plan_gate(q: Tensor, pooled: Tensor, *, block_size: int, top_k: int, cu_seql
         raise ValueError(f"q must be fp32/fp16/bf16 and pooled on its device, got {q.dtype}, {pooled.device}")
     B, H, N, D = q.shape
     params = gate_params(q, pooled.shape[1], block_size=block_size, top_k=top_k,
-                         varlen=cu_seqlens is not None, arch=arch, tile=tile)
+                         varlen=cu_seqlens is not None, tile=tile, header=header)
     idx = torch.empty((B, H, N, top_k), dtype=torch.int32, device=q.device)
     bm = params.tile.block_m
     if cu_seqlens is not None:
@@ -107,12 +107,12 @@ def plan_gate(q: Tensor, pooled: Tensor, *, block_size: int, top_k: int, cu_seql
                       params.tile.num_stages), idx
 
 
-def moba_gate(q: Tensor, pooled: Tensor, *, block_size: int, top_k: int, cu_seqlens: Optional[Tensor] = None,
-              arch: str | Arch | None = None, tile: Optional[MobaGateTile] = None) -> Tensor:
+def moba_gate(q: Tensor, pooled: Tensor, *, block_size: int, top_k: int, tile: MobaGateTile,
+              cu_seqlens: Optional[Tensor] = None, header: str = "") -> Tensor:
     """Block indices int32 ``[B, H, N, top_k]`` for ``q [B, H, N, D]`` from ``pooled [B, Hkv, NB, D]``
-    (`pool_keys`, with the same ``block_size`` and ``cu_seqlens``). ``arch`` picks the tile from the
-    table (default: the device's); ``tile`` overrides it."""
-    plan, idx = plan_gate(q, pooled, block_size=block_size, top_k=top_k, cu_seqlens=cu_seqlens, arch=arch,
-                          tile=tile)
+    (`pool_keys`, with the same ``block_size`` and ``cu_seqlens``), with ``tile`` (choose-tiles picks it);
+    ``header``: the IR node's line for the kernel's header."""
+    plan, idx = plan_gate(q, pooled, block_size=block_size, top_k=top_k, tile=tile, cu_seqlens=cu_seqlens,
+                          header=header)
     plan.run()
     return idx

@@ -1,12 +1,17 @@
-"""A lowered program: the ordered kernel launches and device-side torch steps of one region.
+"""A lowered program: the ordered kernel launches and device-side torch steps of one compiled region
+(an MoE layer, the routed experts of one, or a MoBA core: one `Program` for every kind).
 
-`Program.run` binds the token count T from ``x``, allocates every result from its IR type
-(sympy shapes evaluated at T: sizes depend on T only, never on routing data, so there is no host
-synchronisation and CUDA graphs can capture a call), and runs the steps in order.
+`Program.run` binds the graph's size symbols from the inputs' shapes (``T`` tokens, ``B`` batch,
+``S`` packed sequences: `moec.ir.types.binders`), allocates the results of the steps that write into
+buffers from their IR types (sympy shapes evaluated at those sizes: sizes never depend on routing
+data, so there is no host synchronisation and CUDA graphs can capture a call), and runs the steps in
+order.
 
 A kernel step has one `Variant` per token-count bucket of its node's ``tiles`` (each rendered
 once, at lowering); a call launches the variant whose bucket holds the call's T, a host int, so
-choosing costs no synchronisation either.
+choosing costs no synchronisation either. A ``select`` node (alternative kernels for one result,
+e.g. MoBA's two attention schemes) is decided from the sizes too, and only the steps the chosen
+branches need run.
 
 `Program.graph_safe` says whether a call can be captured in a CUDA graph: every step is a kernel
 or a torch step written without host reads and data-dependent shapes (`GRAPH_SAFE_TORCH_OPS`);
@@ -15,15 +20,15 @@ may synchronise. tests/test_graph_safety.py checks the claim op by op on the CPU
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import sympy
 import torch
 
 from moec.ir.graph import Graph, Node
-from moec.ir.types import T as SYM_T
 from moec.ir.text import print_node
+from moec.ir.types import bind_sizes, binders, condition
 
 from .launch import Kernel
 
@@ -72,19 +77,29 @@ class Step:
 
 
 # torch steps lowered without host synchronisation or data-dependent shapes: the dispatch sort
-# (runtime/dispatch.py), the aux loss's element-wise ops (passes/lower.py), expert capacity
-# (runtime/capacity.py)
-GRAPH_SAFE_TORCH_OPS = frozenset({"dispatch", "aux_loss", "apply_capacity"})
+# (runtime/dispatch.py), the aux loss's element-wise ops, expert capacity (runtime/capacity.py),
+# and the shape-decided `select`
+GRAPH_SAFE_TORCH_OPS = frozenset({"dispatch", "aux_loss", "apply_capacity", "select"})
+# torch steps that are bookkeeping, not computation a kernel could have done (explain() lists the rest)
+_BOOKKEEPING_OPS = frozenset({"dispatch", "aux_loss", "select"})
 
 
-def _shape_fn(t) -> Callable[[int], tuple]:
-    """``T -> shape`` of an IR type, compiled once: evaluating the sympy dims at every call would
+def _shape_fn(t) -> Callable[[dict], tuple]:
+    """``sizes -> shape`` of an IR type, compiled once: evaluating the sympy dims at every call would
     cost ~100 us per result, more than a decode step's kernels."""
     if all(d.is_Integer for d in t.shape):
         const = tuple(int(d) for d in t.shape)
-        return lambda T: const
-    f = sympy.lambdify(SYM_T, sympy.Tuple(*t.shape), "math")
-    return lambda T: tuple(int(v) for v in f(T))
+        return lambda sizes: const
+    syms = sorted(set().union(*(d.free_symbols for d in t.shape)), key=str)
+    f = sympy.lambdify(syms, sympy.Tuple(*t.shape), "math")
+    return lambda sizes: tuple(int(v) for v in f(*(sizes[s] for s in syms)))
+
+
+def _predicate(when: str) -> Callable[[dict], bool]:
+    cond = condition(when)
+    syms = sorted(cond.free_symbols, key=str)
+    f = sympy.lambdify(syms, cond, "math")
+    return lambda sizes: bool(f(*(sizes[s] for s in syms)))
 
 
 @dataclass
@@ -92,45 +107,87 @@ class Program:
     graph: Graph
     steps: list[Step]
     arch: str
-    meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        # per step: (role, T -> shape, dtype) of each result, for allocation at call time
+        self._binders = binders(self.graph.inputs)
+        self._token_dim = next(((n, i) for n, i, s, _ in self._binders if str(s) == "T"), None)
+        # per step: (role, sizes -> shape, dtype) of each result, for allocation at call time
         self._allocs = [[(r, _shape_fn(t), t.torch_dtype) for (r, _), t in zip(s.node.results, s.node.types)]
-                        for s in self.steps]
+                        if s.fills_results else [] for s in self.steps]
+        self._selects = [(i, _predicate(s.node.attr["when"])) for i, s in enumerate(self.steps)
+                         if s.node.op == "select"]
+        self._schedules: dict = {}
 
     @property
     def graph_safe(self) -> bool:
         """Whether a call can be captured in a CUDA graph (no host synchronisation, every buffer
-        and grid sized from T alone)."""
+        and grid sized from the inputs' shapes alone)."""
         return not self.graph_unsafe_steps()
 
     def graph_unsafe_steps(self) -> list[str]:
         """Ops of the torch steps that may synchronise with the host (empty when `graph_safe`)."""
         return [s.node.op for s in self.steps if not s.variants and s.node.op not in GRAPH_SAFE_TORCH_OPS]
 
+    def torch_steps(self) -> list[str]:
+        """Ops that run as torch code rather than generated kernels (bookkeeping steps aside)."""
+        return [s.node.op for s in self.steps if not s.variants and s.node.op not in _BOOKKEEPING_OPS]
+
     def kernels(self) -> list[tuple[Step, Kernel]]:
         """Every rendered kernel (one per bucket variant) with its step."""
         return [(s, v.kernel) for s in self.steps for v in s.variants]
 
-    def run(self, inputs: dict[str, torch.Tensor], *, training: bool = False,
-            noise: Optional[torch.Tensor] = None, on_step: Optional[Callable] = None) -> list[torch.Tensor]:
-        """Run every step; ``on_step(step, operands, results, ctx)`` is called after each (autotune
-        uses it to capture a kernel's operands)."""
-        x = inputs["x"]
-        T = x.shape[0]
-        values = dict(inputs)
-        ctx = {"training": training, "noise": noise, "T": T}
-        for step, allocs in zip(self.steps, self._allocs):
-            ins = {r: values[v] for r, v in step.node.operands}
+    def sizes(self, inputs: dict) -> dict:
+        """The graph's symbols bound from ``inputs``' shapes (``{T: 7, ...}``)."""
+        return bind_sizes(self._binders, inputs)
+
+    def _schedule(self, taken: tuple) -> list[int]:
+        """The steps a call runs when the selects take ``taken`` (True: operand ``a``): those the
+        outputs need, through the chosen operand of each select."""
+        got = self._schedules.get(taken)
+        if got is None:
+            producer = {v: i for i, s in enumerate(self.steps) for v in s.node.outs.values()}
+            choice = {i: ("a" if t else "b") for (i, _), t in zip(self._selects, taken)}
+            live, todo = set(), [producer[o] for o in self.graph.outputs if o in producer]
+            while todo:
+                i = todo.pop()
+                if i in live:
+                    continue
+                live.add(i)
+                node = self.steps[i].node
+                reads = [node.ins[choice[i]]] if i in choice else node.ins.values()
+                todo += [producer[v] for v in reads if v in producer]
+            got = self._schedules[taken] = sorted(live)
+        return got
+
+    def run(self, inputs: dict[str, torch.Tensor], *, training: bool = False, noise: Optional[torch.Tensor] = None,
+            on_step: Optional[Callable] = None, values: bool = False):
+        """Run the steps; returns the graph's outputs in order (``values=True``: every value, by name,
+        e.g. for a backward that reuses an intermediate). ``on_step(step, operands, results, ctx)`` is
+        called after each (autotune uses it to capture a kernel's operands)."""
+        sizes = self.sizes(inputs)
+        T = inputs[self._token_dim[0]].shape[self._token_dim[1]] if self._token_dim else 0
+        device = next(iter(inputs.values())).device
+        env = dict(inputs)
+        ctx = {"training": training, "noise": noise, "T": T, "sizes": sizes}
+        order = range(len(self.steps))
+        if self._selects:
+            taken = tuple(pred(sizes) for _, pred in self._selects)
+            ctx["taken"] = dict(zip((i for i, _ in self._selects), taken))
+            order = self._schedule(taken)
+        for i in order:
+            step = self.steps[i]
+            if step.node.op == "select":
+                env[step.node.outs["out"]] = env[step.node.ins["a" if ctx["taken"][i] else "b"]]
+                continue
+            ins = {r: env[v] for r, v in step.node.operands}
             if step.fills_results:
-                outs = {r: torch.empty(shape(T), dtype=dtype, device=x.device) for r, shape, dtype in allocs}
+                outs = {r: torch.empty(shape(sizes), dtype=dtype, device=device) for r, shape, dtype in self._allocs[i]}
             else:
-                outs = {r: None for r, _, _ in allocs}
+                outs = {r: None for r, _ in step.node.results}
             got = step.execute(ins, outs, ctx)
             if got:                      # a step may return new tensors instead of filling outs
                 outs.update(got)
             if on_step is not None:
                 on_step(step, ins, outs, ctx)
-            values.update({v: outs[r] for r, v in step.node.results})
-        return [values[o] for o in self.graph.outputs]
+            env.update({v: outs[r] for r, v in step.node.results})
+        return env if values else [env[o] for o in self.graph.outputs]

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import jinja2
 
+from moec import templates
 
 
 @functools.lru_cache(maxsize=None)
 def _env() -> jinja2.Environment:
-    from moec import templates
     root = Path(templates.__file__).resolve().parent
     return jinja2.Environment(loader=jinja2.FileSystemLoader(str(root)), undefined=jinja2.StrictUndefined,
                               trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)

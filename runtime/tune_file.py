@@ -1,9 +1,9 @@
-"""The autotune file: where it is, its format, atomic merged writes, the kernel keys, and the
-lookup choose-tiles makes before the cost model. `moec.runtime.autotune` writes it.
+"""The autotune file: where it is, its format, atomic merged writes, and the
+lookup choose-tiles makes before the cost model. `moec.autotune` writes it.
 
 The file: ``MOEC_TUNE_FILE``, else ``tune.json`` in moec's cache directory (``MOEC_CACHE_DIR`` or
 the user's cache dir). Entries are keyed by device name (``torch.cuda.get_device_name()``), kernel
-(`kernel_key`: the cost model's problem key, which names the rows per token ``M=kT``, N, K, dtypes
+(`moec.passes.choose_tiles.kernel_key`: the cost model's problem key, which names the rows per token ``M=kT``, N, K, dtypes
 and the fused prologue/epilogue, plus the node attributes that change the generated code, e.g.
 the routing's score function and expert groups) and bucket; choose-tiles looks them up for the
 device this process compiles for (``MOEC_TUNE_DEVICE`` names another: to compile for a GPU you
@@ -130,18 +130,14 @@ def generation() -> int:
 
 
 def invalidate() -> None:
-    """Make the tune file's current contents apply in this process: clear `compile_spec`'s memo
-    and bump `generation`, so modules compiled before recompile (once) at their next call with the
-    new tiles instead of silently keeping the old ones. `save` (so `tune`) calls it; call it
-    yourself after replacing the file, or changing ``MOEC_TUNE_FILE``/``MOEC_TUNE_DEVICE``, in a
-    running process (another process's writes are not watched)."""
+    """Make the tune file's current contents apply in this process: bump `generation`, which every
+    compiled program is memoised under (`moec.compiler`), so compiles after it read the file again
+    and modules compiled before recompile (once) at their next call with the new tiles instead of
+    silently keeping the old ones. `save` (so `moec.autotune.tune`) calls it; call it yourself after
+    replacing the file, or changing ``MOEC_TUNE_FILE``/``MOEC_TUNE_DEVICE``, in a running process
+    (another process's writes are not watched)."""
     global _generation
     _generation += 1
-    try:
-        from moec.compiler import compile_spec
-        compile_spec.cache_clear()
-    except ImportError:
-        pass
 
 
 def tile_to_json(tile) -> dict:
@@ -159,33 +155,6 @@ def tile_from_json(d: dict):
     if any(not isinstance(v, int) or v < 1 or v & (v - 1) for v in dims):
         return None
     return tile
-
-
-# ---- kernel keys ----------------------------------------------------------------------------
-
-# node attributes the problem key already names, and optional operands it implies
-_IN_PROBLEM_KEY = {"tiles", "num_experts", "top_k", "glu", "gather_top_k", "scatter", "out_dtype", "noisy"}
-_IMPLIED_OPERANDS = {"offsets", "w_up", "order", "scale", "w_noise", "residual"}
-
-
-def _attr_text(name: str, v) -> str:
-    if v is True:
-        return name
-    return f"{name}={v:g}" if isinstance(v, float) else f"{name}={v}"
-
-
-def kernel_key(node, graph) -> str:
-    """The tune file's key of a kernel node: the cost model's problem key (shape, rows per token,
-    dtypes, fused gather/scatter/scale), then every other attribute of the node that is set (False
-    and None ones omitted, sorted) and the optional operands it reads (``+b``): whatever changes
-    the generated kernel. Two nodes with one key run the same kernel on the same shapes."""
-    from moec.passes import cost_model
-    bits = [cost_model.problem_of(node, graph).key]
-    bits += [_attr_text(k, v) for k, v in sorted(node.attr.items())
-             if k not in _IN_PROBLEM_KEY and v is not None and v is not False]
-    required = set(node.opdef.operands)
-    bits += [f"+{r}" for r in sorted(node.ins) if r not in required and r not in _IMPLIED_OPERANDS]
-    return " ".join(bits)
 
 
 # ---- lookup (choose-tiles) --------------------------------------------------------------------

@@ -19,7 +19,8 @@ import zoo
 from aot_util import distinct_launches, launch_key, record_launches, retyped
 from moec.compiler import compile_spec
 from moec.frontend import LiftedMoE, lift
-from moec.region import Region, graph_inputs
+from moec.ir.build import moe_inputs
+from moec.moe_region import MoERegion
 from moec.runtime.aot import compile_launch
 from moec.runtime.arch import ARCHS
 from moec.spec import MoESpec, MoEWeights, RouterConfig
@@ -59,16 +60,16 @@ def lifted():
 def test_zoo_kernels_compile_for_arch(lifted, arch):
     records = []
     for name, module, got in lifted:
-        region = Region(name, got)
+        region = MoERegion(name, lifted=got)
         tensors = [t.half() for t in got.param_tensors(module)]
         c = compile_spec(got.spec, torch.float16, region.outputs, ARCHS[arch])
         for T in TOKENS.get(name, (8,)):
             x = torch.randn(T, got.spec.hidden).half()
-            records += record_launches(lambda: c.program.run(graph_inputs(x, got.weights(tensors))))
+            records += record_launches(lambda: c.program.run(moe_inputs(x, got.weights(tensors))))
     c = compile_spec(GPT_OSS, torch.float16, ("y", "weights"), ARCHS[arch])
     for T in (4, 300):
         x = torch.randn(T, GPT_OSS.hidden).half()
-        records += record_launches(lambda: c.program.run(graph_inputs(x, _gpt_oss_weights(GPT_OSS))))
+        records += record_launches(lambda: c.program.run(moe_inputs(x, _gpt_oss_weights(GPT_OSS))))
     seen = set()
     for rec in distinct_launches(retyped(r) for r in records):
         if launch_key(rec) in seen:

@@ -11,7 +11,7 @@ import torch
 
 from moec.compiler import compile_spec
 from moec.passes import cost_model as cm
-from moec.runtime import autotune
+from moec import autotune
 from moec.runtime.arch import ARCHS
 from moec.runtime.launch import recording
 from moec.ir.tiles import BUCKETS, GemmTile, RouteTile, RowTile, bucket_ranges
@@ -26,9 +26,9 @@ SPEC = MoESpec(32, 64, RouterConfig(8, 2, renormalize=True))
 def tune_env(tmp_path, monkeypatch):
     monkeypatch.setenv("MOEC_TUNE_FILE", str(tmp_path / "tune.json"))
     monkeypatch.delenv("MOEC_TUNE_DEVICE", raising=False)
-    compile_spec.cache_clear()
+    autotune.invalidate()
     yield tmp_path / "tune.json"
-    compile_spec.cache_clear()
+    autotune.invalidate()
 
 
 def entry(tile, us=1.0):
@@ -124,11 +124,11 @@ def test_choose_tiles_uses_tuned_entries_first(tune_env, monkeypatch):
     assert tuned not in model.values()
     autotune.save("Fake GPU", "sm90", {key: {"T<=128": entry(tuned)}})
     # no device of that name here: the entry does not apply
-    compile_spec.cache_clear()
+    autotune.invalidate()
     assert _up_node(compile_spec(SPEC, torch.float16, ("y",), ARCHS["sm90"])).attr["tiles"] == model
     # compiling for the tuned device (by name): the T <= 128 bucket takes the tuned tile
     monkeypatch.setenv("MOEC_TUNE_DEVICE", "Fake GPU")
-    compile_spec.cache_clear()
+    autotune.invalidate()
     c2 = compile_spec(SPEC, torch.float16, ("y",), ARCHS["sm90"])
     step = next(s for s in c2.program.steps if s.node.name == "h")
     assert step.variant(100).params.tile == tuned and step.variant(17).params.tile == tuned
@@ -139,7 +139,7 @@ def test_choose_tiles_uses_tuned_entries_first(tune_env, monkeypatch):
     assert c2.sources["h"][128] == "tune file" and c2.sources["h"][None] == "cost model"
     assert c2.tuned_from.startswith("Fake GPU in ") and not c2.tune_notes
     # another arch does not take an sm90 device's entries
-    compile_spec.cache_clear()
+    autotune.invalidate()
     c3 = compile_spec(SPEC, torch.float16, ("y",), ARCHS["sm80"])
     assert tuned not in _up_node(c3).attr["tiles"].values()
 
@@ -233,9 +233,9 @@ def test_trials_are_distinct_blocks_then_other_orders_of_the_current_tile():
 
 
 def test_tune_with_a_fake_timer(tune_env, monkeypatch, capsys):
-    from moec.region import graph_inputs
+    from moec.ir.build import moe_inputs
     c = compile_spec(SPEC, torch.float32, ("y",), ARCHS["sm90"])          # interpreted: fp32
-    weights = {k: v for k, v in graph_inputs(torch.zeros(1, 32), _weights(torch.Generator().manual_seed(0))).items()
+    weights = {k: v for k, v in moe_inputs(torch.zeros(1, 32), _weights(torch.Generator().manual_seed(0))).items()
                if k != "x"}
     sizes = {16: (1, 4), 128: 40}                 # the decode bucket at both of its ends
     calls = []

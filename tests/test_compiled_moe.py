@@ -27,8 +27,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moec import reference as ref
+from moec import compiler
 from moec.compiler import compile_spec
-from moec.region import graph_inputs
+from moec.ir.build import moe_inputs
 from moec.runtime import cache, launch
 from moec.runtime.arch import ARCHS
 from moec.spec import MoESpecError, ACTIVATIONS, MoESpec, MoEWeights, RouterConfig, SharedExpertConfig
@@ -50,7 +51,7 @@ DTYPES = (torch.float32, torch.float16)
 # helpers
 
 def make_weights(spec: MoESpec, dtype, gen: torch.Generator, *, router_scale: float = 1.0) -> MoEWeights:
-    """Random layer weights in ``dtype`` (score_bias stays fp32, as `graph_inputs` passes it)."""
+    """Random layer weights in ``dtype`` (score_bias stays fp32, as `moe_inputs` passes it)."""
     E, d, f, r = spec.num_experts, spec.hidden, spec.ffn, spec.router
 
     def rnd(*shape, scale):
@@ -103,7 +104,7 @@ def _strided(b):
 
 def run_compiled(spec, dtype, outputs, arch, x, w, *, training=False, noise=None):
     compiled = compile_spec(spec, dtype, tuple(outputs), arch)
-    return compiled.program.run(graph_inputs(x, w), training=training, noise=noise)
+    return compiled.program.run(moe_inputs(x, w), training=training, noise=noise)
 
 
 def reference_outputs(spec, outputs, x, w, noise=None):
@@ -494,9 +495,9 @@ def test_no_recompilation_across_token_counts():
     outputs = ("y", "aux")
     gen = torch.Generator().manual_seed(9)
     w = make_weights(spec, torch.float32, gen)
-    before = compile_spec.cache_info()
+    before = compiler.cache_info()
     compile_spec(spec, torch.float32, outputs, CPU)
-    misses = compile_spec.cache_info().misses
+    misses = compiler.cache_info().misses
     assert misses == before.misses + 1
     modules = None
     for T in (1, 7, 300):
@@ -506,7 +507,7 @@ def test_no_recompilation_across_token_counts():
         if modules is None:
             modules = len(cache._modules)
         assert len(cache._modules) == modules, f"T={T} imported a new kernel module"
-        assert compile_spec.cache_info().misses == misses, f"T={T} recompiled"
+        assert compiler.cache_info().misses == misses, f"T={T} recompiled"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from moec.compiler import compile_spec
 from moec.ir import parse_graph, print_graph
 from moec.ir.types import T
 from moec.passes import cost_model as cm
-from moec.region import graph_inputs
+from moec.ir.build import moe_inputs
 from moec.runtime import arch as arch_module
 from moec.runtime.aot import compile_launch
 from moec.runtime.arch import ARCHS, GPU_ARCHS, arch_of, with_device_facts
@@ -398,7 +398,7 @@ def test_program_launches_the_bucket_of_T(tmp_path):
     for T_ in (4, 300):
         x = torch.randn(T_, d, generator=gen)
         with recording() as recs:
-            (y,) = c.program.run(graph_inputs(x, w))
+            (y,) = c.program.run(moe_inputs(x, w))
         want = up.variant(T_).kernel.fn_name
         assert want in {r.kernel.fn_name for r in recs}, (T_, want)
         assert want.endswith(bucket_suffix(*up.variant(T_).params.bucket))

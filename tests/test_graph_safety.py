@@ -43,7 +43,7 @@ import zoo
 from moec import reference as ref
 from moec.compiler import compile_spec
 from moec.ops import _moe_op
-from moec.region import graph_inputs
+from moec.ir.build import moe_inputs
 from moec.runtime import capacity, launch
 from moec.runtime.arch import ARCHS
 from moec.spec import MoESpec, MoEWeights, RouterConfig
@@ -379,9 +379,9 @@ def test_unfused_router_is_reported_and_caught():
                    w_down=torch.randn(4, 16, 32, generator=gen), w_gate=torch.randn(4, 32, 16, generator=gen),
                    w_noise=torch.randn(4, 16, generator=gen))
     x = torch.randn(7, 16, generator=gen)
-    _, _, syncs, _ = trace(lambda: c.program.run(graph_inputs(x, w), training=True, noise=torch.randn(7, 4)))
+    _, _, syncs, _ = trace(lambda: c.program.run(moe_inputs(x, w), training=True, noise=torch.randn(7, 4)))
     assert syncs
-    from moec.explain import _graph_line
+    from moec.region import _graph_line
     assert _graph_line(c.program).startswith("CUDA graphs: not capturable: ") and "route" in _graph_line(c.program)
 
 

@@ -5,7 +5,7 @@ import torch
 
 from moec import reference
 from moec.ir import IRError, T, build_moe_graph, interpret, parse_graph, print_graph, verify
-from moec.region import graph_inputs
+from moec.ir.build import moe_inputs
 from moec.spec import MoESpec, MoESpecError, MoEWeights, RouterConfig, SharedExpertConfig
 
 SPEC = MoESpec(16, 24, RouterConfig(4, 2, renormalize=True), shared=SharedExpertConfig(8, gated=True))
@@ -36,7 +36,7 @@ def test_interpreter_matches_reference():
     g = build_moe_graph(SPEC, torch.float32)
     for n in (0, 1, 11):
         x = torch.randn(n, 16)
-        (y,) = interpret(g, graph_inputs(x, w))
+        (y,) = interpret(g, moe_inputs(x, w))
         torch.testing.assert_close(y, reference.moe(x, w, SPEC)[0], rtol=1e-5, atol=1e-5)
 
 

@@ -12,16 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from moec.compiler import compile_spec
-from moec.hf.experts import experts_program
+from moec.compiler import ExpertsRecipe, MobaRecipe, MoERecipe, compile_program
 from moec.moba.config import MobaConfig
-from moec.moba.compiler import compile_moba
 from moec.runtime.arch import ARCHS
-from moec.runtime.moba_common import densify_tile, own_tile
-from moec.runtime.moba_densify_kernel import MobaDensifyParams, render_densify, render_own_merge
-from moec.runtime.moba_attention_kernel import MobaAttentionParams, render_attention
-from moec.runtime.moba_common import attention_tile, gate_tile
-from moec.runtime.moba_gate_kernel import MobaGateParams, render_gate
 from moec.spec import MoESpec, RouterConfig, SharedExpertConfig
 
 GOLDEN = Path(__file__).parent / "golden" / "kernels"
@@ -56,32 +49,23 @@ def _program_kernels(c) -> dict:
     return {f"{step.node.name}.{kernel.fn_name}.py": kernel.source for step, kernel in c.program.kernels()}
 
 
-def _moba_other_kernels(cfg: MobaConfig, dtype, arch) -> dict:
-    """The kernels a MoBA core can also run: packed sequences (varlen) and the densify scheme."""
-    a, D, bs, dt = ARCHS[arch], cfg.head_dim, cfg.block_size, str(dtype).replace("torch.", "")
-    out = {}
-    gate = render_gate(MobaGateParams(bs, cfg.top_k, D, cfg.group, True, gate_tile(bs, D, a), dt))
-    att = render_attention(MobaAttentionParams(bs, cfg.top_k, D, cfg.group, True, attention_tile(bs, D, a), dt))
-    for varlen in (False, True):
-        p = MobaDensifyParams(bs, cfg.top_k, D, cfg.group, varlen, densify_tile(bs, D, a), own_tile(bs, D, a), dt)
-        for k in (render_densify(p), render_own_merge(p)):
-            out[f"{k.fn_name}.py"] = k.source
-    for k in (gate, att):
-        out[f"{k.fn_name}.py"] = k.source
-    return out
-
-
 def generate(case: str) -> dict:
-    """``{file name: source}`` of every kernel of one golden case ``<name>.<arch>``."""
+    """``{file name: source}`` of every kernel of one golden case ``<name>.<arch>``: the programs the
+    compile driver makes (MoBA: one sequence per batch row and packed sequences, each with both
+    attention schemes)."""
     name, arch = case.rsplit(".", 1)
     if name in MOE:
         spec, dt, outs = MOE[name]
-        return _program_kernels(compile_spec(spec, DT[dt], outs, ARCHS[arch]))
+        return _program_kernels(compile_program(MoERecipe(spec, outs), DT[dt], ARCHS[arch]))
     if name in EXPERTS:
         E, k, d, f, act, glu, dtype, bias, variant = EXPERTS[name]
-        return _program_kernels(experts_program(E, k, d, f, act, glu, dtype, ARCHS[arch], bias, variant))
+        return _program_kernels(compile_program(ExpertsRecipe(E, k, d, f, act, glu, bias, variant), dtype, ARCHS[arch]))
     cfg, dtype = MOBA[name]
-    return {**_program_kernels(compile_moba(cfg, dtype, ARCHS[arch])), **_moba_other_kernels(cfg, dtype, arch)}
+    out = {}
+    for varlen in (False, True):
+        c = compile_program(MobaRecipe(cfg, varlen=varlen), dtype, ARCHS[arch])
+        out.update({f"{'varlen.' if varlen else ''}{f}": src for f, src in _program_kernels(c).items()})
+    return out
 
 
 # every case with sm90's tiles (token-count buckets), a few with the interpreter's and other arches'

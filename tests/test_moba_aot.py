@@ -3,7 +3,7 @@ arch's shared memory, and use its tensor-core instructions for 16-bit operands.
 
 - The instances the interpreter tests run (CPU tiles; fp32 exact dots, fp16, varlen, GQA, top_k = 1,
   kconv) are recorded from a small workload and compiled for every arch.
-- The GPU tile table (`moec.runtime.moba_common`): the benchmark configuration (bf16, D = 128,
+- The GPU tile table (`moec.passes.moba_tiles`): the benchmark configuration (bf16, D = 128,
   block 128, top-k 8, varlen, GQA) compiles for every arch, with launches planned on ``meta``
   tensors (nothing runs); every table entry's pipelined shared-memory estimate fits every arch.
   ``HYPOTHESIS_PROFILE=large`` (``make test-large``) compiles the whole table: block sizes 64 to
@@ -21,12 +21,12 @@ import pytest
 import torch
 
 from aot_util import ARCHS, distinct_launches, record_launches
-from moec.moba.ops import moba_forward_kernels
+from moec.ops import moba_forward_kernels
 from moec.runtime.aot import compile_launch
 from moec.runtime.arch import ARCHS as ARCH_INFO, GPU_ARCHS
+from moec.ir.tiles import pow2
+from moec.passes.moba_tiles import attention_smem, attention_tile, densify_tile, gate_smem, gate_tile, own_tile
 from moec.runtime.moba_attention_kernel import plan_attention
-from moec.runtime.moba_common import (attention_smem, attention_tile, densify_tile, gate_smem, gate_tile,
-                                      own_tile, pow2)
 from moec.runtime.moba_densify_kernel import plan_densify
 from moec.runtime.moba_gate_kernel import plan_gate
 
@@ -78,8 +78,10 @@ def table_records(arch, block_size, dtype=torch.bfloat16, D=128, top_k=8, varlen
     cu = torch.empty(3, dtype=torch.int32, device="meta") if varlen else None
     pooled = torch.empty(1, Hkv, N // block_size + 2, D, **meta)
     idx = torch.empty(1, H, N, top_k, dtype=torch.int32, device="meta")
-    gate, _ = plan_gate(q, pooled, block_size=block_size, top_k=top_k, cu_seqlens=cu, arch=arch)
-    attn, _, _ = plan_attention(q, k, k, idx, block_size=block_size, cu_seqlens=cu, arch=arch)
+    gate, _ = plan_gate(q, pooled, block_size=block_size, top_k=top_k, tile=gate_tile(block_size, D, arch),
+                        cu_seqlens=cu)
+    attn, _, _ = plan_attention(q, k, k, idx, block_size=block_size, tile=attention_tile(block_size, D, arch),
+                                cu_seqlens=cu)
     return [gate.record(), attn.record()]
 
 
@@ -120,7 +122,8 @@ def densify_records(arch, block_size, dtype=torch.bfloat16, D=128, top_k=8, varl
     q, k = torch.empty(1, H, N, D, **meta), torch.empty(1, Hkv, N, D, **meta)
     cu = torch.empty(3, dtype=torch.int32, device="meta") if varlen else None
     idx = torch.empty(1, H, N, top_k, dtype=torch.int32, device="meta")
-    plans, _, _ = plan_densify(q, k, k, idx, block_size=block_size, cu_seqlens=cu, arch=arch)
+    plans, _, _ = plan_densify(q, k, k, idx, block_size=block_size, tile=densify_tile(block_size, D, arch),
+                               own=own_tile(block_size, D, arch), cu_seqlens=cu)
     return [p.record() for p in plans]
 
 

@@ -11,12 +11,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import pytest
 
-from moec.ops import moba_attention
-from moec.moba.ops import moba_forward_kernels
+from moec.ops import moba_attention, moba_forward_kernels
 from moec.moba.reference import moba_attention_from_indices, moba_block_selection, moba_reference
 from moec.runtime.launch import recording
-from moec.runtime.moba_attention_kernel import moba_attention_fwd
-from moec.runtime.moba_common import DENSIFY_BLOCKS_PER_K, MobaAttentionTile, choose_scheme
+from moec.ir.tiles import MobaAttentionTile
+from moec.ir.types import S, T, condition
+from moec.passes.choose_moba_scheme import DENSIFY_BLOCKS_PER_K, densify_condition
+from moec.passes.moba_tiles import densify_tile, own_tile
 from moec.runtime.moba_densify_kernel import (collect_block_queries, densify_workspace_bytes, moba_densify_fwd,
                                               plan_densify)
 from test_moba_kernels import GAP, _Allocations, check_selection
@@ -152,22 +153,32 @@ def test_op_scheme_argument():
         moba_attention(q, k, v, block_size=8, top_k=2, scheme="columns")
 
 
+def densify(block_size, top_k, n_rows, n_seqs=None):
+    """Whether choose-moba-scheme's condition takes densify for these sizes."""
+    cond = condition(densify_condition(block_size, top_k, n_seqs is not None))
+    return bool(cond.subs({T: n_rows, S: n_seqs or 1}))
+
+
 def test_auto_rule():
-    """Densify once the average sequence has more than DENSIFY_BLOCKS_PER_K * top_k blocks."""
+    """Densify once the average sequence has more than DENSIFY_BLOCKS_PER_K * top_k blocks; the
+    compiled program takes the branch the condition picks, and runs only its kernels."""
     f = DENSIFY_BLOCKS_PER_K
-    assert choose_scheme("auto", n_rows=128 * 8 * f, block_size=128, top_k=8) == "rows"
-    assert choose_scheme("auto", n_rows=128 * 8 * f + 1, block_size=128, top_k=8) == "densify"
-    assert choose_scheme("auto", n_rows=524288, block_size=128, top_k=8) == "densify"
-    assert choose_scheme("auto", n_rows=524288, block_size=128, top_k=8, n_seqs=512) == "rows"   # 1K each
-    assert choose_scheme("rows", n_rows=524288, block_size=16, top_k=2) == "rows"
-    assert choose_scheme("auto", n_rows=524288, block_size=16, top_k=1) == "rows"       # own block only
-    assert choose_scheme("densify", n_rows=16, block_size=16, top_k=1) == "densify"
+    assert not densify(128, 8, 128 * 8 * f)
+    assert densify(128, 8, 128 * 8 * f + 1)
+    assert densify(128, 8, 524288)
+    assert not densify(128, 8, 524288, n_seqs=512)          # 1K each
+    assert densify(128, 8, 524288, n_seqs=1) and not densify(128, 8, 1024, n_seqs=0)
     q = torch.randn(1, 1, 16 * 2 * f + 1, 16)
-    idx = moba_block_selection(q, q, block_size=16, top_k=2)
-    with recording() as launches:
-        out, _ = moba_attention_fwd(q, q, q, idx, block_size=16)
-    assert [r.kernel.fn_name.split("_bs")[0] for r in launches] == ["moec_moba_densify", "moec_moba_own_merge"]
-    torch.testing.assert_close(out, moba_attention_from_indices(q, q, q, idx, block_size=16)[0], rtol=1e-4, atol=1e-5)
+    for N, kernels in ((16 * 2 * f, ["moec_moba_gate", "moec_moba_attention"]),
+                       (16 * 2 * f + 1, ["moec_moba_gate", "moec_moba_densify", "moec_moba_own_merge"])):
+        with recording() as launches:
+            out, _, idx = moba_forward_kernels(q[:, :, :N], q[:, :, :N], q[:, :, :N], block_size=16, top_k=2)
+        assert [r.kernel.fn_name.split("_bs")[0] for r in launches] == kernels
+        torch.testing.assert_close(out, moba_attention_from_indices(q[:, :, :N], q[:, :, :N], q[:, :, :N], idx,
+                                                                    block_size=16)[0], rtol=1e-4, atol=1e-5)
+    with recording() as launches:                           # top_k = 1: the own block alone, always rows
+        moba_forward_kernels(q, q, q, block_size=16, top_k=1)
+    assert "moec_moba_attention" in launches[-1].kernel.fn_name
 
 
 def test_fp32_partials_for_16bit_inputs():
@@ -178,7 +189,8 @@ def test_fp32_partials_for_16bit_inputs():
     r_out, _ = moba_attention_from_indices(q.float(), k.float(), v.float(), idx, block_size=16)
     err = {}
     for pd in (None, torch.float32):
-        out, _ = moba_densify_fwd(q, k, v, idx, block_size=16, partial_dtype=pd)
+        out, _ = moba_densify_fwd(q, k, v, idx, block_size=16, tile=densify_tile(16, 32), own=own_tile(16, 32),
+                                  partial_dtype=pd)
         err[pd] = (out.float() - r_out).abs().max().item()
     assert err[torch.float32] <= err[None] + 1e-6 and err[None] < 2e-3, err
 
@@ -188,12 +200,14 @@ def test_strided_inputs_and_empty():
     q = torch.randn(2, 40, 4, 16, generator=g).transpose(1, 2)
     k, v = (torch.randn(2, 40, 2, 16, generator=g).transpose(1, 2) for _ in range(2))
     idx = moba_block_selection(q, k, block_size=8, top_k=3).transpose(2, 3).contiguous().transpose(2, 3)
-    out, lse = moba_densify_fwd(q, k, v, idx, block_size=8)
+    tiles = dict(tile=densify_tile(8, 16), own=own_tile(8, 16))
+    out, lse = moba_densify_fwd(q, k, v, idx, block_size=8, **tiles)
     r_out, r_lse = moba_attention_from_indices(q, k, v, idx, block_size=8)
     torch.testing.assert_close(out, r_out, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(lse, r_lse, **LSE_TOL)
     q0 = torch.randn(1, 2, 0, 16)
-    out, lse = moba_densify_fwd(q0, q0[:, :1], q0[:, :1], torch.zeros(1, 2, 0, 3, dtype=torch.int32), block_size=8)
+    out, lse = moba_densify_fwd(q0, q0[:, :1], q0[:, :1], torch.zeros(1, 2, 0, 3, dtype=torch.int32), block_size=8,
+                                **tiles)
     assert out.shape == q0.shape and lse.shape == (1, 2, 0)
 
 
@@ -292,7 +306,8 @@ def test_workspace_formula_bounds_allocations_and_fits_512k():
     q, k = torch.randn(B, H, N, D).half(), torch.randn(B, hkv, N, D).half()
     idx = moba_block_selection(q, k, block_size=bs, top_k=K)
     with _Allocations() as alloc:
-        plan_densify(q, k, k, idx, block_size=bs, tile=MobaAttentionTile(16, 16, 4, 1))
+        plan_densify(q, k, k, idx, block_size=bs, tile=MobaAttentionTile(16, 16, 4, 1),
+                     own=MobaAttentionTile(16, 16, 4, 1))
     planned = sum(alloc.storages.values()) - 2 * B * H * N * D * 2 - B * H * N * 4   # less out and lse
     assert planned <= densify_workspace_bytes(B, H, hkv, N, D, K, bs, q.element_size(), block_m=16)
     big = densify_workspace_bytes(1, 16, 16, 524288, 128, 8, 128, 2, block_m=128)

@@ -15,13 +15,12 @@ from moec.ir import IRError, interpret, parse_graph, print_graph, verify
 from moec.moba import moba_reference
 from moec.ir.build import build_moba_graph
 from moec.moba.config import MobaConfig
-from moec.moba.compiler import compile_moba
-from moec.passes.lower_moba import lower_moba
-from moec.passes.moba_pipeline import MOBA_PIPELINE, run_moba_passes
-from moec.passes.pipeline import PassContext, PassError
+from moec.compiler import MobaRecipe, compile_program
+from moec.passes.lower import lower
+from moec.passes.pipeline import MOBA_PIPELINE, PassContext, PassError, run_passes
 from moec.runtime.arch import ARCHS
 from moec.runtime.launch import recording
-from moec.runtime.moba_common import attention_tile
+from moec.passes.moba_tiles import attention_tile
 
 GOLDEN = Path(__file__).parent / "golden"
 CASES = {
@@ -67,8 +66,9 @@ def test_pass_golden(case, i):
 def test_fusion_removes_the_score_matrix():
     """After fuse-block-gate no op implies an N x blocks tensor: the pool and the unfused gate are gone."""
     final = parse_graph(golden_path("moba_gqa", len(STAGES) - 1).read_text())
-    assert [n.op for n in final.nodes] == ["fused_block_gate", "block_sparse_attention"]
-    assert all(n.attr["tiles"] for n in final.nodes)
+    assert [n.op for n in final.nodes] == ["fused_block_gate", "block_sparse_attention", "densify_attention",
+                                           "own_block_merge", "select"]
+    assert all(n.attr["tiles"] for n in final.nodes if n.op != "select")
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -88,7 +88,7 @@ def test_every_stage_computes_the_same(case):
 @pytest.mark.parametrize("N", [1, 16, 45])
 def test_lowered_program_runs_the_kernels(dtype, N):
     cfg = MobaConfig(block_size=16, top_k=3, heads=4, kv_heads=2, head_dim=16)
-    c = compile_moba(cfg, dtype, ARCHS["cpu"])
+    c = compile_program(MobaRecipe(cfg), dtype, ARCHS["cpu"])
     x = _inputs(cfg, N=N, dtype=dtype)
     with recording() as launches:
         out = c.program.run(x)[0]
@@ -97,9 +97,10 @@ def test_lowered_program_runs_the_kernels(dtype, N):
     tol = 1e-4 if dtype == torch.float32 else 1e-2
     assert out.dtype == dtype and out.shape == x["q"].shape
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
-    assert [s.node.op for s in c.program.steps if s.variants] == ["fused_block_gate", "block_sparse_attention"]
+    assert [s.node.op for s in c.program.steps if s.variants] == ["fused_block_gate", "block_sparse_attention",
+                                                               "densify_attention", "own_block_merge"]
     assert [name for name, _ in c.stages] == STAGES
-    assert c.describe_kernels().startswith("fused_block_gate [moec_moba_gate_bs16_k3")
+    assert c.tiles()["indices"]["buckets"]["every T"]["kernel"] == "moec_moba_gate_bs16_k3"
 
 
 def test_unfused_graph_lowers_too():
@@ -109,7 +110,7 @@ def test_unfused_graph_lowers_too():
     g = build_moba_graph(cfg, torch.float32)
     tile = {None: attention_tile(8, 16, "cpu")}
     g = g.with_nodes([n.replace(attrs={"tiles": tile}) if n.op == "block_sparse_attention" else n for n in g.nodes])
-    p = lower_moba(verify(g), "cpu")
+    p = lower(verify(g), "cpu")
     assert [s.node.op for s in p.steps if s.kernel is None] == ["block_pool", "block_gate"]
     x = _inputs(cfg, N=20)
     torch.testing.assert_close(p.run(x)[0], moba_reference(x["q"], x["k"], x["v"], block_size=8, top_k=2)[0],
@@ -143,7 +144,7 @@ def test_verifier_rejects_bad_attributes_and_tiles():
     with pytest.raises(IRError, match="tiles must be"):
         verify(tiles)
     with pytest.raises(PassError, match="'verify' failed"):
-        run_moba_passes(bad, CTX)
+        run_passes(bad, CTX, passes=MOBA_PIPELINE)
 
 
 def test_config_validation():

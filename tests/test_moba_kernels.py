@@ -11,11 +11,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import pytest
 
-from moec.moba.ops import moba_forward_kernels
+from moec.ops import moba_forward_kernels
 from moec.moba.reference import gate_scores, moba_attention_from_indices, moba_block_selection, pooled_keys
 from moec.runtime.launch import recording
 from moec.runtime.moba_attention_kernel import moba_attention_fwd
-from moec.runtime.moba_common import block_offsets, pool_keys, query_tile_map
+from moec.passes.moba_tiles import attention_tile, gate_tile
+from moec.runtime.moba_maps import block_offsets, query_tile_map
+from moec.runtime.moba_pool import pool_keys
 from moec.runtime.moba_gate_kernel import moba_gate
 
 # the interpreter evaluates in numpy: inf - inf / overflow warnings are expected there
@@ -139,7 +141,7 @@ def test_query_tile_map_covers_every_row_once():
 def test_gate_matches_reference(problem, seed):
     q, k, v, w, cu = make(problem, seed)
     bs, top_k, dtype = problem[5], problem[6], problem[9]
-    idx = moba_gate(q, pool_keys(k, bs, cu, w), block_size=bs, top_k=top_k, cu_seqlens=cu)
+    idx = moba_gate(q, pool_keys(k, bs, cu, w), block_size=bs, top_k=top_k, tile=gate_tile(bs, q.shape[3]), cu_seqlens=cu)
     check_selection(idx, q, k, bs=bs, top_k=top_k, cu=cu, w=w, gap=GAP[dtype])
 
 
@@ -147,7 +149,7 @@ def test_gate_exact_on_ties():
     """All scores equal: the lower blocks win, as in the reference."""
     q = torch.ones(1, 1, 80, 16)
     k = torch.ones(1, 1, 80, 16)
-    idx = moba_gate(q, pool_keys(k, 16), block_size=16, top_k=3)
+    idx = moba_gate(q, pool_keys(k, 16), block_size=16, top_k=3, tile=gate_tile(16, q.shape[3]))
     assert torch.equal(idx, moba_block_selection(q, k, block_size=16, top_k=3))
 
 
@@ -178,7 +180,7 @@ def test_gate_never_materialises_scores(varlen):
     cu = torch.tensor([0, 80, 192], dtype=torch.int32) if varlen else None
     scores_bytes = B * H * N * -(-N // bs) * 4
     with _Allocations() as alloc, recording() as launches:
-        idx = moba_gate(q, pool_keys(k, bs, cu), block_size=bs, top_k=top_k, cu_seqlens=cu)
+        idx = moba_gate(q, pool_keys(k, bs, cu), block_size=bs, top_k=top_k, tile=gate_tile(bs, q.shape[3]), cu_seqlens=cu)
     assert len(launches) == 1
     source = launches[0].kernel.source
     assert source.count("tl.store(") == 1 and "tl.store(idx_base" in source
@@ -201,7 +203,7 @@ def test_attention_given_any_indices(problem, seed):
     g = torch.Generator().manual_seed(seed + 1)
     nb = -(-N // bs)
     idx = torch.randint(-1, nb + 2, (B, H, N, top_k), generator=g, dtype=torch.int32)
-    out, lse = moba_attention_fwd(q, k, v, idx, block_size=bs, cu_seqlens=cu, scheme="rows")   # densify: its own file
+    out, lse = moba_attention_fwd(q, k, v, idx, block_size=bs, tile=attention_tile(bs, q.shape[3]), cu_seqlens=cu)   # densify: its own file
     r_out, r_lse = moba_attention_from_indices(q, k, v, idx, block_size=bs, cu_seqlens=cu)
     assert out.dtype == dtype and lse.dtype == torch.float32
     torch.testing.assert_close(out.float(), r_out.float(), **TOL[dtype])

@@ -154,8 +154,8 @@ def test_nested_block_and_class_decorator(tmp_path):
     d = tmp_path / "attn_moba.float32.cpu"
     assert sorted(p.name for p in d.glob("ir.*")) == ["ir.00.captured.txt", "ir.01.verify.txt",
                                                        "ir.02.infer-shapes.txt", "ir.03.fuse-block-gate.txt",
-                                                       "ir.04.choose-moba-tiles.txt"]
-    assert len(list((d / "kernels").glob("*.py"))) == 2
+                                                       "ir.04.choose-moba-scheme.txt", "ir.05.choose-tiles.txt"]
+    assert len(list((d / "kernels").glob("*.py"))) == 4          # gate; rows, or densify + own block
     assert (d / "launches.json").exists() and "fused_block_gate" in (d / "tiles.json").read_text()
     assert "LIFTED  attn (MobaAttention)" in (tmp_path / "explain.txt").read_text()
 

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from moec.moba import moba_reference
-from moec.moba.ops import kernels_apply
-from moec.ops import moba_attention
+from moec.ops import kernels_apply, moba_attention
 from moec.runtime.launch import recording
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")

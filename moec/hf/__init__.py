@@ -17,6 +17,8 @@ Two ways to run a transformers MoE model on moec's kernels:
 """
 from __future__ import annotations
 
+from .experts import calls, moec_experts_forward
+
 _registered = False
 
 
@@ -30,7 +32,6 @@ def register() -> bool:
         from transformers.integrations.moe import ExpertsInterface
     except Exception:  # noqa: BLE001 - no transformers, or one without the interface
         return False
-    from .experts import moec_experts_forward
     ExpertsInterface.register("moec", moec_experts_forward)
     _registered = True
     return True
@@ -38,19 +39,6 @@ def register() -> bool:
 
 def is_registered() -> bool:
     return _registered
-
-
-def calls(model):
-    """How the experts modules of ``model`` ran under ``experts_implementation="moec"`` (a Counter)."""
-    from .experts import calls as _calls
-    return _calls(model)
-
-
-def __getattr__(name):
-    if name == "moec_experts_forward":
-        from .experts import moec_experts_forward
-        return moec_experts_forward
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["register", "is_registered", "calls", "moec_experts_forward"]

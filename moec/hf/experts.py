@@ -12,19 +12,22 @@ is that function for ``"moec"``:
   evaluating it: the default gate (``act_fn(gate) * up`` on halves, ``act_fn`` one of moec's
   activations) or a custom ``_apply_gate`` that matches one of moec's GLU variants on interleaved or
   halved columns (GPT-OSS: clamped SwiGLU with slope ``alpha``, ``up + 1``, interleaved);
-- it builds, once per (E, k, d, f, activation, dtype, arch), the IR graph of the routed experts
-  alone (no router: ids and weights are graph inputs) — dispatch, permute, gate/up/down grouped
-  GEMMs, activation, weighted combine — and runs moec's pass pipeline and lowering on it, so the
+- it compiles the routed experts alone (`moec.compiler.ExpertsRecipe`: no router, ids and weights
+  are graph inputs) through the one driver, as every region does: dispatch, permute, gate/up/down
+  grouped GEMMs, activation, weighted combine, through moec's pass pipeline and lowering, so the
   program is the same three generated kernels the experts of a lifted layer run: grouped GEMM with
   gather + GLU epilogue, grouped GEMM with scale + scatter epilogue, deterministic top-k reduce;
 - with gradients needed, the forward runs the kernels and the backward recomputes an eager
   reference under autograd (gradients for hidden states, routing weights and expert weights).
 
+Each experts module gets an `ExpertsRegion` at its first call (`moec.region.Region`: its programs,
+calls by what served them, dumps).
+
 What it cannot serve runs the experts module's own eager forward (the ``"eager"`` implementation),
 counted per reason (`calls`): a custom gate none of moec's GLU variants matches, an activation that is
 none of moec's, a post-expert norm, expert parallelism, and inputs the kernels do not take (float64,
 bf16 on a CPU, mixed dtypes/devices).
-``MOEC_DUMP_DIR`` receives each program's IR stages and kernels under ``hf_experts.*``.
+``MOEC_DUMP_DIR`` receives each program's IR stages, kernels and launches under ``hf_experts.*``.
 """
 from __future__ import annotations
 
@@ -39,42 +42,12 @@ import torch
 from torch import Tensor, nn
 
 from moec import reference
-from moec.compiler import Compiled
+from moec.compiler import ExpertsRecipe
 from moec.frontend.adapters import activation_of
+from moec.region import Region, is_disabled
+from moec.runtime.autograd import KernelsForward
+from moec.runtime.support import why_not_kernels
 from moec.spec import ACTIVATIONS, MoESpecError, check_glu_variant
-from moec.ir.build import build_experts_graph
-from moec.ir.graph import Builder, Graph
-from moec.ir.text import print_graph
-from moec.ir.types import T, TensorType, dtype_name
-from moec.passes.lower import lower
-from moec.passes.pipeline import PassContext, run_passes
-from moec.runtime.arch import Arch, arch_of
-
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-# ---- the program ------------------------------------------------------------------------------
-
-def program_name(E: int, k: int, d: int, f: int, activation: str, glu: bool, dtype, arch: Arch,
-                 bias: bool = False, variant: tuple = ()) -> str:
-    extra = "".join(f".{n}{v:g}" for n, v in variant) + (".bias" if bias else "")
-    return (f"hf_experts.E{E}.k{k}.d{d}.f{f}.{activation}{'_glu' if glu else ''}{extra}."
-            f"{str(dtype).replace('torch.', '')}.{arch.name}")
-
-
-@functools.lru_cache(maxsize=128)
-def experts_program(E: int, k: int, d: int, f: int, activation: str, glu: bool, dtype: torch.dtype,
-                    arch: Arch, bias: bool = False, variant: tuple = ()) -> Compiled:
-    """Build, optimise and lower the routed-experts graph (memoised); a `Compiled` without a spec,
-    whose ``stages`` hold the IR after each pass and ``program`` the kernels."""
-    graph = build_experts_graph(E, k, d, f, activation, glu, dtype, bias, variant)
-    out = Compiled(None, dtype, arch, [("captured", print_graph(graph))])
-    final = run_passes(graph, PassContext(arch), after=lambda name, g: out.stages.append((name, print_graph(g))))
-    out.program = lower(final, arch.name)
-    dump = os.environ.get("MOEC_DUMP_DIR")
-    if dump:
-        out.dump(Path(dump) / program_name(E, k, d, f, activation, glu, dtype, arch, bias, variant))
-    return out
 
 
 # ---- reading an experts module ----------------------------------------------------------------
@@ -212,27 +185,28 @@ def read_layout(m: nn.Module, d: int):
 # ---- the forward ------------------------------------------------------------------------------
 
 def _why_eager(x: Tensor, ids: Tensor, wts: Tensor, tensors) -> Optional[str]:
-    if x.dim() != 2 or ids.dim() != 2 or wts.shape != ids.shape or ids.shape[0] != x.shape[0]:
-        return f"inputs of shapes {tuple(x.shape)}, {tuple(ids.shape)}, {tuple(wts.shape)}"
-    if x.dtype not in KERNEL_DTYPES:
-        return f"input dtype {x.dtype}"
-    if x.device.type not in ("cpu", "cuda"):
-        return f"input on device {x.device}"
-    if x.device.type == "cpu" and x.dtype == torch.bfloat16:
-        return "bfloat16 on CPU (the Triton interpreter computes bf16 dots wrongly)"
-    for t in tensors:
-        if t.device != x.device or t.dtype != x.dtype:
-            return f"weights {t.dtype} on {t.device}, input {x.dtype} on {x.device}"
+    if not isinstance(x, Tensor) or x.dim() != 2 or ids.dim() != 2 or wts.shape != ids.shape \
+            or ids.shape[0] != x.shape[0]:
+        return f"inputs of shapes {tuple(getattr(x, 'shape', ()))}, {tuple(ids.shape)}, {tuple(wts.shape)}"
     if wts.device != x.device or ids.device != x.device:
         return "routing tensors on another device"
-    return None
+    return why_not_kernels(x, tensors)
 
 
-def _count(m: nn.Module, what: str) -> None:
-    calls = m.__dict__.get("_moec_calls")
-    if calls is None:
-        calls = m.__dict__["_moec_calls"] = Counter()
-    calls[what] += 1
+@dataclass(eq=False)
+class ExpertsRegion(Region):
+    """The region of one transformers experts module run with ``experts_implementation="moec"``."""
+
+    def dump_suffix(self, c) -> str:
+        return f".{c.recipe.name}"
+
+
+def _region(m: nn.Module) -> ExpertsRegion:
+    region = m.__dict__.get("_moec_experts_region")
+    if region is None:
+        dump = os.environ.get("MOEC_DUMP_DIR")
+        region = m.__dict__["_moec_experts_region"] = ExpertsRegion("hf_experts", dump_dir=Path(dump) if dump else None)
+    return region
 
 
 def calls(model: nn.Module) -> Counter:
@@ -240,7 +214,9 @@ def calls(model: nn.Module) -> Counter:
     ``"kernels"``, ``"kernels forward, eager backward"`` or ``"eager: <reason>"``, summed."""
     total: Counter = Counter()
     for m in model.modules():
-        total.update(m.__dict__.get("_moec_calls") or {})
+        region = m.__dict__.get("_moec_experts_region")
+        if region is not None:
+            total.update(region.calls)
     return total
 
 
@@ -252,13 +228,14 @@ def _eager_forward(m: nn.Module):
     return None
 
 
-def run_kernels(x: Tensor, ids: Tensor, wts: Tensor, layout: ExpertsLayout, w: dict) -> Tensor:
-    k = ids.shape[1]
-    prog = experts_program(layout.E, k, layout.d, layout.f, layout.activation, layout.glu, x.dtype,
-                           arch_of(x.device), layout.bias, layout.variant)
+def run_kernels(region: ExpertsRegion, x: Tensor, ids: Tensor, wts: Tensor, layout: ExpertsLayout,
+                w: dict) -> Tensor:
+    recipe = ExpertsRecipe(layout.E, ids.shape[1], layout.d, layout.f, layout.activation, layout.glu, layout.bias,
+                           layout.variant)
+    c = region.compiled_for(recipe, x.dtype, x.device)
     inputs = {"x": x if x.stride(-1) == 1 else x.contiguous(), "ids": ids.to(torch.int32).contiguous(),
               "weights": wts.to(torch.float32).contiguous(), **{n: t for n, t in w.items() if t is not None}}
-    (y,) = prog.program.run(inputs)
+    (y,) = region.run(c, inputs)
     return y
 
 
@@ -276,38 +253,13 @@ def reference_experts(x: Tensor, ids: Tensor, wts: Tensor, layout: ExpertsLayout
     return y.to(x.dtype)
 
 
-class _ExpertsFunction(torch.autograd.Function):
-    """Kernels forward; backward = autograd through `reference_experts` on the saved inputs.
-    ``weights``: the `_WEIGHT_FIELDS` tensors in order (None where absent)."""
-
-    @staticmethod
-    def forward(ctx, layout, ids, x, wts, *weights):
-        ctx.layout = layout
-        ctx.present = [t is not None for t in weights]
-        ctx.save_for_backward(ids, x, wts, *[t for t in weights if t is not None])
-        w = {n: (t.detach() if t is not None else None) for n, t in zip(_WEIGHT_FIELDS, weights)}
-        return run_kernels(x.detach(), ids, wts.detach(), layout, w)
-
-    @staticmethod
-    def backward(ctx, grad):
-        ids, x, wts, *saved = ctx.saved_tensors
-        it = iter(saved)
-        leaves = [x, wts] + [next(it) if p else None for p in ctx.present]
-        needs = ctx.needs_input_grad[2:]
-        with torch.enable_grad():
-            det = [t.detach().requires_grad_(n) if t is not None else None for t, n in zip(leaves, needs)]
-            y = reference_experts(det[0], ids, det[1], ctx.layout, dict(zip(_WEIGHT_FIELDS, det[2:])))
-            wanted = [t for t, n in zip(det, needs) if n and t is not None]
-            got = iter(torch.autograd.grad(y, wanted, grad, allow_unused=True) if wanted else [])
-        return (None, None, *[next(got) if n and t is not None else None for t, n in zip(det, needs)])
-
-
 def moec_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor,
                          top_k_weights: Tensor) -> Tensor:
     """transformers' experts interface for ``experts_implementation="moec"`` (see the module doc)."""
     x, ids, wts = hidden_states, top_k_index, top_k_weights
+    region = _region(self)
     layout = read_layout(self, x.shape[-1]) if isinstance(x, Tensor) else "input is not a tensor"
-    reason = layout if isinstance(layout, str) else None
+    reason = "moec.disabled() is active" if is_disabled() else layout if isinstance(layout, str) else None
     if reason is None:
         w = layout.weights(self)
         reason = _why_eager(x, ids, wts, [t for t in w.values() if t is not None])
@@ -316,10 +268,17 @@ def moec_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Te
         if eager is None:
             raise RuntimeError(f"moec experts: {type(self).__name__} cannot run on moec's kernels ({reason}) and "
                                f"its eager forward was not found")
-        _count(self, f"eager: {reason}")
-        return eager(hidden_states, top_k_index, top_k_weights)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in [x, wts, *w.values()] if t is not None):
-        _count(self, "kernels forward, eager backward")
-        return _ExpertsFunction.apply(layout, ids, x, wts, *(w[n] for n in _WEIGHT_FIELDS))
-    _count(self, "kernels")
-    return run_kernels(x, ids, wts, layout, w)
+        return region.eager(reason, eager, hidden_states, top_k_index, top_k_weights)
+    weights = [w[n] for n in _WEIGHT_FIELDS]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in [x, wts, *weights] if t is not None):
+        region.count("kernels forward, eager backward")
+
+        def kernels(ts):
+            return (run_kernels(region, ts[0], ids, ts[1], layout, dict(zip(_WEIGHT_FIELDS, ts[2:]))),)
+
+        def eager_experts(ts, _):
+            return (reference_experts(ts[0], ids, ts[1], layout, dict(zip(_WEIGHT_FIELDS, ts[2:]))),)
+
+        return KernelsForward.apply(kernels, eager_experts, (), x, wts, *weights)[0]
+    region.count("kernels")
+    return run_kernels(region, x, ids, wts, layout, w)

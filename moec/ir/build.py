@@ -22,12 +22,26 @@ Each graph spells out every step the eager code performs; the passes then fuse i
 from __future__ import annotations
 
 from ..moba.config import MobaConfig
-from ..spec import MoESpec
+from ..spec import MoESpec, MoEWeights
 from .graph import Builder, Graph
 from .ops import router_attrs
-from .types import B, T, TensorType, dtype_name
+from .types import B, S, T, TensorType, dtype_name
 
 OUTPUTS = ("y", "logits", "aux", "weights")
+
+
+def moe_inputs(x, w: MoEWeights) -> dict:
+    """The inputs of `build_moe_graph`'s graph (named after `MoEWeights` fields) for one call: the
+    selection bias in fp32, the shared expert's matrices as one-expert stacks (views)."""
+    named = {"x": x, "w_router": w.w_router, "b_router": w.b_router, "w_noise": w.w_noise,
+             "w_gate": w.w_gate, "w_up": w.w_up, "w_down": w.w_down,
+             "score_bias": w.score_bias.float() if w.score_bias is not None else None,
+             "shared_up": w.shared_up, "shared_gate": w.shared_gate, "shared_down": w.shared_down,
+             "shared_gate_proj": w.shared_gate_proj, "b_gate": w.b_gate, "b_up": w.b_up, "b_down": w.b_down}
+    for k in ("shared_up", "shared_gate", "shared_down"):
+        if named[k] is not None:
+            named[k] = named[k].unsqueeze(0)
+    return {k: v for k, v in named.items() if v is not None}
 
 
 def expert_inputs(b: Builder, E: int, d: int, f: int, dt: str, glu: bool, bias: bool) -> dict:
@@ -123,15 +137,29 @@ def build_moe_graph(spec: MoESpec, dtype, outputs=("y",), name: str = "moe") -> 
     return b.graph([out[o] for o in outputs])
 
 
-def build_moba_graph(cfg: MobaConfig, dtype, name: str = "moba") -> Graph:
-    """The core on ``q: dtype[B, H, T, D]``, ``k``/``v: dtype[B, Hkv, T, D]``; returns ``out``."""
+MOBA_OUTPUTS = ("out", "lse", "indices")
+
+
+def build_moba_graph(cfg: MobaConfig, dtype, *, varlen: bool = False, kconv: int = 0, scheme: str = "auto",
+                     outputs=("out",), name: str = "moba") -> Graph:
+    """The core on ``q: dtype[B, H, T, D]``, ``k``/``v: dtype[B, Hkv, T, D]``; ``varlen`` adds the input
+    ``cu_seqlens: i32[S + 1]`` (packed sequences), ``kconv`` (its width kc) the key convolution's
+    ``kconv_weight [Hkv, D, kc]``; ``scheme`` is the attention's; ``outputs`` picks from ``out``, ``lse``
+    (fp32 log-sum-exp) and ``indices`` (the selected blocks)."""
+    for o in outputs:
+        if o not in MOBA_OUTPUTS:
+            raise ValueError(f"unknown output {o!r}; choose from {MOBA_OUTPUTS}")
     dt = dtype_name(dtype)
     b = Builder(name)
     q = b.input("q", TensorType(dt, (B, cfg.heads, T, cfg.head_dim)))
     k = b.input("k", TensorType(dt, (B, cfg.kv_heads, T, cfg.head_dim)))
     v = b.input("v", TensorType(dt, (B, cfg.kv_heads, T, cfg.head_dim)))
+    cu = b.input("cu_seqlens", TensorType("i32", (S + 1,))) if varlen else None
+    w = b.input("kconv_weight", TensorType(dt, (cfg.kv_heads, cfg.head_dim, kconv))) if kconv else None
     bs = {"block_size": cfg.block_size}
-    pooled = b.add("block_pool", {"k": k}, bs)["pooled"]
-    idx = b.add("block_gate", {"q": q, "pooled": pooled}, {**bs, "top_k": cfg.top_k})["indices"]
-    out = b.add("block_sparse_attention", {"q": q, "k": k, "v": v, "indices": idx}, bs)["out"]
-    return b.graph([out])
+    pooled = b.add("block_pool", {"k": k, "cu_seqlens": cu, "kconv_weight": w}, bs)["pooled"]
+    idx = b.add("block_gate", {"q": q, "pooled": pooled, "cu_seqlens": cu}, {**bs, "top_k": cfg.top_k})["indices"]
+    att = b.add("block_sparse_attention", {"q": q, "k": k, "v": v, "indices": idx, "cu_seqlens": cu},
+                {**bs, **({"scheme": scheme} if scheme != "auto" else {})},
+                results=["out", "lse"] if "lse" in outputs else ["out"])
+    return b.graph([{"out": att["out"], "lse": att.get("lse"), "indices": idx}[o] for o in outputs])

@@ -12,6 +12,7 @@ import torch
 from .. import reference as ref
 from .graph import Graph, Node
 from .ops import glu_variant, router_config
+from .types import bind_sizes, binders, condition
 
 _IMPL: dict[str, Callable] = {}
 
@@ -190,6 +191,11 @@ def _cast(n, v, ctx):
     return {"out": v["x"].to(n.types[0].torch_dtype)}
 
 
+@impl("select")
+def _select(n, v, ctx):
+    return {"out": v["a"] if bool(condition(n.attr["when"]).subs(ctx["sizes"])) else v["b"]}
+
+
 def run_node(n: Node, values: dict, ctx: dict) -> dict:
     got = _IMPL[n.op](n, {r: values[v] for r, v in n.operands}, ctx)
     return {name: got[role] for role, name in n.results}
@@ -201,7 +207,7 @@ def interpret(g: Graph, inputs: dict, *, training: bool = False, noise=None) -> 
     missing = [name for name, _ in g.inputs if name not in values]
     if missing:
         raise ValueError(f"missing graph inputs: {missing}")
-    ctx = {"training": training, "noise": noise}
+    ctx = {"training": training, "noise": noise, "sizes": bind_sizes(binders(g.inputs), values)}
     for n in g.nodes:
         values.update(run_node(n, values, ctx))
     return [values[o] for o in g.outputs]

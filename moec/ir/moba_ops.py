@@ -6,6 +6,12 @@ batch, symbolic; ``H``, ``Hkv``, ``D`` concrete, ``H`` a multiple of ``Hkv``). B
 ``[j*bs, (j+1)*bs)`` (the last may be partial), so a sequence has ``ceiling(T/bs)`` blocks. The exact
 definition of every op is `moec.moba.reference` (the interpreter below calls it).
 
+Packed sequences: with the optional operand ``cu_seqlens`` (``i32[S + 1]``, ``B = 1``) the ``T`` rows hold
+``S`` sequences; blocks restart at each sequence start and block numbers in ``indices`` count from it.
+Pooled keys are then packed: sequence ``s``'s blocks are rows ``offsets[s] + j`` of ``ceiling(T/bs) + S``
+rows (an upper bound; ``offsets[s]`` = the blocks of the sequences before it). The optional
+``kconv_weight [Hkv, D, kc]`` convolves the keys causally before pooling (routing only).
+
 Unfused (what the frontend lifts from eager code):
 
 - ``block_pool(k) {block_size}``: ``pooled [B, Hkv, ceiling(T/bs), D]``, the mean of each block's keys
@@ -14,18 +20,29 @@ Unfused (what the frontend lifts from eager code):
   block plus the ``top_k - 1`` past blocks ``j < t // bs`` with the highest ``q . pooled[j]`` (no scale;
   ties to the lower block), ascending, ``-1`` in unused slots. As written it scores every block: an
   ``N x blocks`` matrix.
-- ``block_sparse_attention(q, k, v, indices) {block_size}``: ``out [B, H, T, D]`` (q's dtype) and the
-  optional ``lse f32[B, H, T]``: one softmax (scale ``1/sqrt(D)``) over the union of the selected blocks,
-  causal inside the own block.
+- ``block_sparse_attention(q, k, v, indices) {block_size, scheme}``: ``out [B, H, T, D]`` (q's dtype) and
+  the optional ``lse f32[B, H, T]``: one softmax (scale ``1/sqrt(D)``) over the union of the selected
+  blocks, causal inside the own block. ``scheme`` ("auto", "rows", "densify") is how the kernels should
+  compute it; the ``choose-moba-scheme`` pass settles it.
 
-Fused (made by the ``fuse-block-gate`` pass):
+Fused and scheduled (made by the passes):
 
 - ``fused_block_gate(q, k) {block_size, top_k, tiles}``: ``block_pool`` + ``block_gate`` as one kernel
   step: keys pooled once (``O(T D)``), then the gate kernel keeps a running top-k per query tile while
   pooled-key tiles stream past; only the indices reach memory.
+- ``block_sparse_attention {scheme='rows'}``: query-tile-major, the union of the tile's blocks with row
+  masks (short sequences).
+- ``densify_attention(q, k, v, indices) {block_size}`` + ``own_block_merge(q, k, v, indices, part_o,
+  part_lse) {block_size}``: FlashMoBA's collect and densify (long sequences). Entries are the
+  ``(b, h, t, slot)`` of ``B*H*T*K`` with the row's indices sorted ascending; an entry whose block is
+  strictly before the query's own block and not a repeat of the previous slot gets the normalised
+  attention of the query over that whole block (``part_o``, q's dtype) and its log-sum-exp
+  (``part_lse``); the others get ``part_lse = -inf``. ``own_block_merge`` attends each query to its own
+  block causally (when the row lists it) and merges the partials by log-sum-exp: the ``out, lse`` of
+  ``block_sparse_attention``.
 
-``tiles`` (set by ``choose-moba-tiles``) is ``{None: MobaGateTile(...)}`` / ``{None:
-MobaAttentionTile(...)}``: one bucket, every T.
+``tiles`` (set by ``choose-tiles``) is ``{None: MobaGateTile(...)}`` / ``{None: MobaAttentionTile(...)}``:
+one bucket, every T.
 """
 from __future__ import annotations
 
@@ -35,10 +52,13 @@ import torch
 from moec.moba import reference
 
 from .interp import impl
-from .ops import REQUIRED, IRError, op
+from .ops import KERNEL_ATTRS, REQUIRED, IRError, op
 from .tiles import MobaAttentionTile, MobaGateTile
-from .types import B, TensorType
+from .types import TensorType
 from .verify import RULES
+
+SCHEMES = ("auto", "rows", "densify")
+VARLEN = ["cu_seqlens"]            # the optional operand of packed sequences
 
 
 def _seq(t: TensorType) -> tuple:
@@ -47,9 +67,16 @@ def _seq(t: TensorType) -> tuple:
     return t.shape
 
 
+def _blocks(o, a):
+    """Pooled-key rows: ``ceiling(T/bs)``, plus one per sequence when packed (an upper bound)."""
+    n = _seq(o["k"])[2]
+    nb = sympy.ceiling(n / a["block_size"])
+    return nb + o["cu_seqlens"].shape[0] - 1 if "cu_seqlens" in o else nb
+
+
 def _infer_pool(o, a):
-    b, h, n, d = _seq(o["k"])
-    return {"pooled": TensorType(o["k"].dtype, (b, h, sympy.ceiling(n / a["block_size"]), d))}
+    b, h, _, d = _seq(o["k"])
+    return {"pooled": TensorType(o["k"].dtype, (b, h, _blocks(o, a), d))}
 
 
 def _indices(q: TensorType, a) -> TensorType:
@@ -62,20 +89,40 @@ def _infer_attention(o, a):
     return {"out": o["q"], "lse": TensorType("f32", (b, h, n))}
 
 
-op("block_pool", "pooled[b, h, j] = mean of block j's keys over its real length (fp32 sum, k's dtype).",
-   ["k"], ["pooled"], _infer_pool, attrs={"block_size": REQUIRED})
+def _entries(o) -> sympy.Expr:
+    b, h, n, k = o["indices"].shape
+    return b * h * n * k
+
+
+def _infer_densify(o, a):
+    return {"part_o": TensorType(o["q"].dtype, (_entries(o), o["q"].shape[3])),
+            "part_lse": TensorType("f32", (_entries(o),))}
+
+
+op("block_pool", "pooled[b, h, j] = mean of block j's (convolved) keys over its real length (fp32 sum, k's dtype).",
+   ["k"], ["pooled"], _infer_pool, optional_operands=VARLEN + ["kconv_weight"], attrs={"block_size": REQUIRED})
 op("block_gate", "Per query t: its own block t // bs plus the top_k-1 past blocks by q_t . pooled[j] "
    "(ties: lower block), int32 ascending, -1 unused. Scores every block (N x blocks).",
-   ["q", "pooled"], ["indices"], lambda o, a: {"indices": _indices(o["q"], a)},
+   ["q", "pooled"], ["indices"], lambda o, a: {"indices": _indices(o["q"], a)}, optional_operands=VARLEN,
    attrs={"block_size": REQUIRED, "top_k": REQUIRED})
 op("fused_block_gate", "block_pool + block_gate as one kernel step: pooled keys, then a running top-k per "
    "query tile in registers; never an N x blocks score matrix in memory.",
    ["q", "k"], ["indices"], lambda o, a: {"indices": _indices(o["q"], a)},
-   attrs={"block_size": REQUIRED, "top_k": REQUIRED, "tiles": None})
+   optional_operands=VARLEN + ["kconv_weight"], attrs={"block_size": REQUIRED, "top_k": REQUIRED, **KERNEL_ATTRS})
 op("block_sparse_attention", "Causal softmax attention (scale 1/sqrt(D)) of each query over the union of "
-   "the blocks indices lists for it; out in q's dtype, lse (natural log-sum-exp) in fp32.",
-   ["q", "k", "v", "indices"], ["out", "lse"], _infer_attention, optional_results=["lse"],
-   attrs={"block_size": REQUIRED, "tiles": None})
+   "the blocks indices lists for it; out in q's dtype, lse (natural log-sum-exp) in fp32. scheme: how the "
+   "kernels compute it (auto, rows: query tiles with row masks, densify: see densify_attention).",
+   ["q", "k", "v", "indices"], ["out", "lse"], _infer_attention, optional_operands=VARLEN, optional_results=["lse"],
+   attrs={"block_size": REQUIRED, "scheme": "auto", **KERNEL_ATTRS})
+op("densify_attention", "Per (b, h, t, slot) of the row's indices sorted ascending: the normalised attention "
+   "of query t over the whole block, when it is strictly before t's own block and not a repeat "
+   "(part_o in q's dtype, part_lse fp32), else part_lse = -inf. Key-block-major gathered tiles.",
+   ["q", "k", "v", "indices"], ["part_o", "part_lse"], _infer_densify, optional_operands=VARLEN,
+   attrs={"block_size": REQUIRED, **KERNEL_ATTRS})
+op("own_block_merge", "Each query over its own block, causally (when its row lists it), merged with the "
+   "partials of densify_attention by log-sum-exp: out (q's dtype) and lse (fp32) of block_sparse_attention.",
+   ["q", "k", "v", "indices", "part_o", "part_lse"], ["out", "lse"], _infer_attention, optional_operands=VARLEN,
+   optional_results=["lse"], attrs={"block_size": REQUIRED, **KERNEL_ATTRS})
 
 
 # ---- verifier rules ----------------------------------------------------------------------------
@@ -102,8 +149,20 @@ def _tile_ok(n, kind) -> None:
         raise IRError(f"tiles must be {{None: {kind.__name__}(...)}}, got {tiles!r}")
 
 
+def _varlen_ok(n, types) -> None:
+    if "cu_seqlens" in n.ins:
+        cu = types[n.ins["cu_seqlens"]]
+        if cu.dtype != "i32" or cu.rank != 1:
+            raise IRError(f"cu_seqlens {cu} must be i32[S + 1]")
+    if "kconv_weight" in n.ins:
+        w, k = types[n.ins["kconv_weight"]], _seq(types[n.ins["k"]])
+        if w.rank != 3 or w.shape[:2] != (k[1], k[3]):
+            raise IRError(f"kconv_weight {w} must be [Hkv, D, kc] of k {types[n.ins['k']]}")
+
+
 def _pool_rule(n, types):
     _attr_ints(n, "block_size")
+    _varlen_ok(n, types)
 
 
 def _gate_rule(n, types):
@@ -111,6 +170,7 @@ def _gate_rule(n, types):
     q = types[n.ins["q"]]
     other = "pooled" if n.op == "block_gate" else "k"
     _heads_ok(q, types[n.ins[other]], other)
+    _varlen_ok(n, types)
     if n.op == "fused_block_gate":
         _tile_ok(n, MobaGateTile)
 
@@ -125,22 +185,44 @@ def _attention_rule(n, types):
     idx = types[n.ins["indices"]]
     if idx.dtype != "i32" or idx.rank != 4 or idx.shape[:3] != q.shape[:3]:
         raise IRError(f"indices {idx} must be i32[B, H, T, K] like q {q}")
+    if n.attr.get("scheme", "rows") not in SCHEMES:
+        raise IRError(f"scheme must be one of {SCHEMES}, got {n.attr['scheme']!r}")
+    if n.op == "own_block_merge":
+        want = _infer_densify({"q": q, "indices": idx}, n.attr)
+        for r in ("part_o", "part_lse"):
+            if types[n.ins[r]] != want[r]:
+                raise IRError(f"{r} {types[n.ins[r]]} must be {want[r]}")
+    _varlen_ok(n, types)
     _tile_ok(n, MobaAttentionTile)
 
 
 RULES.update({"block_pool": _pool_rule, "block_gate": _gate_rule, "fused_block_gate": _gate_rule,
-                     "block_sparse_attention": _attention_rule})
+              "block_sparse_attention": _attention_rule, "densify_attention": _attention_rule,
+              "own_block_merge": _attention_rule})
 
 
 # ---- interpreter semantics (the eager reference) ----------------------------------------------
 
+def _segments(v, k) -> list:
+    return reference.segments(k.shape[0], k.shape[2], v.get("cu_seqlens"))
+
+
 @impl("block_pool")
 def _pool(n, v, ctx):
-    k, bs = v["k"], n.attr["block_size"]
-    pooled = [reference.pooled_keys(k[b], bs) for b in range(k.shape[0])]
-    nb = -(-k.shape[2] // bs)
-    out = torch.stack(pooled) if pooled else k.new_zeros(0, k.shape[1], nb, k.shape[3])
-    return {"pooled": out.to(k.dtype)}
+    k, bs, w = v["k"], n.attr["block_size"], v.get("kconv_weight")
+    B, Hkv, N, D = k.shape
+    if "cu_seqlens" not in v:
+        pooled = [reference.pooled_keys(k[b], bs, w) for b in range(B)]
+        out = torch.stack(pooled) if pooled else k.new_zeros(0, Hkv, -(-N // bs), D)
+        return {"pooled": out.to(k.dtype)}
+    segs = _segments(v, k)
+    out = k.new_zeros(1, Hkv, -(-N // bs) + len(segs), D)
+    row = 0
+    for _, a, e in segs:                          # sequence s's blocks at rows offsets[s] + j
+        p = reference.pooled_keys(k[0, :, a:e], bs, w)
+        out[0, :, row:row + p.shape[1]] = p.to(k.dtype)
+        row += p.shape[1]
+    return {"pooled": out}
 
 
 def select_from_pooled(q: torch.Tensor, pooled: torch.Tensor, block_size: int, top_k: int) -> torch.Tensor:
@@ -170,17 +252,71 @@ def select_from_pooled(q: torch.Tensor, pooled: torch.Tensor, block_size: int, t
 
 @impl("block_gate")
 def _gate(n, v, ctx):
-    return {"indices": select_from_pooled(v["q"], v["pooled"], n.attr["block_size"], n.attr["top_k"])}
+    q, pooled, bs, top_k = v["q"], v["pooled"], n.attr["block_size"], n.attr["top_k"]
+    if "cu_seqlens" not in v:
+        return {"indices": select_from_pooled(q, pooled, bs, top_k)}
+    idx = torch.full((*q.shape[:3], top_k), -1, dtype=torch.int32, device=q.device)
+    row = 0
+    for _, a, e in reference.segments(1, q.shape[2], v["cu_seqlens"]):
+        nb = -(-(e - a) // bs)
+        idx[:, :, a:e] = select_from_pooled(q[:, :, a:e], pooled[:, :, row:row + nb], bs, top_k)
+        row += nb
+    return {"indices": idx}
 
 
 @impl("fused_block_gate")
 def _fused_gate(n, v, ctx):
     return {"indices": reference.moba_block_selection(v["q"], v["k"], block_size=n.attr["block_size"],
-                                                      top_k=n.attr["top_k"])}
+                                                      top_k=n.attr["top_k"], cu_seqlens=v.get("cu_seqlens"),
+                                                      kconv_weight=v.get("kconv_weight"))}
+
+
+def _attend(v, n, indices):
+    out, lse = reference.moba_attention_from_indices(v["q"], v["k"], v["v"], indices, block_size=n.attr["block_size"],
+                                                     cu_seqlens=v.get("cu_seqlens"))
+    return out, lse.float()
 
 
 @impl("block_sparse_attention")
 def _attention(n, v, ctx):
-    out, lse = reference.moba_attention_from_indices(v["q"], v["k"], v["v"], v["indices"],
-                                                     block_size=n.attr["block_size"])
-    return {"out": out, "lse": lse.float()}
+    out, lse = _attend(v, n, v["indices"])
+    return {"out": out, "lse": lse}
+
+
+def _own_block(v, bs) -> torch.Tensor:
+    """Per query, its own block (sequence-local) ``[B, H, T]``."""
+    T = v["q"].shape[2]
+    own = torch.empty(T, dtype=torch.int64, device=v["q"].device)
+    for _, a, e in _segments(v, v["k"]):
+        own[a:e] = torch.arange(e - a, device=own.device) // bs
+    return own.expand(*v["q"].shape[:2], T)
+
+
+@impl("densify_attention")
+def _densify(n, v, ctx):
+    bs, idx = n.attr["block_size"], v["indices"]
+    key = torch.sort(idx.long(), dim=-1).values                         # -1 first; repeats adjacent
+    keep = (key >= 0) & (key < _own_block(v, bs)[..., None])
+    keep[..., 1:] &= key[..., 1:] != key[..., :-1]
+    parts = [_attend(v, n, torch.where(keep[..., s], key[..., s], -1)[..., None].to(torch.int32))
+             for s in range(idx.shape[3])]
+    D = v["q"].shape[3]
+    part_o = torch.stack([o for o, _ in parts], 3).reshape(-1, D)       # entry ((b H + h) T + t) K + slot
+    part_lse = torch.stack([lse for _, lse in parts], 3).reshape(-1)
+    return {"part_o": part_o, "part_lse": part_lse}
+
+
+@impl("own_block_merge")
+def _own_merge(n, v, ctx):
+    idx = v["indices"].long()
+    own = _own_block(v, n.attr["block_size"])
+    listed = (idx == own[..., None]).any(-1)
+    out_own, lse_own = _attend(v, n, torch.where(listed, own, -1)[..., None].to(torch.int32))
+    lse = torch.cat([lse_own[..., None], v["part_lse"].view(*idx.shape)], -1)        # [B, H, T, 1 + K]
+    outs = torch.cat([out_own[..., None, :].float(), v["part_o"].view(*idx.shape, -1).float()], -2)
+    m = lse.amax(-1, keepdim=True)
+    w = torch.where(torch.isinf(lse), 0.0, torch.exp(lse - torch.where(torch.isinf(m), 0.0, m)))
+    total = w.sum(-1)
+    out = (w[..., None] * torch.nan_to_num(outs)).sum(-2) / torch.where(total > 0, total, 1.0)[..., None]
+    merged = torch.where(total > 0, m[..., 0] + torch.log(torch.where(total > 0, total, 1.0)), float("-inf"))
+    return {"out": out.to(v["q"].dtype), "lse": merged}

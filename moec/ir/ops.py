@@ -41,6 +41,16 @@ class OpDef:
 
 REQUIRED = object()
 OPS: dict[str, OpDef] = {}
+# the attributes of every op that lowers to a generated kernel: its tile per token-count bucket, where
+# each bucket's tile came from, and the tune file entries that were ignored and why (set by
+# choose-tiles; where a tile came from does not change the kernel, so these stay out of its source)
+KERNEL_ATTRS = {"tiles": None, "tile_source": None, "tune_ignored": None}
+PROVENANCE_ATTRS = ("tile_source", "tune_ignored")
+
+
+def is_kernel(op_name: str) -> bool:
+    """Whether ``op_name`` lowers to generated kernels (it takes tiles)."""
+    return "tiles" in OPS[op_name].attrs
 
 
 def op(name, doc, operands, results, infer, optional_operands=(), optional_results=(), attrs=None):
@@ -90,7 +100,7 @@ op("fused_route", "One kernel: gate GEMM x @ w.T (+ b) (+ noise), score, group-l
    ["x", "w"], ["ids", "weights", "counts", "prob_sum", "shared_scale", "logits"], _infer_fused_route,
    optional_operands=["b", "score_bias", "w_noise", "w_shared_gate"],
    optional_results=["prob_sum", "shared_scale", "logits"],
-   attrs={**{n: REQUIRED for n in ("num_experts", "top_k")}, **_ROUTER_DEFAULTS, "tiles": None})
+   attrs={**{n: REQUIRED for n in ("num_experts", "top_k")}, **_ROUTER_DEFAULTS, **KERNEL_ATTRS})
 
 op("aux_loss", "The load-balancing loss E * sum_e (counts_e / T) * (prob_sum_e / T); 0 when T = 0.",
    ["counts", "prob_sum", "ids"], ["out"], lambda o, a: {"out": TensorType("f32", ())},
@@ -138,7 +148,7 @@ op("grouped_gemm", "Row i of the sorted rows belongs to expert e(i) (offsets; on
    "un-permute folded into the epilogue). Rows of dropped pairs are left unwritten. fp32 accumulation.",
    ["a", "w"], ["out"], _infer_gg, optional_operands=["offsets", "w_up", "order", "scale", "bias", "bias_up"],
    attrs={"num_experts": REQUIRED, "activation": None, "glu": False, **GLU_PLAIN, "gather_top_k": 0,
-          "scatter": False, "out_dtype": None, "tiles": None})
+          "scatter": False, "out_dtype": None, **KERNEL_ATTRS})
 
 op("activate", "out = act(gate) * (up + up_shift) (glu) or act(gate), computed in fp32, stored in gate's "
    "dtype; act_alpha is silu's slope (x * sigmoid(act_alpha * x)); glu_limit clamps gate <= limit and up "
@@ -156,13 +166,20 @@ op("reduce_topk", "out[t] = sum_s y[t*k+s] over slots s in fixed order, skipping
    "(ids = -1), + residual[t]; fp32 sum, stored in out_dtype. Deterministic: no atomics.",
    ["y", "ids"], ["out"],
    lambda o, a: {"out": TensorType(a["out_dtype"], (_rows(o["ids"]), o["y"].shape[1]))},
-   optional_operands=["residual"], attrs={"top_k": REQUIRED, "out_dtype": REQUIRED, "tiles": None})
+   optional_operands=["residual"], attrs={"top_k": REQUIRED, "out_dtype": REQUIRED, **KERNEL_ATTRS})
 
 op("add", "out = a + b (fp32).", ["a", "b"], ["out"],
    lambda o, a: {"out": TensorType("f32", o["a"].shape)})
 
 op("cast", "out = x converted to dtype.", ["x"], ["out"],
    lambda o, a: {"out": TensorType(a["dtype"], o["x"].shape)}, attrs={"dtype": REQUIRED})
+
+# ---- alternatives ----------------------------------------------------------------------------
+
+op("select", "out = a when the shape condition `when` holds for the call's sizes, else b (a sympy relation "
+   "of the graph's symbols, e.g. 'ceiling(T/64) > 16'). Decided on the host from shapes alone; only the "
+   "chosen operand's producers run.",
+   ["a", "b"], ["out"], lambda o, a: {"out": o["a"]}, attrs={"when": REQUIRED})
 
 
 def router_config(attrs: dict) -> RouterConfig:

@@ -80,6 +80,14 @@ class MobaAttentionTile(Tile):
 TILE_TYPES = {t.__name__: t for t in (GemmTile, RouteTile, RowTile, MobaGateTile, MobaAttentionTile)}
 
 
+def pow2(n: int, lo: int = 16) -> int:
+    """The smallest power of two >= ``n`` and >= ``lo``: what a tile dimension pads ``n`` to."""
+    p = lo
+    while p < n:
+        p *= 2
+    return p
+
+
 # ---- token-count buckets ---------------------------------------------------------------------
 
 BUCKETS: tuple = (16, 128, 1024, None)   # T <= 16 (decode), <= 128, <= 1024, larger

@@ -13,7 +13,8 @@ import torch
 
 T = sympy.Symbol("T", integer=True, nonnegative=True)
 B = sympy.Symbol("B")          # batch (MoBA): a plain symbol, so the text form parses back to it
-SYMBOLS = {"T": T, "B": B}
+S = sympy.Symbol("S")          # packed sequences (MoBA's cu_seqlens: i32[S + 1])
+SYMBOLS = {"T": T, "B": B, "S": S}
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16,
           "i32": torch.int32, "i64": torch.int64}
@@ -59,6 +60,37 @@ class TensorType:
 
     def __str__(self) -> str:
         return f"{self.dtype}[{', '.join(str(d) for d in self.shape)}]"
+
+
+def binders(inputs) -> list[tuple[str, int, sympy.Symbol, int]]:
+    """How a call's sizes bind the symbols of graph ``inputs`` (``(name, type)`` pairs): per symbol, the
+    first ``(input, dim, symbol, offset)`` whose dim is the symbol plus an integer (``T``, ``S + 1``)."""
+    out, seen = [], set()
+    for name, t in inputs:
+        for i, d in enumerate(t.shape):
+            syms = d.free_symbols
+            if len(syms) != 1:
+                continue
+            (sym,) = syms
+            offset = d - sym
+            if sym not in seen and offset.is_Integer:
+                seen.add(sym)
+                out.append((name, i, sym, int(offset)))
+    return out
+
+
+def bind_sizes(binds, tensors: dict) -> dict:
+    """``{symbol: int}`` read off the tensors' shapes by `binders`."""
+    return {sym: tensors[name].shape[i] - off for name, i, sym, off in binds}
+
+
+def condition(text: str) -> sympy.Basic:
+    """A shape condition (``select``'s ``when``): a sympy relation of the IR's symbols."""
+    cond = sympy.sympify(text, locals=SYMBOLS)
+    if not isinstance(cond, (sympy.core.relational.Relational, sympy.logic.boolalg.Boolean)) or \
+            not cond.free_symbols <= set(SYMBOLS.values()):
+        raise ValueError(f"not a condition on {sorted(SYMBOLS)}: {text!r}")
+    return cond
 
 
 _TYPE_RE = re.compile(r"^\s*(\w+)\[(.*)\]\s*$")

@@ -9,7 +9,7 @@ import networkx as nx
 from ..spec import GLU_PLAIN, MoESpecError, check_glu_variant
 from .graph import Graph, Node
 from .ops import OPS, REQUIRED, IRError, check_activation, glu_variant, router_config
-from .types import TensorType
+from .types import TensorType, condition
 
 
 def _router_ok(n: Node, types) -> None:
@@ -76,8 +76,17 @@ def _activate_ok(n: Node, types) -> None:
         raise IRError("glu and the up operand go together")
 
 
+def _select_ok(n: Node, types) -> None:
+    if types[n.ins["a"]] != types[n.ins["b"]]:
+        raise IRError(f"a {types[n.ins['a']]} and b {types[n.ins['b']]} must have one type")
+    try:
+        condition(n.attr["when"])
+    except (ValueError, TypeError, SyntaxError) as e:
+        raise IRError(f"when: {e}") from None
+
+
 RULES = {"route": _router_ok, "fused_route": _router_ok, "apply_capacity": lambda n, t: router_config(n.attr),
-         "grouped_gemm": _gemm_ok, "activate": _activate_ok}
+         "grouped_gemm": _gemm_ok, "activate": _activate_ok, "select": _select_ok}
 
 
 def verify(g: Graph) -> Graph:

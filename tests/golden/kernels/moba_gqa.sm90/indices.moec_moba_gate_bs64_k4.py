@@ -1,4 +1,5 @@
 # moec kernel moec_moba_gate_bs64_k4
+# IR node: %indices: i32[B, 8, T, 4] = fused_block_gate(q=%q, k=%k) {block_size=64, top_k=4, tiles={None: MobaGateTile(block_m=128, block_nb=64, num_warps=4, num_stages=2)}}
 # MoBA gate: q [B, H, N, D=64], pooled keys [B, Hkv, NB, D] -> block indices [B, H, N, top_k=4]
 # variant: block_size=64 GQA group=4 varlen=False dtype=float16
 # tile: BLOCK_M=128 BLOCK_NB=64 num_warps=4 num_stages=2

@@ -1,4 +1,5 @@
 # moec kernel moec_moba_gate_bs16_k3
+# IR node: %indices: i32[B, 4, T, 3] = fused_block_gate(q=%q, k=%k) {block_size=16, top_k=3, tiles={None: MobaGateTile(block_m=128, block_nb=64, num_warps=4, num_stages=2)}}
 # MoBA gate: q [B, H, N, D=32], pooled keys [B, Hkv, NB, D] -> block indices [B, H, N, top_k=3]
 # variant: block_size=16 GQA group=1 varlen=False dtype=float32
 # tile: BLOCK_M=128 BLOCK_NB=64 num_warps=4 num_stages=2

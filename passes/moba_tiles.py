@@ -1,0 +1,138 @@
+"""MoBA's tiles: per-arch tables (MoBA's kernels are not in the cost model yet) for the gate, the rows
+attention and the two densify kernels, shrunk until their pipelined shared memory fits the arch.
+
+choose-tiles (`moec.passes.choose_tiles`) asks `moba_tile` for every MoBA kernel node; tests and
+benchmarks call the per-kernel functions directly. ``arch`` ``cpu`` is the Triton interpreter: few,
+wide programs run fastest there (its cost is per op, not per FLOP).
+"""
+from __future__ import annotations
+
+from moec.ir.tiles import MobaAttentionTile, MobaGateTile, pow2
+from moec.runtime.arch import ARCHS, Arch
+
+# Attention: (BLOCK_M, BLOCK_N, warps, stages) per arch for block sizes >= 64, D <= 128 (sm120 has
+# sm89's 99 KB of shared memory and mma.sync: it takes sm89's rows in every table).
+# BLOCK_M = 64 is the smallest wgmma/tcgen05 M; a larger M would widen the union of blocks a tile
+# visits (each row selects its own). BLOCK_N <= block size, 128 where shared memory allows it
+# (K and V chunks of [BLOCK_N, D] per stage).
+_ATTN = {
+    "sm80": {64: (64, 64, 4, 2), 128: (64, 64, 4, 3), 256: (64, 64, 4, 3), 512: (64, 64, 4, 3)},
+    "sm86": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (64, 64, 4, 2), 512: (64, 64, 4, 2)},
+    "sm89": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (64, 64, 4, 2), 512: (64, 64, 4, 2)},
+    "sm90": {64: (64, 64, 4, 3), 128: (64, 128, 8, 2), 256: (64, 128, 8, 2), 512: (64, 128, 8, 2)},
+    "sm100": {64: (64, 64, 4, 3), 128: (64, 128, 8, 2), 256: (64, 128, 8, 2), 512: (64, 128, 8, 2)},
+    "sm120": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (64, 64, 4, 2), 512: (64, 64, 4, 2)},
+}
+# Gate: (BLOCK_M, BLOCK_NB, warps, stages); FlashMoBA uses 128 x 32 (D = 128) with 4 warps.
+_GATE = {"sm80": (64, 32, 4, 2), "sm86": (64, 32, 4, 2), "sm89": (64, 32, 4, 2),
+         "sm90": (128, 32, 4, 2), "sm100": (128, 32, 4, 2), "sm120": (64, 32, 4, 2)}
+
+
+# Densify (key-block-major gathered tiles, `moba_densify_kernel`): (BLOCK_M, BLOCK_N, warps, stages).
+# Every program does the same work (BLOCK_M gathered rows x one whole block of keys), so a larger
+# BLOCK_M only costs the partly filled last chunk of each (key block, kv head) list; 128 rows with 8
+# warps where shared memory allows (the gathered q tile stays resident; K and V chunks pipelined).
+# The key loop has a constexpr trip count (bs / BLOCK_N), so it is an scf.for that Triton pipelines.
+_DENSIFY = {
+    "sm80": {64: (128, 64, 8, 2), 128: (128, 64, 8, 2), 256: (128, 64, 8, 2), 512: (128, 64, 8, 2)},
+    "sm86": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (64, 64, 4, 2), 512: (64, 64, 4, 2)},
+    "sm89": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (64, 64, 4, 2), 512: (64, 64, 4, 2)},
+    "sm90": {64: (128, 64, 8, 2), 128: (128, 128, 8, 2), 256: (128, 128, 8, 2), 512: (128, 128, 8, 2)},
+    "sm100": {64: (128, 64, 8, 2), 128: (128, 128, 8, 2), 256: (128, 128, 8, 2), 512: (128, 128, 8, 2)},
+    "sm120": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (64, 64, 4, 2), 512: (64, 64, 4, 2)},
+}
+# Own block + merge (`moba_densify_kernel`): consecutive query rows x their own block, causal. BLOCK_M
+# divides the block size, so a tile never spans two blocks (no keys of a neighbour block visited).
+_OWN = {
+    "sm80": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (64, 64, 4, 2), 512: (64, 64, 4, 2)},
+    "sm86": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (64, 64, 4, 2), 512: (64, 64, 4, 2)},
+    "sm89": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (64, 64, 4, 2), 512: (64, 64, 4, 2)},
+    "sm90": {64: (64, 64, 4, 2), 128: (128, 64, 8, 2), 256: (128, 64, 8, 2), 512: (128, 64, 8, 2)},
+    "sm100": {64: (64, 64, 4, 2), 128: (128, 64, 8, 2), 256: (128, 64, 8, 2), 512: (128, 64, 8, 2)},
+    "sm120": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (64, 64, 4, 2), 512: (64, 64, 4, 2)},
+}
+
+
+def _arch(arch) -> Arch:
+    return arch if isinstance(arch, Arch) else ARCHS[arch or "cpu"]
+
+
+def attention_smem(tile: MobaAttentionTile, head_dim: int, itemsize: int = 2) -> int:
+    """Pipelined shared-memory estimate: K and V chunks per stage plus the resident q tile."""
+    d = pow2(head_dim)
+    return (tile.num_stages * 2 * tile.block_n + tile.block_m) * d * itemsize
+
+
+def gate_smem(tile: MobaGateTile, head_dim: int, itemsize: int = 2) -> int:
+    d = pow2(head_dim)
+    return (tile.num_stages * tile.block_nb + tile.block_m) * d * itemsize
+
+
+def _table_tile(table: dict, block_size: int, head_dim: int, a: Arch) -> MobaAttentionTile:
+    """A table entry for the block size, BLOCK_N <= the block, then shrunk (stages, BLOCK_N, BLOCK_M)
+    until the 16-bit shared-memory estimate fits 90% of the arch (only D > 128 needs that)."""
+    row = table[a.name]
+    key = min((b for b in row if b >= block_size), default=max(row))
+    bm, bn, warps, stages = row[key]
+    tile = MobaAttentionTile(bm, max(16, min(bn, pow2(block_size))), warps, stages)
+    while attention_smem(tile, head_dim) > 0.9 * a.smem_per_block:
+        bm, bn, warps, stages = tile.block_m, tile.block_n, tile.num_warps, tile.num_stages
+        if stages > 2:
+            stages -= 1
+        elif bn > 32:
+            bn //= 2
+        elif bm > 64:
+            bm, warps = bm // 2, max(4, warps // 2)
+        elif stages > 1:
+            stages = 1
+        else:
+            break
+        tile = MobaAttentionTile(bm, bn, warps, stages)
+    return tile
+
+
+def _tile(table: dict, block_size: int, head_dim: int, arch) -> MobaAttentionTile:
+    a = _arch(arch)
+    if a.name == "cpu":      # the interpreter: few, wide programs
+        return MobaAttentionTile(64, min(64, pow2(block_size)), 4, 1)
+    return _table_tile(table, block_size, head_dim, a)
+
+
+def attention_tile(block_size: int, head_dim: int, arch: str | Arch | None = None) -> MobaAttentionTile:
+    """The rows attention's tile (BLOCK_M query rows, keys in BLOCK_N chunks)."""
+    return _tile(_ATTN, block_size, head_dim, arch)
+
+
+def densify_tile(block_size: int, head_dim: int, arch: str | Arch | None = None) -> MobaAttentionTile:
+    """The gathered-query tile of the densify scheme (BLOCK_M gathered rows, keys in BLOCK_N chunks)."""
+    return _tile(_DENSIFY, block_size, head_dim, arch)
+
+
+def own_tile(block_size: int, head_dim: int, arch: str | Arch | None = None) -> MobaAttentionTile:
+    """The own-block (causal diagonal) + merge tile of the densify scheme."""
+    return _tile(_OWN, block_size, head_dim, arch)
+
+
+def gate_tile(block_size: int, head_dim: int, arch: str | Arch | None = None) -> MobaGateTile:
+    """The gate tile: wide pooled-key tiles when blocks are small (many blocks), narrow when D is large."""
+    a = _arch(arch)
+    if a.name == "cpu":
+        return MobaGateTile(64, 32, 4, 1)
+    bm, bnb, warps, stages = _GATE[a.name]
+    if head_dim <= 64 and block_size <= 128:
+        bnb = 64
+    if block_size >= 512:    # few blocks per sequence
+        bnb = 16
+    if head_dim > 128:
+        bm = min(bm, 64)
+    return MobaGateTile(bm, bnb, warps, stages)
+
+
+# the tile of each MoBA kernel op: (function, head dim from q's type)
+_BY_OP = {"fused_block_gate": gate_tile, "block_sparse_attention": attention_tile,
+          "densify_attention": densify_tile, "own_block_merge": own_tile}
+
+
+def moba_tile(op: str, block_size: int, head_dim: int, arch: Arch):
+    """The table's tile for a MoBA kernel op."""
+    return _BY_OP[op](block_size, head_dim, arch)

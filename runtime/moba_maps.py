@@ -1,0 +1,59 @@
+"""Index maps of the MoBA kernels: packed sequences (varlen) and strides, built on the device.
+
+Varlen without host synchronisation: a launch over packed sequences gets an upper bound of
+``cdiv(N, BLOCK_M) + S`` query tiles (``sum_s cdiv(len_s, BLOCK_M)`` can be no more); two small
+int32 maps built on the device with ``cumsum``/``searchsorted`` say which sequence and which tile
+of it each program owns (``tile_seq = S`` for a surplus program, which exits at once). Tiles never
+cross a sequence boundary, so every row of a tile shares its sequence's start and length.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def query_tile_map(cu_seqlens: Tensor, n_rows: int, block_m: int) -> tuple[Tensor, Tensor, int]:
+    """``(tile_seq, tile_local, n_programs)``: program ``p`` owns tile ``tile_local[p]`` of sequence
+    ``tile_seq[p]`` (``S`` for a surplus program). No host synchronisation."""
+    S = cu_seqlens.numel() - 1
+    n_prog = -(-n_rows // block_m) + S
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
+    tiles = (lens + block_m - 1) // block_m
+    ends = torch.cumsum(tiles, 0)
+    p = torch.arange(n_prog, device=cu_seqlens.device)
+    seq = torch.searchsorted(ends, p, right=True)                            # first s with ends[s] > p
+    start = torch.cat([ends.new_zeros(1), ends])[seq.clamp(max=S)]
+    return seq.to(torch.int32), (p - start).to(torch.int32), n_prog
+
+
+def query_programs(cu_seqlens: Optional[Tensor], n_rows: int, block_m: int) -> tuple:
+    """``(tile_seq, tile_local, n_programs, n_sequences)`` of a query-tile-major launch: the packed map of
+    `query_tile_map`, or (None, None, cdiv(n_rows, block_m), 1) for one sequence per batch row."""
+    if cu_seqlens is None:
+        return None, None, -(-n_rows // block_m), 1
+    return (*query_tile_map(cu_seqlens, n_rows, block_m), cu_seqlens.numel() - 1)
+
+
+def strides(t: Tensor, prefix: str, dims: str) -> dict:
+    """``{f"stride_{prefix}{dim}": t.stride(i)}`` for the kernels' stride arguments (``dims``: ``"bhnd"``, ...)."""
+    return {f"stride_{prefix}{d}": t.stride(i) for i, d in enumerate(dims)}
+
+
+def block_offsets(cu_seqlens: Tensor, n_rows: int, block_size: int) -> tuple[Tensor, int]:
+    """``(offsets, n_blocks_max)``: sequence ``s``'s blocks are rows ``offsets[s] + j`` of the packed
+    pooled-key tensor, which has ``n_blocks_max = cdiv(N, bs) + S`` rows (an upper bound)."""
+    S = cu_seqlens.numel() - 1
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
+    nb = (lens + block_size - 1) // block_size
+    return (torch.cumsum(nb, 0) - nb).to(torch.int32), -(-n_rows // block_size) + S
+
+
+def _row_positions(n_rows: int, cu_seqlens: Optional[Tensor], device) -> tuple[Tensor, Tensor]:
+    """Per packed row: (its sequence index, its position inside the sequence)."""
+    rows = torch.arange(n_rows, device=device)
+    if cu_seqlens is None:
+        return torch.zeros_like(rows), rows
+    seq = torch.searchsorted(cu_seqlens[1:].to(torch.int64), rows, right=True)
+    return seq, rows - cu_seqlens.to(torch.int64)[seq]
