@@ -330,3 +330,25 @@ def test_moec_tune_needs_a_lifted_layer():
     import moec
     with pytest.raises(ValueError, match="no MoE layer"):
         moec.tune(moec.compile(torch.nn.Linear(4, 4)), timer=fake_timer, device="Fake GPU")
+
+
+def test_transformers_experts_program_takes_new_tune_entries(tune_env, monkeypatch):
+    """The routed-experts program of ``experts_implementation="moec"`` is compiled by the same driver,
+    so a tune file written after its first call reaches it at the next one (it once kept its
+    pre-tune tiles for the life of the process)."""
+    from moec.compiler import ExpertsRecipe
+    from moec.hf.experts import ExpertsRegion
+    monkeypatch.setenv("MOEC_TUNE_DEVICE", "Fake GPU")
+    region = ExpertsRegion("hf_experts", arch="sm90")
+    recipe = ExpertsRecipe(8, 2, 32, 64, "silu", True)
+    before = region.compiled_for(recipe, torch.float16, "cpu")
+    step = next(s for s in before.program.steps if s.node.op == "grouped_gemm")
+    current = step.variant(1).params.tile
+    problem = cm.problem_of(step.node, before.graph)
+    other = next(t for _, t in cm.rank(problem, ARCHS["sm90"], 1, 16) if t != current)
+    autotune.save("Fake GPU", "sm90", {autotune.kernel_key(step.node, before.graph): {"T<=16": entry(other)}})
+    after = region.compiled_for(recipe, torch.float16, "cpu")
+    assert after is not before
+    tuned = next(s for s in after.program.steps if s.node.name == step.node.name)
+    assert tuned.variant(1).params.tile == other and after.variant_source(tuned, tuned.variant(1)) == "tune file"
+    assert region.compiled_for(recipe, torch.float16, "cpu") is after          # once, not at every call
