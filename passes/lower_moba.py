@@ -8,9 +8,10 @@ are generated kernels. Every buffer and grid depends on shapes only (no host syn
 from __future__ import annotations
 
 from moec.ir.graph import Graph, Node
-from moec.runtime.moba_attention_kernel import MobaAttentionParams, moba_attention_fwd, render_attention
-from moec.runtime.moba_densify_kernel import MobaDensifyParams, densify_partials, own_block_merge, render_densify
-from moec.runtime.moba_gate_kernel import MobaGateParams, moba_gate, render_gate
+from moec.runtime.moba_attention_kernel import MobaAttentionParams, moba_attention_fwd
+from moec.runtime.moba_densify_kernel import MobaDensifyParams, MobaOwnMergeParams, densify_partials, own_block_merge
+from moec.runtime.moba_gate_kernel import MobaGateParams, moba_gate
+from moec.runtime.moba_kernel import render_moba
 from moec.runtime.moba_pool import pool_keys
 from moec.runtime.program import Step
 
@@ -31,7 +32,7 @@ def _gate_step(n: Node, g: Graph) -> Step:
         return {"indices": moba_gate(v["q"], pooled, block_size=p.block_size, top_k=p.top_k, tile=p.tile,
                                      cu_seqlens=cu, header=p.header)}
     return kernel_step(n, lambda tile, _: MobaGateParams(top_k=n.attr["top_k"], tile=tile, **_shape(g, n)),
-                       render_gate, launch, fills_results=False)
+                       render_moba, launch, fills_results=False)
 
 
 def _top_k(g: Graph, n: Node) -> int:
@@ -44,7 +45,7 @@ def _attention_step(n: Node, g: Graph) -> Step:
                                       cu_seqlens=v.get("cu_seqlens"), header=p.header)
         return {"out": out, "lse": lse}
     return kernel_step(n, lambda tile, _: MobaAttentionParams(top_k=_top_k(g, n), tile=tile, **_shape(g, n)),
-                       render_attention, launch, fills_results=False)
+                       render_moba, launch, fills_results=False)
 
 
 def _densify_step(n: Node, g: Graph) -> Step:
@@ -52,8 +53,8 @@ def _densify_step(n: Node, g: Graph) -> Step:
         part_o, part_lse = densify_partials(v["q"], v["k"], v["v"], v["indices"], block_size=p.block_size,
                                             tile=p.tile, cu_seqlens=v.get("cu_seqlens"), header=p.header)
         return {"part_o": part_o, "part_lse": part_lse}
-    return kernel_step(n, lambda tile, _: MobaDensifyParams("densify", top_k=_top_k(g, n), tile=tile, **_shape(g, n)),
-                       render_densify, launch, fills_results=False)
+    return kernel_step(n, lambda tile, _: MobaDensifyParams(top_k=_top_k(g, n), tile=tile, **_shape(g, n)),
+                       render_moba, launch, fills_results=False)
 
 
 def _merge_step(n: Node, g: Graph) -> Step:
@@ -62,9 +63,9 @@ def _merge_step(n: Node, g: Graph) -> Step:
                                    block_size=p.block_size, tile=p.tile, cu_seqlens=v.get("cu_seqlens"),
                                    header=p.header)
         return {"out": out, "lse": lse}
-    return kernel_step(n, lambda tile, _: MobaDensifyParams("own_merge", top_k=_top_k(g, n), tile=tile,
+    return kernel_step(n, lambda tile, _: MobaOwnMergeParams(top_k=_top_k(g, n), tile=tile,
                                                             **_shape(g, n)),
-                       render_densify, launch, fills_results=False)
+                       render_moba, launch, fills_results=False)
 
 
 LOWERINGS = {"fused_block_gate": _gate_step, "block_sparse_attention": _attention_step,

@@ -16,60 +16,32 @@ ignored), so the kernel is testable on its own against `moba_attention_from_indi
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 from torch import Tensor
 
 from moec.ir.tiles import MobaAttentionTile, pow2
 
-from .launch import Kernel, LaunchPlan
+from .launch import LaunchPlan
+from .moba_kernel import MobaParams, render_moba
 from .moba_maps import query_programs, strides
-from .render import render
 
-TEMPLATE = "moba_attention.py.jinja"
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
-class MobaAttentionParams:
-    """What shapes the attention kernel's source and launch (one rendered kernel per value)."""
+class MobaAttentionParams(MobaParams):
+    """The rows attention kernel's params (``tile``: a `MobaAttentionTile`)."""
 
-    block_size: int
-    top_k: int                     # index slots per query
-    head_dim: int
-    group: int = 1
-    varlen: bool = False
-    tile: MobaAttentionTile = MobaAttentionTile(32, 32, 4, 1)
-    dtype: str = "float16"         # for the header only
-    header: str = ""               # the IR node's text line
-
-    def __post_init__(self) -> None:
-        if self.block_size < 1 or self.top_k < 1 or self.head_dim < 1 or self.group < 1:
-            raise ValueError(f"invalid MoBA attention parameters {self}")
-        for name, v in (("block_m", self.tile.block_m), ("block_n", self.tile.block_n)):
-            if v < 16 or v & (v - 1):
-                raise ValueError(f"MobaAttentionTile.{name} must be a power of two >= 16 (tl.dot), got {v}")
-
-    @property
-    def fn_name(self) -> str:
-        return f"moec_moba_attention_bs{self.block_size}_k{self.top_k}" + ("_varlen" if self.varlen else "")
+    kind: ClassVar[str] = "attention"
+    template: ClassVar[str] = "moba_attention.py.jinja"
 
     def constexprs(self) -> dict:
-        return dict(D=self.head_dim, D_PAD=pow2(self.head_dim), GROUP=self.group, BLOCK_SIZE=self.block_size,
-                    K=self.top_k, K_PAD=pow2(self.top_k, 1), VARLEN=self.varlen,
+        return dict(**self.shape_constexprs(), GROUP=self.group, K_PAD=pow2(self.top_k, 1),
                     BLOCK_M=self.tile.block_m, BLOCK_N=self.tile.block_n)
-
-
-@functools.lru_cache(maxsize=None)
-def render_attention(params: MobaAttentionParams) -> Kernel:
-    source = render(TEMPLATE, fn_name=params.fn_name, head_dim=params.head_dim, top_k=params.top_k,
-                    block_size=params.block_size, group=params.group, varlen=params.varlen,
-                    dtype=params.dtype, tile=params.tile, header=params.header)
-    return Kernel(source, params.fn_name)
 
 
 def plan_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, *, block_size: int, tile: MobaAttentionTile,
@@ -95,7 +67,7 @@ def plan_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, *, block_si
         **strides(indices, "i", "bhnk"), **strides(out, "o", "bhnd"), **strides(lse, "l", "bhn"),
     )
     grid = (n_prog if N else 0, B * H)
-    return LaunchPlan(render_attention(params), grid, args, params.constexprs(), params.tile.num_warps,
+    return LaunchPlan(render_moba(params), grid, args, params.constexprs(), params.tile.num_warps,
                       params.tile.num_stages), out, lse
 
 

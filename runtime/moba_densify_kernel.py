@@ -42,22 +42,19 @@ example, about 12 ms at 3 TB/s): FlashMoBA's window ownership (row state kept in
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 from torch import Tensor
 
 from moec.ir.tiles import MobaAttentionTile, pow2
 
-from .launch import Kernel, LaunchPlan
+from .launch import LaunchPlan
+from .moba_kernel import MobaParams, render_moba
 from .moba_maps import _row_positions, block_offsets, query_programs, strides
-from .render import render
 
-DENSIFY_TEMPLATE = "moba_densify.py.jinja"
-OWN_TEMPLATE = "moba_own_merge.py.jinja"
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -154,52 +151,27 @@ def densify_workspace_bytes(B: int, H: int, Hkv: int, N: int, D: int, K: int, bl
 # ----------------------------------------------------------------------------------------------
 # 2 and 3. the two kernels
 
-TEMPLATES = {"densify": DENSIFY_TEMPLATE, "own_merge": OWN_TEMPLATE}
+@dataclass(frozen=True)
+class MobaDensifyParams(MobaParams):
+    """The densify kernel's params (gathered past blocks; ``tile``: a `MobaAttentionTile`)."""
+
+    kind: ClassVar[str] = "densify"
+    template: ClassVar[str] = "moba_densify.py.jinja"
+
+    def constexprs(self) -> dict:
+        return dict(**self.shape_constexprs(), BLOCK_M=self.tile.block_m, BLOCK_N=self.tile.block_n)
 
 
 @dataclass(frozen=True)
-class MobaDensifyParams:
-    """What shapes one of the two densify-scheme kernels (``part``: ``"densify"``, the gathered past
-    blocks, or ``"own_merge"``, the own block and the merge) and its launch."""
+class MobaOwnMergeParams(MobaParams):
+    """The own-block + merge kernel's params (``tile``: a `MobaAttentionTile`)."""
 
-    part: str
-    block_size: int
-    top_k: int
-    head_dim: int
-    group: int = 1
-    varlen: bool = False
-    tile: MobaAttentionTile = MobaAttentionTile(64, 64, 4, 1)
-    dtype: str = "float16"         # for the header only
-    header: str = ""               # the IR node's text line
-
-    def __post_init__(self) -> None:
-        if self.part not in TEMPLATES:
-            raise ValueError(f"part must be one of {sorted(TEMPLATES)}, got {self.part!r}")
-        if self.block_size < 1 or self.top_k < 1 or self.head_dim < 1 or self.group < 1:
-            raise ValueError(f"invalid MoBA densify parameters {self}")
-        for name, v in (("block_m", self.tile.block_m), ("block_n", self.tile.block_n)):
-            if v < 16 or v & (v - 1):
-                raise ValueError(f"MobaAttentionTile.{name} must be a power of two >= 16 (tl.dot), got {v}")
-
-    @property
-    def fn_name(self) -> str:
-        return f"moec_moba_{self.part}_bs{self.block_size}_k{self.top_k}" + ("_varlen" if self.varlen else "")
+    kind: ClassVar[str] = "own_merge"
+    template: ClassVar[str] = "moba_own_merge.py.jinja"
 
     def constexprs(self) -> dict:
-        t = self.tile
-        if self.part == "densify":
-            return dict(D=self.head_dim, D_PAD=pow2(self.head_dim), K=self.top_k, BLOCK_SIZE=self.block_size,
-                        VARLEN=self.varlen, BLOCK_M=t.block_m, BLOCK_N=t.block_n)
-        return dict(D=self.head_dim, D_PAD=pow2(self.head_dim), GROUP=self.group, BLOCK_SIZE=self.block_size,
-                    K=self.top_k, K_PAD=pow2(self.top_k, 1), VARLEN=self.varlen, BLOCK_M=t.block_m, BLOCK_N=t.block_n)
-
-
-@functools.lru_cache(maxsize=None)
-def render_densify(params: MobaDensifyParams) -> Kernel:
-    source = render(TEMPLATES[params.part], fn_name=params.fn_name, head_dim=params.head_dim, top_k=params.top_k,
-                    block_size=params.block_size, group=params.group, varlen=params.varlen, dtype=params.dtype,
-                    tile=params.tile, header=params.header)
-    return Kernel(source, params.fn_name)
+        return dict(**self.shape_constexprs(), GROUP=self.group, K_PAD=pow2(self.top_k, 1),
+                    BLOCK_M=self.tile.block_m, BLOCK_N=self.tile.block_n)
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, indices: Tensor) -> None:
@@ -211,9 +183,9 @@ def _check(q: Tensor, k: Tensor, v: Tensor, indices: Tensor) -> None:
                          f"{indices.dtype} {list(indices.shape)}")
 
 
-def _params(part: str, q: Tensor, k: Tensor, indices: Tensor, block_size: int, tile, cu_seqlens, header):
-    return MobaDensifyParams(part, block_size, indices.shape[3], q.shape[3], q.shape[1] // k.shape[1],
-                             cu_seqlens is not None, tile, str(q.dtype).replace("torch.", ""), header)
+def _params(cls, q: Tensor, k: Tensor, indices: Tensor, block_size: int, tile, cu_seqlens, header):
+    return cls(block_size, indices.shape[3], q.shape[3], q.shape[1] // k.shape[1], cu_seqlens is not None, tile,
+               str(q.dtype).replace("torch.", ""), header)
 
 
 def plan_partials(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, *, block_size: int, tile: MobaAttentionTile,
@@ -225,7 +197,7 @@ def plan_partials(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, *, block_siz
     _check(q, k, v, indices)
     B, H, N, D = q.shape
     Hkv, K = k.shape[1], indices.shape[3]
-    params = _params("densify", q, k, indices, block_size, tile, cu_seqlens, header)
+    params = _params(MobaDensifyParams, q, k, indices, block_size, tile, cu_seqlens, header)
     E = B * H * N * K
     part_o = torch.empty((E, D), dtype=partial_dtype or q.dtype, device=q.device)
     part_lse = torch.full((E,), float("-inf"), dtype=torch.float32, device=q.device)
@@ -237,7 +209,7 @@ def plan_partials(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, *, block_siz
         part_lse_ptr=part_lse, N=N, H=H, HKV=Hkv, NB=lists.n_blocks, N_SEG=lists.n_seg,
         sm_scale=1.0 / math.sqrt(D) if D else 1.0,
         **strides(q, "q", "bhnd"), **strides(k, "k", "bhnd"), **strides(v, "v", "bhnd"))
-    plan = LaunchPlan(render_densify(params), (lists.n_chunks if E else 0,), args, params.constexprs(),
+    plan = LaunchPlan(render_moba(params), (lists.n_chunks if E else 0,), args, params.constexprs(),
                       tile.num_warps, tile.num_stages)
     return plan, part_o, part_lse
 
@@ -248,7 +220,7 @@ def plan_merge(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, part_o: Tensor,
     """The own-block + merge launch and its (unwritten) ``out``, ``lse``."""
     _check(q, k, v, indices)
     B, H, N, D = q.shape
-    params = _params("own_merge", q, k, indices, block_size, tile, cu_seqlens, header)
+    params = _params(MobaOwnMergeParams, q, k, indices, block_size, tile, cu_seqlens, header)
     out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     tile_seq, tile_local, n_prog, S = query_programs(cu_seqlens, N, tile.block_m)
@@ -258,7 +230,7 @@ def plan_merge(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, part_o: Tensor,
         N=N, H=H, S=S, sm_scale=1.0 / math.sqrt(D) if D else 1.0,
         **strides(q, "q", "bhnd"), **strides(k, "k", "bhnd"), **strides(v, "v", "bhnd"),
         **strides(indices, "i", "bhnk"), **strides(out, "o", "bhnd"), **strides(lse, "l", "bhn"))
-    plan = LaunchPlan(render_densify(params), (n_prog if N else 0, B * H), args, params.constexprs(),
+    plan = LaunchPlan(render_moba(params), (n_prog if N else 0, B * H), args, params.constexprs(),
                       tile.num_warps, tile.num_stages)
     return plan, out, lse
 

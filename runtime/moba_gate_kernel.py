@@ -11,60 +11,32 @@ No host synchronisation: grids and buffers depend on shapes only.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 from torch import Tensor
 
 from moec.ir.tiles import MobaGateTile, pow2
 
-from .launch import Kernel, LaunchPlan
+from .launch import LaunchPlan
+from .moba_kernel import MobaParams, render_moba
 from .moba_maps import block_offsets, query_tile_map
-from .render import render
 
-TEMPLATE = "moba_gate.py.jinja"
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
-class MobaGateParams:
-    """What shapes the gate kernel's source and launch (one rendered kernel per value)."""
+class MobaGateParams(MobaParams):
+    """The gate kernel's params (``tile``: a `MobaGateTile`)."""
 
-    block_size: int
-    top_k: int
-    head_dim: int
-    group: int = 1                 # query heads per kv head
-    varlen: bool = False
-    tile: MobaGateTile = MobaGateTile(32, 16, 4, 1)
-    dtype: str = "float16"         # for the header only (the source is dtype-generic)
-    header: str = ""               # the IR node's text line
-
-    def __post_init__(self) -> None:
-        if self.block_size < 1 or self.top_k < 1 or self.head_dim < 1 or self.group < 1:
-            raise ValueError(f"invalid MoBA gate parameters {self}")
-        for name, v in (("block_m", self.tile.block_m), ("block_nb", self.tile.block_nb)):
-            if v < 16 or v & (v - 1):
-                raise ValueError(f"MobaGateTile.{name} must be a power of two >= 16 (tl.dot), got {v}")
-
-    @property
-    def fn_name(self) -> str:
-        return f"moec_moba_gate_bs{self.block_size}_k{self.top_k}" + ("_varlen" if self.varlen else "")
+    kind: ClassVar[str] = "gate"
+    template: ClassVar[str] = "moba_gate.py.jinja"
 
     def constexprs(self) -> dict:
         k1 = self.top_k - 1
-        return dict(D=self.head_dim, D_PAD=pow2(self.head_dim), GROUP=self.group, BLOCK_SIZE=self.block_size,
-                    K=self.top_k, K1=k1, K_PAD=pow2(self.top_k, 1), K1_PAD=pow2(max(k1, 1), 1),
-                    VARLEN=self.varlen, BLOCK_M=self.tile.block_m, BLOCK_NB=self.tile.block_nb)
-
-
-@functools.lru_cache(maxsize=None)
-def render_gate(params: MobaGateParams) -> Kernel:
-    source = render(TEMPLATE, fn_name=params.fn_name, head_dim=params.head_dim, top_k=params.top_k,
-                    block_size=params.block_size, group=params.group, varlen=params.varlen,
-                    dtype=params.dtype, tile=params.tile, header=params.header)
-    return Kernel(source, params.fn_name)
+        return dict(**self.shape_constexprs(), GROUP=self.group, K1=k1, K_PAD=pow2(self.top_k, 1),
+                    K1_PAD=pow2(max(k1, 1), 1), BLOCK_M=self.tile.block_m, BLOCK_NB=self.tile.block_nb)
 
 
 def gate_params(q: Tensor, k_heads: int, *, block_size: int, top_k: int, varlen: bool, tile: MobaGateTile,
@@ -103,7 +75,7 @@ def plan_gate(q: Tensor, pooled: Tensor, *, block_size: int, top_k: int, tile: M
         stride_ib=idx.stride(0), stride_ih=idx.stride(1), stride_in=idx.stride(2), stride_ik=idx.stride(3),
     )
     grid = (n_prog if N else 0, B * H)
-    return LaunchPlan(render_gate(params), grid, args, params.constexprs(), params.tile.num_warps,
+    return LaunchPlan(render_moba(params), grid, args, params.constexprs(), params.tile.num_warps,
                       params.tile.num_stages), idx
 
 

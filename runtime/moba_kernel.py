@@ -1,0 +1,54 @@
+"""What every MoBA kernel's params share: the shape of the problem, the tile, the header, validation
+and rendering. `moba_gate_kernel`, `moba_attention_kernel` and `moba_densify_kernel` subclass
+`MobaParams` with their template and constexprs."""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+from moec.ir.tiles import Tile, pow2
+
+from .launch import Kernel
+from .render import render
+
+
+@dataclass(frozen=True)
+class MobaParams:
+    """What shapes one MoBA kernel's source and launch (one rendered kernel per value)."""
+
+    block_size: int
+    top_k: int                     # index slots per query
+    head_dim: int
+    group: int = 1                 # query heads per kv head
+    varlen: bool = False           # packed sequences (cu_seqlens)
+    tile: Tile = None
+    dtype: str = "float16"         # for the header only (the source is dtype-generic)
+    header: str = ""               # the IR node's text line
+    kind: ClassVar[str] = ""       # the kernel's name: moec_moba_<kind>_bs.._k..
+    template: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.top_k < 1 or self.head_dim < 1 or self.group < 1:
+            raise ValueError(f"invalid MoBA {self.kind} parameters {self}")
+        for f in fields(self.tile):
+            v = getattr(self.tile, f.name)
+            if f.name.startswith("block") and (v < 16 or v & (v - 1)):
+                raise ValueError(f"{type(self.tile).__name__}.{f.name} must be a power of two >= 16 (tl.dot), got {v}")
+
+    @property
+    def fn_name(self) -> str:
+        return f"moec_moba_{self.kind}_bs{self.block_size}_k{self.top_k}" + ("_varlen" if self.varlen else "")
+
+    def shape_constexprs(self) -> dict:
+        return dict(D=self.head_dim, D_PAD=pow2(self.head_dim), BLOCK_SIZE=self.block_size, K=self.top_k,
+                    VARLEN=self.varlen)
+
+
+@functools.lru_cache(maxsize=None)
+def render_moba(params: MobaParams) -> Kernel:
+    """The kernel for ``params`` (rendered once per distinct params)."""
+    source = render(params.template, fn_name=params.fn_name, head_dim=params.head_dim, top_k=params.top_k,
+                    block_size=params.block_size, group=params.group, varlen=params.varlen, dtype=params.dtype,
+                    tile=params.tile, header=params.header)
+    return Kernel(source, params.fn_name)
