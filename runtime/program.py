@@ -165,8 +165,9 @@ class Program:
         e.g. for a backward that reuses an intermediate). ``on_step(step, operands, results, ctx)`` is
         called after each (autotune uses it to capture a kernel's operands)."""
         sizes = self.sizes(inputs)
-        T = inputs[self._token_dim[0]].shape[self._token_dim[1]] if self._token_dim else 0
-        device = next(iter(inputs.values())).device
+        lead = inputs[self._token_dim[0]] if self._token_dim else next(iter(inputs.values()))
+        T = lead.shape[self._token_dim[1]] if self._token_dim else 0
+        device = lead.device
         env = dict(inputs)
         ctx = {"training": training, "noise": noise, "T": T, "sizes": sizes}
         order = range(len(self.steps))
