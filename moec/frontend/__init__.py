@@ -5,7 +5,9 @@
     find_moe_modules(model)      # [(qualified name, module)] MoE-like candidates
     register_adapter(name, prefix)(build)   # a lifting rule for a class the generic reader cannot read
 
-How a module is read (why fx alone is not enough) is explained in `moec.frontend.capture`.
+How a module is read (why fx alone is not enough) is explained in `moec.frontend.trace`; both
+recognisers (the MoE lifter and the MoBA matcher) read graphs with one vocabulary
+(`moec.frontend.fx_ops`) and are confirmed by one probe harness (`moec.frontend.probe_harness`).
 """
 from .adapters import adapter_for, register_adapter
 from .lift import find_moe_modules, lift

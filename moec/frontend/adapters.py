@@ -1,6 +1,6 @@
 """Module adapters: lifting rules for MoE blocks that the generic reader cannot read.
 
-The generic frontend (`structure` + `capture` + `experts` + the probe) reads most MoE blocks,
+The generic frontend (`structure` + `trace` + `experts` + the probe) reads most MoE blocks,
 including the Hugging Face transformers 5 ones (a router module with a ``weight`` and an experts
 module with stacked ``gate_up_proj [E, 2f, d]`` / ``down_proj [E, d, f]``). An adapter is for a
 block it cannot read (weights kept in an unusual layout, e.g. DBRX's ``[E*f, d]`` matrices) or

@@ -20,9 +20,11 @@ from torch import nn
 
 from .. import reference
 from ..spec import ACTIVATIONS
-from .capture import ACTIVATION_KINDS, Capture, int_arg, trace_partial
+from .fx_ops import ACTIVATION_OPS, CASTS, int_arg, strip
 from .lifted import Src
+from .probe_harness import draw, mismatch, run
 from .structure import Structure
+from .trace import Traced, trace_partial
 
 _GATE_WORDS = ("gate", "w1", "wi_0")
 _UP_WORDS = ("up", "w3", "wi_1", "w_in", "fc1", "wi")
@@ -46,14 +48,14 @@ class ExpertRead:
     gate_part: Optional[tuple] = None
 
 
-def _strip(cap: Capture, n):
-    while isinstance(n, fx.Node) and (cap.kind(n) == "identity" or (
-            n.op == "call_method" and n.target in ("to", "type", "float", "half", "bfloat16", "contiguous"))):
-        n = n.args[0]
-    return n
+_PASS = CASTS | {"identity", "dropout"}      # an expert is read (and verified) in eval mode
 
 
-def _linear_src(cap: Capture, n):
+def _strip(cap: Traced, n):
+    return strip(n, _PASS, cap.root)
+
+
+def _linear_src(cap: Traced, n):
     """``(linear path, part)`` when ``n`` is a linear's output or one chunk of it."""
     n = _strip(cap, n)
     if not isinstance(n, fx.Node):
@@ -66,20 +68,18 @@ def _linear_src(cap: Capture, n):
             src = _strip(cap, c.args[0])
             parts = int_arg(c, 1, "chunks")
             dim = c.args[2] if len(c.args) > 2 else c.kwargs.get("dim", 0)
-            if c.target in ("split", torch.split):
-                return None
             if isinstance(src, fx.Node) and src.op == "call_module" and cap.kind(src) == "linear" and parts and dim in (-1,):
                 return src.target, (n.args[1], parts)
     return None
 
 
-def _activation(cap: Capture, n):
+def _activation(cap: Traced, n):
     """``(activation kind, input)`` when ``n`` applies an elementwise activation."""
     n = _strip(cap, n)
     if not isinstance(n, fx.Node):
         return None
     k = cap.kind(n)
-    if k in ACTIVATION_KINDS or k == "sigmoid":
+    if k in ACTIVATION_OPS or k == "sigmoid":
         return k, n.args[0]
     if k == "mul" and len(n.args) == 2:       # x * sigmoid(x) is silu
         a, b = n.args
@@ -162,17 +162,6 @@ class _Form:
     gate_rows: Optional[tuple] = None
 
 
-def tolerance(dtype: torch.dtype) -> float:
-    return 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
-
-
-def _close(a: torch.Tensor, b: torch.Tensor, dtype) -> bool:
-    a, b = a.float(), b.float()
-    if a.shape != b.shape or not torch.isfinite(a).all():
-        return False
-    return bool((a - b).abs().max() <= tolerance(dtype) * max(float(b.abs().max()), 1e-6) + 1e-6)
-
-
 def _rows(part, f2: int):
     """Chunk ``(i, n)`` of a weight with ``f2`` output rows -> ``(start, stop, 1)``."""
     if part is None:
@@ -218,19 +207,6 @@ def _score(name: str, words) -> int:
     return sum(w in leaf for w in words)
 
 
-class _EvalMode:
-    def __init__(self, module: nn.Module):
-        self.flags = [(m, m.training) for m in module.modules()]
-
-    def __enter__(self):
-        for m, _ in self.flags:
-            m.training = False
-
-    def __exit__(self, *exc):
-        for m, f in self.flags:
-            m.training = f
-
-
 def _form_weights(expert: nn.Module, form: _Form):
     def w(name, rows):
         t = expert.get_submodule(name).weight
@@ -240,17 +216,15 @@ def _form_weights(expert: nn.Module, form: _Form):
 
 
 def verify_form(modules: list, form: _Form, d: int, dtype, device) -> bool:
-    """Call each expert module on random rows and compare with `reference.expert_mlp`."""
-    g = torch.Generator().manual_seed(7)
-    x = torch.randn(6, d, generator=g).to(dtype=dtype, device=device)
+    """Call each expert module (in eval mode) on random rows and compare with `reference.expert_mlp`."""
+    x = draw((6, d), 7, dtype, device)
     try:
         with torch.no_grad():
             for m in modules:
-                with _EvalMode(m):
-                    y = m(x)
+                y = run(m, (x,), m, False, x.device, 0)
                 up, down, gate = _form_weights(m, form)
-                if not isinstance(y, torch.Tensor) or not _close(
-                        y, reference.expert_mlp(x.float(), up, down, gate, form.activation), dtype):
+                ref = reference.expert_mlp(x.float(), up, down, gate, form.activation)
+                if not isinstance(y, torch.Tensor) or y.shape != ref.shape or mismatch(y, ref, dtype):
                     return False
     except Exception:  # noqa: BLE001 - a form that cannot even run is simply not this expert
         return False

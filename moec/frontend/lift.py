@@ -5,30 +5,33 @@ blocks the generic reader cannot read) is read by the adapter first; its `Lifted
 the same full probe. Otherwise (or when the adapter does not know the module's layout):
 Steps: `structure.discover` finds the parts (experts, router, shared expert, biases, attributes);
 `experts` reads the expert weights' roles (ModuleList experts are verified by calling them);
-`capture` traces the forward as far as fx can and `router_hints` reads router hints off the
-graph; then `candidates` enumerates the configurations the hints and attributes leave open, most
-plausible first. Each is screened cheaply on one probe input (expert outputs precomputed once,
-only the routing recomputed), and the first that matches is put through the full probe (every
-input, both training modes). Only a configuration that passed the probe is returned.
+`trace.trace_partial` traces the forward as far as fx can and `router_hints` reads router hints
+off the graph (both read graphs with `fx_ops`); then `candidates` enumerates the configurations
+the hints and attributes leave open, most plausible first. Each is screened cheaply on one probe
+input (expert outputs precomputed once, only the routing recomputed), and the first that matches
+is put through the full probe (every input, both training modes). Only a configuration that
+passed the probe is returned.
 """
 from __future__ import annotations
 
 import inspect
-from typing import Union
+from typing import Optional, Union
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from .. import reference
 from ..spec import MoESpec, MoESpecError
 from .adapters import adapter_for
 from .candidates import Part, assemble, config_text, dedupe, router_configs, router_options, shared_options
-from .capture import module_calls_depend_on, stacked_usage, trace_partial
 from .experts import ExpertLayout, list_layout, shared_layout, stacked_layouts
+from .fx_ops import MATMULS, descendants
 from .lifted import LiftedMoE, NotLifted, WeightsRecipe, resolve
 from .probe import TOKENS, Prober, probe
 from .router_hints import read_router
 from .structure import Structure, discover, meta_or_none
+from .trace import Traced, trace_partial
 
 MAX_SCREENS = 4000
 _SCREEN_INPUT = 2          # 48 random tokens
@@ -79,7 +82,32 @@ def _screen_y(xf, w, cfg, experts: _ExpertRows, S, noise):
     return (y + S if S is not None else y), aux
 
 
-def _formulation(st: Structure, cap, router_paths: set) -> tuple:
+def stacked_usage(cap: Traced, names: set) -> Optional[str]:
+    """How the traced forward reads stacked expert weights: 'gather' (indexed by routed ids),
+    'dense' (whole weight in an einsum/matmul), or None (not reached by the trace)."""
+    for n in cap.graph.nodes:
+        if n.op == "get_attr" and n.target in names:
+            for u in n.users:
+                k = cap.kind(u)
+                if k == "getitem" and isinstance(u.args[1], fx.Node):
+                    return "gather"
+                if k in MATMULS | {"linear"}:
+                    return "dense"
+    return None
+
+
+def module_calls_depend_on(cap: Traced, targets: set, starts_paths: set) -> Optional[bool]:
+    """Whether calls to the modules ``targets`` (experts) take inputs derived from the router
+    output (None: no such call was traced)."""
+    router = [n for n in cap.graph.nodes if n.op == "call_module" and n.target in starts_paths]
+    calls = [n for n in cap.graph.nodes if n.op == "call_module" and n.target in targets]
+    if not calls or not router:
+        return None
+    down = descendants(router)
+    return any(any(a in down for a in c.all_input_nodes) for c in calls)
+
+
+def _formulation(st: Structure, cap: Traced, router_paths: set) -> tuple:
     if st.experts is not None:
         dep = module_calls_depend_on(cap, set(st.expert_paths), router_paths)
         if dep is False:

@@ -4,7 +4,7 @@ match, probe), and rewrite a specialised graph so the core becomes moec's op.
 How a module is analysed (`analyse`, at compile time when inputs can be made up, else at its first
 call, with the call's own arguments as the example):
 
-1. trace ``forward`` specialised to the example (`moec.frontend.moba_trace`) and find the core
+1. trace ``forward`` specialised to the example (`moec.frontend.trace`) and find the core
    (`moec.frontend.moba_match`): q, k, v, the output, block size, the ``topk`` count;
 2. vary the sequence length of the inputs (the input dims whose size is the core's N) and repeat
    at a length where the selection matters (``n_blocks > top_k``, a partial last block), the
@@ -33,9 +33,11 @@ import torch.fx as fx
 from torch import nn
 
 from ..moba.config import MobaConfig
-from .moba_match import CoreMatch, NotMoba, Reject, match, val
+from .fx_ops import resolve_attr, val
+from .moba_match import CoreMatch, NotMoba, Reject, match
 from .moba_probe import probe_once, random_bound, to_bhnd
-from .moba_trace import Bound, TraceFailed, Traced, _eager_forward, bind, resolve_attr, signature, trace
+from .probe_harness import draw
+from .trace import Bound, TraceFailed, Traced, bind, eager_forward, signature, trace
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CORE = "_moec_moba_core"
@@ -132,13 +134,13 @@ def find_moba_modules(model: nn.Module, exclude=()) -> list[tuple[str, nn.Module
 def synthesize_args(module: nn.Module, n: int = 37) -> Optional[tuple]:
     """``(x,)`` with ``x [2, n, d]`` when forward takes one required argument and the module's first
     ``nn.Linear`` reads ``d`` features; else None (the first call will be the example)."""
-    params = [p for p in inspect.signature(_eager_forward(module)).parameters.values()
+    params = [p for p in inspect.signature(eager_forward(module)).parameters.values()
               if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     lin = next((m for m in module.modules() if isinstance(m, nn.Linear)), None)
     if len(params) != 1 or lin is None:
         return None
     w = lin.weight
-    return (torch.randn(2, n, lin.in_features, generator=torch.Generator().manual_seed(0)).to(w.dtype).to(w.device),)
+    return (draw((2, n, lin.in_features), 0, w.dtype, w.device),)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Find the MoBA core in a shape-specialised fx graph (`moec.frontend.moba_trace`).
+"""Find the MoBA core in a shape-specialised fx graph (`moec.frontend.trace`): a pattern -> proposal.
 
 What is matched, whatever the spelling (function or method, matmul or einsum, reshape or unfold or
 a loop of slices), anchored on the one ``topk`` of the gate:
@@ -34,10 +34,14 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from .capture import ancestors, descendants
-from .moba_graph import (CASTS, MASKING, REDUCE, _INPLACE, arg, chain, data_operand, is_tensor, kind, operands,
-                         search, val)
-from .moba_trace import Traced, resolve_attr
+from .fx_ops import (CASTS, MATMULS, RESHAPES, ancestors, arg, chain, data_operand, descendants, is_inplace, is_tensor,
+                     op_name, operands, resolve_attr, search, strip, val)
+from .trace import Traced
+
+# what may stand between a score matmul and its softmax / topk (masks, in-place writes, casts)
+MASKING = {"masked_fill", "where", "add", "sub", "setitem"} | CASTS
+# how block representatives are made (a cat/stack joins per-block ones)
+REDUCE = {"mean", "sum", "amax", "max", "amin", "min", "logsumexp", "cat", "stack"}
 
 
 class NotMoba(Exception):
@@ -67,7 +71,7 @@ def _norm_dim(d, rank):
 
 def read_pool(r: fx.Node) -> Pool:
     """Block size, block count and key tensor of a pooling reduction (raises Reject with the cause)."""
-    k = kind(r)
+    k = op_name(r)
     if k in ("amax", "max", "amin", "min", "logsumexp"):
         raise Reject(f"block representatives are {k}-pooled keys ({r.name}); MoBA scores a block by its "
                      "mean key")
@@ -77,27 +81,25 @@ def read_pool(r: fx.Node) -> Pool:
         if not pools or any(p.how != "slice" or p.keys is not pools[0].keys for p in pools):
             raise NotMoba(f"{r.name} concatenates something other than per-block key means")
         return Pool(r, pools[0].keys, pools[0].block_size, len(pools), "per-block slice means (a loop)")
-    x = r.args[0]
-    while kind(x) in CASTS:
-        x = x.args[0]
+    x = strip(r.args[0])
     rank = val(x).dim() if is_tensor(x) else 0
     d = _norm_dim(arg(r, 1, "dim"), rank) if rank else None
     if d is None:
         raise NotMoba(f"{r.name} does not reduce one axis")
-    if kind(x) in ("view", "reshape") and 0 < d:
+    if op_name(x) in RESHAPES and 0 < d:
         shape = val(x).shape
-        return Pool(r, x.args[0], int(shape[d]), int(shape[d - 1]), f"{kind(x)} into blocks + {k}")
-    if kind(x) == "unfold" and d == rank - 1:
+        return Pool(r, x.args[0], int(shape[d]), int(shape[d - 1]), f"{op_name(x)} into blocks + {k}")
+    if op_name(x) == "unfold" and d == rank - 1:
         size, step = arg(x, 2, "size"), arg(x, 3, "step")
         if size != step:
             raise Reject(f"key windows overlap (unfold size {size}, step {step}); MoBA blocks do not")
         return Pool(r, x.args[0], int(size), int(val(x).shape[arg(x, 1, 'dimension') % (rank - 1)]),
                     f"unfold into blocks + {k}")
-    if kind(x) == "getitem" and isinstance(x.args[1], tuple) and d < len(x.args[1]):
+    if op_name(x) == "getitem" and isinstance(x.args[1], tuple) and d < len(x.args[1]):
         s = x.args[1][d]
         if isinstance(s, slice) and isinstance(s.start or 0, int) and isinstance(s.stop, int):
             return Pool(r, x.args[0], s.stop - (s.start or 0), 1, "slice")
-    raise NotMoba(f"{r.name} ({k} over dim {d} of {kind(x)}) is not a mean over key blocks")
+    raise NotMoba(f"{r.name} ({k} over dim {d} of {op_name(x)}) is not a mean over key blocks")
 
 
 @dataclass
@@ -146,7 +148,7 @@ def _seq_dim(n, D, n_blocks, bs, prefer=2) -> Optional[int]:
 
 
 def _boundary(nodes: list, D, nb, bs, N=None, prefer=2) -> tuple[fx.Node, int]:
-    cands = [(n, s) for n in nodes if (s := _seq_dim(n, D, nb, bs, prefer)) is not None and kind(n) != "pad"
+    cands = [(n, s) for n in nodes if (s := _seq_dim(n, D, nb, bs, prefer)) is not None and op_name(n) != "pad"
              and (N is None or val(n).shape[s] == N)]        # a pad that pads nothing is its input
     if not cands:
         raise Reject(f"no [B, heads, N, D={D}] tensor where the core starts ({nodes[0].name})")
@@ -171,7 +173,7 @@ def _meet(a: fx.Node, b: fx.Node, what: str) -> list[fx.Node]:
 def match(tr: Traced, prefer: Optional[dict] = None) -> CoreMatch:
     """The MoBA core of ``tr``; ``prefer`` (role -> sequence dim) settles layouts that shapes leave open
     (as many heads as tokens)."""
-    topks = [n for n in tr.graph.nodes if kind(n) == "topk"]
+    topks = [n for n in tr.graph.nodes if op_name(n) == "topk"]
     if not topks:
         raise NotMoba("no topk in forward")
     first: Optional[Exception] = None
@@ -186,10 +188,10 @@ def match(tr: Traced, prefer: Optional[dict] = None) -> CoreMatch:
 def _attention(tr: Traced, tk: fx.Node, gate_q: fx.Node):
     """``(q operand, k operand, v operand, output node, how)`` of the attention fed by the selection."""
     desc = descendants([tk])
-    att = next((n for n in tr.graph.nodes if n in desc and kind(n, tr.root) in ("softmax", "sdpa")), None)
+    att = next((n for n in tr.graph.nodes if n in desc and tr.kind(n) in ("softmax", "sdpa")), None)
     if att is None:
         raise Reject("the selected blocks feed no softmax or scaled_dot_product_attention")
-    if kind(att) == "sdpa":
+    if op_name(att) == "sdpa":
         if arg(att, 4, "dropout_p", 0.0):
             raise Reject("attention dropout inside the MoBA core (dropout_p > 0)")
         qa, ka, va = (arg(att, i, nm) for i, nm in enumerate(("query", "key", "value")))
@@ -199,7 +201,7 @@ def _attention(tr: Traced, tk: fx.Node, gate_q: fx.Node):
     dim = arg(att, 1, "dim", None)
     if dim is not None and dim not in (-1, val(att).dim() - 1):
         raise Reject(f"softmax over dim {dim}, not over the keys")
-    scores = search(att.args[0], MASKING, {"matmul", "einsum"})
+    scores = search(att.args[0], MASKING, MATMULS)
     if scores is None:
         raise Reject(f"the softmax input ({att.args[0].name}) is not a q . k score")
     ops = operands(scores)
@@ -211,21 +213,21 @@ def _attention(tr: Traced, tk: fx.Node, gate_q: fx.Node):
     out, todo = None, list(att.users)
     while todo and out is None:
         u = todo.pop(0)
-        if kind(u) == "dropout" or kind(u, tr.root) == "dropout":
+        if tr.kind(u) == "dropout":
             training = arg(u, 2, "training", True) if u.op != "call_module" else resolve_attr(tr.root, u.target).training
             if training and (arg(u, 1, "p", 0.5) if u.op != "call_module" else resolve_attr(tr.root, u.target).p):
                 raise Reject("attention dropout inside the MoBA core")
             todo += list(u.users)
-        elif kind(u) in CASTS:
+        elif op_name(u) in CASTS:
             todo += list(u.users)
-        elif kind(u) in ("matmul", "einsum"):
+        elif op_name(u) in MATMULS:
             out = u
     if out is None:
         raise Reject("the attention probabilities are not multiplied by values")
     va = next((o for o in operands(out) if att not in chain(o) and not (set(chain(o)) & set(chain(att)))), None)
     if va is None:
         raise Reject(f"no value operand in {out.name}")
-    gathered = any(kind(n) in ("getitem", "gather", "index_select", "take_along_dim") and is_tensor(n.args[0])
+    gathered = any(op_name(n) in ("getitem", "gather", "index_select", "take_along_dim") and is_tensor(n.args[0])
                    and tk in ancestors(n) for n in chain(ka))
     how = "gathered key/value blocks" if gathered else "a dense token mask"
     return qa, ka, va, out, how + " + softmax attention"
@@ -252,7 +254,7 @@ def _closure(tr: Traced, bounds: list, out: fx.Node) -> set:
     outer = set().union(*(ancestors(b) for b in bounds))
     core = {n for n in ancestors(out) if n not in outer}
     for n in tr.graph.nodes:                   # in-place writes into core tensors belong to the core
-        if kind(n) in _INPLACE | {"masked_fill_"} or (n.op == "call_method" and str(n.target).endswith("_")):
+        if is_inplace(n):
             if n.args and n.args[0] in core:
                 core.add(n)
             elif n.args and n.args[0] in bounds:
@@ -294,7 +296,7 @@ def _match_one(tr: Traced, tk: fx.Node, prefer: dict) -> CoreMatch:
     rank = val(tk.args[0]).dim() if is_tensor(tk.args[0]) else 0
     if not rank or dim not in (-1, rank - 1):
         raise NotMoba(f"{tk.name} does not select along the last dim")
-    scores = search(tk.args[0], MASKING, {"matmul", "einsum"})
+    scores = search(tk.args[0], MASKING, MATMULS)
     if scores is None:
         raise NotMoba(f"the input of {tk.name} is not a matmul/einsum score")
     pooled = [(o, search(o, set(), REDUCE)) for o in operands(scores)]

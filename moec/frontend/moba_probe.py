@@ -14,10 +14,10 @@ length, on random inputs:
    cause: the own block not forced into the selection, attention not causal inside the own block,
    dense causal attention (no selection). Otherwise the message gives the error.
 
-Tolerance: max |core - reference| <= rtol * max |reference| (rtol 1e-4 in fp32, 2e-2 in fp16/bf16),
-leaving out query rows whose gate is a near tie at the top-k boundary (margin below 1e-5 (fp32) or
-1e-2 (fp16/bf16) of the largest score): there a rounding difference may legitimately pick another
-block. Module buffers and training flags are restored; the caller's RNG is untouched.
+Inputs, runs and tolerances are the harness's (`moec.frontend.probe_harness`): every eager run and
+replay gets copies of the inputs, restores flags and buffers and draws from the same seeded RNG fork;
+max |core - reference| <= rtol * max |reference|, leaving out query rows whose gate is a near tie at
+the top-k boundary (there a rounding difference may legitimately pick another block).
 """
 from __future__ import annotations
 
@@ -31,8 +31,10 @@ from torch.utils._pytree import tree_flatten
 
 from ..moba import reference
 from .moba_match import CoreMatch
-from .moba_trace import Bound, Traced, _eager_forward
-from .probe import mismatch, mode, seeded
+from .probe_harness import draw, mismatch, near_tie, run
+from .trace import Bound, Traced, eager_forward
+
+_SEED = 1234          # every eager run and replay draws the same random numbers
 
 
 def to_bhnd(t: torch.Tensor, seq_dim: int) -> torch.Tensor:
@@ -51,17 +53,13 @@ def random_bound(bound: Bound, seq_dims: dict, N: int, gen: torch.Generator) -> 
         if name in seq_dims:
             shape[seq_dims[name]] = N
         if v.is_floating_point():
-            vals.append(torch.randn(shape, generator=gen).to(v.dtype).to(v.device))
+            vals.append(draw(shape, gen, v.dtype, v.device))
         elif v.dtype == torch.bool:
             vals.append(torch.ones(shape, dtype=torch.bool, device=v.device))
         else:
             pos = torch.arange(N).view([-1 if i == seq_dims.get(name) else 1 for i in range(len(shape))])
             vals.append(pos.expand(shape).to(v.dtype).to(v.device).clone())
     return Bound(bound.names, tuple(vals))
-
-
-def _tie_tol(dtype) -> float:
-    return 1e-5 if dtype in (torch.float32, torch.float64) else 1e-2
 
 
 def near_ties(q, k, block_size: int, top_k: int, dtype) -> torch.Tensor:
@@ -75,10 +73,7 @@ def near_ties(q, k, block_size: int, top_k: int, dtype) -> torch.Tensor:
             continue
         own = torch.arange(N, device=q.device) // block_size
         past = torch.arange(nb, device=q.device)[None, :] < own[:, None]
-        srt = torch.sort(torch.where(past, s, float("-inf")), -1, descending=True).values
-        lo, hi = srt[..., k1 - 1], srt[..., k1]
-        spread = s.abs().amax(-1) + 1e-6
-        out[b] = torch.isfinite(hi) & ((lo - hi) < _tie_tol(dtype) * spread)
+        out[b] = near_tie(torch.where(past, s, float("-inf")), k1, dtype, s.abs().amax(-1) + 1e-6)
     return out
 
 
@@ -125,13 +120,21 @@ class _Replay(fx.Interpreter):
 
 
 def _replay(tr: Traced, bound: Bound, want: list, overrides=None) -> tuple[object, list]:
-    owner = tr.graph.owning_module
-    try:
-        interp = _Replay(fx.GraphModule(tr.root, tr.graph), overrides)
-        out = interp.run(*bound.values)
-    finally:
-        tr.graph.owning_module = owner            # the graph stays free for the rewrite
-    return out, [interp.env[n] for n in want]
+    """The graph's output and the values of ``want`` on ``bound``: a harness run (copied inputs) drawing
+    the same random numbers as the eager run it is compared with."""
+    def replay(*values):
+        owner = tr.graph.owning_module
+        try:
+            interp = _Replay(fx.GraphModule(tr.root, tr.graph), overrides)
+            out = interp.run(*values)
+        finally:
+            tr.graph.owning_module = owner            # the graph stays free for the rewrite
+        return out, [interp.env[n] for n in want]
+    return run(replay, bound.values, tr.root, tr.root.training, _device(bound), _SEED)
+
+
+def _device(bound: Bound) -> torch.device:
+    return next((t.device for t in bound.tensors().values()), torch.device("cpu"))
 
 
 def _same(a, b) -> bool:
@@ -149,12 +152,8 @@ def _same(a, b) -> bool:
 
 def probe_once(module, bound: Bound, tr: Traced, m: CoreMatch, top_ks: list[int]) -> tuple[Optional[int], str]:
     """``(top_k, "")`` for the first candidate the core matches at this input, else ``(None, why)``."""
-    device = next((t.device for t in bound.tensors().values()), torch.device("cpu"))
-    with torch.no_grad(), mode(module, module.training):
-        with seeded(device, 1234):
-            eager = _eager_forward(module)(*bound.values)
-        with seeded(device, 1234):
-            replay, (q, k, v, o) = _replay(tr, bound, [m.q, m.k, m.v, m.out])
+    eager = run(eager_forward(module), bound.values, module, module.training, _device(bound), _SEED)
+    replay, (q, k, v, o) = _replay(tr, bound, [m.q, m.k, m.v, m.out])
     if not _same(eager, replay):
         return None, "the traced graph does not reproduce the eager forward (randomness or side effects?)"
     sd = m.seq_dims
@@ -180,17 +179,12 @@ def _noncausal(tr: Traced, bound: Bound, m: CoreMatch, o: torch.Tensor) -> Optio
         return None
     t0 = N // 2
     env = {}
-    device = next((t.device for t in bound.tensors().values()), torch.device("cpu"))
-    module = tr.root
-    with torch.no_grad(), mode(module, module.training):
-        with seeded(device, 1234):
-            _, (k, v) = _replay(tr, bound, [m.k, m.v])
-        for node, t in ((m.k, k), (m.v, v)):
-            t = t.clone()
-            to_bhnd(t, m.seq_dims["k"])[:, :, t0 + 1:] += 3.0
-            env[node] = t
-        with seeded(device, 1234):                 # the same draws as the replay that gave ``o``
-            _, (o2,) = _replay(tr, bound, [m.out], env)
+    _, (k, v) = _replay(tr, bound, [m.k, m.v])
+    for node, t in ((m.k, k), (m.v, v)):
+        t = t.clone()
+        to_bhnd(t, m.seq_dims["k"])[:, :, t0 + 1:] += 3.0
+        env[node] = t
+    _, (o2,) = _replay(tr, bound, [m.out], env)        # the same draws as the replay that gave ``o``
     o2 = to_bhnd(o2, m.seq_dims["out"])
     if not torch.allclose(o[:, :, :t0 + 1].float(), o2[:, :, :t0 + 1].float(), rtol=1e-3, atol=1e-5):
         return (f"attention is not causal: the output at position {t0} changes with the keys/values after it "

@@ -6,18 +6,16 @@ they agree, else a message naming the mismatch. What it checks:
   limit, when there is one that can bind, does bind; a capacity configuration whose limit never
   binds on any probe input is not confirmed), inputs shaped like the module expects
   (``[B, S, d]``, else ``[T, d]``), in the module's dtype/device;
-- both training and eval mode (training flags and buffers restored afterwards); in training mode
-  the RNG is forked and seeded, so a noisy router's ``randn_like`` and the reference's
-  ``torch.randn([T, E], dtype=noise_dtype)`` draw the same noise; the caller's RNG is untouched;
+- both training and eval mode; each eager run is one `moec.frontend.probe_harness.run` (a copy of
+  the input, flags and buffers restored, a seeded fork of the RNG, so a noisy router's
+  ``randn_like`` and the reference's ``torch.randn([T, E], dtype=noise_dtype)`` draw the same noise);
 - y (shape of the input), and the second output: router logits ``[T, E]`` or the aux loss;
-- tolerance: max |eager - reference| <= rtol * max |reference| with rtol 1e-4 for fp32 and
-  2e-2 for fp16/bf16. In fp16/bf16 the router's logits are rounded, so a token whose k-th and
-  (k+1)-th selection scores lie within that rounding may pick a different expert; such tokens
-  (only those) are left out of the y comparison.
+- tolerance: the harness's (`rtol`: 1e-4 for fp32, 2e-2 for fp16/bf16). In fp16/bf16 the router's
+  logits are rounded, so a token whose k-th and (k+1)-th selection scores lie within that rounding
+  may pick a different expert; such tokens (only those) are left out of the y comparison.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -25,47 +23,18 @@ from torch import nn
 
 from .. import reference
 from ..spec import MoESpec, MoEWeights, RouterConfig
+from .probe_harness import draw, first, mismatch, near_tie, run, seeded, tie_rtol
 
 TOKENS = (1, 5, 48, 48)
 SKEWED = 3          # input 3: tokens pushed towards expert 0
 _SHAPES_3D = ((1, 1), (1, 5), (2, 24), (2, 24))
 
 
-def rtol(dtype: torch.dtype) -> float:
-    return 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
-
-
-def _tie_rtol(dtype: torch.dtype) -> float:
-    return 1e-5 if dtype in (torch.float32, torch.float64) else (1e-2 if dtype == torch.float16 else 3e-2)
-
-
-def mismatch(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype,
-             keep: Optional[torch.Tensor] = None) -> Optional[str]:
-    """None when ``actual`` matches ``expected`` within the dtype's tolerance (rows in ``keep``)."""
-    a, b = actual.detach().float(), expected.detach().float()
-    if a.shape != b.shape:
-        if a.numel() != b.numel():
-            return f"shape {tuple(actual.shape)} vs reference {tuple(expected.shape)}"
-        a = a.reshape(b.shape)
-    scale = float(b.abs().max()) if b.numel() else 0.0
-    if keep is not None and a.dim() >= 1 and keep.shape[0] == a.shape[0]:
-        a, b = a[keep], b[keep]
-    if a.numel() == 0:
-        return None
-    if not torch.isfinite(a).all() and torch.isfinite(b).all():
-        return "non-finite values where the reference is finite"
-    err = float((a - b).abs().max())
-    tol = rtol(dtype) * max(scale, 1e-6) + 1e-7
-    if err <= tol:
-        return None
-    return f"max abs error {err:.3g} > {tol:.3g} (relative {err / max(scale, 1e-12):.2e})"
-
-
 def near_ties(logits: torch.Tensor, cfg: RouterConfig, score_bias, dtype) -> torch.Tensor:
-    """Tokens whose top-k (or top groups) could flip under the input dtype's rounding."""
+    """Tokens whose top-k (or top groups) could flip under the input dtype's rounding. None in fp32:
+    there eager and reference compute the logits alike, and leaving tokens out would weaken the probe."""
     T, E = logits.shape
-    thr = _tie_rtol(dtype)
-    if thr <= 1e-5 or T == 0:
+    if tie_rtol(dtype) <= 1e-5 or T == 0:
         return torch.zeros(T, dtype=torch.bool, device=logits.device)
     logits = logits.float()
     if cfg.order == "topk_then_score":
@@ -75,50 +44,14 @@ def near_ties(logits: torch.Tensor, cfg: RouterConfig, score_bias, dtype) -> tor
     out = torch.zeros(T, dtype=torch.bool, device=logits.device)
     spread = keys.masked_fill(~torch.isfinite(keys), 0).abs().amax(-1) + 1e-6
     if cfg.top_k < E:
-        s = torch.sort(keys, dim=-1, descending=True).values
-        out |= (s[:, cfg.top_k - 1] - s[:, cfg.top_k]) < thr * spread
+        out |= near_tie(keys, cfg.top_k, dtype, spread)
     if cfg.n_group > 1 and cfg.topk_group < cfg.n_group and cfg.order != "topk_then_score":
         sel = reference.scores_of(logits, cfg)
         sel = sel + score_bias.float() if score_bias is not None else sel
         g = sel.view(T, cfg.n_group, E // cfg.n_group)
         gs = g.amax(-1) if cfg.group_score == "max" else torch.sort(g, -1, descending=True).values[..., :2].sum(-1)
-        s = torch.sort(gs, dim=-1, descending=True).values
-        out |= (s[:, cfg.topk_group - 1] - s[:, cfg.topk_group]) < thr * spread
+        out |= near_tie(gs, cfg.topk_group, dtype, spread)
     return out
-
-
-@contextlib.contextmanager
-def mode(module: nn.Module, training: bool):
-    """Run with every submodule in ``training`` mode; restore flags and buffers afterwards."""
-    flags = [(m, m.training) for m in module.modules()]
-    bufs = [(m, n, b, b.detach().clone()) for m in module.modules() for n, b in m._buffers.items() if b is not None]
-    try:
-        for m, _ in flags:
-            m.training = training
-        yield
-    finally:
-        for m, f in flags:
-            m.training = f
-        with torch.no_grad():
-            for m, n, b, saved in bufs:
-                m._buffers[n] = b
-                b.copy_(saved)
-
-
-@contextlib.contextmanager
-def seeded(device: torch.device, seed: int):
-    """Seed the generator of ``device`` inside a forked RNG state (the caller's is restored)."""
-    if device.type == "cuda":
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        with torch.random.fork_rng(devices=[idx]):
-            with torch.cuda.device(idx):
-                torch.cuda.manual_seed(seed)
-            torch.random.default_generator.manual_seed(seed)
-            yield
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.random.default_generator.manual_seed(seed)
-            yield
 
 
 class Prober:
@@ -136,15 +69,14 @@ class Prober:
         """Input `SKEWED` leans on router row 0: ``x = 0.5 n + 4 w0 / |w0|^2`` (logit 0 is about 4)."""
         w0 = w_router.detach()[0].float().cpu()
         self.skew = 4 * w0 / w0.pow(2).sum().clamp_min(1e-12)
-        self._x.pop(SKEWED, None)
+        self._x = {k: v for k, v in self._x.items() if k[0] != SKEWED}
         self._cache = {k: v for k, v in self._cache.items() if k[0] != SKEWED}
 
     def x(self, i: int) -> torch.Tensor:
         key = (i, self.rank3)
         if key not in self._x:
-            g = torch.Generator().manual_seed(1000 + i)
             B, S = _SHAPES_3D[i]
-            x = torch.randn(B * S, self.d, generator=g)
+            x = draw((B * S, self.d), 1000 + i)
             if i == SKEWED and self.skew is not None:
                 x = 0.5 * x + self.skew
             shape = (B, S, self.d) if self.rank3 else (B * S, self.d)
@@ -188,9 +120,7 @@ class Prober:
         """``(y, extra)`` of the module's forward on input i (cached); in training mode under a seeded RNG."""
         key = (i, training, self.rank3)
         if key not in self._cache:
-            x = self.x(i)
-            with torch.no_grad(), mode(self.module, training), seeded(self.device, 2000 + i):
-                out = self.module(x)
+            out = run(self.module, (self.x(i),), self.module, training, self.device, 2000 + i)
             if isinstance(out, (tuple, list)):
                 if len(out) != 2:
                     raise ValueError(f"forward returns a {type(out).__name__} of {len(out)} items")
@@ -251,12 +181,9 @@ class Prober:
             if self.skew is None:
                 self.set_skew(w.w_router)
             current = self.module.training
-            for training in (current, not current):
-                for i in range(len(TOKENS)):
-                    msg = self.compare(i, training, lifted.spec, w, lifted.outputs, lifted.noise_dtype)
-                    if msg:
-                        return msg
-            return self.capacity_binds(lifted.spec.router, w)
+            runs = (self.compare(i, training, lifted.spec, w, lifted.outputs, lifted.noise_dtype)
+                    for training in (current, not current) for i in range(len(TOKENS)))
+            return first(runs) or self.capacity_binds(lifted.spec.router, w)
 
     def capacity_binds(self, cfg: RouterConfig, w: MoEWeights) -> Optional[str]:
         """A capacity that could bind must have bound on some probe input, else it is unconfirmed."""

@@ -1,12 +1,11 @@
-"""Router hints: what the partial fx graph of an MoE forward (`moec.frontend.capture`) says
-about its router.
+"""Router hints: what the partial fx graph of an MoE forward (`moec.frontend.trace.trace_partial`)
+says about its router: a pattern -> proposal reader over `moec.frontend.fx_ops`.
 
 `read_router` starts at the router's linear/matmul and follows its users up to the selection
 (top-k or argmax): which score function, whether top-k comes before it, a sum-then-divide
 (renormalise), a multiplication by a float constant (scaling), a 3-D view into groups, an added
-[E] tensor (selection bias), a randn (noise), top-k's k. Kept apart from `capture`, which only
-records graphs and names their ops, because this is the one reader that knows router idioms.
-The hints are proposals: `moec.frontend.candidates` enumerates what they leave open.
+[E] tensor (selection bias), a randn (noise), top-k's k. The hints are proposals:
+`moec.frontend.candidates` enumerates what they leave open and the probe decides.
 """
 from __future__ import annotations
 
@@ -15,7 +14,8 @@ from typing import Optional
 
 import torch.fx as fx
 
-from .capture import ACTIVATION_KINDS, Capture, ancestors, descendants, int_arg, origin
+from .fx_ops import ACTIVATION_OPS, MATMULS, MAXES, RESHAPES, ancestors, descendants, int_arg, source
+from .trace import Traced
 
 
 @dataclass
@@ -42,25 +42,24 @@ class RouterHints:
         return "traced router path: " + " -> ".join(self.chain)
 
 
-def _router_nodes(cap: Capture, module_paths: set, param_paths: set) -> list:
+def _router_nodes(cap: Traced, module_paths: set, param_paths: set) -> list:
     out = []
     for n in cap.graph.nodes:
         if n.op == "call_module" and n.target in module_paths:
             out.append(n)
-        elif cap.kind(n) in ("linear", "matmul"):
+        elif cap.kind(n) in MATMULS | {"linear"}:
             for a in n.all_input_nodes:
-                o = origin(a)
+                o = source(a)
                 if isinstance(o, fx.Node) and o.op == "get_attr" and o.target in param_paths:
                     out.append(n)
                     break
     return out
 
 
-
-def _group_view(cap: Capture, nodes, E: int):
+def _group_view(cap: Traced, nodes, E: int):
     """A view/reshape into ``[T, G, E // G]`` with 1 < G < E: (node, G)."""
     for n in nodes:
-        if cap.kind(n) != "view":
+        if cap.kind(n) not in RESHAPES:
             continue
         shape = list(n.args[1:]) if n.op == "call_method" else list(n.args[1]) if len(n.args) > 1 else []
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
@@ -77,14 +76,14 @@ def _constant_floats(node: fx.Node):
     return [a for a in node.args if isinstance(a, float) and not isinstance(a, bool)]
 
 
-def read_router(cap: Capture, E: int, module_paths: set, param_paths: set,
+def read_router(cap: Traced, E: int, module_paths: set, param_paths: set,
                 tensor_shapes: dict) -> RouterHints:
     """Read `RouterHints` off the (partial) graph; ``tensor_shapes`` maps attribute paths to shapes."""
     h = RouterHints()
     acts = []
     for n in cap.graph.nodes:
         k = cap.kind(n)
-        if k in ACTIVATION_KINDS and k not in acts:
+        if k in ACTIVATION_OPS and k not in acts:
             acts.append(k)
         if k == "randn":
             h.noisy = True
@@ -101,7 +100,7 @@ def read_router(cap: Capture, E: int, module_paths: set, param_paths: set,
     topks = [n for n in clos if kinds[n] == "topk"]
     gview, G = _group_view(cap, clos, E)
     final = topks[-1] if topks else None
-    argmaxes = [n for n in clos if kinds[n] in ("argmax", "max") and (gview is None or gview not in n.all_input_nodes)]
+    argmaxes = [n for n in clos if kinds[n] in MAXES | {"argmax"} and (gview is None or gview not in n.all_input_nodes)]
     if gview is not None:
         h.n_group = G
         grouped = descendants([gview])
@@ -113,7 +112,7 @@ def read_router(cap: Capture, E: int, module_paths: set, param_paths: set,
                 h.group_score = "top2_sum"
             elif kk is not None:
                 h.topk_group = kk
-        if any(kinds[n] == "max" and n.args and n.args[0] is gview for n in clos):
+        if any(kinds[n] in MAXES and n.args and n.args[0] is gview for n in clos):
             h.group_score = h.group_score or "max"
     if final is not None:
         kk = int_arg(final, 1, "k")
@@ -153,7 +152,7 @@ def read_router(cap: Capture, E: int, module_paths: set, param_paths: set,
         for n in clos:
             if n in before and kinds[n] == "add":
                 for a in n.args:
-                    o = origin(a)
+                    o = source(a)
                     if isinstance(o, fx.Node) and o.op == "get_attr" and tuple(tensor_shapes.get(o.target, ())) == (E,):
                         h.score_bias = o.target
     chain = []
@@ -164,7 +163,7 @@ def read_router(cap: Capture, E: int, module_paths: set, param_paths: set,
             if k == "topk":
                 label = f"topk({int_arg(n, 1, 'k')})"
             if k == "add":
-                attrs = [origin(a) for a in n.args if isinstance(origin(a), fx.Node) and origin(a).op == "get_attr"]
+                attrs = [source(a) for a in n.args if isinstance(source(a), fx.Node) and source(a).op == "get_attr"]
                 if not attrs:
                     continue
                 label = f"+ {attrs[0].target}"
