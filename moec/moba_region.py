@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from moec.frontend.moba_lift import LiftedMoba, analyse, eager_modules, rewrite, specialise, synthesize_args
-from moec.frontend.moba_match import val
-from moec.frontend.moba_trace import TraceFailed, bind, signature
+from moec.frontend.fx_ops import val
+from moec.frontend.trace import TraceFailed, bind, signature
 from moec.runtime.autograd import KernelsForward
 
 from .compiler import Compiled, MobaRecipe
