@@ -134,15 +134,14 @@ class MobaRegion(Region):
         recipe = MobaRecipe(config, outputs=("out", "indices"))
         c = self.compiled_for(recipe, q.dtype, q.device)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-            self.count("kernels forward, eager backward")
             bs = config.block_size
 
             def attend(ts, kept):      # the blocks the kernels selected, in eager PyTorch (no gate gradient)
                 return reference.moba_attention_from_indices(*ts, kept[0], block_size=bs)[:1]
 
-            return KernelsForward.apply(lambda ts: self.run(c, dict(zip("qkv", ts))), attend, (1,), q, k, v)[0]
-        self.count("kernels")
-        return self.run(c, {"q": q, "k": k, "v": v})[0]
+            return self.serve("kernels forward, eager backward", KernelsForward.apply,
+                              lambda ts: self.run(c, dict(zip("qkv", ts))), attend, (1,), q, k, v)[0]
+        return self.serve("kernels", self.run, c, {"q": q, "k": k, "v": v})[0]
 
     def dump_suffix(self, c: Compiled) -> str:
         cfg = c.recipe.config

@@ -89,13 +89,11 @@ class MoERegion(Region):
                 dtype = x.dtype
             noise = torch.randn(x2.shape[0], self.spec.num_experts, dtype=dtype, device=x.device)
         if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors)):
-            self.count("kernels forward, eager backward")
-            outs = KernelsForward.apply(lambda ts: self.kernels(ts[0], ts[1:], training, noise),
-                                        lambda ts, _: self.reference(ts[0], ts[1:], training, noise), (),
-                                        x2, *tensors)
+            outs = self.serve("kernels forward, eager backward", KernelsForward.apply,
+                              lambda ts: self.kernels(ts[0], ts[1:], training, noise),
+                              lambda ts, _: self.reference(ts[0], ts[1:], training, noise), (), x2, *tensors)
         else:
-            self.count("kernels")
-            outs = self.kernels(x2, tensors, training, noise)
+            outs = self.serve("kernels", self.kernels, x2, tensors, training, noise)
         y = outs[0].reshape(*lead, x.shape[-1])
         if len(outs) == 1:
             return y

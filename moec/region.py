@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -92,8 +93,16 @@ class Region:
         (self.dump_path(c) / "launches.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
         return got
 
-    def count(self, what: str) -> None:
+    def serve(self, what: str, fn: Callable, *args):
+        """``fn(*args)``, counted as ``what`` once it returned; a call that raised is counted as
+        failed (with the error's type), so ``explain()`` says what really happened."""
+        try:
+            out = fn(*args)
+        except Exception as e:
+            self.calls[f"failed ({what}): {type(e).__name__}"] += 1
+            raise
         self.calls[what] += 1
+        return out
 
     def eager(self, reason: str, fn: Callable, *args, **kwargs):
         """Run the eager code ``fn`` and count why."""
@@ -102,7 +111,10 @@ class Region:
 
     # ---- dumps -------------------------------------------------------------------------------
     def dump_path(self, c: Compiled) -> Path:
-        d = self.dump_dir / f"{self.name}.{dtype_text(c.dtype)}.{c.arch.name}{self.dump_suffix(c)}"
+        """This program's folder under ``dump_dir``; every character of a module's name that is not a
+        letter, digit, ``_`` or ``-`` becomes ``_``, so no name can reach outside ``dump_dir``."""
+        name = re.sub(r"[^\w-]", "_", self.name, flags=re.ASCII)
+        d = self.dump_dir / f"{name}.{dtype_text(c.dtype)}.{c.arch.name}{self.dump_suffix(c)}"
         d.mkdir(parents=True, exist_ok=True)
         return d
 

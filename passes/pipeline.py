@@ -11,11 +11,11 @@ passes that ran before it. `moec.passes.lower.lower` then turns the final graph 
 """
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from moec import env
 from moec.ir.graph import Graph
 from moec.ir.text import print_graph
 from moec.ir.verify import verify
@@ -82,7 +82,7 @@ class PassError(RuntimeError):
 
 def run_passes(g: Graph, ctx: PassContext, passes=PIPELINE, after: Callable | None = None) -> Graph:
     """Run ``passes`` in order; ``after(pass_name, graph)`` is called after each (for dumps)."""
-    wanted = {p.strip() for p in os.environ.get("MOEC_PRINT_AFTER", "").split(",") if p.strip()}
+    wanted = env.names("MOEC_PRINT_AFTER", dict.fromkeys(p.name for ps in PIPELINES.values() for p in ps), ("all",))
     done: list[str] = []
     for p in passes:
         try:

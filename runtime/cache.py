@@ -1,9 +1,16 @@
 """The kernel cache: rendered source -> content hash -> one directory per key -> imported module.
 
-Key = sha256 of (source, Triton version, mode). Writes are atomic (a temporary directory
-renamed into place with ``os.replace``), so two processes compiling the same kernel at once
-both end with one complete copy. ``MOEC_CACHE_DIR`` moves the cache (default: the user's
-cache dir); ``MOEC_ALWAYS_COMPILE=1`` ignores what is there.
+Key = sha256 of (source, Triton version). Writes are atomic (a temporary directory renamed into
+place with ``os.replace``), so two processes compiling the same kernel at once both end with one
+complete copy. ``MOEC_CACHE_DIR`` moves the cache (default: the user's cache dir);
+``MOEC_ALWAYS_COMPILE=1`` rewrites every file instead of reusing it.
+
+A cached file is trusted only if it is the source in hand: before a module is imported its file is
+compared with the rendered source (free: the source is in memory), and a file that differs (edited,
+truncated, written by something else) is replaced. Directories are created private (0700); a cache
+root that is world-writable or owned by another user is not used, and neither is one that cannot be
+written (a regular file, no permission): then a private temporary cache serves the process, with one
+warning that says why. A model call never fails for the cache's sake.
 
 A module is imported twice at most: once under the Triton interpreter (CPU tensors) and once
 for real GPUs / ahead-of-time compilation, since ``triton.jit`` decides which at import time.
@@ -15,24 +22,71 @@ import importlib.util
 import json
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 from types import ModuleType
+from typing import Optional
 
 import platformdirs
 import triton
 
-_lock = threading.Lock()
+from moec import env
+
+_lock = threading.Lock()                # imports
+_fallback_lock = threading.Lock()       # choosing the private temporary cache (taken inside `_lock`)
 _modules: dict[tuple[str, bool], ModuleType] = {}
+_fallback: dict[str, Path] = {}        # configured root -> the private temporary cache used instead
+
+
+class CacheWarning(UserWarning):
+    """The configured kernel cache cannot be used; a private temporary one serves instead."""
+
+
+def configured_dir() -> Path:
+    return env.path("MOEC_CACHE_DIR") or Path(platformdirs.user_cache_dir("moec"))
+
+
+def _unusable(root: Path) -> Optional[str]:
+    """Why ``root`` cannot hold kernels (None: it can; it is created, private, if missing)."""
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except FileExistsError:
+        return "it is not a directory"
+    except OSError as e:
+        return f"it cannot be created ({e.strerror or e})"
+    st = root.stat()
+    if not stat.S_ISDIR(st.st_mode):
+        return "it is not a directory"
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        return f"it is owned by another user (uid {st.st_uid})"
+    if st.st_mode & stat.S_IWOTH:             # anyone could plant a kernel under a key we will import
+        return "it is writable by every user"
+    if not os.access(root, os.W_OK | os.X_OK):
+        return "it is not writable"
+    return None
 
 
 def cache_dir() -> Path:
-    env = os.environ.get("MOEC_CACHE_DIR")
-    if env:
-        return Path(env)
-    return Path(platformdirs.user_cache_dir("moec"))
+    """The directory kernels are kept in: the configured one when it is usable, else (with one
+    warning naming the reason) a private temporary directory for this process."""
+    root = configured_dir()
+    fallback = _fallback.get(str(root))
+    if fallback is not None:
+        return fallback
+    why = _unusable(root)
+    if why is None:
+        return root
+    with _fallback_lock:
+        if str(root) not in _fallback:
+            _fallback[str(root)] = Path(tempfile.mkdtemp(prefix="moec-cache-"))
+            warnings.warn(f"moec: kernel cache {root} is not used: {why}; kernels are cached in "
+                          f"{_fallback[str(root)]} for this process (set MOEC_CACHE_DIR to a private directory)",
+                          CacheWarning, stacklevel=3)
+    return _fallback[str(root)]
 
 
 def source_key(source: str) -> str:
@@ -42,26 +96,43 @@ def source_key(source: str) -> str:
     return h.hexdigest()[:32]
 
 
+def _holds(path: Path, source: str) -> bool:
+    try:
+        return path.read_text() == source
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def store(source: str, name: str) -> Path:
-    """Write ``source`` as ``<cache>/<key>/<name>.py`` (atomically) and return its path."""
+    """``<cache>/<key>/<name>.py`` holding exactly ``source`` (written atomically when it does not)."""
     key = source_key(source)
-    final = cache_dir() / key
+    root = cache_dir()
+    final = root / key
     path = final / f"{name}.py"
-    if path.exists() and os.environ.get("MOEC_ALWAYS_COMPILE") != "1":
+    if not env.flag("MOEC_ALWAYS_COMPILE") and _holds(path, source):
         return path
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))          # private (0700)
     try:
         (tmp / f"{name}.py").write_text(source)
         (tmp / "meta.json").write_text(json.dumps({"name": name, "triton": triton.__version__}))
         try:
             os.replace(tmp, final)
-        except OSError:  # another process won the race (non-empty target): theirs is identical
-            if not path.exists():
-                shutil.rmtree(final, ignore_errors=True)
-                os.replace(tmp, final)
+        except OSError:      # a directory is there: another writer's (identical), or a stale or edited one
+            if not _holds(path, source) or env.flag("MOEC_ALWAYS_COMPILE"):
+                old = Path(tempfile.mkdtemp(prefix=f".{key}.old.", dir=root))
+                try:
+                    os.replace(final, old / "entry")
+                except OSError:
+                    pass     # a concurrent writer moved it first
+                shutil.rmtree(old, ignore_errors=True)
+                try:
+                    os.replace(tmp, final)
+                except OSError:
+                    pass     # a concurrent writer won the race with the same source
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if not _holds(path, source):
+        raise RuntimeError(f"moec: the kernel cache entry {final} could not be written")
     return path
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import reprlib
 import tempfile
 import warnings
 from pathlib import Path
@@ -41,6 +42,7 @@ import torch
 
 from . import cache
 from .arch import Arch, arch_of
+from moec import env
 from moec.ir.tiles import TILE_TYPES, bucket_key
 
 FORMAT = "moec-tune/2"
@@ -53,8 +55,7 @@ class TuneWarning(UserWarning):
 # ---- the file -------------------------------------------------------------------------------
 
 def tune_file() -> Path:
-    env = os.environ.get("MOEC_TUNE_FILE")
-    return Path(env) if env else cache.cache_dir() / "tune.json"
+    return env.path("MOEC_TUNE_FILE") or cache.cache_dir() / "tune.json"
 
 
 def empty() -> dict:
@@ -67,7 +68,7 @@ _loaded: dict = {}          # path -> ((mtime_ns, size), data)
 def load(path: Optional[Path] = None, fresh: bool = False) -> dict:
     """The file's contents (an empty document if it does not exist); re-read only when it changed
     (every write replaces the file, so its inode changes) or when ``fresh``. A file of another
-    format (or not JSON) raises ValueError."""
+    format, not JSON, or not shaped as the format says (`check`) raises ValueError."""
     path = Path(path or tune_file())
     try:
         st = path.stat()
@@ -77,13 +78,32 @@ def load(path: Optional[Path] = None, fresh: bool = False) -> dict:
     hit = _loaded.get(str(path))
     if hit is not None and hit[0] == stamp and not fresh:
         return hit[1]
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except RecursionError:
+        raise ValueError(f"{path}: nested too deeply to be a moec tune file") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not text: {e}") from None
+    check(data, path)
+    _loaded[str(path)] = (stamp, data)
+    return data
+
+
+def check(data, path) -> None:
+    """ValueError unless ``data`` is a tune document: ``{"format": FORMAT, "devices": {name: {"arch": str,
+    "kernels": {key: {bucket: entry}}}}}`` (entries themselves are checked when used, one by one)."""
     got = data.get("format") if isinstance(data, dict) else None
     if got != FORMAT:
         old = " (written by an older moec, whose kernel keys are ambiguous: re-tune)" if got == "moec-tune/1" else ""
         raise ValueError(f"{path}: not a moec tune file of format {FORMAT!r} (got {got!r}){old}")
-    _loaded[str(path)] = (stamp, data)
-    return data
+    devices = data.get("devices")
+    if not isinstance(devices, dict):
+        raise ValueError(f"{path}: 'devices' must be an object of devices, got {type(devices).__name__}")
+    for name, dev in devices.items():
+        if not isinstance(dev, dict) or not isinstance(dev.get("kernels", {}), dict) \
+                or not isinstance(dev.get("arch", ""), str):
+            raise ValueError(f"{path}: device {name!r} must be an object with 'arch' (a string) and 'kernels' "
+                             f"(an object of kernels)")
 
 
 def atomic_write_json(path: Path, data: dict) -> None:
@@ -151,9 +171,10 @@ def tile_from_json(d: dict):
         tile = TILE_TYPES[d.pop("type")](**d)
     except (KeyError, TypeError, AttributeError, ValueError):
         return None
-    dims = [v for k, v in tile.as_dict().items() if k.startswith("block")]
-    if any(not isinstance(v, int) or v < 1 or v & (v - 1) for v in dims):
-        return None
+    for k, v in tile.as_dict().items():
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= 1 << 16 \
+                or k.startswith("block") and v & (v - 1):
+            return None
     return tile
 
 
@@ -175,7 +196,7 @@ class Lookup:
         if entry is None:
             return None, None
         tile = tile_from_json(entry.get("tile")) if isinstance(entry, dict) else None
-        return (tile, None) if tile is not None else (None, f"malformed entry {json.dumps(entry)[:120]}")
+        return (tile, None) if tile is not None else (None, f"malformed entry {reprlib.repr(entry)}")
 
     def tile(self, key: str, bound):
         return self.entry(key, bound)[0]
@@ -184,9 +205,9 @@ class Lookup:
 def device_name_for(arch: Arch) -> Optional[str]:
     """The device whose entries apply when compiling for ``arch``: ``MOEC_TUNE_DEVICE``, else the
     CUDA device of this process if it is that arch, else None (no tuned entries apply)."""
-    env = os.environ.get("MOEC_TUNE_DEVICE")
-    if env:
-        return env
+    named = env.text("MOEC_TUNE_DEVICE")
+    if named:
+        return named
     if arch.name != "cpu" and torch.cuda.is_available():
         try:
             if arch_of("cuda").name == arch.name:

@@ -7,7 +7,8 @@ inside functions, relative ones resolved; ``passes/``, ``runtime/`` and ``templa
 
 The layers, bottom up (docs/architecture.md draws them):
 
-    semantics   moec.spec, moec.reference, moec.moba (the definitions), moec.templates (data)
+    semantics   moec.spec, moec.reference, moec.moba (the definitions), moec.templates (data),
+                moec.env (environment variables)
     ir          moec.ir: ops, types, tiles, graph, text, verifier, interpreter, graph builders
     frontend    moec.frontend: eager modules -> specs            | runtime   moec.runtime: kernels,
                                                                  |           programs, cache, launch
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = {"moec": "moec", "passes": "moec.passes", "runtime": "moec.runtime", "templates": "moec.templates"}
 
 LAYERS = {
-    "semantics": ("moec.spec", "moec.reference", "moec.moba", "moec.templates"),
+    "semantics": ("moec.spec", "moec.reference", "moec.moba", "moec.templates", "moec.env"),
     "ir": ("moec.ir",),
     "frontend": ("moec.frontend",),
     "runtime": ("moec.runtime",),

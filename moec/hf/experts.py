@@ -271,14 +271,12 @@ def moec_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Te
         return region.eager(reason, eager, hidden_states, top_k_index, top_k_weights)
     weights = [w[n] for n in _WEIGHT_FIELDS]
     if torch.is_grad_enabled() and any(t.requires_grad for t in [x, wts, *weights] if t is not None):
-        region.count("kernels forward, eager backward")
-
         def kernels(ts):
             return (run_kernels(region, ts[0], ids, ts[1], layout, dict(zip(_WEIGHT_FIELDS, ts[2:]))),)
 
         def eager_experts(ts, _):
             return (reference_experts(ts[0], ids, ts[1], layout, dict(zip(_WEIGHT_FIELDS, ts[2:]))),)
 
-        return KernelsForward.apply(kernels, eager_experts, (), x, wts, *weights)[0]
-    region.count("kernels")
-    return run_kernels(region, x, ids, wts, layout, w)
+        return region.serve("kernels forward, eager backward", KernelsForward.apply, kernels, eager_experts, (),
+                            x, wts, *weights)[0]
+    return region.serve("kernels", run_kernels, region, x, ids, wts, layout, w)
