@@ -1,7 +1,8 @@
 """fold-combine: routing weights and the un-permute go into the down projection's epilogue.
 
-Expects: ``combine(y=G, order, weights, ids)`` with G a plain grouped GEMM read only by it;
-optionally followed by ``add`` (the shared expert) and ``cast`` (back to the input dtype).
+Expects: ``combine(y=G, order, weights, ids)`` with G a plain grouped GEMM read only by it (no
+scale, no scatter, no other ``order``); optionally followed by ``add`` (the shared expert) and
+``cast`` (back to the input dtype), each the only reader of what it reads.
 Guarantees: G stores row i, multiplied by its pair's routing weight, at row ``order[i]`` of a
 pair-major fp32 buffer (``scatter``, ``scale``); a ``reduce_topk`` sums each token's k rows in
 slot order (deterministic: no atomics), adds the shared expert's output as ``residual`` and
@@ -42,7 +43,8 @@ def fold_combine(g: Graph, ctx) -> Graph:
         if n.op != "combine":
             continue
         gemm = single_use_producer(g, n.ins["y"], "grouped_gemm")
-        if gemm is None or gemm.attr["scatter"] or "scale" in gemm.ins:
+        if gemm is None or gemm.attr["scatter"] or "scale" in gemm.ins \
+                or gemm.ins.get("order", n.ins["order"]) != n.ins["order"]:
             continue
         ys = fresh_name(g, "pairs_out")
         scattered = gemm.replace(operands={"order": n.ins["order"], "scale": n.ins["weights"]},

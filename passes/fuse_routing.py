@@ -1,7 +1,9 @@
 """fuse-routing: gate GEMM + score + top-k + renormalise + counts become one `fused_route`.
 
 Expects: canonical routers (``score_then_topk``); ``route(logits=linear(x, w, b))``, the noise
-projection (if noisy) another ``linear`` of the same ``x``; optionally a ``shared_gate(x, w)``.
+projection (if noisy) another ``linear`` of the same ``x`` read only by the route; optionally a
+``shared_gate(x, w)`` (the first one of that ``x``). Nothing reads the logits or the gate's scale
+before the route (the kernel that makes them runs where the route was).
 Guarantees: each such route is one ``fused_route`` reading ``x`` and the router weights,
 which also yields per-expert pair counts; the shared-expert gate of the same ``x`` is computed
 in the same kernel (``shared_scale``); the aux loss becomes ``aux_loss(counts, prob_sum)``;
@@ -25,13 +27,17 @@ def _fuse_one(g: Graph, i: int, route: Node) -> Graph:
     x = lin.ins["x"]
     cfg = router_config(route.attr)
     noise = g.producer(route.ins["noise_logits"]) if "noise_logits" in route.ins else None
-    if noise is not None and (noise.op != "linear" or noise.ins["x"] != x):
+    if "noise_logits" in route.ins and (noise is None or noise.op != "linear" or noise.ins["x"] != x
+                                        or g.uses(route.ins["noise_logits"]) != 1):
         return g
     capacity = cfg.capacity_factor is not None
     if capacity and cfg.noisy:      # capacity ranks by the noisy scores, which the kernel keeps inside
         return g
-    gates = [n for n in g.find("shared_gate") if n.ins["x"] == x]
+    gates = [n for n in g.find("shared_gate") if n.ins["x"] == x][:1]
     logits = route.ins["logits"]
+    early = [u for v in [logits] + [s.outs["scale"] for s in gates] for u in g.users(v) if g.nodes.index(u) < i]
+    if early:                       # they would read a value the fused kernel defines only at the route
+        return g
     logits_needed = capacity or g.uses(logits) > 1
 
     operands = {"x": x, "w": lin.ins["w"], "b": lin.ins.get("b"), "score_bias": route.ins.get("score_bias"),

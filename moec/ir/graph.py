@@ -88,7 +88,8 @@ class Graph:
         return [n for n in self.nodes if value in n.ins.values()]
 
     def uses(self, value: str) -> int:
-        return len(self.users(value)) + self.outputs.count(value)
+        """How often ``value`` is read: every operand slot that names it, and every output."""
+        return sum(list(n.ins.values()).count(value) for n in self.nodes) + self.outputs.count(value)
 
     def find(self, op: str) -> list[Node]:
         return [n for n in self.nodes if n.op == op]
