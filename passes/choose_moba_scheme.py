@@ -50,7 +50,7 @@ def _densify_nodes(g: Graph, n: Node, results: tuple, types: tuple) -> list[Node
 def choose_moba_scheme(g: Graph, ctx) -> Graph:
     repl: dict[int, list[Node]] = {}
     for i, n in enumerate(g.nodes):
-        if n.op != "block_sparse_attention" or n.attr["scheme"] == "rows":
+        if n.op != "block_sparse_attention":
             continue
         top_k = int(g.types[n.ins["indices"]].shape[3])
         scheme = "rows" if n.attr["scheme"] == "auto" and top_k <= 1 else n.attr["scheme"]

@@ -26,7 +26,8 @@ def fuse_activation(g: Graph, ctx) -> Graph:
             continue
         gate = single_use_producer(g, n.ins["gate"], "grouped_gemm")
         up = single_use_producer(g, n.ins["up"], "grouped_gemm") if n.attr["glu"] else None
-        plain = lambda m: m is not None and m.attr["activation"] is None and "w_up" not in m.ins \
+        # (no activation implies no w_up: the verifier admits w_up only with glu and an activation)
+        plain = lambda m: m is not None and m.attr["activation"] is None \
             and "scale" not in m.ins and not m.attr["scatter"]
         if not plain(gate) or (n.attr["glu"] and not plain(up)):
             continue

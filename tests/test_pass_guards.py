@@ -142,8 +142,9 @@ def test_canonicalize_router_route_guard_leaves_apply_capacity_alone():
 
 
 # ==== fuse-routing ===============================================================================
-# Guards: (1) logits come from a `linear`; (2) the noise logits come from a `linear` (3) of the same x;
-# (4) not capacity and noisy together; (5) only a shared_gate of the same x is absorbed.
+# Guards: (1) logits come from a `linear`; (2) the noise logits come from a `linear` (3) of the same x
+# (4) read only by the route; (5) not capacity and noisy together; (6) only the first shared_gate of the
+# same x is absorbed; (7) nothing reads the logits or that gate's scale before the route.
 
 FUSE_ROUTING_BASE = """
 graph moe(%x: f32[T, 16], %w_router: f32[4, 16], %w_noise: f32[4, 16], %w_sg: f32[1, 16]) {
@@ -316,7 +317,8 @@ def test_fuse_routing_guard_two_shared_gates_of_one_x():
 
 
 # ==== fold-permute ===============================================================================
-# Guards: (1) only grouped_gemm (2) not already gathering (gather_top_k == 0); (3) a = permute(x, order).
+# Guards: (1) only grouped_gemm (2) not already gathering (gather_top_k == 0); (3) a = permute(x, order);
+# (4) no other order operand on the GEMM.
 
 PERMUTED = """
 graph moe(%x: f32[T, 16], %w_router: f32[4, 16], %w: f32[4, 8, 16]) {{
@@ -381,8 +383,8 @@ def test_fold_permute_guard_gemm_with_another_order():
 
 
 # ==== fuse-activation ============================================================================
-# Guards: gate (1) and up (2) are grouped_gemm with one use; gate (3) and up (4) are plain: no activation,
-# no w_up, no scale, not scatter; (5) same rows: a, offsets, order; (6) same attributes.
+# Guards: gate (1) and up (2) are grouped_gemm with one use; gate (3) and up (4) are plain: no activation
+# (so no w_up), no scale, not scatter; (5) same rows: a, offsets, order; (6) same attributes.
 
 DENSE_GLU = """
 graph moe(%x: f32[T, 16], %w_gate: f32[1, 8, 16], %w_up: f32[1, 8, 16]{extra}) {{
@@ -467,9 +469,9 @@ def test_fuse_activation_gate_plain_activation_guard(glu):
     assert_unchanged(fuse_activation, text)
 
 
-def test_fuse_activation_gate_plain_w_up_guard():
-    """Guard gate has no w_up: a gate that is itself a fused GLU GEMM cannot take a second up projection."""
-    # redundant given the verifier: w_up requires glu and an activation, which the activation guard already rejects
+def test_fuse_activation_gate_that_is_a_fused_glu():
+    """A gate that is itself a fused GLU GEMM cannot take a second up projection (its activation
+    rules it out: the verifier admits w_up only with glu and an activation)."""
     assert_unchanged(fuse_activation, dense_glu(gate="a=%x, w=%w_gate, w_up=%w_g2) {num_experts=1, activation='silu', glu=True}",
                                                 extra=", %w_g2: f32[1, 8, 16]"))
 
@@ -546,7 +548,8 @@ def test_fuse_activation_same_attrs_guard():
 
 
 # ==== fold-combine ===============================================================================
-# Guards: (1) y = grouped_gemm with one use; (2) not already scatter; (3) no scale; absorbing: (4) an add only
+# Guards: (1) y = grouped_gemm with one use; (2) not already scatter; (3) no scale; (4) no other order;
+# absorbing: an add only
 # when combine's result has one use (5) and that use is an add; (6) a cast only when its operand has one use
 # (7) and that use is a cast.
 
@@ -744,7 +747,7 @@ def test_fuse_block_gate_cu_seqlens_guard():
 
 
 # ==== choose-moba-scheme =========================================================================
-# Guards: (1) only block_sparse_attention, (2) not already 'rows'; (3) 'auto' (4) with top_k <= 1 is rows only.
+# Guards: (1) only block_sparse_attention; (2) 'auto' (3) with top_k <= 1 is rows only.
 
 ATTENTION = """
 graph moba(%q: f32[B, 2, T, 8], %k: f32[B, 2, T, 8], %v: f32[B, 2, T, 8], %indices: i32[B, 2, T, {K}]) {{
@@ -767,9 +770,8 @@ def test_choose_moba_scheme_fires_on_the_base_case():
     assert [n.op for n in out.nodes] == ["block_sparse_attention", "densify_attention", "own_block_merge", "select"]
 
 
-def test_choose_moba_scheme_rows_guard():
-    """Guard scheme != 'rows': an attention already settled on rows stays exactly as it is."""
-    # redundant: without it the pass rewrites the node to itself (scheme='rows'); only dead-code removal could differ
+def test_choose_moba_scheme_keeps_rows():
+    """An attention already settled on rows stays exactly as it is."""
     assert_unchanged(choose_moba_scheme, ATTENTION.format(K=3, scheme=", scheme='rows'"))
 
 
