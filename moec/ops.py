@@ -20,6 +20,7 @@ from moec.runtime.arch import arch_of, resolve
 from moec.runtime.autograd import reference_grads
 from moec.runtime.support import why_not_kernels
 
+from . import ops_args as args
 from . import reference
 from .compiler import MobaRecipe, compile_program, compile_spec
 from .moba import reference as moba_ref
@@ -31,14 +32,9 @@ def _spec_and_weights(x, w_router, w_up, w_down, w_gate, b_router, score_bias, s
                       shared_gate, shared_gate_proj, b_gate, b_up, b_down, top_k, score, renormalize,
                       routed_scaling, n_group, topk_group, group_score, activation, act_alpha, glu_limit,
                       up_shift):
-    if x.shape[-1] != w_router.shape[1]:
-        raise ValueError(f"x has hidden size {x.shape[-1]}, w_router is {tuple(w_router.shape)}")
-    E, f, d = w_up.shape
-    if w_router.shape[0] != E or tuple(w_down.shape) != (E, d, f):
-        raise ValueError(f"inconsistent expert weights: w_router {tuple(w_router.shape)}, "
-                         f"w_up {tuple(w_up.shape)}, w_down {tuple(w_down.shape)} (expect [E,f,d], [E,d,f])")
-    if w_gate is not None and w_gate.shape != w_up.shape:
-        raise ValueError(f"w_gate {tuple(w_gate.shape)} must match w_up {tuple(w_up.shape)}")
+    E, f, d = args.moe_args(x, w_router, w_up, w_down, w_gate, dict(
+        b_router=b_router, score_bias=score_bias, shared_up=shared_up, shared_down=shared_down,
+        shared_gate=shared_gate, shared_gate_proj=shared_gate_proj, b_gate=b_gate, b_up=b_up, b_down=b_down))
     biases = {"b_gate": b_gate, "b_up": b_up, "b_down": b_down}
     expert_bias = any(b is not None for b in biases.values())
     if expert_bias:
@@ -85,7 +81,8 @@ def _moe_op(x: Tensor, w_router: Tensor, w_up: Tensor, w_down: Tensor, w_gate: O
 
 
 @_moe_op.register_fake
-def _(x, *rest):
+def _moe_fake(x, *rest):
+    _spec_and_weights(x, *rest)            # a meta call, or a meta weight beside a real x, is checked too
     return torch.empty_like(x)
 
 
@@ -137,10 +134,23 @@ def moe(x: Tensor, w_router: Tensor, w_up: Tensor, w_down: Tensor, w_gate: Optio
 
         y = moec.ops.moe(x, router.weight, w_up, w_down, w_gate, top_k=2, renormalize=True)
     """
+    args.integer("top_k", top_k)
+    args.integer("n_group", n_group)
+    args.integer("topk_group", topk_group)
+    args.choice("score", score, ("softmax", "sigmoid"))
+    args.choice("group_score", group_score, ("max", "top2_sum"))
+    if not isinstance(renormalize, bool):
+        raise TypeError(f"renormalize must be a bool, got {type(renormalize).__name__}")
+    routed_scaling, act_alpha, up_shift = (args.number(n, v) for n, v in (
+        ("routed_scaling", routed_scaling), ("act_alpha", act_alpha), ("up_shift", up_shift)))
+    glu_limit = args.number("glu_limit", glu_limit, positive=True, optional=True)
+    _spec_and_weights(x, w_router, w_up, w_down, w_gate, b_router, score_bias, shared_up, shared_down, shared_gate,
+                      shared_gate_proj, b_gate, b_up, b_down, top_k, score, renormalize, routed_scaling, n_group,
+                      topk_group, group_score, activation, act_alpha, glu_limit, up_shift)
     return torch.ops.moec.moe(x, w_router, w_up, w_down, w_gate, b_router, score_bias, shared_up, shared_down,
                               shared_gate, shared_gate_proj, b_gate, b_up, b_down, top_k, score, renormalize,
-                              float(routed_scaling), n_group, topk_group, group_score, activation, float(act_alpha),
-                              None if glu_limit is None else float(glu_limit), float(up_shift))
+                              routed_scaling, n_group, topk_group, group_score, activation, act_alpha, glu_limit,
+                              up_shift)
 
 
 def moe_reference(x: Tensor, w_router: Tensor, w_up: Tensor, w_down: Tensor, w_gate: Optional[Tensor] = None,
@@ -158,7 +168,6 @@ def moe_reference(x: Tensor, w_router: Tensor, w_up: Tensor, w_down: Tensor, w_g
     top_k = cfg.pop("top_k")
     spec, w = _spec_and_weights(x, w_router, w_up, w_down, w_gate, *tensors, top_k, *cfg.values())
     return reference.moe(x.reshape(-1, x.shape[-1]), w, spec)[0].reshape(x.shape)
-
 
 
 # ---- MoBA --------------------------------------------------------------------------------------
@@ -190,8 +199,7 @@ def moba_forward_kernels(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, to
     """The compiled MoBA program's ``(out, lse, indices)``. ``arch`` picks the tiles (default: the
     device's); ``scheme`` the attention kernels (``"rows"``, ``"densify"`` or ``"auto"``: see
     `moec.passes.choose_moba_scheme`)."""
-    moba_ref.check_inputs(q, k, v, block_size=block_size, top_k=top_k, cu_seqlens=cu_seqlens,
-                          kconv_weight=kconv_weight)
+    args.moba_args(q, k, v, cu_seqlens, kconv_weight, block_size, top_k, True)
     check_scheme(scheme)
     recipe = moba_recipe(q, k, block_size=block_size, top_k=top_k, cu_seqlens=cu_seqlens, kconv_weight=kconv_weight,
                          scheme=scheme)
@@ -209,8 +217,8 @@ def check_scheme(scheme: str) -> None:
 @torch.library.custom_op("moec::moba_attention", mutates_args=())
 def _moba_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], kconv_weight: Optional[Tensor],
              block_size: int, top_k: int, causal: bool, scheme: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
-    moba_ref.check_inputs(q, k, v, block_size=block_size, top_k=top_k, causal=causal, cu_seqlens=cu_seqlens,
-                          kconv_weight=kconv_weight)
+    args.moba_args(q, k, v, cu_seqlens, kconv_weight, block_size, top_k, causal)
+    moba_ref.check_inputs(q, k, v, block_size=block_size, top_k=top_k, causal=causal)       # causal only
     check_scheme(scheme)
     if kernels_apply(q, k, v, kconv_weight):
         # any strides: the kernels take them as arguments (e.g. q.transpose(1, 2) of a [B, N, H, D] tensor)
@@ -224,6 +232,7 @@ def _moba_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], kcon
 
 @_moba_op.register_fake
 def _moba_fake(q, k, v, cu_seqlens, kconv_weight, block_size, top_k, causal, scheme="auto"):
+    args.moba_args(q, k, v, cu_seqlens, kconv_weight, block_size, top_k, causal, read_values=False)
     B, H, N, _ = q.shape
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return (torch.empty_like(q), q.new_empty((B, H, N), dtype=lse_dtype),
@@ -270,7 +279,7 @@ def moba_attention(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: i
 
         out = moba_attention(q, k, v, block_size=128, top_k=8)
     """
+    args.moba_args(q, k, v, cu_seqlens, kconv_weight, block_size, top_k, causal)
     check_scheme(scheme)
-    out, lse, _ = torch.ops.moec.moba_attention(q, k, v, cu_seqlens, kconv_weight, int(block_size), int(top_k),
-                                                bool(causal), scheme)
+    out, lse, _ = torch.ops.moec.moba_attention(q, k, v, cu_seqlens, kconv_weight, block_size, top_k, causal, scheme)
     return (out, lse) if return_lse else out

@@ -27,7 +27,7 @@ from moec.ir.tiles import MobaAttentionTile, pow2
 
 from .launch import LaunchPlan
 from .moba_kernel import MobaParams, render_moba
-from .moba_maps import query_programs, strides
+from .moba_maps import bounded, query_programs, strides
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -54,6 +54,7 @@ def plan_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, *, block_si
         raise ValueError(f"indices must be int32 [B, H, N, K] = [{B}, {H}, {N}, K], got "
                          f"{indices.dtype} {list(indices.shape)}")
     Hkv = k.shape[1]
+    cu_seqlens = bounded(cu_seqlens, N)
     params = MobaAttentionParams(block_size, indices.shape[3], D, H // Hkv, cu_seqlens is not None, tile,
                                  str(q.dtype).replace("torch.", ""), header)
     out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)

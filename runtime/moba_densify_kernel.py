@@ -53,7 +53,7 @@ from moec.ir.tiles import MobaAttentionTile, pow2
 
 from .launch import LaunchPlan
 from .moba_kernel import MobaParams, render_moba
-from .moba_maps import _row_positions, block_offsets, query_programs, strides
+from .moba_maps import _row_positions, block_offsets, bounded, query_programs, strides
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -197,6 +197,7 @@ def plan_partials(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, *, block_siz
     _check(q, k, v, indices)
     B, H, N, D = q.shape
     Hkv, K = k.shape[1], indices.shape[3]
+    cu_seqlens = bounded(cu_seqlens, N)
     params = _params(MobaDensifyParams, q, k, indices, block_size, tile, cu_seqlens, header)
     E = B * H * N * K
     part_o = torch.empty((E, D), dtype=partial_dtype or q.dtype, device=q.device)
@@ -220,6 +221,7 @@ def plan_merge(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, part_o: Tensor,
     """The own-block + merge launch and its (unwritten) ``out``, ``lse``."""
     _check(q, k, v, indices)
     B, H, N, D = q.shape
+    cu_seqlens = bounded(cu_seqlens, N)
     params = _params(MobaOwnMergeParams, q, k, indices, block_size, tile, cu_seqlens, header)
     out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)

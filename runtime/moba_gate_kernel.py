@@ -21,7 +21,7 @@ from moec.ir.tiles import MobaGateTile, pow2
 
 from .launch import LaunchPlan
 from .moba_kernel import MobaParams, render_moba
-from .moba_maps import block_offsets, query_tile_map
+from .moba_maps import block_offsets, bounded, query_tile_map
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -54,6 +54,7 @@ def plan_gate(q: Tensor, pooled: Tensor, *, block_size: int, top_k: int, tile: M
     if q.dtype not in _FLOATS or pooled.device != q.device:
         raise ValueError(f"q must be fp32/fp16/bf16 and pooled on its device, got {q.dtype}, {pooled.device}")
     B, H, N, D = q.shape
+    cu_seqlens = bounded(cu_seqlens, N)
     params = gate_params(q, pooled.shape[1], block_size=block_size, top_k=top_k,
                          varlen=cu_seqlens is not None, tile=tile, header=header)
     idx = torch.empty((B, H, N, top_k), dtype=torch.int32, device=q.device)

@@ -57,3 +57,14 @@ def _row_positions(n_rows: int, cu_seqlens: Optional[Tensor], device) -> tuple[T
         return torch.zeros_like(rows), rows
     seq = torch.searchsorted(cu_seqlens[1:].to(torch.int64), rows, right=True)
     return seq, rows - cu_seqlens.to(torch.int64)[seq]
+
+
+def bounded(cu_seqlens: Optional[Tensor], n_rows: int) -> Optional[Tensor]:
+    """``cu_seqlens`` made safe to index with whatever its values: clamped to ``[0, N]``,
+    non-decreasing, first 0 and last N (a valid one comes back equal). `moec.ops.moba_attention`
+    checks the values on the host; under CUDA graph capture it cannot, and every launcher passes its
+    ``cu_seqlens`` through this, so no kernel reads outside the tensors. Device ops only."""
+    if cu_seqlens is None or cu_seqlens.numel() < 2:
+        return cu_seqlens
+    c = torch.cummax(cu_seqlens.clamp(0, n_rows), 0).values
+    return torch.cat([c.new_zeros(1), c[1:-1], c.new_full((1,), n_rows)]).to(torch.int32)

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .moba_maps import _row_positions, block_offsets
+from .moba_maps import _row_positions, block_offsets, bounded
 
 
 def key_conv_packed(k: Tensor, weight: Tensor, cu_seqlens: Optional[Tensor]) -> Tensor:
@@ -47,6 +47,7 @@ def pool_keys(k: Tensor, block_size: int, cu_seqlens: Optional[Tensor] = None,
     (each cell written once: deterministic, no atomics)."""
     B, Hkv, N, D = k.shape
     bs = block_size
+    cu_seqlens = bounded(cu_seqlens, N)
     src = key_conv_packed(k, kconv_weight, cu_seqlens) if kconv_weight is not None else k
     if cu_seqlens is None:
         nfull, rem = divmod(N, bs)

@@ -58,10 +58,10 @@ def test_eager_fallback(dtype):
     assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
 
 
-def test_mixed_dtypes_fall_back():
+def test_mixed_dtypes_are_an_error_naming_the_argument():
     q, k, v = inputs(torch.float32, N=20)
     assert not kernels_apply(q, k.half(), v)
-    with recording() as launches:
+    with recording() as launches, pytest.raises(TypeError, match="k has dtype torch.float16, q torch.float32"):
         moba_attention(q, k.half(), v, block_size=8, top_k=2)
     assert not launches
 
