@@ -8,7 +8,7 @@ the roofline floor measured on the same GPU in the same run.
     python benchmarks/moe.py --small               # CPU: tiny shapes, fp32, Triton interpreter
 
 ``benchmarks/run_gpu.sh`` runs the whole GPU suite (this benchmark, the autotune of the four
-layers, MoBA) in steps that each fit a 10-minute call, and its ``summary`` step merges the steps'
+layers, MoBA) step by step, each step bounded in time, and its ``summary`` step merges the steps'
 files; see benchmarks/README.md. The layers, their weights and the eager and grouped_mm peers are
 in ``benchmarks/moe_layers.py``; the targets, tables, plot and ``--merge`` (pure functions of the
 result rows, no GPU) in ``benchmarks/moe_report.py``.
@@ -35,7 +35,7 @@ Every method's output is checked against eager's in the same run (relative L2 er
 near-tie may send a token elsewhere, which moves the error a little, not a lot). moec disagreeing
 (or failing to run) fails the run; a peer disagreeing is marked INVALID: its time is shown but
 never counts as faster than moec. Per row the output gives moec / floor, the best valid peer and
-moec / best peer, and per model and moec variant a verdict on the issue's targets (within 1.2x of
+moec / best peer, and per model and moec variant a verdict on moec's performance targets (within 1.2x of
 the floor for T >= 1024, within 1.5x for T <= 16, faster than every peer at every T of
 1 ... 16384): PASS, FAIL or not measured. Times are medians of ``triton.testing.do_bench`` (CUDA
 events). Results go to ``--out`` as JSON (rows, meta, verdicts; rewritten after every row, so a

@@ -1,6 +1,6 @@
 """The reporting half of ``benchmarks/moe.py``: pure functions of the result rows, so it needs no GPU.
 
-- the issue's targets per (model, moec variant): within 1.2x of the roofline floor for T >= 1024,
+- moec's performance targets per (model, moec variant): within 1.2x of the roofline floor for T >= 1024,
   within 1.5x for T <= 16, and faster than every peer at every T of 1 ... 16384 (PASS, FAIL or
   not measured; CPU rows are never judged);
 - the output: times in milliseconds, the markdown table, the plot (with matplotlib), the JSON /
@@ -133,7 +133,7 @@ def peer_verdict(rows, variant: str, tokens) -> str:
 
 
 def verdict(rows, variant: str, tokens=TOKENS) -> dict:
-    """The issue's three targets for one model's rows and one moec variant. CPU rows are never
+    """moec's three performance targets for one model's rows and one moec variant. CPU rows are never
     judged: their times say nothing about a GPU."""
     if not rows or not all(r.get("gpu_timed") for r in rows):
         return {name: "not measured (no GPU timing)" for name in [*(t[0] for t in FLOOR_TARGETS), PEER_TARGET]}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmark suite in steps that each fit one 10-minute call (see benchmarks/README.md).
+# The GPU benchmark suite, step by step, each step bounded in time (see benchmarks/README.md).
 #
 #   bash benchmarks/run_gpu.sh                  # list the steps
 #   bash benchmarks/run_gpu.sh env moe-mixtral  # run steps in order (each under `timeout`)
@@ -10,11 +10,11 @@
 # (<step>.log), the MoE benchmark's JSON/CSV/TXT/PNG per step (moe_<arch>_<model>[_compile].*,
 # moe_<arch>_tuned[_<model>].*), their merge (moe_<arch>_summary.*: every method and peer of a model
 # at every T in one table and plot, with the target verdicts; redone after every MoE step), the
-# autotune file (tune.json) and MoBA's tables (moba*.txt). When $OUT is set (the GPU tool's
-# folder of files that come back), the results folder is copied to $OUT/results after every step.
+# autotune file (tune.json) and MoBA's tables (moba*.txt). With COPY_RESULTS_TO=<dir> the results
+# folder is also copied to <dir>/results after every step (e.g. a folder synced off the machine).
 # STEP_TIMEOUT (default 560 s; the merge after an MoE step adds at most 25 s) bounds each step, so
-# a step that runs long is cut off before the caller's 10-minute limit and the files of the work
-# that finished stay (moe.py rewrites its JSON after every row).
+# a step that runs long is cut off and the files of the work that finished stay (moe.py rewrites
+# its JSON after every row).
 set -u
 cd "$(dirname "$0")/.."
 RESULTS=${RESULTS:-benchmarks/results}
@@ -111,14 +111,14 @@ run_step() {
     local note=""
     [ "$rc" = 124 ] && note=" (cut off after ${STEP_TIMEOUT} s: the files of what finished are kept)"
     echo "=== [$(date +%H:%M:%S)] step $step: rc=$rc in $(( $(date +%s) - start )) s$note"
-    if [ -n "${OUT:-}" ]; then
-        mkdir -p "$OUT/results" && cp -r "$RESULTS"/. "$OUT/results/"
+    if [ -n "${COPY_RESULTS_TO:-}" ]; then
+        mkdir -p "$COPY_RESULTS_TO/results" && cp -r "$RESULTS"/. "$COPY_RESULTS_TO/results/"
     fi
     return "$rc"
 }
 
 if [ $# -eq 0 ]; then
-    echo "usage: bash benchmarks/run_gpu.sh STEP... | all   (one step per 10-minute call); steps:"
+    echo "usage: bash benchmarks/run_gpu.sh STEP... | all   (each step under STEP_TIMEOUT); steps:"
     for s in $(steps); do printf "  %-16s %s\n" "$s" "$(describe "$s")"; done
     exit 0
 fi

@@ -12,13 +12,16 @@ The layer, compiled before, recompiles once at its next call with the tuned tile
 
 Without a GPU there is nothing real to time: the script compiles the layer for sm90's tiles (run
 in the Triton interpreter), times the interpreter with the wall clock (meaningless for a GPU),
-and files the entries under a made-up device name that ``MOEC_TUNE_DEVICE`` then selects.
+and files the entries under a made-up device name that ``MOEC_TUNE_DEVICE`` then selects, in a
+temporary tune file (removed at exit) unless ``--tune-file`` names one: made-up entries do not
+belong in a real one.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import moec
+from moec import autotune
 
 
 class Expert(nn.Module):
@@ -72,12 +76,18 @@ def wall_clock(fn) -> float:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bf16", action="store_true", help="bf16 on a CUDA GPU, timed with do_bench")
-    ap.add_argument("--tune-file", default="moec_tune.json", help="where the winners go (MOEC_TUNE_FILE)")
+    ap.add_argument("--tune-file", default=None,
+                    help="where the winners go (default: MOEC_TUNE_FILE, else moec's cache dir on a GPU, "
+                         "a temporary file without one)")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     if args.bf16 and not cuda:
         raise SystemExit("--bf16 needs a CUDA GPU")
-    os.environ["MOEC_TUNE_FILE"] = str(Path(args.tune_file).resolve())
+    scratch = tempfile.TemporaryDirectory()                        # removed when the script ends
+    if args.tune_file:
+        os.environ["MOEC_TUNE_FILE"] = str(Path(args.tune_file).resolve())
+    elif not cuda:
+        os.environ["MOEC_TUNE_FILE"] = str(Path(scratch.name) / "tune.json")
     if cuda:
         device, dtype, shape, arch = "cuda", torch.bfloat16 if args.bf16 else torch.float16, (1024, 2048, 8, 2), None
         # a short run: two buckets, three model candidates each (the defaults tune all four)
@@ -106,8 +116,9 @@ def main():
     assert torch.allclose(before.float(), after.float(), atol=5e-2 if dtype != torch.float32 else 1e-5)
     assert "tuned)" in model.explain(), "the layer did not pick up the tuned tiles"
 
-    data = json.loads(Path(os.environ["MOEC_TUNE_FILE"]).read_text())
-    print(f"\n{os.environ['MOEC_TUNE_FILE']} ({data['format']}): {len(tuned)} kernels tuned, e.g.")
+    path = autotune.tune_file()
+    data = json.loads(path.read_text())
+    print(f"\n{path} ({data['format']}): {len(tuned)} kernels tuned, e.g.")
     key, buckets = next(iter(tuned.items()))
     print(f"  {key}\n    {json.dumps(buckets)}")
 

@@ -27,9 +27,11 @@ except ImportError:
 import moec.hf
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--dump", default=None, help="directory for the IR and kernels (default: a temp dir)")
+parser.add_argument("--dump", default=None, help="directory for the IR and kernels (default: a temporary one, "
+                                                  "removed at exit)")
 args = parser.parse_args()
-dump = Path(args.dump or tempfile.mkdtemp(prefix="moec_hf_"))
+scratch = tempfile.TemporaryDirectory(prefix="moec_hf_")          # removed when the script ends
+dump = Path(args.dump or scratch.name)
 
 config = MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,

@@ -70,7 +70,8 @@ torch.manual_seed(0)
 model = Model()
 eager = Model()
 eager.load_state_dict(model.state_dict())
-dump = Path(tempfile.mkdtemp()) / "moec_dump"
+scratch = tempfile.TemporaryDirectory()                        # removed when the script ends
+dump = Path(scratch.name) / "moec_dump"
 moec.compile(model, dump_dir=dump)
 
 with torch.no_grad():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import warnings
 import weakref
 from pathlib import Path
 from typing import Callable, Optional
@@ -16,15 +17,17 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from . import hf
+from . import env, hf
 from .autotune import tune_model
-from .explain import report
+from .explain import entries, report
+from .log import logger
 from .frontend import LiftedMoE, NotLifted, find_moe_modules, lift
 from .frontend.moba_lift import find_moba_modules
 from .moba_region import MobaRegion
 from .moe_region import MoERegion
 
 _SUBCLASSES: dict[type, type] = {}
+_log = logger("lift")
 
 
 def _compiled_forward(self, *args, **kwargs):
@@ -63,8 +66,7 @@ def _compiled_class(cls: type) -> type:
 
 
 def _dump_root(dump_dir) -> Optional[Path]:
-    dump_dir = dump_dir or os.environ.get("MOEC_DUMP_DIR")
-    return Path(dump_dir) if dump_dir else None
+    return Path(dump_dir) if dump_dir else env.path("MOEC_DUMP_DIR")
 
 
 def compile_module(model: nn.Module, *, dump_dir=None, arch: Optional[str] = None) -> nn.Module:
@@ -84,8 +86,10 @@ def compile_module(model: nn.Module, *, dump_dir=None, arch: Optional[str] = Non
             module.__class__ = _compiled_class(type(module))
             module.__dict__["_moec_region"] = region
             regions.append((qualname, type(module).__name__, region))
+            _log.info("%s (%s): lifted: %s", qualname or "<root>", type(module).__name__, got.formulation)
         elif isinstance(got, NotLifted):
             skipped.append((qualname, type(module).__name__, got.reason))
+            _log.info("%s (%s): stays eager: %s", qualname or "<root>", type(module).__name__, got.reason)
     moba = _attach_moba(model, find_moe_modules(model), arch, root)
     model.__class__ = _compiled_class(type(model))
     model.__dict__["_moec_report"] = {"regions": regions, "skipped": skipped, "root": type(model).__name__,
@@ -172,10 +176,24 @@ def _compile_function(fn: Callable, **options) -> Callable:
             return (f"moec report for function {fn.__name__}: it has not been called yet, or it reaches "
                     "no module; its body runs as eager PyTorch (call moec.ops.moe inside it, or use "
                     "an MoE module from it, to use moec's kernels)")
-        return "\n\n".join(report(m) for m in seen.values())
+        lines = [f"moec report for function {fn.__name__}"]
+        for m in seen.values():
+            info = m.__dict__["_moec_report"]
+            lines += [f"  module {info['root']}:"] + [f"    {line}" for line in entries(info)]
+        return "\n".join(lines + ["  everything else runs as eager PyTorch"])
 
     wrapper.explain = explain
     return wrapper
+
+
+_DISABLED_SAID = []
+
+
+def _say_disabled() -> None:
+    if not _DISABLED_SAID:
+        _DISABLED_SAID.append(True)
+        warnings.warn("moec: MOEC_DISABLE=1: moec.compile returns models unchanged (their eager code runs)",
+                      stacklevel=3)
 
 
 def compile(obj=None, *, dump_dir: str | os.PathLike | None = None, arch: Optional[str] = None):
@@ -196,6 +214,9 @@ def compile(obj=None, *, dump_dir: str | os.PathLike | None = None, arch: Option
     options = {"dump_dir": dump_dir, "arch": arch}
     if obj is None:
         return lambda o: compile(o, **options)
+    if env.flag("MOEC_DISABLE"):
+        _say_disabled()
+        return obj
     if isinstance(obj, type) and issubclass(obj, nn.Module):
         return _compile_class(obj, **options)
     if isinstance(obj, nn.Module):

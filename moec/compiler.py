@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -35,8 +36,12 @@ from moec.runtime import tune_file
 from moec.runtime.arch import Arch
 from moec.runtime.program import Program
 
+from .log import logger
 from .moba.config import MobaConfig
 from .spec import MoESpec
+
+
+_log, _tiles_log = logger("compile"), logger("tiles")
 
 
 # ---- recipes -----------------------------------------------------------------------------------
@@ -51,6 +56,10 @@ class MoERecipe:
 
     def build(self, dtype: torch.dtype) -> Graph:
         return build_moe_graph(self.spec, dtype, self.outputs)
+
+    def summary(self) -> str:
+        s, r = self.spec, self.spec.router
+        return f"MoE layer ({r.num_experts} experts, top-{r.top_k}, d={s.hidden}, f={s.ffn})"
 
 
 @dataclass(frozen=True)
@@ -78,6 +87,9 @@ class ExpertsRecipe:
         extra = "".join(f".{n}{v:g}" for n, v in self.variant) + (".bias" if self.bias else "")
         return f"E{self.E}.k{self.k}.d{self.d}.f{self.f}.{self.activation}{'_glu' if self.glu else ''}{extra}"
 
+    def summary(self) -> str:
+        return f"routed experts ({self.E} experts, top-{self.k}, d={self.d}, f={self.f})"
+
 
 @dataclass(frozen=True)
 class MobaRecipe:
@@ -95,6 +107,10 @@ class MobaRecipe:
     def build(self, dtype: torch.dtype) -> Graph:
         return build_moba_graph(self.config, dtype, varlen=self.varlen, kconv=self.kconv, scheme=self.scheme,
                                 outputs=self.outputs)
+
+    def summary(self) -> str:
+        c = self.config
+        return f"MoBA core (block {c.block_size}, top-{c.top_k}, heads {c.heads}/{c.kv_heads}, head dim {c.head_dim})"
 
 
 # ---- the result --------------------------------------------------------------------------------
@@ -187,6 +203,12 @@ def _compile(recipe, dtype: torch.dtype, arch: Arch, generation: int) -> Compile
     final = run_passes(graph, PassContext(arch, tuned), passes=PIPELINES[recipe.kind],
                        after=lambda name, g: out.stages.append((name, print_graph(g))))
     out.program = lower(final, arch.name)
+    _log.info("%s for %s on %s: %d kernel nodes, %d kernels", recipe.summary(), str(dtype).replace("torch.", ""),
+              arch.name, len(out.kernel_steps()), len(out.program.kernels()))
+    for node, info in out.tiles().items() if _tiles_log.isEnabledFor(logging.INFO) else ():
+        for bucket, t in info["buckets"].items():
+            tile = {k: v for k, v in t.items() if k not in ("kernel", "source")}
+            _tiles_log.info("%s %s, %s: %s %s (%s)", node, info["op"], bucket, t["kernel"], tile, t["source"])
     return out
 
 

@@ -126,7 +126,7 @@ class MoERegion(Region):
         return lines + [f"        {line}" for line in self.call_lines()]
 
 
-_SHOWN_NOTES = ("fx trace", "traced router path", "experts:", "shared expert", "probe:")   # the rest: captured.txt
+_SHOWN_NOTES = ("traced router path", "experts:", "shared expert", "probe:")   # the rest: captured.txt
 
 
 def _spec_line(spec) -> str:

@@ -31,8 +31,10 @@ from moec.runtime import launch, tune_file
 from moec.runtime.arch import resolve
 
 from .compiler import Compiled, compile_program
+from .log import logger
 
 _state = threading.local()
+_log = logger("calls")
 
 
 @contextlib.contextmanager
@@ -99,14 +101,19 @@ class Region:
         try:
             out = fn(*args)
         except Exception as e:
-            self.calls[f"failed ({what}): {type(e).__name__}"] += 1
+            self._count(f"failed ({what}): {type(e).__name__}")
             raise
-        self.calls[what] += 1
+        self._count(what)
         return out
+
+    def _count(self, what: str) -> None:
+        if what not in self.calls:
+            _log.info("%s: first call served by %s", self.name, what)
+        self.calls[what] += 1
 
     def eager(self, reason: str, fn: Callable, *args, **kwargs):
         """Run the eager code ``fn`` and count why."""
-        self.calls[f"eager: {reason}"] += 1
+        self._count(f"eager: {reason}")
         return fn(*args, **kwargs)
 
     # ---- dumps -------------------------------------------------------------------------------
@@ -132,12 +139,13 @@ class Region:
         return []
 
     def program_lines(self) -> list[str]:
-        """Per compiled program: its kernels with their tiles, torch steps, where tiles came from,
-        whether a call can be captured in a CUDA graph."""
+        """Per compiled program: its kernels with their tiles (one line per kernel and token-count
+        bucket), torch steps, where tiles came from, whether a call can be captured in a CUDA graph."""
         lines = []
         for c in self.compiled.values():
-            kernels = ", ".join(f"{s.node.op} {_tiles(s, c)}" for s in c.kernel_steps())
-            lines.append(f"compiled for {dtype_text(c.dtype)} on {c.arch.name}{self.program_note(c)}: {kernels}")
+            where = "the CPU (Triton's interpreter)" if c.arch.name == "cpu" else c.arch.name
+            lines.append(f"compiled for {dtype_text(c.dtype)} on {where}{self.program_note(c)}:")
+            lines += [f"  {line}" for s in c.kernel_steps() for line in _kernel_lines(s, c)]
             lines += _tile_lines(c)
             if c.program.torch_steps():
                 lines.append(f"torch steps (not generated kernels): {', '.join(c.program.torch_steps())}")
@@ -151,19 +159,22 @@ class Region:
         return [f"calls: {n} x {what}" for what, n in sorted(self.calls.items())]
 
 
-def _tiles(step, c: Compiled) -> str:
-    """``[kernel: tile; ...]``, one entry per token-count bucket (the kernel name says which);
-    tiles taken from the tune file are marked ``(tuned)``, or ``(partly tuned)`` when only some of
-    the buckets the kernel serves have an entry (the others' model tile happened to equal it)."""
+def _kernel_lines(step, c: Compiled) -> list[str]:
+    """``op: kernel, tile ...`` per token-count bucket (the kernel name says which); tiles taken from
+    the tune file are marked ``(tuned)``, or ``(partly tuned)`` when only some of the buckets the
+    kernel serves have an entry (the others' model tile happened to equal it)."""
     def mark(v):
         source = c.variant_source(step, v)
         return "" if "tune file" not in source else " (tuned)" if source == "tune file" else " (partly tuned)"
-    return "[" + "; ".join(f"{v.kernel.fn_name}: {tile_text(v.params.tile)}{mark(v)}" for v in step.variants) + "]"
+    return [f"{step.node.op}: {v.kernel.fn_name}, {tile_text(v.params.tile)}{mark(v)}" for v in step.variants]
 
 
 def tile_text(t) -> str:
+    """``tile 16x64x32, 4 warps, 2 stages``: the tile's block sizes, then how it runs."""
     d = t.as_dict()
-    return "x".join(str(v) for k, v in d.items() if k.startswith("block")) + f" w{d['num_warps']} s{d['num_stages']}"
+    blocks = "x".join(str(v) for k, v in d.items() if k.startswith("block"))
+    stages = d["num_stages"]
+    return f"tile {blocks}, {d['num_warps']} warps, {stages} stage{'s' if stages != 1 else ''}"
 
 
 def _tile_lines(c: Compiled) -> list[str]:

@@ -35,11 +35,15 @@ import platformdirs
 import triton
 
 from moec import env
+from moec.log import logger
 
 _lock = threading.Lock()                # imports
 _fallback_lock = threading.Lock()       # choosing the private temporary cache (taken inside `_lock`)
 _modules: dict[tuple[str, bool], ModuleType] = {}
 _fallback: dict[str, Path] = {}        # configured root -> the private temporary cache used instead
+
+
+_log = logger("cache")
 
 
 class CacheWarning(UserWarning):
@@ -110,7 +114,9 @@ def store(source: str, name: str) -> Path:
     final = root / key
     path = final / f"{name}.py"
     if not env.flag("MOEC_ALWAYS_COMPILE") and _holds(path, source):
+        _log.debug("hit %s", path)
         return path
+    _log.debug("%s %s", "rewrite" if path.exists() else "write", path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))          # private (0700)
     try:
         (tmp / f"{name}.py").write_text(source)

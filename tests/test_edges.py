@@ -200,3 +200,88 @@ def test_explain_counts_a_failed_call_as_failed(monkeypatch):
         model(torch.randn(2, 16))
     assert region.calls == {"failed (kernels): RuntimeError": 1}
     assert "calls: 1 x failed (kernels): RuntimeError" in model.explain() and "x kernels" not in model.explain()
+
+
+# ---- the off switch, the log, explain's wording -----------------------------------------------------
+
+def test_moec_disable_returns_models_unchanged_and_says_so_once():
+    code = """
+        import warnings, torch, moec
+        from zoo import MixtralMoE
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            m = MixtralMoE(16, 32, 4, 2)
+            cls = type(m)
+            assert moec.compile(m) is m and type(m) is cls and not hasattr(m, "explain")
+            moec.compile(MixtralMoE(16, 32, 4, 2))
+            assert moec.compile(MixtralMoE) is MixtralMoE
+        said = [w for w in got if "MOEC_DISABLE" in str(w.message)]
+        assert len(said) == 1, [str(w.message) for w in got]
+        print("ok")
+    """
+    got = _run(code, MOEC_DISABLE="1")
+    assert got.returncode == 0 and got.stdout.strip().endswith("ok"), got.stderr[-2000:]
+
+
+def test_logs_say_what_was_lifted_compiled_and_tiled():
+    code = """
+        import torch, moec
+        from zoo import MixtralMoE, TanhExpertMoE
+        m = moec.compile(torch.nn.Sequential(MixtralMoE(16, 32, 4, 2), TanhExpertMoE(16, 32, 4, 2)))
+        with torch.no_grad():
+            m[0](torch.randn(1, 3, 16))
+    """
+    got = _run(code, MOEC_LOGS="+lift,+compile,+tiles,+calls")
+    assert got.returncode == 0, got.stderr[-2000:]
+    err = got.stderr
+    assert "[moec.lift] 0 (MixtralMoE): lifted" in err and "[moec.lift] 1 (TanhExpertMoE): stays eager" in err
+    assert "[moec.compile] MoE layer (4 experts, top-2, d=16, f=32) for float32 on cpu" in err
+    assert "[moec.tiles] h grouped_gemm, every T: grouped_gemm_gather_silu_glu" in err
+    assert "[moec.calls] 0: first call served by kernels" in err
+    quiet = _run(code)
+    assert quiet.returncode == 0 and "[moec." not in quiet.stderr
+    bad = _run(code, MOEC_LOGS="+lifts")
+    assert bad.returncode != 0 and "MOEC_LOGS: unknown '+lifts'; accepted: a level" in bad.stderr
+
+
+def _run(code: str, **env_vars) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOEC_")}
+    env.update(env_vars, PYTHONPATH=str(Path(__file__).parent))
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=600, env=env)
+
+
+class Stack(torch.nn.Module):
+    def __init__(self, n=3):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(MixtralMoE(16, 32, 4, 2) for _ in range(n))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+def test_explain_groups_identical_layers_in_plain_words():
+    torch.manual_seed(0)
+    model = moec.compile(Stack(3))
+    with torch.no_grad():
+        model(torch.randn(1, 4, 16))
+    text = model.explain()
+    assert text.count("LIFTED") == 1 and "LIFTED  layers.0-2 (MixtralMoE)" in text and "[3 modules, one report]" in text
+    assert "grouped_gemm: grouped_gemm_gather_silu_glu, tile 16x32x16, 4 warps, 1 stage" in text
+    for jargon in (" w4 ", " s1", "TraceError", "fx trace stopped", "candidate", "of the search"):
+        assert jargon not in text, jargon
+    assert text.count("everything else runs as eager PyTorch") == 1
+    with moec.disabled():
+        model.layers[1](torch.randn(1, 4, 16))            # one layer's calls now differ: its own entry
+    assert model.explain().count("LIFTED") == 3
+
+    @moec.compile
+    def two(a, b, x):
+        return a(x) + b(x)
+
+    with torch.no_grad():
+        two(Stack(2), Stack(1), torch.randn(1, 4, 16))
+    text = two.explain()
+    assert text.count("everything else runs as eager PyTorch") == 1 and text.count("  module Stack:") == 2

@@ -8,7 +8,7 @@ inside functions, relative ones resolved; ``passes/``, ``runtime/`` and ``templa
 The layers, bottom up (docs/architecture.md draws them):
 
     semantics   moec.spec, moec.reference, moec.moba (the definitions), moec.templates (data),
-                moec.env (environment variables)
+                moec.env (environment variables), moec.log (the moec loggers)
     ir          moec.ir: ops, types, tiles, graph, text, verifier, interpreter, graph builders
     frontend    moec.frontend: eager modules -> specs            | runtime   moec.runtime: kernels,
                                                                  |           programs, cache, launch
@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = {"moec": "moec", "passes": "moec.passes", "runtime": "moec.runtime", "templates": "moec.templates"}
 
 LAYERS = {
-    "semantics": ("moec.spec", "moec.reference", "moec.moba", "moec.templates", "moec.env"),
+    "semantics": ("moec.spec", "moec.reference", "moec.moba", "moec.templates", "moec.env",
+                  "moec.log"),
     "ir": ("moec.ir",),
     "frontend": ("moec.frontend",),
     "runtime": ("moec.runtime",),

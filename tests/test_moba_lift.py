@@ -63,8 +63,8 @@ def test_attention_module_lifts_and_matches_eager(formulation):
     text = m.explain()
     assert "LIFTED  <root> (MobaAttention)" in text
     assert "block_size=16, top_k=3" in text and "GQA group 2" in text
-    assert "fused_block_gate [moec_moba_gate_bs16_k3: 64x32 w4 s1]" in text
-    assert "block_sparse_attention [moec_moba_attention_bs16_k3" in text
+    assert "fused_block_gate: moec_moba_gate_bs16_k3, tile 64x32, 4 warps, 1 stage" in text
+    assert "block_sparse_attention: moec_moba_attention_bs16_k3" in text
     assert "eager submodules: q_proj, k_proj, v_proj, o_proj" in text
     assert region_of(m).calls["kernels"] == 1
 

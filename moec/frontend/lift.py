@@ -283,7 +283,7 @@ def _lift(module: nn.Module):
                             if first_fail is None or first_fail.startswith(config_text(cfg)):
                                 first_fail = f"{config_text(cfg)}: {msg}"
                             continue
-                        _finish_notes(lifted, parts, layout, sh_part, cfg, tried, st)
+                        _finish_notes(lifted, parts, layout, sh_part, cfg, st)
                         return lifted
     reason = f"{cls}: no candidate configuration reproduces the module's forward ({tried} tried"
     reason += f"; the most plausible, {first_fail})" if first_fail else ")"
@@ -292,7 +292,7 @@ def _lift(module: nn.Module):
     return NotLifted(reason)
 
 
-def _finish_notes(lifted: LiftedMoE, parts, layout: ExpertLayout, sh_part, cfg, tried: int, st: Structure) -> None:
+def _finish_notes(lifted: LiftedMoE, parts, layout: ExpertLayout, sh_part, cfg, st: Structure) -> None:
     n = lifted.notes
     n.append(f"experts: {layout.desc}" + (" (verified by calling each expert)" if layout.verified
                                          else " (reading chosen by the probe)"))
@@ -304,7 +304,7 @@ def _finish_notes(lifted: LiftedMoE, parts, layout: ExpertLayout, sh_part, cfg, 
         n.append(f"noisy gating: training-mode noise drawn as randn([T, E]) in {lifted.noise_dtype}")
     n.extend("weights: " + line for line in lifted.weights.describe(lifted.param_tensors.paths))
     n.append(f"probe: eager forward matched moec.reference.moe for T={', '.join(map(str, TOKENS))} "
-             f"(the last leaning on one expert) in training and eval mode ({str(st.dtype).replace('torch.', '')}; candidate {tried} of the search)")
+             f"(the last leaning on one expert) in training and eval mode ({str(st.dtype).replace('torch.', '')})")
 
 
 def find_moe_modules(model: nn.Module) -> list:
