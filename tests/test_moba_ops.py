@@ -111,3 +111,18 @@ def test_rejects_bad_arguments():
         moba_attention(q, k, v, block_size=4, top_k=0)
     with pytest.raises(ValueError, match="multiple"):
         moba_attention(q[:, :3], k, v, block_size=4, top_k=2)
+
+
+@pytest.mark.parametrize("scheme", ["rows", "densify"])
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_infinite_keys_give_the_references_nan_and_inf(scheme):
+    """A row with a +inf score gets out NaN and lse +inf (as torch.softmax / torch.logsumexp), in the
+    reference and in both attention schemes; -inf keys and the other rows are unaffected."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 90, 16, generator=g) for h in (2, 2, 2))
+    k[0, 0, 5, 3], k[0, 1, 40, 0] = float("inf"), float("-inf")
+    out, lse = moba_attention(q, k, v, block_size=8, top_k=3, return_lse=True, scheme=scheme)
+    r_out, r_lse = moba_reference(q, k, v, block_size=8, top_k=3)
+    assert r_out.isnan().any() and (r_lse == float("inf")).any()
+    torch.testing.assert_close(out, r_out, equal_nan=True, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lse, r_lse, equal_nan=True, rtol=1e-4, atol=1e-4)

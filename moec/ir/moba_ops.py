@@ -315,8 +315,10 @@ def _own_merge(n, v, ctx):
     lse = torch.cat([lse_own[..., None], v["part_lse"].view(*idx.shape)], -1)        # [B, H, T, 1 + K]
     outs = torch.cat([out_own[..., None, :].float(), v["part_o"].view(*idx.shape, -1).float()], -2)
     m = lse.amax(-1, keepdim=True)
-    w = torch.where(torch.isinf(lse), 0.0, torch.exp(lse - torch.where(torch.isinf(m), 0.0, m)))
+    none = lse == float("-inf")                            # no partial (or no own block) in that slot
+    w = torch.where(none, 0.0, torch.exp(lse - torch.where(m == float("-inf"), 0.0, m)))
     total = w.sum(-1)
-    out = (w[..., None] * torch.nan_to_num(outs)).sum(-2) / torch.where(total > 0, total, 1.0)[..., None]
-    merged = torch.where(total > 0, m[..., 0] + torch.log(torch.where(total > 0, total, 1.0)), float("-inf"))
+    out = (w[..., None] * torch.where(none[..., None], 0.0, outs)).sum(-2) / torch.where(total == 0, 1.0, total)[..., None]
+    merged = torch.where(total == 0, float("-inf"), m[..., 0] + torch.log(torch.where(total == 0, 1.0, total)))
+    merged = torch.where(m[..., 0] == float("inf"), float("inf"), merged)        # a +inf score, as the kernels
     return {"out": out.to(v["q"].dtype), "lse": merged}

@@ -32,7 +32,8 @@ Semantics (per sequence; positions ``t`` are counted from the sequence's start):
   block (key ``s <= t``), with one softmax (scale ``1/sqrt(D)``) over the whole union. Outputs:
   ``out [B, H, N, D]`` in the dtype of ``q`` and the natural log-sum-exp of the scaled scores
   ``lse [B, H, N]`` (fp32; fp64 for fp64 inputs). A row that selects no key gets ``out = 0`` and
-  ``lse = -inf`` (only possible with hand-made indices).
+  ``lse = -inf`` (only possible with hand-made indices); a row with a ``+inf`` score (an infinite
+  key or query) gets ``out = NaN`` and ``lse = +inf``, as ``torch.softmax`` and ``torch.logsumexp`` give.
 
 The gate gets no gradient (selection is discrete): `moba_attention_from_indices` is
 differentiable in q, k and v for fixed indices, `moba_block_selection` runs without autograd.
@@ -199,7 +200,7 @@ def moba_attention_from_indices(q: Tensor, k: Tensor, v: Tensor, indices: Tensor
         vs = v[b, :, a:e].to(cdt).repeat_interleave(G, 0)
         s = torch.where(allowed, (qs @ ks.transpose(1, 2)) * scale, float("-inf"))
         lse = torch.logsumexp(s, -1)                                          # -inf for empty rows
-        p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+        p = torch.exp(s - torch.where(lse == float("-inf"), 0.0, lse)[..., None])   # +inf: NaN, as softmax
         out_rows.append((b, a, e, p @ vs))
         lse_rows.append((b, a, e, lse))
     # assemble without in-place writes into a leaf (keeps autograd simple)

@@ -99,6 +99,7 @@ def moec_moba_densify_bs64_k4(
     # ---- this (query, slot)'s partial: normalised out and its lse (natural log)
     o = acc / l_i[:, None]
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+    lse = tl.where(m_i == float("inf"), float("inf"), lse)      # a +inf score: lse +inf (out is NaN, as softmax's)
     tl.store(part_o_ptr + ent[:, None] * D + offs_d[None, :], o.to(part_o_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_d[None, :])
     tl.store(part_lse_ptr + ent, lse, mask=mask_m)

@@ -129,6 +129,7 @@ def moec_moba_own_merge_bs64_k4_varlen(
     l_use = tl.where(empty, 1.0, l_i)
     o = acc / l_use[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_use)) * 0.6931471805599453)
+    lse = tl.where(m_i == float("inf"), float("inf"), lse)      # a +inf score: lse +inf (out is NaN, as softmax's)
     tl.store(out_ptr + b64 * stride_ob + h64 * stride_oh + rows[:, None] * stride_on
              + offs_d[None, :] * stride_od, o.to(out_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_d[None, :])
