@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from . import env, hf
+from . import env, guards, hf
 from .autotune import tune_model
 from .explain import entries, report
 from .log import logger
@@ -30,7 +30,14 @@ _SUBCLASSES: dict[type, type] = {}
 _log = logger("lift")
 
 
+# torch's lazy form of torch.compiler.disable: dynamo is imported only when something compiles
+_opaque = getattr(torch, "_disable_dynamo", None) or torch.compiler.disable
+
+
+@_opaque
 def _compiled_forward(self, *args, **kwargs):
+    """The forward of a compiled module: its region (kernels, or the eager forward and why). Under
+    `torch.compile` it is one opaque call (a graph break): the region checks its own guards."""
     region = self.__dict__.get("_moec_region")
     base = self._moec_base
     eager = functools.partial(base.forward, self)
@@ -59,10 +66,25 @@ def _compiled_class(cls: type) -> type:
         forward = functools.wraps(cls.forward)(
             lambda self, *args, **kwargs: _compiled_forward(self, *args, **kwargs))
         _SUBCLASSES[cls] = type(cls.__name__, (cls,), {
-            "forward": forward, "explain": _explain, "_moec_base": cls,
+            "forward": forward, "explain": _explain, "_moec_base": cls, "__reduce_ex__": _reduce_ex,
             "__module__": cls.__module__, "__qualname__": cls.__qualname__,
             "__doc__": cls.__doc__})
     return _SUBCLASSES[cls]
+
+
+def _reduce_ex(self, protocol):
+    """Pickling (torch.save, copy.deepcopy): the module as its own class with its state, moec's
+    runtime state left out; the module `moec.compile` was called on is compiled again when loaded
+    (its submodules come back as their own classes and are lifted again with it)."""
+    state = {k: v for k, v in self.__dict__.items() if not k.startswith("_moec")}
+    options = self.__dict__.get("_moec_options") if "_moec_report" in self.__dict__ else None
+    return _restore, (type(self)._moec_base, state, options)
+
+
+def _restore(cls: type, state: dict, options: Optional[dict]) -> nn.Module:
+    module = cls.__new__(cls)
+    module.__dict__.update(state)
+    return compile_module(module, **options) if options is not None else module
 
 
 def _dump_root(dump_dir) -> Optional[Path]:
@@ -82,7 +104,7 @@ def compile_module(model: nn.Module, *, dump_dir=None, arch: Optional[str] = Non
             got = NotLifted(f"{type(module).__name__}: analysis failed: {type(e).__name__}: {e}")
         if isinstance(got, LiftedMoE):
             region = MoERegion(name.replace(".", "_") or "root", arch=arch, dump_dir=root, lifted=got,
-                               lift_dtype=got.param_tensors(module)[0].dtype)
+                               lift_dtype=got.param_tensors(module)[0].dtype, state=guards.read(module))
             module.__class__ = _compiled_class(type(module))
             module.__dict__["_moec_region"] = region
             regions.append((qualname, type(module).__name__, region))
@@ -94,6 +116,7 @@ def compile_module(model: nn.Module, *, dump_dir=None, arch: Optional[str] = Non
     model.__class__ = _compiled_class(type(model))
     model.__dict__["_moec_report"] = {"regions": regions, "skipped": skipped, "root": type(model).__name__,
                                       "moba": moba}
+    model.__dict__["_moec_options"] = {"dump_dir": dump_dir, "arch": arch}
     if root is not None:
         root.mkdir(parents=True, exist_ok=True)
         write = functools.partial(_write_explain, weakref.ref(model), root / "explain.txt")

@@ -1,5 +1,21 @@
 """A lifted MoE layer at run time: validate the call, bind weights, run kernels, pack outputs.
 
+Weights are read where the module keeps them, at every call: views of its parameters (stacked 3-D
+expert tensors, transposes, column slices), and for experts kept as separate modules one stacked
+storage that their parameters are made views of (`share_storage`: each parameter keeps its identity,
+only its ``.data`` moves), so every write to a parameter — optimizer steps, ``.data`` writes,
+``copy_`` under ``no_grad``, ``load_state_dict`` — lands where the kernels read, and nothing is
+copied per call. A parameter that no longer views the stack (replaced, or moved by ``.to()`` /
+``.half()``) is noticed by its address and the stack is rebuilt, once.
+
+Every call first checks what the lift relied on (`moec.guards`): when an attribute, a submodule, a
+class or a forward changed since, the region lifts the module again for its new state (a state seen
+before reuses its lift) or, when the new state is not liftable, runs eager; `explain()` lists each
+change and what it led to. Forward hooks on modules inside the layer run only in its eager forward,
+so a hooked layer runs eager for that call; the router's hooks are the exception when its output is
+all they read (transformers records router logits that way): the compiled call runs the router once,
+with its hooks, and uses the kernels only if the hooks left the router's output unchanged.
+
 A call the kernels cannot serve (an unsupported dtype or device, bf16 under the CPU
 interpreter, moec disabled) runs the module's own eager forward, and the region counts why,
 so `explain()` can say it. When gradients are needed, the forward still runs the kernels and
@@ -7,18 +23,21 @@ the backward recomputes the eager reference under autograd (exact gradients, eag
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
+import contextlib
+from collections import Counter, OrderedDict
+
 import torch
-from torch.nn.modules import module as mm
 
 from moec.ir.build import moe_inputs
 from moec.runtime.autograd import KernelsForward
 from moec.runtime.support import why_not_kernels
 
-from . import reference
+from . import guards, reference
 from .compiler import MoERecipe
+from .frontend import lift
 from .region import Region, is_disabled
 from .spec import MoEWeights
 
@@ -29,10 +48,17 @@ OUTPUTS = {"y": ("y",), "y_logits": ("y", "logits"), "y_aux": ("y", "aux"), "y_w
 class MoERegion(Region):
     """One lifted MoE module. ``lifted`` is the frontend's `LiftedMoE`."""
 
-    lifted: object = None
+    lifted: object = None                       # the lift of the current state (None: not liftable, see `unlifted`)
     lift_dtype: Optional[torch.dtype] = None    # the layer's dtype when it was lifted
-    _weights_key: tuple = ()
-    _weights: Optional[MoEWeights] = None
+    state: tuple = ()                           # the `guards` state `lifted` was made for
+    unlifted: str = ""                          # why the current state is not liftable
+    guard_changes: Counter = field(default_factory=Counter)   # "what changed -> what it led to": count
+    _lifts: OrderedDict = field(default_factory=OrderedDict)  # state -> lift (or the reason it has none)
+    _guard: Optional[guards.Guard] = None       # checks the current state cheaply
+    _lifting: bool = False                      # inside `_switch`: the probe's calls run eager, uncounted
+    _stacks: dict = field(default_factory=dict)   # stacked indices -> (stack, its members' addresses)
+
+    MAX_LIFTS = 8                               # states remembered (least recently used dropped)
 
     @property
     def spec(self):
@@ -47,13 +73,18 @@ class MoERegion(Region):
         return MoERecipe(self.spec, self.outputs)
 
     def weights(self, tensors) -> MoEWeights:
-        """The layer's weights; stacked copies are rebuilt only when a parameter changed."""
-        key = tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
-        if key != self._weights_key:
-            with torch.no_grad():
-                self._weights = self.lifted.weights(tensors)
-            self._weights_key = key
-        return self._weights
+        """The layer's weights from its current parameters (see the module docstring)."""
+        stacks = {idx: self._stack(idx, [tensors[i] for i in idx]) for idx in self.lifted.weights.stacked}
+        return self.lifted.weights(tensors, stacks)
+
+    def _stack(self, idx: tuple, members: list) -> torch.Tensor:
+        got = self._stacks.get(idx)
+        if got is not None and got[1] == tuple(m.data_ptr() for m in members) \
+                and got[0].dtype == members[0].dtype and got[0].device == members[0].device:
+            return got[0]
+        stack, addresses = share_storage(members)
+        self._stacks[idx] = (stack, addresses)
+        return stack
 
     def captured(self) -> str:
         """What the frontend read off the module: formulation, spec, weight bindings, notes."""
@@ -67,12 +98,60 @@ class MoERegion(Region):
         return "\n".join(lines) + "\n"
 
     # ---- calls ------------------------------------------------------------------------------
-    def __call__(self, module, eager_forward, x, *args, **kwargs):
-        tensors = list(self.lifted.param_tensors(module))
-        if is_disabled():
-            reason = "moec.disabled() is active"
+    def guard(self, module) -> Optional[str]:
+        """Check what the lift relied on; lift again after a change. None, or why this call runs eager."""
+        if self._guard is None or self._guard.root is not module or not self._guard.holds():
+            state = guards.read(module)
+            if state != self.state:
+                self._switch(module, state)
+            self._guard = guards.Guard(module)
+        if self.lifted is None:
+            return self.unlifted
+        hooked, mixed = self._guard.call_checks()
+        hooked = [p for p in hooked if p not in self.lifted.observed]
+        if hooked:
+            where = "global forward hooks" if hooked == ["*"] else f"forward hooks on {', '.join(hooked[:3])}"
+            return f"{where} (they run only in the eager forward)"
+        if mixed:
+            return "submodules in another training mode than the layer"
+        return None
+
+    def _switch(self, module, state: tuple) -> None:
+        if not self._lifts:                       # the compile-time lift, for the state it was made in
+            self._lifts[self.state] = self.lifted
+        change = guards.changes(self.state, state)
+        got = self._lifts.get(state)
+        if got is None and state not in self._lifts:
+            self._lifting = True
+            try:
+                got = lift(module)                # the probe's calls of the module run its eager forward
+            except Exception as e:  # noqa: BLE001 - the frontend must not break a model eager PyTorch runs
+                got = f"analysis failed: {type(e).__name__}: {e}"
+            finally:
+                self._lifting = False
+            got = got if (got is None or isinstance(got, str) or hasattr(got, "spec")) else got.reason
+            self._lifts[state] = got
+            while len(self._lifts) > self.MAX_LIFTS:
+                self._lifts.popitem(last=False)
+        self._lifts.move_to_end(state)
+        self.state = state
+        if got is None or isinstance(got, str):
+            self.lifted, self.unlifted = None, f"changed since compile ({change}) and not liftable: {got or 'no MoE layer found'}"
+            self.guard_changes[f"{change} -> eager"] += 1
         else:
-            reason = why_not_kernels(x, tensors, fp32_ok=True) if not args and not kwargs else "extra forward arguments"
+            self.lifted, self._stacks = got, {}
+            self.guard_changes[f"{change} -> lifted again ({_spec_line(got.spec)})"] += 1
+
+    def __call__(self, module, eager_forward, x, *args, **kwargs):
+        if self._lifting:
+            return eager_forward(x, *args, **kwargs)
+        if is_disabled():
+            return self.eager("moec.disabled() is active", eager_forward, x, *args, **kwargs)
+        reason = self.guard(module)
+        if reason is not None:
+            return self.eager(reason, eager_forward, x, *args, **kwargs)
+        tensors = list(self.lifted.param_tensors(module))
+        reason = why_not_kernels(x, tensors, fp32_ok=True) if not args and not kwargs else "extra forward arguments"
         if reason is None and x.shape[-1] != self.spec.hidden:
             raise ValueError(f"moec region {self.name!r}: expects hidden size {self.spec.hidden} on the "
                              f"last dim, got input of shape {tuple(x.shape)}")
@@ -80,7 +159,10 @@ class MoERegion(Region):
             return self.eager(reason, eager_forward, x, *args, **kwargs)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        _call_observed(module, getattr(self.lifted, "observed", ()), x2)
+        replay = _call_observed(module, self.lifted.observed, x2)
+        if replay is not None:                    # a router hook changed the router's output
+            with replay:
+                return self.eager("a router hook changed the router's output", eager_forward, x)
         noise = None
         training = module.training
         if self.spec.router.noisy and training:
@@ -88,21 +170,22 @@ class MoERegion(Region):
             if dtype == self.lift_dtype:        # eager draws in the layer's dtype, which follows .to()
                 dtype = x.dtype
             noise = torch.randn(x2.shape[0], self.spec.num_experts, dtype=dtype, device=x.device)
+        w = self.weights(tensors)
         if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors)):
             outs = self.serve("kernels forward, eager backward", KernelsForward.apply,
-                              lambda ts: self.kernels(ts[0], ts[1:], training, noise),
+                              lambda ts: self.kernels(ts[0], w, training, noise),
                               lambda ts, _: self.reference(ts[0], ts[1:], training, noise), (), x2, *tensors)
         else:
-            outs = self.serve("kernels", self.kernels, x2, tensors, training, noise)
+            outs = self.serve("kernels", self.kernels, x2, w, training, noise)
         y = outs[0].reshape(*lead, x.shape[-1])
         if len(outs) == 1:
             return y
         extra = outs[1].to(x.dtype) if self.outputs[1] in ("logits", "weights") else outs[1]
         return (y, extra)
 
-    def kernels(self, x2, tensors, training, noise):
+    def kernels(self, x2, w: MoEWeights, training, noise):
         c = self.compiled_for(self.recipe, x2.dtype, x2.device)
-        inputs = moe_inputs(x2.contiguous() if x2.stride(-1) != 1 else x2, self.weights(tensors))
+        inputs = moe_inputs(x2.contiguous() if x2.stride(-1) != 1 else x2, w)
         return self.run(c, inputs, training=training, noise=noise)
 
     def reference(self, x2, tensors, training, noise):
@@ -118,7 +201,12 @@ class MoERegion(Region):
 
     # ---- report -----------------------------------------------------------------------------
     def report(self, qualname: str, cls: str) -> list[str]:
+        changed = [f"        changed after compile, {n} x: {what}" for what, n in self.guard_changes.items()]
+        if self.lifted is None:
+            return [f"EAGER   {qualname or '<root>'} ({cls}): {self.unlifted}"] + changed + \
+                [f"        {line}" for line in self.call_lines()]
         lines = [f"LIFTED  {qualname or '<root>'} ({cls}): {self.lifted.formulation}", f"        {_spec_line(self.spec)}"]
+        lines += changed
         lines += [f"        {note}" for note in getattr(self.lifted, "notes", []) if note.startswith(_SHOWN_NOTES)]
         lines += [f"        {line}" for line in self.program_lines()]
         lines.append("        backward: when gradients are needed the forward runs the kernels and "
@@ -160,17 +248,64 @@ def _spec_line(spec) -> str:
     return ", ".join(bits)
 
 
-def _hooked(m: torch.nn.Module) -> bool:
-    if mm._global_forward_hooks or mm._global_forward_pre_hooks:
-        return True
-    return any(s._forward_hooks or s._forward_pre_hooks for s in m.modules())
+def share_storage(members: list) -> tuple[torch.Tensor, Optional[tuple]]:
+    """``(stack of members, their addresses)``: the members become views of the stack (``.data``, so
+    each keeps its identity, gradients and optimizer state), unless they cannot share one storage
+    (tied, or of different dtypes, devices or shapes): then a fresh copy, and no addresses (so the
+    caller stacks again at its next call, always reading the current values)."""
+    first = members[0]
+    if len({m.data_ptr() for m in members}) < len(members) or any(
+            m.dtype != first.dtype or m.device != first.device or m.shape != first.shape for m in members):
+        return torch.stack([m.detach() for m in members]), None
+    with torch.no_grad():
+        stack = torch.stack([m.detach() for m in members])
+        for j, m in enumerate(members):
+            m.data = stack[j]
+    return stack, tuple(m.data_ptr() for m in members)
 
 
-def _call_observed(module, paths, x2) -> None:
-    """Call the observed children (the router) that have forward hooks, so that the hooks still see
-    their outputs (Hugging Face records router logits with hooks); results are discarded."""
+def _call_observed(module, paths, x2):
+    """Call the observed children (the router) that have forward hooks, once, so that the hooks see
+    their outputs (transformers records router logits with hooks). None when every hook left the
+    output as the router's own forward gives it; else a context in which the eager forward gets that
+    hooked output from the router (its hooks not run again)."""
     for path in paths:
         sub = module.get_submodule(path)
-        if _hooked(sub):
-            sub(x2)
+        if not (sub._forward_hooks or sub._forward_pre_hooks):
+            continue
+        hooked = sub(x2)
+        with torch.no_grad():
+            plain = sub.forward(x2)
+        if not _same(hooked, plain):
+            return _replaying(sub, x2, hooked)
+    return None
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and len(a) == len(b):
+        return all(_same(i, j) for i, j in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+@contextlib.contextmanager
+def _replaying(sub, x2, out):
+    """Inside: ``sub`` called on the rows ``x2`` gives ``out`` without running its hooks again."""
+    hooks, pre = sub._forward_hooks, sub._forward_pre_hooks
+    original = sub.forward
+
+    def forward(*args, **kwargs):
+        a = args[0] if args else next(iter(kwargs.values()), None)
+        if isinstance(a, torch.Tensor) and a.numel() == x2.numel() and torch.equal(a.reshape(x2.shape), x2):
+            return out
+        return original(*args, **kwargs)
+
+    sub._forward_hooks, sub._forward_pre_hooks = OrderedDict(), OrderedDict()
+    sub.forward = forward
+    try:
+        yield
+    finally:
+        del sub.forward
+        sub._forward_hooks, sub._forward_pre_hooks = hooks, pre
 

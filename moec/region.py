@@ -66,6 +66,11 @@ class Region:
     on_compile: Optional[Callable] = None
     _launches_dumped: set = field(default_factory=set)
 
+    def __reduce__(self):
+        """A region is runtime state (compiled programs, counters): a pickled or deep-copied module
+        gets none, and its owner makes a new one (`moec.api` recompiles the module it compiled)."""
+        return _no_region, ()
+
     # ---- compile and run ---------------------------------------------------------------------
     def compiled_for(self, recipe, dtype: torch.dtype, device) -> Compiled:
         """The program of ``recipe`` for ``dtype`` on ``device`` (an explicit ``arch`` on a CPU picks its
@@ -175,6 +180,10 @@ def tile_text(t) -> str:
     blocks = "x".join(str(v) for k, v in d.items() if k.startswith("block"))
     stages = d["num_stages"]
     return f"tile {blocks}, {d['num_warps']} warps, {stages} stage{'s' if stages != 1 else ''}"
+
+
+def _no_region():
+    return None
 
 
 def _tile_lines(c: Compiled) -> list[str]:

@@ -89,8 +89,13 @@ class Src:
     view: Optional[tuple[int, ...]] = None
     cols: Optional[tuple[int, int, int]] = None
 
-    def build(self, ts: Sequence[Tensor]) -> Tensor:
-        t = torch.stack([ts[i] for i in self.indices]) if self.stack else ts[self.indices[0]]
+    def build(self, ts: Sequence[Tensor], stacked: Optional[Tensor] = None) -> Tensor:
+        """The field from the leaf tensors ``ts``; ``stacked``: the stack of ``ts[indices]`` when the
+        caller keeps one (a storage those tensors are views of), instead of a fresh copy."""
+        if self.stack:
+            t = stacked if stacked is not None else torch.stack([ts[i] for i in self.indices])
+        else:
+            t = ts[self.indices[0]]
         if self.view is not None:
             t = t.view(self.view)
         if self.transpose:
@@ -136,8 +141,15 @@ class WeightsRecipe:
 
     fields: tuple[tuple[str, Src], ...]
 
-    def __call__(self, tensors: Sequence[Tensor]) -> MoEWeights:
-        return MoEWeights(**{name: src.build(tensors) for name, src in self.fields})
+    def __call__(self, tensors: Sequence[Tensor], stacks: Optional[dict] = None) -> MoEWeights:
+        """``stacks``: ``{indices: tensor}`` of stacks the caller keeps (see `Src.build`)."""
+        stacks = stacks or {}
+        return MoEWeights(**{name: src.build(tensors, stacks.get(src.indices)) for name, src in self.fields})
+
+    @property
+    def stacked(self) -> list[tuple[int, ...]]:
+        """The index tuples of the leaf tensors some field stacks (each once)."""
+        return list(dict.fromkeys(src.indices for _, src in self.fields if src.stack))
 
     def describe(self, paths: Sequence[str]) -> list[str]:
         return [f"{name} = {src.describe(paths)}" for name, src in self.fields]
