@@ -12,6 +12,6 @@ from .api import compile, tune
 from .region import disabled
 from .spec import MoESpec, MoESpecError, MoEWeights, RouterConfig, SharedExpertConfig
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 __all__ = ["compile", "tune", "disabled", "ops", "MoESpec", "MoESpecError", "MoEWeights", "RouterConfig",
            "SharedExpertConfig"]

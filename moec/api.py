@@ -34,6 +34,13 @@ _log = logger("lift")
 _opaque = getattr(torch, "_disable_dynamo", None) or torch.compiler.disable
 
 
+def _traced() -> bool:
+    """Whether the call is being traced into a graph (kernels that read data pointers cannot be)."""
+    fx = torch.fx._symbolic_trace
+    symbolic = fx.is_fx_symbolic_tracing() if hasattr(fx, "is_fx_symbolic_tracing") else fx._is_fx_tracing_flag
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or symbolic
+
+
 @_opaque
 def _compiled_forward(self, *args, **kwargs):
     """The forward of a compiled module: its region (kernels, or the eager forward and why). Under
@@ -43,6 +50,9 @@ def _compiled_forward(self, *args, **kwargs):
     eager = functools.partial(base.forward, self)
     if region is None:
         return eager(*args, **kwargs)
+    if _traced():
+        return region.eager("traced (torch.export, torch.fx or torch.jit trace the eager forward)", eager,
+                            *args, **kwargs)
     if getattr(region, "takes_any_call", False):    # a MoBA region binds the call to forward itself
         return region(self, eager, *args, **kwargs)
     if not args and len(kwargs) == 1:      # forward(hidden_states=x)

@@ -26,6 +26,9 @@ from torch import nn
 from torch.nn.modules import module as nn_module
 
 _PLAIN = (bool, int, float, str, type(None), complex)
+# attributes that say nothing about what a forward computes: the training flag (checked per call),
+# and the mark torch.compile leaves on a module it wraps
+_BOOKKEEPING = {"training", "_is_torch_compile"}
 
 
 def _plain(v) -> bool:
@@ -35,7 +38,7 @@ def _plain(v) -> bool:
 def _attributes(d: dict) -> tuple[list, list]:
     attrs, tensors = [], []
     for k, v in d.items():
-        if k == "training" or k.startswith("_moec"):
+        if k in _BOOKKEEPING or k.startswith("_moec"):
             continue
         if _plain(v):
             attrs.append((k, v))
@@ -77,13 +80,13 @@ class Guard:
         for m in self.modules:
             d = m.__dict__
             attrs, tensors = _attributes(d)
-            self._dicts.append((m, d, len(d), _base(m), attrs, [(k, t, _address(t)) for k, t in tensors],
+            self._dicts.append((m, d, len(d), type(m), attrs, [(k, t, _address(t)) for k, t in tensors],
                                 dict(m._modules)))
 
     def holds(self) -> bool:
         """False when the state may have changed since the guard was built (then `read` says how)."""
         for m, d, n, cls, attrs, tensors, children in self._dicts:
-            if len(d) != n or _base(m) is not cls:
+            if len(d) != n or type(m) is not cls:      # (exact: a class swap is checked by `read`)
                 return False
             for k, v in attrs:
                 got = d.get(k, _MISSING)

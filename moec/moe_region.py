@@ -57,6 +57,7 @@ class MoERegion(Region):
     _guard: Optional[guards.Guard] = None       # checks the current state cheaply
     _lifting: bool = False                      # inside `_switch`: the probe's calls run eager, uncounted
     _stacks: dict = field(default_factory=dict)   # stacked indices -> (stack, its members' addresses)
+    _owners: Optional[list] = None              # (module, name) of each tensor the lift reads (see `tensors`)
 
     MAX_LIFTS = 8                               # states remembered (least recently used dropped)
 
@@ -71,6 +72,14 @@ class MoERegion(Region):
     @property
     def recipe(self) -> MoERecipe:
         return MoERecipe(self.spec, self.outputs)
+
+    def tensors(self, module) -> list:
+        """The leaf tensors the lift reads (`LiftedMoE.param_tensors`), looked up in the modules that own
+        them: while the guard holds the module tree is the one they were found in."""
+        if self._owners is None:
+            self._owners = [_owner(module, path) for path in self.lifted.param_tensors.paths]
+        return [owner._parameters.get(name) if name in owner._parameters else getattr(owner, name)
+                for owner, name in self._owners]
 
     def weights(self, tensors) -> MoEWeights:
         """The layer's weights from its current parameters (see the module docstring)."""
@@ -105,8 +114,12 @@ class MoERegion(Region):
             if state != self.state:
                 self._switch(module, state)
             self._guard = guards.Guard(module)
+            self._owners = None
         if self.lifted is None:
             return self.unlifted
+        if module.training in self.lifted.eager_in:
+            return (f"{'training' if module.training else 'eval'} mode, which the probe could not confirm: "
+                    f"{self.lifted.eager_in[module.training]}")
         hooked, mixed = self._guard.call_checks()
         hooked = [p for p in hooked if p not in self.lifted.observed]
         if hooked:
@@ -150,7 +163,7 @@ class MoERegion(Region):
         reason = self.guard(module)
         if reason is not None:
             return self.eager(reason, eager_forward, x, *args, **kwargs)
-        tensors = list(self.lifted.param_tensors(module))
+        tensors = self.tensors(module)
         reason = why_not_kernels(x, tensors, fp32_ok=True) if not args and not kwargs else "extra forward arguments"
         if reason is None and x.shape[-1] != self.spec.hidden:
             raise ValueError(f"moec region {self.name!r}: expects hidden size {self.spec.hidden} on the "
@@ -214,7 +227,13 @@ class MoERegion(Region):
         return lines + [f"        {line}" for line in self.call_lines()]
 
 
-_SHOWN_NOTES = ("traced router path", "experts:", "shared expert", "probe:")   # the rest: captured.txt
+_SHOWN_NOTES = ("traced router path", "experts:", "shared expert", "probe:", "training mode runs eager",
+                "eval mode runs eager")   # the rest: captured.txt
+
+
+def _owner(module, path: str) -> tuple:
+    owner, _, name = path.rpartition(".")
+    return (module.get_submodule(owner) if owner else module), name
 
 
 def _spec_line(spec) -> str:

@@ -38,8 +38,8 @@ def test_moe_probe_judges_a_mutating_forward_on_the_original_values():
     assert isinstance(lifted, LiftedMoE)
     doubling = Doubling().eval()
     doubling.load_state_dict(plain.state_dict())
-    msg = probe(doubling, lifted)               # the reference sees x, the forward computed f(2x)
-    assert msg and "output" in msg, msg
+    msg = probe(doubling, lifted)               # the forward computed f(2x) and left 2x in its input
+    assert msg and "writes into its input in place" in msg, msg
     assert probe(plain, lifted) is None
     got = lift(doubling)
     assert isinstance(got, NotLifted) and "no candidate configuration" in got.reason, got

@@ -23,12 +23,14 @@ from torch import nn
 
 from .. import reference
 from ..spec import MoESpec, MoESpecError
+from .accounting import Coverage, unaccounted
 from .adapters import adapter_for
 from .candidates import Part, assemble, config_text, dedupe, router_configs, router_options, shared_options
 from .experts import ExpertLayout, list_layout, shared_layout, stacked_layouts
 from .fx_ops import MATMULS, descendants
 from .lifted import LiftedMoE, NotLifted, WeightsRecipe, resolve
-from .probe import TOKENS, Prober, probe
+from .probe import TOKENS, Prober, mode_name, probe
+from .probe_harness import hooks_off
 from .router_hints import read_router
 from .structure import Structure, discover, meta_or_none
 from .trace import Traced, trace_partial
@@ -124,7 +126,13 @@ def _formulation(st: Structure, cap: Traced, router_paths: set) -> tuple:
 def lift(module: nn.Module) -> Union[LiftedMoE, NotLifted, None]:
     """Recognise ``module`` as an MoE layer. Never raises: a crash in analysis is a `NotLifted`."""
     try:
-        return _lift(module)
+        with Coverage(module) as cov, hooks_off(module):
+            got = _lift(module)
+        if isinstance(got, LiftedMoE):
+            why = unaccounted(cov)
+            if why:
+                return NotLifted(f"{type(module).__name__}: the kernels would drop code of its forward: {why}")
+        return got
     except Exception as e:  # noqa: BLE001
         return NotLifted(f"{type(module).__name__}: analysis failed: {type(e).__name__}: {e}")
 
@@ -159,14 +167,17 @@ def _lift_with_adapter(module: nn.Module):
         return NotLifted(f"{cls}: {meta}")
     msg = probe(module, got)
     if msg:
-        return NotLifted(f"{cls}: the {ad.name} adapter's reading does not reproduce the module's forward: {msg}")
+        fail = f"{cls}: the {ad.name} adapter's reading does not reproduce the module's forward: {msg}"
+        confirmed = next((m for m in (module.training, not module.training) if probe(module, got, m) is None), None)
+        if confirmed is None:
+            return NotLifted(fail)
     dtype = str(got.param_tensors(module)[-1].dtype).replace("torch.", "")
     got.notes = [f"read by the {ad.name} adapter"] + list(got.notes) + [
         f"router: {config_text(got.spec.router)}",
         *("weights: " + line for line in got.weights.describe(got.param_tensors.paths)),
         f"probe: eager forward matched moec.reference.moe for T={', '.join(map(str, TOKENS))} "
         f"(the last leaning on one expert) in training and eval mode ({dtype})"]
-    return got
+    return _eager_in(got, not confirmed, msg) if msg else got
 
 
 def _lift(module: nn.Module):
@@ -234,62 +245,88 @@ def _lift(module: nn.Module):
     first_fail = None
     x_screen = pr.x(_SCREEN_INPUT).reshape(-1, st.d)
     xf = x_screen.float()
-    training = module.training
     noise_dtypes = dedupe([st.dtype, torch.float32])
     router_opts = router_options(st, hints)
     shared = {p: shared_layout(module, p, st) for p in st.shared}
-    for layout in layouts:
-        exp_part = Part(layout.paths, layout.fields, layout.desc)
-        shared_opts = shared_options(shared, st, layout, why)
-        with torch.no_grad():
-            experts = _ExpertRows(xf, layout.build([resolve(module, p) for p in layout.paths]), layout, st.E)
-        for sh_part, sh_cfg in shared_opts:
-            for r_part, has_bias, has_noise, router_bias in router_opts:
-                parts = [r_part, exp_part] + ([sh_part] if sh_part else [])
-                param_tensors, recipe = assemble(parts)
-                with torch.no_grad():
-                    w = recipe(param_tensors(module))
-                    S = None
-                    if sh_cfg is not None:
-                        S = reference.expert_mlp(xf, w.shared_up, w.shared_down, w.shared_gate if layout.glu else None,
-                                                 layout.activation)
-                        if sh_cfg.gated:
-                            S = S * torch.sigmoid(xf @ w.shared_gate_proj.float().t())
-                for cfg in router_configs(st, hints, outputs == "y_aux", router_bias, has_bias, has_noise):
-                    try:
-                        spec = MoESpec(hidden=st.d, ffn=layout.ffn, router=cfg, activation=layout.activation,
-                                       glu=layout.glu, shared=sh_cfg)
-                    except MoESpecError:
-                        continue
-                    for nd in (noise_dtypes if cfg.noisy else [None]):
-                        tried += 1
-                        if tried > MAX_SCREENS:
-                            return NotLifted(f"{cls}: no configuration found within {MAX_SCREENS} candidates"
-                                             + (f"; first candidate ({first_fail})" if first_fail else ""))
-                        with torch.no_grad():
-                            noise = pr.noise(_SCREEN_INPUT, nd) if (training and cfg.noisy) else None
-                            y_ref, aux = _screen_y(xf, w, cfg, experts, S, noise)
-                            msg = pr.compare(_SCREEN_INPUT, training, spec, w, outputs, nd, y_ref=y_ref, aux=aux)
-                        if msg:
-                            if first_fail is None:
-                                first_fail = f"{config_text(cfg)}: {msg}"
+
+    def confirmed(screen: bool):
+        """Configurations whose screen (on one input, in the ``screen`` training mode) and full probe in that
+        mode pass, most plausible first, each with the other mode's probe result (None: it passes too)."""
+        nonlocal tried, first_fail
+        for layout in layouts:
+            exp_part = Part(layout.paths, layout.fields, layout.desc)
+            shared_opts = shared_options(shared, st, layout, why)
+            with torch.no_grad():
+                experts = _ExpertRows(xf, layout.build([resolve(module, p) for p in layout.paths]), layout, st.E)
+            for sh_part, sh_cfg in shared_opts:
+                for r_part, has_bias, has_noise, router_bias in router_opts:
+                    parts = [r_part, exp_part] + ([sh_part] if sh_part else [])
+                    param_tensors, recipe = assemble(parts)
+                    with torch.no_grad():
+                        w = recipe(param_tensors(module))
+                        S = None
+                        if sh_cfg is not None:
+                            S = reference.expert_mlp(xf, w.shared_up, w.shared_down,
+                                                     w.shared_gate if layout.glu else None, layout.activation)
+                            if sh_cfg.gated:
+                                S = S * torch.sigmoid(xf @ w.shared_gate_proj.float().t())
+                    for cfg in router_configs(st, hints, outputs == "y_aux", router_bias, has_bias, has_noise):
+                        try:
+                            spec = MoESpec(hidden=st.d, ffn=layout.ffn, router=cfg, activation=layout.activation,
+                                           glu=layout.glu, shared=sh_cfg)
+                        except MoESpecError:
                             continue
-                        lifted = LiftedMoE(spec=spec, formulation=formulation, param_tensors=param_tensors,
-                                           weights=recipe, outputs=outputs,
-                                           noise_dtype=(nd or st.dtype) if cfg.noisy else None, notes=list(notes),
-                                           observed=_observed(module, param_tensors.paths, recipe))
-                        msg = pr.check(lifted)
-                        if msg:
-                            if first_fail is None or first_fail.startswith(config_text(cfg)):
-                                first_fail = f"{config_text(cfg)}: {msg}"
-                            continue
-                        _finish_notes(lifted, parts, layout, sh_part, cfg, st)
-                        return lifted
+                        for nd in (noise_dtypes if cfg.noisy else [None]):
+                            tried += 1
+                            if tried > MAX_SCREENS:
+                                return
+                            with torch.no_grad():
+                                noise = pr.noise(_SCREEN_INPUT, nd) if (screen and cfg.noisy) else None
+                                y_ref, aux = _screen_y(xf, w, cfg, experts, S, noise)
+                                msg = pr.compare(_SCREEN_INPUT, screen, spec, w, outputs, nd, y_ref=y_ref, aux=aux)
+                            if msg:
+                                if first_fail is None:
+                                    first_fail = f"{config_text(cfg)}: {msg}"
+                                continue
+                            lifted = LiftedMoE(spec=spec, formulation=formulation, param_tensors=param_tensors,
+                                               weights=recipe, outputs=outputs,
+                                               noise_dtype=(nd or st.dtype) if cfg.noisy else None,
+                                               notes=list(notes), observed=_observed(module, param_tensors.paths, recipe))
+                            msg = pr.check(lifted, screen)
+                            if msg:
+                                if first_fail is None or first_fail.startswith(config_text(cfg)):
+                                    first_fail = f"{config_text(cfg)}: {msg}"
+                                continue
+                            _finish_notes(lifted, parts, layout, sh_part, cfg, st)
+                            yield lifted, pr.check(lifted, not screen)
+
+    # a configuration confirmed in both modes, else one confirmed in the current mode, else in the other
+    training = module.training
+    partial = None
+    for lifted, other in confirmed(training):
+        if other is None:
+            return lifted
+        partial = partial or _eager_in(lifted, not training, other)
+    if partial is None and tried <= MAX_SCREENS:
+        partial = next((_eager_in(lifted, training, other) for lifted, other in confirmed(not training)), None)
+    if partial is not None:
+        return partial
+    if tried > MAX_SCREENS:
+        return NotLifted(f"{cls}: no configuration found within {MAX_SCREENS} candidates"
+                         + (f"; first candidate ({first_fail})" if first_fail else ""))
     reason = f"{cls}: no candidate configuration reproduces the module's forward ({tried} tried"
     reason += f"; the most plausible, {first_fail})" if first_fail else ")"
     if why:
         reason += "; " + "; ".join(why)
     return NotLifted(reason)
+
+
+def _eager_in(lifted: LiftedMoE, training: bool, reason: str) -> LiftedMoE:
+    """``lifted`` for the other mode only: calls in ``training`` mode run eager, for ``reason``."""
+    lifted.eager_in = {training: reason}
+    lifted.notes = [n.replace("in training and eval mode", f"in {mode_name(not training)} mode") for n in lifted.notes]
+    lifted.notes.append(f"{mode_name(training)} mode runs eager: the probe could not confirm it ({reason})")
+    return lifted
 
 
 def _finish_notes(lifted: LiftedMoE, parts, layout: ExpertLayout, sh_part, cfg, st: Structure) -> None:

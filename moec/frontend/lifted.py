@@ -32,6 +32,8 @@ class LiftedMoE:
       ``"y_weights"`` (y, the routing weights ``[T, k]`` in slot order, input dtype: GPT-OSS).
     - ``noise_dtype``: for noisy gating, the dtype eager draws ``randn_like`` in (at lift time).
     - ``notes``: human-readable facts for ``explain()``.
+    - ``eager_in``: ``{training: reason}`` for a mode the probe could not confirm (router jitter applied
+      in training only, a forward that writes into its input in one mode): calls in that mode run eager.
     - ``observed``: paths of child modules (the router) that the eager forward calls and that
       others may watch with forward hooks (Hugging Face records router logits this way); when
       one of them has hooks, the compiled forward calls it on the ``[T, d]`` input (result
@@ -46,6 +48,7 @@ class LiftedMoE:
     noise_dtype: Optional[torch.dtype] = None
     notes: list[str] = field(default_factory=list)
     observed: tuple[str, ...] = ()
+    eager_in: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from torch import nn
 
 from .. import reference
 from ..spec import MoESpec, MoEWeights, RouterConfig
-from .probe_harness import draw, first, mismatch, near_tie, run, seeded, tie_rtol
+from .probe_harness import draw, first, mismatch, near_tie, run_watched, seeded, tie_rtol
 
 TOKENS = (1, 5, 48, 48)
 SKEWED = 3          # input 3: tokens pushed towards expert 0
@@ -63,6 +63,7 @@ class Prober:
         self.outputs: Optional[str] = None
         self.skew: Optional[torch.Tensor] = None
         self._cache: dict = {}
+        self.effects: dict = {}          # (input, training, rank3) -> what the forward did besides returning
         self._x: dict = {}
 
     def set_skew(self, w_router: torch.Tensor) -> None:
@@ -120,7 +121,8 @@ class Prober:
         """``(y, extra)`` of the module's forward on input i (cached); in training mode under a seeded RNG."""
         key = (i, training, self.rank3)
         if key not in self._cache:
-            out = run(self.module, (self.x(i),), self.module, training, self.device, 2000 + i)
+            out, effects = run_watched(self.module, (self.x(i),), self.module, training, self.device, 2000 + i)
+            self.effects[key] = effects
             if isinstance(out, (tuple, list)):
                 if len(out) != 2:
                     raise ValueError(f"forward returns a {type(out).__name__} of {len(out)} items")
@@ -143,11 +145,13 @@ class Prober:
         x = self.x(i).reshape(-1, self.d)
         T = x.shape[0]
         y, extra = self.eager(i, training)
+        where = f"T={x.shape[0]}, {'training' if training else 'eval'} mode"
+        if self.effects[(i, training, self.rank3)]:
+            return f"{where}: the forward {self.effects[(i, training, self.rank3)]}"
         cfg = spec.router
         noise = self.noise(i, noise_dtype) if (training and cfg.noisy) else None
         if y_ref is None:
             y_ref, aux = reference.moe(x, w, spec, noise)
-        where = f"T={T}, {'training' if training else 'eval'} mode"
         logits = reference.router_logits(x, w.w_router, w.b_router, w.w_noise, noise)
         keep = ~near_ties(logits, cfg, w.score_bias, self.dtype)
         msg = mismatch(y, y_ref, self.dtype, keep)
@@ -172,17 +176,18 @@ class Prober:
                 return f"{where}: aux loss {msg}"
         return None
 
-    def check(self, lifted) -> Optional[str]:
-        """The full probe of a `LiftedMoE`: every input, both modes."""
+    def check(self, lifted, training: Optional[bool] = None) -> Optional[str]:
+        """The full probe of a `LiftedMoE`: every input, in ``training`` mode (None: both modes)."""
         if self.outputs != lifted.outputs:
             return f"forward returns {self.outputs!r} but the lifted layer says {lifted.outputs!r}"
+        current = self.module.training
+        modes = (current, not current) if training is None else (training,)
         with torch.no_grad():
             w = lifted.weights(lifted.param_tensors(self.module))
             if self.skew is None:
                 self.set_skew(w.w_router)
-            current = self.module.training
-            runs = (self.compare(i, training, lifted.spec, w, lifted.outputs, lifted.noise_dtype)
-                    for training in (current, not current) for i in range(len(TOKENS)))
+            runs = (self.compare(i, t, lifted.spec, w, lifted.outputs, lifted.noise_dtype)
+                    for t in modes for i in range(len(TOKENS)))
             return first(runs) or self.capacity_binds(lifted.spec.router, w)
 
     def capacity_binds(self, cfg: RouterConfig, w: MoEWeights) -> Optional[str]:
@@ -199,13 +204,18 @@ class Prober:
                 f"tell it from no capacity")
 
 
-def probe(module: nn.Module, lifted) -> Optional[str]:
-    """Run ``module``'s eager forward and `moec.reference.moe` on random inputs; None if they agree."""
+def probe(module: nn.Module, lifted, training: Optional[bool] = None) -> Optional[str]:
+    """Run ``module``'s eager forward and `moec.reference.moe` on random inputs, in ``training`` mode
+    (None: both modes); None if they agree."""
     try:
         with torch.no_grad():
             ref = lifted.weights(lifted.param_tensors(module)).w_up   # inputs take the experts' dtype
         pr = Prober(module, lifted.spec.hidden, lifted.spec.num_experts, ref.dtype, ref.device)
         msg = pr.setup()
-        return msg or pr.check(lifted)
+        return msg or pr.check(lifted, training)
     except Exception as e:  # noqa: BLE001 - a probe that crashes is a failed probe
         return f"probe failed: {type(e).__name__}: {e}"
+
+
+def mode_name(training: bool) -> str:
+    return "training" if training else "eval"

@@ -85,8 +85,9 @@ def copied(tree):
 
 
 @contextlib.contextmanager
-def mode(module: nn.Module, training: bool):
-    """Run with every submodule in ``training`` mode; restore flags and buffers afterwards."""
+def mode(module: nn.Module, training: bool, changed: Optional[list] = None):
+    """Run with every submodule in ``training`` mode; restore flags and buffers afterwards (the names of
+    buffers the run wrote or replaced are appended to ``changed``)."""
     flags = [(m, m.training) for m in module.modules()]
     bufs = [(m, n, b, b.detach().clone()) for m in module.modules() for n, b in m._buffers.items() if b is not None]
     try:
@@ -97,6 +98,10 @@ def mode(module: nn.Module, training: bool):
         for m, f in flags:
             m.training = f
         with torch.no_grad():
+            if changed is not None:
+                names = {id(m): p for p, m in module.named_modules()}
+                changed += [f"{names.get(id(m), '?')}.{n}".lstrip(".") for m, n, b, saved in bufs
+                            if m._buffers.get(n) is not b or not torch.equal(b, saved)]
             for m, n, b, saved in bufs:
                 m._buffers[n] = b
                 b.copy_(saved)
@@ -118,9 +123,72 @@ def seeded(device: torch.device, seed: int):
             yield
 
 
+def _plain_attributes(module: nn.Module) -> dict:
+    plain = (bool, int, float, str, type(None))
+    return {(p, k): v for p, m in module.named_modules() for k, v in vars(m).items()
+            if k != "training" and isinstance(v, plain)}
+
+
+@contextlib.contextmanager
+def hooks_off(module: nn.Module):
+    """Run without the forward hooks and pre-hooks of ``module``'s tree and the global ones: a lift is of
+    the module's own code (a compiled layer runs its hooks around the kernels, or runs eager when a
+    module inside has some), and users' hooks must not see the probe's made-up inputs."""
+    from torch.nn.modules import module as nn_module
+    tables = [(m, name) for m in module.modules() for name in ("_forward_hooks", "_forward_pre_hooks")]
+    saved = [getattr(m, name) for m, name in tables]
+    globals_ = [(nn_module, name) for name in ("_global_forward_hooks", "_global_forward_pre_hooks")]
+    saved_globals = [getattr(nn_module, name) for _, name in globals_]
+    try:
+        for (m, name), table in zip(tables, saved):
+            if table:
+                object.__setattr__(m, name, type(table)())
+        for (owner, name), table in zip(globals_, saved_globals):
+            if table:
+                setattr(owner, name, type(table)())
+        yield
+    finally:
+        for (m, name), table in zip(tables, saved):
+            object.__setattr__(m, name, table)
+        for (owner, name), table in zip(globals_, saved_globals):
+            setattr(owner, name, table)
+
+
+def run_watched(fn, args: tuple, module: nn.Module, training: bool, device: torch.device, seed: int):
+    """`run`, and what the call did besides returning its output, in words (None: nothing): wrote into its
+    input, wrote or replaced a buffer, set a plain attribute. Kernels that replace the forward would do
+    none of these, so a mode of the forward that does is not liftable."""
+    args = copied(args)
+    given = copied(args)
+    attrs = _plain_attributes(module)
+    buffers: list = []
+    with torch.no_grad(), mode(module, training, buffers), seeded(device, seed), hooks_off(module):
+        out = fn(*args)
+    said = []
+    if any(isinstance(a, torch.Tensor) and not torch.equal(a, b) for a, b in zip(args, given)):
+        said.append("writes into its input in place")
+    if buffers:
+        said.append(f"writes to buffer(s) {', '.join(buffers[:3])}")
+    now = _plain_attributes(module)
+    moved = [key for key in set(attrs) | set(now)
+             if attrs.get(key, _UNSET) is not now.get(key, _UNSET) and attrs.get(key, _UNSET) != now.get(key, _UNSET)]
+    for path, name in moved:                    # the probe leaves the module as it found it
+        m = module.get_submodule(path)
+        if (path, name) in attrs:
+            setattr(m, name, attrs[path, name])
+        else:
+            delattr(m, name)
+    if moved:
+        said.append(f"sets attribute(s) {', '.join(sorted(f'{p}.{k}'.lstrip('.') for p, k in moved)[:3])}")
+    return out, ("; ".join(said) or None)
+
+
+_UNSET = object()
+
+
 def run(fn, args: tuple, module: nn.Module, training: bool, device: torch.device, seed: int):
     """``fn(*args)`` on copies of ``args``, without autograd, with ``module`` in ``training`` mode (restored
     after, buffers too) and the RNG of ``device`` seeded with ``seed`` (the caller's untouched)."""
     args = copied(args)
-    with torch.no_grad(), mode(module, training), seeded(device, seed):
+    with torch.no_grad(), mode(module, training), seeded(device, seed), hooks_off(module):
         return fn(*args)

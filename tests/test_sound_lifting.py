@@ -1,0 +1,393 @@
+"""A compiled module stays the eager module, whatever happens to it after compile.
+
+One test per way a user changes a model after `moec.compile` (weights, attributes, hooks, checks
+and branches in forward, training mode, torch.compile, saving and copying), each written as a user
+would write it: an eager copy made before compiling, the same change applied to both, the outputs
+compared. Where the kernels cannot serve the new state the call runs eager, and the test checks
+that ``explain()`` says why; where they can, it checks that they did.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import moec
+import zoo
+
+X = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(1))
+
+
+def pair(cls=zoo.MixtralMoE, seed: int = 0, **kwargs):
+    """``(eager copy, compiled)``: the copy is made before compiling (compile works in place)."""
+    torch.manual_seed(seed)
+    model = cls(**kwargs)
+    return copy.deepcopy(model), moec.compile(model)
+
+
+def close(a, b, rtol=1e-4, atol=1e-5):
+    a, b = (a[0], b[0]) if isinstance(a, tuple) else (a, b)
+    torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+def served(model) -> dict:
+    """How the calls of every region of ``model`` were served: ``{what: count}`` (what explain() counts)."""
+    got: dict = {}
+    for m in model.modules():
+        region = m.__dict__.get("_moec_region")
+        if region is not None:
+            for what, n in region.calls.items():
+                got[what] = got.get(what, 0) + n
+    return got
+
+
+def kernel_calls(model) -> int:
+    return sum(n for what, n in served(model).items() if what.startswith("kernels"))
+
+
+def eager_reasons(model) -> str:
+    return "\n".join(what for what in served(model) if what.startswith("eager"))
+
+
+# ---- weights ---------------------------------------------------------------------------------
+
+def test_weights_scaled_through_data_after_the_first_call():
+    ref, model = pair()
+    close(model(X), ref(X))
+    for p, q in zip(model.parameters(), ref.parameters()):
+        p.data.mul_(1.5)
+        q.data.mul_(1.5)
+    close(model(X), ref(X))
+    assert kernel_calls(model) == 2 and not eager_reasons(model)
+
+
+def test_weight_loaded_with_copy_under_no_grad():
+    ref, model = pair()
+    model(X)
+    new = torch.randn_like(ref.experts[2].w1.weight)
+    with torch.no_grad():
+        model.experts[2].w1.weight.data.copy_(new)
+        ref.experts[2].w1.weight.copy_(new)
+        model.gate.weight.mul_(-1)
+        ref.gate.weight.mul_(-1)
+    close(model(X), ref(X))
+    assert kernel_calls(model) == 2
+
+
+def test_optimizer_steps_and_load_state_dict():
+    ref, model = pair()
+    for net in (model, ref):
+        opt = torch.optim.Adam(net.parameters(), lr=0.05)
+        for _ in range(2):
+            opt.zero_grad()
+            net(X).square().mean().backward()
+            opt.step()
+    close(model(X), ref(X))
+    torch.manual_seed(7)
+    fresh = zoo.MixtralMoE().state_dict()
+    model.load_state_dict(fresh)
+    ref.load_state_dict(fresh)
+    close(model(X), ref(X))
+    assert not eager_reasons(model)
+
+
+def test_a_replaced_parameter_and_a_dtype_change():
+    ref, model = pair()
+    model(X)
+    new = torch.randn_like(ref.experts[1].w2.weight)
+    model.experts[1].w2.weight = nn.Parameter(new.clone())
+    ref.experts[1].w2.weight = nn.Parameter(new.clone())
+    close(model(X), ref(X))
+    model.double()
+    ref.double()
+    close(model(X.double()), ref(X.double()), rtol=1e-10, atol=1e-12)
+    model.half()
+    ref.half()
+    close(model(X.half()), ref(X.half()), rtol=2e-2, atol=2e-3)
+
+
+def test_state_dict_keys_and_values_are_the_eager_ones():
+    ref, model = pair()
+    model(X)
+    a, b = model.state_dict(), ref.state_dict()
+    assert list(a) == list(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- attributes ------------------------------------------------------------------------------
+
+def test_top_k_changed_after_compile():
+    ref, model = pair()
+    close(model(X), ref(X))
+    model.top_k = ref.top_k = 1
+    close(model(X), ref(X))
+    assert kernel_calls(model) == 2                      # lifted again for top-1
+    assert "top_k: 2 -> 1" in model.explain()
+    model.norm_topk_prob = ref.norm_topk_prob = False
+    close(model(X), ref(X))
+    model.top_k = ref.top_k = 2                          # back to a state seen before
+    model.norm_topk_prob = ref.norm_topk_prob = True
+    close(model(X), ref(X))
+
+
+def test_an_attribute_the_kernels_cannot_follow_runs_eager_with_the_change_named():
+    ref, model = pair()
+    model.experts[0].act_fn = ref.experts[0].act_fn = nn.Tanh()    # one expert no longer SwiGLU
+    close(model(X), ref(X))
+    text = model.explain()
+    assert "experts.0" in text and "eager" in text, text
+
+
+# ---- hooks -----------------------------------------------------------------------------------
+
+def test_a_forward_hook_on_an_expert_runs():
+    ref, model = pair()
+    model(X)
+    hooks = [net.experts[0].register_forward_hook(lambda m, i, o: o * 2) for net in (model, ref)]
+    close(model(X), ref(X))
+    assert "forward hooks on experts.0" in eager_reasons(model)
+    for h in hooks:
+        h.remove()
+    before = kernel_calls(model)
+    close(model(X), ref(X))
+    assert kernel_calls(model) == before + 1
+
+
+def test_a_router_hook_that_changes_the_logits_is_honoured():
+    ref, model = pair()
+    for net in (model, ref):
+        net.gate.register_forward_hook(lambda m, i, o: -o)
+    close(model(X), ref(X))
+    assert "router hook changed" in eager_reasons(model)
+
+
+def test_a_router_hook_that_observes_sees_the_eager_values_and_the_kernels_serve():
+    ref, model = pair()
+    seen = {"model": [], "ref": []}
+    model.gate.register_forward_hook(lambda m, i, o: seen["model"].append(o.detach().clone()))
+    ref.gate.register_forward_hook(lambda m, i, o: seen["ref"].append(o.detach().clone()))
+    close(model(X), ref(X))
+    assert len(seen["model"]) == len(seen["ref"]) == 1
+    close(seen["model"][0], seen["ref"][0])
+    assert kernel_calls(model) == 1
+
+
+def test_hooks_never_see_the_probe_and_do_not_spoil_a_lift():
+    """Hooks present when the layer is lifted (at compile, or again after a change) are the user's:
+    they see only the user's calls, and the lift is of the module's own code."""
+    torch.manual_seed(0)
+    net = zoo.MixtralMoE()
+    ref = copy.deepcopy(net)
+    seen = []
+    handles = [net.experts[1].register_forward_hook(lambda m, i, o: (seen.append(i[0].shape[0]), o * 3)[1])]
+    handles.append(net.register_forward_hook(lambda m, i, o: (seen.append(-1), o)[1]))
+    ref.experts[1].register_forward_hook(lambda m, i, o: o * 3)
+    model = moec.compile(net)
+    assert seen == [] and "LIFTED" in model.explain()
+    close(model(X), ref(X))
+    model.top_k = ref.top_k = 1                          # lifted again while the hooks are there
+    close(model(X), ref(X))
+    assert seen.count(-1) == 2
+    for h in handles:
+        h.remove()
+    ref._forward_hooks.clear()
+    ref.experts[1]._forward_hooks.clear()
+    close(model(X), ref(X))
+    assert kernel_calls(model) == 1
+
+
+def test_pre_hooks_and_hooks_on_the_layer_itself_run_around_the_kernels():
+    ref, model = pair()
+    for net in (model, ref):
+        net.register_forward_pre_hook(lambda m, args: (args[0] * 0.5,))
+        net.register_forward_hook(lambda m, i, o: o + 1)
+    close(model(X), ref(X))
+    assert kernel_calls(model) == 1
+
+
+# ---- the whole forward -----------------------------------------------------------------------
+
+class CheckedMoE(zoo.MixtralMoE):
+    def forward(self, hidden_states):
+        if torch.isnan(hidden_states).any():
+            raise ValueError("NaN in the MoE input")
+        return super().forward(hidden_states)
+
+
+class ShapeBranchMoE(zoo.MixtralMoE):
+    def forward(self, hidden_states):
+        y = super().forward(hidden_states)
+        if hidden_states.shape[0] * hidden_states.shape[1] > 100:
+            y = y * 0.5
+        return y
+
+
+class CountingMoE(zoo.MixtralMoE):
+    def forward(self, hidden_states):
+        self.calls = getattr(self, "calls", 0) + 1
+        return super().forward(hidden_states)
+
+
+def test_an_input_check_in_forward_is_kept():
+    ref, model = pair(CheckedMoE)
+    close(model(X), ref(X))
+    bad = X.clone()
+    bad[0, 3, 5] = float("nan")
+    with pytest.raises(ValueError, match="NaN in the MoE input"):
+        model(bad)
+    assert "input check" in model.explain() or "never took" in model.explain()
+
+
+def test_a_branch_on_the_token_count_the_probe_never_took():
+    ref, model = pair(ShapeBranchMoE)
+    x = torch.randn(1, 150, 16)
+    close(model(x), ref(x))
+    assert "never took" in model.explain() and "shape" in model.explain()
+
+
+def test_a_forward_that_counts_its_calls_keeps_counting():
+    ref, model = pair(CountingMoE)
+    for _ in range(3):
+        close(model(X), ref(X))
+    assert model.calls == ref.calls == 3
+    assert "sets attribute(s) calls" in model.explain()
+
+
+# ---- training mode ---------------------------------------------------------------------------
+
+def _mixtral_block(jitter: float, training: bool):
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    cfg = MixtralConfig(hidden_size=16, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2,
+                        router_jitter_noise=jitter)
+    return _initialised(MixtralSparseMoeBlock(cfg)).train(training)
+
+
+def _initialised(block):
+    """A block built outside its model has uninitialised parameters (the model initialises them)."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, 0.3)
+    return block
+
+
+def _seeded(net, x):
+    torch.manual_seed(123)
+    return net(x.clone())
+
+
+def test_mixtral_jitter_in_training_after_an_eval_compile():
+    """transformers' Mixtral multiplies its input by random jitter in place, in training only."""
+    block = _mixtral_block(0.2, training=False)
+    ref = copy.deepcopy(block)
+    model = moec.compile(block)
+    close(model(X), ref(X))
+    model.train()
+    ref.train()
+    close(_seeded(model, X), _seeded(ref, X))
+    assert "training mode" in eager_reasons(model)
+    model.eval()
+    ref.eval()
+    close(model(X), ref(X))
+    assert kernel_calls(model) == 2
+
+
+def test_jitter_switched_on_after_compile():
+    block = _mixtral_block(0.0, training=True)
+    ref = copy.deepcopy(block)
+    model = moec.compile(block)
+    close(_seeded(model, X), _seeded(ref, X))
+    assert kernel_calls(model) == 1
+    model.jitter_noise = ref.jitter_noise = 0.3
+    close(_seeded(model, X), _seeded(ref, X))
+    model.eval()
+    ref.eval()
+    close(model(X), ref(X))
+    text = model.explain()
+    assert "jitter_noise: 0.0 -> 0.3" in text and "training mode" in text, text
+
+
+def test_minimax_compiled_in_training_with_jitter():
+    from transformers import MiniMaxConfig
+    from transformers.models.minimax.modeling_minimax import MiniMaxSparseMoeBlock
+    cfg = MiniMaxConfig(hidden_size=16, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2,
+                        router_jitter_noise=0.1)
+    block = _initialised(MiniMaxSparseMoeBlock(cfg)).train()
+    ref = copy.deepcopy(block)
+    model = moec.compile(block)
+    close(_seeded(model, X), _seeded(ref, X))
+    model.eval()
+    ref.eval()
+    close(model(X), ref(X))
+    assert kernel_calls(model) == 1 and "training mode" in eager_reasons(model)
+
+
+# ---- the rest of PyTorch ---------------------------------------------------------------------
+
+def test_torch_compile_of_a_compiled_model():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 16), zoo.MixtralMoE(), nn.Linear(16, 16))
+    ref = copy.deepcopy(net)
+    model = torch.compile(moec.compile(net))
+    close(model(X), ref(X))
+    close(model(X[:, :3]), ref(X[:, :3]))
+    assert kernel_calls(net) == 2
+
+
+def test_torch_export_traces_the_eager_forward():
+    ref, model = pair()
+    exported = torch.export.export(model, (X,))
+    close(exported.module()(X), ref(X))
+
+
+@pytest.mark.parametrize("how", ["torch.save", "pickle"])
+def test_save_and_load_a_compiled_model(how):
+    ref, model = pair()
+    model(X)
+    if how == "torch.save":
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+    else:
+        loaded = pickle.loads(pickle.dumps(model))
+    close(loaded(X), ref(X))
+    assert kernel_calls(loaded) == 1 and "LIFTED" in loaded.explain()
+
+
+def test_deepcopy_gives_an_independent_compiled_model():
+    ref, model = pair()
+    model(X)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.experts[0].w1.weight.mul_(3)
+    close(model(X), ref(X))
+    ref_twin = copy.deepcopy(ref)
+    with torch.no_grad():
+        ref_twin.experts[0].w1.weight.mul_(3)
+    close(twin(X), ref_twin(X))
+    assert kernel_calls(twin) == 1
+
+
+def test_a_stacked_experts_layer_sees_in_place_writes():
+    ref, model = pair(zoo.StackedGatherBmmMoE)
+    model(X)
+    with torch.no_grad():
+        model.down_proj[1].mul_(-2)
+        ref.down_proj[1].mul_(-2)
+    close(model(X), ref(X))
+    assert kernel_calls(model) == 2
+
+
+def test_gradients_after_the_weights_were_shared():
+    ref, model = pair()
+    model(X)
+    model(X).sum().backward()
+    ref(X).sum().backward()
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=n)
