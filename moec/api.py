@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from . import env, guards, hf
+from . import env, guards, hf, traced
 from .autotune import tune_model
 from .explain import entries, report
 from .log import logger
@@ -41,16 +41,37 @@ def _traced() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing() or symbolic
 
 
-@_opaque
 def _compiled_forward(self, *args, **kwargs):
     """The forward of a compiled module: its region (kernels, or the eager forward and why). Under
-    `torch.compile` it is one opaque call (a graph break): the region checks its own guards."""
+    `torch.compile` an MoE layer is one custom op (`moec.traced`); a MoBA core is an opaque call."""
+    if torch.compiler.is_compiling() and not _exporting() and not traced.planning:
+        return _for_dynamo(self, *args, **kwargs)
+    return _run(self, *args, **kwargs)
+
+
+def _exporting() -> bool:
+    return torch.compiler.is_exporting() if hasattr(torch.compiler, "is_exporting") else False
+
+
+def _for_dynamo(self, *args, **kwargs):
+    region = getattr(self, "_moec_region", None)
+    base = self._moec_base
+    if region is None:                      # the root: dynamo traces its own forward
+        return base.forward(self, *args, **kwargs)
+    if isinstance(region, MoERegion) and len(args) + len(kwargs) == 1:
+        x = args[0] if args else next(iter(kwargs.values()))
+        if isinstance(x, torch.Tensor):
+            return traced.forward_for_dynamo(self, x, functools.partial(base.forward, self))
+    return _opaque_run(self, *args, **kwargs)
+
+
+def _run(self, *args, **kwargs):
     region = self.__dict__.get("_moec_region")
     base = self._moec_base
     eager = functools.partial(base.forward, self)
     if region is None:
         return eager(*args, **kwargs)
-    if _traced():
+    if _traced() and not traced.planning:
         return region.eager("traced (torch.export, torch.fx or torch.jit trace the eager forward)", eager,
                             *args, **kwargs)
     if getattr(region, "takes_any_call", False):    # a MoBA region binds the call to forward itself
@@ -60,6 +81,9 @@ def _compiled_forward(self, *args, **kwargs):
     if not args:
         return eager(*args, **kwargs)
     return region(self, eager, *args, **kwargs)
+
+
+_opaque_run = _opaque(_run)
 
 
 def _explain(self) -> str:
@@ -117,6 +141,7 @@ def compile_module(model: nn.Module, *, dump_dir=None, arch: Optional[str] = Non
                                lift_dtype=got.param_tensors(module)[0].dtype, state=guards.read(module))
             module.__class__ = _compiled_class(type(module))
             module.__dict__["_moec_region"] = region
+            traced.handle(module)
             regions.append((qualname, type(module).__name__, region))
             _log.info("%s (%s): lifted: %s", qualname or "<root>", type(module).__name__, got.formulation)
         elif isinstance(got, NotLifted):

@@ -339,6 +339,47 @@ def test_torch_compile_of_a_compiled_model():
     assert kernel_calls(net) == 2
 
 
+def _block_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 16), zoo.MixtralMoE(), nn.Linear(16, 16))
+
+
+def test_fullgraph_torch_compile_with_gradients_and_changes_after_it():
+    """With ``fullgraph=True`` the compiled layer is one op in dynamo's graph: no graph break, the
+    same answers and gradients, and changes after compiling are still seen."""
+    net = _block_model()
+    ref = copy.deepcopy(net)
+    model = torch.compile(moec.compile(net), fullgraph=True, backend="aot_eager")
+    close(model(X), ref(X))
+    xa, xb = X.clone().requires_grad_(), X.clone().requires_grad_()
+    model(xa).square().sum().backward()
+    ref(xb).square().sum().backward()
+    close(xa.grad, xb.grad)
+    for (name, p), q in zip(net.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+    net[1].top_k = ref[1].top_k = 1                       # dynamo traces again; moec lifts again
+    close(model(X), ref(X))
+    hooks = [m[1].experts[3].register_forward_hook(lambda mod, i, o: o - 1) for m in (net, ref)]
+    close(model(X), ref(X))                               # the layer's own guards see the hook
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        net[1].experts[0].w2.weight.mul_(2)
+        ref[1].experts[0].w2.weight.mul_(2)
+    close(model(X), ref(X))
+    assert kernel_calls(net) == 4 and "forward hooks on experts.3" in eager_reasons(net)
+
+
+def test_fullgraph_torch_compile_of_a_transformers_model():
+    import hf_models
+    eager = hf_models.build("mixtral")
+    net = moec.compile(copy.deepcopy(eager))
+    ids = torch.randint(3, hf_models.VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    got = torch.compile(net, fullgraph=True, backend="aot_eager")(ids).logits
+    close(got, eager(ids).logits)
+    assert kernel_calls(net) == 2                         # both MoE blocks ran their kernels
+
+
 def test_torch_export_traces_the_eager_forward():
     ref, model = pair()
     exported = torch.export.export(model, (X,))

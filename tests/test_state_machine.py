@@ -211,7 +211,7 @@ class Twins(RuleBasedStateMachine):
     @precondition(lambda self: self.compiled)
     @rule()
     def wrap_in_torch_compile(self):
-        self.call_model = torch.compile(self.model, dynamic=False)
+        self.call_model = torch.compile(self.model, dynamic=False, backend="aot_eager")
 
     # ---- the check ---------------------------------------------------------------------------
     @invariant()
