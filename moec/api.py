@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import types
 import warnings
 import weakref
 from pathlib import Path
@@ -97,13 +98,23 @@ def _compiled_class(cls: type) -> type:
     if cls not in _SUBCLASSES:
         # forward keeps the original's signature (libraries inspect it: transformers' generate()
         # checks which arguments a model's forward takes)
-        forward = functools.wraps(cls.forward)(
-            lambda self, *args, **kwargs: _compiled_forward(self, *args, **kwargs))
+        forward = functools.wraps(cls.forward)(_own_forward(cls))
         _SUBCLASSES[cls] = type(cls.__name__, (cls,), {
             "forward": forward, "explain": _explain, "_moec_base": cls, "__reduce_ex__": _reduce_ex,
             "__module__": cls.__module__, "__qualname__": cls.__qualname__,
             "__doc__": cls.__doc__})
     return _SUBCLASSES[cls]
+
+
+def _forward(self, *args, **kwargs):
+    return _compiled_forward(self, *args, **kwargs)
+
+
+def _own_forward(cls: type):
+    """`_forward` with a code object of its own for ``cls``: dynamo keeps its compiled frames and its
+    recompile limit per code object, so compiled classes must not share one (as eager ones don't)."""
+    code = _forward.__code__.replace(co_name="forward", co_qualname=f"{cls.__qualname__}.forward")
+    return types.FunctionType(code, _forward.__globals__, "forward")
 
 
 def _reduce_ex(self, protocol):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import itertools
 import weakref
 from typing import Optional
@@ -27,17 +28,20 @@ from torch import Tensor, nn
 
 _LAYERS: dict = {}            # handle -> weakref to a compiled module
 _PENDING: dict = {}           # token -> (outputs with their graph, the leaves they were computed from)
-_handles = itertools.count(1)
 _tokens = itertools.count(1)
 _MISSING = object()
 planning = False              # inside `_plan` (trace time): module calls run as in eager
 
 
 def handle(module: nn.Module) -> int:
-    """A number naming ``module`` to the op (ops take no Python objects)."""
+    """A number naming ``module`` to the op (ops take no Python objects). Dynamo guards the number, so
+    the smallest free one is given: a model built again after the last one was freed (a notebook
+    cell run twice, a loop over runs) reuses the graph torch.compile traced for it."""
     h = module.__dict__.get("_moec_handle")
     if h is None or _LAYERS.get(h, lambda: None)() is not module:
-        h = next(_handles)
+        if _LAYERS:
+            gc.collect()      # lifting leaves reference cycles: free the layers no one holds
+        h = next(i for i in itertools.count(1) if i not in _LAYERS)
         module.__dict__["_moec_handle"] = h
         _LAYERS[h] = weakref.ref(module, lambda _, h=h: _LAYERS.pop(h, None))
     return h

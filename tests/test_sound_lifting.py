@@ -14,6 +14,7 @@ import pickle
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import moec
@@ -281,6 +282,33 @@ def _seeded(net, x):
     return net(x.clone())
 
 
+class DropoutExpert(nn.Module):
+    def __init__(self, d=16, f=32):
+        super().__init__()
+        self.w1, self.w2, self.w3 = nn.Linear(d, f, bias=False), nn.Linear(f, d, bias=False), nn.Linear(d, f, bias=False)
+        self.drop = nn.Dropout(0.25)
+
+    def forward(self, x):
+        return self.w2(self.drop(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class DropoutExpertsMoE(zoo.MixtralMoE):
+    def __init__(self):
+        super().__init__()
+        self.experts = nn.ModuleList([DropoutExpert() for _ in range(self.num_experts)])
+
+
+def test_dropout_in_experts_runs_eager_in_training_and_lifted_in_eval():
+    ref, model = pair(DropoutExpertsMoE)
+    model.train()
+    ref.train()
+    close(_seeded(model, X), _seeded(ref, X))
+    model.eval()
+    ref.eval()
+    close(model(X), ref(X))
+    assert kernel_calls(model) == 1 and "training mode" in eager_reasons(model), model.explain()
+
+
 def test_mixtral_jitter_in_training_after_an_eval_compile():
     """transformers' Mixtral multiplies its input by random jitter in place, in training only."""
     block = _mixtral_block(0.2, training=False)
@@ -339,8 +367,8 @@ def test_torch_compile_of_a_compiled_model():
     assert kernel_calls(net) == 2
 
 
-def _block_model():
-    torch.manual_seed(0)
+def _block_model(seed: int = 0):
+    torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(16, 16), zoo.MixtralMoE(), nn.Linear(16, 16))
 
 
@@ -432,3 +460,34 @@ def test_gradients_after_the_weights_were_shared():
     ref(X).sum().backward()
     for (n, p), q in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_torch_compile_of_a_model_built_again_and_again():
+    """A model built and compiled again (a notebook cell run twice, a loop over runs) reuses the graph
+    torch.compile traced: no recompilation per instance, so no recompile limit is reached."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    for seed in range(torch._dynamo.config.recompile_limit + 3):
+        net = _block_model(seed)
+        ref = copy.deepcopy(net)
+        model = torch.compile(moec.compile(net), fullgraph=True, backend="eager")
+        close(model(X), ref(X))
+        assert kernel_calls(net) == 1
+
+
+def test_torch_compile_of_many_compiled_classes():
+    """Each compiled class has a forward of its own (as eager classes do): compiling many of them
+    with torch.compile does not spend one shared recompile limit, so a later fullgraph compile works."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    classes = [zoo.MixtralMoE, zoo.MixtralTopkSoftmaxMoE, zoo.StackedSortMoE, zoo.StackedGatherBmmMoE,
+               zoo.StackedExpertsModuleMoE, zoo.DenseOneHotMoE, zoo.QwenMoE, zoo.SwitchMoE,
+               zoo.TanhExpertMoE, zoo.BiasedExpertMoE]
+    assert len(classes) > torch._dynamo.config.recompile_limit
+    for cls in classes:
+        ref, model = pair(cls)
+        close(torch.compile(model, backend="eager")(X), ref(X))
+    net = _block_model()
+    ref = copy.deepcopy(net)
+    close(torch.compile(moec.compile(net), fullgraph=True, backend="eager")(X), ref(X))
+    assert kernel_calls(net) == 1
