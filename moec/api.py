@@ -22,7 +22,7 @@ from . import env, guards, hf, traced
 from .autotune import tune_model
 from .explain import entries, report
 from .log import logger
-from .frontend import LiftedMoE, NotLifted, find_moe_modules, lift
+from .frontend import LiftedMoE, NotLifted, find_moe_modules, lift, unread_moe_modules
 from .frontend.moba_lift import find_moba_modules
 from .moba_region import MobaRegion
 from .moe_region import MoERegion
@@ -141,7 +141,8 @@ def compile_module(model: nn.Module, *, dump_dir=None, arch: Optional[str] = Non
     _register_integrations()
     root = _dump_root(dump_dir)
     regions, skipped = [], []
-    for qualname, module in find_moe_modules(model):
+    found = find_moe_modules(model)
+    for qualname, module in found:
         name = qualname or type(module).__name__
         try:
             got = lift(module)
@@ -158,6 +159,7 @@ def compile_module(model: nn.Module, *, dump_dir=None, arch: Optional[str] = Non
         elif isinstance(got, NotLifted):
             skipped.append((qualname, type(module).__name__, got.reason))
             _log.info("%s (%s): stays eager: %s", qualname or "<root>", type(module).__name__, got.reason)
+    skipped += [(q, type(m).__name__, why) for q, m, why in unread_moe_modules(model, found)]
     moba = _attach_moba(model, find_moe_modules(model), arch, root)
     model.__class__ = _compiled_class(type(model))
     model.__dict__["_moec_report"] = {"regions": regions, "skipped": skipped, "root": type(model).__name__,

@@ -38,6 +38,7 @@ from moec.runtime.support import why_not_kernels
 from . import guards, reference
 from .compiler import MoERecipe
 from .frontend import lift
+from .frontend.router_call import arguments
 from .region import Region, is_disabled
 from .spec import MoEWeights
 
@@ -172,7 +173,10 @@ class MoERegion(Region):
             return self.eager(reason, eager_forward, x, *args, **kwargs)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        replay = _call_observed(module, self.lifted.observed, x2)
+        replay = _call_observed(module, self.lifted, x, x2)
+        if replay == "cannot":
+            return self.eager("hooks on the router, which the forward calls in a way moec cannot repeat",
+                              eager_forward, x)
         if replay is not None:                    # a router hook changed the router's output
             with replay:
                 return self.eager("a router hook changed the router's output", eager_forward, x)
@@ -283,18 +287,23 @@ def share_storage(members: list) -> tuple[torch.Tensor, Optional[tuple]]:
     return stack, tuple(m.data_ptr() for m in members)
 
 
-def _call_observed(module, paths, x2):
-    """Call the observed children (the router) that have forward hooks, once, so that the hooks see
-    their outputs (transformers records router logits with hooks). None when every hook left the
-    output as the router's own forward gives it; else a context in which the eager forward gets that
-    hooked output from the router (its hooks not run again)."""
-    for path in paths:
+def _call_observed(module, lifted, x, x2):
+    """Call the observed children (the router) that have forward hooks, once and with the arguments
+    the forward gives them, so that the hooks see their outputs (transformers records router logits
+    with hooks). None when every hook left the output as the router's own forward gives it; a
+    context in which the eager forward gets that hooked output from the router (its hooks not run
+    again); "cannot" when a hooked router's call cannot be repeated."""
+    for path in lifted.observed:
         sub = module.get_submodule(path)
         if not (sub._forward_hooks or sub._forward_pre_hooks):
             continue
-        hooked = sub(x2)
+        call = lifted.observed_calls.get(path, ((("rows",),), {}))
+        if call is None:
+            return "cannot"
+        args, kwargs = arguments(module, call, x, x2)
+        hooked = sub(*args, **kwargs)
         with torch.no_grad():
-            plain = sub.forward(x2)
+            plain = sub.forward(*args, **kwargs)
         if not _same(hooked, plain):
             return _replaying(sub, x2, hooked)
     return None

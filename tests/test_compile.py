@@ -29,6 +29,9 @@ LIFTED = {
     "QwenMoE": lambda: zoo.QwenMoE(),
     "CapacityMoE": lambda: zoo.CapacityMoE(),
     "AuxLossMoE": lambda: zoo.AuxLossMoE(),
+    "BiasedExpertMoE": lambda: zoo.BiasedExpertMoE(),
+    "BiasedFusedExpertMoE": lambda: zoo.BiasedFusedExpertMoE(),
+    "PlainLinearMoE": lambda: zoo.PlainLinearMoE(),
 }
 
 
@@ -60,6 +63,26 @@ def test_zoo_module_compiled_matches_eager(name):
             assert_same(compiled(x), eager(x))
     region = compiled.__dict__.get("_moec_region")
     assert region is not None and region.calls["kernels"] == 2
+
+
+@pytest.mark.parametrize("cls", [zoo.BiasedExpertMoE, zoo.BiasedFusedExpertMoE])
+def test_expert_biases_train_like_eager(cls):
+    """nn.Linear experts with biases: gradients of the biases match eager, and an optimizer step on
+    them reaches the kernels."""
+    compiled, eager = compiled_and_eager(cls)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (compiled, eager)]
+    for step in range(2):
+        x = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(step))
+        for m, opt in zip((compiled, eager), opts):
+            opt.zero_grad()
+            m(x).square().sum().backward()
+        for (name, p), q in zip(compiled.named_parameters(), eager.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+        for opt in opts:
+            opt.step()
+    with torch.no_grad():
+        assert_same(compiled(x), eager(x))
+    assert compiled.__dict__["_moec_region"].calls["kernels"] == 1
 
 
 def test_model_with_two_moe_layers_and_other_modules():
@@ -186,7 +209,7 @@ def test_dump_dir_contents(tmp_path, monkeypatch):
 
 def test_explain_names_what_stays_eager():
     torch.manual_seed(0)
-    for bad in (zoo.TanhExpertMoE(), zoo.BiasedExpertMoE()):
+    for bad in (zoo.TanhExpertMoE(), zoo.PartialBiasExpertMoE()):
         eager = copy.deepcopy(bad)
         compiled = moec.compile(bad)
         report = compiled.explain()
@@ -196,6 +219,19 @@ def test_explain_names_what_stays_eager():
             assert_same(compiled(x), eager(x))
     dense = moec.compile(zoo.DenseMLP())
     assert "no MoE layer found" in dense.explain()
+
+
+@pytest.mark.parametrize("cls, words", [
+    (zoo.IdentityExpertMoE, ("it holds 4 experts", "gate.weight [5, 16]", "identity, zero or shared experts")),
+    (zoo.MLPRouterMoE, ("it holds 4 experts", "router gate (MLPRouter)", "MLP routers are not supported")),
+])
+def test_explain_says_in_words_why_a_module_with_experts_is_not_read(cls, words):
+    compiled, eager = compiled_and_eager(cls)
+    line = next(ln for ln in compiled.explain().splitlines() if ln.strip().startswith("EAGER"))
+    assert cls.__name__ in line and all(w in line for w in words), line
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        assert_same(compiled(x), eager(x))
 
 
 def test_bad_input():

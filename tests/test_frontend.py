@@ -61,6 +61,12 @@ CASES = {
               dict(top_k=2, noisy=True, order="topk_then_score"), dict(activation="relu", glu=False), "y"),
     "aux_loss": (lambda: zoo.AuxLossMoE(), "module-list loop",
                  dict(top_k=2, aux_loss=True, renormalize=True), dict(activation="silu", glu=True), "y_aux"),
+    "plain_linear": (lambda: zoo.PlainLinearMoE(), "module-list loop",
+                     dict(top_k=2, renormalize=True), dict(activation="silu", glu=True), "y"),
+    "biased_experts": (lambda: zoo.BiasedExpertMoE(), "module-list loop",
+                       dict(top_k=2, renormalize=True), dict(activation="silu", glu=True, expert_bias=True), "y"),
+    "biased_fused_experts": (lambda: zoo.BiasedFusedExpertMoE(), "module-list loop",
+                             dict(top_k=2, renormalize=True), dict(activation="gelu", glu=True, expert_bias=True), "y"),
 }
 SHARED = {"deepseek_v3": (16, False), "qwen": (48, True)}
 
@@ -251,9 +257,16 @@ def test_lift_leaves_module_and_rng_alone():
 
 # ---- negative cases -------------------------------------------------------------------------
 
+def _biased_shared_qwen():
+    m = zoo.QwenMoE().eval()
+    m.shared_expert.up_proj = nn.Linear(16, m.shared_expert.up_proj.out_features, bias=True)
+    return m
+
+
 @pytest.mark.parametrize("factory, words", [
     (lambda: zoo.TanhExpertMoE(), ("tanh", "activation")),
-    (lambda: zoo.BiasedExpertMoE(), ("bias",)),
+    (lambda: zoo.PartialBiasExpertMoE(), ("w3 has a bias but", "all or none")),
+    (lambda: _biased_shared_qwen(), ("shared_expert.up_proj has a bias", "bias-free")),
     (lambda: zoo.ExtraArgMoE(), ("attention_mask", "argument")),
     (lambda: zoo.TemperatureMoE(), ("no candidate",)),
 ])
@@ -314,3 +327,32 @@ def test_find_moe_modules():
     found = find_moe_modules(model)
     assert [n for n, _ in found] == ["0.mlp", "2.mlp"]
     assert all(isinstance(lift(m), LiftedMoE) for _, m in found)
+
+
+def test_a_linear_is_what_computes_one():
+    """`as_linear`: nn.Linear, or a module computing F.linear(x, weight, bias), checked by calling it;
+    a module with a weight that computes something else is none (must not fire)."""
+    from moec.frontend.linears import as_linear
+
+    class Scaled(zoo.PlainLinear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    class InOut(nn.Module):                       # x @ W with W [in, out]: not F.linear's layout
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(16, 8))
+
+        def forward(self, x):
+            return x @ self.weight
+
+    torch.manual_seed(0)
+    lin = zoo.PlainLinear(16, 8, bias=True)
+    assert as_linear(lin)[:2] == (16, 8) and as_linear(lin).bias is lin.bias
+    assert as_linear(zoo.PlainLinear(16, 8)).bias is None
+    assert as_linear(Scaled(16, 8)) is None
+    assert as_linear(InOut()) is None
+    m = zoo.PlainLinear(16, 8)
+    assert as_linear(m) is not None
+    m.forward = lambda x: x.new_zeros(x.shape[0], 8)   # checked again when the forward changes
+    assert as_linear(m) is None

@@ -22,7 +22,11 @@ MoE layers                       router                                   expert
 - CapacityMoE                    capacity factor, overflow dropped or moved to the next-best expert
 - NoisyTopKMoE                   Shazeer noisy top-k gating (noise in training only), ReLU experts
 - AuxLossMoE                     softmax -> top-k -> renormalise, returns the load-balancing loss
-Negative examples: DenseMLP, TanhExpertMoE, BiasedExpertMoE, ExtraArgMoE, TemperatureMoE.
+- BiasedExpertMoE                Mixtral routing                          ModuleList SwiGLU, nn.Linear with biases
+- BiasedFusedExpertMoE           Mixtral routing                          ModuleList, fused gate-up linear with bias, GELU
+- PlainLinearMoE                 Mixtral routing, own Linear class        ModuleList SwiGLU of ``F.linear`` modules
+Negative examples: DenseMLP, TanhExpertMoE, PartialBiasExpertMoE, ExtraArgMoE, TemperatureMoE,
+IdentityExpertMoE (the router scores a skip choice), MLPRouterMoE.
 """
 from __future__ import annotations
 
@@ -732,11 +736,39 @@ class BiasedExpert(nn.Module):
 
 
 class BiasedExpertMoE(MixtralMoE):
-    """Mixtral routing, but each expert's linears carry biases (unsupported)."""
+    """Mixtral routing; each expert's linears carry biases."""
 
     def __init__(self, d: int = 16, f: int = 32, E: int = 4, k: int = 2):
         super().__init__(d, f, E, k)
         self.experts = nn.ModuleList([BiasedExpert(d, f) for _ in range(E)])
+
+
+class BiasedFusedExpert(nn.Module):
+    def __init__(self, d: int, f: int):
+        super().__init__()
+        self.gate_up = nn.Linear(d, 2 * f)
+        self.down = nn.Linear(f, d)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.gelu(gate) * up)
+
+
+class BiasedFusedExpertMoE(MixtralMoE):
+    """Mixtral routing; experts with one fused gate-up linear and a down linear, all with biases."""
+
+    def __init__(self, d: int = 16, f: int = 32, E: int = 4, k: int = 2):
+        super().__init__(d, f, E, k)
+        self.experts = nn.ModuleList([BiasedFusedExpert(d, f) for _ in range(E)])
+
+
+class PartialBiasExpertMoE(MixtralMoE):
+    """Mixtral routing; the experts' up projections have biases, the others not (unsupported)."""
+
+    def __init__(self, d: int = 16, f: int = 32, E: int = 4, k: int = 2):
+        super().__init__(d, f, E, k)
+        for e in self.experts:
+            e.w3 = nn.Linear(d, f, bias=True)
 
 
 class ExtraArgMoE(MixtralMoE):
@@ -755,3 +787,77 @@ class TemperatureMoE(MixtralMoE):
         routing_weights, selected_experts = torch.topk(routing_weights, self.top_k, dim=-1)
         routing_weights /= routing_weights.sum(dim=-1, keepdim=True)
         return router_logits, routing_weights.to(hidden_states.dtype), selected_experts
+
+
+class IdentityExpertMoE(MixtralMoE):
+    """Mixtral whose router also scores a "skip" choice (index E: the token passes through
+    unchanged, weighted); unsupported: the router scores E + 1 choices."""
+
+    def __init__(self, d: int = 16, f: int = 32, E: int = 4, k: int = 2):
+        super().__init__(d, f, E, k)
+        self.gate = nn.Linear(d, E + 1, bias=False)
+        self.num_choices = E + 1
+
+    def forward(self, hidden_states):
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        probs = F.softmax(self.gate(x), dim=-1)
+        weights, picks = torch.topk(probs, self.top_k, dim=-1)
+        out = torch.zeros_like(x)
+        for choice in range(self.num_choices):
+            tok, slot = torch.where(picks == choice)
+            if tok.numel() == 0:
+                continue
+            y = x[tok] if choice == self.num_experts else self.experts[choice](x[tok])
+            out.index_add_(0, tok, y * weights[tok, slot, None])
+        return out.reshape(shape)
+
+
+class MLPRouter(nn.Module):
+    def __init__(self, d: int, E: int, width: int = 24):
+        super().__init__()
+        self.fc1 = nn.Linear(d, width)
+        self.fc2 = nn.Linear(width, E)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class MLPRouterMoE(MixtralMoE):
+    """Mixtral whose router is a two-layer MLP (unsupported)."""
+
+    def __init__(self, d: int = 16, f: int = 32, E: int = 4, k: int = 2):
+        super().__init__(d, f, E, k)
+        self.gate = MLPRouter(d, E)
+
+
+class PlainLinear(nn.Module):
+    """A repository's own linear layer (not an ``nn.Linear``): ``F.linear`` on its own parameters,
+    kaiming-uniform initialised, ready to be swapped for a quantised one."""
+
+    def __init__(self, d_in: int, d_out: int, bias: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(d_out, d_in))
+        self.bias = nn.Parameter(torch.zeros(d_out)) if bias else None
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class PlainLinearExpert(nn.Module):
+    def __init__(self, d: int, f: int):
+        super().__init__()
+        self.w1, self.w2, self.w3 = PlainLinear(d, f), PlainLinear(f, d), PlainLinear(d, f)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class PlainLinearMoE(MixtralMoE):
+    """Mixtral written with a repository's own linear layer for the router and the experts."""
+
+    def __init__(self, d: int = 16, f: int = 32, E: int = 4, k: int = 2):
+        super().__init__(d, f, E, k)
+        self.gate = PlainLinear(d, E)
+        self.experts = nn.ModuleList([PlainLinearExpert(d, f) for _ in range(E)])

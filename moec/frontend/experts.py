@@ -11,6 +11,8 @@
 """
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 from typing import Optional
 
@@ -22,6 +24,7 @@ from .. import reference
 from ..spec import ACTIVATIONS
 from .fx_ops import ACTIVATION_OPS, CASTS, int_arg, strip
 from .lifted import Src
+from .linears import linears
 from .probe_harness import draw, mismatch, run
 from .structure import Structure
 from .trace import Traced, trace_partial
@@ -144,6 +147,7 @@ class ExpertLayout:
     desc: str
     verified: bool = False
     score: int = 0
+    bias: bool = False          # b_up/b_down(/b_gate) fields: every expert projection adds a bias
 
     def build(self, tensors) -> dict:
         return {name: src.build(tensors) for name, src in self.fields}
@@ -160,6 +164,7 @@ class _Form:
     gate: Optional[str] = None
     up_rows: Optional[tuple] = None
     gate_rows: Optional[tuple] = None
+    bias: bool = False          # every projection adds a bias
 
 
 def _rows(part, f2: int):
@@ -172,13 +177,13 @@ def _rows(part, f2: int):
 
 
 def _form_from_read(expert: nn.Module, r: ExpertRead) -> _Form:
-    out_of = lambda name: expert.get_submodule(name).out_features  # noqa: E731
+    out_of = lambda name: expert.get_submodule(name).weight.shape[0]  # noqa: E731
     return _Form(r.glu, r.activation, r.up, r.down, r.gate,
                  _rows(r.up_part, out_of(r.up)), _rows(r.gate_part, out_of(r.gate)) if r.gate else None)
 
 
 def _enumerate_forms(expert: nn.Module, d: int) -> list:
-    lins = [(n, m) for n, m in expert.named_modules() if isinstance(m, nn.Linear)]
+    lins = [(n, lin) for n, _, lin in linears(expert)]
     downs = [(n, m) for n, m in lins if m.out_features == d]
     ins = [(n, m) for n, m in lins if m.in_features == d]
     forms = []
@@ -207,12 +212,20 @@ def _score(name: str, words) -> int:
     return sum(w in leaf for w in words)
 
 
-def _form_weights(expert: nn.Module, form: _Form):
+def _form_weights(expert: nn.Module, form: _Form, what: str = "weight"):
     def w(name, rows):
-        t = expert.get_submodule(name).weight
+        t = getattr(expert.get_submodule(name), what)
         return t if rows is None else t[slice(*rows)]
-    return (w(form.up, form.up_rows), expert.get_submodule(form.down).weight,
+    return (w(form.up, form.up_rows), getattr(expert.get_submodule(form.down), what),
             w(form.gate, form.gate_rows) if form.glu else None)
+
+
+def _form_biases(expert: nn.Module, form: _Form) -> tuple:
+    """``(b_gate, b_up, b_down)`` of one expert (Nones for a bias-free form)."""
+    if not form.bias:
+        return None, None, None
+    up, down, gate = _form_weights(expert, form, "bias")
+    return gate, up, down
 
 
 def verify_form(modules: list, form: _Form, d: int, dtype, device) -> bool:
@@ -223,7 +236,7 @@ def verify_form(modules: list, form: _Form, d: int, dtype, device) -> bool:
             for m in modules:
                 y = run(m, (x,), m, False, x.device, 0)
                 up, down, gate = _form_weights(m, form)
-                ref = reference.expert_mlp(x.float(), up, down, gate, form.activation)
+                ref = reference.expert_mlp(x.float(), up, down, gate, form.activation, biases=_form_biases(m, form))
                 if not isinstance(y, torch.Tensor) or y.shape != ref.shape or mismatch(y, ref, dtype):
                     return False
     except Exception:  # noqa: BLE001 - a form that cannot even run is simply not this expert
@@ -231,14 +244,29 @@ def verify_form(modules: list, form: _Form, d: int, dtype, device) -> bool:
     return True
 
 
-def analyse_mlp(module: nn.Module, paths: list, d: int, dtype, device):
-    """The verified `_Form` shared by the MLP modules at ``paths`` or a reason string."""
+def _bias_reason(paths: list, mods: list, allow: bool) -> Optional[str]:
+    """Why the linears' biases rule the experts out (None: all linears have one, or none has)."""
+    have = [(f"{p}.{n}", lin.bias is not None) for p, m in zip(paths, mods)
+            for n, _, lin in linears(m)]
+    biased = [q for q, b in have if b]
+    if not biased:
+        return None
+    if not allow:
+        return f"linear {biased[0]} has a bias; a shared expert's linears must be bias-free"
+    if len(biased) != len(have):
+        plain = next(q for q, b in have if not b)
+        return f"linear {biased[0]} has a bias but {plain} has none; expert linears need a bias on all or none"
+    return None
+
+
+def analyse_mlp(module: nn.Module, paths: list, d: int, dtype, device, biases: bool = True):
+    """The verified `_Form` shared by the MLP modules at ``paths`` or a reason string; ``biases``:
+    whether linears with biases are allowed (routed experts) or not (a shared expert)."""
     mods = [module.get_submodule(p) for p in paths]
-    for p, m in zip(paths, mods):
-        for n, lin in m.named_modules():
-            if isinstance(lin, nn.Linear) and lin.bias is not None:
-                return (f"expert linear {p}.{n} has a bias; per-expert biases are not supported "
-                        f"(MoESpec experts are bias-free)")
+    why = _bias_reason(paths, mods, biases)
+    if why:
+        return why
+    bias = any(lin.bias is not None for _, _, lin in linears(mods[0]))
     shapes0 = [(n, tuple(t.shape)) for n, t in mods[0].named_parameters()]
     for p, m in zip(paths[1:], mods[1:]):
         if [(n, tuple(t.shape)) for n, t in m.named_parameters()] != shapes0:
@@ -248,6 +276,7 @@ def analyse_mlp(module: nn.Module, paths: list, d: int, dtype, device):
         return f"{paths[0]}: {read}"
     forms = [_form_from_read(mods[0], read)] if read is not None else []
     forms += [f for f in _enumerate_forms(mods[0], d) if f not in forms]
+    forms = [dataclasses.replace(f, bias=bias) for f in forms]
     for form in forms:
         if verify_form(mods[:1], form, d, dtype, device) and verify_form(mods, form, d, dtype, device):
             return form
@@ -269,11 +298,18 @@ def _layout_from_form(paths: list, form: _Form, module: nn.Module) -> ExpertLayo
               ("w_down", Src(tuple(down), stack=True))]
     if form.glu:
         fields.append(("w_gate", Src(tuple(gate), stack=True, rows=form.gate_rows)))
-    f = module.get_submodule(f"{paths[0]}.{form.down}").in_features
+    if form.bias:           # [E, rows] stacks: a fused projection's rows are the biases' columns
+        fields += [("b_up", Src(tuple(idx(f"{p}.{form.up}.bias") for p in paths), stack=True, cols=form.up_rows)),
+                   ("b_down", Src(tuple(idx(f"{p}.{form.down}.bias") for p in paths), stack=True))]
+        if form.glu:
+            fields.append(("b_gate", Src(tuple(idx(f"{p}.{form.gate}.bias") for p in paths), stack=True,
+                                         cols=form.gate_rows)))
+    f = module.get_submodule(f"{paths[0]}.{form.down}").weight.shape[1]
     rows = lambda r: "" if r is None else f"[{r[0]}:{r[1]}" + (f":{r[2]}" if r[2] != 1 else "") + "]"  # noqa: E731
     desc = (f"gate={form.gate}{rows(form.gate_rows)}, up={form.up}{rows(form.up_rows)}, down={form.down}, "
             f"{form.activation}" if form.glu else f"up={form.up}, down={form.down}, {form.activation}")
-    return ExpertLayout(form.glu, form.activation, f, list(leaf), fields, desc, verified=True)
+    desc += ", with biases" if form.bias else ""
+    return ExpertLayout(form.glu, form.activation, f, list(leaf), fields, desc, verified=True, bias=form.bias)
 
 
 def list_layout(module: nn.Module, st: Structure):
@@ -286,7 +322,7 @@ def list_layout(module: nn.Module, st: Structure):
 
 def shared_layout(module: nn.Module, path: str, st: Structure):
     """A shared expert (one MLP module) as plain ``[f, d]`` weights, or a reason string."""
-    form = analyse_mlp(module, [path], st.d, st.dtype, st.device)
+    form = analyse_mlp(module, [path], st.d, st.dtype, st.device, biases=False)
     if isinstance(form, str):
         return form
     lay = _layout_from_form([path], form, module)

@@ -31,8 +31,9 @@ from .fx_ops import MATMULS, descendants
 from .lifted import LiftedMoE, NotLifted, WeightsRecipe, resolve
 from .probe import TOKENS, Prober, mode_name, probe
 from .probe_harness import hooks_off
+from .router_call import router_calls
 from .router_hints import read_router
-from .structure import Structure, discover, meta_or_none
+from .structure import Structure, discover, experts_without_router, meta_or_none
 from .trace import Traced, trace_partial
 
 MAX_SCREENS = 4000
@@ -68,8 +69,10 @@ class _ExpertRows:
         w, lay = self.w, self.layout
         for e in need.any(1).nonzero().flatten().tolist():
             rows = need[e].nonzero().flatten()
+            biases = tuple(w[b][e] if b in w else None for b in ("b_gate", "b_up", "b_down"))
             self.Y[e, rows] = reference.expert_mlp(self.xf[rows], w["w_up"][e], w["w_down"][e],
-                                                   w["w_gate"][e] if lay.glu else None, lay.activation)
+                                                   w["w_gate"][e] if lay.glu else None, lay.activation,
+                                                   biases=biases)
         self.have |= need
         return self.Y
 
@@ -132,6 +135,8 @@ def lift(module: nn.Module) -> Union[LiftedMoE, NotLifted, None]:
             why = unaccounted(cov)
             if why:
                 return NotLifted(f"{type(module).__name__}: the kernels would drop code of its forward: {why}")
+            with hooks_off(module):
+                got.observed_calls = router_calls(module, got.observed, got.spec.hidden)
         return got
     except Exception as e:  # noqa: BLE001
         return NotLifted(f"{type(module).__name__}: analysis failed: {type(e).__name__}: {e}")
@@ -273,7 +278,7 @@ def _lift(module: nn.Module):
                     for cfg in router_configs(st, hints, outputs == "y_aux", router_bias, has_bias, has_noise):
                         try:
                             spec = MoESpec(hidden=st.d, ffn=layout.ffn, router=cfg, activation=layout.activation,
-                                           glu=layout.glu, shared=sh_cfg)
+                                           glu=layout.glu, shared=sh_cfg, expert_bias=layout.bias)
                         except MoESpecError:
                             continue
                         for nd in (noise_dtypes if cfg.noisy else [None]):
@@ -365,3 +370,26 @@ def find_moe_modules(model: nn.Module) -> list:
 
     visit("", model)
     return found
+
+
+def unread_moe_modules(model: nn.Module, found: list) -> list:
+    """``[(qualified name, module, reason)]`` for modules that hold experts but are no candidate of
+    `find_moe_modules` (``found``), outside of those: what `explain()` says about them."""
+    taken = {q for q, _ in found}
+    out: list = []
+
+    def visit(prefix: str, m: nn.Module) -> None:
+        if prefix in taken:
+            return
+        try:
+            why = experts_without_router(m)
+        except Exception:  # noqa: BLE001 - an odd module is simply not reported
+            why = None
+        if why:
+            out.append((prefix, m, f"{type(m).__name__}: {why}"))
+            return
+        for name, child in m.named_children():
+            visit(f"{prefix}.{name}" if prefix else name, child)
+
+    visit("", model)
+    return out

@@ -38,6 +38,9 @@ class LiftedMoE:
       others may watch with forward hooks (Hugging Face records router logits this way); when
       one of them has hooks, the compiled forward calls it on the ``[T, d]`` input (result
       discarded) so the hooks still see its output.
+    - ``observed_calls``: for an observed router that takes more than the hidden states, how the
+      forward calls it (`moec.frontend.router_call`; None: it cannot be called the same way, and a
+      call with hooks on it runs eager).
     """
 
     spec: MoESpec
@@ -48,6 +51,7 @@ class LiftedMoE:
     noise_dtype: Optional[torch.dtype] = None
     notes: list[str] = field(default_factory=list)
     observed: tuple[str, ...] = ()
+    observed_calls: dict = field(default_factory=dict)
     eager_in: dict = field(default_factory=dict)
 
 

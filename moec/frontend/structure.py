@@ -17,6 +17,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .linears import as_linear, linears
+
 _EXPERT_NAMES = ("expert",)
 _ROUTER_NAMES = ("gate", "router", "gating", "classifier", "wg", "w_gate", "route")
 _SHARED_NAMES = ("shared",)
@@ -61,7 +63,7 @@ class Structure:
 
 
 def _linears(m: nn.Module) -> list:
-    return [(n, x) for n, x in m.named_modules() if isinstance(x, nn.Linear)]
+    return [(n, lin) for n, _, lin in linears(m)]
 
 
 def _mlp_like(m: nn.Module) -> bool:
@@ -109,6 +111,47 @@ def _owner(module: nn.Module, path: str) -> nn.Module:
     return module.get_submodule(path.rsplit(".", 1)[0]) if "." in path else module
 
 
+def experts_without_router(module: nn.Module) -> Optional[str]:
+    """Why ``module``, which holds experts (a container or 3-D weights named *expert*, not *shared*)
+    but is no `discover` candidate, is not an MoE layer moec reads, in words; None when it holds none."""
+    routed = lambda p: _score(p, _EXPERT_NAMES) and "shared" not in p.lower()  # noqa: E731
+    containers = [c for c in _expert_containers(module) if routed(c[0])]
+    if containers:
+        name, paths, cls = containers[0]
+        E, what, inside = len(paths), f"{name} ({len(paths)} x {cls})", name + "."
+        dims = {n for p in paths[:1] for t in module.get_submodule(p).parameters() for n in t.shape}
+    else:
+        groups: dict = {}
+        for p, t in module.named_parameters():
+            if t.dim() == 3 and _depth(p) <= 1 and routed(p) and t.shape[0] >= 2:
+                groups.setdefault(t.shape[0], []).append((p, tuple(t.shape)))
+        if not groups:
+            return None
+        E, params = max(groups.items(), key=lambda kv: len(kv[1]))
+        what, inside = ", ".join(p for p, _ in params), None
+        dims = {n for _, shape in params for n in shape[1:]}
+    weights = [(p, tuple(t.shape)) for p, t in module.named_parameters()
+               if t.dim() == 2 and not (inside and p.startswith(inside)) and not routed(p.split(".")[0])]
+    weights.sort(key=lambda w: -_score(w[0], _ROUTER_NAMES))
+    near = [f"{p} {list(shape)}" for p, shape in weights
+            if E not in shape and any(n in dims for n in shape) and any(n > E and n not in dims for n in shape)]
+    deep = [p for p, shape in weights if E in shape and _depth(p) > 1]
+    head = f"it holds {E} experts ({what})"
+    top = weights[0][0].split(".")[0] if weights and "." in weights[0][0] else None
+    in_top = [p for p, _ in weights if top and p.startswith(top + ".")]
+    if top and _score(top, _ROUTER_NAMES) and len(in_top) > 1:
+        return (f"{head}, but its router {top} ({type(getattr(module, top)).__name__}) is a small network of "
+                f"{len(in_top)} weights, not one linear: MLP routers are not supported")
+    if near:
+        return (f"{head}, but its router's weight {near[0]} scores a different number of choices: routers "
+                f"that also score identity, zero or shared experts are not supported")
+    if deep:
+        return (f"{head}, and the weight {deep[0]} with {E} outputs is nested more than one level down "
+                f"(an MLP router, or a router inside a wrapper, is not read)")
+    listed = ", ".join(f"{p} {list(shape)}" for p, shape in weights[:3]) or "none"
+    return f"{head}, but no router weight with {E} outputs was found (2-D weights: {listed})"
+
+
 def discover(module: nn.Module):
     """A `Structure` when ``module`` directly holds experts and a router, else ``None``."""
     containers = _expert_containers(module)
@@ -131,15 +174,15 @@ def discover(module: nn.Module):
     shapes = {p: tuple(t.shape) for p, t in list(module.named_parameters()) + list(module.named_buffers())}
     # routers: nn.Linear(d, E) or free [E, d] / [d, E] parameters, at most two levels down
     routers, seen_weights = [], set()
-    for path, lin in module.named_modules():
-        if isinstance(lin, nn.Linear) and path and _depth(path) <= 1 and not excluded(path) and lin.out_features == E:
+    for path, _, lin in linears(module):
+        if path and _depth(path) <= 1 and not excluded(path) and lin.out_features == E:
             w = f"{path}.weight"
             seen_weights.add(w)
             routers.append(RouterCand(w, "out_in", f"{path}.bias" if lin.bias is not None else None, path))
     for path, p in module.named_parameters():
         if p.dim() != 2 or path in seen_weights or excluded(path) or _depth(path) > 1 or "bias" in path.split(".")[-1]:
             continue
-        if isinstance(_owner(module, path), nn.Linear):
+        if as_linear(_owner(module, path)) is not None:
             continue
         if p.shape[0] == E and p.shape[1] != E:
             routers.append(RouterCand(path, "out_in"))
@@ -156,6 +199,15 @@ def discover(module: nn.Module):
     def in_dim(r: RouterCand) -> int:
         s = shapes[r.weight]
         return s[1] if r.layout == "out_in" else s[0]
+
+    # a router reads the experts' input: a last layer of an MLP router (its input a hidden width) is none
+    if expert_paths:
+        dims = {n for t in module.get_submodule(expert_paths[0]).parameters() for n in t.shape}
+    else:
+        dims = {n for _, shape in stacked for n in shape[1:]}
+    routers = [r for r in routers if in_dim(r) in dims]
+    if not routers:
+        return None
 
     d = in_dim(routers[0])
     routers = [r for r in routers if in_dim(r) == d]
@@ -178,7 +230,7 @@ def discover(module: nn.Module):
     # selection bias: a 1-D [E] tensor that is not a linear's bias
     for path, t in list(module.named_parameters()) + list(module.named_buffers()):
         if t.dim() == 1 and t.shape[0] == E and not excluded(path) and _depth(path) <= 1 and path not in st.expert_biases:
-            if isinstance(_owner(module, path), nn.Linear):
+            if as_linear(_owner(module, path)) is not None:
                 continue
             st.score_biases.append(path)
     # shared experts and their gates
@@ -191,8 +243,8 @@ def discover(module: nn.Module):
                 st.shared.append(cname)
     st.shared.sort(key=lambda p: -_score(p, _SHARED_NAMES))
     shared_prefixes = tuple(p + "." for p in st.shared)
-    for path, lin in module.named_modules():
-        if (isinstance(lin, nn.Linear) and path and _depth(path) <= 1 and not excluded(path)
+    for path, _, lin in linears(module):
+        if (path and _depth(path) <= 1 and not excluded(path)
                 and lin.out_features == 1 and lin.in_features == d and not (path + ".").startswith(shared_prefixes)):
             st.shared_gates.append(f"{path}.weight")
     # plain attributes, the module's own first, then its children's, then a config object

@@ -1,0 +1,126 @@
+"""How a layer's forward calls its router, so the compiled call can call it the same way.
+
+Routers that watchers hook (transformers records router logits with forward hooks) are called once by
+a compiled layer so the hooks see their output (`moec.moe_region`). Most routers take the hidden
+states alone; some also take a tensor the layer owns (``router(x, self.e_score_correction_bias)``).
+`router_calls` runs the layer's forward up to its router's call (then stops it: nothing after it
+runs) and reads each argument as the rows of the input, the input itself, a tensor of the layer's
+state (by name, so a replaced tensor is read afresh) or a constant.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Optional
+
+import torch
+from torch import nn
+
+# an argument: ("rows",) the input as [T, d]; ("input",) the input as given; ("state", name) a tensor
+# of the layer found by its qualified name; ("const", value)
+Arg = tuple
+Call = Optional[tuple]          # (positional Args, {keyword: Arg}); None: not replayable
+
+
+class _Stop(Exception):
+    pass
+
+
+def _needs_more_than_input(router: nn.Module) -> bool:
+    try:
+        params = list(inspect.signature(router.forward).parameters.values())
+    except (TypeError, ValueError):
+        return True
+    required = [p for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(required) != 1
+
+
+def _state_names(module: nn.Module) -> dict:
+    names = {}
+    for q, m in module.named_modules():
+        for k, v in m.__dict__.items():
+            if isinstance(v, torch.Tensor):
+                names.setdefault(id(v), f"{q}.{k}" if q else k)
+        for k, v in list(m._parameters.items()) + list(m._buffers.items()):
+            if v is not None:
+                names.setdefault(id(v), f"{q}.{k}" if q else k)
+    return names
+
+
+def _read(value, x: torch.Tensor, names: dict) -> Optional[Arg]:
+    if isinstance(value, torch.Tensor):
+        if id(value) in names:
+            return ("state", names[id(value)])
+        if value.numel() == x.numel() and torch.equal(value.reshape(x.shape), x):
+            return ("input",) if value.shape == x.shape else ("rows",) if value.dim() == 2 else None
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return ("const", value)
+    return None
+
+
+def _record(module: nn.Module, path: str, x: torch.Tensor) -> Call:
+    router = module.get_submodule(path)
+    seen = []
+    had = "forward" in router.__dict__
+    own = router.__dict__.get("forward")
+
+    def spy(*args, **kwargs):
+        seen.append((args, kwargs))
+        raise _Stop
+
+    router.forward = spy
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            type(module).forward(module, x) if getattr(type(module), "_moec_base", None) is None \
+                else type(module)._moec_base.forward(module, x)
+    except _Stop:
+        pass
+    except Exception:       # noqa: BLE001 - the forward failed before its router: not replayable
+        return None
+    finally:
+        if had:
+            router.forward = own
+        else:
+            del router.forward
+    if not seen:
+        return None
+    args, kwargs = seen[0]
+    names = _state_names(module)
+    got_args = [_read(a, x, names) for a in args]
+    got_kwargs = {k: _read(v, x, names) for k, v in kwargs.items()}
+    if any(a is None for a in got_args) or any(v is None for v in got_kwargs.values()):
+        return None
+    return tuple(got_args), got_kwargs
+
+
+def router_calls(module: nn.Module, paths: tuple, hidden: int) -> dict:
+    """``{path: Call}`` for each observed router of ``module`` that takes more than the hidden
+    states (the others are called as ``router(rows)``)."""
+    calls = {}
+    for path in paths:
+        if not _needs_more_than_input(module.get_submodule(path)):
+            continue
+        dtype = next((p.dtype for p in module.get_submodule(path).parameters()), torch.float32)
+        device = next((p.device for p in module.parameters()), torch.device("cpu"))
+        call = None
+        for shape in ((1, 4, hidden), (4, hidden)):
+            call = _record(module, path, torch.randn(shape, dtype=dtype, device=device))
+            if call is not None:
+                break
+        calls[path] = call
+    return calls
+
+
+def arguments(module: nn.Module, call: tuple, x: torch.Tensor, rows: torch.Tensor) -> tuple:
+    """The arguments ``call`` names, for a call of ``module`` on ``x`` (``rows``: x as [T, d])."""
+    def value(a: Arg):
+        if a[0] == "rows":
+            return rows
+        if a[0] == "input":
+            return x
+        if a[0] == "state":
+            owner, _, name = a[1].rpartition(".")
+            return getattr(module.get_submodule(owner) if owner else module, name)
+        return a[1]
+    args, kwargs = call
+    return tuple(value(a) for a in args), {k: value(v) for k, v in kwargs.items()}
