@@ -38,12 +38,10 @@ from moec.runtime.support import why_not_kernels
 from . import guards, reference
 from .compiler import MoERecipe
 from .frontend import lift
+from .frontend.outputs import derive, kernel_outputs, slots
 from .frontend.router_call import arguments
 from .region import Region, is_disabled
 from .spec import MoEWeights
-
-OUTPUTS = {"y": ("y",), "y_logits": ("y", "logits"), "y_aux": ("y", "aux"), "y_weights": ("y", "weights")}
-
 
 @dataclass(eq=False)
 class MoERegion(Region):
@@ -68,7 +66,8 @@ class MoERegion(Region):
 
     @property
     def outputs(self) -> tuple[str, ...]:
-        return OUTPUTS[self.lifted.outputs]
+        """The program's outputs (the forward's other items are derived from them: `pack`)."""
+        return kernel_outputs(self.lifted.outputs)
 
     @property
     def recipe(self) -> MoERecipe:
@@ -194,11 +193,26 @@ class MoERegion(Region):
                               lambda ts, _: self.reference(ts[0], ts[1:], training, noise), (), x2, *tensors)
         else:
             outs = self.serve("kernels", self.kernels, x2, w, training, noise)
-        y = outs[0].reshape(*lead, x.shape[-1])
-        if len(outs) == 1:
-            return y
-        extra = outs[1].to(x.dtype) if self.outputs[1] in ("logits", "weights") else outs[1]
-        return (y, extra)
+        return self.pack(outs, x, w)
+
+    def pack(self, outs, x, w: MoEWeights):
+        """The forward's result from the program's outputs ``outs``: its items in its kinds, dtypes and
+        container (`moec.frontend.outputs`)."""
+        got = dict(zip(self.outputs, outs))
+        got["y"] = got["y"].reshape(x.shape)
+        kinds = slots(self.lifted.outputs)
+        rules = self.lifted.out_dtypes or ("x",) * len(kinds)
+        items = []
+        for kind, rule in zip(kinds, rules):
+            v = got[kind] if kind in got else derive(kind, got["logits"], self.spec.router, w.score_bias)
+            if v is not None:
+                dtype = x.dtype if rule == "x" else rule
+                v = v.to(dtype) if dtype is not None and v.dtype != dtype else v
+            items.append(v)
+        container = self.lifted.container
+        if container is None:
+            return items[0]
+        return container(*items) if hasattr(container, "_fields") else container(items)
 
     def kernels(self, x2, w: MoEWeights, training, noise):
         c = self.compiled_for(self.recipe, x2.dtype, x2.device)

@@ -26,6 +26,8 @@ def activation(name: str, x: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
         return F.gelu(x, approximate="tanh")
     if name == "relu":
         return F.relu(x)
+    if name == "relu2":
+        return F.relu(x).square()
     raise ValueError(f"unknown activation {name!r}")
 
 

@@ -17,7 +17,7 @@ SCORES = ("softmax", "sigmoid")
 ORDERS = ("score_then_topk", "topk_then_score")
 GROUP_SCORES = ("max", "top2_sum")
 OVERFLOWS = ("drop", "next_best")
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2")     # relu2: relu(x)**2
 
 
 class MoESpecError(ValueError):

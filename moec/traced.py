@@ -26,7 +26,10 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .frontend.outputs import slots
+
 _LAYERS: dict = {}            # handle -> weakref to a compiled module
+_CONTAINERS: dict = {}        # handle -> the class a layer's outputs come in (a namedtuple's)
 _PENDING: dict = {}           # token -> (outputs with their graph, the leaves they were computed from)
 _tokens = itertools.count(1)
 _MISSING = object()
@@ -55,13 +58,18 @@ def _module(h: int) -> nn.Module:
 
 
 def _out_meta(module: nn.Module, x: Tensor) -> list[tuple]:
-    """``(shape, dtype)`` of each output the layer returns for ``x`` (its lift's outputs)."""
+    """``(shape, dtype)`` of each tensor the layer returns for ``x`` (its lift's outputs; items that
+    are None are left out: an op returns tensors)."""
     lifted = module.__dict__["_moec_region"].lifted
-    T = x.numel() // x.shape[-1]
-    spec = lifted.spec
-    extra = {"y": [], "y_logits": [((T, spec.num_experts), x.dtype)], "y_aux": [((), torch.float32)],
-             "y_weights": [((T, spec.router.top_k), x.dtype)]}[lifted.outputs]
-    return [(tuple(x.shape), x.dtype)] + extra
+    T, spec = x.numel() // x.shape[-1], lifted.spec
+    k, E = spec.router.top_k, spec.num_experts
+    shapes = {"y": tuple(x.shape), "logits": (T, E), "weights": (T, k), "ids": (T, k), "aux": (), "zloss": (),
+              "counts": (E,)}
+    kinds = slots(lifted.outputs)
+    rules = lifted.out_dtypes or ("x",) * len(kinds)
+    defaults = {"aux": torch.float32, "zloss": torch.float32, "ids": torch.int64, "counts": torch.int64}
+    return [(shapes[kind], x.dtype if rule == "x" else rule if rule is not None else defaults.get(kind, x.dtype))
+            for kind, rule in zip(kinds, rules) if kind != "none"]
 
 
 def _call(module: nn.Module, x: Tensor):
@@ -71,7 +79,7 @@ def _call(module: nn.Module, x: Tensor):
 
 
 def _conform(outs, meta: list, module: nn.Module) -> list:
-    flat = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+    flat = [o for o in outs if o is not None] if isinstance(outs, (tuple, list)) else [outs]
     if len(flat) != len(meta) or any(not isinstance(o, Tensor) or tuple(o.shape) != s for o, (s, _) in zip(flat, meta)):
         raise RuntimeError(
             f"moec: {type(module).__name__}'s outputs changed in a way the torch.compile graph did not guard "
@@ -160,7 +168,7 @@ layer.register_autograd(_backward, setup_context=_setup)
 @torch.compiler.assume_constant_result
 def _plan(h: int) -> tuple:
     """Run at trace time: bring the layer's lift up to date (its guards) and say what the traced code
-    must check: ``((path, attribute, value) ..., modes that run eager, number of outputs)``, or ``()``
+    must check: ``((path, attribute, value) ..., modes that run eager, output kinds, container)``, or ``()``
     when the layer is not lifted in its current state."""
     global planning
     module = _module(h)
@@ -173,7 +181,10 @@ def _plan(h: int) -> tuple:
     if region.lifted is None:
         return ()
     attributes = tuple((path, k, v) for path, _, _, _, attrs, _ in region.state for k, v in attrs)
-    return attributes, tuple(region.lifted.eager_in), len(region.outputs)
+    container = region.lifted.container
+    _CONTAINERS[h] = container                       # a class is no constant result: read by handle
+    kind = None if container is None else "list" if container is list else "tuple" if container is tuple else "class"
+    return attributes, tuple(region.lifted.eager_in), slots(region.lifted.outputs), kind
 
 
 def forward_for_dynamo(module: nn.Module, x: Tensor, eager):
@@ -182,11 +193,20 @@ def forward_for_dynamo(module: nn.Module, x: Tensor, eager):
     plan = _plan(h)
     if not plan or module.training in plan[1] or not x.is_floating_point():
         return eager(x)
-    attributes, _, n_outputs = plan
+    attributes, _, kinds, container = plan
     for path, name, value in attributes:          # dynamo guards each value it compares
         if getattr(module.get_submodule(path) if path else module, name, _MISSING) != value:
             return eager(x)
     tensors = list(module.parameters())
     grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors))
     outs = torch.ops.moec.layer(x, tensors, h, grad)
-    return outs[0] if n_outputs == 1 else tuple(outs[:n_outputs])
+    if container is None:
+        return outs[0]
+    tensors = iter(outs)
+    items = [None if kind == "none" else next(tensors) for kind in kinds]
+    if container == "tuple":
+        return tuple(items)
+    if container == "list":
+        return items
+    cls = _CONTAINERS[h]
+    return cls(*items) if hasattr(cls, "_fields") else cls(items)

@@ -48,6 +48,7 @@ ACTIVATION_EXPR = {
     "gelu": "0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))",
     "gelu_tanh": "x / (1.0 + tl.exp(-1.5957691216057308 * (x + 0.044715 * x * x * x)))",
     "relu": "tl.maximum(x, 0.0)",
+    "relu2": "tl.maximum(x, 0.0) * tl.maximum(x, 0.0)",
 }
 assert set(ACTIVATION_EXPR) == {None, *ACTIVATIONS}
 

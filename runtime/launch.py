@@ -136,9 +136,14 @@ class Kernel:
     source: str
     fn_name: str
     arg_names: tuple = field(default=())
+    _functions: dict = field(default_factory=dict, repr=False)     # interpret -> the loaded function
 
     def function(self, interpret: bool):
-        return getattr(cache.load(self.source, self.fn_name, interpret), self.fn_name)
+        """The ``@triton.jit`` function, loaded once per kernel (no hashing of the source per launch)."""
+        fn = self._functions.get(interpret)
+        if fn is None:
+            fn = self._functions[interpret] = getattr(cache.load(self.source, self.fn_name, interpret), self.fn_name)
+        return fn
 
     def __call__(self, grid: tuple, args: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 2):
         """Launch on ``grid``; ``args`` in the kernel's parameter order (a dict, names checked)."""

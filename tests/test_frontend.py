@@ -15,7 +15,7 @@ from torch import nn
 
 import zoo
 from moec import reference
-from moec.frontend import LiftedMoE, NotLifted, find_moe_modules, lift, probe
+from moec.frontend import LiftedMoE, NotLifted, find_moe_modules, lift, outputs, probe
 from moec.frontend.probe import near_ties
 
 # id: (factory, formulation prefix, RouterConfig fields, MoESpec fields, outputs)
@@ -63,6 +63,12 @@ CASES = {
                  dict(top_k=2, aux_loss=True, renormalize=True), dict(activation="silu", glu=True), "y_aux"),
     "plain_linear": (lambda: zoo.PlainLinearMoE(), "module-list loop",
                      dict(top_k=2, renormalize=True), dict(activation="silu", glu=True), "y"),
+    "st_moe": (lambda: zoo.STMoE(), "module-list loop",
+               dict(top_k=2, renormalize=True, aux_loss=True), dict(activation="silu"), "y_aux_zloss_counts"),
+    "logits_zloss": (lambda: zoo.LogitsZLossMoE(), "module-list loop",
+                     dict(top_k=2, renormalize=True), dict(activation="silu"), "y_logits_zloss_none"),
+    "relu2_experts": (lambda: zoo.Relu2ExpertMoE(), "module-list loop",
+                      dict(top_k=2, renormalize=True), dict(activation="relu2", glu=False), "y"),
     "biased_experts": (lambda: zoo.BiasedExpertMoE(), "module-list loop",
                        dict(top_k=2, renormalize=True), dict(activation="silu", glu=True, expert_bias=True), "y"),
     "biased_fused_experts": (lambda: zoo.BiasedFusedExpertMoE(), "module-list loop",
@@ -92,7 +98,8 @@ def inputs(d: int, T: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
 
 
 def unpack(out):
-    return out if isinstance(out, tuple) else (out, None)
+    """``(y, the second item or None)``: the other items are checked by `assert_extra_items`."""
+    return (out[0], out[1] if len(out) > 1 else None) if isinstance(out, tuple) else (out, None)
 
 
 def assert_matches(m, lifted, x, noise=None):
@@ -113,8 +120,20 @@ def assert_matches(m, lifted, x, noise=None):
         torch.testing.assert_close(extra.reshape(-1, E).float(), logits.to(x.dtype).float(), rtol=rtol, atol=rtol)
     elif lifted.outputs == "y_aux":
         torch.testing.assert_close(extra.float(), aux.float(), rtol=rtol, atol=1e-5)
-    else:
+    elif lifted.outputs == "y":
         assert extra is None
+    else:
+        out = m(x)
+        for kind, item in zip(lifted.outputs.split("_")[1:], out[1:]):
+            want = {"logits": logits, "aux": aux, "none": None}.get(kind)
+            if kind in ("zloss", "ids", "counts"):
+                want = outputs.derive(kind, logits, lifted.spec.router, w.score_bias)
+            if want is None:
+                assert item is None
+            elif kind in ("ids", "counts"):
+                assert torch.equal(item.long(), want.long())
+            else:
+                torch.testing.assert_close(item.reshape(want.shape).float(), want.float(), rtol=rtol, atol=rtol)
 
 
 # ---- positive cases -------------------------------------------------------------------------

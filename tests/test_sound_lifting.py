@@ -491,3 +491,19 @@ def test_torch_compile_of_many_compiled_classes():
     ref = copy.deepcopy(net)
     close(torch.compile(moec.compile(net), fullgraph=True, backend="eager")(X), ref(X))
     assert kernel_calls(net) == 1
+
+
+def test_fullgraph_torch_compile_of_a_layer_returning_a_namedtuple():
+    """Items of any kind and container (a namedtuple with losses and counts, a tuple holding None)
+    come out of the custom op in their container, with fullgraph=True."""
+    for cls in (zoo.STMoE, zoo.LogitsZLossMoE):
+        ref, model = pair(cls)
+        got = torch.compile(model, fullgraph=True, backend="eager")(X)
+        want = ref(X)
+        assert type(got) is type(want) and len(got) == len(want)
+        for a, b in zip(got, want):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert a.dtype == b.dtype
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        assert kernel_calls(model) == 1

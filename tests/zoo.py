@@ -25,11 +25,17 @@ MoE layers                       router                                   expert
 - BiasedExpertMoE                Mixtral routing                          ModuleList SwiGLU, nn.Linear with biases
 - BiasedFusedExpertMoE           Mixtral routing                          ModuleList, fused gate-up linear with bias, GELU
 - PlainLinearMoE                 Mixtral routing, own Linear class        ModuleList SwiGLU of ``F.linear`` modules
+- GShardTop2MoE                  top-2 as argmax, mask, argmax; renormalised  ModuleList SwiGLU, loop over picks
+- WrappedExpertsMoE              softmax -> top-k -> renormalise          ModuleList inside an experts wrapper module
+- STMoE                          returns a namedtuple (y, aux loss, z-loss, tokens per expert)
+- LogitsZLossMoE                 returns (y, router logits, z-loss, None)
+- Relu2ExpertMoE                 Mixtral routing                          ModuleList, up -> relu(x)**2 -> down
 Negative examples: DenseMLP, TanhExpertMoE, PartialBiasExpertMoE, ExtraArgMoE, TemperatureMoE,
 IdentityExpertMoE (the router scores a skip choice), MLPRouterMoE.
 """
 from __future__ import annotations
 
+import collections
 import math
 
 import torch
@@ -861,3 +867,118 @@ class PlainLinearMoE(MixtralMoE):
         super().__init__(d, f, E, k)
         self.gate = PlainLinear(d, E)
         self.experts = nn.ModuleList([PlainLinearExpert(d, f) for _ in range(E)])
+
+
+class GShardTop2MoE(nn.Module):
+    """GShard-style top-2: the best expert by argmax, then the best of the rest (the first one masked);
+    the two gates renormalised; a loop over experts and over the two picks."""
+
+    def __init__(self, d=16, f=32, E=4):
+        super().__init__()
+        self.wg = nn.Linear(d, E, bias=False)
+        self.experts = nn.ModuleList([MixtralBlockSparseTop2MLP(d, f) for _ in range(E)])
+        self.E = E
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        gates = F.softmax(self.wg(x), dim=-1)
+        idx1 = torch.argmax(gates, dim=-1)
+        mask1 = F.one_hot(idx1, self.E).to(gates.dtype)
+        idx2 = torch.argmax(gates.masked_fill(mask1.bool(), float("-inf")), dim=-1)
+        mask2 = F.one_hot(idx2, self.E).to(gates.dtype)
+        g1 = (gates * mask1).sum(-1)
+        g2 = (gates * mask2).sum(-1)
+        denom = (g1 + g2).clamp(min=torch.finfo(gates.dtype).eps)
+        g1, g2 = g1 / denom, g2 / denom
+        out = torch.zeros_like(x)
+        for e in range(self.E):
+            for idx, g in ((idx1, g1), (idx2, g2)):
+                sel = torch.nonzero(idx == e).squeeze(-1)
+                if sel.numel():
+                    out.index_add_(0, sel, self.experts[e](x[sel]) * g[sel, None])
+        return out.reshape(shape)
+
+class ExpertsWrapper(nn.Module):
+    """The experts in a module of their own, which takes the routing and combines."""
+
+    def __init__(self, d, f, E):
+        super().__init__()
+        self.experts = nn.ModuleList([MixtralBlockSparseTop2MLP(d, f) for _ in range(E)])
+
+    def forward(self, x, idx, w):
+        out = torch.zeros_like(x)
+        for e, ex in enumerate(self.experts):
+            tok, slot = torch.where(idx == e)
+            if tok.numel():
+                out.index_add_(0, tok, ex(x[tok]) * w[tok, slot, None])
+        return out
+
+class WrappedExpertsMoE(nn.Module):
+    """Router in the layer, experts (a ModuleList) inside a wrapper module that applies them."""
+
+    def __init__(self, d=16, f=32, E=4, k=2):
+        super().__init__()
+        self.router = nn.Linear(d, E, bias=False)
+        self.experts = ExpertsWrapper(d, f, E)
+        self.k = k
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        w, idx = torch.topk(self.router(x).softmax(-1), self.k, dim=-1)
+        w = w / w.sum(-1, keepdim=True)
+        return self.experts(x, idx, w).reshape(shape)
+
+
+STMoEOutput = collections.namedtuple("STMoEOutput", "hidden_states aux_loss z_loss tokens_per_expert")
+
+
+class STMoE(MixtralMoE):
+    """ST-MoE-style training layer: returns a namedtuple of the output, the load-balancing loss, the
+    router z-loss and the tokens per expert."""
+
+    def forward(self, hidden_states):
+        b, s, d = hidden_states.shape
+        x = hidden_states.view(-1, d)
+        logits = self.gate(x)
+        probs = logits.softmax(-1)
+        w, ids = probs.topk(self.top_k, dim=-1)
+        w = w / w.sum(-1, keepdim=True)
+        y = torch.zeros_like(x)
+        for e in range(self.num_experts):
+            tok, slot = torch.where(ids == e)
+            if tok.numel():
+                y.index_add_(0, tok, self.experts[e](x[tok]) * w[tok, slot, None])
+        counts = torch.bincount(ids.flatten(), minlength=self.num_experts)
+        frac = F.one_hot(ids, self.num_experts).sum(1).float().mean(0)
+        aux = self.num_experts * (frac * probs.mean(0)).sum()
+        z = torch.logsumexp(logits, -1).square().mean()
+        return STMoEOutput(y.view(b, s, d), aux, z, counts)
+
+
+class LogitsZLossMoE(MixtralMoE):
+    """Returns a 4-tuple: the output, the router logits, the router z-loss and a None placeholder."""
+
+    def forward(self, hidden_states):
+        logits = self.gate(hidden_states.view(-1, hidden_states.shape[-1]))
+        y = super().forward(hidden_states)
+        return y, logits, torch.logsumexp(logits, -1).square().mean(), None
+
+
+class Relu2Expert(nn.Module):
+    def __init__(self, d: int, f: int):
+        super().__init__()
+        self.up_proj = nn.Linear(d, f, bias=False)
+        self.down_proj = nn.Linear(f, d, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(torch.square(F.relu(self.up_proj(x))))
+
+
+class Relu2ExpertMoE(MixtralMoE):
+    """Mixtral routing; non-gated experts with a squared ReLU (Nemotron-H, Primer)."""
+
+    def __init__(self, d: int = 16, f: int = 32, E: int = 4, k: int = 2):
+        super().__init__(d, f, E, k)
+        self.experts = nn.ModuleList([Relu2Expert(d, f) for _ in range(E)])

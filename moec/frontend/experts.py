@@ -125,9 +125,9 @@ def read_expert(expert: nn.Module):
 
 
 def _expert_or_reason(kind, glu, up, gate, down, node):
-    if kind not in ("silu", "gelu", "gelu_tanh", "relu"):
+    if kind not in ACTIVATIONS:
         what = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-        return f"activation {kind} ({what}) is not supported (moec supports silu, gelu, gelu_tanh, relu)"
+        return f"activation {kind} ({what}) is not supported (moec supports {', '.join(ACTIVATIONS)})"
     return ExpertRead(glu=glu, activation=kind, up=up[0], up_part=up[1], down=down,
                       gate=gate[0] if gate else None, gate_part=gate[1] if gate else None)
 
@@ -203,7 +203,7 @@ def _enumerate_forms(expert: nn.Module, d: int) -> list:
                           _Form(True, act, n, dn, n, (0, f, 1), (f, 2 * f, 1)),
                           _Form(True, act, n, dn, n, (1, 2 * f, 2), (0, 2 * f, 2))]
         elif len(rest) == 1 and rest[0][1].out_features == f:
-            forms += [_Form(False, act, rest[0][0], dn) for act in ("relu", "gelu", "gelu_tanh", "silu")]
+            forms += [_Form(False, act, rest[0][0], dn) for act in ("relu", "gelu", "gelu_tanh", "silu", "relu2")]
     return forms
 
 
@@ -354,8 +354,8 @@ def stacked_layouts(st: Structure, activations_hint: list) -> list:
         return out
 
     hinted = [a for a in activations_hint if a in ACTIVATIONS]
-    glu_acts = hinted + [a for a in ("silu", "gelu_tanh", "gelu", "relu") if a not in hinted]
-    plain_acts = hinted + [a for a in ("relu", "gelu", "gelu_tanh", "silu") if a not in hinted]
+    glu_acts = hinted + [a for a in ("silu", "gelu_tanh", "gelu", "relu", "relu2") if a not in hinted]
+    plain_acts = hinted + [a for a in ("relu", "gelu", "gelu_tanh", "silu", "relu2") if a not in hinted]
     paths = [p for p, _ in params]
     out = []
     for di, (dpath, dshape) in enumerate(params):

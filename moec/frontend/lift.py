@@ -29,6 +29,7 @@ from .candidates import Part, assemble, config_text, dedupe, router_configs, rou
 from .experts import ExpertLayout, list_layout, shared_layout, stacked_layouts
 from .fx_ops import MATMULS, descendants
 from .lifted import LiftedMoE, NotLifted, WeightsRecipe, resolve
+from .outputs import slots
 from .probe import TOKENS, Prober, mode_name, probe
 from .probe_harness import hooks_off
 from .router_call import router_calls
@@ -240,7 +241,7 @@ def _lift(module: nn.Module):
     msg = pr.setup()
     if msg:
         return NotLifted(f"{cls}: {msg}")
-    outputs = pr.outputs
+    aux_out = any("aux" in slots(o) for o in pr.options)
     r0 = st.routers[0]
     w0 = resolve(module, r0.weight)
     pr.set_skew(w0 if r0.layout == "out_in" else w0.t())
@@ -275,7 +276,7 @@ def _lift(module: nn.Module):
                                                      w.shared_gate if layout.glu else None, layout.activation)
                             if sh_cfg.gated:
                                 S = S * torch.sigmoid(xf @ w.shared_gate_proj.float().t())
-                    for cfg in router_configs(st, hints, outputs == "y_aux", router_bias, has_bias, has_noise):
+                    for cfg in router_configs(st, hints, aux_out, router_bias, has_bias, has_noise):
                         try:
                             spec = MoESpec(hidden=st.d, ffn=layout.ffn, router=cfg, activation=layout.activation,
                                            glu=layout.glu, shared=sh_cfg, expert_bias=layout.bias)
@@ -288,13 +289,14 @@ def _lift(module: nn.Module):
                             with torch.no_grad():
                                 noise = pr.noise(_SCREEN_INPUT, nd) if (screen and cfg.noisy) else None
                                 y_ref, aux = _screen_y(xf, w, cfg, experts, S, noise)
-                                msg = pr.compare(_SCREEN_INPUT, screen, spec, w, outputs, nd, y_ref=y_ref, aux=aux)
+                                outputs, msg = pr.match(_SCREEN_INPUT, screen, spec, w, nd, y_ref=y_ref, aux=aux)
                             if msg:
                                 if first_fail is None:
                                     first_fail = f"{config_text(cfg)}: {msg}"
                                 continue
                             lifted = LiftedMoE(spec=spec, formulation=formulation, param_tensors=param_tensors,
-                                               weights=recipe, outputs=outputs,
+                                               weights=recipe, outputs=outputs, container=pr.container,
+                                               out_dtypes=pr.out_dtypes,
                                                noise_dtype=(nd or st.dtype) if cfg.noisy else None,
                                                notes=list(notes), observed=_observed(module, param_tensors.paths, recipe))
                             msg = pr.check(lifted, screen)

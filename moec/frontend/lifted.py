@@ -15,9 +15,6 @@ from torch import Tensor, nn
 
 from ..spec import MoESpec, MoEWeights
 
-OUTPUTS = ("y", "y_logits", "y_aux", "y_weights")
-
-
 @dataclass
 class LiftedMoE:
     """A recognised MoE layer, confirmed by the probe against the module's own forward.
@@ -27,9 +24,11 @@ class LiftedMoE:
       ...", "dense one-hot"); informational.
     - ``param_tensors(module)``: the leaf tensors (parameters/buffers) the layer reads, fixed order.
     - ``weights(tensors)``: `MoEWeights` from those tensors; differentiable.
-    - ``outputs``: how forward packs its result: ``"y"`` (y shaped like the input), ``"y_logits"``
-      (y, router logits ``[T, E]`` in the input dtype), ``"y_aux"`` (y, load-balancing loss scalar),
-      ``"y_weights"`` (y, the routing weights ``[T, k]`` in slot order, input dtype: GPT-OSS).
+    - ``outputs``: what forward returns, its items' kinds joined by ``_``: ``"y"`` (y shaped like the
+      input), ``"y_logits"`` (y, router logits ``[T, E]``), ``"y_aux"`` (y, load-balancing loss),
+      ``"y_weights"`` (y, routing weights ``[T, k]`` in slot order: GPT-OSS), ``"y_aux_zloss"``...
+      (`moec.frontend.outputs`); ``container``: the tuple, list or namedtuple class they come in
+      (None: y alone); ``out_dtypes``: per item, ``"x"`` (the input's dtype), a dtype, or None.
     - ``noise_dtype``: for noisy gating, the dtype eager draws ``randn_like`` in (at lift time).
     - ``notes``: human-readable facts for ``explain()``.
     - ``eager_in``: ``{training: reason}`` for a mode the probe could not confirm (router jitter applied
@@ -50,6 +49,8 @@ class LiftedMoE:
     outputs: str
     noise_dtype: Optional[torch.dtype] = None
     notes: list[str] = field(default_factory=list)
+    container: Optional[type] = None
+    out_dtypes: tuple = ()
     observed: tuple[str, ...] = ()
     observed_calls: dict = field(default_factory=dict)
     eager_in: dict = field(default_factory=dict)

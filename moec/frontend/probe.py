@@ -16,6 +16,7 @@ they agree, else a message naming the mismatch. What it checks:
 """
 from __future__ import annotations
 
+import itertools
 from typing import Optional
 
 import torch
@@ -23,8 +24,11 @@ from torch import nn
 
 from .. import reference
 from ..spec import MoESpec, MoEWeights, RouterConfig
+from .outputs import derive, kinds_of, slots
 from .probe_harness import draw, first, mismatch, near_tie, run_watched, seeded, tie_rtol
 
+_NAMES = {"logits": "router logits", "weights": "routing weights", "aux": "aux loss", "zloss": "z-loss",
+          "ids": "expert ids", "counts": "expert counts"}
 TOKENS = (1, 5, 48, 48)
 SKEWED = 3          # input 3: tokens pushed towards expert 0
 _SHAPES_3D = ((1, 1), (1, 5), (2, 24), (2, 24))
@@ -60,7 +64,9 @@ class Prober:
     def __init__(self, module: nn.Module, d: int, E: int, dtype: torch.dtype, device: torch.device):
         self.module, self.d, self.E, self.dtype, self.device = module, d, E, dtype, device
         self.rank3 = True
-        self.outputs: Optional[str] = None
+        self.options: list = []          # what the forward's items may be (`moec.frontend.outputs`)
+        self.container = None           # tuple, list or a namedtuple class; None: y alone
+        self.out_dtypes: tuple = ()
         self.skew: Optional[torch.Tensor] = None
         self._cache: dict = {}
         self.effects: dict = {}          # (input, training, rank3) -> what the forward did besides returning
@@ -91,47 +97,49 @@ class Prober:
             self.rank3 = rank3
             self._cache.clear()
             try:
-                y, extra, packed = self.eager(1, self.module.training, raw=True)
+                y, extras, container = self.eager(1, self.module.training, raw=True)
             except Exception as e:  # noqa: BLE001
                 errors.append(f"{'[B, S, d]' if rank3 else '[T, d]'} input: {type(e).__name__}: {e}")
                 continue
-            return self._classify(y, extra, packed)
+            return self._classify(y, extras, container)
         return "forward fails on random inputs: " + "; ".join(errors)
 
-    def _classify(self, y, extra, packed: bool) -> Optional[str]:
+    def _classify(self, y, extras, container) -> Optional[str]:
         x = self.x(1)
         T = x.numel() // self.d
         if not isinstance(y, torch.Tensor) or y.shape != x.shape:
             got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
             return f"forward returns {got} for an input of shape {tuple(x.shape)} (expected the input's shape)"
-        if not packed:
-            self.outputs = "y"
-        elif isinstance(extra, torch.Tensor) and extra.numel() == 1 and extra.dim() == 0:
-            self.outputs = "y_aux"
-        elif isinstance(extra, torch.Tensor) and extra.numel() == T * self.E and extra.shape[-1] == self.E:
-            self.outputs = "y_logits"
-        elif isinstance(extra, torch.Tensor) and extra.dim() == 2 and extra.shape[0] == T and extra.shape[1] < self.E:
-            self.outputs = "y_weights"
-        else:
-            return ("forward returns a second output that is neither router logits [T, E], routing weights "
-                    "[T, k] nor a scalar aux loss")
+        self.container = container
+        if container is None:
+            self.options, self.out_dtypes = ["y"], ("x",)
+            return None
+        kinds = [kinds_of(e, T, self.E) for e in extras]
+        for i, (e, k) in enumerate(zip(extras, kinds)):
+            if not k:
+                what = f"a {e.dtype} tensor of shape {list(e.shape)}" if isinstance(e, torch.Tensor) else type(e).__name__
+                return (f"forward returns {what} as item {i + 1}, which is none of router logits [T, E], routing "
+                        f"weights or expert ids [T, k], a scalar aux loss or z-loss, expert counts [E] or None")
+        combos = [c for c in itertools.product(*kinds) if len({k for k in c if k != "none"}) == len([k for k in c if k != "none"])]
+        self.options = ["_".join(("y",) + c) for c in combos[:8]]
+        if not self.options:
+            return "forward returns the same kind of item twice"
+        self.out_dtypes = ("x",) + tuple(None if e is None else "x" if e.dtype == x.dtype else e.dtype for e in extras)
         return None
 
     def eager(self, i: int, training: bool, raw: bool = False):
-        """``(y, extra)`` of the module's forward on input i (cached); in training mode under a seeded RNG."""
+        """``(y, extras)`` of the module's forward on input i (cached); in training mode under a seeded RNG."""
         key = (i, training, self.rank3)
         if key not in self._cache:
             out, effects = run_watched(self.module, (self.x(i),), self.module, training, self.device, 2000 + i)
             self.effects[key] = effects
-            if isinstance(out, (tuple, list)):
-                if len(out) != 2:
-                    raise ValueError(f"forward returns a {type(out).__name__} of {len(out)} items")
-                y, extra = out
+            if isinstance(out, (tuple, list)) and len(out) >= 1:
+                y, extras, container = out[0], list(out[1:]), type(out)
             else:
-                y, extra = out, None
-            self._cache[key] = (y, extra, isinstance(out, (tuple, list)))
-        y, extra, packed = self._cache[key]
-        return (y, extra, packed) if raw else (y.reshape(-1, self.d), extra)
+                y, extras, container = out, [], None
+            self._cache[key] = (y, extras, container)
+        y, extras, container = self._cache[key]
+        return (y, extras, container) if raw else (y.reshape(-1, self.d), extras)
 
     def noise(self, i: int, dtype: Optional[torch.dtype]) -> torch.Tensor:
         """The noise eager's ``randn_like`` drew on input i in training mode."""
@@ -144,7 +152,7 @@ class Prober:
         """Compare eager with the reference on input i; ``y_ref``/``aux`` may be precomputed."""
         x = self.x(i).reshape(-1, self.d)
         T = x.shape[0]
-        y, extra = self.eager(i, training)
+        y, extras = self.eager(i, training)
         where = f"T={x.shape[0]}, {'training' if training else 'eval'} mode"
         if self.effects[(i, training, self.rank3)]:
             return f"{where}: the forward {self.effects[(i, training, self.rank3)]}"
@@ -157,29 +165,56 @@ class Prober:
         msg = mismatch(y, y_ref, self.dtype, keep)
         if msg:
             return f"{where}: output {msg}"
-        if outputs == "y_logits":
-            msg = mismatch(extra.reshape(T, self.E), logits.to(x.dtype), self.dtype)
+        kinds = slots(outputs)[1:]
+        if len(extras) != len(kinds):
+            return f"{where}: the forward returns {len(extras)} items besides y, not {len(kinds)}"
+        for kind, got in zip(kinds, extras):
+            if kind == "none":
+                if got is not None:
+                    return f"{where}: an item that was None is now {type(got).__name__}"
+                continue
+            if kind == "aux":
+                if aux is None:
+                    return f"{where}: the module returns an aux loss but the spec computes none"
+                want = aux
+            elif kind == "logits":
+                want = logits
+            elif kind == "weights":
+                if got.shape[-1] != cfg.top_k:
+                    return f"{where}: the module returns {got.shape[-1]} routing weights per token, top_k is {cfg.top_k}"
+                want = reference.route(logits, cfg, w.score_bias)[1]
+            else:
+                if cfg.noisy:
+                    return f"{where}: {kind} of a noisy router are not derived"
+                want = derive(kind, logits, cfg, w.score_bias)
+            if not isinstance(got, torch.Tensor) or got.shape != want.shape and got.numel() != want.numel():
+                return f"{where}: {_NAMES[kind]} of shape {list(getattr(got, 'shape', []))}, expected {list(want.shape)}"
+            if kind in ("ids", "counts"):
+                if not torch.equal(got.reshape(want.shape).long(), want.long()):
+                    return f"{where}: {_NAMES[kind]} differ"
+                continue
+            rows = keep if kind == "weights" else None
+            msg = mismatch(got.reshape(want.shape), want.to(x.dtype) if kind in ("logits", "weights") else want,
+                           self.dtype, rows)
             if msg:
-                return f"{where}: router logits {msg}"
-        if outputs == "y_weights":
-            if extra.shape[-1] != cfg.top_k:
-                return f"{where}: the module returns {extra.shape[-1]} routing weights per token, top_k is {cfg.top_k}"
-            weights = reference.route(logits, cfg, w.score_bias)[1]
-            msg = mismatch(extra.reshape(T, cfg.top_k), weights.to(x.dtype), self.dtype, keep)
-            if msg:
-                return f"{where}: routing weights {msg}"
-        if outputs == "y_aux":
-            if aux is None:
-                return f"{where}: the module returns an aux loss but the spec computes none"
-            msg = mismatch(extra.reshape(()), aux, self.dtype)
-            if msg:
-                return f"{where}: aux loss {msg}"
+                return f"{where}: {_NAMES[kind]} {msg}"
         return None
+
+    def match(self, i: int, training: bool, spec: MoESpec, w: MoEWeights, noise_dtype, y_ref=None, aux=None):
+        """``(outputs, None)`` for the first of the forward's possible `options` that agrees with the
+        reference on input i, else ``(first option, why not)``."""
+        first = None
+        for outputs in self.options:
+            msg = self.compare(i, training, spec, w, outputs, noise_dtype, y_ref=y_ref, aux=aux)
+            if msg is None:
+                return outputs, None
+            first = first or msg
+        return self.options[0], first
 
     def check(self, lifted, training: Optional[bool] = None) -> Optional[str]:
         """The full probe of a `LiftedMoE`: every input, in ``training`` mode (None: both modes)."""
-        if self.outputs != lifted.outputs:
-            return f"forward returns {self.outputs!r} but the lifted layer says {lifted.outputs!r}"
+        if lifted.outputs not in self.options:
+            return f"forward returns one of {self.options} but the lifted layer says {lifted.outputs!r}"
         current = self.module.training
         modes = (current, not current) if training is None else (training,)
         with torch.no_grad():
@@ -211,8 +246,10 @@ def probe(module: nn.Module, lifted, training: Optional[bool] = None) -> Optiona
         with torch.no_grad():
             ref = lifted.weights(lifted.param_tensors(module)).w_up   # inputs take the experts' dtype
         pr = Prober(module, lifted.spec.hidden, lifted.spec.num_experts, ref.dtype, ref.device)
-        msg = pr.setup()
-        return msg or pr.check(lifted, training)
+        msg = pr.setup() or pr.check(lifted, training)
+        if msg is None and not lifted.out_dtypes:         # an adapter's lift: packed as the forward packs
+            lifted.container, lifted.out_dtypes = pr.container, pr.out_dtypes
+        return msg
     except Exception as e:  # noqa: BLE001 - a probe that crashes is a failed probe
         return f"probe failed: {type(e).__name__}: {e}"
 

@@ -80,13 +80,25 @@ def _score(path: str, words) -> int:
     return sum(w in leaf for w in words)
 
 
+def _expert_list(name: str, child: nn.Module):
+    if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+        items = list(child.named_children())
+        if len(items) >= 2 and len({type(c) for _, c in items}) == 1 and all(_mlp_like(c) for _, c in items):
+            return (name, [f"{name}.{k}" for k, _ in items], type(items[0][1]).__name__)
+    return None
+
+
 def _expert_containers(module: nn.Module):
+    """``[(path, expert paths, expert class)]``: lists of like MLPs among the children, or one level
+    further inside a child named *expert* that is no MoE layer itself (a wrapper: ``self.experts.experts``)."""
     out = []
     for name, child in module.named_children():
-        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
-            items = list(child.named_children())
-            if len(items) >= 2 and len({type(c) for _, c in items}) == 1 and all(_mlp_like(c) for _, c in items):
-                out.append((name, [f"{name}.{k}" for k, _ in items], type(items[0][1]).__name__))
+        got = _expert_list(name, child)
+        if got is None and _score(name, _EXPERT_NAMES) and not isinstance(child, (nn.ModuleList, nn.ModuleDict)) \
+                and discover(child) is None:
+            got = next((g for sub, c in child.named_children() for g in [_expert_list(f"{name}.{sub}", c)] if g), None)
+        if got is not None:
+            out.append(got)
     out.sort(key=lambda t: -_score(t[0], _EXPERT_NAMES))
     return out
 

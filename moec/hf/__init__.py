@@ -14,17 +14,22 @@ Two ways to run a transformers MoE model on moec's kernels:
        model = AutoModelForCausalLM.from_config(cfg, experts_implementation="moec")
 
    ``moec.hf.calls(model)`` counts how the experts modules ran (kernels, or eager and why).
+
+And one way to run its attention as MoBA on moec's kernels: ``attn_implementation="moec_moba"``
+(`moec.hf.moba_attention`; block size and top-k from the config).
 """
 from __future__ import annotations
 
+from . import moba_attention
 from .experts import calls, moec_experts_forward
 
 _registered = False
 
 
 def register() -> bool:
-    """Register ``"moec"`` in transformers' experts interface (idempotent). Returns whether it is
-    registered: False when transformers is not installed or has no experts interface."""
+    """Register ``"moec"`` in transformers' experts interface and ``"moec_moba"`` in its attention
+    interface (idempotent). Returns whether the experts interface is registered: False when
+    transformers is not installed or has no experts interface."""
     global _registered
     if _registered:
         return True
@@ -33,6 +38,7 @@ def register() -> bool:
     except Exception:  # noqa: BLE001 - no transformers, or one without the interface
         return False
     ExpertsInterface.register("moec", moec_experts_forward)
+    moba_attention.register()
     _registered = True
     return True
 

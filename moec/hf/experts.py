@@ -178,7 +178,7 @@ def read_layout(m: nn.Module, d: int):
                     f"(act(gate) * up, GPT-OSS's clamped SwiGLU; halved or interleaved columns)")
         interleaved, act, variant = form
     if act is None:
-        return f"activation {type(act_fn).__name__} (moec's experts compute silu, gelu, gelu_tanh or relu)"
+        return f"activation {type(act_fn).__name__} (moec's experts compute silu, gelu, gelu_tanh, relu or relu**2)"
     return ExpertsLayout(E, d, f, glu, act, transposed, bias, interleaved, variant)
 
 

@@ -152,22 +152,59 @@ def moba_block_selection(q: Tensor, k: Tensor, *, block_size: int, top_k: int, c
         L = e - a
         if L == 0:
             continue
-        nb = s.shape[-1]
-        own = torch.arange(L, device=q.device) // block_size                 # c(t)
-        blocks = torch.arange(nb, device=q.device)
-        past = blocks[None, :] < own[:, None]                                 # [L, nb] eligible
-        key = torch.nan_to_num(s, nan=float("inf"), posinf=float("inf"), neginf=-FLT_MAX)
-        key = torch.where(past, key, float("-inf"))
-        order = torch.sort(key, dim=-1, descending=True, stable=True).indices  # ties: lower index first
-        k1 = min(top_k - 1, nb)
-        chosen = order[..., :k1]                                              # [H, L, k1]
-        valid = torch.gather(past.expand(H, L, nb), -1, chosen)
-        sel = torch.where(valid, chosen, nb)                                  # invalid -> sorts last
-        sel = torch.cat([sel, own.expand(H, L)[..., None]], -1)
-        sel = torch.sort(sel, dim=-1).values
-        sel = torch.where(sel == nb, -1, sel)
-        idx[b, :, a:e, :k1 + 1] = sel.to(torch.int32)
+        sel = _select(s, torch.arange(L, device=q.device) // block_size, top_k)
+        idx[b, :, a:e, :sel.shape[-1]] = sel.to(torch.int32)
     return idx
+
+
+def _select(s: Tensor, own: Tensor, top_k: int) -> Tensor:
+    """Selected blocks ``[H, L, <= top_k]`` (ascending, -1 unused) from gate scores ``s [H, L, nb]`` of
+    queries in blocks ``own [L]``: the own block and the best ``top_k - 1`` past ones."""
+    H, L, nb = s.shape
+    blocks = torch.arange(nb, device=s.device)
+    past = blocks[None, :] < own[:, None]                                     # [L, nb] eligible
+    key = torch.nan_to_num(s, nan=float("inf"), posinf=float("inf"), neginf=-FLT_MAX)
+    key = torch.where(past, key, float("-inf"))
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices      # ties: lower index first
+    k1 = min(top_k - 1, nb)
+    chosen = order[..., :k1]                                                  # [H, L, k1]
+    valid = torch.gather(past.expand(H, L, nb), -1, chosen)
+    sel = torch.where(valid, chosen, nb)                                      # invalid -> sorts last
+    sel = torch.cat([sel, own.expand(H, L)[..., None]], -1)
+    sel = torch.sort(sel, dim=-1).values
+    return torch.where(sel == nb, -1, sel)
+
+
+def moba_last_rows(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int) -> Tensor:
+    """MoBA's output for queries that are the last ``Nq`` positions of sequences of ``N`` keys (a
+    decode step or a chunk of prefill against a KV cache): ``q [B, H, Nq, D]``, ``k``/``v
+    [B, Hkv, N, D]``, ``Nq <= N``; the same definition as `moba_reference` (whose rows they would be),
+    at ``O(Nq * N)`` cost. Differentiable in q, k, v."""
+    B, H, Nq, D = q.shape
+    N = k.shape[2]
+    if Nq > N:
+        raise ValueError(f"q: {Nq} query rows for {N} keys (expected at most as many queries as keys)")
+    G = H // k.shape[1]
+    cdt = _compute_dtype(q)
+    t = torch.arange(N - Nq, N, device=q.device)                              # the queries' positions
+    kpos = torch.arange(N, device=q.device)
+    outs = []
+    for b in range(B):
+        pooled = pooled_keys(k[b].detach(), block_size).repeat_interleave(G, 0)   # [H, nb, D]
+        with torch.no_grad():
+            s = q[b].detach().to(pooled.dtype) @ pooled.transpose(1, 2)       # [H, Nq, nb]
+            sel = _select(s, t // block_size, top_k)
+            nb = pooled.shape[1]
+            chosen = torch.zeros(H, Nq, nb + 1, dtype=torch.bool, device=q.device)
+            chosen.scatter_(-1, torch.where(sel >= 0, sel, nb).long(), True)
+            allowed = chosen[..., :nb][..., kpos // block_size] & (kpos[None, :] <= t[:, None])
+        ks = k[b].to(cdt).repeat_interleave(G, 0)
+        vs = v[b].to(cdt).repeat_interleave(G, 0)
+        scores = torch.where(allowed, (q[b].to(cdt) @ ks.transpose(1, 2)) / math.sqrt(D), float("-inf"))
+        lse = torch.logsumexp(scores, -1)
+        p = torch.exp(scores - torch.where(lse == float("-inf"), 0.0, lse)[..., None])
+        outs.append(p @ vs)
+    return torch.stack(outs, 0).to(q.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
