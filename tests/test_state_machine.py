@@ -9,8 +9,9 @@ mode, save and load, deep-copy, wrap in `torch.compile`. The eager twin gets the
 After every step the two agree on a call; a call the kernels did not serve must have a reason.
 
 Layers: zoo Mixtral (ModuleList experts), zoo stacked-experts module, zoo Qwen (shared expert, router
-logits output), zoo noisy top-k (noise in training), and the MoE blocks of transformers' Mixtral
-(router jitter) and Qwen3-MoE. The ``ci`` profile runs a few short sequences per layer; the
+logits output), zoo noisy top-k (noise in training), zoo ST-MoE (a namedtuple of y, aux loss, z-loss
+and counts), zoo Mixtral with biased experts, and the MoE blocks of transformers' Mixtral (router
+jitter) and Qwen3-MoE. The ``ci`` profile runs a few short sequences per layer; the
 ``large`` profile (``HYPOTHESIS_PROFILE=large``) runs many long ones.
 """
 from __future__ import annotations
@@ -71,6 +72,8 @@ LAYERS = {
     "zoo-stacked-module": (zoo.StackedExpertsModuleMoE, "gate", "experts", [("gate", "top_k", (1, 2))]),
     "zoo-qwen": (zoo.QwenMoE, "gate", "experts.0", [("", "top_k", (1, 2)), ("", "norm_topk_prob", (False, True))]),
     "zoo-noisy": (zoo.NoisyTopKMoE, "w_gate", "experts.2", [("", "k", (1, 2))]),
+    "zoo-st-moe": (zoo.STMoE, "gate", "experts.3", [("", "top_k", (2, 1, 3))]),
+    "zoo-biased": (zoo.BiasedExpertMoE, "gate", "experts.0", [("", "top_k", (2, 1)), ("", "norm_topk_prob", (True, False))]),
     "hf-mixtral": (functools.partial(_hf_block, "mixtral"), "gate", "experts",
                    [("", "top_k", (2, 1)), ("", "jitter_noise", (0.0, 0.1))]),
     "hf-qwen3-moe": (functools.partial(_hf_block, "qwen3"), "gate", "experts",
@@ -82,6 +85,9 @@ def _close(a, b, dtype):
     # float32's tolerance in float64 too: optimizer steps taken in float32 leave the twins' weights
     # apart by rounding (gradients of kernels and of eager code round differently)
     tol = dict(rtol=1e-4, atol=1e-5)
+    if a is None or b is None:
+        assert a is None and b is None
+        return
     if isinstance(a, tuple):
         assert isinstance(b, tuple) and len(a) == len(b)
         for x, y in zip(a, b):
