@@ -56,6 +56,7 @@ class MoERegion(Region):
     _guard: Optional[guards.Guard] = None       # checks the current state cheaply
     _lifting: bool = False                      # inside `_switch`: the probe's calls run eager, uncounted
     _stacks: dict = field(default_factory=dict)   # stacked indices -> (stack, its members' addresses)
+    _weights: Optional[tuple] = None              # (the tensors' identities and addresses, their MoEWeights)
     _owners: Optional[list] = None              # (module, name) of each tensor the lift reads (see `tensors`)
 
     MAX_LIFTS = 8                               # states remembered (least recently used dropped)
@@ -82,9 +83,15 @@ class MoERegion(Region):
                 for owner, name in self._owners]
 
     def weights(self, tensors) -> MoEWeights:
-        """The layer's weights from its current parameters (see the module docstring)."""
+        """The layer's weights from its current parameters (see the module docstring); the views of the
+        last call while the same tensors hold the same memory (writes into it need no rebuild)."""
+        key = _identities(tensors)
+        if self._weights is not None and self._weights[0] == key:
+            return self._weights[1]
         stacks = {idx: self._stack(idx, [tensors[i] for i in idx]) for idx in self.lifted.weights.stacked}
-        return self.lifted.weights(tensors, stacks)
+        w = self.lifted.weights(tensors, stacks)
+        self._weights = (_identities(tensors), w)        # (stacking may have moved them)
+        return w
 
     def _stack(self, idx: tuple, members: list) -> torch.Tensor:
         got = self._stacks.get(idx)
@@ -152,7 +159,7 @@ class MoERegion(Region):
             self.lifted, self.unlifted = None, f"changed since compile ({change}) and not liftable: {got or 'no MoE layer found'}"
             self.guard_changes[f"{change} -> eager"] += 1
         else:
-            self.lifted, self._stacks = got, {}
+            self.lifted, self._stacks, self._weights = got, {}, None
             self.guard_changes[f"{change} -> lifted again ({_spec_line(got.spec)})"] += 1
 
     def __call__(self, module, eager_forward, x, *args, **kwargs):
@@ -299,6 +306,10 @@ def share_storage(members: list) -> tuple[torch.Tensor, Optional[tuple]]:
         for j, m in enumerate(members):
             m.data = stack[j]
     return stack, tuple(m.data_ptr() for m in members)
+
+
+def _identities(tensors) -> tuple:
+    return tuple((id(t), t.data_ptr(), t.shape, t.stride(), t.dtype) for t in tensors)
 
 
 def _call_observed(module, lifted, x, x2):

@@ -30,12 +30,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import triton
 from torch import Tensor
 
 from moec.spec import ACTIVATIONS, check_glu_variant
 
-from .launch import Kernel
+from .launch import Kernel, cdiv, next_pow2
 from .render import render
 from moec.ir.tiles import GemmTile, bucket_suffix, bucket_text
 
@@ -163,7 +162,7 @@ def grid_rows(params: GroupedGemmParams, m: int, routed: bool) -> int:
     """Row tiles launched for ``m`` rows: an upper bound on the tiles the data can need."""
     bm = params.tile.block_m
     if not routed:
-        return triton.cdiv(m, bm)
+        return cdiv(m, bm)
     # sum_e cdiv(c_e, BM) <= (sum_e c_e + E (BM - 1)) // BM, and <= m (a tile holds >= 1 row)
     return min(m, (m + params.num_experts * (bm - 1)) // bm)
 
@@ -272,7 +271,7 @@ def grouped_gemm(a: Tensor, w: Tensor, params: GroupedGemmParams, *, out: Tensor
         w_up = w.as_strided((E, 2 * N, K), (w.stride(0), w.stride(1) // 2, w.stride(2)))
     tile = params.tile
     row_tiles = grid_rows(params, M, offsets is not None)
-    grid = (row_tiles * triton.cdiv(N, tile.block_n),)
+    grid = (row_tiles * cdiv(N, tile.block_n),)
     u = w_up if w_up is not None else w
     bs = bias.stride() if bias is not None else (0, 0)
     bus = bias_up.stride() if bias_up is not None else (0, 0)
@@ -280,7 +279,7 @@ def grouped_gemm(a: Tensor, w: Tensor, params: GroupedGemmParams, *, out: Tensor
         a, w, w_up, out, offsets, order if params.routed else None, scale_vec, bias, bias_up, M, row_tiles,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2),
         u.stride(0), u.stride(1), u.stride(2), out.stride(0), out.stride(1), *bs, *bus)))
-    constexprs = dict(N=N, K=K, NUM_EXPERTS=E, E_PAD=max(2, triton.next_power_of_2(E)),
+    constexprs = dict(N=N, K=K, NUM_EXPERTS=E, E_PAD=max(2, next_pow2(E)),
                       HAS_OFFSETS=offsets is not None, GATHER_TOP_K=params.gather_top_k,
                       SCATTER=params.scatter, SCALE=params.scale, GLU=params.glu, GLU_INTERLEAVED=interleaved,
                       HAS_BIAS=params.bias, HAS_BIAS_UP=params.bias_up,

@@ -129,6 +129,16 @@ _INTERPRETED: dict = {}     # a helper's Python function -> its interpreter rewr
 _INTERPRET_LOCK = threading.RLock()
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for launch grids (Triton's own helpers are constexpr functions, slower on the host)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two ``>= n`` (1 for ``n <= 1``)."""
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
 @dataclass(eq=False)
 class Kernel:
     """One rendered kernel source whose ``@triton.jit`` function is ``fn_name``."""
@@ -149,8 +159,8 @@ class Kernel:
         """Launch on ``grid``; ``args`` in the kernel's parameter order (a dict, names checked)."""
         if any(g == 0 for g in grid):
             return
-        tensors = [a for a in args.values() if isinstance(a, torch.Tensor)]
-        interpret = bool(tensors) and tensors[0].device.type == "cpu"
+        first = next((a for a in args.values() if isinstance(a, torch.Tensor)), None)
+        interpret = first is not None and first.device.type == "cpu"
         fn = self.function(interpret)
         records = _recorder.get()
         if records is not None:

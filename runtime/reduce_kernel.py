@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import triton
 from torch import Tensor
 
-from .launch import Kernel
+from .launch import Kernel, cdiv
 from .render import render
 from moec.ir.tiles import RowTile, bucket_suffix, bucket_text
 
@@ -81,7 +80,7 @@ def reduce_topk(y_pairs: Tensor, params: ReduceParams, *, out: Tensor, ids: Opti
     elif residual is not None:
         raise ValueError("residual given but params.residual is False")
     tile = params.tile
-    grid = (triton.cdiv(T, tile.block_t), triton.cdiv(D, tile.block_d))
+    grid = (cdiv(T, tile.block_t), cdiv(D, tile.block_d))
     i_strides = ids.stride() if ids is not None else (0, 0)
     r_strides = residual.stride() if residual is not None else (0, 0)
     args = dict(zip(ARG_NAMES, (y_pairs, ids, residual, out, T, *y_pairs.stride(), *i_strides, *r_strides,

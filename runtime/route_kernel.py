@@ -24,16 +24,12 @@ import torch
 
 from moec.spec import RouterConfig
 
-from .launch import Kernel
+from .launch import Kernel, next_pow2
 from .render import render
 from moec.ir.tiles import RouteTile, bucket_suffix, bucket_text
 
 TEMPLATE = "route.py.jinja"
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
 
 @dataclass(frozen=True)
@@ -69,16 +65,16 @@ class RouteParams:
     @property
     def e_pad(self) -> int:
         """Expert columns of the logits tile: a power of two >= 16 (tl.dot's minimum)."""
-        return max(16, _next_pow2(self.router.num_experts))
+        return max(16, next_pow2(self.router.num_experts))
 
     @property
     def k_pad(self) -> int:
-        return _next_pow2(self.router.top_k)
+        return next_pow2(self.router.top_k)
 
     @property
     def block_k(self) -> int:
         """The hidden chunk actually streamed: the tile's, shrunk to the hidden size."""
-        return min(self.tile.block_k, max(16, _next_pow2(self.hidden)))
+        return min(self.tile.block_k, max(16, next_pow2(self.hidden)))
 
     @property
     def fn_name(self) -> str:
