@@ -266,6 +266,8 @@ def _spec_line(spec) -> str:
     bits = [f"{r.num_experts} experts", f"top-{r.top_k}", r.score]
     if r.order == "topk_then_score":
         bits.append("top-k then softmax")
+    if r.order == "logits_then_score":
+        bits.append("top-k of the logits")
     if r.renormalize:
         bits.append("renormalised")
     if r.routed_scaling != 1.0:

@@ -52,8 +52,14 @@ def scores_of(logits: torch.Tensor, cfg: RouterConfig) -> torch.Tensor:
     return torch.softmax(logits, dim=-1) if cfg.score == "softmax" else torch.sigmoid(logits)
 
 
-def selection_keys(scores: torch.Tensor, cfg: RouterConfig, score_bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """The values experts are ranked by: biased scores, experts outside the chosen groups at -inf."""
+def selection_keys(scores: torch.Tensor, cfg: RouterConfig, score_bias: Optional[torch.Tensor],
+                   logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The values experts are ranked by: biased scores (biased logits for ``logits_then_score``, which
+    needs ``logits``), experts outside the chosen groups at -inf."""
+    if cfg.order == "logits_then_score":
+        if logits is None:
+            raise ValueError("order='logits_then_score' ranks the logits: pass them")
+        scores = logits.float()
     sel = scores + score_bias.float() if score_bias is not None else scores
     if cfg.n_group > 1:
         T, E = sel.shape
@@ -83,7 +89,7 @@ def route(logits: torch.Tensor, cfg: RouterConfig, score_bias: Optional[torch.Te
         weights = torch.softmax(logits.gather(1, ids), dim=-1)
         factor = 1.0 / scores.gather(1, ids).sum(-1, keepdim=True)   # the same weights, from scores
     else:
-        sel = selection_keys(scores, cfg, score_bias)
+        sel = selection_keys(scores, cfg, score_bias, logits)
         ids = ranked(sel, k)
         weights = scores.gather(1, ids)
         factor = torch.ones_like(weights[:, :1])

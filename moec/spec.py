@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 SCORES = ("softmax", "sigmoid")
-ORDERS = ("score_then_topk", "topk_then_score")
+ORDERS = ("score_then_topk", "topk_then_score", "logits_then_score")
 GROUP_SCORES = ("max", "top2_sum")
 OVERFLOWS = ("drop", "next_best")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2")     # relu2: relu(x)**2
@@ -48,7 +48,9 @@ class RouterConfig:
     - ``score``: ``softmax`` over all E logits, or elementwise ``sigmoid``.
     - ``order``: ``score_then_topk`` scores every expert then keeps the k best;
       ``topk_then_score`` keeps the k best logits then applies softmax to just those (Mixtral);
-      the latter equals softmax-then-top-k with renormalisation (canonicalisation uses this).
+      the latter equals softmax-then-top-k with renormalisation (canonicalisation uses this);
+      ``logits_then_score`` ranks the logits (plus ``score_bias``, group-limited on them) and
+      weights each pick by its score (Kolibri: top-k of ``logits + bias``, sigmoid of the picks).
     - ``renormalize``: divide the k kept weights by their sum.
     - ``routed_scaling``: multiply the final weights by this factor (DeepSeek-V3: 2.5).
     - ``score_bias``: a per-expert bias added to the scores for *selection only*; the weights

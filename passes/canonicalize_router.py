@@ -1,8 +1,9 @@
 """canonicalize-router: rewrite equivalent router forms into one canonical form.
 
 Expects: ``route`` nodes with any valid RouterConfig.
-Guarantees: ``order`` is ``score_then_topk`` (top-k-then-softmax equals softmax, top-k, then
-renormalise: softmax over the kept logits is each kept probability over their sum); group
+Guarantees: ``order`` is ``score_then_topk`` or ``logits_then_score`` (top-k-then-softmax equals
+softmax, top-k, then renormalise: softmax over the kept logits is each kept probability over their
+sum); group
 selection that keeps every group is dropped (``n_group=1``); a renormalised top-1 softmax has
 weight exactly ``routed_scaling``, kept as is. The numeric result is unchanged.
 """

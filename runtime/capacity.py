@@ -74,7 +74,7 @@ def apply_capacity(ids: Tensor, weights: Tensor, logits: Tensor, cfg: RouterConf
     used = torch.zeros(E, dtype=torch.long, device=dev)
     if next_best:
         scores = scores_of(logits.float(), cfg)
-        sel = selection_keys(scores, cfg, score_bias)
+        sel = selection_keys(scores, cfg, score_bias, logits)
         order = ranked(sel, E)                                          # [T, E]: each token's preference
         full = scores.gather(1, ids.long())
         factor = weights[:, :1].float() / full[:, :1]                   # the route's per-token normalisation

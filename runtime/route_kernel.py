@@ -36,8 +36,8 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 class RouteParams:
     """Everything that shapes the routing kernel's source (one rendered kernel per value).
 
-    ``router.order`` must be ``score_then_topk`` (canonicalisation rewrites ``topk_then_score``
-    as ``score_then_topk`` + ``renormalize=True``). ``router.capacity_factor`` is ignored here.
+    ``router.order`` must be ``score_then_topk`` or ``logits_then_score`` (canonicalisation rewrites
+    ``topk_then_score`` as ``score_then_topk`` + ``renormalize=True``). ``router.capacity_factor`` is ignored here.
     ``router.aux_loss`` makes the kernel also sum the normalised scores (``prob_sum``).
     """
 
@@ -52,8 +52,8 @@ class RouteParams:
     def __post_init__(self) -> None:
         if not isinstance(self.router, RouterConfig):
             raise TypeError(f"router must be a RouterConfig, got {type(self.router).__name__}")
-        if self.router.order != "score_then_topk":
-            raise ValueError(f"the routing kernel computes order='score_then_topk' only, got "
+        if self.router.order not in ("score_then_topk", "logits_then_score"):
+            raise ValueError(f"the routing kernel computes order='score_then_topk' or 'logits_then_score', got "
                              f"{self.router.order!r} (canonicalise topk_then_score first)")
         if self.hidden < 1:
             raise ValueError(f"hidden must be >= 1, got {self.hidden}")
@@ -91,7 +91,8 @@ class RouteParams:
         r = self.router
         return dict(
             D=self.hidden, E=r.num_experts, E_PAD=self.e_pad, K=r.top_k, K_PAD=self.k_pad,
-            SIGMOID=r.score == "sigmoid", RENORMALIZE=r.renormalize,
+            SIGMOID=r.score == "sigmoid", SELECT_LOGITS=r.order == "logits_then_score",
+            RENORMALIZE=r.renormalize,
             ROUTED_SCALING=float(r.routed_scaling),
             HAS_ROUTER_BIAS=r.router_bias, HAS_SCORE_BIAS=r.score_bias,
             N_GROUP=r.n_group, TOPK_GROUP=r.topk_group if r.n_group > 1 else 1,
@@ -121,6 +122,8 @@ def _describe(params: RouteParams) -> str:
     r = params.router
     parts = [f"score={r.score}", f"renormalize={r.renormalize}", f"routed_scaling={r.routed_scaling}",
              f"router_bias={r.router_bias}", f"score_bias={r.score_bias}"]
+    if r.order == "logits_then_score":
+        parts.append("top-k of the logits")
     if r.n_group > 1:
         parts.append(f"groups={r.n_group} keep {r.topk_group} by {r.group_score}")
     parts += [f"noisy={r.noisy}", f"aux_loss={r.aux_loss}", f"shared_gate={params.shared_gate}",

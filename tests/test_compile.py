@@ -36,6 +36,7 @@ LIFTED = {
     "WrappedExpertsMoE": lambda: zoo.WrappedExpertsMoE(),
     "STMoE": lambda: zoo.STMoE(),
     "Relu2ExpertMoE": lambda: zoo.Relu2ExpertMoE(),
+    "LogitsBiasTopKMoE": lambda: zoo.LogitsBiasTopKMoE(),
     "LogitsZLossMoE": lambda: zoo.LogitsZLossMoE(),
 }
 

@@ -69,12 +69,15 @@ CASES = {
                      dict(top_k=2, renormalize=True), dict(activation="silu"), "y_logits_zloss_none"),
     "relu2_experts": (lambda: zoo.Relu2ExpertMoE(), "module-list loop",
                       dict(top_k=2, renormalize=True), dict(activation="relu2", glu=False), "y"),
+    "logits_bias_topk": (lambda: zoo.LogitsBiasTopKMoE(), "module-list loop",
+                         dict(top_k=2, score="sigmoid", order="logits_then_score", score_bias=True, renormalize=True),
+                         dict(activation="silu"), "y"),
     "biased_experts": (lambda: zoo.BiasedExpertMoE(), "module-list loop",
                        dict(top_k=2, renormalize=True), dict(activation="silu", glu=True, expert_bias=True), "y"),
     "biased_fused_experts": (lambda: zoo.BiasedFusedExpertMoE(), "module-list loop",
                              dict(top_k=2, renormalize=True), dict(activation="gelu", glu=True, expert_bias=True), "y"),
 }
-SHARED = {"deepseek_v3": (16, False), "qwen": (48, True)}
+SHARED = {"deepseek_v3": (16, False), "qwen": (48, True), "logits_bias_topk": (32, False)}
 
 
 @functools.lru_cache(maxsize=None)

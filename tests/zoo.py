@@ -30,6 +30,7 @@ MoE layers                       router                                   expert
 - STMoE                          returns a namedtuple (y, aux loss, z-loss, tokens per expert)
 - LogitsZLossMoE                 returns (y, router logits, z-loss, None)
 - Relu2ExpertMoE                 Mixtral routing                          ModuleList, up -> relu(x)**2 -> down
+- LogitsBiasTopKMoE              top-k of logits + bias, sigmoid of the picks, renormalised; shared expert
 Negative examples: DenseMLP, TanhExpertMoE, PartialBiasExpertMoE, ExtraArgMoE, TemperatureMoE,
 IdentityExpertMoE (the router scores a skip choice), MLPRouterMoE.
 """
@@ -982,3 +983,30 @@ class Relu2ExpertMoE(MixtralMoE):
     def __init__(self, d: int = 16, f: int = 32, E: int = 4, k: int = 2):
         super().__init__(d, f, E, k)
         self.experts = nn.ModuleList([Relu2Expert(d, f) for _ in range(E)])
+
+
+class LogitsBiasTopKMoE(nn.Module):
+    """Top-k of the router logits plus a selection bias, weights the sigmoid of the picked logits,
+    renormalised (Kolibri); a shared expert beside."""
+
+    def __init__(self, d: int = 16, f: int = 32, E: int = 8, k: int = 2):
+        super().__init__()
+        self.top_k = k
+        self.weight = nn.Parameter(torch.randn(E, d) * 0.3)
+        self.register_buffer("e_score_correction_bias", torch.randn(E) * 0.5)
+        self.experts = nn.ModuleList([MixtralBlockSparseTop2MLP(d, f) for _ in range(E)])
+        self.shared_experts = GatedMLP(d, f)
+
+    def forward(self, hidden_states):
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        logits = F.linear(x.float(), self.weight.float())
+        ids = torch.topk(logits + self.e_score_correction_bias, self.top_k, dim=-1)[1]
+        w = logits.gather(1, ids).sigmoid()
+        w = w / w.sum(-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok, slot = torch.where(ids == e)
+            if tok.numel():
+                out.index_add_(0, tok, expert(x[tok]) * w[tok, slot, None].to(x.dtype))
+        return (out + self.shared_experts(x)).reshape(shape)

@@ -98,6 +98,8 @@ def router_configs(st: Structure, hints: RouterHints, aux: bool, router_bias: bo
                 forms.insert(0, forms.pop())
         else:
             forms = [("score_then_topk", renorm_first), ("score_then_topk", not renorm_first)]
+        if has_bias:                     # a selection bias on the logits rather than the scores (Kolibri)
+            forms += [("logits_then_score", renorm_first), ("logits_then_score", not renorm_first)]
         for (order, renorm), scale, (g, tg, gs), bias, (c, ov), nz in itertools.product(
                 forms, scaling, groups, biases, caps, noisy):
             try:

@@ -44,13 +44,13 @@ def near_ties(logits: torch.Tensor, cfg: RouterConfig, score_bias, dtype) -> tor
     if cfg.order == "topk_then_score":
         keys = logits
     else:
-        keys = reference.selection_keys(reference.scores_of(logits, cfg), cfg, score_bias)
+        keys = reference.selection_keys(reference.scores_of(logits, cfg), cfg, score_bias, logits)
     out = torch.zeros(T, dtype=torch.bool, device=logits.device)
     spread = keys.masked_fill(~torch.isfinite(keys), 0).abs().amax(-1) + 1e-6
     if cfg.top_k < E:
         out |= near_tie(keys, cfg.top_k, dtype, spread)
     if cfg.n_group > 1 and cfg.topk_group < cfg.n_group and cfg.order != "topk_then_score":
-        sel = reference.scores_of(logits, cfg)
+        sel = logits if cfg.order == "logits_then_score" else reference.scores_of(logits, cfg)
         sel = sel + score_bias.float() if score_bias is not None else sel
         g = sel.view(T, cfg.n_group, E // cfg.n_group)
         gs = g.amax(-1) if cfg.group_score == "max" else torch.sort(g, -1, descending=True).values[..., :2].sum(-1)

@@ -80,7 +80,7 @@ def _aux(n, v, ctx):
 def _capacity(n, v, ctx):
     cfg = router_config(n.attr)
     scores = ref.scores_of(v["logits"], cfg)
-    sel = ref.selection_keys(scores, cfg, v.get("score_bias"))
+    sel = ref.selection_keys(scores, cfg, v.get("score_bias"), v["logits"])
     ids = v["ids"].long()
     full = scores.gather(1, ids)
     factor = v["weights"][:, :1] / full[:, :1]       # the per-token normalisation applied by route

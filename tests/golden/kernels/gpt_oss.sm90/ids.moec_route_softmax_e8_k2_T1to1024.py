@@ -24,7 +24,7 @@ def moec_route_softmax_e8_k2_T1to1024(
     stride_nt, stride_ne,
     stride_sgd,
     D: tl.constexpr, E: tl.constexpr, E_PAD: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
-    SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr, ROUTED_SCALING: tl.constexpr,
+    SIGMOID: tl.constexpr, SELECT_LOGITS: tl.constexpr, RENORMALIZE: tl.constexpr, ROUTED_SCALING: tl.constexpr,
     HAS_ROUTER_BIAS: tl.constexpr, HAS_SCORE_BIAS: tl.constexpr,
     N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_TOP2: tl.constexpr,
     HAS_NOISE: tl.constexpr, AUX: tl.constexpr, SHARED_GATE: tl.constexpr, WRITE_LOGITS: tl.constexpr,
@@ -100,8 +100,11 @@ def moec_route_softmax_e8_k2_T1to1024(
         probs = tl.where(mask_t[:, None] & mask_e[None, :], probs, 0.0)
         tl.atomic_add(psum_ptr + offs_e, tl.sum(probs, 0), mask=mask_e)
 
-    # ---- selection keys: biased scores, NaN -> +inf (ranks first), padding -> -inf ----------
-    keys = scores
+    # ---- selection keys: biased scores (or logits), NaN -> +inf (ranks first), padding -> -inf
+    if SELECT_LOGITS:
+        keys = logits
+    else:
+        keys = scores
     if HAS_SCORE_BIAS:
         keys = keys + tl.load(sbias_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)[None, :]
     keys = tl.where(keys != keys, float("inf"), keys)
