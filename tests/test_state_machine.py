@@ -253,10 +253,14 @@ class Twins(RuleBasedStateMachine):
         (b, gb), (a, ga) = outs
         _close(a, b, self.dtype)
         if grad:
+            # gradients that cancel exactly (a top-1 renormalised router's: w / w) are rounding noise on
+            # both sides, of the size of the terms that cancel: the tolerance scales with the largest
+            # gradient of the call
+            scale = max(1.0, max(float(g.abs().max()) for g in gb if g is not None and g.numel()))
             for u, v in zip(ga, gb):
                 assert (u is None) == (v is None)
                 if u is not None:
-                    _close(u, v, self.dtype)
+                    torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-5 * scale)
         for region in _regions(self.model):
             for what in region.calls:
                 assert what.startswith("kernels") or what.startswith("eager: ") and len(what) > 10, what

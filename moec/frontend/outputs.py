@@ -22,8 +22,7 @@ import torch
 from .. import reference
 from ..spec import RouterConfig
 
-KERNEL_KINDS = ("y", "logits", "aux", "weights")
-HOST_KINDS = ("zloss", "ids", "counts", "none")
+KERNEL_KINDS = ("y", "logits", "aux", "weights")          # the others are derived on the host
 
 
 def slots(outputs: str) -> tuple:
@@ -68,13 +67,7 @@ def derive(kind: str, logits: torch.Tensor, cfg: RouterConfig, score_bias: Optio
     ids = reference.route(logits, cfg, score_bias)[0]
     if kind == "ids":
         return ids
-    valid = ids[ids >= 0]
-    return torch.bincount(valid.flatten(), minlength=cfg.num_experts)
-
-
-def dtype_of(kind: str, x_dtype: torch.dtype, seen: Optional[torch.dtype]) -> Optional[torch.dtype]:
-    """The dtype an item of ``kind`` is returned in: as the eager forward gave it at lift (``seen``,
-    relative to an input of dtype ``x_dtype`` when it matched it), else the kind's default."""
-    return seen if seen is not None else {"logits": x_dtype, "weights": x_dtype, "aux": torch.float32,
-                                          "zloss": torch.float32, "ids": torch.int64, "counts": torch.int64,
-                                          "none": None, "y": x_dtype}[kind]
+    flat = ids.flatten().long()                     # counts without bincount's host synchronisation
+    keep = flat >= 0
+    return torch.zeros(cfg.num_experts, dtype=torch.int64, device=ids.device).scatter_add_(
+        0, flat.clamp(min=0), keep.long())
