@@ -195,9 +195,12 @@ class MoERegion(Region):
             noise = torch.randn(x2.shape[0], self.spec.num_experts, dtype=dtype, device=x.device)
         w = self.weights(tensors)
         if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors)):
+            def backward_reference(ts, _):
+                return self.reference(ts[0], ts[1:], training, noise)
+            backward_reference.no_grad_for = lambda ts: self.idle(ts[0], ts[1:])
             outs = self.serve("kernels forward, eager backward", KernelsForward.apply,
-                              lambda ts: self.kernels(ts[0], w, training, noise),
-                              lambda ts, _: self.reference(ts[0], ts[1:], training, noise), (), x2, *tensors)
+                              lambda ts: self.kernels(ts[0], w, training, noise), backward_reference, (),
+                              x2, *tensors)
         else:
             outs = self.serve("kernels", self.kernels, x2, w, training, noise)
         return self.pack(outs, x, w)
@@ -225,6 +228,18 @@ class MoERegion(Region):
         c = self.compiled_for(self.recipe, x2.dtype, x2.device)
         inputs = moe_inputs(x2.contiguous() if x2.stride(-1) != 1 else x2, w)
         return self.run(c, inputs, training=training, noise=noise)
+
+    def idle(self, x2, tensors) -> list:
+        """Positions (in ``x2, *tensors``) of the parameters of experts no token of ``x2`` reached, when
+        the eager backward leaves those without a gradient (`LiftedMoE.idle_experts`)."""
+        if not self.lifted.idle_experts:
+            return []
+        with torch.no_grad():
+            w = self.lifted.weights(tensors)
+            ids = reference.route(reference.router_logits(x2, w.w_router, w.b_router), self.spec.router,
+                                  w.score_bias)[0]
+            hit = set(ids.flatten().tolist())
+        return [1 + i for i, e in self.lifted.idle_experts.items() if e not in hit]
 
     def reference(self, x2, tensors, training, noise):
         """The same outputs from the eager reference (differentiable)."""

@@ -28,7 +28,8 @@ class KernelsForward(torch.autograd.Function):
     """``KernelsForward.apply(kernels, reference, keep, *tensors)``: ``kernels(tensors)`` (detached) gives
     the outputs; the backward is `reference_grads` of ``reference(tensors, kept)``, where ``kept`` are
     the forward's outputs at the positions ``keep`` (e.g. MoBA's selected blocks: the backward attends
-    over the blocks the kernels chose). ``tensors`` may hold None; integer outputs get no gradient."""
+    over the blocks the kernels chose). ``tensors`` may hold None; integer outputs get no gradient.
+    ``reference.no_grad_for(tensors)``, when present, names positions whose gradient is None."""
 
     @staticmethod
     def forward(ctx, kernels, reference, keep, *tensors):
@@ -45,5 +46,7 @@ class KernelsForward(torch.autograd.Function):
         kept = saved[len(saved) - ctx.n_kept:]
         it = iter(saved[:len(saved) - ctx.n_kept])
         tensors = [next(it) if p else None for p in ctx.present]
-        return (None, None, None, *reference_grads(lambda ts: ctx.reference(ts, kept), tensors,
-                                                   ctx.needs_input_grad[3:], grads))
+        got = reference_grads(lambda ts: ctx.reference(ts, kept), tensors, ctx.needs_input_grad[3:], grads)
+        for i in getattr(ctx.reference, "no_grad_for", lambda ts: ())(tensors):
+            got[i] = None            # as the eager backward leaves them (e.g. experts no token reached)
+        return (None, None, None, *got)

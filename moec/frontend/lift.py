@@ -29,6 +29,7 @@ from .candidates import Part, assemble, config_text, dedupe, router_configs, rou
 from .experts import ExpertLayout, list_layout, shared_layout, stacked_layouts
 from .fx_ops import MATMULS, descendants
 from .lifted import LiftedMoE, NotLifted, WeightsRecipe, resolve
+from .idle_experts import idle_expert_grads
 from .outputs import slots
 from .probe import TOKENS, Prober, mode_name, probe
 from .probe_harness import hooks_off
@@ -138,6 +139,7 @@ def lift(module: nn.Module) -> Union[LiftedMoE, NotLifted, None]:
                 return NotLifted(f"{type(module).__name__}: the kernels would drop code of its forward: {why}")
             with hooks_off(module):
                 got.observed_calls = router_calls(module, got.observed, got.spec.hidden)
+            got.idle_experts = idle_expert_grads(module, got, module.training)
         return got
     except Exception as e:  # noqa: BLE001
         return NotLifted(f"{type(module).__name__}: analysis failed: {type(e).__name__}: {e}")

@@ -40,6 +40,9 @@ class LiftedMoE:
     - ``observed_calls``: for an observed router that takes more than the hidden states, how the
       forward calls it (`moec.frontend.router_call`; None: it cannot be called the same way, and a
       call with hooks on it runs eager).
+    - ``idle_experts``: ``{tensor index: expert}`` when the eager backward leaves the parameters of
+      experts no token reached without a gradient (`moec.frontend.idle_experts`); the compiled
+      backward then does too.
     """
 
     spec: MoESpec
@@ -53,6 +56,7 @@ class LiftedMoE:
     out_dtypes: tuple = ()
     observed: tuple[str, ...] = ()
     observed_calls: dict = field(default_factory=dict)
+    idle_experts: dict = field(default_factory=dict)
     eager_in: dict = field(default_factory=dict)
 
 
