@@ -141,6 +141,7 @@ def compile_module(model: nn.Module, *, dump_dir=None, arch: Optional[str] = Non
     _register_integrations()
     root = _dump_root(dump_dir)
     regions, skipped = [], []
+    traced.release_freed()
     found = find_moe_modules(model)
     for qualname, module in found:
         name = qualname or type(module).__name__

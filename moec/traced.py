@@ -34,20 +34,27 @@ _PENDING: dict = {}           # token -> (outputs with their graph, the leaves t
 _tokens = itertools.count(1)
 _MISSING = object()
 planning = False              # inside `_plan` (trace time): module calls run as in eager
+_traced_any = False           # torch.compile has traced a layer (see `release_freed`)
 
 
 def handle(module: nn.Module) -> int:
     """A number naming ``module`` to the op (ops take no Python objects). Dynamo guards the number, so
     the smallest free one is given: a model built again after the last one was freed (a notebook
-    cell run twice, a loop over runs) reuses the graph torch.compile traced for it."""
+    cell run twice, a loop over runs; see `release_freed`) reuses the graph torch.compile traced for it."""
     h = module.__dict__.get("_moec_handle")
     if h is None or _LAYERS.get(h, lambda: None)() is not module:
-        if _LAYERS:
-            gc.collect()      # lifting leaves reference cycles: free the layers no one holds
         h = next(i for i in itertools.count(1) if i not in _LAYERS)
         module.__dict__["_moec_handle"] = h
         _LAYERS[h] = weakref.ref(module, lambda _, h=h: _LAYERS.pop(h, None))
     return h
+
+
+def release_freed() -> None:
+    """Free the numbers of compiled layers no one holds any more (lifting leaves reference cycles, so
+    a dropped model waits for the cycle collector); called once per `moec.compile`, not per layer,
+    and only once torch.compile has traced a layer (only its graphs hold numbers)."""
+    if _LAYERS and _traced_any:
+        gc.collect()
 
 
 def _module(h: int) -> nn.Module:
@@ -170,7 +177,8 @@ def _plan(h: int) -> tuple:
     """Run at trace time: bring the layer's lift up to date (its guards) and say what the traced code
     must check: ``((path, attribute, value) ..., modes that run eager, output kinds, container)``, or ``()``
     when the layer is not lifted in its current state."""
-    global planning
+    global planning, _traced_any
+    _traced_any = True
     module = _module(h)
     region = module.__dict__["_moec_region"]
     planning, before = True, planning        # a lift's probe calls modules: as in eager, not traced
