@@ -113,7 +113,10 @@ def _forward(self, *args, **kwargs):
 def _own_forward(cls: type):
     """`_forward` with a code object of its own for ``cls``: dynamo keeps its compiled frames and its
     recompile limit per code object, so compiled classes must not share one (as eager ones don't)."""
-    code = _forward.__code__.replace(co_name="forward", co_qualname=f"{cls.__qualname__}.forward")
+    names = {"co_name": "forward"}
+    if sys.version_info >= (3, 11):
+        names["co_qualname"] = f"{cls.__qualname__}.forward"
+    code = _forward.__code__.replace(**names)
     return types.FunctionType(code, _forward.__globals__, "forward")
 
 

@@ -90,7 +90,10 @@ class MoERegion(Region):
             return self._weights[1]
         stacks = {idx: self._stack(idx, [tensors[i] for i in idx]) for idx in self.lifted.weights.stacked}
         w = self.lifted.weights(tensors, stacks)
-        self._weights = (_identities(tensors), w)        # (stacking may have moved them)
+        # kept only when every stack is a view the parameters write into (a copy, for tied experts,
+        # goes stale at the next in-place update); identities taken after stacking moved them
+        shared = all(self._stacks[idx][1] is not None for idx in stacks)
+        self._weights = (_identities(tensors), w) if shared else None
         return w
 
     def _stack(self, idx: tuple, members: list) -> torch.Tensor:

@@ -11,6 +11,7 @@ import functools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import zoo
@@ -368,7 +369,17 @@ def test_a_linear_is_what_computes_one():
         def forward(self, x):
             return x @ self.weight
 
+    class Lora(zoo.PlainLinear):                  # more state than a linear's: its output moves with it
+        def __init__(self):
+            super().__init__(16, 8)
+            self.lora_a = nn.Parameter(torch.randn(4, 16))
+            self.lora_b = nn.Parameter(torch.zeros(8, 4))
+
+        def forward(self, x):
+            return super().forward(x) + F.linear(F.linear(x, self.lora_a), self.lora_b)
+
     torch.manual_seed(0)
+    assert as_linear(Lora()) is None
     lin = zoo.PlainLinear(16, 8, bias=True)
     assert as_linear(lin)[:2] == (16, 8) and as_linear(lin).bias is lin.bias
     assert as_linear(zoo.PlainLinear(16, 8)).bias is None

@@ -526,3 +526,98 @@ def test_idle_experts_get_the_gradient_eager_gives_them(cls):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
     close(model(X), ref(X))
     assert kernel_calls(model) == 2
+
+
+def test_tied_expert_weights_updated_in_place_are_seen():
+    """Experts sharing a weight cannot be views of one stack: moec reads a copy, made again at every
+    call, so an in-place update of the shared weight is seen."""
+    torch.manual_seed(0)
+    net = zoo.MixtralMoE()
+    net.experts[1].w1.weight = net.experts[0].w1.weight
+    ref = copy.deepcopy(net)
+    model = moec.compile(net)
+    close(model(X), ref(X))
+    with torch.no_grad():
+        for m in (model, ref):
+            m.experts[0].w1.weight.mul_(3)
+    close(model(X), ref(X))
+    assert kernel_calls(model) == 2
+
+
+def test_compiling_fires_no_gradient_hook():
+    """Lifting never runs a backward: users' gradient hooks (optimizer-in-backward) stay silent."""
+    torch.manual_seed(0)
+    net = zoo.MixtralSkipEmptyMoE()
+    fired = []
+    for p in net.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: fired.append(1))
+        p.register_hook(lambda g: fired.append(2))
+    before = [p.detach().clone() for p in net.parameters()]
+    moec.compile(net)
+    assert fired == [] and all(torch.equal(p, q) for p, q in zip(net.parameters(), before))
+    assert all(p.grad is None for p in net.parameters())
+
+
+class _OptionalArgRouter(nn.Module):
+    def __init__(self, d=16, E=4):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, d) * 0.3)
+
+    def forward(self, x, return_probs=False):
+        logits = F.linear(x, self.weight)
+        return (logits, logits.softmax(-1)) if return_probs else logits
+
+
+class _OptionalArgRouterMoE(zoo.MixtralMoE):
+    def __init__(self):
+        super().__init__()
+        self.gate = _OptionalArgRouter()
+
+    def forward(self, hidden_states):
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        _, probs = self.gate(x, return_probs=True)
+        w, ids = probs.topk(self.top_k, dim=-1)
+        w = w / w.sum(-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok, slot = torch.where(ids == e)
+            out.index_add_(0, tok, expert(x[tok]) * w[tok, slot, None])
+        return out.reshape(shape)
+
+
+def test_a_hooked_router_is_called_with_the_optional_arguments_the_forward_passes():
+    ref, model = pair(_OptionalArgRouterMoE)
+    seen = {m: [] for m in ("eager", "moec")}
+    for name, m in (("eager", ref), ("moec", model)):
+        m.gate.register_forward_hook(lambda mod, args, out, name=name: seen[name].append(type(out).__name__))
+    close(model(X), ref(X))
+    assert seen["moec"] == seen["eager"] == ["tuple"]
+    assert kernel_calls(model) == 1
+
+
+class _LoadCountingMoE(zoo.MixtralMoE):
+    """Counts its calls in training in a buffer (an expert-load statistic kept by training code)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(4))
+
+    def forward(self, hidden_states):
+        y = super().forward(hidden_states)
+        if self.training:
+            self.calls += 1
+        return y
+
+
+def test_compiling_leaves_buffers_as_they_were():
+    """Lifting traces and probes the forward: a buffer it updates in place must come out untouched, and
+    each training call then updates it once, as eager does."""
+    ref, model = pair(_LoadCountingMoE)
+    assert torch.equal(model.calls, ref.calls)
+    close(model(X), ref(X))
+    assert torch.equal(model.calls, ref.calls) and float(model.calls[0]) == 1.0
+    model.eval()
+    ref.eval()
+    close(model(X), ref(X))
+    assert kernel_calls(model) == 1 and "training" in model.explain()

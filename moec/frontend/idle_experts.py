@@ -5,8 +5,8 @@ tokens.numel(): continue``) leaves ``.grad`` of the other experts' parameters ``
 backward, where code that calls every expert (an empty batch for the idle ones) gives them zeros. The
 difference shows in training: optimizers skip a ``None`` gradient but step a zero one (AdamW decays
 the weight, momentum moves it). `idle_expert_grads` finds out which way the module's own code goes by
-running its forward and backward once on one token, on copies of its parameters' gradients, and
-returns ``{tensor index: expert}`` for `LiftedMoE.param_tensors` when idle experts get ``None``
+running its forward once on one token with autograd on and reading which parameters its graph reaches
+(no backward: users' gradient hooks do not fire, ``.grad`` is not touched), and returns ``{tensor index: expert}`` for `LiftedMoE.param_tensors` when idle experts get ``None``
 (empty when they get zeros, or when the experts are one stacked tensor).
 """
 from __future__ import annotations
@@ -30,6 +30,22 @@ def _expert_of(lifted) -> dict:
     return got
 
 
+def _reached(root) -> set:
+    """ids of the leaf tensors the autograd graph of ``root`` accumulates into (no backward is run, so
+    no gradient hook of the user's fires)."""
+    seen, todo, leaves = set(), [root], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        variable = getattr(fn, "variable", None)
+        if variable is not None:
+            leaves.add(id(variable))
+        todo += [f for f, _ in fn.next_functions]
+    return leaves
+
+
 def idle_expert_grads(module: nn.Module, lifted, training: bool) -> dict:
     expert_of = _expert_of(lifted)
     E, k = lifted.spec.num_experts, lifted.spec.router.top_k
@@ -38,35 +54,26 @@ def idle_expert_grads(module: nn.Module, lifted, training: bool) -> dict:
     tensors = lifted.param_tensors(module)
     if not all(isinstance(t, nn.Parameter) and t.requires_grad for t in tensors):
         return {}
-    params = list(module.parameters())
-    saved = [p.grad for p in params]
     device = tensors[0].device
-    try:
-        for p in params:
-            p.grad = None
-        for shape in ((1, 1, lifted.spec.hidden), (1, lifted.spec.hidden)):
-            x = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(tensors[0].dtype).to(device)
-            try:
-                with mode(module, training), seeded(device, 11), hooks_off(module), torch.enable_grad():
-                    out = type(module)._moec_base.forward(module, x) if hasattr(type(module), "_moec_base") \
-                        else module.forward(x)
-                    y = out[0] if isinstance(out, (tuple, list)) else out
-                    y.float().sum().backward()
-                break
-            except Exception:  # noqa: BLE001 - the other input rank, or no answer (zeros, as before)
-                for p in params:
-                    p.grad = None
-        else:
-            return {}
-        with torch.no_grad():
-            w = lifted.weights(tensors)
-            logits = reference.router_logits(x.reshape(-1, x.shape[-1]), w.w_router, w.b_router)
-            hit = set(reference.route(logits, lifted.spec.router, w.score_bias)[0].flatten().tolist())
-        idle = {i: e for i, e in expert_of.items() if e not in hit}
-        busy = {i: e for i, e in expert_of.items() if e in hit}
-        if idle and all(tensors[i].grad is None for i in idle) and all(tensors[i].grad is not None for i in busy):
-            return expert_of
+    forward = type(module)._moec_base.forward if hasattr(type(module), "_moec_base") else type(module).forward
+    for shape in ((1, 1, lifted.spec.hidden), (1, lifted.spec.hidden)):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(tensors[0].dtype).to(device)
+        try:
+            with mode(module, training), seeded(device, 11), hooks_off(module), torch.enable_grad():
+                out = forward(module, x)
+            y = out[0] if isinstance(out, (tuple, list)) else out
+            reached = _reached(y.grad_fn)
+            break
+        except Exception:  # noqa: BLE001 - the other input rank, or no answer (zeros, as before)
+            continue
+    else:
         return {}
-    finally:
-        for p, g in zip(params, saved):
-            p.grad = g
+    with torch.no_grad():
+        w = lifted.weights(tensors)
+        logits = reference.router_logits(x.reshape(-1, x.shape[-1]), w.w_router, w.b_router)
+        hit = set(reference.route(logits, lifted.spec.router, w.score_bias)[0].flatten().tolist())
+    idle = [i for i, e in expert_of.items() if e not in hit]
+    busy = [i for i, e in expert_of.items() if e in hit]
+    if idle and all(id(tensors[i]) not in reached for i in idle) and all(id(tensors[i]) in reached for i in busy):
+        return expert_of
+    return {}

@@ -1,7 +1,8 @@
-"""What counts as a linear layer: an ``nn.Linear``, or any module that computes
-``F.linear(x, self.weight, self.bias)`` — a repository's own ``Linear`` class, a quantisation-ready
-wrapper holding a float weight — checked by calling it once on random rows (remembered per module
-until its class or forward changes)."""
+"""What counts as a linear layer: an ``nn.Linear``, or any module whose only state is ``weight`` (and
+``bias``) and that computes ``F.linear(x, self.weight, self.bias)`` — a repository's own ``Linear``
+class, a quantisation-ready wrapper holding a float weight — checked by calling it once on random rows
+(remembered per module until its class or forward changes). A module with more state (a LoRA
+adapter, a scale) is none: its output depends on what one call cannot pin down."""
 from __future__ import annotations
 
 import weakref
@@ -40,6 +41,10 @@ def as_linear(m: nn.Module) -> Optional[Linear]:
     w, b = m._parameters.get("weight"), m._parameters.get("bias")
     if w is None or w.dim() != 2 or not w.is_floating_point() or w.is_meta or next(m.children(), None) is not None:
         return None
+    others = [k for k, v in m._parameters.items() if v is not None and k not in ("weight", "bias")]
+    if others or any(v is not None for v in m._buffers.values()) or \
+            any(isinstance(v, torch.Tensor) for v in m.__dict__.values()):
+        return None          # more state than a linear's (a LoRA adapter, a scale): not one
     if b is not None and (b.dim() != 1 or b.shape[0] != w.shape[0]):
         return None
     stamp = (type(m), m.__dict__.get("forward"), w.shape, b is None)

@@ -26,12 +26,13 @@ class _Stop(Exception):
 
 
 def _needs_more_than_input(router: nn.Module) -> bool:
+    """Whether ``router``'s forward can take more than the hidden states (optional arguments too: the
+    layer may pass them, ``self.gate(x, return_probs=True)``)."""
     try:
         params = list(inspect.signature(router.forward).parameters.values())
     except (TypeError, ValueError):
         return True
-    required = [p for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return len(required) != 1
+    return len(params) != 1 or params[0].kind not in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD)
 
 
 def _state_names(module: nn.Module) -> dict:

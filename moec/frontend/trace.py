@@ -229,10 +229,14 @@ class Traced:
 @contextlib.contextmanager
 def _traceable(module: nn.Module, training: Optional[bool]):
     """A shallow copy of ``module`` to trace (fx may set attributes on its root), of the user's own class,
-    with every training flag set to ``training`` (None: as they are) until the trace ends."""
+    with every training flag set to ``training`` (None: as they are) until the trace ends. Buffers are
+    put back as they were: a traced forward runs its in-place updates on them (``self.load += 1``)."""
     root = copy.copy(module)
     root.__class__ = getattr(type(module), "_moec_base", type(module))
+    root._buffers = dict(module._buffers)
     flags = [(m, m.training) for m in module.modules()]
+    bufs = [(m, n, b, b.detach().clone()) for m in module.modules() for n, b in m._buffers.items()
+            if isinstance(b, torch.Tensor)]
     try:
         if training is not None:
             for m, _ in flags:
@@ -242,6 +246,11 @@ def _traceable(module: nn.Module, training: Optional[bool]):
     finally:
         for m, f in flags:
             m.training = f
+        with torch.no_grad():
+            for m, n, b, saved in bufs:
+                m._buffers[n] = b
+                if not b.is_meta:
+                    b.copy_(saved)
 
 
 def trace_partial(module: nn.Module, leaves: Iterable[nn.Module] = (), training: Optional[bool] = None) -> Traced:
