@@ -16,17 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import moec  # noqa: E402
 import zoo  # noqa: E402
+from timing import per_call_us  # noqa: E402
 
 
 def _hf(family: str, experts: int):
@@ -54,17 +54,6 @@ LAYERS = {
 }
 
 
-def _per_call_us(fn, batch: int, repeats: int) -> dict:
-    fn()
-    means = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(batch):
-            fn()
-        means.append((time.perf_counter() - t0) / batch * 1e6)
-    return {"median_us": statistics.median(means), "min_us": min(means), "max_us": max(means)}
-
-
 def measure(batch: int = 2000, repeats: int = 15) -> list[dict]:
     rows = []
     for name, build in LAYERS.items():
@@ -75,8 +64,8 @@ def measure(batch: int = 2000, repeats: int = 15) -> list[dict]:
             raise SystemExit(f"{name}: not lifted:\n{layer.explain()}")
         layer(torch.randn(1, 4, 32))                       # first call: compiles, builds the guard
         tensors = lambda: region.tensors(layer)   # noqa: E731
-        guard = _per_call_us(lambda: region.guard(layer), batch, repeats)
-        host = _per_call_us(lambda: (region.guard(layer), region.weights(tensors())), batch, repeats)
+        guard = per_call_us(lambda: region.guard(layer), batch, repeats)
+        host = per_call_us(lambda: (region.guard(layer), region.weights(tensors())), batch, repeats)
         rows.append({"layer": name, "modules": sum(1 for _ in layer.modules()), "guard": guard,
                      "guard_and_weights": host})
     return rows

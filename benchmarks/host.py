@@ -22,18 +22,18 @@ import contextlib
 import copy
 import json
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import moec  # noqa: E402
 import zoo  # noqa: E402
+from timing import per_call_us  # noqa: E402
 from moec.runtime import launch  # noqa: E402
 
 
@@ -99,17 +99,9 @@ def _layers():
     return out
 
 
-def _time(fn, reps: int, batches: int = 15) -> float:
-    """Median over ``batches`` of the mean time of ``reps`` calls, in microseconds."""
-    for _ in range(3):
-        fn()
-    means = []
-    for _ in range(batches):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        means.append((time.perf_counter() - t0) / reps * 1e6)
-    return statistics.median(means)
+def _time(fn, reps: int) -> float:
+    """Median over 15 batches of the mean time of ``reps`` calls, in microseconds."""
+    return per_call_us(fn, reps, 15, warmup=3)["median_us"]
 
 
 def measure(reps: int = 50) -> list[dict]:

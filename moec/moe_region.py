@@ -38,7 +38,8 @@ from moec.runtime.support import why_not_kernels
 from . import guards, reference
 from .compiler import MoERecipe
 from .frontend import lift
-from .frontend.outputs import derive, kernel_outputs, slots
+from .frontend.idle_experts import hit_experts
+from .frontend.outputs import derive, item_dtype, kernel_outputs, pack, slots
 from .frontend.router_call import arguments
 from .region import Region, is_disabled
 from .spec import MoEWeights
@@ -180,7 +181,6 @@ class MoERegion(Region):
                              f"last dim, got input of shape {tuple(x.shape)}")
         if reason is not None:
             return self.eager(reason, eager_forward, x, *args, **kwargs)
-        lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         replay = _call_observed(module, self.lifted, x, x2)
         if replay == "cannot":
@@ -218,14 +218,9 @@ class MoERegion(Region):
         items = []
         for kind, rule in zip(kinds, rules):
             v = got[kind] if kind in got else derive(kind, got["logits"], self.spec.router, w.score_bias)
-            if v is not None:
-                dtype = x.dtype if rule == "x" else rule
-                v = v.to(dtype) if dtype is not None and v.dtype != dtype else v
-            items.append(v)
-        container = self.lifted.container
-        if container is None:
-            return items[0]
-        return container(*items) if hasattr(container, "_fields") else container(items)
+            dtype = item_dtype(rule, x.dtype)
+            items.append(v.to(dtype) if v is not None and dtype is not None and v.dtype != dtype else v)
+        return pack(items, self.lifted.container)
 
     def kernels(self, x2, w: MoEWeights, training, noise):
         c = self.compiled_for(self.recipe, x2.dtype, x2.device)
@@ -237,11 +232,7 @@ class MoERegion(Region):
         the eager backward leaves those without a gradient (`LiftedMoE.idle_experts`)."""
         if not self.lifted.idle_experts:
             return []
-        with torch.no_grad():
-            w = self.lifted.weights(tensors)
-            ids = reference.route(reference.router_logits(x2, w.w_router, w.b_router), self.spec.router,
-                                  w.score_bias)[0]
-            hit = set(ids.flatten().tolist())
+        hit = hit_experts(x2, self.lifted.weights(tensors), self.spec)
         return [1 + i for i, e in self.lifted.idle_experts.items() if e not in hit]
 
     def reference(self, x2, tensors, training, noise):

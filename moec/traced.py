@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .frontend.outputs import slots
+from .frontend.outputs import item_dtype, pack, slots
 
 _LAYERS: dict = {}            # handle -> weakref to a compiled module
 _CONTAINERS: dict = {}        # handle -> the class a layer's outputs come in (a namedtuple's)
@@ -74,9 +74,7 @@ def _out_meta(module: nn.Module, x: Tensor) -> list[tuple]:
               "counts": (E,)}
     kinds = slots(lifted.outputs)
     rules = lifted.out_dtypes or ("x",) * len(kinds)
-    defaults = {"aux": torch.float32, "zloss": torch.float32, "ids": torch.int64, "counts": torch.int64}
-    return [(shapes[kind], x.dtype if rule == "x" else rule if rule is not None else defaults.get(kind, x.dtype))
-            for kind, rule in zip(kinds, rules) if kind != "none"]
+    return [(shapes[kind], item_dtype(rule, x.dtype)) for kind, rule in zip(kinds, rules) if kind != "none"]
 
 
 def _call(module: nn.Module, x: Tensor):
@@ -208,13 +206,7 @@ def forward_for_dynamo(module: nn.Module, x: Tensor, eager):
     tensors = list(module.parameters())
     grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors))
     outs = torch.ops.moec.layer(x, tensors, h, grad)
-    if container is None:
-        return outs[0]
     tensors = iter(outs)
     items = [None if kind == "none" else next(tensors) for kind in kinds]
-    if container == "tuple":
-        return tuple(items)
-    if container == "list":
-        return items
-    cls = _CONTAINERS[h]
-    return cls(*items) if hasattr(cls, "_fields") else cls(items)
+    cls = _CONTAINERS[h] if container == "class" else {None: None, "tuple": tuple, "list": list}[container]
+    return pack(items, cls)

@@ -30,6 +30,13 @@ def _expert_of(lifted) -> dict:
     return got
 
 
+def hit_experts(x2: torch.Tensor, w, spec) -> set:
+    """The experts the rows ``x2 [T, d]`` are routed to (noise-free routing)."""
+    with torch.no_grad():
+        logits = reference.router_logits(x2, w.w_router, w.b_router)
+        return set(reference.route(logits, spec.router, w.score_bias)[0].flatten().tolist())
+
+
 def _reached(root) -> set:
     """ids of the leaf tensors the autograd graph of ``root`` accumulates into (no backward is run, so
     no gradient hook of the user's fires)."""
@@ -68,10 +75,7 @@ def idle_expert_grads(module: nn.Module, lifted, training: bool) -> dict:
             continue
     else:
         return {}
-    with torch.no_grad():
-        w = lifted.weights(tensors)
-        logits = reference.router_logits(x.reshape(-1, x.shape[-1]), w.w_router, w.b_router)
-        hit = set(reference.route(logits, lifted.spec.router, w.score_bias)[0].flatten().tolist())
+    hit = hit_experts(x.reshape(-1, x.shape[-1]), lifted.weights(tensors), lifted.spec)
     idle = [i for i, e in expert_of.items() if e not in hit]
     busy = [i for i, e in expert_of.items() if e in hit]
     if idle and all(id(tensors[i]) not in reached for i in idle) and all(id(tensors[i]) in reached for i in busy):

@@ -58,6 +58,19 @@ def kinds_of(value, T: int, E: int) -> list:
     return []
 
 
+def item_dtype(rule, x_dtype: torch.dtype) -> Optional[torch.dtype]:
+    """The dtype an item is returned in, from its rule in `LiftedMoE.out_dtypes` (``"x"``: the input's)."""
+    return x_dtype if rule == "x" else rule
+
+
+def pack(items: list, container):
+    """The forward's result from its items: y alone (``container`` None), or the items in a tuple, list
+    or namedtuple class."""
+    if container is None:
+        return items[0]
+    return container(*items) if hasattr(container, "_fields") else container(items)
+
+
 def derive(kind: str, logits: torch.Tensor, cfg: RouterConfig, score_bias: Optional[torch.Tensor]):
     """A host kind from the router logits ``[T, E]`` (fp32 values; the caller casts)."""
     if kind == "none":

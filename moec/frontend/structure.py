@@ -103,12 +103,12 @@ def _expert_containers(module: nn.Module):
     return out
 
 
-def _stacked_params(module: nn.Module):
-    """3-D parameters on the module or one child (not in a ModuleList or a convolution), grouped by
-    leading dim."""
+def _stacked_params(module: nn.Module, keep=lambda path: True):
+    """3-D parameters on the module or one child (not in a ModuleList or a convolution; ``keep``-ing
+    their path), the largest group by leading dim: ``(E, [(path, shape)])``."""
     groups: dict = {}
     for path, p in module.named_parameters():
-        if p.dim() == 3 and _depth(path) <= 1 and p.shape[0] >= 2:
+        if p.dim() == 3 and _depth(path) <= 1 and p.shape[0] >= 2 and keep(path):
             owner = module.get_submodule(path.rsplit(".", 1)[0]) if "." in path else module
             if isinstance(owner, (nn.ModuleList, nn.ModuleDict, nn.modules.conv._ConvNd)):
                 continue            # a convolution's kernel (e.g. a Mamba mixer's conv1d) is no expert
@@ -133,13 +133,9 @@ def experts_without_router(module: nn.Module) -> Optional[str]:
         E, what, inside = len(paths), f"{name} ({len(paths)} x {cls})", name + "."
         dims = {n for p in paths[:1] for t in module.get_submodule(p).parameters() for n in t.shape}
     else:
-        groups: dict = {}
-        for p, t in module.named_parameters():
-            if t.dim() == 3 and _depth(p) <= 1 and routed(p) and t.shape[0] >= 2:
-                groups.setdefault(t.shape[0], []).append((p, tuple(t.shape)))
-        if not groups:
+        E, params = _stacked_params(module, routed)
+        if not params:
             return None
-        E, params = max(groups.items(), key=lambda kv: len(kv[1]))
         what, inside = ", ".join(p for p, _ in params), None
         dims = {n for _, shape in params for n in shape[1:]}
     weights = [(p, tuple(t.shape)) for p, t in module.named_parameters()
