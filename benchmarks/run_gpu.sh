@@ -24,6 +24,7 @@ TUNE_FILE="$RESULTS/tune.json"
 NO_TUNE="$RESULTS/no-tune-file.json"          # never written: model tiles, not tuned ones
 MODELS="mixtral qwen3 deepseek olmoe"
 FAST="moec moec+graph eager grouped_mm"
+TRAIN_MODELS="mixtral qwen3 deepseek"
 
 steps() {
     echo "env"
@@ -31,9 +32,11 @@ steps() {
     for m in $MODELS; do echo "compile-$m"; done
     for m in $MODELS; do echo "tune-$m"; done
     echo "moe-tuned"
+    for m in $TRAIN_MODELS; do echo "train-$m"; done
     echo "summary"
     echo "moba"
     echo "moba-large"
+    echo "moba-train"
     echo "hf-layer"
 }
 
@@ -47,7 +50,9 @@ describe() {
         tune-*) echo "autotune ${1#tune-}'s kernels per token-count bucket into $TUNE_FILE";;
         moba) echo "benchmarks/moba.py, N = 8K..64K (moec vs SDPA vs FlexAttention)";;
         moba-large) echo "benchmarks/moba.py, N = 128K..512K";;
+        moba-train) echo "benchmarks/moba_train.py: MoBA forward + backward, moec vs SDPA vs FlexAttention, N = 8K..128K";;
         hf-layer) echo "benchmarks/hf_layer.py: a transformers decoder layer at Mixtral / Qwen3-30B-A3B sizes, T = 1 and 4096";;
+        train-*) echo "benchmarks/moe_train.py: forward + backward of ${1#train-}: moec, eager, torch.compile, grouped_mm, floor; T = 128..16384";;
         compile-*) echo "torch.compile baseline of ${1#compile-} (one compile, automatic dynamic shapes), T = 1..16384";;
     esac
 }
@@ -94,12 +99,19 @@ run_step() {
             MOEC_TUNE_FILE="$NO_TUNE" timeout "$STEP_TIMEOUT" python benchmarks/moe.py --models "${step#compile-}" \
                 --methods compile --tag "${step#compile-}_compile" --out "$RESULTS" 2>&1 | tee "$RESULTS/$step.log"
             rc=${PIPESTATUS[0]}; summarize;;
+        train-*)
+            MOEC_TUNE_FILE="$NO_TUNE" timeout "$STEP_TIMEOUT" python benchmarks/moe_train.py --models "${step#train-}" \
+                --out "$RESULTS/train_${step#train-}" 2>&1 | tee "$RESULTS/$step.log"
+            rc=${PIPESTATUS[0]};;
         hf-layer)
             timeout "$STEP_TIMEOUT" python benchmarks/hf_layer.py --out "$RESULTS/hf_layer.json" 2>&1 \
                 | tee "$RESULTS/hf_layer.txt"
             rc=${PIPESTATUS[0]};;
         moba)
             timeout "$STEP_TIMEOUT" python benchmarks/moba.py --sizes 8192 16384 32768 65536 2>&1 | tee "$RESULTS/moba.txt"
+            rc=${PIPESTATUS[0]};;
+        moba-train)
+            timeout "$STEP_TIMEOUT" python benchmarks/moba_train.py 2>&1 | tee "$RESULTS/moba_train.txt"
             rc=${PIPESTATUS[0]};;
         moba-large)
             timeout "$STEP_TIMEOUT" python benchmarks/moba.py --sizes 131072 262144 524288 2>&1 \

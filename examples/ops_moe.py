@@ -2,8 +2,9 @@
 
     python examples/ops_moe.py
 
-The op is registered with torch.library as ``torch.ops.moec.moe``: autograd works (the backward
-recomputes the eager reference), and ``torch.compile`` keeps it as one op in its graph.
+The op is registered with torch.library as ``torch.ops.moec.moe``: autograd works (its backward,
+``torch.ops.moec.moe_backward``, runs moec's generated backward kernels), and ``torch.compile`` keeps
+it as one op in its graph, forward and backward.
 """
 import torch
 

@@ -6,7 +6,7 @@
 A recipe names what is compiled, independent of dtype and target: `MoERecipe` (an MoE layer from
 its `MoESpec`: lifted modules, `moec.ops.moe`), `ExpertsRecipe` (the routed experts alone, given the
 routing: transformers' ``experts_implementation="moec"``), `MobaRecipe` (a MoBA core: lifted
-attention, `moec.ops.moba_attention`). One compile serves every token count: the sizes stay symbolic
+attention, `moec.ops.moba_attention`), `BackwardRecipe` (the backward of an MoE or experts recipe). One compile serves every token count: the sizes stay symbolic
 until `Program.run` binds them. The tune file's entries for the target are read here and handed to
 choose-tiles through the `PassContext`.
 
@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from moec.ir.backward import build_experts_backward_graph, build_moba_backward_graph, build_moe_backward_graph
 from moec.ir.build import build_experts_graph, build_moba_graph, build_moe_graph
 from moec.ir.graph import Graph
 from moec.ir.text import print_graph
@@ -111,6 +112,29 @@ class MobaRecipe:
     def summary(self) -> str:
         c = self.config
         return f"MoBA core (block {c.block_size}, top-{c.top_k}, heads {c.heads}/{c.kv_heads}, head dim {c.head_dim})"
+
+
+@dataclass(frozen=True)
+class BackwardRecipe:
+    """The backward of an MoE layer (`MoERecipe`), of its routed experts (`ExpertsRecipe`) or of a MoBA
+    core (`MobaRecipe`): `moec.ir.backward` builds its graph from the same description as the forward's."""
+
+    of: object
+
+    @property
+    def kind(self) -> str:
+        return f"{self.of.kind}_backward"
+
+    def build(self, dtype: torch.dtype) -> Graph:
+        r = self.of
+        if isinstance(r, MoERecipe):
+            return build_moe_backward_graph(r.spec, dtype, r.outputs)
+        if isinstance(r, MobaRecipe):
+            return build_moba_backward_graph(r.config, dtype, varlen=r.varlen)
+        return build_experts_backward_graph(r.E, r.k, r.d, r.f, r.activation, r.glu, dtype, r.bias, r.variant)
+
+    def summary(self) -> str:
+        return f"backward of the {self.of.summary()}"
 
 
 # ---- the result --------------------------------------------------------------------------------

@@ -10,9 +10,9 @@ user's PyTorch ops, in the traced order.
 
 What runs eagerly, and is counted for ``explain()``: a region that was not lifted (the reason is in the
 report); a call whose signature has no liftable core or fails its probe; ``moec.disabled()``; cores in
-float64, bfloat16 on CPU, or on other devices. With gradients, the kernels run the forward and the
-backward recomputes the eager dense attention for the same selected blocks (`moba_attention_from_indices`
-under autograd), as `moec.ops.moba_attention` does; the gate gets no gradient.
+float64, bfloat16 on CPU, or on other devices. With gradients, the backward runs generated kernels over
+the blocks the forward selected, from its saved out and lse (`moec.ir.backward.build_moba_backward_graph`),
+as `moec.ops.moba_attention` does; the gate gets no gradient.
 """
 from __future__ import annotations
 
@@ -26,10 +26,9 @@ from torch import nn
 from moec.frontend.moba_lift import LiftedMoba, analyse, eager_modules, rewrite, specialise, synthesize_args
 from moec.frontend.fx_ops import val
 from moec.frontend.trace import TraceFailed, bind, signature
-from moec.runtime.autograd import KernelsForward
+from moec.runtime.autograd import KernelsBoth
 
-from .compiler import Compiled, MobaRecipe
-from .moba import reference
+from .compiler import BackwardRecipe, Compiled, MobaRecipe
 from .region import Region, is_disabled
 
 MAX_GRAPHS = 32          # specialised forwards kept per region (least recently used dropped)
@@ -131,16 +130,23 @@ class MobaRegion(Region):
 
     def core(self, q, k, v, config) -> torch.Tensor:
         """The MoBA core on ``q``, ``k``, ``v`` in ``[B, heads, N, D]`` (strided views are fine)."""
-        recipe = MobaRecipe(config, outputs=("out", "indices"))
-        c = self.compiled_for(recipe, q.dtype, q.device)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-            bs = config.block_size
+            c = self.compiled_for(MobaRecipe(config, outputs=("out", "lse", "indices")), q.dtype, q.device)
 
-            def attend(ts, kept):      # the blocks the kernels selected, in eager PyTorch (no gate gradient)
-                return reference.moba_attention_from_indices(*ts, kept[0], block_size=bs)[:1]
+            def forward(ts):           # out, and what the backward reads: out, lse and the selected blocks
+                out, lse, idx = self.run(c, dict(zip("qkv", ts)))
+                return (out,), [out, lse, idx]
 
-            return self.serve("kernels forward, eager backward", KernelsForward.apply,
-                              lambda ts: self.run(c, dict(zip("qkv", ts))), attend, (1,), q, k, v)[0]
+            def backward(ts, saved, grads, needs):   # generated kernels over the blocks the forward selected
+                out, lse, idx = saved
+                self._count("backward: kernels")
+                bw = self.compiled_for(BackwardRecipe(MobaRecipe(config)), q.dtype, q.device)
+                d_out = grads[0] if grads[0] is not None else torch.zeros_like(out)
+                return self.run(bw, {**dict(zip("qkv", ts)), "indices": idx, "out": out, "lse": lse,
+                                     "d_out": d_out, "d_lse": torch.zeros_like(lse)})
+
+            return self.serve("kernels forward and backward", KernelsBoth.apply, forward, backward, None, q, k, v)[0]
+        c = self.compiled_for(MobaRecipe(config, outputs=("out", "indices")), q.dtype, q.device)
         return self.serve("kernels", self.run, c, {"q": q, "k": k, "v": v})[0]
 
     def dump_suffix(self, c: Compiled) -> str:
@@ -175,8 +181,8 @@ class MobaRegion(Region):
             lines.append(f"        the rest of forward stays PyTorch ({len(self.graphs)} specialised call "
                          f"signature(s))" + (f"; eager submodules: {', '.join(kept)}" if kept else ""))
         lines += [f"        {x}" for x in self.program_lines()]
-        lines.append("        backward: when gradients are needed the kernels run the forward and the backward "
-                     "is eager PyTorch (the same selected blocks)")
+        lines.append("        backward: generated kernels over the blocks the forward selected (d q by query "
+                     "tiles, d k / d v key-block-major); the gate's selection has no gradient")
         return lines + [f"        {x}" for x in self.call_lines()]
 
     def program_note(self, c: Compiled) -> str:

@@ -18,8 +18,8 @@ with its hooks, and uses the kernels only if the hooks left the router's output 
 
 A call the kernels cannot serve (an unsupported dtype or device, bf16 under the CPU
 interpreter, moec disabled) runs the module's own eager forward, and the region counts why,
-so `explain()` can say it. When gradients are needed, the forward still runs the kernels and
-the backward recomputes the eager reference under autograd (exact gradients, eager speed).
+so `explain()` can say it. When gradients are needed, the forward runs the kernels and saves the
+routing, and the backward runs generated kernels too (`moec.ir.backward`, `KernelsBoth`).
 """
 from __future__ import annotations
 
@@ -31,14 +31,14 @@ from collections import Counter, OrderedDict
 
 import torch
 
+from moec.ir.backward import grad_outputs, saved_values
 from moec.ir.build import moe_inputs
-from moec.runtime.autograd import KernelsForward
+from moec.runtime.autograd import KernelsBoth
 from moec.runtime.support import why_not_kernels
 
-from . import guards, reference
-from .compiler import MoERecipe
+from . import guards
+from .compiler import BackwardRecipe, MoERecipe
 from .frontend import lift
-from .frontend.idle_experts import hit_experts
 from .frontend.outputs import derive, item_dtype, kernel_outputs, pack, slots
 from .frontend.router_call import arguments
 from .region import Region, is_disabled
@@ -198,12 +198,11 @@ class MoERegion(Region):
             noise = torch.randn(x2.shape[0], self.spec.num_experts, dtype=dtype, device=x.device)
         w = self.weights(tensors)
         if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors)):
-            def backward_reference(ts, _):
-                return self.reference(ts[0], ts[1:], training, noise)
-            backward_reference.no_grad_for = lambda ts: self.idle(ts[0], ts[1:])
-            outs = self.serve("kernels forward, eager backward", KernelsForward.apply,
-                              lambda ts: self.kernels(ts[0], w, training, noise), backward_reference, (),
-                              x2, *tensors)
+            outs = self.serve("kernels forward and backward", KernelsBoth.apply,
+                              lambda ts: self.kernels_saving(ts[0], w, training, noise),
+                              lambda ts, saved, grads, needs: self.kernels_backward(ts, saved, grads, needs, w,
+                                                                                    training, noise),
+                              None, x2, *tensors)
         else:
             outs = self.serve("kernels", self.kernels, x2, w, training, noise)
         return self.pack(outs, x, w)
@@ -227,24 +226,56 @@ class MoERegion(Region):
         inputs = moe_inputs(x2.contiguous() if x2.stride(-1) != 1 else x2, w)
         return self.run(c, inputs, training=training, noise=noise)
 
-    def idle(self, x2, tensors) -> list:
-        """Positions (in ``x2, *tensors``) of the parameters of experts no token of ``x2`` reached, when
-        the eager backward leaves those without a gradient (`LiftedMoE.idle_experts`)."""
+    def kernels_saving(self, x2, w: MoEWeights, training, noise):
+        """`kernels`, and what the backward reads (`moec.ir.backward.SAVED`: the routing, the dispatch)."""
+        c = self.compiled_for(self.recipe, x2.dtype, x2.device)
+        inputs = moe_inputs(x2.contiguous() if x2.stride(-1) != 1 else x2, w)
+        env = self.run(c, inputs, training=training, noise=noise, values=True)
+        return [env[o] for o in c.graph.outputs], [env[v] for v in saved_values(c.graph).values()]
+
+    def kernels_backward(self, ts, saved, grads, needs, w: MoEWeights, training, noise):
+        """The gradients of ``x2, *tensors`` from the generated backward (`BackwardRecipe`), for the
+        gradients ``grads`` of the outputs (None: zero). Only the kernels the wanted gradients need run
+        (frozen experts: no weight-gradient kernels)."""
+        got = dict(zip(self.outputs, grads))
+        self._count("backward: kernels")
+        x2 = ts[0]
+        bw = self.compiled_for(BackwardRecipe(self.recipe), x2.dtype, x2.device)
+        inputs = moe_inputs(x2, w)
+        zeros = {"y": lambda: torch.zeros_like(x2), "aux": lambda: x2.new_zeros((), dtype=torch.float32),
+                 "logits": lambda: x2.new_zeros((x2.shape[0], self.spec.num_experts), dtype=torch.float32),
+                 "weights": lambda: x2.new_zeros((x2.shape[0], self.spec.router.top_k), dtype=torch.float32)}
+        names = {"y": "dy", "aux": "d_aux", "logits": "d_logits", "weights": "d_weights_out"}
+        for o in self.outputs:
+            inputs[names[o]] = got[o] if got[o] is not None else zeros[o]()
+        inputs.update(zip(saved_values(self.compiled_for(self.recipe, x2.dtype, x2.device).graph), saved))
+        # the layer's weights are views (stacks, slices, transposes) of its tensors: their backward maps
+        # each weight's gradient onto the tensors it was read from
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(bool(n)) for t, n in zip(ts, needs)]
+            named = moe_inputs(leaves[0], self.lifted.weights(leaves[1:]))
+            wanted = [(f, v) for f, v in zip(grad_outputs(bw.graph), bw.graph.outputs)
+                      if f in named and named[f].requires_grad]
+            env = self.run(bw, {n: inputs[n] for n, _ in bw.graph.inputs}, training=training, noise=noise,
+                           needed=tuple(v for _, v in wanted))
+            pairs = [(named[f], env[v]) for f, v in wanted]
+            sources = [t for t in leaves if t.requires_grad]
+            out = torch.autograd.grad([p for p, _ in pairs], sources, [g.to(p.dtype) for p, g in pairs],
+                                      allow_unused=True) if pairs and sources else []
+        it = iter(out)
+        got = [next(it) if t.requires_grad else None for t in leaves]
+        for i in self.idle(inputs["ids"]):
+            got[i] = None           # as the eager backward leaves them
+        return got
+
+    def idle(self, ids: torch.Tensor) -> list:
+        """Positions (in ``x2, *tensors``) of the parameters of experts the routing ``ids`` (the forward's)
+        reached no token with, when the eager backward leaves those without a gradient
+        (`LiftedMoE.idle_experts`)."""
         if not self.lifted.idle_experts:
             return []
-        hit = hit_experts(x2, self.lifted.weights(tensors), self.spec)
+        hit = set(ids.unique().tolist())
         return [1 + i for i, e in self.lifted.idle_experts.items() if e not in hit]
-
-    def reference(self, x2, tensors, training, noise):
-        """The same outputs from the eager reference (differentiable)."""
-        w = self.lifted.weights(tensors)
-        y, aux = reference.moe(x2, w, self.spec, noise=noise if training else None)
-        out = {"y": y, "aux": aux,
-               "logits": lambda: reference.router_logits(x2, w.w_router, w.b_router),
-               "weights": lambda: reference.route(reference.router_logits(
-                   x2, w.w_router, w.b_router, w.w_noise, noise if training else None),
-                   self.spec.router, w.score_bias)[1]}
-        return [out[o]() if callable(out[o]) else out[o] for o in self.outputs]
 
     # ---- report -----------------------------------------------------------------------------
     def report(self, qualname: str, cls: str) -> list[str]:
@@ -256,8 +287,8 @@ class MoERegion(Region):
         lines += changed
         lines += [f"        {note}" for note in getattr(self.lifted, "notes", []) if note.startswith(_SHOWN_NOTES)]
         lines += [f"        {line}" for line in self.program_lines()]
-        lines.append("        backward: when gradients are needed the forward runs the kernels and "
-                     "the backward runs eager PyTorch (autograd through the reference)")
+        lines.append("        backward: generated kernels (the gate/up projections recomputed from x, not saved: "
+                     "no activation memory beyond the routing); the router's backward in torch")
         return lines + [f"        {line}" for line in self.call_lines()]
 
 

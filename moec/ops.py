@@ -5,8 +5,10 @@ New model code can call them directly; ``torch.compile`` sees each as a single o
 implementation gives it shapes). Each builds its IR graph through the compile driver
 (`moec.compiler`, memoised per configuration, dtype and arch) and runs the generated kernels (the
 Triton interpreter on a CPU); where the kernels do not apply (float64, bfloat16 on a CPU, other
-devices, mixed dtypes or devices) it runs the eager reference. The backward recomputes the eager
-reference under autograd (`moec.runtime.autograd.reference_grads`).
+devices, mixed dtypes or devices) it runs the eager reference. `moe`'s backward is generated kernels
+too (``torch.ops.moec.moe_backward``, `moec.ir.backward`), registered with ``register_autograd`` so it
+trains under ``torch.compile``; `moba_attention`'s too (``torch.ops.moec.moba_attention_backward``); where the kernels do not apply
+both recompute the eager reference under autograd (`moec.runtime.autograd.reference_grads`).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from moec.ir.backward import grad_outputs, saved_values
 from moec.ir.build import moe_inputs
 from moec.runtime.arch import arch_of, resolve
 from moec.runtime.autograd import reference_grads
@@ -22,7 +25,7 @@ from moec.runtime.support import why_not_kernels
 
 from . import ops_args as args
 from . import reference
-from .compiler import MobaRecipe, compile_program, compile_spec
+from .compiler import BackwardRecipe, MobaRecipe, MoERecipe, compile_program, compile_spec
 from .moba import reference as moba_ref
 from .moba.config import MobaConfig
 from .spec import MoESpec, MoEWeights, RouterConfig, SharedExpertConfig
@@ -96,15 +99,53 @@ def _setup(ctx, inputs, output):
     ctx.config = inputs[len(_ARGS):]
 
 
+@torch.library.custom_op("moec::moe_backward", mutates_args=())
+def _moe_backward_op(dy: Tensor, x: Tensor, w_router: Tensor, w_up: Tensor, w_down: Tensor, w_gate: Optional[Tensor],
+                     b_router: Optional[Tensor], score_bias: Optional[Tensor], shared_up: Optional[Tensor],
+                     shared_down: Optional[Tensor], shared_gate: Optional[Tensor],
+                     shared_gate_proj: Optional[Tensor], b_gate: Optional[Tensor], b_up: Optional[Tensor],
+                     b_down: Optional[Tensor], top_k: int, score: str, renormalize: bool, routed_scaling: float,
+                     n_group: int, topk_group: int, group_score: str, activation: str, act_alpha: float,
+                     glu_limit: Optional[float], up_shift: float) -> list[Tensor]:
+    """The gradients of ``x`` and of each weight given (in `_ARGS` order, the selection bias's zero) from the
+    generated backward (`moec.ir.backward`); the routing is recomputed by the forward's own routing and
+    dispatch steps (`Program.run` with ``needed``), so it is the forward's."""
+    tensors = (x, w_router, w_up, w_down, w_gate, b_router, score_bias, shared_up, shared_down, shared_gate,
+               shared_gate_proj, b_gate, b_up, b_down)
+    spec, w = _spec_and_weights(*tensors, top_k, score, renormalize, routed_scaling, n_group, topk_group,
+                                group_score, activation, act_alpha, glu_limit, up_shift)
+    x2 = x.reshape(-1, x.shape[-1])
+    recipe, arch = MoERecipe(spec, ("y",)), arch_of(x.device)
+    fwd = compile_program(recipe, x.dtype, arch)
+    bwd = compile_program(BackwardRecipe(recipe), x.dtype, arch)
+    inputs = moe_inputs(x2.contiguous(), w)
+    saved = saved_values(fwd.graph)
+    env = fwd.program.run(inputs, needed=tuple(saved.values()))
+    inputs.update({role: env[v] for role, v in saved.items()}, dy=dy.reshape(x2.shape))
+    got = dict(zip(grad_outputs(bwd.graph), bwd.program.run({n: inputs[n] for n, _ in bwd.graph.inputs})))
+    return [got[name].reshape(t.shape) if name in got else torch.zeros_like(t)
+            for name, t in zip(_ARGS, tensors) if t is not None]
+
+
+@_moe_backward_op.register_fake
+def _moe_backward_fake(dy, x, *rest):
+    return [torch.empty_like(t) for t in (x, *rest[:len(_ARGS) - 1]) if t is not None]
+
+
 def _backward(ctx, grad):
     saved = [t if p else None for t, p in zip(ctx.saved_tensors, ctx.present)]
+    needs = ctx.needs_input_grad[:len(_ARGS)]
+    if why_not_kernels(saved[0], [t for t in saved[1:] if t is not None]) is None:
+        it = iter(torch.ops.moec.moe_backward(grad, *saved, *ctx.config))
+        grads = [next(it) if t is not None else None for t in saved]
+        return (*[g if n else None for g, n in zip(grads, needs)], *[None] * len(ctx.config))
 
     def layer(leaves):
         spec, w = _spec_and_weights(*leaves, *ctx.config)
         x = leaves[0]
         return (reference.moe(x.reshape(-1, x.shape[-1]), w, spec)[0].reshape(x.shape),)
 
-    grads = reference_grads(layer, saved, ctx.needs_input_grad[:len(_ARGS)], (grad,))
+    grads = reference_grads(layer, saved, needs, (grad,))
     return (*grads, *[None] * len(ctx.config))
 
 
@@ -172,10 +213,11 @@ def moe_reference(x: Tensor, w_router: Tensor, w_up: Tensor, w_down: Tensor, w_g
 
 # ---- MoBA --------------------------------------------------------------------------------------
 # `moba_attention`: each query attends to its own block (causally) plus the top-k-1 past key blocks
-# whose mean key scores highest. The backward recomputes the eager dense attention for the **same**
-# block indices the forward used (`moba_attention_from_indices`) under autograd, so gradients are those
-# of the computed forward; the selection itself is discrete and gets no gradient (``kconv_weight`` gets
-# none either: it only feeds the selection).
+# whose mean key scores highest. The backward runs generated kernels (``torch.ops.moec.moba_attention_backward``:
+# d q by query tiles, d k / d v key-block-major) for the **same** block indices the forward used, from its
+# saved out and lse, so gradients are those of the computed forward (where the kernels do not apply: the
+# eager dense attention over those blocks, `moba_attention_from_indices`, under autograd); the selection
+# itself is discrete and gets no gradient (``kconv_weight`` gets none either: it only feeds the selection).
 
 SCHEMES = ("auto", "rows", "densify")
 
@@ -240,17 +282,48 @@ def _moba_fake(q, k, v, cu_seqlens, kconv_weight, block_size, top_k, causal, sch
 
 
 def _moba_setup(ctx, inputs, output):
-    q, k, v, cu_seqlens, _kconv, block_size = inputs[:6]
-    ctx.save_for_backward(q, k, v, output[2], cu_seqlens)
-    ctx.block_size = block_size
+    q, k, v, cu_seqlens, kconv, block_size, top_k, _causal, scheme = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], output[2], cu_seqlens)
+    ctx.block_size, ctx.top_k = block_size, top_k
+    ctx.kernels = kernels_apply(q, k, v, kconv)
+
+
+def moba_backward_program(q: Tensor, k: Tensor, *, block_size: int, top_k: int, varlen: bool):
+    """The compiled backward program of a MoBA core (`moec.ir.backward.build_moba_backward_graph`)."""
+    cfg = MobaConfig(block_size, top_k, q.shape[1], k.shape[1], q.shape[3])
+    return compile_program(BackwardRecipe(MobaRecipe(cfg, varlen=varlen)), q.dtype, arch_of(q.device)).program
+
+
+@torch.library.custom_op("moec::moba_attention_backward", mutates_args=())
+def _moba_backward_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], indices: Tensor, out: Tensor,
+                      lse: Tensor, d_out: Tensor, d_lse: Tensor, block_size: int,
+                      top_k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(d q, d k, d v)`` of `moba_attention` from the generated backward kernels (the forward's blocks)."""
+    program = moba_backward_program(q, k, block_size=block_size, top_k=top_k, varlen=cu_seqlens is not None)
+    inputs = {"q": q, "k": k, "v": v, "cu_seqlens": cu_seqlens, "indices": indices, "out": out, "lse": lse,
+              "d_out": d_out, "d_lse": d_lse}
+    dq, dk, dv = program.run({n: t for n, t in inputs.items() if t is not None})
+    return dq, dk, dv
+
+
+@_moba_backward_op.register_fake
+def _moba_backward_fake(q, k, v, cu_seqlens, indices, out, lse, d_out, d_lse, block_size, top_k):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _moba_backward(ctx, grad_out, grad_lse, _grad_idx):
-    q, k, v, idx, cu_seqlens = ctx.saved_tensors
+    q, k, v, out, lse, idx, cu_seqlens = ctx.saved_tensors
+    if ctx.kernels:
+        g_out = grad_out if grad_out is not None else torch.zeros_like(out)
+        g_lse = grad_lse if grad_lse is not None else torch.zeros_like(lse)
+        grads = torch.ops.moec.moba_attention_backward(q, k, v, cu_seqlens, idx, out, lse, g_out, g_lse,
+                                                       ctx.block_size, ctx.top_k)
+        grads = [g if n else None for g, n in zip(grads, ctx.needs_input_grad[:3])]
+        return (*grads, None, None, None, None, None, None)
 
     def attend(qkv):          # the blocks the forward selected; rows with lse = -inf carry no gradient
-        out, lse = moba_ref.moba_attention_from_indices(*qkv, idx, block_size=ctx.block_size, cu_seqlens=cu_seqlens)
-        return out, torch.where(torch.isinf(lse), 0.0, lse)
+        o, l = moba_ref.moba_attention_from_indices(*qkv, idx, block_size=ctx.block_size, cu_seqlens=cu_seqlens)
+        return o, torch.where(torch.isinf(l), 0.0, l)
 
     grads = reference_grads(attend, (q, k, v), ctx.needs_input_grad[:3], (grad_out, grad_lse))
     return (*grads, None, None, None, None, None, None)
@@ -269,8 +342,8 @@ def moba_attention(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: i
     ``[S+1]``, with ``B = 1``) packs variable-length sequences along N; ``kconv_weight [Hkv, D, kc]``
     convolves the keys causally before pooling (routing only). The exact definition is in
     `moec.moba.reference`. Returns ``out [B, H, N, D]``, and with ``return_lse`` also the fp32
-    log-sum-exp ``[B, H, N]``. Differentiable in q, k, v (the backward recomputes the eager dense
-    attention for the selected blocks). ``scheme`` picks the attention kernels: ``"rows"`` (query tiles
+    log-sum-exp ``[B, H, N]``. Differentiable in q, k, v (generated backward kernels over the blocks the
+    forward selected). ``scheme`` picks the attention kernels: ``"rows"`` (query tiles
     with row masks: short sequences), ``"densify"`` (FlashMoBA's key-block-major gathered tiles: long
     sequences) or ``"auto"`` (densify when the average sequence has more than 4 x top_k blocks; a
     threshold not yet measured on a GPU); all give the same result.

@@ -104,6 +104,61 @@ def route(logits: torch.Tensor, cfg: RouterConfig, score_bias: Optional[torch.Te
     return ids, weights, aux
 
 
+def weights_given_ids(logits: torch.Tensor, cfg: RouterConfig, ids: torch.Tensor,
+                      ids_routed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The routing weights `route` gives for the choices it made, as a differentiable function of the
+    logits alone: ``weights[t, s] = score[t, ids[t, s]] * factor[t]`` (0 for dropped pairs), the factor
+    normalising over the top-k choices before capacity (``ids_routed``; ``ids`` when there is no
+    capacity). The backward of the routing: the choices themselves (ranking, groups, selection bias,
+    capacity) have no gradient."""
+    scores = scores_of(logits.float(), cfg)
+    chosen = (ids if ids_routed is None else ids_routed).long()
+    factor = torch.full_like(scores[:, :1], cfg.routed_scaling)
+    if cfg.order == "topk_then_score":
+        factor = factor / scores.gather(1, chosen).sum(-1, keepdim=True)
+    elif cfg.renormalize:
+        factor = factor / (scores.gather(1, chosen).sum(-1, keepdim=True) + 1e-20)
+    kept = ids >= 0
+    picked = scores.gather(1, torch.where(kept, ids, torch.zeros_like(ids)).long())
+    return torch.where(kept, picked * factor, torch.zeros_like(picked))
+
+
+def route_backward(logits: torch.Tensor, cfg: RouterConfig, ids: torch.Tensor, d_weights: torch.Tensor,
+                   ids_routed: Optional[torch.Tensor] = None, d_aux: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The gradient of the fp32 ``logits`` [T, E] from those of the routing weights ``d_weights`` [T, k]
+    (`weights_given_ids`) and of the load-balancing loss ``d_aux`` (`load_balancing_loss` of the choices
+    before capacity), written out (no autograd): the choices have no gradient."""
+    logits = logits.float()
+    T, E = logits.shape
+    scores = scores_of(logits, cfg)
+    chosen = (ids if ids_routed is None else ids_routed).long()
+    kept = ids >= 0
+    at = torch.where(kept, ids, torch.zeros_like(ids)).long()
+    dw = torch.where(kept, d_weights.float(), torch.zeros_like(d_weights, dtype=torch.float32))
+    picked = scores.gather(1, at)
+    factor = torch.full_like(scores[:, :1], cfg.routed_scaling)
+    total = None
+    if cfg.order == "topk_then_score" or cfg.renormalize:
+        total = scores.gather(1, chosen).sum(-1, keepdim=True) + (0.0 if cfg.order == "topk_then_score" else 1e-20)
+        factor = factor / total
+    d_scores = torch.zeros_like(scores).scatter_add_(1, at, dw * factor)
+    if total is not None:      # factor = c / total: d total = -factor / total * sum_s dw * picked
+        d_total = -(factor / total) * (dw * picked).sum(-1, keepdim=True)
+        d_scores.scatter_add_(1, chosen, d_total.expand(-1, chosen.shape[1]).contiguous())
+    if d_aux is not None and cfg.aux_loss and T:
+        counts = torch.zeros(E, device=logits.device).index_add_(
+            0, chosen.reshape(-1), torch.ones(chosen.numel(), device=logits.device))
+        d_probs = (d_aux.float() * E / (T * T) * counts).expand(T, E)
+        if cfg.score == "softmax":
+            d_scores = d_scores + d_probs
+        else:                  # probs = scores / sum(scores)
+            s_sum = scores.sum(-1, keepdim=True)
+            d_scores = d_scores + (d_probs - (d_probs * scores).sum(-1, keepdim=True) / s_sum) / s_sum
+    if cfg.score == "softmax":
+        return scores * (d_scores - (d_scores * scores).sum(-1, keepdim=True))
+    return d_scores * scores * (1.0 - scores)
+
+
 def load_balancing_loss(scores: torch.Tensor, ids: torch.Tensor, cfg: RouterConfig) -> torch.Tensor:
     """``E * sum_e (n_e / T) * P_e`` (see `RouterConfig`); 0 for an empty batch."""
     T, E = scores.shape

@@ -9,7 +9,7 @@ to run; the base
   and again, once, after the tune file changed, dumping each new program (``dump_dir``) and telling
   ``on_compile`` (which rewrites ``explain.txt``);
 - runs a program, recording its launches into the dump the first time;
-- counts every call by what served it (``"kernels"``, ``"kernels forward, eager backward"``,
+- counts every call by what served it (``"kernels"``, ``"kernels forward and backward"``, ``"backward: kernels"``,
   ``"eager: <reason>"``), which ``explain()`` reports.
 
 `disabled()` makes every region run its eager code.
@@ -126,7 +126,8 @@ class Region:
         """This program's folder under ``dump_dir``; every character of a module's name that is not a
         letter, digit, ``_`` or ``-`` becomes ``_``, so no name can reach outside ``dump_dir``."""
         name = re.sub(r"[^\w-]", "_", self.name, flags=re.ASCII)
-        d = self.dump_dir / f"{name}.{dtype_text(c.dtype)}.{c.arch.name}{self.dump_suffix(c)}"
+        backward = ".backward" if c.recipe.kind.endswith("_backward") else ""
+        d = self.dump_dir / f"{name}.{dtype_text(c.dtype)}.{c.arch.name}{self.dump_suffix(c)}{backward}"
         d.mkdir(parents=True, exist_ok=True)
         return d
 
@@ -149,7 +150,8 @@ class Region:
         lines = []
         for c in self.compiled.values():
             where = "the CPU (Triton's interpreter)" if c.arch.name == "cpu" else c.arch.name
-            lines.append(f"compiled for {dtype_text(c.dtype)} on {where}{self.program_note(c)}:")
+            what = "backward compiled" if c.recipe.kind.endswith("_backward") else "compiled"
+            lines.append(f"{what} for {dtype_text(c.dtype)} on {where}{self.program_note(c)}:")
             lines += [f"  {line}" for s in c.kernel_steps() for line in _kernel_lines(s, c)]
             lines += _tile_lines(c)
             if c.program.torch_steps():

@@ -1,7 +1,7 @@
 """choose-tiles: attach to every kernel node the tile of each token-count bucket, and where it came from.
 
 Expects: kernel nodes (ops with a ``tiles`` attribute: ``fused_route``, ``grouped_gemm``,
-``reduce_topk``, and MoBA's ``fused_block_gate``, ``block_sparse_attention``, ``densify_attention``,
+``reduce_topk``, the backward's ``grouped_dgrad`` and ``grouped_wgrad``, and MoBA's ``fused_block_gate``, ``block_sparse_attention``, ``densify_attention``,
 ``own_block_merge``), ``ctx.arch`` and ``ctx.tuned`` (the tune file's entries for this device, or None).
 Guarantees: each has a ``tiles`` attribute ``{bound: tile}`` over the buckets of
 `moec.ir.tiles.BUCKETS` (``T <= 16``, ``<= 128``, ``<= 1024``, larger: ``None``), with
@@ -21,8 +21,8 @@ Where a tile comes from, per bucket (the source names):
 2. ``"cost model"`` (`passes/cost_model.py`): the candidate with the least predicted time over the
    bucket's sample token counts;
 3. ``"interpreter table"`` on ``cpu`` (the Triton interpreter): few, wide programs run fastest there;
-4. ``"table"`` for MoBA's kernels, which the cost model does not model yet (`passes/moba_tiles.py`):
-   one tile for every T.
+4. ``"table"`` for MoBA's kernels and the backward's grouped GEMMs, which the cost model does not model
+   yet (`passes/moba_tiles.py`, `passes/grad_tiles.py`): one tile for every T.
 
 The pass is pure: the tune file is read by the compile driver and handed in through ``ctx``.
 """
@@ -36,6 +36,7 @@ from moec.ir.tiles import BUCKETS, GemmTile, RouteTile, RowTile, bucket_key, buc
 from moec.runtime.tune_file import TuneWarning
 
 from . import cost_model
+from .grad_tiles import grad_tile
 from .moba_tiles import moba_tile
 
 # the interpreter's tiles (arch "cpu"): one bucket
@@ -109,12 +110,17 @@ def _source_attr(sources: dict):
     return values.pop() if len(values) == 1 else sources
 
 
+GRAD_OPS = ("grouped_dgrad", "grouped_wgrad")   # the backward's kernels: `grad_tiles` tables
+
+
 def choose_tiles(g: Graph, ctx) -> Graph:
     nodes = []
     for n in g.nodes:
         if is_kernel(n.op):
             if n.op in cost_model.PROBLEMS:
                 tiles, sources, ignored = tiles_for(n, g, ctx.arch, ctx.tuned)
+            elif n.op in GRAD_OPS:
+                tiles, sources, ignored = {None: grad_tile(n, g, ctx.arch)}, {None: "table"}, {}
             else:
                 bs, D = n.attr["block_size"], int(g.types[n.ins["q"]].shape[3])
                 tiles, sources, ignored = {None: moba_tile(n.op, bs, D, ctx.arch)}, {None: "table"}, {}

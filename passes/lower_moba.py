@@ -3,12 +3,14 @@
 ``fused_block_gate`` is a kernel step: keys pooled by `moec.runtime.moba_pool.pool_keys` (a
 deterministic ``O(T D)`` torch op), then the generated gate kernel; ``block_sparse_attention`` (rows),
 ``densify_attention`` (the collect's torch ops, then the gathered-tile kernel) and ``own_block_merge``
-are generated kernels. Every buffer and grid depends on shapes only (no host synchronisation).
+are generated kernels, as are the backward's ``block_sparse_attention_dq`` and
+``block_sparse_attention_dkdv`` (`moec.runtime.moba_backward_kernel`). Every buffer and grid depends on shapes only (no host synchronisation).
 """
 from __future__ import annotations
 
 from moec.ir.graph import Graph, Node
 from moec.runtime.moba_attention_kernel import MobaAttentionParams, moba_attention_fwd
+from moec.runtime.moba_backward_kernel import MobaDkdvParams, MobaDqParams, moba_dkdv, moba_dq
 from moec.runtime.moba_densify_kernel import MobaDensifyParams, MobaOwnMergeParams, densify_partials, own_block_merge
 from moec.runtime.moba_gate_kernel import MobaGateParams, moba_gate
 from moec.runtime.moba_kernel import render_moba
@@ -68,5 +70,27 @@ def _merge_step(n: Node, g: Graph) -> Step:
                        render_moba, launch, fills_results=False)
 
 
+def _grad_args(v) -> tuple:
+    return v["q"], v["k"], v["v"], v["indices"], v["d_out"], v["lse"], v["delta"]
+
+
+def _dq_step(n: Node, g: Graph) -> Step:
+    def launch(p, v, outs, ctx):
+        return {"d_q": moba_dq(*_grad_args(v), block_size=p.block_size, tile=p.tile, cu_seqlens=v.get("cu_seqlens"),
+                               header=p.header)}
+    return kernel_step(n, lambda tile, _: MobaDqParams(top_k=_top_k(g, n), tile=tile, **_shape(g, n)),
+                       render_moba, launch, fills_results=False)
+
+
+def _dkdv_step(n: Node, g: Graph) -> Step:
+    def launch(p, v, outs, ctx):
+        dk, dv = moba_dkdv(*_grad_args(v), block_size=p.block_size, tile=p.tile, cu_seqlens=v.get("cu_seqlens"),
+                           header=p.header)
+        return {"d_k": dk, "d_v": dv}
+    return kernel_step(n, lambda tile, _: MobaDkdvParams(top_k=_top_k(g, n), tile=tile, **_shape(g, n)),
+                       render_moba, launch, fills_results=False)
+
+
 LOWERINGS = {"fused_block_gate": _gate_step, "block_sparse_attention": _attention_step,
-             "densify_attention": _densify_step, "own_block_merge": _merge_step}
+             "densify_attention": _densify_step, "own_block_merge": _merge_step,
+             "block_sparse_attention_dq": _dq_step, "block_sparse_attention_dkdv": _dkdv_step}

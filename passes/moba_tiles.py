@@ -128,9 +128,26 @@ def gate_tile(block_size: int, head_dim: int, arch: str | Arch | None = None) ->
     return MobaGateTile(bm, bnb, warps, stages)
 
 
+# The backward (`moec.runtime.moba_backward_kernel`): d q by query tiles (the rows forward's layout, with
+# d out resident too), d k / d v by BLOCK_N keys with gathered query rows streamed BLOCK_M at a time.
+_DQ = {a: {bs: (64, 64, 4, 2) for bs in (64, 128, 256, 512)} for a in _ATTN}
+_DKDV = {a: {bs: (64, 64, 4, 2) for bs in (64, 128, 256, 512)} for a in _ATTN}
+
+
+def dq_tile(block_size: int, head_dim: int, arch: str | Arch | None = None) -> MobaAttentionTile:
+    """The backward's d q tile (BLOCK_M query rows, keys in BLOCK_N chunks)."""
+    return _tile(_DQ, block_size, head_dim, arch)
+
+
+def dkdv_tile(block_size: int, head_dim: int, arch: str | Arch | None = None) -> MobaAttentionTile:
+    """The backward's d k / d v tile (BLOCK_N keys owned, query rows BLOCK_M at a time)."""
+    return _tile(_DKDV, block_size, head_dim, arch)
+
+
 # the tile of each MoBA kernel op: (function, head dim from q's type)
 _BY_OP = {"fused_block_gate": gate_tile, "block_sparse_attention": attention_tile,
-          "densify_attention": densify_tile, "own_block_merge": own_tile}
+          "densify_attention": densify_tile, "own_block_merge": own_tile,
+          "block_sparse_attention_dq": dq_tile, "block_sparse_attention_dkdv": dkdv_tile}
 
 
 def moba_tile(op: str, block_size: int, head_dim: int, arch: Arch):

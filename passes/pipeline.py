@@ -73,7 +73,16 @@ MOBA_PIPELINE: tuple[Pass, ...] = (
     Pass("choose-tiles", choose_tiles),
 )
 
-PIPELINES = {"moe": PIPELINE, "moba": MOBA_PIPELINE}
+# The backward of an MoE layer, of its routed experts or of a MoBA core (`moec.ir.backward`): built fused
+# (each forward fragment's vector-Jacobian fragment is already the kernels' shape), so only tiles remain.
+BACKWARD_PIPELINE: tuple[Pass, ...] = (
+    Pass("verify", _verify),
+    Pass("infer-shapes", infer_shapes),
+    Pass("choose-tiles", choose_tiles),
+)
+
+PIPELINES = {"moe": PIPELINE, "moba": MOBA_PIPELINE, "moe_backward": BACKWARD_PIPELINE,
+             "moba_backward": BACKWARD_PIPELINE}
 
 
 class PassError(RuntimeError):

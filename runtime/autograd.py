@@ -1,7 +1,7 @@
-"""Training through generated forward kernels: the forward runs the kernels, the backward is autograd
-through an eager reference of the same function on the saved inputs (exact gradients, eager speed).
-Every entry point uses it: compiled modules through `KernelsForward`, the ``torch.library`` ops
-through `reference_grads` in their registered backward."""
+"""Training through generated kernels: `KernelsBoth` runs generated kernels forward and backward (MoE
+layers, their routed experts and MoBA cores: `moec.ir.backward`). `reference_grads` is the fallback of
+the ``torch.library`` ops where the kernels do not apply: autograd through an eager reference of the
+same function on the saved inputs."""
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -24,29 +24,34 @@ def reference_grads(reference: Callable, tensors: Sequence, needs: Sequence[bool
     return [next(it) if n and t is not None else None for t, n in zip(leaves, needs)]
 
 
-class KernelsForward(torch.autograd.Function):
-    """``KernelsForward.apply(kernels, reference, keep, *tensors)``: ``kernels(tensors)`` (detached) gives
-    the outputs; the backward is `reference_grads` of ``reference(tensors, kept)``, where ``kept`` are
-    the forward's outputs at the positions ``keep`` (e.g. MoBA's selected blocks: the backward attends
-    over the blocks the kernels chose). ``tensors`` may hold None; integer outputs get no gradient.
-    ``reference.no_grad_for(tensors)``, when present, names positions whose gradient is None."""
+class KernelsBoth(torch.autograd.Function):
+    """``KernelsBoth.apply(forward, backward, no_grad_for, *tensors)``: generated kernels both ways.
+    ``forward(tensors)`` (detached) gives ``(outputs, saved)`` (``saved``: tensors the backward reads,
+    e.g. the routing); ``backward(tensors, saved, grads, needs)`` the gradient of each tensor, from the
+    outputs' gradients ``grads`` (None for an output autograd has no gradient for, not zeros).
+    ``no_grad_for(tensors)`` (or None) names positions whose gradient is None, as the eager backward
+    leaves them (experts no token reached)."""
 
     @staticmethod
-    def forward(ctx, kernels, reference, keep, *tensors):
-        outs = tuple(kernels([t.detach() if t is not None else None for t in tensors]))
-        ctx.reference, ctx.n_kept = reference, len(keep)
+    def forward(ctx, forward, backward, no_grad_for, *tensors):
+        outs, saved = forward([t.detach() if t is not None else None for t in tensors])
+        outs = tuple(outs)
+        ctx.fns, ctx.n_saved = (backward, no_grad_for), len(saved)
         ctx.present = [t is not None for t in tensors]
-        ctx.save_for_backward(*[t for t in tensors if t is not None], *[outs[i] for i in keep])
+        ctx.save_for_backward(*[t for t in tensors if t is not None], *saved)
         ctx.mark_non_differentiable(*[o for o in outs if not o.is_floating_point()])
+        ctx.set_materialize_grads(False)
         return outs
 
     @staticmethod
     def backward(ctx, *grads):
-        saved = ctx.saved_tensors
-        kept = saved[len(saved) - ctx.n_kept:]
-        it = iter(saved[:len(saved) - ctx.n_kept])
+        backward, no_grad_for = ctx.fns
+        stored = ctx.saved_tensors
+        saved = stored[len(stored) - ctx.n_saved:]
+        it = iter(stored[:len(stored) - ctx.n_saved])
         tensors = [next(it) if p else None for p in ctx.present]
-        got = reference_grads(lambda ts: ctx.reference(ts, kept), tensors, ctx.needs_input_grad[3:], grads)
-        for i in getattr(ctx.reference, "no_grad_for", lambda ts: ())(tensors):
-            got[i] = None            # as the eager backward leaves them (e.g. experts no token reached)
+        needs = ctx.needs_input_grad[3:]
+        got = [g if n else None for g, n in zip(backward(tensors, saved, grads, needs), needs)]
+        for i in no_grad_for(tensors) if no_grad_for is not None else ():
+            got[i] = None
         return (None, None, None, *got)

@@ -78,8 +78,10 @@ class Step:
 
 # torch steps lowered without host synchronisation or data-dependent shapes: the dispatch sort
 # (runtime/dispatch.py), the aux loss's element-wise ops, expert capacity (runtime/capacity.py),
-# and the shape-decided `select`
-GRAPH_SAFE_TORCH_OPS = frozenset({"dispatch", "aux_loss", "apply_capacity", "select"})
+# the shape-decided `select`, and the backward's router, shared-gate and routing-weight gradients
+# (written-out formulas: moec.reference.route_backward), its fp32 adds and MoBA's row term
+GRAPH_SAFE_TORCH_OPS = frozenset({"dispatch", "aux_loss", "apply_capacity", "select", "router_grad",
+                                  "shared_gate_grad", "pair_weight_grad", "add", "attention_delta"})
 # torch steps that are bookkeeping, not computation a kernel could have done (explain() lists the rest)
 _BOOKKEEPING_OPS = frozenset({"dispatch", "aux_loss", "select"})
 
@@ -140,14 +142,15 @@ class Program:
         """The graph's symbols bound from ``inputs``' shapes (``{T: 7, ...}``)."""
         return bind_sizes(self._binders, inputs)
 
-    def _schedule(self, taken: tuple) -> list[int]:
+    def _schedule(self, taken: tuple, needed: tuple = ()) -> list[int]:
         """The steps a call runs when the selects take ``taken`` (True: operand ``a``): those the
-        outputs need, through the chosen operand of each select."""
-        got = self._schedules.get(taken)
+        outputs (or the values ``needed``) need, through the chosen operand of each select."""
+        key = (taken, needed)
+        got = self._schedules.get(key)
         if got is None:
             producer = {v: i for i, s in enumerate(self.steps) for v in s.node.outs.values()}
             choice = {i: ("a" if t else "b") for (i, _), t in zip(self._selects, taken)}
-            live, todo = set(), [producer[o] for o in self.graph.outputs if o in producer]
+            live, todo = set(), [producer[o] for o in (needed or self.graph.outputs) if o in producer]
             while todo:
                 i = todo.pop()
                 if i in live:
@@ -156,14 +159,15 @@ class Program:
                 node = self.steps[i].node
                 reads = [node.ins[choice[i]]] if i in choice else node.ins.values()
                 todo += [producer[v] for v in reads if v in producer]
-            got = self._schedules[taken] = sorted(live)
+            got = self._schedules[key] = sorted(live)
         return got
 
     def run(self, inputs: dict[str, torch.Tensor], *, training: bool = False, noise: Optional[torch.Tensor] = None,
-            on_step: Optional[Callable] = None, values: bool = False):
+            on_step: Optional[Callable] = None, values: bool = False, needed: tuple = ()):
         """Run the steps; returns the graph's outputs in order (``values=True``: every value, by name,
-        e.g. for a backward that reuses an intermediate). ``on_step(step, operands, results, ctx)`` is
-        called after each (autotune uses it to capture a kernel's operands)."""
+        e.g. for a backward that reuses an intermediate). ``needed``: run only the steps these values
+        need (e.g. the routing alone), and return every value. ``on_step(step, operands, results, ctx)``
+        is called after each (autotune uses it to capture a kernel's operands)."""
         sizes = self.sizes(inputs)
         lead = inputs[self._token_dim[0]] if self._token_dim else next(iter(inputs.values()))
         T = lead.shape[self._token_dim[1]] if self._token_dim else 0
@@ -171,10 +175,10 @@ class Program:
         env = dict(inputs)
         ctx = {"training": training, "noise": noise, "T": T, "sizes": sizes}
         order = range(len(self.steps))
-        if self._selects:
+        if self._selects or needed:
             taken = tuple(pred(sizes) for _, pred in self._selects)
             ctx["taken"] = dict(zip((i for i, _ in self._selects), taken))
-            order = self._schedule(taken)
+            order = self._schedule(taken, tuple(needed))
         for i in order:
             step = self.steps[i]
             if step.node.op == "select":
@@ -191,4 +195,4 @@ class Program:
             if on_step is not None:
                 on_step(step, ins, outs, ctx)
             env.update({v: outs[r] for r, v in step.node.results})
-        return env if values else [env[o] for o in self.graph.outputs]
+        return env if (values or needed) else [env[o] for o in self.graph.outputs]

@@ -398,3 +398,34 @@ def test_eager_reference_is_caught():
         assert "aten::nonzero" in syncs
         traces.append(ops)
     assert traces[0] != traces[1]
+
+
+# ---- the generated backward ---------------------------------------------------------------------------
+
+def test_backward_program_is_graph_safe():
+    """The backward program of a layer (aux loss, gated shared expert): no host synchronisation, and the
+    same ops and launches whatever the routing (its router and gate backward are written-out formulas)."""
+    from moec.compiler import BackwardRecipe, MoERecipe, compile_program
+    from moec.ir.backward import saved_values
+    from moec.spec import SharedExpertConfig
+    spec = MoESpec(16, 32, RouterConfig(8, 2, renormalize=True, aux_loss=True), shared=SharedExpertConfig(24, True))
+    recipe = MoERecipe(spec, ("y", "aux"))
+    fwd = compile_program(recipe, torch.float32, ARCHS["sm90"])
+    bwd = compile_program(BackwardRecipe(recipe), torch.float32, ARCHS["sm90"])
+    assert bwd.program.graph_safe, bwd.program.graph_unsafe_steps()
+    g = torch.Generator().manual_seed(0)
+    wr, wu, wd, wg = _op_weights()
+    w = MoEWeights(w_router=wr, w_up=wu, w_down=wd, w_gate=wg, shared_up=torch.randn(24, 16, generator=g) / 4,
+                   shared_gate=torch.randn(24, 16, generator=g) / 4, shared_down=torch.randn(16, 24, generator=g) / 5,
+                   shared_gate_proj=torch.randn(1, 16, generator=g) / 4)
+    names = {n for n, _ in bwd.graph.inputs}
+
+    def run(x):
+        env = fwd.program.run(moe_inputs(x, w), values=True)
+        inputs = {**moe_inputs(x, w), **{r: env[v] for r, v in saved_values(fwd.graph).items()},
+                  "dy": torch.ones_like(x), "d_aux": torch.tensor(0.5)}
+        return tuple(bwd.program.run({n: v for n, v in inputs.items() if n in names}))
+
+    def route(x):
+        return ref.route(ref.router_logits(x, wr), spec.router)[0]
+    check_routing_independent(run, wr, SMALL_T, route=route)

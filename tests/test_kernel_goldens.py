@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moec.compiler import ExpertsRecipe, MobaRecipe, MoERecipe, compile_program
+from moec.compiler import BackwardRecipe, ExpertsRecipe, MobaRecipe, MoERecipe, compile_program
 from moec.moba.config import MobaConfig
 from moec.runtime.arch import ARCHS
 from moec.spec import MoESpec, RouterConfig, SharedExpertConfig
@@ -54,6 +54,21 @@ def generate(case: str) -> dict:
     compile driver makes (MoBA: one sequence per batch row and packed sequences, each with both
     attention schemes)."""
     name, arch = case.rsplit(".", 1)
+    if name.endswith(".backward"):        # the backward's kernels (moec.ir.backward)
+        name = name[:-len(".backward")]
+        if name in MOE:
+            spec, dt, outs = MOE[name]
+            return _program_kernels(compile_program(BackwardRecipe(MoERecipe(spec, outs)), DT[dt], ARCHS[arch]))
+        if name in MOBA:
+            cfg, dtype = MOBA[name]
+            out = {}
+            for varlen in (False, True):
+                c = compile_program(BackwardRecipe(MobaRecipe(cfg, varlen=varlen)), dtype, ARCHS[arch])
+                out.update({f"{'varlen.' if varlen else ''}{f}": src for f, src in _program_kernels(c).items()})
+            return out
+        E, k, d, f, act, glu, dtype, bias, variant = EXPERTS[name]
+        recipe = ExpertsRecipe(E, k, d, f, act, glu, bias, variant)
+        return _program_kernels(compile_program(BackwardRecipe(recipe), dtype, ARCHS[arch]))
     if name in MOE:
         spec, dt, outs = MOE[name]
         return _program_kernels(compile_program(MoERecipe(spec, outs), DT[dt], ARCHS[arch]))
@@ -71,7 +86,8 @@ def generate(case: str) -> dict:
 # every case with sm90's tiles (token-count buckets), a few with the interpreter's and other arches'
 CASES = [f"{n}.sm90" for n in (*MOE, *EXPERTS, *MOBA)] + \
         ["mixtral.cpu", "gpt_oss.cpu", "experts_gelu.cpu", "moba_mha.cpu", "mixtral.sm80", "deepseek.sm100",
-         "moba_gqa.sm100"]
+         "moba_gqa.sm100"] + \
+        [f"{n}.backward.{a}" for n in ("qwen_aux", "gpt_oss", "experts_gelu", "moba_gqa") for a in ("sm90", "cpu")]
 
 
 @pytest.fixture(autouse=True)
@@ -97,13 +113,16 @@ def test_kernels_match_golden(case):
 
 # the kernel name each template renders (a new template must be added here, and so get goldens)
 TEMPLATE_KERNELS = {"route": "moec_route", "grouped_gemm": "grouped_gemm", "reduce_topk": "reduce_topk",
+                    "grouped_dgrad": "grouped_dgrad", "grouped_wgrad": "grouped_wgrad",
                     "moba_gate": "moec_moba_gate", "moba_attention": "moec_moba_attention",
-                    "moba_densify": "moec_moba_densify", "moba_own_merge": "moec_moba_own_merge"}
+                    "moba_densify": "moec_moba_densify", "moba_own_merge": "moec_moba_own_merge",
+                    "moba_bwd_dq": "moec_moba_bwd_dq", "moba_bwd_dkdv": "moec_moba_bwd_dkdv"}
 
 
 def test_every_template_is_pinned():
     from moec import templates
-    names = {p.name.split(".")[0] for p in Path(templates.__file__).parent.glob("*.jinja")}
+    names = {p.name.split(".")[0] for p in Path(templates.__file__).parent.glob("*.jinja")
+             if not p.name.startswith("_")}      # "_x.jinja": a piece other templates include
     assert names == set(TEMPLATE_KERNELS)
     firsts = {p.read_text().splitlines()[0] for p in GOLDEN.rglob("*.py")}
     for name, kernel in TEMPLATE_KERNELS.items():

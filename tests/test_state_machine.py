@@ -263,7 +263,7 @@ class Twins(RuleBasedStateMachine):
                     torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-5 * scale)
         for region in _regions(self.model):
             for what in region.calls:
-                assert what.startswith("kernels") or what.startswith("eager: ") and len(what) > 10, what
+                assert what.startswith(("kernels", "backward: kernels")) or what.startswith("eager: ") and len(what) > 10, what
 
 
 def _settings() -> settings:

@@ -59,8 +59,8 @@ def idle_expert_grads(module: nn.Module, lifted, training: bool) -> dict:
     if not expert_of or k >= E or lifted.spec.router.noisy:
         return {}
     tensors = lifted.param_tensors(module)
-    if not all(isinstance(t, nn.Parameter) and t.requires_grad for t in tensors):
-        return {}
+    if not all(isinstance(tensors[i], nn.Parameter) and tensors[i].requires_grad for i in expert_of):
+        return {}           # (the router's buffers, e.g. a selection bias, may be plain tensors)
     device = tensors[0].device
     forward = type(module)._moec_base.forward if hasattr(type(module), "_moec_base") else type(module).forward
     for shape in ((1, 1, lifted.spec.hidden), (1, lifted.spec.hidden)):

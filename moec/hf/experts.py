@@ -17,8 +17,8 @@ is that function for ``"moec"``:
   grouped GEMMs, activation, weighted combine, through moec's pass pipeline and lowering, so the
   program is the same three generated kernels the experts of a lifted layer run: grouped GEMM with
   gather + GLU epilogue, grouped GEMM with scale + scatter epilogue, deterministic top-k reduce;
-- with gradients needed, the forward runs the kernels and the backward recomputes an eager
-  reference under autograd (gradients for hidden states, routing weights and expert weights).
+- with gradients needed, the backward runs generated kernels too (`moec.ir.backward`: gradients for
+  hidden states, routing weights and expert weights; the gate/up projections recomputed from x).
 
 Each experts module gets an `ExpertsRegion` at its first call (`moec.region.Region`: its programs,
 calls by what served them, dumps).
@@ -42,10 +42,11 @@ import torch
 from torch import Tensor, nn
 
 from moec import reference
-from moec.compiler import ExpertsRecipe
+from moec.compiler import BackwardRecipe, ExpertsRecipe
+from moec.ir.backward import grad_outputs, saved_values
 from moec.frontend.adapters import activation_of
 from moec.region import Region, is_disabled
-from moec.runtime.autograd import KernelsForward
+from moec.runtime.autograd import KernelsBoth
 from moec.runtime.support import why_not_kernels
 from moec.spec import ACTIVATIONS, MoESpecError, check_glu_variant
 
@@ -211,7 +212,7 @@ def _region(m: nn.Module) -> ExpertsRegion:
 
 def calls(model: nn.Module) -> Counter:
     """How the experts modules under ``model`` ran with ``experts_implementation="moec"``:
-    ``"kernels"``, ``"kernels forward, eager backward"`` or ``"eager: <reason>"``, summed."""
+    ``"kernels"``, ``"kernels forward and backward"`` (and ``"backward: kernels"`` per backward) or ``"eager: <reason>"``, summed."""
     total: Counter = Counter()
     for m in model.modules():
         region = m.__dict__.get("_moec_experts_region")
@@ -228,29 +229,35 @@ def _eager_forward(m: nn.Module):
     return None
 
 
+def _recipe(layout: ExpertsLayout, k: int) -> ExpertsRecipe:
+    return ExpertsRecipe(layout.E, k, layout.d, layout.f, layout.activation, layout.glu, layout.bias, layout.variant)
+
+
 def run_kernels(region: ExpertsRegion, x: Tensor, ids: Tensor, wts: Tensor, layout: ExpertsLayout,
-                w: dict) -> Tensor:
-    recipe = ExpertsRecipe(layout.E, ids.shape[1], layout.d, layout.f, layout.activation, layout.glu, layout.bias,
-                           layout.variant)
-    c = region.compiled_for(recipe, x.dtype, x.device)
+                w: dict, saving: bool = False):
+    """The experts' output; with ``saving``, ``((y,), [what the backward reads])``."""
+    c = region.compiled_for(_recipe(layout, ids.shape[1]), x.dtype, x.device)
     inputs = {"x": x if x.stride(-1) == 1 else x.contiguous(), "ids": ids.to(torch.int32).contiguous(),
               "weights": wts.to(torch.float32).contiguous(), **{n: t for n, t in w.items() if t is not None}}
-    (y,) = region.run(c, inputs)
-    return y
+    if not saving:
+        (y,) = region.run(c, inputs)
+        return y
+    env = region.run(c, inputs, values=True)
+    return (env[c.graph.outputs[0]],), [env[v] for v in saved_values(c.graph).values()]
 
 
-def reference_experts(x: Tensor, ids: Tensor, wts: Tensor, layout: ExpertsLayout, w: dict) -> Tensor:
-    """The same result in plain torch (differentiable; fp32 arithmetic, like the kernels)."""
-    xf = x.float()
-    y = torch.zeros_like(xf)
-    for e in range(layout.E):
-        tok, slot = torch.nonzero(ids == e, as_tuple=True)
-        if tok.numel():
-            at = {n: (t[e] if t is not None else None) for n, t in w.items()}
-            out = reference.expert_mlp(xf[tok], at["w_up"], at["w_down"], at["w_gate"], layout.activation,
-                                       dict(layout.variant), (at["b_gate"], at["b_up"], at["b_down"]))
-            y = y.index_add(0, tok, out * wts[tok, slot, None].float())
-    return y.to(x.dtype)
+def kernels_backward(region: ExpertsRegion, ts, saved, grads, layout: ExpertsLayout, k: int) -> list:
+    """The gradients of ``(x, weights, *expert tensors)`` from the generated backward."""
+    x, wts, weights = ts[0], ts[1], dict(zip(_WEIGHT_FIELDS, ts[2:]))
+    recipe = _recipe(layout, k)
+    roles = saved_values(region.compiled_for(recipe, x.dtype, x.device).graph)
+    bw = region.compiled_for(BackwardRecipe(recipe), x.dtype, x.device)
+    inputs = {"dy": grads[0] if grads[0] is not None else torch.zeros_like(x), "x": x,
+              **{n: t for n, t in weights.items() if t is not None}, **dict(zip(roles, saved))}
+    region._count("backward: kernels")
+    got = dict(zip(grad_outputs(bw.graph), region.run(bw, inputs)))
+    d_w = got.get("route_weights")
+    return [got.get("x"), d_w.to(wts.dtype) if d_w is not None else None, *[got.get(n) for n in _WEIGHT_FIELDS]]
 
 
 def moec_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor,
@@ -272,11 +279,11 @@ def moec_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Te
     weights = [w[n] for n in _WEIGHT_FIELDS]
     if torch.is_grad_enabled() and any(t.requires_grad for t in [x, wts, *weights] if t is not None):
         def kernels(ts):
-            return (run_kernels(region, ts[0], ids, ts[1], layout, dict(zip(_WEIGHT_FIELDS, ts[2:]))),)
+            return run_kernels(region, ts[0], ids, ts[1], layout, dict(zip(_WEIGHT_FIELDS, ts[2:])), saving=True)
 
-        def eager_experts(ts, _):
-            return (reference_experts(ts[0], ids, ts[1], layout, dict(zip(_WEIGHT_FIELDS, ts[2:]))),)
+        def backward(ts, saved, grads, needs):
+            return kernels_backward(region, ts, saved, grads, layout, ids.shape[1])
 
-        return region.serve("kernels forward, eager backward", KernelsForward.apply, kernels, eager_experts, (),
+        return region.serve("kernels forward and backward", KernelsBoth.apply, kernels, backward, None,
                             x, wts, *weights)[0]
     return region.serve("kernels", run_kernels, region, x, ids, wts, layout, w)

@@ -1,0 +1,214 @@
+"""Build the backward graph of an MoE layer (or of its routed experts) from the same description as its
+forward (`moec.ir.build`): each forward fragment has its vector-Jacobian fragment here, written with the
+backward's ops (`moec.ir.grad_ops`) and the forward's own ``grouped_gemm`` / ``reduce_topk``.
+
+Graph inputs: ``dy`` (the output's gradient, in the layer's dtype), ``d_aux``, ``d_logits`` and
+``d_weights_out`` (the gradients of the aux loss, router logits and routing weights, when the forward
+returns them), the forward's inputs under their names (``x``, ``w_router``, ``w_gate``...), and what
+the forward saved: the routing (``ids``; ``ids_routed`` before capacity; ``route_weights``), the dispatch
+(``order``, ``offsets``) and a gated shared expert's ``shared_scale``. Outputs are named ``d_<input>``
+(`grad_outputs` lists them).
+
+Recompute, not save: the gate/up projections are recomputed from ``x`` (one grouped GEMM each, the
+permute folded into its prologue) rather than saved by the forward, so training holds no more
+activation memory than inference plus the routing; the activation's backward, the routing weight's
+gradient and ``h`` for the down projection's weight gradient come from one kernel's epilogue.
+
+The routed experts' fragment, for ``y = sum_s w[t,s] * down_e(act(gate_e(x)) * up_e(x))``::
+
+    %gate, %up = grouped_gemm(x, w_gate / w_up) {gather_top_k=k}               # recompute
+    %d_gate, %d_up, %h, %dots = grouped_dgrad(dy, w_down, gate, up, scale=route_weights) {act_grad}
+    %d_w_down, %d_b_down = grouped_wgrad(dy, h, scale=route_weights) {gather_a=k}
+    %d_w_gate, %d_b_gate = grouped_wgrad(d_gate, x) {gather_b=k}               # and d_w_up
+    %dx_pairs = grouped_dgrad(d_gate, w_gate, a2=d_up, w2=w_up) {scatter}       # pair order, fp32
+    %d_weights = pair_weight_grad(dots, ids)                                     # d routing weights
+    %d_x = reduce_topk(dx_pairs, ids, residual=<router's and shared expert's d x>)
+"""
+from __future__ import annotations
+
+from ..moba.config import MobaConfig
+from ..spec import MoESpec
+from .build import expert_inputs
+from .graph import Builder, Graph
+from .ops import router_attrs
+from .types import B, S, T, TensorType, dtype_name
+
+SAVED = ("ids", "ids_routed", "route_weights", "order", "offsets", "shared_scale")
+
+
+def saved_values(forward: Graph) -> dict:
+    """Where a forward graph (before or after its passes) holds what its backward reads: ``{saved role:
+    value name}`` for the roles of `SAVED` it has (the routing from the node that produced the ids the
+    dispatch sorts, the dispatch's results, a gated shared expert's scale)."""
+    dispatch = forward.find("dispatch")[0]
+    got = {"ids": dispatch.ins["ids"], "order": dispatch.outs["order"], "offsets": dispatch.outs["offsets"]}
+    producer = forward.producer(got["ids"])
+    if producer is None:                                  # the routing is a graph input (routed experts)
+        got["route_weights"] = "weights"
+    else:
+        got["route_weights"] = producer.outs["weights"]
+        if producer.op == "apply_capacity":
+            got["ids_routed"] = producer.ins["ids"]
+    for n in forward.nodes:
+        if "shared_scale" in n.outs:
+            got["shared_scale"] = n.outs["shared_scale"]
+        elif n.op == "shared_gate":
+            got["shared_scale"] = n.outs["scale"]
+    return got
+
+
+def grad_outputs(g: Graph) -> list[str]:
+    """The names of the inputs whose gradients ``g`` returns, in its output order (each output value
+    is named ``d_<input>``)."""
+    return [o[2:] for o in g.outputs]
+
+
+def _projection_grads(b: Builder, x: str, dy: str, ws: dict, gathered: dict, scale, E: int, k: int,
+                      activation: str, glu: bool, variant: dict, prefix: str = "") -> tuple[str, str, dict]:
+    """The VJP of one expert MLP block (gate/up grouped GEMMs, activation, down grouped GEMM, scaled by
+    ``scale``; ``ws``: role -> the input holding it, e.g. ``w_down -> shared_down``):
+    ``(per-row d x (fp32, pair order when routed), dots, {input: its gradient})``."""
+    routed = {k_: v for k_, v in gathered.items() if v is not None}
+    gather = k if routed else 0
+    first = "w_gate" if glu else "w_up"
+    first_b = "b_gate" if glu else "b_up"
+    gate = b.add("grouped_gemm", {"a": x, "w": ws[first], "bias": ws.get(first_b), **routed},
+                 {"num_experts": E, "gather_top_k": gather}, names={"out": f"{prefix}gate_re"})["out"]
+    up = (b.add("grouped_gemm", {"a": x, "w": ws["w_up"], "bias": ws.get("b_up"), **routed},
+                {"num_experts": E, "gather_top_k": gather}, names={"out": f"{prefix}up_re"})["out"] if glu else None)
+    dg = b.add("grouped_dgrad", {"a": dy, "w": ws["w_down"], "gate": gate, "up": up, "scale": scale, **routed},
+               {"num_experts": E, "gather_top_k": gather, "act_grad": True, "activation": activation,
+                "glu": glu, **variant},
+               names={"out": f"{prefix}d_gate_rows", "out2": f"{prefix}d_up_rows", "h": f"{prefix}h_re",
+                      "dots": f"{prefix}dots"},
+               results=["out", "h", "dots"] + (["out2"] if glu else []))
+    d_first, d_up = dg["out"], dg.get("out2")
+    grads = {}
+    for role, bias, a, rows, attrs in (("w_down", "b_down", dy, dg["h"], {"gather_a": gather}),
+                                       (first, first_b, d_first, x, {"gather_b": gather}),
+                                       ("w_up", "b_up", d_up, x, {"gather_b": gather})):
+        if a is None or ws[role] in grads:
+            continue
+        got = b.add("grouped_wgrad", {"a": a, "b": rows, "scale": scale if role == "w_down" else None, **routed},
+                    {"num_experts": E, **attrs}, names={"out": f"d_{ws[role]}", "dbias": f"d_{ws.get(bias)}"},
+                    results=["out"] + (["dbias"] if bias in ws else []))
+        grads[ws[role]] = got["out"]
+        if bias in ws:
+            grads[ws[bias]] = got["dbias"]
+    dx = b.add("grouped_dgrad", {"a": d_first, "w": ws[first], "a2": d_up, "w2": ws["w_up"] if glu else None,
+                                 **routed}, {"num_experts": E, "scatter": bool(routed), "out_dtype": "f32"},
+               names={"out": f"{prefix}dx_rows"})["out"]
+    return dx, dg["dots"], grads
+
+
+def routed_experts_grad(b: Builder, x: str, dy: str, ws: dict, E: int, k: int, activation: str, glu: bool,
+                        variant: dict, bias: bool) -> tuple[str, str, dict]:
+    """The VJP of `moec.ir.build.routed_experts` given the saved routing: ``(d x pairs [T*k, d] fp32 in
+    pair order, d routing weights [T, k] fp32, {d_<weight>: value})``."""
+    ids = b.input("ids", TensorType("i32", (T, k)))
+    weights = b.input("route_weights", TensorType("f32", (T, k)))
+    order = b.input("order", TensorType("i32", (T * k,)))
+    offsets = b.input("offsets", TensorType("i32", (E + 1,)))
+    dx, dots, grads = _projection_grads(b, x, dy, ws, {"offsets": offsets, "order": order}, weights, E, k,
+                                        activation, glu, variant)
+    dw = b.add("pair_weight_grad", {"dots": dots, "ids": ids, "dy": dy if bias else None,
+                                    "b_down": ws.get("b_down") if bias else None}, {"top_k": k},
+               names={"out": "d_route_weights"})["out"]
+    return dx, dw, {**grads, "route_weights": dw}
+
+
+def build_moe_backward_graph(spec: MoESpec, dtype, outputs=("y",)) -> Graph:
+    """The backward of `moec.ir.build.build_moe_graph` ``(spec, dtype, outputs)`` for the gradients of
+    ``y`` (and ``aux`` when among ``outputs``); see the module docstring."""
+    dt = dtype_name(dtype)
+    r = spec.router
+    E, k, d, f = r.num_experts, r.top_k, spec.hidden, spec.ffn
+    b = Builder("moe_backward")
+    dy = b.input("dy", TensorType(dt, (T, d)))
+    d_aux = b.input("d_aux", TensorType("f32", ())) if "aux" in outputs else None
+    x = b.input("x", TensorType(dt, (T, d)))
+    w_router = b.input("w_router", TensorType(dt, (E, d)))
+    b_router = b.input("b_router", TensorType(dt, (E,))) if r.router_bias else None
+    w_noise = b.input("w_noise", TensorType(dt, (E, d))) if r.noisy else None
+    ws = {n: v for n, v in expert_inputs(b, E, d, f, dt, spec.glu, spec.expert_bias).items() if v is not None}
+    dx_pairs, d_weights, grads = routed_experts_grad(b, x, dy, ws, E, k, spec.activation, spec.glu,
+                                                     spec.glu_variant, spec.expert_bias)
+    del grads["route_weights"]              # an intermediate here: the router's backward takes it
+    ids_routed = b.input("ids_routed", TensorType("i32", (T, k))) if r.capacity_factor is not None else None
+    d_logits = b.input("d_logits", TensorType("f32", (T, E))) if "logits" in outputs else None
+    if "weights" in outputs:             # the routing weights are an output too: their gradient adds up
+        d_out = b.input("d_weights_out", TensorType("f32", (T, k)))
+        d_weights = b.add("add", {"a": d_weights, "b": d_out}, names={"out": "d_route_weights_all"})["out"]
+    rg = b.add("router_grad", {"x": x, "w": w_router, "b": b_router, "w_noise": w_noise, "ids": "ids",
+                               "ids_routed": ids_routed, "d_weights": d_weights, "d_aux": d_aux,
+                               "d_logits": d_logits}, router_attrs(r),
+               names={"dx": "dx_router", "dw": "d_w_router", "db": "d_b_router", "dw_noise": "d_w_noise"},
+               results=["dx", "dw"] + (["db"] if r.router_bias else []) + (["dw_noise"] if r.noisy else []))
+    grads.update({"w_router": rg["dw"], "b_router": rg.get("db"), "w_noise": rg.get("dw_noise")})
+    residual = rg["dx"]
+    if spec.shared is not None:
+        fs = spec.shared.width
+        sw = {"w_up": b.input("shared_up", TensorType(dt, (1, fs, d))),
+              "w_down": b.input("shared_down", TensorType(dt, (1, d, fs)))}
+        if spec.glu:
+            sw["w_gate"] = b.input("shared_gate", TensorType(dt, (1, fs, d)))
+        scale = b.input("shared_scale", TensorType("f32", (T,))) if spec.shared.gated else None
+        s_dx, s_dots, s_grads = _projection_grads(b, x, dy, sw, {}, scale, 1, k, spec.activation, spec.glu, {},
+                                                  prefix="shared_")
+        grads.update(s_grads)
+        residual = b.add("add", {"a": residual, "b": s_dx}, names={"out": "dx_router_shared"})["out"]
+        if spec.shared.gated:
+            w_sg = b.input("shared_gate_proj", TensorType(dt, (1, d)))
+            sg = b.add("shared_gate_grad", {"x": x, "w": w_sg, "scale": scale, "dots": s_dots},
+                       names={"dx": "dx_shared_gate", "dw": "d_shared_gate_proj"})
+            grads["shared_gate_proj"] = sg["dw"]
+            residual = b.add("add", {"a": residual, "b": sg["dx"]}, names={"out": "dx_gates"})["out"]
+    d_x = b.add("reduce_topk", {"y": dx_pairs, "ids": "ids", "residual": residual}, {"top_k": k, "out_dtype": dt},
+                names={"out": "d_x"})["out"]
+    return _finish(b, {"x": d_x, **grads})
+
+
+def build_experts_backward_graph(E: int, k: int, d: int, f: int, activation: str, glu: bool, dtype,
+                                 bias: bool = False, variant: tuple = ()) -> Graph:
+    """The backward of `moec.ir.build.build_experts_graph` (the routing is an input: its weights get a
+    gradient, ``d_weights``)."""
+    dt = dtype_name(dtype)
+    b = Builder("experts_backward")
+    dy = b.input("dy", TensorType(dt, (T, d)))
+    x = b.input("x", TensorType(dt, (T, d)))
+    ws = {n: v for n, v in expert_inputs(b, E, d, f, dt, glu, bias).items() if v is not None}
+    dx_pairs, d_weights, grads = routed_experts_grad(b, x, dy, ws, E, k, activation, glu, dict(variant), bias)
+    d_x = b.add("reduce_topk", {"y": dx_pairs, "ids": "ids"}, {"top_k": k, "out_dtype": dt},
+                names={"out": "d_x"})["out"]
+    return _finish(b, {"x": d_x, **grads})
+
+
+def build_moba_backward_graph(cfg: MobaConfig, dtype, *, varlen: bool = False) -> Graph:
+    """The backward of a MoBA core (`moec.ir.build.build_moba_graph`) given the forward's ``out``, ``lse`` and
+    selected ``indices``: ``d_q``, ``d_k``, ``d_v`` from ``d_out`` and ``d_lse`` (the gate's selection has no
+    gradient, as in MoBA; the key convolution feeds only the selection)::
+
+        %delta = attention_delta(out, d_out, d_lse)
+        %d_q = block_sparse_attention_dq(q, k, v, indices, d_out, lse, delta)      # query-tile-major
+        %d_k, %d_v = block_sparse_attention_dkdv(q, k, v, indices, d_out, lse, delta)  # key-block-major
+    """
+    dt = dtype_name(dtype)
+    b = Builder("moba_backward")
+    qt = TensorType(dt, (B, cfg.heads, T, cfg.head_dim))
+    kt = TensorType(dt, (B, cfg.kv_heads, T, cfg.head_dim))
+    q, k, v = b.input("q", qt), b.input("k", kt), b.input("v", kt)
+    cu = b.input("cu_seqlens", TensorType("i32", (S + 1,))) if varlen else None
+    idx = b.input("indices", TensorType("i32", (B, cfg.heads, T, cfg.top_k)))
+    out, lse = b.input("out", qt), b.input("lse", TensorType("f32", (B, cfg.heads, T)))
+    d_out, d_lse = b.input("d_out", qt), b.input("d_lse", TensorType("f32", (B, cfg.heads, T)))
+    delta = b.add("attention_delta", {"out": out, "d_out": d_out, "d_lse": d_lse})["delta"]
+    ins = {"q": q, "k": k, "v": v, "indices": idx, "d_out": d_out, "lse": lse, "delta": delta, "cu_seqlens": cu}
+    bs = {"block_size": cfg.block_size}
+    dq = b.add("block_sparse_attention_dq", ins, bs)["d_q"]
+    dkv = b.add("block_sparse_attention_dkdv", ins, bs)
+    return _finish(b, {"q": dq, "k": dkv["d_k"], "v": dkv["d_v"]})
+
+
+def _finish(b: Builder, grads: dict) -> Graph:
+    """The graph returning ``grads`` (input -> its gradient's value, named ``d_<input>``) in input order."""
+    return b.graph([grads[n] for n, _ in b.inputs if grads.get(n) is not None])

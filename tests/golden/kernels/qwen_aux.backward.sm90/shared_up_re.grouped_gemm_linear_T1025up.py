@@ -1,0 +1,142 @@
+# moec kernel grouped_gemm_linear_T1025up
+# IR node: %shared_up_re: f32[T, 48] = grouped_gemm(a=%x, w=%shared_up) {num_experts=1, tiles={1024: GemmTile(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=5, group_m=8), None: GemmTile(block_m=32, block_n=64, block_k=64, num_warps=4, num_stages=3, group_m=8)}}
+# grouped GEMM over E=1 experts: out[r, :] = epilogue(A[row(r), :] @ W[e(r)]^T), W[e]: [N=48, K=64]
+# variant: activation=None glu=False bias=False bias_up=False gather_top_k=0 scatter=False scale=False out=float32
+# tile (T >= 1025): BLOCK_M=32 BLOCK_N=64 BLOCK_K=64 GROUP_M=8 num_warps=4 num_stages=3
+#
+# Rows r are (token, expert) pairs in expert-sorted order (`order`, `offsets` from moec.runtime.dispatch).
+# Programs: a 1-D grid of ROW_TILES x N tiles in grouped order: GROUP_M row tiles fastest, then the N tiles,
+# then the next group (the group's rows stay in L2 while weight columns stream). ROW_TILES is an upper bound
+# fixed by M and E; each program finds its expert from the per-expert tile counts (a cumsum over all E
+# offsets) and exits if it has none.
+# Tiles never cross experts. Prologue: GATHER_TOP_K > 0 reads A row order[r] // GATHER_TOP_K (the permute).
+# GLU_INTERLEAVED (set at launch when w and w_up are the even and odd rows of one tensor, GPT-OSS's gate_up):
+# one contiguous [BLOCK_K, 2 BLOCK_N] load split into the gate and up tiles, instead of two stride-2 loads.
+# Epilogue (fp32): biases, activation, GLU product with the up projection, per-row scale, then the store: at row
+# order[r] when SCATTER (the un-permute), else at row r. Rows past offsets[E] (dropped pairs) are not written.
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def grouped_gemm_linear_T1025up(
+    a_ptr, w_ptr, wup_ptr, out_ptr, offsets_ptr, order_ptr, scale_ptr, bias_ptr, bias_up_ptr,
+    M, ROW_TILES,
+    stride_am, stride_ak,
+    stride_we, stride_wn, stride_wk,
+    stride_ue, stride_un, stride_uk,
+    stride_om, stride_on,
+    stride_be, stride_bn, stride_bue, stride_bun,
+    N: tl.constexpr, K: tl.constexpr,
+    NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr,
+    HAS_OFFSETS: tl.constexpr, GATHER_TOP_K: tl.constexpr, SCATTER: tl.constexpr,
+    SCALE: tl.constexpr, GLU: tl.constexpr, GLU_INTERLEAVED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_BIAS_UP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # ---- grouped program order
+    pid = tl.program_id(0)
+    in_group = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_m = (pid // in_group) * GROUP_M
+    group_rows = tl.minimum(ROW_TILES - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_rows
+    pid_n = (pid % in_group) // group_rows
+
+    # ---- which expert and which rows this program owns
+    if HAS_OFFSETS:
+        e_idx = tl.arange(0, E_PAD)
+        e_ok = e_idx < NUM_EXPERTS
+        lo = tl.load(offsets_ptr + e_idx, mask=e_ok, other=0)
+        hi = tl.load(offsets_ptr + e_idx + 1, mask=e_ok, other=0)
+        tiles = tl.cdiv(hi - lo, BLOCK_M)          # row tiles per expert
+        ends = tl.cumsum(tiles, 0)                 # expert e owns tiles [ends[e] - tiles[e], ends[e])
+        if pid_m >= tl.sum(tiles, 0):              # a surplus program: no tile left
+            return
+        expert = tl.sum((ends <= pid_m).to(tl.int32), 0)
+        mine = e_idx == expert                     # picks the expert's entry out of each vector
+        row_end = tl.sum(tl.where(mine, hi, 0), 0)
+        row0 = tl.sum(tl.where(mine, lo + (pid_m - (ends - tiles)) * BLOCK_M, 0), 0)
+        e64 = expert.to(tl.int64)
+    else:
+        row_end = M
+        row0 = pid_m * BLOCK_M
+        e64 = 0
+
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < row_end
+    if GATHER_TOP_K > 0 or SCATTER:
+        pair = tl.load(order_ptr + offs_m, mask=mask_m, other=0)
+    if GATHER_TOP_K > 0:
+        a_rows = pair // GATHER_TOP_K
+    else:
+        a_rows = offs_m
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+
+    a_ptrs = a_ptr + a_rows.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
+    w_ptrs = w_ptr + e64 * stride_we + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    if GLU_INTERLEAVED:   # gate and up: even and odd rows of one [E, 2N, K] weight (wup_ptr), one load
+        offs_n2 = pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
+        mask_n2 = offs_n2 < 2 * N
+        u_ptrs = wup_ptr + e64 * stride_ue + offs_n2.to(tl.int64)[None, :] * stride_un + offs_k[:, None] * stride_uk
+    elif GLU:
+        u_ptrs = wup_ptr + e64 * stride_ue + offs_n.to(tl.int64)[None, :] * stride_un + offs_k[:, None] * stride_uk
+    if GLU:
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+
+    # ---- main loop: fp32 accumulation; fp32 operands use exact (ieee) products
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if GLU_INTERLEAVED:
+            wu = tl.load(u_ptrs, mask=mask_k[:, None] & mask_n2[None, :], other=0.0)
+            b, u = tl.split(tl.reshape(wu, (BLOCK_K, BLOCK_N, 2)))
+        else:
+            b = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if a.dtype != b.dtype:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if a.dtype == tl.float32:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        if GLU:
+            if not GLU_INTERLEAVED:
+                u = tl.load(u_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            if a.dtype != u.dtype:
+                a = a.to(tl.float32)
+                u = u.to(tl.float32)
+            if a.dtype == tl.float32:
+                acc_up = tl.dot(a, u, acc_up, input_precision="ieee")
+            else:
+                acc_up = tl.dot(a, u, acc_up)
+            u_ptrs += BLOCK_K * stride_uk
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+
+    # ---- epilogue, in fp32
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + e64 * stride_be + offs_n * stride_bn, mask=mask_n, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    if HAS_BIAS_UP:
+        bias_up = tl.load(bias_up_ptr + e64 * stride_bue + offs_n * stride_bun, mask=mask_n, other=0.0)
+        acc_up += bias_up.to(tl.float32)[None, :]
+    x = acc
+    if GLU:
+        acc = (x) * (acc_up)
+    else:
+        acc = x
+    if SCALE:
+        if GATHER_TOP_K > 0 or SCATTER:
+            s = tl.load(scale_ptr + pair, mask=mask_m, other=0.0)
+        else:
+            s = tl.load(scale_ptr + offs_m, mask=mask_m, other=0.0)
+        acc = acc * s.to(tl.float32)[:, None]
+    if SCATTER:
+        out_rows = pair
+    else:
+        out_rows = offs_m
+    out_ptrs = out_ptr + out_rows.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])

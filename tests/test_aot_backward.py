@@ -1,0 +1,77 @@
+"""Every kernel of an MoE layer's generated backward (`moec.ir.backward`), at the tiles chosen for each GPU
+arch, compiles ahead of time for that arch (fp16 as recorded and bf16, the GPU dtype), fits its shared
+memory, and uses the arch's tensor-core instructions: the backward's grouped GEMMs take 64-row tiles,
+so sm90 gets wgmma and sm100 tcgen05.
+
+The forward and backward programs are compiled with ``arch=sm80/sm90/sm100`` and run on the CPU under
+the interpreter in fp16 to record their launches; each distinct launch is compiled with
+``triton.compile(target=GPUTarget)``.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aot_util import distinct_launches, record_launches, retyped
+from moec.compiler import BackwardRecipe, ExpertsRecipe, MoERecipe, compile_program
+from moec.ir.backward import saved_values
+from moec.ir.build import moe_inputs
+from moec.runtime.aot import compile_launch
+from moec.runtime.arch import ARCHS
+from moec.runtime.dispatch import dispatch
+from moec.spec import MoESpec, MoEWeights, RouterConfig, SharedExpertConfig
+
+pytestmark = pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+
+SPEC = MoESpec(64, 96, RouterConfig(8, 2, aux_loss=True), shared=SharedExpertConfig(64, gated=True),
+               expert_bias=True)
+EXPERTS = ExpertsRecipe(8, 2, 64, 96, "gelu", False)
+MMA = {"sm80": "mma.sync", "sm90": "wgmma", "sm100": "tcgen05"}
+
+
+def _weights(g) -> MoEWeights:
+    E, d, f, fs = 8, 64, 96, 64
+
+    def rnd(*s):
+        return (torch.randn(*s, generator=g) / s[-1] ** 0.5).half()
+    return MoEWeights(w_router=rnd(E, d), w_gate=rnd(E, f, d), w_up=rnd(E, f, d), w_down=rnd(E, d, f),
+                      b_gate=rnd(E, f), b_up=rnd(E, f), b_down=rnd(E, d), shared_up=rnd(fs, d),
+                      shared_gate=rnd(fs, d), shared_down=rnd(d, fs), shared_gate_proj=rnd(1, d))
+
+
+def _backward_launches(arch: str, T: int = 40) -> list:
+    g = torch.Generator().manual_seed(0)
+    recipe = MoERecipe(SPEC, ("y", "aux"))
+    fwd = compile_program(recipe, torch.float16, ARCHS[arch])
+    bwd = compile_program(BackwardRecipe(recipe), torch.float16, ARCHS[arch])
+    x, w = torch.randn(T, 64, generator=g).half(), _weights(g)
+    env = fwd.program.run(moe_inputs(x, w), values=True)
+    inputs = {**moe_inputs(x, w), **{r: env[v] for r, v in saved_values(fwd.graph).items()},
+              "dy": torch.randn(T, 64, generator=g).half(), "d_aux": torch.tensor(1.0)}
+    names = {n for n, _ in bwd.graph.inputs}
+    records = record_launches(lambda: bwd.program.run({n: v for n, v in inputs.items() if n in names}))
+    # the routed experts alone (transformers' experts interface): ungated GELU experts
+    ebwd = compile_program(BackwardRecipe(EXPERTS), torch.float16, ARCHS[arch])
+    ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(T)]).int()
+    order, offsets = dispatch(ids, 8)
+    einputs = {"dy": torch.randn(T, 64, generator=g).half(), "x": x, "w_up": w.w_up, "w_down": w.w_down,
+               "ids": ids, "route_weights": torch.rand(T, 2, generator=g), "order": order, "offsets": offsets}
+    records += record_launches(lambda: ebwd.program.run(einputs))
+    return distinct_launches(records)
+
+
+@pytest.mark.parametrize("arch", ["sm80", "sm90", "sm100"])
+def test_backward_kernels_compile_fit_and_use_tensor_cores(arch):
+    launches = _backward_launches(arch)
+    names = {r.kernel.fn_name for r in launches}
+    assert {"grouped_dgrad_gather_silu_glu", "grouped_dgrad_two_scatter", "grouped_wgrad_gather_scaled_dbias",
+            "grouped_wgrad_gather_dbias", "grouped_dgrad_silu_glu", "grouped_dgrad_two", "grouped_wgrad_scaled",
+            "grouped_dgrad_gather_gelu", "grouped_dgrad_scatter"} <= names, names
+    for record in launches:
+        for dtype in ("fp16", "bf16"):
+            rec = record if dtype == "fp16" else retyped(record, "fp16", "bf16")
+            report = compile_launch(rec, arch)
+            where = f"{rec.kernel.fn_name} {arch} {dtype}"
+            assert report.fits, f"{where}: {report.shared} > {report.smem_limit} bytes of shared memory"
+            if rec.kernel.fn_name.startswith(("grouped_dgrad", "grouped_wgrad")):
+                assert report.mma == MMA[arch], f"{where}: got {report.mma!r}"
