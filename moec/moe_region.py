@@ -198,10 +198,11 @@ class MoERegion(Region):
             noise = torch.randn(x2.shape[0], self.spec.num_experts, dtype=dtype, device=x.device)
         w = self.weights(tensors)
         if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors)):
+            lifted = self.lifted          # the backward differentiates this call's lift, whatever comes after it
             outs = self.serve("kernels forward and backward", KernelsBoth.apply,
                               lambda ts: self.kernels_saving(ts[0], w, training, noise),
-                              lambda ts, saved, grads, needs: self.kernels_backward(ts, saved, grads, needs, w,
-                                                                                    training, noise),
+                              lambda ts, saved, grads, needs: self.kernels_backward(lifted, ts, saved, grads, needs,
+                                                                                    w, training, noise),
                               None, x2, *tensors)
         else:
             outs = self.serve("kernels", self.kernels, x2, w, training, noise)
@@ -233,29 +234,36 @@ class MoERegion(Region):
         env = self.run(c, inputs, training=training, noise=noise, values=True)
         return [env[o] for o in c.graph.outputs], [env[v] for v in saved_values(c.graph).values()]
 
-    def kernels_backward(self, ts, saved, grads, needs, w: MoEWeights, training, noise):
-        """The gradients of ``x2, *tensors`` from the generated backward (`BackwardRecipe`), for the
-        gradients ``grads`` of the outputs (None: zero). Only the kernels the wanted gradients need run
-        (frozen experts: no weight-gradient kernels)."""
-        got = dict(zip(self.outputs, grads))
+    def kernels_backward(self, lifted, ts, saved, grads, needs, w: MoEWeights, training, noise):
+        """The gradients of ``x2, *tensors`` from the generated backward (`BackwardRecipe`) of the call's
+        lift ``lifted``, for the gradients ``grads`` of its outputs (None: that output is not used, zero).
+        Only the kernels the wanted gradients need run (frozen experts: no weight-gradient kernels); tensors
+        the used outputs do not depend on keep no gradient, as in eager (the experts when only the aux loss
+        or the router logits are used, the noise projection outside training)."""
+        outputs = kernel_outputs(lifted.outputs)
+        recipe = MoERecipe(lifted.spec, outputs)
+        got = dict(zip(outputs, grads))
         self._count("backward: kernels")
         x2 = ts[0]
-        bw = self.compiled_for(BackwardRecipe(self.recipe), x2.dtype, x2.device)
+        bw = self.compiled_for(BackwardRecipe(recipe), x2.dtype, x2.device)
         inputs = moe_inputs(x2, w)
         zeros = {"y": lambda: torch.zeros_like(x2), "aux": lambda: x2.new_zeros((), dtype=torch.float32),
-                 "logits": lambda: x2.new_zeros((x2.shape[0], self.spec.num_experts), dtype=torch.float32),
-                 "weights": lambda: x2.new_zeros((x2.shape[0], self.spec.router.top_k), dtype=torch.float32)}
+                 "logits": lambda: x2.new_zeros((x2.shape[0], lifted.spec.num_experts), dtype=torch.float32),
+                 "weights": lambda: x2.new_zeros((x2.shape[0], lifted.spec.router.top_k), dtype=torch.float32)}
         names = {"y": "dy", "aux": "d_aux", "logits": "d_logits", "weights": "d_weights_out"}
-        for o in self.outputs:
+        for o in outputs:
             inputs[names[o]] = got[o] if got[o] is not None else zeros[o]()
-        inputs.update(zip(saved_values(self.compiled_for(self.recipe, x2.dtype, x2.device).graph), saved))
+        inputs.update(zip(saved_values(self.compiled_for(recipe, x2.dtype, x2.device).graph), saved))
+        unused = set() if noise is not None else {"w_noise"}
+        if got.get("y") is None:            # only the router's outputs are used: no expert gets a gradient
+            unused |= {f for f in grad_outputs(bw.graph) if f not in ("x", "w_router", "b_router", "w_noise")}
         # the layer's weights are views (stacks, slices, transposes) of its tensors: their backward maps
         # each weight's gradient onto the tensors it was read from
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_(bool(n)) for t, n in zip(ts, needs)]
-            named = moe_inputs(leaves[0], self.lifted.weights(leaves[1:]))
+            named = moe_inputs(leaves[0], lifted.weights(leaves[1:]))
             wanted = [(f, v) for f, v in zip(grad_outputs(bw.graph), bw.graph.outputs)
-                      if f in named and named[f].requires_grad]
+                      if f in named and named[f].requires_grad and f not in unused]
             env = self.run(bw, {n: inputs[n] for n, _ in bw.graph.inputs}, training=training, noise=noise,
                            needed=tuple(v for _, v in wanted))
             pairs = [(named[f], env[v]) for f, v in wanted]
@@ -264,18 +272,19 @@ class MoERegion(Region):
                                       allow_unused=True) if pairs and sources else []
         it = iter(out)
         got = [next(it) if t.requires_grad else None for t in leaves]
-        for i in self.idle(inputs["ids"]):
+        for i in self.idle(lifted, inputs["ids"]):
             got[i] = None           # as the eager backward leaves them
         return got
 
-    def idle(self, ids: torch.Tensor) -> list:
+    @staticmethod
+    def idle(lifted, ids: torch.Tensor) -> list:
         """Positions (in ``x2, *tensors``) of the parameters of experts the routing ``ids`` (the forward's)
         reached no token with, when the eager backward leaves those without a gradient
         (`LiftedMoE.idle_experts`)."""
-        if not self.lifted.idle_experts:
+        if not lifted.idle_experts:
             return []
         hit = set(ids.unique().tolist())
-        return [1 + i for i, e in self.lifted.idle_experts.items() if e not in hit]
+        return [1 + i for i, e in lifted.idle_experts.items() if e not in hit]
 
     # ---- report -----------------------------------------------------------------------------
     def report(self, qualname: str, cls: str) -> list[str]:

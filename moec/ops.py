@@ -134,8 +134,10 @@ def _moe_backward_fake(dy, x, *rest):
 
 def _backward(ctx, grad):
     saved = [t if p else None for t, p in zip(ctx.saved_tensors, ctx.present)]
-    needs = ctx.needs_input_grad[:len(_ARGS)]
-    if why_not_kernels(saved[0], [t for t in saved[1:] if t is not None]) is None:
+    needs = list(ctx.needs_input_grad[:len(_ARGS)])
+    needs[_ARGS.index("score_bias")] = False             # the selection bias only picks experts: no gradient
+    weights = [t for name, t in zip(_ARGS[1:], saved[1:]) if t is not None and name != "score_bias"]
+    if why_not_kernels(saved[0], weights) is None:        # as the forward decided (the bias may be fp32)
         it = iter(torch.ops.moec.moe_backward(grad, *saved, *ctx.config))
         grads = [next(it) if t is not None else None for t in saved]
         return (*[g if n else None for g, n in zip(grads, needs)], *[None] * len(ctx.config))

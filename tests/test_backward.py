@@ -439,3 +439,52 @@ def test_backward_ir_golden(case, monkeypatch, tmp_path):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
         assert text == path.read_text(), f"{path.name} differs from the golden"
+
+
+def _twins(cls, **kw):
+    torch.manual_seed(0)
+    eager = cls(**kw)
+    return moec.compile(copy.deepcopy(eager)), eager
+
+
+def test_unused_outputs_and_eval_noise_leave_gradients_none_as_eager():
+    """A loss on the aux loss or the router logits alone reaches no expert; a noisy router in eval mode
+    never uses its noise projection: those parameters keep .grad None, as in eager."""
+    for cls, pick in ((zoo.AuxLossMoE, lambda out: out[1]), (zoo.MixtralLogitsMoE, lambda out: out[1].square().sum()),
+                      (zoo.NoisyTopKMoE, lambda out: _tensors(out)[0].square().sum())):
+        compiled, eager = _twins(cls)
+        if cls is zoo.NoisyTopKMoE:
+            compiled.eval(), eager.eval()
+        x = torch.randn(2, 5, 16)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        pick(compiled(xa)).backward()
+        pick(eager(xb)).backward()
+        _assert_same_grads(compiled, eager, xa, xb)
+
+
+def test_backward_of_a_call_made_before_the_layer_changed():
+    """A forward, then an attribute change (the layer is lifted again), then the first call's backward: it
+    differentiates the lift its forward ran."""
+    compiled, eager = _twins(zoo.MixtralMoE)
+    x = torch.randn(1, 6, 16)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = compiled(xa), eager(xb)
+    compiled.top_k = eager.top_k = 1
+    za, zb = compiled(xa), eager(xb)
+    (ya.square().sum() + za.sum()).backward()
+    (yb.square().sum() + zb.sum()).backward()
+    _assert_same_grads(compiled, eager, xa, xb)
+
+
+def test_ops_moe_selection_bias_gets_no_gradient_and_an_fp32_bias_keeps_the_kernels():
+    g = torch.Generator().manual_seed(1)
+    E, d, f = 8, 16, 24
+    w = {n: (torch.randn(*s, generator=g) * 0.3).half().requires_grad_()
+         for n, s in (("w_router", (E, d)), ("w_up", (E, f, d)), ("w_down", (E, d, f)), ("w_gate", (E, f, d)))}
+    bias = torch.randn(E, generator=g).requires_grad_()               # fp32, as DeepSeek keeps it
+    x = torch.randn(6, d, generator=g).half().requires_grad_()
+    kw = dict(top_k=2, score="sigmoid", renormalize=True, n_group=4, topk_group=2, group_score="top2_sum")
+    y = moec.ops.moe(x, **w, score_bias=bias, **kw)
+    with _CountMatmuls() as counter:
+        y.float().square().sum().backward()
+    assert bias.grad is None and counter.count <= 3 and x.grad is not None

@@ -154,6 +154,18 @@ def test_experts_implementation_moec_gradients():
         if p.grad is not None:
             _close(grads[n].grad, p.grad, tol=1e-3)
     assert moec.hf.calls(model)["kernels forward and backward"] == 2
+    assert moec.hf.calls(model)["backward: kernels"] == 2          # the experts' backward: generated kernels
+
+
+def test_experts_backward_dumps_its_program(tmp_path, monkeypatch):
+    """With a dump directory the experts' backward program is dumped too, beside the forward's."""
+    monkeypatch.setenv("MOEC_DUMP_DIR", str(tmp_path))
+    model = H.build("mixtral", experts_implementation="moec").train()
+    ids = torch.randint(3, H.VOCAB, (1, 6), generator=torch.Generator().manual_seed(6))
+    model(ids, labels=ids).loss.backward()
+    dumped = {p.name for p in tmp_path.rglob("*") if p.is_dir()}
+    assert any(n.startswith("hf_experts") and n.endswith(".backward") for n in dumped), dumped
+    assert any(p.name.startswith("d_w_down.grouped_wgrad") for p in tmp_path.rglob("*.py"))
 
 
 def test_experts_layouts_read_by_moec():
@@ -234,3 +246,25 @@ def test_layer_benchmark_runs_small(tmp_path):
     import json
     rows = json.loads(out.read_text())["rows"]
     assert {r["method"] for r in rows} == set(hf_layer.METHODS) and all("error" not in r for r in rows)
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])
+def test_optimizer_steps_of_a_compiled_model_match_eager(name):
+    """A few AdamW steps of a compiled tiny transformers model, its MoE blocks' backward on moec's generated
+    kernels, give eager's losses (with the load-balancing loss from the recorded router logits)."""
+    import copy
+    eager = H.build(name).train()
+    model = moec.compile(copy.deepcopy(eager)).train()
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (model, eager)]
+    gen = torch.Generator().manual_seed(8)
+    for _ in range(3):
+        ids = torch.randint(3, H.VOCAB, (2, 6), generator=gen)
+        losses = []
+        for m, opt in zip((model, eager), opts):
+            opt.zero_grad()
+            loss = m(ids, labels=ids, output_router_logits=True).loss
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        _close(losses[0], losses[1], tol=1e-4)
+    assert all(r.calls["backward: kernels"] == 3 for r in _regions(model)), [r.calls for r in _regions(model)]

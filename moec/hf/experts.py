@@ -199,7 +199,7 @@ class ExpertsRegion(Region):
     """The region of one transformers experts module run with ``experts_implementation="moec"``."""
 
     def dump_suffix(self, c) -> str:
-        return f".{c.recipe.name}"
+        return f".{getattr(c.recipe, 'of', c.recipe).name}"        # a backward's: its forward's name
 
 
 def _region(m: nn.Module) -> ExpertsRegion:
@@ -246,16 +246,21 @@ def run_kernels(region: ExpertsRegion, x: Tensor, ids: Tensor, wts: Tensor, layo
     return (env[c.graph.outputs[0]],), [env[v] for v in saved_values(c.graph).values()]
 
 
-def kernels_backward(region: ExpertsRegion, ts, saved, grads, layout: ExpertsLayout, k: int) -> list:
-    """The gradients of ``(x, weights, *expert tensors)`` from the generated backward."""
-    x, wts, weights = ts[0], ts[1], dict(zip(_WEIGHT_FIELDS, ts[2:]))
+def kernels_backward(region: ExpertsRegion, ts, saved, grads, needs, layout: ExpertsLayout, k: int) -> list:
+    """The gradients of ``(x, weights, *expert tensors)`` wanted (``needs``) from the generated backward;
+    only the kernels those need run (frozen experts: no weight-gradient kernels)."""
+    x, wts = ts[0], ts[1]
     recipe = _recipe(layout, k)
     roles = saved_values(region.compiled_for(recipe, x.dtype, x.device).graph)
     bw = region.compiled_for(BackwardRecipe(recipe), x.dtype, x.device)
     inputs = {"dy": grads[0] if grads[0] is not None else torch.zeros_like(x), "x": x,
-              **{n: t for n, t in weights.items() if t is not None}, **dict(zip(roles, saved))}
+              **{n: t for n, t in zip(_WEIGHT_FIELDS, ts[2:]) if t is not None}, **dict(zip(roles, saved))}
+    names = ["x", "route_weights", *_WEIGHT_FIELDS]          # bw's input names, in the order of ts
+    values = dict(zip(grad_outputs(bw.graph), bw.graph.outputs))
+    wanted = {n: values[n] for n, need in zip(names, needs) if need and n in values}
     region._count("backward: kernels")
-    got = dict(zip(grad_outputs(bw.graph), region.run(bw, inputs)))
+    env = region.run(bw, inputs, needed=tuple(wanted.values()))
+    got = {n: env[v] for n, v in wanted.items()}
     d_w = got.get("route_weights")
     return [got.get("x"), d_w.to(wts.dtype) if d_w is not None else None, *[got.get(n) for n in _WEIGHT_FIELDS]]
 
@@ -282,7 +287,7 @@ def moec_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Te
             return run_kernels(region, ts[0], ids, ts[1], layout, dict(zip(_WEIGHT_FIELDS, ts[2:])), saving=True)
 
         def backward(ts, saved, grads, needs):
-            return kernels_backward(region, ts, saved, grads, layout, ids.shape[1])
+            return kernels_backward(region, ts, saved, grads, needs, layout, ids.shape[1])
 
         return region.serve("kernels forward and backward", KernelsBoth.apply, kernels, backward, None,
                             x, wts, *weights)[0]
