@@ -27,6 +27,7 @@ FAST="moec moec+graph eager grouped_mm"
 TRAIN_MODELS="mixtral qwen3 deepseek"
 
 steps() {
+    echo "install"
     echo "env"
     for m in $MODELS; do echo "moe-$m"; done
     for m in $MODELS; do echo "compile-$m"; done
@@ -42,6 +43,7 @@ steps() {
 
 describe() {
     case "$1" in
+        install) echo "pip install --no-deps --no-build-isolation -e . (this checkout; no network needed); run first by itself when moec is not importable from here";;
         env) echo "GPU, driver, torch/triton versions, pip freeze (seconds)";;
         moe-tuned) echo "MoE benchmark again with the tuned tiles (moec, moec+graph), all four models, T = 1..16384 (moe-tuned-<model>: one model)";;
         moe-tuned-*) echo "MoE benchmark of ${1#moe-tuned-} with the tuned tiles (moec, moec+graph), T = 1..16384";;
@@ -71,6 +73,11 @@ run_step() {
     start=$(date +%s)
     echo "=== [$(date +%H:%M:%S)] step $step: $(describe "$step")"
     case "$step" in
+        install)
+            python -m pip install --no-deps --no-build-isolation -e . > "$RESULTS/install.log" 2>&1
+            rc=$?
+            tail -3 "$RESULTS/install.log"
+            python -c "import moec; print('moec', moec.__version__, 'from', moec.__file__)" || rc=1;;
         env)
             { nvidia-smi; python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"; pip freeze; } \
                 > "$RESULTS/env.log" 2>&1
@@ -141,6 +148,12 @@ if [ "$*" != summary ] && ! python -c "import torch, sys; sys.exit(0 if torch.cu
 fi
 mkdir -p "$RESULTS"
 status=0
+# moec from this checkout: install it first (no network: no dependencies, no build isolation) unless
+# the steps start with `install` anyway or it already imports from here
+if [ "$1" != install ] && [ "$1" != summary ] && ! python -c "import moec, pathlib, sys; \
+sys.exit(0 if pathlib.Path(moec.__file__).resolve().parent == pathlib.Path('moec').resolve() else 1)" 2>/dev/null; then
+    run_step install || exit 1
+fi
 for step in "$@"; do
     run_step "$step" || status=1
 done

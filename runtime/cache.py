@@ -31,7 +31,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import Optional
 
-import platformdirs
 import triton
 
 from moec import env
@@ -51,7 +50,18 @@ class CacheWarning(UserWarning):
 
 
 def configured_dir() -> Path:
-    return env.path("MOEC_CACHE_DIR") or Path(platformdirs.user_cache_dir("moec"))
+    return env.path("MOEC_CACHE_DIR") or user_cache_dir()
+
+
+def user_cache_dir() -> Path:
+    """The user's cache directory for moec: platformdirs' where it is installed, else (a bare machine
+    installed with ``--no-deps``) ``$XDG_CACHE_HOME/moec`` or ``~/.cache/moec``."""
+    try:
+        import platformdirs
+    except ImportError:
+        base = os.environ.get("XDG_CACHE_HOME", "").strip()
+        return (Path(base) if base else Path.home() / ".cache") / "moec"
+    return Path(platformdirs.user_cache_dir("moec"))
 
 
 def _unusable(root: Path) -> Optional[str]:

@@ -1,6 +1,7 @@
 """The kernel cache: content-addressed, atomic under concurrent writers, interpreter on CPU."""
 import multiprocessing as mp
 import os
+from pathlib import Path
 
 import torch
 
@@ -44,3 +45,16 @@ def test_kernel_runs_interpreted_and_records(tmp_path, monkeypatch):
     torch.testing.assert_close(y, x * 3)
     assert recs[0].grid == (2,) and recs[0].signature["x_ptr"] == "*fp32" and recs[0].constexprs == {"BLOCK": 64}
     assert cache.source_key(SRC) != cache.source_key(SRC + "\n")
+
+
+def test_cache_dir_without_platformdirs(monkeypatch, tmp_path):
+    """A bare machine installed with --no-deps has no platformdirs: the cache goes to XDG_CACHE_HOME/moec
+    (or ~/.cache/moec)."""
+    import sys
+    from moec.runtime import cache
+    monkeypatch.setitem(sys.modules, "platformdirs", None)          # import platformdirs raises ImportError
+    monkeypatch.delenv("MOEC_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cache.configured_dir() == tmp_path / "moec"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert cache.configured_dir() == Path.home() / ".cache" / "moec"
