@@ -26,8 +26,11 @@ install: $(if $(filter 1,$(IN_VENV)),,$(VENV)/bin/python)
 demo: install
 	$(PY) examples/quickstart.py
 
+# the suite on up to 4 processes (CI's 2 cores: both), each test file in one process (its order kept)
+PYTEST := -m pytest -q -n auto --maxprocesses 4 --dist loadfile
+
 test: install
-	$(PY) -m pytest -q
+	$(PY) $(PYTEST)
 
 test-large: install
-	HYPOTHESIS_PROFILE=large $(PY) -m pytest -q
+	HYPOTHESIS_PROFILE=large $(PY) $(PYTEST)

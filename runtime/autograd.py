@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
+from torch.autograd.function import once_differentiable
 
 
 def reference_grads(reference: Callable, tensors: Sequence, needs: Sequence[bool], grads: Sequence) -> list:
@@ -30,7 +31,8 @@ class KernelsBoth(torch.autograd.Function):
     e.g. the routing); ``backward(tensors, saved, grads, needs)`` the gradient of each tensor, from the
     outputs' gradients ``grads`` (None for an output autograd has no gradient for, not zeros).
     ``no_grad_for(tensors)`` (or None) names positions whose gradient is None, as the eager backward
-    leaves them (experts no token reached)."""
+    leaves them (experts no token reached). The backward is once differentiable: differentiating it
+    again (``create_graph=True`` and a second ``grad``) raises rather than giving zeros."""
 
     @staticmethod
     def forward(ctx, forward, backward, no_grad_for, *tensors):
@@ -44,6 +46,7 @@ class KernelsBoth(torch.autograd.Function):
         return outs
 
     @staticmethod
+    @once_differentiable           # the kernels' gradients carry no graph: a second derivative is an error
     def backward(ctx, *grads):
         backward, no_grad_for = ctx.fns
         stored = ctx.saved_tensors

@@ -488,3 +488,12 @@ def test_ops_moe_selection_bias_gets_no_gradient_and_an_fp32_bias_keeps_the_kern
     with _CountMatmuls() as counter:
         y.float().square().sum().backward()
     assert bias.grad is None and counter.count <= 3 and x.grad is not None
+
+
+def test_a_second_derivative_is_an_error_not_zeros():
+    compiled = moec.compile(zoo.MixtralMoE().train())
+    x = torch.randn(1, 4, 16, requires_grad=True)
+    (g,) = torch.autograd.grad(compiled(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|twice"):
+        g.sum().backward()
+
