@@ -279,7 +279,8 @@ def _moba_fake(q, k, v, cu_seqlens, kconv_weight, block_size, top_k, causal, sch
     args.moba_args(q, k, v, cu_seqlens, kconv_weight, block_size, top_k, causal, read_values=False)
     B, H, N, _ = q.shape
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return (torch.empty_like(q), q.new_empty((B, H, N), dtype=lse_dtype),
+    # contiguous, as the kernels and the reference return them (q may be a strided view)
+    return (q.new_empty(q.shape), q.new_empty((B, H, N), dtype=lse_dtype),
             q.new_empty((B, H, N, top_k), dtype=torch.int32))
 
 
@@ -288,6 +289,7 @@ def _moba_setup(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, output[0], output[1], output[2], cu_seqlens)
     ctx.block_size, ctx.top_k = block_size, top_k
     ctx.kernels = kernels_apply(q, k, v, kconv)
+    ctx.set_materialize_grads(False)       # an output the loss does not use gets None (not zeros) below
 
 
 def moba_backward_program(q: Tensor, k: Tensor, *, block_size: int, top_k: int, varlen: bool):
@@ -310,7 +312,7 @@ def _moba_backward_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tens
 
 @_moba_backward_op.register_fake
 def _moba_backward_fake(q, k, v, cu_seqlens, indices, out, lse, d_out, d_lse, block_size, top_k):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)      # contiguous, as the kernels
 
 
 def _moba_backward(ctx, grad_out, grad_lse, _grad_idx):
@@ -320,7 +322,9 @@ def _moba_backward(ctx, grad_out, grad_lse, _grad_idx):
         g_lse = grad_lse if grad_lse is not None else torch.zeros_like(lse)
         grads = torch.ops.moec.moba_attention_backward(q, k, v, cu_seqlens, idx, out, lse, g_out, g_lse,
                                                        ctx.block_size, ctx.top_k)
-        grads = [g if n else None for g, n in zip(grads, ctx.needs_input_grad[:3])]
+        needs = list(ctx.needs_input_grad[:3])
+        needs[2] = needs[2] and grad_out is not None        # the lse does not depend on v: eager leaves None
+        grads = [g if n else None for g, n in zip(grads, needs)]
         return (*grads, None, None, None, None, None, None)
 
     def attend(qkv):          # the blocks the forward selected; rows with lse = -inf carry no gradient

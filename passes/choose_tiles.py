@@ -123,7 +123,8 @@ def choose_tiles(g: Graph, ctx) -> Graph:
                 tiles, sources, ignored = {None: grad_tile(n, g, ctx.arch)}, {None: "table"}, {}
             else:
                 bs, D = n.attr["block_size"], int(g.types[n.ins["q"]].shape[3])
-                tiles, sources, ignored = {None: moba_tile(n.op, bs, D, ctx.arch)}, {None: "table"}, {}
+                size = 4 if g.types[n.ins["q"]].dtype == "f32" else 2
+                tiles, sources, ignored = {None: moba_tile(n.op, bs, D, ctx.arch, size)}, {None: "table"}, {}
             n = n.replace(attrs={"tiles": tiles, "tile_source": _source_attr(sources), "tune_ignored": ignored or None})
         nodes.append(n)
     return g.with_nodes(nodes)

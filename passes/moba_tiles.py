@@ -134,14 +134,39 @@ _DQ = {a: {bs: (64, 64, 4, 2) for bs in (64, 128, 256, 512)} for a in _ATTN}
 _DKDV = {a: {bs: (64, 64, 4, 2) for bs in (64, 128, 256, 512)} for a in _ATTN}
 
 
-def dq_tile(block_size: int, head_dim: int, arch: str | Arch | None = None) -> MobaAttentionTile:
+def backward_smem(tile: MobaAttentionTile, head_dim: int, itemsize: int = 2) -> int:
+    """Shared-memory estimate of a backward kernel: its resident BLOCK_N x D key and value chunks (d q: streamed)
+    and, per stage, BLOCK_M x D rows of q and d out, at the inputs' element size (fp32: 4 bytes)."""
+    d = pow2(head_dim)
+    return (2 * tile.block_n + tile.num_stages * 2 * tile.block_m) * d * itemsize + tile.block_m * tile.block_n * 4
+
+
+def _backward_tile(table: dict, block_size: int, head_dim: int, arch, itemsize: int) -> MobaAttentionTile:
+    """The table's tile, shrunk (stages, gathered rows, keys) until `backward_smem` fits 80% of the arch."""
+    a = _arch(arch)
+    tile = _tile(table, block_size, head_dim, a)
+    while a.name != "cpu" and backward_smem(tile, head_dim, itemsize) > 0.8 * a.smem_per_block:
+        bm, bn, warps, stages = tile.block_m, tile.block_n, tile.num_warps, tile.num_stages
+        if stages > 1:
+            stages -= 1
+        elif bm > 16:
+            bm //= 2
+        elif bn > 16:
+            bn //= 2
+        else:
+            break
+        tile = MobaAttentionTile(bm, bn, warps, stages)
+    return tile
+
+
+def dq_tile(block_size: int, head_dim: int, arch: str | Arch | None = None, itemsize: int = 2) -> MobaAttentionTile:
     """The backward's d q tile (BLOCK_M query rows, keys in BLOCK_N chunks)."""
-    return _tile(_DQ, block_size, head_dim, arch)
+    return _backward_tile(_DQ, block_size, head_dim, arch, itemsize)
 
 
-def dkdv_tile(block_size: int, head_dim: int, arch: str | Arch | None = None) -> MobaAttentionTile:
+def dkdv_tile(block_size: int, head_dim: int, arch: str | Arch | None = None, itemsize: int = 2) -> MobaAttentionTile:
     """The backward's d k / d v tile (BLOCK_N keys owned, query rows BLOCK_M at a time)."""
-    return _tile(_DKDV, block_size, head_dim, arch)
+    return _backward_tile(_DKDV, block_size, head_dim, arch, itemsize)
 
 
 # the tile of each MoBA kernel op: (function, head dim from q's type)
@@ -150,6 +175,8 @@ _BY_OP = {"fused_block_gate": gate_tile, "block_sparse_attention": attention_til
           "block_sparse_attention_dq": dq_tile, "block_sparse_attention_dkdv": dkdv_tile}
 
 
-def moba_tile(op: str, block_size: int, head_dim: int, arch: Arch):
-    """The table's tile for a MoBA kernel op."""
+def moba_tile(op: str, block_size: int, head_dim: int, arch: Arch, itemsize: int = 2):
+    """The table's tile for a MoBA kernel op (``itemsize``: of its inputs; the backward's tiles depend on it)."""
+    if op in ("block_sparse_attention_dq", "block_sparse_attention_dkdv"):
+        return _BY_OP[op](block_size, head_dim, arch, itemsize)
     return _BY_OP[op](block_size, head_dim, arch)

@@ -182,3 +182,51 @@ def test_backward_kernels_compile_and_fit(arch):
                 assert report.fits, f"{r.kernel.fn_name} {arch}: {report.shared} > {report.smem_limit}"
                 assert report.mma == {"sm80": "mma.sync", "sm90": "wgmma", "sm100": "tcgen05"}[arch], \
                     f"{r.kernel.fn_name} {arch}: {report.mma!r}"
+
+
+def test_backward_tiles_fit_every_arch_head_dim_and_dtype():
+    """The backward's table tiles are shrunk to the arch's shared memory for the head dim and element size
+    (fp32: 4 bytes); the worst case before shrinking (sm86's 99 KB, head dim 256, bf16) compiles and fits."""
+    from moec.passes.moba_tiles import _DKDV, backward_smem, dkdv_tile, dq_tile
+    for arch in _DKDV:
+        for D in (64, 128, 256):
+            for size in (2, 4):
+                for fn in (dq_tile, dkdv_tile):
+                    tile = fn(128, D, arch, size)
+                    assert backward_smem(tile, D, size) <= 0.8 * ARCHS[arch].smem_per_block, (arch, D, size, tile)
+    cfg = MobaConfig(128, 3, 2, 1, 256)
+    c = compile_program(BackwardRecipe(MobaRecipe(cfg)), torch.float16, ARCHS["sm86"])
+    q, k, v, _, gen = _inputs(1, 2, 1, 131, 256, torch.float16, 17)
+    idx = R.moba_block_selection(q, k, block_size=128, top_k=3).to(torch.int32)
+    out, lse = R.moba_attention_from_indices(q, k, v, idx, block_size=128)
+    inputs = {"q": q, "k": k, "v": v, "indices": idx, "out": out, "lse": lse,
+              "d_out": torch.randn(q.shape, generator=gen).half(), "d_lse": torch.zeros(lse.shape)}
+    for rec in distinct_launches(record_launches(lambda: c.program.run(inputs))):
+        report = compile_launch(retyped(rec, "fp16", "bf16"), "sm86")
+        assert report.fits, f"{rec.kernel.fn_name}: {report.shared} > {report.smem_limit}"
+
+
+def test_fake_outputs_are_contiguous_like_the_kernels():
+    """torch.compile's graphs assume the fake implementations' strides: q, k, v as strided views of
+    [B, N, H, D] tensors give contiguous outputs in both the op and its fake, forward and backward."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    q, k, v = (t.transpose(1, 2) for t in (torch.randn(1, 40, 2, 16), torch.randn(1, 40, 2, 16),
+                                             torch.randn(1, 40, 2, 16)))
+    real = torch.ops.moec.moba_attention(q, k, v, None, None, 16, 2, True, "auto")
+    grads = torch.ops.moec.moba_attention_backward(q, k, v, None, real[2], real[0], real[1], torch.ones_like(real[0]),
+                                                   torch.zeros_like(real[1]), 16, 2)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
+        fake = torch.ops.moec.moba_attention(fq, fk, fv, None, None, 16, 2, True, "auto")
+        fgrads = torch.ops.moec.moba_attention_backward(fq, fk, fv, None, fake[2], fake[0], fake[1],
+                                                        torch.ones_like(fake[0]), torch.zeros_like(fake[1]), 16, 2)
+    for a, b in zip((*real, *grads), (*fake, *fgrads)):
+        assert a.shape == b.shape and a.stride() == b.stride(), (a.stride(), b.stride())
+
+
+def test_a_loss_on_lse_alone_leaves_v_without_gradient():
+    q, k, v, _, g = _inputs(1, 2, 2, 40, 16, torch.float32, 19)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    _, lse = moec.ops.moba_attention(*leaves, block_size=16, top_k=2, return_lse=True)
+    torch.where(torch.isinf(lse), 0.0, lse).sum().backward()
+    assert leaves[2].grad is None and leaves[0].grad is not None and leaves[1].grad is not None
