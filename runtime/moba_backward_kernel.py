@@ -57,10 +57,6 @@ def attention_delta(out: Tensor, d_out: Tensor, d_lse: Optional[Tensor] = None) 
     return delta - d_lse.float() if d_lse is not None else delta
 
 
-def _params(cls, q, k, indices, block_size, tile, cu_seqlens, header):
-    return cls(block_size, indices.shape[3], q.shape[3], q.shape[1] // k.shape[1], cu_seqlens is not None, tile,
-               str(q.dtype).replace("torch.", ""), header)
-
 
 def _check(q, k, v, indices, d_out, lse, delta) -> None:
     B, H, N, D = q.shape
@@ -79,7 +75,7 @@ def moba_dq(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, d_out: Tensor, lse
     _check(q, k, v, indices, d_out, lse, delta)
     B, H, N, D = q.shape
     cu_seqlens = bounded(cu_seqlens, N)
-    params = _params(MobaDqParams, q, k, indices, block_size, tile, cu_seqlens, header)
+    params = MobaDqParams.of(q, k, indices, block_size, tile, cu_seqlens, header)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     tile_seq, tile_local, n_prog, S = query_programs(cu_seqlens, N, tile.block_m)
     args = dict(q_ptr=q, k_ptr=k, v_ptr=v, idx_ptr=indices, do_ptr=d_out, lse_ptr=lse, delta_ptr=delta, dq_ptr=dq,
@@ -117,7 +113,7 @@ def moba_dkdv(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, d_out: Tensor, l
     B, H, N, D = q.shape
     Hkv = k.shape[1]
     cu_seqlens = bounded(cu_seqlens, N)
-    params = _params(MobaDkdvParams, q, k, indices, block_size, tile, cu_seqlens, header)
+    params = MobaDkdvParams.of(q, k, indices, block_size, tile, cu_seqlens, header)
     lists = collect_block_queries(indices, block_size=block_size, kv_heads=Hkv, block_m=tile.block_m,
                                   cu_seqlens=cu_seqlens)
     if cu_seqlens is not None:

@@ -183,10 +183,6 @@ def _check(q: Tensor, k: Tensor, v: Tensor, indices: Tensor) -> None:
                          f"{indices.dtype} {list(indices.shape)}")
 
 
-def _params(cls, q: Tensor, k: Tensor, indices: Tensor, block_size: int, tile, cu_seqlens, header):
-    return cls(block_size, indices.shape[3], q.shape[3], q.shape[1] // k.shape[1], cu_seqlens is not None, tile,
-               str(q.dtype).replace("torch.", ""), header)
-
 
 def plan_partials(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, *, block_size: int, tile: MobaAttentionTile,
                   cu_seqlens: Optional[Tensor] = None, header: str = "",
@@ -198,7 +194,7 @@ def plan_partials(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, *, block_siz
     B, H, N, D = q.shape
     Hkv, K = k.shape[1], indices.shape[3]
     cu_seqlens = bounded(cu_seqlens, N)
-    params = _params(MobaDensifyParams, q, k, indices, block_size, tile, cu_seqlens, header)
+    params = MobaDensifyParams.of(q, k, indices, block_size, tile, cu_seqlens, header)
     E = B * H * N * K
     part_o = torch.empty((E, D), dtype=partial_dtype or q.dtype, device=q.device)
     part_lse = torch.full((E,), float("-inf"), dtype=torch.float32, device=q.device)
@@ -222,7 +218,7 @@ def plan_merge(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, part_o: Tensor,
     _check(q, k, v, indices)
     B, H, N, D = q.shape
     cu_seqlens = bounded(cu_seqlens, N)
-    params = _params(MobaOwnMergeParams, q, k, indices, block_size, tile, cu_seqlens, header)
+    params = MobaOwnMergeParams.of(q, k, indices, block_size, tile, cu_seqlens, header)
     out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     tile_seq, tile_local, n_prog, S = query_programs(cu_seqlens, N, tile.block_m)

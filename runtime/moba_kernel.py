@@ -36,6 +36,12 @@ class MobaParams:
             if f.name.startswith("block") and (v < 16 or v & (v - 1)):
                 raise ValueError(f"{type(self.tile).__name__}.{f.name} must be a power of two >= 16 (tl.dot), got {v}")
 
+    @classmethod
+    def of(cls, q, k, indices, block_size: int, tile, cu_seqlens, header: str = ""):
+        """The params of a launch on ``q [B, H, N, D]``, ``k [B, Hkv, N, D]``, ``indices [B, H, N, K]``."""
+        return cls(block_size, indices.shape[3], q.shape[3], q.shape[1] // k.shape[1], cu_seqlens is not None, tile,
+                   str(q.dtype).replace("torch.", ""), header)
+
     @property
     def fn_name(self) -> str:
         return f"moec_moba_{self.kind}_bs{self.block_size}_k{self.top_k}" + ("_varlen" if self.varlen else "")
