@@ -141,8 +141,9 @@ def cu_seqlens_values(cu: Tensor, q: Tensor, read_values: bool = True) -> None:
         raise ValueError(f"cu_seqlens is on {cu.device}, q on {q.device}: every tensor must be on one device")
     if q.shape[0] != 1:
         raise ValueError(f"cu_seqlens packs sequences along N: q must have batch 1, got {q.shape[0]}")
-    if not read_values or q.device.type == "meta" or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return                                      # values cannot be read; the launchers clamp them
+    if (not read_values or q.device.type == "meta" or torch.compiler.is_compiling()
+            or (q.is_cuda and torch.cuda.is_current_stream_capturing())):
+        return                                      # values cannot be read (a trace, a capture); the launchers clamp them
     N = q.shape[2]
     values = cu.tolist()
     if values[0] != 0 or values[-1] != N or any(a > b for a, b in zip(values, values[1:])):

@@ -230,3 +230,22 @@ def test_a_loss_on_lse_alone_leaves_v_without_gradient():
     _, lse = moec.ops.moba_attention(*leaves, block_size=16, top_k=2, return_lse=True)
     torch.where(torch.isinf(lse), 0.0, lse).sum().backward()
     assert leaves[2].grad is None and leaves[0].grad is not None and leaves[1].grad is not None
+
+
+def test_packed_sequences_train_under_torch_compile_and_bad_values_still_raise():
+    """The public wrapper reads cu_seqlens' values only outside a trace; the op checks them when it runs."""
+    q, k, v, cu, _ = _inputs(1, 2, 1, 30, 16, torch.float32, 21, (5, 0, 25))
+
+    def step(q, k, v, cu):
+        out, lse = moec.ops.moba_attention(q, k, v, block_size=8, top_k=2, cu_seqlens=cu, return_lse=True)
+        return out.square().mean() + torch.where(torch.isinf(lse), 0.0, lse).mean()
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    compiled(*leaves, cu).backward()
+    ref = [t.clone().requires_grad_() for t in (q, k, v)]
+    step(*ref, cu).backward()
+    for a, b in zip(leaves, ref):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        compiled(*leaves, torch.tensor([0, 40, 30], dtype=torch.int32))
