@@ -497,3 +497,20 @@ def test_a_second_derivative_is_an_error_not_zeros():
     with pytest.raises(RuntimeError, match="once_differentiable|twice"):
         g.sum().backward()
 
+
+
+def test_idle_experts_keep_none_when_the_router_stays_fp32():
+    """DeepSeek keeps its router (and selection bias) in fp32 while the experts are fp16: the check that
+    decides whether idle experts keep .grad None runs in the experts' dtype."""
+    torch.manual_seed(0)
+    eager = zoo.DeepseekV3MoE().train()
+    eager.experts.half()
+    eager.shared_experts.half()
+    compiled = moec.compile(copy.deepcopy(eager))
+    x = torch.randn(1, 3, 16).half()
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    compiled(xa).float().square().sum().backward()
+    eager(xb).float().square().sum().backward()
+    for (name, p), q in zip(compiled.named_parameters(), eager.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+    assert any(q.grad is None for q in eager.parameters())        # T=3, top-3 of 8: some expert is idle

@@ -62,9 +62,10 @@ def idle_expert_grads(module: nn.Module, lifted, training: bool) -> dict:
     if not all(isinstance(tensors[i], nn.Parameter) and tensors[i].requires_grad for i in expert_of):
         return {}           # (the router's buffers, e.g. a selection bias, may be plain tensors)
     device = tensors[0].device
+    dtype = tensors[next(iter(expert_of))].dtype     # the experts' (a router may be kept in fp32)
     forward = type(module)._moec_base.forward if hasattr(type(module), "_moec_base") else type(module).forward
     for shape in ((1, 1, lifted.spec.hidden), (1, lifted.spec.hidden)):
-        x = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(tensors[0].dtype).to(device)
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(dtype).to(device)
         try:
             with mode(module, training), seeded(device, 11), hooks_off(module), torch.enable_grad():
                 out = forward(module, x)
