@@ -75,6 +75,14 @@ def epilogue_exprs(activation: Optional[str], act_alpha: float = 1.0, glu_limit:
     return {"gate_expr": gate, "activation_expr": act, "up_expr": up}
 
 
+def check_gemm_tile(t: GemmTile) -> None:
+    """A grouped GEMM tile's blocks are powers of two >= 16 (what tl.dot takes)."""
+    for name in ("block_m", "block_n", "block_k"):
+        v = getattr(t, name)
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"tile.{name} must be a power of two >= 16 (tl.dot), got {v}")
+
+
 @dataclass(frozen=True)
 class GroupedGemmParams:
     num_experts: int                    # E (1 for a dense/shared expert)
@@ -107,13 +115,9 @@ class GroupedGemmParams:
         check_glu_variant(self.activation or "silu", self.glu, self.act_alpha, self.glu_limit, self.up_shift)
         if self.gather_top_k < 0:
             raise ValueError(f"gather_top_k must be >= 0, got {self.gather_top_k}")
-        t = self.tile
-        for name in ("block_m", "block_n", "block_k"):
-            v = getattr(t, name)
-            if v < 16 or v & (v - 1):
-                raise ValueError(f"tile.{name} must be a power of two >= 16 (tl.dot), got {v}")
-        if t.group_m < 1:
-            raise ValueError(f"tile.group_m must be >= 1, got {t.group_m}")
+        check_gemm_tile(self.tile)
+        if self.tile.group_m < 1:
+            raise ValueError(f"tile.group_m must be >= 1, got {self.tile.group_m}")
 
     @property
     def routed(self) -> bool:
@@ -167,7 +171,8 @@ def grid_rows(params: GroupedGemmParams, m: int, routed: bool) -> int:
     return min(m, (m + params.num_experts * (bm - 1)) // bm)
 
 
-def _expert_weight(w: Tensor, params: GroupedGemmParams, what: str) -> Tensor:
+def expert_weight(w: Tensor, params, what: str) -> Tensor:
+    """``w`` as ``[E, N, K]`` per ``params`` (``num_experts``, ``n``, ``k_dim``: any grouped GEMM's params)."""
     E, N, K = params.num_experts, params.n, params.k_dim
     if w.dim() == 2 and E == 1:
         w = w.unsqueeze(0)          # a dense weight [N, K]: a view
@@ -223,11 +228,11 @@ def grouped_gemm(a: Tensor, w: Tensor, params: GroupedGemmParams, *, out: Tensor
     E, N, K = params.num_experts, params.n, params.k_dim
     if a.dim() != 2 or a.shape[1] != K:
         raise ValueError(f"a must be [rows, K={K}], got {tuple(a.shape)}")
-    w = _expert_weight(w, params, "w")
+    w = expert_weight(w, params, "w")
     if params.glu:
         if w_up is None:
             raise ValueError("glu needs w_up")
-        w_up = _expert_weight(w_up, params, "w_up")
+        w_up = expert_weight(w_up, params, "w_up")
     elif w_up is not None:
         raise ValueError("w_up given but params.glu is False")
     if out.dtype != params.out_dtype:

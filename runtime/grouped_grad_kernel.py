@@ -25,7 +25,7 @@ from torch import Tensor
 from moec.ir.tiles import GemmTile, bucket_suffix, bucket_text
 from moec.spec import ACTIVATIONS, check_glu_variant
 
-from .grouped_gemm_kernel import ACTIVATION_EXPR, _one_line, grid_rows
+from .grouped_gemm_kernel import ACTIVATION_EXPR, _one_line, check_gemm_tile, expert_weight, grid_rows
 from .launch import Kernel, cdiv, next_pow2
 from .render import render
 
@@ -76,13 +76,6 @@ def act_grad_exprs(activation: str, act_alpha: float = 1.0, glu_limit: Optional[
             "gate_pass": gate_pass, "up_pass": up_pass}
 
 
-def _check_tile(t: GemmTile) -> None:
-    for name in ("block_m", "block_n", "block_k"):
-        v = getattr(t, name)
-        if v < 16 or v & (v - 1):
-            raise ValueError(f"tile.{name} must be a power of two >= 16 (tl.dot), got {v}")
-
-
 @dataclass(frozen=True)
 class GroupedDgradParams:
     num_experts: int
@@ -117,7 +110,7 @@ class GroupedDgradParams:
             raise ValueError("glu, scale, store_h and activation belong to act_grad")
         if self.gather_top_k < 0:
             raise ValueError(f"gather_top_k must be >= 0, got {self.gather_top_k}")
-        _check_tile(self.tile)
+        check_gemm_tile(self.tile)
 
     @property
     def routed(self) -> bool:
@@ -155,14 +148,6 @@ def render_grouped_dgrad(params: GroupedDgradParams) -> Kernel:
     return Kernel(source, name, DGRAD_ARGS)
 
 
-def _weight(w: Tensor, E: int, N: int, K: int, what: str) -> Tensor:
-    if w.dim() == 2 and E == 1:
-        w = w.unsqueeze(0)
-    if tuple(w.shape) != (E, N, K):
-        raise ValueError(f"{what} must be [E={E}, N={N}, K={K}] (a view is fine), got {tuple(w.shape)}")
-    return w
-
-
 def grouped_dgrad(a: Tensor, w: Tensor, params: GroupedDgradParams, *, out: Tensor,
                   offsets: Optional[Tensor] = None, order: Optional[Tensor] = None,
                   a2: Optional[Tensor] = None, w2: Optional[Tensor] = None,
@@ -180,11 +165,11 @@ def grouped_dgrad(a: Tensor, w: Tensor, params: GroupedDgradParams, *, out: Tens
     E, N, K = params.num_experts, params.n, params.k_dim
     if a.dim() != 2 or a.shape[1] != K:
         raise ValueError(f"a must be [rows, K={K}], got {tuple(a.shape)}")
-    w = _weight(w, E, N, K, "w")
+    w = expert_weight(w, params, "w")
     if params.two:
         if a2 is None or w2 is None:
             raise ValueError("params.two needs a2 and w2")
-        w2 = _weight(w2, E, N, K, "w2")
+        w2 = expert_weight(w2, params, "w2")
     if offsets is None:
         if params.routed or E != 1:
             raise ValueError("the dense case (offsets=None) has one expert and no gather/scatter")
@@ -252,7 +237,7 @@ class GroupedWgradParams:
             raise ValueError(f"num_experts, n, k_dim must be positive: {self}")
         if self.gather_a < 0 or self.gather_b < 0:
             raise ValueError("gather_a and gather_b must be >= 0")
-        _check_tile(self.tile)
+        check_gemm_tile(self.tile)
 
     def fn_name(self) -> str:
         parts = ["grouped_wgrad"]
@@ -288,7 +273,7 @@ def grouped_wgrad(a: Tensor, b: Tensor, params: GroupedWgradParams, *, out: Tens
     E, N, K = params.num_experts, params.n, params.k_dim
     if a.dim() != 2 or a.shape[1] != N or b.dim() != 2 or b.shape[1] != K:
         raise ValueError(f"a must be [rows, N={N}] and b [rows, K={K}], got {tuple(a.shape)}, {tuple(b.shape)}")
-    out = _weight(out, E, N, K, "out")
+    out = expert_weight(out, params, "out")
     if out.dtype != params.out_dtype:
         raise ValueError(f"out is {out.dtype}, params.out_dtype is {params.out_dtype}")
     if offsets is None:

@@ -27,7 +27,7 @@ from moec.ir.tiles import MobaAttentionTile, pow2
 from .launch import cdiv
 from .moba_densify_kernel import collect_block_queries
 from .moba_kernel import MobaParams, render_moba
-from .moba_maps import block_offsets, bounded, query_programs, strides
+from .moba_maps import bounded, packed_blocks, query_programs, strides
 
 
 @dataclass(frozen=True)
@@ -89,22 +89,6 @@ def moba_dq(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, d_out: Tensor, lse
     return dq
 
 
-def _block_maps(cu_seqlens: Tensor, N: int, block_size: int) -> tuple[Tensor, Tensor, Tensor, int]:
-    """Per packed key block: its first row, its end (its sequence's end at most; = its start for the
-    unused blocks of the upper bound) and its number inside its sequence; and the block count."""
-    boff, NB = block_offsets(cu_seqlens, N, block_size)
-    S = cu_seqlens.numel() - 1
-    cu = cu_seqlens.to(torch.int64)
-    nb = (cu[1:] - cu[:-1] + block_size - 1) // block_size
-    jb = torch.arange(NB, device=cu.device)
-    used = jb < nb.sum()
-    bseq = torch.searchsorted(torch.cumsum(nb, 0), jb, right=True).clamp(max=S - 1)
-    local = jb - boff[bseq]
-    start = cu[bseq] + local * block_size
-    end = torch.where(used, torch.minimum(start + block_size, cu[bseq + 1]), start)
-    return start.to(torch.int32), end.to(torch.int32), local.to(torch.int32), NB
-
-
 def moba_dkdv(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, d_out: Tensor, lse: Tensor, delta: Tensor, *,
               block_size: int, tile: MobaAttentionTile, cu_seqlens: Optional[Tensor] = None,
               header: str = "") -> tuple[Tensor, Tensor]:
@@ -117,7 +101,7 @@ def moba_dkdv(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, d_out: Tensor, l
     lists = collect_block_queries(indices, block_size=block_size, kv_heads=Hkv, block_m=tile.block_m,
                                   cu_seqlens=cu_seqlens)
     if cu_seqlens is not None:
-        start, end, local, NB = _block_maps(cu_seqlens, N, block_size)
+        _, start, end, local, NB = packed_blocks(cu_seqlens, N, block_size)
     else:
         start = end = local = None
         NB = lists.n_blocks

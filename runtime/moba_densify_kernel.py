@@ -53,7 +53,7 @@ from moec.ir.tiles import MobaAttentionTile, pow2
 
 from .launch import LaunchPlan
 from .moba_kernel import MobaParams, render_moba
-from .moba_maps import _row_positions, block_offsets, bounded, query_programs, strides
+from .moba_maps import _row_positions, bounded, packed_blocks, query_programs, strides
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -95,14 +95,8 @@ def collect_block_queries(indices: Tensor, *, block_size: int, kv_heads: int, bl
         row_blk0 = torch.zeros(N, dtype=torch.int32, device=dev)
         block_start = None
     else:
-        boff, NB = block_offsets(cu_seqlens, N, bs)
-        S = cu_seqlens.numel() - 1
+        boff, block_start, _, _, NB = packed_blocks(cu_seqlens, N, bs)   # first packed row of each block
         row_blk0 = boff[seq]                                              # the row's sequence's block 0
-        # first packed row of every packed block (blocks past the last sequence's: never referenced)
-        nb = (cu_seqlens[1:] - cu_seqlens[:-1] + bs - 1) // bs
-        jb = torch.arange(NB, device=dev)
-        bseq = torch.searchsorted(torch.cumsum(nb, 0), jb, right=True).clamp(max=S - 1)
-        block_start = (cu_seqlens[bseq].to(torch.int64) + (jb - boff[bseq]) * bs).to(torch.int32)
     n_seg = B * kv_heads * NB
     if n_seg + 1 >= 2**31:
         raise ValueError(f"{n_seg} (batch, kv head, block) lists do not fit int32 keys")

@@ -50,6 +50,23 @@ def block_offsets(cu_seqlens: Tensor, n_rows: int, block_size: int) -> tuple[Ten
     return (torch.cumsum(nb, 0) - nb).to(torch.int32), -(-n_rows // block_size) + S
 
 
+def packed_blocks(cu_seqlens: Tensor, n_rows: int, block_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+    """The key blocks of packed sequences, numbered across sequences (sequence ``s``'s block ``j`` is
+    ``offsets[s] + j``, `block_offsets`): ``(offsets, start, end, local, NB)`` with each packed block's
+    first row, its end (its sequence's end at most; ``end = start`` for the unused blocks of the upper
+    bound ``NB``) and its number inside its sequence. Device ops only."""
+    offsets, NB = block_offsets(cu_seqlens, n_rows, block_size)
+    S = cu_seqlens.numel() - 1
+    cu = cu_seqlens.to(torch.int64)
+    nb = (cu[1:] - cu[:-1] + block_size - 1) // block_size
+    jb = torch.arange(NB, device=cu.device)
+    seq = torch.searchsorted(torch.cumsum(nb, 0), jb, right=True).clamp(max=S - 1)
+    local = jb - offsets[seq]
+    start = cu[seq] + local * block_size
+    end = torch.where(jb < nb.sum(), torch.minimum(start + block_size, cu[seq + 1]), start)
+    return offsets, start.to(torch.int32), end.to(torch.int32), local.to(torch.int32), NB
+
+
 def _row_positions(n_rows: int, cu_seqlens: Optional[Tensor], device) -> tuple[Tensor, Tensor]:
     """Per packed row: (its sequence index, its position inside the sequence)."""
     rows = torch.arange(n_rows, device=device)
