@@ -135,15 +135,14 @@ class MobaRegion(Region):
 
             def forward(ts):           # out, and what the backward reads: out, lse and the selected blocks
                 out, lse, idx = self.run(c, dict(zip("qkv", ts)))
-                return (out,), [out, lse, idx]
+                return (out,), {"out": out, "lse": lse, "indices": idx}
 
             def backward(ts, saved, grads, needs):   # generated kernels over the blocks the forward selected
-                out, lse, idx = saved
                 self._count("backward: kernels")
                 bw = self.compiled_for(BackwardRecipe(MobaRecipe(config)), q.dtype, q.device)
-                d_out = grads[0] if grads[0] is not None else torch.zeros_like(out)
-                return self.run(bw, {**dict(zip("qkv", ts)), "indices": idx, "out": out, "lse": lse,
-                                     "d_out": d_out, "d_lse": torch.zeros_like(lse)})
+                d_out = grads[0] if grads[0] is not None else torch.zeros_like(saved["out"])
+                return self.run(bw, {**dict(zip("qkv", ts)), **saved, "d_out": d_out,
+                                     "d_lse": torch.zeros_like(saved["lse"])})
 
             return self.serve("kernels forward and backward", KernelsBoth.apply, forward, backward, None, q, k, v)[0]
         c = self.compiled_for(MobaRecipe(config, outputs=("out", "indices")), q.dtype, q.device)

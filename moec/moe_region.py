@@ -31,7 +31,7 @@ from collections import Counter, OrderedDict
 
 import torch
 
-from moec.ir.backward import grad_outputs, saved_values
+from moec.ir.backward import grad_outputs, read_saved
 from moec.ir.build import moe_inputs
 from moec.runtime.autograd import KernelsBoth
 from moec.runtime.support import why_not_kernels
@@ -200,7 +200,7 @@ class MoERegion(Region):
         if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors)):
             lifted = self.lifted          # the backward differentiates this call's lift, whatever comes after it
             outs = self.serve("kernels forward and backward", KernelsBoth.apply,
-                              lambda ts: self.kernels_saving(ts[0], w, training, noise),
+                              lambda ts: self.kernels(ts[0], w, training, noise, saving=True),
                               lambda ts, saved, grads, needs: self.kernels_backward(lifted, ts, saved, grads, needs,
                                                                                     w, training, noise),
                               None, x2, *tensors)
@@ -222,17 +222,15 @@ class MoERegion(Region):
             items.append(v.to(dtype) if v is not None and dtype is not None and v.dtype != dtype else v)
         return pack(items, self.lifted.container)
 
-    def kernels(self, x2, w: MoEWeights, training, noise):
+    def kernels(self, x2, w: MoEWeights, training, noise, saving: bool = False):
+        """The program's outputs; with ``saving`` also what the backward reads (``{role: tensor}``,
+        `moec.ir.backward.SAVED`: the routing, the dispatch)."""
         c = self.compiled_for(self.recipe, x2.dtype, x2.device)
         inputs = moe_inputs(x2.contiguous() if x2.stride(-1) != 1 else x2, w)
-        return self.run(c, inputs, training=training, noise=noise)
-
-    def kernels_saving(self, x2, w: MoEWeights, training, noise):
-        """`kernels`, and what the backward reads (`moec.ir.backward.SAVED`: the routing, the dispatch)."""
-        c = self.compiled_for(self.recipe, x2.dtype, x2.device)
-        inputs = moe_inputs(x2.contiguous() if x2.stride(-1) != 1 else x2, w)
+        if not saving:
+            return self.run(c, inputs, training=training, noise=noise)
         env = self.run(c, inputs, training=training, noise=noise, values=True)
-        return [env[o] for o in c.graph.outputs], [env[v] for v in saved_values(c.graph).values()]
+        return [env[o] for o in c.graph.outputs], read_saved(c.graph, env)
 
     def kernels_backward(self, lifted, ts, saved, grads, needs, w: MoEWeights, training, noise):
         """The gradients of ``x2, *tensors`` from the generated backward (`BackwardRecipe`) of the call's
@@ -253,7 +251,7 @@ class MoERegion(Region):
         names = {"y": "dy", "aux": "d_aux", "logits": "d_logits", "weights": "d_weights_out"}
         for o in outputs:
             inputs[names[o]] = got[o] if got[o] is not None else zeros[o]()
-        inputs.update(zip(saved_values(self.compiled_for(recipe, x2.dtype, x2.device).graph), saved))
+        inputs.update(saved)
         unused = set() if noise is not None else {"w_noise"}
         if got.get("y") is None:            # only the router's outputs are used: no expert gets a gradient
             unused |= {f for f in grad_outputs(bw.graph) if f not in ("x", "w_router", "b_router", "w_noise")}

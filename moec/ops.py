@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from moec.ir.backward import grad_outputs, saved_values
+from moec.ir.backward import grad_outputs, read_saved, saved_values
 from moec.ir.build import moe_inputs
 from moec.runtime.arch import arch_of, resolve
 from moec.runtime.autograd import reference_grads
@@ -119,9 +119,8 @@ def _moe_backward_op(dy: Tensor, x: Tensor, w_router: Tensor, w_up: Tensor, w_do
     fwd = compile_program(recipe, x.dtype, arch)
     bwd = compile_program(BackwardRecipe(recipe), x.dtype, arch)
     inputs = moe_inputs(x2.contiguous(), w)
-    saved = saved_values(fwd.graph)
-    env = fwd.program.run(inputs, needed=tuple(saved.values()))
-    inputs.update({role: env[v] for role, v in saved.items()}, dy=dy.reshape(x2.shape))
+    env = fwd.program.run(inputs, needed=tuple(saved_values(fwd.graph).values()))
+    inputs.update(read_saved(fwd.graph, env), dy=dy.reshape(x2.shape))
     got = dict(zip(grad_outputs(bwd.graph), bwd.program.run({n: inputs[n] for n, _ in bwd.graph.inputs})))
     return [got[name].reshape(t.shape) if name in got else torch.zeros_like(t)
             for name, t in zip(_ARGS, tensors) if t is not None]

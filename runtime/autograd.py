@@ -27,8 +27,8 @@ def reference_grads(reference: Callable, tensors: Sequence, needs: Sequence[bool
 
 class KernelsBoth(torch.autograd.Function):
     """``KernelsBoth.apply(forward, backward, no_grad_for, *tensors)``: generated kernels both ways.
-    ``forward(tensors)`` (detached) gives ``(outputs, saved)`` (``saved``: tensors the backward reads,
-    e.g. the routing); ``backward(tensors, saved, grads, needs)`` the gradient of each tensor, from the
+    ``forward(tensors)`` (detached) gives ``(outputs, saved)`` (``saved``: ``{name: tensor}`` the backward
+    reads, e.g. the routing); ``backward(tensors, saved, grads, needs)`` the gradient of each tensor, from the
     outputs' gradients ``grads`` (None for an output autograd has no gradient for, not zeros).
     ``no_grad_for(tensors)`` (or None) names positions whose gradient is None, as the eager backward
     leaves them (experts no token reached). The backward is once differentiable: differentiating it
@@ -38,9 +38,9 @@ class KernelsBoth(torch.autograd.Function):
     def forward(ctx, forward, backward, no_grad_for, *tensors):
         outs, saved = forward([t.detach() if t is not None else None for t in tensors])
         outs = tuple(outs)
-        ctx.fns, ctx.n_saved = (backward, no_grad_for), len(saved)
+        ctx.fns, ctx.saved_names = (backward, no_grad_for), tuple(saved)
         ctx.present = [t is not None for t in tensors]
-        ctx.save_for_backward(*[t for t in tensors if t is not None], *saved)
+        ctx.save_for_backward(*[t for t in tensors if t is not None], *saved.values())
         ctx.mark_non_differentiable(*[o for o in outs if not o.is_floating_point()])
         ctx.set_materialize_grads(False)
         return outs
@@ -50,8 +50,9 @@ class KernelsBoth(torch.autograd.Function):
     def backward(ctx, *grads):
         backward, no_grad_for = ctx.fns
         stored = ctx.saved_tensors
-        saved = stored[len(stored) - ctx.n_saved:]
-        it = iter(stored[:len(stored) - ctx.n_saved])
+        n_saved = len(ctx.saved_names)
+        saved = dict(zip(ctx.saved_names, stored[len(stored) - n_saved:]))
+        it = iter(stored[:len(stored) - n_saved])
         tensors = [next(it) if p else None for p in ctx.present]
         needs = ctx.needs_input_grad[3:]
         got = [g if n else None for g, n in zip(backward(tensors, saved, grads, needs), needs)]

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from moec import reference
 from moec.compiler import BackwardRecipe, ExpertsRecipe
-from moec.ir.backward import grad_outputs, saved_values
+from moec.ir.backward import grad_outputs, read_saved
 from moec.frontend.adapters import activation_of
 from moec.region import Region, is_disabled
 from moec.runtime.autograd import KernelsBoth
@@ -235,7 +235,7 @@ def _recipe(layout: ExpertsLayout, k: int) -> ExpertsRecipe:
 
 def run_kernels(region: ExpertsRegion, x: Tensor, ids: Tensor, wts: Tensor, layout: ExpertsLayout,
                 w: dict, saving: bool = False):
-    """The experts' output; with ``saving``, ``((y,), [what the backward reads])``."""
+    """The experts' output; with ``saving``, ``((y,), {role: what the backward reads})``."""
     c = region.compiled_for(_recipe(layout, ids.shape[1]), x.dtype, x.device)
     inputs = {"x": x if x.stride(-1) == 1 else x.contiguous(), "ids": ids.to(torch.int32).contiguous(),
               "weights": wts.to(torch.float32).contiguous(), **{n: t for n, t in w.items() if t is not None}}
@@ -243,18 +243,16 @@ def run_kernels(region: ExpertsRegion, x: Tensor, ids: Tensor, wts: Tensor, layo
         (y,) = region.run(c, inputs)
         return y
     env = region.run(c, inputs, values=True)
-    return (env[c.graph.outputs[0]],), [env[v] for v in saved_values(c.graph).values()]
+    return (env[c.graph.outputs[0]],), read_saved(c.graph, env)
 
 
 def kernels_backward(region: ExpertsRegion, ts, saved, grads, needs, layout: ExpertsLayout, k: int) -> list:
     """The gradients of ``(x, weights, *expert tensors)`` wanted (``needs``) from the generated backward;
     only the kernels those need run (frozen experts: no weight-gradient kernels)."""
     x, wts = ts[0], ts[1]
-    recipe = _recipe(layout, k)
-    roles = saved_values(region.compiled_for(recipe, x.dtype, x.device).graph)
-    bw = region.compiled_for(BackwardRecipe(recipe), x.dtype, x.device)
+    bw = region.compiled_for(BackwardRecipe(_recipe(layout, k)), x.dtype, x.device)
     inputs = {"dy": grads[0] if grads[0] is not None else torch.zeros_like(x), "x": x,
-              **{n: t for n, t in zip(_WEIGHT_FIELDS, ts[2:]) if t is not None}, **dict(zip(roles, saved))}
+              **{n: t for n, t in zip(_WEIGHT_FIELDS, ts[2:]) if t is not None}, **saved}
     names = ["x", "route_weights", *_WEIGHT_FIELDS]          # bw's input names, in the order of ts
     values = dict(zip(grad_outputs(bw.graph), bw.graph.outputs))
     wanted = {n: values[n] for n, need in zip(names, needs) if need and n in values}

@@ -57,6 +57,11 @@ def saved_values(forward: Graph) -> dict:
     return got
 
 
+def read_saved(forward: Graph, values: dict) -> dict:
+    """``{saved role: tensor}`` from a run of ``forward`` that kept its values (`saved_values` names them)."""
+    return {role: values[v] for role, v in saved_values(forward).items()}
+
+
 def grad_outputs(g: Graph) -> list[str]:
     """The names of the inputs whose gradients ``g`` returns, in its output order (each output value
     is named ``d_<input>``)."""
