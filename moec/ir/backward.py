@@ -109,7 +109,7 @@ def _projection_grads(b: Builder, x: str, dy: str, ws: dict, gathered: dict, sca
 def routed_experts_grad(b: Builder, x: str, dy: str, ws: dict, E: int, k: int, activation: str, glu: bool,
                         variant: dict, bias: bool) -> tuple[str, str, dict]:
     """The VJP of `moec.ir.build.routed_experts` given the saved routing: ``(d x pairs [T*k, d] fp32 in
-    pair order, d routing weights [T, k] fp32, {d_<weight>: value})``."""
+    pair order, d routing weights [T, k] fp32, {weight input: its gradient})``."""
     ids = b.input("ids", TensorType("i32", (T, k)))
     weights = b.input("route_weights", TensorType("f32", (T, k)))
     order = b.input("order", TensorType("i32", (T * k,)))
@@ -119,7 +119,7 @@ def routed_experts_grad(b: Builder, x: str, dy: str, ws: dict, E: int, k: int, a
     dw = b.add("pair_weight_grad", {"dots": dots, "ids": ids, "dy": dy if bias else None,
                                     "b_down": ws.get("b_down") if bias else None}, {"top_k": k},
                names={"out": "d_route_weights"})["out"]
-    return dx, dw, {**grads, "route_weights": dw}
+    return dx, dw, grads
 
 
 def build_moe_backward_graph(spec: MoESpec, dtype, outputs=("y",)) -> Graph:
@@ -138,7 +138,6 @@ def build_moe_backward_graph(spec: MoESpec, dtype, outputs=("y",)) -> Graph:
     ws = {n: v for n, v in expert_inputs(b, E, d, f, dt, spec.glu, spec.expert_bias).items() if v is not None}
     dx_pairs, d_weights, grads = routed_experts_grad(b, x, dy, ws, E, k, spec.activation, spec.glu,
                                                      spec.glu_variant, spec.expert_bias)
-    del grads["route_weights"]              # an intermediate here: the router's backward takes it
     ids_routed = b.input("ids_routed", TensorType("i32", (T, k))) if r.capacity_factor is not None else None
     d_logits = b.input("d_logits", TensorType("f32", (T, E))) if "logits" in outputs else None
     if "weights" in outputs:             # the routing weights are an output too: their gradient adds up
@@ -185,7 +184,7 @@ def build_experts_backward_graph(E: int, k: int, d: int, f: int, activation: str
     dx_pairs, d_weights, grads = routed_experts_grad(b, x, dy, ws, E, k, activation, glu, dict(variant), bias)
     d_x = b.add("reduce_topk", {"y": dx_pairs, "ids": "ids"}, {"top_k": k, "out_dtype": dt},
                 names={"out": "d_x"})["out"]
-    return _finish(b, {"x": d_x, **grads})
+    return _finish(b, {"x": d_x, "route_weights": d_weights, **grads})
 
 
 def build_moba_backward_graph(cfg: MobaConfig, dtype, *, varlen: bool = False) -> Graph:
