@@ -26,6 +26,7 @@ from .frontend import LiftedMoE, NotLifted, find_moe_modules, lift, unread_moe_m
 from .frontend.moba_lift import find_moba_modules
 from .moba_region import MobaRegion
 from .moe_region import MoERegion
+from .region import activations_policy
 
 _SUBCLASSES: dict[type, type] = {}
 _log = logger("lift")
@@ -139,8 +140,10 @@ def _dump_root(dump_dir) -> Optional[Path]:
     return Path(dump_dir) if dump_dir else env.path("MOEC_DUMP_DIR")
 
 
-def compile_module(model: nn.Module, *, dump_dir=None, arch: Optional[str] = None) -> nn.Module:
+def compile_module(model: nn.Module, *, dump_dir=None, arch: Optional[str] = None,
+                   activations: Optional[str] = None) -> nn.Module:
     """Compile ``model`` in place (see `compile`) and return it."""
+    activations_policy(activations)          # a bad value fails here, naming the argument
     _register_integrations()
     root = _dump_root(dump_dir)
     regions, skipped = [], []
@@ -153,7 +156,8 @@ def compile_module(model: nn.Module, *, dump_dir=None, arch: Optional[str] = Non
         except Exception as e:  # the frontend must not crash a model eager PyTorch runs
             got = NotLifted(f"{type(module).__name__}: analysis failed: {type(e).__name__}: {e}")
         if isinstance(got, LiftedMoE):
-            region = MoERegion(name.replace(".", "_") or "root", arch=arch, dump_dir=root, lifted=got,
+            region = MoERegion(name.replace(".", "_") or "root", arch=arch, dump_dir=root, activations=activations,
+                               lifted=got,
                                lift_dtype=got.param_tensors(module)[0].dtype, state=guards.read(module))
             module.__class__ = _compiled_class(type(module))
             module.__dict__["_moec_region"] = region
@@ -168,7 +172,7 @@ def compile_module(model: nn.Module, *, dump_dir=None, arch: Optional[str] = Non
     model.__class__ = _compiled_class(type(model))
     model.__dict__["_moec_report"] = {"regions": regions, "skipped": skipped, "root": type(model).__name__,
                                       "moba": moba}
-    model.__dict__["_moec_options"] = {"dump_dir": dump_dir, "arch": arch}
+    model.__dict__["_moec_options"] = {"dump_dir": dump_dir, "arch": arch, "activations": activations}
     if root is not None:
         root.mkdir(parents=True, exist_ok=True)
         write = functools.partial(_write_explain, weakref.ref(model), root / "explain.txt")
@@ -271,7 +275,8 @@ def _say_disabled() -> None:
                       stacklevel=3)
 
 
-def compile(obj=None, *, dump_dir: str | os.PathLike | None = None, arch: Optional[str] = None):
+def compile(obj=None, *, dump_dir: str | os.PathLike | None = None, arch: Optional[str] = None,
+            activations: Optional[str] = None):
     """Compile the MoE layers of a module, module class or function into generated Triton kernels.
 
     Usable as ``@moec.compile``, ``@moec.compile(dump_dir=..., arch=...)`` on an ``nn.Module``
@@ -279,6 +284,10 @@ def compile(obj=None, *, dump_dir: str | os.PathLike | None = None, arch: Option
     function (the modules it uses, by closure, global or argument, are compiled). ``dump_dir`` (or env ``MOEC_DUMP_DIR``) receives
     the captured region, the IR after each pass, every kernel, tiles and launches. ``arch``
     (``"sm80"``, ``"sm90"``, ...) overrides the tile table's target; by default the device decides.
+    ``activations`` (training): what an MoE layer's forward keeps for its backward: ``"save"`` the
+    gate/up products (no GEMM recomputed), ``"recompute"`` nothing beyond the routing (the backward
+    recomputes them: two grouped GEMMs more), ``"auto"`` (default, or env ``MOEC_ACTIVATIONS``) the
+    cheaper in time on the target; either way less than eager autograd keeps. ``explain()`` says which.
 
     Example::
 
@@ -286,7 +295,8 @@ def compile(obj=None, *, dump_dir: str | os.PathLike | None = None, arch: Option
         y = model(x)                 # fused kernels (the Triton interpreter on a CPU)
         print(model.explain())
     """
-    options = {"dump_dir": dump_dir, "arch": arch}
+    options = {"dump_dir": dump_dir, "arch": arch, "activations": activations}
+    activations_policy(activations)
     if obj is None:
         return lambda o: compile(o, **options)
     if env.flag("MOEC_DISABLE"):

@@ -53,6 +53,7 @@ class MoERecipe:
 
     spec: MoESpec
     outputs: tuple = ("y",)
+    saving: str = ""                # a forward a backward follows: the activations policy (save-activations)
     kind = "moe"
 
     def build(self, dtype: torch.dtype) -> Graph:
@@ -77,6 +78,7 @@ class ExpertsRecipe:
     glu: bool
     bias: bool = False
     variant: tuple = ()
+    saving: str = ""
     kind = "moe"
 
     def build(self, dtype: torch.dtype) -> Graph:
@@ -117,9 +119,12 @@ class MobaRecipe:
 @dataclass(frozen=True)
 class BackwardRecipe:
     """The backward of an MoE layer (`MoERecipe`), of its routed experts (`ExpertsRecipe`) or of a MoBA
-    core (`MobaRecipe`): `moec.ir.backward` builds its graph from the same description as the forward's."""
+    core (`MobaRecipe`): `moec.ir.backward` builds its graph from the same description as the forward's.
+    ``pre``: the gate/up products its forward saved (`moec.ir.backward.PRE_SAVED` roles), read rather than
+    recomputed."""
 
     of: object
+    pre: tuple = ()
 
     @property
     def kind(self) -> str:
@@ -128,10 +133,11 @@ class BackwardRecipe:
     def build(self, dtype: torch.dtype) -> Graph:
         r = self.of
         if isinstance(r, MoERecipe):
-            return build_moe_backward_graph(r.spec, dtype, r.outputs)
+            return build_moe_backward_graph(r.spec, dtype, r.outputs, self.pre)
         if isinstance(r, MobaRecipe):
             return build_moba_backward_graph(r.config, dtype, varlen=r.varlen)
-        return build_experts_backward_graph(r.E, r.k, r.d, r.f, r.activation, r.glu, dtype, r.bias, r.variant)
+        return build_experts_backward_graph(r.E, r.k, r.d, r.f, r.activation, r.glu, dtype, r.bias, r.variant,
+                                            self.pre)
 
     def summary(self) -> str:
         return f"backward of the {self.of.summary()}"
@@ -224,7 +230,7 @@ def _compile(recipe, dtype: torch.dtype, arch: Arch, generation: int) -> Compile
     graph = recipe.build(dtype)
     out = Compiled(recipe, dtype, arch, [("captured", print_graph(graph))], generation=generation,
                    tuned_from=f"{tuned.device} in {tuned.path}" if tuned is not None else "")
-    final = run_passes(graph, PassContext(arch, tuned), passes=PIPELINES[recipe.kind],
+    final = run_passes(graph, PassContext(arch, tuned, getattr(recipe, "saving", "")), passes=PIPELINES[recipe.kind],
                        after=lambda name, g: out.stages.append((name, print_graph(g))))
     out.program = lower(final, arch.name)
     _log.info("%s for %s on %s: %d kernel nodes, %d kernels", recipe.summary(), str(dtype).replace("torch.", ""),

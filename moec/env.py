@@ -10,6 +10,7 @@ names the variable and lists what it accepts (a typo must never silently turn a 
 | ``MOEC_PRINT_AFTER`` | pass names, comma-separated, or ``all`` | print the IR after those passes |
 | ``MOEC_TUNE_FILE`` | a file | the autotune file (default: ``tune.json`` in the cache dir) |
 | ``MOEC_TUNE_DEVICE`` | a device name | whose tuned entries apply (default: this process's GPU) |
+| ``MOEC_ACTIVATIONS`` | ``auto``, ``save``, ``recompute`` | what a training forward keeps for its backward (`moec.compile`'s ``activations`` overrides) |
 | ``MOEC_LOGS`` | a level, or ``+topic`` / ``-topic`` items, comma-separated | what the ``moec`` logger shows (`moec.log`) |
 """
 from __future__ import annotations

@@ -23,15 +23,17 @@ routing, and the backward runs generated kernels too (`moec.ir.backward`, `Kerne
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import contextlib
+import functools
 from collections import Counter, OrderedDict
 
 import torch
 
-from moec.ir.backward import grad_outputs, read_saved
+from moec.ir.backward import PRE_SAVED, grad_outputs, read_saved
+from moec.passes.save_activations import choice_for
 from moec.ir.build import moe_inputs
 from moec.runtime.autograd import KernelsBoth
 from moec.runtime.support import why_not_kernels
@@ -224,8 +226,10 @@ class MoERegion(Region):
 
     def kernels(self, x2, w: MoEWeights, training, noise, saving: bool = False):
         """The program's outputs; with ``saving`` also what the backward reads (``{role: tensor}``,
-        `moec.ir.backward.SAVED`: the routing, the dispatch)."""
-        c = self.compiled_for(self.recipe, x2.dtype, x2.device)
+        `moec.ir.backward.SAVED`: the routing, the dispatch, and the gate/up products when the training
+        forward's save-activations pass chose to keep them)."""
+        recipe = replace(self.recipe, saving=self.saving) if saving else self.recipe
+        c = self.compiled_for(recipe, x2.dtype, x2.device)
         inputs = moe_inputs(x2.contiguous() if x2.stride(-1) != 1 else x2, w)
         if not saving:
             return self.run(c, inputs, training=training, noise=noise)
@@ -243,7 +247,7 @@ class MoERegion(Region):
         got = dict(zip(outputs, grads))
         self._count("backward: kernels")
         x2 = ts[0]
-        bw = self.compiled_for(BackwardRecipe(recipe), x2.dtype, x2.device)
+        bw = self.compiled_for(BackwardRecipe(recipe, tuple(r for r in PRE_SAVED if r in saved)), x2.dtype, x2.device)
         inputs = moe_inputs(x2, w)
         zeros = {"y": lambda: torch.zeros_like(x2), "aux": lambda: x2.new_zeros((), dtype=torch.float32),
                  "logits": lambda: x2.new_zeros((x2.shape[0], lifted.spec.num_experts), dtype=torch.float32),
@@ -255,21 +259,25 @@ class MoERegion(Region):
         unused = set() if noise is not None else {"w_noise"}
         if got.get("y") is None:            # only the router's outputs are used: no expert gets a gradient
             unused |= {f for f in grad_outputs(bw.graph) if f not in ("x", "w_router", "b_router", "w_noise")}
-        # the layer's weights are views (stacks, slices, transposes) of its tensors: their backward maps
-        # each weight's gradient onto the tensors it was read from
+        value_of = {f: v for f, v in zip(grad_outputs(bw.graph), bw.graph.outputs) if f not in unused}
+        tensors, wanted = ts[1:], needs[1:]
+        direct, buffers, into = _grad_layout(lifted.weights, tensors, wanted, value_of, bw.graph)
+        # the rest (a tensor two fields read overlapping parts of, ...): autograd of the lift's weight binding
+        # (stacks, slices, transposes) maps each weight's gradient onto the tensors it was read from
         with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(bool(n)) for t, n in zip(ts, needs)]
-            named = moe_inputs(leaves[0], lifted.weights(leaves[1:]))
-            wanted = [(f, v) for f, v in zip(grad_outputs(bw.graph), bw.graph.outputs)
-                      if f in named and named[f].requires_grad and f not in unused]
+            leaves = [t.detach().requires_grad_(bool(n) and i not in direct) for i, (t, n) in enumerate(zip(tensors, wanted))]
+            named = moe_inputs(x2, lifted.weights(leaves)) if any(t.requires_grad for t in leaves) else {}
+            later = [(f, v) for f, v in value_of.items() if f in named and named[f].requires_grad]
+            needed = [v for f, v in value_of.items() if f == "x" and needs[0]] + list(into) + [v for _, v in later]
             env = self.run(bw, {n: inputs[n] for n, _ in bw.graph.inputs}, training=training, noise=noise,
-                           needed=tuple(v for _, v in wanted))
-            pairs = [(named[f], env[v]) for f, v in wanted]
+                           needed=tuple(needed), into=into, values=True)
             sources = [t for t in leaves if t.requires_grad]
-            out = torch.autograd.grad([p for p, _ in pairs], sources, [g.to(p.dtype) for p, g in pairs],
-                                      allow_unused=True) if pairs and sources else []
+            out = torch.autograd.grad([named[f] for f, _ in later], sources,
+                                      [env[v].to(named[f].dtype) for f, v in later], allow_unused=True) \
+                if later and sources else [None] * len(sources)
         it = iter(out)
-        got = [next(it) if t.requires_grad else None for t in leaves]
+        got = [env[value_of["x"]].to(x2.dtype) if needs[0] and "x" in value_of else None]
+        got += [buffers[i] if i in direct else next(it) if t.requires_grad else None for i, t in enumerate(leaves)]
         for i in self.idle(lifted, inputs["ids"]):
             got[i] = None           # as the eager backward leaves them
         return got
@@ -294,13 +302,59 @@ class MoERegion(Region):
         lines += changed
         lines += [f"        {note}" for note in getattr(self.lifted, "notes", []) if note.startswith(_SHOWN_NOTES)]
         lines += [f"        {line}" for line in self.program_lines()]
-        lines.append("        backward: generated kernels (the gate/up projections recomputed from x, not saved: "
-                     "no activation memory beyond the routing); the router's backward in torch")
+        lines += [f"        {line}" for line in self.backward_lines()]
         return lines + [f"        {line}" for line in self.call_lines()]
+
+    def backward_lines(self) -> list[str]:
+        """What the backward runs and what each training forward kept for it (save-activations)."""
+        trained = [c for (r, _, _), c in self.compiled.items() if getattr(r, "saving", "")]
+        kept = [f"training forward for {str(c.dtype).replace('torch.', '')} on {c.arch.name}: "
+                f"{choice_for(c.graph, c.arch, c.recipe.saving).text()}" for c in trained]
+        return ["backward: generated kernels; the router's backward in torch"] + (kept or [
+            f"training forward: not run yet (activations={self.saving!r} decides what it keeps for the backward)"])
 
 
 _SHOWN_NOTES = ("traced router path", "experts:", "shared expert", "probe:", "training mode runs eager",
                 "eval mode runs eager")   # the rest: captured.txt
+
+
+def _grad_layout(recipe, tensors, wanted, value_of: dict, bw) -> tuple[set, list, dict]:
+    """Where the backward writes the weights' gradients: ``(direct, buffers, into)``. A tensor needing a gradient
+    whose fields (`WeightsRecipe.readers`) all have one and read each of its elements once (`partitions`) is
+    ``direct``: its gradient is a buffer laid out like it (members of a stacked ModuleList: views of one stacked
+    buffer), and ``into`` (``{backward value: view}``) makes the kernels write each field's gradient straight into
+    its view of those buffers, in the parameter's own layout (transposed, fused gate_up halves, interleaved
+    rows): nothing is stacked, sliced or scattered afterwards. Autograd then hands each buffer to the
+    parameter (adding it to an existing ``.grad``, running hooks and DDP's reducer as for any gradient)."""
+    readers = recipe.readers()
+    shapes = tuple(tuple(t.shape) for t in tensors)
+    ok = {i for i, fields in readers.items()
+          if all(f in value_of and bw.types[value_of[f]].torch_dtype == tensors[i].dtype for f in fields)
+          and _partitions(recipe, i, shapes)}
+    groups = [src.indices for _, src in recipe.fields]
+    direct = {i for i in ok if wanted[i] and all(j in ok for g in groups if i in g for j in g)}
+    buffers: list = [None] * len(tensors)
+    stacks = {}
+    for idx in recipe.stacked:
+        if direct & set(idx):
+            t = tensors[idx[0]]
+            stacks[idx] = torch.empty((len(idx), *t.shape), dtype=t.dtype, device=t.device)
+            for j, i in enumerate(idx):
+                buffers[i] = stacks[idx][j]
+    for i in direct:
+        if buffers[i] is None:
+            buffers[i] = torch.empty_like(tensors[i])
+    fields = [f for f, src in recipe.fields if set(src.indices) <= set(i for i, b in enumerate(buffers) if b is not None)
+              and f in value_of]
+    views = recipe.grad_views(fields, buffers, stacks)
+    into = {value_of[f]: (v.unsqueeze(0) if f in ("shared_up", "shared_gate", "shared_down") else v)
+            for f, v in views.items()}
+    return direct, buffers, into
+
+
+@functools.lru_cache(maxsize=256)
+def _partitions(recipe, i: int, shapes: tuple) -> bool:
+    return recipe.partitions(i, shapes)
 
 
 def _owner(module, path: str) -> tuple:

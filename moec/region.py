@@ -27,6 +27,8 @@ from typing import Callable, Optional
 
 import torch
 
+from moec import env
+from moec.passes.save_activations import POLICIES
 from moec.runtime import launch, tune_file
 from moec.runtime.arch import resolve
 
@@ -52,6 +54,16 @@ def is_disabled() -> bool:
     return getattr(_state, "disabled", False)
 
 
+def activations_policy(value: Optional[str] = None) -> str:
+    """``value`` (`moec.compile`'s ``activations``), else ``MOEC_ACTIVATIONS``, else ``"auto"``; checked."""
+    got = value or env.text("MOEC_ACTIVATIONS") or "auto"
+    if got not in POLICIES:
+        where = "activations" if value else "environment variable MOEC_ACTIVATIONS"
+        raise ValueError(f"{where}={got!r}: expected one of {', '.join(map(repr, POLICIES))} (what a training "
+                         f"forward keeps for its backward: the gate/up products, or nothing and recompute them)")
+    return got
+
+
 def dtype_text(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -61,6 +73,7 @@ class Region:
     name: str
     arch: Optional[str] = None                 # an explicit target (tiles); None: the device decides
     dump_dir: Optional[Path] = None
+    activations: Optional[str] = None          # training: save or recompute (`saving`); None: MOEC_ACTIVATIONS
     calls: Counter = field(default_factory=Counter)
     compiled: dict = field(default_factory=dict)        # (recipe, dtype, arch) -> Compiled
     on_compile: Optional[Callable] = None
@@ -72,6 +85,12 @@ class Region:
         return _no_region, ()
 
     # ---- compile and run ---------------------------------------------------------------------
+    @property
+    def saving(self) -> str:
+        """The activations policy of a forward whose backward will run (passes/save_activations.py):
+        ``activations`` given to `moec.compile`, else ``MOEC_ACTIVATIONS``, else ``"auto"``."""
+        return self.activations or activations_policy()
+
     def compiled_for(self, recipe, dtype: torch.dtype, device) -> Compiled:
         """The program of ``recipe`` for ``dtype`` on ``device`` (an explicit ``arch`` on a CPU picks its
         tiles, run interpreted): compiled at the first call, and again, once, after the tune file
@@ -126,7 +145,8 @@ class Region:
         """This program's folder under ``dump_dir``; every character of a module's name that is not a
         letter, digit, ``_`` or ``-`` becomes ``_``, so no name can reach outside ``dump_dir``."""
         name = re.sub(r"[^\w-]", "_", self.name, flags=re.ASCII)
-        backward = ".backward" if c.recipe.kind.endswith("_backward") else ""
+        backward = (".backward" if c.recipe.kind.endswith("_backward")
+                    else ".train" if getattr(c.recipe, "saving", "") else "")
         d = self.dump_dir / f"{name}.{dtype_text(c.dtype)}.{c.arch.name}{self.dump_suffix(c)}{backward}"
         d.mkdir(parents=True, exist_ok=True)
         return d

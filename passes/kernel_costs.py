@@ -79,6 +79,7 @@ class GemmProblem:
     out_dtype: str = ""
     gather_top_k: int = 0
     scatter: bool = False
+    pre: int = 0             # pre-activation outputs stored besides out (a training forward that saves them)
 
     @classmethod
     def of(cls, n: Node, g: Graph) -> "GemmProblem":
@@ -90,7 +91,7 @@ class GemmProblem:
                    in_size=itemsize(a_t.dtype), out_size=itemsize(out_t.dtype), fp32=a_t.dtype == "f32",
                    indexed=bool(a["gather_top_k"] or a["scatter"]), scale="scale" in n.ins,
                    dtype=a_t.dtype, out_dtype=out_t.dtype, gather_top_k=a["gather_top_k"],
-                   scatter=bool(a["scatter"]))
+                   scatter=bool(a["scatter"]), pre=sum(r in n.outs for r in ("pre", "pre_up")))
 
     @property
     def key(self) -> str:
@@ -112,6 +113,8 @@ class GemmProblem:
             bits.append("scatter")
         if self.scale:
             bits.append("scale")
+        if self.pre:
+            bits.append("pre")
         bits.append(f"{self.dtype}->{self.out_dtype}")
         return " ".join(bits)
 
@@ -141,7 +144,7 @@ class GemmProblem:
         M = self.rows(t, loads)
         b = self.a_rows_per_token * t * self.k * self.in_size              # activations, read once
         b += self.hit_experts(t, ops, loads) * self.mats * self.n * self.k * self.in_size   # hit experts' weights
-        b += M * self.n * self.out_size                                     # output
+        b += M * self.n * (self.out_size + self.pre * self.in_size)         # output (and saved pre-activations)
         b += 4 * M * (int(self.indexed) + int(self.scale))                  # order, scale vectors
         return b
 

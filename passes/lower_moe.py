@@ -51,14 +51,14 @@ def _gemm_step(n: Node, g: Graph) -> Step:
                                  k_dim=int(g.types[n.ins["a"]].shape[1]), activation=a["activation"],
                                  glu=a["glu"], bias="bias" in n.ins, bias_up="bias_up" in n.ins,
                                  **glu_variant(a), gather_top_k=a["gather_top_k"], scatter=a["scatter"],
-                                 scale="scale" in n.ins, out_dtype=n.types[0].torch_dtype,
+                                 scale="scale" in n.ins, store_pre="pre" in n.outs, out_dtype=n.types[0].torch_dtype,
                                  tile=tile, header=header(n), bucket=bucket)
 
     def launch(params, v, outs, ctx):
         scale = v.get("scale")
         grouped_gemm(v["a"], v["w"], params, out=outs["out"], offsets=v.get("offsets"), order=v.get("order"),
                      w_up=v.get("w_up"), scale_vec=scale.reshape(-1) if scale is not None else None,
-                     bias=v.get("bias"), bias_up=v.get("bias_up"))
+                     bias=v.get("bias"), bias_up=v.get("bias_up"), pre=outs.get("pre"), pre_up=outs.get("pre_up"))
     return kernel_step(n, params_for, render_grouped_gemm, launch)
 
 

@@ -31,14 +31,17 @@ from .fuse_activation import fuse_activation
 from .fuse_block_gate import fuse_block_gate
 from .fuse_routing import fuse_routing
 from .infer_shapes import infer_shapes
+from .save_activations import save_activations
 
 
 @dataclass(frozen=True)
 class PassContext:
-    """What passes may know beyond the graph: the target, and the tune file's entries for it."""
+    """What passes may know beyond the graph: the target, the tune file's entries for it, and for a
+    forward whose backward will run, what to keep for it."""
 
     arch: Arch
     tuned: Optional[Lookup] = None
+    saving: str = ""            # a forward a backward follows: its activations policy (save-activations)
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ PIPELINE: tuple[Pass, ...] = (
     Pass("fold-permute", fold_permute),
     Pass("fuse-activation", fuse_activation),
     Pass("fold-combine", fold_combine),
+    Pass("save-activations", save_activations),
     Pass("choose-tiles", choose_tiles),
 )
 

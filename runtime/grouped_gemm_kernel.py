@@ -51,7 +51,7 @@ ACTIVATION_EXPR = {
 }
 assert set(ACTIVATION_EXPR) == {None, *ACTIVATIONS}
 
-ARG_NAMES = ("a_ptr", "w_ptr", "wup_ptr", "out_ptr", "offsets_ptr", "order_ptr", "scale_ptr",
+ARG_NAMES = ("a_ptr", "w_ptr", "wup_ptr", "out_ptr", "pre_ptr", "pre_up_ptr", "offsets_ptr", "order_ptr", "scale_ptr",
              "bias_ptr", "bias_up_ptr", "M", "ROW_TILES",
              "stride_am", "stride_ak", "stride_we", "stride_wn", "stride_wk",
              "stride_ue", "stride_un", "stride_uk", "stride_om", "stride_on",
@@ -98,6 +98,7 @@ class GroupedGemmParams:
     gather_top_k: int = 0               # > 0: row r reads a[order[r] // gather_top_k]
     scatter: bool = False               # row r is stored at out[order[r]]
     scale: bool = False                 # row r *= scale_vec[order[r]] (routed) or scale_vec[r]
+    store_pre: bool = False             # also store the activation's inputs (pre, pre_up) at out's rows
     out_dtype: torch.dtype = torch.float32
     tile: GemmTile = GemmTile(16, 32, 32)
     header: str = ""                    # the IR node's text line
@@ -112,6 +113,8 @@ class GroupedGemmParams:
             raise ValueError("glu needs an activation")
         if self.bias_up and not self.glu:
             raise ValueError("bias_up needs glu")
+        if self.store_pre and self.activation is None:
+            raise ValueError("store_pre needs an activation (pre is its input)")
         check_glu_variant(self.activation or "silu", self.glu, self.act_alpha, self.glu_limit, self.up_shift)
         if self.gather_top_k < 0:
             raise ValueError(f"gather_top_k must be >= 0, got {self.gather_top_k}")
@@ -138,6 +141,8 @@ class GroupedGemmParams:
             parts.append("scaled")
         if self.scatter:
             parts.append("scatter")
+        if self.store_pre:
+            parts.append("pre")
         if self.bucket:
             parts.append(bucket_suffix(*self.bucket))
         return "_".join(parts)
@@ -154,7 +159,7 @@ def render_grouped_gemm(params: GroupedGemmParams) -> Kernel:
     source = render("grouped_gemm.py.jinja", fn_name=name, header=_one_line(params.header),
                     num_experts=params.num_experts, n=params.n, k_dim=params.k_dim,
                     activation=params.activation, glu=params.glu, gather_top_k=params.gather_top_k,
-                    scatter=params.scatter, scale=params.scale,
+                    scatter=params.scatter, scale=params.scale, store_pre=params.store_pre,
                     out_dtype=str(params.out_dtype).replace("torch.", ""), tile=params.tile,
                     bias=params.bias, bias_up=params.bias_up,
                     bucket=bucket_text(*params.bucket) if params.bucket else "every T",
@@ -208,7 +213,8 @@ def _interleaved(w: Tensor, w_up: Tensor) -> bool:
 def grouped_gemm(a: Tensor, w: Tensor, params: GroupedGemmParams, *, out: Tensor,
                  offsets: Optional[Tensor] = None, order: Optional[Tensor] = None,
                  w_up: Optional[Tensor] = None, scale_vec: Optional[Tensor] = None,
-                 bias: Optional[Tensor] = None, bias_up: Optional[Tensor] = None) -> Tensor:
+                 bias: Optional[Tensor] = None, bias_up: Optional[Tensor] = None,
+                 pre: Optional[Tensor] = None, pre_up: Optional[Tensor] = None) -> Tensor:
     """Run the grouped GEMM; returns ``out``.
 
     - ``a [rows_a, K]``: activations, any strides. With ``gather_top_k = k`` these are the
@@ -270,6 +276,12 @@ def grouped_gemm(a: Tensor, w: Tensor, params: GroupedGemmParams, *, out: Tensor
 
     bias = _expert_bias(bias, params.bias, params, "bias")
     bias_up = _expert_bias(bias_up, params.bias_up, params, "bias_up")
+    if params.store_pre:
+        for t, what in ((pre, "pre"), (pre_up if params.glu else pre, "pre_up")):
+            if t is None or t.shape != out.shape or t.stride() != out.stride():
+                raise ValueError(f"params.store_pre needs {what} with out's shape and strides")
+    elif pre is not None or pre_up is not None:
+        raise ValueError("pre given but params.store_pre is False")
 
     interleaved = params.glu and _interleaved(w, w_up)
     if interleaved:     # the up operand becomes the [E, 2N, K] tensor both are rows of
@@ -281,13 +293,13 @@ def grouped_gemm(a: Tensor, w: Tensor, params: GroupedGemmParams, *, out: Tensor
     bs = bias.stride() if bias is not None else (0, 0)
     bus = bias_up.stride() if bias_up is not None else (0, 0)
     args = dict(zip(ARG_NAMES, (
-        a, w, w_up, out, offsets, order if params.routed else None, scale_vec, bias, bias_up, M, row_tiles,
+        a, w, w_up, out, pre, pre_up, offsets, order if params.routed else None, scale_vec, bias, bias_up, M, row_tiles,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2),
         u.stride(0), u.stride(1), u.stride(2), out.stride(0), out.stride(1), *bs, *bus)))
     constexprs = dict(N=N, K=K, NUM_EXPERTS=E, E_PAD=max(2, next_pow2(E)),
                       HAS_OFFSETS=offsets is not None, GATHER_TOP_K=params.gather_top_k,
                       SCATTER=params.scatter, SCALE=params.scale, GLU=params.glu, GLU_INTERLEAVED=interleaved,
-                      HAS_BIAS=params.bias, HAS_BIAS_UP=params.bias_up,
+                      HAS_BIAS=params.bias, HAS_BIAS_UP=params.bias_up, STORE_PRE=params.store_pre,
                       BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
                       GROUP_M=tile.group_m)
     render_grouped_gemm(params)(grid, args, constexprs, num_warps=tile.num_warps, num_stages=tile.num_stages)

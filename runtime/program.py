@@ -163,11 +163,13 @@ class Program:
         return got
 
     def run(self, inputs: dict[str, torch.Tensor], *, training: bool = False, noise: Optional[torch.Tensor] = None,
-            on_step: Optional[Callable] = None, values: bool = False, needed: tuple = ()):
+            on_step: Optional[Callable] = None, values: bool = False, needed: tuple = (), into: Optional[dict] = None):
         """Run the steps; returns the graph's outputs in order (``values=True``: every value, by name,
         e.g. for a backward that reuses an intermediate). ``needed``: run only the steps these values
-        need (e.g. the routing alone), and return every value. ``on_step(step, operands, results, ctx)``
-        is called after each (autotune uses it to capture a kernel's operands)."""
+        need (e.g. the routing alone), and return every value. ``into``: ``{value: tensor}`` the caller
+        provides for results (any strides, e.g. views of a parameter's gradient layout): kernels write
+        there, a torch step's result is copied there. ``on_step(step, operands, results, ctx)`` is called
+        after each (autotune uses it to capture a kernel's operands)."""
         sizes = self.sizes(inputs)
         lead = inputs[self._token_dim[0]] if self._token_dim else next(iter(inputs.values()))
         T = lead.shape[self._token_dim[1]] if self._token_dim else 0
@@ -189,9 +191,18 @@ class Program:
                 outs = {r: torch.empty(shape(sizes), dtype=dtype, device=device) for r, shape, dtype in self._allocs[i]}
             else:
                 outs = {r: None for r, _ in step.node.results}
+            given = {r: into[v] for r, v in step.node.results if into and v in into}
+            for r, t in given.items():
+                if outs[r] is not None and (t.shape != outs[r].shape or t.dtype != outs[r].dtype):
+                    raise ValueError(f"into[{step.node.outs[r]!r}] must be {outs[r].dtype} {tuple(outs[r].shape)}, "
+                                     f"got {t.dtype} {tuple(t.shape)}")
+                outs[r] = t if outs[r] is not None else None
             got = step.execute(ins, outs, ctx)
             if got:                      # a step may return new tensors instead of filling outs
                 outs.update(got)
+            for r, t in given.items():
+                if outs[r] is not t:
+                    outs[r] = t.copy_(outs[r])
             if on_step is not None:
                 on_step(step, ins, outs, ctx)
             env.update({v: outs[r] for r, v in step.node.results})

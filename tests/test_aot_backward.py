@@ -16,7 +16,7 @@ import torch
 
 from aot_util import distinct_launches, record_launches, retyped
 from moec.compiler import BackwardRecipe, ExpertsRecipe, MoERecipe, compile_program
-from moec.ir.backward import saved_values
+from moec.ir.backward import PRE_SAVED, saved_values
 from moec.ir.build import moe_inputs
 from moec.runtime.aot import compile_launch
 from moec.runtime.arch import ARCHS
@@ -60,6 +60,17 @@ def _backward_launches(arch: str, T: int = 40) -> list:
     einputs = {"dy": torch.randn(T, 64, generator=g).half(), "x": x, "w_up": w.w_up, "w_down": w.w_down,
                "ids": ids, "route_weights": torch.rand(T, 2, generator=g), "order": order, "offsets": offsets}
     records += record_launches(lambda: ebwd.program.run(einputs))
+    # a training forward that saves the gate/up products (its fused GEMMs store pre / pre_up) and the backward
+    # that reads them
+    train = compile_program(MoERecipe(SPEC, ("y", "aux"), saving="save"), torch.float16, ARCHS[arch])
+    records += record_launches(lambda: train.program.run(moe_inputs(x, w)))
+    env = train.program.run(moe_inputs(x, w), values=True)
+    saved = {r: env[v] for r, v in saved_values(train.graph).items()}
+    sbwd = compile_program(BackwardRecipe(recipe, tuple(r for r in PRE_SAVED if r in saved)), torch.float16,
+                           ARCHS[arch])
+    inputs.update(saved)
+    names = {n for n, _ in sbwd.graph.inputs}
+    records += record_launches(lambda: sbwd.program.run({n: v for n, v in inputs.items() if n in names}))
     return distinct_launches(records)
 
 
@@ -72,6 +83,8 @@ def test_backward_kernels_compile_fit_and_use_tensor_cores(arch):
     assert {"grouped_dgrad_gather_silu_glu", "grouped_dgrad_two_scatter", "grouped_wgrad_gather_scaled_dbias",
             "grouped_wgrad_gather_dbias", "grouped_dgrad_silu_glu", "grouped_dgrad_two", "grouped_wgrad_scaled",
             "grouped_dgrad_gather_gelu", "grouped_dgrad_scatter"} <= names, names
+    for stored in ("grouped_gemm_gather_bias_silu_glu_pre", "grouped_gemm_silu_glu_pre"):   # the training forward's
+        assert any(n.startswith(stored) for n in names), (stored, names)
     for record in launches:
         for dtype in DTYPES:
             rec = record if dtype == "fp16" else retyped(record, "fp16", "bf16")

@@ -19,7 +19,7 @@ import zoo
 from moec import reference
 from moec.compiler import BackwardRecipe, MoERecipe, compile_program
 from moec.ir import parse_graph, print_graph, verify
-from moec.ir.backward import build_moe_backward_graph, grad_outputs, saved_values
+from moec.ir.backward import PRE_SAVED, build_moe_backward_graph, grad_outputs, saved_values
 from moec.ir.build import moe_inputs
 from moec.ir.interp import interpret
 from moec.ir.tiles import GemmTile
@@ -179,14 +179,19 @@ def test_backward_graph_verifies_and_round_trips(case):
 
 @pytest.mark.parametrize("case", SPECS)
 @pytest.mark.parametrize("T", [0, 1, 9])
-def test_backward_program_matches_interpreter_and_eager(case, T):
-    """The lowered backward (kernels) = the IR interpreter on the same graph = autograd of the reference."""
+@pytest.mark.parametrize("policy", ["recompute", "save"])
+def test_backward_program_matches_interpreter_and_eager(case, T, policy):
+    """The lowered backward (kernels) = the IR interpreter on the same graph = autograd of the reference, with
+    the gate/up products recomputed or saved by the training forward (its kernels store them)."""
     spec, outputs = SPECS[case]
     g = torch.Generator().manual_seed(T + 7)
     w = _weights(spec, g)
     x = torch.randn(T, spec.hidden, generator=g)
-    fwd = compile_program(MoERecipe(spec, outputs), torch.float32, ARCHS["cpu"])
-    bwd = compile_program(BackwardRecipe(MoERecipe(spec, outputs)), torch.float32, ARCHS["cpu"])
+    fwd = compile_program(MoERecipe(spec, outputs, saving=policy), torch.float32, ARCHS["cpu"])
+    pre = tuple(r for r in PRE_SAVED if r in saved_values(fwd.graph))
+    assert bool(pre) == (policy == "save")
+    bwd = compile_program(BackwardRecipe(MoERecipe(spec, outputs), pre), torch.float32, ARCHS["cpu"])
+    assert (policy == "save") != any(n.op == "grouped_gemm" for n in bwd.graph.nodes)   # nothing recomputed
     env = fwd.program.run(moe_inputs(x, w), values=True)
     cot = {"dy": torch.randn(T, spec.hidden, generator=g), "d_aux": torch.tensor(0.7),
            "d_logits": torch.randn(T, spec.num_experts, generator=g),
@@ -253,11 +258,14 @@ def _assert_same_grads(compiled, eager, xa, xb, tol=1e-4):
             torch.testing.assert_close(p.grad, q.grad, rtol=tol, atol=tol * scale, msg=name)
 
 
+@pytest.mark.parametrize("activations", ["recompute", "save"])
 @pytest.mark.parametrize("name", ZOO)
-def test_zoo_gradients_come_from_kernels_and_match_eager(name):
+def test_zoo_gradients_come_from_kernels_and_match_eager(name, activations):
+    """Every zoo formulation, its gate/up products recomputed in the backward or saved by the forward (then the
+    backward runs no grouped GEMM of the forward's again)."""
     torch.manual_seed(0)
     eager = getattr(zoo, name)().train()
-    compiled = moec.compile(copy.deepcopy(eager))
+    compiled = moec.compile(copy.deepcopy(eager), activations=activations)
     x = torch.randn(2, 5, 16)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     torch.manual_seed(1)
@@ -267,6 +275,8 @@ def test_zoo_gradients_come_from_kernels_and_match_eager(name):
     _assert_same_grads(compiled, eager, xa, xb)
     region = compiled.__dict__["_moec_region"]
     assert region.calls["kernels forward and backward"] == 1 and region.calls["backward: kernels"] == 1
+    backward = [c for r, c in region.compiled.items() if isinstance(r[0], BackwardRecipe)]
+    assert [any(n.op == "grouped_gemm" for n in c.graph.nodes) for c in backward] == [activations == "recompute"]
 
 
 FORMULATIONS = {
@@ -280,16 +290,18 @@ FORMULATIONS = {
 
 @given(name=st.sampled_from(sorted(FORMULATIONS)), d=st.sampled_from([16, 32]), f=st.integers(8, 40),
        E=st.integers(2, 8), k=st.integers(1, 3), T=st.integers(0, 20),
-       dtype=st.sampled_from([torch.float32, torch.float16]), seed=st.integers(0, 2**16))
-@example(name="MixtralMoE", d=16, f=24, E=4, k=2, T=0, dtype=torch.float32, seed=0)
-@example(name="QwenMoE", d=16, f=24, E=4, k=2, T=1, dtype=torch.float16, seed=1)
-@example(name="BiasedExpertMoE", d=16, f=8, E=3, k=3, T=7, dtype=torch.float32, seed=2)
-def test_compiled_gradients_match_eager(name, d, f, E, k, T, dtype, seed):
-    """Gradients of the input and every parameter, fp32 and fp16, any token count (0 and 1 too)."""
+       dtype=st.sampled_from([torch.float32, torch.float16]), seed=st.integers(0, 2**16),
+       activations=st.sampled_from(["save", "recompute"]))
+@example(name="MixtralMoE", d=16, f=24, E=4, k=2, T=0, dtype=torch.float32, seed=0, activations="save")
+@example(name="QwenMoE", d=16, f=24, E=4, k=2, T=1, dtype=torch.float16, seed=1, activations="save")
+@example(name="BiasedExpertMoE", d=16, f=8, E=3, k=3, T=7, dtype=torch.float32, seed=2, activations="recompute")
+def test_compiled_gradients_match_eager(name, d, f, E, k, T, dtype, seed, activations):
+    """Gradients of the input and every parameter, fp32 and fp16, any token count (0 and 1 too), the gate/up
+    products saved by the forward or recomputed."""
     k = min(k, E)
     torch.manual_seed(seed)
     eager = FORMULATIONS[name](d, f, E, k).to(dtype).train()
-    compiled = moec.compile(copy.deepcopy(eager))
+    compiled = moec.compile(copy.deepcopy(eager), activations=activations)
     x = torch.randn(1, T, d).to(dtype)
     if dtype == torch.float16 and T and E > k:   # fp16 rounding may flip a near-tied choice: skip such draws
         router = eager.proj if name == "DenseOneHotMoE" else eager.gate

@@ -143,7 +143,12 @@ def test_experts_implementation_moec_matches_eager(name):
         assert model.generate(ids[:1], **kw).tolist() == eager.generate(ids[:1], **kw).tolist()
 
 
-def test_experts_implementation_moec_gradients():
+@pytest.mark.parametrize("activations", ["auto", "save", "recompute"])
+def test_experts_implementation_moec_gradients(activations, monkeypatch):
+    """The experts' backward on generated kernels, its gate/up products saved by the forward or recomputed
+    (``MOEC_ACTIVATIONS``: transformers' experts interface has no compile call to take it)."""
+    monkeypatch.setenv("MOEC_ACTIVATIONS", activations)
+    assert moec.hf.register()
     eager = H.build("mixtral", experts_implementation="eager").train()
     model = H.build("mixtral", experts_implementation="moec").train()
     ids = torch.randint(3, H.VOCAB, (1, 6), generator=torch.Generator().manual_seed(6))
@@ -155,6 +160,9 @@ def test_experts_implementation_moec_gradients():
             _close(grads[n].grad, p.grad, tol=1e-3)
     assert moec.hf.calls(model)["kernels forward and backward"] == 2
     assert moec.hf.calls(model)["backward: kernels"] == 2          # the experts' backward: generated kernels
+    regions = [m.__dict__["_moec_experts_region"] for m in model.modules() if "_moec_experts_region" in m.__dict__]
+    saved = {r.pre for region in regions for r, _, _ in region.compiled if hasattr(r, "pre")}
+    assert saved == ({("pre_gate", "pre_up")} if activations == "save" else {()}), saved
 
 
 def test_experts_backward_dumps_its_program(tmp_path, monkeypatch):

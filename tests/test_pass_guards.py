@@ -32,6 +32,7 @@ from moec.passes.fuse_activation import fuse_activation
 from moec.passes.fuse_block_gate import fuse_block_gate
 from moec.passes.fuse_routing import fuse_routing
 from moec.passes.infer_shapes import infer_shapes
+from moec.passes.save_activations import save_activations
 from moec.passes.pipeline import PIPELINES, PassContext
 from moec.runtime.arch import ARCHS
 
@@ -673,6 +674,58 @@ def test_fold_combine_guard_gemm_gathering_with_another_order():
           %routed: f32[T, 16] = combine(y=%ys, order=%order, weights=%weights, ids=%ids) {top_k=2}
           return %routed
         }""")
+
+
+# ==== save-activations ===========================================================================
+# Guards: (1) a forward a backward follows (ctx.saving set); (2) the policy chooses saving; (3) a GEMM with an
+# activation in its epilogue (4) not already storing pre and (5) not scattering (its rows would be pair order).
+
+FUSED_GLU = """
+graph moe(%x: f32[T, 16], %w_gate: f32[1, 8, 16], %w_up: f32[1, 8, 16]) {{
+  %h: f32[T, 8]{pre} = grouped_gemm(a=%x, w=%w_gate, w_up=%w_up) {{num_experts=1, activation='silu', glu=True}}
+  return %h
+}}
+"""
+SAVING = PassContext(ARCHS["sm90"], saving="save")
+
+
+def test_save_activations_fires_on_the_base_case():
+    """Positive control: a training forward with saving chosen stores the activation's inputs."""
+    out = verify(save_activations(ir(FUSED_GLU.format(pre="")), SAVING))
+    assert print_graph(out) == textwrap.dedent(FUSED_GLU.format(
+        pre=", %h_pre: f32[T, 8], %h_pre_up: f32[T, 8]")).strip() + "\n"
+
+
+@pytest.mark.parametrize("ctx", [CTX, PassContext(ARCHS["sm90"], saving="recompute"),
+                                 PassContext(ARCHS["sm90"], saving="auto")], ids=["inference", "recompute", "auto"])
+def test_save_activations_policy_guard(ctx):
+    """Guards 1-2: an inference forward, ``recompute``, and ``auto`` at d=16 (moving the products costs more than
+    recomputing them) keep the graph."""
+    g = ir(FUSED_GLU.format(pre=""))
+    assert print_graph(save_activations(g, ctx)) == print_graph(g)
+
+
+def test_save_activations_activation_guard_leaves_plain_gemms():
+    g = ir("""
+        graph moe(%x: f32[T, 16], %w: f32[1, 8, 16]) {
+          %h: f32[T, 8] = grouped_gemm(a=%x, w=%w) {num_experts=1}
+          return %h
+        }""")
+    assert print_graph(save_activations(g, SAVING)) == print_graph(g)
+
+
+def test_save_activations_stored_guard_is_idempotent():
+    g = ir(FUSED_GLU.format(pre=", %h_pre: f32[T, 8], %h_pre_up: f32[T, 8]"))
+    assert print_graph(save_activations(g, SAVING)) == print_graph(g)
+
+
+def test_save_activations_scatter_guard():
+    g = ir("""
+        graph moe(%x: f32[T, 16], %w: f32[4, 8, 16], %offsets: i32[5], %order: i32[2*T]) {
+          %h: f32[2*T, 8] = grouped_gemm(a=%x, w=%w, offsets=%offsets, order=%order) {num_experts=4, activation='relu', gather_top_k=2, scatter=True}
+          return %h
+        }""")
+    assert print_graph(save_activations(g, SAVING)) == print_graph(g)
 
 
 # ==== fuse-block-gate ============================================================================

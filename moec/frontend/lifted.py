@@ -165,3 +165,52 @@ class WeightsRecipe:
 
     def describe(self, paths: Sequence[str]) -> list[str]:
         return [f"{name} = {src.describe(paths)}" for name, src in self.fields]
+
+    def readers(self) -> dict[int, list[str]]:
+        """``{leaf tensor index: the fields built from it}``."""
+        got: dict[int, list[str]] = {}
+        for name, src in self.fields:
+            for i in src.indices:
+                got.setdefault(i, []).append(name)
+        return got
+
+    def partitions(self, i: int, shapes: Sequence[tuple]) -> bool:
+        """Whether the fields built from leaf tensor ``i`` (of the leaf tensors' ``shapes``) read each of its
+        elements exactly once: then the
+        gradients of those fields, written into views of one buffer laid out like the tensor (or like the
+        stack it belongs to), are its whole gradient with nothing to add up (`grad_views`)."""
+        srcs = [src for _, src in self.fields if i in src.indices]
+        first = srcs[0]
+        if any((s.indices, s.stack, s.view, s.transpose) != (first.indices, first.stack, first.view, first.transpose)
+               for s in srcs) or (not first.stack and len(first.indices) != 1):
+            return False
+        shape = self._frame(first, shapes)
+        if not shape:
+            return len(srcs) == 1
+        rows, cols = (shape[-2], shape[-1]) if len(shape) > 1 else (1, shape[0])
+
+        def span(sl, n):
+            return set(range(n)[slice(*sl)]) if sl is not None else set(range(n))
+        boxes = [(span(s.rows, rows), span(s.cols, cols)) for s in srcs]
+        if sum(len(r) * len(c) for r, c in boxes) != rows * cols:
+            return False
+        return all(not (boxes[a][0] & boxes[b][0]) or not (boxes[a][1] & boxes[b][1])
+                   for a in range(len(boxes)) for b in range(a))
+
+    @staticmethod
+    def _frame(src: Src, shapes: Sequence[tuple]) -> tuple:
+        """The shape ``src`` slices its rows and columns in (after its stack, view and transpose), given the leaf
+        tensors' ``shapes``."""
+        t = tuple(shapes[src.indices[0]])
+        shape = (len(src.indices), *t) if src.stack else t
+        if src.view is not None:
+            shape = tuple(src.view)
+        if src.transpose:
+            shape = (*shape[:-2], shape[-1], shape[-2])
+        return shape
+
+    def grad_views(self, names: Sequence[str], buffers: Sequence[Optional[Tensor]], stacks: dict) -> dict:
+        """``{field: view}`` for the fields ``names``, built from gradient ``buffers`` (one per leaf tensor, laid out
+        like it) as the fields are built from the tensors, with ``stacks`` (``{indices: buffer}``) for stacked
+        ones: the views a backward writes each field's gradient into."""
+        return {name: src.build(buffers, stacks.get(src.indices)) for name, src in self.fields if name in names}

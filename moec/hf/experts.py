@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from moec import reference
 from moec.compiler import BackwardRecipe, ExpertsRecipe
-from moec.ir.backward import grad_outputs, read_saved
+from moec.ir.backward import PRE_SAVED, grad_outputs, read_saved
 from moec.frontend.adapters import activation_of
 from moec.region import Region, is_disabled
 from moec.runtime.autograd import KernelsBoth
@@ -73,24 +73,39 @@ class ExpertsLayout:
     def _halves(self, t: Tensor) -> tuple[Tensor, Tensor]:
         return (t[:, 0::2], t[:, 1::2]) if self.interleaved else (t[:, :self.f], t[:, self.f:])
 
-    def weights(self, m: nn.Module) -> dict:
-        """`MoEWeights`-named views: ``w_gate``/``w_up`` ``[E, f, d]``, ``w_down`` ``[E, d, f]`` and,
-        with biases, ``b_gate``/``b_up`` ``[E, f]``, ``b_down`` ``[E, d]`` (``w_gate``/``b_gate`` None
-        for ungated experts)."""
+    @property
+    def leaf_names(self) -> tuple[str, ...]:
+        """The module's own tensors the experts read, in `leaves` order."""
+        names = ("gate_up_proj" if self.glu else "up_proj", "down_proj")
+        return names + (("gate_up_proj_bias" if self.glu else "up_proj_bias", "down_proj_bias") if self.bias else ())
+
+    def leaves(self, m: nn.Module) -> list:
+        return [getattr(m, n) for n in self.leaf_names]
+
+    def views(self, leaves) -> dict:
+        """`MoEWeights`-named views of ``leaves`` (the module's tensors, or gradient buffers laid out like them;
+        None stays None): ``w_gate``/``w_up`` ``[E, f, d]``, ``w_down`` ``[E, d, f]`` and, with biases,
+        ``b_gate``/``b_up`` ``[E, f]``, ``b_down`` ``[E, d]`` (``w_gate``/``b_gate`` None for ungated experts)."""
         tr = (lambda t: t.transpose(1, 2)) if self.transposed else (lambda t: t)   # noqa: E731
         w = dict.fromkeys(_WEIGHT_FIELDS)
-        w["w_down"] = tr(m.down_proj)
-        if self.glu:
-            w["w_gate"], w["w_up"] = self._halves(tr(m.gate_up_proj))
-        else:
-            w["w_up"] = tr(m.up_proj)
+        by = dict(zip(self.leaf_names, leaves))
+        if by["down_proj"] is not None:
+            w["w_down"] = tr(by["down_proj"])
+        if self.glu and by["gate_up_proj"] is not None:
+            w["w_gate"], w["w_up"] = self._halves(tr(by["gate_up_proj"]))
+        elif not self.glu and by["up_proj"] is not None:
+            w["w_up"] = tr(by["up_proj"])
         if self.bias:
-            w["b_down"] = m.down_proj_bias
-            if self.glu:
-                w["b_gate"], w["b_up"] = self._halves(m.gate_up_proj_bias)
-            else:
-                w["b_up"] = m.up_proj_bias
+            w["b_down"] = by["down_proj_bias"]
+            if self.glu and by["gate_up_proj_bias"] is not None:
+                w["b_gate"], w["b_up"] = self._halves(by["gate_up_proj_bias"])
+            elif not self.glu:
+                w["b_up"] = by["up_proj_bias"]
         return w
+
+    def weights(self, m: nn.Module) -> dict:
+        """`views` of the module's tensors."""
+        return self.views(self.leaves(m))
 
 
 def _default_gate(m: nn.Module) -> bool:
@@ -229,14 +244,15 @@ def _eager_forward(m: nn.Module):
     return None
 
 
-def _recipe(layout: ExpertsLayout, k: int) -> ExpertsRecipe:
-    return ExpertsRecipe(layout.E, k, layout.d, layout.f, layout.activation, layout.glu, layout.bias, layout.variant)
+def _recipe(layout: ExpertsLayout, k: int, saving: str = "") -> ExpertsRecipe:
+    return ExpertsRecipe(layout.E, k, layout.d, layout.f, layout.activation, layout.glu, layout.bias, layout.variant,
+                         saving)
 
 
 def run_kernels(region: ExpertsRegion, x: Tensor, ids: Tensor, wts: Tensor, layout: ExpertsLayout,
                 w: dict, saving: bool = False):
     """The experts' output; with ``saving``, ``((y,), {role: what the backward reads})``."""
-    c = region.compiled_for(_recipe(layout, ids.shape[1]), x.dtype, x.device)
+    c = region.compiled_for(_recipe(layout, ids.shape[1], region.saving if saving else ""), x.dtype, x.device)
     inputs = {"x": x if x.stride(-1) == 1 else x.contiguous(), "ids": ids.to(torch.int32).contiguous(),
               "weights": wts.to(torch.float32).contiguous(), **{n: t for n, t in w.items() if t is not None}}
     if not saving:
@@ -247,20 +263,23 @@ def run_kernels(region: ExpertsRegion, x: Tensor, ids: Tensor, wts: Tensor, layo
 
 
 def kernels_backward(region: ExpertsRegion, ts, saved, grads, needs, layout: ExpertsLayout, k: int) -> list:
-    """The gradients of ``(x, weights, *expert tensors)`` wanted (``needs``) from the generated backward;
-    only the kernels those need run (frozen experts: no weight-gradient kernels)."""
-    x, wts = ts[0], ts[1]
-    bw = region.compiled_for(BackwardRecipe(_recipe(layout, k)), x.dtype, x.device)
+    """The gradients of ``(x, weights, *the module's tensors)`` wanted (``needs``) from the generated backward;
+    only the kernels those need run (frozen experts: no weight-gradient kernels). Each weight gradient is written
+    straight into a buffer laid out like the module's tensor (transposed, gate and up halves or interleaved
+    columns of one ``gate_up_proj``), which becomes its gradient: nothing is sliced or added up afterwards."""
+    x, wts, leaves = ts[0], ts[1], ts[2:]
+    bw = region.compiled_for(BackwardRecipe(_recipe(layout, k), tuple(r for r in PRE_SAVED if r in saved)),
+                             x.dtype, x.device)
     inputs = {"dy": grads[0] if grads[0] is not None else torch.zeros_like(x), "x": x,
-              **{n: t for n, t in zip(_WEIGHT_FIELDS, ts[2:]) if t is not None}, **saved}
-    names = ["x", "route_weights", *_WEIGHT_FIELDS]          # bw's input names, in the order of ts
+              **{n: t for n, t in layout.views(leaves).items() if t is not None}, **saved}
     values = dict(zip(grad_outputs(bw.graph), bw.graph.outputs))
-    wanted = {n: values[n] for n, need in zip(names, needs) if need and n in values}
+    buffers = [torch.empty_like(t) if need else None for t, need in zip(leaves, needs[2:])]
+    into = {values[f]: v for f, v in layout.views(buffers).items() if v is not None}
+    wanted = [values[n] for n, need in (("x", needs[0]), ("route_weights", needs[1])) if need] + list(into)
     region._count("backward: kernels")
-    env = region.run(bw, inputs, needed=tuple(wanted.values()))
-    got = {n: env[v] for n, v in wanted.items()}
-    d_w = got.get("route_weights")
-    return [got.get("x"), d_w.to(wts.dtype) if d_w is not None else None, *[got.get(n) for n in _WEIGHT_FIELDS]]
+    env = region.run(bw, inputs, needed=tuple(wanted), into=into, values=True)
+    d_w = env[values["route_weights"]].to(wts.dtype) if needs[1] else None
+    return [env[values["x"]] if needs[0] else None, d_w, *buffers]
 
 
 def moec_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor,
@@ -279,14 +298,14 @@ def moec_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Te
             raise RuntimeError(f"moec experts: {type(self).__name__} cannot run on moec's kernels ({reason}) and "
                                f"its eager forward was not found")
         return region.eager(reason, eager, hidden_states, top_k_index, top_k_weights)
-    weights = [w[n] for n in _WEIGHT_FIELDS]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in [x, wts, *weights] if t is not None):
+    leaves = layout.leaves(self)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in [x, wts, *leaves]):
         def kernels(ts):
-            return run_kernels(region, ts[0], ids, ts[1], layout, dict(zip(_WEIGHT_FIELDS, ts[2:])), saving=True)
+            return run_kernels(region, ts[0], ids, ts[1], layout, layout.views(ts[2:]), saving=True)
 
         def backward(ts, saved, grads, needs):
             return kernels_backward(region, ts, saved, grads, needs, layout, ids.shape[1])
 
         return region.serve("kernels forward and backward", KernelsBoth.apply, kernels, backward, None,
-                            x, wts, *weights)[0]
+                            x, wts, *leaves)[0]
     return region.serve("kernels", run_kernels, region, x, ids, wts, layout, w)

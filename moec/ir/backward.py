@@ -9,14 +9,15 @@ the forward saved: the routing (``ids``; ``ids_routed`` before capacity; ``route
 (``order``, ``offsets``) and a gated shared expert's ``shared_scale``. Outputs are named ``d_<input>``
 (`grad_outputs` lists them).
 
-Recompute, not save: the gate/up projections are recomputed from ``x`` (one grouped GEMM each, the
-permute folded into its prologue) rather than saved by the forward, so training holds no more
-activation memory than inference plus the routing; the activation's backward, the routing weight's
+Save or recompute: the gate/up products the activation reads are either saved by the forward (its fused
+GEMM stores them: ``pre_gate``, ``pre_up``, when the save-activations pass chose so) and read here, or
+recomputed from ``x`` (one grouped GEMM each, the permute folded into its prologue), so training holds no
+more activation memory than inference plus the routing; the activation's backward, the routing weight's
 gradient and ``h`` for the down projection's weight gradient come from one kernel's epilogue.
 
 The routed experts' fragment, for ``y = sum_s w[t,s] * down_e(act(gate_e(x)) * up_e(x))``::
 
-    %gate, %up = grouped_gemm(x, w_gate / w_up) {gather_top_k=k}               # recompute
+    %gate, %up = grouped_gemm(x, w_gate / w_up) {gather_top_k=k}               # recompute (or saved inputs)
     %d_gate, %d_up, %h, %dots = grouped_dgrad(dy, w_down, gate, up, scale=route_weights) {act_grad}
     %d_w_down, %d_b_down = grouped_wgrad(dy, h, scale=route_weights) {gather_a=k}
     %d_w_gate, %d_b_gate = grouped_wgrad(d_gate, x) {gather_b=k}               # and d_w_up
@@ -34,6 +35,9 @@ from .ops import router_attrs
 from .types import B, S, T, TensorType, dtype_name
 
 SAVED = ("ids", "ids_routed", "route_weights", "order", "offsets", "shared_scale")
+# the activation's inputs, when the forward saved them (passes/save_activations.py) rather than the
+# backward recomputing them: the routed experts' gate/up products, the shared expert's
+PRE_SAVED = ("pre_gate", "pre_up", "shared_pre_gate", "shared_pre_up")
 
 
 def saved_values(forward: Graph) -> dict:
@@ -50,6 +54,11 @@ def saved_values(forward: Graph) -> dict:
         if producer.op == "apply_capacity":
             got["ids_routed"] = producer.ins["ids"]
     for n in forward.nodes:
+        if n.op == "grouped_gemm" and "pre" in n.outs:
+            prefix = "" if "offsets" in n.ins else "shared_"
+            got[f"{prefix}pre_gate"] = n.outs["pre"]
+            if "pre_up" in n.outs:
+                got[f"{prefix}pre_up"] = n.outs["pre_up"]
         if "shared_scale" in n.outs:
             got["shared_scale"] = n.outs["shared_scale"]
         elif n.op == "shared_gate":
@@ -69,18 +78,26 @@ def grad_outputs(g: Graph) -> list[str]:
 
 
 def _projection_grads(b: Builder, x: str, dy: str, ws: dict, gathered: dict, scale, E: int, k: int,
-                      activation: str, glu: bool, variant: dict, prefix: str = "") -> tuple[str, str, dict]:
+                      activation: str, glu: bool, variant: dict, prefix: str = "",
+                      pre: frozenset = frozenset()) -> tuple[str, str, dict]:
     """The VJP of one expert MLP block (gate/up grouped GEMMs, activation, down grouped GEMM, scaled by
     ``scale``; ``ws``: role -> the input holding it, e.g. ``w_down -> shared_down``):
-    ``(per-row d x (fp32, pair order when routed), dots, {input: its gradient})``."""
+    ``(per-row d x (fp32, pair order when routed), dots, {input: its gradient})``. The gate/up products are
+    inputs when ``pre`` (the saved roles) holds them, else recomputed from ``x``."""
     routed = {k_: v for k_, v in gathered.items() if v is not None}
     gather = k if routed else 0
     first = "w_gate" if glu else "w_up"
     first_b = "b_gate" if glu else "b_up"
-    gate = b.add("grouped_gemm", {"a": x, "w": ws[first], "bias": ws.get(first_b), **routed},
-                 {"num_experts": E, "gather_top_k": gather}, names={"out": f"{prefix}gate_re"})["out"]
-    up = (b.add("grouped_gemm", {"a": x, "w": ws["w_up"], "bias": ws.get("b_up"), **routed},
-                {"num_experts": E, "gather_top_k": gather}, names={"out": f"{prefix}up_re"})["out"] if glu else None)
+    if f"{prefix}pre_gate" in pre:          # saved by the forward
+        t = b.types[ws[first]]
+        rows = TensorType(t.dtype, (T * k if routed else T, t.shape[1]))
+        gate = b.input(f"{prefix}pre_gate", rows)
+        up = b.input(f"{prefix}pre_up", rows) if glu else None
+    else:
+        gate = b.add("grouped_gemm", {"a": x, "w": ws[first], "bias": ws.get(first_b), **routed},
+                     {"num_experts": E, "gather_top_k": gather}, names={"out": f"{prefix}gate_re"})["out"]
+        up = (b.add("grouped_gemm", {"a": x, "w": ws["w_up"], "bias": ws.get("b_up"), **routed},
+                    {"num_experts": E, "gather_top_k": gather}, names={"out": f"{prefix}up_re"})["out"] if glu else None)
     dg = b.add("grouped_dgrad", {"a": dy, "w": ws["w_down"], "gate": gate, "up": up, "scale": scale, **routed},
                {"num_experts": E, "gather_top_k": gather, "act_grad": True, "activation": activation,
                 "glu": glu, **variant},
@@ -107,7 +124,7 @@ def _projection_grads(b: Builder, x: str, dy: str, ws: dict, gathered: dict, sca
 
 
 def routed_experts_grad(b: Builder, x: str, dy: str, ws: dict, E: int, k: int, activation: str, glu: bool,
-                        variant: dict, bias: bool) -> tuple[str, str, dict]:
+                        variant: dict, bias: bool, pre: frozenset = frozenset()) -> tuple[str, str, dict]:
     """The VJP of `moec.ir.build.routed_experts` given the saved routing: ``(d x pairs [T*k, d] fp32 in
     pair order, d routing weights [T, k] fp32, {weight input: its gradient})``."""
     ids = b.input("ids", TensorType("i32", (T, k)))
@@ -115,16 +132,18 @@ def routed_experts_grad(b: Builder, x: str, dy: str, ws: dict, E: int, k: int, a
     order = b.input("order", TensorType("i32", (T * k,)))
     offsets = b.input("offsets", TensorType("i32", (E + 1,)))
     dx, dots, grads = _projection_grads(b, x, dy, ws, {"offsets": offsets, "order": order}, weights, E, k,
-                                        activation, glu, variant)
+                                        activation, glu, variant, pre=pre)
     dw = b.add("pair_weight_grad", {"dots": dots, "ids": ids, "dy": dy if bias else None,
                                     "b_down": ws.get("b_down") if bias else None}, {"top_k": k},
                names={"out": "d_route_weights"})["out"]
     return dx, dw, grads
 
 
-def build_moe_backward_graph(spec: MoESpec, dtype, outputs=("y",)) -> Graph:
+def build_moe_backward_graph(spec: MoESpec, dtype, outputs=("y",), pre: tuple = ()) -> Graph:
     """The backward of `moec.ir.build.build_moe_graph` ``(spec, dtype, outputs)`` for the gradients of
-    ``y`` (and ``aux`` when among ``outputs``); see the module docstring."""
+    ``y`` (and ``aux`` when among ``outputs``); ``pre``: the roles of `PRE_SAVED` the forward saved (read,
+    not recomputed); see the module docstring."""
+    pre = frozenset(pre)
     dt = dtype_name(dtype)
     r = spec.router
     E, k, d, f = r.num_experts, r.top_k, spec.hidden, spec.ffn
@@ -137,7 +156,7 @@ def build_moe_backward_graph(spec: MoESpec, dtype, outputs=("y",)) -> Graph:
     w_noise = b.input("w_noise", TensorType(dt, (E, d))) if r.noisy else None
     ws = {n: v for n, v in expert_inputs(b, E, d, f, dt, spec.glu, spec.expert_bias).items() if v is not None}
     dx_pairs, d_weights, grads = routed_experts_grad(b, x, dy, ws, E, k, spec.activation, spec.glu,
-                                                     spec.glu_variant, spec.expert_bias)
+                                                     spec.glu_variant, spec.expert_bias, pre)
     ids_routed = b.input("ids_routed", TensorType("i32", (T, k))) if r.capacity_factor is not None else None
     d_logits = b.input("d_logits", TensorType("f32", (T, E))) if "logits" in outputs else None
     if "weights" in outputs:             # the routing weights are an output too: their gradient adds up
@@ -158,7 +177,7 @@ def build_moe_backward_graph(spec: MoESpec, dtype, outputs=("y",)) -> Graph:
             sw["w_gate"] = b.input("shared_gate", TensorType(dt, (1, fs, d)))
         scale = b.input("shared_scale", TensorType("f32", (T,))) if spec.shared.gated else None
         s_dx, s_dots, s_grads = _projection_grads(b, x, dy, sw, {}, scale, 1, k, spec.activation, spec.glu, {},
-                                                  prefix="shared_")
+                                                  prefix="shared_", pre=pre)
         grads.update(s_grads)
         residual = b.add("add", {"a": residual, "b": s_dx}, names={"out": "dx_router_shared"})["out"]
         if spec.shared.gated:
@@ -173,7 +192,7 @@ def build_moe_backward_graph(spec: MoESpec, dtype, outputs=("y",)) -> Graph:
 
 
 def build_experts_backward_graph(E: int, k: int, d: int, f: int, activation: str, glu: bool, dtype,
-                                 bias: bool = False, variant: tuple = ()) -> Graph:
+                                 bias: bool = False, variant: tuple = (), pre: tuple = ()) -> Graph:
     """The backward of `moec.ir.build.build_experts_graph` (the routing is an input: its weights get a
     gradient, ``d_weights``)."""
     dt = dtype_name(dtype)
@@ -181,7 +200,8 @@ def build_experts_backward_graph(E: int, k: int, d: int, f: int, activation: str
     dy = b.input("dy", TensorType(dt, (T, d)))
     x = b.input("x", TensorType(dt, (T, d)))
     ws = {n: v for n, v in expert_inputs(b, E, d, f, dt, glu, bias).items() if v is not None}
-    dx_pairs, d_weights, grads = routed_experts_grad(b, x, dy, ws, E, k, activation, glu, dict(variant), bias)
+    dx_pairs, d_weights, grads = routed_experts_grad(b, x, dy, ws, E, k, activation, glu, dict(variant), bias,
+                                                     frozenset(pre))
     d_x = b.add("reduce_topk", {"y": dx_pairs, "ids": "ids"}, {"top_k": k, "out_dtype": dt},
                 names={"out": "d_x"})["out"]
     return _finish(b, {"x": d_x, "route_weights": d_weights, **grads})

@@ -120,6 +120,8 @@ def _grouped_gemm(n, v, ctx):
     rows = A.shape[0]
     out_t = n.types[0]
     out = torch.zeros(rows, out_t.shape[1], dtype=out_t.torch_dtype, device=A.device)
+    pre = {r: torch.zeros(rows, out_t.shape[1], dtype=A.dtype, device=A.device) for r in ("pre", "pre_up")
+           if r in n.outs}
     offsets = v.get("offsets")
     if offsets is None:
         offsets = torch.tensor([0, rows], device=A.device)
@@ -132,9 +134,13 @@ def _grouped_gemm(n, v, ctx):
         h = a @ v["w"][e].float().t()
         if "bias" in v:
             h = h + v["bias"][e].float()
+        if "pre" in pre:
+            pre["pre"][lo:hi] = h.to(A.dtype)
         if a_attr["glu"]:
             u = a @ v["w_up"][e].float().t()
             u = u + v["bias_up"][e].float() if "bias_up" in v else u
+            if "pre_up" in pre:
+                pre["pre_up"][lo:hi] = u.to(A.dtype)
             h = ref.gated(h, u, a_attr["activation"], **glu_variant(a_attr))
         elif a_attr["activation"]:
             h = ref.gated(h, None, a_attr["activation"], **glu_variant(a_attr))
@@ -147,7 +153,10 @@ def _grouped_gemm(n, v, ctx):
         kept = int(offsets[E])
         scattered[order[:kept].long()] = out[:kept]
         out = scattered
-    return {"out": out}
+        for r, t in pre.items():
+            pre[r] = torch.zeros_like(t)
+            pre[r][order[:kept].long()] = t[:kept]
+    return {"out": out, **pre}
 
 
 @impl("activate")
@@ -201,8 +210,10 @@ def run_node(n: Node, values: dict, ctx: dict) -> dict:
     return {name: got[role] for role, name in n.results}
 
 
-def interpret(g: Graph, inputs: dict, *, training: bool = False, noise=None) -> list:
-    """Run ``g`` on ``inputs`` (value name -> tensor); returns the outputs in order."""
+def interpret(g: Graph, inputs: dict, *, training: bool = False, noise=None, values: bool = False):
+    """Run ``g`` on ``inputs`` (value name -> tensor); returns the outputs in order (``values=True``: every
+    value, by name, as `moec.runtime.program.Program.run` does)."""
+    keep = values
     values = dict(inputs)
     missing = [name for name, _ in g.inputs if name not in values]
     if missing:
@@ -210,4 +221,4 @@ def interpret(g: Graph, inputs: dict, *, training: bool = False, noise=None) -> 
     ctx = {"training": training, "noise": noise, "sizes": bind_sizes(binders(g.inputs), values)}
     for n in g.nodes:
         values.update(run_node(n, values, ctx))
-    return [values[o] for o in g.outputs]
+    return values if keep else [values[o] for o in g.outputs]

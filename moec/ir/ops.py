@@ -137,7 +137,8 @@ def _infer_gg(o, a):
     a_rows = _rows(o["a"])
     rows = a_rows * a["gather_top_k"] if a["gather_top_k"] else a_rows
     dtype = a["out_dtype"] or o["a"].dtype
-    return {"out": TensorType(dtype, (rows, o["w"].shape[1]))}
+    pre = TensorType(o["a"].dtype, (rows, o["w"].shape[1]))
+    return {"out": TensorType(dtype, (rows, o["w"].shape[1])), "pre": pre, "pre_up": pre}
 
 
 op("grouped_gemm", "Row i of the sorted rows belongs to expert e(i) (offsets; one expert when "
@@ -145,8 +146,11 @@ op("grouped_gemm", "Row i of the sorted rows belongs to expert e(i) (offsets; on
    "else act(h) when activation is set (gated: see activate). A_i = a[order[i] // gather_top_k] when "
    "gather_top_k > 0 (the permute folded into the prologue), else a[i]. scale multiplies row i by "
    "scale.flat[order[i]] (routed) or scale[i] (dense); scatter stores row i at out[order[i]] (the "
-   "un-permute folded into the epilogue). Rows of dropped pairs are left unwritten. fp32 accumulation.",
-   ["a", "w"], ["out"], _infer_gg, optional_operands=["offsets", "w_up", "order", "scale", "bias", "bias_up"],
+   "un-permute folded into the epilogue). Rows of dropped pairs are left unwritten. fp32 accumulation. "
+   "pre / pre_up (optional): h and the up product before the activation (biases added), in a's dtype, "
+   "stored at out's rows: what a backward that saves rather than recomputes them reads.",
+   ["a", "w"], ["out", "pre", "pre_up"], _infer_gg,
+   optional_operands=["offsets", "w_up", "order", "scale", "bias", "bias_up"], optional_results=["pre", "pre_up"],
    attrs={"num_experts": REQUIRED, "activation": None, "glu": False, **GLU_PLAIN, "gather_top_k": 0,
           "scatter": False, "out_dtype": None, **KERNEL_ATTRS})
 

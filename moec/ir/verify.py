@@ -60,6 +60,10 @@ def _gemm_ok(n: Node, types) -> None:
         raise IRError("glu needs a w_up operand and an activation")
     if "w_up" in n.ins and not a["glu"]:
         raise IRError("w_up given without glu")
+    if "pre" in n.outs and a["activation"] is None or "pre_up" in n.outs and not a["glu"]:
+        raise IRError("pre needs an activation and pre_up a glu: they are the activation's inputs")
+    if "pre_up" in n.outs and "pre" not in n.outs:
+        raise IRError("pre_up without pre")
     if (a["gather_top_k"] or a["scatter"]) and "order" not in n.ins:
         raise IRError("gather/scatter needs the order operand")
     if a["num_experts"] > 1 and "offsets" not in n.ins:

@@ -1,7 +1,7 @@
 # moec kernel grouped_gemm_linear
 # IR node: %shared_gate_re: f32[T, 48] = grouped_gemm(a=%x, w=%shared_gate) {num_experts=1, tiles={None: GemmTile(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=1, group_m=8)}}
 # grouped GEMM over E=1 experts: out[r, :] = epilogue(A[row(r), :] @ W[e(r)]^T), W[e]: [N=48, K=64]
-# variant: activation=None glu=False bias=False bias_up=False gather_top_k=0 scatter=False scale=False out=float32
+# variant: activation=None glu=False bias=False bias_up=False gather_top_k=0 scatter=False scale=False store_pre=False out=float32
 # tile (every T): BLOCK_M=16 BLOCK_N=64 BLOCK_K=64 GROUP_M=8 num_warps=4 num_stages=1
 #
 # Rows r are (token, expert) pairs in expert-sorted order (`order`, `offsets` from moec.runtime.dispatch).
@@ -12,15 +12,16 @@
 # Tiles never cross experts. Prologue: GATHER_TOP_K > 0 reads A row order[r] // GATHER_TOP_K (the permute).
 # GLU_INTERLEAVED (set at launch when w and w_up are the even and odd rows of one tensor, GPT-OSS's gate_up):
 # one contiguous [BLOCK_K, 2 BLOCK_N] load split into the gate and up tiles, instead of two stride-2 loads.
-# Epilogue (fp32): biases, activation, GLU product with the up projection, per-row scale, then the store: at row
-# order[r] when SCATTER (the un-permute), else at row r. Rows past offsets[E] (dropped pairs) are not written.
+# Epilogue (fp32): biases, then with STORE_PRE the pre-activations (gate and up, for a backward that saves them
+# rather than recomputing them), activation, GLU product with the up projection, per-row scale, then the store: at
+# row order[r] when SCATTER (the un-permute), else at row r. Rows past offsets[E] (dropped pairs) are not written.
 import triton
 import triton.language as tl
 
 
 @triton.jit
 def grouped_gemm_linear(
-    a_ptr, w_ptr, wup_ptr, out_ptr, offsets_ptr, order_ptr, scale_ptr, bias_ptr, bias_up_ptr,
+    a_ptr, w_ptr, wup_ptr, out_ptr, pre_ptr, pre_up_ptr, offsets_ptr, order_ptr, scale_ptr, bias_ptr, bias_up_ptr,
     M, ROW_TILES,
     stride_am, stride_ak,
     stride_we, stride_wn, stride_wk,
@@ -31,7 +32,7 @@ def grouped_gemm_linear(
     NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr,
     HAS_OFFSETS: tl.constexpr, GATHER_TOP_K: tl.constexpr, SCATTER: tl.constexpr,
     SCALE: tl.constexpr, GLU: tl.constexpr, GLU_INTERLEAVED: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_BIAS_UP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_BIAS_UP: tl.constexpr, STORE_PRE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # ---- grouped program order
@@ -123,6 +124,16 @@ def grouped_gemm_linear(
     if HAS_BIAS_UP:
         bias_up = tl.load(bias_up_ptr + e64 * stride_bue + offs_n * stride_bun, mask=mask_n, other=0.0)
         acc_up += bias_up.to(tl.float32)[None, :]
+    if SCATTER:
+        out_rows = pair
+    else:
+        out_rows = offs_m
+    out_offs = out_rows.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
+    mask_out = mask_m[:, None] & mask_n[None, :]
+    if STORE_PRE:       # pre_ptr / pre_up_ptr have out's strides
+        tl.store(pre_ptr + out_offs, acc.to(pre_ptr.dtype.element_ty), mask=mask_out)
+        if GLU:
+            tl.store(pre_up_ptr + out_offs, acc_up.to(pre_up_ptr.dtype.element_ty), mask=mask_out)
     x = acc
     if GLU:
         acc = (x) * (acc_up)
@@ -134,9 +145,4 @@ def grouped_gemm_linear(
         else:
             s = tl.load(scale_ptr + offs_m, mask=mask_m, other=0.0)
         acc = acc * s.to(tl.float32)[:, None]
-    if SCATTER:
-        out_rows = pair
-    else:
-        out_rows = offs_m
-    out_ptrs = out_ptr + out_rows.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
