@@ -1,8 +1,9 @@
 """choose-tiles: attach to every kernel node the tile of each token-count bucket, and where it came from.
 
 Expects: kernel nodes (ops with a ``tiles`` attribute: ``fused_route``, ``grouped_gemm``,
-``reduce_topk``, the backward's ``grouped_dgrad`` and ``grouped_wgrad``, and MoBA's ``fused_block_gate``, ``block_sparse_attention``, ``densify_attention``,
-``own_block_merge``), ``ctx.arch`` and ``ctx.tuned`` (the tune file's entries for this device, or None).
+``reduce_topk``, the backward's ``grouped_dgrad`` and ``grouped_wgrad``, and MoBA's ``fused_block_gate``,
+``block_sparse_attention``, ``densify_attention``, ``own_block_merge``), ``ctx.arch`` and ``ctx.tuned`` (the
+tune file's entries for this device, or None).
 Guarantees: each has a ``tiles`` attribute ``{bound: tile}`` over the buckets of
 `moec.ir.tiles.BUCKETS` (``T <= 16``, ``<= 128``, ``<= 1024``, larger: ``None``), with
 adjacent buckets that got the same tile folded into one (``{None: tile}`` serves every T), and a
@@ -21,8 +22,8 @@ Where a tile comes from, per bucket (the source names):
 2. ``"cost model"`` (`passes/cost_model.py`): the candidate with the least predicted time over the
    bucket's sample token counts;
 3. ``"interpreter table"`` on ``cpu`` (the Triton interpreter): few, wide programs run fastest there;
-4. ``"table"`` for MoBA's kernels and the backward's grouped GEMMs, which the cost model does not model
-   yet (`passes/moba_tiles.py`, `passes/grad_tiles.py`): one tile for every T.
+4. ``"table"`` for MoBA's kernels, which the cost model does not model yet (`passes/moba_tiles.py`): one
+   tile for every T.
 
 The pass is pure: the tune file is read by the compile driver and handed in through ``ctx``.
 """
@@ -36,20 +37,23 @@ from moec.ir.tiles import BUCKETS, GemmTile, RouteTile, RowTile, bucket_key, buc
 from moec.runtime.tune_file import TuneWarning
 
 from . import cost_model
-from .grad_tiles import grad_tile
 from .moba_tiles import moba_tile
 
 # the interpreter's tiles (arch "cpu"): one bucket
-CPU_GEMM = (16, 64, 64, 4, 1)       # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
+CPU_GEMM = (16, 64, 64, 4, 1)       # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages (grouped_gemm, grouped_dgrad)
+CPU_WGRAD = (64, 64, 64, 4, 1)      # BLOCK_M rows reduced, a BLOCK_N x BLOCK_K gradient tile
 CPU_ROUTE = (16, 64, 4, 1)          # BLOCK_T, BLOCK_K, warps, stages
 CPU_ROW = (16, 128, 4, 1)           # BLOCK_T, BLOCK_D, warps, stages
 
 
 def _cpu_tile(n, g):
-    if n.op == "grouped_gemm":
+    if n.op in ("grouped_gemm", "grouped_dgrad"):
         bm, bn, bk, w, s = CPU_GEMM
         N, K = int(n.types[0].shape[1]), int(g.types[n.ins["a"]].shape[1])
         return GemmTile(bm, min(bn, pow2(N)), min(bk, pow2(K)), w, s)
+    if n.op == "grouped_wgrad":
+        bm, bn, bk, w, s = CPU_WGRAD
+        return GemmTile(bm, min(bn, pow2(int(n.types[0].shape[1]))), min(bk, pow2(int(n.types[0].shape[2]))), w, s)
     if n.op == "fused_route":
         bt, bk, w, s = CPU_ROUTE
         return RouteTile(bt, min(bk, pow2(int(g.types[n.ins["x"]].shape[1]))), w, s)
@@ -110,17 +114,12 @@ def _source_attr(sources: dict):
     return values.pop() if len(values) == 1 else sources
 
 
-GRAD_OPS = ("grouped_dgrad", "grouped_wgrad")   # the backward's kernels: `grad_tiles` tables
-
-
 def choose_tiles(g: Graph, ctx) -> Graph:
     nodes = []
     for n in g.nodes:
         if is_kernel(n.op):
             if n.op in cost_model.PROBLEMS:
                 tiles, sources, ignored = tiles_for(n, g, ctx.arch, ctx.tuned)
-            elif n.op in GRAD_OPS:
-                tiles, sources, ignored = {None: grad_tile(n, g, ctx.arch)}, {None: "table"}, {}
             else:
                 bs, D = n.attr["block_size"], int(g.types[n.ins["q"]].shape[3])
                 size = 4 if g.types[n.ins["q"]].dtype == "f32" else 2

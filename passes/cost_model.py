@@ -1,11 +1,11 @@
 """The cost model behind choose-tiles: the legal tiles of each kernel node on an arch, and the tile
 each token-count bucket should use.
 
-What a tile costs is in `passes/kernel_costs.py` (the problems read off kernel nodes, their
+What a tile costs is in `passes/kernel_costs.py` (the forward's problems read off kernel nodes, their
 FLOPs, bytes, row tiles, programs and waves as sympy expressions of T, a grouped GEMM's traffic
-in its program order) and `passes/cost_terms.py` (a tile's predicted time on an arch); their
-names are re-exported here, so ``cost_model.problem_of``,
-``cost_model.GemmProblem`` ... keep working. This module chooses:
+in its program order), `passes/grad_costs.py` (the backward's grouped GEMMs) and `passes/cost_terms.py`
+(a tile's predicted time on an arch); `PROBLEMS` / `problem_of` here map a kernel node to its problem
+(``cost_model.GemmProblem`` ... are re-exported). This module chooses:
 
 - candidates (`candidates`): legal Triton tiles from a grid of powers of two per kernel family,
   clamped to the padded problem, whose pipelined shared memory and fp32 accumulators fit the
@@ -35,7 +35,17 @@ from moec.ir.tiles import GemmTile, RouteTile, RowTile
 
 from .cost_terms import (DRAM_LATENCY_S, ITER_S, L2_OVER_DRAM, L2_SHARE, LINE_BYTES, MAX_ACC_REGS,  # noqa: F401
                          SLOW_MMA, SMEM_RESERVE, TCGEN05_HALF, WAVE_LATENCIES, Num, Sym, mma_efficiency, pow2)
-from .kernel_costs import PROBLEMS, GemmProblem, RouteProblem, RowProblem, problem_of  # noqa: F401
+from .grad_costs import DgradProblem, WgradProblem, wgrad_candidates
+from .kernel_costs import GemmProblem, RouteProblem, RowProblem
+
+# the problem of each kernel op the cost model tiles (MoBA's kernels take table tiles: passes/moba_tiles.py)
+PROBLEMS = {"grouped_gemm": GemmProblem, "fused_route": RouteProblem, "reduce_topk": RowProblem,
+            "grouped_dgrad": DgradProblem, "grouped_wgrad": WgradProblem}
+
+
+def problem_of(n, g):
+    """The cost-model problem of a kernel node."""
+    return PROBLEMS[n.op].of(n, g)
 
 # candidate grids (powers of two >= 16 for tl.dot dims); near-ties are broken by each family's
 # preference order (`candidates`)
@@ -101,7 +111,8 @@ def row_candidates(p: RowProblem, arch: Arch) -> list[RowTile]:
             if bd <= bd_max and p.fits(RowTile(bt, bd, 4, 1), arch)]
 
 
-CANDIDATES = {GemmProblem: gemm_candidates, RouteProblem: route_candidates, RowProblem: row_candidates}
+CANDIDATES = {GemmProblem: gemm_candidates, DgradProblem: gemm_candidates, RouteProblem: route_candidates,
+              RowProblem: row_candidates, WgradProblem: wgrad_candidates}
 
 
 def candidates(problem, arch: Arch) -> list:
@@ -146,8 +157,8 @@ def _rank(problem, arch: Arch, lo: int, hi: Optional[int]) -> tuple:
     first = {}
     for i, c in enumerate(cands):
         first.setdefault(without_order(c), i)
-    gemm = isinstance(problem, GemmProblem)
-    wide_first = gemm and hi is None
+    gemm = isinstance(problem, (GemmProblem, WgradProblem))
+    wide_first = isinstance(problem, GemmProblem) and hi is None
 
     def key(i):
         c = cands[i]

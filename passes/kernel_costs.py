@@ -345,11 +345,3 @@ class RowProblem:
         return waves_time(self.programs(tile, t, Num), self.slots(tile, arch), arch,
                            flops_per_program=0.0, dram_total=self.bytes(t, Num), l2_per_program=0.0,
                            in_flight=self.top_k * tile.block_t * tile.block_d * self.y_size, flops_rate=1.0)
-
-
-PROBLEMS = {"grouped_gemm": GemmProblem, "fused_route": RouteProblem, "reduce_topk": RowProblem}
-
-
-def problem_of(n: Node, g: Graph):
-    """The cost-model problem of a kernel node."""
-    return PROBLEMS[n.op].of(n, g)

@@ -526,3 +526,37 @@ def test_idle_experts_keep_none_when_the_router_stays_fp32():
     for (name, p), q in zip(compiled.named_parameters(), eager.parameters()):
         assert (p.grad is None) == (q.grad is None), name
     assert any(q.grad is None for q in eager.parameters())        # T=3, top-3 of 8: some expert is idle
+
+
+TIED = {"softmax": RouterConfig(8, 2), "sigmoid_groups": RouterConfig(16, 3, score="sigmoid", n_group=4, topk_group=2,
+                                                                      group_score="top2_sum", renormalize=True),
+        "capacity_next_best": RouterConfig(4, 1, capacity_factor=1.0, overflow="next_best"),
+        "capacity_drop": RouterConfig(4, 2, capacity_factor=0.5)}
+
+
+@pytest.mark.parametrize("name", list(TIED))
+@pytest.mark.parametrize("policy", ["recompute", "save"])
+def test_backward_with_every_score_tied(name, policy):
+    """An all-zero router (every score ties: the forward picks experts 0..k-1, capacity walks them in index
+    order): the kernels' gradients equal autograd of the reference, dropped pairs included."""
+    spec = MoESpec(16, 24, TIED[name])
+    g = torch.Generator().manual_seed(4)
+    w = _weights(spec, g)
+    w.w_router.zero_()
+    x = torch.randn(11, 16, generator=g)
+    fwd = compile_program(MoERecipe(spec, ("y",), saving=policy), torch.float32, ARCHS["cpu"])
+    env = fwd.program.run(moe_inputs(x, w), values=True)
+    saved = {r: env[v] for r, v in saved_values(fwd.graph).items()}
+    bwd = compile_program(BackwardRecipe(MoERecipe(spec), tuple(r for r in PRE_SAVED if r in saved)),
+                          torch.float32, ARCHS["cpu"])
+    dy = torch.randn(11, 16, generator=g)
+    names = {n for n, _ in bwd.graph.inputs}
+    got = dict(zip(grad_outputs(bwd.graph), bwd.program.run(
+        {n: v for n, v in {**moe_inputs(x, w), **saved, "dy": dy}.items() if n in names})))
+    fields = [n for n in got if n != "x"]
+    leaves = {"x": x.clone().requires_grad_(), **{n: getattr(w, n).clone().requires_grad_() for n in fields}}
+    y, _ = reference.moe(leaves["x"], dataclasses.replace(w, **{n: leaves[n] for n in fields}), spec)
+    (y * dy).sum().backward()
+    for n, v in got.items():
+        want = leaves[n].grad if leaves[n].grad is not None else torch.zeros_like(leaves[n])
+        torch.testing.assert_close(v, want.reshape(v.shape), rtol=1e-4, atol=1e-4, msg=n)

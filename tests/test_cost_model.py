@@ -406,3 +406,80 @@ def test_program_launches_the_bucket_of_T(tmp_path):
     d = c.dump(tmp_path)
     assert len(list((d / "kernels").glob("h.*.py"))) == len(up.variants)
     assert set(c.tiles()["h"]["buckets"]) == {bucket_text(*v.params.bucket) for v in up.variants}
+
+
+# ---- the backward's grouped GEMMs (passes/grad_costs.py) -----------------------------------------
+
+def compiled_backward(model: str, arch: str):
+    from moec.compiler import BackwardRecipe, MoERecipe, compile_program
+    return compile_program(BackwardRecipe(MoERecipe(MODELS[model])), torch.bfloat16, ARCHS[arch])
+
+
+GRAD_OPS = ("grouped_dgrad", "grouped_wgrad")
+
+
+@pytest.mark.parametrize("arch", ["sm80", "sm90", "sm100"])
+def test_backward_tiles_come_from_the_cost_model(arch):
+    """Per bucket, the model's best legal tile; at large T the fast tensor-core family (the MMA's rows are a
+    dgrad's BLOCK_M and a wgrad's BLOCK_N), at decode a dgrad of 16-row tiles."""
+    a = ARCHS[arch]
+    for model in MODELS:
+        c = compiled_backward(model, arch)
+        steps = [s for s in kernel_steps(c) if s.node.op in GRAD_OPS]
+        assert {s.node.op for s in steps} == set(GRAD_OPS)
+        for step in steps:
+            assert step.node.attr["tile_source"] == "cost model"
+            problem = cm.problem_of(step.node, c.graph)
+            assert problem.key.startswith(step.node.op)
+            for (lo, hi), bound in zip(bucket_ranges(BUCKETS), BUCKETS):
+                tile = step.variant(lo).params.tile
+                assert problem.fits(tile, a), (model, step.node.name, tile)
+                best = cm.score(problem, a, lo, hi, cm.choose(problem, a, lo, hi))   # or a larger bucket's near tie
+                assert cm.score(problem, a, lo, hi, tile) <= best * (1 + cm.NEAR_TIE), (model, step.node.name, bound)
+            large = step.variant(16384).params.tile
+            rows = large.block_n if step.node.op == "grouped_wgrad" else large.block_m
+            assert rows >= max(a.fast_mma_min_m, 64), f"{model} %{step.node.name} on {arch}: {large}"
+            if step.node.op == "grouped_dgrad":
+                assert step.variant(1).params.tile.block_m == 16, f"{model} %{step.node.name}"
+
+
+def test_backward_problems_count_what_they_move():
+    c = compiled_backward("qwen3-30b-a3b", "sm90")
+    p = {s.node.name: cm.problem_of(s.node, c.graph) for s in kernel_steps(c) if s.node.op in GRAD_OPS}
+    d, f, E, k = 2048, 768, 128, 8
+    act, dx, wd = p["d_gate_rows"], p["dx_rows"], p["d_w_down"]
+    t = 4096
+    assert act.flops(t) == 2 * k * t * f * d and dx.flops(t) == 2 * 2 * k * t * d * f     # two products
+    assert wd.flops(t) == 2 * k * t * d * f and wd.programs(GemmTile(64, 128, 128), t, cm.Num) == E * 16 * 6
+    # the activation's backward reads gate and up and writes d gate, d up and h besides its output
+    plain = dataclasses.replace(act, act_grad=False, act_glu=False)
+    assert act.bytes(t, cm.Num) - plain.bytes(t, cm.Num) >= k * t * f * 2 * 4
+    # a wgrad re-reads an expert's rows per tile only when they do not fit in L2
+    tile = GemmTile(64, 64, 64)
+    assert wd.traffic(tile, ARCHS["sm90"], 16) == wd.bytes(16, cm.Num)
+    assert wd.traffic(tile, ARCHS["sm90"], 1 << 20) > wd.bytes(1 << 20, cm.Num)
+
+
+@pytest.mark.parametrize("arch", GPU_ARCHS)
+def test_backward_tiles_compile_and_fit(arch):
+    """Every bucket's backward grouped GEMM of DeepSeek-V3 (``MOEC_AOT_ALL=1``: of every model) compiles for the
+    arch at its real size, fits, stays within the model's shared-memory estimate and uses the MMA family its
+    tile allows."""
+    a = ARCHS[arch]
+    seen = set()
+    for model in (MODELS if AOT_ALL else ["deepseek-v3"]):
+        c = compiled_backward(model, arch)
+        nodes = {s.node.name for s in kernel_steps(c) if s.node.op in GRAD_OPS}
+        for step, variant, rec in record_variants(c, nodes):
+            key = (variant.params.tile, rec.kernel.fn_name.split("_T")[0], tuple(sorted(rec.constexprs.items())))
+            if key in seen:
+                continue
+            seen.add(key)
+            report = compile_launch(rec, arch)
+            tile = variant.params.tile
+            where = f"{model} %{step.node.name} {tile} on {arch}"
+            assert report.fits, f"{where}: {report.shared} > {a.smem_per_block} bytes of shared memory"
+            assert report.shared <= cm.problem_of(step.node, c.graph).smem(tile, a) + cm.SMEM_RESERVE, where
+            rows = tile.block_n if step.node.op == "grouped_wgrad" else tile.block_m
+            assert report.mma == (a.mma if rows >= a.fast_mma_min_m else "mma.sync"), f"{where}: {report.mma}"
+    assert seen

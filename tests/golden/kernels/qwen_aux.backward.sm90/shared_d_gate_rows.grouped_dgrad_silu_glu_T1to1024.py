@@ -1,8 +1,8 @@
-# moec kernel grouped_dgrad_gather_silu_glu
-# IR node: %d_gate_rows: f32[2*T, 32], %d_up_rows: f32[2*T, 32], %h_re: f32[2*T, 32], %dots: f32[2*T, 2] = grouped_dgrad(a=%dy, w=%w_down, offsets=%offsets, order=%order, gate=%gate_re, up=%up_re, scale=%route_weights) {num_experts=8, gather_top_k=2, act_grad=True, activation='silu', glu=True, tiles={None: GemmTile(block_m=64, block_n=32, block_k=64, num_warps=8, num_stages=3, group_m=8)}}
-# grouped GEMM of a backward over E=8 experts: acc[r, :] = A[row(r), :] @ W[e(r)]^T, W[e]: [N=32, K=64]
-# variant: gather_top_k=2 two=False act_grad=True activation=silu glu=True scale=True store_h=True scatter=False out=float32
-# tile (every T): BLOCK_M=64 BLOCK_N=32 BLOCK_K=64 GROUP_M=8 num_warps=8 num_stages=3
+# moec kernel grouped_dgrad_silu_glu_T1to1024
+# IR node: %shared_d_gate_rows: f32[T, 48], %shared_d_up_rows: f32[T, 48], %shared_h_re: f32[T, 48], %shared_dots: f32[T, 3] = grouped_dgrad(a=%dy, w=%shared_down, gate=%shared_gate_re, up=%shared_up_re, scale=%shared_scale) {num_experts=1, act_grad=True, activation='silu', glu=True, tiles={1024: GemmTile(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=5, group_m=8), None: GemmTile(block_m=32, block_n=64, block_k=64, num_warps=4, num_stages=3, group_m=8)}}
+# grouped GEMM of a backward over E=1 experts: acc[r, :] = A[row(r), :] @ W[e(r)]^T, W[e]: [N=48, K=64]
+# variant: gather_top_k=0 two=False act_grad=True activation=silu glu=True scale=True store_h=True scatter=False out=float32
+# tile (T <= 1024): BLOCK_M=16 BLOCK_N=16 BLOCK_K=64 GROUP_M=8 num_warps=4 num_stages=5
 #
 # W is the forward's weight read through strides (a transposed view: no copy). Rows r are (token, expert)
 # pairs in expert-sorted order (`order`, `offsets`), programs as in the forward grouped GEMM.
@@ -19,7 +19,7 @@ import triton.language as tl
 
 
 @triton.jit
-def grouped_dgrad_gather_silu_glu(
+def grouped_dgrad_silu_glu_T1to1024(
     a_ptr, w_ptr, a2_ptr, w2_ptr, out_ptr, out2_ptr, h_ptr, dot_ptr, gate_ptr, up_ptr,
     offsets_ptr, order_ptr, scale_ptr,
     M, ROW_TILES,

@@ -1,8 +1,8 @@
-# moec kernel grouped_dgrad_two_scatter
-# IR node: %dx_rows: f32[2*T, 64] = grouped_dgrad(a=%d_gate_rows, w=%w_gate, offsets=%offsets, order=%order, a2=%d_up_rows, w2=%w_up) {num_experts=8, scatter=True, out_dtype='f32', tiles={None: GemmTile(block_m=64, block_n=64, block_k=32, num_warps=8, num_stages=3, group_m=8)}}
-# grouped GEMM of a backward over E=8 experts: acc[r, :] = A[row(r), :] @ W[e(r)]^T + A2[r, :] @ W2[e(r)]^T, W[e]: [N=64, K=32]
-# variant: gather_top_k=0 two=True act_grad=False activation=None glu=False scale=False store_h=False scatter=True out=float32
-# tile (every T): BLOCK_M=64 BLOCK_N=64 BLOCK_K=32 GROUP_M=8 num_warps=8 num_stages=3
+# moec kernel grouped_dgrad_gather_gelu_T1to1024
+# IR node: %d_gate_rows: f32[T, 64], _, %h_re: f32[T, 64], %dots: f32[T, 4] = grouped_dgrad(a=%dy, w=%w_down, offsets=%offsets, order=%order, gate=%gate_re, scale=%route_weights) {num_experts=4, gather_top_k=1, act_grad=True, activation='gelu', tiles={1024: GemmTile(block_m=16, block_n=16, block_k=32, num_warps=4, num_stages=5, group_m=8), None: GemmTile(block_m=128, block_n=32, block_k=32, num_warps=4, num_stages=5, group_m=8)}}
+# grouped GEMM of a backward over E=4 experts: acc[r, :] = A[row(r), :] @ W[e(r)]^T, W[e]: [N=64, K=32]
+# variant: gather_top_k=1 two=False act_grad=True activation=gelu glu=False scale=True store_h=True scatter=False out=float32
+# tile (T <= 1024): BLOCK_M=16 BLOCK_N=16 BLOCK_K=32 GROUP_M=8 num_warps=4 num_stages=5
 #
 # W is the forward's weight read through strides (a transposed view: no copy). Rows r are (token, expert)
 # pairs in expert-sorted order (`order`, `offsets`), programs as in the forward grouped GEMM.
@@ -19,7 +19,7 @@ import triton.language as tl
 
 
 @triton.jit
-def grouped_dgrad_two_scatter(
+def grouped_dgrad_gather_gelu_T1to1024(
     a_ptr, w_ptr, a2_ptr, w2_ptr, out_ptr, out2_ptr, h_ptr, dot_ptr, gate_ptr, up_ptr,
     offsets_ptr, order_ptr, scale_ptr,
     M, ROW_TILES,
@@ -117,12 +117,12 @@ def grouped_dgrad_two_scatter(
         # ---- epilogue: the activation's backward, in fp32
         g_offs = offs_m.to(tl.int64)[:, None] * stride_gm + offs_n[None, :] * stride_gn
         acc_g = tl.load(gate_ptr + g_offs, mask=mask, other=0.0).to(tl.float32)
-        x = 0.0
-        act = 0.0
-        dact = 0.0
+        x = acc_g
+        act = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        dact = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476)) + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
         if GLU:
             acc_up = tl.load(up_ptr + g_offs, mask=mask, other=0.0).to(tl.float32)
-            up = 0.0
+            up = acc_up
             h = act * up
         else:
             h = act
@@ -134,10 +134,10 @@ def grouped_dgrad_two_scatter(
         if SCALE:
             s = tl.load(scale_ptr + pair, mask=mask_m, other=0.0)
             acc = acc * s.to(tl.float32)[:, None]
-        dgate = acc * dact * 0.0
+        dgate = acc * dact * 1.0
         if GLU:
             dgate = dgate * up
-            dup = acc * act * 0.0
+            dup = acc * act * 1.0
             tl.store(out2_ptr + o_offs, dup.to(out2_ptr.dtype.element_ty), mask=mask)
         tl.store(out_ptr + o_offs, dgate.to(out_ptr.dtype.element_ty), mask=mask)
     else:

@@ -1,8 +1,8 @@
-# moec kernel grouped_dgrad_two
-# IR node: %shared_dx_rows: f32[T, 64] = grouped_dgrad(a=%shared_d_gate_rows, w=%shared_gate, a2=%shared_d_up_rows, w2=%shared_up) {num_experts=1, out_dtype='f32', tiles={None: GemmTile(block_m=64, block_n=64, block_k=64, num_warps=8, num_stages=3, group_m=8)}}
-# grouped GEMM of a backward over E=1 experts: acc[r, :] = A[row(r), :] @ W[e(r)]^T + A2[r, :] @ W2[e(r)]^T, W[e]: [N=64, K=48]
-# variant: gather_top_k=0 two=True act_grad=False activation=None glu=False scale=False store_h=False scatter=False out=float32
-# tile (every T): BLOCK_M=64 BLOCK_N=64 BLOCK_K=64 GROUP_M=8 num_warps=8 num_stages=3
+# moec kernel grouped_dgrad_silu_glu_T1025up
+# IR node: %shared_d_gate_rows: f32[T, 48], %shared_d_up_rows: f32[T, 48], %shared_h_re: f32[T, 48], %shared_dots: f32[T, 3] = grouped_dgrad(a=%dy, w=%shared_down, gate=%shared_gate_re, up=%shared_up_re, scale=%shared_scale) {num_experts=1, act_grad=True, activation='silu', glu=True, tiles={1024: GemmTile(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=5, group_m=8), None: GemmTile(block_m=32, block_n=64, block_k=64, num_warps=4, num_stages=3, group_m=8)}}
+# grouped GEMM of a backward over E=1 experts: acc[r, :] = A[row(r), :] @ W[e(r)]^T, W[e]: [N=48, K=64]
+# variant: gather_top_k=0 two=False act_grad=True activation=silu glu=True scale=True store_h=True scatter=False out=float32
+# tile (T >= 1025): BLOCK_M=32 BLOCK_N=64 BLOCK_K=64 GROUP_M=8 num_warps=4 num_stages=3
 #
 # W is the forward's weight read through strides (a transposed view: no copy). Rows r are (token, expert)
 # pairs in expert-sorted order (`order`, `offsets`), programs as in the forward grouped GEMM.
@@ -19,7 +19,7 @@ import triton.language as tl
 
 
 @triton.jit
-def grouped_dgrad_two(
+def grouped_dgrad_silu_glu_T1025up(
     a_ptr, w_ptr, a2_ptr, w2_ptr, out_ptr, out2_ptr, h_ptr, dot_ptr, gate_ptr, up_ptr,
     offsets_ptr, order_ptr, scale_ptr,
     M, ROW_TILES,
@@ -117,12 +117,12 @@ def grouped_dgrad_two(
         # ---- epilogue: the activation's backward, in fp32
         g_offs = offs_m.to(tl.int64)[:, None] * stride_gm + offs_n[None, :] * stride_gn
         acc_g = tl.load(gate_ptr + g_offs, mask=mask, other=0.0).to(tl.float32)
-        x = 0.0
-        act = 0.0
-        dact = 0.0
+        x = acc_g
+        act = x / (1.0 + tl.exp(-x))
+        dact = (1.0 / (1.0 + tl.exp(-x))) * (1.0 + x * (1.0 - 1.0 / (1.0 + tl.exp(-x))))
         if GLU:
             acc_up = tl.load(up_ptr + g_offs, mask=mask, other=0.0).to(tl.float32)
-            up = 0.0
+            up = acc_up
             h = act * up
         else:
             h = act
@@ -134,10 +134,10 @@ def grouped_dgrad_two(
         if SCALE:
             s = tl.load(scale_ptr + pair, mask=mask_m, other=0.0)
             acc = acc * s.to(tl.float32)[:, None]
-        dgate = acc * dact * 0.0
+        dgate = acc * dact * 1.0
         if GLU:
             dgate = dgate * up
-            dup = acc * act * 0.0
+            dup = acc * act * 1.0
             tl.store(out2_ptr + o_offs, dup.to(out2_ptr.dtype.element_ty), mask=mask)
         tl.store(out_ptr + o_offs, dgate.to(out_ptr.dtype.element_ty), mask=mask)
     else:
