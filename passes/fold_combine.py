@@ -4,9 +4,11 @@ Expects: ``combine(y=G, order, weights, ids)`` with G a plain grouped GEMM read 
 scale, no scatter, no other ``order``); optionally followed by ``add`` (the shared expert) and
 ``cast`` (back to the input dtype), each the only reader of what it reads.
 Guarantees: G stores row i, multiplied by its pair's routing weight, at row ``order[i]`` of a
-pair-major fp32 buffer (``scatter``, ``scale``); a ``reduce_topk`` sums each token's k rows in
-slot order (deterministic: no atomics), adds the shared expert's output as ``residual`` and
-casts on store, absorbing the ``add`` and ``cast``.
+pair-major buffer in the layer's dtype (``scatter``, ``scale``: the product is taken on G's fp32
+accumulators and rounded once, as eager rounds each expert's weighted output; a bf16 layer moves half
+the bytes an fp32 buffer would); a ``reduce_topk`` sums each token's k rows in fp32 in slot order
+(deterministic: no atomics), adds the shared expert's output as ``residual`` and casts on store,
+absorbing the ``add`` and ``cast``.
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ def fold_combine(g: Graph, ctx) -> Graph:
             continue
         ys = fresh_name(g, "pairs_out")
         scattered = gemm.replace(operands={"order": n.ins["order"], "scale": n.ins["weights"]},
-                                 attrs={"scatter": True, "out_dtype": "f32"},
+                                 attrs={"scatter": True, "out_dtype": g.types[gemm.ins["a"]].dtype},
                                  results=(("out", ys),))
         scattered = scattered.replace(types=(OPS["grouped_gemm"].infer(
             {r: g.types[v] for r, v in scattered.operands}, scattered.attr)["out"],))

@@ -303,7 +303,7 @@ class RouteProblem:
 
 @dataclass(frozen=True)
 class RowProblem:
-    """A ``reduce_topk`` node: ``T`` rows of ``k`` fp32 pair rows summed (+ a residual)."""
+    """A ``reduce_topk`` node: ``T`` rows of ``k`` pair rows (the layer's dtype) summed in fp32 (+ a residual)."""
 
     top_k: int
     hidden: int

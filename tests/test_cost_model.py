@@ -147,7 +147,8 @@ def test_dense_and_row_expressions():
     assert (shared.experts, shared.routed, shared.rows_per_token) == (1, False, 1)
     assert sympy.sympify(shared.hit_experts()) == sympy.Min(1, T)
     red = p["y"]
-    assert sympy.sympify(red.bytes()) == T * 7168 * (8 * 4 + 2 + 4) + 4 * 8 * T
+    # k bf16 pair rows (the pair buffer is in the layer's dtype), the bf16 output, the fp32 shared-expert residual
+    assert sympy.sympify(red.bytes()) == T * 7168 * (8 * 2 + 2 + 4) + 4 * 8 * T
     route = p["ids"]
     assert route.e_pad == 256 and sympy.sympify(route.flops()) == 2 * T * 7168 * 256
 
@@ -483,3 +484,17 @@ def test_backward_tiles_compile_and_fit(arch):
             rows = tile.block_n if step.node.op == "grouped_wgrad" else tile.block_m
             assert report.mma == (a.mma if rows >= a.fast_mma_min_m else "mma.sync"), f"{where}: {report.mma}"
     assert seen
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_no_fp32_pair_buffer(dtype):
+    """The down projection writes each pair's weighted row in the layer's dtype (half the bytes of fp32) and the
+    reduce sums a token's rows in fp32 in slot order; the cost model counts those bytes."""
+    for model in MODELS:
+        c = compile_spec(MODELS[model], dtype, ("y",), ARCHS["sm90"])
+        (pairs,) = [n for n in c.graph.nodes if n.op == "grouped_gemm" and n.attr["scatter"]]
+        assert pairs.types[0].torch_dtype == dtype, model
+        p = cm.problem_of(pairs, c.graph)
+        assert p.out_size == 2
+        (red,) = [n for n in c.graph.nodes if n.op == "reduce_topk"]
+        assert cm.problem_of(red, c.graph).y_size == 2
