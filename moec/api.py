@@ -143,7 +143,7 @@ def _dump_root(dump_dir) -> Optional[Path]:
 def compile_module(model: nn.Module, *, dump_dir=None, arch: Optional[str] = None,
                    activations: Optional[str] = None) -> nn.Module:
     """Compile ``model`` in place (see `compile`) and return it."""
-    activations_policy(activations)          # a bad value fails here, naming the argument
+    policy = activations_policy(activations)          # a bad value fails here, naming the argument
     _register_integrations()
     root = _dump_root(dump_dir)
     regions, skipped = [], []
@@ -156,7 +156,7 @@ def compile_module(model: nn.Module, *, dump_dir=None, arch: Optional[str] = Non
         except Exception as e:  # the frontend must not crash a model eager PyTorch runs
             got = NotLifted(f"{type(module).__name__}: analysis failed: {type(e).__name__}: {e}")
         if isinstance(got, LiftedMoE):
-            region = MoERegion(name.replace(".", "_") or "root", arch=arch, dump_dir=root, activations=activations,
+            region = MoERegion(name.replace(".", "_") or "root", arch=arch, dump_dir=root, activations=policy,
                                lifted=got,
                                lift_dtype=got.param_tensors(module)[0].dtype, state=guards.read(module))
             module.__class__ = _compiled_class(type(module))
@@ -296,12 +296,12 @@ def compile(obj=None, *, dump_dir: str | os.PathLike | None = None, arch: Option
         print(model.explain())
     """
     options = {"dump_dir": dump_dir, "arch": arch, "activations": activations}
-    activations_policy(activations)
     if obj is None:
         return lambda o: compile(o, **options)
     if env.flag("MOEC_DISABLE"):
         _say_disabled()
         return obj
+    activations_policy(activations)
     if isinstance(obj, type) and issubclass(obj, nn.Module):
         return _compile_class(obj, **options)
     if isinstance(obj, nn.Module):

@@ -181,6 +181,8 @@ class MoERegion(Region):
         if reason is None and x.shape[-1] != self.spec.hidden:
             raise ValueError(f"moec region {self.name!r}: expects hidden size {self.spec.hidden} on the "
                              f"last dim, got input of shape {tuple(x.shape)}")
+        if reason is None and x.numel() == 0 and torch.is_grad_enabled():
+            reason = "no tokens, with gradients (which tensors eager's empty forward reaches decides its gradients)"
         if reason is not None:
             return self.eager(reason, eager_forward, x, *args, **kwargs)
         x2 = x.reshape(-1, x.shape[-1])
@@ -264,17 +266,18 @@ class MoERegion(Region):
         direct, buffers, into = _grad_layout(lifted.weights, tensors, wanted, value_of, bw.graph)
         # the rest (a tensor two fields read overlapping parts of, ...): autograd of the lift's weight binding
         # (stacks, slices, transposes) maps each weight's gradient onto the tensors it was read from
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(bool(n) and i not in direct) for i, (t, n) in enumerate(zip(tensors, wanted))]
+        leaves = [t.detach().requires_grad_(bool(n) and i not in direct) for i, (t, n) in enumerate(zip(tensors, wanted))]
+        with torch.enable_grad():          # only the weight binding's graph, for the tensors not written directly
             named = moe_inputs(x2, lifted.weights(leaves)) if any(t.requires_grad for t in leaves) else {}
-            later = [(f, v) for f, v in value_of.items() if f in named and named[f].requires_grad]
-            needed = [v for f, v in value_of.items() if f == "x" and needs[0]] + list(into) + [v for _, v in later]
+        later = [(f, v) for f, v in value_of.items() if f in named and named[f].requires_grad]
+        needed = [v for f, v in value_of.items() if f == "x" and needs[0]] + list(into) + [v for _, v in later]
+        with torch.no_grad():              # the kernels' (and the router's torch) gradients carry no graph
             env = self.run(bw, {n: inputs[n] for n, _ in bw.graph.inputs}, training=training, noise=noise,
                            needed=tuple(needed), into=into, values=True)
-            sources = [t for t in leaves if t.requires_grad]
-            out = torch.autograd.grad([named[f] for f, _ in later], sources,
-                                      [env[v].to(named[f].dtype) for f, v in later], allow_unused=True) \
-                if later and sources else [None] * len(sources)
+        sources = [t for t in leaves if t.requires_grad]
+        out = torch.autograd.grad([named[f] for f, _ in later], sources,
+                                  [env[v].to(named[f].dtype) for f, v in later], allow_unused=True) \
+            if later and sources else [None] * len(sources)
         it = iter(out)
         got = [env[value_of["x"]].to(x2.dtype) if needs[0] and "x" in value_of else None]
         got += [buffers[i] if i in direct else next(it) if t.requires_grad else None for i, t in enumerate(leaves)]

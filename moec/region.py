@@ -88,8 +88,12 @@ class Region:
     @property
     def saving(self) -> str:
         """The activations policy of a forward whose backward will run (passes/save_activations.py):
-        ``activations`` given to `moec.compile`, else ``MOEC_ACTIVATIONS``, else ``"auto"``."""
-        return self.activations or activations_policy()
+        ``activations`` given to `moec.compile`, else ``MOEC_ACTIVATIONS`` as it was when the region was made
+        (or first asked), else ``"auto"``: settled once, so a later change of the environment cannot break
+        a compiled model's calls."""
+        if self.activations is None:
+            self.activations = activations_policy()
+        return self.activations
 
     def compiled_for(self, recipe, dtype: torch.dtype, device) -> Compiled:
         """The program of ``recipe`` for ``dtype`` on ``device`` (an explicit ``arch`` on a CPU picks its
@@ -145,8 +149,8 @@ class Region:
         """This program's folder under ``dump_dir``; every character of a module's name that is not a
         letter, digit, ``_`` or ``-`` becomes ``_``, so no name can reach outside ``dump_dir``."""
         name = re.sub(r"[^\w-]", "_", self.name, flags=re.ASCII)
-        backward = (".backward" if c.recipe.kind.endswith("_backward")
-                    else ".train" if getattr(c.recipe, "saving", "") else "")
+        backward = (".backward" + (".saved" if getattr(c.recipe, "pre", ()) else "")
+                    if c.recipe.kind.endswith("_backward") else ".train" if getattr(c.recipe, "saving", "") else "")
         d = self.dump_dir / f"{name}.{dtype_text(c.dtype)}.{c.arch.name}{self.dump_suffix(c)}{backward}"
         d.mkdir(parents=True, exist_ok=True)
         return d

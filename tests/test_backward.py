@@ -310,12 +310,14 @@ def test_compiled_gradients_match_eager(name, d, f, E, k, T, dtype, seed, activa
         if ((top[:, k - 1] - top[:, k]) < 2e-2).any():
             return
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out_a = compiled(xa)
     try:
         out_b = eager(xb)
-    except RuntimeError:                         # some eager code cannot take T = 0
-        assert T == 0
+    except RuntimeError:                         # some eager code cannot take T = 0: nor can its compiled copy,
+        assert T == 0                            # which runs eager code on an empty batch with gradients
+        with pytest.raises(RuntimeError):
+            compiled(xa)
         return
+    out_a = compiled(xa)
     g = torch.randn(_tensors(out_b)[0].shape).to(dtype)
     (_tensors(out_a)[0].float() * g).sum().backward()
     (_tensors(out_b)[0].float() * g).sum().backward()
@@ -560,3 +562,58 @@ def test_backward_with_every_score_tied(name, policy):
     for n, v in got.items():
         want = leaves[n].grad if leaves[n].grad is not None else torch.zeros_like(leaves[n])
         torch.testing.assert_close(v, want.reshape(v.shape), rtol=1e-4, atol=1e-4, msg=n)
+
+
+# ---- review regressions (training edges) ----------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["LogitsBiasTopKMoE", "DeepseekV3MoE", "MixtralSkipEmptyMoE"])
+def test_a_frozen_expert_tensor_does_not_give_idle_experts_zero_gradients(name):
+    """Eager leaves experts no token reached without a gradient; freezing one tensor of one expert must not
+    turn that into zeros for the others (AdamW would decay them)."""
+    torch.manual_seed(0)
+    eager = getattr(zoo, name)().train()
+    next(eager.experts[0].parameters()).requires_grad_(False)
+    compiled = moec.compile(copy.deepcopy(eager))
+    x = torch.randn(1, 2, 16)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    _loss(compiled(xa)).backward()
+    _loss(eager(xb)).backward()
+    _assert_same_grads(compiled, eager, xa, xb)
+    assert any(p.grad is None and p.requires_grad for p in eager.parameters())   # some expert stayed idle
+
+
+@pytest.mark.parametrize("name", ["StackedExpertsModuleMoE", "GShardTop2MoE", "LogitsBiasTopKMoE"])
+def test_an_empty_batch_with_gradients_is_eagers(name):
+    torch.manual_seed(0)
+    eager = getattr(zoo, name)().train()
+    compiled = moec.compile(copy.deepcopy(eager))
+    x = torch.randn(1, 0, 16)
+    outs = []
+    for m in (compiled, eager):
+        xs = x.clone().requires_grad_()
+        y = _tensors(m(xs))[0]
+        outs.append((y.shape, y.requires_grad))
+        if y.requires_grad:
+            y.sum().backward()
+    assert outs[0] == outs[1]
+    for (n, p), q in zip(compiled.named_parameters(), eager.parameters()):
+        assert (p.grad is None) == (q.grad is None), n
+    assert any(r.startswith("eager: no tokens") for r in compiled.__dict__["_moec_region"].calls)
+
+
+def test_autograd_grad_of_a_compiled_layer_returns_plain_gradients():
+    """``torch.autograd.grad`` (no create_graph): every gradient, the router's (computed in torch) included,
+    carries no graph."""
+    compiled = moec.compile(zoo.MixtralMoE().train())
+    y = compiled(torch.randn(5, 16))
+    grads = torch.autograd.grad(y.square().sum(), list(compiled.parameters()), allow_unused=True)
+    assert all(g is None or (g.grad_fn is None and not g.requires_grad) for g in grads)
+
+
+def test_the_activations_policy_is_settled_at_compile(monkeypatch):
+    """A later change of MOEC_ACTIVATIONS (even to a bad value) does not reach a compiled model."""
+    monkeypatch.delenv("MOEC_ACTIVATIONS", raising=False)
+    compiled = moec.compile(zoo.MixtralMoE().train())
+    monkeypatch.setenv("MOEC_ACTIVATIONS", "Save")
+    compiled(torch.randn(3, 16, requires_grad=True)).sum().backward()
+    assert "activations='auto'" in compiled.explain()

@@ -59,23 +59,32 @@ def idle_expert_grads(module: nn.Module, lifted, training: bool) -> dict:
     if not expert_of or k >= E or lifted.spec.router.noisy:
         return {}
     tensors = lifted.param_tensors(module)
-    if not all(isinstance(tensors[i], nn.Parameter) and tensors[i].requires_grad for i in expert_of):
+    if not all(isinstance(tensors[i], nn.Parameter) for i in expert_of):
         return {}           # (the router's buffers, e.g. a selection bias, may be plain tensors)
     device = tensors[0].device
     dtype = tensors[next(iter(expert_of))].dtype     # the experts' (a router may be kept in fp32)
     forward = type(module)._moec_base.forward if hasattr(type(module), "_moec_base") else type(module).forward
-    for shape in ((1, 1, lifted.spec.hidden), (1, lifted.spec.hidden)):
-        x = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(dtype).to(device)
-        try:
-            with mode(module, training), seeded(device, 11), hooks_off(module), torch.enable_grad():
-                out = forward(module, x)
-            y = out[0] if isinstance(out, (tuple, list)) else out
-            reached = _reached(y.grad_fn)
-            break
-        except Exception:  # noqa: BLE001 - the other input rank, or no answer (zeros, as before)
-            continue
-    else:
-        return {}
+    # the probe asks what the code does, whichever experts are frozen now (a frozen tensor gets None either
+    # way; one frozen expert must not decide for the others, nor later unfreezing): all of them require grad
+    frozen = [tensors[i] for i in expert_of if not tensors[i].requires_grad]
+    for t in frozen:
+        t.requires_grad_(True)
+    try:
+        for shape in ((1, 1, lifted.spec.hidden), (1, lifted.spec.hidden)):
+            x = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(dtype).to(device)
+            try:
+                with mode(module, training), seeded(device, 11), hooks_off(module), torch.enable_grad():
+                    out = forward(module, x)
+                y = out[0] if isinstance(out, (tuple, list)) else out
+                reached = _reached(y.grad_fn)
+                break
+            except Exception:  # noqa: BLE001 - the other input rank, or no answer (zeros, as before)
+                continue
+        else:
+            return {}
+    finally:
+        for t in frozen:
+            t.requires_grad_(False)
     hit = hit_experts(x.reshape(-1, x.shape[-1]), lifted.weights(tensors), lifted.spec)
     idle = [i for i, e in expert_of.items() if e not in hit]
     busy = [i for i, e in expert_of.items() if e in hit]
