@@ -32,7 +32,7 @@ EXPERTS = ExpertsRecipe(8, 2, 64, 96, "gelu", False)
 MMA = {"sm80": "mma.sync", "sm90": "wgmma", "sm100": "tcgen05"}
 LARGE = os.environ.get("HYPOTHESIS_PROFILE") == "large"
 DTYPES = ("bf16", "fp16") if LARGE else ("bf16",)
-TOKENS = (40, 300, 1100) if LARGE else (40, 300)
+TOKENS = (40, 300, 1100) if LARGE else (40,)
 
 
 def _weights(g) -> MoEWeights:
@@ -81,9 +81,9 @@ def _backward_launches(arch: str, T: int = 40) -> list:
 @pytest.mark.parametrize("arch", ["sm80", "sm90", "sm100"])
 def test_backward_kernels_compile_fit_and_use_tensor_cores(arch):
     """bf16, the GPU dtype (recorded in fp16: the interpreter gets bf16 tl.dot wrong); fp16 as recorded too
-    under ``HYPOTHESIS_PROFILE=large``. The cost model tiles the backward per token-count bucket: T = 40 and 300
-    run the kernels of the buckets up to 1024 tokens, and T = 1100 those of the largest under the large profile
-    (the interpreter takes a while there)."""
+    under ``HYPOTHESIS_PROFILE=large``. The cost model tiles the backward per token-count bucket: T = 40 runs the
+    kernels of its bucket, T = 300 and 1100 those of the larger ones under the large profile (the interpreter
+    takes a while; tests/test_cost_model.py compiles every bucket's backward kernel at real sizes by default)."""
     launches = distinct_launches([r for T in TOKENS for r in _backward_launches(arch, T)])
     names = {re.sub(r"_T\d+(to\d+|up)$", "", r.kernel.fn_name) for r in launches}
     assert {"grouped_dgrad_gather_silu_glu", "grouped_dgrad_two_scatter", "grouped_wgrad_gather_scaled_dbias",
