@@ -389,3 +389,108 @@ def test_a_linear_is_what_computes_one():
     assert as_linear(m) is not None
     m.forward = lambda x: x.new_zeros(x.shape[0], 8)   # checked again when the forward changes
     assert as_linear(m) is None
+
+
+class _Statics(nn.Module):
+    """ERNIE-style: the selection bias kept in a submodule of the router, as a [1, E] parameter."""
+
+    def __init__(self, E):
+        super().__init__()
+        self.e_score_correction_bias = nn.Parameter(torch.randn(1, E) * 0.3, requires_grad=False)
+
+    def forward(self, probs):
+        return probs + self.e_score_correction_bias.squeeze()
+
+
+class _StaticsRouter(nn.Module):
+    def __init__(self, d, E, k):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, d) / d ** 0.5)
+        self.moe_statics = _Statics(E)
+        self.top_k = k
+
+    def forward(self, x):
+        logits = F.linear(x.float(), self.weight.float())
+        probs = F.softmax(logits, dim=1, dtype=torch.float)
+        _, ids = torch.topk(self.moe_statics(probs), self.top_k, dim=-1)
+        w = torch.gather(probs, -1, ids)
+        return w / torch.clamp(w.sum(-1, keepdim=True), min=1e-12), ids
+
+
+class StaticsBiasMoE(nn.Module):
+    def __init__(self, d=16, f=24, E=6, k=2):
+        super().__init__()
+        self.gate = _StaticsRouter(d, E, k)
+        self.experts = nn.ModuleList(zoo.GatedMLP(d, f) for _ in range(E))
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        w, ids = self.gate(x)
+        y = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok, slot = torch.where(ids == e)
+            if tok.numel():
+                y.index_add_(0, tok, expert(x[tok]) * w[tok, slot, None].to(x.dtype))
+        return y.reshape(shape)
+
+
+def test_a_selection_bias_inside_the_router_is_found():
+    """ERNIE 4.5 keeps its selection bias as ``gate.moe_statics.e_score_correction_bias`` ([1, E]): lifted with it,
+    forward and gradients equal to eager's."""
+    import moec
+    torch.manual_seed(0)
+    eager = StaticsBiasMoE().train()
+    got = lift(eager)
+    assert isinstance(got, LiftedMoE) and got.spec.router.score_bias, got
+    compiled = moec.compile(copy.deepcopy(eager))
+    x = torch.randn(2, 7, 16)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = compiled(xa), eager(xb)
+    torch.testing.assert_close(ya, yb, rtol=1e-4, atol=1e-5)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
+    for (n, p), q in zip(compiled.named_parameters(), eager.parameters()):
+        assert (p.grad is None) == (q.grad is None), n
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=n)
+    assert compiled.__dict__["_moec_region"].calls["kernels forward and backward"] == 1
+
+
+class _PostNormMoE(nn.Module):
+    """A Mixtral layer whose combined output goes through a LayerNorm (AXK1's post_mlp_layernorm)."""
+
+    def __init__(self):
+        super().__init__()
+        self.moe = zoo.MixtralMoE()
+        self.gate, self.experts = self.moe.gate, self.moe.experts
+        self.post_norm = nn.LayerNorm(16)
+
+    def forward(self, x):
+        return self.post_norm(self.moe(x))
+
+
+class _CappedSwiGLU(nn.Module):
+    def forward(self, gate, up):
+        return 8.0 * torch.tanh(F.silu(gate) / 8.0) * up
+
+
+class _CappedExpert(zoo.GatedMLP):
+    def __init__(self, d, f):
+        super().__init__(d, f)
+        self.act_fn = _CappedSwiGLU()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x), self.up_proj(x)))
+
+
+def test_explain_names_the_norm_or_activation_a_layer_lacks():
+    """When no configuration reproduces a layer, the reason starts with what it holds that moec does not
+    compute: a norm of the layer's output, an expert activation of its own."""
+    got = lift(_PostNormMoE())
+    assert isinstance(got, NotLifted) and "a norm of the layer's output (post_norm)" in got.reason, got
+    m = zoo.MixtralMoE()
+    m.experts = nn.ModuleList(_CappedExpert(16, 32) for _ in range(4))
+    got = lift(m)
+    assert isinstance(got, NotLifted) and "an expert activation of its own, _CappedSwiGLU" in got.reason, got

@@ -18,6 +18,7 @@ moec matches ``transformers`` classes without importing transformers. Its builde
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
@@ -89,6 +90,18 @@ def activation_of(fn: Callable) -> Optional[str]:
         if torch.allclose(y.float(), ref, rtol=1e-5, atol=1e-6):
             return name
     return None
+
+
+def known_activation(act: nn.Module) -> bool:
+    """Whether ``act`` is one of moec's activations, or a gated one taking ``(gate, up)`` (moec's GLU forms
+    are then read from the code)."""
+    try:
+        params = inspect.signature(act.forward).parameters
+    except (TypeError, ValueError):
+        return True
+    if len([p for p in params.values() if p.default is inspect.Parameter.empty]) != 1:
+        return type(act).__name__.lower() in ("swiglu", "geglu")
+    return activation_of(act) is not None
 
 
 # ---- Hugging Face transformers --------------------------------------------------------------

@@ -132,7 +132,7 @@ def router_options(st: Structure, hints: RouterHints) -> list:
             for b in (biases + [None]) if (hints.score_bias or not reached) else ([None] + biases):
                 p3, f3 = list(p2), list(f2)
                 if b is not None:
-                    f3.append(("score_bias", Src((len(p3),))))
+                    f3.append(("score_bias", Src((len(p3),), view=(st.E,) if len(st.shapes.get(b, ())) != 1 else None)))
                     p3.append(b)
                 desc = f"router {r.weight}" + (f" + bias {r.bias}" if r.bias else "") + \
                     (f", noise {nz.weight}" if nz else "") + (f", selection bias {b}" if b else "")

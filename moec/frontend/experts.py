@@ -22,6 +22,7 @@ from torch import nn
 
 from .. import reference
 from ..spec import ACTIVATIONS
+from .adapters import known_activation
 from .fx_ops import ACTIVATION_OPS, CASTS, int_arg, strip
 from .lifted import Src
 from .linears import linears
@@ -281,7 +282,10 @@ def analyse_mlp(module: nn.Module, paths: list, d: int, dtype, device, biases: b
         if verify_form(mods[:1], form, d, dtype, device) and verify_form(mods, form, d, dtype, device):
             return form
     how = "its fx graph was read but" if read is not None else "its forward could not be read and"
-    return (f"{paths[0]} ({type(mods[0]).__name__}): {how} no assignment of its linears to "
+    act = getattr(mods[0], "act_fn", None)
+    own = (f"it applies an expert activation of its own, {type(act).__name__} ({paths[0]}.act_fn), which moec "
+           f"does not support; " if isinstance(act, nn.Module) and not known_activation(act) else "")
+    return (f"{own}{paths[0]} ({type(mods[0]).__name__}): {how} no assignment of its linears to "
             f"down(act(gate(x)) * up(x)) or down(act(up(x))) with act in {ACTIVATIONS} reproduces it")
 
 

@@ -235,9 +235,11 @@ def discover(module: nn.Module):
         for path, p in module.named_parameters():
             if p.dim() == 2 and p.shape[0] == E and "bias" in path.split(".")[-1].lower() and _depth(path) <= 1:
                 st.expert_biases.append(path)
-    # selection bias: a 1-D [E] tensor that is not a linear's bias
+    # selection bias: an [E] (or [1, E]) tensor that is not a linear's bias, on the layer or its router (ERNIE
+    # keeps it in a submodule of the router: gate.moe_statics.e_score_correction_bias [1, E])
     for path, t in list(module.named_parameters()) + list(module.named_buffers()):
-        if t.dim() == 1 and t.shape[0] == E and not excluded(path) and _depth(path) <= 1 and path not in st.expert_biases:
+        if t.numel() == E and t.shape[-1] == E and t.dim() <= 2 and not excluded(path) and _depth(path) <= 2 \
+                and path not in st.expert_biases:
             if as_linear(_owner(module, path)) is not None:
                 continue
             st.score_biases.append(path)
