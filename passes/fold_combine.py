@@ -4,9 +4,9 @@ Expects: ``combine(y=G, order, weights, ids)`` with G a plain grouped GEMM read 
 scale, no scatter, no other ``order``); optionally followed by ``add`` (the shared expert) and
 ``cast`` (back to the input dtype), each the only reader of what it reads.
 Guarantees: G stores row i, multiplied by its pair's routing weight, at row ``order[i]`` of a
-pair-major buffer in the layer's dtype (``scatter``, ``scale``: the product is taken on G's fp32
-accumulators and rounded once, as eager rounds each expert's weighted output; a bf16 layer moves half
-the bytes an fp32 buffer would); a ``reduce_topk`` sums each token's k rows in fp32 in slot order
+pair-major buffer (``scatter``, ``scale``): bf16 for a bf16 layer (the product taken on G's fp32
+accumulators and rounded once; half the bytes of fp32), fp32 otherwise (fp16's range is too small for
+rows whose sum is not); a ``reduce_topk`` sums each token's k rows in fp32 in slot order
 (deterministic: no atomics), adds the shared expert's output as ``residual`` and casts on store,
 absorbing the ``add`` and ``cast``.
 """
@@ -39,6 +39,13 @@ def _reduce(g: Graph, combine: Node, ys: str):
     return Node("reduce_topk", tuple(operands.items()), (("out", out),), (t["out"],), tuple(attrs.items())), absorbed
 
 
+def _pair_dtype(dtype: str) -> str:
+    """The pair rows' dtype: bf16 rows for a bf16 layer (fp32's range: a row that fits fp32 fits bf16), fp32 for
+    the rest (an fp16 row can overflow where the weighted sum of a token's rows does not: routed scaling and
+    rows of opposite sign)."""
+    return "bf16" if dtype == "bf16" else "f32"
+
+
 def fold_combine(g: Graph, ctx) -> Graph:
     repl = {}
     for i, n in enumerate(g.nodes):
@@ -50,7 +57,7 @@ def fold_combine(g: Graph, ctx) -> Graph:
             continue
         ys = fresh_name(g, "pairs_out")
         scattered = gemm.replace(operands={"order": n.ins["order"], "scale": n.ins["weights"]},
-                                 attrs={"scatter": True, "out_dtype": g.types[gemm.ins["a"]].dtype},
+                                 attrs={"scatter": True, "out_dtype": _pair_dtype(g.types[gemm.ins["a"]].dtype)},
                                  results=(("out", ys),))
         scattered = scattered.replace(types=(OPS["grouped_gemm"].infer(
             {r: g.types[v] for r, v in scattered.operands}, scattered.attr)["out"],))

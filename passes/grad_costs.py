@@ -142,7 +142,11 @@ class WgradProblem:
         return tile.block_m * (tile.block_n + tile.block_k) * self.in_size
 
     def smem(self, tile: GemmTile, arch: Arch) -> int:
-        return pipeline_buffers(tile.num_stages, tile.block_n, arch) * self.stage_bytes(tile)
+        # with the routing-weight scale, the scaled A tile is staged through shared memory outside the pipeline
+        # (Triton's allocation at the AOT compiles: BLOCK_M x BLOCK_N in fp32; counted at the operands' size
+        # or fp32, whichever is larger)
+        scaled = tile.block_m * tile.block_n * max(self.in_size, 4) if self.scale else 0
+        return pipeline_buffers(tile.num_stages, tile.block_n, arch) * self.stage_bytes(tile) + scaled
 
     def acc_regs(self, tile: GemmTile) -> float:
         return tile.block_n * tile.block_k / (32 * tile.num_warps)

@@ -617,3 +617,56 @@ def test_the_activations_policy_is_settled_at_compile(monkeypatch):
     monkeypatch.setenv("MOEC_ACTIVATIONS", "Save")
     compiled(torch.randn(3, 16, requires_grad=True)).sum().backward()
     assert "activations='auto'" in compiled.explain()
+
+
+def test_fp16_pair_rows_that_cancel_do_not_overflow():
+    """Two experts of opposite sign, routed scaling 16, in fp16: each pair row is past fp16's range but their
+    sum is not; the pair rows stay fp32 for an fp16 layer (bf16 rows have fp32's range)."""
+    torch.manual_seed(0)
+    m = zoo.DeepseekV2MoE(d=16, f=16, E=8, k=2, n_group=4, topk_group=2, routed_scaling_factor=16.0)
+    with torch.no_grad():
+        for n in ("gate_proj", "up_proj", "down_proj"):
+            getattr(m.experts[1], n).weight.copy_(getattr(m.experts[0], n).weight)
+        m.experts[1].down_proj.weight.neg_()
+        m.gate.weight.zero_()
+        m.gate.weight[0, 0], m.gate.weight[1, 0] = 2.0, 1.998046875
+    m = m.half()
+    eager = copy.deepcopy(m)
+    compiled = moec.compile(m)
+    x = torch.randn(1, 4, 16) * 150
+    x[..., 0] = 16
+    with torch.no_grad():
+        ye, yc = eager(x.half()), compiled(x.half())
+    assert torch.isfinite(ye).all() and torch.isfinite(yc).all()
+    torch.testing.assert_close(yc.float(), ye.float(), rtol=2e-2, atol=1.0)
+    assert compiled.__dict__["_moec_region"].calls["kernels"] == 1
+
+
+def test_a_model_of_inference_tensors_is_lifted():
+    """Parameters made under torch.inference_mode (a serving pattern) cannot require grad: lifted all the same."""
+    with torch.inference_mode():
+        model = zoo.MixtralSkipEmptyMoE()
+        eager = copy.deepcopy(model)             # (a copy made outside inference mode would be ordinary tensors)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    assert all(p.is_inference() for p in model.parameters())
+    compiled = moec.compile(model)
+    assert "LIFTED" in compiled.explain()
+    x = torch.randn(1, 5, 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-5)
+
+
+def test_the_experts_interface_runs_an_empty_batch_with_gradients_eagerly():
+    import hf_models as H
+    assert moec.hf.register()
+    experts = [next(m for m in H.build("mixtral", experts_implementation=impl).train().modules()
+                    if type(m).__name__.endswith("Experts")) for impl in ("eager", "moec")]
+    got = []
+    for m in experts:
+        x = torch.randn(0, m.down_proj.shape[1], requires_grad=True)
+        y = m(x, torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2, requires_grad=True))
+        if y.requires_grad:
+            y.sum().backward()
+        got.append({n: p.grad is None for n, p in m.named_parameters()})
+    assert got[0] == got[1]

@@ -411,9 +411,9 @@ def test_program_launches_the_bucket_of_T(tmp_path):
 
 # ---- the backward's grouped GEMMs (passes/grad_costs.py) -----------------------------------------
 
-def compiled_backward(model: str, arch: str):
+def compiled_backward(model: str, arch: str, dtype=torch.bfloat16):
     from moec.compiler import BackwardRecipe, MoERecipe, compile_program
-    return compile_program(BackwardRecipe(MoERecipe(MODELS[model])), torch.bfloat16, ARCHS[arch])
+    return compile_program(BackwardRecipe(MoERecipe(MODELS[model])), dtype, ARCHS[arch])
 
 
 GRAD_OPS = ("grouped_dgrad", "grouped_wgrad")
@@ -488,13 +488,32 @@ def test_backward_tiles_compile_and_fit(arch):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_no_fp32_pair_buffer(dtype):
-    """The down projection writes each pair's weighted row in the layer's dtype (half the bytes of fp32) and the
-    reduce sums a token's rows in fp32 in slot order; the cost model counts those bytes."""
+    """A bf16 layer's down projection writes each pair's weighted row in bf16 (half the bytes of fp32; fp32's
+    range) and the reduce sums a token's rows in fp32 in slot order; an fp16 layer keeps fp32 rows (fp16's range
+    is too small for rows whose sum is not: tests/test_backward.py). The cost model counts those bytes."""
+    size = 2 if dtype == torch.bfloat16 else 4
     for model in MODELS:
         c = compile_spec(MODELS[model], dtype, ("y",), ARCHS["sm90"])
         (pairs,) = [n for n in c.graph.nodes if n.op == "grouped_gemm" and n.attr["scatter"]]
-        assert pairs.types[0].torch_dtype == dtype, model
-        p = cm.problem_of(pairs, c.graph)
-        assert p.out_size == 2
+        assert pairs.types[0].torch_dtype.itemsize == size, model
+        assert cm.problem_of(pairs, c.graph).out_size == size
         (red,) = [n for n in c.graph.nodes if n.op == "reduce_topk"]
-        assert cm.problem_of(red, c.graph).y_size == 2
+        assert cm.problem_of(red, c.graph).y_size == size
+
+
+@pytest.mark.parametrize("arch", ["sm86", "sm90"])
+def test_fp32_scaled_weight_gradient_tiles_fit(arch):
+    """fp32 operands (the exact path): the routing-weight-scaled weight gradient stages its scaled rows in shared
+    memory outside the pipeline; the model counts them, so every bucket's tile fits (sm86: 99 KiB per block)."""
+    a = ARCHS[arch]
+    c = compiled_backward("qwen3-30b-a3b", arch, torch.float32)
+    nodes = {s.node.name for s in kernel_steps(c) if s.node.op == "grouped_wgrad" and "scale" in s.node.ins}
+    assert nodes
+    seen = set()
+    for step, variant, rec in record_variants(c, nodes):
+        if variant.params.tile in seen:
+            continue
+        seen.add(variant.params.tile)
+        report = compile_launch(rec, arch)
+        estimate = cm.problem_of(step.node, c.graph).smem(variant.params.tile, a) + cm.SMEM_RESERVE
+        assert report.fits and report.shared <= estimate, (step.node.name, variant.params.tile, report.shared, estimate)

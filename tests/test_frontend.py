@@ -494,3 +494,32 @@ def test_explain_names_the_norm_or_activation_a_layer_lacks():
     m.experts = nn.ModuleList(_CappedExpert(16, 32) for _ in range(4))
     got = lift(m)
     assert isinstance(got, NotLifted) and "an expert activation of its own, _CappedSwiGLU" in got.reason, got
+
+
+class _TrackedSiLU(nn.Module):
+    """silu scaled by a running amax its forward updates (a stateful activation moec does not compute)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("amax", torch.ones(()))
+
+    def forward(self, x):
+        if x.numel():
+            self.amax.copy_(torch.maximum(self.amax, x.detach().abs().max()))
+        return F.silu(x) / self.amax
+
+
+def test_reading_an_activation_leaves_its_state_alone():
+    """Deciding which activation a module computes evaluates a copy of it: a layer that stays eager answers as
+    its eager copy, its buffers untouched."""
+    import moec
+    torch.manual_seed(0)
+    m = zoo.MixtralMoE()
+    for e in m.experts:
+        e.act_fn = _TrackedSiLU()
+    eager = copy.deepcopy(m)
+    compiled = moec.compile(m)
+    assert [float(e.act_fn.amax) for e in compiled.experts] == [1.0] * 4
+    x = torch.randn(1, 8, 16) * 0.1
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), eager(x), rtol=0, atol=0)

@@ -18,6 +18,7 @@ moec matches ``transformers`` classes without importing transformers. Its builde
 """
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
@@ -76,12 +77,16 @@ def adapters() -> list[Adapter]:
 
 
 def activation_of(fn: Callable) -> Optional[str]:
-    """Which of moec's activations ``fn`` computes, found by evaluating it (None: none of them)."""
+    """Which of moec's activations ``fn`` computes, found by evaluating it (None: none of them). A module is
+    evaluated as a copy, with the random number generators forked, so its state (buffers a forward updates)
+    and the user's random stream stay as they were."""
     x = torch.linspace(-8.0, 8.0, 161)
     try:
-        with torch.no_grad():
+        if isinstance(fn, nn.Module):
+            fn = copy.deepcopy(fn)
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
             y = fn(x.clone())
-    except Exception:  # noqa: BLE001 - not an elementwise activation
+    except Exception:  # noqa: BLE001 - not an elementwise activation (or one that cannot be copied)
         return None
     if not isinstance(y, torch.Tensor) or y.shape != x.shape:
         return None

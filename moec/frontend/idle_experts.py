@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils.stateless import _reparametrize_module
 
 from .. import reference
 from .probe_harness import hooks_off, mode, seeded
@@ -64,30 +65,31 @@ def idle_expert_grads(module: nn.Module, lifted, training: bool) -> dict:
     device = tensors[0].device
     dtype = tensors[next(iter(expert_of))].dtype     # the experts' (a router may be kept in fp32)
     forward = type(module)._moec_base.forward if hasattr(type(module), "_moec_base") else type(module).forward
-    # the probe asks what the code does, whichever experts are frozen now (a frozen tensor gets None either
-    # way; one frozen expert must not decide for the others, nor later unfreezing): all of them require grad
-    frozen = [tensors[i] for i in expert_of if not tensors[i].requires_grad]
-    for t in frozen:
-        t.requires_grad_(True)
-    try:
-        for shape in ((1, 1, lifted.spec.hidden), (1, lifted.spec.hidden)):
-            x = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(dtype).to(device)
-            try:
-                with mode(module, training), seeded(device, 11), hooks_off(module), torch.enable_grad():
-                    out = forward(module, x)
-                y = out[0] if isinstance(out, (tuple, list)) else out
-                reached = _reached(y.grad_fn)
-                break
-            except Exception:  # noqa: BLE001 - the other input rank, or no answer (zeros, as before)
-                continue
-        else:
-            return {}
-    finally:
-        for t in frozen:
-            t.requires_grad_(False)
+    if any(tensors[i].is_inference() for i in expert_of):
+        return {}           # inference tensors never get a gradient
+    # the probe asks what the code does whichever experts are frozen now (a frozen tensor gets None either way;
+    # one frozen expert must not decide for the others, nor later unfreezing): it runs on leaves that view the
+    # experts' tensors and require grad (swapped in as `torch.func.functional_call` does, around the module's own
+    # forward), so the user's tensors are never changed
+    paths = lifted.param_tensors.paths
+    leaves = {paths[i]: tensors[i].detach().requires_grad_(True) for i in expert_of}
+    for shape in ((1, 1, lifted.spec.hidden), (1, lifted.spec.hidden)):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(dtype).to(device)
+        try:
+            with mode(module, training), seeded(device, 11), hooks_off(module), torch.enable_grad(), \
+                    _reparametrize_module(module, leaves):
+                out = forward(module, x)
+            y = out[0] if isinstance(out, (tuple, list)) else out
+            reached = _reached(y.grad_fn)
+            break
+        except Exception:  # noqa: BLE001 - the other input rank, or no answer (zeros, as before)
+            continue
+    else:
+        return {}
     hit = hit_experts(x.reshape(-1, x.shape[-1]), lifted.weights(tensors), lifted.spec)
     idle = [i for i, e in expert_of.items() if e not in hit]
     busy = [i for i, e in expert_of.items() if e in hit]
-    if idle and all(id(tensors[i]) not in reached for i in idle) and all(id(tensors[i]) in reached for i in busy):
+    if idle and all(id(leaves[paths[i]]) not in reached for i in idle) \
+            and all(id(leaves[paths[i]]) in reached for i in busy):
         return expert_of
     return {}

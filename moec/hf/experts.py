@@ -292,6 +292,8 @@ def moec_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Te
     if reason is None:
         w = layout.weights(self)
         reason = _why_eager(x, ids, wts, [t for t in w.values() if t is not None])
+    if reason is None and x.shape[0] == 0 and torch.is_grad_enabled():
+        reason = "no tokens, with gradients (which tensors eager's empty forward reaches decides its gradients)"
     if reason is not None:
         eager = _eager_forward(self)
         if eager is None:
