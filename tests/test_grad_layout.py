@@ -14,7 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import moec
-import moec.moe_region as moe_region
+import moec.moe_backward as moe_backward
 import zoo
 from moec.frontend.lifted import Src, WeightsRecipe
 from test_backward import _assert_same_grads, _loss
@@ -88,7 +88,7 @@ def test_gradients_accumulate_and_parameter_hooks_run():
 def test_the_autograd_path_serves_a_binding_that_does_not_partition_its_tensor(monkeypatch):
     """A tensor two fields read overlapping parts of (or any the layout cannot prove) keeps the autograd
     mapping of the binding; gradients equal eager either way."""
-    monkeypatch.setattr(moe_region, "_partitions", lambda recipe, i, shapes: False)
+    monkeypatch.setattr(moe_backward, "_partitions", lambda recipe, i, shapes: False)
     compiled, eager = _twins("BiasedFusedExpertMoE")
     x = torch.randn(2, 5, 16)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
