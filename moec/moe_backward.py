@@ -17,7 +17,7 @@ import functools
 import torch
 
 from moec.ir.backward import PRE_SAVED, grad_outputs
-from moec.ir.build import moe_inputs
+from moec.ir.build import graph_input, moe_inputs
 
 from .compiler import BackwardRecipe, MoERecipe
 from .frontend.outputs import kernel_outputs
@@ -108,11 +108,9 @@ def _grad_layout(recipe, tensors, wanted, value_of: dict, bw) -> tuple[set, list
     for i in direct:
         if buffers[i] is None:
             buffers[i] = torch.empty_like(tensors[i])
-    fields = [f for f, src in recipe.fields if set(src.indices) <= set(i for i, b in enumerate(buffers) if b is not None)
-              and f in value_of]
-    views = recipe.grad_views(fields, buffers, stacks)
-    into = {value_of[f]: (v.unsqueeze(0) if f in ("shared_up", "shared_gate", "shared_down") else v)
-            for f, v in views.items()}
+    held = {i for i, b in enumerate(buffers) if b is not None}
+    fields = [f for f, src in recipe.fields if set(src.indices) <= held and f in value_of]
+    into = {value_of[f]: graph_input(f, v) for f, v in recipe.grad_views(fields, buffers, stacks).items()}
     return direct, buffers, into
 
 

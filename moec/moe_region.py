@@ -43,7 +43,7 @@ from .frontend import lift
 from .frontend.outputs import derive, item_dtype, kernel_outputs, pack, slots
 from .frontend.router_call import arguments
 from .moe_backward import kernels_backward
-from .region import Region, is_disabled
+from .region import Region, empty_with_grad, is_disabled
 from .spec import MoEWeights
 
 @dataclass(eq=False)
@@ -181,8 +181,7 @@ class MoERegion(Region):
         if reason is None and x.shape[-1] != self.spec.hidden:
             raise ValueError(f"moec region {self.name!r}: expects hidden size {self.spec.hidden} on the "
                              f"last dim, got input of shape {tuple(x.shape)}")
-        if reason is None and x.numel() == 0 and torch.is_grad_enabled():
-            reason = "no tokens, with gradients (which tensors eager's empty forward reaches decides its gradients)"
+        reason = reason or empty_with_grad(x.numel())
         if reason is not None:
             return self.eager(reason, eager_forward, x, *args, **kwargs)
         x2 = x.reshape(-1, x.shape[-1])

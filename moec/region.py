@@ -64,6 +64,14 @@ def activations_policy(value: Optional[str] = None) -> str:
     return got
 
 
+def empty_with_grad(rows: int) -> Optional[str]:
+    """Why a call of ``rows`` tokens runs eager: an empty batch with gradients (which tensors eager's empty
+    forward reaches decides ``requires_grad`` and which gradients stay None), else None."""
+    if rows == 0 and torch.is_grad_enabled():
+        return "no tokens, with gradients (which tensors eager's empty forward reaches decides its gradients)"
+    return None
+
+
 def dtype_text(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 

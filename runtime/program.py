@@ -97,6 +97,13 @@ def _shape_fn(t) -> Callable[[dict], tuple]:
     return lambda sizes: tuple(int(v) for v in f(*(sizes[s] for s in syms)))
 
 
+def _given(t: torch.Tensor, shape: tuple, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """A caller's tensor for a result (`Program.run`'s ``into``), checked against the result's type."""
+    if tuple(t.shape) != shape or t.dtype != dtype:
+        raise ValueError(f"into[{name!r}] must be {dtype} {shape}, got {t.dtype} {tuple(t.shape)}")
+    return t
+
+
 def _predicate(when: str) -> Callable[[dict], bool]:
     cond = condition(when)
     syms = sorted(cond.free_symbols, key=str)
@@ -187,16 +194,12 @@ class Program:
                 env[step.node.outs["out"]] = env[step.node.ins["a" if ctx["taken"][i] else "b"]]
                 continue
             ins = {r: env[v] for r, v in step.node.operands}
+            given = {r: into[v] for r, v in step.node.results if v in into} if into else {}
             if step.fills_results:
-                outs = {r: torch.empty(shape(sizes), dtype=dtype, device=device) for r, shape, dtype in self._allocs[i]}
+                outs = {r: _given(given[r], shape(sizes), dtype, step.node.outs[r]) if r in given
+                        else torch.empty(shape(sizes), dtype=dtype, device=device) for r, shape, dtype in self._allocs[i]}
             else:
                 outs = {r: None for r, _ in step.node.results}
-            given = {r: into[v] for r, v in step.node.results if into and v in into}
-            for r, t in given.items():
-                if outs[r] is not None and (t.shape != outs[r].shape or t.dtype != outs[r].dtype):
-                    raise ValueError(f"into[{step.node.outs[r]!r}] must be {outs[r].dtype} {tuple(outs[r].shape)}, "
-                                     f"got {t.dtype} {tuple(t.shape)}")
-                outs[r] = t if outs[r] is not None else None
             got = step.execute(ins, outs, ctx)
             if got:                      # a step may return new tensors instead of filling outs
                 outs.update(got)

@@ -24,7 +24,7 @@ from torch import nn
 from .. import reference
 from ..spec import MoESpec, MoESpecError
 from .accounting import Coverage, unaccounted
-from .adapters import adapter_for, known_activation
+from .adapters import adapter_for
 from .candidates import Part, assemble, config_text, dedupe, router_configs, router_options, shared_options
 from .experts import ExpertLayout, list_layout, shared_layout, stacked_layouts
 from .fx_ops import MATMULS, descendants
@@ -35,7 +35,7 @@ from .probe import TOKENS, Prober, mode_name, probe
 from .probe_harness import hooks_off
 from .router_call import router_calls
 from .router_hints import read_router
-from .structure import Structure, discover, experts_without_router, meta_or_none
+from .structure import Structure, discover, experts_without_router, meta_or_none, unsupported_parts
 from .trace import Traced, trace_partial
 
 MAX_SCREENS = 4000
@@ -320,7 +320,7 @@ def _lift(module: nn.Module):
         partial = next((_eager_in(lifted, training, other) for lifted, other in confirmed(not training)), None)
     if partial is not None:
         return partial
-    lacks = _lacks(module, st)          # the first feature it lacks, in words, before the probe's details
+    lacks = unsupported_parts(module, st)     # the first feature it lacks, in words, before the probe's details
     if tried > MAX_SCREENS:
         return NotLifted(f"{cls}: {lacks}no configuration found within {MAX_SCREENS} candidates"
                          + (f"; first candidate ({first_fail})" if first_fail else ""))
@@ -329,31 +329,6 @@ def _lift(module: nn.Module):
     if why:
         reason += "; " + "; ".join(why)
     return NotLifted(reason)
-
-
-def _lacks(module, st: Structure) -> str:
-    """What the layer holds that moec does not compute, in words (``"it applies ..., which moec does not
-    support; "``), else ``""``: normalisation modules (expert norms, a shared expert's norm, a norm of the
-    combined output) and expert activations none of moec's is (an activation module's output, evaluated)."""
-    found = {}
-    shared_roots = {p.split(".")[0] for p in st.shared}
-    expert_roots = {st.experts.split(".")[0]} if st.experts else {s[0].split(".")[0] for s in st.stacked}
-    for path, m in module.named_modules():
-        name = type(m).__name__
-        top = path.split(".")[0]
-        if path and (isinstance(m, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)) or name.endswith("Norm")):
-            kind = ("expert norms" if top in expert_roots
-                    else "a shared expert's norm" if top in shared_roots or "shared" in top
-                    else "a norm of the layer's output")
-            found.setdefault(kind, []).append(path)
-        act = getattr(m, "act_fn", None)
-        if top in expert_roots | shared_roots and isinstance(act, nn.Module) and not known_activation(act):
-            found.setdefault(f"an expert activation of its own, {type(act).__name__}", []).append(
-                f"{path}.act_fn" if path else "act_fn")
-    if not found:
-        return ""
-    what = "; ".join(f"{kind} ({', '.join(dict.fromkeys(paths[:2]))})" for kind, paths in found.items())
-    return f"it applies {what}, which moec does not support; "
 
 
 def _eager_in(lifted: LiftedMoE, training: bool, reason: str) -> LiftedMoE:

@@ -176,9 +176,9 @@ class WeightsRecipe:
 
     def partitions(self, i: int, shapes: Sequence[tuple]) -> bool:
         """Whether the fields built from leaf tensor ``i`` (of the leaf tensors' ``shapes``) read each of its
-        elements exactly once: then the
-        gradients of those fields, written into views of one buffer laid out like the tensor (or like the
-        stack it belongs to), are its whole gradient with nothing to add up (`grad_views`)."""
+        elements exactly once: then the gradients of those fields, written into views of one buffer laid out
+        like the tensor (or like the stack it belongs to), are its whole gradient with nothing to add up
+        (`grad_views`)."""
         srcs = [src for _, src in self.fields if i in src.indices]
         first = srcs[0]
         if any((s.indices, s.stack, s.view, s.transpose) != (first.indices, first.stack, first.view, first.transpose)

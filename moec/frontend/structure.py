@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .adapters import known_activation
 from .linears import as_linear, linears
 
 _EXPERT_NAMES = ("expert",)
@@ -274,3 +275,28 @@ def meta_or_none(module: nn.Module) -> Optional[str]:
         if t.is_meta:
             return f"{path} is on the meta device (no values to read or probe; materialise the module first)"
     return None
+
+
+def unsupported_parts(module: nn.Module, st: Structure) -> str:
+    """What the layer holds that moec does not compute, in words (``"it applies ..., which moec does not
+    support; "``), else ``""``: normalisation modules (expert norms, a shared expert's norm, a norm of the
+    combined output) and expert activations none of moec's is (an activation module's output, evaluated)."""
+    found = {}
+    shared_roots = {p.split(".")[0] for p in st.shared}
+    expert_roots = {st.experts.split(".")[0]} if st.experts else {s[0].split(".")[0] for s in st.stacked}
+    for path, m in module.named_modules():
+        name = type(m).__name__
+        top = path.split(".")[0]
+        if path and (isinstance(m, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)) or name.endswith("Norm")):
+            kind = ("expert norms" if top in expert_roots
+                    else "a shared expert's norm" if top in shared_roots or "shared" in top
+                    else "a norm of the layer's output")
+            found.setdefault(kind, []).append(path)
+        act = getattr(m, "act_fn", None)
+        if top in expert_roots | shared_roots and isinstance(act, nn.Module) and not known_activation(act):
+            found.setdefault(f"an expert activation of its own, {type(act).__name__}", []).append(
+                f"{path}.act_fn" if path else "act_fn")
+    if not found:
+        return ""
+    what = "; ".join(f"{kind} ({', '.join(dict.fromkeys(paths[:2]))})" for kind, paths in found.items())
+    return f"it applies {what}, which moec does not support; "

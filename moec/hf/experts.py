@@ -45,7 +45,7 @@ from moec import reference
 from moec.compiler import BackwardRecipe, ExpertsRecipe
 from moec.ir.backward import PRE_SAVED, grad_outputs, read_saved
 from moec.frontend.adapters import activation_of
-from moec.region import Region, is_disabled
+from moec.region import Region, empty_with_grad, is_disabled
 from moec.runtime.autograd import KernelsBoth
 from moec.runtime.support import why_not_kernels
 from moec.spec import ACTIVATIONS, MoESpecError, check_glu_variant
@@ -292,8 +292,7 @@ def moec_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Te
     if reason is None:
         w = layout.weights(self)
         reason = _why_eager(x, ids, wts, [t for t in w.values() if t is not None])
-    if reason is None and x.shape[0] == 0 and torch.is_grad_enabled():
-        reason = "no tokens, with gradients (which tensors eager's empty forward reaches decides its gradients)"
+    reason = reason or empty_with_grad(x.shape[0])
     if reason is not None:
         eager = _eager_forward(self)
         if eager is None:

@@ -11,8 +11,8 @@ the forward saved: the routing (``ids``; ``ids_routed`` before capacity; ``route
 
 Save or recompute: the gate/up products the activation reads are either saved by the forward (its fused
 GEMM stores them: ``pre_gate``, ``pre_up``, when the save-activations pass chose so) and read here, or
-recomputed from ``x`` (one grouped GEMM each, the permute folded into its prologue), so training holds no
-more activation memory than inference plus the routing; the activation's backward, the routing weight's
+recomputed from ``x`` (one grouped GEMM each, the permute folded into its prologue; then training holds no
+more activation memory than inference plus the routing); the activation's backward, the routing weight's
 gradient and ``h`` for the down projection's weight gradient come from one kernel's epilogue.
 
 The routed experts' fragment, for ``y = sum_s w[t,s] * down_e(act(gate_e(x)) * up_e(x))``::

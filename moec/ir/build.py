@@ -30,6 +30,16 @@ from .types import B, S, T, TensorType, dtype_name
 OUTPUTS = ("y", "logits", "aux", "weights")
 
 
+# `MoEWeights` fields the graph takes as one-expert stacks: the shared expert's [n, k] matrices as [1, n, k]
+ONE_EXPERT = ("shared_up", "shared_gate", "shared_down")
+
+
+def graph_input(field: str, t):
+    """The graph input for `MoEWeights` field ``field`` holding ``t`` (a view: a one-expert stack for
+    `ONE_EXPERT` fields, else ``t``)."""
+    return t.unsqueeze(0) if field in ONE_EXPERT else t
+
+
 def moe_inputs(x, w: MoEWeights) -> dict:
     """The inputs of `build_moe_graph`'s graph (named after `MoEWeights` fields) for one call: the
     selection bias in fp32, the shared expert's matrices as one-expert stacks (views)."""
@@ -38,10 +48,7 @@ def moe_inputs(x, w: MoEWeights) -> dict:
              "score_bias": w.score_bias.float() if w.score_bias is not None else None,
              "shared_up": w.shared_up, "shared_gate": w.shared_gate, "shared_down": w.shared_down,
              "shared_gate_proj": w.shared_gate_proj, "b_gate": w.b_gate, "b_up": w.b_up, "b_down": w.b_down}
-    for k in ("shared_up", "shared_gate", "shared_down"):
-        if named[k] is not None:
-            named[k] = named[k].unsqueeze(0)
-    return {k: v for k, v in named.items() if v is not None}
+    return {k: graph_input(k, v) for k, v in named.items() if v is not None}
 
 
 def expert_inputs(b: Builder, E: int, d: int, f: int, dt: str, glu: bool, bias: bool) -> dict:
