@@ -48,13 +48,13 @@ class _Count(TorchDispatchMode):
 
 
 class _NoLaunch:
-    """Stands for a resolved Triton kernel: ``kernel[grid](**args)`` counts and does nothing."""
+    """Stands for a resolved Triton kernel: ``kernel[grid](*args, **kwargs)`` counts and does nothing."""
 
     def __init__(self, count: list):
         self.count = count
 
     def __getitem__(self, grid):
-        def launch_(**kwargs):
+        def launch_(*args, **kwargs):
             self.count[0] += 1
         return launch_
 

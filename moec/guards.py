@@ -21,6 +21,8 @@ submodules in another training mode than the region's.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import nn
 from torch.nn.modules import module as nn_module
@@ -71,45 +73,54 @@ def read(module: nn.Module) -> tuple:
 
 class Guard:
     """The objects `read`'s state came from, checked cheaply (`holds`), and the tree's modules (for the
-    per-call checks)."""
+    per-call checks). Each check is one C-level pass (``map``) over flat tuples built here: a layer of
+    eight ModuleList experts has some forty modules, and this runs at every call."""
 
     def __init__(self, module: nn.Module):
-        self.modules = [m for _, m in module.named_modules()]
+        self.modules = tuple(m for _, m in module.named_modules())
         self.root = module
-        self._dicts = []
-        for m in self.modules:
-            d = m.__dict__
+        self._paths = [p for p, _ in module.named_modules()]
+        self._dicts = tuple(m.__dict__ for m in self.modules)
+        self._lens = tuple(map(len, self._dicts))
+        self._classes = tuple(map(type, self.modules))
+        self._children = tuple(dict(m._modules) for m in self.modules)
+        attr_at, tensor_at = [], []
+        for d in self._dicts:
             attrs, tensors = _attributes(d)
-            self._dicts.append((m, d, len(d), type(m), attrs, [(k, t, _address(t)) for k, t in tensors],
-                                dict(m._modules)))
+            attr_at += [(d, k, v) for k, v in attrs]
+            tensor_at += [(d, k, t) for k, t in tensors]
+        self._attr_dicts, self._attr_keys, self._attr_values = (tuple(c) for c in zip(*attr_at)) if attr_at else ((),) * 3
+        self._tensor_dicts, self._tensor_keys, self._tensors = (tuple(c) for c in zip(*tensor_at)) if tensor_at else ((),) * 3
+        self._addresses = tuple(map(_address, self._tensors))
+        self._inner = self.modules[1:]
 
     def holds(self) -> bool:
         """False when the state may have changed since the guard was built (then `read` says how)."""
-        for m, d, n, cls, attrs, tensors, children in self._dicts:
-            if len(d) != n or type(m) is not cls:      # (exact: a class swap is checked by `read`)
-                return False
-            for k, v in attrs:
-                got = d.get(k, _MISSING)
-                if got is not v and got != v:
-                    return False
-            for k, t, address in tensors:
-                got = d.get(k)
-                if got is not t or _address(t) != address:
-                    return False
-            if m._modules != children:
-                return False
-        return True
+        if tuple(map(len, self._dicts)) != self._lens or tuple(map(type, self.modules)) != self._classes:
+            return False                    # (exact: a class swap is checked by `read`)
+        # plain attributes: the same object, or equal (tuple comparison tries identity first)
+        if tuple(map(dict.get, self._attr_dicts, self._attr_keys)) != self._attr_values:
+            return False
+        if self._tensors and not (all(map(operator.is_, map(dict.get, self._tensor_dicts, self._tensor_keys),
+                                          self._tensors))
+                                  and tuple(map(_address, self._tensors)) == self._addresses):
+            return False
+        return tuple(map(_MODULES, self.modules)) == self._children
 
     def call_checks(self) -> tuple[list, bool]:
         """``(hooked, mixed_training)``: paths of hooked modules inside the region (not its own module;
         ``"*"`` for global hooks), and whether a submodule is in another training mode than the root."""
         hooked = ["*"] if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks else []
-        mode, mixed = self.root.training, False
-        for m in self.modules[1:]:
-            if m._forward_hooks or m._forward_pre_hooks:
-                hooked.append(next(p for p, s in self.root.named_modules() if s is m))
-            mixed |= m.training != mode
-        return hooked, mixed
+        inner = self._inner
+        if any(map(_HOOKS, inner)) or any(map(_PRE_HOOKS, inner)):
+            hooked += [p for p, m in zip(self._paths[1:], inner) if m._forward_hooks or m._forward_pre_hooks]
+        return hooked, bool(inner) and set(map(_TRAINING, inner)) != {self.root.training}
+
+
+_MODULES = operator.attrgetter("_modules")
+_HOOKS = operator.attrgetter("_forward_hooks")
+_PRE_HOOKS = operator.attrgetter("_forward_pre_hooks")
+_TRAINING = operator.attrgetter("training")
 
 
 _MISSING = object()

@@ -35,6 +35,7 @@ from moec.ir.backward import read_saved
 from moec.ir.build import moe_inputs
 from moec.passes.save_activations import choice_for
 from moec.runtime.autograd import KernelsBoth
+from moec.runtime import tune_file
 from moec.runtime.support import why_not_kernels
 
 from . import guards
@@ -59,8 +60,11 @@ class MoERegion(Region):
     _guard: Optional[guards.Guard] = None       # checks the current state cheaply
     _lifting: bool = False                      # inside `_switch`: the probe's calls run eager, uncounted
     _stacks: dict = field(default_factory=dict)   # stacked indices -> (stack, its members' addresses)
-    _weights: Optional[tuple] = None              # (the tensors' identities and addresses, their MoEWeights)
+    _kept: Optional["_Kept"] = None               # the weights of the last call, while its tensors hold
     _owners: Optional[list] = None              # (module, name) of each tensor the lift reads (see `tensors`)
+    _observed: Optional[list] = None            # (path, module) of the observed children (see `_call_observed`)
+    _outputs: Optional[tuple] = None            # (lift, its program's outputs)
+    _program: Optional[tuple] = None            # (lift, saving, dtype, device, compiled): the last call's
 
     MAX_LIFTS = 8                               # states remembered (least recently used dropped)
 
@@ -71,7 +75,9 @@ class MoERegion(Region):
     @property
     def outputs(self) -> tuple[str, ...]:
         """The program's outputs (the forward's other items are derived from them: `pack`)."""
-        return kernel_outputs(self.lifted.outputs)
+        if self._outputs is None or self._outputs[0] is not self.lifted:
+            self._outputs = (self.lifted, kernel_outputs(self.lifted.outputs))
+        return self._outputs[1]
 
     @property
     def recipe(self) -> MoERecipe:
@@ -81,28 +87,63 @@ class MoERegion(Region):
         """The leaf tensors the lift reads (`LiftedMoE.param_tensors`), looked up in the modules that own
         them: while the guard holds the module tree is the one they were found in."""
         if self._owners is None:
-            self._owners = [_owner(module, path) for path in self.lifted.param_tensors.paths]
-        return [owner._parameters.get(name) if name in owner._parameters else getattr(owner, name)
-                for owner, name in self._owners]
+            self._owners = [(next((d for d in (owner._parameters, owner._buffers, owner.__dict__) if name in d), {}),
+                             owner, name)
+                            for owner, name in (_owner(module, path) for path in self.lifted.param_tensors.paths)]
+        return [t if (t := d.get(name)) is not None else getattr(owner, name) for d, owner, name in self._owners]
 
-    def weights(self, tensors) -> MoEWeights:
+    def weights(self, tensors, identities: Optional[tuple] = None) -> MoEWeights:
         """The layer's weights from its current parameters (see the module docstring); the views of the
-        last call while the same tensors hold the same memory (writes into it need no rebuild)."""
-        key = _identities(tensors)
-        if self._weights is not None and self._weights[0] == key:
-            return self._weights[1]
+        last call while the same tensors hold the same memory (writes into it need no rebuild).
+        ``identities``: `_identities` of ``tensors``, when the caller has them."""
+        key = identities if identities is not None else _identities(tensors)
+        if self._kept is not None and self._kept.identities == key:
+            return self._kept.weights
         stacks = {idx: self._stack(idx, [tensors[i] for i in idx]) for idx in self.lifted.weights.stacked}
         w = self.lifted.weights(tensors, stacks)
         # kept only when every stack is a view the parameters write into (a copy, for tied experts,
         # goes stale at the next in-place update); identities taken after stacking moved them
         shared = all(self._stacks[idx][1] is not None for idx in stacks)
-        self._weights = (_identities(tensors), w) if shared else None
+        self._kept = _Kept(_identities(tensors), w) if shared else None
         return w
+
+    def _why_not(self, x, tensors, identities: tuple) -> Optional[str]:
+        """`why_not_kernels` of this call, remembered per input dtype and device while `weights` keeps
+        the same tensors (their dtypes and devices cannot have changed)."""
+        kept = self._kept if self._kept is not None and self._kept.identities == identities else None
+        key = (type(x), x.dtype, x.device) if isinstance(x, torch.Tensor) else None
+        if kept is not None and key in kept.support:
+            return kept.support[key]
+        reason = why_not_kernels(x, tensors, fp32_ok=True)
+        if kept is not None and key is not None:
+            kept.support[key] = reason
+        return reason
+
+    def _bound(self, c, w: MoEWeights, x2):
+        """``(program, per-call inputs)``: ``c``'s program with ``w``'s tensors bound
+        (`moec.runtime.program.Program.bind`) while `weights` keeps ``w`` (the same tensors, addresses,
+        shapes and strides), else the program and every input. A tensor moec converts at each call (a
+        selection bias in another dtype than fp32: read in fp32) stays unbound, so writes into the user's
+        tensor are seen."""
+        kept = self._kept
+        if kept is None or kept.weights is not w:
+            return c.program, moe_inputs(x2, w)
+        got = kept.programs.get(id(c))
+        if got is None or got[0] is not c:
+            inputs = moe_inputs(x2, w)
+            fresh = tuple(k for k, v in inputs.items() if k == "score_bias" and v is not w.score_bias)
+            got = kept.programs[id(c)] = (c, c.program.bind({k: v for k, v in inputs.items() if k not in fresh}),
+                                          fresh)
+        _, bound, fresh = got
+        return bound, ({"x": x2, "score_bias": w.score_bias.float()} if fresh else {"x": x2})
 
     def _stack(self, idx: tuple, members: list) -> torch.Tensor:
         got = self._stacks.get(idx)
+        # reused while every member is still exactly its slot of the stack: same address, and the slot's
+        # shape, strides and dtype (``p.data = p.data.t()`` keeps the address but not the layout)
         if got is not None and got[1] == tuple(m.data_ptr() for m in members) \
-                and got[0].dtype == members[0].dtype and got[0].device == members[0].device:
+                and all(m.dtype == got[0].dtype and m.device == got[0].device and m.shape == got[0].shape[1:]
+                        and m.stride() == got[0].stride()[1:] for m in members):
             return got[0]
         stack, addresses = share_storage(members)
         self._stacks[idx] = (stack, addresses)
@@ -127,7 +168,7 @@ class MoERegion(Region):
             if state != self.state:
                 self._switch(module, state)
             self._guard = guards.Guard(module)
-            self._owners = None
+            self._owners = self._observed = None
         if self.lifted is None:
             return self.unlifted
         if module.training in self.lifted.eager_in:
@@ -165,7 +206,7 @@ class MoERegion(Region):
             self.lifted, self.unlifted = None, f"changed since compile ({change}) and not liftable: {got or 'no MoE layer found'}"
             self.guard_changes[f"{change} -> eager"] += 1
         else:
-            self.lifted, self._stacks, self._weights = got, {}, None
+            self.lifted, self._stacks, self._kept = got, {}, None
             self.guard_changes[f"{change} -> lifted again ({_spec_line(got.spec)})"] += 1
 
     def __call__(self, module, eager_forward, x, *args, **kwargs):
@@ -177,7 +218,8 @@ class MoERegion(Region):
         if reason is not None:
             return self.eager(reason, eager_forward, x, *args, **kwargs)
         tensors = self.tensors(module)
-        reason = why_not_kernels(x, tensors, fp32_ok=True) if not args and not kwargs else "extra forward arguments"
+        identities = _identities(tensors)
+        reason = self._why_not(x, tensors, identities) if not args and not kwargs else "extra forward arguments"
         if reason is None and x.shape[-1] != self.spec.hidden:
             raise ValueError(f"moec region {self.name!r}: expects hidden size {self.spec.hidden} on the "
                              f"last dim, got input of shape {tuple(x.shape)}")
@@ -185,7 +227,9 @@ class MoERegion(Region):
         if reason is not None:
             return self.eager(reason, eager_forward, x, *args, **kwargs)
         x2 = x.reshape(-1, x.shape[-1])
-        replay = _call_observed(module, self.lifted, x, x2)
+        if self._observed is None:
+            self._observed = [(path, module.get_submodule(path)) for path in self.lifted.observed]
+        replay = _call_observed(module, self.lifted, self._observed, x, x2) if self._observed else None
         if replay == "cannot":
             return self.eager("hooks on the router, which the forward calls in a way moec cannot repeat",
                               eager_forward, x)
@@ -199,7 +243,7 @@ class MoERegion(Region):
             if dtype == self.lift_dtype:        # eager draws in the layer's dtype, which follows .to()
                 dtype = x.dtype
             noise = torch.randn(x2.shape[0], self.spec.num_experts, dtype=dtype, device=x.device)
-        w = self.weights(tensors)
+        w = self.weights(tensors, identities)
         if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors)):
             lifted = self.lifted          # the backward differentiates this call's lift, whatever comes after it
             outs = self.serve("kernels forward and backward", KernelsBoth.apply,
@@ -229,11 +273,19 @@ class MoERegion(Region):
         """The program's outputs; with ``saving`` also what the backward reads (``{role: tensor}``,
         `moec.ir.backward.SAVED`: the routing, the dispatch, and the gate/up products when the training
         forward's save-activations pass chose to keep them)."""
-        recipe = replace(self.recipe, saving=self.saving) if saving else self.recipe
-        c = self.compiled_for(recipe, x2.dtype, x2.device)
-        inputs = moe_inputs(x2.contiguous() if x2.stride(-1) != 1 else x2, w)
+        last = self._program
+        if last is not None and last[0] is self.lifted and last[1] == saving and last[2] == x2.dtype \
+                and last[3] == x2.device and last[4].generation == tune_file.generation():
+            c = last[4]
+        else:
+            recipe = replace(self.recipe, saving=self.saving) if saving else self.recipe
+            c = self.compiled_for(recipe, x2.dtype, x2.device)
+            self._program = (self.lifted, saving, x2.dtype, x2.device, c)
+        x2 = x2.contiguous() if x2.stride(-1) != 1 else x2
         if not saving:
-            return self.run(c, inputs, training=training, noise=noise)
+            program, inputs = self._bound(c, w, x2)
+            return self.run(c, inputs, training=training, noise=noise, program=program)
+        inputs = moe_inputs(x2, w)
         env = self.run(c, inputs, training=training, noise=noise, values=True)
         return [env[o] for o in c.graph.outputs], read_saved(c.graph, env)
 
@@ -261,6 +313,17 @@ class MoERegion(Region):
 
 _SHOWN_NOTES = ("traced router path", "experts:", "shared expert", "probe:", "training mode runs eager",
                 "eval mode runs eager")   # the rest: captured.txt
+
+
+@dataclass(eq=False)
+class _Kept:
+    """The weights a region built from its tensors, kept while the tensors are the same objects with the
+    same addresses, shapes, strides and dtypes (`_identities`), with what was worked out for them."""
+
+    identities: tuple
+    weights: MoEWeights
+    programs: dict = field(default_factory=dict)      # id(compiled) -> (compiled, bound program, fresh inputs)
+    support: dict = field(default_factory=dict)       # (input type, dtype, device) -> why_not_kernels
 
 
 def _owner(module, path: str) -> tuple:
@@ -321,14 +384,13 @@ def _identities(tensors) -> tuple:
     return tuple((id(t), t.data_ptr(), t.shape, t.stride(), t.dtype) for t in tensors)
 
 
-def _call_observed(module, lifted, x, x2):
+def _call_observed(module, lifted, observed: list, x, x2):
     """Call the observed children (the router) that have forward hooks, once and with the arguments
     the forward gives them, so that the hooks see their outputs (transformers records router logits
     with hooks). None when every hook left the output as the router's own forward gives it; a
     context in which the eager forward gets that hooked output from the router (its hooks not run
     again); "cannot" when a hooked router's call cannot be repeated."""
-    for path in lifted.observed:
-        sub = module.get_submodule(path)
+    for path, sub in observed:
         if not (sub._forward_hooks or sub._forward_pre_hooks):
             continue
         call = lifted.observed_calls.get(path, ((("rows",),), {}))

@@ -118,15 +118,16 @@ class Region:
                 self.on_compile()
         return c
 
-    def run(self, c: Compiled, inputs: dict, **kwargs):
-        """Run ``c``'s program (`Program.run`'s keywords); the first run of each program in a dump
-        also writes its launches (``launches.json``)."""
+    def run(self, c: Compiled, inputs: dict, program=None, **kwargs):
+        """Run ``c``'s program (`Program.run`'s keywords; ``program``: it bound to weights, `Program.bind`);
+        the first run of each program in a dump also writes its launches (``launches.json``)."""
+        runner = program if program is not None else c.program
         if self.dump_dir is None or id(c) in self._launches_dumped:
-            return c.program.run(inputs, **kwargs)
+            return runner.run(inputs, **kwargs)
         with launch.recording() as records:
-            got = c.program.run(inputs, **kwargs)
+            got = runner.run(inputs, **kwargs)
         self._launches_dumped.add(id(c))
-        sizes = {str(s): v for s, v in c.program.sizes(inputs).items()}
+        sizes = {str(s): v for s, v in c.program.sizes({**getattr(runner, "bound", {}), **inputs}).items()}
         doc = {**sizes, "launches": [r.describe() for r in records]}
         (self.dump_path(c) / "launches.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
         return got

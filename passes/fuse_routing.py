@@ -5,7 +5,7 @@ projection (if noisy) another ``linear`` of the same ``x`` read only by the rout
 ``shared_gate(x, w)`` (the first one of that ``x``). Nothing reads the logits or the gate's scale
 before the route (the kernel that makes them runs where the route was).
 Guarantees: each such route is one ``fused_route`` reading ``x`` and the router weights,
-which also yields per-expert pair counts; the shared-expert gate of the same ``x`` is computed
+which also yields per-expert pair counts when the aux loss reads them; the shared-expert gate of the same ``x`` is computed
 in the same kernel (``shared_scale``); the aux loss becomes ``aux_loss(counts, prob_sum)``;
 capacity becomes an ``apply_capacity`` node after the kernel (it needs a global, ordered
 count over all tokens, which one tile of tokens cannot see; a noisy router with capacity stays
@@ -45,9 +45,9 @@ def _fuse_one(g: Graph, i: int, route: Node) -> Graph:
                 "w_shared_gate": gates[0].ins["w"] if gates else None}
     outs = route.outs
     names = {"ids": fresh_name(g, "ids_routed") if capacity else outs["ids"],
-             "weights": fresh_name(g, "weights_routed") if capacity else outs["weights"],
-             "counts": fresh_name(g, "counts")}
+             "weights": fresh_name(g, "weights_routed") if capacity else outs["weights"]}
     if cfg.aux_loss:
+        names["counts"] = fresh_name(g, "counts")
         names["prob_sum"] = fresh_name(g, "prob_sum")
     if gates:
         names["shared_scale"] = gates[0].outs["scale"]

@@ -15,36 +15,63 @@ from moec.ir.ops import glu_variant, router_config
 from moec.ir.types import DTYPES
 from moec.runtime.capacity import apply_capacity
 from moec.runtime.dispatch import dispatch
-from moec.runtime.grouped_gemm_kernel import GroupedGemmParams, grouped_gemm, render_grouped_gemm
+from moec.runtime.grouped_gemm_kernel import (GroupedGemmLaunch, GroupedGemmParams, bound_weights, grouped_gemm,
+                                             render_grouped_gemm)
 from moec.runtime.program import Step
-from moec.runtime.reduce_kernel import ReduceParams, reduce_topk, render_reduce
-from moec.runtime.route_kernel import RouteParams, fused_route, render_route
+from moec.runtime.reduce_kernel import ReduceLaunch, ReduceParams, reduce_topk, render_reduce
+from moec.runtime.route_kernel import RouteLaunch, RouteParams, check_route_weights, fused_route, render_route
 
 from .lower_steps import header, kernel_step
 
 
 def _route_step(n: Node, g: Graph) -> Step:
     cfg = router_config(n.attr)
+    weights = ("w", "b", "score_bias", "w_noise", "w_shared_gate")
+    sort = "order" in n.outs            # fuse-dispatch: the kernel groups the pairs by expert too
+    x_name = n.ins["x"]
 
     def params_for(tile, bucket):
         return RouteParams(router=cfg, hidden=int(g.types[n.ins["x"]].shape[1]),
                            shared_gate="w_shared_gate" in n.ins, write_logits="logits" in n.outs,
-                           tile=tile, header=header(n), bucket=bucket)
+                           write_counts="counts" in n.outs, tile=tile, header=header(n), bucket=bucket)
+
+    def noise_of(ctx):
+        if not (cfg.noisy and ctx["training"]):
+            return None
+        if ctx["noise"] is None:
+            raise ValueError("noisy router in training mode: no noise tensor was drawn")
+        return ctx["noise"]
+
+    def results(r) -> dict:
+        got = {"ids": r.ids, "weights": r.weights, "counts": r.counts, "prob_sum": r.prob_sum,
+               "shared_scale": r.shared_scale, "logits": r.logits, "order": r.order, "offsets": r.offsets}
+        return {v: got[role] for role, v in n.results}
 
     def launch(params, v, outs, ctx):
-        noise = ctx["noise"] if (cfg.noisy and ctx["training"]) else None
-        if cfg.noisy and ctx["training"] and noise is None:
-            raise ValueError("noisy router in training mode: no noise tensor was drawn")
         r = fused_route(v["x"], v["w"], params, b_router=v.get("b"), score_bias=v.get("score_bias"),
-                        w_noise=v.get("w_noise"), noise=noise, w_shared_gate=v.get("w_shared_gate"))
-        got = {"ids": r.ids, "weights": r.weights, "counts": r.counts, "prob_sum": r.prob_sum,
-               "shared_scale": r.shared_scale, "logits": r.logits}
-        return {role: got[role] for role in outs}
-    return kernel_step(n, params_for, render_route, launch, fills_results=False)   # it allocates its outputs
+                        w_noise=v.get("w_noise"), noise=noise_of(ctx), w_shared_gate=v.get("w_shared_gate"),
+                        dispatch=sort)
+        got = results(r)
+        return {role: got[v] for role, v in n.results}
+
+    def prepare(params, bound):
+        if any(r in n.ins and r not in bound for r in weights):
+            return None
+        check_route_weights(params, bound["w"], bound.get("b"), bound.get("score_bias"), bound.get("w_noise"),
+                            bound.get("w_shared_gate"))
+        plan = RouteLaunch(params, bound["w"], bound.get("b"), bound.get("score_bias"), bound.get("w_noise"),
+                           bound.get("w_shared_gate"), dispatch=sort)
+
+        def go(env, ctx):
+            env.update(results(plan(env[x_name], noise_of(ctx))))
+        return go
+    return kernel_step(n, params_for, render_route, launch, fills_results=False, prepare=prepare)   # it allocates its outputs
 
 
 def _gemm_step(n: Node, g: Graph) -> Step:
     a = n.attr
+    names = {r: n.ins.get(r) for r in ("a", "offsets", "order", "scale")}
+    out_names = {r: n.outs.get(r) for r in ("out", "pre", "pre_up")}
 
     def params_for(tile, bucket):
         return GroupedGemmParams(num_experts=a["num_experts"], n=int(n.types[0].shape[1]),
@@ -59,10 +86,32 @@ def _gemm_step(n: Node, g: Graph) -> Step:
         grouped_gemm(v["a"], v["w"], params, out=outs["out"], offsets=v.get("offsets"), order=v.get("order"),
                      w_up=v.get("w_up"), scale_vec=scale.reshape(-1) if scale is not None else None,
                      bias=v.get("bias"), bias_up=v.get("bias_up"), pre=outs.get("pre"), pre_up=outs.get("pre_up"))
-    return kernel_step(n, params_for, render_grouped_gemm, launch)
+
+    def prepare(params, bound):
+        if any(r in n.ins and r not in bound for r in ("w", "w_up", "bias", "bias_up")):
+            return None
+        plan = GroupedGemmLaunch(params, *bound_weights(params, bound["w"], bound.get("w_up"), bound.get("bias"),
+                                                        bound.get("bias_up")), names["offsets"] is not None,
+                                 _contiguous(g, n.ins["a"]), _contiguous(g, n.outs["out"]))
+        a_, off_, order_, scale_ = names["a"], names["offsets"], names["order"] if params.routed else None, names["scale"]
+        out_, pre_, pre_up_ = out_names["out"], out_names["pre"], out_names["pre_up"]
+        gather = params.gather_top_k
+
+        def go(env, ctx):
+            x = env[a_]
+            order = env[order_] if order_ else None
+            scale = env[scale_] if scale_ else None
+            if scale is not None and not scale.is_contiguous():     # (a contiguous [T, k] is its flat pairs)
+                scale = scale.reshape(-1)
+            M = order.shape[0] if order is not None else x.shape[0] * (gather or 1)
+            plan(x, env[out_], env[off_] if off_ else None, order, scale, env[pre_] if pre_ else None,
+                 env[pre_up_] if pre_up_ else None, M)
+        return go
+    return kernel_step(n, params_for, render_grouped_gemm, launch, prepare=prepare)
 
 
 def _reduce_step(n: Node, g: Graph) -> Step:
+    y_, ids_, res_, out_ = n.ins["y"], n.ins["ids"], n.ins.get("residual"), n.outs["out"]
 
     def params_for(tile, bucket):
         return ReduceParams(top_k=n.attr["top_k"], hidden=int(n.types[0].shape[1]), residual="residual" in n.ins,
@@ -70,7 +119,30 @@ def _reduce_step(n: Node, g: Graph) -> Step:
 
     def launch(params, v, outs, ctx):
         reduce_topk(v["y"], params, out=outs["out"], ids=v["ids"], residual=v.get("residual"))
-    return kernel_step(n, params_for, render_reduce, launch)
+
+    def prepare(params, bound):
+        strides = [_contiguous(g, v) if v else (0, 0) for v in (y_, ids_, res_, out_)]
+        plan = ReduceLaunch(params, ids=True, strides=sum(strides, ()) if all(strides) else None)
+
+        def go(env, ctx):
+            out = env[out_]
+            plan(env[y_], env[ids_], env[res_] if res_ else None, out, out.shape[0])
+        return go
+    return kernel_step(n, params_for, render_reduce, launch, prepare=prepare)
+
+
+def _contiguous(g: Graph, value: str):
+    """The strides of ``value`` when a kernel step makes it (kernels' results are allocated contiguous,
+    from their types), else None (a graph input or a torch step's result: any strides)."""
+    producer = g.producer(value)
+    shape = g.types[value].shape
+    if producer is None or "tiles" not in producer.attr or not shape or not all(d.is_Integer for d in shape[1:]):
+        return None
+    strides, step = [], 1
+    for d in reversed(shape[1:]):
+        strides.append(step)
+        step *= int(d)
+    return (step, *reversed(strides))
 
 
 def _dispatch_step(n: Node, g: Graph) -> Step:

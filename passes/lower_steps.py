@@ -17,10 +17,11 @@ def header(n: Node) -> str:
     return print_node(n.replace(attrs=dict.fromkeys(PROVENANCE_ATTRS)))
 
 
-def kernel_step(n: Node, params_for, render, launch, fills_results: bool = True) -> Step:
+def kernel_step(n: Node, params_for, render, launch, fills_results: bool = True, prepare=None) -> Step:
     """A kernel step with one variant per bucket of the node's ``tiles`` (each rendered here, so dumps
     show kernels before the first call). ``params_for(tile, bucket)`` makes the kernel's params,
-    ``render(params)`` its kernel, ``launch(params, operands, results, ctx)`` runs it."""
+    ``render(params)`` its kernel, ``launch(params, operands, results, ctx)`` runs it; ``prepare``: its
+    launch plan for bound weights (`moec.runtime.program.Step.prepare`)."""
     tiles = n.attr.get("tiles")
     if not tiles:
         raise ValueError(f"{n.op} %{n.name} has no tiles: run choose-tiles before lowering")
@@ -29,7 +30,7 @@ def kernel_step(n: Node, params_for, render, launch, fills_results: bool = True)
     for bound, (lo, hi) in zip(bounds, bucket_ranges(bounds)):
         params = params_for(tiles[bound], () if len(bounds) == 1 else (lo, hi))
         variants.append(Variant(bound, params, render(params)))
-    return Step(n, variants=tuple(variants), launch=launch, fills_results=fills_results)
+    return Step(n, variants=tuple(variants), launch=launch, fills_results=fills_results, prepare=prepare)
 
 
 def torch_step(n: Node, g=None) -> Step:

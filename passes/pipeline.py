@@ -29,6 +29,7 @@ from .fold_combine import fold_combine
 from .fold_permute import fold_permute
 from .fuse_activation import fuse_activation
 from .fuse_block_gate import fuse_block_gate
+from .fuse_dispatch import fuse_dispatch
 from .fuse_routing import fuse_routing
 from .infer_shapes import infer_shapes
 from .save_activations import save_activations
@@ -61,6 +62,7 @@ PIPELINE: tuple[Pass, ...] = (
     Pass("infer-shapes", infer_shapes),
     Pass("canonicalize-router", canonicalize_router),
     Pass("fuse-routing", fuse_routing),
+    Pass("fuse-dispatch", fuse_dispatch),
     Pass("fold-permute", fold_permute),
     Pass("fuse-activation", fuse_activation),
     Pass("fold-combine", fold_combine),

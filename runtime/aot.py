@@ -2,11 +2,17 @@
 
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` runs the whole Triton
 pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin) on the CPU; the result's metadata reports the
-shared memory the kernel needs, which must fit the arch's per-block limit.
+shared memory the kernel needs, which must fit the arch's per-block limit; ``ptxas -v`` on its PTX
+gives the registers per thread and the bytes spilled.
 """
 from __future__ import annotations
 
+import functools
+import re
+import subprocess
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -28,6 +34,34 @@ class AotReport:
     @property
     def fits(self) -> bool:
         return self.shared <= self.smem_limit
+
+    @property
+    def registers(self) -> int:
+        """Registers per thread, as ptxas allocates them (ptxas runs on the PTX: no GPU needed)."""
+        return ptxas_usage(self.ptx)[0]
+
+    @property
+    def spills(self) -> int:
+        """Bytes of register spill stores and loads (0: everything lives in registers)."""
+        return ptxas_usage(self.ptx)[1]
+
+
+@functools.lru_cache(maxsize=256)
+def ptxas_usage(ptx: str) -> tuple[int, int]:
+    """``(registers, spill bytes)`` of the PTX's kernel, from ``ptxas -v`` (the ptxas Triton ships)."""
+    target = re.search(r"^\.target\s+(sm_\w+)", ptx, re.M).group(1)
+    cc = int(re.match(r"sm_(\d+)", target).group(1))
+    from triton.backends.nvidia import compiler as nv
+    tool = nv.get_ptxas(cc) if hasattr(nv, "get_ptxas") else nv.knobs.nvidia.ptxas
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "k.ptx"
+        src.write_text(ptx)
+        got = subprocess.run([tool.path, "-v", f"--gpu-name={target}", str(src), "-o", str(Path(d) / "k.cubin")],
+                             capture_output=True, text=True, check=True)
+    info = got.stderr + got.stdout
+    regs = re.search(r"Used (\d+) registers", info)
+    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", info))
+    return (int(regs.group(1)) if regs else 0), spills
 
 
 _MMA_MARKERS = (("tcgen05", "tcgen05"), ("wgmma", "wgmma"), ("mma.sync", "mma.sync"))

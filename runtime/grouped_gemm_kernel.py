@@ -34,7 +34,7 @@ from torch import Tensor
 
 from moec.spec import ACTIVATIONS, check_glu_variant
 
-from .launch import Kernel, cdiv, next_pow2
+from .launch import Kernel, Launcher, cdiv, next_pow2
 from .render import render
 from moec.ir.tiles import GemmTile, bucket_suffix, bucket_text
 
@@ -210,6 +210,20 @@ def _interleaved(w: Tensor, w_up: Tensor) -> bool:
             and w_up.data_ptr() - w.data_ptr() == (s // 2) * w.element_size())
 
 
+def bound_weights(params: GroupedGemmParams, w: Tensor, w_up: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                  bias_up: Optional[Tensor] = None) -> tuple:
+    """``(w, w_up, bias, bias_up)`` checked against ``params`` and viewed as ``[E, N, K]`` / ``[E, N]``."""
+    w = expert_weight(w, params, "w")
+    if params.glu:
+        if w_up is None:
+            raise ValueError("glu needs w_up")
+        w_up = expert_weight(w_up, params, "w_up")
+    elif w_up is not None:
+        raise ValueError("w_up given but params.glu is False")
+    return (w, w_up, _expert_bias(bias, params.bias, params, "bias"),
+            _expert_bias(bias_up, params.bias_up, params, "bias_up"))
+
+
 def grouped_gemm(a: Tensor, w: Tensor, params: GroupedGemmParams, *, out: Tensor,
                  offsets: Optional[Tensor] = None, order: Optional[Tensor] = None,
                  w_up: Optional[Tensor] = None, scale_vec: Optional[Tensor] = None,
@@ -234,13 +248,7 @@ def grouped_gemm(a: Tensor, w: Tensor, params: GroupedGemmParams, *, out: Tensor
     E, N, K = params.num_experts, params.n, params.k_dim
     if a.dim() != 2 or a.shape[1] != K:
         raise ValueError(f"a must be [rows, K={K}], got {tuple(a.shape)}")
-    w = expert_weight(w, params, "w")
-    if params.glu:
-        if w_up is None:
-            raise ValueError("glu needs w_up")
-        w_up = expert_weight(w_up, params, "w_up")
-    elif w_up is not None:
-        raise ValueError("w_up given but params.glu is False")
+    w, w_up, bias, bias_up = bound_weights(params, w, w_up, bias, bias_up)
     if out.dtype != params.out_dtype:
         raise ValueError(f"out is {out.dtype}, params.out_dtype is {params.out_dtype}")
     if offsets is None:
@@ -274,8 +282,6 @@ def grouped_gemm(a: Tensor, w: Tensor, params: GroupedGemmParams, *, out: Tensor
     elif scale_vec is not None:
         raise ValueError("scale_vec given but params.scale is False")
 
-    bias = _expert_bias(bias, params.bias, params, "bias")
-    bias_up = _expert_bias(bias_up, params.bias_up, params, "bias_up")
     if params.store_pre:
         for t, what in ((pre, "pre"), (pre_up if params.glu else pre, "pre_up")):
             if t is None or t.shape != out.shape or t.stride() != out.stride():
@@ -283,24 +289,50 @@ def grouped_gemm(a: Tensor, w: Tensor, params: GroupedGemmParams, *, out: Tensor
     elif pre is not None or pre_up is not None:
         raise ValueError("pre given but params.store_pre is False")
 
-    interleaved = params.glu and _interleaved(w, w_up)
-    if interleaved:     # the up operand becomes the [E, 2N, K] tensor both are rows of
-        w_up = w.as_strided((E, 2 * N, K), (w.stride(0), w.stride(1) // 2, w.stride(2)))
-    tile = params.tile
-    row_tiles = grid_rows(params, M, offsets is not None)
-    grid = (row_tiles * cdiv(N, tile.block_n),)
-    u = w_up if w_up is not None else w
-    bs = bias.stride() if bias is not None else (0, 0)
-    bus = bias_up.stride() if bias_up is not None else (0, 0)
-    args = dict(zip(ARG_NAMES, (
-        a, w, w_up, out, pre, pre_up, offsets, order if params.routed else None, scale_vec, bias, bias_up, M, row_tiles,
-        a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2),
-        u.stride(0), u.stride(1), u.stride(2), out.stride(0), out.stride(1), *bs, *bus)))
-    constexprs = dict(N=N, K=K, NUM_EXPERTS=E, E_PAD=max(2, next_pow2(E)),
-                      HAS_OFFSETS=offsets is not None, GATHER_TOP_K=params.gather_top_k,
-                      SCATTER=params.scatter, SCALE=params.scale, GLU=params.glu, GLU_INTERLEAVED=interleaved,
-                      HAS_BIAS=params.bias, HAS_BIAS_UP=params.bias_up, STORE_PRE=params.store_pre,
-                      BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
-                      GROUP_M=tile.group_m)
-    render_grouped_gemm(params)(grid, args, constexprs, num_warps=tile.num_warps, num_stages=tile.num_stages)
+    GroupedGemmLaunch(params, w, w_up, bias, bias_up, offsets is not None)(
+        a, out, offsets, order if params.routed else None, scale_vec, pre, pre_up, M)
     return out
+
+
+class GroupedGemmLaunch:
+    """A grouped GEMM's launch with its weights bound (checked by `grouped_gemm`, or by the program that
+    binds them once: `moec.runtime.program.Bound`): the constexprs, the weights' strides and the launch
+    configuration are worked out here, once; a call passes the per-call tensors and lays out the
+    arguments, nothing else. ``offsets``: whether calls pass dispatch offsets (the routed / grouped case)."""
+
+    __slots__ = ("params", "w", "w_up", "bias", "bias_up", "static", "bias_strides", "n_tiles", "launcher",
+                 "a_strides", "out_strides")
+
+    def __init__(self, params: GroupedGemmParams, w: Tensor, w_up: Optional[Tensor], bias: Optional[Tensor],
+                 bias_up: Optional[Tensor], offsets: bool, a_strides: Optional[tuple] = None,
+                 out_strides: Optional[tuple] = None):
+        """``a_strides`` / ``out_strides``: those of every call's ``a`` / ``out`` (and ``pre``), when the
+        caller knows them (a program's own contiguous buffers); None: read at each call."""
+        E, N, K = params.num_experts, params.n, params.k_dim
+        interleaved = params.glu and _interleaved(w, w_up)
+        if interleaved:     # the up operand becomes the [E, 2N, K] tensor both are rows of
+            w_up = w.as_strided((E, 2 * N, K), (w.stride(0), w.stride(1) // 2, w.stride(2)))
+        u = w_up if w_up is not None else w
+        self.params, self.w, self.w_up, self.bias, self.bias_up = params, w, w_up, bias, bias_up
+        self.a_strides, self.out_strides = a_strides, out_strides
+        self.static = (w.stride(0), w.stride(1), w.stride(2), u.stride(0), u.stride(1), u.stride(2))
+        bs = bias.stride() if bias is not None else (0, 0)
+        bus = bias_up.stride() if bias_up is not None else (0, 0)
+        self.bias_strides = (*bs, *bus)
+        tile = params.tile
+        self.n_tiles = cdiv(N, tile.block_n)
+        constexprs = dict(N=N, K=K, NUM_EXPERTS=E, E_PAD=max(2, next_pow2(E)),
+                          HAS_OFFSETS=offsets, GATHER_TOP_K=params.gather_top_k,
+                          SCATTER=params.scatter, SCALE=params.scale, GLU=params.glu, GLU_INTERLEAVED=interleaved,
+                          HAS_BIAS=params.bias, HAS_BIAS_UP=params.bias_up, STORE_PRE=params.store_pre,
+                          BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+                          GROUP_M=tile.group_m)
+        self.launcher = Launcher(render_grouped_gemm(params), constexprs, tile.num_warps, tile.num_stages)
+
+    def __call__(self, a: Tensor, out: Tensor, offsets: Optional[Tensor], order: Optional[Tensor],
+                 scale_vec: Optional[Tensor], pre: Optional[Tensor], pre_up: Optional[Tensor], M: int) -> None:
+        """Launch over ``M`` rows (pairs when routed); ``order`` only for a routed GEMM."""
+        row_tiles = grid_rows(self.params, M, offsets is not None)
+        self.launcher((row_tiles * self.n_tiles,), (
+            a, self.w, self.w_up, out, pre, pre_up, offsets, order, scale_vec, self.bias, self.bias_up, M, row_tiles,
+            *(self.a_strides or a.stride()), *self.static, *(self.out_strides or out.stride()), *self.bias_strides))

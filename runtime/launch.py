@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import triton.language as tl
@@ -157,28 +157,49 @@ class Kernel:
 
     def __call__(self, grid: tuple, args: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 2):
         """Launch on ``grid``; ``args`` in the kernel's parameter order (a dict, names checked)."""
-        if any(g == 0 for g in grid):
+        Launcher(self, constexprs, num_warps, num_stages, tuple(args))(grid, tuple(args.values()))
+
+
+class Launcher:
+    """A kernel with its constexprs, warps and stages bound: a call passes only the grid and the
+    positional arguments (``names``: the kernel's parameter names, for launch records). Made once per
+    launch plan, so a decode step's launch builds no dicts."""
+
+    __slots__ = ("kernel", "constexprs", "num_warps", "num_stages", "names")
+
+    def __init__(self, kernel: Kernel, constexprs: dict, num_warps: int = 4, num_stages: int = 2,
+                 names: tuple = ()):
+        self.kernel, self.constexprs = kernel, constexprs
+        self.num_warps, self.num_stages = num_warps, num_stages
+        self.names = names or kernel.arg_names
+
+    def __call__(self, grid: tuple, args: tuple) -> None:
+        if 0 in grid:
             return
-        first = next((a for a in args.values() if isinstance(a, torch.Tensor)), None)
-        interpret = first is not None and first.device.type == "cpu"
-        fn = self.function(interpret)
+        first = args[0] if isinstance(args[0], torch.Tensor) else next(
+            (a for a in args if isinstance(a, torch.Tensor)), None)
+        interpret = first is not None and first.is_cpu
+        fn = self.kernel.function(interpret)
         records = _recorder.get()
         if records is not None:
-            sig = {k: triton_type(v) for k, v in args.items() if v is not None}
-            spec = {k: specialize(v) for k, v in args.items() if v is not None}
-            records.append(LaunchRecord(self, tuple(grid), sig, dict(constexprs), num_warps, num_stages,
-                                        {k: v for k, v in spec.items() if v},
-                                        {k: v for k, v in args.items()
-                                         if v is not None and not isinstance(v, torch.Tensor)}))
+            records.append(self.record(grid, args))
         token = _launching.set(True)
         try:
             if interpret:
                 with _interpretable_stdlib():
-                    fn[grid](**args, **constexprs)
+                    fn[grid](*args, **self.constexprs)
             else:
-                fn[grid](**args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+                fn[grid](*args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
         finally:
             _launching.reset(token)
+
+    def record(self, grid: tuple, args: tuple) -> LaunchRecord:
+        """The `LaunchRecord` of a launch with these arguments (works for ``meta`` tensors: nothing runs)."""
+        named = {k: v for k, v in zip(self.names, args, strict=True) if v is not None}
+        return LaunchRecord(self.kernel, tuple(grid), {k: triton_type(v) for k, v in named.items()},
+                            dict(self.constexprs), self.num_warps, self.num_stages,
+                            {k: s for k, s in ((k, specialize(v)) for k, v in named.items()) if s},
+                            {k: v for k, v in named.items() if not isinstance(v, torch.Tensor)})
 
 
 # a launch, prepared: run it, or turn it into a record without running it (AOT checks of big tiles)
@@ -197,7 +218,5 @@ class LaunchPlan:
 
     def record(self) -> LaunchRecord:
         """The `LaunchRecord` running it would make (works for ``meta`` tensors: nothing runs)."""
-        sig = {k: triton_type(v) for k, v in self.args.items() if v is not None}
-        spec = {k: specialize(v) for k, v in self.args.items() if v is not None}
-        return LaunchRecord(self.kernel, tuple(self.grid), sig, dict(self.constexprs), self.num_warps,
-                            self.num_stages, spec)
+        rec = Launcher(self.kernel, self.constexprs, self.num_warps, self.num_stages, tuple(self.args))
+        return replace(rec.record(self.grid, tuple(self.args.values())), scalars={})

@@ -49,6 +49,10 @@ class Step:
     variants: tuple = ()               # kernel steps: one Variant per bucket, ascending, None last
     launch: Optional[Callable] = None  # kernel steps: (params, operands, results, ctx) -> dict | None
     fills_results: bool = False        # it writes into preallocated results (else it returns its own)
+    # kernel steps: (params, {role: bound input}) -> its launch plan, ``(env, ctx) -> None`` reading its
+    # operands from and writing its results into the values ``env`` (by name), or None when the plan
+    # needs an operand that is not bound (then `execute` runs it)
+    prepare: Optional[Callable] = None
 
     @property
     def text(self) -> str:
@@ -65,6 +69,24 @@ class Step:
         if self.variants:
             return self.launch(self.variant(ctx["T"]).params, operands, results, ctx)
         return self.run(operands, results, ctx)
+
+    def plan(self, T: int, bound: dict) -> Callable:
+        """``(env, ctx) -> None``: this step at token count ``T`` on the values ``env`` (by name), its
+        prepared launch plan where it has one for the inputs ``bound`` ({value name: tensor})."""
+        if self.variants and self.prepare is not None:
+            got = self.prepare(self.variant(T).params,
+                               {r: bound[v] for r, v in self.node.operands if v in bound})
+            if got is not None:
+                return got
+        node = self.node
+
+        def go(env: dict, ctx: dict) -> None:
+            outs = {r: env.get(v) for r, v in node.results}
+            got = self.execute({r: env[v] for r, v in node.operands}, outs, ctx)
+            if got:
+                outs.update(got)
+            env.update({v: outs[r] for r, v in node.results})
+        return go
 
     @property
     def kernel(self) -> Optional[Kernel]:
@@ -126,6 +148,9 @@ class Program:
         self._selects = [(i, _predicate(s.node.attr["when"])) for i, s in enumerate(self.steps)
                          if s.node.op == "select"]
         self._schedules: dict = {}
+        # inputs whose types do not depend on the call's sizes (weights): what `bind` may hold
+        self.static_inputs = frozenset(n for n, t in self.graph.inputs if all(d.is_Integer for d in t.shape))
+        self._unbound = Bound(self, {})
 
     @property
     def graph_safe(self) -> bool:
@@ -177,19 +202,59 @@ class Program:
         provides for results (any strides, e.g. views of a parameter's gradient layout): kernels write
         there, a torch step's result is copied there. ``on_step(step, operands, results, ctx)`` is called
         after each (autotune uses it to capture a kernel's operands)."""
-        sizes = self.sizes(inputs)
-        lead = inputs[self._token_dim[0]] if self._token_dim else next(iter(inputs.values()))
-        T = lead.shape[self._token_dim[1]] if self._token_dim else 0
+        return self._unbound.run(inputs, training=training, noise=noise, on_step=on_step, values=values,
+                                 needed=needed, into=into)
+
+    def bind(self, inputs: dict[str, torch.Tensor]) -> "Bound":
+        """The program with its weights bound: ``inputs``' tensors of `static_inputs` (the others are
+        ignored). Their shapes, strides, dtypes and devices are checked and the kernels' launch
+        arguments laid out once (`Step.prepare`), so a call (`Bound.run`) passes only the per-call
+        inputs. The caller makes a new binding when a bound tensor is replaced or changes shape,
+        strides, dtype or device; writes into its memory need none (kernels read it at each call)."""
+        return Bound(self, {n: t for n, t in inputs.items() if n in self.static_inputs})
+
+
+class Bound:
+    """A `Program` with some inputs bound (`Program.bind`): per token count, each step's launch plan is
+    made once and kept, so a call at a T seen before allocates the results and launches, nothing else."""
+
+    MAX_PLANS = 64          # token counts whose plans are kept (decode: a handful)
+
+    def __init__(self, program: Program, bound: dict):
+        self.program, self.bound = program, bound
+        self._plans: dict = {}          # the sizes' values -> [(results to allocate, the step's plan)]
+
+    def _plan(self, sizes: dict, T: int) -> list:
+        p = self.program
+        got = [(tuple((s.node.outs[r], shape(sizes), dtype) for r, shape, dtype in p._allocs[i]), s.plan(T, self.bound))
+               for i, s in enumerate(p.steps)]
+        if len(self._plans) < self.MAX_PLANS:
+            self._plans[tuple(sizes.values())] = got
+        return got
+
+    def run(self, inputs: dict[str, torch.Tensor], *, training: bool = False, noise: Optional[torch.Tensor] = None,
+            on_step: Optional[Callable] = None, values: bool = False, needed: tuple = (), into: Optional[dict] = None):
+        """`Program.run`, with the bound inputs added to ``inputs``."""
+        p = self.program
+        env = {**self.bound, **inputs} if self.bound else dict(inputs)
+        sizes = bind_sizes(p._binders, env)
+        lead = env[p._token_dim[0]] if p._token_dim else next(iter(env.values()))
+        T = lead.shape[p._token_dim[1]] if p._token_dim else 0
         device = lead.device
-        env = dict(inputs)
         ctx = {"training": training, "noise": noise, "T": T, "sizes": sizes}
-        order = range(len(self.steps))
-        if self._selects or needed:
-            taken = tuple(pred(sizes) for _, pred in self._selects)
-            ctx["taken"] = dict(zip((i for i, _ in self._selects), taken))
-            order = self._schedule(taken, tuple(needed))
+        if not (p._selects or needed or into or on_step):      # every step, as planned for these sizes
+            for allocs, go in self._plans.get(tuple(sizes.values())) or self._plan(sizes, T):
+                for name, shape, dtype in allocs:
+                    env[name] = torch.empty(shape, dtype=dtype, device=device)
+                go(env, ctx)
+            return env if values else [env[o] for o in p.graph.outputs]
+        order = range(len(p.steps))
+        if p._selects or needed:
+            taken = tuple(pred(sizes) for _, pred in p._selects)
+            ctx["taken"] = dict(zip((i for i, _ in p._selects), taken))
+            order = p._schedule(taken, tuple(needed))
         for i in order:
-            step = self.steps[i]
+            step = p.steps[i]
             if step.node.op == "select":
                 env[step.node.outs["out"]] = env[step.node.ins["a" if ctx["taken"][i] else "b"]]
                 continue
@@ -197,7 +262,7 @@ class Program:
             given = {r: into[v] for r, v in step.node.results if v in into} if into else {}
             if step.fills_results:
                 outs = {r: _given(given[r], shape(sizes), dtype, step.node.outs[r]) if r in given
-                        else torch.empty(shape(sizes), dtype=dtype, device=device) for r, shape, dtype in self._allocs[i]}
+                        else torch.empty(shape(sizes), dtype=dtype, device=device) for r, shape, dtype in p._allocs[i]}
             else:
                 outs = {r: None for r, _ in step.node.results}
             got = step.execute(ins, outs, ctx)
@@ -209,4 +274,4 @@ class Program:
             if on_step is not None:
                 on_step(step, ins, outs, ctx)
             env.update({v: outs[r] for r, v in step.node.results})
-        return env if (values or needed) else [env[o] for o in self.graph.outputs]
+        return env if (values or needed) else [env[o] for o in p.graph.outputs]

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .launch import Kernel, cdiv
+from .launch import Kernel, Launcher, cdiv
 from .render import render
 from moec.ir.tiles import RowTile, bucket_suffix, bucket_text
 
@@ -79,13 +79,27 @@ def reduce_topk(y_pairs: Tensor, params: ReduceParams, *, out: Tensor, ids: Opti
             raise ValueError(f"params.residual needs residual [T={T}, D={D}]")
     elif residual is not None:
         raise ValueError("residual given but params.residual is False")
-    tile = params.tile
-    grid = (cdiv(T, tile.block_t), cdiv(D, tile.block_d))
-    i_strides = ids.stride() if ids is not None else (0, 0)
-    r_strides = residual.stride() if residual is not None else (0, 0)
-    args = dict(zip(ARG_NAMES, (y_pairs, ids, residual, out, T, *y_pairs.stride(), *i_strides, *r_strides,
-                                *out.stride())))
-    constexprs = dict(D=D, TOP_K=k, HAS_IDS=ids is not None, HAS_RESIDUAL=params.residual,
-                      BLOCK_T=tile.block_t, BLOCK_D=tile.block_d)
-    render_reduce(params)(grid, args, constexprs, num_warps=tile.num_warps, num_stages=tile.num_stages)
+    ReduceLaunch(params, ids is not None)(y_pairs, ids, residual, out, T)
     return out
+
+
+class ReduceLaunch:
+    """The reduce's launch worked out once per params (``ids``: whether calls pass ids): a call lays out
+    the per-call tensors' arguments and launches."""
+
+    __slots__ = ("block_t", "d_tiles", "launcher", "strides")
+
+    def __init__(self, params: ReduceParams, ids: bool, strides: Optional[tuple] = None):
+        """``strides``: the strides of every call's ``y_pairs``, ``ids``, ``residual`` and ``out``, when the
+        caller knows them (a program's own contiguous buffers); None: read at each call."""
+        tile = params.tile
+        self.strides = strides
+        self.block_t, self.d_tiles = tile.block_t, cdiv(params.hidden, tile.block_d)
+        constexprs = dict(D=params.hidden, TOP_K=params.top_k, HAS_IDS=ids, HAS_RESIDUAL=params.residual,
+                          BLOCK_T=tile.block_t, BLOCK_D=tile.block_d)
+        self.launcher = Launcher(render_reduce(params), constexprs, tile.num_warps, tile.num_stages)
+
+    def __call__(self, y_pairs: Tensor, ids: Optional[Tensor], residual: Optional[Tensor], out: Tensor, T: int) -> None:
+        strides = self.strides or (*y_pairs.stride(), *(ids.stride() if ids is not None else (0, 0)),
+                                   *(residual.stride() if residual is not None else (0, 0)), *out.stride())
+        self.launcher((cdiv(T, self.block_t), self.d_tiles), (y_pairs, ids, residual, out, T, *strides))

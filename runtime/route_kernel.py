@@ -24,11 +24,16 @@ import torch
 
 from moec.spec import RouterConfig
 
-from .launch import Kernel, next_pow2
+from .dispatch import dispatch as sort_by_expert
+from .launch import Kernel, Launcher, next_pow2
 from .render import render
 from moec.ir.tiles import RouteTile, bucket_suffix, bucket_text
 
 TEMPLATE = "route.py.jinja"
+ARG_NAMES = ("x_ptr", "w_ptr", "b_ptr", "sbias_ptr", "wn_ptr", "noise_ptr", "wsg_ptr", "ids_ptr", "wts_ptr",
+             "counts_ptr", "psum_ptr", "sscale_ptr", "logits_ptr", "order_ptr", "offsets_ptr", "T",
+             "stride_xt", "stride_xd", "stride_we", "stride_wd", "stride_wne", "stride_wnd", "stride_nt",
+             "stride_ne", "stride_sgd")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -45,6 +50,7 @@ class RouteParams:
     hidden: int
     shared_gate: bool = False
     write_logits: bool = False
+    write_counts: bool = True           # the per-expert pair counts (the aux loss reads them)
     tile: RouteTile = RouteTile(16, 64)
     header: str = ""
     bucket: tuple = ()                  # (lo, hi): this kernel serves lo <= T <= hi; () every T
@@ -98,7 +104,7 @@ class RouteParams:
             N_GROUP=r.n_group, TOPK_GROUP=r.topk_group if r.n_group > 1 else 1,
             GROUP_TOP2=r.group_score == "top2_sum",
             HAS_NOISE=bool(has_noise), AUX=r.aux_loss, SHARED_GATE=self.shared_gate,
-            WRITE_LOGITS=self.write_logits,
+            WRITE_LOGITS=self.write_logits, WRITE_COUNTS=self.write_counts,
             BLOCK_T=self.tile.block_t, BLOCK_K=self.block_k,
         )
 
@@ -107,10 +113,12 @@ class RouteParams:
 class RouteOutputs:
     ids: torch.Tensor                       # int32 [T, k]
     weights: torch.Tensor                   # fp32 [T, k]
-    counts: torch.Tensor                    # int32 [E]
+    counts: Optional[torch.Tensor]          # int32 [E] (write_counts)
     prob_sum: Optional[torch.Tensor] = None      # fp32 [E] (router.aux_loss)
     shared_scale: Optional[torch.Tensor] = None  # fp32 [T] (shared_gate)
     logits: Optional[torch.Tensor] = None        # fp32 [T, E] (write_logits)
+    order: Optional[torch.Tensor] = None         # int32 [T*k], offsets int32 [E+1]: as `dispatch` gives
+    offsets: Optional[torch.Tensor] = None       # them (``dispatch=True``)
 
 
 def _one_line(text: str) -> str:
@@ -127,7 +135,7 @@ def _describe(params: RouteParams) -> str:
     if r.n_group > 1:
         parts.append(f"groups={r.n_group} keep {r.topk_group} by {r.group_score}")
     parts += [f"noisy={r.noisy}", f"aux_loss={r.aux_loss}", f"shared_gate={params.shared_gate}",
-              f"write_logits={params.write_logits}"]
+              f"write_logits={params.write_logits}", f"write_counts={params.write_counts}"]
     return ", ".join(parts)
 
 
@@ -139,7 +147,7 @@ def render_route(params: RouteParams) -> Kernel:
                     top_k=params.router.top_k, e_pad=params.e_pad, router=_describe(params),
                     tile=params.tile, block_k=params.block_k,
                     bucket=bucket_text(*params.bucket) if params.bucket else "every T")
-    return Kernel(source, params.fn_name)
+    return Kernel(source, params.fn_name, ARG_NAMES)
 
 
 def load_balancing_loss(out: RouteOutputs, num_experts: int, num_tokens: int) -> torch.Tensor:
@@ -166,20 +174,14 @@ def _unexpected(name: str, t: Optional[torch.Tensor], why: str) -> None:
         raise ValueError(f"{name} was given but {why}")
 
 
-def fused_route(x: torch.Tensor, w_router: torch.Tensor, params: RouteParams, *,
-                b_router: Optional[torch.Tensor] = None, score_bias: Optional[torch.Tensor] = None,
-                w_noise: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
-                w_shared_gate: Optional[torch.Tensor] = None) -> RouteOutputs:
-    """Route the rows of ``x [T, d]`` (see the module docstring). ``noise`` (``[T, E]`` N(0, 1)
-    draws) is added only when ``params.router.noisy`` and it is given (None: eval, no noise)."""
+def check_route_weights(params: RouteParams, w_router: torch.Tensor, b_router: Optional[torch.Tensor] = None,
+                        score_bias: Optional[torch.Tensor] = None, w_noise: Optional[torch.Tensor] = None,
+                        w_shared_gate: Optional[torch.Tensor] = None, device=None) -> None:
+    """Raise unless the router's tensors are what ``params`` needs, on ``device`` (default: the router
+    weight's); ``w_noise`` is checked when given."""
     r = params.router
-    E, k, d = r.num_experts, r.top_k, params.hidden
-    if x.dim() != 2 or x.shape[1] != d:
-        raise ValueError(f"x must be [T, {d}], got {list(x.shape)}")
-    if x.dtype not in _FLOATS:
-        raise ValueError(f"x must be fp32, fp16 or bf16, got {x.dtype}")
-    dev = x.device
-    T = x.shape[0]
+    E, d = r.num_experts, params.hidden
+    dev = device if device is not None else w_router.device
     _check("w_router", w_router, (E, d), dev)
     if r.router_bias:
         _check("b_router", b_router, (E,), dev)
@@ -189,43 +191,90 @@ def fused_route(x: torch.Tensor, w_router: torch.Tensor, params: RouteParams, *,
         _check("score_bias", score_bias, (E,), dev)
     else:
         _unexpected("score_bias", score_bias, "router.score_bias is False")
-    has_noise = noise is not None
-    if has_noise:
+    if w_noise is not None:
         if not r.noisy:
-            raise ValueError("noise was given but router.noisy is False")
-        _check("noise", noise, (T, E), dev)
+            raise ValueError("w_noise was given but router.noisy is False")
         _check("w_noise", w_noise, (E, d), dev)
     if params.shared_gate:
         _check("w_shared_gate", w_shared_gate, (1, d), dev)
     else:
         _unexpected("w_shared_gate", w_shared_gate, "params.shared_gate is False")
 
-    ids = torch.empty((T, k), dtype=torch.int32, device=dev)
-    weights = torch.empty((T, k), dtype=torch.float32, device=dev)
-    counts = torch.zeros((E,), dtype=torch.int32, device=dev)
-    prob_sum = torch.zeros((E,), dtype=torch.float32, device=dev) if r.aux_loss else None
-    shared_scale = torch.empty((T,), dtype=torch.float32, device=dev) if params.shared_gate else None
-    logits = torch.empty((T, E), dtype=torch.float32, device=dev) if params.write_logits else None
-    out = RouteOutputs(ids, weights, counts, prob_sum, shared_scale, logits)
-    if T == 0:
-        return out
 
-    kernel = render_route(params)
-    args = dict(
-        x_ptr=x, w_ptr=w_router, b_ptr=b_router if r.router_bias else None,
-        sbias_ptr=score_bias if r.score_bias else None,
-        wn_ptr=w_noise if has_noise else None, noise_ptr=noise if has_noise else None,
-        wsg_ptr=w_shared_gate if params.shared_gate else None,
-        ids_ptr=ids, wts_ptr=weights, counts_ptr=counts, psum_ptr=prob_sum,
-        sscale_ptr=shared_scale, logits_ptr=logits,
-        T=T,
-        stride_xt=x.stride(0), stride_xd=x.stride(1),
-        stride_we=w_router.stride(0), stride_wd=w_router.stride(1),
-        stride_wne=w_noise.stride(0) if has_noise else 0, stride_wnd=w_noise.stride(1) if has_noise else 0,
-        stride_nt=noise.stride(0) if has_noise else 0, stride_ne=noise.stride(1) if has_noise else 0,
-        stride_sgd=w_shared_gate.stride(1) if params.shared_gate else 0,
-    )
-    grid = (-(-T // params.tile.block_t),)
-    kernel(grid, args, params.constexprs(has_noise),
-           num_warps=params.tile.num_warps, num_stages=params.tile.num_stages)
-    return out
+def fused_route(x: torch.Tensor, w_router: torch.Tensor, params: RouteParams, *,
+                b_router: Optional[torch.Tensor] = None, score_bias: Optional[torch.Tensor] = None,
+                w_noise: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
+                w_shared_gate: Optional[torch.Tensor] = None, dispatch: bool = False) -> RouteOutputs:
+    """Route the rows of ``x [T, d]`` (see the module docstring). ``noise`` (``[T, E]`` N(0, 1)
+    draws) is added only when ``params.router.noisy`` and it is given (None: eval, no noise).
+    ``dispatch``: also group the pairs by expert (``order``, ``offsets``: `RouteLaunch`)."""
+    r = params.router
+    E, d = r.num_experts, params.hidden
+    if x.dim() != 2 or x.shape[1] != d:
+        raise ValueError(f"x must be [T, {d}], got {list(x.shape)}")
+    if x.dtype not in _FLOATS:
+        raise ValueError(f"x must be fp32, fp16 or bf16, got {x.dtype}")
+    if noise is not None and not r.noisy:
+        raise ValueError("noise was given but router.noisy is False")
+    check_route_weights(params, w_router, b_router, score_bias, w_noise if noise is not None else None,
+                        w_shared_gate, x.device)
+    if noise is not None:
+        _check("noise", noise, (x.shape[0], E), x.device)
+        _check("w_noise", w_noise, (E, d), x.device)
+
+    return RouteLaunch(params, w_router, b_router, score_bias, w_noise, w_shared_gate, dispatch)(x, noise)
+
+
+class RouteLaunch:
+    """The routing kernel's launch with the router's weights bound (checked by `fused_route`, or once by
+    the program that binds them): a call allocates the outputs and launches. ``dispatch``: the outputs
+    also hold the pairs grouped by expert, sorted inside the kernel when one program holds every token
+    (``T <= BLOCK_T``), after it on the device otherwise (`moec.runtime.dispatch`)."""
+
+    __slots__ = ("params", "static", "dispatch", "_launchers")
+
+    def __init__(self, params: RouteParams, w_router: torch.Tensor, b_router: Optional[torch.Tensor] = None,
+                 score_bias: Optional[torch.Tensor] = None, w_noise: Optional[torch.Tensor] = None,
+                 w_shared_gate: Optional[torch.Tensor] = None, dispatch: bool = False):
+        r = params.router
+        self.params, self.dispatch, self._launchers = params, dispatch, {}
+        self.static = (w_router, b_router if r.router_bias else None, score_bias if r.score_bias else None,
+                       w_noise if r.noisy else None, w_shared_gate if params.shared_gate else None,
+                       w_router.stride(0), w_router.stride(1),
+                       w_noise.stride(0) if w_noise is not None else 0, w_noise.stride(1) if w_noise is not None else 0,
+                       w_shared_gate.stride(1) if w_shared_gate is not None else 0)
+
+    def _launcher(self, has_noise: bool, sort: bool) -> Launcher:
+        got = self._launchers.get((has_noise, sort))
+        if got is None:
+            p = self.params
+            got = self._launchers[(has_noise, sort)] = Launcher(
+                render_route(p), {**p.constexprs(has_noise), "DISPATCH": sort}, p.tile.num_warps, p.tile.num_stages)
+        return got
+
+    def __call__(self, x: torch.Tensor, noise: Optional[torch.Tensor] = None) -> RouteOutputs:
+        p = self.params
+        r = p.router
+        E, k, dev, T = r.num_experts, r.top_k, x.device, x.shape[0]
+        ids = torch.empty((T, k), dtype=torch.int32, device=dev)
+        weights = torch.empty((T, k), dtype=torch.float32, device=dev)
+        sort = self.dispatch and T <= p.tile.block_t
+        counts = ((torch.empty if sort and T else torch.zeros)((E,), dtype=torch.int32, device=dev)   # (stored)
+                  if p.write_counts else None)
+        prob_sum = (torch.empty if sort and T else torch.zeros)((E,), dtype=torch.float32, device=dev) if r.aux_loss else None
+        shared_scale = torch.empty((T,), dtype=torch.float32, device=dev) if p.shared_gate else None
+        logits = torch.empty((T, E), dtype=torch.float32, device=dev) if p.write_logits else None
+        order = torch.empty((T * k,), dtype=torch.int32, device=dev) if sort else None
+        offsets = (torch.zeros if T == 0 else torch.empty)((E + 1,), dtype=torch.int32, device=dev) if sort else None
+        out = RouteOutputs(ids, weights, counts, prob_sum, shared_scale, logits, order, offsets)
+        if T == 0:
+            return out
+        w, b, sb, wn, wsg, swe, swd, swne, swnd, ssgd = self.static
+        has_noise = noise is not None
+        self._launcher(has_noise, sort)((-(-T // p.tile.block_t),), (
+            x, w, b, sb, wn if has_noise else None, noise, wsg, ids, weights, counts, prob_sum, shared_scale, logits,
+            order, offsets, T, x.stride(0), x.stride(1), swe, swd, swne if has_noise else 0, swnd if has_noise else 0,
+            noise.stride(0) if has_noise else 0, noise.stride(1) if has_noise else 0, ssgd))
+        if self.dispatch and not sort:
+            out.order, out.offsets = sort_by_expert(ids, E)
+        return out

@@ -30,6 +30,7 @@ from moec.passes.fold_combine import fold_combine
 from moec.passes.fold_permute import fold_permute
 from moec.passes.fuse_activation import fuse_activation
 from moec.passes.fuse_block_gate import fuse_block_gate
+from moec.passes.fuse_dispatch import fuse_dispatch
 from moec.passes.fuse_routing import fuse_routing
 from moec.passes.infer_shapes import infer_shapes
 from moec.passes.save_activations import save_activations
@@ -162,7 +163,7 @@ def test_fuse_routing_fires_on_the_base_case():
     """Positive control: the router GEMM, the noise GEMM and the shared gate of one x become one fused_route."""
     assert_rewrites_to(fuse_routing, FUSE_ROUTING_BASE, """
         graph moe(%x: f32[T, 16], %w_router: f32[4, 16], %w_noise: f32[4, 16], %w_sg: f32[1, 16]) {
-          %ids: i32[T, 2], %weights: f32[T, 2], %counts: i32[4], _, %scale: f32[T] = fused_route(x=%x, w=%w_router, w_noise=%w_noise, w_shared_gate=%w_sg) {num_experts=4, top_k=2, renormalize=True, noisy=True}
+          %ids: i32[T, 2], %weights: f32[T, 2], _, _, _, _, %scale: f32[T] = fused_route(x=%x, w=%w_router, w_noise=%w_noise, w_shared_gate=%w_sg) {num_experts=4, top_k=2, renormalize=True, noisy=True}
           return %ids, %weights, %scale
         }""")
 
@@ -208,7 +209,7 @@ graph moe(%x: f32[T, 16], %x2: f32[T, 16], %w_router: f32[4, 16], %w_noise: f32[
 """
 NOISE_OTHER_X_WOULD_BE = """
 graph moe(%x: f32[T, 16], %x2: f32[T, 16], %w_router: f32[4, 16], %w_noise: f32[4, 16]) {
-  %ids: i32[T, 2], %weights: f32[T, 2], %counts: i32[4] = fused_route(x=%x, w=%w_router, w_noise=%w_noise) {num_experts=4, top_k=2, renormalize=True, noisy=True}
+  %ids: i32[T, 2], %weights: f32[T, 2] = fused_route(x=%x, w=%w_router, w_noise=%w_noise) {num_experts=4, top_k=2, renormalize=True, noisy=True}
   return %ids, %weights
 }
 """
@@ -230,7 +231,7 @@ graph moe(%x: f32[T, 16], %w_router: f32[4, 16], %w_noise: f32[4, 16]) {
 """
 NOISY_CAPACITY_WOULD_BE = """
 graph moe(%x: f32[T, 16], %w_router: f32[4, 16], %w_noise: f32[4, 16]) {
-  %ids_routed: i32[T, 2], %weights_routed: f32[T, 2], %counts: i32[4], _, _, %logits: f32[T, 4] = fused_route(x=%x, w=%w_router, w_noise=%w_noise) {num_experts=4, top_k=2, renormalize=True, noisy=True}
+  %ids_routed: i32[T, 2], %weights_routed: f32[T, 2], _, _, _, _, _, %logits: f32[T, 4] = fused_route(x=%x, w=%w_router, w_noise=%w_noise) {num_experts=4, top_k=2, renormalize=True, noisy=True}
   %ids: i32[T, 2], %weights: f32[T, 2] = apply_capacity(ids=%ids_routed, weights=%weights_routed, logits=%logits) {num_experts=4, top_k=2, renormalize=True, capacity_factor=1.0, overflow='next_best', noisy=True}
   return %ids, %weights
 }
@@ -253,7 +254,7 @@ graph moe(%x: f32[T, 16], %x2: f32[T, 16], %w_router: f32[4, 16], %w_sg: f32[1, 
 """
 SHARED_GATE_OTHER_X_WOULD_BE = """
 graph moe(%x: f32[T, 16], %x2: f32[T, 16], %w_router: f32[4, 16], %w_sg: f32[1, 16]) {
-  %ids: i32[T, 2], %weights: f32[T, 2], %counts: i32[4], _, %scale: f32[T] = fused_route(x=%x, w=%w_router, w_shared_gate=%w_sg) {num_experts=4, top_k=2}
+  %ids: i32[T, 2], %weights: f32[T, 2], _, _, _, _, %scale: f32[T] = fused_route(x=%x, w=%w_router, w_shared_gate=%w_sg) {num_experts=4, top_k=2}
   return %ids, %weights, %scale
 }
 """
@@ -263,7 +264,7 @@ def test_fuse_routing_shared_gate_guard_needs_the_same_x():
     """Guard shared_gate.x == x: a shared gate of other rows stays its own node (the route itself is still fused)."""
     assert_rewrites_to(fuse_routing, SHARED_GATE_OTHER_X, """
         graph moe(%x: f32[T, 16], %x2: f32[T, 16], %w_router: f32[4, 16], %w_sg: f32[1, 16]) {
-          %ids: i32[T, 2], %weights: f32[T, 2], %counts: i32[4] = fused_route(x=%x, w=%w_router) {num_experts=4, top_k=2}
+          %ids: i32[T, 2], %weights: f32[T, 2] = fused_route(x=%x, w=%w_router) {num_experts=4, top_k=2}
           %scale: f32[T] = shared_gate(x=%x2, w=%w_sg)
           return %ids, %weights, %scale
         }""")
@@ -315,6 +316,72 @@ def test_fuse_routing_guard_two_shared_gates_of_one_x():
           return %ids, %weights, %s1, %s2
         }""")
     verify(fuse_routing(g, CTX))
+
+
+# ==== fuse-dispatch ==============================================================================
+# Guards: (1) the dispatch's ids are a fused_route's own (not capacity's, not a graph input's);
+# (2) a fused_route that already groups its pairs is left alone.
+
+DISPATCH_BASE = """
+graph moe(%x: f32[T, 16], %w_router: f32[4, 16]) {
+  %ids: i32[T, 2], %weights: f32[T, 2] = fused_route(x=%x, w=%w_router) {num_experts=4, top_k=2}
+  %order: i32[2*T], %offsets: i32[5] = dispatch(ids=%ids) {num_experts=4}
+  return %weights, %order, %offsets
+}
+"""
+
+
+def test_fuse_dispatch_fires_on_the_base_case():
+    """Positive control: the routing kernel's own ids are grouped by expert in that kernel."""
+    assert_rewrites_to(fuse_dispatch, DISPATCH_BASE, """
+        graph moe(%x: f32[T, 16], %w_router: f32[4, 16]) {
+          %ids: i32[T, 2], %weights: f32[T, 2], %order: i32[2*T], %offsets: i32[5] = fused_route(x=%x, w=%w_router) {num_experts=4, top_k=2}
+          return %weights, %order, %offsets
+        }""")
+
+
+DISPATCH_AFTER_CAPACITY = """
+graph moe(%x: f32[T, 16], %w_router: f32[4, 16]) {
+  %ids_routed: i32[T, 2], %weights_routed: f32[T, 2], _, _, _, _, _, %logits: f32[T, 4] = fused_route(x=%x, w=%w_router) {num_experts=4, top_k=2}
+  %ids: i32[T, 2], %weights: f32[T, 2] = apply_capacity(ids=%ids_routed, weights=%weights_routed, logits=%logits) {num_experts=4, top_k=2, capacity_factor=0.5}
+  %order: i32[2*T], %offsets: i32[5] = dispatch(ids=%ids) {num_experts=4}
+  return %weights, %order, %offsets
+}
+"""
+DISPATCH_AFTER_CAPACITY_WOULD_BE = """
+graph moe(%x: f32[T, 16], %w_router: f32[4, 16]) {
+  %ids_routed: i32[T, 2], %weights_routed: f32[T, 2], %order: i32[2*T], %offsets: i32[5], _, _, _, %logits: f32[T, 4] = fused_route(x=%x, w=%w_router) {num_experts=4, top_k=2}
+  %ids: i32[T, 2], %weights: f32[T, 2] = apply_capacity(ids=%ids_routed, weights=%weights_routed, logits=%logits) {num_experts=4, top_k=2, capacity_factor=0.5}
+  return %weights, %order, %offsets
+}
+"""
+
+
+def test_fuse_dispatch_ids_guard_keeps_the_sort_after_capacity():
+    """Guard ids from the fused_route: capacity drops pairs after the kernel, so the kernel's order would
+    keep pairs the capacity dropped."""
+    assert_unchanged(fuse_dispatch, DISPATCH_AFTER_CAPACITY)
+    assert_blocked_rewrite_is_wrong(DISPATCH_AFTER_CAPACITY, DISPATCH_AFTER_CAPACITY_WOULD_BE, {"T": 16})
+
+
+def test_fuse_dispatch_ids_guard_keeps_given_ids():
+    """Guard ids from the fused_route: ids given to the graph (the routed experts alone) have no kernel to sort in."""
+    assert_unchanged(fuse_dispatch, """
+        graph moe(%ids: i32[T, 2]) {
+          %order: i32[2*T], %offsets: i32[5] = dispatch(ids=%ids) {num_experts=4}
+          return %order, %offsets
+        }""")
+
+
+def test_fuse_dispatch_sorted_guard_leaves_a_second_dispatch():
+    """Guard: a fused_route that already yields order/offsets is not given a second pair (a second
+    dispatch of the same ids stays as it is)."""
+    assert_unchanged(fuse_dispatch, """
+        graph moe(%x: f32[T, 16], %w_router: f32[4, 16]) {
+          %ids: i32[T, 2], %weights: f32[T, 2], %order: i32[2*T], %offsets: i32[5] = fused_route(x=%x, w=%w_router) {num_experts=4, top_k=2}
+          %order2: i32[2*T], %offsets2: i32[5] = dispatch(ids=%ids) {num_experts=4}
+          return %order, %offsets, %order2, %offsets2
+        }""")
 
 
 # ==== fold-permute ===============================================================================

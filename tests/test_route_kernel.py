@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from moec import reference as ref
 from moec.runtime import aot, launch
+from moec.runtime.dispatch import dispatch
 from moec.runtime.route_kernel import RouteOutputs, RouteParams, fused_route, load_balancing_loss, render_route
 from moec.ir.tiles import RouteTile
 from moec.spec import RouterConfig
@@ -325,6 +326,64 @@ def test_counts_accumulate_across_programs():
 
 
 # ----------------------------------------------------------------------------------------------
+# dispatch in the routing kernel (fuse-dispatch): the pairs grouped by expert, as `dispatch` sorts them
+
+def _check_dispatch(out: RouteOutputs, E: int) -> None:
+    """The kernel's order and offsets are exactly `moec.runtime.dispatch.dispatch` of its own ids."""
+    order, offsets = dispatch(out.ids, E)
+    assert out.order.dtype == torch.int32 and out.offsets.dtype == torch.int32
+    assert torch.equal(out.offsets, offsets), (out.offsets, offsets)
+    assert torch.equal(out.order, order), (out.order, order)
+
+
+@settings(max_examples=max(40, settings.default.max_examples), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=router_configs(), T=st.integers(0, 40), block_t=st.sampled_from([16, 32]),
+       dtype=st.sampled_from([torch.float32, torch.float16]), seed=st.integers(0, 2 ** 31 - 1))
+def test_dispatch_matches_the_sort(cfg, T, block_t, dtype, seed):
+    """Up to BLOCK_T tokens the kernel's counting sort, above it the device sort after the kernel: both
+    give dispatch's stable order (token order within an expert) and offsets, counts as before."""
+    d = 32
+    gen = torch.Generator().manual_seed(seed)
+    w = make_weights(cfg, d, dtype, gen, scale=2.0)
+    w.pop("w_noise", None)
+    cfg = cfg.replace(noisy=False)
+    x = torch.randn(T, d, generator=gen).to(dtype)
+    params = RouteParams(cfg, d, tile=RouteTile(block_t, 32))
+    out = fused_route(x, params=params, dispatch=True, **w)
+    _check_dispatch(out, cfg.num_experts)
+    assert torch.equal(out.counts.long(), torch.bincount(out.ids.reshape(-1).long(), minlength=cfg.num_experts))
+    plain = fused_route(x, params=params, **w)
+    assert plain.order is None and torch.equal(plain.ids, out.ids) and torch.equal(plain.weights, out.weights)
+
+
+@pytest.mark.parametrize("E,k,T", [(16, 4, 16), (16, 4, 17), (64, 8, 1), (5, 5, 16), (1, 1, 3), (12, 2, 0)],
+                         ids=["E_pad_is_E", "two_programs", "one_token", "k_equals_e", "one_expert", "empty"])
+def test_dispatch_edges(E, k, T):
+    """E a power of two (no padded column holds offsets[E]), T at and past BLOCK_T, k = E, one expert, no tokens."""
+    cfg = RouterConfig(E, k, renormalize=True)
+    d = 16
+    gen = torch.Generator().manual_seed(E * 100 + T)
+    w = make_weights(cfg, d, torch.float32, gen)
+    x = torch.randn(T, d, generator=gen)
+    out = fused_route(x, params=RouteParams(cfg, d, tile=RouteTile(16, 16)), dispatch=True, **w)
+    assert out.order.shape == (T * k,) and out.offsets.shape == (E + 1,)
+    _check_dispatch(out, E)
+
+
+def test_dispatch_of_nan_rows_and_ties():
+    """A NaN row (experts 0..k-1) and all-equal logits (ties to the lower index) sort like any other."""
+    cfg = RouterConfig(8, 3)
+    d = 16
+    x = torch.randn(12, d)
+    x[4, 2] = float("nan")
+    x[7] = 0.0                                         # all logits 0: experts 0, 1, 2
+    out = fused_route(x, torch.randn(8, d), RouteParams(cfg, d), dispatch=True)
+    assert out.ids[4].tolist() == [0, 1, 2] and out.ids[7].tolist() == [0, 1, 2]
+    _check_dispatch(out, 8)
+
+
+# ----------------------------------------------------------------------------------------------
 # API contracts
 
 def test_rejects_topk_then_score():
@@ -371,10 +430,16 @@ def test_aot_compiles_for_gpus(dtype):
     noise = torch.randn(T, 16, generator=gen)
     with launch.recording() as records:
         fused_route(x, params=RouteParams(cfg, d, shared_gate=True, write_logits=True), noise=noise, **w)
-    assert len(records) == 1 and records[0].grid == (3,)
+    with launch.recording() as sorting:           # one program: the counting sort by expert in the kernel
+        fused_route(x[:16], params=RouteParams(cfg, d, shared_gate=True), noise=noise[:16], dispatch=True, **w)
+    assert sorting[0].constexprs["DISPATCH"] and sorting[0].grid == (1,)
+    records += sorting
+    assert len(records) == 2 and records[0].grid == (3,)
     assert records[0].signature["x_ptr"] == ("*fp32" if dtype == torch.float32 else "*fp16")
     for arch in ("sm80", "sm90", "sm100"):
-        report = aot.compile_launch(records[0], arch)
-        assert report.fits, (arch, report.shared, report.smem_limit)
-        if dtype == torch.float16:
-            assert report.mma, f"{arch}: no tensor-core instruction in the PTX"
+        for rec in records:
+            report = aot.compile_launch(rec, arch)
+            assert report.fits, (arch, report.shared, report.smem_limit)
+            assert report.spills == 0, (arch, rec.constexprs["DISPATCH"], report.spills)
+            if dtype == torch.float16:
+                assert report.mma, f"{arch}: no tensor-core instruction in the PTX"

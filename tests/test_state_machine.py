@@ -2,14 +2,15 @@
 
 `hypothesis`'s `RuleBasedStateMachine` draws sequences of: compile, call at a random token count
 (with or without gradients), change the weights (``.data`` writes, ``copy_`` under ``no_grad``, an
-optimizer step, ``load_state_dict``, a replaced parameter, a dtype change), change an attribute
+optimizer step, ``load_state_dict``, a replaced parameter, a dtype change, ``p.data = p.data.t()``),
+change floating buffers (in place or replaced), change an attribute
 the lift read, add or remove hooks (on the layer, its router, an expert), switch training and eval
 mode, save and load, deep-copy, wrap in `torch.compile`. The eager twin gets the same changes
 (save/load, copy and torch.compile apply to the compiled side only: they must not change answers).
 After every step the two agree on a call; a call the kernels did not serve must have a reason.
 
 Layers: zoo Mixtral (ModuleList experts), zoo stacked-experts module, zoo Qwen (shared expert, router
-logits output), zoo noisy top-k (noise in training), zoo ST-MoE (a namedtuple of y, aux loss, z-loss
+logits output), zoo DeepSeek-V3 (selection bias buffer, groups, shared expert), zoo noisy top-k (noise in training), zoo ST-MoE (a namedtuple of y, aux loss, z-loss
 and counts), zoo Mixtral with biased experts, and the MoE blocks of transformers' Mixtral (router
 jitter) and Qwen3-MoE. The ``ci`` profile runs a few short sequences per layer; the
 ``large`` profile (``HYPOTHESIS_PROFILE=large``) runs many long ones.
@@ -73,6 +74,8 @@ LAYERS = {
     "zoo-qwen": (zoo.QwenMoE, "gate", "experts.0", [("", "top_k", (1, 2)), ("", "norm_topk_prob", (False, True))]),
     "zoo-noisy": (zoo.NoisyTopKMoE, "w_gate", "experts.2", [("", "k", (1, 2))]),
     "zoo-st-moe": (zoo.STMoE, "gate", "experts.3", [("", "top_k", (2, 1, 3))]),
+    "zoo-deepseek": (zoo.DeepseekV3MoE, "gate", "experts.1",
+                     [("gate", "top_k", (3, 2)), ("gate", "topk_group", (2, 4))]),
     "zoo-biased": (zoo.BiasedExpertMoE, "gate", "experts.0", [("", "top_k", (2, 1)), ("", "norm_topk_prob", (True, False))]),
     "hf-mixtral": (functools.partial(_hf_block, "mixtral"), "gate", "experts",
                    [("", "top_k", (2, 1)), ("", "jitter_noise", (0.0, 0.1))]),
@@ -135,7 +138,7 @@ class Twins(RuleBasedStateMachine):
     def call(self, T, grad):
         self._check(T, grad)
 
-    @rule(way=st.sampled_from(["data", "copy", "sgd", "load_state_dict", "replace", "dtype"]),
+    @rule(way=st.sampled_from(["data", "copy", "sgd", "load_state_dict", "replace", "dtype", "transpose"]),
           seed=st.integers(0, 1000))
     def change_weights(self, way, seed):
         g = torch.Generator().manual_seed(seed)
@@ -162,6 +165,8 @@ class Twins(RuleBasedStateMachine):
             elif way == "replace":
                 owner, leaf = name.rsplit(".", 1) if "." in name else ("", name)
                 setattr(net.get_submodule(owner), leaf, nn.Parameter(new.to(self.dtype).clone()))
+            elif way == "transpose" and p.dim() == 2 and p.shape[0] == p.shape[1]:
+                p.data = p.data.t()        # the same address, other strides
         if way == "load_state_dict":       # both load the twin's state (read before either changes)
             state = {k: v * 0.9 for k, v in self.twin.state_dict().items()}
             for net in (self.model, self.twin):
@@ -174,6 +179,21 @@ class Twins(RuleBasedStateMachine):
             self._both(lambda net: net.to(self.dtype))
         else:
             self._both(apply)
+
+    @rule(way=st.sampled_from(["add", "replace"]), seed=st.integers(0, 1000))
+    def change_buffers(self, way, seed):
+        """Floating buffers (a selection bias) written in place (load balancing) or replaced."""
+        for name, b in self.twin.named_buffers():
+            if not b.is_floating_point():
+                continue
+            new = torch.randn(b.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+            for net in (self.model, self.twin):
+                owner, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+                mod = net.get_submodule(owner)
+                if way == "add":
+                    getattr(mod, leaf).add_(new.to(b.dtype))
+                else:
+                    mod.register_buffer(leaf, new.to(b.dtype))
 
     @rule(data=st.data())
     def change_attribute(self, data):

@@ -44,8 +44,9 @@ def saved_values(forward: Graph) -> dict:
     """Where a forward graph (before or after its passes) holds what its backward reads: ``{saved role:
     value name}`` for the roles of `SAVED` it has (the routing from the node that produced the ids the
     dispatch sorts, the dispatch's results, a gated shared expert's scale)."""
-    dispatch = forward.find("dispatch")[0]
-    got = {"ids": dispatch.ins["ids"], "order": dispatch.outs["order"], "offsets": dispatch.outs["offsets"]}
+    sorter = next(n for n in forward.nodes if n.op == "dispatch" or (n.op == "fused_route" and "order" in n.outs))
+    got = {"ids": sorter.ins["ids"] if sorter.op == "dispatch" else sorter.outs["ids"],   # (fuse-dispatch)
+           "order": sorter.outs["order"], "offsets": sorter.outs["offsets"]}
     producer = forward.producer(got["ids"])
     if producer is None:                                  # the routing is a graph input (routed experts)
         got["route_weights"] = "weights"

@@ -64,6 +64,8 @@ def _fused_route(n, v, ctx):
            "counts": torch.bincount(ids.reshape(-1), minlength=cfg.num_experts).to(torch.int32)}
     if "w_shared_gate" in n.ins:
         out["shared_scale"] = torch.sigmoid(x.float() @ v["w_shared_gate"].float().t())[:, 0]
+    if "order" in n.outs:                 # fuse-dispatch: the pairs grouped by expert too
+        out.update(_dispatch(n, {"ids": out["ids"]}, ctx))
     return out
 
 

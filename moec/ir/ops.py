@@ -90,16 +90,16 @@ def _infer_fused_route(o, a):
     T, E = _rows(o["x"]), a["num_experts"]
     return {**_route_types(o, a, T), "counts": TensorType("i32", (E,)),
             "prob_sum": TensorType("f32", (E,)), "shared_scale": TensorType("f32", (T,)),
-            "logits": TensorType("f32", (T, E))}
+            "logits": TensorType("f32", (T, E)), **_infer_dispatch(o, a, T)}
 
 
 op("fused_route", "One kernel: gate GEMM x @ w.T (+ b) (+ noise), score, group-limited top-k, "
    "renormalise, scale, per-expert pair counts (and prob_sum for the aux loss, the shared-expert "
-   "gate sigmoid(x @ w_shared_gate.T), the router's logits before noise, when asked). Capacity is "
-   "not applied here.",
-   ["x", "w"], ["ids", "weights", "counts", "prob_sum", "shared_scale", "logits"], _infer_fused_route,
-   optional_operands=["b", "score_bias", "w_noise", "w_shared_gate"],
-   optional_results=["prob_sum", "shared_scale", "logits"],
+   "gate sigmoid(x @ w_shared_gate.T), the router's logits before noise, and the pairs grouped by "
+   "expert as dispatch gives them, when asked). Capacity is not applied here.",
+   ["x", "w"], ["ids", "weights", "order", "offsets", "counts", "prob_sum", "shared_scale", "logits"],
+   _infer_fused_route, optional_operands=["b", "score_bias", "w_noise", "w_shared_gate"],
+   optional_results=["order", "offsets", "counts", "prob_sum", "shared_scale", "logits"],
    attrs={**{n: REQUIRED for n in ("num_experts", "top_k")}, **_ROUTER_DEFAULTS, **KERNEL_ATTRS})
 
 op("aux_loss", "The load-balancing loss E * sum_e (counts_e / T) * (prob_sum_e / T); 0 when T = 0.",
@@ -118,8 +118,8 @@ op("shared_gate", "scale[t] = sigmoid(x[t] @ w[0]) (fp32), the gate of a sigmoid
 # ---- dispatch and experts ------------------------------------------------------------------
 
 
-def _infer_dispatch(o, a):
-    T, k = o["ids"].shape
+def _infer_dispatch(o, a, T=None):
+    T, k = (T, a["top_k"]) if T is not None else o["ids"].shape
     return {"order": TensorType("i32", (T * k,)), "offsets": TensorType("i32", (a["num_experts"] + 1,))}
 
 

@@ -1,14 +1,16 @@
 # moec kernel moec_route_softmax_e8_k2_T1to1024
-# IR node: %ids: i32[T, 2], %weights: f32[T, 2], %counts: i32[8] = fused_route(x=%x, w=%w_router, w_noise=%w_noise) {num_experts=8, top_k=2, renormalize=True, noisy=True, tiles={1024: RouteTile(block_t=16, block_k=32, num_warps=4, num_stages=4), None: RouteTile(block_t=16, block_k=32, num_warps=4, num_stages=3)}}
+# IR node: %ids: i32[T, 2], %weights: f32[T, 2], %order: i32[2*T], %offsets: i32[9] = fused_route(x=%x, w=%w_router, w_noise=%w_noise) {num_experts=8, top_k=2, renormalize=True, noisy=True, tiles={1024: RouteTile(block_t=16, block_k=32, num_warps=4, num_stages=4), None: RouteTile(block_t=16, block_k=32, num_warps=4, num_stages=3)}}
 # shapes: x [T, 32] -> logits [T, 8] (padded to E_PAD = 16), ids/weights [T, 2]
-# router: score=softmax, renormalize=True, routed_scaling=1.0, router_bias=False, score_bias=False, noisy=True, aux_loss=False, shared_gate=False, write_logits=False
+# router: score=softmax, renormalize=True, routed_scaling=1.0, router_bias=False, score_bias=False, noisy=True, aux_loss=False, shared_gate=False, write_logits=False, write_counts=False
 # tile (T <= 1024): RouteTile(block_t=16, block_k=32, num_warps=4, num_stages=4) (BLOCK_K used: 32)
 #
 # Fused routing: one program takes BLOCK_T tokens, computes their logits tile
 # [BLOCK_T, E_PAD] with tl.dot over hidden chunks of BLOCK_K (fp32 accumulation), then
 # scores (softmax / sigmoid), selection keys (+ score bias, group-limited), top-k by repeated
 # argmax (ties -> lower expert index, NaN ranks first), weights (renormalised, scaled), and
-# per-expert counts (atomics). Variants are tl.constexpr flags; Triton prunes the dead ones.
+# per-expert counts (atomics). With DISPATCH (one program holds every token) it also groups
+# the pairs by expert: a counting sort from the program's own counts. Variants are
+# tl.constexpr flags; Triton prunes the dead ones.
 import triton
 import triton.language as tl
 
@@ -16,7 +18,7 @@ import triton.language as tl
 @triton.jit
 def moec_route_softmax_e8_k2_T1to1024(
     x_ptr, w_ptr, b_ptr, sbias_ptr, wn_ptr, noise_ptr, wsg_ptr,
-    ids_ptr, wts_ptr, counts_ptr, psum_ptr, sscale_ptr, logits_ptr,
+    ids_ptr, wts_ptr, counts_ptr, psum_ptr, sscale_ptr, logits_ptr, order_ptr, offsets_ptr,
     T,
     stride_xt, stride_xd,
     stride_we, stride_wd,
@@ -28,7 +30,7 @@ def moec_route_softmax_e8_k2_T1to1024(
     HAS_ROUTER_BIAS: tl.constexpr, HAS_SCORE_BIAS: tl.constexpr,
     N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_TOP2: tl.constexpr,
     HAS_NOISE: tl.constexpr, AUX: tl.constexpr, SHARED_GATE: tl.constexpr, WRITE_LOGITS: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+    WRITE_COUNTS: tl.constexpr, DISPATCH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -98,7 +100,10 @@ def moec_route_softmax_e8_k2_T1to1024(
         else:
             probs = scores
         probs = tl.where(mask_t[:, None] & mask_e[None, :], probs, 0.0)
-        tl.atomic_add(psum_ptr + offs_e, tl.sum(probs, 0), mask=mask_e)
+        if DISPATCH:    # the only program
+            tl.store(psum_ptr + offs_e, tl.sum(probs, 0), mask=mask_e)
+        else:
+            tl.atomic_add(psum_ptr + offs_e, tl.sum(probs, 0), mask=mask_e)
 
     # ---- selection keys: biased scores (or logits), NaN -> +inf (ranks first), padding -> -inf
     if SELECT_LOGITS:
@@ -163,4 +168,21 @@ def moec_route_softmax_e8_k2_T1to1024(
 
     # ---- per-expert (token, slot) counts --------------------------------------------------
     cnt = tl.sum((chosen & mask_t[:, None]).to(tl.int32), 0)
-    tl.atomic_add(counts_ptr + offs_e, cnt, mask=mask_e & (cnt > 0))
+    if WRITE_COUNTS:
+        if DISPATCH:    # the only program: its counts are the counts
+            tl.store(counts_ptr + offs_e, cnt, mask=mask_e)
+        else:
+            tl.atomic_add(counts_ptr + offs_e, cnt, mask=mask_e & (cnt > 0))
+
+    # ---- dispatch: pairs grouped by expert, stable (token order within an expert) -----------
+    # (only when this program holds every token: T <= BLOCK_T, one program)
+    if DISPATCH:
+        start = tl.cumsum(cnt, 0) - cnt                          # offsets[e]: pairs of experts < e
+        tl.store(offsets_ptr + offs_e, start, mask=mask_e)
+        tl.store(offsets_ptr + E, tl.sum(cnt, 0))
+        took = (chosen & mask_t[:, None]).to(tl.int32)
+        slot = start[None, :] + tl.cumsum(took, 0) - took      # position of token t's pair with expert e
+        for j in tl.static_range(K):
+            idx = tl.sum(tl.where(offs_j[None, :] == j, sel_ids, 0), 1)
+            pos = tl.sum(tl.where(offs_e[None, :] == idx[:, None], slot, 0), 1)
+            tl.store(order_ptr + pos, (rows * K + j).to(tl.int32), mask=mask_t)
