@@ -26,7 +26,7 @@ from .frontend import LiftedMoE, NotLifted, find_moe_modules, lift, unread_moe_m
 from .frontend.moba_lift import find_moba_modules
 from .moba_region import MobaRegion
 from .moe_region import MoERegion
-from .region import activations_policy
+from .region import activations_policy, check_mode
 
 _SUBCLASSES: dict[type, type] = {}
 _log = logger("lift")
@@ -141,9 +141,10 @@ def _dump_root(dump_dir) -> Optional[Path]:
 
 
 def compile_module(model: nn.Module, *, dump_dir=None, arch: Optional[str] = None,
-                   activations: Optional[str] = None) -> nn.Module:
+                   activations: Optional[str] = None, mode: str = "default") -> nn.Module:
     """Compile ``model`` in place (see `compile`) and return it."""
     policy = activations_policy(activations)          # a bad value fails here, naming the argument
+    check_mode(mode)
     _register_integrations()
     root = _dump_root(dump_dir)
     regions, skipped = [], []
@@ -157,7 +158,7 @@ def compile_module(model: nn.Module, *, dump_dir=None, arch: Optional[str] = Non
             got = NotLifted(f"{type(module).__name__}: analysis failed: {type(e).__name__}: {e}")
         if isinstance(got, LiftedMoE):
             region = MoERegion(name.replace(".", "_") or "root", arch=arch, dump_dir=root, activations=policy,
-                               lifted=got,
+                               mode=mode, lifted=got,
                                lift_dtype=got.param_tensors(module)[0].dtype, state=guards.read(module))
             module.__class__ = _compiled_class(type(module))
             module.__dict__["_moec_region"] = region
@@ -172,7 +173,7 @@ def compile_module(model: nn.Module, *, dump_dir=None, arch: Optional[str] = Non
     model.__class__ = _compiled_class(type(model))
     model.__dict__["_moec_report"] = {"regions": regions, "skipped": skipped, "root": type(model).__name__,
                                       "moba": moba}
-    model.__dict__["_moec_options"] = {"dump_dir": dump_dir, "arch": arch, "activations": activations}
+    model.__dict__["_moec_options"] = {"dump_dir": dump_dir, "arch": arch, "activations": activations, "mode": mode}
     if root is not None:
         root.mkdir(parents=True, exist_ok=True)
         write = functools.partial(_write_explain, weakref.ref(model), root / "explain.txt")
@@ -276,7 +277,7 @@ def _say_disabled() -> None:
 
 
 def compile(obj=None, *, dump_dir: str | os.PathLike | None = None, arch: Optional[str] = None,
-            activations: Optional[str] = None):
+            activations: Optional[str] = None, mode: str = "default"):
     """Compile the MoE layers of a module, module class or function into generated Triton kernels.
 
     Usable as ``@moec.compile``, ``@moec.compile(dump_dir=..., arch=...)`` on an ``nn.Module``
@@ -288,6 +289,9 @@ def compile(obj=None, *, dump_dir: str | os.PathLike | None = None, arch: Option
     gate/up products (no GEMM recomputed), ``"recompute"`` nothing beyond the routing (the backward
     recomputes them: two grouped GEMMs more), ``"auto"`` (default, or env ``MOEC_ACTIVATIONS``) the
     cheaper in time on the target; either way less than eager autograd keeps. ``explain()`` says which.
+    ``mode="reduce-overhead"`` (as torch.compile's): on a GPU each MoE layer's inference calls replay a
+    CUDA graph captured per token count (decode: one graph launch instead of a launch per kernel); its
+    outputs are fresh tensors, writes into the weights are seen, a replaced weight is captured again.
 
     Example::
 
@@ -295,13 +299,14 @@ def compile(obj=None, *, dump_dir: str | os.PathLike | None = None, arch: Option
         y = model(x)                 # fused kernels (the Triton interpreter on a CPU)
         print(model.explain())
     """
-    options = {"dump_dir": dump_dir, "arch": arch, "activations": activations}
+    options = {"dump_dir": dump_dir, "arch": arch, "activations": activations, "mode": mode}
     if obj is None:
         return lambda o: compile(o, **options)
     if env.flag("MOEC_DISABLE"):
         _say_disabled()
         return obj
     activations_policy(activations)
+    check_mode(mode)
     if isinstance(obj, type) and issubclass(obj, nn.Module):
         return _compile_class(obj, **options)
     if isinstance(obj, nn.Module):

@@ -35,7 +35,8 @@ from moec.ir.backward import read_saved
 from moec.ir.build import moe_inputs
 from moec.passes.save_activations import choice_for
 from moec.runtime.autograd import KernelsBoth
-from moec.runtime import tune_file
+from moec.runtime import launch, tune_file
+from moec.runtime.graphs import GraphCache, graph_key, not_capturable
 from moec.runtime.support import why_not_kernels
 
 from . import guards
@@ -65,6 +66,7 @@ class MoERegion(Region):
     _observed: Optional[list] = None            # (path, module) of the observed children (see `_call_observed`)
     _outputs: Optional[tuple] = None            # (lift, its program's outputs)
     _program: Optional[tuple] = None            # (lift, saving, dtype, device, compiled): the last call's
+    graph_skips: Counter = field(default_factory=Counter)   # mode="reduce-overhead": why a call took no graph
 
     MAX_LIFTS = 8                               # states remembered (least recently used dropped)
 
@@ -127,15 +129,32 @@ class MoERegion(Region):
         tensor are seen."""
         kept = self._kept
         if kept is None or kept.weights is not w:
-            return c.program, moe_inputs(x2, w)
+            return c.program, moe_inputs(x2, w), None
         got = kept.programs.get(id(c))
         if got is None or got[0] is not c:
             inputs = moe_inputs(x2, w)
             fresh = tuple(k for k, v in inputs.items() if k == "score_bias" and v is not w.score_bias)
             got = kept.programs[id(c)] = (c, c.program.bind({k: v for k, v in inputs.items() if k not in fresh}),
-                                          fresh)
-        _, bound, fresh = got
-        return bound, ({"x": x2, "score_bias": w.score_bias.float()} if fresh else {"x": x2})
+                                          fresh, GraphCache())
+        _, bound, fresh, graphs = got
+        return bound, ({"x": x2, "score_bias": w.score_bias.float()} if fresh else {"x": x2}), graphs
+
+    def _graphed(self, c, bound, inputs: dict, graphs: GraphCache):
+        """The call through a CUDA graph of ``bound`` for this token count (`moec.runtime.graphs`); None
+        when this call cannot take one (the reason is counted for explain())."""
+        why = (not_capturable(inputs["x"])
+               or (not c.program.graph_safe and f"the program is not graph-safe: "
+                                                f"{', '.join(c.program.graph_unsafe_steps())}")
+               or (launch.is_recording() and "launches are being recorded") or graphs.failed)
+        if why:
+            self.graph_skips[why] += 1
+            return None
+        try:
+            return graphs.run(bound.run, inputs, graph_key(inputs))
+        except Exception as e:  # noqa: BLE001 - a capture that fails must not fail the call: no graphs
+            graphs.failed = f"capture failed: {type(e).__name__}: {e}"
+            self.graph_skips[graphs.failed] += 1
+            return None
 
     def _stack(self, idx: tuple, members: list) -> torch.Tensor:
         got = self._stacks.get(idx)
@@ -283,7 +302,11 @@ class MoERegion(Region):
             self._program = (self.lifted, saving, x2.dtype, x2.device, c)
         x2 = x2.contiguous() if x2.stride(-1) != 1 else x2
         if not saving:
-            program, inputs = self._bound(c, w, x2)
+            program, inputs, graphs = self._bound(c, w, x2)
+            if self.mode == "reduce-overhead" and graphs is not None and noise is None:
+                got = self._graphed(c, program, inputs, graphs)
+                if got is not None:
+                    return got
             return self.run(c, inputs, training=training, noise=noise, program=program)
         inputs = moe_inputs(x2, w)
         env = self.run(c, inputs, training=training, noise=noise, values=True)
@@ -299,8 +322,19 @@ class MoERegion(Region):
         lines += changed
         lines += [f"        {note}" for note in getattr(self.lifted, "notes", []) if note.startswith(_SHOWN_NOTES)]
         lines += [f"        {line}" for line in self.program_lines()]
+        lines += [f"        {line}" for line in self.graph_lines()]
         lines += [f"        {line}" for line in self.backward_lines()]
         return lines + [f"        {line}" for line in self.call_lines()]
+
+    def graph_lines(self) -> list[str]:
+        """mode="reduce-overhead": the token counts captured as CUDA graphs, their replays, and why calls
+        took none."""
+        if self.mode != "reduce-overhead":
+            return []
+        caches = [g for kept in [self._kept] if kept is not None for (_, _, _, g) in kept.programs.values()]
+        lines = [f"CUDA graphs (mode='reduce-overhead'): {sum(g.captures for g in caches)} captured, "
+                 f"{sum(g.replays for g in caches)} replays"]
+        return lines + [f"  no graph, {n} x: {why}" for why, n in sorted(self.graph_skips.items())]
 
     def backward_lines(self) -> list[str]:
         """What the backward runs and what each training forward kept for it (save-activations)."""
@@ -322,7 +356,7 @@ class _Kept:
 
     identities: tuple
     weights: MoEWeights
-    programs: dict = field(default_factory=dict)      # id(compiled) -> (compiled, bound program, fresh inputs)
+    programs: dict = field(default_factory=dict)      # id(compiled) -> (compiled, bound, fresh inputs, graphs)
     support: dict = field(default_factory=dict)       # (input type, dtype, device) -> why_not_kernels
 
 

@@ -64,6 +64,17 @@ def activations_policy(value: Optional[str] = None) -> str:
     return got
 
 
+MODES = ("default", "reduce-overhead")
+
+
+def check_mode(mode: str) -> str:
+    """``mode`` (`moec.compile`'s), checked: ``"default"``, or ``"reduce-overhead"`` (CUDA graphs)."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: expected one of {', '.join(map(repr, MODES))} ('reduce-overhead' "
+                         f"replays each MoE layer's kernels as a CUDA graph per token count on a GPU)")
+    return mode
+
+
 def empty_with_grad(rows: int) -> Optional[str]:
     """Why a call of ``rows`` tokens runs eager: an empty batch with gradients (which tensors eager's empty
     forward reaches decides ``requires_grad`` and which gradients stay None), else None."""
@@ -82,6 +93,7 @@ class Region:
     arch: Optional[str] = None                 # an explicit target (tiles); None: the device decides
     dump_dir: Optional[Path] = None
     activations: Optional[str] = None          # training: save or recompute (`saving`); None: MOEC_ACTIVATIONS
+    mode: str = "default"                      # "reduce-overhead": CUDA graphs of inference calls (`MoERegion`)
     calls: Counter = field(default_factory=Counter)
     compiled: dict = field(default_factory=dict)        # (recipe, dtype, arch) -> Compiled
     on_compile: Optional[Callable] = None

@@ -32,6 +32,11 @@ _recorder: contextvars.ContextVar[list | None] = contextvars.ContextVar("moec_re
 _launching: contextvars.ContextVar[bool] = contextvars.ContextVar("moec_launching", default=False)
 
 
+def is_recording() -> bool:
+    """True inside a `recording()` block."""
+    return _recorder.get() is not None
+
+
 def in_launch() -> bool:
     """True inside a kernel launch proper (see the module docstring)."""
     return _launching.get()
