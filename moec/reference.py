@@ -214,16 +214,24 @@ def apply_capacity(ids, weights, scores, sel, factor, cfg: RouterConfig):
     return ids, weights
 
 
+def softcap(x: torch.Tensor, cap: Optional[float]) -> torch.Tensor:
+    """``cap * tanh(x / cap)`` (``x`` itself for no cap)."""
+    return x if cap is None else torch.tanh(x / cap) * cap
+
+
 def gated(gate: torch.Tensor, up: Optional[torch.Tensor], act: str, act_alpha: float = 1.0,
-          glu_limit: Optional[float] = None, up_shift: float = 0.0) -> torch.Tensor:
+          glu_limit: Optional[float] = None, up_shift: float = 0.0, gate_softcap: Optional[float] = None,
+          up_softcap: Optional[float] = None) -> torch.Tensor:
     """The hidden activation from fp32 projections: ``act(gate) * (up + up_shift)`` with the
-    `MoESpec` clamps (GLU), or ``act(gate)`` when ``up`` is None."""
+    `MoESpec` clamps and softcaps (GLU), or ``act(gate)`` when ``up`` is None."""
     if up is None:
         return activation(act, gate, act_alpha)
     if glu_limit is not None:
         gate = gate.clamp(max=glu_limit)
         up = up.clamp(-glu_limit, glu_limit)
-    return activation(act, gate, act_alpha) * (up + up_shift)
+    a = activation(act, gate, act_alpha) if gate_softcap is None else \
+        softcap(gate, gate_softcap) * torch.sigmoid(act_alpha * gate)
+    return a * (softcap(up, up_softcap) + up_shift)
 
 
 def _biased(x, w, b):

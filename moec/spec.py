@@ -24,11 +24,19 @@ class MoESpecError(ValueError):
     """A configuration or input that moec cannot compute correctly; the message names why."""
 
 
-GLU_PLAIN = {"act_alpha": 1.0, "glu_limit": None, "up_shift": 0.0}
+GLU_PLAIN = {"act_alpha": 1.0, "glu_limit": None, "up_shift": 0.0, "gate_softcap": None, "up_softcap": None}
 
 
-def check_glu_variant(activation, glu: bool, act_alpha: float = 1.0, glu_limit=None, up_shift: float = 0.0) -> None:
+def check_glu_variant(activation, glu: bool, act_alpha: float = 1.0, glu_limit=None, up_shift: float = 0.0,
+                      gate_softcap=None, up_softcap=None) -> None:
     """Raise `MoESpecError` unless the GLU variant (see `MoESpec`) is well formed."""
+    for name, cap in (("gate_softcap", gate_softcap), ("up_softcap", up_softcap)):
+        if cap is not None and not (math.isfinite(cap) and cap > 0):
+            raise MoESpecError(f"{name} must be a positive finite number, got {cap}")
+        if cap is not None and not glu:
+            raise MoESpecError(f"{name} is a GLU option; the experts are not gated (glu=False)")
+    if gate_softcap is not None and activation != "silu":
+        raise MoESpecError(f"gate_softcap applies to silu only, activation is {activation!r}")
     if act_alpha != 1.0 and activation != "silu":
         raise MoESpecError(f"act_alpha={act_alpha} applies to silu only, activation is {activation!r}")
     if not (math.isfinite(act_alpha) and act_alpha > 0):
@@ -152,6 +160,9 @@ class MoESpec:
     - ``glu_limit``: clamp ``gate`` to ``<= glu_limit`` and ``up`` to ``[-glu_limit, glu_limit]``
       before the activation and the product;
     - ``up_shift``: ``up + up_shift`` enters the product;
+    - ``gate_softcap`` / ``up_softcap`` (Inkling2's softcapped SwiGLU): with ``softcap_c(x) = c * tanh(x / c)``,
+      ``act(gate) = softcap(gate) * sigmoid(act_alpha * gate)`` (the sigmoid sees the raw gate) and
+      ``softcap(up)`` enters the product (before ``up_shift``), all in fp32;
     - ``expert_bias``: each expert's projections add a bias (``b_gate``/``b_up`` ``[E, f]``,
       ``b_down`` ``[E, d]``); the routing weight multiplies the down projection *with* its bias.
       A shared expert stays bias-free and plain GLU.
@@ -167,19 +178,20 @@ class MoESpec:
     act_alpha: float = 1.0
     glu_limit: Optional[float] = None
     up_shift: float = 0.0
+    gate_softcap: Optional[float] = None
+    up_softcap: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
             raise MoESpecError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.hidden < 1 or self.ffn < 1:
             raise MoESpecError(f"hidden and ffn must be positive, got {self.hidden}, {self.ffn}")
-        check_glu_variant(self.activation, self.glu, self.act_alpha, self.glu_limit, self.up_shift)
+        check_glu_variant(self.activation, self.glu, **{k: getattr(self, k) for k in GLU_PLAIN})
 
     @property
     def glu_variant(self) -> dict:
         """The GLU variant as IR attributes (only the ones that differ from plain GLU)."""
-        v = {"act_alpha": self.act_alpha, "glu_limit": self.glu_limit, "up_shift": self.up_shift}
-        return {k: x for k, x in v.items() if x != GLU_PLAIN[k]}
+        return {k: getattr(self, k) for k in GLU_PLAIN if getattr(self, k) != GLU_PLAIN[k]}
 
     @property
     def num_experts(self) -> int:

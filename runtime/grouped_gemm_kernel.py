@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from moec.spec import ACTIVATIONS, check_glu_variant
+from moec.spec import ACTIVATIONS, GLU_PLAIN, check_glu_variant
 
 from .launch import Kernel, Launcher, cdiv, next_pow2
 from .render import render
@@ -58,18 +58,35 @@ ARG_NAMES = ("a_ptr", "w_ptr", "wup_ptr", "out_ptr", "pre_ptr", "pre_up_ptr", "o
              "stride_be", "stride_bn", "stride_bue", "stride_bun")
 
 
+def tanh_expr(y: str) -> str:
+    """``tanh(y)`` as a Triton expression (Triton 3.6 and 3.9 have no ``tl.math.tanh``): ``1 - 2 / (1 +
+    exp(2 y))``, which saturates to +-1 without overflow trouble (exp overflowing to inf gives 1)."""
+    return f"(1.0 - 2.0 / (1.0 + tl.exp(2.0 * ({y}))))"
+
+
+def softcap_expr(x: str, cap: float) -> str:
+    """``cap * tanh(x / cap)`` (Inkling2's softcap) as a Triton expression."""
+    c = repr(float(cap))
+    return f"({c} * {tanh_expr(f'({x}) / {c}')})"
+
+
 def epilogue_exprs(activation: Optional[str], act_alpha: float = 1.0, glu_limit: Optional[float] = None,
-                   up_shift: float = 0.0) -> dict:
+                   up_shift: float = 0.0, gate_softcap: Optional[float] = None,
+                   up_softcap: Optional[float] = None) -> dict:
     """Triton expressions of the fp32 epilogue: ``gate_expr`` (from ``acc``), ``activation_expr`` (of
     ``x``) and ``up_expr`` (from ``acc_up``). Clamps are ``tl.where`` so a NaN stays NaN, as in torch."""
     act = ACTIVATION_EXPR[activation]
     if act_alpha != 1.0:
         act = f"x / (1.0 + tl.exp(-{act_alpha!r} * x))"
+    if gate_softcap is not None:        # softcap(x) * sigmoid(alpha x): the sigmoid sees the raw gate
+        act = f"{softcap_expr('x', gate_softcap)} / (1.0 + tl.exp(-{float(act_alpha)!r} * x))"
     gate, up = "acc", "acc_up"
     if glu_limit is not None:
         lim = repr(float(glu_limit))
         gate = f"tl.where(acc > {lim}, {lim}, acc)"
         up = f"tl.where(acc_up > {lim}, {lim}, tl.where(acc_up < -{lim}, -{lim}, acc_up))"
+    if up_softcap is not None:
+        up = softcap_expr(up, up_softcap)
     if up_shift != 0.0:
         up = f"({up}) + {float(up_shift)!r}"
     return {"gate_expr": gate, "activation_expr": act, "up_expr": up}
@@ -95,6 +112,8 @@ class GroupedGemmParams:
     act_alpha: float = 1.0              # the GLU variant (moec.spec.MoESpec)
     glu_limit: Optional[float] = None
     up_shift: float = 0.0
+    gate_softcap: Optional[float] = None
+    up_softcap: Optional[float] = None
     gather_top_k: int = 0               # > 0: row r reads a[order[r] // gather_top_k]
     scatter: bool = False               # row r is stored at out[order[r]]
     scale: bool = False                 # row r *= scale_vec[order[r]] (routed) or scale_vec[r]
@@ -115,7 +134,7 @@ class GroupedGemmParams:
             raise ValueError("bias_up needs glu")
         if self.store_pre and self.activation is None:
             raise ValueError("store_pre needs an activation (pre is its input)")
-        check_glu_variant(self.activation or "silu", self.glu, self.act_alpha, self.glu_limit, self.up_shift)
+        check_glu_variant(self.activation or "silu", self.glu, **self.variant)
         if self.gather_top_k < 0:
             raise ValueError(f"gather_top_k must be >= 0, got {self.gather_top_k}")
         check_gemm_tile(self.tile)
@@ -126,6 +145,11 @@ class GroupedGemmParams:
     def routed(self) -> bool:
         return self.gather_top_k > 0 or self.scatter
 
+    @property
+    def variant(self) -> dict:
+        """The GLU variant's fields (`moec.spec.GLU_PLAIN`'s keys)."""
+        return {k: getattr(self, k) for k in GLU_PLAIN}
+
     def fn_name(self) -> str:
         parts = ["grouped_gemm"]
         if self.gather_top_k:
@@ -135,7 +159,7 @@ class GroupedGemmParams:
         parts.append(self.activation or "linear")
         if self.glu:
             parts.append("glu")
-        if (self.act_alpha, self.glu_limit, self.up_shift) != (1.0, None, 0.0):
+        if self.variant != GLU_PLAIN:
             parts.append("variant")
         if self.scale:
             parts.append("scaled")
@@ -163,7 +187,7 @@ def render_grouped_gemm(params: GroupedGemmParams) -> Kernel:
                     out_dtype=str(params.out_dtype).replace("torch.", ""), tile=params.tile,
                     bias=params.bias, bias_up=params.bias_up,
                     bucket=bucket_text(*params.bucket) if params.bucket else "every T",
-                    **epilogue_exprs(params.activation, params.act_alpha, params.glu_limit, params.up_shift))
+                    **epilogue_exprs(params.activation, **params.variant))
     return Kernel(source, name, ARG_NAMES)
 
 

@@ -23,9 +23,9 @@ import torch
 from torch import Tensor
 
 from moec.ir.tiles import GemmTile, bucket_suffix, bucket_text
-from moec.spec import ACTIVATIONS, check_glu_variant
+from moec.spec import ACTIVATIONS, GLU_PLAIN, check_glu_variant
 
-from .grouped_gemm_kernel import ACTIVATION_EXPR, _one_line, check_gemm_tile, expert_weight, grid_rows
+from .grouped_gemm_kernel import ACTIVATION_EXPR, _one_line, check_gemm_tile, expert_weight, grid_rows, tanh_expr
 from .launch import Kernel, cdiv, next_pow2
 from .render import render
 
@@ -53,7 +53,8 @@ WGRAD_ARGS = ("a_ptr", "b_ptr", "out_ptr", "dbias_ptr", "offsets_ptr", "order_pt
 
 
 def act_grad_exprs(activation: str, act_alpha: float = 1.0, glu_limit: Optional[float] = None,
-                   up_shift: float = 0.0) -> dict:
+                   up_shift: float = 0.0, gate_softcap: Optional[float] = None,
+                   up_softcap: Optional[float] = None) -> dict:
     """Triton expressions of the activation's backward epilogue: the clamped gate ``gate_expr`` (from the
     loaded ``acc_g``), ``activation_expr`` and ``dactivation_expr`` (of ``x``), the up operand ``up_expr``
     (from ``acc_up``), and ``gate_pass``/``up_pass``: 1 where the clamp passes the gradient, as torch's
@@ -70,6 +71,17 @@ def act_grad_exprs(activation: str, act_alpha: float = 1.0, glu_limit: Optional[
         up = f"tl.where(acc_up > {lim}, {lim}, tl.where(acc_up < -{lim}, -{lim}, acc_up))"
         gate_pass = f"tl.where(acc_g > {lim}, 0.0, 1.0)"
         up_pass = f"tl.where((acc_up > {lim}) | (acc_up < -{lim}), 0.0, 1.0)"
+    if gate_softcap is not None:
+        # act(x) = s(x) * sig(a x), s(x) = c tanh(x / c): act' = (1 - tanh^2) sig + s a sig (1 - sig)
+        a, c = repr(float(act_alpha)), repr(float(gate_softcap))
+        t, sig = tanh_expr(f"x / {c}"), f"(1.0 / (1.0 + tl.exp(-{a} * x)))"
+        act = f"({c} * {t} * {sig})"
+        dact = f"((1.0 - {t} * {t}) * {sig} + {c} * {t} * {a} * {sig} * (1.0 - {sig}))"
+    if up_softcap is not None:          # d softcap(u) / du = 1 - tanh(u / c)^2, of the clamped u
+        c = repr(float(up_softcap))
+        t = tanh_expr(f"({up}) / {c}")
+        up = f"({c} * {t})"
+        up_pass = f"({up_pass}) * (1.0 - {t} * {t})"
     if up_shift != 0.0:
         up = f"({up}) + {float(up_shift)!r}"
     return {"gate_expr": gate, "activation_expr": act, "dactivation_expr": dact, "up_expr": up,
@@ -89,6 +101,8 @@ class GroupedDgradParams:
     act_alpha: float = 1.0
     glu_limit: Optional[float] = None
     up_shift: float = 0.0
+    gate_softcap: Optional[float] = None
+    up_softcap: Optional[float] = None
     scale: bool = False                 # act_grad: d h times the routing weight (scale[order[r]] / scale[r])
     store_h: bool = False               # act_grad: write h
     scatter: bool = False               # not act_grad: row r stored at out[order[r]]
@@ -105,7 +119,7 @@ class GroupedDgradParams:
                 raise ValueError(f"act_grad needs an activation from {ACTIVATIONS}, got {self.activation!r}")
             if self.two or self.scatter:
                 raise ValueError("act_grad goes with neither two nor scatter")
-            check_glu_variant(self.activation, self.glu, self.act_alpha, self.glu_limit, self.up_shift)
+            check_glu_variant(self.activation, self.glu, **self.variant)
         elif self.glu or self.scale or self.store_h or self.activation is not None:
             raise ValueError("glu, scale, store_h and activation belong to act_grad")
         if self.gather_top_k < 0:
@@ -116,6 +130,11 @@ class GroupedDgradParams:
     def routed(self) -> bool:
         return self.gather_top_k > 0 or self.scatter
 
+    @property
+    def variant(self) -> dict:
+        """The GLU variant's fields (`moec.spec.GLU_PLAIN`'s keys)."""
+        return {k: getattr(self, k) for k in GLU_PLAIN}
+
     def fn_name(self) -> str:
         parts = ["grouped_dgrad"]
         if self.gather_top_k:
@@ -124,7 +143,7 @@ class GroupedDgradParams:
             parts.append("two")
         if self.act_grad:
             parts += [self.activation] + (["glu"] if self.glu else [])
-            if (self.act_alpha, self.glu_limit, self.up_shift) != (1.0, None, 0.0):
+            if self.variant != GLU_PLAIN:
                 parts.append("variant")
         if self.scatter:
             parts.append("scatter")
@@ -136,7 +155,7 @@ class GroupedDgradParams:
 @functools.lru_cache(maxsize=None)
 def render_grouped_dgrad(params: GroupedDgradParams) -> Kernel:
     name = params.fn_name()
-    exprs = act_grad_exprs(params.activation, params.act_alpha, params.glu_limit, params.up_shift) \
+    exprs = act_grad_exprs(params.activation, **params.variant) \
         if params.act_grad else dict.fromkeys(("gate_expr", "activation_expr", "dactivation_expr", "up_expr",
                                                "gate_pass", "up_pass"), "0.0")
     source = render("grouped_dgrad.py.jinja", fn_name=name, header=_one_line(params.header),

@@ -99,8 +99,9 @@ def _shrink(cfg, layers: int = 2) -> None:
             _shrink(sub, layers)
 
 
-def build(name: str, seed: int = 0, **kwargs):
-    """An eval-mode fp32 tiny model of family ``name`` (random weights, selection biases too)."""
+def build(name: str, seed: int = 0, experts_implementation=None, **kwargs):
+    """An eval-mode fp32 tiny model of family ``name`` (random weights, selection biases too); ``kwargs`` set
+    config fields, ``experts_implementation`` goes to ``from_config``."""
     import transformers
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
@@ -113,7 +114,8 @@ def build(name: str, seed: int = 0, **kwargs):
     for key, value in kwargs.items():
         setattr(cfg, key, value)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32).eval()
+    extra = {"experts_implementation": experts_implementation} if experts_implementation else {}
+    model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32, **extra).eval()
     with torch.no_grad():
         for m in model.modules():
             for attr in ("e_score_correction_bias", "expert_bias"):

@@ -31,7 +31,9 @@ from moec.runtime.launch import cdiv
 from moec.spec import MoESpec, MoEWeights, RouterConfig, SharedExpertConfig
 
 VARIANTS = [("silu", True, {}), ("gelu", False, {}), ("gelu_tanh", True, {}), ("relu", False, {}),
-            ("relu2", False, {}), ("silu", True, {"act_alpha": 1.702, "glu_limit": 0.5, "up_shift": 1.0})]
+            ("relu2", False, {}), ("silu", True, {"act_alpha": 1.702, "glu_limit": 0.5, "up_shift": 1.0}),
+            ("silu", True, {"gate_softcap": 0.4, "up_softcap": 0.5}),
+            ("gelu", True, {"up_softcap": 0.5, "glu_limit": 0.3, "up_shift": 1.0})]
 
 
 # ---- the kernels against autograd -------------------------------------------------------------
@@ -47,7 +49,7 @@ def _routing(T, E, k, g, one_expert=False):
     return ids, torch.rand(T, k, generator=g)
 
 
-@pytest.mark.parametrize("act,glu,variant", VARIANTS, ids=[f"{a}{'_glu' if g else ''}{'_variant' if v else ''}"
+@pytest.mark.parametrize("act,glu,variant", VARIANTS, ids=[f"{a}{'_glu' if g else ''}{''.join('_' + k for k in v)}"
                                                            for a, g, v in VARIANTS])
 @pytest.mark.parametrize("T", [0, 1, 13])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

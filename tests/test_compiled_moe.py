@@ -251,6 +251,10 @@ def specs(draw, router):
         variant = {"glu_limit": draw(st.sampled_from([None, 0.5, 7.0])), "up_shift": draw(st.sampled_from([0.0, 1.0]))}
         if activation == "silu":
             variant["act_alpha"] = draw(st.sampled_from([1.0, 1.702]))
+    if glu and draw(st.integers(0, 3)) == 0:          # now and then Inkling2's softcapped SwiGLU, or a part of it
+        variant["up_softcap"] = draw(st.sampled_from([None, 0.5, 3.0]))
+        if activation == "silu":
+            variant["gate_softcap"] = draw(st.sampled_from([None, 0.4, 3.0]))
     return MoESpec(hidden=draw(st.sampled_from(HIDDEN)), ffn=draw(st.integers(8, 80)), router=r,
                    activation=activation, glu=glu, shared=shared, expert_bias=draw(st.booleans()), **variant)
 
@@ -337,6 +341,8 @@ NAMED = {
                        act_alpha=1.702, glu_limit=0.5, up_shift=1.0),
     "bias_plain_gelu": MoESpec(16, 40, RouterConfig(6, 3, renormalize=True), glu=False, activation="gelu",
                                expert_bias=True, shared=SharedExpertConfig(16)),
+    "inkling_softcapped": MoESpec(32, 24, RouterConfig(8, 2, score="sigmoid", score_bias=True, renormalize=True,
+                                                       routed_scaling=2.5), gate_softcap=0.4, up_softcap=0.5),
 }
 
 
@@ -549,7 +555,11 @@ def test_aux_output_without_aux_loss_is_a_clear_error():
     (dict(glu=False, up_shift=1.0), "not gated"),
     (dict(glu_limit=-1.0), "glu_limit"),
     (dict(act_alpha=float("inf")), "act_alpha"),
-], ids=["alpha_on_gelu", "limit_without_glu", "shift_without_glu", "negative_limit", "infinite_alpha"])
+    (dict(activation="gelu", gate_softcap=3.0), "gate_softcap applies to silu only"),
+    (dict(glu=False, up_softcap=3.0), "not gated"),
+    (dict(up_softcap=0.0), "up_softcap must be a positive"),
+], ids=["alpha_on_gelu", "limit_without_glu", "shift_without_glu", "negative_limit", "infinite_alpha",
+        "gate_softcap_on_gelu", "up_softcap_without_glu", "zero_softcap"])
 def test_bad_glu_variant_is_a_clear_error(options, cause):
     with pytest.raises(MoESpecError, match=cause):
         MoESpec(16, 16, RouterConfig(4, 1), **options)

@@ -1,6 +1,6 @@
 """Every MoE family of the installed transformers against eager (tests/hf_sweep.py): never wrong,
 never a crash. CI checks a subset (routers that take a selection bias as an argument, hybrids,
-squared-ReLU experts, a selection bias inside the router, an MLP router that stays eager with its reason); ``HYPOTHESIS_PROFILE=large``
+squared-ReLU experts, a selection bias inside the router, a softcapped SwiGLU, an MLP router that stays eager with its reason); ``HYPOTHESIS_PROFILE=large``
 checks every family."""
 import os
 
@@ -11,15 +11,15 @@ pytest.importorskip("transformers")
 import hf_sweep  # noqa: E402
 
 SUBSET = ["afmoe", "hy_v3", "minimax_m2", "deepseek_v2", "qwen3_next", "nemotron_h", "cohere2_moe", "zaya",
-          "ernie4_5_moe"]
+          "ernie4_5_moe", "inkling2_text"]
 ALL = os.environ.get("HYPOTHESIS_PROFILE") == "large"
 NAMES = hf_sweep.families() if ALL else [n for n in SUBSET if n in hf_sweep.families()]
 
 
 # routers called as router(x, e_score_correction_bias), hooked with output_router_logits; relu**2 experts; a
-# selection bias kept in a submodule of the router (ERNIE)
+# selection bias kept in a submodule of the router (ERNIE); a softcapped SwiGLU module (Inkling2)
 MUST_LIFT = {"afmoe", "hy_v3", "minimax_m2", "nemotron_h", "deepseek_v2", "qwen3_next", "cohere2_moe",
-             "ernie4_5_moe"}
+             "ernie4_5_moe", "inkling2_text"}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -52,3 +52,44 @@ def test_a_hooked_router_whose_call_cannot_be_repeated_runs_eager():
         want = eager(input_ids=ids, output_router_logits=True)
     torch.testing.assert_close(got.logits, want.logits, rtol=2e-4, atol=2e-4)
     assert "hooks on the router" in model.explain()
+
+
+@pytest.mark.parametrize("path", ["compile", "experts_implementation"])
+def test_softcapped_swiglu(path):
+    """Inkling2's softcapped SwiGLU, with softcaps small enough to bend every activation: read off the
+    activation module by evaluating it, forward and gradients equal to eager's, through ``moec.compile``
+    and through ``experts_implementation="moec"``."""
+    import copy
+
+    import torch
+
+    import moec
+    import moec.hf
+    if "inkling2_text" not in hf_sweep.families():
+        pytest.skip("no inkling2_text in this transformers")
+    caps = dict(mlp_gate_softcap=0.02, mlp_up_softcap=0.03)
+    ids = torch.randint(3, hf_sweep.VOCAB, (2, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():             # the caps matter: without them the logits differ
+        plain = hf_sweep.build("inkling2_text", mlp_gate_softcap=1e4, mlp_up_softcap=1e4)(input_ids=ids).logits
+    if path == "compile":
+        eager = hf_sweep.build("inkling2_text", **caps)
+        model = moec.compile(copy.deepcopy(eager))
+    else:
+        assert moec.hf.register()
+        eager = hf_sweep.build("inkling2_text", experts_implementation="eager", **caps)
+        model = hf_sweep.build("inkling2_text", experts_implementation="moec", **caps)
+    outs = []
+    for net in (eager, model):
+        out = net(input_ids=ids).logits
+        out.square().mean().backward()
+        outs.append((out.detach(), {n: p.grad for n, p in net.named_parameters() if "experts" in n}))
+    (want, gw), (got, gg) = outs
+    assert (want - plain).abs().max() > 1e-2
+    torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-4)
+    assert gw and all(torch.allclose(gg[n], gw[n], rtol=1e-3, atol=1e-5) for n in gw if gw[n] is not None)
+    if path == "compile":
+        specs = [m.__dict__["_moec_region"].spec for m in model.modules() if "_moec_region" in m.__dict__]
+        assert specs and all((s.gate_softcap, s.up_softcap) == (0.02, 0.03) for s in specs)
+        assert "gate_softcap=0.02, up_softcap=0.03" in model.explain()
+    else:
+        assert set(moec.hf.calls(model)) >= {"kernels forward and backward"}, moec.hf.calls(model)

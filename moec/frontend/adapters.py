@@ -97,15 +97,51 @@ def activation_of(fn: Callable) -> Optional[str]:
     return None
 
 
+def module_numbers(m: nn.Module) -> list:
+    """The positive finite numbers a module tree keeps as plain attributes (a softcap's ``c``)."""
+    out = []
+    for sub in m.modules():
+        for v in vars(sub).values():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf") and v not in out:
+                out.append(float(v))
+    return out[:8]
+
+
+def gated_form(act: nn.Module) -> Optional[tuple]:
+    """``(activation, GLU variant)`` that a gated activation module ``act(gate, up)`` computes, found by
+    evaluating it (a copy, RNG forked) on a grid of gate and up values and comparing with
+    `moec.reference.gated` for each form its numbers allow: plain GLU of each activation, and
+    softcapped (`moec.spec.MoESpec`'s ``gate_softcap``/``up_softcap``) with the module's own constants.
+    None when no form matches."""
+    g = torch.linspace(-6.0, 6.0, 49)[:, None].expand(49, 17).contiguous()
+    u = torch.linspace(-5.0, 5.0, 17)[None, :].expand(49, 17).contiguous()
+    try:
+        fn = copy.deepcopy(act)
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            y = fn(g.clone(), u.clone())
+    except Exception:  # noqa: BLE001 - not a gated activation of (gate, up)
+        return None
+    if not isinstance(y, torch.Tensor) or y.shape != g.shape:
+        return None
+    caps = [None] + module_numbers(act)
+    for name in ACTIVATIONS:
+        for gate_cap in (caps if name == "silu" else [None]):
+            for up_cap in caps:
+                variant = {k: v for k, v in (("gate_softcap", gate_cap), ("up_softcap", up_cap)) if v is not None}
+                if torch.allclose(y.float(), reference.gated(g, u, name, **variant), rtol=1e-5, atol=1e-5):
+                    return name, variant
+    return None
+
+
 def known_activation(act: nn.Module) -> bool:
-    """Whether ``act`` is one of moec's activations, or a gated one taking ``(gate, up)`` (moec's GLU forms
-    are then read from the code)."""
+    """Whether ``act`` is one of moec's activations, or a gated one taking ``(gate, up)`` that computes one
+    of moec's GLU forms (`gated_form`)."""
     try:
         params = inspect.signature(act.forward).parameters
     except (TypeError, ValueError):
         return True
     if len([p for p in params.values() if p.default is inspect.Parameter.empty]) != 1:
-        return type(act).__name__.lower() in ("swiglu", "geglu")
+        return type(act).__name__.lower() in ("swiglu", "geglu") or gated_form(act) is not None
     return activation_of(act) is not None
 
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 from dataclasses import dataclass
 from typing import Optional
@@ -22,7 +23,7 @@ from torch import nn
 
 from .. import reference
 from ..spec import ACTIVATIONS
-from .adapters import known_activation
+from .adapters import gated_form, known_activation
 from .fx_ops import ACTIVATION_OPS, CASTS, int_arg, strip
 from .lifted import Src
 from .linears import linears
@@ -149,6 +150,7 @@ class ExpertLayout:
     verified: bool = False
     score: int = 0
     bias: bool = False          # b_up/b_down(/b_gate) fields: every expert projection adds a bias
+    variant: tuple = ()         # the GLU variant's items (`moec.spec.MoESpec`), from a gated activation module
 
     def build(self, tensors) -> dict:
         return {name: src.build(tensors) for name, src in self.fields}
@@ -334,8 +336,32 @@ def shared_layout(module: nn.Module, path: str, st: Structure):
     return ExpertLayout(lay.glu, lay.activation, lay.ffn, lay.paths, fields, lay.desc, verified=True)
 
 
-def stacked_layouts(st: Structure, activations_hint: list) -> list:
-    """Every reading of stacked 3-D expert weights that the shapes allow, best-named first."""
+def gated_activation(module: nn.Module, st: Structure) -> Optional[tuple]:
+    """``(activation, GLU variant)`` of the gated activation module ``act(gate, up)`` the stacked experts'
+    module holds (Inkling2's softcapped SwiGLU), read by evaluating it (`adapters.gated_form`); None
+    when it holds none, or one that computes no form of moec's."""
+    owners = dict.fromkeys(path.rpartition(".")[0] for path, _ in st.stacked)
+    for owner in owners:
+        for child in module.get_submodule(owner).children():
+            if next(child.parameters(), None) is None and _takes_two(child):
+                form = gated_form(child)
+                if form is not None:
+                    return form
+    return None
+
+
+def _takes_two(m: nn.Module) -> bool:
+    try:
+        params = inspect.signature(m.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return len([p for p in params if p.default is inspect.Parameter.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]) == 2
+
+
+def stacked_layouts(st: Structure, activations_hint: list, gated: Optional[tuple] = None) -> list:
+    """Every reading of stacked 3-D expert weights that the shapes allow, best-named first. ``gated``:
+    the experts' gated activation (`gated_activation`): GLU readings then compute exactly that."""
     d = st.d
     params = st.stacked
 
@@ -359,6 +385,9 @@ def stacked_layouts(st: Structure, activations_hint: list) -> list:
 
     hinted = [a for a in activations_hint if a in ACTIVATIONS]
     glu_acts = hinted + [a for a in ("silu", "gelu_tanh", "gelu", "relu", "relu2") if a not in hinted]
+    variant = ()
+    if gated is not None:
+        glu_acts, variant = [gated[0]], tuple(sorted(gated[1].items()))
     plain_acts = hinted + [a for a in ("relu", "gelu", "gelu_tanh", "silu", "relu2") if a not in hinted]
     paths = [p for p, _ in params]
     out = []
@@ -388,8 +417,8 @@ def stacked_layouts(st: Structure, activations_hint: list) -> list:
                                     True, a, f, paths,
                                     [("w_gate", Src((ri,), transpose=rt, rows=grows)),
                                      ("w_up", Src((ri,), transpose=rt, rows=urows)), down],
-                                    f"gate,up={rpath}{'.mT' if rt else ''} ({sname}), down={dpath}{'.mT' if dt else ''}, {a}",
-                                    score=base + cons + fused + pref))
+                                    f"gate,up={rpath}{'.mT' if rt else ''} ({sname}), down={dpath}{'.mT' if dt else ''}, "
+                                    f"{_act_text(a, variant)}", score=base + cons + fused + pref, variant=variant))
             elif len(rest) == 2:
                 (gi, ui) = rest
                 for gX, gt in as_in(params[gi][1]):
@@ -404,9 +433,14 @@ def stacked_layouts(st: Structure, activations_hint: list) -> list:
                                     True, a, f, paths,
                                     [("w_gate", Src((g_,), transpose=gt_)), ("w_up", Src((u_,), transpose=ut_)), down],
                                     f"gate={gp}{'.mT' if gt_ else ''}, up={up_}{'.mT' if ut_ else ''}, "
-                                    f"down={dpath}{'.mT' if dt else ''}, {a}",
-                                    score=base + cons + 2 * _score(gp, _GATE_WORDS) + 2 * _score(up_, _UP_WORDS)))
+                                    f"down={dpath}{'.mT' if dt else ''}, {_act_text(a, variant)}",
+                                    score=base + cons + 2 * _score(gp, _GATE_WORDS) + 2 * _score(up_, _UP_WORDS),
+                                    variant=variant))
     # best names first; stable, so activations stay in hint order within a reading
     order = {id(l): i for i, l in enumerate(out)}
     out.sort(key=lambda l: (-l.score, order[id(l)]))
     return out
+
+
+def _act_text(activation: str, variant: tuple) -> str:
+    return activation + (f" ({', '.join(f'{k}={v:g}' for k, v in variant)})" if variant else "")

@@ -26,7 +26,7 @@ from ..spec import MoESpec, MoESpecError
 from .accounting import Coverage, unaccounted
 from .adapters import adapter_for
 from .candidates import Part, assemble, config_text, dedupe, router_configs, router_options, shared_options
-from .experts import ExpertLayout, list_layout, shared_layout, stacked_layouts
+from .experts import ExpertLayout, gated_activation, list_layout, shared_layout, stacked_layouts
 from .fx_ops import MATMULS, descendants
 from .lifted import LiftedMoE, NotLifted, WeightsRecipe, resolve
 from .idle_experts import idle_expert_grads
@@ -74,7 +74,7 @@ class _ExpertRows:
             biases = tuple(w[b][e] if b in w else None for b in ("b_gate", "b_up", "b_down"))
             self.Y[e, rows] = reference.expert_mlp(self.xf[rows], w["w_up"][e], w["w_down"][e],
                                                    w["w_gate"][e] if lay.glu else None, lay.activation,
-                                                   biases=biases)
+                                                   variant=dict(lay.variant), biases=biases)
         self.have |= need
         return self.Y
 
@@ -231,7 +231,7 @@ def _lift(module: nn.Module):
             return NotLifted(f"{cls}: {layout}")
         layouts = [layout]
     else:
-        layouts = stacked_layouts(st, hints.activations)
+        layouts = stacked_layouts(st, hints.activations, gated_activation(module, st))
         if not layouts:
             shapes = ", ".join(f"{p} {list(s)}" for p, s in st.stacked)
             return NotLifted(f"{cls}: stacked expert parameters {shapes} do not form gate/up/down projections "
@@ -281,7 +281,8 @@ def _lift(module: nn.Module):
                     for cfg in router_configs(st, hints, aux_out, router_bias, has_bias, has_noise):
                         try:
                             spec = MoESpec(hidden=st.d, ffn=layout.ffn, router=cfg, activation=layout.activation,
-                                           glu=layout.glu, shared=sh_cfg, expert_bias=layout.bias)
+                                           glu=layout.glu, shared=sh_cfg, expert_bias=layout.bias,
+                                           **dict(layout.variant))
                         except MoESpecError:
                             continue
                         for nd in (noise_dtypes if cfg.noisy else [None]):

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from moec import reference
 from moec.compiler import BackwardRecipe, ExpertsRecipe
 from moec.ir.backward import PRE_SAVED, grad_outputs, read_saved
-from moec.frontend.adapters import activation_of
+from moec.frontend.adapters import activation_of, gated_form, module_numbers
 from moec.region import Region, empty_with_grad, is_disabled
 from moec.runtime.autograd import KernelsBoth
 from moec.runtime.support import why_not_kernels
@@ -139,6 +139,10 @@ def _custom_gate(m: nn.Module, act: Optional[str], f: int):
     alpha, limit = getattr(m, "alpha", None), getattr(m, "limit", None)
     if isinstance(alpha, (int, float)) and isinstance(limit, (int, float)):     # GPT-OSS's clamped SwiGLU
         variants.append((("act_alpha", float(alpha)), ("glu_limit", float(limit)), ("up_shift", 1.0)))
+    act_fn = getattr(m, "act_fn", None)
+    gated = gated_form(act_fn) if isinstance(act_fn, nn.Module) else None     # Inkling2's softcapped SwiGLU
+    if gated is not None:
+        variants.append(tuple(sorted(gated[1].items())))
     for interleaved in (False, True):
         g, u = (z[:, 0::2], z[:, 1::2]) if interleaved else (z[:, :f], z[:, f:])
         for a in ([act] if act else ACTIVATIONS):
@@ -187,11 +191,12 @@ def read_layout(m: nn.Module, d: int):
     interleaved, variant = False, ()
     if glu and not _default_gate(m):
         gate_key = (getattr(type(m), "_apply_gate", None), act_fn, getattr(m, "alpha", None),
-                    getattr(m, "limit", None), f)
+                    getattr(m, "limit", None), f,
+                    tuple(module_numbers(act_fn)) if isinstance(act_fn, nn.Module) else ())
         form = _cached(m, "_moec_gate", gate_key, lambda: _custom_gate(m, act, f))
         if form is None:
             return (f"a custom gate ({type(m).__name__}._apply_gate) that is none of moec's GLU forms "
-                    f"(act(gate) * up, GPT-OSS's clamped SwiGLU; halved or interleaved columns)")
+                    f"(act(gate) * up, GPT-OSS's clamped SwiGLU, softcapped SwiGLU; halved or interleaved columns)")
         interleaved, act, variant = form
     if act is None:
         return f"activation {type(act_fn).__name__} (moec's experts compute silu, gelu, gelu_tanh, relu or relu**2)"
