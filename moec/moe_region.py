@@ -272,13 +272,16 @@ class MoERegion(Region):
                               None, x2, *tensors)
         else:
             outs = self.serve("kernels", self.kernels, x2, w, training, noise)
-        return self.pack(outs, x, w)
+        return self.pack(outs, x, w, module)
 
-    def pack(self, outs, x, w: MoEWeights):
+    def pack(self, outs, x, w: MoEWeights, module=None):
         """The forward's result from the program's outputs ``outs``: its items in its kinds, dtypes and
-        container (`moec.frontend.outputs`)."""
+        container (`moec.frontend.outputs`); a norm of the layer's output (`LiftedMoE.post`) is applied to y
+        as the forward applies it, by calling that child of ``module``."""
         got = dict(zip(self.outputs, outs))
         got["y"] = got["y"].reshape(x.shape)
+        if self.lifted.post is not None:
+            got["y"] = module.get_submodule(self.lifted.post)(got["y"])
         kinds = slots(self.lifted.outputs)
         rules = self.lifted.out_dtypes or ("x",) * len(kinds)
         items = []
@@ -346,7 +349,7 @@ class MoERegion(Region):
 
 
 _SHOWN_NOTES = ("traced router path", "experts:", "shared expert", "probe:", "training mode runs eager",
-                "eval mode runs eager")   # the rest: captured.txt
+                "eval mode runs eager", "output norm")   # the rest: captured.txt
 
 
 @dataclass(eq=False)

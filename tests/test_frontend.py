@@ -487,9 +487,13 @@ class _CappedExpert(zoo.GatedMLP):
 
 def test_explain_names_the_norm_or_activation_a_layer_lacks():
     """When no configuration reproduces a layer, the reason starts with what it holds that moec does not
-    compute: a norm of the layer's output, an expert activation of its own."""
+    compute: a norm not on the combined output (one on it is lifted: run after the kernels), an expert
+    activation of its own."""
     got = lift(_PostNormMoE())
-    assert isinstance(got, NotLifted) and "a norm of the layer's output (post_norm)" in got.reason, got
+    assert not isinstance(got, NotLifted) and got.post == "post_norm", got
+    got = lift(zoo.PreNormMoE())
+    assert isinstance(got, NotLifted) and "a norm outside the experts that the forward does not apply to the " \
+        "combined output alone (in_norm)" in got.reason, got
     m = zoo.MixtralMoE()
     m.experts = nn.ModuleList(_CappedExpert(16, 32) for _ in range(4))
     got = lift(m)

@@ -1,6 +1,6 @@
 """Every MoE family of the installed transformers against eager (tests/hf_sweep.py): never wrong,
 never a crash. CI checks a subset (routers that take a selection bias as an argument, hybrids,
-squared-ReLU experts, a selection bias inside the router, a softcapped SwiGLU, an MLP router that stays eager with its reason); ``HYPOTHESIS_PROFILE=large``
+squared-ReLU experts, a selection bias inside the router, a softcapped SwiGLU, a post-combine norm, an MLP router that stays eager with its reason); ``HYPOTHESIS_PROFILE=large``
 checks every family."""
 import os
 
@@ -11,15 +11,16 @@ pytest.importorskip("transformers")
 import hf_sweep  # noqa: E402
 
 SUBSET = ["afmoe", "hy_v3", "minimax_m2", "deepseek_v2", "qwen3_next", "nemotron_h", "cohere2_moe", "zaya",
-          "ernie4_5_moe", "inkling2_text"]
+          "ernie4_5_moe", "inkling2_text", "axk1"]
 ALL = os.environ.get("HYPOTHESIS_PROFILE") == "large"
 NAMES = hf_sweep.families() if ALL else [n for n in SUBSET if n in hf_sweep.families()]
 
 
 # routers called as router(x, e_score_correction_bias), hooked with output_router_logits; relu**2 experts; a
-# selection bias kept in a submodule of the router (ERNIE); a softcapped SwiGLU module (Inkling2)
+# selection bias kept in a submodule of the router (ERNIE); a softcapped SwiGLU module (Inkling2); a norm of the
+# combined output (A.X-K1)
 MUST_LIFT = {"afmoe", "hy_v3", "minimax_m2", "nemotron_h", "deepseek_v2", "qwen3_next", "cohere2_moe",
-             "ernie4_5_moe", "inkling2_text"}
+             "ernie4_5_moe", "inkling2_text", "axk1"}
 
 
 @pytest.mark.parametrize("name", NAMES)

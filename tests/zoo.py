@@ -1010,3 +1010,39 @@ class LogitsBiasTopKMoE(nn.Module):
             if tok.numel():
                 out.index_add_(0, tok, expert(x[tok]) * w[tok, slot, None].to(x.dtype))
         return (out + self.shared_experts(x)).reshape(shape)
+
+
+class PostNormMoE(MixtralMoE):
+    """Mixtral whose combined output is normalised inside the block (A.X-K1's ``post_mlp_layernorm``,
+    research blocks' ``self.norm(moe_out)``): an RMS norm with a learned scale, written out."""
+
+    def __init__(self, d: int = 16, f: int = 32, E: int = 4, k: int = 2):
+        super().__init__(d, f, E, k)
+        self.out_norm = RMSNorm(d)
+
+    def forward(self, hidden_states):
+        return self.out_norm(super().forward(hidden_states))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(1.0 + 0.1 * torch.randn(d))
+        self.eps = eps
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class PreNormMoE(MixtralMoE):
+    """Mixtral that normalises its *input* inside the block (a LayerNorm before the router and experts):
+    not a post-combine norm, so it stays eager."""
+
+    def __init__(self, d: int = 16, f: int = 32, E: int = 4, k: int = 2):
+        super().__init__(d, f, E, k)
+        self.in_norm = nn.LayerNorm(d)
+
+    def forward(self, hidden_states):
+        return super().forward(self.in_norm(hidden_states))

@@ -35,7 +35,7 @@ from .probe import TOKENS, Prober, mode_name, probe
 from .probe_harness import hooks_off
 from .router_call import router_calls
 from .router_hints import read_router
-from .structure import Structure, discover, experts_without_router, meta_or_none, unsupported_parts
+from .structure import Structure, discover, experts_without_router, meta_or_none, output_norms, unsupported_parts
 from .trace import Traced, trace_partial
 
 MAX_SCREENS = 4000
@@ -301,26 +301,34 @@ def _lift(module: nn.Module):
                                                weights=recipe, outputs=outputs, container=pr.container,
                                                out_dtypes=pr.out_dtypes,
                                                noise_dtype=(nd or st.dtype) if cfg.noisy else None,
-                                               notes=list(notes), observed=_observed(module, param_tensors.paths, recipe))
+                                               notes=list(notes), observed=_observed(module, param_tensors.paths, recipe),
+                                               post=pr.post_path)
                             msg = pr.check(lifted, screen)
                             if msg:
                                 if first_fail is None or first_fail.startswith(config_text(cfg)):
                                     first_fail = f"{config_text(cfg)}: {msg}"
                                 continue
                             _finish_notes(lifted, parts, layout, sh_part, cfg, st)
+                            if pr.post is not None:
+                                lifted.notes.append(f"output norm: {pr.post_path} ({type(pr.post).__name__}) applied "
+                                                    f"to the combined output, as torch code after the kernels")
                             yield lifted, pr.check(lifted, not screen)
 
-    # a configuration confirmed in both modes, else one confirmed in the current mode, else in the other
+    # a configuration confirmed in both modes, else one confirmed in the current mode, else in the other;
+    # with a norm of the layer's output (a child the forward applies last) first, when the module has one
     training = module.training
-    partial = None
-    for lifted, other in confirmed(training):
-        if other is None:
-            return lifted
-        partial = partial or _eager_in(lifted, not training, other)
-    if partial is None and tried <= MAX_SCREENS:
-        partial = next((_eager_in(lifted, training, other) for lifted, other in confirmed(not training)), None)
-    if partial is not None:
-        return partial
+    for post in output_norms(module, st) + [None]:
+        pr.post, pr.post_path = (module.get_submodule(post), post) if post else (None, None)
+        tried = 0
+        partial = None
+        for lifted, other in confirmed(training):
+            if other is None:
+                return lifted
+            partial = partial or _eager_in(lifted, not training, other)
+        if partial is None and tried <= MAX_SCREENS:
+            partial = next((_eager_in(lifted, training, other) for lifted, other in confirmed(not training)), None)
+        if partial is not None:
+            return partial
     lacks = unsupported_parts(module, st)     # the first feature it lacks, in words, before the probe's details
     if tried > MAX_SCREENS:
         return NotLifted(f"{cls}: {lacks}no configuration found within {MAX_SCREENS} candidates"

@@ -40,6 +40,8 @@ class LiftedMoE:
     - ``observed_calls``: for an observed router that takes more than the hidden states, how the
       forward calls it (`moec.frontend.router_call`; None: it cannot be called the same way, and a
       call with hooks on it runs eager).
+    - ``post``: the path of a child module (a norm of the layer's output) the forward applies to the
+      combined output before returning it; the compiled layer calls it on the kernels' output.
     - ``idle_experts``: ``{tensor index: expert}`` when the eager backward leaves the parameters of
       experts no token reached without a gradient (`moec.frontend.idle_experts`); the compiled
       backward then does too.
@@ -57,6 +59,7 @@ class LiftedMoE:
     observed: tuple[str, ...] = ()
     observed_calls: dict = field(default_factory=dict)
     idle_experts: dict = field(default_factory=dict)
+    post: Optional[str] = None          # a child (a norm) the forward applies to the combined output: run after
     eager_in: dict = field(default_factory=dict)
 
 

@@ -71,6 +71,8 @@ class Prober:
         self._cache: dict = {}
         self.effects: dict = {}          # (input, training, rank3) -> what the forward did besides returning
         self._x: dict = {}
+        self.post: Optional[nn.Module] = None     # a norm the forward applies to the combined output
+        self.post_path: Optional[str] = None
 
     def set_skew(self, w_router: torch.Tensor) -> None:
         """Input `SKEWED` leans on router row 0: ``x = 0.5 n + 4 w0 / |w0|^2`` (logit 0 is about 4)."""
@@ -160,6 +162,8 @@ class Prober:
         noise = self.noise(i, noise_dtype) if (training and cfg.noisy) else None
         if y_ref is None:
             y_ref, aux = reference.moe(x, w, spec, noise)
+        if self.post is not None:                 # the output norm, on the reference's output
+            y_ref = self.post.forward(y_ref)
         logits = reference.router_logits(x, w.w_router, w.b_router, w.w_noise, noise)
         keep = ~near_ties(logits, cfg, w.score_bias, self.dtype)
         msg = mismatch(y, y_ref, self.dtype, keep)

@@ -277,20 +277,34 @@ def meta_or_none(module: nn.Module) -> Optional[str]:
     return None
 
 
+def _is_norm(m: nn.Module) -> bool:
+    return isinstance(m, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)) or type(m).__name__.endswith("Norm")
+
+
+def output_norms(module: nn.Module, st: Structure) -> list:
+    """Paths of the module's norm children outside its experts, router and shared expert: candidates for a
+    norm the forward applies to the combined output (the probe decides)."""
+    taken = {p.split(".")[0] for p in st.shared}
+    taken |= {st.experts.split(".")[0]} if st.experts else {s[0].split(".")[0] for s in st.stacked}
+    taken |= {r.weight.split(".")[0] for r in st.routers}
+    return [name for name, m in module.named_children() if name not in taken and _is_norm(m)]
+
+
 def unsupported_parts(module: nn.Module, st: Structure) -> str:
     """What the layer holds that moec does not compute, in words (``"it applies ..., which moec does not
-    support; "``), else ``""``: normalisation modules (expert norms, a shared expert's norm, a norm of the
-    combined output) and expert activations none of moec's is (an activation module's output, evaluated)."""
+    support; "``), else ``""``: normalisation modules (expert norms, a shared expert's norm, a norm elsewhere
+    than on the combined output: that one moec runs after its kernels) and expert activations none of moec's
+    is (an activation module's output, evaluated)."""
     found = {}
     shared_roots = {p.split(".")[0] for p in st.shared}
     expert_roots = {st.experts.split(".")[0]} if st.experts else {s[0].split(".")[0] for s in st.stacked}
     for path, m in module.named_modules():
         name = type(m).__name__
         top = path.split(".")[0]
-        if path and (isinstance(m, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)) or name.endswith("Norm")):
+        if path and _is_norm(m):
             kind = ("expert norms" if top in expert_roots
                     else "a shared expert's norm" if top in shared_roots or "shared" in top
-                    else "a norm of the layer's output")
+                    else "a norm outside the experts that the forward does not apply to the combined output alone")
             found.setdefault(kind, []).append(path)
         act = getattr(m, "act_fn", None)
         if top in expert_roots | shared_roots and isinstance(act, nn.Module) and not known_activation(act):
