@@ -11,6 +11,8 @@ cache, so attention sees that one token), as
 - ``eager``: ``experts_implementation="eager"`` (the per-expert loop),
 - ``grouped_mm``: ``experts_implementation="grouped_mm"`` (``torch._grouped_mm``),
 - ``moec``: ``moec.compile`` of the eager model (router + experts + combine lifted into moec's kernels),
+- ``moec-graphs``: ``moec.compile(..., mode="reduce-overhead")``: the same kernels replayed as one CUDA
+  graph per token count (decode: one graph launch instead of a launch per kernel),
 - ``moec-experts``: ``experts_implementation="moec"`` (transformers' router, moec's fused experts),
 
 each the full decoder layer (norms, attention, MoE block) and, in a second column, the MoE block
@@ -43,7 +45,7 @@ SMALL = {
                                      num_experts_per_tok=2, norm_topk_prob=True, num_attention_heads=4,
                                      num_key_value_heads=2, head_dim=8)),
 }
-METHODS = ("eager", "grouped_mm", "moec", "moec-experts")
+METHODS = ("eager", "grouped_mm", "moec", "moec-graphs", "moec-experts")
 
 
 def bench(fn, cuda: bool) -> float:
@@ -102,7 +104,8 @@ def measure(name: str, sizes: dict, tokens, device, dtype, log) -> list[dict]:
     moec.hf.register()
     cuda = device.type == "cuda"
     base = build(name, sizes, dtype, device, "eager")
-    models = {"eager": base, "moec": moec.compile(copy.deepcopy(base))}
+    models = {"eager": base, "moec": moec.compile(copy.deepcopy(base)),
+              "moec-graphs": moec.compile(copy.deepcopy(base), mode="reduce-overhead")}
     for impl in ("grouped_mm", "moec"):
         m = copy.deepcopy(base)
         m.config._experts_implementation = impl
