@@ -69,8 +69,13 @@ class GraphCache:
 
 
 def not_capturable(x: torch.Tensor) -> str:
-    """Why a call on ``x`` cannot be captured ("" when it can): CUDA graphs need a CUDA tensor."""
-    return "" if x.is_cuda else "not on a GPU"
+    """Why a call on ``x`` cannot be captured ("" when it can): CUDA graphs need a CUDA tensor, and a call
+    inside the caller's own capture is captured by that one (a capture cannot start inside another)."""
+    if not x.is_cuda:
+        return "not on a GPU"
+    if torch.cuda.is_current_stream_capturing():
+        return "the caller is capturing a CUDA graph (the kernels are captured in it)"
+    return ""
 
 
 def graph_key(inputs: dict[str, torch.Tensor]) -> tuple:

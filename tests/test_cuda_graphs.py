@@ -142,3 +142,22 @@ def test_cuda_graph_replay_equals_eager(make):
             torch.testing.assert_close(model(x), _eager(twin, x), rtol=1e-4, atol=1e-4)
     caches = [g for (_, _, _, g) in _region(model)._kept.programs.values()]
     assert sum(g.captures for g in caches) == 2 and sum(g.replays for g in caches) == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_a_call_inside_the_callers_capture_is_captured_by_it():
+    """A model compiled with mode="reduce-overhead" called inside the caller's own CUDA graph capture starts no
+    capture of its own: its kernels land in the caller's graph, whose replay equals eager."""
+    torch.manual_seed(0)
+    model = moec.compile(zoo.MixtralMoE().cuda().eval(), mode="reduce-overhead")
+    twin = copy.deepcopy(model)
+    x = torch.randn(1, 3, 16, device="cuda")
+    with torch.no_grad():
+        model(x)                                        # kernels compiled outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = model(x)
+        x.copy_(torch.randn(1, 3, 16, device="cuda"))
+        graph.replay()
+        torch.testing.assert_close(y, _eager(twin, x), rtol=1e-4, atol=1e-4)
+    assert any("the caller is capturing" in why for why in _region(model).graph_skips)
