@@ -165,7 +165,8 @@ class MoESpec:
       ``softcap(up)`` enters the product (before ``up_shift``), all in fp32;
     - ``expert_bias``: each expert's projections add a bias (``b_gate``/``b_up`` ``[E, f]``,
       ``b_down`` ``[E, d]``); the routing weight multiplies the down projection *with* its bias.
-      A shared expert stays bias-free and plain GLU.
+      A shared expert stays bias-free; it computes the layer's activation with the same GLU variant
+      (MiniMax-M3 clamps both alike).
     """
 
     hidden: int

@@ -1,6 +1,6 @@
 """Every MoE family of the installed transformers against eager (tests/hf_sweep.py): never wrong,
 never a crash. CI checks a subset (routers that take a selection bias as an argument, hybrids,
-squared-ReLU experts, a selection bias inside the router, a softcapped SwiGLU, a post-combine norm, an MLP router that stays eager with its reason); ``HYPOTHESIS_PROFILE=large``
+squared-ReLU experts, a selection bias inside the router, a softcapped SwiGLU, a post-combine norm, a clamped SwiGLU in routed and shared experts, an MLP router that stays eager with its reason); ``HYPOTHESIS_PROFILE=large``
 checks every family."""
 import os
 
@@ -11,16 +11,16 @@ pytest.importorskip("transformers")
 import hf_sweep  # noqa: E402
 
 SUBSET = ["afmoe", "hy_v3", "minimax_m2", "deepseek_v2", "qwen3_next", "nemotron_h", "cohere2_moe", "zaya",
-          "ernie4_5_moe", "inkling2_text", "axk1"]
+          "ernie4_5_moe", "inkling2_text", "axk1", "minimax_m3_vl_text"]
 ALL = os.environ.get("HYPOTHESIS_PROFILE") == "large"
 NAMES = hf_sweep.families() if ALL else [n for n in SUBSET if n in hf_sweep.families()]
 
 
 # routers called as router(x, e_score_correction_bias), hooked with output_router_logits; relu**2 experts; a
 # selection bias kept in a submodule of the router (ERNIE); a softcapped SwiGLU module (Inkling2); a norm of the
-# combined output (A.X-K1)
+# combined output (A.X-K1); a clamped SwiGLU in a custom gate and in the shared expert (MiniMax-M3)
 MUST_LIFT = {"afmoe", "hy_v3", "minimax_m2", "nemotron_h", "deepseek_v2", "qwen3_next", "cohere2_moe",
-             "ernie4_5_moe", "inkling2_text", "axk1"}
+             "ernie4_5_moe", "inkling2_text", "axk1", "minimax_m3_vl_text"}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -94,3 +94,35 @@ def test_softcapped_swiglu(path):
         assert "gate_softcap=0.02, up_softcap=0.03" in model.explain()
     else:
         assert set(moec.hf.calls(model)) >= {"kernels forward and backward"}, moec.hf.calls(model)
+
+
+def test_clamped_swiglu_in_routed_and_shared_experts():
+    """MiniMax-M3: the experts' custom gate (``_apply_gate``: GPT-OSS's clamped SwiGLU on chunked halves) read
+    by evaluating it, the shared expert computing the same; a clamp tight enough to bind on every token:
+    logits and gradients equal eager's."""
+    import copy
+
+    import torch
+
+    import moec
+    name = "minimax_m3_vl_text"
+    if name not in hf_sweep.families():
+        pytest.skip(f"no {name} in this transformers")
+    tight = dict(swiglu_limit=0.05, swiglu_alpha=1.702)
+    ids = torch.randint(3, hf_sweep.VOCAB, (2, 6), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():             # the clamp binds: without it the logits differ
+        loose = hf_sweep.build(name, swiglu_limit=1e3, swiglu_alpha=1.702)(input_ids=ids).logits
+    eager = hf_sweep.build(name, **tight)
+    model = moec.compile(copy.deepcopy(eager))
+    specs = [m.__dict__["_moec_region"].spec for m in model.modules() if "_moec_region" in m.__dict__]
+    assert specs and all(s.glu_limit == 0.05 and s.act_alpha == 1.702 and s.up_shift == 1.0 and s.shared
+                         for s in specs), specs
+    outs = []
+    for net in (eager, model):
+        out = net(input_ids=ids).logits
+        out.square().mean().backward()
+        outs.append((out.detach(), {n: p.grad for n, p in net.named_parameters() if ".mlp." in n}))
+    (want, gw), (got, gg) = outs
+    assert (want - loose).abs().max() > 1e-2
+    torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-4)
+    assert gw and all(torch.allclose(gg[n], gw[n], rtol=1e-3, atol=1e-5) for n in gw if gw[n] is not None)

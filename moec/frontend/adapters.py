@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .. import reference
-from ..spec import ACTIVATIONS, MoESpec, MoESpecError, RouterConfig
+from ..spec import ACTIVATIONS, GLU_PLAIN, MoESpec, MoESpecError, RouterConfig
 from .lifted import LiftedMoE, NotLifted, ParamTensors, Src, WeightsRecipe
 
 Built = Union[LiftedMoE, NotLifted, None]
@@ -113,8 +113,10 @@ def gated_form(act: nn.Module) -> Optional[tuple]:
     `moec.reference.gated` for each form its numbers allow: plain GLU of each activation, and
     softcapped (`moec.spec.MoESpec`'s ``gate_softcap``/``up_softcap``) with the module's own constants.
     None when no form matches."""
-    g = torch.linspace(-6.0, 6.0, 49)[:, None].expand(49, 17).contiguous()
-    u = torch.linspace(-5.0, 5.0, 17)[None, :].expand(49, 17).contiguous()
+    caps = [None] + module_numbers(act)
+    reach = 3.0 * max([c for c in caps if c is not None] + [2.0])     # well past every candidate cap
+    g = torch.linspace(-reach, reach, 49)[:, None].expand(49, 17).contiguous()
+    u = torch.linspace(-reach, reach, 17)[None, :].expand(49, 17).contiguous()
     try:
         fn = copy.deepcopy(act)
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
@@ -123,13 +125,40 @@ def gated_form(act: nn.Module) -> Optional[tuple]:
         return None
     if not isinstance(y, torch.Tensor) or y.shape != g.shape:
         return None
-    caps = [None] + module_numbers(act)
     for name in ACTIVATIONS:
         for gate_cap in (caps if name == "silu" else [None]):
             for up_cap in caps:
                 variant = {k: v for k, v in (("gate_softcap", gate_cap), ("up_softcap", up_cap)) if v is not None}
                 if torch.allclose(y.float(), reference.gated(g, u, name, **variant), rtol=1e-5, atol=1e-5):
                     return name, variant
+    return None
+
+
+def gate_method_form(experts: nn.Module, f: int) -> Optional[tuple]:
+    """``(activation, GLU variant)`` that an experts module's ``_apply_gate(gate_up [rows, 2 f])`` computes on
+    its two halves (gate first), found by evaluating it on rows past any clamp against `moec.reference.gated`
+    for the variants the module's own numbers allow (silu's slope, a clamp, the up shift of 1: GPT-OSS's
+    and MiniMax-M3's clamped SwiGLU). None when no form matches."""
+    nums = [n for n in module_numbers(experts) if n < 1e3]
+    # rows past every clamp the module's numbers could set, so a clamp that binds anywhere binds here
+    scale = torch.tensor([8.0] * 32 + [3.0 * max(nums + [8.0])] * 32)[:, None]
+    z = torch.randn(64, 2 * f, generator=torch.Generator().manual_seed(0)) * scale
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            y = experts._apply_gate(z.clone())
+    except Exception:  # noqa: BLE001 - not evaluable on its own
+        return None
+    if not isinstance(y, torch.Tensor) or tuple(y.shape) != (64, f):
+        return None
+    g, u = z[:, :f], z[:, f:]
+    for name in ACTIVATIONS:
+        for alpha in ([1.0] + nums if name == "silu" else [1.0]):
+            for limit in [None] + nums:
+                for shift in (0.0, 1.0):
+                    variant = {k: v for k, v in (("act_alpha", alpha), ("glu_limit", limit), ("up_shift", shift))
+                               if v != GLU_PLAIN[k]}
+                    if torch.allclose(y.float(), reference.gated(g, u, name, **variant), rtol=1e-5, atol=1e-5):
+                        return name, variant
     return None
 
 

@@ -149,9 +149,11 @@ def shared_options(shared: dict, st: Structure, layout: ExpertLayout, why: list)
             if f"shared expert {lay}" not in why:
                 why.append(f"shared expert {lay}")
             continue
-        if (lay.glu, lay.activation) != (layout.glu, layout.activation):
-            msg = (f"shared expert {path} computes {'GLU ' if lay.glu else ''}{lay.activation} but the routed "
-                   f"experts compute {'GLU ' if layout.glu else ''}{layout.activation} (MoESpec has one activation)")
+        if (lay.glu, lay.activation, lay.variant) != (layout.glu, layout.activation, layout.variant):
+            what = lambda la: f"{'GLU ' if la.glu else ''}{la.activation}" + (  # noqa: E731
+                f" ({', '.join(f'{k}={v:g}' for k, v in la.variant)})" if la.variant else "")
+            msg = (f"shared expert {path} computes {what(lay)} but the routed experts compute {what(layout)} "
+                   f"(MoESpec has one activation)")
             if msg not in why:
                 why.append(msg)
             continue

@@ -23,7 +23,7 @@ from torch import nn
 
 from .. import reference
 from ..spec import ACTIVATIONS
-from .adapters import gated_form, known_activation
+from .adapters import gate_method_form, gated_form, known_activation
 from .fx_ops import ACTIVATION_OPS, CASTS, int_arg, strip
 from .lifted import Src
 from .linears import linears
@@ -168,6 +168,7 @@ class _Form:
     up_rows: Optional[tuple] = None
     gate_rows: Optional[tuple] = None
     bias: bool = False          # every projection adds a bias
+    variant: tuple = ()         # the GLU variant's items (`moec.spec.MoESpec`)
 
 
 def _rows(part, f2: int):
@@ -239,7 +240,8 @@ def verify_form(modules: list, form: _Form, d: int, dtype, device) -> bool:
             for m in modules:
                 y = run(m, (x,), m, False, x.device, 0)
                 up, down, gate = _form_weights(m, form)
-                ref = reference.expert_mlp(x.float(), up, down, gate, form.activation, biases=_form_biases(m, form))
+                ref = reference.expert_mlp(x.float(), up, down, gate, form.activation, variant=dict(form.variant),
+                                           biases=_form_biases(m, form))
                 if not isinstance(y, torch.Tensor) or y.shape != ref.shape or mismatch(y, ref, dtype):
                     return False
     except Exception:  # noqa: BLE001 - a form that cannot even run is simply not this expert
@@ -262,9 +264,10 @@ def _bias_reason(paths: list, mods: list, allow: bool) -> Optional[str]:
     return None
 
 
-def analyse_mlp(module: nn.Module, paths: list, d: int, dtype, device, biases: bool = True):
+def analyse_mlp(module: nn.Module, paths: list, d: int, dtype, device, biases: bool = True, variants=((),)):
     """The verified `_Form` shared by the MLP modules at ``paths`` or a reason string; ``biases``:
-    whether linears with biases are allowed (routed experts) or not (a shared expert)."""
+    whether linears with biases are allowed (routed experts) or not (a shared expert); ``variants``: the
+    GLU variants (items) a gated form may compute, tried in order."""
     mods = [module.get_submodule(p) for p in paths]
     why = _bias_reason(paths, mods, biases)
     if why:
@@ -279,7 +282,7 @@ def analyse_mlp(module: nn.Module, paths: list, d: int, dtype, device, biases: b
         return f"{paths[0]}: {read}"
     forms = [_form_from_read(mods[0], read)] if read is not None else []
     forms += [f for f in _enumerate_forms(mods[0], d) if f not in forms]
-    forms = [dataclasses.replace(f, bias=bias) for f in forms]
+    forms = [dataclasses.replace(f, bias=bias, variant=v) for f in forms for v in (variants if f.glu else ((),))]
     for form in forms:
         if verify_form(mods[:1], form, d, dtype, device) and verify_form(mods, form, d, dtype, device):
             return form
@@ -315,7 +318,10 @@ def _layout_from_form(paths: list, form: _Form, module: nn.Module) -> ExpertLayo
     desc = (f"gate={form.gate}{rows(form.gate_rows)}, up={form.up}{rows(form.up_rows)}, down={form.down}, "
             f"{form.activation}" if form.glu else f"up={form.up}, down={form.down}, {form.activation}")
     desc += ", with biases" if form.bias else ""
-    return ExpertLayout(form.glu, form.activation, f, list(leaf), fields, desc, verified=True, bias=form.bias)
+    if form.variant:
+        desc = desc.replace(f", {form.activation}", f", {_act_text(form.activation, form.variant)}", 1)
+    return ExpertLayout(form.glu, form.activation, f, list(leaf), fields, desc, verified=True, bias=form.bias,
+                        variant=form.variant)
 
 
 def list_layout(module: nn.Module, st: Structure):
@@ -326,14 +332,16 @@ def list_layout(module: nn.Module, st: Structure):
     return _layout_from_form(st.expert_paths, form, module)
 
 
-def shared_layout(module: nn.Module, path: str, st: Structure):
-    """A shared expert (one MLP module) as plain ``[f, d]`` weights, or a reason string."""
-    form = analyse_mlp(module, [path], st.d, st.dtype, st.device, biases=False)
+def shared_layout(module: nn.Module, path: str, st: Structure, variants=((),)):
+    """A shared expert (one MLP module) as plain ``[f, d]`` weights, or a reason string; ``variants``: the GLU
+    variants it may compute (the routed experts': `MoESpec` has one)."""
+    form = analyse_mlp(module, [path], st.d, st.dtype, st.device, biases=False, variants=variants)
     if isinstance(form, str):
         return form
     lay = _layout_from_form([path], form, module)
     fields = [(name.replace("w_", "shared_"), Src(src.indices, rows=src.rows)) for name, src in lay.fields]
-    return ExpertLayout(lay.glu, lay.activation, lay.ffn, lay.paths, fields, lay.desc, verified=True)
+    return ExpertLayout(lay.glu, lay.activation, lay.ffn, lay.paths, fields, lay.desc, verified=True,
+                        variant=form.variant)
 
 
 def gated_activation(module: nn.Module, st: Structure) -> Optional[tuple]:
@@ -342,9 +350,17 @@ def gated_activation(module: nn.Module, st: Structure) -> Optional[tuple]:
     when it holds none, or one that computes no form of moec's."""
     owners = dict.fromkeys(path.rpartition(".")[0] for path, _ in st.stacked)
     for owner in owners:
-        for child in module.get_submodule(owner).children():
+        m = module.get_submodule(owner)
+        for child in m.children():
             if next(child.parameters(), None) is None and _takes_two(child):
                 form = gated_form(child)
+                if form is not None:
+                    return form
+        gate = getattr(type(m), "_apply_gate", None)
+        if callable(gate):          # transformers' experts with a custom gate (MiniMax-M3: clamped SwiGLU)
+            widths = {s // 2 for _, shape in st.stacked for s in shape[1:] if s != st.d and s % 2 == 0}
+            for f in sorted(widths):
+                form = gate_method_form(m, f)
                 if form is not None:
                     return form
     return None

@@ -255,7 +255,8 @@ def _lift(module: nn.Module):
     xf = x_screen.float()
     noise_dtypes = dedupe([st.dtype, torch.float32])
     router_opts = router_options(st, hints)
-    shared = {p: shared_layout(module, p, st) for p in st.shared}
+    variants = tuple(dict.fromkeys(lay.variant for lay in layouts))     # a shared expert computes the layer's
+    shared = {p: shared_layout(module, p, st, variants) for p in st.shared}
 
     def confirmed(screen: bool):
         """Configurations whose screen (on one input, in the ``screen`` training mode) and full probe in that
@@ -275,7 +276,8 @@ def _lift(module: nn.Module):
                         S = None
                         if sh_cfg is not None:
                             S = reference.expert_mlp(xf, w.shared_up, w.shared_down,
-                                                     w.shared_gate if layout.glu else None, layout.activation)
+                                                     w.shared_gate if layout.glu else None, layout.activation,
+                                                     variant=dict(layout.variant))
                             if sh_cfg.gated:
                                 S = S * torch.sigmoid(xf @ w.shared_gate_proj.float().t())
                     for cfg in router_configs(st, hints, aux_out, router_bias, has_bias, has_noise):
