@@ -92,6 +92,7 @@ class Guard:
         self._attr_dicts, self._attr_keys, self._attr_values = (tuple(c) for c in zip(*attr_at)) if attr_at else ((),) * 3
         self._tensor_dicts, self._tensor_keys, self._tensors = (tuple(c) for c in zip(*tensor_at)) if tensor_at else ((),) * 3
         self._addresses = tuple(map(_address, self._tensors))
+        self._missing = (_MISSING,) * len(self._attr_keys)     # a deleted attribute is not a None one
         self._inner = self.modules[1:]
 
     def holds(self) -> bool:
@@ -99,7 +100,7 @@ class Guard:
         if tuple(map(len, self._dicts)) != self._lens or tuple(map(type, self.modules)) != self._classes:
             return False                    # (exact: a class swap is checked by `read`)
         # plain attributes: the same object, or equal (tuple comparison tries identity first)
-        if tuple(map(dict.get, self._attr_dicts, self._attr_keys)) != self._attr_values:
+        if tuple(map(dict.get, self._attr_dicts, self._attr_keys, self._missing)) != self._attr_values:
             return False
         if self._tensors and not (all(map(operator.is_, map(dict.get, self._tensor_dicts, self._tensor_keys),
                                           self._tensors))

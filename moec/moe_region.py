@@ -143,9 +143,13 @@ class MoERegion(Region):
         """The call through a CUDA graph of ``bound`` for this token count (`moec.runtime.graphs`); None
         when this call cannot take one (the reason is counted for explain())."""
         why = (not_capturable(inputs["x"])
+               or (inputs["x"].shape[0] > graphs.MAX_TOKENS and f"more than {graphs.MAX_TOKENS} tokens (prefill: "
+                                                                 f"its launches cost little next to its kernels)")
                or (not c.program.graph_safe and f"the program is not graph-safe: "
                                                 f"{', '.join(c.program.graph_unsafe_steps())}")
-               or (launch.is_recording() and "launches are being recorded") or graphs.failed)
+               or (launch.is_recording() and "launches are being recorded")
+               or (self.dump_dir is not None and id(c) not in self._launches_dumped
+                   and "its first call writes the dump's launches") or graphs.failed)
         if why:
             self.graph_skips[why] += 1
             return None

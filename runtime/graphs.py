@@ -16,6 +16,7 @@ and writes the static outputs).
 """
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from typing import Callable
 
@@ -37,9 +38,14 @@ def cuda_capture(fn: Callable[[], list]) -> tuple[Callable[[], None], list]:
 
 
 class GraphCache:
-    """The captured graphs of one bound program, by token count."""
+    """The captured graphs of one bound program, by token count.
+
+    One call at a time replays (a lock on the host), and on the GPU each replay's stream waits for the
+    previous call's clones (an event), so calls from several threads or streams never overwrite static
+    buffers another call still reads. A capture that failed is not retried for this binding (`failed`)."""
 
     MAX_GRAPHS = 8
+    MAX_TOKENS = 512        # larger token counts (prefill) run without graphs: their launches cost little
 
     def __init__(self, capture: Callable = cuda_capture):
         self.capture = capture
@@ -47,25 +53,35 @@ class GraphCache:
         self.captures = 0
         self.replays = 0
         self.failed = ""                            # why capturing failed (then calls take no graph)
+        self._lock = threading.Lock()
+        self._done = None                           # the event recorded after the last call's clones (GPU)
 
     def run(self, run: Callable[[dict], list], inputs: dict[str, torch.Tensor], key) -> list:
         """``run(inputs)``'s outputs, through the graph captured for ``key`` (captured now if new)."""
-        got = self._graphs.get(key)
-        if got is None:
-            static = {k: v.clone(memory_format=torch.contiguous_format) for k, v in inputs.items()}
-            replay, outputs = self.capture(lambda: run(static))
-            got = self._graphs[key] = (static, replay, outputs)
-            self.captures += 1
-            while len(self._graphs) > self.MAX_GRAPHS:
-                self._graphs.popitem(last=False)
-        else:
-            self._graphs.move_to_end(key)
-        static, replay, outputs = got
-        for k, v in inputs.items():
-            static[k].copy_(v)
-        replay()
-        self.replays += 1
-        return [o.clone() for o in outputs]
+        with self._lock:
+            got = self._graphs.get(key)
+            if got is None:
+                static = {k: v.clone(memory_format=torch.contiguous_format) for k, v in inputs.items()}
+                replay, outputs = self.capture(lambda: run(static))
+                got = self._graphs[key] = (static, replay, outputs)
+                self.captures += 1
+                while len(self._graphs) > self.MAX_GRAPHS:
+                    self._graphs.popitem(last=False)
+            else:
+                self._graphs.move_to_end(key)
+            static, replay, outputs = got
+            cuda = next(iter(static.values())).is_cuda
+            if cuda and self._done is not None:
+                torch.cuda.current_stream().wait_event(self._done)
+            for k, v in inputs.items():
+                static[k].copy_(v)
+            replay()
+            self.replays += 1
+            out = [o.clone() for o in outputs]
+            if cuda:
+                self._done = torch.cuda.Event()
+                self._done.record()
+            return out
 
 
 def not_capturable(x: torch.Tensor) -> str:

@@ -161,3 +161,22 @@ def test_a_call_inside_the_callers_capture_is_captured_by_it():
         graph.replay()
         torch.testing.assert_close(y, _eager(twin, x), rtol=1e-4, atol=1e-4)
     assert any("the caller is capturing" in why for why in _region(model).graph_skips)
+
+
+def test_prefill_and_a_dumps_first_call_take_no_graph(stand_in_graphs, tmp_path):
+    """Past `GraphCache.MAX_TOKENS` tokens a call runs its kernels directly (prefill: launches cost little next
+    to its kernels; a graph per prompt length would keep large buffers alive); with a dump, the first call of
+    a program writes its launches, then calls take graphs."""
+    torch.manual_seed(0)
+    model = moec.compile(zoo.MixtralMoE().eval(), mode="reduce-overhead", dump_dir=tmp_path)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for T in (2, 2, graphs.GraphCache.MAX_TOKENS + 1):
+            x = torch.randn(1, T, 16)
+            torch.testing.assert_close(model(x), _eager(twin, x), rtol=1e-4, atol=1e-5)
+    skips = _region(model).graph_skips
+    assert skips["its first call writes the dump's launches"] == 1, skips
+    assert any(why.startswith(f"more than {graphs.GraphCache.MAX_TOKENS} tokens") for why in skips), skips
+    assert list(tmp_path.rglob("launches.json"))
+    caches = [g for (_, _, _, g) in _region(model)._kept.programs.values()]
+    assert sum(g.captures for g in caches) == 1 and sum(g.replays for g in caches) == 1

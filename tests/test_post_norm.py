@@ -70,3 +70,26 @@ def test_a_norm_of_the_input_stays_eager_and_says_so():
     x = torch.randn(1, 4, 16)
     with torch.no_grad():
         torch.testing.assert_close(model(x), eager(x))
+
+
+class _FlatGroupNormMoE(zoo.MixtralMoE):
+    """A norm over channels of the flat rows (``GroupNorm`` on ``[T, d]``, then reshaped back): not row-wise
+    as the kernels' output is shaped, so it must not be taken as an output norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.out_norm = torch.nn.GroupNorm(4, 16)
+
+    def forward(self, x):
+        y = super().forward(x)
+        return self.out_norm(y.reshape(-1, 16)).reshape(y.shape)
+
+
+def test_a_norm_over_other_dims_is_not_an_output_norm():
+    model, eager = _pair(_FlatGroupNormMoE)
+    region = model.__dict__.get("_moec_region")
+    assert region is None or region.lifted is None or region.lifted.post is None
+    with torch.no_grad():
+        for shape in ((1, 16, 16), (2, 5, 16)):
+            x = torch.randn(*shape)
+            torch.testing.assert_close(model(x), eager(x), rtol=1e-4, atol=1e-5)

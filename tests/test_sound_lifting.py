@@ -135,6 +135,33 @@ def test_top_k_changed_after_compile():
     close(model(X), ref(X))
 
 
+class _OptionalScale(zoo.MixtralMoE):
+    """A layer whose forward reads an attribute that may be absent (``getattr(self, "out_scale", None)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.jitter = None
+
+    def forward(self, x):
+        y = super().forward(x)
+        scale = getattr(self, "out_scale", None)
+        return y if scale is None else y * scale
+
+
+def test_an_attribute_deleted_while_another_appears_is_a_change():
+    """The guard tells a deleted attribute whose value was None from one that is still None: deleting
+    ``jitter`` and setting ``out_scale`` keeps ``__dict__``'s size, and must still be seen."""
+    torch.manual_seed(0)
+    ref = _OptionalScale()
+    model = moec.compile(copy.deepcopy(ref))
+    close(model(X), ref(X))
+    for net in (model, ref):
+        del net.jitter
+        net.out_scale = 3.0
+    close(model(X), ref(X))
+    assert "jitter: None -> '(unset)'" in model.explain()
+
+
 def test_an_attribute_the_kernels_cannot_follow_runs_eager_with_the_change_named():
     ref, model = pair()
     model.experts[0].act_fn = ref.experts[0].act_fn = nn.Tanh()    # one expert no longer SwiGLU

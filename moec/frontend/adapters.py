@@ -80,7 +80,8 @@ def activation_of(fn: Callable) -> Optional[str]:
     """Which of moec's activations ``fn`` computes, found by evaluating it (None: none of them). A module is
     evaluated as a copy, with the random number generators forked, so its state (buffers a forward updates)
     and the user's random stream stay as they were."""
-    x = torch.linspace(-8.0, 8.0, 161)
+    # and magnitudes far past the grid: a clamp written into the code (no attribute says so) shows there
+    x = torch.cat([torch.linspace(-8.0, 8.0, 161), torch.tensor(REACH)])
     try:
         if isinstance(fn, nn.Module):
             fn = copy.deepcopy(fn)
@@ -97,6 +98,16 @@ def activation_of(fn: Callable) -> Optional[str]:
     return None
 
 
+# magnitudes past which no activation of a real model goes (fp32 keeps them finite through silu, gelu, relu^2)
+REACH = [-1e3, -300.0, -100.0, -30.0, 30.0, 100.0, 300.0, 1e3]
+
+
+def module_state(m: nn.Module) -> tuple:
+    """Every plain attribute (number, bool, string, None) of a module tree, for cache keys."""
+    return tuple((path, k, v) for path, sub in m.named_modules() for k, v in sorted(vars(sub).items())
+                 if isinstance(v, (int, float, bool, str, type(None))) and k != "training")
+
+
 def module_numbers(m: nn.Module) -> list:
     """The positive finite numbers a module tree keeps as plain attributes (a softcap's ``c``)."""
     out = []
@@ -104,7 +115,7 @@ def module_numbers(m: nn.Module) -> list:
         for v in vars(sub).values():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf") and v not in out:
                 out.append(float(v))
-    return out[:8]
+    return out[:16]
 
 
 def gated_form(act: nn.Module) -> Optional[tuple]:
@@ -115,8 +126,9 @@ def gated_form(act: nn.Module) -> Optional[tuple]:
     None when no form matches."""
     caps = [None] + module_numbers(act)
     reach = 3.0 * max([c for c in caps if c is not None] + [2.0])     # well past every candidate cap
-    g = torch.linspace(-reach, reach, 49)[:, None].expand(49, 17).contiguous()
-    u = torch.linspace(-reach, reach, 17)[None, :].expand(49, 17).contiguous()
+    g = torch.cat([torch.linspace(-reach, reach, 49), torch.tensor(REACH)])[:, None].expand(-1, 17).contiguous()
+    u = torch.cat([torch.linspace(-reach, reach, 13), torch.tensor(REACH[::2])])[None, :].expand(g.shape[0], 17)
+    u = u.contiguous()
     try:
         fn = copy.deepcopy(act)
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
@@ -134,14 +146,14 @@ def gated_form(act: nn.Module) -> Optional[tuple]:
     return None
 
 
-def gate_method_form(experts: nn.Module, f: int) -> Optional[tuple]:
+def gate_method_form(experts: nn.Module, f: int, interleaved: bool = False, acts=ACTIVATIONS) -> Optional[tuple]:
     """``(activation, GLU variant)`` that an experts module's ``_apply_gate(gate_up [rows, 2 f])`` computes on
-    its two halves (gate first), found by evaluating it on rows past any clamp against `moec.reference.gated`
-    for the variants the module's own numbers allow (silu's slope, a clamp, the up shift of 1: GPT-OSS's
-    and MiniMax-M3's clamped SwiGLU). None when no form matches."""
+    its two halves (gate first; ``interleaved``: even and odd columns), found by evaluating it on rows past any
+    clamp against `moec.reference.gated` for the variants the module's own numbers allow (silu's slope, a
+    clamp, the up shift of 1: GPT-OSS's and MiniMax-M3's clamped SwiGLU). None when no form matches."""
     nums = [n for n in module_numbers(experts) if n < 1e3]
     # rows past every clamp the module's numbers could set, so a clamp that binds anywhere binds here
-    scale = torch.tensor([8.0] * 32 + [3.0 * max(nums + [8.0])] * 32)[:, None]
+    scale = torch.tensor([8.0] * 24 + [3.0 * max(nums + [8.0])] * 24 + [REACH[-1]] * 16)[:, None]
     z = torch.randn(64, 2 * f, generator=torch.Generator().manual_seed(0)) * scale
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
@@ -150,8 +162,8 @@ def gate_method_form(experts: nn.Module, f: int) -> Optional[tuple]:
         return None
     if not isinstance(y, torch.Tensor) or tuple(y.shape) != (64, f):
         return None
-    g, u = z[:, :f], z[:, f:]
-    for name in ACTIVATIONS:
+    g, u = (z[:, 0::2], z[:, 1::2]) if interleaved else (z[:, :f], z[:, f:])
+    for name in acts:
         for alpha in ([1.0] + nums if name == "silu" else [1.0]):
             for limit in [None] + nums:
                 for shift in (0.0, 1.0):

@@ -11,6 +11,8 @@ Everything found here is a candidate; `moec.frontend.lift` lets the probe decide
 """
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -282,12 +284,31 @@ def _is_norm(m: nn.Module) -> bool:
 
 
 def output_norms(module: nn.Module, st: Structure) -> list:
-    """Paths of the module's norm children outside its experts, router and shared expert: candidates for a
-    norm the forward applies to the combined output (the probe decides)."""
+    """Paths of the module's norm children outside its experts, router and shared expert that normalise each
+    row on its own (`_rowwise`): candidates for a norm the forward applies to the combined output (the probe
+    decides). A norm over other dims (GroupNorm's channels, BatchNorm's batch) is none: applied to the
+    kernels' output its result would depend on how the rows are shaped."""
     taken = {p.split(".")[0] for p in st.shared}
     taken |= {st.experts.split(".")[0]} if st.experts else {s[0].split(".")[0] for s in st.stacked}
     taken |= {r.weight.split(".")[0] for r in st.routers}
-    return [name for name, m in module.named_children() if name not in taken and _is_norm(m)]
+    return [name for name, m in module.named_children()
+            if name not in taken and _is_norm(m) and _rowwise(m, st.d, st.dtype, st.device)]
+
+
+def _rowwise(m: nn.Module, d: int, dtype, device) -> bool:
+    """Whether ``m`` (a copy, RNG forked) maps rows of width ``d`` one by one: the same result on ``[6, d]``,
+    ``[2, 3, d]`` and each row alone."""
+    x = torch.randn(6, d, generator=torch.Generator().manual_seed(3)).to(dtype=dtype, device=device)
+    try:
+        m = copy.deepcopy(m)
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            flat = m(x)
+            shaped = m(x.reshape(2, 3, d)).reshape(6, d)
+            alone = torch.cat([m(x[i:i + 1]) for i in range(6)])
+    except Exception:  # noqa: BLE001 - a module that cannot take rows of any shape is not row-wise
+        return False
+    return all(isinstance(y, torch.Tensor) and y.shape == (6, d) for y in (flat, shaped, alone)) and \
+        torch.allclose(flat, shaped) and torch.allclose(flat, alone)
 
 
 def unsupported_parts(module: nn.Module, st: Structure) -> str:

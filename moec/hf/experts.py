@@ -44,11 +44,11 @@ from torch import Tensor, nn
 from moec import reference
 from moec.compiler import BackwardRecipe, ExpertsRecipe
 from moec.ir.backward import PRE_SAVED, grad_outputs, read_saved
-from moec.frontend.adapters import activation_of, gated_form, module_numbers
+from moec.frontend.adapters import activation_of, gate_method_form, gated_form, module_state
 from moec.region import Region, empty_with_grad, is_disabled
 from moec.runtime.autograd import KernelsBoth
 from moec.runtime.support import why_not_kernels
-from moec.spec import ACTIVATIONS, MoESpecError, check_glu_variant
+from moec.spec import ACTIVATIONS
 
 
 # ---- reading an experts module ----------------------------------------------------------------
@@ -125,34 +125,26 @@ def _cached(m: nn.Module, name: str, key: tuple, compute):
 
 
 def _custom_gate(m: nn.Module, act: Optional[str], f: int):
-    """``(interleaved, activation, variant)`` of moec's GLU forms that ``m._apply_gate`` computes, found
-    by evaluating it on random fp32 rows (magnitudes past any clamp), or None."""
-    z = torch.randn(64, 2 * f, generator=torch.Generator().manual_seed(0)) * 8
-    try:
-        with torch.no_grad():
-            y = m._apply_gate(z)
-    except Exception:  # noqa: BLE001 - not evaluable on its own
-        return None
-    if not isinstance(y, Tensor) or tuple(y.shape) != (64, f):
-        return None
-    variants = [()]
-    alpha, limit = getattr(m, "alpha", None), getattr(m, "limit", None)
-    if isinstance(alpha, (int, float)) and isinstance(limit, (int, float)):     # GPT-OSS's clamped SwiGLU
-        variants.append((("act_alpha", float(alpha)), ("glu_limit", float(limit)), ("up_shift", 1.0)))
+    """``(interleaved, activation, variant)`` of moec's GLU forms that ``m._apply_gate`` computes (halved or
+    interleaved columns; plain, clamped as GPT-OSS's and MiniMax-M3's, or with the softcaps of an activation
+    module ``m.act_fn``), found by evaluating it, or None."""
     act_fn = getattr(m, "act_fn", None)
     gated = gated_form(act_fn) if isinstance(act_fn, nn.Module) else None     # Inkling2's softcapped SwiGLU
-    if gated is not None:
-        variants.append(tuple(sorted(gated[1].items())))
     for interleaved in (False, True):
-        g, u = (z[:, 0::2], z[:, 1::2]) if interleaved else (z[:, :f], z[:, f:])
-        for a in ([act] if act else ACTIVATIONS):
-            for v in variants:
-                try:
-                    check_glu_variant(a, True, **dict(v))
-                except MoESpecError:
-                    continue
-                if torch.allclose(y.float(), reference.gated(g, u, a, **dict(v)), rtol=1e-5, atol=1e-5):
-                    return interleaved, a, v
+        if gated is not None:
+            z = torch.randn(64, 2 * f, generator=torch.Generator().manual_seed(0)) * 8
+            try:
+                with torch.no_grad():
+                    y = m._apply_gate(z)
+            except Exception:  # noqa: BLE001 - not evaluable on its own
+                return None
+            g, u = (z[:, 0::2], z[:, 1::2]) if interleaved else (z[:, :f], z[:, f:])
+            if isinstance(y, Tensor) and torch.allclose(y.float(), reference.gated(g, u, gated[0], **gated[1]),
+                                                        rtol=1e-5, atol=1e-5):
+                return interleaved, gated[0], tuple(sorted(gated[1].items()))
+        form = gate_method_form(m, f, interleaved, [act] if act else ACTIVATIONS)
+        if form is not None:
+            return interleaved, form[0], tuple(sorted(form[1].items()))
     return None
 
 
@@ -190,9 +182,7 @@ def read_layout(m: nn.Module, d: int):
             return f"unexpected bias shapes {shapes}"
     interleaved, variant = False, ()
     if glu and not _default_gate(m):
-        gate_key = (getattr(type(m), "_apply_gate", None), act_fn, getattr(m, "alpha", None),
-                    getattr(m, "limit", None), f,
-                    tuple(module_numbers(act_fn)) if isinstance(act_fn, nn.Module) else ())
+        gate_key = (getattr(type(m), "_apply_gate", None), act_fn, f, module_state(m))
         form = _cached(m, "_moec_gate", gate_key, lambda: _custom_gate(m, act, f))
         if form is None:
             return (f"a custom gate ({type(m).__name__}._apply_gate) that is none of moec's GLU forms "
