@@ -79,15 +79,7 @@ def test_softcapped_swiglu(path):
         assert moec.hf.register()
         eager = hf_sweep.build("inkling2_text", experts_implementation="eager", **caps)
         model = hf_sweep.build("inkling2_text", experts_implementation="moec", **caps)
-    outs = []
-    for net in (eager, model):
-        out = net(input_ids=ids).logits
-        out.square().mean().backward()
-        outs.append((out.detach(), {n: p.grad for n, p in net.named_parameters() if "experts" in n}))
-    (want, gw), (got, gg) = outs
-    assert (want - plain).abs().max() > 1e-2
-    torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-4)
-    assert gw and all(torch.allclose(gg[n], gw[n], rtol=1e-3, atol=1e-5) for n in gw if gw[n] is not None)
+    _same_logits_and_gradients(eager, model, ids, "experts", unlike=plain)
     if path == "compile":
         specs = [m.__dict__["_moec_region"].spec for m in model.modules() if "_moec_region" in m.__dict__]
         assert specs and all((s.gate_softcap, s.up_softcap) == (0.02, 0.03) for s in specs)
@@ -117,12 +109,19 @@ def test_clamped_swiglu_in_routed_and_shared_experts():
     specs = [m.__dict__["_moec_region"].spec for m in model.modules() if "_moec_region" in m.__dict__]
     assert specs and all(s.glu_limit == 0.05 and s.act_alpha == 1.702 and s.up_shift == 1.0 and s.shared
                          for s in specs), specs
+    _same_logits_and_gradients(eager, model, ids, ".mlp.", unlike=loose)
+
+
+def _same_logits_and_gradients(eager, model, ids, params: str, unlike):
+    """``model``'s logits and the gradients of the parameters whose names hold ``params`` equal ``eager``'s,
+    and eager's logits differ from ``unlike`` (the feature under test changes the answer)."""
+    import torch
     outs = []
     for net in (eager, model):
         out = net(input_ids=ids).logits
         out.square().mean().backward()
-        outs.append((out.detach(), {n: p.grad for n, p in net.named_parameters() if ".mlp." in n}))
+        outs.append((out.detach(), {n: p.grad for n, p in net.named_parameters() if params in n}))
     (want, gw), (got, gg) = outs
-    assert (want - loose).abs().max() > 1e-2
+    assert (want - unlike).abs().max() > 1e-2
     torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-4)
     assert gw and all(torch.allclose(gg[n], gw[n], rtol=1e-3, atol=1e-5) for n in gw if gw[n] is not None)
