@@ -50,6 +50,22 @@ ITER_S = 40e-9               # issue overhead of one k-step of one program (addr
 SLOW_MMA = {"sm90": 0.6, "sm100": 0.3}   # mma.sync (BLOCK_M below fast_mma_min_m) vs the fast family
 TCGEN05_HALF = 0.5           # sm100 with BLOCK_M = 64: half-height tcgen05 tiles
 MAX_ACC_REGS = 128           # fp32 accumulator registers per thread before spills threaten
+# mma.sync tiles (every tile on sm80/86/89/120; BLOCK_M below 64 on sm90/100) also hold their operands' K
+# step in registers: accumulators plus those operand registers above this, ptxas spills (AOT: a 128x128
+# GLU tile on sm80 compiles to 32 registers and ~14 KB of spills, a 16x128x256 one spills on sm90)
+MAX_SYNC_REGS = 120
+
+
+def sync_regs(block_m: int, block_n: int, block_k: int, mats: int, in_size: int, warps: int) -> float:
+    """Registers per thread an mma.sync tile holds: fp32 accumulators (``mats`` of them) and one K step of
+    both operands (``in_size`` bytes each, 4 bytes a register)."""
+    threads = 32 * warps
+    return (mats * block_m * block_n + (block_m + mats * block_n) * block_k * in_size / 4) / threads
+
+
+def sync_mma(block_m: int, arch: Arch) -> bool:
+    """Whether a tile of ``block_m`` rows runs on mma.sync (operands through registers) on ``arch``."""
+    return arch.mma == "mma.sync" or block_m < arch.fast_mma_min_m
 SMEM_RESERVE = 1024          # bytes per CTA kept for barriers and scratch
 LINE_BYTES = 128             # a K chunk should cover whole 128-byte lines of its contiguous rows
 

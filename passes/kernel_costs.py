@@ -52,8 +52,8 @@ from moec.ir.types import T
 from moec.runtime.arch import Arch
 from moec.ir.tiles import GemmTile, RouteTile, RowTile
 
-from .cost_terms import (L2_SHARE, MAX_ACC_REGS, SMEM_RESERVE, Num, Sym, cdiv, itemsize, mma_efficiency, occupancy,
-                         per_token, pipeline_buffers, pow2, waves_time)
+from .cost_terms import (L2_SHARE, MAX_ACC_REGS, MAX_SYNC_REGS, SMEM_RESERVE, Num, Sym, cdiv, itemsize, mma_efficiency,
+                         occupancy, per_token, pipeline_buffers, pow2, sync_mma, sync_regs, waves_time)
 
 
 # ---- the grouped GEMM -----------------------------------------------------------------------
@@ -201,7 +201,9 @@ class GemmProblem:
 
     def fits(self, tile: GemmTile, arch: Arch) -> bool:
         return (self.smem(tile, arch) + SMEM_RESERVE <= arch.smem_per_block
-                and self.acc_regs(tile) <= MAX_ACC_REGS)
+                and self.acc_regs(tile) <= MAX_ACC_REGS
+                and (self.fp32 or not sync_mma(tile.block_m, arch) or sync_regs(
+                    tile.block_m, tile.block_n, tile.block_k, self.mats, self.in_size, tile.num_warps) <= MAX_SYNC_REGS))
 
     def loaded_rows(self, tile: GemmTile, t: int, loads=None) -> float:
         """Rows a tile loads on average at ``T = t``: ``min(BLOCK_M, M / row_tiles)`` (rows past
