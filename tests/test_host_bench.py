@@ -47,3 +47,35 @@ def test_a_kernel_is_resolved_once_not_per_launch(monkeypatch):
         monkeypatch.setattr(cache, "load", lambda *a: calls.append(a) or original(*a))
         model(x)
     assert calls == []
+
+
+def test_a_decode_call_runs_no_aten_sort_and_few_ops():
+    """At decode the routing kernel groups the pairs by expert itself (fuse-dispatch) and the layer's
+    launches are planned once: a T = 1 call of a compiled layer (kernels skipped) runs no ATen sort,
+    histogram, cumsum or searchsorted, only its buffers' allocations and a few views."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    host = _host()
+    torch.manual_seed(0)
+    for make in (zoo.MixtralMoE, zoo.DeepseekV3MoE):
+        model = moec.compile(make().eval())
+        x = torch.randn(1, 1, 16)
+        with torch.no_grad():
+            model(x)
+            with host.kernels_skipped() as launches:
+                ops = Ops()
+                with ops:
+                    model(x)
+        bad = [n for n in ops.names if any(w in n for w in ("sort", "histc", "bincount", "cumsum", "searchsorted"))]
+        assert ops.names and not bad, bad
+        assert all(n.split(".")[1] in ("empty", "view", "_unsafe_view", "reshape") for n in ops.names), ops.names
+        assert launches[0] == (6 if make is zoo.DeepseekV3MoE else 4)
