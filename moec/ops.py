@@ -170,7 +170,8 @@ def moe(x: Tensor, w_router: Tensor, w_up: Tensor, w_down: Tensor, w_gate: Optio
     (``shared_up [fs, d]``, ``shared_down [d, fs]``), ``shared_gate_proj [1, d]`` adds a sigmoid gate.
     Expert biases ``b_gate``/``b_up [E, f]``, ``b_down [E, d]`` (all of them, or none) and the GLU
     variant ``act_alpha``/``glu_limit``/``up_shift`` are those of `moec.spec.MoESpec` (GPT-OSS:
-    ``act_alpha=1.702, glu_limit=7.0, up_shift=1.0``, gate/up as ``gate_up[..., ::2]`` views).
+    ``act_alpha=1.702, glu_limit=7.0, up_shift=1.0``, gate/up as ``gate_up[..., ::2]`` views); a shared
+    expert (bias-free) computes the same activation and GLU variant.
 
     Example::
 

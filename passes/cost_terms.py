@@ -56,11 +56,10 @@ MAX_ACC_REGS = 128           # fp32 accumulator registers per thread before spil
 MAX_SYNC_REGS = 120
 
 
-def sync_regs(block_m: int, block_n: int, block_k: int, mats: int, in_size: int, warps: int) -> float:
-    """Registers per thread an mma.sync tile holds: fp32 accumulators (``mats`` of them) and one K step of
-    both operands (``in_size`` bytes each, 4 bytes a register)."""
-    threads = 32 * warps
-    return (mats * block_m * block_n + (block_m + mats * block_n) * block_k * in_size / 4) / threads
+def sync_regs(acc_regs: float, stage_bytes: int, warps: int) -> float:
+    """Registers per thread an mma.sync tile holds: its fp32 accumulators and one K step of its operands (a
+    pipeline stage's bytes, 4 bytes a register)."""
+    return acc_regs + stage_bytes / (4 * 32 * warps)
 
 
 def sync_mma(block_m: int, arch: Arch) -> bool:

@@ -202,8 +202,8 @@ class GemmProblem:
     def fits(self, tile: GemmTile, arch: Arch) -> bool:
         return (self.smem(tile, arch) + SMEM_RESERVE <= arch.smem_per_block
                 and self.acc_regs(tile) <= MAX_ACC_REGS
-                and (self.fp32 or not sync_mma(tile.block_m, arch) or sync_regs(
-                    tile.block_m, tile.block_n, tile.block_k, self.mats, self.in_size, tile.num_warps) <= MAX_SYNC_REGS))
+                and (self.fp32 or not sync_mma(tile.block_m, arch)
+                     or sync_regs(self.acc_regs(tile), self.stage_bytes(tile), tile.num_warps) <= MAX_SYNC_REGS))
 
     def loaded_rows(self, tile: GemmTile, t: int, loads=None) -> float:
         """Rows a tile loads on average at ``T = t``: ``min(BLOCK_M, M / row_tiles)`` (rows past

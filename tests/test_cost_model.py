@@ -382,7 +382,7 @@ def test_sync_mma_tiles_keep_their_registers(arch):
             p = cm.problem_of(n, c.graph)
             for tile in n.attr["tiles"].values():
                 if sync_mma(tile.block_m, a) and not p.fp32:
-                    regs = sync_regs(tile.block_m, tile.block_n, tile.block_k, p.mats, p.in_size, tile.num_warps)
+                    regs = sync_regs(p.acc_regs(tile), p.stage_bytes(tile), tile.num_warps)
                     assert regs <= MAX_SYNC_REGS, (model, n.name, tile, regs)
 
 

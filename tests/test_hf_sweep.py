@@ -125,3 +125,48 @@ def _same_logits_and_gradients(eager, model, ids, params: str, unlike):
     assert (want - unlike).abs().max() > 1e-2
     torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-4)
     assert gw and all(torch.allclose(gg[n], gw[n], rtol=1e-3, atol=1e-5) for n in gw if gw[n] is not None)
+
+
+@pytest.mark.parametrize("shared", ["looser clamp", "plain"])
+def test_a_shared_expert_that_computes_another_glu_stays_eager(shared):
+    """MoESpec has one GLU variant: a shared expert with a looser clamp than the routed experts', or a plain
+    SwiGLU one, must not be read as computing theirs (they agree on small inputs: the shared expert is checked
+    on inputs that reach past the clamp). The block stays eager, and is eager's answer at any scale."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    import moec
+    name = "minimax_m3_vl_text"
+    if name not in hf_sweep.families():
+        pytest.skip(f"no {name} in this transformers")
+
+    class PlainShared(nn.Module):
+        def __init__(self, src):
+            super().__init__()
+            self.gate_up_proj, self.down_proj = src.gate_up_proj, src.down_proj
+
+        def forward(self, x):
+            g, u = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(g) * u)
+
+    torch.manual_seed(0)
+    eager = hf_sweep.build(name, swiglu_limit=7.0, swiglu_alpha=1.702)
+    blocks = [m for m in eager.modules() if type(m).__name__ == "MiniMaxM3VLSparseMoeBlock"]
+    for b in blocks:
+        if shared == "plain":
+            b.shared_experts = PlainShared(b.shared_experts)
+        else:
+            b.shared_experts.swiglu_limit = 100.0
+    model = moec.compile(copy.deepcopy(eager))
+    assert not [m for m in model.modules() if getattr(m.__dict__.get("_moec_region"), "lifted", None)]
+    if shared == "plain":
+        assert "shared expert shared_experts computes GLU silu but the routed experts compute GLU silu (" \
+            in model.explain()
+    compiled = [m for m in model.modules() if type(m).__name__ == "MiniMaxM3VLSparseMoeBlock"]
+    for scale in (1.0, 30.0):
+        x = torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(1)) * scale
+        with torch.no_grad():
+            torch.testing.assert_close(compiled[0](x), blocks[0](x))

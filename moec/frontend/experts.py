@@ -232,21 +232,34 @@ def _form_biases(expert: nn.Module, form: _Form) -> tuple:
     return gate, up, down
 
 
-def verify_form(modules: list, form: _Form, d: int, dtype, device) -> bool:
-    """Call each expert module (in eval mode) on random rows and compare with `reference.expert_mlp`."""
+def verify_form(modules: list, form: _Form, d: int, dtype, device, reach: float = 0.0) -> bool:
+    """Call each expert module (in eval mode) on random rows and compare with `reference.expert_mlp`; with
+    ``reach``, also on rows scaled so that the gate and up projections reach it (past every clamp or softcap
+    a candidate variant has: a form that differs only there is told apart)."""
     x = draw((6, d), 7, dtype, device)
     try:
         with torch.no_grad():
             for m in modules:
-                y = run(m, (x,), m, False, x.device, 0)
                 up, down, gate = _form_weights(m, form)
-                ref = reference.expert_mlp(x.float(), up, down, gate, form.activation, variant=dict(form.variant),
-                                           biases=_form_biases(m, form))
-                if not isinstance(y, torch.Tensor) or y.shape != ref.shape or mismatch(y, ref, dtype):
-                    return False
+                rows = [x]
+                if reach:
+                    widest = max(float((x.float() @ w.float().t()).abs().max()) for w in (up, gate) if w is not None)
+                    rows.append((x.float() * (reach / max(widest, 1e-6))).to(dtype))
+                for xs in rows:
+                    y = run(m, (xs,), m, False, xs.device, 0)
+                    ref = reference.expert_mlp(xs.float(), up, down, gate, form.activation,
+                                               variant=dict(form.variant), biases=_form_biases(m, form))
+                    if not isinstance(y, torch.Tensor) or y.shape != ref.shape or mismatch(y, ref, dtype):
+                        return False
     except Exception:  # noqa: BLE001 - a form that cannot even run is simply not this expert
         return False
     return True
+
+
+def _reach(variants) -> float:
+    """Three times the largest clamp or softcap of ``variants`` (items), 0.0 when none has one."""
+    caps = [v for variant in variants for k, v in variant if k in ("glu_limit", "gate_softcap", "up_softcap")]
+    return 3.0 * max(caps) if caps else 0.0
 
 
 def _bias_reason(paths: list, mods: list, allow: bool) -> Optional[str]:
@@ -283,8 +296,9 @@ def analyse_mlp(module: nn.Module, paths: list, d: int, dtype, device, biases: b
     forms = [_form_from_read(mods[0], read)] if read is not None else []
     forms += [f for f in _enumerate_forms(mods[0], d) if f not in forms]
     forms = [dataclasses.replace(f, bias=bias, variant=v) for f in forms for v in (variants if f.glu else ((),))]
+    reach = _reach(variants)
     for form in forms:
-        if verify_form(mods[:1], form, d, dtype, device) and verify_form(mods, form, d, dtype, device):
+        if verify_form(mods[:1], form, d, dtype, device, reach) and verify_form(mods, form, d, dtype, device, reach):
             return form
     how = "its fx graph was read but" if read is not None else "its forward could not be read and"
     act = getattr(mods[0], "act_fn", None)

@@ -255,7 +255,9 @@ def _lift(module: nn.Module):
     xf = x_screen.float()
     noise_dtypes = dedupe([st.dtype, torch.float32])
     router_opts = router_options(st, hints)
-    variants = tuple(dict.fromkeys(lay.variant for lay in layouts))     # a shared expert computes the layer's
+    # a shared expert computes the layer's variant (MoESpec has one); plain GLU is tried too, so one that
+    # computes plain GLU beside routed experts that do not is named as such (shared_options)
+    variants = tuple(dict.fromkeys([lay.variant for lay in layouts] + [()]))
     shared = {p: shared_layout(module, p, st, variants) for p in st.shared}
 
     def confirmed(screen: bool):
