@@ -94,13 +94,12 @@ class MoERegion(Region):
                             for owner, name in (_owner(module, path) for path in self.lifted.param_tensors.paths)]
         return [t if (t := d.get(name)) is not None else getattr(owner, name) for d, owner, name in self._owners]
 
-    def weights(self, tensors, identities: Optional[tuple] = None) -> MoEWeights:
+    def weights(self, tensors) -> MoEWeights:
         """The layer's weights from its current parameters (see the module docstring); the views of the
-        last call while the same tensors hold the same memory (writes into it need no rebuild).
-        ``identities``: `_identities` of ``tensors``, when the caller has them."""
-        key = identities if identities is not None else _identities(tensors)
-        if self._kept is not None and self._kept.identities == key:
-            return self._kept.weights
+        last call while the same tensors hold the same memory (writes into it need no rebuild)."""
+        kept = self._kept_for(_identities(tensors))
+        if kept is not None:
+            return kept.weights
         stacks = {idx: self._stack(idx, [tensors[i] for i in idx]) for idx in self.lifted.weights.stacked}
         w = self.lifted.weights(tensors, stacks)
         # kept only when every stack is a view the parameters write into (a copy, for tied experts,
@@ -109,10 +108,14 @@ class MoERegion(Region):
         self._kept = _Kept(_identities(tensors), w) if shared else None
         return w
 
-    def _why_not(self, x, tensors, identities: tuple) -> Optional[str]:
-        """`why_not_kernels` of this call, remembered per input dtype and device while `weights` keeps
-        the same tensors (their dtypes and devices cannot have changed)."""
-        kept = self._kept if self._kept is not None and self._kept.identities == identities else None
+    def _kept_for(self, identities: tuple) -> Optional["_Kept"]:
+        """The weights kept from the last call when ``identities`` (`_identities` of the tensors now) are
+        theirs, else None."""
+        return self._kept if self._kept is not None and self._kept.identities == identities else None
+
+    def _why_not(self, x, tensors, kept: Optional["_Kept"]) -> Optional[str]:
+        """`why_not_kernels` of this call, remembered per input dtype and device in ``kept`` (the weights
+        kept for these very tensors: their dtypes and devices cannot have changed)."""
         key = (type(x), x.dtype, x.device) if isinstance(x, torch.Tensor) else None
         if kept is not None and key in kept.support:
             return kept.support[key]
@@ -241,8 +244,8 @@ class MoERegion(Region):
         if reason is not None:
             return self.eager(reason, eager_forward, x, *args, **kwargs)
         tensors = self.tensors(module)
-        identities = _identities(tensors)
-        reason = self._why_not(x, tensors, identities) if not args and not kwargs else "extra forward arguments"
+        kept = self._kept_for(_identities(tensors))
+        reason = self._why_not(x, tensors, kept) if not args and not kwargs else "extra forward arguments"
         if reason is None and x.shape[-1] != self.spec.hidden:
             raise ValueError(f"moec region {self.name!r}: expects hidden size {self.spec.hidden} on the "
                              f"last dim, got input of shape {tuple(x.shape)}")
@@ -266,7 +269,7 @@ class MoERegion(Region):
             if dtype == self.lift_dtype:        # eager draws in the layer's dtype, which follows .to()
                 dtype = x.dtype
             noise = torch.randn(x2.shape[0], self.spec.num_experts, dtype=dtype, device=x.device)
-        w = self.weights(tensors, identities)
+        w = kept.weights if kept is not None else self.weights(tensors)
         if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors)):
             lifted = self.lifted          # the backward differentiates this call's lift, whatever comes after it
             outs = self.serve("kernels forward and backward", KernelsBoth.apply,

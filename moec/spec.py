@@ -27,6 +27,12 @@ class MoESpecError(ValueError):
 GLU_PLAIN = {"act_alpha": 1.0, "glu_limit": None, "up_shift": 0.0, "gate_softcap": None, "up_softcap": None}
 
 
+def glu_fields(obj) -> dict:
+    """The GLU variant's fields (`GLU_PLAIN`'s keys) of an object that carries them (`MoESpec`, a grouped
+    GEMM's params)."""
+    return {k: getattr(obj, k) for k in GLU_PLAIN}
+
+
 def check_glu_variant(activation, glu: bool, act_alpha: float = 1.0, glu_limit=None, up_shift: float = 0.0,
                       gate_softcap=None, up_softcap=None) -> None:
     """Raise `MoESpecError` unless the GLU variant (see `MoESpec`) is well formed."""
@@ -187,12 +193,12 @@ class MoESpec:
             raise MoESpecError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.hidden < 1 or self.ffn < 1:
             raise MoESpecError(f"hidden and ffn must be positive, got {self.hidden}, {self.ffn}")
-        check_glu_variant(self.activation, self.glu, **{k: getattr(self, k) for k in GLU_PLAIN})
+        check_glu_variant(self.activation, self.glu, **glu_fields(self))
 
     @property
     def glu_variant(self) -> dict:
         """The GLU variant as IR attributes (only the ones that differ from plain GLU)."""
-        return {k: getattr(self, k) for k in GLU_PLAIN if getattr(self, k) != GLU_PLAIN[k]}
+        return {k: v for k, v in glu_fields(self).items() if v != GLU_PLAIN[k]}
 
     @property
     def num_experts(self) -> int:

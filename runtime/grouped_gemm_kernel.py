@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from moec.spec import ACTIVATIONS, GLU_PLAIN, check_glu_variant
+from moec.spec import ACTIVATIONS, GLU_PLAIN, check_glu_variant, glu_fields
 
 from .launch import Kernel, Launcher, cdiv, next_pow2
 from .render import render
@@ -150,7 +150,7 @@ class GroupedGemmParams:
     @property
     def variant(self) -> dict:
         """The GLU variant's fields (`moec.spec.GLU_PLAIN`'s keys)."""
-        return {k: getattr(self, k) for k in GLU_PLAIN}
+        return glu_fields(self)
 
     def fn_name(self) -> str:
         parts = ["grouped_gemm"]

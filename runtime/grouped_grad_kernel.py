@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from moec.ir.tiles import GemmTile, bucket_suffix, bucket_text
-from moec.spec import ACTIVATIONS, GLU_PLAIN, check_glu_variant
+from moec.spec import ACTIVATIONS, GLU_PLAIN, check_glu_variant, glu_fields
 
 from .grouped_gemm_kernel import ACTIVATION_EXPR, _one_line, check_gemm_tile, expert_weight, grid_rows, tanh_expr
 from .launch import Kernel, cdiv, next_pow2
@@ -133,7 +133,7 @@ class GroupedDgradParams:
     @property
     def variant(self) -> dict:
         """The GLU variant's fields (`moec.spec.GLU_PLAIN`'s keys)."""
-        return {k: getattr(self, k) for k in GLU_PLAIN}
+        return glu_fields(self)
 
     def fn_name(self) -> str:
         parts = ["grouped_dgrad"]

@@ -146,11 +146,13 @@ def gated_form(act: nn.Module) -> Optional[tuple]:
     return None
 
 
-def gate_method_form(experts: nn.Module, f: int, interleaved: bool = False, acts=ACTIVATIONS) -> Optional[tuple]:
-    """``(activation, GLU variant)`` that an experts module's ``_apply_gate(gate_up [rows, 2 f])`` computes on
-    its two halves (gate first; ``interleaved``: even and odd columns), found by evaluating it on rows past any
-    clamp against `moec.reference.gated` for the variants the module's own numbers allow (silu's slope, a
-    clamp, the up shift of 1: GPT-OSS's and MiniMax-M3's clamped SwiGLU). None when no form matches."""
+def gate_method_form(experts: nn.Module, f: int, splits=(False,), acts=ACTIVATIONS, forms=()) -> Optional[tuple]:
+    """``(interleaved, activation, GLU variant)`` that an experts module's ``_apply_gate(gate_up [rows, 2 f])``
+    computes on its columns split in halves (gate first) or, for ``interleaved`` in ``splits``, into even and
+    odd ones, found by evaluating it once on rows past any clamp against `moec.reference.gated`: first the
+    ``forms`` given (``(activation, variant)``: an activation module's `gated_form`), then the variants the
+    module's own numbers allow (silu's slope, a clamp, the up shift of 1: GPT-OSS's and MiniMax-M3's clamped
+    SwiGLU) for each of ``acts``. None when no form matches."""
     nums = [n for n in module_numbers(experts) if n < 1e3]
     # rows past every clamp the module's numbers could set, so a clamp that binds anywhere binds here
     scale = torch.tensor([8.0] * 24 + [3.0 * max(nums + [8.0])] * 24 + [REACH[-1]] * 16)[:, None]
@@ -162,15 +164,16 @@ def gate_method_form(experts: nn.Module, f: int, interleaved: bool = False, acts
         return None
     if not isinstance(y, torch.Tensor) or tuple(y.shape) != (64, f):
         return None
-    g, u = (z[:, 0::2], z[:, 1::2]) if interleaved else (z[:, :f], z[:, f:])
-    for name in acts:
-        for alpha in ([1.0] + nums if name == "silu" else [1.0]):
-            for limit in [None] + nums:
-                for shift in (0.0, 1.0):
-                    variant = {k: v for k, v in (("act_alpha", alpha), ("glu_limit", limit), ("up_shift", shift))
-                               if v != GLU_PLAIN[k]}
-                    if torch.allclose(y.float(), reference.gated(g, u, name, **variant), rtol=1e-5, atol=1e-5):
-                        return name, variant
+    candidates = list(forms) + [
+        (name, {k: v for k, v in (("act_alpha", alpha), ("glu_limit", limit), ("up_shift", shift))
+                if v != GLU_PLAIN[k]})
+        for name in acts for alpha in ([1.0] + nums if name == "silu" else [1.0])
+        for limit in [None] + nums for shift in (0.0, 1.0)]
+    for interleaved in splits:
+        g, u = (z[:, 0::2], z[:, 1::2]) if interleaved else (z[:, :f], z[:, f:])
+        for name, variant in candidates:
+            if torch.allclose(y.float(), reference.gated(g, u, name, **variant), rtol=1e-5, atol=1e-5):
+                return interleaved, name, variant
     return None
 
 

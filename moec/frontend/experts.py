@@ -376,7 +376,7 @@ def gated_activation(module: nn.Module, st: Structure) -> Optional[tuple]:
             for f in sorted(widths):
                 form = gate_method_form(m, f)
                 if form is not None:
-                    return form
+                    return form[1:]
     return None
 
 

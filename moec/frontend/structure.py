@@ -279,6 +279,12 @@ def meta_or_none(module: nn.Module) -> Optional[str]:
     return None
 
 
+def _roots(st: Structure) -> tuple[set, set]:
+    """The top-level children holding the experts and the shared experts."""
+    experts = {st.experts.split(".")[0]} if st.experts else {path.split(".")[0] for path, _ in st.stacked}
+    return experts, {path.split(".")[0] for path in st.shared}
+
+
 def _is_norm(m: nn.Module) -> bool:
     return isinstance(m, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)) or type(m).__name__.endswith("Norm")
 
@@ -288,9 +294,8 @@ def output_norms(module: nn.Module, st: Structure) -> list:
     row on its own (`_rowwise`): candidates for a norm the forward applies to the combined output (the probe
     decides). A norm over other dims (GroupNorm's channels, BatchNorm's batch) is none: applied to the
     kernels' output its result would depend on how the rows are shaped."""
-    taken = {p.split(".")[0] for p in st.shared}
-    taken |= {st.experts.split(".")[0]} if st.experts else {s[0].split(".")[0] for s in st.stacked}
-    taken |= {r.weight.split(".")[0] for r in st.routers}
+    expert_roots, shared_roots = _roots(st)
+    taken = expert_roots | shared_roots | {r.weight.split(".")[0] for r in st.routers}
     return [name for name, m in module.named_children()
             if name not in taken and _is_norm(m) and _rowwise(m, st.d, st.dtype, st.device)]
 
@@ -317,8 +322,7 @@ def unsupported_parts(module: nn.Module, st: Structure) -> str:
     than on the combined output: that one moec runs after its kernels) and expert activations none of moec's
     is (an activation module's output, evaluated)."""
     found = {}
-    shared_roots = {p.split(".")[0] for p in st.shared}
-    expert_roots = {st.experts.split(".")[0]} if st.experts else {s[0].split(".")[0] for s in st.stacked}
+    expert_roots, shared_roots = _roots(st)
     for path, m in module.named_modules():
         name = type(m).__name__
         top = path.split(".")[0]

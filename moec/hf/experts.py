@@ -41,7 +41,6 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from moec import reference
 from moec.compiler import BackwardRecipe, ExpertsRecipe
 from moec.ir.backward import PRE_SAVED, grad_outputs, read_saved
 from moec.frontend.adapters import activation_of, gate_method_form, gated_form, module_state
@@ -130,22 +129,8 @@ def _custom_gate(m: nn.Module, act: Optional[str], f: int):
     module ``m.act_fn``), found by evaluating it, or None."""
     act_fn = getattr(m, "act_fn", None)
     gated = gated_form(act_fn) if isinstance(act_fn, nn.Module) else None     # Inkling2's softcapped SwiGLU
-    for interleaved in (False, True):
-        if gated is not None:
-            z = torch.randn(64, 2 * f, generator=torch.Generator().manual_seed(0)) * 8
-            try:
-                with torch.no_grad():
-                    y = m._apply_gate(z)
-            except Exception:  # noqa: BLE001 - not evaluable on its own
-                return None
-            g, u = (z[:, 0::2], z[:, 1::2]) if interleaved else (z[:, :f], z[:, f:])
-            if isinstance(y, Tensor) and torch.allclose(y.float(), reference.gated(g, u, gated[0], **gated[1]),
-                                                        rtol=1e-5, atol=1e-5):
-                return interleaved, gated[0], tuple(sorted(gated[1].items()))
-        form = gate_method_form(m, f, interleaved, [act] if act else ACTIVATIONS)
-        if form is not None:
-            return interleaved, form[0], tuple(sorted(form[1].items()))
-    return None
+    form = gate_method_form(m, f, (False, True), [act] if act else ACTIVATIONS, [gated] if gated else ())
+    return None if form is None else (form[0], form[1], tuple(sorted(form[2].items())))
 
 
 def read_layout(m: nn.Module, d: int):
