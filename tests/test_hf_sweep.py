@@ -170,3 +170,15 @@ def test_a_shared_expert_that_computes_another_glu_stays_eager(shared):
         x = torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(1)) * scale
         with torch.no_grad():
             torch.testing.assert_close(compiled[0](x), blocks[0](x))
+
+
+def test_hy_v4_routed_clamp_and_plain_shared_expert_stay_eager_with_the_reason():
+    """HunYuan-V4's routed experts clamp their SwiGLU at 10 (a custom gate) while its shared expert is plain:
+    MoESpec has one GLU variant, so the block stays eager (reading the routed experts as plain SwiGLU, as the
+    probe's small inputs would allow, is wrong once the clamp binds) and explain() says why."""
+    if "hy_v4" not in hf_sweep.families():
+        pytest.skip("no hy_v4 in this transformers")
+    outcome = hf_sweep.check("hy_v4")
+    assert outcome.status == "EAGER", outcome
+    assert "shared expert shared_experts computes GLU silu but the routed experts compute GLU silu (glu_limit=10" \
+        in outcome.detail, outcome.detail

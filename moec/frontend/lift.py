@@ -335,11 +335,12 @@ def _lift(module: nn.Module):
             return partial
     lacks = unsupported_parts(module, st)     # the first feature it lacks, in words, before the probe's details
     if tried > MAX_SCREENS:
-        return NotLifted(f"{cls}: {lacks}no configuration found within {MAX_SCREENS} candidates"
-                         + (f"; first candidate ({first_fail})" if first_fail else ""))
-    reason = f"{cls}: {lacks}no candidate configuration reproduces the module's forward ({tried} tried"
-    reason += f"; the most plausible, {first_fail})" if first_fail else ")"
-    if why:
+        reason = f"{cls}: {lacks}no configuration found within {MAX_SCREENS} candidates"
+        reason += f"; first candidate ({first_fail})" if first_fail else ""
+    else:
+        reason = f"{cls}: {lacks}no candidate configuration reproduces the module's forward ({tried} tried"
+        reason += f"; the most plausible, {first_fail})" if first_fail else ")"
+    if why:             # what the parts' readings found (a shared expert of another GLU, ...)
         reason += "; " + "; ".join(why)
     return NotLifted(reason)
 
