@@ -11,6 +11,7 @@ names the variable and lists what it accepts (a typo must never silently turn a 
 | ``MOEC_TUNE_FILE`` | a file | the autotune file (default: ``tune.json`` in the cache dir) |
 | ``MOEC_TUNE_DEVICE`` | a device name | whose tuned entries apply (default: this process's GPU) |
 | ``MOEC_ACTIVATIONS`` | ``auto``, ``save``, ``recompute`` | what a training forward keeps for its backward (`moec.compile`'s ``activations`` overrides) |
+| ``MOEC_TMA`` | ``1``, ``0`` or unset | grouped GEMMs' weight tiles by TMA: unset on sm90 / sm100 GPUs, ``1`` wherever the layout allows (also the interpreter, for tests), ``0`` never |
 | ``MOEC_LOGS`` | a level, or ``+topic`` / ``-topic`` items, comma-separated | what the ``moec`` logger shows (`moec.log`) |
 """
 from __future__ import annotations
@@ -30,6 +31,16 @@ def flag(name: str) -> bool:
     if value in _OFF:
         return False
     raise ValueError(f"environment variable {name}={value!r}: expected 1 (on), 0 or unset (off)")
+
+
+def switch(name: str) -> Optional[bool]:
+    """A switch with a default: ``1`` True, ``0`` False, unset None (the caller's default); else an error."""
+    value = os.environ.get(name, "").strip()
+    if value == "":
+        return None
+    if value in ("0", "1"):
+        return value == "1"
+    raise ValueError(f"environment variable {name}={value!r}: expected 1 (on), 0 (off) or unset (moec decides)")
 
 
 def path(name: str) -> Optional[Path]:

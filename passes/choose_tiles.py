@@ -132,9 +132,10 @@ def choose_tiles(g: Graph, ctx) -> Graph:
 # ---- the tune file's key of a kernel node --------------------------------------------------------
 
 # node attributes the problem key already names, and optional operands it implies
+# (schedule-tiles' schedule, which runs after choose-tiles, changes where a tile's rows are read from, not its cost)
 _IN_PROBLEM_KEY = {"tiles", "tile_source", "tune_ignored", "num_experts", "top_k", "glu", "gather_top_k", "scatter", "out_dtype",
-                   "noisy"}
-_IMPLIED_OPERANDS = {"offsets", "w_up", "order", "scale", "w_noise", "residual"}
+                   "noisy", "schedule_block_m"}
+_IMPLIED_OPERANDS = {"offsets", "w_up", "order", "scale", "w_noise", "residual", "schedule"}
 
 
 def _attr_text(name: str, v) -> str:

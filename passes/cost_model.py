@@ -69,11 +69,14 @@ def gemm_candidates(p: GemmProblem, arch: Arch) -> list[GemmTile]:
     """Legal tiles in preference order: blocks clamped to the padded problem, 8 warps only
     for tiles of at least 128 x 128 outputs, K chunks of whole 128-byte lines (K is the contiguous
     dim of both operands), the accumulators in registers, shared memory fitting; each with every
-    program order of ``GEMM_GROUPS``.
+    program order of ``GEMM_GROUPS``; on wgmma / tcgen05 arches (sm90, sm100), a forward grouped GEMM's
+    fast-MMA tiles also persistent (``persistent`` = the programs per SM its occupancy allows).
     Preference (for near-ties): the most K in flight (``(stages - 1) * BLOCK_K``), then deeper
-    K, then narrower N, fewer rows, fewer warps, then ``GEMM_GROUPS``' order."""
+    K, then narrower N, fewer rows, fewer warps, then ``GEMM_GROUPS``' order, one program per tile
+    before persistent."""
     bn_max, bk_max = pow2(p.n), pow2(p.k)
     bk_min = min(bk_max, LINE_BYTES // p.in_size)
+    persistent = type(p) is GemmProblem and arch.mma in ("wgmma", "tcgen05")   # (the backward's: not built)
     out = []
     for bm in GEMM_BM:
         for bn in (b for b in GEMM_BN if b <= bn_max):
@@ -82,10 +85,14 @@ def gemm_candidates(p: GemmProblem, arch: Arch) -> list[GemmTile]:
                     if w == 8 and bm * bn * p.mats < 128 * 128:
                         continue
                     for s in GEMM_STAGES:
-                        if p.fits(GemmTile(bm, bn, bk, w, s), arch):
+                        tile = GemmTile(bm, bn, bk, w, s)
+                        if p.fits(tile, arch):
                             out += [GemmTile(bm, bn, bk, w, s, g) for g in GEMM_GROUPS]
+                            if persistent and bm >= arch.fast_mma_min_m:
+                                per_sm = p.slots(tile, arch) // arch.sms
+                                out += [GemmTile(bm, bn, bk, w, s, g, per_sm) for g in GEMM_GROUPS]
     return sorted(out, key=lambda t: (-(max(t.num_stages - 1, 1) * t.block_k), -t.block_k, t.block_n,
-                                      t.block_m, t.num_warps, GEMM_GROUPS.index(t.group_m)))
+                                      t.block_m, t.num_warps, GEMM_GROUPS.index(t.group_m), t.persistent))
 
 
 def route_candidates(p: RouteProblem, arch: Arch) -> list[RouteTile]:

@@ -20,7 +20,12 @@ largest of
   bandwidth`` (``mats`` = 2 with a GLU; scaled by the share of SMs busy): what makes small tiles
   lose at large T;
 
-plus a fixed per-wave latency (the prologue's dependent loads: offsets, order, first operands).
+plus a fixed per-wave latency (the prologue's dependent loads: offsets, order, first operands), and
+``PROGRAM_S`` for each of ``surplus`` programs launched past the tiles (the routed grid's data-independent
+upper bound: many experts, tall tiles) that start and exit at once. A persistent grid (``persistent=True``:
+at most one program per slot, looping over the tiles) launches no surplus and starts its programs once,
+but pays the same dependent prologue loads per tile (Triton's pipeliner does not prefetch across the tile
+loop): it wins by the surplus programs it does not start.
 A grouped GEMM's loads count the rows its tiles hold on average (``min(BLOCK_M, M / row_tiles)``),
 not ``BLOCK_M``: the rows past an expert's last pair are masked and never fetched, so a tile of
 padding rows buys no memory parallelism (at decode, a 64-row tile holding 2 pairs keeps no more
@@ -47,6 +52,7 @@ L2_OVER_DRAM = 3.0           # L2 -> SM operand bandwidth, as a multiple of devi
 L2_SHARE = 0.5               # share of the L2 one operand's reuse can count on (the rest: the other operand, outputs)
 WAVE_LATENCIES = 3           # per wave: offsets -> order -> first operands (dependent round trips)
 ITER_S = 40e-9               # issue overhead of one k-step of one program (addresses, masks, barrier)
+PROGRAM_S = 0.3e-6           # a program's start and exit on an SM (one that finds no tile: a surplus program)
 SLOW_MMA = {"sm90": 0.6, "sm100": 0.3}   # mma.sync (BLOCK_M below fast_mma_min_m) vs the fast family
 TCGEN05_HALF = 0.5           # sm100 with BLOCK_M = 64: half-height tcgen05 tiles
 MAX_ACC_REGS = 128           # fp32 accumulator registers per thread before spills threaten
@@ -126,10 +132,13 @@ def occupancy(smem: int, warps: int, acc_regs: float, arch: Arch) -> int:
 
 
 def waves_time(programs: int, slots: int, arch: Arch, flops_per_program: float, dram_total: float,
-                l2_per_program: float, in_flight: float, flops_rate: float, iters: int = 1) -> float:
-    """Seconds for ``programs`` programs run ``slots`` at a time (see the module docstring)."""
+                l2_per_program: float, in_flight: float, flops_rate: float, iters: int = 1,
+                persistent: bool = False, surplus: int = 0) -> float:
+    """Seconds for ``programs`` programs (tiles) run ``slots`` at a time (see the module docstring);
+    ``persistent``: by at most ``slots`` programs looping over them; ``surplus``: programs launched past
+    them that exit at once (not with ``persistent``)."""
     if programs <= 0:
-        return 0.0
+        return 0.0 if persistent else surplus / arch.sms * PROGRAM_S
     sms = arch.sms
     dram_bw = arch.dram_gbps * 1e9
     l2_bw = dram_bw * L2_OVER_DRAM
@@ -146,7 +155,9 @@ def waves_time(programs: int, slots: int, arch: Arch, flops_per_program: float, 
         return max(compute, dram, l2) + WAVE_LATENCIES * DRAM_LATENCY_S
 
     full, tail = divmod(programs, slots)
-    return full * wave(slots) + wave(tail)
+    if persistent:      # the same work and per-tile prologue latency; no surplus programs
+        return full * wave(slots) + wave(tail)
+    return full * wave(slots) + wave(tail) + surplus / sms * PROGRAM_S
 
 
 def itemsize(dtype: str) -> int:

@@ -205,6 +205,13 @@ class GemmProblem:
                 and (self.fp32 or not sync_mma(tile.block_m, arch)
                      or sync_regs(self.acc_regs(tile), self.stage_bytes(tile), tile.num_warps) <= MAX_SYNC_REGS))
 
+    def launched_row_tiles(self, tile: GemmTile, t: int) -> int:
+        """Row tiles the grid launches (`moec.runtime.grouped_gemm_kernel.grid_rows`: data-independent)."""
+        M = self.rows(t)
+        if not self.routed:
+            return cdiv(M, tile.block_m)
+        return min(M, (M + self.experts * (tile.block_m - 1)) // tile.block_m)
+
     def loaded_rows(self, tile: GemmTile, t: int, loads=None) -> float:
         """Rows a tile loads on average at ``T = t``: ``min(BLOCK_M, M / row_tiles)`` (rows past
         an expert's last pair are masked, never fetched)."""
@@ -215,6 +222,8 @@ class GemmProblem:
         """Predicted seconds at ``T = t`` (see the module docstring), for the uniform-routing
         assumption or the given per-expert ``loads``."""
         programs = self.programs(tile, t, Num, loads)
+        cols = cdiv(self.n, tile.block_n)
+        surplus = 0 if tile.persistent else max(0, self.launched_row_tiles(tile, t) * cols - programs)
         k_pad = cdiv(self.k, tile.block_k) * tile.block_k
         peak = (arch.fp32_tflops if self.fp32 else arch.bf16_tflops) * 1e12
         rate = peak * mma_efficiency(tile.block_m, arch, self.fp32)
@@ -223,7 +232,8 @@ class GemmProblem:
         return waves_time(programs, self.slots(tile, arch), arch,
                            flops_per_program=2 * tile.block_m * tile.block_n * k_pad * self.mats,
                            dram_total=self.traffic(tile, arch, t, loads), l2_per_program=loaded * k_pad,
-                           in_flight=in_flight, flops_rate=rate, iters=k_pad // tile.block_k)
+                           in_flight=in_flight, flops_rate=rate, iters=k_pad // tile.block_k,
+                           persistent=bool(tile.persistent), surplus=surplus)
 
 
 # ---- the routing kernel ---------------------------------------------------------------------

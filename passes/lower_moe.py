@@ -8,16 +8,20 @@ not synchronise either).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from moec.ir.graph import Graph, Node
 from moec.ir.ops import glu_variant, router_config
+from moec.ir.tiles import bucket_of
 from moec.ir.types import DTYPES
 from moec.runtime.capacity import apply_capacity
 from moec.runtime.dispatch import dispatch
 from moec.runtime.grouped_gemm_kernel import (GroupedGemmLaunch, GroupedGemmParams, bound_weights, grouped_gemm,
                                              render_grouped_gemm)
 from moec.runtime.program import Step
+from moec.runtime.schedule_kernel import ScheduleLaunch, ScheduleParams, render_schedule
 from moec.runtime.reduce_kernel import ReduceLaunch, ReduceParams, reduce_topk, render_reduce
 from moec.runtime.route_kernel import RouteLaunch, RouteParams, check_route_weights, fused_route, render_route
 
@@ -28,6 +32,7 @@ def _route_step(n: Node, g: Graph) -> Step:
     cfg = router_config(n.attr)
     weights = ("w", "b", "score_bias", "w_noise", "w_shared_gate")
     sort = "order" in n.outs            # fuse-dispatch: the kernel groups the pairs by expert too
+    schedule = n.attr["schedule_block_m"] if "schedule" in n.outs else None     # schedule-tiles
     x_name = n.ins["x"]
 
     def params_for(tile, bucket):
@@ -44,13 +49,14 @@ def _route_step(n: Node, g: Graph) -> Step:
 
     def results(r) -> dict:
         got = {"ids": r.ids, "weights": r.weights, "counts": r.counts, "prob_sum": r.prob_sum,
-               "shared_scale": r.shared_scale, "logits": r.logits, "order": r.order, "offsets": r.offsets}
+               "shared_scale": r.shared_scale, "logits": r.logits, "order": r.order, "offsets": r.offsets,
+               "schedule": r.schedule}
         return {v: got[role] for role, v in n.results}
 
     def launch(params, v, outs, ctx):
         r = fused_route(v["x"], v["w"], params, b_router=v.get("b"), score_bias=v.get("score_bias"),
                         w_noise=v.get("w_noise"), noise=noise_of(ctx), w_shared_gate=v.get("w_shared_gate"),
-                        dispatch=sort)
+                        dispatch=sort, schedule=schedule)
         got = results(r)
         return {role: got[v] for role, v in n.results}
 
@@ -60,17 +66,18 @@ def _route_step(n: Node, g: Graph) -> Step:
         check_route_weights(params, bound["w"], bound.get("b"), bound.get("score_bias"), bound.get("w_noise"),
                             bound.get("w_shared_gate"))
         plan = RouteLaunch(params, bound["w"], bound.get("b"), bound.get("score_bias"), bound.get("w_noise"),
-                           bound.get("w_shared_gate"), dispatch=sort)
+                           bound.get("w_shared_gate"), dispatch=sort, schedule=schedule)
 
         def go(env, ctx):
             env.update(results(plan(env[x_name], noise_of(ctx))))
         return go
-    return kernel_step(n, params_for, render_route, launch, fills_results=False, prepare=prepare)   # it allocates its outputs
+    step = kernel_step(n, params_for, render_route, launch, fills_results=False, prepare=prepare)  # (it allocates)
+    return dataclasses.replace(step, helpers=_schedule_kernels(n))
 
 
 def _gemm_step(n: Node, g: Graph) -> Step:
     a = n.attr
-    names = {r: n.ins.get(r) for r in ("a", "offsets", "order", "scale")}
+    names = {r: n.ins.get(r) for r in ("a", "offsets", "order", "scale", "schedule")}
     out_names = {r: n.outs.get(r) for r in ("out", "pre", "pre_up")}
 
     def params_for(tile, bucket):
@@ -85,15 +92,18 @@ def _gemm_step(n: Node, g: Graph) -> Step:
         scale = v.get("scale")
         grouped_gemm(v["a"], v["w"], params, out=outs["out"], offsets=v.get("offsets"), order=v.get("order"),
                      w_up=v.get("w_up"), scale_vec=scale.reshape(-1) if scale is not None else None,
-                     bias=v.get("bias"), bias_up=v.get("bias_up"), pre=outs.get("pre"), pre_up=outs.get("pre_up"))
+                     bias=v.get("bias"), bias_up=v.get("bias_up"), pre=outs.get("pre"), pre_up=outs.get("pre_up"),
+                     schedule=v.get("schedule"))
 
     def prepare(params, bound):
         if any(r in n.ins and r not in bound for r in ("w", "w_up", "bias", "bias_up")):
             return None
         plan = GroupedGemmLaunch(params, *bound_weights(params, bound["w"], bound.get("w_up"), bound.get("bias"),
                                                         bound.get("bias_up")), names["offsets"] is not None,
-                                 _contiguous(g, n.ins["a"]), _contiguous(g, n.outs["out"]))
+                                 _contiguous(g, n.ins["a"]), _contiguous(g, n.outs["out"]),
+                                 schedule=names["schedule"] is not None)
         a_, off_, order_, scale_ = names["a"], names["offsets"], names["order"] if params.routed else None, names["scale"]
+        sched_ = names["schedule"]
         out_, pre_, pre_up_ = out_names["out"], out_names["pre"], out_names["pre_up"]
         gather = params.gather_top_k
 
@@ -105,7 +115,7 @@ def _gemm_step(n: Node, g: Graph) -> Step:
                 scale = scale.reshape(-1)
             M = order.shape[0] if order is not None else x.shape[0] * (gather or 1)
             plan(x, env[out_], env[off_] if off_ else None, order, scale, env[pre_] if pre_ else None,
-                 env[pre_up_] if pre_up_ else None, M)
+                 env[pre_up_] if pre_up_ else None, M, env[sched_] if sched_ else None)
         return go
     return kernel_step(n, params_for, render_grouped_gemm, launch, prepare=prepare)
 
@@ -146,11 +156,24 @@ def _contiguous(g: Graph, value: str):
 
 
 def _dispatch_step(n: Node, g: Graph) -> Step:
+    E = n.attr["num_experts"]
+    block_m = n.attr["schedule_block_m"] if "schedule" in n.outs else None     # schedule-tiles
+    schedulers = {b: ScheduleLaunch(ScheduleParams(E, m, header(n))) for b, m in (block_m or {}).items()}
 
     def run(v, outs, ctx):
-        order, offsets = dispatch(v["ids"], n.attr["num_experts"])
-        return {"order": order, "offsets": offsets}
-    return Step(n, run)
+        order, offsets = dispatch(v["ids"], E)
+        if block_m is None:
+            return {"order": order, "offsets": offsets}
+        return {"order": order, "offsets": offsets,
+                "schedule": schedulers[bucket_of(v["ids"].shape[0], block_m)](offsets, order.shape[0])}
+    return Step(n, run, helpers=_schedule_kernels(n))
+
+
+def _schedule_kernels(n: Node) -> tuple:
+    """The tile schedule kernels a dispatching step may launch (one per distinct BLOCK_M), for dumps."""
+    block_m = n.attr["schedule_block_m"] if "schedule" in n.outs else {}
+    return tuple(render_schedule(ScheduleParams(n.attr["num_experts"], m, header(n)))
+                 for m in dict.fromkeys(block_m.values()))
 
 
 def _aux_step(n: Node, g: Graph) -> Step:

@@ -33,6 +33,7 @@ from .fuse_dispatch import fuse_dispatch
 from .fuse_routing import fuse_routing
 from .infer_shapes import infer_shapes
 from .save_activations import save_activations
+from .schedule_tiles import schedule_tiles
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ PIPELINE: tuple[Pass, ...] = (
     Pass("fold-combine", fold_combine),
     Pass("save-activations", save_activations),
     Pass("choose-tiles", choose_tiles),
+    Pass("schedule-tiles", schedule_tiles),
 )
 
 # A MoBA core (`moec.ir.build.build_moba_graph`).

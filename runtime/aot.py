@@ -36,6 +36,11 @@ class AotReport:
         return self.shared <= self.smem_limit
 
     @property
+    def tma(self) -> bool:
+        """Whether the kernel issues TMA bulk tensor copies (tensor-descriptor loads on sm90+)."""
+        return "cp.async.bulk.tensor" in self.ptx
+
+    @property
     def registers(self) -> int:
         """Registers per thread, as ptxas allocates them (ptxas runs on the PTX: no GPU needed)."""
         return ptxas_usage(self.ptx)[0]

@@ -15,12 +15,14 @@ Rows are (token, expert) pairs grouped by expert (`moec.runtime.dispatch`). Vari
 - scatter epilogue: row ``r`` is stored at ``out[order[r]]``, i.e. back in token-major pair order
   (``p = t * k + slot``), ready for the fixed-order top-k reduce.
 
-The routed grid is sized from M and E only (never from the routing data): it has
-``min(M, (M + E * (BLOCK_M - 1)) // BLOCK_M)`` row tiles, an upper bound on
-``sum_e cdiv(count_e, BLOCK_M)``; surplus programs exit at once. The grid is 1-D, row tiles x N
-tiles in the tile's grouped order (`moec.ir.tiles.GemmTile.group_m`). Rows of dropped pairs (past
-``offsets[E]``) are neither read nor written: ``out`` keeps whatever it held there, and the
-reduce skips those pairs by their id ``-1``.
+Which expert and rows a row tile owns: from the tile schedule (`moec.runtime.schedule_kernel`, three
+loads) when one is passed, else each program scans the ``E + 1`` offsets. The routed grid is sized from M
+and E only (never from the routing data): ``min(M, (M + E * (BLOCK_M - 1)) // BLOCK_M)`` row tiles, an
+upper bound on ``sum_e cdiv(count_e, BLOCK_M)``; surplus programs exit at once. The grid is 1-D, row
+tiles x N tiles in the tile's grouped order (`moec.ir.tiles.GemmTile.group_m`). A persistent tile
+(``tile.persistent = p``) launches ``min(p * SMs, that bound)`` programs instead, each looping over the
+tiles the schedule (or the scan) counts. Rows of dropped pairs (past ``offsets[E]``) are neither read nor
+written: ``out`` keeps whatever it held there, and the reduce skips those pairs by their id ``-1``.
 """
 from __future__ import annotations
 
@@ -34,7 +36,10 @@ from torch import Tensor
 
 from moec.spec import ACTIVATIONS, GLU_PLAIN, check_glu_variant, glu_fields
 
+from .arch import arch_of
 from .launch import Kernel, Launcher, cdiv, next_pow2
+from .schedule_kernel import schedule_size
+from .tma import weight_descriptors
 from .render import render
 from moec.ir.tiles import GemmTile, bucket_suffix, bucket_text
 
@@ -51,7 +56,8 @@ ACTIVATION_EXPR = {
 }
 assert set(ACTIVATION_EXPR) == {None, *ACTIVATIONS}
 
-ARG_NAMES = ("a_ptr", "w_ptr", "wup_ptr", "out_ptr", "pre_ptr", "pre_up_ptr", "offsets_ptr", "order_ptr", "scale_ptr",
+ARG_NAMES = ("a_ptr", "w_ptr", "wup_ptr", "out_ptr", "pre_ptr", "pre_up_ptr", "offsets_ptr", "sched_ptr", "order_ptr",
+             "scale_ptr",
              "bias_ptr", "bias_up_ptr", "M", "ROW_TILES",
              "stride_am", "stride_ak", "stride_we", "stride_wn", "stride_wk",
              "stride_ue", "stride_un", "stride_uk", "stride_om", "stride_on",
@@ -124,6 +130,9 @@ class GroupedGemmParams:
     tile: GemmTile = GemmTile(16, 32, 32)
     header: str = ""                    # the IR node's text line
     bucket: tuple = ()                  # (lo, hi): this kernel serves lo <= T <= hi; () every T
+    tma: Optional[bool] = None          # weight tiles by TMA: None as MOEC_TMA says (unset: on sm90 / sm100
+                                        # devices), True wherever the weights' layout allows (also the
+                                        # interpreter), False never
 
     def __post_init__(self) -> None:
         if self.num_experts < 1 or self.n < 1 or self.k_dim < 1:
@@ -254,7 +263,8 @@ def grouped_gemm(a: Tensor, w: Tensor, params: GroupedGemmParams, *, out: Tensor
                  offsets: Optional[Tensor] = None, order: Optional[Tensor] = None,
                  w_up: Optional[Tensor] = None, scale_vec: Optional[Tensor] = None,
                  bias: Optional[Tensor] = None, bias_up: Optional[Tensor] = None,
-                 pre: Optional[Tensor] = None, pre_up: Optional[Tensor] = None) -> Tensor:
+                 pre: Optional[Tensor] = None, pre_up: Optional[Tensor] = None,
+                 schedule: Optional[Tensor] = None) -> Tensor:
     """Run the grouped GEMM; returns ``out``.
 
     - ``a [rows_a, K]``: activations, any strides. With ``gather_top_k = k`` these are the
@@ -264,6 +274,8 @@ def grouped_gemm(a: Tensor, w: Tensor, params: GroupedGemmParams, *, out: Tensor
       parameter is passed as ``.transpose(1, 2)``); ``[N, K]`` is accepted when ``E == 1``.
     - ``offsets`` int32 ``[E+1]`` and ``order`` int32 ``[T*k]`` from `dispatch`. ``offsets=None``
       is the dense case: one expert over all ``M = a.shape[0]`` rows, no order.
+    - ``schedule``: int32 ``[3 M + 1]``, the tile schedule of ``offsets`` for ``tile.block_m``-row tiles
+      (`moec.runtime.schedule_kernel.tile_schedule`); None: each program scans the offsets.
     - ``scale_vec``: routed: the flat ``[T*k]`` routing weights indexed by pair; dense: ``[M]``.
     - ``bias``, ``bias_up``: ``[E, N]`` (any strides; ``[N]`` when ``E == 1``), with ``params.bias``
       / ``params.bias_up``.
@@ -314,9 +326,17 @@ def grouped_gemm(a: Tensor, w: Tensor, params: GroupedGemmParams, *, out: Tensor
                 raise ValueError(f"params.store_pre needs {what} with out's shape and strides")
     elif pre is not None or pre_up is not None:
         raise ValueError("pre given but params.store_pre is False")
+    if schedule is not None:
+        if offsets is None:
+            raise ValueError("schedule needs offsets (it is the offsets' tile schedule)")
+        if schedule.dim() != 1 or schedule.dtype != torch.int32 or schedule.shape[0] != schedule_size(M):
+            raise ValueError(f"schedule must be int32 [3 M + 1 = {schedule_size(M)}], got {schedule.dtype} "
+                             f"{tuple(schedule.shape)}")
+        if schedule.device != offsets.device:
+            raise ValueError(f"schedule is on {schedule.device}, offsets on {offsets.device}")
 
-    GroupedGemmLaunch(params, w, w_up, bias, bias_up, offsets is not None)(
-        a, out, offsets, order if params.routed else None, scale_vec, pre, pre_up, M)
+    GroupedGemmLaunch(params, w, w_up, bias, bias_up, offsets is not None, schedule=schedule is not None)(
+        a, out, offsets, order if params.routed else None, scale_vec, pre, pre_up, M, schedule)
     return out
 
 
@@ -327,19 +347,21 @@ class GroupedGemmLaunch:
     arguments, nothing else. ``offsets``: whether calls pass dispatch offsets (the routed / grouped case)."""
 
     __slots__ = ("params", "w", "w_up", "bias", "bias_up", "static", "bias_strides", "n_tiles", "launcher",
-                 "a_strides", "out_strides")
+                 "a_strides", "out_strides", "programs")
 
     def __init__(self, params: GroupedGemmParams, w: Tensor, w_up: Optional[Tensor], bias: Optional[Tensor],
                  bias_up: Optional[Tensor], offsets: bool, a_strides: Optional[tuple] = None,
-                 out_strides: Optional[tuple] = None):
+                 out_strides: Optional[tuple] = None, schedule: bool = False):
         """``a_strides`` / ``out_strides``: those of every call's ``a`` / ``out`` (and ``pre``), when the
-        caller knows them (a program's own contiguous buffers); None: read at each call."""
+        caller knows them (a program's own contiguous buffers); None: read at each call. ``schedule``:
+        whether calls pass the offsets' tile schedule."""
         E, N, K = params.num_experts, params.n, params.k_dim
         interleaved = params.glu and _interleaved(w, w_up)
         if interleaved:     # the up operand becomes the [E, 2N, K] tensor both are rows of
             w_up = w.as_strided((E, 2 * N, K), (w.stride(0), w.stride(1) // 2, w.stride(2)))
         u = w_up if w_up is not None else w
-        self.params, self.w, self.w_up, self.bias, self.bias_up = params, w, w_up, bias, bias_up
+        tma, w_arg, u_arg = weight_descriptors(params, w, w_up, interleaved)
+        self.params, self.w, self.w_up, self.bias, self.bias_up = params, w_arg, u_arg, bias, bias_up
         self.a_strides, self.out_strides = a_strides, out_strides
         self.static = (w.stride(0), w.stride(1), w.stride(2), u.stride(0), u.stride(1), u.stride(2))
         bs = bias.stride() if bias is not None else (0, 0)
@@ -347,18 +369,25 @@ class GroupedGemmLaunch:
         self.bias_strides = (*bs, *bus)
         tile = params.tile
         self.n_tiles = cdiv(N, tile.block_n)
+        # a persistent tile: its programs per SM times the device's SMs (the interpreter's "cpu": 1 SM)
+        self.programs = tile.persistent * arch_of(w.device).sms if tile.persistent else 0
         constexprs = dict(N=N, K=K, NUM_EXPERTS=E, E_PAD=max(2, next_pow2(E)),
-                          HAS_OFFSETS=offsets, GATHER_TOP_K=params.gather_top_k,
+                          HAS_OFFSETS=offsets, HAS_SCHEDULE=schedule, PERSISTENT=bool(tile.persistent),
+                          GATHER_TOP_K=params.gather_top_k,
                           SCATTER=params.scatter, SCALE=params.scale, GLU=params.glu, GLU_INTERLEAVED=interleaved,
-                          HAS_BIAS=params.bias, HAS_BIAS_UP=params.bias_up, STORE_PRE=params.store_pre,
+                          HAS_BIAS=params.bias, HAS_BIAS_UP=params.bias_up, STORE_PRE=params.store_pre, W_DESC=tma,
                           BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
                           GROUP_M=tile.group_m)
         self.launcher = Launcher(render_grouped_gemm(params), constexprs, tile.num_warps, tile.num_stages)
 
     def __call__(self, a: Tensor, out: Tensor, offsets: Optional[Tensor], order: Optional[Tensor],
-                 scale_vec: Optional[Tensor], pre: Optional[Tensor], pre_up: Optional[Tensor], M: int) -> None:
-        """Launch over ``M`` rows (pairs when routed); ``order`` only for a routed GEMM."""
+                 scale_vec: Optional[Tensor], pre: Optional[Tensor], pre_up: Optional[Tensor], M: int,
+                 schedule: Optional[Tensor] = None) -> None:
+        """Launch over ``M`` rows (pairs when routed); ``order`` only for a routed GEMM; ``schedule`` when
+        the launch was planned with one."""
         row_tiles = grid_rows(self.params, M, offsets is not None)
-        self.launcher((row_tiles * self.n_tiles,), (
-            a, self.w, self.w_up, out, pre, pre_up, offsets, order, scale_vec, self.bias, self.bias_up, M, row_tiles,
+        tiles = row_tiles * self.n_tiles
+        self.launcher((min(tiles, self.programs) if self.programs else tiles,), (
+            a, self.w, self.w_up, out, pre, pre_up, offsets, schedule, order, scale_vec, self.bias, self.bias_up, M,
+            row_tiles,
             *(self.a_strides or a.stride()), *self.static, *(self.out_strides or out.stride()), *self.bias_strides))

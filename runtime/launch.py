@@ -24,6 +24,11 @@ from triton.language import core as tl_core
 from triton.runtime.interpreter import InterpretedFunction, _patch_lang
 from triton.runtime.jit import JITFunction
 
+try:        # Triton 3.6 and 3.9: host-side TMA descriptors (`moec.runtime.grouped_gemm_kernel`)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:                         # pragma: no cover - an older Triton: no TMA variant
+    TensorDescriptor = None
+
 from . import cache
 
 _DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
@@ -87,6 +92,8 @@ def specialize(value) -> str:
 def triton_type(value) -> str:
     if isinstance(value, torch.Tensor):
         return "*" + _DTYPES[value.dtype]
+    if TensorDescriptor is not None and isinstance(value, TensorDescriptor):
+        return f"tensordesc<{_DTYPES[value.base.dtype]}[{', '.join(str(b) for b in value.block_shape)}]>"
     if isinstance(value, bool):
         return "i1"
     if isinstance(value, int):
@@ -204,7 +211,7 @@ class Launcher:
         return LaunchRecord(self.kernel, tuple(grid), {k: triton_type(v) for k, v in named.items()},
                             dict(self.constexprs), self.num_warps, self.num_stages,
                             {k: s for k, s in ((k, specialize(v)) for k, v in named.items()) if s},
-                            {k: v for k, v in named.items() if not isinstance(v, torch.Tensor)})
+                            {k: v for k, v in named.items() if isinstance(v, (int, float))})
 
 
 # a launch, prepared: run it, or turn it into a record without running it (AOT checks of big tiles)

@@ -53,6 +53,7 @@ class Step:
     # operands from and writing its results into the values ``env`` (by name), or None when the plan
     # needs an operand that is not bound (then `execute` runs it)
     prepare: Optional[Callable] = None
+    helpers: tuple = ()                # kernels it launches besides its variants (the tile schedule's), for dumps
 
     @property
     def text(self) -> str:
@@ -167,8 +168,8 @@ class Program:
         return [s.node.op for s in self.steps if not s.variants and s.node.op not in _BOOKKEEPING_OPS]
 
     def kernels(self) -> list[tuple[Step, Kernel]]:
-        """Every rendered kernel (one per bucket variant) with its step."""
-        return [(s, v.kernel) for s in self.steps for v in s.variants]
+        """Every rendered kernel (one per bucket variant, and the helpers a step launches) with its step."""
+        return [(s, k) for s in self.steps for k in (*(v.kernel for v in s.variants), *s.helpers)]
 
     def sizes(self, inputs: dict) -> dict:
         """The graph's symbols bound from ``inputs``' shapes (``{T: 7, ...}``)."""

@@ -27,11 +27,12 @@ from moec.spec import RouterConfig
 from .dispatch import dispatch as sort_by_expert
 from .launch import Kernel, Launcher, next_pow2
 from .render import render
-from moec.ir.tiles import RouteTile, bucket_suffix, bucket_text
+from .schedule_kernel import ScheduleLaunch, ScheduleParams, schedule_chunk
+from moec.ir.tiles import RouteTile, bucket_of, bucket_suffix, bucket_text
 
 TEMPLATE = "route.py.jinja"
 ARG_NAMES = ("x_ptr", "w_ptr", "b_ptr", "sbias_ptr", "wn_ptr", "noise_ptr", "wsg_ptr", "ids_ptr", "wts_ptr",
-             "counts_ptr", "psum_ptr", "sscale_ptr", "logits_ptr", "order_ptr", "offsets_ptr", "T",
+             "counts_ptr", "psum_ptr", "sscale_ptr", "logits_ptr", "order_ptr", "offsets_ptr", "sched_ptr", "T",
              "stride_xt", "stride_xd", "stride_we", "stride_wd", "stride_wne", "stride_wnd", "stride_nt",
              "stride_ne", "stride_sgd")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -119,6 +120,7 @@ class RouteOutputs:
     logits: Optional[torch.Tensor] = None        # fp32 [T, E] (write_logits)
     order: Optional[torch.Tensor] = None         # int32 [T*k], offsets int32 [E+1]: as `dispatch` gives
     offsets: Optional[torch.Tensor] = None       # them (``dispatch=True``)
+    schedule: Optional[torch.Tensor] = None      # int32 [3 T k + 1]: their tile schedule (``schedule=``)
 
 
 def _one_line(text: str) -> str:
@@ -204,10 +206,13 @@ def check_route_weights(params: RouteParams, w_router: torch.Tensor, b_router: O
 def fused_route(x: torch.Tensor, w_router: torch.Tensor, params: RouteParams, *,
                 b_router: Optional[torch.Tensor] = None, score_bias: Optional[torch.Tensor] = None,
                 w_noise: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
-                w_shared_gate: Optional[torch.Tensor] = None, dispatch: bool = False) -> RouteOutputs:
+                w_shared_gate: Optional[torch.Tensor] = None, dispatch: bool = False,
+                schedule: Optional[dict] = None) -> RouteOutputs:
     """Route the rows of ``x [T, d]`` (see the module docstring). ``noise`` (``[T, E]`` N(0, 1)
     draws) is added only when ``params.router.noisy`` and it is given (None: eval, no noise).
-    ``dispatch``: also group the pairs by expert (``order``, ``offsets``: `RouteLaunch`)."""
+    ``dispatch``: also group the pairs by expert (``order``, ``offsets``: `RouteLaunch`); ``schedule``
+    (with dispatch): ``{bucket bound: BLOCK_M}``, also write their tile schedule for the bucket of T's
+    BLOCK_M (`moec.runtime.schedule_kernel`)."""
     r = params.router
     E, d = r.num_experts, params.hidden
     if x.dim() != 2 or x.shape[1] != d:
@@ -222,34 +227,49 @@ def fused_route(x: torch.Tensor, w_router: torch.Tensor, params: RouteParams, *,
         _check("noise", noise, (x.shape[0], E), x.device)
         _check("w_noise", w_noise, (E, d), x.device)
 
-    return RouteLaunch(params, w_router, b_router, score_bias, w_noise, w_shared_gate, dispatch)(x, noise)
+    if schedule is not None and not dispatch:
+        raise ValueError("schedule needs dispatch (it is the grouped pairs' tile schedule)")
+    return RouteLaunch(params, w_router, b_router, score_bias, w_noise, w_shared_gate, dispatch, schedule)(x, noise)
 
 
 class RouteLaunch:
     """The routing kernel's launch with the router's weights bound (checked by `fused_route`, or once by
     the program that binds them): a call allocates the outputs and launches. ``dispatch``: the outputs
     also hold the pairs grouped by expert, sorted inside the kernel when one program holds every token
-    (``T <= BLOCK_T``), after it on the device otherwise (`moec.runtime.dispatch`)."""
+    (``T <= BLOCK_T``), after it on the device otherwise (`moec.runtime.dispatch`); ``schedule``
+    (``{bucket bound: BLOCK_M}``): with them their tile schedule, written by the kernel when it sorts, by
+    `moec.runtime.schedule_kernel` after the sort otherwise."""
 
-    __slots__ = ("params", "static", "dispatch", "_launchers")
+    __slots__ = ("params", "static", "dispatch", "schedule", "_launchers", "_schedulers")
 
     def __init__(self, params: RouteParams, w_router: torch.Tensor, b_router: Optional[torch.Tensor] = None,
                  score_bias: Optional[torch.Tensor] = None, w_noise: Optional[torch.Tensor] = None,
-                 w_shared_gate: Optional[torch.Tensor] = None, dispatch: bool = False):
+                 w_shared_gate: Optional[torch.Tensor] = None, dispatch: bool = False,
+                 schedule: Optional[dict] = None):
         r = params.router
-        self.params, self.dispatch, self._launchers = params, dispatch, {}
+        self.params, self.dispatch, self._launchers, self._schedulers = params, dispatch, {}, {}
+        self.schedule = schedule if schedule else None
         self.static = (w_router, b_router if r.router_bias else None, score_bias if r.score_bias else None,
                        w_noise if r.noisy else None, w_shared_gate if params.shared_gate else None,
                        w_router.stride(0), w_router.stride(1),
                        w_noise.stride(0) if w_noise is not None else 0, w_noise.stride(1) if w_noise is not None else 0,
                        w_shared_gate.stride(1) if w_shared_gate is not None else 0)
 
-    def _launcher(self, has_noise: bool, sort: bool) -> Launcher:
-        got = self._launchers.get((has_noise, sort))
+    def _launcher(self, has_noise: bool, sort: bool, sched_m: int) -> Launcher:
+        got = self._launchers.get((has_noise, sort, sched_m))
         if got is None:
             p = self.params
-            got = self._launchers[(has_noise, sort)] = Launcher(
-                render_route(p), {**p.constexprs(has_noise), "DISPATCH": sort}, p.tile.num_warps, p.tile.num_stages)
+            e_pad = max(2, next_pow2(p.router.num_experts))
+            got = self._launchers[(has_noise, sort, sched_m)] = Launcher(
+                render_route(p), {**p.constexprs(has_noise), "DISPATCH": sort, "SCHED_M": sched_m,
+                                  "SCHED_S": schedule_chunk(e_pad)}, p.tile.num_warps, p.tile.num_stages)
+        return got
+
+    def _scheduler(self, block_m: int) -> ScheduleLaunch:
+        got = self._schedulers.get(block_m)
+        if got is None:
+            got = self._schedulers[block_m] = ScheduleLaunch(
+                ScheduleParams(self.params.router.num_experts, block_m, self.params.header))
         return got
 
     def __call__(self, x: torch.Tensor, noise: Optional[torch.Tensor] = None) -> RouteOutputs:
@@ -266,15 +286,20 @@ class RouteLaunch:
         logits = torch.empty((T, E), dtype=torch.float32, device=dev) if p.write_logits else None
         order = torch.empty((T * k,), dtype=torch.int32, device=dev) if sort else None
         offsets = (torch.zeros if T == 0 else torch.empty)((E + 1,), dtype=torch.int32, device=dev) if sort else None
-        out = RouteOutputs(ids, weights, counts, prob_sum, shared_scale, logits, order, offsets)
+        sched_m = self.schedule[bucket_of(T, self.schedule)] if self.schedule else 0
+        sched = (torch.zeros if T == 0 else torch.empty)((3 * T * k + 1,), dtype=torch.int32, device=dev) \
+            if sort and sched_m else None
+        out = RouteOutputs(ids, weights, counts, prob_sum, shared_scale, logits, order, offsets, sched)
         if T == 0:
             return out
         w, b, sb, wn, wsg, swe, swd, swne, swnd, ssgd = self.static
         has_noise = noise is not None
-        self._launcher(has_noise, sort)((-(-T // p.tile.block_t),), (
+        self._launcher(has_noise, sort, sched_m if sort else 0)((-(-T // p.tile.block_t),), (
             x, w, b, sb, wn if has_noise else None, noise, wsg, ids, weights, counts, prob_sum, shared_scale, logits,
-            order, offsets, T, x.stride(0), x.stride(1), swe, swd, swne if has_noise else 0, swnd if has_noise else 0,
+            order, offsets, sched, T, x.stride(0), x.stride(1), swe, swd, swne if has_noise else 0, swnd if has_noise else 0,
             noise.stride(0) if has_noise else 0, noise.stride(1) if has_noise else 0, ssgd))
         if self.dispatch and not sort:
             out.order, out.offsets = sort_by_expert(ids, E)
+            if sched_m:
+                out.schedule = self._scheduler(sched_m)(out.offsets, T * k)
         return out

@@ -172,7 +172,7 @@ def tile_from_json(d: dict):
     except (KeyError, TypeError, AttributeError, ValueError):
         return None
     for k, v in tile.as_dict().items():
-        if not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= 1 << 16 \
+        if not isinstance(v, int) or isinstance(v, bool) or not (k != "persistent") <= v <= 1 << 16 \
                 or k.startswith("block") and v & (v - 1):
             return None
     return tile

@@ -94,3 +94,42 @@ def test_compiles_fits_and_uses_tensor_cores(launches, dtype):
         assert report.mma == expected_mma(record, report.arch), f"{where}: got {report.mma!r}"
         if dtype == "bf16" and report.mma == "mma.sync":
             assert "bf16" in report.ptx
+
+
+@pytest.mark.parametrize("arch", ["sm80", "sm90", "sm100"])
+@pytest.mark.parametrize("persistent", [0, 2])
+@pytest.mark.parametrize("layout", ["linear", "stacked"])
+def test_scheduled_and_persistent_grouped_gemm_compile(arch, persistent, layout, monkeypatch):
+    """The grouped GEMM reading the tile schedule, one program per tile or persistent (programs looping over
+    tiles up to the schedule's count), compiles for each arch within shared memory, without spills, on the
+    arch's fast tensor cores for a 64-row tile, and on sm90 / sm100 with its weight tiles by TMA (bulk tensor
+    copies) from ``nn.Linear``-layout ``[E, N, K]`` or stacked ``[E, K, N]`` weights; so does the schedule
+    kernel the dispatch runs."""
+    if arch in ("sm90", "sm100"):
+        monkeypatch.setenv("MOEC_TMA", "1")     # what a launch on such a GPU does (recorded on the CPU here)
+    from moec.runtime import aot, launch
+    from moec.runtime.schedule_kernel import ScheduleParams, tile_schedule
+    g = torch.Generator().manual_seed(0)
+    E, K, N, T, k = 16, 128, 64, 8, 2
+    x = torch.randn(T, K, generator=g).half()
+    if layout == "linear":
+        w, w_up = (torch.randn(E, N, K, generator=g).half() for _ in range(2))
+    else:
+        w, w_up = (torch.randn(E, K, N, generator=g).half().transpose(1, 2) for _ in range(2))
+    order, offsets = dispatch(torch.randint(0, E, (T, k), generator=g, dtype=torch.int32), E)
+    params = GroupedGemmParams(E, N, K, "silu", True, gather_top_k=k, out_dtype=torch.float16,
+                               tile=GemmTile(64, 64, 64, 4, 3, persistent=persistent))
+    with launch.recording() as records:
+        sched = tile_schedule(offsets, T * k, ScheduleParams(E, 64))
+        grouped_gemm(x, w, params, out=torch.empty(T * k, N, dtype=torch.float16), offsets=offsets, order=order,
+                     w_up=w_up, schedule=sched)
+    assert [r.kernel.fn_name for r in records] == ["tile_schedule_m64", "grouped_gemm_gather_silu_glu"]
+    assert records[1].constexprs["HAS_SCHEDULE"] and records[1].constexprs["PERSISTENT"] == bool(persistent)
+    tma = arch != "sm80"
+    assert records[1].constexprs["W_DESC"] == (0 if not tma else 1 if layout == "linear" else 2)
+    for rec in records:
+        report = aot.compile_launch(rec, arch)
+        assert report.fits and report.spills == 0, (rec.kernel.fn_name, arch, report.shared, report.spills)
+    gemm = aot.compile_launch(records[1], arch)
+    assert gemm.mma == {"sm80": "mma.sync", "sm90": "wgmma", "sm100": "tcgen05"}[arch]
+    assert gemm.tma == tma

@@ -211,7 +211,11 @@ def test_one_compile_serves_every_token_count():
         for T in (1, 7, 300):
             x = torch.randn(1, T, 16)
             assert_same(compiled(x), eager(x))
-    assert compiler.cache_info().misses == misses and len(cache._modules) == modules
+    # no compile again; the only kernels loaded since are the program's own (the tile schedule's, first
+    # launched past the routing kernel's one-program token counts)
+    (program,) = [c.program for c in compiled.__dict__["_moec_region"].compiled.values()]
+    helpers = sum(len(step.helpers) for step in program.steps)
+    assert compiler.cache_info().misses == misses and 0 <= len(cache._modules) - modules <= helpers
     assert len(compiled.__dict__["_moec_region"].compiled) == 1
 
 

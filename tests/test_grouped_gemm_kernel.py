@@ -11,6 +11,7 @@ MoE layer exactly as the lowering does and compares with the eager reference `mo
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -21,9 +22,10 @@ from hypothesis import strategies as st
 from moec import reference
 from moec.runtime import launch
 from moec.runtime.dispatch import dispatch
-from moec.runtime.grouped_gemm_kernel import (ACTIVATION_EXPR, GroupedGemmParams, grid_rows, grouped_gemm,
+from moec.runtime.grouped_gemm_kernel import (ACTIVATION_EXPR, GroupedGemmLaunch, GroupedGemmParams, grid_rows, grouped_gemm,
                                              render_grouped_gemm)
 from moec.runtime.reduce_kernel import ReduceParams, reduce_topk, render_reduce
+from moec.runtime.schedule_kernel import ScheduleParams, schedule_reference, tile_schedule
 from moec.ir.tiles import GemmTile, RowTile
 from moec.spec import ACTIVATIONS, MoESpec, MoEWeights, RouterConfig, SharedExpertConfig
 
@@ -79,21 +81,33 @@ def routing(x, w, spec):
     return ids, weights
 
 
-def moe_kernels(x, w, spec, ids, weights, *, tile, row_tile=RowTile(16, 64), h_dtype=None):
+def moe_kernels(x, w, spec, ids, weights, *, tile, row_tile=RowTile(16, 64), h_dtype=None, scheduled=False,
+                tma=False):
     """The layer on the kernels; intermediate buffers are poisoned with NaN so any read of a row
-    that was never written (a dropped pair) shows up."""
+    that was never written (a dropped pair) shows up. ``scheduled``: the routed GEMMs read the tile
+    schedule (poisoned past its tile count too); ``tma``: weight tiles by tensor descriptors where the
+    layout allows (sm90+'s TMA; the interpreter runs them too)."""
     T, d = x.shape
     E, k, f = spec.num_experts, spec.top_k, spec.ffn
     h_dtype = h_dtype or x.dtype
     order, offsets = dispatch(ids, E)
+    sched = None
+    if scheduled:
+        sched = torch.full((3 * T * k + 1,), -(2 ** 30), dtype=torch.int32)
+        got = tile_schedule(offsets, T * k, ScheduleParams(E, tile.block_m))
+        n = got[0].item()
+        for part in range(3):
+            sched[1 + part * T * k:1 + part * T * k + n] = got[1 + part * T * k:1 + part * T * k + n]
+        sched[0] = n
     up = GroupedGemmParams(E, f, d, spec.activation, spec.glu, gather_top_k=k, out_dtype=h_dtype, tile=tile,
-                           header="h = expert_up(x, order, offsets)")
+                           header="h = expert_up(x, order, offsets)", tma=tma)
     h = torch.full((T * k, f), NAN, dtype=h_dtype)
     grouped_gemm(x, w.w_gate if spec.glu else w.w_up, up, out=h, offsets=offsets, order=order,
-                 w_up=w.w_up if spec.glu else None)
-    down = GroupedGemmParams(E, d, f, scatter=True, scale=True, tile=tile)
+                 w_up=w.w_up if spec.glu else None, schedule=sched)
+    down = GroupedGemmParams(E, d, f, scatter=True, scale=True, tile=tile, tma=tma)
     y_pair = torch.full((T * k, d), NAN)
-    grouped_gemm(h, w.w_down, down, out=y_pair, offsets=offsets, order=order, scale_vec=weights.reshape(-1))
+    grouped_gemm(h, w.w_down, down, out=y_pair, offsets=offsets, order=order, scale_vec=weights.reshape(-1),
+                 schedule=sched)
     residual = None
     if spec.shared is not None:
         fs = spec.shared.width
@@ -135,7 +149,8 @@ def layers(draw):
         d=draw(st.sampled_from([8, 16, 24, 40, 64, 80])),
         f=draw(st.sampled_from([8, 16, 20, 32, 48, 80])),
         glu=draw(st.booleans()), act=draw(st.sampled_from(ACTIVATIONS)),
-        tile=draw(st.sampled_from(TILES)), row_tile=draw(st.sampled_from(ROW_TILES)),
+        tile=dataclasses.replace(draw(st.sampled_from(TILES)), persistent=draw(st.sampled_from([0, 0, 1, 3]))),
+        scheduled=draw(st.booleans()), tma=draw(st.booleans()), row_tile=draw(st.sampled_from(ROW_TILES)),
         transposed=draw(st.booleans()), strided_x=draw(st.booleans()),
         capacity=draw(st.sampled_from([None, None, 0.5, 1.0])),
         shared=draw(st.sampled_from([None, None, 8, 24])), gated=draw(st.booleans()),
@@ -155,7 +170,8 @@ def run_layer(p, dtype=torch.float32, h_dtype=None):
     else:
         x = torch.randn(T, d, generator=g).to(dtype)
     ids, weights = routing(x, w, spec)
-    y = moe_kernels(x, w, spec, ids, weights, tile=p["tile"], row_tile=p["row_tile"], h_dtype=h_dtype)
+    y = moe_kernels(x, w, spec, ids, weights, tile=p["tile"], row_tile=p["row_tile"], h_dtype=h_dtype,
+                    scheduled=p.get("scheduled", False), tma=p.get("tma", False))
     ref, _ = reference.moe(x, w, spec)
     check_close(y, ref, dtype)
     return ids
@@ -283,6 +299,74 @@ def test_grouped_program_order_covers_every_tile_once(group_m):
         torch.testing.assert_close(out[lo:hi], a[lo:hi] @ w[e].t(), rtol=1e-5, atol=1e-4)
 
 
+@settings(max_examples=60, **SETTINGS)
+@given(st.lists(st.integers(0, 70), min_size=1, max_size=40), st.sampled_from([16, 32, 64, 128]), st.integers(0, 9))
+def test_tile_schedule_kernel(counts, bm, dropped):
+    """The schedule kernel lists every expert's row tiles in expert order, with their first rows and row
+    ends (`schedule_reference`), for any counts, idle experts and dropped pairs (past offsets[E])."""
+    E, M = len(counts), sum(counts) + dropped
+    offsets = torch.tensor([0] + torch.tensor(counts).cumsum(0).tolist(), dtype=torch.int32)
+    got = tile_schedule(offsets, M, ScheduleParams(E, bm))
+    want = schedule_reference(offsets, M, bm)
+    n = want[0].item()
+    assert got[0].item() == n <= grid_rows(GroupedGemmParams(E, 16, 16, tile=GemmTile(bm, 16, 16)), M, routed=True)
+    for part in range(3):
+        assert torch.equal(got[1 + part * M:1 + part * M + n], want[1 + part * M:1 + part * M + n])
+
+
+@pytest.mark.parametrize("persistent", [0, 1, 4])
+@pytest.mark.parametrize("scheduled", [False, True])
+@pytest.mark.parametrize("group_m", [1, 3, 64])
+def test_persistent_and_scheduled_tiles_cover_every_tile_once(persistent, scheduled, group_m):
+    """A persistent grid (``persistent`` programs per SM: the interpreter has one) loops over every
+    (row tile, N tile) once, with or without the tile schedule; so does the one-program-per-tile grid
+    reading the schedule. Rows of dropped pairs (past offsets[E]) stay unwritten."""
+    g = torch.Generator().manual_seed(group_m)
+    E, K, N = 5, 16, 80
+    counts = [40, 0, 7, 33, 17]
+    offsets = torch.tensor([0] + list(torch.tensor(counts).cumsum(0)), dtype=torch.int32)
+    M = sum(counts) + 3                                   # 3 dropped pairs
+    a, w = torch.randn(M, K, generator=g), torch.randn(E, N, K, generator=g)
+    out = torch.full((M, N), NAN)
+    params = GroupedGemmParams(E, N, K, tile=GemmTile(16, 16, 16, group_m=group_m, persistent=persistent))
+    sched = tile_schedule(offsets, M, ScheduleParams(E, 16)) if scheduled else None
+    with launch.recording() as rec:
+        grouped_gemm(a, w, params, out=out, offsets=offsets, schedule=sched)
+    tiles = grid_rows(params, M, routed=True) * 5
+    assert rec[0].grid == ((min(tiles, persistent) if persistent else tiles),)
+    assert rec[0].constexprs["HAS_SCHEDULE"] == scheduled and rec[0].constexprs["PERSISTENT"] == bool(persistent)
+    for e in range(E):
+        lo, hi = offsets[e].item(), offsets[e + 1].item()
+        torch.testing.assert_close(out[lo:hi], a[lo:hi] @ w[e].t(), rtol=1e-5, atol=1e-4)
+    assert torch.isnan(out[M - 3:]).all()
+
+
+@pytest.mark.parametrize("M", [0, 1, 37])
+def test_persistent_dense_gemm(M):
+    """A dense GEMM (no offsets) with a persistent tile: programs loop over cdiv(M, BLOCK_M) x N tiles."""
+    g = torch.Generator().manual_seed(M)
+    a, w = torch.randn(M, 24, generator=g), torch.randn(40, 24, generator=g)
+    out = torch.full((M, 40), NAN)
+    grouped_gemm(a, w, GroupedGemmParams(1, 40, 24, "silu", tile=GemmTile(16, 16, 16, persistent=2)), out=out)
+    torch.testing.assert_close(out, reference.activation("silu", a @ w.t()), rtol=1e-5, atol=1e-5)
+
+
+def test_schedule_argument_checks():
+    a, w = torch.randn(4, 8), torch.randn(2, 16, 8)
+    order, offsets = dispatch(torch.zeros(4, 1, dtype=torch.int32), 2)
+    params = GroupedGemmParams(2, 16, 8, gather_top_k=1)
+    with pytest.raises(ValueError, match="schedule must be int32"):
+        grouped_gemm(a, w, params, out=torch.empty(4, 16), offsets=offsets, order=order,
+                     schedule=torch.zeros(4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="schedule needs offsets"):
+        grouped_gemm(a, w[:1], GroupedGemmParams(1, 16, 8), out=torch.empty(4, 16),
+                     schedule=torch.zeros(13, dtype=torch.int32))
+    with pytest.raises(ValueError, match="offsets must be int32"):
+        tile_schedule(offsets.long(), 4, ScheduleParams(2, 16))
+    with pytest.raises(ValueError, match="block_m must be a power of two"):
+        ScheduleParams(2, 24)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("layout", ["gpt_oss", "rows", "apart"])
 def test_interleaved_gate_up_is_one_load(dtype, layout):
@@ -340,7 +424,8 @@ def test_kernel_source_header():
     assert lines[0] == f"# moec kernel {kern.fn_name}"
     assert lines[1] == "# IR node: %h = grouped_gemm[gather, silu*up](%x, %w_gate, %w_up)"
     assert "BLOCK_M=32 BLOCK_N=64 BLOCK_K=16 GROUP_M=8" in kern.source
-    assert kern.source.count("@triton.jit") == 1 and f"def {kern.fn_name}(" in kern.source
+    # the kernel and its helpers: tile order, the experts' scan, a tile's rows, a weight tile, one output tile
+    assert kern.source.count("@triton.jit") == 6 and f"def {kern.fn_name}(" in kern.source
     assert render_grouped_gemm(params) is kern
     red = render_reduce(ReduceParams(2, 64, header="%y = reduce_topk(%yp)"))
     assert red.source.startswith(f"# moec kernel {red.fn_name}\n# IR node: %y = reduce_topk(%yp)\n")
@@ -408,3 +493,47 @@ def test_layer_is_deterministic():
     y1 = moe_kernels(x, w, spec, ids, weights, tile=GemmTile(16, 32, 32))
     y2 = moe_kernels(x, w, spec, ids, weights, tile=GemmTile(16, 32, 32))
     assert torch.equal(y1, y2)
+
+
+@pytest.mark.parametrize("layout", ["linear", "stacked", "unaligned", "interleaved"])
+def test_weight_tiles_by_tma_where_the_layout_allows(layout):
+    """With ``tma`` the weights go to the kernel as tensor descriptors (TMA on sm90+; the interpreter runs them)
+    when both are 16-byte aligned with a contiguous N or K: the result is bitwise the pointer path's, zero
+    filled past N and K. An unaligned row stride or GPT-OSS's interleaved gate/up keep pointer loads."""
+    g = torch.Generator().manual_seed(3)
+    E, K, N, T, k = 4, 40, 24, 9, 2
+    if layout == "stacked":
+        w, w_up = (torch.randn(E, K, N, generator=g).half().transpose(1, 2) for _ in range(2))
+    elif layout == "unaligned":
+        w, w_up = (torch.randn(E, N, K + 3, generator=g).half()[..., :K] for _ in range(2))
+    elif layout == "interleaved":
+        gate_up = torch.randn(E, 2 * N, K, generator=g).half()
+        w, w_up = gate_up[:, 0::2], gate_up[:, 1::2]
+    else:
+        w, w_up = (torch.randn(E, N, K, generator=g).half() for _ in range(2))
+    x = torch.randn(T, K, generator=g).half()
+    order, offsets = dispatch(torch.randint(0, E, (T, k), generator=g, dtype=torch.int32), E)
+    outs = []
+    for tma in (False, True):
+        params = GroupedGemmParams(E, N, K, "silu", True, gather_top_k=k, out_dtype=torch.float16,
+                                   tile=GemmTile(16, 16, 16), tma=tma)
+        out = torch.full((T * k, N), NAN, dtype=torch.float16)
+        with launch.recording() as rec:
+            grouped_gemm(x, w, params, out=out, offsets=offsets, order=order, w_up=w_up)
+        outs.append(out)
+    want = {"linear": 1, "stacked": 2, "unaligned": 0, "interleaved": 0}[layout]
+    assert rec[0].constexprs["W_DESC"] == want
+    assert rec[0].signature["w_ptr"] == ("tensordesc<fp16[1, 16, 16]>" if want else "*fp16")
+    assert torch.equal(outs[0], outs[1]) and not torch.isnan(outs[1]).any()
+
+
+def test_tma_switch(monkeypatch):
+    """``MOEC_TMA``: unset, the device decides (none on the CPU); 1 on; 0 off; anything else names the variable."""
+    w = torch.randn(2, 32, 32)
+    params = GroupedGemmParams(2, 32, 32, tile=GemmTile(16, 16, 16))
+    for value, want in (("", 0), ("1", 1), ("0", 0)):
+        monkeypatch.setenv("MOEC_TMA", value)
+        assert GroupedGemmLaunch(params, w, None, None, None, True).launcher.constexprs["W_DESC"] == want
+    monkeypatch.setenv("MOEC_TMA", "yes")
+    with pytest.raises(ValueError, match="MOEC_TMA"):
+        GroupedGemmLaunch(params, w, None, None, None, True)

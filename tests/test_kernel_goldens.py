@@ -116,7 +116,8 @@ TEMPLATE_KERNELS = {"route": "moec_route", "grouped_gemm": "grouped_gemm", "redu
                     "grouped_dgrad": "grouped_dgrad", "grouped_wgrad": "grouped_wgrad",
                     "moba_gate": "moec_moba_gate", "moba_attention": "moec_moba_attention",
                     "moba_densify": "moec_moba_densify", "moba_own_merge": "moec_moba_own_merge",
-                    "moba_bwd_dq": "moec_moba_bwd_dq", "moba_bwd_dkdv": "moec_moba_bwd_dkdv"}
+                    "moba_bwd_dq": "moec_moba_bwd_dq", "moba_bwd_dkdv": "moec_moba_bwd_dkdv",
+                    "tile_schedule": "tile_schedule"}
 
 
 def test_every_template_is_pinned():

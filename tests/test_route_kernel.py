@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from moec import reference as ref
 from moec.runtime import aot, launch
 from moec.runtime.dispatch import dispatch
+from moec.runtime.schedule_kernel import schedule_reference
 from moec.runtime.route_kernel import RouteOutputs, RouteParams, fused_route, load_balancing_loss, render_route
 from moec.ir.tiles import RouteTile
 from moec.spec import RouterConfig
@@ -328,21 +329,33 @@ def test_counts_accumulate_across_programs():
 # ----------------------------------------------------------------------------------------------
 # dispatch in the routing kernel (fuse-dispatch): the pairs grouped by expert, as `dispatch` sorts them
 
-def _check_dispatch(out: RouteOutputs, E: int) -> None:
-    """The kernel's order and offsets are exactly `moec.runtime.dispatch.dispatch` of its own ids."""
+def _check_dispatch(out: RouteOutputs, E: int, block_m: int = 0) -> None:
+    """The kernel's order and offsets are exactly `moec.runtime.dispatch.dispatch` of its own ids; with
+    ``block_m`` its tile schedule is `schedule_reference`'s up to the tile count."""
     order, offsets = dispatch(out.ids, E)
     assert out.order.dtype == torch.int32 and out.offsets.dtype == torch.int32
     assert torch.equal(out.offsets, offsets), (out.offsets, offsets)
     assert torch.equal(out.order, order), (out.order, order)
+    if not block_m:
+        assert out.schedule is None
+        return
+    M = order.shape[0]
+    want = schedule_reference(offsets, M, block_m)
+    n = want[0].item()
+    assert out.schedule.dtype == torch.int32 and out.schedule.shape == (3 * M + 1,) and out.schedule[0].item() == n
+    for part in range(3):
+        assert torch.equal(out.schedule[1 + part * M:1 + part * M + n], want[1 + part * M:1 + part * M + n])
 
 
 @settings(max_examples=max(40, settings.default.max_examples), deadline=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(cfg=router_configs(), T=st.integers(0, 40), block_t=st.sampled_from([16, 32]),
-       dtype=st.sampled_from([torch.float32, torch.float16]), seed=st.integers(0, 2 ** 31 - 1))
-def test_dispatch_matches_the_sort(cfg, T, block_t, dtype, seed):
+       dtype=st.sampled_from([torch.float32, torch.float16]), seed=st.integers(0, 2 ** 31 - 1),
+       block_m=st.sampled_from([0, 16, 32, 64]), bucket_m=st.sampled_from([0, 16]))
+def test_dispatch_matches_the_sort(cfg, T, block_t, dtype, seed, block_m, bucket_m):
     """Up to BLOCK_T tokens the kernel's counting sort, above it the device sort after the kernel: both
-    give dispatch's stable order (token order within an expert) and offsets, counts as before."""
+    give dispatch's stable order (token order within an expert) and offsets, counts as before; with a
+    schedule, the tile schedule of the bucket's BLOCK_M (``bucket_m``: another for T <= 16)."""
     d = 32
     gen = torch.Generator().manual_seed(seed)
     w = make_weights(cfg, d, dtype, gen, scale=2.0)
@@ -350,8 +363,9 @@ def test_dispatch_matches_the_sort(cfg, T, block_t, dtype, seed):
     cfg = cfg.replace(noisy=False)
     x = torch.randn(T, d, generator=gen).to(dtype)
     params = RouteParams(cfg, d, tile=RouteTile(block_t, 32))
-    out = fused_route(x, params=params, dispatch=True, **w)
-    _check_dispatch(out, cfg.num_experts)
+    schedule = ({16: bucket_m, None: block_m} if bucket_m else {None: block_m}) if block_m else None
+    out = fused_route(x, params=params, dispatch=True, schedule=schedule, **w)
+    _check_dispatch(out, cfg.num_experts, (bucket_m if bucket_m and T <= 16 else block_m) if block_m else 0)
     assert torch.equal(out.counts.long(), torch.bincount(out.ids.reshape(-1).long(), minlength=cfg.num_experts))
     plain = fused_route(x, params=params, **w)
     assert plain.order is None and torch.equal(plain.ids, out.ids) and torch.equal(plain.weights, out.weights)
@@ -366,9 +380,9 @@ def test_dispatch_edges(E, k, T):
     gen = torch.Generator().manual_seed(E * 100 + T)
     w = make_weights(cfg, d, torch.float32, gen)
     x = torch.randn(T, d, generator=gen)
-    out = fused_route(x, params=RouteParams(cfg, d, tile=RouteTile(16, 16)), dispatch=True, **w)
+    out = fused_route(x, params=RouteParams(cfg, d, tile=RouteTile(16, 16)), dispatch=True, schedule={None: 16}, **w)
     assert out.order.shape == (T * k,) and out.offsets.shape == (E + 1,)
-    _check_dispatch(out, E)
+    _check_dispatch(out, E, 16)
 
 
 def test_dispatch_of_nan_rows_and_ties():
@@ -431,8 +445,9 @@ def test_aot_compiles_for_gpus(dtype):
     with launch.recording() as records:
         fused_route(x, params=RouteParams(cfg, d, shared_gate=True, write_logits=True), noise=noise, **w)
     with launch.recording() as sorting:           # one program: the counting sort by expert in the kernel
-        fused_route(x[:16], params=RouteParams(cfg, d, shared_gate=True), noise=noise[:16], dispatch=True, **w)
-    assert sorting[0].constexprs["DISPATCH"] and sorting[0].grid == (1,)
+        fused_route(x[:16], params=RouteParams(cfg, d, shared_gate=True), noise=noise[:16], dispatch=True,
+                    schedule={None: 16}, **w)
+    assert sorting[0].constexprs["DISPATCH"] and sorting[0].constexprs["SCHED_M"] == 16 and sorting[0].grid == (1,)
     records += sorting
     assert len(records) == 2 and records[0].grid == (3,)
     assert records[0].signature["x_ptr"] == ("*fp32" if dtype == torch.float32 else "*fp16")

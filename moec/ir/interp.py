@@ -12,6 +12,7 @@ import torch
 from .. import reference as ref
 from .graph import Graph, Node
 from .ops import glu_variant, router_config
+from .tiles import bucket_of
 from .types import bind_sizes, binders, condition
 
 _IMPL: dict[str, Callable] = {}
@@ -69,6 +70,21 @@ def _fused_route(n, v, ctx):
     return out
 
 
+def tile_schedule(offsets, pairs: int, block_m: int):
+    """The tile schedule (see the ``dispatch`` op) of ``offsets`` for ``block_m``-row tiles, in fixed-shape
+    torch ops; entries past the tile count are -1."""
+    off = offsets.long()
+    tiles = (off[1:] - off[:-1] + block_m - 1) // block_m
+    ends = torch.cumsum(tiles, 0)
+    total = ends[-1:] if ends.numel() else ends.new_zeros(1)
+    i = torch.arange(pairs, device=off.device)
+    expert = torch.searchsorted(ends, i, right=True).clamp(max=max(tiles.numel() - 1, 0))
+    valid = i < total
+    row0 = off[expert] + (i - (ends - tiles)[expert]) * block_m
+    parts = [torch.where(valid, v, -1) for v in (expert, row0, off[expert + 1])]
+    return torch.cat([total, *parts]).to(torch.int32)
+
+
 @impl("aux_loss")
 def _aux(n, v, ctx):
     T = v["ids"].shape[0]
@@ -104,7 +120,11 @@ def _dispatch(n, v, ctx):
     counts = torch.bincount(key, minlength=E + 1)[:E]
     offsets = torch.zeros(E + 1, dtype=torch.long, device=flat.device)
     offsets[1:] = torch.cumsum(counts, 0)
-    return {"order": order.to(torch.int32), "offsets": offsets.to(torch.int32)}
+    out = {"order": order.to(torch.int32), "offsets": offsets.to(torch.int32)}
+    if "schedule" in n.outs:
+        bm = n.attr["schedule_block_m"]
+        out["schedule"] = tile_schedule(offsets, flat.shape[0], bm[bucket_of(v["ids"].shape[0], list(bm))])
+    return out
 
 
 @impl("permute")

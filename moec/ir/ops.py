@@ -96,11 +96,12 @@ def _infer_fused_route(o, a):
 op("fused_route", "One kernel: gate GEMM x @ w.T (+ b) (+ noise), score, group-limited top-k, "
    "renormalise, scale, per-expert pair counts (and prob_sum for the aux loss, the shared-expert "
    "gate sigmoid(x @ w_shared_gate.T), the router's logits before noise, and the pairs grouped by "
-   "expert as dispatch gives them, when asked). Capacity is not applied here.",
-   ["x", "w"], ["ids", "weights", "order", "offsets", "counts", "prob_sum", "shared_scale", "logits"],
+   "expert as dispatch gives them, with their tile schedule, when asked). Capacity is not applied here.",
+   ["x", "w"], ["ids", "weights", "order", "offsets", "counts", "prob_sum", "shared_scale", "logits", "schedule"],
    _infer_fused_route, optional_operands=["b", "score_bias", "w_noise", "w_shared_gate"],
-   optional_results=["order", "offsets", "counts", "prob_sum", "shared_scale", "logits"],
-   attrs={**{n: REQUIRED for n in ("num_experts", "top_k")}, **_ROUTER_DEFAULTS, **KERNEL_ATTRS})
+   optional_results=["order", "offsets", "counts", "prob_sum", "shared_scale", "logits", "schedule"],
+   attrs={**{n: REQUIRED for n in ("num_experts", "top_k")}, **_ROUTER_DEFAULTS, **KERNEL_ATTRS,
+          "schedule_block_m": None})
 
 op("aux_loss", "The load-balancing loss E * sum_e (counts_e / T) * (prob_sum_e / T); 0 when T = 0.",
    ["counts", "prob_sum", "ids"], ["out"], lambda o, a: {"out": TensorType("f32", ())},
@@ -120,12 +121,19 @@ op("shared_gate", "scale[t] = sigmoid(x[t] @ w[0]) (fp32), the gate of a sigmoid
 
 def _infer_dispatch(o, a, T=None):
     T, k = (T, a["top_k"]) if T is not None else o["ids"].shape
-    return {"order": TensorType("i32", (T * k,)), "offsets": TensorType("i32", (a["num_experts"] + 1,))}
+    return {"order": TensorType("i32", (T * k,)), "offsets": TensorType("i32", (a["num_experts"] + 1,)),
+            "schedule": TensorType("i32", (3 * T * k + 1,))}
 
+
+SCHEDULE_DOC = ("schedule (with schedule_block_m, the row tile per token-count bucket, {bound: BLOCK_M}): the grouped "
+                "GEMMs' tile schedule: [0] the number of BLOCK_M-row tiles (each within one expert, in expert order), "
+                "then per tile i its expert at 1 + i, first row at 1 + M + i, row end at 1 + 2 M + i (M = T * k); "
+                "entries past the tile count are undefined.")
 
 op("dispatch", "Sort pairs by expert: order[i] = pair p (stable: token order within an expert; dropped "
-   "pairs last), expert e owns order[offsets[e]:offsets[e+1]]. No activations move.",
-   ["ids"], ["order", "offsets"], _infer_dispatch, attrs={"num_experts": REQUIRED})
+   "pairs last), expert e owns order[offsets[e]:offsets[e+1]]. No activations move. " + SCHEDULE_DOC,
+   ["ids"], ["order", "offsets", "schedule"], _infer_dispatch, optional_results=["schedule"],
+   attrs={"num_experts": REQUIRED, "schedule_block_m": None})
 
 op("permute", "out[i] = x[order[i] // top_k]: token rows copied into sorted pair order.",
    ["x", "order"], ["out"],
@@ -148,9 +156,12 @@ op("grouped_gemm", "Row i of the sorted rows belongs to expert e(i) (offsets; on
    "scale.flat[order[i]] (routed) or scale[i] (dense); scatter stores row i at out[order[i]] (the "
    "un-permute folded into the epilogue). Rows of dropped pairs are left unwritten. fp32 accumulation. "
    "pre / pre_up (optional): h and the up product before the activation (biases added), in a's dtype, "
-   "stored at out's rows: what a backward that saves rather than recomputes them reads.",
+   "stored at out's rows: what a backward that saves rather than recomputes them reads. schedule (optional): "
+   "the offsets' tile schedule for this node's BLOCK_M (see dispatch); where a tile's rows are, no change "
+   "to the result.",
    ["a", "w"], ["out", "pre", "pre_up"], _infer_gg,
-   optional_operands=["offsets", "w_up", "order", "scale", "bias", "bias_up"], optional_results=["pre", "pre_up"],
+   optional_operands=["offsets", "w_up", "order", "scale", "bias", "bias_up", "schedule"],
+   optional_results=["pre", "pre_up"],
    attrs={"num_experts": REQUIRED, "activation": None, "glu": False, **GLU_PLAIN, "gather_top_k": 0,
           "scatter": False, "out_dtype": None, **KERNEL_ATTRS})
 

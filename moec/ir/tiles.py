@@ -27,7 +27,11 @@ class GemmTile(Tile):
     ``group_m`` is the program order: programs sweep ``group_m`` row tiles fastest, then the N
     tiles, then the next ``group_m`` row tiles, so the rows of a group stay in L2 while the
     weight columns stream past (1: each row tile sweeps all of N before the next; at least the
-    grid's row tiles: rows fastest over the whole grid)."""
+    grid's row tiles: rows fastest over the whole grid).
+
+    ``persistent`` (0: off) makes the kernel persistent: a grid of ``persistent`` programs per SM
+    (the slots the tile's occupancy allows), each looping over output tiles; 0 launches one program
+    per tile. Not printed when 0."""
 
     block_m: int
     block_n: int
@@ -35,6 +39,12 @@ class GemmTile(Tile):
     num_warps: int = 4
     num_stages: int = 2
     group_m: int = 8
+    persistent: int = 0
+
+    def __repr__(self) -> str:
+        tail = f", persistent={self.persistent}" if self.persistent else ""
+        return (f"GemmTile(block_m={self.block_m}, block_n={self.block_n}, block_k={self.block_k}, "
+                f"num_warps={self.num_warps}, num_stages={self.num_stages}, group_m={self.group_m}{tail})")
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,46 @@ import triton.language as tl
 
 
 @triton.jit
+def _grouped_tile(t, row_tiles, n_cols, GROUP_M: tl.constexpr):
+    """Tile number t -> (row tile, N tile) in grouped order."""
+    in_group = GROUP_M * n_cols
+    first_m = (t // in_group) * GROUP_M
+    group_rows = tl.minimum(row_tiles - first_m, GROUP_M)
+    return first_m + (t % in_group) % group_rows, (t % in_group) // group_rows
+
+
+@triton.jit
+def _expert_tiles(offsets_ptr, NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Without a schedule: every expert's rows [lo, hi) and its row tiles' end (a cumsum over the experts)."""
+    e_idx = tl.arange(0, E_PAD)
+    e_ok = e_idx < NUM_EXPERTS
+    lo = tl.load(offsets_ptr + e_idx, mask=e_ok, other=0)
+    hi = tl.load(offsets_ptr + e_idx + 1, mask=e_ok, other=0)
+    tiles = tl.cdiv(hi - lo, BLOCK_M)
+    return lo, hi, tiles, tl.cumsum(tiles, 0)
+
+
+@triton.jit
+def _tile_rows(pid_m, sched_ptr, M, lo, hi, tiles, ends, HAS_SCHEDULE: tl.constexpr, HAS_OFFSETS: tl.constexpr,
+               E_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(expert, first row, row end) of row tile pid_m."""
+    if HAS_SCHEDULE:
+        expert = tl.load(sched_ptr + 1 + pid_m)
+        row0 = tl.load(sched_ptr + 1 + M + pid_m)
+        row_end = tl.load(sched_ptr + 1 + 2 * M + pid_m)
+    elif HAS_OFFSETS:
+        expert = tl.sum((ends <= pid_m).to(tl.int32), 0)
+        mine = tl.arange(0, E_PAD) == expert             # picks the expert's entry out of each vector
+        row_end = tl.sum(tl.where(mine, hi, 0), 0)
+        row0 = tl.sum(tl.where(mine, lo + (pid_m - (ends - tiles)) * BLOCK_M, 0), 0)
+    else:
+        expert = pid_m * 0
+        row0 = pid_m * BLOCK_M
+        row_end = M
+    return expert, row0, row_end
+
+
+@triton.jit
 def grouped_dgrad_gather_silu_glu_variant(
     a_ptr, w_ptr, a2_ptr, w2_ptr, out_ptr, out2_ptr, h_ptr, dot_ptr, gate_ptr, up_ptr,
     offsets_ptr, order_ptr, scale_ptr,
@@ -36,34 +76,18 @@ def grouped_dgrad_gather_silu_glu_variant(
     TWO: tl.constexpr, ACT_GRAD: tl.constexpr, GLU: tl.constexpr, STORE_H: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # ---- grouped program order
-    pid = tl.program_id(0)
-    in_group = GROUP_M * tl.cdiv(N, BLOCK_N)
-    first_m = (pid // in_group) * GROUP_M
-    group_rows = tl.minimum(ROW_TILES - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % group_rows
-    pid_n = (pid % in_group) // group_rows
-
-    # ---- which expert and which rows this program owns
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), ROW_TILES, tl.cdiv(N, BLOCK_N), GROUP_M)
+    lo = 0      # (the scan's vectors: set with offsets)
+    hi = 0
+    tiles = 0
+    ends = 0
     if HAS_OFFSETS:
-        e_idx = tl.arange(0, E_PAD)
-        e_ok = e_idx < NUM_EXPERTS
-        lo = tl.load(offsets_ptr + e_idx, mask=e_ok, other=0)
-        hi = tl.load(offsets_ptr + e_idx + 1, mask=e_ok, other=0)
-        tiles = tl.cdiv(hi - lo, BLOCK_M)          # row tiles per expert
-        ends = tl.cumsum(tiles, 0)                 # expert e owns tiles [ends[e] - tiles[e], ends[e])
+        lo, hi, tiles, ends = _expert_tiles(offsets_ptr, NUM_EXPERTS, E_PAD, BLOCK_M)
         if pid_m >= tl.sum(tiles, 0):              # a surplus program: no tile left
             return
-        expert = tl.sum((ends <= pid_m).to(tl.int32), 0)
-        mine = e_idx == expert                     # picks the expert's entry out of each vector
-        row_end = tl.sum(tl.where(mine, hi, 0), 0)
-        row0 = tl.sum(tl.where(mine, lo + (pid_m - (ends - tiles)) * BLOCK_M, 0), 0)
-        e64 = expert.to(tl.int64)
-    else:
-        row_end = M
-        row0 = pid_m * BLOCK_M
-        e64 = 0
-
+    expert, row0, row_end = _tile_rows(pid_m, offsets_ptr, M, lo, hi, tiles, ends, False, HAS_OFFSETS, E_PAD,
+                                       BLOCK_M)       # (no schedule: its pointer is not read)
+    e64 = expert.to(tl.int64)
     offs_m = row0 + tl.arange(0, BLOCK_M)
     mask_m = offs_m < row_end
     if GATHER_TOP_K > 0 or SCATTER:

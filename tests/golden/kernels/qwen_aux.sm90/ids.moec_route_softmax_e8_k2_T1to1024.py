@@ -1,5 +1,5 @@
 # moec kernel moec_route_softmax_e8_k2_T1to1024
-# IR node: %ids: i32[T, 2], %weights: f32[T, 2], %order: i32[2*T], %offsets: i32[9], %counts: i32[8], %prob_sum: f32[8], %shared_scale: f32[T], %logits: f32[T, 8] = fused_route(x=%x, w=%w_router, w_shared_gate=%shared_gate_proj) {num_experts=8, top_k=2, aux_loss=True, tiles={1024: RouteTile(block_t=16, block_k=64, num_warps=4, num_stages=4), None: RouteTile(block_t=16, block_k=64, num_warps=4, num_stages=3)}}
+# IR node: %ids: i32[T, 2], %weights: f32[T, 2], %order: i32[2*T], %offsets: i32[9], %counts: i32[8], %prob_sum: f32[8], %shared_scale: f32[T], %logits: f32[T, 8], %offsets_schedule: i32[6*T + 1] = fused_route(x=%x, w=%w_router, w_shared_gate=%shared_gate_proj) {num_experts=8, top_k=2, aux_loss=True, tiles={1024: RouteTile(block_t=16, block_k=64, num_warps=4, num_stages=4), None: RouteTile(block_t=16, block_k=64, num_warps=4, num_stages=3)}, schedule_block_m={1024: 16, None: 32}}
 # shapes: x [T, 64] -> logits [T, 8] (padded to E_PAD = 16), ids/weights [T, 2]
 # router: score=softmax, renormalize=False, routed_scaling=1.0, router_bias=False, score_bias=False, noisy=False, aux_loss=True, shared_gate=True, write_logits=True, write_counts=True
 # tile (T <= 1024): RouteTile(block_t=16, block_k=64, num_warps=4, num_stages=4) (BLOCK_K used: 64)
@@ -9,8 +9,9 @@
 # scores (softmax / sigmoid), selection keys (+ score bias, group-limited), top-k by repeated
 # argmax (ties -> lower expert index, NaN ranks first), weights (renormalised, scaled), and
 # per-expert counts (atomics). With DISPATCH (one program holds every token) it also groups
-# the pairs by expert: a counting sort from the program's own counts. Variants are
-# tl.constexpr flags; Triton prunes the dead ones.
+# the pairs by expert: a counting sort from the program's own counts, and with SCHED_M > 0 writes the
+# grouped GEMMs' tile schedule for SCHED_M-row tiles. Variants are tl.constexpr flags; Triton prunes the
+# dead ones.
 import triton
 import triton.language as tl
 
@@ -18,7 +19,7 @@ import triton.language as tl
 @triton.jit
 def moec_route_softmax_e8_k2_T1to1024(
     x_ptr, w_ptr, b_ptr, sbias_ptr, wn_ptr, noise_ptr, wsg_ptr,
-    ids_ptr, wts_ptr, counts_ptr, psum_ptr, sscale_ptr, logits_ptr, order_ptr, offsets_ptr,
+    ids_ptr, wts_ptr, counts_ptr, psum_ptr, sscale_ptr, logits_ptr, order_ptr, offsets_ptr, sched_ptr,
     T,
     stride_xt, stride_xd,
     stride_we, stride_wd,
@@ -30,7 +31,8 @@ def moec_route_softmax_e8_k2_T1to1024(
     HAS_ROUTER_BIAS: tl.constexpr, HAS_SCORE_BIAS: tl.constexpr,
     N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_TOP2: tl.constexpr,
     HAS_NOISE: tl.constexpr, AUX: tl.constexpr, SHARED_GATE: tl.constexpr, WRITE_LOGITS: tl.constexpr,
-    WRITE_COUNTS: tl.constexpr, DISPATCH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+    WRITE_COUNTS: tl.constexpr, DISPATCH: tl.constexpr, SCHED_M: tl.constexpr, SCHED_S: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -186,3 +188,21 @@ def moec_route_softmax_e8_k2_T1to1024(
             idx = tl.sum(tl.where(offs_j[None, :] == j, sel_ids, 0), 1)
             pos = tl.sum(tl.where(offs_e[None, :] == idx[:, None], slot, 0), 1)
             tl.store(order_ptr + pos, (rows * K + j).to(tl.int32), mask=mask_t)
+        if SCHED_M > 0:
+            M = T * K
+            # ---- tile schedule for the grouped GEMMs' SCHED_M-row tiles (no program of theirs scans the experts)
+            n_tiles_e = (cnt + SCHED_M - 1) // SCHED_M
+            tile_end = tl.cumsum(n_tiles_e, 0)                   # expert e owns tiles [tile_end[e] - n_tiles_e[e], tile_end[e])
+            tile_start = tile_end - n_tiles_e
+            n_tiles = tl.sum(n_tiles_e, 0)
+            tl.store(sched_ptr, n_tiles)
+            for s0 in range(0, n_tiles, SCHED_S):
+                tile = s0 + tl.arange(0, SCHED_S)
+                tile_expert = tl.sum((tile_end[None, :] <= tile[:, None]).to(tl.int32), 1)
+                mine = offs_e[None, :] == tile_expert[:, None]
+                tile_row0 = tl.sum(tl.where(mine, start[None, :] + (tile[:, None] - tile_start[None, :]) * SCHED_M, 0), 1)
+                tile_rend = tl.sum(tl.where(mine, start[None, :] + cnt[None, :], 0), 1)
+                in_use = tile < n_tiles
+                tl.store(sched_ptr + 1 + tile, tile_expert, mask=in_use)
+                tl.store(sched_ptr + 1 + M + tile, tile_row0, mask=in_use)
+                tl.store(sched_ptr + 1 + 2 * M + tile, tile_rend, mask=in_use)
