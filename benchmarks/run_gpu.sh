@@ -35,6 +35,7 @@ steps() {
     echo "moe-tuned"
     for m in $TRAIN_MODELS; do echo "train-$m"; done
     echo "summary"
+    echo "predict"
     echo "moba"
     echo "moba-large"
     echo "moba-train"
@@ -49,6 +50,7 @@ describe() {
         moe-tuned-*) echo "MoE benchmark of ${1#moe-tuned-} with the tuned tiles (moec, moec+graph), T = 1..16384";;
         moe-*) echo "MoE layer benchmark of ${1#moe-}, the cost model's tiles: moec, moec+graph, eager, grouped_mm, floor; T = 1..16384";;
         summary) echo "merge every moe_*.json into moe_<arch>_summary.* (one table + plot per model, verdicts); no GPU needed";;
+        predict) echo "benchmarks/predict.py: the cost model's predicted forward times (sm90, sm100) into predict.{md,json}; no GPU needed";;
         tune-*) echo "autotune ${1#tune-}'s kernels per token-count bucket into $TUNE_FILE";;
         moba) echo "benchmarks/moba.py, N = 8K..64K (moec vs SDPA vs FlexAttention)";;
         moba-large) echo "benchmarks/moba.py, N = 128K..512K";;
@@ -98,6 +100,10 @@ run_step() {
         summary)
             python benchmarks/moe.py --merge "$RESULTS" --out "$RESULTS" 2>&1 | tee "$RESULTS/summary.log"
             rc=${PIPESTATUS[0]};;
+        predict)
+            MOEC_TUNE_FILE="$NO_TUNE" timeout "$STEP_TIMEOUT" python benchmarks/predict.py --json "$RESULTS/predict.json" \
+                > "$RESULTS/predict.md" 2> "$RESULTS/predict.log"
+            rc=$?; tail -3 "$RESULTS/predict.md";;
         tune-*)
             MOEC_TUNE_FILE="$TUNE_FILE" timeout "$STEP_TIMEOUT" python benchmarks/moe.py --tune-only \
                 --models "${step#tune-}" 2>&1 | tee "$RESULTS/$step.log"

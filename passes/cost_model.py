@@ -15,8 +15,9 @@ in its program order), `passes/grad_costs.py` (the backward's grouped GEMMs) and
   relative to the best candidate's at that T (1.0: best at every sample). Candidates within
   `NEAR_TIE` of the best score are ties, settled by the preference order (for GEMMs: most K in
   flight, deeper K, narrower N, fewer rows, fewer warps; in the unbounded bucket the widest output
-  tile first; of one tile's program orders, the one with the least traffic): the model is not
-  finer than that;
+  tile first, then the tallest; in the decode bucket the shortest, then the narrowest, first (more
+  programs in flight); of one tile's program orders, the one with the least traffic): the model is
+  not finer than that;
 - `choose`: the first of the ranking; `score`: a given tile's score (None: not a candidate, e.g.
   a hand-edited autotune entry that does not fit); `describe`: the sympy expressions of a
   problem with a tile, for docs and tests.
@@ -31,7 +32,7 @@ from typing import Optional
 import sympy
 
 from moec.runtime.arch import Arch
-from moec.ir.tiles import GemmTile, RouteTile, RowTile
+from moec.ir.tiles import BUCKETS, GemmTile, RouteTile, RowTile
 
 from .cost_terms import (DRAM_LATENCY_S, ITER_S, L2_OVER_DRAM, L2_SHARE, LINE_BYTES, MAX_ACC_REGS,  # noqa: F401
                          SLOW_MMA, SMEM_RESERVE, TCGEN05_HALF, WAVE_LATENCIES, Num, Sym, mma_efficiency, pow2)
@@ -156,8 +157,11 @@ def _rank(problem, arch: Arch, lo: int, hi: Optional[int]) -> tuple:
     scores = [sum(x / b for x, b in zip(row, best)) / len(samples) for row in times]
     top = min(scores)
     # near-ties keep the candidates' preference order, except that at large T (every sample past
-    # the last bounded bucket) wider output tiles come first: the model is then compute-bound for
-    # most tiles and misses the shared-memory and issue cost of re-loading operands for small ones.
+    # the last bounded bucket) wider output tiles come first, then taller ones: the model is then
+    # compute-bound for most tiles and misses the shared-memory and issue cost of re-loading operands for
+    # small ones (a taller tile reads its expert's weights fewer times); and at decode (the first bucket)
+    # shorter tiles come first (an expert has a row or two there: a taller tile only multiplies padding),
+    # then narrower ones (more programs keep more of the weights' bytes in flight).
     # Of one tile's program orders, the one that moves the fewest bytes (the model overlaps memory
     # with compute perfectly: traffic a compute-bound tile hides in the model costs on a GPU).
     # The rest go by score.
@@ -166,13 +170,16 @@ def _rank(problem, arch: Arch, lo: int, hi: Optional[int]) -> tuple:
         first.setdefault(without_order(c), i)
     gemm = isinstance(problem, (GemmProblem, WgradProblem))
     wide_first = isinstance(problem, GemmProblem) and hi is None
+    short_first = isinstance(problem, GemmProblem) and hi is not None and hi <= BUCKETS[0]
 
     def key(i):
         c = cands[i]
         if scores[i] <= top * (1 + NEAR_TIE):     # only near-ties need their traffic
             traffic = sum(problem.traffic(c, arch, t) for t in samples) if gemm else 0.0
-            return (0, -c.block_m * c.block_n if wide_first else 0, first[without_order(c)], traffic, i)
-        return (1, scores[i], 0, 0.0, i)
+            shape = ((-c.block_m * c.block_n, -c.block_m) if wide_first else (c.block_m, c.block_n) if short_first
+                     else (0, 0))
+            return (0, *shape, first[without_order(c)], traffic, i)
+        return (1, scores[i], 0, 0, 0.0, i)
     order = sorted(range(len(cands)), key=key)
     return tuple((scores[i], cands[i]) for i in order)
 

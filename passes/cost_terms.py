@@ -9,23 +9,28 @@ largest of
   + k_steps * ITER_S)`` with the padded FLOPs of a full ``BLOCK_M x BLOCK_N x
   ceil(K / BLOCK_K) BLOCK_K`` tile, the peak of the dtype's unit (tensor cores for fp16/bf16,
   CUDA cores for the exact fp32 path), the efficiency of the MMA family the tile gets
-  (`mma_efficiency`) and a fixed issue cost per k-step;
-- device memory: ``c * bytes_per_program / min(bandwidth, c * bytes_in_flight / latency)``,
+  (`mma_efficiency`: ``MMA_EFFICIENCY`` of the datasheet peak for a well-fed tile, less for mma.sync on
+  sm90/100 and half-height tcgen05 tiles) and a fixed issue cost per k-step;
+- device memory: ``c * bytes_per_program / min(bandwidth, c * bytes_in_flight / latency, busy SMs *
+  SM_BW_SHARE * bandwidth / SMs)``,
   ``bytes_per_program`` the problem's traffic over its programs (a grouped GEMM's `traffic`, with
   the re-reads its program order causes; the fewest bytes, `bytes`, for the other kernels)
   (Little's law: a program keeps ``max(stages - 1, 1)`` pipeline stages of loads in flight, so
   too few programs or too shallow a pipeline cannot use the bandwidth: why decode wants many
-  narrow-N programs with deep K);
+  narrow-N programs with deep K; and one SM cannot pull more than ``SM_BW_SHARE`` times its even share
+  of the bandwidth, so a grid on half the SMs cannot stream the weights at full speed either);
 - L2 -> SM operand traffic: ``c * (BLOCK_M + mats * BLOCK_N) * K_padded * itemsize / L2
   bandwidth`` (``mats`` = 2 with a GLU; scaled by the share of SMs busy): what makes small tiles
   lose at large T;
 
-plus a fixed per-wave latency (the prologue's dependent loads: offsets, order, first operands), and
-``PROGRAM_S`` for each of ``surplus`` programs launched past the tiles (the routed grid's data-independent
-upper bound: many experts, tall tiles) that start and exit at once. A persistent grid (``persistent=True``:
-at most one program per slot, looping over the tiles) launches no surplus and starts its programs once,
-but pays the same dependent prologue loads per tile (Triton's pipeliner does not prefetch across the tile
-loop): it wins by the surplus programs it does not start.
+plus a fixed per-wave latency (the prologue's dependent loads: offsets, order, first operands),
+``PROGRAM_S`` for every program the grid starts, spread over the SMs (each SM starts its programs one
+after another: what makes tens of thousands of tiny programs lose at decode), including the ``surplus``
+programs launched past the tiles (the routed grid's data-independent upper bound: many experts, tall
+tiles) that exit at once, and ``LAUNCH_S`` for the launch. A persistent grid (``persistent=True``: at most
+one program per slot, looping over the tiles) starts only its programs, but pays the same dependent
+prologue loads per tile (Triton's pipeliner does not prefetch across the tile loop): it wins by the
+programs it does not start.
 A grouped GEMM's loads count the rows its tiles hold on average (``min(BLOCK_M, M / row_tiles)``),
 not ``BLOCK_M``: the rows past an expert's last pair are masked and never fetched, so a tile of
 padding rows buys no memory parallelism (at decode, a 64-row tile holding 2 pairs keeps no more
@@ -41,6 +46,8 @@ candidates on a real GPU and records the winners, which choose-tiles uses before
 """
 from __future__ import annotations
 
+import math
+
 import sympy
 
 from moec.ir.types import DTYPES, T
@@ -48,11 +55,15 @@ from moec.runtime.arch import Arch
 
 # ---- model constants (estimates; see the module docstring) ------------------------------------
 DRAM_LATENCY_S = 1.0e-6      # a load's round trip to device memory under load
-L2_OVER_DRAM = 3.0           # L2 -> SM operand bandwidth, as a multiple of device-memory bandwidth
+L2_OVER_DRAM = 2.0           # L2 -> SM operand bandwidth, as a multiple of device-memory bandwidth
+SM_BW_SHARE = 1.5            # device-memory bandwidth one SM can pull, as a multiple of its even share
+LAUNCH_S = 2.5e-6            # one kernel launch, on the GPU's side (the host's is benchmarks/host.py's)
+MMA_EFFICIENCY = 0.8         # share of the datasheet tensor-core peak a well-fed MMA tile reaches (a bf16
+                             # GEMM measured ~790 of the H100's 989 TFLOP/s)
 L2_SHARE = 0.5               # share of the L2 one operand's reuse can count on (the rest: the other operand, outputs)
 WAVE_LATENCIES = 3           # per wave: offsets -> order -> first operands (dependent round trips)
 ITER_S = 40e-9               # issue overhead of one k-step of one program (addresses, masks, barrier)
-PROGRAM_S = 0.3e-6           # a program's start and exit on an SM (one that finds no tile: a surplus program)
+PROGRAM_S = 0.3e-6           # a program's start and exit on an SM (block scheduling, prologue set-up)
 SLOW_MMA = {"sm90": 0.6, "sm100": 0.3}   # mma.sync (BLOCK_M below fast_mma_min_m) vs the fast family
 TCGEN05_HALF = 0.5           # sm100 with BLOCK_M = 64: half-height tcgen05 tiles
 MAX_ACC_REGS = 128           # fp32 accumulator registers per thread before spills threaten
@@ -108,10 +119,10 @@ def mma_efficiency(block_m: int, arch: Arch, fp32: bool) -> float:
     if fp32:
         return 1.0                      # exact fp32 dots: CUDA-core FMAs, rate fp32_tflops
     if block_m < arch.fast_mma_min_m:
-        return SLOW_MMA.get(arch.name, 1.0)
+        return MMA_EFFICIENCY * SLOW_MMA.get(arch.name, 1.0)
     if arch.mma == "tcgen05" and block_m < 128:
-        return TCGEN05_HALF
-    return 1.0
+        return MMA_EFFICIENCY * TCGEN05_HALF
+    return MMA_EFFICIENCY
 
 
 def pipeline_buffers(stages: int, block_m: int, arch: Arch) -> int:
@@ -138,26 +149,60 @@ def waves_time(programs: int, slots: int, arch: Arch, flops_per_program: float, 
     ``persistent``: by at most ``slots`` programs looping over them; ``surplus``: programs launched past
     them that exit at once (not with ``persistent``)."""
     if programs <= 0:
-        return 0.0 if persistent else surplus / arch.sms * PROGRAM_S
+        return LAUNCH_S + (0 if persistent else surplus / arch.sms * PROGRAM_S)
     sms = arch.sms
     dram_bw = arch.dram_gbps * 1e9
     l2_bw = dram_bw * L2_OVER_DRAM
     rate_sm = flops_rate / sms
     per_program_dram = dram_total / programs
 
-    def wave(c: int) -> float:
-        if c <= 0:
-            return 0.0
-        busy = min(c, sms)
-        compute = c * (flops_per_program / rate_sm + iters * ITER_S) / busy
-        dram = c * per_program_dram / min(dram_bw, c * in_flight / DRAM_LATENCY_S)
-        l2 = c * l2_per_program / (l2_bw * busy / sms)
-        return max(compute, dram, l2) + WAVE_LATENCIES * DRAM_LATENCY_S
+    def compute(c: int) -> float:
+        return c * (flops_per_program / rate_sm + iters * ITER_S) / min(c, sms) if c > 0 else 0.0
 
     full, tail = divmod(programs, slots)
-    if persistent:      # the same work and per-tile prologue latency; no surplus programs
-        return full * wave(slots) + wave(tail)
-    return full * wave(slots) + wave(tail) + surplus / sms * PROGRAM_S
+    waves = full + (tail > 0)
+    # the tensor cores work in waves (a partial last wave leaves SMs idle); device memory and L2 stream over
+    # the whole grid (a slot that frees starts the next program, whose loads overlap the last ones of the rest)
+    busy_programs = min(programs, slots)
+    busy = min(busy_programs, sms)
+    dram = dram_total / min(dram_bw, busy_programs * in_flight / DRAM_LATENCY_S, busy * SM_BW_SHARE * dram_bw / sms)
+    l2 = programs * l2_per_program / (l2_bw * busy / sms)
+    work = max(full * compute(slots) + compute(tail), dram, l2) + waves * WAVE_LATENCIES * DRAM_LATENCY_S + LAUNCH_S
+    if persistent:      # the same work and per-tile prologue latency; only its programs start
+        return work + busy_programs / sms * PROGRAM_S
+    return work + (programs + surplus) / sms * PROGRAM_S
+
+
+def expected_tiles(rows: float, experts: int, block_m: int) -> float:
+    """Expected row tiles ``sum_e E[ceil(n_e / BLOCK_M)]`` when ``rows`` pairs pick among ``experts``
+    uniformly (``n_e`` ~ Poisson(rows / experts)): each expert's last tile is padded, which the mean load
+    alone misses (DeepSeek-V3 at T = 4096: 128 pairs an expert on average, 1.5 tiles of 128 expected, not 1).
+    ``E[ceil(n / B)] = sum_j P(n > j B)``: Poisson sums up to a mean of 64, a normal law beyond."""
+    if rows <= 0:
+        return 0.0
+    lam = rows / experts
+    total, j = 0.0, 0
+    if lam <= 64:
+        pmf, cdf, n = math.exp(-lam), 0.0, 0
+        while True:
+            while n <= j * block_m:
+                cdf += pmf
+                n += 1
+                pmf *= lam / n
+            tail = 1.0 - cdf
+            if tail < 1e-9:
+                break
+            total += tail
+            j += 1
+    else:
+        sd = math.sqrt(lam)
+        while True:
+            tail = 0.5 * math.erfc((j * block_m + 0.5 - lam) / (sd * math.sqrt(2)))
+            if tail < 1e-9 and j * block_m > lam:
+                break
+            total += tail
+            j += 1
+    return experts * total
 
 
 def itemsize(dtype: str) -> int:

@@ -53,7 +53,8 @@ from moec.runtime.arch import Arch
 from moec.ir.tiles import GemmTile, RouteTile, RowTile
 
 from .cost_terms import (L2_SHARE, MAX_ACC_REGS, MAX_SYNC_REGS, SMEM_RESERVE, Num, Sym, cdiv, itemsize, mma_efficiency,
-                         occupancy, per_token, pipeline_buffers, pow2, sync_mma, sync_regs, waves_time)
+                         expected_tiles, occupancy, per_token, pipeline_buffers, pow2, sync_mma, sync_regs,
+                         waves_time)
 
 
 # ---- the grouped GEMM -----------------------------------------------------------------------
@@ -212,17 +213,26 @@ class GemmProblem:
             return cdiv(M, tile.block_m)
         return min(M, (M + self.experts * (tile.block_m - 1)) // tile.block_m)
 
+    def expected_row_tiles(self, tile: GemmTile, t: int, loads=None) -> int:
+        """Row tiles the time counts: ``row_tiles`` for given loads or a dense GEMM; under uniform routing
+        with every expert hit (``M >= 4 E``), their expectation over the spread of the per-expert loads
+        (`cost_terms.expected_tiles`), which ``row_tiles``' mean load misses: each expert's last tile is
+        padded. (Fewer pairs: ``row_tiles``, whose ``Min(E, M)`` hit experts the weight bytes count too.)"""
+        if loads is not None or not self.routed or self.rows(t) < 4 * self.experts:
+            return self.row_tiles(tile, t, Num, loads)
+        return math.ceil(expected_tiles(self.rows(t), self.experts, tile.block_m) - 1e-6)
+
     def loaded_rows(self, tile: GemmTile, t: int, loads=None) -> float:
         """Rows a tile loads on average at ``T = t``: ``min(BLOCK_M, M / row_tiles)`` (rows past
         an expert's last pair are masked, never fetched)."""
-        tiles = self.row_tiles(tile, t, Num, loads)
+        tiles = self.expected_row_tiles(tile, t, loads)
         return min(tile.block_m, self.rows(t, loads) / tiles) if tiles else tile.block_m
 
     def time(self, tile: GemmTile, arch: Arch, t: int, loads=None) -> float:
         """Predicted seconds at ``T = t`` (see the module docstring), for the uniform-routing
         assumption or the given per-expert ``loads``."""
-        programs = self.programs(tile, t, Num, loads)
         cols = cdiv(self.n, tile.block_n)
+        programs = self.expected_row_tiles(tile, t, loads) * cols
         surplus = 0 if tile.persistent else max(0, self.launched_row_tiles(tile, t) * cols - programs)
         k_pad = cdiv(self.k, tile.block_k) * tile.block_k
         peak = (arch.fp32_tflops if self.fp32 else arch.bf16_tflops) * 1e12

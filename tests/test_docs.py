@@ -25,3 +25,16 @@ def test_docs_speak_to_users():
     found = [f"{f}: {m.group(0)}" for f in files if (ROOT / f).is_file()
              for m in [notes.search((ROOT / f).read_text(errors="ignore"))] if m]
     assert not found, found
+
+
+def test_benchmark_readme_has_the_cost_models_predictions(monkeypatch, tmp_path):
+    """benchmarks/README.md's table of predicted times is what `benchmarks/predict.py` prints now."""
+    import sys
+    monkeypatch.setenv("MOEC_TUNE_FILE", str(tmp_path / "none.json"))      # the cost model's tiles only
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    sys.modules.pop("predict", None)
+    import predict
+    text = (ROOT / "benchmarks" / "README.md").read_text()
+    shown = text.split("<!-- predict.py table: begin -->\n", 1)[1].split("\n<!-- predict.py table: end -->", 1)[0]
+    assert shown.strip() == predict.table(predict.all_rows()).strip(), \
+        "benchmarks/README.md's prediction table is stale: paste `python benchmarks/predict.py`'s output"

@@ -1,5 +1,5 @@
 # moec kernel reduce_topk_residual_T1to128
-# IR node: %y: bf16[T, 64] = reduce_topk(y=%pairs_out, ids=%ids, residual=%shared_out) {top_k=4, out_dtype='bf16', tiles={128: RowTile(block_t=32, block_d=64, num_warps=4, num_stages=1), None: RowTile(block_t=16, block_d=64, num_warps=4, num_stages=1)}}
+# IR node: %y: bf16[T, 64] = reduce_topk(y=%pairs_out, ids=%ids, residual=%shared_out) {top_k=4, out_dtype='bf16', tiles={128: RowTile(block_t=32, block_d=64, num_warps=4, num_stages=1), 1024: RowTile(block_t=16, block_d=64, num_warps=4, num_stages=1), None: RowTile(block_t=32, block_d=64, num_warps=4, num_stages=1)}}
 # top-k reduce: out[t, :] = sum_{s = 0..k-1, ids[t, s] != -1} y_pairs[t * k + s, :] (+ residual[t, :]); k=4, D=64
 # variant: residual=True out=bfloat16; HAS_IDS: skip pairs whose id is -1
 # tile (T <= 128): BLOCK_T=32 BLOCK_D=64 num_warps=4 num_stages=1

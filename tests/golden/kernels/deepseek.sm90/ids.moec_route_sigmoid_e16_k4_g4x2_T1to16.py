@@ -1,8 +1,8 @@
 # moec kernel moec_route_sigmoid_e16_k4_g4x2_T1to16
-# IR node: %ids: i32[T, 4], %weights: f32[T, 4], %order: i32[4*T], %offsets: i32[17], _, _, _, _, %offsets_schedule: i32[12*T + 1] = fused_route(x=%x, w=%w_router, score_bias=%score_bias) {num_experts=16, top_k=4, score='sigmoid', renormalize=True, routed_scaling=2.5, score_bias=True, n_group=4, topk_group=2, group_score='top2_sum', tiles={16: RouteTile(block_t=32, block_k=64, num_warps=4, num_stages=4), None: RouteTile(block_t=16, block_k=64, num_warps=4, num_stages=4)}, schedule_block_m={1024: 16, None: 128}}
+# IR node: %ids: i32[T, 4], %weights: f32[T, 4], %order: i32[4*T], %offsets: i32[17], _, _, _, _, %offsets_schedule: i32[12*T + 1] = fused_route(x=%x, w=%w_router, score_bias=%score_bias) {num_experts=16, top_k=4, score='sigmoid', renormalize=True, routed_scaling=2.5, score_bias=True, n_group=4, topk_group=2, group_score='top2_sum', tiles={16: RouteTile(block_t=16, block_k=64, num_warps=4, num_stages=4), 1024: RouteTile(block_t=16, block_k=64, num_warps=4, num_stages=3), None: RouteTile(block_t=64, block_k=64, num_warps=4, num_stages=3)}, schedule_block_m={128: 16, 1024: 64, None: 128}}
 # shapes: x [T, 64] -> logits [T, 16] (padded to E_PAD = 16), ids/weights [T, 4]
 # router: score=sigmoid, renormalize=True, routed_scaling=2.5, router_bias=False, score_bias=True, groups=4 keep 2 by top2_sum, noisy=False, aux_loss=False, shared_gate=False, write_logits=False, write_counts=False
-# tile (T <= 16): RouteTile(block_t=32, block_k=64, num_warps=4, num_stages=4) (BLOCK_K used: 64)
+# tile (T <= 16): RouteTile(block_t=16, block_k=64, num_warps=4, num_stages=4) (BLOCK_K used: 64)
 #
 # Fused routing: one program takes BLOCK_T tokens, computes their logits tile
 # [BLOCK_T, E_PAD] with tl.dot over hidden chunks of BLOCK_K (fp32 accumulation), then

@@ -1,5 +1,5 @@
 # moec kernel grouped_gemm_silu_glu_T1025up
-# IR node: %shared_h: bf16[T, 64] = grouped_gemm(a=%x, w=%shared_gate, w_up=%shared_up) {num_experts=1, activation='silu', glu=True, tiles={1024: GemmTile(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=5, group_m=8), None: GemmTile(block_m=128, block_n=32, block_k=64, num_warps=4, num_stages=4, group_m=8)}}
+# IR node: %shared_h: bf16[T, 64] = grouped_gemm(a=%x, w=%shared_gate, w_up=%shared_up) {num_experts=1, activation='silu', glu=True, tiles={128: GemmTile(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=5, group_m=8), 1024: GemmTile(block_m=32, block_n=16, block_k=64, num_warps=4, num_stages=5, group_m=8), None: GemmTile(block_m=128, block_n=32, block_k=64, num_warps=4, num_stages=4, group_m=8)}}
 # grouped GEMM over E=1 experts: out[r, :] = epilogue(A[row(r), :] @ W[e(r)]^T), W[e]: [N=64, K=64]
 # variant: activation=silu glu=True bias=False bias_up=False gather_top_k=0 scatter=False scale=False store_pre=False out=bfloat16
 # tile (T >= 1025): BLOCK_M=128 BLOCK_N=32 BLOCK_K=64 GROUP_M=8 num_warps=4 num_stages=4

@@ -1,8 +1,8 @@
 # moec kernel grouped_dgrad_scatter_T1025up
-# IR node: %dx_rows: f32[T, 32] = grouped_dgrad(a=%d_gate_rows, w=%w_up, offsets=%offsets, order=%order) {num_experts=4, scatter=True, out_dtype='f32', tiles={1024: GemmTile(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=5, group_m=8), None: GemmTile(block_m=32, block_n=32, block_k=64, num_warps=4, num_stages=4, group_m=8)}}
+# IR node: %dx_rows: f32[T, 32] = grouped_dgrad(a=%d_gate_rows, w=%w_up, offsets=%offsets, order=%order) {num_experts=4, scatter=True, out_dtype='f32', tiles={1024: GemmTile(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=5, group_m=8), None: GemmTile(block_m=128, block_n=16, block_k=64, num_warps=4, num_stages=3, group_m=8)}}
 # grouped GEMM of a backward over E=4 experts: acc[r, :] = A[row(r), :] @ W[e(r)]^T, W[e]: [N=32, K=64]
 # variant: gather_top_k=0 two=False act_grad=False activation=None glu=False scale=False store_h=False scatter=True out=float32
-# tile (T >= 1025): BLOCK_M=32 BLOCK_N=32 BLOCK_K=64 GROUP_M=8 num_warps=4 num_stages=4
+# tile (T >= 1025): BLOCK_M=128 BLOCK_N=16 BLOCK_K=64 GROUP_M=8 num_warps=4 num_stages=3
 #
 # W is the forward's weight read through strides (a transposed view: no copy). Rows r are (token, expert)
 # pairs in expert-sorted order (`order`, `offsets`), programs as in the forward grouped GEMM.

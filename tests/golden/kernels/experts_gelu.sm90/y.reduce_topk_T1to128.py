@@ -1,5 +1,5 @@
 # moec kernel reduce_topk_T1to128
-# IR node: %y: f32[T, 32] = reduce_topk(y=%pairs_out, ids=%ids) {top_k=1, out_dtype='f32', tiles={128: RowTile(block_t=32, block_d=32, num_warps=4, num_stages=1), None: RowTile(block_t=16, block_d=32, num_warps=4, num_stages=1)}}
+# IR node: %y: f32[T, 32] = reduce_topk(y=%pairs_out, ids=%ids) {top_k=1, out_dtype='f32', tiles={128: RowTile(block_t=32, block_d=32, num_warps=4, num_stages=1), 1024: RowTile(block_t=16, block_d=32, num_warps=4, num_stages=1), None: RowTile(block_t=32, block_d=32, num_warps=4, num_stages=1)}}
 # top-k reduce: out[t, :] = sum_{s = 0..k-1, ids[t, s] != -1} y_pairs[t * k + s, :] (+ residual[t, :]); k=1, D=32
 # variant: residual=False out=float32; HAS_IDS: skip pairs whose id is -1
 # tile (T <= 128): BLOCK_T=32 BLOCK_D=32 num_warps=4 num_stages=1

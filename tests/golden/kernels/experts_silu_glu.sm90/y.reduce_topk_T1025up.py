@@ -1,8 +1,8 @@
 # moec kernel reduce_topk_T1025up
-# IR node: %y: f16[T, 64] = reduce_topk(y=%pairs_out, ids=%ids) {top_k=2, out_dtype='f16', tiles={128: RowTile(block_t=32, block_d=64, num_warps=4, num_stages=1), 1024: RowTile(block_t=8, block_d=64, num_warps=4, num_stages=1), None: RowTile(block_t=16, block_d=64, num_warps=4, num_stages=1)}}
+# IR node: %y: f16[T, 64] = reduce_topk(y=%pairs_out, ids=%ids) {top_k=2, out_dtype='f16', tiles={16: RowTile(block_t=32, block_d=64, num_warps=4, num_stages=1), 1024: RowTile(block_t=16, block_d=64, num_warps=4, num_stages=1), None: RowTile(block_t=32, block_d=64, num_warps=4, num_stages=1)}}
 # top-k reduce: out[t, :] = sum_{s = 0..k-1, ids[t, s] != -1} y_pairs[t * k + s, :] (+ residual[t, :]); k=2, D=64
 # variant: residual=False out=float16; HAS_IDS: skip pairs whose id is -1
-# tile (T >= 1025): BLOCK_T=16 BLOCK_D=64 num_warps=4 num_stages=1
+# tile (T >= 1025): BLOCK_T=32 BLOCK_D=64 num_warps=4 num_stages=1
 #
 # The k slots are added in slot order in fp32, then the residual: the same order on every run and every
 # GPU (no atomics), so the layer is deterministic. Pairs dropped by capacity (id -1) are never read.

@@ -1,8 +1,8 @@
 # moec kernel grouped_wgrad_gather_dbias_T129up
-# IR node: %d_w_gate: bf16[8, 32, 64], %d_b_gate: bf16[8, 32] = grouped_wgrad(a=%d_gate_rows, b=%x, offsets=%offsets, order=%order) {num_experts=8, gather_b=2, tiles={128: GemmTile(block_m=64, block_n=32, block_k=64, num_warps=4, num_stages=4, group_m=8), None: GemmTile(block_m=128, block_n=16, block_k=64, num_warps=4, num_stages=4, group_m=8)}}
+# IR node: %d_w_gate: bf16[8, 32, 64], %d_b_gate: bf16[8, 32] = grouped_wgrad(a=%d_gate_rows, b=%x, offsets=%offsets, order=%order) {num_experts=8, gather_b=2, tiles={128: GemmTile(block_m=64, block_n=32, block_k=64, num_warps=4, num_stages=3, group_m=8), None: GemmTile(block_m=128, block_n=16, block_k=64, num_warps=4, num_stages=3, group_m=8)}}
 # grouped weight gradient over E=8 experts: out[e] = sum over expert e's rows r of A[row_a(r), :]^T B[row_b(r), :], out[e]: [N=32, K=64]
 # variant: gather_a=0 gather_b=2 scale=False dbias=True out=bfloat16
-# tile (T >= 129): BLOCK_M=128 BLOCK_N=16 BLOCK_K=64 num_warps=4 num_stages=4
+# tile (T >= 129): BLOCK_M=128 BLOCK_N=16 BLOCK_K=64 num_warps=4 num_stages=3
 #
 # One program per (expert, N tile, K tile); it reduces over its expert's rows offsets[e]:offsets[e+1] (a
 # different count per expert) BLOCK_M at a time, in fp32, and writes the expert's tile once (zeros for an

@@ -1,5 +1,5 @@
 # moec kernel grouped_gemm_gather_bias_linear_T1025up
-# IR node: %gate_re: bf16[2*T, 32] = grouped_gemm(a=%x, w=%w_gate, offsets=%offsets, order=%order, bias=%b_gate) {num_experts=8, gather_top_k=2, tiles={1024: GemmTile(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=5, group_m=8), None: GemmTile(block_m=128, block_n=32, block_k=64, num_warps=4, num_stages=5, group_m=8)}}
+# IR node: %gate_re: bf16[2*T, 32] = grouped_gemm(a=%x, w=%w_gate, offsets=%offsets, order=%order, bias=%b_gate) {num_experts=8, gather_top_k=2, tiles={128: GemmTile(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=5, group_m=8), 1024: GemmTile(block_m=32, block_n=16, block_k=64, num_warps=4, num_stages=5, group_m=8), None: GemmTile(block_m=128, block_n=32, block_k=64, num_warps=4, num_stages=5, group_m=8)}}
 # grouped GEMM over E=8 experts: out[r, :] = epilogue(A[row(r), :] @ W[e(r)]^T), W[e]: [N=32, K=64]
 # variant: activation=None glu=False bias=True bias_up=False gather_top_k=2 scatter=False scale=False store_pre=False out=bfloat16
 # tile (T >= 1025): BLOCK_M=128 BLOCK_N=32 BLOCK_K=64 GROUP_M=8 num_warps=4 num_stages=5

@@ -1,8 +1,8 @@
 # moec kernel moec_route_softmax_e8_k2_T1025up
-# IR node: %ids: i32[T, 2], %weights: f32[T, 2], %order: i32[2*T], %offsets: i32[9], _, _, _, _, %offsets_schedule: i32[6*T + 1] = fused_route(x=%x, w=%w_router, b=%b_router) {num_experts=8, top_k=2, renormalize=True, router_bias=True, tiles={1024: RouteTile(block_t=16, block_k=64, num_warps=4, num_stages=4), None: RouteTile(block_t=16, block_k=64, num_warps=4, num_stages=3)}, schedule_block_m={1024: 16, None: 128}}
+# IR node: %ids: i32[T, 2], %weights: f32[T, 2], %order: i32[2*T], %offsets: i32[9], _, _, _, _, %offsets_schedule: i32[6*T + 1] = fused_route(x=%x, w=%w_router, b=%b_router) {num_experts=8, top_k=2, renormalize=True, router_bias=True, tiles={1024: RouteTile(block_t=16, block_k=64, num_warps=4, num_stages=3), None: RouteTile(block_t=64, block_k=64, num_warps=4, num_stages=3)}, schedule_block_m={128: 16, 1024: 32, None: 128}}
 # shapes: x [T, 64] -> logits [T, 8] (padded to E_PAD = 16), ids/weights [T, 2]
 # router: score=softmax, renormalize=True, routed_scaling=1.0, router_bias=True, score_bias=False, noisy=False, aux_loss=False, shared_gate=False, write_logits=False, write_counts=False
-# tile (T >= 1025): RouteTile(block_t=16, block_k=64, num_warps=4, num_stages=3) (BLOCK_K used: 64)
+# tile (T >= 1025): RouteTile(block_t=64, block_k=64, num_warps=4, num_stages=3) (BLOCK_K used: 64)
 #
 # Fused routing: one program takes BLOCK_T tokens, computes their logits tile
 # [BLOCK_T, E_PAD] with tl.dot over hidden chunks of BLOCK_K (fp32 accumulation), then

@@ -1,5 +1,5 @@
 # moec kernel grouped_gemm_linear_scaled_scatter_T1to128
-# IR node: %pairs_out: f32[2*T, 64] = grouped_gemm(a=%h, w=%w_down, offsets=%offsets, order=%order, scale=%weights) {num_experts=8, scatter=True, out_dtype='f32', tiles={128: GemmTile(block_m=16, block_n=16, block_k=128, num_warps=4, num_stages=5, group_m=8), 1024: GemmTile(block_m=32, block_n=16, block_k=128, num_warps=4, num_stages=5, group_m=8), None: GemmTile(block_m=128, block_n=64, block_k=64, num_warps=4, num_stages=3, group_m=8)}}
+# IR node: %pairs_out: f32[2*T, 64] = grouped_gemm(a=%h, w=%w_down, offsets=%offsets, order=%order, scale=%weights) {num_experts=8, scatter=True, out_dtype='f32', tiles={128: GemmTile(block_m=16, block_n=16, block_k=128, num_warps=4, num_stages=5, group_m=8), 1024: GemmTile(block_m=64, block_n=16, block_k=128, num_warps=4, num_stages=5, group_m=8), None: GemmTile(block_m=128, block_n=64, block_k=64, num_warps=4, num_stages=3, group_m=8)}}
 # grouped GEMM over E=8 experts: out[r, :] = epilogue(A[row(r), :] @ W[e(r)]^T), W[e]: [N=64, K=128]
 # variant: activation=None glu=False bias=False bias_up=False gather_top_k=0 scatter=True scale=True store_pre=False out=float32
 # tile (T <= 128): BLOCK_M=16 BLOCK_N=16 BLOCK_K=128 GROUP_M=8 num_warps=4 num_stages=5

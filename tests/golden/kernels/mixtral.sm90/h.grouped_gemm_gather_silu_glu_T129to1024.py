@@ -1,8 +1,8 @@
 # moec kernel grouped_gemm_gather_silu_glu_T129to1024
-# IR node: %h: f16[2*T, 128] = grouped_gemm(a=%x, w=%w_gate, offsets=%offsets, w_up=%w_up, order=%order, schedule=%offsets_schedule) {num_experts=8, activation='silu', glu=True, gather_top_k=2, tiles={128: GemmTile(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=5, group_m=8), 1024: GemmTile(block_m=64, block_n=16, block_k=64, num_warps=4, num_stages=5, group_m=8, persistent=3), None: GemmTile(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4, group_m=8)}}
+# IR node: %h: f16[2*T, 128] = grouped_gemm(a=%x, w=%w_gate, offsets=%offsets, w_up=%w_up, order=%order, schedule=%offsets_schedule) {num_experts=8, activation='silu', glu=True, gather_top_k=2, tiles={16: GemmTile(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=5, group_m=8), 128: GemmTile(block_m=32, block_n=16, block_k=64, num_warps=4, num_stages=5, group_m=8), 1024: GemmTile(block_m=128, block_n=16, block_k=64, num_warps=4, num_stages=5, group_m=8), None: GemmTile(block_m=128, block_n=64, block_k=64, num_warps=4, num_stages=3, group_m=8)}}
 # grouped GEMM over E=8 experts: out[r, :] = epilogue(A[row(r), :] @ W[e(r)]^T), W[e]: [N=128, K=64]
 # variant: activation=silu glu=True bias=False bias_up=False gather_top_k=2 scatter=False scale=False store_pre=False out=float16
-# tile (129 <= T <= 1024): BLOCK_M=64 BLOCK_N=16 BLOCK_K=64 GROUP_M=8 num_warps=4 num_stages=5 persistent=3 per SM
+# tile (129 <= T <= 1024): BLOCK_M=128 BLOCK_N=16 BLOCK_K=64 GROUP_M=8 num_warps=4 num_stages=5
 #
 # Rows r are (token, expert) pairs in expert-sorted order (`order`, `offsets` from moec.runtime.dispatch).
 # Tiles: row tiles x N tiles in grouped order: GROUP_M row tiles fastest, then the N tiles, then the next

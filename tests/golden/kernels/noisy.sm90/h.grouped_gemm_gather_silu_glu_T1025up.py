@@ -1,5 +1,5 @@
 # moec kernel grouped_gemm_gather_silu_glu_T1025up
-# IR node: %h: f32[2*T, 64] = grouped_gemm(a=%x, w=%w_gate, offsets=%offsets, w_up=%w_up, order=%order, schedule=%offsets_schedule) {num_experts=8, activation='silu', glu=True, gather_top_k=2, tiles={1024: GemmTile(block_m=16, block_n=16, block_k=32, num_warps=4, num_stages=5, group_m=8), None: GemmTile(block_m=128, block_n=32, block_k=32, num_warps=4, num_stages=2, group_m=8)}}
+# IR node: %h: f32[2*T, 64] = grouped_gemm(a=%x, w=%w_gate, offsets=%offsets, w_up=%w_up, order=%order, schedule=%offsets_schedule) {num_experts=8, activation='silu', glu=True, gather_top_k=2, tiles={128: GemmTile(block_m=16, block_n=16, block_k=32, num_warps=4, num_stages=5, group_m=8), 1024: GemmTile(block_m=32, block_n=16, block_k=32, num_warps=4, num_stages=5, group_m=8), None: GemmTile(block_m=128, block_n=32, block_k=32, num_warps=4, num_stages=2, group_m=8)}}
 # grouped GEMM over E=8 experts: out[r, :] = epilogue(A[row(r), :] @ W[e(r)]^T), W[e]: [N=64, K=32]
 # variant: activation=silu glu=True bias=False bias_up=False gather_top_k=2 scatter=False scale=False store_pre=False out=float32
 # tile (T >= 1025): BLOCK_M=128 BLOCK_N=32 BLOCK_K=32 GROUP_M=8 num_warps=4 num_stages=2

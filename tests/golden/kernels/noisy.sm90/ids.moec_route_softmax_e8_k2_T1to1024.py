@@ -1,8 +1,8 @@
 # moec kernel moec_route_softmax_e8_k2_T1to1024
-# IR node: %ids: i32[T, 2], %weights: f32[T, 2], %order: i32[2*T], %offsets: i32[9], _, _, _, _, %offsets_schedule: i32[6*T + 1] = fused_route(x=%x, w=%w_router, w_noise=%w_noise) {num_experts=8, top_k=2, renormalize=True, noisy=True, tiles={1024: RouteTile(block_t=16, block_k=32, num_warps=4, num_stages=4), None: RouteTile(block_t=16, block_k=32, num_warps=4, num_stages=3)}, schedule_block_m={1024: 16, None: 128}}
+# IR node: %ids: i32[T, 2], %weights: f32[T, 2], %order: i32[2*T], %offsets: i32[9], _, _, _, _, %offsets_schedule: i32[6*T + 1] = fused_route(x=%x, w=%w_router, w_noise=%w_noise) {num_experts=8, top_k=2, renormalize=True, noisy=True, tiles={1024: RouteTile(block_t=16, block_k=32, num_warps=4, num_stages=3), None: RouteTile(block_t=64, block_k=32, num_warps=4, num_stages=3)}, schedule_block_m={128: 16, 1024: 32, None: 128}}
 # shapes: x [T, 32] -> logits [T, 8] (padded to E_PAD = 16), ids/weights [T, 2]
 # router: score=softmax, renormalize=True, routed_scaling=1.0, router_bias=False, score_bias=False, noisy=True, aux_loss=False, shared_gate=False, write_logits=False, write_counts=False
-# tile (T <= 1024): RouteTile(block_t=16, block_k=32, num_warps=4, num_stages=4) (BLOCK_K used: 32)
+# tile (T <= 1024): RouteTile(block_t=16, block_k=32, num_warps=4, num_stages=3) (BLOCK_K used: 32)
 #
 # Fused routing: one program takes BLOCK_T tokens, computes their logits tile
 # [BLOCK_T, E_PAD] with tl.dot over hidden chunks of BLOCK_K (fp32 accumulation), then

@@ -1,8 +1,8 @@
 # moec kernel grouped_dgrad_gather_silu_glu_T1025up
-# IR node: %d_gate_rows: f32[2*T, 32], %d_up_rows: f32[2*T, 32], %h_re: f32[2*T, 32], %dots: f32[2*T, 2] = grouped_dgrad(a=%dy, w=%w_down, offsets=%offsets, order=%order, gate=%gate_re, up=%up_re, scale=%route_weights) {num_experts=8, gather_top_k=2, act_grad=True, activation='silu', glu=True, tiles={1024: GemmTile(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=5, group_m=8), None: GemmTile(block_m=128, block_n=32, block_k=32, num_warps=4, num_stages=5, group_m=8)}}
+# IR node: %d_gate_rows: f32[2*T, 32], %d_up_rows: f32[2*T, 32], %h_re: f32[2*T, 32], %dots: f32[2*T, 2] = grouped_dgrad(a=%dy, w=%w_down, offsets=%offsets, order=%order, gate=%gate_re, up=%up_re, scale=%route_weights) {num_experts=8, gather_top_k=2, act_grad=True, activation='silu', glu=True, tiles={1024: GemmTile(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=5, group_m=8), None: GemmTile(block_m=128, block_n=16, block_k=32, num_warps=4, num_stages=3, group_m=8)}}
 # grouped GEMM of a backward over E=8 experts: acc[r, :] = A[row(r), :] @ W[e(r)]^T, W[e]: [N=32, K=64]
 # variant: gather_top_k=2 two=False act_grad=True activation=silu glu=True scale=True store_h=True scatter=False out=float32
-# tile (T >= 1025): BLOCK_M=128 BLOCK_N=32 BLOCK_K=32 GROUP_M=8 num_warps=4 num_stages=5
+# tile (T >= 1025): BLOCK_M=128 BLOCK_N=16 BLOCK_K=32 GROUP_M=8 num_warps=4 num_stages=3
 #
 # W is the forward's weight read through strides (a transposed view: no copy). Rows r are (token, expert)
 # pairs in expert-sorted order (`order`, `offsets`), programs as in the forward grouped GEMM.

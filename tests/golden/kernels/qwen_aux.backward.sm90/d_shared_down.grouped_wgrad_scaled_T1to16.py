@@ -1,8 +1,8 @@
 # moec kernel grouped_wgrad_scaled_T1to16
-# IR node: %d_shared_down: f32[1, 64, 48] = grouped_wgrad(a=%dy, b=%shared_h_re, scale=%shared_scale) {num_experts=1, tiles={16: GemmTile(block_m=32, block_n=16, block_k=64, num_warps=4, num_stages=4, group_m=8), 128: GemmTile(block_m=64, block_n=16, block_k=32, num_warps=4, num_stages=3, group_m=8), None: GemmTile(block_m=128, block_n=16, block_k=32, num_warps=4, num_stages=2, group_m=8)}}
+# IR node: %d_shared_down: f32[1, 64, 48] = grouped_wgrad(a=%dy, b=%shared_h_re, scale=%shared_scale) {num_experts=1, tiles={16: GemmTile(block_m=32, block_n=16, block_k=64, num_warps=4, num_stages=3, group_m=8), 128: GemmTile(block_m=64, block_n=16, block_k=32, num_warps=4, num_stages=3, group_m=8), None: GemmTile(block_m=128, block_n=16, block_k=32, num_warps=4, num_stages=2, group_m=8)}}
 # grouped weight gradient over E=1 experts: out[e] = sum over expert e's rows r of A[row_a(r), :]^T B[row_b(r), :], out[e]: [N=64, K=48]
 # variant: gather_a=0 gather_b=0 scale=True dbias=False out=float32
-# tile (T <= 16): BLOCK_M=32 BLOCK_N=16 BLOCK_K=64 num_warps=4 num_stages=4
+# tile (T <= 16): BLOCK_M=32 BLOCK_N=16 BLOCK_K=64 num_warps=4 num_stages=3
 #
 # One program per (expert, N tile, K tile); it reduces over its expert's rows offsets[e]:offsets[e+1] (a
 # different count per expert) BLOCK_M at a time, in fp32, and writes the expert's tile once (zeros for an

@@ -1,8 +1,8 @@
 # moec kernel grouped_wgrad_gather_T17to128
-# IR node: %d_w_up: f32[8, 32, 64] = grouped_wgrad(a=%d_up_rows, b=%x, offsets=%offsets, order=%order) {num_experts=8, gather_b=2, tiles={16: GemmTile(block_m=32, block_n=16, block_k=64, num_warps=4, num_stages=4, group_m=8), 128: GemmTile(block_m=64, block_n=16, block_k=32, num_warps=4, num_stages=3, group_m=8), None: GemmTile(block_m=128, block_n=16, block_k=32, num_warps=4, num_stages=3, group_m=8)}}
+# IR node: %d_w_up: f32[8, 32, 64] = grouped_wgrad(a=%d_up_rows, b=%x, offsets=%offsets, order=%order) {num_experts=8, gather_b=2, tiles={16: GemmTile(block_m=32, block_n=32, block_k=64, num_warps=4, num_stages=4, group_m=8), 128: GemmTile(block_m=64, block_n=32, block_k=32, num_warps=4, num_stages=3, group_m=8), None: GemmTile(block_m=128, block_n=16, block_k=32, num_warps=4, num_stages=3, group_m=8)}}
 # grouped weight gradient over E=8 experts: out[e] = sum over expert e's rows r of A[row_a(r), :]^T B[row_b(r), :], out[e]: [N=32, K=64]
 # variant: gather_a=0 gather_b=2 scale=False dbias=False out=float32
-# tile (17 <= T <= 128): BLOCK_M=64 BLOCK_N=16 BLOCK_K=32 num_warps=4 num_stages=3
+# tile (17 <= T <= 128): BLOCK_M=64 BLOCK_N=32 BLOCK_K=32 num_warps=4 num_stages=3
 #
 # One program per (expert, N tile, K tile); it reduces over its expert's rows offsets[e]:offsets[e+1] (a
 # different count per expert) BLOCK_M at a time, in fp32, and writes the expert's tile once (zeros for an

@@ -1,8 +1,8 @@
 # moec kernel grouped_dgrad_two_scatter_T1025up
-# IR node: %dx_rows: f32[2*T, 64] = grouped_dgrad(a=%d_gate_rows, w=%w_gate, offsets=%offsets, order=%order, a2=%d_up_rows, w2=%w_up) {num_experts=8, scatter=True, out_dtype='f32', tiles={1024: GemmTile(block_m=16, block_n=16, block_k=32, num_warps=4, num_stages=5, group_m=8), None: GemmTile(block_m=32, block_n=64, block_k=32, num_warps=4, num_stages=2, group_m=8)}}
+# IR node: %dx_rows: f32[2*T, 64] = grouped_dgrad(a=%d_gate_rows, w=%w_gate, offsets=%offsets, order=%order, a2=%d_up_rows, w2=%w_up) {num_experts=8, scatter=True, out_dtype='f32', tiles={128: GemmTile(block_m=16, block_n=16, block_k=32, num_warps=4, num_stages=5, group_m=8), 1024: GemmTile(block_m=32, block_n=16, block_k=32, num_warps=4, num_stages=5, group_m=8), None: GemmTile(block_m=128, block_n=64, block_k=32, num_warps=4, num_stages=2, group_m=8)}}
 # grouped GEMM of a backward over E=8 experts: acc[r, :] = A[row(r), :] @ W[e(r)]^T + A2[r, :] @ W2[e(r)]^T, W[e]: [N=64, K=32]
 # variant: gather_top_k=0 two=True act_grad=False activation=None glu=False scale=False store_h=False scatter=True out=float32
-# tile (T >= 1025): BLOCK_M=32 BLOCK_N=64 BLOCK_K=32 GROUP_M=8 num_warps=4 num_stages=2
+# tile (T >= 1025): BLOCK_M=128 BLOCK_N=64 BLOCK_K=32 GROUP_M=8 num_warps=4 num_stages=2
 #
 # W is the forward's weight read through strides (a transposed view: no copy). Rows r are (token, expert)
 # pairs in expert-sorted order (`order`, `offsets`), programs as in the forward grouped GEMM.

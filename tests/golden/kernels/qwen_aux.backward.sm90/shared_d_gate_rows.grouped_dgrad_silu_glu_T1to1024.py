@@ -1,5 +1,5 @@
 # moec kernel grouped_dgrad_silu_glu_T1to1024
-# IR node: %shared_d_gate_rows: f32[T, 48], %shared_d_up_rows: f32[T, 48], %shared_h_re: f32[T, 48], %shared_dots: f32[T, 3] = grouped_dgrad(a=%dy, w=%shared_down, gate=%shared_gate_re, up=%shared_up_re, scale=%shared_scale) {num_experts=1, act_grad=True, activation='silu', glu=True, tiles={1024: GemmTile(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=5, group_m=8), None: GemmTile(block_m=32, block_n=64, block_k=64, num_warps=4, num_stages=3, group_m=8)}}
+# IR node: %shared_d_gate_rows: f32[T, 48], %shared_d_up_rows: f32[T, 48], %shared_h_re: f32[T, 48], %shared_dots: f32[T, 3] = grouped_dgrad(a=%dy, w=%shared_down, gate=%shared_gate_re, up=%shared_up_re, scale=%shared_scale) {num_experts=1, act_grad=True, activation='silu', glu=True, tiles={1024: GemmTile(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=5, group_m=8), None: GemmTile(block_m=128, block_n=16, block_k=32, num_warps=4, num_stages=4, group_m=8)}}
 # grouped GEMM of a backward over E=1 experts: acc[r, :] = A[row(r), :] @ W[e(r)]^T, W[e]: [N=48, K=64]
 # variant: gather_top_k=0 two=False act_grad=True activation=silu glu=True scale=True store_h=True scatter=False out=float32
 # tile (T <= 1024): BLOCK_M=16 BLOCK_N=16 BLOCK_K=64 GROUP_M=8 num_warps=4 num_stages=5

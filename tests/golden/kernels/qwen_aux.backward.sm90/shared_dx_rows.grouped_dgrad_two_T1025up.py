@@ -1,5 +1,5 @@
 # moec kernel grouped_dgrad_two_T1025up
-# IR node: %shared_dx_rows: f32[T, 64] = grouped_dgrad(a=%shared_d_gate_rows, w=%shared_gate, a2=%shared_d_up_rows, w2=%shared_up) {num_experts=1, out_dtype='f32', tiles={1024: GemmTile(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=5, group_m=8), None: GemmTile(block_m=32, block_n=64, block_k=64, num_warps=4, num_stages=2, group_m=8)}}
+# IR node: %shared_dx_rows: f32[T, 64] = grouped_dgrad(a=%shared_d_gate_rows, w=%shared_gate, a2=%shared_d_up_rows, w2=%shared_up) {num_experts=1, out_dtype='f32', tiles={128: GemmTile(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=5, group_m=8), 1024: GemmTile(block_m=32, block_n=16, block_k=64, num_warps=4, num_stages=5, group_m=8), None: GemmTile(block_m=32, block_n=64, block_k=64, num_warps=4, num_stages=2, group_m=8)}}
 # grouped GEMM of a backward over E=1 experts: acc[r, :] = A[row(r), :] @ W[e(r)]^T + A2[r, :] @ W2[e(r)]^T, W[e]: [N=64, K=48]
 # variant: gather_top_k=0 two=True act_grad=False activation=None glu=False scale=False store_h=False scatter=False out=float32
 # tile (T >= 1025): BLOCK_M=32 BLOCK_N=64 BLOCK_K=64 GROUP_M=8 num_warps=4 num_stages=2

@@ -1,5 +1,5 @@
 # moec kernel grouped_gemm_silu_glu_T1to1024
-# IR node: %shared_h: f32[T, 48] = grouped_gemm(a=%x, w=%shared_gate, w_up=%shared_up) {num_experts=1, activation='silu', glu=True, tiles={1024: GemmTile(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=5, group_m=8), None: GemmTile(block_m=64, block_n=16, block_k=32, num_warps=4, num_stages=3, group_m=8)}}
+# IR node: %shared_h: f32[T, 48] = grouped_gemm(a=%x, w=%shared_gate, w_up=%shared_up) {num_experts=1, activation='silu', glu=True, tiles={1024: GemmTile(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=5, group_m=8), None: GemmTile(block_m=128, block_n=16, block_k=32, num_warps=4, num_stages=3, group_m=8)}}
 # grouped GEMM over E=1 experts: out[r, :] = epilogue(A[row(r), :] @ W[e(r)]^T), W[e]: [N=48, K=64]
 # variant: activation=silu glu=True bias=False bias_up=False gather_top_k=0 scatter=False scale=False store_pre=False out=float32
 # tile (T <= 1024): BLOCK_M=16 BLOCK_N=16 BLOCK_K=64 GROUP_M=8 num_warps=4 num_stages=5

@@ -1,5 +1,5 @@
 # moec kernel grouped_gemm_gather_relu_T1025up
-# IR node: %h: f32[T, 256] = grouped_gemm(a=%x, w=%w_up, offsets=%offsets, order=%order, schedule=%offsets_schedule) {num_experts=4, activation='relu', gather_top_k=1, tiles={128: GemmTile(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=5, group_m=8), 1024: GemmTile(block_m=32, block_n=16, block_k=64, num_warps=4, num_stages=5, group_m=8), None: GemmTile(block_m=128, block_n=64, block_k=32, num_warps=4, num_stages=2, group_m=8)}}
+# IR node: %h: f32[T, 256] = grouped_gemm(a=%x, w=%w_up, offsets=%offsets, order=%order, schedule=%offsets_schedule) {num_experts=4, activation='relu', gather_top_k=1, tiles={128: GemmTile(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=5, group_m=8), 1024: GemmTile(block_m=32, block_n=32, block_k=64, num_warps=4, num_stages=5, group_m=8), None: GemmTile(block_m=128, block_n=64, block_k=32, num_warps=4, num_stages=2, group_m=8)}}
 # grouped GEMM over E=4 experts: out[r, :] = epilogue(A[row(r), :] @ W[e(r)]^T), W[e]: [N=256, K=64]
 # variant: activation=relu glu=False bias=False bias_up=False gather_top_k=1 scatter=False scale=False store_pre=False out=float32
 # tile (T >= 1025): BLOCK_M=128 BLOCK_N=64 BLOCK_K=32 GROUP_M=8 num_warps=4 num_stages=2

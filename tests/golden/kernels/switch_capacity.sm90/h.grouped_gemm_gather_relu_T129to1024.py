@@ -1,8 +1,8 @@
 # moec kernel grouped_gemm_gather_relu_T129to1024
-# IR node: %h: f32[T, 256] = grouped_gemm(a=%x, w=%w_up, offsets=%offsets, order=%order, schedule=%offsets_schedule) {num_experts=4, activation='relu', gather_top_k=1, tiles={128: GemmTile(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=5, group_m=8), 1024: GemmTile(block_m=32, block_n=16, block_k=64, num_warps=4, num_stages=5, group_m=8), None: GemmTile(block_m=128, block_n=64, block_k=32, num_warps=4, num_stages=2, group_m=8)}}
+# IR node: %h: f32[T, 256] = grouped_gemm(a=%x, w=%w_up, offsets=%offsets, order=%order, schedule=%offsets_schedule) {num_experts=4, activation='relu', gather_top_k=1, tiles={128: GemmTile(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=5, group_m=8), 1024: GemmTile(block_m=32, block_n=32, block_k=64, num_warps=4, num_stages=5, group_m=8), None: GemmTile(block_m=128, block_n=64, block_k=32, num_warps=4, num_stages=2, group_m=8)}}
 # grouped GEMM over E=4 experts: out[r, :] = epilogue(A[row(r), :] @ W[e(r)]^T), W[e]: [N=256, K=64]
 # variant: activation=relu glu=False bias=False bias_up=False gather_top_k=1 scatter=False scale=False store_pre=False out=float32
-# tile (129 <= T <= 1024): BLOCK_M=32 BLOCK_N=16 BLOCK_K=64 GROUP_M=8 num_warps=4 num_stages=5
+# tile (129 <= T <= 1024): BLOCK_M=32 BLOCK_N=32 BLOCK_K=64 GROUP_M=8 num_warps=4 num_stages=5
 #
 # Rows r are (token, expert) pairs in expert-sorted order (`order`, `offsets` from moec.runtime.dispatch).
 # Tiles: row tiles x N tiles in grouped order: GROUP_M row tiles fastest, then the N tiles, then the next

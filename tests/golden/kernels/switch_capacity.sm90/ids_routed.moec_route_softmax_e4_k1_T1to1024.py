@@ -1,8 +1,8 @@
 # moec kernel moec_route_softmax_e4_k1_T1to1024
-# IR node: %ids_routed: i32[T, 1], %weights_routed: f32[T, 1], _, _, _, _, _, %logits: f32[T, 4] = fused_route(x=%x, w=%w_router) {num_experts=4, top_k=1, tiles={1024: RouteTile(block_t=16, block_k=64, num_warps=4, num_stages=4), None: RouteTile(block_t=16, block_k=64, num_warps=4, num_stages=3)}}
+# IR node: %ids_routed: i32[T, 1], %weights_routed: f32[T, 1], _, _, _, _, _, %logits: f32[T, 4] = fused_route(x=%x, w=%w_router) {num_experts=4, top_k=1, tiles={1024: RouteTile(block_t=16, block_k=64, num_warps=4, num_stages=3), None: RouteTile(block_t=64, block_k=64, num_warps=4, num_stages=3)}}
 # shapes: x [T, 64] -> logits [T, 4] (padded to E_PAD = 16), ids/weights [T, 1]
 # router: score=softmax, renormalize=False, routed_scaling=1.0, router_bias=False, score_bias=False, noisy=False, aux_loss=False, shared_gate=False, write_logits=True, write_counts=False
-# tile (T <= 1024): RouteTile(block_t=16, block_k=64, num_warps=4, num_stages=4) (BLOCK_K used: 64)
+# tile (T <= 1024): RouteTile(block_t=16, block_k=64, num_warps=4, num_stages=3) (BLOCK_K used: 64)
 #
 # Fused routing: one program takes BLOCK_T tokens, computes their logits tile
 # [BLOCK_T, E_PAD] with tl.dot over hidden chunks of BLOCK_K (fp32 accumulation), then
