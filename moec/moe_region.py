@@ -404,7 +404,10 @@ def _spec_line(spec) -> str:
         act += f" ({', '.join(variant)})"
     bits.append(f"{act} experts{' with biases' if spec.expert_bias else ''} d={spec.hidden} f={spec.ffn}")
     if spec.shared is not None:
-        bits.append(f"shared expert f={spec.shared.width}" + (" (sigmoid-gated)" if spec.shared.gated else ""))
+        own = ""
+        if spec.shared.variant is not None:
+            own = ", its own GLU: " + (", ".join(f"{k}={v:g}" for k, v in spec.shared.variant) or "plain")
+        bits.append(f"shared expert f={spec.shared.width}" + (" (sigmoid-gated)" if spec.shared.gated else "") + own)
     return ", ".join(bits)
 
 

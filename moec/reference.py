@@ -268,7 +268,7 @@ def moe(x: torch.Tensor, w: MoEWeights, spec: MoESpec, noise: Optional[torch.Ten
             y.index_add_(0, tok, out * weights[tok, slot, None])
     if spec.shared is not None:
         s = expert_mlp(xf, w.shared_up, w.shared_down, w.shared_gate if spec.glu else None, spec.activation,
-                       variant=spec.glu_variant)
+                       variant=spec.shared_variant)
         if spec.shared.gated:
             s = s * torch.sigmoid(xf @ w.shared_gate_proj.float().t())
         y = y + s

@@ -146,11 +146,25 @@ class SharedExpertConfig:
     """Dense expert(s) every token passes through, added to the routed output.
 
     ``width`` is the total intermediate size (DeepSeek: n_shared * moe_intermediate);
-    ``gated``: the output is scaled per token by ``sigmoid(x @ w_shared_gate.T)`` (Qwen-MoE).
+    ``gated``: the output is scaled per token by ``sigmoid(x @ w_shared_gate.T)`` (Qwen-MoE);
+    ``variant``: its own GLU variant, as ``(field, value)`` pairs of the fields that differ from plain GLU
+    (`GLU_PLAIN`'s keys; ``()``: plain GLU), when it differs from the routed experts' (HunYuan-V4 clamps the
+    routed experts' SwiGLU, not the shared expert's); None: the layer's.
     """
 
     width: int
     gated: bool = False
+    variant: Optional[tuple] = None
+
+    def __post_init__(self) -> None:
+        if self.variant is not None:
+            pairs = tuple(self.variant)
+            bad = [p for p in pairs if not (isinstance(p, tuple) and len(p) == 2 and p[0] in GLU_PLAIN)]
+            if bad or len({k for k, _ in pairs}) != len(pairs):
+                raise MoESpecError(f"shared.variant must be (field, value) pairs of distinct fields among "
+                                   f"{sorted(GLU_PLAIN)}, got {self.variant!r}")
+            # canonical: sorted, plain values dropped (equal variants compare and hash equal)
+            object.__setattr__(self, "variant", tuple(sorted((k, v) for k, v in pairs if v != GLU_PLAIN[k])))
 
 
 @dataclass(frozen=True)
@@ -171,8 +185,9 @@ class MoESpec:
       ``softcap(up)`` enters the product (before ``up_shift``), all in fp32;
     - ``expert_bias``: each expert's projections add a bias (``b_gate``/``b_up`` ``[E, f]``,
       ``b_down`` ``[E, d]``); the routing weight multiplies the down projection *with* its bias.
-      A shared expert stays bias-free; it computes the layer's activation with the same GLU variant
-      (MiniMax-M3 clamps both alike).
+      A shared expert stays bias-free; it computes the layer's activation, with the same GLU variant
+      (MiniMax-M3 clamps both alike) unless ``shared.variant`` gives its own (HunYuan-V4: clamped routed
+      experts, a plain shared one).
     """
 
     hidden: int
@@ -194,11 +209,20 @@ class MoESpec:
         if self.hidden < 1 or self.ffn < 1:
             raise MoESpecError(f"hidden and ffn must be positive, got {self.hidden}, {self.ffn}")
         check_glu_variant(self.activation, self.glu, **glu_fields(self))
+        if self.shared is not None and self.shared.variant is not None:
+            check_glu_variant(self.activation, self.glu, **{**GLU_PLAIN, **dict(self.shared.variant)})
 
     @property
     def glu_variant(self) -> dict:
         """The GLU variant as IR attributes (only the ones that differ from plain GLU)."""
         return {k: v for k, v in glu_fields(self).items() if v != GLU_PLAIN[k]}
+
+    @property
+    def shared_variant(self) -> dict:
+        """The shared expert's GLU variant as IR attributes: its own (``shared.variant``) or the layer's."""
+        if self.shared is not None and self.shared.variant is not None:
+            return dict(self.shared.variant)
+        return self.glu_variant
 
     @property
     def num_experts(self) -> int:

@@ -146,10 +146,10 @@ def waves_time(programs: int, slots: int, arch: Arch, flops_per_program: float, 
                 l2_per_program: float, in_flight: float, flops_rate: float, iters: int = 1,
                 persistent: bool = False, surplus: int = 0) -> float:
     """Seconds for ``programs`` programs (tiles) run ``slots`` at a time (see the module docstring);
-    ``persistent``: by at most ``slots`` programs looping over them; ``surplus``: programs launched past
-    them that exit at once (not with ``persistent``)."""
+    ``persistent``: by at most ``slots`` programs looping over them; ``surplus``: programs the grid's bound
+    launches past them, which exit at once (a persistent grid launches the bound's programs up to ``slots``)."""
     if programs <= 0:
-        return LAUNCH_S + (0 if persistent else surplus / arch.sms * PROGRAM_S)
+        return LAUNCH_S + (min(surplus, slots) if persistent else surplus) / arch.sms * PROGRAM_S
     sms = arch.sms
     dram_bw = arch.dram_gbps * 1e9
     l2_bw = dram_bw * L2_OVER_DRAM
@@ -168,8 +168,8 @@ def waves_time(programs: int, slots: int, arch: Arch, flops_per_program: float, 
     dram = dram_total / min(dram_bw, busy_programs * in_flight / DRAM_LATENCY_S, busy * SM_BW_SHARE * dram_bw / sms)
     l2 = programs * l2_per_program / (l2_bw * busy / sms)
     work = max(full * compute(slots) + compute(tail), dram, l2) + waves * WAVE_LATENCIES * DRAM_LATENCY_S + LAUNCH_S
-    if persistent:      # the same work and per-tile prologue latency; only its programs start
-        return work + busy_programs / sms * PROGRAM_S
+    if persistent:      # the same work and per-tile prologue latency; only a slot's worth of programs start
+        return work + min(programs + surplus, slots) / sms * PROGRAM_S
     return work + (programs + surplus) / sms * PROGRAM_S
 
 

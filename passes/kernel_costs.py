@@ -233,7 +233,7 @@ class GemmProblem:
         assumption or the given per-expert ``loads``."""
         cols = cdiv(self.n, tile.block_n)
         programs = self.expected_row_tiles(tile, t, loads) * cols
-        surplus = 0 if tile.persistent else max(0, self.launched_row_tiles(tile, t) * cols - programs)
+        surplus = max(0, self.launched_row_tiles(tile, t) * cols - programs)
         k_pad = cdiv(self.k, tile.block_k) * tile.block_k
         peak = (arch.fp32_tflops if self.fp32 else arch.bf16_tflops) * 1e12
         rate = peak * mma_efficiency(tile.block_m, arch, self.fp32)

@@ -78,6 +78,11 @@ def _route_step(n: Node, g: Graph) -> Step:
 def _gemm_step(n: Node, g: Graph) -> Step:
     a = n.attr
     names = {r: n.ins.get(r) for r in ("a", "offsets", "order", "scale", "schedule")}
+    # the schedule's BLOCK_M per bucket: a candidate tile of other rows (autotune) scans the offsets instead
+    sched_m = g.producer(names["schedule"]).attr["schedule_block_m"] if names["schedule"] else None
+
+    def scheduled(params, T: int) -> bool:
+        return sched_m is not None and sched_m[bucket_of(T, list(sched_m))] == params.tile.block_m
     out_names = {r: n.outs.get(r) for r in ("out", "pre", "pre_up")}
 
     def params_for(tile, bucket):
@@ -93,7 +98,7 @@ def _gemm_step(n: Node, g: Graph) -> Step:
         grouped_gemm(v["a"], v["w"], params, out=outs["out"], offsets=v.get("offsets"), order=v.get("order"),
                      w_up=v.get("w_up"), scale_vec=scale.reshape(-1) if scale is not None else None,
                      bias=v.get("bias"), bias_up=v.get("bias_up"), pre=outs.get("pre"), pre_up=outs.get("pre_up"),
-                     schedule=v.get("schedule"))
+                     schedule=v.get("schedule") if scheduled(params, ctx["T"]) else None)
 
     def prepare(params, bound):
         if any(r in n.ins and r not in bound for r in ("w", "w_up", "bias", "bias_up")):
@@ -101,9 +106,9 @@ def _gemm_step(n: Node, g: Graph) -> Step:
         plan = GroupedGemmLaunch(params, *bound_weights(params, bound["w"], bound.get("w_up"), bound.get("bias"),
                                                         bound.get("bias_up")), names["offsets"] is not None,
                                  _contiguous(g, n.ins["a"]), _contiguous(g, n.outs["out"]),
-                                 schedule=names["schedule"] is not None)
+                                 schedule=scheduled(params, params.bucket[0] if params.bucket else 1))
         a_, off_, order_, scale_ = names["a"], names["offsets"], names["order"] if params.routed else None, names["scale"]
-        sched_ = names["schedule"]
+        sched_ = names["schedule"] if scheduled(params, params.bucket[0] if params.bucket else 1) else None
         out_, pre_, pre_up_ = out_names["out"], out_names["pre"], out_names["pre_up"]
         gather = params.gather_top_k
 

@@ -26,8 +26,6 @@ from torch import Tensor
 
 from .launch import Kernel, Launcher, next_pow2
 from .render import render
-from moec.ir.tiles import bucket_suffix, bucket_text
-
 ARG_NAMES = ("offsets_ptr", "sched_ptr", "M")
 
 
@@ -45,8 +43,7 @@ def schedule_chunk(e_pad: int) -> int:
 class ScheduleParams:
     num_experts: int
     block_m: int
-    header: str = ""
-    bucket: tuple = ()                  # (lo, hi): this kernel serves lo <= T <= hi; () every T
+    header: str = ""                    # the dispatching node's text line
 
     def __post_init__(self) -> None:
         if self.num_experts < 1:
@@ -59,11 +56,8 @@ class ScheduleParams:
 def render_schedule(params: ScheduleParams) -> Kernel:
     """The kernel for ``params`` (rendered once per distinct params)."""
     name = f"tile_schedule_m{params.block_m}"
-    if params.bucket:
-        name += "_" + bucket_suffix(*params.bucket)
     source = render("tile_schedule.py.jinja", fn_name=name, header=re.sub(r"\s+", " ", params.header).strip(),
-                    num_experts=params.num_experts, block_m=params.block_m,
-                    bucket=bucket_text(*params.bucket) if params.bucket else "every T")
+                    num_experts=params.num_experts, block_m=params.block_m)
     return Kernel(source, name, ARG_NAMES)
 
 

@@ -28,11 +28,14 @@ def weight_descriptors(params, w: Tensor, w_up: Optional[Tensor], interleaved: b
     K, N]`` (2: N contiguous, a stacked ``[E, in, out]`` parameter), when ``params.tma`` asks (None: as the
     ``MOEC_TMA`` switch says, and unset, on sm90 / sm100 devices) and both weights' layouts allow (16-byte
     aligned base and strides, 16-byte block rows; not GPT-OSS's interleaved gate/up); else ``(0, w, w_up)``,
-    pointer loads."""
+    pointer loads. Only 16-bit weights (fp32 ones would need a staging buffer the tile's shared memory budget
+    does not hold), and on a GPU only one with TMA (elsewhere descriptors compile to scalar loads); the
+    interpreter honours the request (tests)."""
     want = params.tma if params.tma is not None else env.switch("MOEC_TMA")
-    if want is None:
-        want = arch_of(w.device).mma in TMA_MMA
-    if not want or interleaved or TensorDescriptor is None:
+    arch = arch_of(w.device)
+    if want is None or (want and w.device.type == "cuda"):
+        want = want is not False and arch.mma in TMA_MMA
+    if not want or interleaved or TensorDescriptor is None or w.element_size() != 2:
         return 0, w, w_up
     tile, got = params.tile, []
     for t in (w, w_up) if w_up is not None else (w,):

@@ -39,8 +39,10 @@ def distinct_launches(records: Iterable[LaunchRecord]) -> list[LaunchRecord]:
 
 
 def retyped(record: LaunchRecord, old: str = "fp16", new: str = "bf16") -> LaunchRecord:
-    """The same launch with every ``*<old>`` pointer argument turned into ``*<new>``."""
-    sig = {k: ("*" + new if v == "*" + old else v) for k, v in record.signature.items()}
+    """The same launch with every ``*<old>`` pointer argument (and ``tensordesc<<old>[...]>`` descriptor) turned
+    into ``*<new>``."""
+    sig = {k: ("*" + new if v == "*" + old else v.replace(f"tensordesc<{old}[", f"tensordesc<{new}[", 1))
+           for k, v in record.signature.items()}
     return dataclasses.replace(record, signature=sig)
 
 

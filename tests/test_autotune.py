@@ -5,6 +5,7 @@ reads the launched tile and makes one faster), and `moec.tune` on a compiled mod
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -352,3 +353,26 @@ def test_transformers_experts_program_takes_new_tune_entries(tune_env, monkeypat
     tuned = next(s for s in after.program.steps if s.node.name == step.node.name)
     assert tuned.variant(1).params.tile == other and after.variant_source(tuned, tuned.variant(1)) == "tune file"
     assert region.compiled_for(recipe, torch.float16, "cpu") is after          # once, not at every call
+
+
+def test_candidates_agree_with_the_tile_schedule(tune_env):
+    """The routing kernel's candidates write the same tile schedule (compared up to its tile count: the rest is
+    undefined), and a GEMM candidate of other rows than the schedule's scans the offsets instead of reading
+    it: no candidate is dropped as disagreeing, those of another BLOCK_M included."""
+    from moec.ir.build import moe_inputs
+    E, d, f = 8, 32, 64
+    g = torch.Generator().manual_seed(0)
+    w = MoEWeights(w_router=torch.randn(E, d, generator=g) / 6, w_up=torch.randn(E, f, d, generator=g) / 6,
+                   w_down=torch.randn(E, d, f, generator=g) / 8, w_gate=torch.randn(E, f, d, generator=g) / 6)
+    c = compile_spec(MoESpec(d, f, RouterConfig(E, 2, renormalize=True)), torch.float32, ("y",), ARCHS["sm90"])
+    assert any("schedule" in n.ins for n in c.graph.nodes if n.op == "grouped_gemm")
+    weights = {k: v for k, v in moe_inputs(torch.zeros(1, d), w).items() if k != "x"}
+    lines = []
+    autotune.tune(c.program, weights, timer=lambda fn: (fn(), 1e-6)[1], device="Fake GPU", candidates=6,
+                  buckets=(1024,), sizes={1024: 200}, progress=lines.append)
+    timed = [line for line in lines if " tile " in line and "done" not in line]
+    assert timed and not [line for line in lines if "disagrees" in line], lines
+    h = next(n for n in c.graph.nodes if n.name == "h")
+    rows = {t.block_m for t in h.attr["tiles"].values()}
+    tried = {int(m.group(1)) for line in timed for m in [re.search(r"%h tile \d+/\d+ (\d+)x", line)] if m}
+    assert tried - rows, (tried, rows)          # candidates of other rows than the schedule's were timed

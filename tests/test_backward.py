@@ -146,6 +146,9 @@ SPECS = {
                                 activation="relu"), ("y",)),
     "gpt_oss": (MoESpec(32, 16, RouterConfig(4, 2, order="topk_then_score", router_bias=True), expert_bias=True,
                         act_alpha=1.702, glu_limit=0.7, up_shift=1.0), ("y",)),
+    # HunYuan-V4: clamped routed experts, a plain shared expert (its own GLU variant)
+    "clamped_plain_shared": (MoESpec(32, 16, RouterConfig(6, 2), glu_limit=0.5,
+                                     shared=SharedExpertConfig(24, gated=True, variant=())), ("y",)),
 }
 
 

@@ -255,6 +255,9 @@ def specs(draw, router):
         variant["up_softcap"] = draw(st.sampled_from([None, 0.5, 3.0]))
         if activation == "silu":
             variant["gate_softcap"] = draw(st.sampled_from([None, 0.4, 3.0]))
+    if shared is not None and glu and draw(st.integers(0, 2)) == 0:    # now and then a shared expert's own GLU
+        own = draw(st.sampled_from([(), (("glu_limit", 0.5),), (("up_shift", 1.0), ("up_softcap", 0.5))]))
+        shared = SharedExpertConfig(shared.width, shared.gated, variant=own)
     return MoESpec(hidden=draw(st.sampled_from(HIDDEN)), ffn=draw(st.integers(8, 80)), router=r,
                    activation=activation, glu=glu, shared=shared, expert_bias=draw(st.booleans()), **variant)
 

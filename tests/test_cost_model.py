@@ -583,9 +583,9 @@ def test_fp32_scaled_weight_gradient_tiles_fit(arch):
 
 def test_persistent_tiles_are_candidates_and_skip_the_surplus():
     """On wgmma / tcgen05 arches a forward grouped GEMM's fast-MMA tiles are also candidates as persistent
-    grids (programs per SM = the tile's occupancy); such a grid starts only its resident programs, not one
-    per tile nor the surplus ones, which is all the model credits it with (the per-tile prologue is the
-    same). Not on sm80, not for the backward's."""
+    grids (programs per SM = the tile's occupancy); such a grid starts at most a slot's worth of programs,
+    not one per tile and per surplus row tile of its bound, which is all the model credits it with (the
+    per-tile prologue is the same). Not on sm80, not for the backward's."""
     from moec.passes.cost_terms import PROGRAM_S
     up = cm.GemmProblem(256, True, 8, 1, 2048, 7168, True, 2, 2, False, True, False, "bf16", "bf16", 8)
     for name in ("sm90", "sm100"):
@@ -600,7 +600,7 @@ def test_persistent_tiles_are_candidates_and_skip_the_surplus():
                 launched = up.launched_row_tiles(plain, t) * cols          # one program per possible tile
                 tiles = up.expected_row_tiles(plain, t) * cols
                 assert launched >= tiles
-                saved = (launched - min(tiles, up.slots(plain, a))) / a.sms * PROGRAM_S
+                saved = (launched - min(launched, up.slots(plain, a))) / a.sms * PROGRAM_S
                 assert up.time(plain, a, t) - up.time(tile, a, t) == pytest.approx(saved)
     assert not any(c.persistent for c in cm.candidates(up, ARCHS["sm80"]))
     back = compiled_backward("mixtral-8x7b", "sm90")

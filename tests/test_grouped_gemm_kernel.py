@@ -528,12 +528,15 @@ def test_weight_tiles_by_tma_where_the_layout_allows(layout):
 
 
 def test_tma_switch(monkeypatch):
-    """``MOEC_TMA``: unset, the device decides (none on the CPU); 1 on; 0 off; anything else names the variable."""
-    w = torch.randn(2, 32, 32)
+    """``MOEC_TMA``: unset, the device decides (none on the CPU); 1 on (here: the interpreter); 0 off; anything
+    else names the variable. fp32 weights never (their staging buffer is not in the tile's shared memory)."""
+    w = torch.randn(2, 32, 32).half()
     params = GroupedGemmParams(2, 32, 32, tile=GemmTile(16, 16, 16))
     for value, want in (("", 0), ("1", 1), ("0", 0)):
         monkeypatch.setenv("MOEC_TMA", value)
         assert GroupedGemmLaunch(params, w, None, None, None, True).launcher.constexprs["W_DESC"] == want
+    monkeypatch.setenv("MOEC_TMA", "1")
+    assert GroupedGemmLaunch(params, w.float(), None, None, None, True).launcher.constexprs["W_DESC"] == 0
     monkeypatch.setenv("MOEC_TMA", "yes")
     with pytest.raises(ValueError, match="MOEC_TMA"):
         GroupedGemmLaunch(params, w, None, None, None, True)

@@ -18,9 +18,10 @@ NAMES = hf_sweep.families() if ALL else [n for n in SUBSET if n in hf_sweep.fami
 
 # routers called as router(x, e_score_correction_bias), hooked with output_router_logits; relu**2 experts; a
 # selection bias kept in a submodule of the router (ERNIE); a softcapped SwiGLU module (Inkling2); a norm of the
-# combined output (A.X-K1); a clamped SwiGLU in a custom gate and in the shared expert (MiniMax-M3)
+# combined output (A.X-K1); a clamped SwiGLU in a custom gate and in the shared expert (MiniMax-M3); clamped routed
+# experts beside a plain shared expert (HunYuan-V4)
 MUST_LIFT = {"afmoe", "hy_v3", "minimax_m2", "nemotron_h", "deepseek_v2", "qwen3_next", "cohere2_moe",
-             "ernie4_5_moe", "inkling2_text", "axk1", "minimax_m3_vl_text"}
+             "ernie4_5_moe", "inkling2_text", "axk1", "minimax_m3_vl_text", "hy_v4"}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -128,10 +129,11 @@ def _same_logits_and_gradients(eager, model, ids, params: str, unlike):
 
 
 @pytest.mark.parametrize("shared", ["looser clamp", "plain"])
-def test_a_shared_expert_that_computes_another_glu_stays_eager(shared):
-    """MoESpec has one GLU variant: a shared expert with a looser clamp than the routed experts', or a plain
-    SwiGLU one, must not be read as computing theirs (they agree on small inputs: the shared expert is checked
-    on inputs that reach past the clamp). The block stays eager, and is eager's answer at any scale."""
+def test_a_shared_expert_that_computes_another_glu(shared):
+    """A shared expert is checked on inputs that reach past the routed experts' clamp (they agree on small
+    inputs). One computing plain SwiGLU beside clamped routed experts is lifted with its own GLU variant
+    (`SharedExpertConfig.variant`); one with a looser clamp than theirs computes no form moec has, and the
+    block stays eager. Either way the compiled block is eager's answer at any scale."""
     import copy
 
     import torch
@@ -161,10 +163,14 @@ def test_a_shared_expert_that_computes_another_glu_stays_eager(shared):
         else:
             b.shared_experts.swiglu_limit = 100.0
     model = moec.compile(copy.deepcopy(eager))
-    assert not [m for m in model.modules() if getattr(m.__dict__.get("_moec_region"), "lifted", None)]
+    lifted = [m.__dict__["_moec_region"].spec for m in model.modules()
+              if getattr(m.__dict__.get("_moec_region"), "lifted", None)]
     if shared == "plain":
-        assert "shared expert shared_experts computes GLU silu but the routed experts compute GLU silu (" \
-            in model.explain()
+        assert lifted and all(s.glu_limit == 7.0 and s.shared.variant == () and s.shared_variant == {}
+                              for s in lifted), lifted
+        assert "shared expert f=" in model.explain() and "its own GLU: plain" in model.explain()
+    else:
+        assert not lifted
     compiled = [m for m in model.modules() if type(m).__name__ == "MiniMaxM3VLSparseMoeBlock"]
     for scale in (1.0, 30.0):
         x = torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(1)) * scale
@@ -172,13 +178,24 @@ def test_a_shared_expert_that_computes_another_glu_stays_eager(shared):
             torch.testing.assert_close(compiled[0](x), blocks[0](x))
 
 
-def test_hy_v4_routed_clamp_and_plain_shared_expert_stay_eager_with_the_reason():
-    """HunYuan-V4's routed experts clamp their SwiGLU at 10 (a custom gate) while its shared expert is plain:
-    MoESpec has one GLU variant, so the block stays eager (reading the routed experts as plain SwiGLU, as the
-    probe's small inputs would allow, is wrong once the clamp binds) and explain() says why."""
-    if "hy_v4" not in hf_sweep.families():
-        pytest.skip("no hy_v4 in this transformers")
-    outcome = hf_sweep.check("hy_v4")
-    assert outcome.status == "EAGER", outcome
-    assert "shared expert shared_experts computes GLU silu but the routed experts compute GLU silu (glu_limit=10" \
-        in outcome.detail, outcome.detail
+def test_hy_v4_clamped_routed_experts_beside_a_plain_shared_expert():
+    """HunYuan-V4's routed experts clamp their SwiGLU (a custom gate) while its shared expert does not: the
+    layer is lifted with the shared expert's own (plain) GLU variant. A clamp tight enough to bind on every
+    token: logits and gradients equal eager's (and the clamp changes the logits)."""
+    import copy
+
+    import torch
+
+    import moec
+    name = "hy_v4"
+    if name not in hf_sweep.families():
+        pytest.skip(f"no {name} in this transformers")
+    ids = torch.randint(3, hf_sweep.VOCAB, (2, 6), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        loose = hf_sweep.build(name, swiglu_limit=1e3)(input_ids=ids).logits
+    eager = hf_sweep.build(name, swiglu_limit=0.05)
+    model = moec.compile(copy.deepcopy(eager))
+    specs = [getattr(m.__dict__["_moec_region"], "spec", None) for m in model.modules() if "_moec_region" in m.__dict__]
+    specs = [s for s in specs if s is not None]           # (the MoE layers' regions)
+    assert specs and all(s.glu_limit == 0.05 and s.shared is not None and s.shared.variant == () for s in specs), specs
+    _same_logits_and_gradients(eager, model, ids, ".mlp.", unlike=loose)

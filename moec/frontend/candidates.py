@@ -149,7 +149,7 @@ def shared_options(shared: dict, st: Structure, layout: ExpertLayout, why: list)
             if f"shared expert {lay}" not in why:
                 why.append(f"shared expert {lay}")
             continue
-        if (lay.glu, lay.activation, lay.variant) != (layout.glu, layout.activation, layout.variant):
+        if (lay.glu, lay.activation) != (layout.glu, layout.activation):
             what = lambda la: f"{'GLU ' if la.glu else ''}{la.activation}" + (  # noqa: E731
                 f" ({', '.join(f'{k}={v:g}' for k, v in la.variant)})" if la.variant else "")
             msg = (f"shared expert {path} computes {what(lay)} but the routed experts compute {what(layout)} "
@@ -157,6 +157,8 @@ def shared_options(shared: dict, st: Structure, layout: ExpertLayout, why: list)
             if msg not in why:
                 why.append(msg)
             continue
+        # the same activation; a GLU variant of its own (HunYuan-V4: clamped routed experts, a plain shared one)
+        own = None if lay.variant == layout.variant else tuple(lay.variant)
         for g in st.shared_gates + [None]:
             fields = list(lay.fields)
             paths = list(lay.paths)
@@ -164,7 +166,10 @@ def shared_options(shared: dict, st: Structure, layout: ExpertLayout, why: list)
                 fields.append(("shared_gate_proj", Src((len(paths),))))
                 paths.append(g)
             desc = f"shared expert {path} ({lay.desc}, width {lay.ffn})" + (f", sigmoid gate {g}" if g else "")
-            out.append((Part(paths, fields, desc), SharedExpertConfig(width=lay.ffn, gated=g is not None)))
+            if own is not None:
+                desc += ", its own GLU variant: " + (", ".join(f"{k}={v:g}" for k, v in own) or "plain")
+            out.append((Part(paths, fields, desc), SharedExpertConfig(width=lay.ffn, gated=g is not None,
+                                                                      variant=own)))
     out.append((None, None))
     return out
 

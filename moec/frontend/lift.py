@@ -255,8 +255,8 @@ def _lift(module: nn.Module):
     xf = x_screen.float()
     noise_dtypes = dedupe([st.dtype, torch.float32])
     router_opts = router_options(st, hints)
-    # a shared expert computes the layer's variant (MoESpec has one); plain GLU is tried too, so one that
-    # computes plain GLU beside routed experts that do not is named as such (shared_options)
+    # a shared expert computes the layer's variant, or plain GLU (`SharedExpertConfig.variant`: HunYuan-V4),
+    # each read past the clamps (shared_layout)
     variants = tuple(dict.fromkeys([lay.variant for lay in layouts] + [()]))
     shared = {p: shared_layout(module, p, st, variants) for p in st.shared}
 
@@ -277,9 +277,10 @@ def _lift(module: nn.Module):
                         w = recipe(param_tensors(module))
                         S = None
                         if sh_cfg is not None:
+                            own = sh_cfg.variant if sh_cfg.variant is not None else layout.variant
                             S = reference.expert_mlp(xf, w.shared_up, w.shared_down,
                                                      w.shared_gate if layout.glu else None, layout.activation,
-                                                     variant=dict(layout.variant))
+                                                     variant=dict(own))
                             if sh_cfg.gated:
                                 S = S * torch.sigmoid(xf @ w.shared_gate_proj.float().t())
                     for cfg in router_configs(st, hints, aux_out, router_bias, has_bias, has_noise):

@@ -178,7 +178,7 @@ def build_moe_backward_graph(spec: MoESpec, dtype, outputs=("y",), pre: tuple = 
             sw["w_gate"] = b.input("shared_gate", TensorType(dt, (1, fs, d)))
         scale = b.input("shared_scale", TensorType("f32", (T,))) if spec.shared.gated else None
         s_dx, s_dots, s_grads = _projection_grads(b, x, dy, sw, {}, scale, 1, k, spec.activation, spec.glu,
-                                                  spec.glu_variant, prefix="shared_", pre=pre)
+                                                  spec.shared_variant, prefix="shared_", pre=pre)
         grads.update(s_grads)
         residual = b.add("add", {"a": residual, "b": s_dx}, names={"out": "dx_router_shared"})["out"]
         if spec.shared.gated:

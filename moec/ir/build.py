@@ -134,7 +134,7 @@ def build_moe_graph(spec: MoESpec, dtype, outputs=("y",), name: str = "moe") -> 
             scale = b.add("shared_gate", {"x": x, "w": w_sg}, names={"scale": "shared_scale"})["scale"]
         one = {"num_experts": 1}
         sh = b.add("grouped_gemm", {"a": x, "w": s_gate or s_up, "w_up": s_up if spec.glu else None},
-                   {**one, "activation": spec.activation, "glu": spec.glu, **spec.glu_variant},
+                   {**one, "activation": spec.activation, "glu": spec.glu, **spec.shared_variant},
                    names={"out": "shared_h"})["out"]
         so = b.add("grouped_gemm", {"a": sh, "w": s_down, "scale": scale}, {**one, "out_dtype": "f32"},
                    names={"out": "shared_out"})["out"]

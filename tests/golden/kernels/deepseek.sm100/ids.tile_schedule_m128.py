@@ -1,6 +1,6 @@
 # moec kernel tile_schedule_m128
 # IR node: %ids: i32[T, 4], %weights: f32[T, 4], %order: i32[4*T], %offsets: i32[17], _, _, _, _, %offsets_schedule: i32[12*T + 1] = fused_route(x=%x, w=%w_router, score_bias=%score_bias) {num_experts=16, top_k=4, score='sigmoid', renormalize=True, routed_scaling=2.5, score_bias=True, n_group=4, topk_group=2, group_score='top2_sum', tiles={16: RouteTile(block_t=32, block_k=64, num_warps=4, num_stages=4), 1024: RouteTile(block_t=16, block_k=64, num_warps=4, num_stages=3), None: RouteTile(block_t=64, block_k=64, num_warps=4, num_stages=4)}, schedule_block_m={128: 16, 1024: 64, None: 128}}
-# tile schedule of a dispatch over E=16 experts for grouped GEMMs of BLOCK_M=128 row tiles (every T)
+# tile schedule of a dispatch over E=16 experts for grouped GEMMs of BLOCK_M=128 row tiles
 #
 # One program reads offsets [E+1] (the pairs grouped by expert, from dispatch) and writes the schedule: the
 # number of row tiles, then the expert, first row and row end of each tile, so that a grouped GEMM's program

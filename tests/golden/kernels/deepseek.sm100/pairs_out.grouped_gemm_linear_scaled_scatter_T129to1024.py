@@ -1,8 +1,8 @@
 # moec kernel grouped_gemm_linear_scaled_scatter_T129to1024
-# IR node: %pairs_out: bf16[4*T, 64] = grouped_gemm(a=%h, w=%w_down, offsets=%offsets, order=%order, scale=%weights) {num_experts=16, scatter=True, out_dtype='bf16', tiles={16: GemmTile(block_m=16, block_n=16, block_k=32, num_warps=4, num_stages=5, group_m=8), 128: GemmTile(block_m=32, block_n=16, block_k=32, num_warps=4, num_stages=5, group_m=8), 1024: GemmTile(block_m=64, block_n=16, block_k=32, num_warps=4, num_stages=5, group_m=8, persistent=8), None: GemmTile(block_m=128, block_n=64, block_k=32, num_warps=4, num_stages=4, group_m=8)}}
+# IR node: %pairs_out: bf16[4*T, 64] = grouped_gemm(a=%h, w=%w_down, offsets=%offsets, order=%order, scale=%weights) {num_experts=16, scatter=True, out_dtype='bf16', tiles={16: GemmTile(block_m=16, block_n=16, block_k=32, num_warps=4, num_stages=5, group_m=8), 128: GemmTile(block_m=32, block_n=16, block_k=32, num_warps=4, num_stages=5, group_m=8), 1024: GemmTile(block_m=64, block_n=16, block_k=32, num_warps=4, num_stages=5, group_m=8), None: GemmTile(block_m=128, block_n=64, block_k=32, num_warps=4, num_stages=4, group_m=8)}}
 # grouped GEMM over E=16 experts: out[r, :] = epilogue(A[row(r), :] @ W[e(r)]^T), W[e]: [N=64, K=32]
 # variant: activation=None glu=False bias=False bias_up=False gather_top_k=0 scatter=True scale=True store_pre=False out=bfloat16
-# tile (129 <= T <= 1024): BLOCK_M=64 BLOCK_N=16 BLOCK_K=32 GROUP_M=8 num_warps=4 num_stages=5 persistent=8 per SM
+# tile (129 <= T <= 1024): BLOCK_M=64 BLOCK_N=16 BLOCK_K=32 GROUP_M=8 num_warps=4 num_stages=5
 #
 # Rows r are (token, expert) pairs in expert-sorted order (`order`, `offsets` from moec.runtime.dispatch).
 # Tiles: row tiles x N tiles in grouped order: GROUP_M row tiles fastest, then the N tiles, then the next

@@ -1,6 +1,6 @@
 # moec kernel tile_schedule_m128
 # IR node: %order: i32[T], %offsets: i32[5], %offsets_schedule: i32[3*T + 1] = dispatch(ids=%ids) {num_experts=4, schedule_block_m={128: 16, 1024: 32, None: 128}}
-# tile schedule of a dispatch over E=4 experts for grouped GEMMs of BLOCK_M=128 row tiles (every T)
+# tile schedule of a dispatch over E=4 experts for grouped GEMMs of BLOCK_M=128 row tiles
 #
 # One program reads offsets [E+1] (the pairs grouped by expert, from dispatch) and writes the schedule: the
 # number of row tiles, then the expert, first row and row end of each tile, so that a grouped GEMM's program

@@ -1,6 +1,6 @@
 # moec kernel tile_schedule_m16
 # IR node: %ids: i32[T, 2], %weights: f32[T, 2], %order: i32[2*T], %offsets: i32[9], _, _, _, _, %offsets_schedule: i32[6*T + 1] = fused_route(x=%x, w=%w_router, b=%b_router) {num_experts=8, top_k=2, renormalize=True, router_bias=True, tiles={None: RouteTile(block_t=16, block_k=64, num_warps=4, num_stages=1)}, schedule_block_m={None: 16}}
-# tile schedule of a dispatch over E=8 experts for grouped GEMMs of BLOCK_M=16 row tiles (every T)
+# tile schedule of a dispatch over E=8 experts for grouped GEMMs of BLOCK_M=16 row tiles
 #
 # One program reads offsets [E+1] (the pairs grouped by expert, from dispatch) and writes the schedule: the
 # number of row tiles, then the expert, first row and row end of each tile, so that a grouped GEMM's program

@@ -1,6 +1,6 @@
 # moec kernel tile_schedule_m32
 # IR node: %ids: i32[T, 2], %weights: f32[T, 2], %order: i32[2*T], %offsets: i32[9], _, _, _, _, %offsets_schedule: i32[6*T + 1] = fused_route(x=%x, w=%w_router, b=%b_router) {num_experts=8, top_k=2, renormalize=True, router_bias=True, tiles={1024: RouteTile(block_t=16, block_k=64, num_warps=4, num_stages=3), None: RouteTile(block_t=64, block_k=64, num_warps=4, num_stages=3)}, schedule_block_m={128: 16, 1024: 32, None: 128}}
-# tile schedule of a dispatch over E=8 experts for grouped GEMMs of BLOCK_M=32 row tiles (every T)
+# tile schedule of a dispatch over E=8 experts for grouped GEMMs of BLOCK_M=32 row tiles
 #
 # One program reads offsets [E+1] (the pairs grouped by expert, from dispatch) and writes the schedule: the
 # number of row tiles, then the expert, first row and row end of each tile, so that a grouped GEMM's program

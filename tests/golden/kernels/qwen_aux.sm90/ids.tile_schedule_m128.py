@@ -1,6 +1,6 @@
 # moec kernel tile_schedule_m128
 # IR node: %ids: i32[T, 2], %weights: f32[T, 2], %order: i32[2*T], %offsets: i32[9], %counts: i32[8], %prob_sum: f32[8], %shared_scale: f32[T], %logits: f32[T, 8], %offsets_schedule: i32[6*T + 1] = fused_route(x=%x, w=%w_router, w_shared_gate=%shared_gate_proj) {num_experts=8, top_k=2, aux_loss=True, tiles={1024: RouteTile(block_t=16, block_k=64, num_warps=4, num_stages=3), None: RouteTile(block_t=32, block_k=64, num_warps=4, num_stages=4)}, schedule_block_m={128: 16, 1024: 32, None: 128}}
-# tile schedule of a dispatch over E=8 experts for grouped GEMMs of BLOCK_M=128 row tiles (every T)
+# tile schedule of a dispatch over E=8 experts for grouped GEMMs of BLOCK_M=128 row tiles
 #
 # One program reads offsets [E+1] (the pairs grouped by expert, from dispatch) and writes the schedule: the
 # number of row tiles, then the expert, first row and row end of each tile, so that a grouped GEMM's program
