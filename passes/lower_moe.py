@@ -83,6 +83,7 @@ def _gemm_step(n: Node, g: Graph) -> Step:
 
     def scheduled(params, T: int) -> bool:
         return sched_m is not None and sched_m[bucket_of(T, list(sched_m))] == params.tile.block_m
+
     out_names = {r: n.outs.get(r) for r in ("out", "pre", "pre_up")}
 
     def params_for(tile, bucket):
@@ -103,12 +104,13 @@ def _gemm_step(n: Node, g: Graph) -> Step:
     def prepare(params, bound):
         if any(r in n.ins and r not in bound for r in ("w", "w_up", "bias", "bias_up")):
             return None
+        with_schedule = scheduled(params, params.bucket[0] if params.bucket else 1)     # (a variant's bucket)
         plan = GroupedGemmLaunch(params, *bound_weights(params, bound["w"], bound.get("w_up"), bound.get("bias"),
                                                         bound.get("bias_up")), names["offsets"] is not None,
                                  _contiguous(g, n.ins["a"]), _contiguous(g, n.outs["out"]),
-                                 schedule=scheduled(params, params.bucket[0] if params.bucket else 1))
+                                 schedule=with_schedule)
         a_, off_, order_, scale_ = names["a"], names["offsets"], names["order"] if params.routed else None, names["scale"]
-        sched_ = names["schedule"] if scheduled(params, params.bucket[0] if params.bucket else 1) else None
+        sched_ = names["schedule"] if with_schedule else None
         out_, pre_, pre_up_ = out_names["out"], out_names["pre"], out_names["pre_up"]
         gather = params.gather_top_k
 
