@@ -1,27 +1,28 @@
 """The cost model's shared terms: its constants, occupancy, and the predicted time of a kernel's
 programs run in waves. `passes/kernel_costs.py` builds each kernel's problem on them.
 
-Predicted time of a tile at a given T (`time`): the ``programs`` run in waves of ``slots``
-programs (the last wave partial); a wave of ``c`` programs on ``min(c, SMs)`` SMs takes the
-largest of
+Predicted time of a tile at a given T (`waves_time`): the ``programs`` run ``slots`` at a time; the
+kernel takes the largest of
 
-- tensor cores:  ``c / min(c, SMs) * (flops_per_program / (peak_per_SM * efficiency)
+- tensor cores, in waves of ``slots`` programs (the last wave partial, leaving SMs idle): a wave of ``c``
+  programs takes ``c / min(c, SMs) * (flops_per_program / (peak_per_SM * efficiency)
   + k_steps * ITER_S)`` with the padded FLOPs of a full ``BLOCK_M x BLOCK_N x
   ceil(K / BLOCK_K) BLOCK_K`` tile, the peak of the dtype's unit (tensor cores for fp16/bf16,
   CUDA cores for the exact fp32 path), the efficiency of the MMA family the tile gets
   (`mma_efficiency`: ``MMA_EFFICIENCY`` of the datasheet peak for a well-fed tile, less for mma.sync on
   sm90/100 and half-height tcgen05 tiles) and a fixed issue cost per k-step;
-- device memory: ``c * bytes_per_program / min(bandwidth, c * bytes_in_flight / latency, busy SMs *
-  SM_BW_SHARE * bandwidth / SMs)``,
-  ``bytes_per_program`` the problem's traffic over its programs (a grouped GEMM's `traffic`, with
-  the re-reads its program order causes; the fewest bytes, `bytes`, for the other kernels)
+- device memory, streamed over the whole grid (a slot that frees starts the next program, whose loads
+  overlap the others' last ones): ``bytes / min(bandwidth, c * bytes_in_flight / latency, busy SMs *
+  SM_BW_SHARE * bandwidth / SMs)`` with ``c = min(programs, slots)`` programs resident, ``bytes`` the
+  problem's traffic (a grouped GEMM's `traffic`, with the re-reads its program order causes; the fewest
+  bytes, `bytes`, for the other kernels)
   (Little's law: a program keeps ``max(stages - 1, 1)`` pipeline stages of loads in flight, so
   too few programs or too shallow a pipeline cannot use the bandwidth: why decode wants many
   narrow-N programs with deep K; and one SM cannot pull more than ``SM_BW_SHARE`` times its even share
   of the bandwidth, so a grid on half the SMs cannot stream the weights at full speed either);
-- L2 -> SM operand traffic: ``c * (BLOCK_M + mats * BLOCK_N) * K_padded * itemsize / L2
-  bandwidth`` (``mats`` = 2 with a GLU; scaled by the share of SMs busy): what makes small tiles
-  lose at large T;
+- L2 -> SM operand traffic, over the whole grid too: ``programs * (BLOCK_M + mats * BLOCK_N) * K_padded *
+  itemsize / L2 bandwidth`` (``mats`` = 2 with a GLU; scaled by the share of SMs busy): what makes small
+  tiles lose at large T;
 
 plus a fixed per-wave latency (the prologue's dependent loads: offsets, order, first operands),
 ``PROGRAM_S`` for every program the grid starts, spread over the SMs (each SM starts its programs one
@@ -148,13 +149,15 @@ def waves_time(programs: int, slots: int, arch: Arch, flops_per_program: float, 
     """Seconds for ``programs`` programs (tiles) run ``slots`` at a time (see the module docstring);
     ``persistent``: by at most ``slots`` programs looping over them; ``surplus``: programs the grid's bound
     launches past them, which exit at once (a persistent grid launches the bound's programs up to ``slots``)."""
-    if programs <= 0:
-        return LAUNCH_S + (min(surplus, slots) if persistent else surplus) / arch.sms * PROGRAM_S
     sms = arch.sms
+    # the programs started (a persistent grid: at most a slot's worth, looping) and the launch
+    starts = min(programs + surplus, slots) if persistent else programs + surplus
+    overhead = starts / sms * PROGRAM_S + LAUNCH_S
+    if programs <= 0:
+        return overhead
     dram_bw = arch.dram_gbps * 1e9
     l2_bw = dram_bw * L2_OVER_DRAM
     rate_sm = flops_rate / sms
-    per_program_dram = dram_total / programs
 
     def compute(c: int) -> float:
         return c * (flops_per_program / rate_sm + iters * ITER_S) / min(c, sms) if c > 0 else 0.0
@@ -167,10 +170,8 @@ def waves_time(programs: int, slots: int, arch: Arch, flops_per_program: float, 
     busy = min(busy_programs, sms)
     dram = dram_total / min(dram_bw, busy_programs * in_flight / DRAM_LATENCY_S, busy * SM_BW_SHARE * dram_bw / sms)
     l2 = programs * l2_per_program / (l2_bw * busy / sms)
-    work = max(full * compute(slots) + compute(tail), dram, l2) + waves * WAVE_LATENCIES * DRAM_LATENCY_S + LAUNCH_S
-    if persistent:      # the same work and per-tile prologue latency; only a slot's worth of programs start
-        return work + min(programs + surplus, slots) / sms * PROGRAM_S
-    return work + (programs + surplus) / sms * PROGRAM_S
+    # a persistent grid pays the same dependent prologue loads per tile as one program per tile pays per wave
+    return max(full * compute(slots) + compute(tail), dram, l2) + waves * WAVE_LATENCIES * DRAM_LATENCY_S + overhead
 
 
 def expected_tiles(rows: float, experts: int, block_m: int) -> float:

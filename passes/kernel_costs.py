@@ -50,6 +50,7 @@ import sympy
 from moec.ir.graph import Graph, Node
 from moec.ir.types import T
 from moec.runtime.arch import Arch
+from moec.runtime.grouped_gemm_kernel import row_tile_bound
 from moec.ir.tiles import GemmTile, RouteTile, RowTile
 
 from .cost_terms import (L2_SHARE, MAX_ACC_REGS, MAX_SYNC_REGS, SMEM_RESERVE, Num, Sym, cdiv, itemsize, mma_efficiency,
@@ -207,11 +208,8 @@ class GemmProblem:
                      or sync_regs(self.acc_regs(tile), self.stage_bytes(tile), tile.num_warps) <= MAX_SYNC_REGS))
 
     def launched_row_tiles(self, tile: GemmTile, t: int) -> int:
-        """Row tiles the grid launches (`moec.runtime.grouped_gemm_kernel.grid_rows`: data-independent)."""
-        M = self.rows(t)
-        if not self.routed:
-            return cdiv(M, tile.block_m)
-        return min(M, (M + self.experts * (tile.block_m - 1)) // tile.block_m)
+        """Row tiles the grid launches (the runtime's data-independent bound)."""
+        return row_tile_bound(self.rows(t), self.experts, tile.block_m, self.routed)
 
     def expected_row_tiles(self, tile: GemmTile, t: int, loads=None) -> int:
         """Row tiles the time counts: ``row_tiles`` for given loads or a dense GEMM; under uniform routing

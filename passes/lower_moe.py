@@ -14,14 +14,14 @@ import torch
 
 from moec.ir.graph import Graph, Node
 from moec.ir.ops import glu_variant, router_config
-from moec.ir.tiles import bucket_of
+from moec.ir.tiles import at_bucket
 from moec.ir.types import DTYPES
 from moec.runtime.capacity import apply_capacity
 from moec.runtime.dispatch import dispatch
 from moec.runtime.grouped_gemm_kernel import (GroupedGemmLaunch, GroupedGemmParams, bound_weights, grouped_gemm,
                                              render_grouped_gemm)
 from moec.runtime.program import Step
-from moec.runtime.schedule_kernel import ScheduleLaunch, ScheduleParams, render_schedule
+from moec.runtime.schedule_kernel import ScheduleParams, render_schedule, schedule_launch
 from moec.runtime.reduce_kernel import ReduceLaunch, ReduceParams, reduce_topk, render_reduce
 from moec.runtime.route_kernel import RouteLaunch, RouteParams, check_route_weights, fused_route, render_route
 
@@ -82,7 +82,7 @@ def _gemm_step(n: Node, g: Graph) -> Step:
     sched_m = g.producer(names["schedule"]).attr["schedule_block_m"] if names["schedule"] else None
 
     def scheduled(params, T: int) -> bool:
-        return sched_m is not None and sched_m[bucket_of(T, list(sched_m))] == params.tile.block_m
+        return sched_m is not None and at_bucket(sched_m, T) == params.tile.block_m
 
     out_names = {r: n.outs.get(r) for r in ("out", "pre", "pre_up")}
 
@@ -165,14 +165,14 @@ def _contiguous(g: Graph, value: str):
 def _dispatch_step(n: Node, g: Graph) -> Step:
     E = n.attr["num_experts"]
     block_m = n.attr["schedule_block_m"] if "schedule" in n.outs else None     # schedule-tiles
-    schedulers = {b: ScheduleLaunch(ScheduleParams(E, m, header(n))) for b, m in (block_m or {}).items()}
+    schedulers = {b: schedule_launch(ScheduleParams(E, m, header(n))) for b, m in (block_m or {}).items()}
 
     def run(v, outs, ctx):
         order, offsets = dispatch(v["ids"], E)
         if block_m is None:
             return {"order": order, "offsets": offsets}
         return {"order": order, "offsets": offsets,
-                "schedule": schedulers[bucket_of(v["ids"].shape[0], block_m)](offsets, order.shape[0])}
+                "schedule": at_bucket(schedulers, v["ids"].shape[0])(offsets, order.shape[0])}
     return Step(n, run, helpers=_schedule_kernels(n))
 
 

@@ -13,15 +13,14 @@ is not what it computes.
 from __future__ import annotations
 
 from moec.ir.graph import Graph
-from moec.ir.tiles import BUCKETS, bucket_of, merge_buckets
+from moec.ir.tiles import merge_buckets
 
 from .rewrite import fresh_name, swap
 
 
 def block_m_of(tiles: dict) -> dict:
     """``{bound: BLOCK_M}`` of a node's tiles, folded (adjacent buckets with one BLOCK_M merged)."""
-    return merge_buckets({b: tiles[bucket_of(b if b is not None else 1 << 62, list(tiles))].block_m
-                          for b in BUCKETS})
+    return merge_buckets({b: tile.block_m for b, tile in tiles.items()})
 
 
 def schedule_tiles(g: Graph, ctx) -> Graph:

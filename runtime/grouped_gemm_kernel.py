@@ -202,13 +202,18 @@ def render_grouped_gemm(params: GroupedGemmParams) -> Kernel:
     return Kernel(source, name, ARG_NAMES)
 
 
-def grid_rows(params: GroupedGemmParams, m: int, routed: bool) -> int:
-    """Row tiles launched for ``m`` rows: an upper bound on the tiles the data can need."""
-    bm = params.tile.block_m
+def row_tile_bound(m: int, experts: int, block_m: int, routed: bool) -> int:
+    """Row tiles a grid launches for ``m`` rows of ``experts`` experts (routed) in ``block_m``-row tiles: an
+    upper bound on the tiles the data can need, from the sizes alone."""
     if not routed:
-        return cdiv(m, bm)
+        return cdiv(m, block_m)
     # sum_e cdiv(c_e, BM) <= (sum_e c_e + E (BM - 1)) // BM, and <= m (a tile holds >= 1 row)
-    return min(m, (m + params.num_experts * (bm - 1)) // bm)
+    return min(m, (m + experts * (block_m - 1)) // block_m)
+
+
+def grid_rows(params: GroupedGemmParams, m: int, routed: bool) -> int:
+    """Row tiles launched for ``m`` rows (`row_tile_bound` of ``params``' experts and tile)."""
+    return row_tile_bound(m, params.num_experts, params.tile.block_m, routed)
 
 
 def expert_weight(w: Tensor, params, what: str) -> Tensor:

@@ -27,8 +27,8 @@ from moec.spec import RouterConfig
 from .dispatch import dispatch as sort_by_expert
 from .launch import Kernel, Launcher, next_pow2
 from .render import render
-from .schedule_kernel import ScheduleLaunch, ScheduleParams, schedule_chunk
-from moec.ir.tiles import RouteTile, bucket_of, bucket_suffix, bucket_text
+from .schedule_kernel import ScheduleParams, schedule_chunk, schedule_launch
+from moec.ir.tiles import RouteTile, at_bucket, bucket_suffix, bucket_text
 
 TEMPLATE = "route.py.jinja"
 ARG_NAMES = ("x_ptr", "w_ptr", "b_ptr", "sbias_ptr", "wn_ptr", "noise_ptr", "wsg_ptr", "ids_ptr", "wts_ptr",
@@ -247,8 +247,11 @@ class RouteLaunch:
                  w_shared_gate: Optional[torch.Tensor] = None, dispatch: bool = False,
                  schedule: Optional[dict] = None):
         r = params.router
-        self.params, self.dispatch, self._launchers, self._schedulers = params, dispatch, {}, {}
+        self.params, self.dispatch, self._launchers = params, dispatch, {}
         self.schedule = schedule if schedule else None
+        # the schedule kernel of each bucket, for the token counts the kernel does not sort
+        self._schedulers = {b: schedule_launch(ScheduleParams(r.num_experts, m, params.header))
+                            for b, m in (schedule or {}).items()}
         self.static = (w_router, b_router if r.router_bias else None, score_bias if r.score_bias else None,
                        w_noise if r.noisy else None, w_shared_gate if params.shared_gate else None,
                        w_router.stride(0), w_router.stride(1),
@@ -259,17 +262,9 @@ class RouteLaunch:
         got = self._launchers.get((has_noise, sort, sched_m))
         if got is None:
             p = self.params
-            e_pad = max(2, next_pow2(p.router.num_experts))
             got = self._launchers[(has_noise, sort, sched_m)] = Launcher(
                 render_route(p), {**p.constexprs(has_noise), "DISPATCH": sort, "SCHED_M": sched_m,
-                                  "SCHED_S": schedule_chunk(e_pad)}, p.tile.num_warps, p.tile.num_stages)
-        return got
-
-    def _scheduler(self, block_m: int) -> ScheduleLaunch:
-        got = self._schedulers.get(block_m)
-        if got is None:
-            got = self._schedulers[block_m] = ScheduleLaunch(
-                ScheduleParams(self.params.router.num_experts, block_m, self.params.header))
+                                  "SCHED_S": schedule_chunk(p.e_pad)}, p.tile.num_warps, p.tile.num_stages)
         return got
 
     def __call__(self, x: torch.Tensor, noise: Optional[torch.Tensor] = None) -> RouteOutputs:
@@ -286,7 +281,7 @@ class RouteLaunch:
         logits = torch.empty((T, E), dtype=torch.float32, device=dev) if p.write_logits else None
         order = torch.empty((T * k,), dtype=torch.int32, device=dev) if sort else None
         offsets = (torch.zeros if T == 0 else torch.empty)((E + 1,), dtype=torch.int32, device=dev) if sort else None
-        sched_m = self.schedule[bucket_of(T, self.schedule)] if self.schedule else 0
+        sched_m = at_bucket(self.schedule, T) if self.schedule else 0
         sched = (torch.zeros if T == 0 else torch.empty)((3 * T * k + 1,), dtype=torch.int32, device=dev) \
             if sort and sched_m else None
         out = RouteOutputs(ids, weights, counts, prob_sum, shared_scale, logits, order, offsets, sched)
@@ -301,5 +296,5 @@ class RouteLaunch:
         if self.dispatch and not sort:
             out.order, out.offsets = sort_by_expert(ids, E)
             if sched_m:
-                out.schedule = self._scheduler(sched_m)(out.offsets, T * k)
+                out.schedule = at_bucket(self._schedulers, T)(out.offsets, T * k)
         return out

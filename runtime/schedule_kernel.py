@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .launch import Kernel, Launcher, next_pow2
 from .render import render
+
 ARG_NAMES = ("offsets_ptr", "sched_ptr", "M")
 
 
@@ -62,7 +63,7 @@ def render_schedule(params: ScheduleParams) -> Kernel:
 
 
 class ScheduleLaunch:
-    """The schedule kernel's launch, worked out once per params."""
+    """The schedule kernel's launch, worked out once per params (`schedule_launch`)."""
 
     __slots__ = ("launcher",)
 
@@ -79,6 +80,12 @@ class ScheduleLaunch:
         return sched
 
 
+@functools.lru_cache(maxsize=None)
+def schedule_launch(params: ScheduleParams) -> ScheduleLaunch:
+    """The launch of ``params``' kernel (made once per distinct params: it holds no per-call state)."""
+    return ScheduleLaunch(params)
+
+
 def tile_schedule(offsets: Tensor, pairs: int, params: ScheduleParams) -> Tensor:
     """The schedule (see the module docstring) of ``pairs`` pairs grouped by expert as ``offsets`` (int32
     ``[E + 1]``, from `moec.runtime.dispatch.dispatch`) says, for tiles of ``params.block_m`` rows."""
@@ -87,17 +94,4 @@ def tile_schedule(offsets: Tensor, pairs: int, params: ScheduleParams) -> Tensor
         raise ValueError(f"offsets must be int32 [E+1={E + 1}], got {offsets.dtype} {tuple(offsets.shape)}")
     if pairs < 0:
         raise ValueError(f"pairs must be >= 0, got {pairs}")
-    return ScheduleLaunch(params)(offsets, pairs)
-
-
-def schedule_reference(offsets: Tensor, pairs: int, block_m: int) -> Tensor:
-    """The schedule computed by torch on the host (for tests; unused entries are -1)."""
-    off = offsets.tolist()
-    sched = [-1] * schedule_size(pairs)
-    i = 0
-    for e in range(len(off) - 1):
-        for r in range(off[e], off[e + 1], block_m):
-            sched[1 + i], sched[1 + pairs + i], sched[1 + 2 * pairs + i] = e, r, off[e + 1]
-            i += 1
-    sched[0] = i
-    return torch.tensor(sched, dtype=torch.int32)
+    return schedule_launch(params)(offsets, pairs)

@@ -32,9 +32,8 @@ def weight_descriptors(params, w: Tensor, w_up: Optional[Tensor], interleaved: b
     does not hold), and on a GPU only one with TMA (elsewhere descriptors compile to scalar loads); the
     interpreter honours the request (tests)."""
     want = params.tma if params.tma is not None else env.switch("MOEC_TMA")
-    arch = arch_of(w.device)
-    if want is None or (want and w.device.type == "cuda"):
-        want = want is not False and arch.mma in TMA_MMA
+    if want is None or w.device.type == "cuda":     # the device decides, unless asked not to
+        want = want is not False and arch_of(w.device).mma in TMA_MMA
     if not want or interleaved or TensorDescriptor is None or w.element_size() != 2:
         return 0, w, w_up
     tile, got = params.tile, []

@@ -25,7 +25,8 @@ from moec.runtime.dispatch import dispatch
 from moec.runtime.grouped_gemm_kernel import (ACTIVATION_EXPR, GroupedGemmLaunch, GroupedGemmParams, grid_rows, grouped_gemm,
                                              render_grouped_gemm)
 from moec.runtime.reduce_kernel import ReduceParams, reduce_topk, render_reduce
-from moec.runtime.schedule_kernel import ScheduleParams, schedule_reference, tile_schedule
+from moec.ir.interp import tile_schedule as reference_schedule
+from moec.runtime.schedule_kernel import ScheduleParams, tile_schedule
 from moec.ir.tiles import GemmTile, RowTile
 from moec.spec import ACTIVATIONS, MoESpec, MoEWeights, RouterConfig, SharedExpertConfig
 
@@ -303,11 +304,12 @@ def test_grouped_program_order_covers_every_tile_once(group_m):
 @given(st.lists(st.integers(0, 70), min_size=1, max_size=40), st.sampled_from([16, 32, 64, 128]), st.integers(0, 9))
 def test_tile_schedule_kernel(counts, bm, dropped):
     """The schedule kernel lists every expert's row tiles in expert order, with their first rows and row
-    ends (`schedule_reference`), for any counts, idle experts and dropped pairs (past offsets[E])."""
+    ends, as the reference interpreter computes them (`moec.ir.interp.tile_schedule`), for any counts, idle
+    experts and dropped pairs (past offsets[E])."""
     E, M = len(counts), sum(counts) + dropped
     offsets = torch.tensor([0] + torch.tensor(counts).cumsum(0).tolist(), dtype=torch.int32)
     got = tile_schedule(offsets, M, ScheduleParams(E, bm))
-    want = schedule_reference(offsets, M, bm)
+    want = reference_schedule(offsets, M, bm)
     n = want[0].item()
     assert got[0].item() == n <= grid_rows(GroupedGemmParams(E, 16, 16, tile=GemmTile(bm, 16, 16)), M, routed=True)
     for part in range(3):

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from moec import reference as ref
 from moec.runtime import aot, launch
 from moec.runtime.dispatch import dispatch
-from moec.runtime.schedule_kernel import schedule_reference
+from moec.ir.interp import tile_schedule as reference_schedule
 from moec.runtime.route_kernel import RouteOutputs, RouteParams, fused_route, load_balancing_loss, render_route
 from moec.ir.tiles import RouteTile
 from moec.spec import RouterConfig
@@ -331,7 +331,8 @@ def test_counts_accumulate_across_programs():
 
 def _check_dispatch(out: RouteOutputs, E: int, block_m: int = 0) -> None:
     """The kernel's order and offsets are exactly `moec.runtime.dispatch.dispatch` of its own ids; with
-    ``block_m`` its tile schedule is `schedule_reference`'s up to the tile count."""
+    ``block_m`` its tile schedule is the reference interpreter's (`moec.ir.interp.tile_schedule`) up to the
+    tile count."""
     order, offsets = dispatch(out.ids, E)
     assert out.order.dtype == torch.int32 and out.offsets.dtype == torch.int32
     assert torch.equal(out.offsets, offsets), (out.offsets, offsets)
@@ -340,7 +341,7 @@ def _check_dispatch(out: RouteOutputs, E: int, block_m: int = 0) -> None:
         assert out.schedule is None
         return
     M = order.shape[0]
-    want = schedule_reference(offsets, M, block_m)
+    want = reference_schedule(offsets, M, block_m)
     n = want[0].item()
     assert out.schedule.dtype == torch.int32 and out.schedule.shape == (3 * M + 1,) and out.schedule[0].item() == n
     for part in range(3):

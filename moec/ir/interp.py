@@ -12,7 +12,7 @@ import torch
 from .. import reference as ref
 from .graph import Graph, Node
 from .ops import glu_variant, router_config
-from .tiles import bucket_of
+from .tiles import at_bucket
 from .types import bind_sizes, binders, condition
 
 _IMPL: dict[str, Callable] = {}
@@ -122,8 +122,8 @@ def _dispatch(n, v, ctx):
     offsets[1:] = torch.cumsum(counts, 0)
     out = {"order": order.to(torch.int32), "offsets": offsets.to(torch.int32)}
     if "schedule" in n.outs:
-        bm = n.attr["schedule_block_m"]
-        out["schedule"] = tile_schedule(offsets, flat.shape[0], bm[bucket_of(v["ids"].shape[0], list(bm))])
+        block_m = at_bucket(n.attr["schedule_block_m"], v["ids"].shape[0])
+        out["schedule"] = tile_schedule(offsets, flat.shape[0], block_m)
     return out
 
 

@@ -111,6 +111,11 @@ def bucket_of(T: int, bounds) -> Optional[int]:
     raise ValueError(f"no bucket holds T={T}: bounds {list(bounds)} need a last None bucket")
 
 
+def at_bucket(per_bucket: dict, T: int):
+    """The entry of ``{bound: value}`` (ascending bounds, ``None`` last) whose bucket holds ``T``."""
+    return per_bucket[bucket_of(T, list(per_bucket))]
+
+
 def bucket_ranges(bounds) -> list[tuple[int, Optional[int]]]:
     """``[(lo, hi)]`` per bound: the bucket holds ``lo <= T <= hi`` (``hi`` None: unbounded)."""
     out, lo = [], 1
