@@ -6,15 +6,17 @@
 Configurations (block size / top-k, the own block counted): 128/8 and 512/4. Each row prints the
 times in ms (CUDA events, median of a few runs after a warm-up): the whole op (``scheme="auto"``),
 the gate, and the attention given the gate's indices in both schemes, ``rows`` (query tiles with
-row masks) and ``densify`` (collect + gathered key-block tiles + own block and merge; ``collect``
-is its torch part alone), with ``|r-d|`` the largest difference of their outputs; then SDPA,
+row masks) and ``densify`` (windows of queries owning their softmax state, the rows that selected a
+block gathered into dense tiles; ``fill`` is the share of those tiles' rows that are real queries,
+from the gate's actual selection), with ``|r-d|`` the largest difference of their outputs; then SDPA,
 FlexAttention and the sparse floor: the time the
 selected blocks need at 794 TFLOP/s (bf16 dense tensor-core peak assumed) vs the bytes a fused
 forward must move at 3.0 TB/s (q, k, v and out once, lse, indices written and read back, pooled
 keys), the larger of the two being the floor. FLOPs count 4*D per (query, attended key) over the
 exact causal union (own block up to the query), plus 2*D per (query, past block) for the gate.
-The densify scheme also writes and reads its partials (``densify_extra_bytes``), which the floor
-does not count; ``--small`` prints that traffic beside the floor.
+The densify scheme also reads and writes each gathered row's fp32 softmax state once per selected
+block (``densify_state_bytes``: traffic that stays in L2 while a window is resident), which the floor
+does not count; ``--small`` prints it beside the floor.
 
 FlexAttention's BlockMask comes from ``create_block_mask`` over the exact per-query, per-head
 selection (the indices moec's gate chose); building it evaluates the mask at every (query, key)
@@ -39,10 +41,10 @@ from moec.ir.types import T, condition
 from moec.moba import moba_reference
 from moec.ops import moba_attention, moba_forward_kernels
 from moec.passes.choose_moba_scheme import densify_condition
-from moec.passes.moba_tiles import attention_tile, densify_tile, gate_tile, own_tile
+from moec.passes.moba_tiles import attention_tile, densify_tile, gate_tile
 from moec.runtime.arch import arch_of
 from moec.runtime.moba_attention_kernel import moba_attention_fwd
-from moec.runtime.moba_densify_kernel import collect_block_queries, moba_densify_fwd
+from moec.runtime.moba_window_kernel import moba_window_fwd
 from moec.runtime.moba_gate_kernel import moba_gate
 from moec.runtime.moba_pool import pool_keys
 
@@ -79,12 +81,30 @@ def floor(N: int, H: int, Hkv: int, D: int, bs: int, top_k: int, itemsize: int =
                 floor_ms=max(t_c, t_m) * 1e3, bound="compute" if t_c >= t_m else "memory")
 
 
-def densify_extra_bytes(N: int, H: int, Hkv: int, D: int, bs: int, top_k: int, itemsize: int = 2) -> int:
-    """Traffic of the densify scheme beyond a fused forward: every (query, slot) partial (out in q's
-    dtype, fp32 lse) written and read once, the -inf fill of the lse partials, and the collect's
-    sort (about 3 passes over int32 keys and int64 entry ids, read and written)."""
-    E = H * N * top_k
-    return E * (2 * (D * itemsize + 4) + 4) + 3 * 2 * E * (4 + 8)
+def densify_state_bytes(N: int, H: int, D: int, top_k: int) -> int:
+    """State traffic of the densify scheme beyond a fused forward, an upper bound: every (query, selected
+    block) reads and writes the query's fp32 state (acc, m, l), and the last pass reads it once."""
+    state = (D + 2) * 4
+    return H * N * top_k * 2 * state + H * N * state
+
+
+def gathered_fill(idx: torch.Tensor, block_size: int, window: int, block_m: int) -> float:
+    """The share of the densify kernel's gathered rows that are real queries for these indices
+    ``[B, H, N, K]`` (one sequence per batch row): per (window, selected block), the rows that selected
+    it over the ``block_m``-row chunks they take."""
+    B, H, N, K = idx.shape
+    own = torch.arange(N, device=idx.device) // block_size
+    ok = (idx >= 0) & (idx <= own[:, None])
+    win = (torch.arange(N, device=idx.device) // window)[:, None].expand(N, K)
+    nb = -(-N // block_size)
+    key = ((torch.arange(B * H, device=idx.device).view(B, H, 1, 1) * (-(-N // window)) + win) * (nb + 1)
+           + torch.where(ok, idx.long(), nb))
+    pairs = torch.unique(torch.stack([key.flatten(), torch.arange(N, device=idx.device).view(1, 1, N, 1)
+                                      .expand(B, H, N, K).flatten()]), dim=1)     # (window, block, row) once
+    keep = pairs[0] % (nb + 1) < nb
+    _, counts = torch.unique(pairs[0][keep], return_counts=True)
+    padded = ((counts + block_m - 1) // block_m * block_m).sum()
+    return float(counts.sum() / padded) if padded else 1.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,7 +155,7 @@ def gpu(args) -> None:
     dev, dt = torch.device("cuda"), torch.bfloat16
     H, Hkv, D = args.heads, args.kv_heads or args.heads, args.head_dim
     print(f"# {torch.cuda.get_device_name()}  H={H} Hkv={Hkv} D={D} bf16 causal; times in ms")
-    print(f"{'N':>7} {'bs/k':>6} {'moba':>9} {'auto':>8} {'gate':>8} {'rows':>8} {'densify':>8} {'collect':>8} "
+    print(f"{'N':>7} {'bs/k':>6} {'moba':>9} {'auto':>8} {'gate':>8} {'rows':>8} {'densify':>8} {'fill':>6} "
           f"{'|r-d|':>8} {'sdpa':>9} {'flex':>9} {'floor':>8} {'bound':>7} {'moba/floor':>10}")
     for N in args.sizes:
         g = torch.Generator(device=dev).manual_seed(0)
@@ -147,18 +167,17 @@ def gpu(args) -> None:
         for bs, top_k in CONFIGS:
             t_moba = cuda_ms(lambda: moba_attention(q, k, v, block_size=bs, top_k=top_k), reps)
             arch = arch_of(q.device)
-            tiles = dict(tile=densify_tile(bs, D, arch), own=own_tile(bs, D, arch))
+            tile = densify_tile(bs, D, arch)
             pooled = pool_keys(k, bs)
             gate = dict(block_size=bs, top_k=top_k, tile=gate_tile(bs, D, arch))
             t_gate = cuda_ms(lambda: moba_gate(q, pooled, **gate), reps)
             idx = moba_gate(q, pooled, **gate)
             rows = dict(block_size=bs, tile=attention_tile(bs, D, arch))
             t_rows = cuda_ms(lambda: moba_attention_fwd(q, k, v, idx, **rows), reps)
-            t_dens = cuda_ms(lambda: moba_densify_fwd(q, k, v, idx, block_size=bs, **tiles), reps)
-            bm = tiles["tile"].block_m
-            t_coll = cuda_ms(lambda: collect_block_queries(idx, block_size=bs, kv_heads=Hkv, block_m=bm), reps)
+            t_dens = cuda_ms(lambda: moba_window_fwd(q, k, v, idx, block_size=bs, tile=tile), reps)
+            fill = gathered_fill(idx, bs, tile.window, tile.block_m)
             diff = (moba_attention_fwd(q, k, v, idx, **rows)[0].float()
-                    - moba_densify_fwd(q, k, v, idx, block_size=bs, **tiles)[0].float()).abs().max().item()
+                    - moba_window_fwd(q, k, v, idx, block_size=bs, tile=tile)[0].float()).abs().max().item()
             auto = auto_scheme(N, bs, top_k)
             t_flex = float("nan")
             if N <= args.flex_max_n:
@@ -169,7 +188,7 @@ def gpu(args) -> None:
                     print(f"  flex failed at N={N}: {type(e).__name__}: {e}", file=sys.stderr)
             f = floor(N, H, Hkv, D, bs, top_k)
             print(f"{N:>7} {bs:>3}/{top_k:<2} {t_moba:9.2f} {auto:>8} {t_gate:8.2f} {t_rows:8.2f} {t_dens:8.2f} "
-                  f"{t_coll:8.2f} {diff:8.1e} {t_sdpa:9.2f} {t_flex:9.2f} {f['floor_ms']:8.3f} {f['bound']:>7} "
+                  f"{fill:6.2f} {diff:8.1e} {t_sdpa:9.2f} {t_flex:9.2f} {f['floor_ms']:8.3f} {f['bound']:>7} "
                   f"{t_moba / f['floor_ms']:10.1f}")
             del idx, pooled
         del q, k, v
@@ -205,6 +224,9 @@ def small(args) -> None:
                 fn, _ = flex_moba(q.float(), k.float(), v.float(), idx, bs, compile_=False)
                 err_flex = (out.float() - fn()).abs().max().item()
                 line += f"  {scheme}: |ref| {err_ref:.1e} |flex| {err_flex:.1e}"
+                if scheme == "densify":
+                    t = densify_tile(bs, D)
+                    line += f" fill {gathered_fill(idx, bs, t.window, t.block_m):.2f}"
                 assert err_ref < 2e-2 and err_flex < 2e-2, line
                 if -(-N // bs) <= top_k:                   # every block selected: dense causal
                     err_sdpa = (out.float() - sdpa(q.float(), k.float(), v.float())).abs().max().item()
@@ -214,16 +236,15 @@ def small(args) -> None:
             print(line)
     print("\n# sparse floor of the GPU configurations (H=16, D=128, bf16; arithmetic only)")
     print(f"{'N':>7} {'bs/k':>6} {'TFLOP':>8} {'GB':>7} {'compute ms':>11} {'memory ms':>10} {'floor ms':>9} "
-          f"{'dense ms':>9} {'auto':>8} {'densify +GB':>11} {'+ms':>6}")
+          f"{'dense ms':>9} {'auto':>8} {'state GB':>9}")
     for N in SIZES:
         dense_ms = 4 * 128 * 16 * N * (N + 1) / 2 / PEAK_FLOPS * 1e3
         for bs, top_k in CONFIGS:
             f = floor(N, 16, 16, 128, bs, top_k)
-            extra = densify_extra_bytes(N, 16, 16, 128, bs, top_k)
+            state = densify_state_bytes(N, 16, 128, top_k)
             print(f"{N:>7} {bs:>3}/{top_k:<2} {f['flops'] / 1e12:8.2f} {f['bytes'] / 1e9:7.2f} "
                   f"{f['compute_ms']:11.3f} {f['memory_ms']:10.3f} {f['floor_ms']:9.3f} {dense_ms:9.2f} "
-                  f"{auto_scheme(N, bs, top_k):>8} {extra / 1e9:11.2f} "
-                  f"{extra / PEAK_BYTES * 1e3:6.2f}")
+                  f"{auto_scheme(N, bs, top_k):>8} {state / 1e9:9.2f}")
     print("\nGPU timing was not measured (no CUDA device here); run without --small on a GPU.")
 
 

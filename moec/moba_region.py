@@ -187,4 +187,4 @@ class MobaRegion(Region):
     def program_note(self, c: Compiled) -> str:
         cfg = c.recipe.config
         heads = "" if cfg == self.lifted.config else f" (heads {cfg.heads}/{cfg.kv_heads}, head_dim {cfg.head_dim})"
-        return heads + " (keys pooled by a torch op; the densify kernels run once sequences are long)"
+        return heads + " (keys pooled by a torch op; the densify kernel runs once sequences are long)"

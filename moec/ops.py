@@ -350,9 +350,10 @@ def moba_attention(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: i
     `moec.moba.reference`. Returns ``out [B, H, N, D]``, and with ``return_lse`` also the fp32
     log-sum-exp ``[B, H, N]``. Differentiable in q, k, v (generated backward kernels over the blocks the
     forward selected). ``scheme`` picks the attention kernels: ``"rows"`` (query tiles
-    with row masks: short sequences), ``"densify"`` (FlashMoBA's key-block-major gathered tiles: long
-    sequences) or ``"auto"`` (densify when the average sequence has more than 4 x top_k blocks; a
-    threshold not yet measured on a GPU); all give the same result.
+    with row masks: short sequences), ``"densify"`` (FlashMoBA's gathered tiles, each window of
+    queries owning its softmax state: long sequences) or ``"auto"`` (densify when the average
+    sequence has more than 4 x top_k blocks; a threshold not yet measured on a GPU); all give the same
+    result.
 
     Example::
 

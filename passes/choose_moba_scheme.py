@@ -1,11 +1,12 @@
 """choose-moba-scheme: decide how each MoBA attention is computed, in the IR.
 
 Expects: ``block_sparse_attention`` nodes with ``scheme`` ``auto``, ``rows`` or ``densify``.
-Guarantees: every attention names the kernels that compute it, as IR nodes:
+Guarantees: every attention node names one scheme, ``rows`` or ``densify``:
 
-- ``rows``: ``block_sparse_attention {scheme='rows'}`` (query tiles with row masks);
-- ``densify``: ``densify_attention`` (collect the (query, slot) entries per key block, dense gathered
-  tiles, one (out, lse) partial per entry) then ``own_block_merge`` (own block, merge by log-sum-exp);
+- ``rows``: query tiles with row masks, the union of the tile's blocks (`moba_attention_kernel`);
+- ``densify``: FlashMoBA's collect and densify with window ownership (`moba_window_kernel`): per window of
+  consecutive rows, the rows that selected each past block gathered into dense tiles, the window's
+  softmax state carried across its blocks, no partials;
 - ``auto``: both, and a ``select`` per result taking densify's when an average sequence has more than
   ``DENSIFY_BLOCKS_PER_K * top_k`` blocks (``ceiling(ceiling(T / max(S, 1)) / bs)``; ``S`` the packed
   sequences, 1 without), rows' otherwise; ``top_k = 1`` is always rows (the own block alone: no union
@@ -14,15 +15,14 @@ Guarantees: every attention names the kernels that compute it, as IR nodes:
 
 Why a threshold: the rows program does |union of the blocks its BLOCK_M rows selected| x bs x BLOCK_M
 of score work for top_k x bs x BLOCK_M useful, and the union only exceeds top_k when a sequence has
-more blocks than that, growing toward all of them as N grows; densify does the useful work (plus
-partly filled last chunks) but pays the collect (a sort of B*H*N*K keys) and the partials' traffic
-(write + read of K partial rows per query). The factor is a guess: it has not been measured on a GPU.
+more blocks than that, growing toward all of them as N grows; densify does the useful work plus the
+partly filled last chunk of each (window, block) and reads and writes the gathered rows' softmax state
+(in L2) per block. The factor is a guess: it has not been measured on a GPU.
 Results all schemes give are the same (`moec.moba.reference.moba_attention_from_indices`).
 """
 from __future__ import annotations
 
 from moec.ir.graph import Graph, Node
-from moec.ir.ops import OPS
 
 from .rewrite import fresh_name, swap
 
@@ -35,35 +35,21 @@ def densify_condition(block_size: int, top_k: int, varlen: bool) -> str:
     return f"ceiling({rows}/{block_size}) > {DENSIFY_BLOCKS_PER_K * top_k}"
 
 
-def _densify_nodes(g: Graph, n: Node, results: tuple, types: tuple) -> list[Node]:
-    """``densify_attention`` + ``own_block_merge`` computing ``n``'s results under the given names."""
-    common = tuple((r, v) for r, v in n.operands)
-    bs = (("block_size", n.attr["block_size"]),)
-    part = (("part_o", fresh_name(g, f"{n.name}_part_o")), ("part_lse", fresh_name(g, f"{n.name}_part_lse")))
-    q, idx = g.types[n.ins["q"]], g.types[n.ins["indices"]]
-    part_types = OPS["densify_attention"].infer({"q": q, "indices": idx}, dict(bs))
-    densify = Node("densify_attention", common, part, (part_types["part_o"], part_types["part_lse"]), bs)
-    merge = Node("own_block_merge", common + part, results, types, bs)
-    return [densify, merge]
-
-
 def choose_moba_scheme(g: Graph, ctx) -> Graph:
     repl: dict[int, list[Node]] = {}
     for i, n in enumerate(g.nodes):
-        if n.op != "block_sparse_attention":
+        if n.op != "block_sparse_attention" or n.attr["scheme"] in ("rows", "densify"):
             continue
         top_k = int(g.types[n.ins["indices"]].shape[3])
-        scheme = "rows" if n.attr["scheme"] == "auto" and top_k <= 1 else n.attr["scheme"]
         rows = n.replace(attrs={"scheme": "rows"})
-        if scheme == "rows":
+        if top_k <= 1:
             repl[i] = [rows]
-        elif scheme == "densify":
-            repl[i] = _densify_nodes(g, n, n.results, n.types)
-        else:
-            by_rows = tuple((r, fresh_name(g, f"{v}_rows")) for r, v in n.results)
-            by_densify = tuple((r, fresh_name(g, f"{v}_densify")) for r, v in n.results)
-            when = (("when", densify_condition(n.attr["block_size"], top_k, "cu_seqlens" in n.ins)),)
-            selects = [Node("select", (("a", d), ("b", r)), (("out", v),), (t,), when)
-                       for (_, v), (_, d), (_, r), t in zip(n.results, by_densify, by_rows, n.types)]
-            repl[i] = [rows.replace(results=by_rows), *_densify_nodes(g, n, by_densify, n.types), *selects]
+            continue
+        by_rows = tuple((r, fresh_name(g, f"{v}_rows")) for r, v in n.results)
+        by_densify = tuple((r, fresh_name(g, f"{v}_densify")) for r, v in n.results)
+        when = (("when", densify_condition(n.attr["block_size"], top_k, "cu_seqlens" in n.ins)),)
+        selects = [Node("select", (("a", d), ("b", r)), (("out", v),), (t,), when)
+                   for (_, v), (_, d), (_, r), t in zip(n.results, by_densify, by_rows, n.types)]
+        repl[i] = [rows.replace(results=by_rows), n.replace(attrs={"scheme": "densify"}, results=by_densify),
+                   *selects]
     return swap(g, repl) if repl else g

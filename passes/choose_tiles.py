@@ -2,7 +2,7 @@
 
 Expects: kernel nodes (ops with a ``tiles`` attribute: ``fused_route``, ``grouped_gemm``,
 ``reduce_topk``, the backward's ``grouped_dgrad`` and ``grouped_wgrad``, and MoBA's ``fused_block_gate``,
-``block_sparse_attention``, ``densify_attention``, ``own_block_merge``), ``ctx.arch`` and ``ctx.tuned`` (the
+``block_sparse_attention``), ``ctx.arch`` and ``ctx.tuned`` (the
 tune file's entries for this device, or None).
 Guarantees: each has a ``tiles`` attribute ``{bound: tile}`` over the buckets of
 `moec.ir.tiles.BUCKETS` (``T <= 16``, ``<= 128``, ``<= 1024``, larger: ``None``), with
@@ -123,7 +123,8 @@ def choose_tiles(g: Graph, ctx) -> Graph:
             else:
                 bs, D = n.attr["block_size"], int(g.types[n.ins["q"]].shape[3])
                 size = 4 if g.types[n.ins["q"]].dtype == "f32" else 2
-                tiles, sources, ignored = {None: moba_tile(n.op, bs, D, ctx.arch, size)}, {None: "table"}, {}
+                tile = moba_tile(n.op, bs, D, ctx.arch, size, n.attr.get("scheme", "rows"))
+                tiles, sources, ignored = {None: tile}, {None: "table"}, {}
             n = n.replace(attrs={"tiles": tiles, "tile_source": _source_attr(sources), "tune_ignored": ignored or None})
         nodes.append(n)
     return g.with_nodes(nodes)

@@ -1,9 +1,9 @@
 """Lowering of the MoBA kernel nodes (`moec.passes.lower` runs every node's).
 
 ``fused_block_gate`` is a kernel step: keys pooled by `moec.runtime.moba_pool.pool_keys` (a
-deterministic ``O(T D)`` torch op), then the generated gate kernel; ``block_sparse_attention`` (rows),
-``densify_attention`` (the collect's torch ops, then the gathered-tile kernel) and ``own_block_merge``
-are generated kernels, as are the backward's ``block_sparse_attention_dq`` and
+deterministic ``O(T D)`` torch op), then the generated gate kernel; ``block_sparse_attention`` is one
+generated kernel per scheme (rows: `moec.runtime.moba_attention_kernel`, densify:
+`moec.runtime.moba_window_kernel`), as are the backward's ``block_sparse_attention_dq`` and
 ``block_sparse_attention_dkdv`` (`moec.runtime.moba_backward_kernel`). Every buffer and grid depends on shapes only (no host synchronisation).
 """
 from __future__ import annotations
@@ -11,10 +11,10 @@ from __future__ import annotations
 from moec.ir.graph import Graph, Node
 from moec.runtime.moba_attention_kernel import MobaAttentionParams, moba_attention_fwd
 from moec.runtime.moba_backward_kernel import MobaDkdvParams, MobaDqParams, moba_dkdv, moba_dq
-from moec.runtime.moba_densify_kernel import MobaDensifyParams, MobaOwnMergeParams, densify_partials, own_block_merge
 from moec.runtime.moba_gate_kernel import MobaGateParams, moba_gate
 from moec.runtime.moba_kernel import render_moba
 from moec.runtime.moba_pool import pool_keys
+from moec.runtime.moba_window_kernel import MobaWindowParams, moba_window_fwd
 from moec.runtime.program import Step
 
 from .lower_steps import header, kernel_step
@@ -42,31 +42,14 @@ def _top_k(g: Graph, n: Node) -> int:
 
 
 def _attention_step(n: Node, g: Graph) -> Step:
+    fwd, params = ((moba_window_fwd, MobaWindowParams) if n.attr["scheme"] == "densify"
+                   else (moba_attention_fwd, MobaAttentionParams))
+
     def launch(p, v, outs, ctx):
-        out, lse = moba_attention_fwd(v["q"], v["k"], v["v"], v["indices"], block_size=p.block_size, tile=p.tile,
-                                      cu_seqlens=v.get("cu_seqlens"), header=p.header)
+        out, lse = fwd(v["q"], v["k"], v["v"], v["indices"], block_size=p.block_size, tile=p.tile,
+                       cu_seqlens=v.get("cu_seqlens"), header=p.header)
         return {"out": out, "lse": lse}
-    return kernel_step(n, lambda tile, _: MobaAttentionParams(top_k=_top_k(g, n), tile=tile, **_shape(g, n)),
-                       render_moba, launch, fills_results=False)
-
-
-def _densify_step(n: Node, g: Graph) -> Step:
-    def launch(p, v, outs, ctx):
-        part_o, part_lse = densify_partials(v["q"], v["k"], v["v"], v["indices"], block_size=p.block_size,
-                                            tile=p.tile, cu_seqlens=v.get("cu_seqlens"), header=p.header)
-        return {"part_o": part_o, "part_lse": part_lse}
-    return kernel_step(n, lambda tile, _: MobaDensifyParams(top_k=_top_k(g, n), tile=tile, **_shape(g, n)),
-                       render_moba, launch, fills_results=False)
-
-
-def _merge_step(n: Node, g: Graph) -> Step:
-    def launch(p, v, outs, ctx):
-        out, lse = own_block_merge(v["q"], v["k"], v["v"], v["indices"], v["part_o"], v["part_lse"],
-                                   block_size=p.block_size, tile=p.tile, cu_seqlens=v.get("cu_seqlens"),
-                                   header=p.header)
-        return {"out": out, "lse": lse}
-    return kernel_step(n, lambda tile, _: MobaOwnMergeParams(top_k=_top_k(g, n), tile=tile,
-                                                            **_shape(g, n)),
+    return kernel_step(n, lambda tile, _: params(top_k=_top_k(g, n), tile=tile, **_shape(g, n)),
                        render_moba, launch, fills_results=False)
 
 
@@ -92,5 +75,4 @@ def _dkdv_step(n: Node, g: Graph) -> Step:
 
 
 LOWERINGS = {"fused_block_gate": _gate_step, "block_sparse_attention": _attention_step,
-             "densify_attention": _densify_step, "own_block_merge": _merge_step,
              "block_sparse_attention_dq": _dq_step, "block_sparse_attention_dkdv": _dkdv_step}

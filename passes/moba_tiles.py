@@ -1,5 +1,5 @@
-"""MoBA's tiles: per-arch tables (MoBA's kernels are not in the cost model yet) for the gate, the rows
-attention and the two densify kernels, shrunk until their pipelined shared memory fits the arch.
+"""MoBA's tiles: per-arch tables (MoBA's kernels are not in the cost model yet) for the gate and the rows
+and densify attention kernels, shrunk until their pipelined shared memory fits the arch.
 
 choose-tiles (`moec.passes.choose_tiles`) asks `moba_tile` for every MoBA kernel node; tests and
 benchmarks call the per-kernel functions directly. ``arch`` ``cpu`` is the Triton interpreter: few,
@@ -28,29 +28,13 @@ _GATE = {"sm80": (64, 32, 4, 2), "sm86": (64, 32, 4, 2), "sm89": (64, 32, 4, 2),
          "sm90": (128, 32, 4, 2), "sm100": (128, 32, 4, 2), "sm120": (64, 32, 4, 2)}
 
 
-# Densify (key-block-major gathered tiles, `moba_densify_kernel`): (BLOCK_M, BLOCK_N, warps, stages).
-# Every program does the same work (BLOCK_M gathered rows x one whole block of keys), so a larger
-# BLOCK_M only costs the partly filled last chunk of each (key block, kv head) list; 128 rows with 8
-# warps where shared memory allows (the gathered q tile stays resident; K and V chunks pipelined).
-# The key loop has a constexpr trip count (bs / BLOCK_N), so it is an scf.for that Triton pipelines.
-_DENSIFY = {
-    "sm80": {64: (128, 64, 8, 2), 128: (128, 64, 8, 2), 256: (128, 64, 8, 2), 512: (128, 64, 8, 2)},
-    "sm86": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (64, 64, 4, 2), 512: (64, 64, 4, 2)},
-    "sm89": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (64, 64, 4, 2), 512: (64, 64, 4, 2)},
-    "sm90": {64: (128, 64, 8, 2), 128: (128, 128, 8, 2), 256: (128, 128, 8, 2), 512: (128, 128, 8, 2)},
-    "sm100": {64: (128, 64, 8, 2), 128: (128, 128, 8, 2), 256: (128, 128, 8, 2), 512: (128, 128, 8, 2)},
-    "sm120": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (64, 64, 4, 2), 512: (64, 64, 4, 2)},
-}
-# Own block + merge (`moba_densify_kernel`): consecutive query rows x their own block, causal. BLOCK_M
-# divides the block size, so a tile never spans two blocks (no keys of a neighbour block visited).
-_OWN = {
-    "sm80": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (64, 64, 4, 2), 512: (64, 64, 4, 2)},
-    "sm86": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (64, 64, 4, 2), 512: (64, 64, 4, 2)},
-    "sm89": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (64, 64, 4, 2), 512: (64, 64, 4, 2)},
-    "sm90": {64: (64, 64, 4, 2), 128: (128, 64, 8, 2), 256: (128, 64, 8, 2), 512: (128, 64, 8, 2)},
-    "sm100": {64: (64, 64, 4, 2), 128: (128, 64, 8, 2), 256: (128, 64, 8, 2), 512: (128, 64, 8, 2)},
-    "sm120": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (64, 64, 4, 2), 512: (64, 64, 4, 2)},
-}
+# Densify (`moba_window_kernel`: windows owning their rows' softmax state, gathered rows per block):
+# (BLOCK_M gathered rows, BLOCK_N keys, warps, stages, WINDOW rows per program). The kernel's block walk
+# keeps the window's index tile and its addressing live around a pipelined key loop, so 64 x 64 chunks
+# spill at 4 or 8 warps (sm80-sm100, D = 128, two stages); 64 x 32 with 8 warps is the widest pipelined
+# tile that compiles without spills on every arch (the AOT test checks each entry). A window of 256 rows
+# keeps its fp32 state (256 x (D + 2) x 4 bytes) in L2 for every resident program.
+_WINDOW = {a: {bs: (64, 32, 8, 2, 256) for bs in (64, 128, 256, 512)} for a in _ATTN}
 
 
 def _arch(arch) -> Arch:
@@ -73,8 +57,9 @@ def _table_tile(table: dict, block_size: int, head_dim: int, a: Arch) -> MobaAtt
     until the 16-bit shared-memory estimate fits 90% of the arch (only D > 128 needs that)."""
     row = table[a.name]
     key = min((b for b in row if b >= block_size), default=max(row))
-    bm, bn, warps, stages = row[key]
-    tile = MobaAttentionTile(bm, max(16, min(bn, pow2(block_size))), warps, stages)
+    bm, bn, warps, stages, *window = row[key]
+    window = window[0] if window else 0
+    tile = MobaAttentionTile(bm, max(16, min(bn, pow2(block_size))), warps, stages, window)
     while attention_smem(tile, head_dim) > 0.9 * a.smem_per_block:
         bm, bn, warps, stages = tile.block_m, tile.block_n, tile.num_warps, tile.num_stages
         if stages > 2:
@@ -87,14 +72,14 @@ def _table_tile(table: dict, block_size: int, head_dim: int, a: Arch) -> MobaAtt
             stages = 1
         else:
             break
-        tile = MobaAttentionTile(bm, bn, warps, stages)
+        tile = MobaAttentionTile(bm, bn, warps, stages, window)
     return tile
 
 
 def _tile(table: dict, block_size: int, head_dim: int, arch) -> MobaAttentionTile:
     a = _arch(arch)
     if a.name == "cpu":      # the interpreter: few, wide programs
-        return MobaAttentionTile(64, min(64, pow2(block_size)), 4, 1)
+        return MobaAttentionTile(64, min(64, pow2(block_size)), 4, 1, 128 if table is _WINDOW else 0)
     return _table_tile(table, block_size, head_dim, a)
 
 
@@ -104,13 +89,8 @@ def attention_tile(block_size: int, head_dim: int, arch: str | Arch | None = Non
 
 
 def densify_tile(block_size: int, head_dim: int, arch: str | Arch | None = None) -> MobaAttentionTile:
-    """The gathered-query tile of the densify scheme (BLOCK_M gathered rows, keys in BLOCK_N chunks)."""
-    return _tile(_DENSIFY, block_size, head_dim, arch)
-
-
-def own_tile(block_size: int, head_dim: int, arch: str | Arch | None = None) -> MobaAttentionTile:
-    """The own-block (causal diagonal) + merge tile of the densify scheme."""
-    return _tile(_OWN, block_size, head_dim, arch)
+    """The densify scheme's tile: WINDOW rows per program, gathered rows BLOCK_M at a time, keys in BLOCK_N chunks."""
+    return _tile(_WINDOW, block_size, head_dim, arch)
 
 
 def gate_tile(block_size: int, head_dim: int, arch: str | Arch | None = None) -> MobaGateTile:
@@ -171,12 +151,14 @@ def dkdv_tile(block_size: int, head_dim: int, arch: str | Arch | None = None, it
 
 # the tile of each MoBA kernel op: (function, head dim from q's type)
 _BY_OP = {"fused_block_gate": gate_tile, "block_sparse_attention": attention_tile,
-          "densify_attention": densify_tile, "own_block_merge": own_tile,
           "block_sparse_attention_dq": dq_tile, "block_sparse_attention_dkdv": dkdv_tile}
 
 
-def moba_tile(op: str, block_size: int, head_dim: int, arch: Arch, itemsize: int = 2):
-    """The table's tile for a MoBA kernel op (``itemsize``: of its inputs; the backward's tiles depend on it)."""
+def moba_tile(op: str, block_size: int, head_dim: int, arch: Arch, itemsize: int = 2, scheme: str = "rows"):
+    """The table's tile for a MoBA kernel op (``itemsize``: of its inputs; the backward's tiles depend on it;
+    ``scheme``: the attention's, ``densify`` taking `densify_tile`)."""
     if op in ("block_sparse_attention_dq", "block_sparse_attention_dkdv"):
         return _BY_OP[op](block_size, head_dim, arch, itemsize)
+    if op == "block_sparse_attention" and scheme == "densify":
+        return densify_tile(block_size, head_dim, arch)
     return _BY_OP[op](block_size, head_dim, arch)

@@ -7,7 +7,7 @@ registers; unselected blocks are skipped), and for each computes dense ``[BLOCK_
 tiles with a row mask (rows that did not select the block) and the causal mask on the diagonal
 block, under one online softmax per row: no collect step, no partials, no merge. Its work grows
 with the union of the blocks a tile's rows picked, so long sequences go to the "densify" scheme
-(`moba_densify_kernel`: FlashMoBA's key-block-major gathered tiles); this one stays for short
+(`moba_window_kernel`: FlashMoBA's gathered tiles with window-owned softmax state); this one stays for short
 sequences and decode-like shapes. The choose-moba-scheme pass picks, in the IR.
 
 Indices are those of `moec.moba.reference.moba_block_selection` (any block numbers work: the

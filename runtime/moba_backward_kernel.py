@@ -6,8 +6,8 @@ Two kernels, for both forward schemes (they compute the same attention), no host
   walks the union of the blocks its rows selected and accumulates ``d q`` on chip;
 - ``templates/moba_bwd_dkdv.py.jinja`` (`moba_dkdv`): key-block-major, FlashMoBA's densified backward:
   each program owns BLOCK_N keys of one block and one kv head, visits the block's own queries (causal)
-  and the gathered rows of the queries of later blocks that selected it (the same CSR lists the densify
-  forward builds, `collect_block_queries`), and writes its ``d k``, ``d v`` rows once.
+  and the gathered rows of the queries of later blocks that selected it (CSR lists per key block,
+  `moec.runtime.moba_collect.collect_block_queries`), and writes its ``d k``, ``d v`` rows once.
 
 ``delta = rowsum(d out * out) - d lse`` (`attention_delta`) folds the log-sum-exp output's gradient in:
 ``d s = p * (d p - delta)``. Probabilities are recomputed from the forward's lse. The gate's selection
@@ -25,7 +25,7 @@ from torch import Tensor
 from moec.ir.tiles import MobaAttentionTile, pow2
 
 from .launch import cdiv
-from .moba_densify_kernel import collect_block_queries
+from .moba_collect import collect_block_queries
 from .moba_kernel import MobaParams, render_moba
 from .moba_maps import bounded, packed_blocks, query_programs, strides
 

@@ -1,5 +1,5 @@
 """What every MoBA kernel's params share: the shape of the problem, the tile, the header, validation
-and rendering. `moba_gate_kernel`, `moba_attention_kernel` and `moba_densify_kernel` subclass
+and rendering. `moba_gate_kernel`, `moba_attention_kernel`, `moba_window_kernel` and `moba_backward_kernel` subclass
 `MobaParams` with their template and constexprs."""
 from __future__ import annotations
 

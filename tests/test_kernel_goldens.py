@@ -115,7 +115,7 @@ def test_kernels_match_golden(case):
 TEMPLATE_KERNELS = {"route": "moec_route", "grouped_gemm": "grouped_gemm", "reduce_topk": "reduce_topk",
                     "grouped_dgrad": "grouped_dgrad", "grouped_wgrad": "grouped_wgrad",
                     "moba_gate": "moec_moba_gate", "moba_attention": "moec_moba_attention",
-                    "moba_densify": "moec_moba_densify", "moba_own_merge": "moec_moba_own_merge",
+                    "moba_window": "moec_moba_window",
                     "moba_bwd_dq": "moec_moba_bwd_dq", "moba_bwd_dkdv": "moec_moba_bwd_dkdv",
                     "tile_schedule": "tile_schedule"}
 

@@ -8,10 +8,11 @@ arch's shared memory, and use its tensor-core instructions for 16-bit operands.
   tensors (nothing runs); every table entry's pipelined shared-memory estimate fits every arch.
   ``HYPOTHESIS_PROFILE=large`` (``make test-large``) compiles the whole table: block sizes 64 to
   512, D = 64 and 128, fp16 and bf16.
-- The densify scheme (collect-and-densify gather kernel, own block + merge kernel): its instances
-  for block sizes 64, 128, 256 and 512 with each arch's table tiles compile for sm80, sm90 and sm100
-  in bf16 (D = 128, top-k 8, varlen, GQA) and fit shared memory; the large profile adds D = 64,
-  fp16 and fixed-length sequences.
+- The densify scheme (one kernel: windows owning their rows' softmax state): its instances for block
+  sizes 64, 128, 256 and 512 with each arch's table tiles compile for sm80, sm90 and sm100 in bf16
+  (D = 128, top-k 8, varlen, GQA), fit shared memory, use the arch's tensor cores, spill no registers,
+  keep their key loop pipelined (async copies inside it) and order the window's state with barriers;
+  the large profile adds D = 64, fp16 and fixed-length sequences.
 """
 from __future__ import annotations
 
@@ -25,10 +26,10 @@ from moec.ops import moba_forward_kernels
 from moec.runtime.aot import compile_launch
 from moec.runtime.arch import ARCHS as ARCH_INFO, GPU_ARCHS
 from moec.ir.tiles import pow2
-from moec.passes.moba_tiles import attention_smem, attention_tile, densify_tile, gate_smem, gate_tile, own_tile
+from moec.passes.moba_tiles import attention_smem, attention_tile, densify_tile, gate_smem, gate_tile
 from moec.runtime.moba_attention_kernel import plan_attention
-from moec.runtime.moba_densify_kernel import plan_densify
 from moec.runtime.moba_gate_kernel import plan_gate
+from moec.runtime.moba_window_kernel import plan_window
 
 pytestmark = [pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION"),
               pytest.mark.filterwarnings("ignore::RuntimeWarning")]
@@ -66,7 +67,7 @@ def test_instances():
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_interpreter_instances_compile(test_instances, arch):
-    assert len(test_instances) == 8          # gate, rows attention, densify, own + merge; two cases each
+    assert len(test_instances) == 6          # gate, rows attention, densify; two cases each
     for record in test_instances:
         check(record, arch)
 
@@ -116,31 +117,37 @@ def test_table_shared_memory_estimate(arch):
             assert gate_smem(g, D) <= limit, (arch, bs, D, g)
 
 
-def densify_records(arch, block_size, dtype=torch.bfloat16, D=128, top_k=8, varlen=True, H=16, Hkv=4, N=8192):
-    """The densify scheme's two launches with ``arch``'s table tiles, planned on meta tensors."""
+def densify_record(arch, block_size, dtype=torch.bfloat16, D=128, top_k=8, varlen=True, H=16, Hkv=4, N=8192):
+    """The densify scheme's launch with ``arch``'s table tile, planned on meta tensors."""
     meta = dict(device="meta", dtype=dtype)
     q, k = torch.empty(1, H, N, D, **meta), torch.empty(1, Hkv, N, D, **meta)
     cu = torch.empty(3, dtype=torch.int32, device="meta") if varlen else None
     idx = torch.empty(1, H, N, top_k, dtype=torch.int32, device="meta")
-    plans, _, _ = plan_densify(q, k, k, idx, block_size=block_size, tile=densify_tile(block_size, D, arch),
-                               own=own_tile(block_size, D, arch), cu_seqlens=cu)
-    return [p.record() for p in plans]
+    plan, _, _ = plan_window(q, k, k, idx, block_size=block_size, tile=densify_tile(block_size, D, arch),
+                             cu_seqlens=cu)
+    return plan.record()
+
+
+def check_densify(record, arch):
+    report = check(record, arch)
+    where = f"{record.kernel.fn_name} {record.signature['q_ptr']} {record.constexprs} on {arch}"
+    assert report.spills == 0, f"{where}: {report.spills} bytes of register spills"
+    assert "cp.async" in report.ptx, f"{where}: key and value chunks not copied asynchronously (not pipelined)"
+    assert "bar.sync" in report.ptx or "barrier.sync" in report.ptx, f"{where}: no barrier orders the state"
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("block_size", [64, 128, 256, 512])
 def test_densify_tiles_compile(arch, block_size):
-    records = densify_records(arch, block_size)
-    assert [r.kernel.fn_name.split("_bs")[0] for r in records] == ["moec_moba_densify", "moec_moba_own_merge"]
-    for record in records:
-        assert record.constexprs["BLOCK_M"] >= ARCH_INFO[arch].fast_mma_min_m
-        check(record, arch)
+    record = densify_record(arch, block_size)
+    assert record.kernel.fn_name.startswith("moec_moba_window")
+    assert record.constexprs["BLOCK_M"] >= ARCH_INFO[arch].fast_mma_min_m
+    check_densify(record, arch)
     if FULL:
         for dtype in (torch.float16, torch.bfloat16):
             for D in (64, 128):
                 for varlen in (False, True):
-                    for record in densify_records(arch, block_size, dtype=dtype, D=D, varlen=varlen):
-                        check(record, arch)
+                    check_densify(densify_record(arch, block_size, dtype=dtype, D=D, varlen=varlen), arch)
 
 
 @pytest.mark.parametrize("arch", GPU_ARCHS)
@@ -148,8 +155,6 @@ def test_densify_table_shared_memory_estimate(arch):
     limit = ARCH_INFO[arch].smem_per_block * 0.9
     for bs in (16, 64, 128, 256, 512, 1024):
         for D in (64, 128, 256):
-            for t in (densify_tile(bs, D, arch), own_tile(bs, D, arch)):
-                assert t.block_n <= pow2(bs) and t.block_m >= 64
-                assert attention_smem(t, D) <= limit, (arch, bs, D, t)
-            o = own_tile(bs, D, arch)
-            assert bs < o.block_m or bs % o.block_m == 0, (arch, bs, o)   # an own tile stays in one block
+            t = densify_tile(bs, D, arch)
+            assert t.block_n <= pow2(bs) and t.block_m >= 64 and t.window % t.block_m == 0
+            assert attention_smem(t, D) <= limit, (arch, bs, D, t)

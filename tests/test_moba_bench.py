@@ -26,9 +26,30 @@ def test_floor_is_the_larger_bound():
     assert f["floor_ms"] == max(f["compute_ms"], f["memory_ms"]) and f["bound"] in ("compute", "memory")
 
 
-def test_densify_extra_bytes_counts_the_partials():
-    """At least every (query, slot) partial written and read once (bf16 out + fp32 lse)."""
-    N, H, D, bs, top_k = 4096, 4, 128, 128, 8
-    extra = bench.densify_extra_bytes(N, H, H, D, bs, top_k)
-    assert extra >= 2 * H * N * top_k * (D * 2 + 4)
-    assert bench.densify_extra_bytes(2 * N, H, H, D, bs, top_k) == 2 * extra
+def test_densify_state_bytes_counts_every_selection():
+    """Every (query, selected block) reads and writes the query's fp32 state, plus one last read."""
+    N, H, D, top_k = 4096, 4, 128, 8
+    got = bench.densify_state_bytes(N, H, D, top_k)
+    assert got == H * N * (D + 2) * 4 * (2 * top_k + 1)
+    assert bench.densify_state_bytes(2 * N, H, D, top_k) == 2 * got
+
+
+@pytest.mark.parametrize("window,block_m", [(16, 16), (32, 8), (64, 16)])
+def test_gathered_fill_counts_chunks(window, block_m):
+    """Brute force: per (batch, head, window, block up to the row's own) the distinct rows that selected it,
+    padded to block_m-row chunks."""
+    g = torch.Generator().manual_seed(window + block_m)
+    N, bs, K = 70, 8, 4
+    idx = torch.randint(-1, 11, (2, 3, N, K), generator=g, dtype=torch.int32)
+    useful = padded = 0
+    for b in range(2):
+        for h in range(3):
+            groups = {}
+            for t in range(N):
+                for j in set(idx[b, h, t].tolist()):
+                    if 0 <= j <= t // bs:
+                        groups.setdefault((t // window, j), set()).add(t)
+            for rows in groups.values():
+                useful += len(rows)
+                padded += -(-len(rows) // block_m) * block_m
+    assert bench.gathered_fill(idx, bs, window, block_m) == pytest.approx(useful / padded)

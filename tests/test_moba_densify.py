@@ -1,7 +1,8 @@
-"""The densify scheme of the MoBA attention forward (`moec.runtime.moba_densify_kernel`: collect, gathered
-key-block-major tiles, own block + log-sum-exp merge) under the Triton interpreter, against the eager
-reference: given the gate's indices and any hand-made indices, chained with the gate (the full op),
-plus the collect step's lists, its lack of host synchronisation, and the memory formula."""
+"""The densify scheme of the MoBA attention forward (`moec.runtime.moba_window_kernel`: windows owning
+their rows' softmax state, gathered rows per past block, then the own blocks) under the Triton
+interpreter, against the eager reference: given the gate's indices and any hand-made indices, chained
+with the gate (the full op), windows and chunks of every size; its memory formula. Also the backward's
+key-block lists (`moec.runtime.moba_collect`): contents and no host synchronisation."""
 from __future__ import annotations
 
 import torch
@@ -17,9 +18,9 @@ from moec.runtime.launch import recording
 from moec.ir.tiles import MobaAttentionTile
 from moec.ir.types import S, T, condition
 from moec.passes.choose_moba_scheme import DENSIFY_BLOCKS_PER_K, densify_condition
-from moec.passes.moba_tiles import densify_tile, own_tile
-from moec.runtime.moba_densify_kernel import (collect_block_queries, densify_workspace_bytes, moba_densify_fwd,
-                                              plan_densify)
+from moec.passes.moba_tiles import densify_tile
+from moec.runtime.moba_collect import collect_block_queries
+from moec.runtime.moba_window_kernel import moba_window_fwd, plan_window, window_workspace_bytes
 from test_moba_kernels import GAP, _Allocations, check_selection
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")   # the interpreter's numpy: inf - inf
@@ -46,9 +47,9 @@ def problems(draw, max_n=96):
     cu = None
     if B == 1 and draw(st.booleans()):
         cu = [0] + sorted(draw(st.lists(st.integers(0, N), max_size=3))) + [N]
-    tile = MobaAttentionTile(draw(st.sampled_from([16, 32, 64])), draw(st.sampled_from([16, 32])), 4, 1)
-    own = MobaAttentionTile(draw(st.sampled_from([16, 32])), draw(st.sampled_from([16, 32])), 4, 1)
-    return dict(B=B, H=H, hkv=hkv, N=N, D=D, bs=bs, top_k=top_k, cu=cu, dtype=dtype, tile=tile, own=own)
+    bm = draw(st.sampled_from([16, 32]))
+    tile = MobaAttentionTile(bm, draw(st.sampled_from([16, 32])), 4, 1, bm * draw(st.sampled_from([1, 2, 4])))
+    return dict(B=B, H=H, hkv=hkv, N=N, D=D, bs=bs, top_k=top_k, cu=cu, dtype=dtype, tile=tile)
 
 
 def make(p, seed):
@@ -59,7 +60,7 @@ def make(p, seed):
 
 
 def check(p, q, k, v, idx, cu):
-    out, lse = moba_densify_fwd(q, k, v, idx, block_size=p["bs"], cu_seqlens=cu, tile=p["tile"], own=p["own"])
+    out, lse = moba_window_fwd(q, k, v, idx, block_size=p["bs"], cu_seqlens=cu, tile=p["tile"])
     r_out, r_lse = moba_attention_from_indices(q, k, v, idx, block_size=p["bs"], cu_seqlens=cu)
     assert out.dtype == q.dtype and lse.dtype == torch.float32 and out.shape == q.shape
     torch.testing.assert_close(out.float(), r_out.float(), **TOL[p["dtype"]])
@@ -67,9 +68,9 @@ def check(p, q, k, v, idx, cu):
     return out, lse
 
 
-def P(B=1, H=2, hkv=1, N=80, D=16, bs=16, top_k=3, cu=None, dtype=torch.float32, bm=16, bn=16, obm=16, obn=16):
+def P(B=1, H=2, hkv=1, N=80, D=16, bs=16, top_k=3, cu=None, dtype=torch.float32, bm=16, bn=16, window=32):
     return dict(B=B, H=H, hkv=hkv, N=N, D=D, bs=bs, top_k=top_k, cu=cu, dtype=dtype,
-                tile=MobaAttentionTile(bm, bn, 4, 1), own=MobaAttentionTile(obm, obn, 4, 1))
+                tile=MobaAttentionTile(bm, bn, 4, 1, window))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -79,7 +80,7 @@ def P(B=1, H=2, hkv=1, N=80, D=16, bs=16, top_k=3, cu=None, dtype=torch.float32,
 @given(problems(), st.integers(0, 2**31 - 1))
 @example(P(N=90, top_k=1), 1)                                              # top_k = 1: own block only
 @example(P(B=2, H=4, hkv=2, N=77, D=32, top_k=8, dtype=torch.float16, bm=32), 2)   # top_k > blocks, GQA
-@example(P(N=95, bs=32, top_k=3, cu=[0, 5, 5, 70, 95], bm=64, obm=32), 3)  # varlen, empty sequence
+@example(P(N=95, bs=32, top_k=3, cu=[0, 5, 5, 70, 95], bm=32, window=64), 3)  # varlen, empty sequence
 def test_densify_matches_reference_on_gate_indices(p, seed):
     q, k, v, cu, _ = make(p, seed)
     idx = moba_block_selection(q, k, block_size=p["bs"], top_k=p["top_k"], cu_seqlens=cu)
@@ -90,12 +91,13 @@ def test_densify_matches_reference_on_gate_indices(p, seed):
 @FEW
 @given(problems(), st.integers(0, 2**31 - 1), st.sampled_from(["random", "same", "shuffled"]))
 @example(P(N=1, top_k=2), 0, "random")                                     # one query
-@example(P(B=2, H=3, hkv=1, N=96, top_k=4, dtype=torch.float16), 1, "same")
+@example(P(B=2, H=3, hkv=1, N=96, top_k=4, dtype=torch.float16, window=64), 1, "same")
 @example(P(N=96, D=24, top_k=6, cu=[0, 17, 96], bm=32, bn=32), 2, "shuffled")
 def test_densify_matches_reference_on_any_indices(p, seed, pattern):
     """random: -1, future and out-of-range blocks, duplicates, own block missing (rows with nothing:
-    0 and -inf). same: every slot of every query picks block 0 or its own (one list holds all queries:
-    many chunks). shuffled: the gate's selection, slots permuted per row (duplicate-free, unsorted)."""
+    0 and -inf). same: every slot of every query picks block 0 or its own (every row of a window
+    gathered for block 0: several chunks). shuffled: the gate's selection, slots permuted per row
+    (duplicate-free, unsorted)."""
     q, k, v, cu, g = make(p, seed)
     B, H, N, bs, K = p["B"], p["H"], p["N"], p["bs"], p["top_k"]
     if pattern == "random":
@@ -128,7 +130,7 @@ def test_full_op_with_densify_matches_reference(p, seed, kc):
     with recording() as launches:
         out, lse, idx = moba_forward_kernels(q, k, v, block_size=bs, top_k=K, cu_seqlens=cu, kconv_weight=w,
                                              scheme="densify")
-    assert any("moba_densify" in r.kernel.fn_name for r in launches)
+    assert any("moba_window" in r.kernel.fn_name for r in launches)
     check_selection(idx, q, k, bs=bs, top_k=K, cu=cu, w=w, gap=GAP[p["dtype"]])     # the reference's, up to ties
     r_out, r_lse = moba_attention_from_indices(q, k, v, idx, block_size=bs, cu_seqlens=cu)
     torch.testing.assert_close(out.float(), r_out.float(), **TOL[p["dtype"]])
@@ -140,7 +142,7 @@ def test_op_scheme_argument():
     g = torch.Generator().manual_seed(7)
     q, k, v = (torch.randn(1, h, 70, 16, generator=g) for h in (2, 1, 1))
     r_out, r_lse = moba_reference(q, k, v, block_size=8, top_k=2)
-    for scheme, kernel in (("densify", "moec_moba_own_merge"), ("rows", "moec_moba_attention"),
+    for scheme, kernel in (("densify", "moec_moba_window"), ("rows", "moec_moba_attention"),
                            ("auto", "moec_moba_attention")):      # 9 blocks <= 4 * top_k: rows
         with recording() as launches:
             out, lse = moba_attention(q, k, v, block_size=8, top_k=3 if scheme == "auto" else 2,
@@ -170,7 +172,7 @@ def test_auto_rule():
     assert densify(128, 8, 524288, n_seqs=1) and not densify(128, 8, 1024, n_seqs=0)
     q = torch.randn(1, 1, 16 * 2 * f + 1, 16)
     for N, kernels in ((16 * 2 * f, ["moec_moba_gate", "moec_moba_attention"]),
-                       (16 * 2 * f + 1, ["moec_moba_gate", "moec_moba_densify", "moec_moba_own_merge"])):
+                       (16 * 2 * f + 1, ["moec_moba_gate", "moec_moba_window"])):
         with recording() as launches:
             out, _, idx = moba_forward_kernels(q[:, :, :N], q[:, :, :N], q[:, :, :N], block_size=16, top_k=2)
         assert [r.kernel.fn_name.split("_bs")[0] for r in launches] == kernels
@@ -181,18 +183,18 @@ def test_auto_rule():
     assert "moec_moba_attention" in launches[-1].kernel.fn_name
 
 
-def test_fp32_partials_for_16bit_inputs():
-    """partial_dtype=float32 keeps the partial outs exact; q's dtype (the default) rounds them once."""
+def test_window_state_carries_across_many_blocks():
+    """One window, every row selecting many past blocks in different orders (the state is read back and
+    continued block after block; rows start afresh at their first past block, whichever it is), fp16
+    rounding no worse than one softmax's."""
     g = torch.Generator().manual_seed(11)
-    q, k, v = (torch.randn(1, h, 90, 32, generator=g).half() for h in (2, 1, 1))
-    idx = moba_block_selection(q, k, block_size=16, top_k=4)
-    r_out, _ = moba_attention_from_indices(q.float(), k.float(), v.float(), idx, block_size=16)
-    err = {}
-    for pd in (None, torch.float32):
-        out, _ = moba_densify_fwd(q, k, v, idx, block_size=16, tile=densify_tile(16, 32), own=own_tile(16, 32),
-                                  partial_dtype=pd)
-        err[pd] = (out.float() - r_out).abs().max().item()
-    assert err[torch.float32] <= err[None] + 1e-6 and err[None] < 2e-3, err
+    q, k, v = (torch.randn(1, h, 128, 32, generator=g).half() for h in (2, 1, 1))
+    idx = moba_block_selection(q, k, block_size=8, top_k=12)
+    idx = idx.gather(-1, torch.rand(idx.shape, generator=g).argsort(-1))
+    r_out, r_lse = moba_attention_from_indices(q.float(), k.float(), v.float(), idx, block_size=8)
+    out, lse = moba_window_fwd(q, k, v, idx, block_size=8, tile=MobaAttentionTile(16, 16, 4, 1, 128))
+    torch.testing.assert_close(lse, r_lse, **LSE_TOL)
+    assert (out.float() - r_out).abs().max().item() < 2e-3
 
 
 def test_strided_inputs_and_empty():
@@ -200,19 +202,19 @@ def test_strided_inputs_and_empty():
     q = torch.randn(2, 40, 4, 16, generator=g).transpose(1, 2)
     k, v = (torch.randn(2, 40, 2, 16, generator=g).transpose(1, 2) for _ in range(2))
     idx = moba_block_selection(q, k, block_size=8, top_k=3).transpose(2, 3).contiguous().transpose(2, 3)
-    tiles = dict(tile=densify_tile(8, 16), own=own_tile(8, 16))
-    out, lse = moba_densify_fwd(q, k, v, idx, block_size=8, **tiles)
+    tiles = dict(tile=densify_tile(8, 16))
+    out, lse = moba_window_fwd(q, k, v, idx, block_size=8, **tiles)
     r_out, r_lse = moba_attention_from_indices(q, k, v, idx, block_size=8)
     torch.testing.assert_close(out, r_out, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(lse, r_lse, **LSE_TOL)
     q0 = torch.randn(1, 2, 0, 16)
-    out, lse = moba_densify_fwd(q0, q0[:, :1], q0[:, :1], torch.zeros(1, 2, 0, 3, dtype=torch.int32), block_size=8,
-                                **tiles)
+    out, lse = moba_window_fwd(q0, q0[:, :1], q0[:, :1], torch.zeros(1, 2, 0, 3, dtype=torch.int32), block_size=8,
+                               **tiles)
     assert out.shape == q0.shape and lse.shape == (1, 2, 0)
 
 
 # ----------------------------------------------------------------------------------------------
-# collect: the lists, no host synchronisation, the memory formula
+# collect (the backward's key-block lists): contents, no host synchronisation
 
 def expected_lists(idx, bs, hkv, cu):
     """{(b, hk, packed block): sorted [(h, row)]} by brute force."""
@@ -301,14 +303,15 @@ def test_collect_never_synchronises(varlen):
     assert seen[0] == seen[1] == seen[2]
 
 
-def test_workspace_formula_bounds_allocations_and_fits_512k():
+@pytest.mark.parametrize("cu", [None, [0, 40, 40, 96]])
+def test_workspace_formula_bounds_allocations_and_fits_512k(cu):
     B, H, hkv, N, D, bs, K = 1, 4, 2, 96, 16, 8, 4
     q, k = torch.randn(B, H, N, D).half(), torch.randn(B, hkv, N, D).half()
-    idx = moba_block_selection(q, k, block_size=bs, top_k=K)
+    cu_t = torch.tensor(cu, dtype=torch.int32) if cu else None
+    idx = moba_block_selection(q, k, block_size=bs, top_k=K, cu_seqlens=cu_t)
     with _Allocations() as alloc:
-        plan_densify(q, k, k, idx, block_size=bs, tile=MobaAttentionTile(16, 16, 4, 1),
-                     own=MobaAttentionTile(16, 16, 4, 1))
-    planned = sum(alloc.storages.values()) - 2 * B * H * N * D * 2 - B * H * N * 4   # less out and lse
-    assert planned <= densify_workspace_bytes(B, H, hkv, N, D, K, bs, q.element_size(), block_m=16)
-    big = densify_workspace_bytes(1, 16, 16, 524288, 128, 8, 128, 2, block_m=128)
-    assert big < 25e9, big                                                 # 80 GB GPU: q, k, v, out are 8.6 GB
+        plan_window(q, k, k, idx, block_size=bs, tile=MobaAttentionTile(16, 16, 4, 1, 32), cu_seqlens=cu_t)
+    planned = sum(alloc.storages.values()) - B * H * N * D * 2 - B * H * N * 4   # less out and lse
+    assert planned <= window_workspace_bytes(B, H, N, D, 32, len(cu) - 1 if cu else 0)
+    big = window_workspace_bytes(1, 16, 524288, 128, 256)
+    assert big < 4.5e9, big                       # the running state: a quarter of bf16 per-slot partials at K = 8

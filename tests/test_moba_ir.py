@@ -66,8 +66,8 @@ def test_pass_golden(case, i):
 def test_fusion_removes_the_score_matrix():
     """After fuse-block-gate no op implies an N x blocks tensor: the pool and the unfused gate are gone."""
     final = parse_graph(golden_path("moba_gqa", len(STAGES) - 1).read_text())
-    assert [n.op for n in final.nodes] == ["fused_block_gate", "block_sparse_attention", "densify_attention",
-                                           "own_block_merge", "select"]
+    assert [n.op for n in final.nodes] == ["fused_block_gate", "block_sparse_attention", "block_sparse_attention",
+                                           "select"]
     assert all(n.attr["tiles"] for n in final.nodes if n.op != "select")
 
 
@@ -98,7 +98,7 @@ def test_lowered_program_runs_the_kernels(dtype, N):
     assert out.dtype == dtype and out.shape == x["q"].shape
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
     assert [s.node.op for s in c.program.steps if s.variants] == ["fused_block_gate", "block_sparse_attention",
-                                                               "densify_attention", "own_block_merge"]
+                                                               "block_sparse_attention"]
     assert [name for name, _ in c.stages] == STAGES
     assert c.tiles()["indices"]["buckets"]["every T"]["kernel"] == "moec_moba_gate_bs16_k3"
 

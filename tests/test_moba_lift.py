@@ -156,7 +156,7 @@ def test_nested_block_and_class_decorator(tmp_path):
     assert sorted(p.name for p in d.glob("ir.*")) == ["ir.00.captured.txt", "ir.01.verify.txt",
                                                        "ir.02.infer-shapes.txt", "ir.03.fuse-block-gate.txt",
                                                        "ir.04.choose-moba-scheme.txt", "ir.05.choose-tiles.txt"]
-    assert len(list((d / "kernels").glob("*.py"))) == 4          # gate; rows, or densify + own block
+    assert len(list((d / "kernels").glob("*.py"))) == 3          # gate; rows, or densify
     assert (d / "launches.json").exists() and "fused_block_gate" in (d / "tiles.json").read_text()
     assert "LIFTED  attn (MobaAttention)" in (tmp_path / "explain.txt").read_text()
 

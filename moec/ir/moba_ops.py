@@ -32,14 +32,10 @@ Fused and scheduled (made by the passes):
   pooled-key tiles stream past; only the indices reach memory.
 - ``block_sparse_attention {scheme='rows'}``: query-tile-major, the union of the tile's blocks with row
   masks (short sequences).
-- ``densify_attention(q, k, v, indices) {block_size}`` + ``own_block_merge(q, k, v, indices, part_o,
-  part_lse) {block_size}``: FlashMoBA's collect and densify (long sequences). Entries are the
-  ``(b, h, t, slot)`` of ``B*H*T*K`` with the row's indices sorted ascending; an entry whose block is
-  strictly before the query's own block and not a repeat of the previous slot gets the normalised
-  attention of the query over that whole block (``part_o``, q's dtype) and its log-sum-exp
-  (``part_lse``); the others get ``part_lse = -inf``. ``own_block_merge`` attends each query to its own
-  block causally (when the row lists it) and merges the partials by log-sum-exp: the ``out, lse`` of
-  ``block_sparse_attention``.
+- ``block_sparse_attention {scheme='densify'}``: FlashMoBA's collect and densify with window ownership
+  (long sequences): per window of consecutive rows, the rows that selected each past block gathered
+  into dense tiles, the window's online-softmax state carried from block to block, then the own blocks.
+  No partial results in the IR: one node, the same ``out, lse``.
 
 ``tiles`` (set by ``choose-tiles``) is ``{None: MobaGateTile(...)}`` / ``{None: MobaAttentionTile(...)}``:
 one bucket, every T.
@@ -89,16 +85,6 @@ def _infer_attention(o, a):
     return {"out": o["q"], "lse": TensorType("f32", (b, h, n))}
 
 
-def _entries(o) -> sympy.Expr:
-    b, h, n, k = o["indices"].shape
-    return b * h * n * k
-
-
-def _infer_densify(o, a):
-    return {"part_o": TensorType(o["q"].dtype, (_entries(o), o["q"].shape[3])),
-            "part_lse": TensorType("f32", (_entries(o),))}
-
-
 op("block_pool", "pooled[b, h, j] = mean of block j's (convolved) keys over its real length (fp32 sum, k's dtype).",
    ["k"], ["pooled"], _infer_pool, optional_operands=VARLEN + ["kconv_weight"], attrs={"block_size": REQUIRED})
 op("block_gate", "Per query t: its own block t // bs plus the top_k-1 past blocks by q_t . pooled[j] "
@@ -111,18 +97,9 @@ op("fused_block_gate", "block_pool + block_gate as one kernel step: pooled keys,
    optional_operands=VARLEN + ["kconv_weight"], attrs={"block_size": REQUIRED, "top_k": REQUIRED, **KERNEL_ATTRS})
 op("block_sparse_attention", "Causal softmax attention (scale 1/sqrt(D)) of each query over the union of "
    "the blocks indices lists for it; out in q's dtype, lse (natural log-sum-exp) in fp32. scheme: how the "
-   "kernels compute it (auto, rows: query tiles with row masks, densify: see densify_attention).",
+   "kernels compute it (auto, rows: query tiles with row masks, densify: gathered rows per key block, window-owned softmax state).",
    ["q", "k", "v", "indices"], ["out", "lse"], _infer_attention, optional_operands=VARLEN, optional_results=["lse"],
    attrs={"block_size": REQUIRED, "scheme": "auto", **KERNEL_ATTRS})
-op("densify_attention", "Per (b, h, t, slot) of the row's indices sorted ascending: the normalised attention "
-   "of query t over the whole block, when it is strictly before t's own block and not a repeat "
-   "(part_o in q's dtype, part_lse fp32), else part_lse = -inf. Key-block-major gathered tiles.",
-   ["q", "k", "v", "indices"], ["part_o", "part_lse"], _infer_densify, optional_operands=VARLEN,
-   attrs={"block_size": REQUIRED, **KERNEL_ATTRS})
-op("own_block_merge", "Each query over its own block, causally (when its row lists it), merged with the "
-   "partials of densify_attention by log-sum-exp: out (q's dtype) and lse (fp32) of block_sparse_attention.",
-   ["q", "k", "v", "indices", "part_o", "part_lse"], ["out", "lse"], _infer_attention, optional_operands=VARLEN,
-   optional_results=["lse"], attrs={"block_size": REQUIRED, **KERNEL_ATTRS})
 
 
 # ---- verifier rules ----------------------------------------------------------------------------
@@ -187,18 +164,18 @@ def _attention_rule(n, types):
         raise IRError(f"indices {idx} must be i32[B, H, T, K] like q {q}")
     if n.attr.get("scheme", "rows") not in SCHEMES:
         raise IRError(f"scheme must be one of {SCHEMES}, got {n.attr['scheme']!r}")
-    if n.op == "own_block_merge":
-        want = _infer_densify({"q": q, "indices": idx}, n.attr)
-        for r in ("part_o", "part_lse"):
-            if types[n.ins[r]] != want[r]:
-                raise IRError(f"{r} {types[n.ins[r]]} must be {want[r]}")
     _varlen_ok(n, types)
     _tile_ok(n, MobaAttentionTile)
+    tiles = n.attr.get("tiles")
+    if tiles is not None and n.attr.get("scheme") != "densify" and tiles[None].window:
+        raise IRError(f"a window tile is for scheme 'densify' only, got {tiles[None]!r} with scheme "
+                      f"{n.attr.get('scheme')!r}")
+    if tiles is not None and n.attr.get("scheme") == "densify" and not tiles[None].window:
+        raise IRError(f"scheme 'densify' needs a tile with a window, got {tiles[None]!r}")
 
 
 RULES.update({"block_pool": _pool_rule, "block_gate": _gate_rule, "fused_block_gate": _gate_rule,
-              "block_sparse_attention": _attention_rule, "densify_attention": _attention_rule,
-              "own_block_merge": _attention_rule})
+              "block_sparse_attention": _attention_rule})
 
 
 # ---- interpreter semantics (the eager reference) ----------------------------------------------
@@ -281,44 +258,3 @@ def _attend(v, n, indices):
 def _attention(n, v, ctx):
     out, lse = _attend(v, n, v["indices"])
     return {"out": out, "lse": lse}
-
-
-def _own_block(v, bs) -> torch.Tensor:
-    """Per query, its own block (sequence-local) ``[B, H, T]``."""
-    T = v["q"].shape[2]
-    own = torch.empty(T, dtype=torch.int64, device=v["q"].device)
-    for _, a, e in _segments(v, v["k"]):
-        own[a:e] = torch.arange(e - a, device=own.device) // bs
-    return own.expand(*v["q"].shape[:2], T)
-
-
-@impl("densify_attention")
-def _densify(n, v, ctx):
-    bs, idx = n.attr["block_size"], v["indices"]
-    key = torch.sort(idx.long(), dim=-1).values                         # -1 first; repeats adjacent
-    keep = (key >= 0) & (key < _own_block(v, bs)[..., None])
-    keep[..., 1:] &= key[..., 1:] != key[..., :-1]
-    parts = [_attend(v, n, torch.where(keep[..., s], key[..., s], -1)[..., None].to(torch.int32))
-             for s in range(idx.shape[3])]
-    D = v["q"].shape[3]
-    part_o = torch.stack([o for o, _ in parts], 3).reshape(-1, D)       # entry ((b H + h) T + t) K + slot
-    part_lse = torch.stack([lse for _, lse in parts], 3).reshape(-1)
-    return {"part_o": part_o, "part_lse": part_lse}
-
-
-@impl("own_block_merge")
-def _own_merge(n, v, ctx):
-    idx = v["indices"].long()
-    own = _own_block(v, n.attr["block_size"])
-    listed = (idx == own[..., None]).any(-1)
-    out_own, lse_own = _attend(v, n, torch.where(listed, own, -1)[..., None].to(torch.int32))
-    lse = torch.cat([lse_own[..., None], v["part_lse"].view(*idx.shape)], -1)        # [B, H, T, 1 + K]
-    outs = torch.cat([out_own[..., None, :].float(), v["part_o"].view(*idx.shape, -1).float()], -2)
-    m = lse.amax(-1, keepdim=True)
-    none = lse == float("-inf")                            # no partial (or no own block) in that slot
-    w = torch.where(none, 0.0, torch.exp(lse - torch.where(m == float("-inf"), 0.0, m)))
-    total = w.sum(-1)
-    out = (w[..., None] * torch.where(none[..., None], 0.0, outs)).sum(-2) / torch.where(total == 0, 1.0, total)[..., None]
-    merged = torch.where(total == 0, float("-inf"), m[..., 0] + torch.log(torch.where(total == 0, 1.0, total)))
-    merged = torch.where(m[..., 0] == float("inf"), float("inf"), merged)        # a +inf score, as the kernels
-    return {"out": out.to(v["q"].dtype), "lse": merged}

@@ -79,12 +79,20 @@ class MobaGateTile(Tile):
 
 @dataclass(frozen=True)
 class MobaAttentionTile(Tile):
-    """MoBA attention kernels: BLOCK_M query rows per program, keys in chunks of BLOCK_N."""
+    """MoBA attention kernels: BLOCK_M query rows per program (gathered rows per chunk in the densify
+    scheme), keys in chunks of BLOCK_N; ``window`` (densify only, 0 elsewhere): the consecutive query
+    rows one densify program owns, a power-of-two multiple of BLOCK_M. Not printed when 0."""
 
     block_m: int
     block_n: int
     num_warps: int = 4
     num_stages: int = 2
+    window: int = 0
+
+    def __repr__(self) -> str:
+        tail = f", window={self.window}" if self.window else ""
+        return (f"MobaAttentionTile(block_m={self.block_m}, block_n={self.block_n}, num_warps={self.num_warps}, "
+                f"num_stages={self.num_stages}{tail})")
 
 
 TILE_TYPES = {t.__name__: t for t in (GemmTile, RouteTile, RowTile, MobaGateTile, MobaAttentionTile)}
