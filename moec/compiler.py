@@ -61,7 +61,8 @@ class MoERecipe:
 
     def summary(self) -> str:
         s, r = self.spec, self.spec.router
-        return f"MoE layer ({r.num_experts} experts, top-{r.top_k}, d={s.hidden}, f={s.ffn})"
+        identity = f" + {s.identity_experts} identity" if s.identity_experts else ""
+        return f"MoE layer ({s.ffn_experts} experts{identity}, top-{r.top_k}, d={s.hidden}, f={s.ffn})"
 
 
 @dataclass(frozen=True)

@@ -377,7 +377,8 @@ def _owner(module, path: str) -> tuple:
 
 def _spec_line(spec) -> str:
     r = spec.router
-    bits = [f"{r.num_experts} experts", f"top-{r.top_k}", r.score]
+    bits = [f"{spec.ffn_experts} experts" + (f" + {spec.identity_experts} identity" if spec.identity_experts else ""),
+            f"top-{r.top_k}", r.score]
     if r.order == "topk_then_score":
         bits.append("top-k then softmax")
     if r.order == "logits_then_score":

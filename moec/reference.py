@@ -258,7 +258,10 @@ def moe(x: torch.Tensor, w: MoEWeights, spec: MoESpec, noise: Optional[torch.Ten
     logits = router_logits(x, w.w_router, w.b_router, w.w_noise, noise if cfg.noisy else None)
     ids, weights, aux = route(logits, cfg, w.score_bias)
     y = torch.zeros_like(xf)
-    for e in range(cfg.num_experts):
+    if spec.identity_experts:                 # identity picks add weight * x
+        picked = ids >= spec.ffn_experts
+        y = y + xf * torch.where(picked, weights, torch.zeros_like(weights)).sum(1, keepdim=True)
+    for e in range(spec.ffn_experts):
         tok, slot = torch.nonzero(ids == e, as_tuple=True)
         if tok.numel():
             biases = tuple(b[e] if b is not None else None for b in (w.b_gate, w.b_up, w.b_down)) \

@@ -188,6 +188,10 @@ class MoESpec:
       A shared expert stays bias-free; it computes the layer's activation, with the same GLU variant
       (MiniMax-M3 clamps both alike) unless ``shared.variant`` gives its own (HunYuan-V4: clamped routed
       experts, a plain shared one).
+
+    ``identity_experts``: the router's last ``identity_experts`` choices are identity ("zero-computation")
+    experts (LongCat-Flash): a pick of one adds ``weight * x`` and runs no MLP. The MLP experts are the
+    first ``ffn_experts = router.num_experts - identity_experts`` choices; expert weights have that many.
     """
 
     hidden: int
@@ -202,8 +206,14 @@ class MoESpec:
     up_shift: float = 0.0
     gate_softcap: Optional[float] = None
     up_softcap: Optional[float] = None
+    identity_experts: int = 0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.identity_experts < self.router.num_experts:
+            raise MoESpecError(f"identity_experts must be in [0, router.num_experts={self.router.num_experts}), "
+                               f"got {self.identity_experts}")
+        if self.identity_experts and self.router.capacity_factor is not None:
+            raise MoESpecError("identity experts with an expert capacity are not supported")
         if self.activation not in ACTIVATIONS:
             raise MoESpecError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.hidden < 1 or self.ffn < 1:
@@ -226,7 +236,13 @@ class MoESpec:
 
     @property
     def num_experts(self) -> int:
+        """The router's choices (MLP and identity experts)."""
         return self.router.num_experts
+
+    @property
+    def ffn_experts(self) -> int:
+        """The experts that run an MLP: the router's first choices (`identity_experts` follow them)."""
+        return self.router.num_experts - self.identity_experts
 
     @property
     def top_k(self) -> int:

@@ -1,7 +1,7 @@
 """fuse-dispatch: the routing kernel also groups the (token, slot) pairs by expert.
 
 Expects: fuse-routing ran. A ``dispatch`` whose ``ids`` are a ``fused_route``'s own (nothing, e.g.
-capacity, between them: capacity changes the ids after the kernel).
+capacity or identity experts, between them: both change the ids after the kernel).
 Guarantees: that ``fused_route`` also yields the dispatch's ``order`` and ``offsets`` (the same value
 names) and the ``dispatch`` node is gone. The lowering sorts inside the routing kernel, a counting
 sort by expert from the program's own per-expert counts, when one program holds every token (``T <=

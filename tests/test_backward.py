@@ -149,21 +149,25 @@ SPECS = {
     # HunYuan-V4: clamped routed experts, a plain shared expert (its own GLU variant)
     "clamped_plain_shared": (MoESpec(32, 16, RouterConfig(6, 2), glu_limit=0.5,
                                      shared=SharedExpertConfig(24, gated=True, variant=())), ("y",)),
+    # LongCat-Flash: a softmax router over 6 MLP and 3 identity experts, selection bias, scaled weights
+    "identity_experts": (MoESpec(32, 16, RouterConfig(9, 3, score_bias=True, routed_scaling=1.5),
+                                 identity_experts=3, shared=SharedExpertConfig(16)), ("y", "logits", "weights")),
 }
 
 
 def _weights(spec: MoESpec, g) -> MoEWeights:
     r, E, d, f = spec.router, spec.num_experts, spec.hidden, spec.ffn
+    Ef = spec.ffn_experts
 
     def rnd(*s):
         return torch.randn(*s, generator=g) / math.sqrt(s[-1])
     fs = spec.shared.width if spec.shared else 0
     return MoEWeights(
         w_router=rnd(E, d), b_router=rnd(E) if r.router_bias else None,
-        score_bias=rnd(E) if r.score_bias else None, w_gate=rnd(E, f, d) if spec.glu else None,
-        w_up=rnd(E, f, d), w_down=rnd(E, d, f),
-        b_gate=rnd(E, f) if spec.expert_bias and spec.glu else None, b_up=rnd(E, f) if spec.expert_bias else None,
-        b_down=rnd(E, d) if spec.expert_bias else None,
+        score_bias=rnd(E) if r.score_bias else None, w_gate=rnd(Ef, f, d) if spec.glu else None,
+        w_up=rnd(Ef, f, d), w_down=rnd(Ef, d, f),
+        b_gate=rnd(Ef, f) if spec.expert_bias and spec.glu else None, b_up=rnd(Ef, f) if spec.expert_bias else None,
+        b_down=rnd(Ef, d) if spec.expert_bias else None,
         shared_up=rnd(fs, d) if fs else None, shared_gate=rnd(fs, d) if fs and spec.glu else None,
         shared_down=rnd(d, fs) if fs else None,
         shared_gate_proj=rnd(1, d) if spec.shared and spec.shared.gated else None)

@@ -53,23 +53,24 @@ DTYPES = (torch.float32, torch.float16)
 def make_weights(spec: MoESpec, dtype, gen: torch.Generator, *, router_scale: float = 1.0) -> MoEWeights:
     """Random layer weights in ``dtype`` (score_bias stays fp32, as `moe_inputs` passes it)."""
     E, d, f, r = spec.num_experts, spec.hidden, spec.ffn, spec.router
+    Ef = spec.ffn_experts                   # identity experts have no weights
 
     def rnd(*shape, scale):
         return (torch.randn(*shape, generator=gen) * scale).to(dtype)
 
     w = MoEWeights(
         w_router=rnd(E, d, scale=router_scale / math.sqrt(d)),
-        w_up=rnd(E, f, d, scale=1 / math.sqrt(d)),
-        w_down=rnd(E, d, f, scale=1 / math.sqrt(f)),
-        w_gate=rnd(E, f, d, scale=1 / math.sqrt(d)) if spec.glu else None,
+        w_up=rnd(Ef, f, d, scale=1 / math.sqrt(d)),
+        w_down=rnd(Ef, d, f, scale=1 / math.sqrt(f)),
+        w_gate=rnd(Ef, f, d, scale=1 / math.sqrt(d)) if spec.glu else None,
         b_router=rnd(E, scale=0.5) if r.router_bias else None,
         score_bias=torch.randn(E, generator=gen) * 0.1 if r.score_bias else None,
         w_noise=rnd(E, d, scale=1 / math.sqrt(d)) if r.noisy else None,
     )
     if spec.expert_bias:
-        w.b_gate = rnd(E, f, scale=0.5) if spec.glu else None
-        w.b_up = rnd(E, f, scale=0.5)
-        w.b_down = rnd(E, d, scale=0.5)
+        w.b_gate = rnd(Ef, f, scale=0.5) if spec.glu else None
+        w.b_up = rnd(Ef, f, scale=0.5)
+        w.b_down = rnd(Ef, d, scale=0.5)
     if spec.shared is not None:
         fs = spec.shared.width
         w.shared_up = rnd(fs, d, scale=1 / math.sqrt(d))
@@ -258,8 +259,12 @@ def specs(draw, router):
     if shared is not None and glu and draw(st.integers(0, 2)) == 0:    # now and then a shared expert's own GLU
         own = draw(st.sampled_from([(), (("glu_limit", 0.5),), (("up_shift", 1.0), ("up_softcap", 0.5))]))
         shared = SharedExpertConfig(shared.width, shared.gated, variant=own)
+    identity = 0
+    if r.num_experts > 1 and r.capacity_factor is None and draw(st.integers(0, 3)) == 0:
+        identity = draw(st.integers(1, r.num_experts - 1))         # now and then LongCat's identity experts
     return MoESpec(hidden=draw(st.sampled_from(HIDDEN)), ffn=draw(st.integers(8, 80)), router=r,
-                   activation=activation, glu=glu, shared=shared, expert_bias=draw(st.booleans()), **variant)
+                   activation=activation, glu=glu, shared=shared, expert_bias=draw(st.booleans()),
+                   identity_experts=identity, **variant)
 
 
 @st.composite

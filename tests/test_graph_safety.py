@@ -250,6 +250,7 @@ LAYERS = {
     "aux_loss": (zoo.AuxLossMoE, {}),
     "switch": (zoo.SwitchMoE, {}),
     "capacity_drop": (zoo.CapacityMoE, dict(E=8, capacity_factor=0.5)),
+    "identity_expert": (zoo.IdentityExpertMoE, {}),
 }
 
 

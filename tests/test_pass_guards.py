@@ -319,7 +319,8 @@ def test_fuse_routing_guard_two_shared_gates_of_one_x():
 
 
 # ==== fuse-dispatch ==============================================================================
-# Guards: (1) the dispatch's ids are a fused_route's own (not capacity's, not a graph input's);
+# Guards: (1) the dispatch's ids are a fused_route's own (not capacity's or identity experts', not a graph
+# input's);
 # (2) a fused_route that already groups its pairs is left alone.
 
 DISPATCH_BASE = """
@@ -355,6 +356,30 @@ graph moe(%x: f32[T, 16], %w_router: f32[4, 16]) {
   return %weights, %order, %offsets
 }
 """
+
+
+DISPATCH_AFTER_IDENTITY = """
+graph moe(%x: f32[T, 16], %w_router: f32[6, 16]) {
+  %ids: i32[T, 2], %weights: f32[T, 2] = fused_route(x=%x, w=%w_router) {num_experts=6, top_k=2}
+  %ids_ffn: i32[T, 2], %identity_out: f32[T, 16] = identity_experts(x=%x, ids=%ids, weights=%weights) {ffn_experts=4}
+  %order: i32[2*T], %offsets: i32[5] = dispatch(ids=%ids_ffn) {num_experts=4}
+  return %weights, %order, %offsets, %identity_out
+}
+"""
+DISPATCH_AFTER_IDENTITY_WOULD_BE = """
+graph moe(%x: f32[T, 16], %w_router: f32[6, 16]) {
+  %ids: i32[T, 2], %weights: f32[T, 2], %order: i32[2*T], %offsets: i32[7] = fused_route(x=%x, w=%w_router) {num_experts=6, top_k=2}
+  %ids_ffn: i32[T, 2], %identity_out: f32[T, 16] = identity_experts(x=%x, ids=%ids, weights=%weights) {ffn_experts=4}
+  return %weights, %order, %offsets, %identity_out
+}
+"""
+
+
+def test_fuse_dispatch_ids_guard_keeps_the_sort_after_identity_experts():
+    """Guard ids from the fused_route: identity picks become dropped pairs after the kernel, so the kernel's
+    order would send them to the MLP experts' GEMMs (and its offsets count the identity experts)."""
+    assert_unchanged(fuse_dispatch, DISPATCH_AFTER_IDENTITY)
+    assert_blocked_rewrite_is_wrong(DISPATCH_AFTER_IDENTITY, DISPATCH_AFTER_IDENTITY_WOULD_BE, {"T": 16})
 
 
 def test_fuse_dispatch_ids_guard_keeps_the_sort_after_capacity():

@@ -31,8 +31,8 @@ MoE layers                       router                                   expert
 - LogitsZLossMoE                 returns (y, router logits, z-loss, None)
 - Relu2ExpertMoE                 Mixtral routing                          ModuleList, up -> relu(x)**2 -> down
 - LogitsBiasTopKMoE              top-k of logits + bias, sigmoid of the picks, renormalised; shared expert
-Negative examples: DenseMLP, TanhExpertMoE, PartialBiasExpertMoE, ExtraArgMoE, TemperatureMoE,
-IdentityExpertMoE (the router scores a skip choice), MLPRouterMoE.
+- IdentityExpertMoE              softmax over E + 1 choices -> top-k; choice E passes the token through, weighted
+Negative examples: DenseMLP, TanhExpertMoE, PartialBiasExpertMoE, ExtraArgMoE, TemperatureMoE, MLPRouterMoE.
 """
 from __future__ import annotations
 
@@ -798,7 +798,7 @@ class TemperatureMoE(MixtralMoE):
 
 class IdentityExpertMoE(MixtralMoE):
     """Mixtral whose router also scores a "skip" choice (index E: the token passes through
-    unchanged, weighted); unsupported: the router scores E + 1 choices."""
+    unchanged, weighted): an identity expert (the router scores E + 1 choices)."""
 
     def __init__(self, d: int = 16, f: int = 32, E: int = 4, k: int = 2):
         super().__init__(d, f, E, k)

@@ -68,9 +68,10 @@ def dedupe(xs) -> list:
 
 
 def router_configs(st: Structure, hints: RouterHints, aux: bool, router_bias: bool, has_bias: bool,
-                   has_noise: bool) -> Iterator[RouterConfig]:
-    """Candidate router configurations, most plausible first."""
-    E = st.E
+                   has_noise: bool, width: int = 0) -> Iterator[RouterConfig]:
+    """Candidate router configurations, most plausible first (``width``: the router's outputs, when more
+    than the experts)."""
+    E = width or st.E
     ks = dedupe([_attr(st, _K_ATTRS, int)] + list(hints.top_k) + list(range(1, min(E, 8) + 1)))
     ks = [k for k in ks if 1 <= k <= E]
     scores = dedupe([hints.score, "softmax", "sigmoid"])
@@ -112,7 +113,8 @@ def router_configs(st: Structure, hints: RouterHints, aux: bool, router_bias: bo
 
 
 def router_options(st: Structure, hints: RouterHints) -> list:
-    """(part, has_score_bias, has_noise, router_bias) options for the router's tensors."""
+    """(part, has_score_bias, has_noise, router_bias, width) options for the router's tensors (``width``: its
+    outputs, `RouterCand.width`)."""
     out = []
     biases = dedupe([hints.score_bias] + st.score_biases)
     for r in st.routers:
@@ -132,11 +134,14 @@ def router_options(st: Structure, hints: RouterHints) -> list:
             for b in (biases + [None]) if (hints.score_bias or not reached) else ([None] + biases):
                 p3, f3 = list(p2), list(f2)
                 if b is not None:
-                    f3.append(("score_bias", Src((len(p3),), view=(st.E,) if len(st.shapes.get(b, ())) != 1 else None)))
+                    if st.shapes.get(b, (0,))[-1] != r.width(st.E):
+                        continue                    # a selection bias has one entry per choice
+                    f3.append(("score_bias", Src((len(p3),), view=(r.width(st.E),)
+                                                 if len(st.shapes.get(b, ())) != 1 else None)))
                     p3.append(b)
                 desc = f"router {r.weight}" + (f" + bias {r.bias}" if r.bias else "") + \
                     (f", noise {nz.weight}" if nz else "") + (f", selection bias {b}" if b else "")
-                out.append((Part(p3, f3, desc), b is not None, nz is not None, r.bias is not None))
+                out.append((Part(p3, f3, desc), b is not None, nz is not None, r.bias is not None, r.width(st.E)))
     return out
 
 

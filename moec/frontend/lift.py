@@ -83,9 +83,13 @@ def _screen_y(xf, w, cfg, experts: _ExpertRows, S, noise):
     logits = reference.router_logits(xf, w.w_router, w.b_router, w.w_noise, noise)
     ids, wts, aux = reference.route(logits, cfg, w.score_bias)
     T = xf.shape[0]
-    valid = ids >= 0
-    Y = experts.get(ids)
-    y = (Y[ids.clamp(min=0), torch.arange(T, device=xf.device)[:, None]] * (wts * valid)[..., None]).sum(1)
+    E = experts.Y.shape[0]
+    valid = (ids >= 0) & (ids < E)                       # choices past the experts: identity experts
+    ffn = torch.where(valid, ids, -1)
+    Y = experts.get(ffn)
+    y = (Y[ffn.clamp(min=0), torch.arange(T, device=xf.device)[:, None]] * (wts * valid)[..., None]).sum(1)
+    if (ids >= E).any():
+        y = y + xf * torch.where(ids >= E, wts, 0.0).sum(1, keepdim=True)
     return (y + S if S is not None else y), aux
 
 
@@ -215,9 +219,10 @@ def _lift(module: nn.Module):
     router_modules = {r.module for r in st.routers + st.noises if r.module}
     router_params = {r.weight for r in st.routers}
     cap = trace_partial(module, leaves)
-    hints = read_router(cap, st.E, router_modules, router_params, st.shapes)
+    width = st.routers[0].width(st.E)       # the router's choices: the experts, and identity experts after them
+    hints = read_router(cap, width, router_modules, router_params, st.shapes)
     if st.noises and not hints.noisy and not module.training:   # noise is usually added in training only
-        in_training = read_router(trace_partial(module, leaves, training=True), st.E, router_modules,
+        in_training = read_router(trace_partial(module, leaves, training=True), width, router_modules,
                                   router_params, st.shapes)
         if in_training.found:
             hints = in_training
@@ -239,7 +244,7 @@ def _lift(module: nn.Module):
     formulation, how = _formulation(st, cap, router_modules | router_params)
     notes.append(f"formulation: {formulation} ({how})")
 
-    pr = Prober(module, st.d, st.E, st.dtype, st.device)
+    pr = Prober(module, st.d, width, st.dtype, st.device)
     msg = pr.setup()
     if msg:
         return NotLifted(f"{cls}: {msg}")
@@ -270,7 +275,7 @@ def _lift(module: nn.Module):
             with torch.no_grad():
                 experts = _ExpertRows(xf, layout.build([resolve(module, p) for p in layout.paths]), layout, st.E)
             for sh_part, sh_cfg in shared_opts:
-                for r_part, has_bias, has_noise, router_bias in router_opts:
+                for r_part, has_bias, has_noise, router_bias, r_width in router_opts:
                     parts = [r_part, exp_part] + ([sh_part] if sh_part else [])
                     param_tensors, recipe = assemble(parts)
                     with torch.no_grad():
@@ -283,11 +288,11 @@ def _lift(module: nn.Module):
                                                      variant=dict(own))
                             if sh_cfg.gated:
                                 S = S * torch.sigmoid(xf @ w.shared_gate_proj.float().t())
-                    for cfg in router_configs(st, hints, aux_out, router_bias, has_bias, has_noise):
+                    for cfg in router_configs(st, hints, aux_out, router_bias, has_bias, has_noise, r_width):
                         try:
                             spec = MoESpec(hidden=st.d, ffn=layout.ffn, router=cfg, activation=layout.activation,
                                            glu=layout.glu, shared=sh_cfg, expert_bias=layout.bias,
-                                           **dict(layout.variant))
+                                           identity_experts=r_width - st.E, **dict(layout.variant))
                         except MoESpecError:
                             continue
                         for nd in (noise_dtypes if cfg.noisy else [None]):

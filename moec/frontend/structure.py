@@ -29,12 +29,19 @@ _SHARED_NAMES = ("shared",)
 
 @dataclass
 class RouterCand:
-    """A d->E projection: ``weight`` path, ``layout`` 'out_in' ([E, d], nn.Linear) or 'in_out' ([d, E])."""
+    """A d->E projection: ``weight`` path, ``layout`` 'out_in' ([E, d], nn.Linear) or 'in_out' ([d, E]);
+    ``choices``: its outputs when they are more than the experts (the rest may be identity experts; the
+    probe decides), else 0."""
 
     weight: str
     layout: str = "out_in"
     bias: Optional[str] = None
     module: Optional[str] = None     # the nn.Linear's path, when it is one
+    choices: int = 0
+
+    def width(self, E: int) -> int:
+        """The router's outputs: the experts' count ``E``, or its ``choices``."""
+        return self.choices or E
 
 
 @dataclass
@@ -155,12 +162,19 @@ def experts_without_router(module: nn.Module) -> Optional[str]:
                 f"{len(in_top)} weights, not one linear: MLP routers are not supported")
     if near:
         return (f"{head}, but its router's weight {near[0]} scores a different number of choices: routers "
-                f"that also score identity, zero or shared experts are not supported")
+                f"that also score shared experts are not supported (extra choices are read as identity experts "
+                f"only from an nn.Linear router)")
     if deep:
         return (f"{head}, and the weight {deep[0]} with {E} outputs is nested more than one level down "
                 f"(an MLP router, or a router inside a wrapper, is not read)")
     listed = ", ".join(f"{p} {list(shape)}" for p, shape in weights[:3]) or "none"
     return f"{head}, but no router weight with {E} outputs was found (2-D weights: {listed})"
+
+
+def _single_linear(module: nn.Module, path: str) -> bool:
+    """Whether the top-level child holding the linear at ``path`` holds no other linear (a router, not an MLP)."""
+    top = module.get_submodule(path.split(".")[0])
+    return len(_linears(top)) <= 1
 
 
 def discover(module: nn.Module):
@@ -190,6 +204,13 @@ def discover(module: nn.Module):
             w = f"{path}.weight"
             seen_weights.add(w)
             routers.append(RouterCand(w, "out_in", f"{path}.bias" if lin.bias is not None else None, path))
+        elif (path and _depth(path) <= 1 and not excluded(path) and lin.out_features > E
+              and _score(path, _ROUTER_NAMES) and _single_linear(module, path)):
+            # more choices than experts: identity experts (LongCat); not a layer of an MLP router
+            w = f"{path}.weight"
+            seen_weights.add(w)
+            routers.append(RouterCand(w, "out_in", f"{path}.bias" if lin.bias is not None else None, path,
+                                      choices=lin.out_features))
     for path, p in module.named_parameters():
         if p.dim() != 2 or path in seen_weights or excluded(path) or _depth(path) > 1 or "bias" in path.split(".")[-1]:
             continue
@@ -240,9 +261,10 @@ def discover(module: nn.Module):
                 st.expert_biases.append(path)
     # selection bias: an [E] (or [1, E]) tensor that is not a linear's bias, on the layer or its router (ERNIE
     # keeps it in a submodule of the router: gate.moe_statics.e_score_correction_bias [1, E])
+    widths = {r.width(E) for r in routers}
     for path, t in list(module.named_parameters()) + list(module.named_buffers()):
-        if t.numel() == E and t.shape[-1] == E and t.dim() <= 2 and not excluded(path) and _depth(path) <= 2 \
-                and path not in st.expert_biases:
+        if t.numel() in widths and t.shape[-1] == t.numel() and t.dim() <= 2 and not excluded(path) \
+                and _depth(path) <= 2 and path not in st.expert_biases:
             if as_linear(_owner(module, path)) is not None:
                 continue
             st.score_biases.append(path)

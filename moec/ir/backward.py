@@ -5,7 +5,8 @@ backward's ops (`moec.ir.grad_ops`) and the forward's own ``grouped_gemm`` / ``r
 Graph inputs: ``dy`` (the output's gradient, in the layer's dtype), ``d_aux``, ``d_logits`` and
 ``d_weights_out`` (the gradients of the aux loss, router logits and routing weights, when the forward
 returns them), the forward's inputs under their names (``x``, ``w_router``, ``w_gate``...), and what
-the forward saved: the routing (``ids``; ``ids_routed`` before capacity; ``route_weights``), the dispatch
+the forward saved: the routing (``ids``; ``ids_routed`` before capacity; ``ids_chosen``, the router's choices
+before identity experts became dropped pairs; ``route_weights``), the dispatch
 (``order``, ``offsets``) and a gated shared expert's ``shared_scale``. Outputs are named ``d_<input>``
 (`grad_outputs` lists them).
 
@@ -34,7 +35,7 @@ from .graph import Builder, Graph
 from .ops import router_attrs
 from .types import B, S, T, TensorType, dtype_name
 
-SAVED = ("ids", "ids_routed", "route_weights", "order", "offsets", "shared_scale")
+SAVED = ("ids", "ids_routed", "ids_chosen", "route_weights", "order", "offsets", "shared_scale")
 # the activation's inputs, when the forward saved them (passes/save_activations.py) rather than the
 # backward recomputing them: the routed experts' gate/up products, the shared expert's
 PRE_SAVED = ("pre_gate", "pre_up", "shared_pre_gate", "shared_pre_up")
@@ -50,6 +51,9 @@ def saved_values(forward: Graph) -> dict:
     producer = forward.producer(got["ids"])
     if producer is None:                                  # the routing is a graph input (routed experts)
         got["route_weights"] = "weights"
+    elif producer.op == "identity_experts":          # the router's choices, identity picks included
+        got["route_weights"] = producer.ins["weights"]
+        got["ids_chosen"] = producer.ins["ids"]
     else:
         got["route_weights"] = producer.outs["weights"]
         if producer.op == "apply_capacity":
@@ -148,6 +152,7 @@ def build_moe_backward_graph(spec: MoESpec, dtype, outputs=("y",), pre: tuple = 
     dt = dtype_name(dtype)
     r = spec.router
     E, k, d, f = r.num_experts, r.top_k, spec.hidden, spec.ffn
+    Ef = spec.ffn_experts
     b = Builder("moe_backward")
     dy = b.input("dy", TensorType(dt, (T, d)))
     d_aux = b.input("d_aux", TensorType("f32", ())) if "aux" in outputs else None
@@ -155,21 +160,30 @@ def build_moe_backward_graph(spec: MoESpec, dtype, outputs=("y",), pre: tuple = 
     w_router = b.input("w_router", TensorType(dt, (E, d)))
     b_router = b.input("b_router", TensorType(dt, (E,))) if r.router_bias else None
     w_noise = b.input("w_noise", TensorType(dt, (E, d))) if r.noisy else None
-    ws = {n: v for n, v in expert_inputs(b, E, d, f, dt, spec.glu, spec.expert_bias).items() if v is not None}
-    dx_pairs, d_weights, grads = routed_experts_grad(b, x, dy, ws, E, k, spec.activation, spec.glu,
+    ws = {n: v for n, v in expert_inputs(b, Ef, d, f, dt, spec.glu, spec.expert_bias).items() if v is not None}
+    dx_pairs, d_weights, grads = routed_experts_grad(b, x, dy, ws, Ef, k, spec.activation, spec.glu,
                                                      spec.glu_variant, spec.expert_bias, pre)
+    chosen, dx_identity = "ids", None
+    if spec.identity_experts:            # identity picks: d weight = x . dy, d x += dy * their weights
+        chosen = b.input("ids_chosen", TensorType("i32", (T, k)))
+        ig = b.add("identity_experts_grad", {"x": x, "dy": dy, "ids": chosen, "weights": "route_weights"},
+                   {"ffn_experts": Ef}, names={"d_weights": "d_identity_weights", "dx": "dx_identity"})
+        d_weights = b.add("add", {"a": d_weights, "b": ig["d_weights"]}, names={"out": "d_route_weights_ffn_id"})["out"]
+        dx_identity = ig["dx"]
     ids_routed = b.input("ids_routed", TensorType("i32", (T, k))) if r.capacity_factor is not None else None
     d_logits = b.input("d_logits", TensorType("f32", (T, E))) if "logits" in outputs else None
     if "weights" in outputs:             # the routing weights are an output too: their gradient adds up
         d_out = b.input("d_weights_out", TensorType("f32", (T, k)))
         d_weights = b.add("add", {"a": d_weights, "b": d_out}, names={"out": "d_route_weights_all"})["out"]
-    rg = b.add("router_grad", {"x": x, "w": w_router, "b": b_router, "w_noise": w_noise, "ids": "ids",
+    rg = b.add("router_grad", {"x": x, "w": w_router, "b": b_router, "w_noise": w_noise, "ids": chosen,
                                "ids_routed": ids_routed, "d_weights": d_weights, "d_aux": d_aux,
                                "d_logits": d_logits}, router_attrs(r),
                names={"dx": "dx_router", "dw": "d_w_router", "db": "d_b_router", "dw_noise": "d_w_noise"},
                results=["dx", "dw"] + (["db"] if r.router_bias else []) + (["dw_noise"] if r.noisy else []))
     grads.update({"w_router": rg["dw"], "b_router": rg.get("db"), "w_noise": rg.get("dw_noise")})
     residual = rg["dx"]
+    if dx_identity is not None:
+        residual = b.add("add", {"a": residual, "b": dx_identity}, names={"out": "dx_router_identity"})["out"]
     if spec.shared is not None:
         fs = spec.shared.width
         sw = {"w_up": b.input("shared_up", TensorType(dt, (1, fs, d))),

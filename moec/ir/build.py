@@ -108,20 +108,25 @@ def build_moe_graph(spec: MoESpec, dtype, outputs=("y",), name: str = "moe") -> 
     dt = dtype_name(dtype)
     r = spec.router
     E, k, d, f = r.num_experts, r.top_k, spec.hidden, spec.ffn
+    Ef = spec.ffn_experts                   # experts with an MLP (the router's first choices)
     b = Builder(name)
     x = b.input("x", TensorType(dt, (T, d)))
     w_router = b.input("w_router", TensorType(dt, (E, d)))
     b_router = b.input("b_router", TensorType(dt, (E,))) if r.router_bias else None
     score_bias = b.input("score_bias", TensorType("f32", (E,))) if r.score_bias else None
     w_noise = b.input("w_noise", TensorType(dt, (E, d))) if r.noisy else None
-    ws = expert_inputs(b, E, d, f, dt, spec.glu, spec.expert_bias)
+    ws = expert_inputs(b, Ef, d, f, dt, spec.glu, spec.expert_bias)
 
     logits = b.add("linear", {"x": x, "w": w_router, "b": b_router}, names={"out": "logits"})["out"]
     noise = b.add("linear", {"x": x, "w": w_noise}, names={"out": "noise_logits"})["out"] if r.noisy else None
     route = b.add("route", {"logits": logits, "score_bias": score_bias, "noise_logits": noise},
                   router_attrs(r), results=["ids", "weights"] + (["aux"] if r.aux_loss else []))
-    y = routed_experts(b, x, route["ids"], route["weights"], ws, E, k, spec.activation, spec.glu,
-                       spec.glu_variant)
+    ids, extra = route["ids"], None
+    if spec.identity_experts:            # picks of identity experts add weight * x and run no MLP
+        ident = b.add("identity_experts", {"x": x, "ids": ids, "weights": route["weights"]}, {"ffn_experts": Ef},
+                      names={"ids": "ids_ffn", "out": "identity_out"})
+        ids, extra = ident["ids"], ident["out"]
+    y = routed_experts(b, x, ids, route["weights"], ws, Ef, k, spec.activation, spec.glu, spec.glu_variant)
 
     if spec.shared is not None:
         fs = spec.shared.width
@@ -138,7 +143,10 @@ def build_moe_graph(spec: MoESpec, dtype, outputs=("y",), name: str = "moe") -> 
                    names={"out": "shared_h"})["out"]
         so = b.add("grouped_gemm", {"a": sh, "w": s_down, "scale": scale}, {**one, "out_dtype": "f32"},
                    names={"out": "shared_out"})["out"]
-        y = b.add("add", {"a": y, "b": so}, names={"out": "routed_shared"})["out"]
+        extra = so if extra is None else b.add("add", {"a": extra, "b": so}, names={"out": "identity_shared"})["out"]
+    if extra is not None:               # one add after the routed experts (fold-combine absorbs it)
+        name = "routed_shared" if spec.shared else "routed_identity"
+        y = b.add("add", {"a": y, "b": extra}, names={"out": name})["out"]
 
     out = {"y": b.add("cast", {"x": y}, {"dtype": dt}, names={"out": "y"})["out"],
            "logits": logits, "aux": route.get("aux"), "weights": route["weights"]}

@@ -104,6 +104,13 @@ op("router_grad", "The router's backward given the forward's choices ids (and id
    optional_operands=["b", "w_noise", "ids_routed", "d_aux", "d_logits"], optional_results=["db", "dw_noise"],
    attrs={**{n: REQUIRED for n in ("num_experts", "top_k")}, **_ROUTER_DEFAULTS})
 
+op("identity_experts_grad", "The VJP of identity_experts given the choices ids: d weights[t, s] = x[t] . "
+   "dy[t] for slots that picked an identity expert (ids >= ffn_experts), else 0; dx[t] = dy[t] * (sum of "
+   "those slots' weights); fp32.",
+   ["x", "dy", "ids", "weights"], ["d_weights", "dx"],
+   lambda o, a: {"d_weights": TensorType("f32", o["ids"].shape), "dx": TensorType("f32", o["x"].shape)},
+   attrs={"ffn_experts": REQUIRED})
+
 op("shared_gate_grad", "A sigmoid-gated shared expert's gate (scale = sigmoid(x @ w.T)): d x (fp32) and d w "
    "from the row sums of dots (d scale).",
    ["x", "w", "scale", "dots"], ["dx", "dw"],
@@ -294,6 +301,14 @@ def _attention_dq(n, v, ctx):
 def _attention_dkdv(n, v, ctx):
     _, dk, dv = _attention_grads(n, v)
     return {"d_k": dk, "d_v": dv}
+
+
+@impl("identity_experts_grad")
+def _identity_experts_grad(n, v, ctx):
+    picked = v["ids"] >= n.attr["ffn_experts"]
+    dots = (v["x"].float() * v["dy"].float()).sum(1, keepdim=True)
+    w = torch.where(picked, v["weights"].float(), 0.0).sum(1, keepdim=True)
+    return {"d_weights": torch.where(picked, dots, 0.0), "dx": v["dy"].float() * w}
 
 
 @impl("shared_gate_grad")

@@ -106,6 +106,13 @@ def _capacity(n, v, ctx):
     return {"ids": ids.to(torch.int32), "weights": w}
 
 
+@impl("identity_experts")
+def _identity_experts(n, v, ctx):
+    picked = v["ids"] >= n.attr["ffn_experts"]
+    w = torch.where(picked, v["weights"].float(), 0.0).sum(1, keepdim=True)
+    return {"ids": torch.where(picked, -1, v["ids"]), "out": v["x"].float() * w}
+
+
 @impl("shared_gate")
 def _shared_gate(n, v, ctx):
     return {"scale": torch.sigmoid(v["x"].float() @ v["w"].float().t())[:, 0]}

@@ -113,6 +113,12 @@ op("apply_capacity", "Per-expert capacity on routed pairs (RouterConfig semantic
    lambda o, a: {"ids": o["ids"], "weights": o["weights"]}, optional_operands=["score_bias"],
    attrs={**{n: REQUIRED for n in ("num_experts", "top_k")}, **_ROUTER_DEFAULTS})
 
+op("identity_experts", "Identity (zero-computation) experts, the router's choices >= ffn_experts: ids = the "
+   "choices with those set to -1 (no MLP runs for them: dropped pairs downstream), out[t] = x[t] * (sum of "
+   "weights[t, s] over the slots that picked one), fp32.",
+   ["x", "ids", "weights"], ["ids", "out"],
+   lambda o, a: {"ids": o["ids"], "out": TensorType("f32", o["x"].shape)}, attrs={"ffn_experts": REQUIRED})
+
 op("shared_gate", "scale[t] = sigmoid(x[t] @ w[0]) (fp32), the gate of a sigmoid-gated shared expert.",
    ["x", "w"], ["scale"], lambda o, a: {"scale": TensorType("f32", (_rows(o["x"]),))})
 
