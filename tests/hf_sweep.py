@@ -65,9 +65,11 @@ def _shrink(cfg, layers: int = 2) -> None:
         "qk_head_dim": 16, "initializer_range": 0.2, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
         "sliding_window": 8, "decoder_sparse_step": 1, "expert_layer_period": 1, "expert_layer_offset": 0,
         "moe_layer_freq": 1, "mlp_only_layers": [], "use_cache": True,
+        "enable_moe_block": True, "top_k_experts": 2,         # Gemma4: an MoE block beside the dense MLP
     }
     for key, value in sizes.items():
-        settable = d.get(key) is not None or key in ("head_dim", "num_experts_per_tok", "n_group", "topk_group")
+        settable = d.get(key) is not None or key in ("head_dim", "num_experts_per_tok", "n_group", "topk_group",
+                                                     "num_experts", "top_k_experts", "moe_intermediate_size")
         if key in d and settable and not isinstance(d[key], (dict, list)) or key == "mlp_only_layers" \
                 and isinstance(d.get(key), list):
             try:

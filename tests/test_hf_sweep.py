@@ -1,7 +1,8 @@
 """Every MoE family of the installed transformers against eager (tests/hf_sweep.py): never wrong,
 never a crash. CI checks a subset (routers that take a selection bias as an argument, hybrids,
-squared-ReLU experts, a selection bias inside the router, a softcapped SwiGLU, a post-combine norm, a clamped SwiGLU in routed and shared experts, an MLP router that stays eager with its reason); ``HYPOTHESIS_PROFILE=large``
-checks every family."""
+squared-ReLU experts, a selection bias inside the router, a softcapped SwiGLU, a post-combine norm, a clamped
+SwiGLU in routed and shared experts, identity experts, an MLP router and an MoE inside a decoder layer that stay
+eager with their reasons); ``HYPOTHESIS_PROFILE=large`` checks every family."""
 import os
 
 import pytest
@@ -11,7 +12,7 @@ pytest.importorskip("transformers")
 import hf_sweep  # noqa: E402
 
 SUBSET = ["afmoe", "hy_v3", "minimax_m2", "deepseek_v2", "qwen3_next", "nemotron_h", "cohere2_moe", "zaya",
-          "ernie4_5_moe", "inkling2_text", "axk1", "minimax_m3_vl_text"]
+          "ernie4_5_moe", "inkling2_text", "axk1", "minimax_m3_vl_text", "longcat_flash", "gemma4_text"]
 ALL = os.environ.get("HYPOTHESIS_PROFILE") == "large"
 NAMES = hf_sweep.families() if ALL else [n for n in SUBSET if n in hf_sweep.families()]
 
@@ -19,9 +20,9 @@ NAMES = hf_sweep.families() if ALL else [n for n in SUBSET if n in hf_sweep.fami
 # routers called as router(x, e_score_correction_bias), hooked with output_router_logits; relu**2 experts; a
 # selection bias kept in a submodule of the router (ERNIE); a softcapped SwiGLU module (Inkling2); a norm of the
 # combined output (A.X-K1); a clamped SwiGLU in a custom gate and in the shared expert (MiniMax-M3); clamped routed
-# experts beside a plain shared expert (HunYuan-V4)
+# experts beside a plain shared expert (HunYuan-V4); 256 identity experts behind the router (LongCat-Flash)
 MUST_LIFT = {"afmoe", "hy_v3", "minimax_m2", "nemotron_h", "deepseek_v2", "qwen3_next", "cohere2_moe",
-             "ernie4_5_moe", "inkling2_text", "axk1", "minimax_m3_vl_text", "hy_v4"}
+             "ernie4_5_moe", "inkling2_text", "axk1", "minimax_m3_vl_text", "hy_v4", "longcat_flash"}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -199,3 +200,24 @@ def test_hy_v4_clamped_routed_experts_beside_a_plain_shared_expert():
     specs = [s for s in specs if s is not None]           # (the MoE layers' regions)
     assert specs and all(s.glu_limit == 0.05 and s.shared is not None and s.shared.variant == () for s in specs), specs
     _same_logits_and_gradients(eager, model, ids, ".mlp.", unlike=loose)
+
+
+def test_an_moe_inside_a_decoder_layer_says_so_and_its_experts_run_on_moec():
+    """Gemma4's MoE block is a part of its decoder layer's forward (beside attention and a dense MLP):
+    explain() says so in words and names the way in, transformers' experts interface, which then runs moec's
+    kernels with eager's logits."""
+    import torch
+    import moec
+    import moec.hf
+    from moec.hf import experts as hf_experts
+    outcome = hf_sweep.check("gemma4_text")
+    assert outcome.status == "EAGER", outcome
+    assert "children of a layer that also computes self_attn" in outcome.detail, outcome.detail
+    assert 'experts_implementation="moec"' in outcome.detail, outcome.detail
+    moec.hf.register()
+    eager = hf_sweep.build("gemma4_text")
+    fused = hf_sweep.build("gemma4_text", experts_implementation="moec")
+    ids = torch.randint(3, hf_sweep.VOCAB, (2, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(input_ids=ids).logits, eager(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    assert hf_experts.calls(fused)["kernels"] >= 2

@@ -42,6 +42,29 @@ MAX_SCREENS = 4000
 _SCREEN_INPUT = 2          # 48 random tokens
 
 
+def _attention_children(module: nn.Module) -> list:
+    """``"path (Class)"`` of the module's children that compute attention (named or classed so)."""
+    return [f"{name} ({type(c).__name__})" for name, c in module.named_children()
+            if "attention" in type(c).__name__.lower() or name.endswith(("attn", "attention"))]
+
+
+def _inside_a_bigger_layer(module: nn.Module, st) -> str:
+    """Why a module that holds experts and a router is a whole decoder layer (attention beside the MoE: the
+    MoE is a part of its forward, not all of it), with the way to moec's experts kernels when the experts
+    module follows transformers' experts interface; "" when it is not one."""
+    attn = _attention_children(module)
+    if not attn:
+        return ""
+    top = (st.experts or st.stacked[0][0]).split(".")[0]
+    experts = module.get_submodule(top)
+    hint = ""
+    if any(getattr(c.__dict__.get("forward"), "__wrapped__", None) is not None for c in type(experts).__mro__):
+        hint = (f"; its experts module {top} ({type(experts).__name__}) follows transformers' experts interface: "
+                f"experts_implementation=\"moec\" runs it on moec's kernels")
+    return (f"its router and experts are children of a layer that also computes {attn[0]}: moec lifts a module "
+            f"whose forward is the MoE layer alone{hint}")
+
+
 def _extra_required_args(module: nn.Module) -> list:
     try:
         sig = inspect.signature(module.forward)
@@ -209,6 +232,9 @@ def _lift(module: nn.Module):
     if extra:
         return NotLifted(f"{cls}: forward takes extra required argument(s) {', '.join(map(repr, extra))}; "
                          f"moec lifts layers called as forward(hidden_states)")
+    inside = _inside_a_bigger_layer(module, st)
+    if inside:
+        return NotLifted(f"{cls}: {inside}")
     if st.expert_biases:
         return NotLifted(f"{cls}: per-expert biases {', '.join(st.expert_biases)} are not supported "
                          f"(MoESpec experts are bias-free)")
