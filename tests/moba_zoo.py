@@ -9,7 +9,9 @@ Core functions take ``q [B, H, N, D]``, ``k``/``v [B, Hkv, N, D]`` and return ``
 - `moba_gather`: the same gate, then the keys and values of the selected blocks gathered per query
   (advanced indexing), attention over the gathered keys with the causal mask inside the own block;
 - `moba_loop`: MoBA's own naive style: Python loops over the blocks (slice means, in-place masks);
-- `moba_bnhd`: the dense-mask core on ``[B, N, H, D]`` tensors (the flash-attention layout), einsums.
+- `moba_bnhd`: the dense-mask core on ``[B, N, H, D]`` tensors (the flash-attention layout), einsums;
+- `moba_varlen_loop` (`VarlenLoopMoba`): packed ``[S, H, D]`` tensors and ``cu_seqlens``, one Python iteration
+  per sequence with its bounds read by ``.item()`` (a loop over values: not lifted, with the reason).
 
 Flags make the variants moec must *not* lift: max-pooled representatives, no own-block forcing,
 attention not causal. `MobaAttention` wraps a core in q/k/v/o projections and a reshape to heads;
@@ -174,3 +176,39 @@ class Block(nn.Module):
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
+
+
+def moba_varlen_loop(q, k, v, cu_seqlens, block_size: int, top_k: int):
+    """Packed ``[S, H, D]`` sequences (one per ``cu_seqlens`` interval), a Python loop over them: slice means
+    per block, einsum gate with the own block forced and future blocks masked, top-k, dense masked softmax."""
+    out = torch.zeros_like(q)
+    for i in range(cu_seqlens.numel() - 1):
+        a, b = cu_seqlens[i].item(), cu_seqlens[i + 1].item()
+        qs, ks, vs = q[a:b].float(), k[a:b].float(), v[a:b].float()
+        n = b - a
+        if n == 0:                                                  # an empty sequence
+            continue
+        nb = math.ceil(n / block_size)
+        means = torch.cat([ks[j * block_size:min(n, (j + 1) * block_size)].mean(0, keepdim=True) for j in range(nb)])
+        gate = torch.einsum("shd,nhd->hsn", qs, means)
+        for j in range(nb):
+            gate[:, : (j + 1) * block_size, j] = float("-inf")
+            gate[:, j * block_size:(j + 1) * block_size, j] = float("inf")
+        idx = torch.topk(gate, k=min(top_k, nb), dim=-1).indices
+        keep = torch.zeros_like(gate, dtype=torch.bool).scatter_(-1, idx, True) & (gate > float("-inf"))
+        mask = torch.where(keep, 0.0, float("-inf")).repeat_interleave(block_size, -1)[:, :, :n]
+        mask = mask.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+        s = torch.einsum("xhd,yhd->hxy", qs, ks) / math.sqrt(q.shape[-1]) + mask
+        out[a:b] = torch.einsum("hxy,yhd->xhd", s.softmax(-1), vs).to(q.dtype)
+    return out
+
+
+class VarlenLoopMoba(nn.Module):
+    """`moba_varlen_loop` as a module: ``forward(q, k, v, cu_seqlens)`` on packed ``[S, H, D]`` tensors."""
+
+    def __init__(self, block_size: int = 8, top_k: int = 3):
+        super().__init__()
+        self.block_size, self.top_k = block_size, top_k
+
+    def forward(self, q, k, v, cu_seqlens):
+        return moba_varlen_loop(q, k, v, cu_seqlens, self.block_size, self.top_k)

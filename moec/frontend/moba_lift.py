@@ -169,6 +169,12 @@ def analyse(module: nn.Module, args: tuple, kwargs: dict) -> Union[LiftedMoba, N
             return NotLiftedMoba("forward takes an argument moec cannot key a specialised graph by")
         tr = trace(module, bound)
     except TraceFailed as e:
+        if any(f"call_method {read}:" in str(e) for read in ("item", "tolist")):
+            return NotLiftedMoba(
+                f"forward reads tensor values on the host ({e}): MoBA code whose loops run over values (packed "
+                f"sequences' cu_seqlens read with .item()) is not lifted, only code whose control flow follows "
+                f"shapes; moec.ops.moba_attention(q, k, v, block_size=..., top_k=..., cu_seqlens=...) computes "
+                f"MoBA over packed sequences")
         return NotLiftedMoba(f"forward could not be traced (fx, shape-specialised): {e}")
     try:
         m = match(tr)
