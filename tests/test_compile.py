@@ -345,3 +345,49 @@ def test_inputs_the_kernels_cannot_take_are_named():
     halves = [t.half() for t in tensors]
     assert "weights in torch.float16" in why_eager(torch.randn(2, 16), halves)
     assert why_eager(torch.randn(2, 16), tensors) is None
+
+
+def test_a_wider_router_named_linear_beside_the_router_changes_nothing():
+    """A layer returning (y, router logits) that also holds an unused linear named like a router with more
+    outputs than experts: the router with one output per expert is read (a wider one only stands for identity
+    experts when no such router exists), and the layer lifts with eager's outputs."""
+    class WithSpareHead(zoo.MixtralLogitsMoE):
+        def __init__(self):
+            super().__init__()
+            self.aux_router = torch.nn.Linear(16, 2 * len(self.experts), bias=False)
+    compiled, eager = compiled_and_eager(WithSpareHead)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        assert_same(compiled(x), eager(x))
+    assert "LIFTED" in compiled.explain() and "gate.weight" in compiled.explain()
+
+
+def test_a_decoder_block_with_stacked_experts_on_itself_says_why():
+    """Attention, a router and stacked expert weights directly on one block: eager, with the reason in words
+    (not an error of the analysis)."""
+    import torch.nn.functional as F
+
+    class Block(torch.nn.Module):
+        def __init__(self, d=16, f=32, E=4):
+            super().__init__()
+            self.self_attn = torch.nn.MultiheadAttention(d, 2, batch_first=True)
+            self.gate = torch.nn.Linear(d, E, bias=False)
+            self.w1, self.w3 = (torch.nn.Parameter(torch.randn(E, f, d) * 0.1) for _ in range(2))
+            self.w2 = torch.nn.Parameter(torch.randn(E, d, f) * 0.1)
+
+        def forward(self, h):
+            h = h + self.self_attn(h, h, h)[0]
+            x = h.reshape(-1, h.shape[-1])
+            w, ids = torch.topk(F.softmax(self.gate(x), -1), 2)
+            y = torch.zeros_like(x)
+            for s in range(2):
+                e = ids[:, s]
+                up, g = (torch.einsum("td,tfd->tf", x, p[e]) for p in (self.w1, self.w3))
+                y = y + w[:, s:s + 1] * torch.einsum("tf,tdf->td", F.silu(up) * g, self.w2[e])
+            return h + y.view_as(h)
+    compiled, eager = compiled_and_eager(Block)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        assert_same(compiled(x), eager(x))
+    line = next(ln for ln in compiled.explain().splitlines() if "EAGER" in ln)
+    assert "also computes self_attn (MultiheadAttention)" in line and "analysis failed" not in line, line

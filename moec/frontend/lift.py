@@ -55,10 +55,12 @@ def _inside_a_bigger_layer(module: nn.Module, st) -> str:
     attn = _attention_children(module)
     if not attn:
         return ""
-    top = (st.experts or st.stacked[0][0]).split(".")[0]
+    path = st.experts or st.stacked[0][0]
+    top = path.split(".")[0] if "." in path else ""          # stacked weights on the module itself: ""
     experts = module.get_submodule(top)
     hint = ""
-    if any(getattr(c.__dict__.get("forward"), "__wrapped__", None) is not None for c in type(experts).__mro__):
+    if top and type(experts).__module__.startswith("transformers.") and any(
+            getattr(c.__dict__.get("forward"), "__wrapped__", None) is not None for c in type(experts).__mro__):
         hint = (f"; its experts module {top} ({type(experts).__name__}) follows transformers' experts interface: "
                 f"experts_implementation=\"moec\" runs it on moec's kernels")
     return (f"its router and experts are children of a layer that also computes {attn[0]}: moec lifts a module "

@@ -163,7 +163,7 @@ def experts_without_router(module: nn.Module) -> Optional[str]:
     if near:
         return (f"{head}, but its router's weight {near[0]} scores a different number of choices: routers "
                 f"that also score shared experts are not supported (extra choices are read as identity experts "
-                f"only from an nn.Linear router)")
+                f"only from an nn.Linear router named like one: gate, router, ...)")
     if deep:
         return (f"{head}, and the weight {deep[0]} with {E} outputs is nested more than one level down "
                 f"(an MLP router, or a router inside a wrapper, is not read)")
@@ -198,7 +198,7 @@ def discover(module: nn.Module):
 
     shapes = {p: tuple(t.shape) for p, t in list(module.named_parameters()) + list(module.named_buffers())}
     # routers: nn.Linear(d, E) or free [E, d] / [d, E] parameters, at most two levels down
-    routers, seen_weights = [], set()
+    routers, seen_weights, wide = [], set(), []
     for path, _, lin in linears(module):
         if path and _depth(path) <= 1 and not excluded(path) and lin.out_features == E:
             w = f"{path}.weight"
@@ -207,10 +207,10 @@ def discover(module: nn.Module):
         elif (path and _depth(path) <= 1 and not excluded(path) and lin.out_features > E
               and _score(path, _ROUTER_NAMES) and _single_linear(module, path)):
             # more choices than experts: identity experts (LongCat); not a layer of an MLP router
-            w = f"{path}.weight"
-            seen_weights.add(w)
-            routers.append(RouterCand(w, "out_in", f"{path}.bias" if lin.bias is not None else None, path,
-                                      choices=lin.out_features))
+            wide.append(RouterCand(f"{path}.weight", "out_in", f"{path}.bias" if lin.bias is not None else None,
+                                   path, choices=lin.out_features))
+    if not routers:             # a router with one output per expert comes first: a wider one only without it
+        routers, seen_weights = wide, {r.weight for r in wide}
     for path, p in module.named_parameters():
         if p.dim() != 2 or path in seen_weights or excluded(path) or _depth(path) > 1 or "bias" in path.split(".")[-1]:
             continue
