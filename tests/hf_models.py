@@ -52,6 +52,10 @@ def _configs() -> dict:
             eos_token_id=2, initializer_range=0.2, attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
             ffn_config={"ffn_hidden_size": 24, "moe_num_experts": 4, "moe_top_k": 2}),
         "phimoe": lambda: C.PhimoeConfig(**_COMMON, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2),
+        # LFM2-MoE's config leaves layer_types None (the model needs one per layer): a conv and an attention layer
+        "lfm2_moe": lambda: C.Lfm2MoeConfig(**_COMMON, intermediate_size=48, moe_intermediate_size=16, num_experts=8,
+                                            num_experts_per_tok=2, num_dense_layers=0,
+                                            layer_types=["conv", "full_attention"]),
     }
 
 

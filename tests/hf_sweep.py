@@ -66,10 +66,15 @@ def _shrink(cfg, layers: int = 2) -> None:
         "sliding_window": 8, "decoder_sparse_step": 1, "expert_layer_period": 1, "expert_layer_offset": 0,
         "moe_layer_freq": 1, "mlp_only_layers": [], "use_cache": True,
         "enable_moe_block": True, "top_k_experts": 2,         # Gemma4: an MoE block beside the dense MLP
+        # Qwen4-Exp's indexed attention needs its indexer (left None in the default config)
+        "indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 8, "indexer_budget": 8,
+        "indexer_compress_ratio": 4,
     }
+    optional = ("head_dim", "num_experts_per_tok", "n_group", "topk_group", "num_experts", "top_k_experts",
+                "moe_intermediate_size", "indexer_n_heads", "indexer_kv_heads", "indexer_head_dim", "indexer_budget",
+                "indexer_compress_ratio")
     for key, value in sizes.items():
-        settable = d.get(key) is not None or key in ("head_dim", "num_experts_per_tok", "n_group", "topk_group",
-                                                     "num_experts", "top_k_experts", "moe_intermediate_size")
+        settable = d.get(key) is not None or key in optional
         if key in d and settable and not isinstance(d[key], (dict, list)) or key == "mlp_only_layers" \
                 and isinstance(d.get(key), list):
             try:
@@ -101,6 +106,11 @@ def _shrink(cfg, layers: int = 2) -> None:
             _shrink(sub, layers)
 
 
+# per-family settings the generic tiny config gets wrong
+FAMILY_SIZES = {"bailing_hybrid": {"num_expert_group": 2, "topk_group": 1, "num_experts_per_token": 2},
+               "longcat_flash": {"zero_expert_num": 4}}            # (its default: 256 identity experts)
+
+
 def build(name: str, seed: int = 0, experts_implementation=None, **kwargs):
     """An eval-mode fp32 tiny model of family ``name`` (random weights, selection biases too); ``kwargs`` set
     config fields, ``experts_implementation`` goes to ``from_config``."""
@@ -113,7 +123,7 @@ def build(name: str, seed: int = 0, experts_implementation=None, **kwargs):
     else:
         cfg = getattr(transformers, CONFIG_MAPPING_NAMES[name])()
         _shrink(cfg)
-    for key, value in kwargs.items():
+    for key, value in {**FAMILY_SIZES.get(name, {}), **kwargs}.items():
         setattr(cfg, key, value)
     torch.manual_seed(seed)
     extra = {"experts_implementation": experts_implementation} if experts_implementation else {}
