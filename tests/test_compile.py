@@ -391,3 +391,23 @@ def test_a_decoder_block_with_stacked_experts_on_itself_says_why():
         assert_same(compiled(x), eager(x))
     line = next(ln for ln in compiled.explain().splitlines() if "EAGER" in ln)
     assert "also computes self_attn (MultiheadAttention)" in line and "analysis failed" not in line, line
+
+
+def test_hash_routing_by_token_ids_says_why():
+    """A layer routing by a hash of the token ids (an optional input_ids argument, DeepSeek-V4's hash layers)
+    cannot be called as forward(hidden_states): eager, and the reason names routing by token ids."""
+    class HashMoE(zoo.MixtralMoE):
+        def forward(self, hidden_states, input_ids=None):
+            x = hidden_states.reshape(-1, hidden_states.shape[-1])
+            ids = (input_ids.reshape(-1, 1) * 7 + torch.arange(self.top_k)) % len(self.experts)
+            out = torch.zeros_like(x)
+            for e, expert in enumerate(self.experts):
+                tok = (ids == e).any(-1).nonzero().flatten()
+                out.index_add_(0, tok, expert(x[tok]) / self.top_k)
+            return out.view_as(hidden_states)
+    compiled, eager = compiled_and_eager(HashMoE)
+    x, ids = torch.randn(2, 5, 16), torch.randint(0, 50, (2, 5))
+    with torch.no_grad():
+        assert_same(compiled(x, input_ids=ids), eager(x, input_ids=ids))
+    line = next(ln for ln in compiled.explain().splitlines() if "EAGER" in ln)
+    assert "takes input_ids" in line and "hash routing" in line, line

@@ -78,6 +78,18 @@ def _extra_required_args(module: nn.Module) -> list:
     return req[1:]
 
 
+_TOKEN_ID_ARGS = ("input_ids", "token_ids", "tokens", "ids")
+
+
+def _token_id_args(module: nn.Module) -> list:
+    """Optional forward arguments that carry token ids (a router reading them routes by token, e.g. by hash)."""
+    try:
+        params = list(inspect.signature(module.forward).parameters)[1:]
+    except (TypeError, ValueError):
+        return []
+    return [p for p in params if p in _TOKEN_ID_ARGS]
+
+
 class _ExpertRows:
     """Expert outputs on the screening tokens, computed only for the (expert, token) pairs that
     some candidate routing asks for (so screening costs about what the eager layer costs)."""
@@ -275,6 +287,10 @@ def _lift(module: nn.Module):
     pr = Prober(module, st.d, width, st.dtype, st.device)
     msg = pr.setup()
     if msg:
+        ids = _token_id_args(module)
+        if ids:                          # the forward fails without them: its routing reads the tokens
+            msg += (f" (its forward also takes {ids[0]}, which a layer called as forward(hidden_states) does not "
+                    f"get: routing by token ids, such as hash routing, is not supported)")
         return NotLifted(f"{cls}: {msg}")
     aux_out = any("aux" in slots(o) for o in pr.options)
     r0 = st.routers[0]
