@@ -4,17 +4,17 @@ A module whose class has a registered adapter (`moec.frontend.adapters`, e.g. Hu
 blocks the generic reader cannot read) is read by the adapter first; its `LiftedMoE` goes through
 the same full probe. Otherwise (or when the adapter does not know the module's layout):
 Steps: `structure.discover` finds the parts (experts, router, shared expert, biases, attributes);
-`experts` reads the expert weights' roles (ModuleList experts are verified by calling them);
+`call_shape` says in words why a module cannot be called as ``forward(hidden_states)`` (extra required
+arguments, token ids, attention beside the MoE); `experts` reads the expert weights' roles (ModuleList experts are verified by calling them);
 `trace.trace_partial` traces the forward as far as fx can and `router_hints` reads router hints
 off the graph (both read graphs with `fx_ops`); then `candidates` enumerates the configurations
 the hints and attributes leave open, most plausible first. Each is screened cheaply on one probe
-input (expert outputs precomputed once, only the routing recomputed), and the first that matches
+input (`screen`: expert outputs precomputed once, only the routing recomputed), and the first that matches
 is put through the full probe (every input, both training modes). Only a configuration that
 passed the probe is returned.
 """
 from __future__ import annotations
 
-import inspect
 from typing import Optional, Union
 
 import torch
@@ -25,6 +25,7 @@ from .. import reference
 from ..spec import MoESpec, MoESpecError
 from .accounting import Coverage, unaccounted
 from .adapters import adapter_for
+from .call_shape import extra_required_args, inside_a_bigger_layer, token_id_args
 from .candidates import Part, assemble, config_text, dedupe, router_configs, router_options, shared_options
 from .experts import ExpertLayout, gated_activation, list_layout, shared_layout, stacked_layouts
 from .fx_ops import MATMULS, descendants
@@ -35,99 +36,12 @@ from .probe import TOKENS, Prober, mode_name, probe
 from .probe_harness import hooks_off
 from .router_call import router_calls
 from .router_hints import read_router
+from .screen import ExpertRows, screen_y
 from .structure import Structure, discover, experts_without_router, meta_or_none, output_norms, unsupported_parts
 from .trace import Traced, trace_partial
 
 MAX_SCREENS = 4000
 _SCREEN_INPUT = 2          # 48 random tokens
-
-
-def _attention_children(module: nn.Module) -> list:
-    """``"path (Class)"`` of the module's children that compute attention (named or classed so)."""
-    return [f"{name} ({type(c).__name__})" for name, c in module.named_children()
-            if "attention" in type(c).__name__.lower() or name.endswith(("attn", "attention"))]
-
-
-def _inside_a_bigger_layer(module: nn.Module, st) -> str:
-    """Why a module that holds experts and a router is a whole decoder layer (attention beside the MoE: the
-    MoE is a part of its forward, not all of it), with the way to moec's experts kernels when the experts
-    module follows transformers' experts interface; "" when it is not one."""
-    attn = _attention_children(module)
-    if not attn:
-        return ""
-    path = st.experts or st.stacked[0][0]
-    top = path.split(".")[0] if "." in path else ""          # stacked weights on the module itself: ""
-    experts = module.get_submodule(top)
-    hint = ""
-    if top and type(experts).__module__.startswith("transformers.") and any(
-            getattr(c.__dict__.get("forward"), "__wrapped__", None) is not None for c in type(experts).__mro__):
-        hint = (f"; its experts module {top} ({type(experts).__name__}) follows transformers' experts interface: "
-                f"experts_implementation=\"moec\" runs it on moec's kernels")
-    return (f"its router and experts are children of a layer that also computes {attn[0]}: moec lifts a module "
-            f"whose forward is the MoE layer alone{hint}")
-
-
-def _extra_required_args(module: nn.Module) -> list:
-    try:
-        sig = inspect.signature(module.forward)
-    except (TypeError, ValueError):
-        return []
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
-             inspect.Parameter.KEYWORD_ONLY)
-    req = [p.name for p in sig.parameters.values() if p.default is p.empty and p.kind in kinds]
-    return req[1:]
-
-
-_TOKEN_ID_ARGS = ("input_ids", "token_ids", "tokens", "ids")
-
-
-def _token_id_args(module: nn.Module) -> list:
-    """Optional forward arguments that carry token ids (a router reading them routes by token, e.g. by hash)."""
-    try:
-        params = list(inspect.signature(module.forward).parameters)[1:]
-    except (TypeError, ValueError):
-        return []
-    return [p for p in params if p in _TOKEN_ID_ARGS]
-
-
-class _ExpertRows:
-    """Expert outputs on the screening tokens, computed only for the (expert, token) pairs that
-    some candidate routing asks for (so screening costs about what the eager layer costs)."""
-
-    def __init__(self, xf: torch.Tensor, weights: dict, layout: ExpertLayout, E: int):
-        self.xf, self.w, self.layout = xf, weights, layout
-        self.Y = xf.new_zeros(E, *xf.shape)
-        self.have = torch.zeros(E, xf.shape[0], dtype=torch.bool, device=xf.device)
-
-    def get(self, ids: torch.Tensor) -> torch.Tensor:
-        valid = ids >= 0
-        tok = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)
-        need = torch.zeros_like(self.have)
-        need[ids[valid], tok[valid]] = True
-        need &= ~self.have
-        w, lay = self.w, self.layout
-        for e in need.any(1).nonzero().flatten().tolist():
-            rows = need[e].nonzero().flatten()
-            biases = tuple(w[b][e] if b in w else None for b in ("b_gate", "b_up", "b_down"))
-            self.Y[e, rows] = reference.expert_mlp(self.xf[rows], w["w_up"][e], w["w_down"][e],
-                                                   w["w_gate"][e] if lay.glu else None, lay.activation,
-                                                   variant=dict(lay.variant), biases=biases)
-        self.have |= need
-        return self.Y
-
-
-def _screen_y(xf, w, cfg, experts: _ExpertRows, S, noise):
-    logits = reference.router_logits(xf, w.w_router, w.b_router, w.w_noise, noise)
-    ids, wts, aux = reference.route(logits, cfg, w.score_bias)
-    T = xf.shape[0]
-    E = experts.Y.shape[0]
-    valid = (ids >= 0) & (ids < E)                       # choices past the experts: identity experts
-    ffn = torch.where(valid, ids, -1)
-    Y = experts.get(ffn)
-    y = (Y[ffn.clamp(min=0), torch.arange(T, device=xf.device)[:, None]] * (wts * valid)[..., None]).sum(1)
-    if (ids >= E).any():
-        y = y + xf * torch.where(ids >= E, wts, 0.0).sum(1, keepdim=True)
-    return (y + S if S is not None else y), aux
 
 
 def stacked_usage(cap: Traced, names: set) -> Optional[str]:
@@ -242,11 +156,11 @@ def _lift(module: nn.Module):
     meta = meta_or_none(module)
     if meta:
         return NotLifted(f"{cls}: {meta}")
-    extra = _extra_required_args(module)
+    extra = extra_required_args(module)
     if extra:
         return NotLifted(f"{cls}: forward takes extra required argument(s) {', '.join(map(repr, extra))}; "
                          f"moec lifts layers called as forward(hidden_states)")
-    inside = _inside_a_bigger_layer(module, st)
+    inside = inside_a_bigger_layer(module, st)
     if inside:
         return NotLifted(f"{cls}: {inside}")
     if st.expert_biases:
@@ -287,7 +201,7 @@ def _lift(module: nn.Module):
     pr = Prober(module, st.d, width, st.dtype, st.device)
     msg = pr.setup()
     if msg:
-        ids = _token_id_args(module)
+        ids = token_id_args(module)
         if ids:                          # the forward fails without them: its routing reads the tokens
             msg += (f" (its forward also takes {ids[0]}, which a layer called as forward(hidden_states) does not "
                     f"get: routing by token ids, such as hash routing, is not supported)")
@@ -317,7 +231,7 @@ def _lift(module: nn.Module):
             exp_part = Part(layout.paths, layout.fields, layout.desc)
             shared_opts = shared_options(shared, st, layout, why)
             with torch.no_grad():
-                experts = _ExpertRows(xf, layout.build([resolve(module, p) for p in layout.paths]), layout, st.E)
+                experts = ExpertRows(xf, layout.build([resolve(module, p) for p in layout.paths]), layout, st.E)
             for sh_part, sh_cfg in shared_opts:
                 for r_part, has_bias, has_noise, router_bias, r_width in router_opts:
                     parts = [r_part, exp_part] + ([sh_part] if sh_part else [])
@@ -345,7 +259,7 @@ def _lift(module: nn.Module):
                                 return
                             with torch.no_grad():
                                 noise = pr.noise(_SCREEN_INPUT, nd) if (screen and cfg.noisy) else None
-                                y_ref, aux = _screen_y(xf, w, cfg, experts, S, noise)
+                                y_ref, aux = screen_y(xf, w, cfg, experts, S, noise)
                                 outputs, msg = pr.match(_SCREEN_INPUT, screen, spec, w, nd, y_ref=y_ref, aux=aux)
                             if msg:
                                 if first_fail is None:

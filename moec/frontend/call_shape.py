@@ -1,0 +1,60 @@
+"""Why a module that holds a router and experts is not a layer moec can call as ``forward(hidden_states)``,
+in words, read from the module and its forward's signature before anything is probed: required extra
+arguments, token-id arguments (routing by token, e.g. hash routing), attention beside the MoE (a whole
+decoder layer). `moec.frontend.lift` asks these first.
+"""
+from __future__ import annotations
+
+import inspect
+
+from torch import nn
+
+
+def attention_children(module: nn.Module) -> list:
+    """``"path (Class)"`` of the module's children that compute attention (named or classed so)."""
+    return [f"{name} ({type(c).__name__})" for name, c in module.named_children()
+            if "attention" in type(c).__name__.lower() or name.endswith(("attn", "attention"))]
+
+
+def inside_a_bigger_layer(module: nn.Module, st) -> str:
+    """Why a module that holds experts and a router is a whole decoder layer (attention beside the MoE: the
+    MoE is a part of its forward, not all of it), with the way to moec's experts kernels when the experts
+    module follows transformers' experts interface; "" when it is not one."""
+    attn = attention_children(module)
+    if not attn:
+        return ""
+    path = st.experts or st.stacked[0][0]
+    top = path.split(".")[0] if "." in path else ""          # stacked weights on the module itself: ""
+    experts = module.get_submodule(top)
+    hint = ""
+    if top and type(experts).__module__.startswith("transformers.") and any(
+            getattr(c.__dict__.get("forward"), "__wrapped__", None) is not None for c in type(experts).__mro__):
+        hint = (f"; its experts module {top} ({type(experts).__name__}) follows transformers' experts interface: "
+                f"experts_implementation=\"moec\" runs it on moec's kernels")
+    return (f"its router and experts are children of a layer that also computes {attn[0]}: moec lifts a module "
+            f"whose forward is the MoE layer alone{hint}")
+
+
+def extra_required_args(module: nn.Module) -> list:
+    """The forward's required arguments after the first (a layer moec calls as ``forward(hidden_states)``
+    has none)."""
+    try:
+        sig = inspect.signature(module.forward)
+    except (TypeError, ValueError):
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+             inspect.Parameter.KEYWORD_ONLY)
+    req = [p.name for p in sig.parameters.values() if p.default is p.empty and p.kind in kinds]
+    return req[1:]
+
+
+_TOKEN_ID_ARGS = ("input_ids", "token_ids", "tokens", "ids")
+
+
+def token_id_args(module: nn.Module) -> list:
+    """Optional forward arguments that carry token ids (a router reading them routes by token, e.g. by hash)."""
+    try:
+        params = list(inspect.signature(module.forward).parameters)[1:]
+    except (TypeError, ValueError):
+        return []
+    return [p for p in params if p in _TOKEN_ID_ARGS]
