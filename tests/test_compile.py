@@ -411,3 +411,55 @@ def test_hash_routing_by_token_ids_says_why():
         assert_same(compiled(x, input_ids=ids), eager(x, input_ids=ids))
     line = next(ln for ln in compiled.explain().splitlines() if "EAGER" in ln)
     assert "takes input_ids" in line and "hash routing" in line, line
+
+
+class InputScaledMoE(torch.nn.Module):
+    """Llama4's way: top-1 by logit, the sigmoid of the pick scales the experts' *input*, every expert runs
+    on every token (a zero input gives a zero output), stacked [E, d, 2f] / [E, f, d] weights."""
+
+    def __init__(self, d=16, f=24, E=4):
+        super().__init__()
+        self.router = torch.nn.Linear(d, E, bias=False)
+        self.gate_up_proj = torch.nn.Parameter(torch.randn(E, d, 2 * f) / 4)
+        self.down_proj = torch.nn.Parameter(torch.randn(E, f, d) / 5)
+
+    def forward(self, hidden_states):
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        logits = self.router(x)
+        top, idx = torch.topk(logits, 1, dim=1)
+        scores = torch.sigmoid(torch.full_like(logits, float("-inf")).scatter_(1, idx, top))
+        routed_in = x.repeat(scores.shape[1], 1) * scores.transpose(0, 1).reshape(-1, 1)
+        gate, up = torch.bmm(routed_in.view(scores.shape[1], -1, x.shape[-1]), self.gate_up_proj).chunk(2, dim=-1)
+        out = torch.bmm(torch.nn.functional.silu(gate) * up, self.down_proj)
+        return out.sum(0).view_as(hidden_states)
+
+
+def test_input_scaled_experts_say_so():
+    """Experts that see the routing weight times the input (Llama4) stay eager, and the reason names it first."""
+    compiled, eager = compiled_and_eager(InputScaledMoE)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        assert_same(compiled(x), eager(x))
+    line = next(ln for ln in compiled.explain().splitlines() if "EAGER" in ln)
+    assert "the routing weights scale the experts' input" in line, line
+
+
+@pytest.mark.parametrize("name", ["MixtralMoE", "DenseOneHotMoE", "QwenMoE"])
+def test_input_scaling_is_not_seen_where_the_weights_scale_the_output(name):
+    """Must not fire: layers whose traces reach the experts (module calls, matmuls with the stacked weights)
+    and weight the experts' outputs, or gather their inputs, are not input-scaled."""
+    from moec.frontend.fx_ops import MATMULS
+    from moec.frontend.lift import scaled_expert_input
+    from moec.frontend.structure import discover
+    from moec.frontend.trace import trace_partial
+    torch.manual_seed(0)
+    m = LIFTED[name]().eval()
+    st = discover(m)
+    cap = trace_partial(m, [m.get_submodule(p) for p in st.expert_paths + st.shared])
+    stacked = {p for p, _ in st.stacked}
+    weight = lambda a: a.op == "get_attr" and a.target in stacked          # noqa: E731
+    reached = [n for n in cap.graph.nodes if (n.op == "call_module" and n.target in set(st.expert_paths))
+               or (cap.kind(n) in MATMULS and any(weight(a) for a in n.all_input_nodes))]
+    assert reached, "the trace never reaches the experts: the check would be vacuous"
+    paths = {r.module for r in st.routers if r.module} | {r.weight for r in st.routers}
+    assert scaled_expert_input(cap, st, paths) is None

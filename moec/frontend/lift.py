@@ -28,7 +28,7 @@ from .adapters import adapter_for
 from .call_shape import extra_required_args, inside_a_bigger_layer, token_id_args
 from .candidates import Part, assemble, config_text, dedupe, router_configs, router_options, shared_options
 from .experts import ExpertLayout, gated_activation, list_layout, shared_layout, stacked_layouts
-from .fx_ops import MATMULS, descendants
+from .fx_ops import CASTS, MATMULS, RESHAPES, descendants, strip
 from .lifted import LiftedMoE, NotLifted, WeightsRecipe, resolve
 from .idle_experts import idle_expert_grads
 from .outputs import slots
@@ -67,6 +67,43 @@ def module_calls_depend_on(cap: Traced, targets: set, starts_paths: set) -> Opti
         return None
     down = descendants(router)
     return any(any(a in down for a in c.all_input_nodes) for c in calls)
+
+
+def scaled_expert_input(cap: Traced, st: Structure, router_paths: set) -> Optional[str]:
+    """The node where the traced forward multiplies what the experts read by a value computed from the router
+    (the routing weights scaling the experts' input, as Llama4 does), right before an expert module call or a
+    matmul with a stacked expert weight; None when it does not (or the trace did not reach the experts)."""
+    router = [n for n in cap.graph.nodes if n.op in ("call_module", "get_attr") and n.target in router_paths]
+    if not router:
+        return None
+    routed = descendants(router) | set(router)
+    stacked, experts = {p for p, _ in st.stacked}, set(st.expert_paths)
+    weight = lambda a: a.op == "get_attr" and a.target in stacked          # noqa: E731
+    layout = RESHAPES | CASTS | {"transpose", "permute", "repeat", "expand", "unsqueeze", "flatten",
+                                 "repeat_interleave"}
+
+    def the_input(o) -> bool:            # the layer's input itself, through layout ops only
+        o = strip(o, layout, cap.root)
+        return isinstance(o, fx.Node) and o.op == "placeholder"
+    for n in cap.graph.nodes:
+        if n.op == "call_module" and n.target in experts:
+            inputs = list(n.all_input_nodes)
+        elif cap.kind(n) in MATMULS and any(weight(a) for a in n.all_input_nodes):
+            inputs = [a for a in n.all_input_nodes if not weight(a)]
+        else:
+            continue
+        for a in inputs:
+            a = strip(a, RESHAPES | CASTS | {"transpose", "permute"}, cap.root)
+            if isinstance(a, fx.Node) and cap.kind(a) in ("mul", "mul_") and \
+                    any(o in routed for o in a.all_input_nodes) and any(the_input(o) for o in a.all_input_nodes):
+                return a.name
+    return None
+
+
+def _scaled_input_reason(cap: Traced, st: Structure, router_paths: set) -> str:
+    node = scaled_expert_input(cap, st, router_paths)
+    return (f"the routing weights scale the experts' input ({node}: the experts see weight * x, as Llama4's do): "
+            f"input-scaled experts are not supported; ") if node else ""
 
 
 def _formulation(st: Structure, cap: Traced, router_paths: set) -> tuple:
@@ -201,6 +238,7 @@ def _lift(module: nn.Module):
     pr = Prober(module, st.d, width, st.dtype, st.device)
     msg = pr.setup()
     if msg:
+        msg = _scaled_input_reason(cap, st, router_modules | router_params) + msg
         ids = token_id_args(module)
         if ids:                          # the forward fails without them: its routing reads the tokens
             msg += (f" (its forward also takes {ids[0]}, which a layer called as forward(hidden_states) does not "
@@ -297,7 +335,8 @@ def _lift(module: nn.Module):
             partial = next((_eager_in(lifted, training, other) for lifted, other in confirmed(not training)), None)
         if partial is not None:
             return partial
-    lacks = unsupported_parts(module, st)     # the first feature it lacks, in words, before the probe's details
+    # the first feature it lacks, in words, before the probe's details
+    lacks = unsupported_parts(module, st) + _scaled_input_reason(cap, st, router_modules | router_params)
     if tried > MAX_SCREENS:
         reason = f"{cls}: {lacks}no configuration found within {MAX_SCREENS} candidates"
         reason += f"; first candidate ({first_fail})" if first_fail else ""
