@@ -449,7 +449,7 @@ def test_input_scaling_is_not_seen_where_the_weights_scale_the_output(name):
     """Must not fire: layers whose traces reach the experts (module calls, matmuls with the stacked weights)
     and weight the experts' outputs, or gather their inputs, are not input-scaled."""
     from moec.frontend.fx_ops import MATMULS
-    from moec.frontend.lift import scaled_expert_input
+    from moec.frontend.formulation import scaled_expert_input
     from moec.frontend.structure import discover
     from moec.frontend.trace import trace_partial
     torch.manual_seed(0)

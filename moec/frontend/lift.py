@@ -5,7 +5,8 @@ blocks the generic reader cannot read) is read by the adapter first; its `Lifted
 the same full probe. Otherwise (or when the adapter does not know the module's layout):
 Steps: `structure.discover` finds the parts (experts, router, shared expert, biases, attributes);
 `call_shape` says in words why a module cannot be called as ``forward(hidden_states)`` (extra required
-arguments, token ids, attention beside the MoE); `experts` reads the expert weights' roles (ModuleList experts are verified by calling them);
+arguments, token ids, attention beside the MoE); `formulation` reads how the traced forward reaches its
+experts; `experts` reads the expert weights' roles (ModuleList experts are verified by calling them);
 `trace.trace_partial` traces the forward as far as fx can and `router_hints` reads router hints
 off the graph (both read graphs with `fx_ops`); then `candidates` enumerates the configurations
 the hints and attributes leave open, most plausible first. Each is screened cheaply on one probe
@@ -18,7 +19,6 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
-import torch.fx as fx
 from torch import nn
 
 from .. import reference
@@ -28,7 +28,7 @@ from .adapters import adapter_for
 from .call_shape import extra_required_args, inside_a_bigger_layer, token_id_args
 from .candidates import Part, assemble, config_text, dedupe, router_configs, router_options, shared_options
 from .experts import ExpertLayout, gated_activation, list_layout, shared_layout, stacked_layouts
-from .fx_ops import CASTS, MATMULS, RESHAPES, descendants, strip
+from .formulation import read_formulation, scaled_input_reason
 from .lifted import LiftedMoE, NotLifted, WeightsRecipe, resolve
 from .idle_experts import idle_expert_grads
 from .outputs import slots
@@ -38,86 +38,10 @@ from .router_call import router_calls
 from .router_hints import read_router
 from .screen import ExpertRows, screen_y
 from .structure import Structure, discover, experts_without_router, meta_or_none, output_norms, unsupported_parts
-from .trace import Traced, trace_partial
+from .trace import trace_partial
 
 MAX_SCREENS = 4000
 _SCREEN_INPUT = 2          # 48 random tokens
-
-
-def stacked_usage(cap: Traced, names: set) -> Optional[str]:
-    """How the traced forward reads stacked expert weights: 'gather' (indexed by routed ids),
-    'dense' (whole weight in an einsum/matmul), or None (not reached by the trace)."""
-    for n in cap.graph.nodes:
-        if n.op == "get_attr" and n.target in names:
-            for u in n.users:
-                k = cap.kind(u)
-                if k == "getitem" and isinstance(u.args[1], fx.Node):
-                    return "gather"
-                if k in MATMULS | {"linear"}:
-                    return "dense"
-    return None
-
-
-def module_calls_depend_on(cap: Traced, targets: set, starts_paths: set) -> Optional[bool]:
-    """Whether calls to the modules ``targets`` (experts) take inputs derived from the router
-    output (None: no such call was traced)."""
-    router = [n for n in cap.graph.nodes if n.op == "call_module" and n.target in starts_paths]
-    calls = [n for n in cap.graph.nodes if n.op == "call_module" and n.target in targets]
-    if not calls or not router:
-        return None
-    down = descendants(router)
-    return any(any(a in down for a in c.all_input_nodes) for c in calls)
-
-
-def scaled_expert_input(cap: Traced, st: Structure, router_paths: set) -> Optional[str]:
-    """The node where the traced forward multiplies what the experts read by a value computed from the router
-    (the routing weights scaling the experts' input, as Llama4 does), right before an expert module call or a
-    matmul with a stacked expert weight; None when it does not (or the trace did not reach the experts)."""
-    router = [n for n in cap.graph.nodes if n.op in ("call_module", "get_attr") and n.target in router_paths]
-    if not router:
-        return None
-    routed = descendants(router) | set(router)
-    stacked, experts = {p for p, _ in st.stacked}, set(st.expert_paths)
-    weight = lambda a: a.op == "get_attr" and a.target in stacked          # noqa: E731
-    layout = RESHAPES | CASTS | {"transpose", "permute", "repeat", "expand", "unsqueeze", "flatten",
-                                 "repeat_interleave"}
-
-    def the_input(o) -> bool:            # the layer's input itself, through layout ops only
-        o = strip(o, layout, cap.root)
-        return isinstance(o, fx.Node) and o.op == "placeholder"
-    for n in cap.graph.nodes:
-        if n.op == "call_module" and n.target in experts:
-            inputs = list(n.all_input_nodes)
-        elif cap.kind(n) in MATMULS and any(weight(a) for a in n.all_input_nodes):
-            inputs = [a for a in n.all_input_nodes if not weight(a)]
-        else:
-            continue
-        for a in inputs:
-            a = strip(a, RESHAPES | CASTS | {"transpose", "permute"}, cap.root)
-            if isinstance(a, fx.Node) and cap.kind(a) in ("mul", "mul_") and \
-                    any(o in routed for o in a.all_input_nodes) and any(the_input(o) for o in a.all_input_nodes):
-                return a.name
-    return None
-
-
-def _scaled_input_reason(cap: Traced, st: Structure, router_paths: set) -> str:
-    node = scaled_expert_input(cap, st, router_paths)
-    return (f"the routing weights scale the experts' input ({node}: the experts see weight * x, as Llama4's do): "
-            f"input-scaled experts are not supported; ") if node else ""
-
-
-def _formulation(st: Structure, cap: Traced, router_paths: set) -> tuple:
-    if st.experts is not None:
-        dep = module_calls_depend_on(cap, set(st.expert_paths), router_paths)
-        if dep is False:
-            return "dense one-hot", "every expert runs on every token (expert inputs do not depend on routing)"
-        return "module-list loop", f"each module of {st.experts} called on its routed tokens"
-    usage = stacked_usage(cap, {p for p, _ in st.stacked})
-    if usage == "dense":
-        return "dense one-hot", "stacked weights used whole in einsum/matmul over all tokens"
-    if usage == "gather":
-        return "stacked 3-D weights, gather + bmm", "expert weights gathered per (token, slot) by routed ids"
-    return "stacked 3-D weights, loop over experts", "expert weights sliced per expert in a data-dependent loop"
 
 
 def lift(module: nn.Module) -> Union[LiftedMoE, NotLifted, None]:
@@ -232,13 +156,13 @@ def _lift(module: nn.Module):
             shapes = ", ".join(f"{p} {list(s)}" for p, s in st.stacked)
             return NotLifted(f"{cls}: stacked expert parameters {shapes} do not form gate/up/down projections "
                              f"of hidden size {st.d}")
-    formulation, how = _formulation(st, cap, router_modules | router_params)
+    formulation, how = read_formulation(st, cap, router_modules | router_params)
     notes.append(f"formulation: {formulation} ({how})")
 
     pr = Prober(module, st.d, width, st.dtype, st.device)
     msg = pr.setup()
     if msg:
-        msg = _scaled_input_reason(cap, st, router_modules | router_params) + msg
+        msg = scaled_input_reason(cap, st, router_modules | router_params) + msg
         ids = token_id_args(module)
         if ids:                          # the forward fails without them: its routing reads the tokens
             msg += (f" (its forward also takes {ids[0]}, which a layer called as forward(hidden_states) does not "
@@ -336,7 +260,7 @@ def _lift(module: nn.Module):
         if partial is not None:
             return partial
     # the first feature it lacks, in words, before the probe's details
-    lacks = unsupported_parts(module, st) + _scaled_input_reason(cap, st, router_modules | router_params)
+    lacks = unsupported_parts(module, st) + scaled_input_reason(cap, st, router_modules | router_params)
     if tried > MAX_SCREENS:
         reason = f"{cls}: {lacks}no configuration found within {MAX_SCREENS} candidates"
         reason += f"; first candidate ({first_fail})" if first_fail else ""
