@@ -27,7 +27,7 @@ from moec.ir.tiles import MobaAttentionTile, pow2
 from .launch import cdiv
 from .moba_collect import collect_block_queries
 from .moba_kernel import MobaParams, render_moba
-from .moba_maps import bounded, packed_blocks, query_programs, strides
+from .moba_maps import bounded, query_programs, strides
 
 
 @dataclass(frozen=True)
@@ -98,13 +98,9 @@ def moba_dkdv(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, d_out: Tensor, l
     Hkv = k.shape[1]
     cu_seqlens = bounded(cu_seqlens, N)
     params = MobaDkdvParams.of(q, k, indices, block_size, tile, cu_seqlens, header)
-    lists = collect_block_queries(indices, block_size=block_size, kv_heads=Hkv, block_m=tile.block_m,
-                                  cu_seqlens=cu_seqlens)
-    if cu_seqlens is not None:
-        _, start, end, local, NB = packed_blocks(cu_seqlens, N, block_size)
-    else:
-        start = end = local = None
-        NB = lists.n_blocks
+    lists = collect_block_queries(indices, block_size=block_size, kv_heads=Hkv, cu_seqlens=cu_seqlens)
+    start, end, local = lists.blocks or (None, None, None)
+    NB = lists.n_blocks
     dk = torch.zeros((B, Hkv, N, D), dtype=k.dtype, device=k.device)
     dv = torch.zeros((B, Hkv, N, D), dtype=v.dtype, device=v.device)
     args = dict(q_ptr=q, k_ptr=k, v_ptr=v, idx_ptr=indices, do_ptr=d_out, lse_ptr=lse, delta_ptr=delta,

@@ -28,25 +28,20 @@ from .moba_maps import _row_positions, packed_blocks
 class BlockQueryLists:
     """CSR lists: entries ``entries[offsets[s] : offsets[s + 1]]`` of segment ``s = (b * Hkv + hk) * NB + j``
     picked key block ``j`` (packed block number with ``cu_seqlens``); the entries past ``offsets[-1]``
-    are padding. Programs of a gathered-tile kernel map to chunks of BLOCK_M entries through
-    ``chunk_seg``/``chunk_local`` (``chunk_seg = n_seg`` for a surplus program)."""
+    are padding."""
 
     entries: Tensor              # int64 [E]: ((b * H + h) * N + row) * K + slot, grouped by segment
     offsets: Tensor              # int64 [n_seg + 1]
-    chunk_seg: Tensor            # int32 [n_chunks]
-    chunk_local: Tensor          # int32 [n_chunks]
-    block_start: Optional[Tensor]  # int32 [NB]: first packed row of each block (varlen only)
+    blocks: Optional[tuple]      # varlen only: per packed block its (first row, end, number in its sequence),
+    #                              int32 [NB] each (`moba_maps.packed_blocks`)
     n_blocks: int                # NB: key blocks per (batch, kv head) (an upper bound with cu_seqlens)
     n_seg: int
-    n_chunks: int                # grid size of a gathered-tile kernel: a static upper bound
-    block_m: int
 
 
-def collect_block_queries(indices: Tensor, *, block_size: int, kv_heads: int, block_m: int,
+def collect_block_queries(indices: Tensor, *, block_size: int, kv_heads: int,
                           cu_seqlens: Optional[Tensor] = None) -> BlockQueryLists:
     """Group the selections of ``indices [B, H, N, K]`` by (batch, kv head, key block), own block and
-    non-past blocks excluded. Torch ops only, no host synchronisation: sizes come from the shapes
-    (the chunk grid from ``min(E, cdiv(E, block_m) + n_seg)``, which no routing can exceed)."""
+    non-past blocks excluded. Torch ops only, no host synchronisation: sizes come from the shapes."""
     B, H, N, K = indices.shape
     dev = indices.device
     G = H // kv_heads
@@ -56,9 +51,9 @@ def collect_block_queries(indices: Tensor, *, block_size: int, kv_heads: int, bl
     if cu_seqlens is None:
         NB = -(-N // bs)
         row_blk0 = torch.zeros(N, dtype=torch.int32, device=dev)
-        block_start = None
+        blocks = None
     else:
-        boff, block_start, _, _, NB = packed_blocks(cu_seqlens, N, bs)   # first packed row of each block
+        boff, *blocks, NB = packed_blocks(cu_seqlens, N, bs)            # (start, end, local) per packed block
         row_blk0 = boff[seq]                                              # the row's sequence's block 0
     n_seg = B * kv_heads * NB
     if n_seg + 1 >= 2**31:
@@ -75,16 +70,6 @@ def collect_block_queries(indices: Tensor, *, block_size: int, kv_heads: int, bl
     key.masked_fill_(~keep, n_seg)                                        # not a past block: sorts last
     del keep
     sorted_key, entries = torch.sort(key.view(-1), stable=True)
-    E = key.numel()
     del key
     offsets = torch.searchsorted(sorted_key, torch.arange(n_seg + 1, device=dev, dtype=torch.int32))
-    del sorted_key
-
-    n_chunks = min(E, -(-E // block_m) + n_seg)
-    counts = offsets[1:] - offsets[:-1]
-    ends = torch.cumsum((counts + block_m - 1) // block_m, 0)
-    p = torch.arange(n_chunks, device=dev)
-    cseg = torch.searchsorted(ends, p, right=True)                        # first s with ends[s] > p
-    start = torch.cat([ends.new_zeros(1), ends])[cseg]
-    return BlockQueryLists(entries, offsets, cseg.to(torch.int32), (p - start).to(torch.int32), block_start,
-                           NB, n_seg, n_chunks, block_m)
+    return BlockQueryLists(entries, offsets, tuple(blocks) if blocks else None, NB, n_seg)
