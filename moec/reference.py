@@ -251,6 +251,12 @@ def expert_mlp(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, gate: Opti
     return _biased(h, down, b_down)
 
 
+def identity_share(ids: torch.Tensor, weights: torch.Tensor, ffn_experts: int) -> torch.Tensor:
+    """``[T, 1]`` fp32: each token's summed routing weight over the slots that picked an identity expert (a
+    choice ``>= ffn_experts``); the identity experts add this times the token."""
+    return torch.where(ids >= ffn_experts, weights.float(), 0.0).sum(1, keepdim=True)
+
+
 def moe(x: torch.Tensor, w: MoEWeights, spec: MoESpec, noise: Optional[torch.Tensor] = None):
     """The whole layer on ``x [T, d]``: returns ``(y [T, d] in x.dtype, aux_loss or None)``."""
     xf = x.float()
@@ -259,8 +265,7 @@ def moe(x: torch.Tensor, w: MoEWeights, spec: MoESpec, noise: Optional[torch.Ten
     ids, weights, aux = route(logits, cfg, w.score_bias)
     y = torch.zeros_like(xf)
     if spec.identity_experts:                 # identity picks add weight * x
-        picked = ids >= spec.ffn_experts
-        y = y + xf * torch.where(picked, weights, torch.zeros_like(weights)).sum(1, keepdim=True)
+        y = y + xf * identity_share(ids, weights, spec.ffn_experts)
     for e in range(spec.ffn_experts):
         tok, slot = torch.nonzero(ids == e, as_tuple=True)
         if tok.numel():

@@ -46,5 +46,5 @@ def screen_y(xf, w, cfg, experts: ExpertRows, S, noise):
     Y = experts.get(ffn)
     y = (Y[ffn.clamp(min=0), torch.arange(T, device=xf.device)[:, None]] * (wts * valid)[..., None]).sum(1)
     if (ids >= E).any():
-        y = y + xf * torch.where(ids >= E, wts, 0.0).sum(1, keepdim=True)
+        y = y + xf * reference.identity_share(ids, wts, E)
     return (y + S if S is not None else y), aux

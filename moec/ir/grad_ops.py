@@ -305,10 +305,9 @@ def _attention_dkdv(n, v, ctx):
 
 @impl("identity_experts_grad")
 def _identity_experts_grad(n, v, ctx):
-    picked = v["ids"] >= n.attr["ffn_experts"]
     dots = (v["x"].float() * v["dy"].float()).sum(1, keepdim=True)
-    w = torch.where(picked, v["weights"].float(), 0.0).sum(1, keepdim=True)
-    return {"d_weights": torch.where(picked, dots, 0.0), "dx": v["dy"].float() * w}
+    share = ref.identity_share(v["ids"], v["weights"], n.attr["ffn_experts"])
+    return {"d_weights": torch.where(v["ids"] >= n.attr["ffn_experts"], dots, 0.0), "dx": v["dy"].float() * share}
 
 
 @impl("shared_gate_grad")

@@ -108,9 +108,8 @@ def _capacity(n, v, ctx):
 
 @impl("identity_experts")
 def _identity_experts(n, v, ctx):
-    picked = v["ids"] >= n.attr["ffn_experts"]
-    w = torch.where(picked, v["weights"].float(), 0.0).sum(1, keepdim=True)
-    return {"ids": torch.where(picked, -1, v["ids"]), "out": v["x"].float() * w}
+    share = ref.identity_share(v["ids"], v["weights"], n.attr["ffn_experts"])
+    return {"ids": torch.where(v["ids"] >= n.attr["ffn_experts"], -1, v["ids"]), "out": v["x"].float() * share}
 
 
 @impl("shared_gate")

@@ -33,8 +33,8 @@ Fused and scheduled (made by the passes):
 - ``block_sparse_attention {scheme='rows'}``: query-tile-major, the union of the tile's blocks with row
   masks (short sequences).
 - ``block_sparse_attention {scheme='densify'}``: FlashMoBA's collect and densify with window ownership
-  (long sequences): per window of consecutive rows, the rows that selected each past block gathered
-  into dense tiles, the window's online-softmax state carried from block to block, then the own blocks.
+  (long sequences): per window of consecutive rows, the rows that selected each block (past or their
+  own, causal there) gathered into dense tiles, the window's online-softmax state carried from block to block.
   No partial results in the IR: one node, the same ``out, lse``.
 
 ``tiles`` (set by ``choose-tiles``) is ``{None: MobaGateTile(...)}`` / ``{None: MobaAttentionTile(...)}``:
