@@ -26,11 +26,8 @@ from torch import Tensor
 from moec.ir.tiles import MobaAttentionTile, pow2
 
 from .launch import LaunchPlan
-from .moba_kernel import MobaParams, render_moba
+from .moba_kernel import MobaParams, check_attention_inputs, render_moba
 from .moba_maps import bounded, query_programs, strides
-
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-
 
 @dataclass(frozen=True)
 class MobaAttentionParams(MobaParams):
@@ -47,12 +44,8 @@ class MobaAttentionParams(MobaParams):
 def plan_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, *, block_size: int, tile: MobaAttentionTile,
                    cu_seqlens: Optional[Tensor] = None, header: str = "") -> tuple[LaunchPlan, Tensor, Tensor]:
     """The attention's launch and its (unwritten) outputs; `moba_attention_fwd` runs it."""
-    if q.dtype not in _FLOATS or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k, v must share one of fp32/fp16/bf16, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_attention_inputs(q, k, v, indices)
     B, H, N, D = q.shape
-    if indices.dim() != 4 or tuple(indices.shape[:3]) != (B, H, N) or indices.dtype != torch.int32:
-        raise ValueError(f"indices must be int32 [B, H, N, K] = [{B}, {H}, {N}, K], got "
-                         f"{indices.dtype} {list(indices.shape)}")
     Hkv = k.shape[1]
     cu_seqlens = bounded(cu_seqlens, N)
     params = MobaAttentionParams(block_size, indices.shape[3], D, H // Hkv, cu_seqlens is not None, tile,

@@ -26,7 +26,7 @@ from moec.ir.tiles import MobaAttentionTile, pow2
 
 from .launch import cdiv
 from .moba_collect import collect_block_queries
-from .moba_kernel import MobaParams, render_moba
+from .moba_kernel import MobaParams, check_indices, render_moba
 from .moba_maps import bounded, query_programs, strides
 
 
@@ -64,9 +64,7 @@ def _check(q, k, v, indices, d_out, lse, delta) -> None:
         raise ValueError(f"q, k, v, d_out must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}, {d_out.dtype}")
     if tuple(d_out.shape) != (B, H, N, D) or tuple(lse.shape) != (B, H, N) or tuple(delta.shape) != (B, H, N):
         raise ValueError("d_out must be [B, H, N, D] and lse, delta [B, H, N] like q")
-    if indices.dim() != 4 or tuple(indices.shape[:3]) != (B, H, N) or indices.dtype != torch.int32:
-        raise ValueError(f"indices must be int32 [B, H, N, K] = [{B}, {H}, {N}, K], got "
-                         f"{indices.dtype} {list(indices.shape)}")
+    check_indices(q, indices)
 
 
 def moba_dq(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, d_out: Tensor, lse: Tensor, delta: Tensor, *,

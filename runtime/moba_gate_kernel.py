@@ -20,10 +20,8 @@ from torch import Tensor
 from moec.ir.tiles import MobaGateTile, pow2
 
 from .launch import LaunchPlan
-from .moba_kernel import MobaParams, render_moba
+from .moba_kernel import FLOATS, MobaParams, render_moba
 from .moba_maps import block_offsets, bounded, query_tile_map
-
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -51,7 +49,7 @@ def plan_gate(q: Tensor, pooled: Tensor, *, block_size: int, top_k: int, tile: M
     if q.dim() != 4 or pooled.dim() != 4 or pooled.shape[0] != q.shape[0] or pooled.shape[3] != q.shape[3]:
         raise ValueError(f"q [B, H, N, D] and pooled [B, Hkv, NB, D] expected, got {list(q.shape)}, "
                          f"{list(pooled.shape)}")
-    if q.dtype not in _FLOATS or pooled.device != q.device:
+    if q.dtype not in FLOATS or pooled.device != q.device:
         raise ValueError(f"q must be fp32/fp16/bf16 and pooled on its device, got {q.dtype}, {pooled.device}")
     B, H, N, D = q.shape
     cu_seqlens = bounded(cu_seqlens, N)

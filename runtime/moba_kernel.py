@@ -1,16 +1,37 @@
 """What every MoBA kernel's params share: the shape of the problem, the tile, the header, validation
 and rendering. `moba_gate_kernel`, `moba_attention_kernel`, `moba_window_kernel` and `moba_backward_kernel` subclass
-`MobaParams` with their template and constexprs."""
+`MobaParams` with their template and constexprs; `check_indices` and `check_attention_inputs` validate their
+arguments."""
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
+import torch
+
 from moec.ir.tiles import Tile, pow2
 
 from .launch import Kernel
 from .render import render
+
+
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_indices(q, indices) -> None:
+    """``indices`` must be int32 ``[B, H, N, K]`` for ``q [B, H, N, D]``."""
+    B, H, N, _ = q.shape
+    if indices.dim() != 4 or tuple(indices.shape[:3]) != (B, H, N) or indices.dtype != torch.int32:
+        raise ValueError(f"indices must be int32 [B, H, N, K] = [{B}, {H}, {N}, K], got "
+                         f"{indices.dtype} {list(indices.shape)}")
+
+
+def check_attention_inputs(q, k, v, indices) -> None:
+    """An attention forward's arguments: q, k, v of one floating dtype, indices as `check_indices` says."""
+    if q.dtype not in FLOATS or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one of fp32/fp16/bf16, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_indices(q, indices)
 
 
 @dataclass(frozen=True)

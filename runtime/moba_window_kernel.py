@@ -34,11 +34,8 @@ from torch import Tensor
 from moec.ir.tiles import MobaAttentionTile, pow2
 
 from .launch import LaunchPlan
-from .moba_kernel import MobaParams, render_moba
+from .moba_kernel import MobaParams, check_attention_inputs, render_moba
 from .moba_maps import bounded, query_programs, strides
-
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-
 
 @dataclass(frozen=True)
 class MobaWindowParams(MobaParams):
@@ -70,12 +67,8 @@ def window_workspace_bytes(B: int, H: int, N: int, D: int, window: int, n_seqs: 
 def plan_window(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, *, block_size: int, tile: MobaAttentionTile,
                 cu_seqlens: Optional[Tensor] = None, header: str = "") -> tuple[LaunchPlan, Tensor, Tensor]:
     """The densify launch and its (unwritten) ``out``, ``lse``. Works on ``meta`` tensors (AOT checks)."""
-    if q.dtype not in _FLOATS or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k, v must share one of fp32/fp16/bf16, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_attention_inputs(q, k, v, indices)
     B, H, N, D = q.shape
-    if indices.dim() != 4 or tuple(indices.shape[:3]) != (B, H, N) or indices.dtype != torch.int32:
-        raise ValueError(f"indices must be int32 [B, H, N, K] = [{B}, {H}, {N}, K], got "
-                         f"{indices.dtype} {list(indices.shape)}")
     cu_seqlens = bounded(cu_seqlens, N)
     params = MobaWindowParams.of(q, k, indices, block_size, tile, cu_seqlens, header)
     out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
