@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from moec.frontend.moba_lift import LiftedMoba, analyse, eager_modules, rewrite, specialise, synthesize_args
+from moec.frontend.moba_lift import (LiftedMoba, analyse, eager_modules, from_bhnd, rewrite, specialise,
+                                     synthesize_args, to_bhnd)
 from moec.frontend.fx_ops import val
+from moec.frontend.moba_match import heads
 from moec.frontend.trace import TraceFailed, bind, signature
 from moec.runtime.autograd import KernelsBoth
 
@@ -32,6 +34,7 @@ from .compiler import BackwardRecipe, Compiled, MobaRecipe
 from .region import Region, is_disabled
 
 MAX_GRAPHS = 32          # specialised forwards kept per region (least recently used dropped)
+MAX_PENDING = 8          # calls that cannot tell (N = 1, one block...) analysed before the region settles eager
 
 
 class MobaCore(nn.Module):
@@ -43,12 +46,10 @@ class MobaCore(nn.Module):
         self.config, self.seq_dims, self.out_dtype = config, dict(seq_dims), out_dtype
 
     def forward(self, q, k, v):
-        sd = self.seq_dims
-        q, k, v = (t if sd[r] == 2 else t.transpose(1, 2) for t, r in ((q, "q"), (k, "k"), (v, "v")))
-        out = self.region.core(q, k, v, self.config)
-        if sd["out"] == 1:
-            out = out.transpose(1, 2).contiguous()
-        return out.to(self.out_dtype)
+        sd, rank = self.seq_dims, q.dim()
+        q, k, v = (to_bhnd(t, sd[r]) for t, r in ((q, "q"), (k, "k"), (v, "v")))
+        out = from_bhnd(self.region.core(q, k, v, self.config), sd["out"], rank)
+        return (out if sd["out"] == 2 else out.contiguous()).to(self.out_dtype)
 
 
 @dataclass(eq=False)
@@ -60,6 +61,7 @@ class MobaRegion(Region):
     lifted: object = None
     reason: str = ""
     graphs: OrderedDict = field(default_factory=OrderedDict)
+    pending_tries: int = 0
     takes_any_call = True                     # `moec.api` passes the call's args and kwargs through
 
     # ---- analysis ---------------------------------------------------------------------------
@@ -84,8 +86,9 @@ class MobaRegion(Region):
     def _settle(self, got) -> None:
         if isinstance(got, LiftedMoba):
             self.state, self.lifted = "lifted", got
-        elif got is not None and not got.final:
+        elif got is not None and not got.final and self.pending_tries < MAX_PENDING:
             self.calls[f"eager: {got.reason}"] += 1          # still pending
+            self.pending_tries += 1
         elif got is not None:
             self.state, self.reason = "eager", got.reason
         else:
@@ -107,7 +110,7 @@ class MobaRegion(Region):
             bound = bind(module, args, kwargs)
         except TraceFailed as e:
             return self.eager(str(e), eager, *args, **kwargs)
-        key = signature(module, bound)
+        key = signature(module, bound, self.lifted.host)
         entry = self.graphs.get(key) if key is not None else "an argument moec cannot key a graph by"
         if entry is None:
             got = specialise(module, bound, self.lifted)
@@ -121,12 +124,12 @@ class MobaRegion(Region):
             return self.eager(entry, eager, *args, **kwargs)
         return entry(*bound.values)
 
-    def _rewrite(self, tr, m):
-        tq, tk = val(m.q), val(m.k)
+    def _rewrite(self, tr, cores):
+        m = cores[0]                    # `specialise` checked that the cores agree in heads, head_dim, dtype
         qs, ks = m.seq_dims["q"], m.seq_dims["k"]
-        cfg = dataclasses.replace(self.lifted.config, heads=int(tq.shape[3 - qs]), kv_heads=int(tk.shape[3 - ks]),
-                                  head_dim=int(tq.shape[3]))
-        return rewrite(tr, m, MobaCore(self, cfg, m.seq_dims, val(m.out).dtype))
+        cfg = dataclasses.replace(self.lifted.config, heads=heads(val(m.q), qs), kv_heads=heads(val(m.k), ks),
+                                  head_dim=int(val(m.q).shape[-1]))
+        return rewrite(tr, cores, MobaCore(self, cfg, m.seq_dims, val(m.out).dtype))
 
     def core(self, q, k, v, config) -> torch.Tensor:
         """The MoBA core on ``q``, ``k``, ``v`` in ``[B, heads, N, D]`` (strided views are fine)."""

@@ -11,7 +11,10 @@ Core functions take ``q [B, H, N, D]``, ``k``/``v [B, Hkv, N, D]`` and return ``
 - `moba_loop`: MoBA's own naive style: Python loops over the blocks (slice means, in-place masks);
 - `moba_bnhd`: the dense-mask core on ``[B, N, H, D]`` tensors (the flash-attention layout), einsums;
 - `moba_varlen_loop` (`VarlenLoopMoba`): packed ``[S, H, D]`` tensors and ``cu_seqlens``, one Python iteration
-  per sequence with its bounds read by ``.item()`` (a loop over values: not lifted, with the reason).
+  per sequence with its bounds read by ``.item()``, empty sequences skipped;
+- `moba_varlen_naive` (`VarlenNaiveMoba`): the same loop as MoBA's reference implementation writes it
+  (a threshold at the k-th gate value and the ``topk`` indices, an additive ``0/-inf`` mask, fp32, the
+  output accumulated into views); `PackedMobaAttention` packs a batch itself (``cu_seqlens`` from shapes).
 
 Flags make the variants moec must *not* lift: max-pooled representatives, no own-block forcing,
 attention not causal. `MobaAttention` wraps a core in q/k/v/o projections and a reshape to heads;
@@ -212,3 +215,70 @@ class VarlenLoopMoba(nn.Module):
 
     def forward(self, q, k, v, cu_seqlens):
         return moba_varlen_loop(q, k, v, cu_seqlens, self.block_size, self.top_k)
+
+
+def moba_varlen_naive(q, k, v, cu_seqlens, max_seqlen: int, chunk_size: int, topk: int):
+    """Packed ``[S, H, D]`` sequences the way MoBA's reference implementation is written: per sequence, chunk
+    means gathered in a list, an fp32 gate, future chunks masked and the own chunk forced by in-place writes,
+    a threshold at the k-th largest gate value intersected with the ``topk`` indices (ties), the selection
+    turned into an additive ``0 / -inf`` mask, fp32 attention accumulated into a view of the output."""
+    scale = q.shape[-1] ** -0.5
+    o = torch.zeros_like(q)
+    for seq in range(cu_seqlens.numel() - 1):
+        start, end = cu_seqlens[seq].item(), cu_seqlens[seq + 1].item()
+        q_, k_, v_, o_ = q[start:end], k[start:end], v[start:end], o[start:end]
+        length = end - start
+        n_chunks = math.ceil(length / chunk_size)
+        means = []
+        for c in range(n_chunks):
+            lo, hi = c * chunk_size, min(length, (c + 1) * chunk_size)
+            means.append(k_[lo:hi].mean(dim=0, keepdim=True))
+        means = torch.cat(means, dim=0)                                         # [chunks, H, D]
+        gate = torch.einsum("shd,nhd->hsn", q_.type(torch.float32), means.type(torch.float32))
+        for c in range(n_chunks):
+            gate[:, : (c + 1) * chunk_size, c] = float("-inf")
+            gate[:, c * chunk_size:(c + 1) * chunk_size, c] = float("inf")
+        top_val, top_idx = torch.topk(gate, k=min(topk, n_chunks), dim=-1, largest=True, sorted=False)
+        threshold, _ = top_val.min(dim=-1)
+        attend = gate >= threshold.unsqueeze(-1)
+        picked = torch.zeros(attend.shape, dtype=torch.bool, device=q.device).scatter_(dim=-1, index=top_idx, value=True)
+        attend = torch.logical_and(attend, picked)
+        gate[attend] = 0
+        gate[~attend] = -float("inf")
+        gate = gate.repeat_interleave(chunk_size, dim=-1)[:, :, :length]        # [H, S, S]
+        gate.masked_fill_(torch.ones_like(gate, dtype=torch.bool).tril().logical_not(), -float("inf"))
+        qk = torch.einsum("xhd,yhd->hxy", q_.type(torch.float32), k_.type(torch.float32))
+        qk += gate
+        p = torch.softmax(qk * scale, dim=-1)
+        o_ += torch.einsum("hxy,yhd->xhd", p, v_.type(torch.float32))
+        o = o.type_as(q)
+    return o
+
+
+class VarlenNaiveMoba(nn.Module):
+    """`moba_varlen_naive` as a module: ``forward(q, k, v, cu_seqlens, max_seqlen)``."""
+
+    def __init__(self, chunk_size: int = 8, topk: int = 3):
+        super().__init__()
+        self.chunk_size, self.topk = chunk_size, topk
+
+    def forward(self, q, k, v, cu_seqlens, max_seqlen):
+        return moba_varlen_naive(q, k, v, cu_seqlens, max_seqlen, self.chunk_size, self.topk)
+
+
+class PackedMobaAttention(nn.Module):
+    """Attention that packs a ``[B, N, d]`` batch into ``[B*N, H, D]`` sequences with ``cu_seqlens`` made from
+    the shapes (``torch.arange(0, (B + 1) * N, N)``) and calls `moba_varlen_naive`, as MoBA's wrapper does."""
+
+    def __init__(self, d=32, heads=4, chunk_size=8, topk=3):
+        super().__init__()
+        self.heads, self.head_dim, self.chunk_size, self.topk = heads, d // heads, chunk_size, topk
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x):
+        B, N, d = x.shape
+        q, k, v = self.qkv(x).view(B * N, 3, self.heads, self.head_dim).unbind(1)
+        cu = torch.arange(0, (B + 1) * N, N, dtype=torch.int32, device=x.device)
+        o = moba_varlen_naive(q, k, v, cu, N, self.chunk_size, self.topk)
+        return self.o_proj(o.reshape(B, N, d))

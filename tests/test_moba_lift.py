@@ -13,7 +13,7 @@ import moec
 from moec.frontend.moba_probe import near_ties
 from moec.runtime.launch import recording
 
-from moba_zoo import FORMULATIONS, Block, MobaAttention, MobaCore, VarlenLoopMoba, _gate
+from moba_zoo import FORMULATIONS, Block, MobaAttention, MobaCore, _gate
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 LIFTABLE = ("dense", "sdpa", "gather", "loop", "bnhd")
@@ -306,21 +306,3 @@ def test_short_example_still_probes_the_selection():
         long = qkv(N=200, B=1, H=2, Hkv=1)
         torch.testing.assert_close(m(*long), ref(*long), rtol=1e-4, atol=1e-5)
     assert region_of(m).calls["kernels"] == 2
-
-
-def test_a_loop_over_packed_sequences_runs_eager_and_says_why():
-    """Moonshot's naive varlen style (a Python loop whose bounds are cu_seqlens values read with .item()) is
-    not lifted: its answer is eager's, and explain() names the host reads and the op that takes packed
-    sequences; its result is MoBA's (moec.ops.moba_attention on the same packed sequences)."""
-    g = torch.Generator().manual_seed(4)
-    q, k, v = (torch.randn(45, 2, 16, generator=g) for _ in range(3))
-    cu = torch.tensor([0, 13, 13, 45], dtype=torch.int32)
-    m = VarlenLoopMoba(block_size=8, top_k=3)
-    want = VarlenLoopMoba(block_size=8, top_k=3)(q, k, v, cu)
-    moec.compile(m)
-    torch.testing.assert_close(m(q, k, v, cu), want)
-    text = m.explain()
-    assert "reads tensor values on the host" in text and "cu_seqlens" in text and "moba_attention" in text, text
-    bhnd = tuple(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-    ref = moec.ops.moba_attention(*bhnd, block_size=8, top_k=3, cu_seqlens=cu)[0].transpose(0, 1)
-    torch.testing.assert_close(ref, want, rtol=1e-4, atol=1e-5)

@@ -142,10 +142,13 @@ def op_name(n, root: Optional[nn.Module] = None) -> Optional[str]:
     return n.op
 
 
+_INPLACE_OPERATORS = (operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv)
+
+
 def is_inplace(n: fx.Node) -> bool:
     """Whether ``n`` writes into its first argument (``t[i] = x``, ``t.masked_fill_(...)``)."""
     if n.op == "call_function":
-        return n.target is operator.setitem
+        return n.target in _INPLACE_OPERATORS
     return n.op == "call_method" and n.target.endswith("_") and not n.target.endswith("__")
 
 

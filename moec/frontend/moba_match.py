@@ -6,22 +6,26 @@ a loop of slices), anchored on the one ``topk`` of the gate:
 1. **gate scores**: the ``topk`` input is, through masking (``masked_fill``, ``where``, ``+ mask``,
    in-place writes), a matmul/einsum ``S`` of a query-side operand and a **pooled-key** operand:
    a ``mean`` (or ``sum``, the same ranking) over a block axis, made by ``reshape``/``view`` (after a
-   ``pad``), ``unfold``, or a ``cat`` of per-block slice means. ``amax``/``max`` pooling is named
-   and rejected. The block size is read there (the reduced axis, or the slice bounds).
+   ``pad``), ``unfold``, or a ``cat`` of per-block slice means (consecutive blocks covering the keys).
+   ``amax``/``max`` pooling is named and rejected. The block size is read there (the reduced axis, or
+   the slice bounds; one slice covering every key only bounds it from below).
 2. **attention**: the first ``softmax`` or ``scaled_dot_product_attention`` downstream of the
-   selection. For a softmax, its input is (through masking and a constant scale) a matmul/einsum
-   of queries and keys, and its output is multiplied by the values.
+   selection (also through in-place writes: ``gate[picked] = 0`` then ``qk += gate``). For a softmax,
+   its input is (through masking and a constant scale) a matmul/einsum of queries and keys, and its
+   output is multiplied by the values.
 3. **boundaries**: the query the gate reads and the query the attention reads must meet in one node
    (following layout ops, casts and constant scales); so must the keys that are pooled and the keys
    attended. From the meeting node outwards the boundary is the innermost 4-D ``[B, h, N, D]`` or
-   ``[B, N, h, D]`` tensor, preferring a further-out one with fewer heads (GQA repeats stay inside
-   the core). The values are followed the same way from the attention.
+   ``[B, N, h, D]`` tensor, or 3-D ``[N, h, D]`` (one packed sequence), preferring a further-out one
+   with fewer heads (GQA repeats stay inside the core). The values are followed the same way from the
+   attention (in the queries' dtype where the chain has it, before a cast to fp32).
 4. **closure**: the core = everything the attention output needs that the boundaries do not
    provide. It may create constants (``arange``, masks) but must not read another input, a
    parameter or buffer, or call a submodule; nothing inside may be used outside it (e.g. returned
-   attention weights), and it must not write into its inputs.
+   attention weights; a cast nobody reads does not count), and it must not write into its inputs.
 
-The result proposes ``q``, ``k``, ``v``, the output node, the block size and the ``topk`` count;
+Each ``topk`` may anchor a core (a loop over packed sequences has one per sequence). Each result
+proposes ``q``, ``k``, ``v``, the output node, the block size and the ``topk`` count;
 semantics (own block forced, causal, the softmax scale, whether ``topk`` counts the own block) are
 the probe's to confirm (`moec.frontend.moba_probe`). `NotMoba` means nothing MoBA-shaped is there;
 `Reject` that a MoBA-shaped core cannot be lifted, and why.
@@ -34,7 +38,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from .fx_ops import (CASTS, MATMULS, RESHAPES, ancestors, arg, chain, data_operand, descendants, is_inplace, is_tensor,
+from .fx_ops import (CASTS, LAYOUT, MATMULS, RESHAPES, ancestors, arg, chain, data_operand, descendants, is_inplace, is_tensor,
                      op_name, operands, resolve_attr, search, strip, val)
 from .trace import Traced
 
@@ -59,6 +63,10 @@ class Pool:
     block_size: int
     n_blocks: int
     how: str
+    start: int = 0             # a per-block slice: where it starts, the length of the sliced dim, which dim
+    length: int = 0
+    dim: int = -1
+    open: bool = False         # one block covering every key: the block size is only known to be >= this
 
 
 def _norm_dim(d, rank):
@@ -78,9 +86,13 @@ def read_pool(r: fx.Node) -> Pool:
     if k in ("cat", "stack"):
         parts = arg(r, 0, "tensors")
         pools = [read_pool(p) for p in parts] if parts else []
-        if not pools or any(p.how != "slice" or p.keys is not pools[0].keys for p in pools):
+        if not pools or any(p.how != "slice" or p.keys is not pools[0].keys or p.dim != pools[0].dim for p in pools):
             raise NotMoba(f"{r.name} concatenates something other than per-block key means")
-        return Pool(r, pools[0].keys, pools[0].block_size, len(pools), "per-block slice means (a loop)")
+        bs, L = pools[0].block_size, pools[0].length
+        if any((p.start, p.start + p.block_size) != (i * bs, min((i + 1) * bs, L)) for i, p in enumerate(pools)) \
+                or pools[-1].start + pools[-1].block_size != L:
+            raise Reject(f"the key means {r.name} joins are not of consecutive blocks covering the keys")
+        return Pool(r, pools[0].keys, bs, len(pools), "per-block slice means (a loop)", open=len(pools) == 1)
     x = strip(r.args[0])
     rank = val(x).dim() if is_tensor(x) else 0
     d = _norm_dim(arg(r, 1, "dim"), rank) if rank else None
@@ -95,10 +107,15 @@ def read_pool(r: fx.Node) -> Pool:
             raise Reject(f"key windows overlap (unfold size {size}, step {step}); MoBA blocks do not")
         return Pool(r, x.args[0], int(size), int(val(x).shape[arg(x, 1, 'dimension') % (rank - 1)]),
                     f"unfold into blocks + {k}")
-    if op_name(x) == "getitem" and isinstance(x.args[1], tuple) and d < len(x.args[1]):
-        s = x.args[1][d]
-        if isinstance(s, slice) and isinstance(s.start or 0, int) and isinstance(s.stop, int):
-            return Pool(r, x.args[0], s.stop - (s.start or 0), 1, "slice")
+    idx = x.args[1] if op_name(x) == "getitem" and isinstance(x.args[1], tuple) else (x.args[1],) \
+        if op_name(x) == "getitem" else ()
+    if d < len(idx):
+        s = idx[d]
+        L = int(val(x.args[0]).shape[d]) if is_tensor(x.args[0]) else None
+        if isinstance(s, slice) and isinstance(s.start or 0, int) and isinstance(s.stop, int) and L is not None \
+                and s.step in (None, 1):
+            lo, hi = slice(s.start, s.stop).indices(L)[:2]
+            return Pool(r, x.args[0], hi - lo, 1, "slice", start=lo, length=L, dim=d, open=(lo, hi) == (0, L))
     raise NotMoba(f"{r.name} ({k} over dim {d} of {op_name(x)}) is not a mean over key blocks")
 
 
@@ -108,12 +125,17 @@ class CoreMatch:
     k: fx.Node
     v: fx.Node
     out: fx.Node
-    seq_dims: dict               # role -> index of the sequence dim (1 or 2)
+    seq_dims: dict               # role -> index of the sequence dim (1 or 2; 0 in an unbatched [N, h, D])
     block_size: int
     top_k_read: int
     n_blocks: int
     formulation: str
     nodes: set = field(default_factory=set)      # the core, replaced by moec's op
+    open_block: bool = False     # one block of per-block slices covering every key: block size >= block_size
+
+    def fits(self, block_size: int) -> bool:
+        """Whether this core computes MoBA with ``block_size`` (a core of one open block: any size >= its own)."""
+        return self.block_size == block_size or (self.open_block and self.block_size <= block_size)
 
     def fingerprint(self) -> tuple:
         """The core's op sequence with its semantic constants (floats, bools, negative ints, dims,
@@ -124,7 +146,7 @@ class CoreMatch:
         ops = tuple((n.op, n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "?"),
                      _semantic(n.args), _semantic(n.kwargs)) for n in sorted(self.nodes, key=order.get))
         regime = "all blocks" if self.top_k_read >= self.n_blocks else self.top_k_read
-        return ops + (("block_size", self.block_size), ("topk", regime))
+        return ops + (("block_size", "open" if self.open_block else self.block_size), ("topk", regime))
 
 
 def _semantic(a):
@@ -138,26 +160,37 @@ def _semantic(a):
 
 
 def _seq_dim(n, D, n_blocks, bs, prefer=2) -> Optional[int]:
-    """The sequence dim (1 or 2) of a ``[B, h, N, D]`` / ``[B, N, h, D]`` float tensor, else None; when
-    both fit (heads and N both in the block count's range), ``prefer``."""
+    """The sequence dim of a ``[B, h, N, D]`` / ``[B, N, h, D]`` float tensor (2 / 1: when both fit, heads
+    and N both in the block count's range, ``prefer``) or of one packed sequence ``[N, h, D]`` (0), else None."""
     t = val(n)
-    if not isinstance(t, torch.Tensor) or t.dim() != 4 or not t.is_floating_point() or t.shape[3] != D:
+    if not isinstance(t, torch.Tensor) or t.dim() not in (3, 4) or not t.is_floating_point() or t.shape[-1] != D:
         return None
-    fits = [d for d in (prefer, 3 - prefer) if -(-t.shape[d] // bs) == n_blocks]
+    dims = (0,) if t.dim() == 3 else (prefer, 3 - prefer)
+    fits = [d for d in dims if -(-t.shape[d] // bs) == n_blocks]
     return fits[0] if fits else None
 
 
-def _boundary(nodes: list, D, nb, bs, N=None, prefer=2) -> tuple[fx.Node, int]:
+def heads(t: torch.Tensor, seq_dim: int) -> int:
+    """The head count of a core tensor whose sequence dim is ``seq_dim``."""
+    return int(t.shape[1] if t.dim() == 3 else t.shape[3 - seq_dim])
+
+
+def _boundary(nodes: list, D, nb, bs, N=None, prefer=2, dtype=None) -> tuple[fx.Node, int]:
+    """The innermost core-shaped tensor of ``nodes`` (a chain, inside out), of ``dtype`` where one is (the
+    values before a cast to fp32 the queries and keys do not share), preferring fewer heads (GQA repeats)."""
     cands = [(n, s) for n in nodes if (s := _seq_dim(n, D, nb, bs, prefer)) is not None and op_name(n) != "pad"
              and (N is None or val(n).shape[s] == N)]        # a pad that pads nothing is its input
+    if dtype is not None and any(val(n).dtype == dtype for n, _ in cands):
+        cands = [(n, s) for n, s in cands if val(n).dtype == dtype]
     if not cands:
         raise Reject(f"no [B, heads, N, D={D}] tensor where the core starts ({nodes[0].name})")
     best, s = cands[0]
-    heads = val(best).shape[3 - s]
+    h = heads(val(best), s)
     for n, sd in cands[1:]:
         t = val(n)
-        if t.shape[3 - sd] < heads and t.dtype == val(best).dtype and t.shape[sd] == val(best).shape[s]:
-            best, s, heads = n, sd, t.shape[3 - sd]
+        if t.dim() == val(best).dim() and heads(t, sd) < h and t.dtype == val(best).dtype \
+                and t.shape[sd] == val(best).shape[s]:
+            best, s, h = n, sd, heads(t, sd)
     return best, s
 
 
@@ -170,24 +203,32 @@ def _meet(a: fx.Node, b: fx.Node, what: str) -> list[fx.Node]:
     raise Reject(f"the gate and the attention read different {what} ({ca[-1].name} vs {cb[-1].name})")
 
 
-def match(tr: Traced, prefer: Optional[dict] = None) -> CoreMatch:
-    """The MoBA core of ``tr``; ``prefer`` (role -> sequence dim) settles layouts that shapes leave open
-    (as many heads as tokens)."""
+def match(tr: Traced, prefer: Optional[dict] = None) -> list[CoreMatch]:
+    """The MoBA cores of ``tr``, in graph order (several where a loop over packed sequences runs one per
+    sequence); ``prefer`` (role -> sequence dim) settles layouts that shapes leave open (as many heads as
+    tokens). Raises the first `Reject` (else `NotMoba`) when no ``topk`` anchors a core."""
     topks = [n for n in tr.graph.nodes if op_name(n) == "topk"]
     if not topks:
         raise NotMoba("no topk in forward")
     first: Optional[Exception] = None
+    cores: list[CoreMatch] = []
     for tk in topks:
+        if any(tk in c.nodes for c in cores):
+            continue
         try:
-            return _match_one(tr, tk, prefer or {})
+            cores.append(_match_one(tr, tk, prefer or {}))
         except (NotMoba, Reject) as e:
             first = first if isinstance(first, Reject) else e
-    raise first
+    if not cores:
+        raise first
+    if any(a.nodes & b.nodes for i, a in enumerate(cores) for b in cores[i + 1:]):
+        raise Reject("two MoBA cores share nodes (one gate feeding two attentions?)")
+    return cores
 
 
 def _attention(tr: Traced, tk: fx.Node, gate_q: fx.Node):
     """``(q operand, k operand, v operand, output node, how)`` of the attention fed by the selection."""
-    desc = descendants([tk])
+    desc = _downstream(tr, tk)
     att = next((n for n in tr.graph.nodes if n in desc and tr.kind(n) in ("softmax", "sdpa")), None)
     if att is None:
         raise Reject("the selected blocks feed no softmax or scaled_dot_product_attention")
@@ -233,11 +274,30 @@ def _attention(tr: Traced, tk: fx.Node, gate_q: fx.Node):
     return qa, ka, va, out, how + " + softmax attention"
 
 
+def _downstream(tr: Traced, start: fx.Node) -> set:
+    """What depends on ``start``, also through in-place writes: ``gate[picked] = 0`` makes the later
+    readers of ``gate`` depend on ``picked``."""
+    order = {n: i for i, n in enumerate(tr.graph.nodes)}
+
+    def edges(n):
+        out = list(n.users)
+        if is_inplace(n) and n.args and isinstance(n.args[0], fx.Node):
+            out += [u for u in n.args[0].users if order[u] > order[n]]
+        return out
+    seen, todo = set(), [start]
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(edges(n))
+    return seen
+
+
 def _output(out: fx.Node, q: fx.Node, qs: int, prefer: int) -> tuple[fx.Node, int]:
     """The attention output in a ``[B, H, N, D]`` or ``[B, N, H, D]`` layout matching q's sizes."""
     want = tuple(val(q).shape)
-    swapped = (want[0], want[2], want[1], want[3])
-    layouts = {swapped: 3 - qs, want: qs} if want != swapped else {want: prefer}
+    swapped = (want[0], want[2], want[1], want[3]) if len(want) == 4 else want
+    layouts = {swapped: 3 - qs, want: qs} if want != swapped else {want: prefer if len(want) == 4 else qs}
     n = out
     while True:
         t = val(n)
@@ -253,11 +313,14 @@ def _output(out: fx.Node, q: fx.Node, qs: int, prefer: int) -> tuple[fx.Node, in
 def _closure(tr: Traced, bounds: list, out: fx.Node) -> set:
     outer = set().union(*(ancestors(b) for b in bounds))
     core = {n for n in ancestors(out) if n not in outer}
-    for n in tr.graph.nodes:                   # in-place writes into core tensors belong to the core
-        if is_inplace(n):
-            if n.args and n.args[0] in core:
-                core.add(n)
-            elif n.args and n.args[0] in bounds:
+    grew = True
+    while grew:                                # in-place writes into core tensors (and what they write) belong
+        grew = False                           # to the core: ``gate[picked] = 0`` reads the selection
+        for n in tr.graph.nodes:
+            if is_inplace(n) and n not in core and n.args and n.args[0] in core:
+                core |= {a for a in ancestors(n) if a not in outer}
+                grew = True
+            elif is_inplace(n) and n.args and n.args[0] in bounds:
                 raise Reject(f"{n.name} writes into the core's input {n.args[0].name} in place")
     params = {id(t) for t in tr.root.parameters()} | {id(t) for t in tr.root.buffers()}
     for n in core:
@@ -267,11 +330,16 @@ def _closure(tr: Traced, bounds: list, out: fx.Node) -> set:
             raise Reject(f"the attention also reads the module's tensor {n.target!r}")
         if n.op == "call_module":
             raise Reject(f"the attention calls the submodule {n.target!r}")
-        if n is not out and any(u not in core for u in n.users):
-            used = next(u for u in n.users if u not in core)
+        if n is not out and any(u not in core and not _dead(u) for u in n.users):
+            used = next(u for u in n.users if u not in core and not _dead(u))
             raise Reject(f"{n.name} inside the MoBA core is also used outside it (by {used.name}; e.g. "
                          "returned scores or weights)")
     return core
+
+
+def _dead(n: fx.Node) -> bool:
+    """Whether ``n`` is a cast or view nothing reads (``k_ = k_.type_as(k)``, never used again)."""
+    return op_name(n) in LAYOUT and not is_inplace(n) and all(_dead(u) for u in n.users)
 
 
 def _boundaries(gate_q, qa, ka, va, pool: Pool, D: int, pq: int, prefer: dict):
@@ -279,11 +347,11 @@ def _boundaries(gate_q, qa, ka, va, pool: Pool, D: int, pq: int, prefer: dict):
     q, qs = _boundary(_meet(gate_q, qa, "queries"), D, nb, bs, None, pq)
     N = val(q).shape[qs]
     k, ks = _boundary(_meet(pool.keys, ka, "keys"), D, nb, bs, N, prefer.get("k", qs))
-    v, vs = _boundary(chain(va), D, nb, bs, N, prefer.get("v", qs))
+    v, vs = _boundary(chain(va), D, nb, bs, N, prefer.get("v", qs), val(q).dtype)
     tq, tk, tv = val(q), val(k), val(v)
-    if tk.shape[ks] != tq.shape[qs] or tuple(tk.shape) != tuple(tv.shape) or ks != vs:
+    if tk.shape[ks] != tq.shape[qs] or tuple(tk.shape) != tuple(tv.shape) or ks != vs or tk.dim() != tq.dim():
         raise Reject(f"keys {list(tk.shape)} and values {list(tv.shape)} do not match queries {list(tq.shape)}")
-    hq, hk = tq.shape[3 - qs], tk.shape[3 - ks]
+    hq, hk = heads(tq, qs), heads(tk, ks)
     if hk < 1 or hq % hk:
         raise Reject(f"query heads ({hq}) are not a multiple of the key heads ({hk})")
     return q, k, v, (qs, ks, vs)
@@ -321,4 +389,4 @@ def _match_one(tr: Traced, tk: fx.Node, prefer: dict) -> CoreMatch:
     out, os_ = _output(out, q, qs, prefer.get("out", qs))
     core = _closure(tr, [q, k, v], out)
     what = f"MoBA core: block means by {pool.how}, top-k of the scores, {how}"
-    return CoreMatch(q, k, v, out, {"q": qs, "k": ks, "v": vs, "out": os_}, bs, k_read, nb, what, core)
+    return CoreMatch(q, k, v, out, {"q": qs, "k": ks, "v": vs, "out": os_}, bs, k_read, nb, what, core, pool.open)

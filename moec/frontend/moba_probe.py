@@ -38,15 +38,26 @@ _SEED = 1234          # every eager run and replay draws the same random numbers
 
 
 def to_bhnd(t: torch.Tensor, seq_dim: int) -> torch.Tensor:
-    """A ``[B, h, N, D]`` view of a tensor whose sequence dim is ``seq_dim`` (1 or 2)."""
+    """A ``[B, h, N, D]`` view of a tensor whose sequence dim is ``seq_dim`` (1 or 2; 0 for one packed
+    sequence ``[N, h, D]``, seen as a batch of one)."""
+    if t.dim() == 3:
+        return t.unsqueeze(0).transpose(1, 2)
     return t if seq_dim == 2 else t.transpose(1, 2)
 
 
-def random_bound(bound: Bound, seq_dims: dict, N: int, gen: torch.Generator) -> Bound:
-    """``bound`` with every tensor argument replaced by random values, its sequence dim resized to N."""
+def from_bhnd(t: torch.Tensor, seq_dim: int, rank: int) -> torch.Tensor:
+    """`to_bhnd` undone: ``[B, h, N, D]`` back to a ``rank``-dim tensor whose sequence dim is ``seq_dim``."""
+    if rank == 3:
+        return t.squeeze(0).transpose(0, 1)
+    return t if seq_dim == 2 else t.transpose(1, 2)
+
+
+def random_bound(bound: Bound, seq_dims: dict, N: int, gen: torch.Generator, keep=()) -> Bound:
+    """``bound`` with every tensor argument (but those named in ``keep``) replaced by random values, its
+    sequence dim resized to N."""
     vals = []
     for name, v in zip(bound.names, bound.values):
-        if not isinstance(v, torch.Tensor):
+        if not isinstance(v, torch.Tensor) or name in keep:
             vals.append(v)
             continue
         shape = list(v.shape)
@@ -150,24 +161,32 @@ def _same(a, b) -> bool:
     return True
 
 
-def probe_once(module, bound: Bound, tr: Traced, m: CoreMatch, top_ks: list[int]) -> tuple[Optional[int], str]:
-    """``(top_k, "")`` for the first candidate the core matches at this input, else ``(None, why)``."""
+def probe(module, bound: Bound, tr: Traced, cores: list[CoreMatch], top_ks: list[int]) -> tuple[Optional[int], str]:
+    """``(top_k, "")`` for the first candidate every core matches at this input, else ``(None, why)``."""
     eager = run(eager_forward(module), bound.values, module, module.training, _device(bound), _SEED)
-    replay, (q, k, v, o) = _replay(tr, bound, [m.q, m.k, m.v, m.out])
+    replay, got = _replay(tr, bound, [n for m in cores for n in (m.q, m.k, m.v, m.out)])
     if not _same(eager, replay):
         return None, "the traced graph does not reproduce the eager forward (randomness or side effects?)"
-    sd = m.seq_dims
-    q, k, v, o = (to_bhnd(t, sd[r]) for t, r in ((q, "q"), (k, "k"), (v, "v"), (o, "out")))
-    dtype = o.dtype
+    views = []
+    for i, m in enumerate(cores):
+        sd = m.seq_dims
+        views.append([to_bhnd(t, sd[r]) for t, r in zip(got[4 * i:4 * i + 4], ("q", "k", "v", "out"))])
     errors = []
     for top_k in top_ks:
-        ref = reference.moba_reference(q, k, v, block_size=m.block_size, top_k=top_k)[0]
-        keep = ~near_ties(q, k, m.block_size, top_k, q.dtype)
-        err = mismatch(o[keep], ref[keep], dtype)
+        err = None
+        for m, (q, k, v, o) in zip(cores, views):
+            ref = reference.moba_reference(q, k, v, block_size=m.block_size, top_k=top_k)[0]
+            keep = ~near_ties(q, k, m.block_size, top_k, q.dtype)
+            err = mismatch(o[keep], ref[keep], o.dtype)
+            if err is not None:
+                where = f" (the core at {m.out.name}, N={q.shape[2]})" if len(cores) > 1 else ""
+                errors.append(f"top_k={top_k}: {err}{where}")
+                bad = (m, q, k, v, o)
+                break
         if err is None:
             return top_k, ""
-        errors.append(f"top_k={top_k}: {err}")
-    why = _diagnose(q, k, v, o, m.block_size, top_ks, dtype) or _noncausal(tr, bound, m, o)
+    m, q, k, v, o = bad
+    why = _diagnose(q, k, v, o, m.block_size, top_ks, o.dtype) or _noncausal(tr, bound, m, o)
     return None, why or "; ".join(errors)
 
 

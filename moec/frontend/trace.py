@@ -19,7 +19,12 @@ computes with sizes (``n_blocks = math.ceil(N / bs)``, ``for i in range(n_blocks
 
 Both stop at data-dependent operations: tensor *data* stays symbolic (``.item()``, ``bool(t)``,
 ``t.tolist()``, a data-dependent output shape such as ``nonzero``), so no data-dependent value is ever
-baked into a graph. Both trace the user's own forward (the original class's, for a module moec has
+baked into a graph. With one exception, for code whose loops run over index values (packed sequences'
+``cu_seqlens`` read with ``.item()``): `trace` may be told ``host`` argument names (small integer
+tensors) whose values it knows. Values computed from them, from constants and from deterministic
+factories (``arange``, ``zeros``...) only, are carried as small CPU tensors (``node.meta["host"]``);
+``.item()``, ``.tolist()``, ``int()`` and ``bool()`` of such a value return the Python value, baked into
+the graph, and `signature` then keys the graph by those arguments' values too. Both trace the user's own forward (the original class's, for a module moec has
 compiled) on a shallow copy of the module, because fx may attach tensor constants to the root: the
 user's module is never mutated, and training flags set for a trace are restored.
 
@@ -48,6 +53,8 @@ from .fx_ops import op_name, resolve_attr
 _FACTORIES = ("arange", "zeros", "ones", "full", "empty", "eye", "rand", "randn", "randint", "linspace",
               "tril_indices", "triu_indices")
 _SIMPLE = (type(None), bool, int, float, str, torch.dtype, torch.device)
+_RANDOM = ("rand", "randn", "randint", "empty")     # factories whose values are not a function of their arguments
+HOST_LIMIT = 4096          # most elements of a value carried on the host while tracing
 
 
 class TraceFailed(Exception):
@@ -123,8 +130,36 @@ class _ValueProxy(fx.Proxy):
     def __len__(self):
         return len(self._val())
 
+    def _host(self, what: str):
+        h = self.node.meta.get("host")
+        if h is None:
+            raise TraceFailed(f"call_method {what}: {self.node.name} is tensor data, unknown while tracing")
+        self.tracer.host_read |= self.node.meta.get("host_from", set())
+        return h
+
+    def __index__(self):
+        return int(self._host("__index__"))
+
+    __int__ = __index__
+
+    def __float__(self):
+        return float(self._host("__float__"))
+
     def __setitem__(self, key, value):           # in-place writes: ``gate[:, s:e, j] = -inf``
         self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
+    # ``o_ += x`` writes into ``o_`` (a view, perhaps): recorded as the in-place operator, not as ``o_ = o_ + x``
+    def __iadd__(self, other):
+        return self.tracer.create_proxy("call_function", operator.iadd, (self, other), {})
+
+    def __isub__(self, other):
+        return self.tracer.create_proxy("call_function", operator.isub, (self, other), {})
+
+    def __imul__(self, other):
+        return self.tracer.create_proxy("call_function", operator.imul, (self, other), {})
+
+    def __itruediv__(self, other):
+        return self.tracer.create_proxy("call_function", operator.itruediv, (self, other), {})
 
 
 class Tracer(fx.Tracer):
@@ -133,10 +168,12 @@ class Tracer(fx.Tracer):
     tensors that all live on ``device``, which proxies report."""
 
     def __init__(self, leaves: Optional[Iterable[nn.Module]] = None, inputs: Optional[dict[str, Any]] = None,
-                 device: Optional[torch.device] = None):
+                 device: Optional[torch.device] = None, host: Iterable[str] = ()):
         super().__init__(autowrap_modules=(math,))
         self.leaves = None if leaves is None else {id(m) for m in leaves}
         self.inputs = None if inputs is None else {n: _meta(v) for n, v in inputs.items()}
+        self.host = {n: inputs[n].detach().cpu().clone() for n in host} if host else {}
+        self.host_read: set = set()  # the host arguments whose values the graph bakes in
         self.device = device
         self._computing = 0          # > 0 while a node's meta value is computed: plain torch, no recording
 
@@ -157,17 +194,56 @@ class Tracer(fx.Tracer):
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        if kind == "call_method" and target in ("item", "tolist") and isinstance(args[0], _ValueProxy) \
+                and args[0].node.meta.get("host") is not None:
+            return getattr(args[0]._host(target), target)()          # a known value: baked into the graph
         p = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         if self.inputs is None:
             return p
         if kind == "placeholder":           # concrete arguments get placeholders named "<name>_<i>"
             name = str(target).lstrip("*")
-            p.node.meta["val"] = self.inputs.get(name, self.inputs.get(name.rpartition("_")[0]))
+            key = name if name in self.inputs else name.rpartition("_")[0]
+            p.node.meta["val"] = self.inputs.get(key)
+            if key in self.host:
+                p.node.meta["host"], p.node.meta["host_from"] = self.host[key], {key}
         elif kind == "get_attr":
             p.node.meta["val"] = _meta(resolve_attr(self.root, target))
         elif kind in ("call_function", "call_method", "call_module"):
             p.node.meta["val"] = self._compute(kind, target, args, kwargs)
+            if kind != "call_module":
+                self._compute_host(p.node, target, args, kwargs)
         return p
+
+    def to_bool(self, obj):
+        if isinstance(obj, _ValueProxy) and obj.node.meta.get("host") is not None:
+            return bool(obj._host("__bool__"))
+        return super().to_bool(obj)
+
+    def _compute_host(self, node: fx.Node, target, args, kwargs) -> None:
+        """``node.meta["host"]``: the value on the CPU when every tensor it reads is known there (host
+        arguments, their descendants, small deterministic factories) and it is small."""
+        leaves = []
+        fx.node.map_aggregate((args, kwargs), lambda a: leaves.append(a) if isinstance(a, fx.Proxy) else None)
+        name = getattr(target, "__name__", target)
+        factory = node.op == "call_function" and name in _FACTORIES and not leaves
+        if not leaves and not factory or name in _RANDOM or any(p.node.meta.get("host") is None for p in leaves):
+            return
+        if not all(_small(v) for v in tree_leaves(node.meta.get("val"))):
+            return
+        def value(a):
+            return a.node.meta["host"] if isinstance(a, fx.Proxy) else a
+        a, kw = fx.node.map_aggregate(args, value), fx.node.map_aggregate(kwargs, value)
+        if factory:
+            kw = {**kw, "device": torch.device("cpu")}
+        self._computing += 1
+        try:
+            got = target(*a, **kw) if node.op == "call_function" else getattr(a[0], target)(*a[1:], **kw)
+        except Exception:  # noqa: BLE001 - no host value: the meta value stands, data stays unknown
+            return
+        finally:
+            self._computing -= 1
+        node.meta["host"] = got
+        node.meta["host_from"] = set().union(*(p.node.meta.get("host_from", set()) for p in leaves))
 
     def _compute(self, kind, target, args, kwargs):
         def value(a):
@@ -194,6 +270,10 @@ class Tracer(fx.Tracer):
             self._computing -= 1
 
 
+def _small(v) -> bool:
+    return not isinstance(v, torch.Tensor) or v.numel() <= HOST_LIMIT
+
+
 @dataclass
 class Bound:
     """A forward call bound to its signature: parameter names in order, their values."""
@@ -215,6 +295,7 @@ class Traced:
     stopped: Optional[str] = None
     bound: Optional[Bound] = None            # shape-specialised traces: the call traced
     device: Optional[torch.device] = None    # ... and where its tensors live (node values are on ``meta``)
+    host_read: frozenset = frozenset()       # ... and the host arguments whose values it baked in
 
     def kind(self, node: fx.Node) -> Optional[str]:
         """`op_name` of ``node``, submodule calls named by their class."""
@@ -319,15 +400,24 @@ def _specialising(tracer: Tracer, root: nn.Module):
             setattr(torch, n, fn)
 
 
-def trace(module: nn.Module, bound: Bound) -> Traced:
+def host_candidates(bound: Bound) -> tuple[str, ...]:
+    """The arguments `trace` may read on the host: integer tensors of at most `HOST_LIMIT` elements."""
+    return tuple(n for n, t in bound.tensors().items()
+                 if not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
+                 and t.numel() <= HOST_LIMIT)
+
+
+def trace(module: nn.Module, bound: Bound, host: Iterable[str] = ()) -> Traced:
     """Trace ``module.forward`` specialised to ``bound`` (tensor arguments are placeholders with meta
-    values, the others concrete). Raises TraceFailed with the reason."""
+    values, the others concrete; the ``host`` arguments' values known, see the module's docstring).
+    Raises TraceFailed with the reason."""
     tensors = bound.tensors()
     concrete = {n: v for n, v in zip(bound.names, bound.values) if n not in tensors}
     devices = {t.device for t in tensors.values()}
     if len(devices) > 1:
         raise TraceFailed(f"tensor arguments on several devices {sorted(map(str, devices))}")
-    tracer = Tracer(None, dict(zip(bound.names, bound.values)), devices.pop() if devices else torch.device("cpu"))
+    tracer = Tracer(None, dict(zip(bound.names, bound.values)), devices.pop() if devices else torch.device("cpu"),
+                    host)
     with _traceable(module, None) as root, _specialising(tracer, root):
         try:
             graph = tracer.trace(root, concrete_args=concrete or None)
@@ -335,7 +425,7 @@ def trace(module: nn.Module, bound: Bound) -> Traced:
             raise
         except Exception as e:  # noqa: BLE001 - fx's own errors (control flow on a tensor value, ...)
             raise TraceFailed(describe_error(e)) from None
-    return Traced(graph, root, bound=bound, device=tracer.device)
+    return Traced(graph, root, bound=bound, device=tracer.device, host_read=frozenset(tracer.host_read))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,10 +458,13 @@ def _describe(v) -> Optional[tuple]:
     return None
 
 
-def signature(module: nn.Module, bound: Bound) -> Optional[tuple]:
+def signature(module: nn.Module, bound: Bound, host: Iterable[str] = ()) -> Optional[tuple]:
     """A hashable key for one specialised trace, or None when an argument cannot be keyed. The module's
-    plain public attributes (``self.top_k = 4``) are part of it: the trace reads them as constants."""
-    parts = tuple(_describe(v) for v in bound.values)
+    plain public attributes (``self.top_k = 4``) are part of it: the trace reads them as constants; so
+    are the values of the ``host`` arguments (a copy to the host: what the forward's ``.item()`` reads)."""
+    host = set(host)
+    parts = tuple(_describe(v) + (tuple(v.flatten().tolist()),) if n in host and isinstance(v, torch.Tensor)
+                  else _describe(v) for n, v in zip(bound.names, bound.values))
     if None in parts:
         return None
     attrs = tuple(sorted((k, v) for k, v in vars(module).items()
