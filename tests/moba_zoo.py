@@ -10,6 +10,8 @@ Core functions take ``q [B, H, N, D]``, ``k``/``v [B, Hkv, N, D]`` and return ``
   (advanced indexing), attention over the gathered keys with the causal mask inside the own block;
 - `moba_loop`: MoBA's own naive style: Python loops over the blocks (slice means, in-place masks);
 - `moba_bnhd`: the dense-mask core on ``[B, N, H, D]`` tensors (the flash-attention layout), einsums;
+- `moba_sum_count`: means as padded block sums over real-token counts, the past blocks' top-(k-1) by
+  ``scatter``, the own block OR-ed in by a mask (not forced by ``inf``);
 - `moba_varlen_loop` (`VarlenLoopMoba`): packed ``[S, H, D]`` tensors and ``cu_seqlens``, one Python iteration
   per sequence with its bounds read by ``.item()``, empty sequences skipped;
 - `moba_varlen_naive` (`VarlenNaiveMoba`): the same loop as MoBA's reference implementation writes it
@@ -119,12 +121,36 @@ def moba_bnhd(q, k, v, block_size, top_k):
     return torch.einsum("bhnm,bmhd->bnhd", p, v.repeat_interleave(G, dim=2))
 
 
+def moba_sum_count(q, k, v, block_size, top_k):
+    """Block means as padded sums over real-token counts, the top-(k-1) past blocks picked by ``scatter`` and
+    the own block OR-ed into the selection by a mask (no ``inf``), a dense token mask and softmax."""
+    B, H, N, D = q.shape
+    G = H // k.shape[1]
+    nb = -(-N // block_size)
+    sums = F.pad(k, (0, 0, 0, nb * block_size - N)).view(B, -1, nb, block_size, D).sum(dim=3)
+    counts = (N - torch.arange(nb, device=q.device) * block_size).clamp(max=block_size)
+    means = (sums / counts[:, None].to(k.dtype)).repeat_interleave(G, dim=1)
+    q_blk = torch.arange(N, device=q.device)[:, None] // block_size
+    blk = torch.arange(nb, device=q.device)[None, :]
+    past = blk < q_blk
+    gate = torch.matmul(q, means.transpose(-1, -2)).masked_fill(~past, float("-inf"))
+    sel = torch.zeros(B, H, N, nb, dtype=torch.bool, device=q.device)
+    if top_k > 1 and nb > 1:
+        top = gate.topk(min(top_k - 1, nb), dim=-1)
+        sel = sel.scatter(-1, top.indices, top.values > float("-inf"))
+    sel = sel | (blk == q_blk)
+    mask = sel.repeat_interleave(block_size, dim=-1)[..., :N] & torch.ones(N, N, dtype=torch.bool, device=q.device).tril()
+    s = torch.matmul(q, k.repeat_interleave(G, dim=1).transpose(-1, -2)) * D ** -0.5
+    return torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1) @ v.repeat_interleave(G, dim=1)
+
+
 FORMULATIONS = {
     "dense": moba_dense_mask,
     "sdpa": lambda q, k, v, bs, top_k: moba_dense_mask(q, k, v, bs, top_k, sdpa=True),
     "gather": moba_gather,
     "loop": moba_loop,
     "bnhd": moba_bnhd,                       # [B, N, H, D] in and out
+    "sum_count": moba_sum_count,
     # variants moec must leave eager, each for a named reason
     "maxpool": lambda q, k, v, bs, top_k: moba_dense_mask(q, k, v, bs, top_k, pool="max"),
     "no_own_block": lambda q, k, v, bs, top_k: moba_dense_mask(q, k, v, bs, top_k, force_own=False),

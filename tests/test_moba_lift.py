@@ -16,7 +16,7 @@ from moec.runtime.launch import recording
 from moba_zoo import FORMULATIONS, Block, MobaAttention, MobaCore, _gate
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
-LIFTABLE = ("dense", "sdpa", "gather", "loop", "bnhd")
+LIFTABLE = ("dense", "sdpa", "gather", "loop", "bnhd", "sum_count")
 
 
 def region_of(m):

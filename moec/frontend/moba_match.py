@@ -6,7 +6,8 @@ a loop of slices), anchored on the one ``topk`` of the gate:
 1. **gate scores**: the ``topk`` input is, through masking (``masked_fill``, ``where``, ``+ mask``,
    in-place writes), a matmul/einsum ``S`` of a query-side operand and a **pooled-key** operand:
    a ``mean`` (or ``sum``, the same ranking) over a block axis, made by ``reshape``/``view`` (after a
-   ``pad``), ``unfold``, or a ``cat`` of per-block slice means (consecutive blocks covering the keys).
+   ``pad``), ``unfold``, or a ``cat`` of per-block slice means (consecutive blocks covering the keys),
+   perhaps divided by per-block counts.
    ``amax``/``max`` pooling is named and rejected. The block size is read there (the reduced axis, or
    the slice bounds; one slice covering every key only bounds it from below).
 2. **attention**: the first ``softmax`` or ``scaled_dot_product_attention`` downstream of the
@@ -367,7 +368,7 @@ def _match_one(tr: Traced, tk: fx.Node, prefer: dict) -> CoreMatch:
     scores = search(tk.args[0], MASKING, MATMULS)
     if scores is None:
         raise NotMoba(f"the input of {tk.name} is not a matmul/einsum score")
-    pooled = [(o, search(o, set(), REDUCE)) for o in operands(scores)]
+    pooled = [(o, search(o, {"div", "mul"}, REDUCE)) for o in operands(scores)]     # (sums / counts: means)
     pooled = [(o, r) for o, r in pooled if r is not None]
     if len(pooled) != 1 or len(operands(scores)) != 2:
         raise NotMoba(f"the scores {scores.name} do not compare queries with block-pooled keys")
