@@ -24,6 +24,7 @@ from .explain import entries, report
 from .log import logger
 from .frontend import LiftedMoE, NotLifted, find_moe_modules, lift, unread_moe_modules
 from .frontend.moba_lift import find_moba_modules
+from .hf import attention_functions
 from .moba_region import MobaRegion
 from .moe_region import MoERegion
 from .region import activations_policy, check_mode
@@ -170,6 +171,8 @@ def compile_module(model: nn.Module, *, dump_dir=None, arch: Optional[str] = Non
             _log.info("%s (%s): stays eager: %s", qualname or "<root>", type(module).__name__, got.reason)
     skipped += [(q, type(m).__name__, why) for q, m, why in unread_moe_modules(model, found)]
     moba = _attach_moba(model, find_moe_modules(model), arch, root)
+    if sys.modules.get("transformers") is not None:       # MoBA registered as a transformers attention function
+        moba += attention_functions.attach(model, arch, root)
     model.__class__ = _compiled_class(type(model))
     model.__dict__["_moec_report"] = {"regions": regions, "skipped": skipped, "root": type(model).__name__,
                                       "moba": moba}

@@ -182,7 +182,11 @@ class MobaRegion(Region):
             kept = eager_modules(gms[-1])
             lines.append(f"        the rest of forward stays PyTorch ({len(self.graphs)} specialised call "
                          f"signature(s))" + (f"; eager submodules: {', '.join(kept)}" if kept else ""))
-        lines += [f"        {x}" for x in self.program_lines()]
+        program = self.program_lines()
+        if lf.host:                       # the kernels could be captured, the forward around them cannot
+            program = [f"CUDA graphs: not capturable: forward reads {lf.host[0]} on the host (.item())"
+                       if x.startswith("CUDA graphs:") else x for x in program]
+        lines += [f"        {x}" for x in program]
         lines.append("        backward: generated kernels over the blocks the forward selected (d q by query "
                      "tiles, d k / d v key-block-major); the gate's selection has no gradient")
         return lines + [f"        {x}" for x in self.call_lines()]

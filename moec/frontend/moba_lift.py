@@ -115,7 +115,16 @@ def _looks_like_moba(cls: type) -> bool:
             meth = getattr(cls, name, None)
             if isinstance(meth, types.FunctionType) and not meth.__module__.startswith("torch"):
                 text += _sources(meth, seen=seen)
-    src = "\n".join(text)
+    return _uses_moba("\n".join(text))
+
+
+def sources_use_moba(fns) -> bool:
+    """`looks_like_moba` for functions (a registered attention function and what it binds)."""
+    seen: set = set()
+    return _uses_moba("\n".join(t for fn in fns for t in _sources(fn, seen=seen)))
+
+
+def _uses_moba(src: str) -> bool:
     return "topk" in src and ("softmax" in src or "scaled_dot_product_attention" in src)
 
 
@@ -157,10 +166,10 @@ def synthesize_args(module: nn.Module, n: int = 37) -> Optional[tuple]:
 
 def input_seq_dims(bound: Bound, N: int, skip=()) -> dict:
     """Per tensor argument (but those in ``skip``), the dim holding the sequence: the last non-final dim of
-    size N."""
+    size N (of a float tensor: its last dim holds features; an integer one's, positions, may be the last)."""
     out = {}
     for name, t in bound.tensors().items():
-        dims = [d for d in range(t.dim() - 1) if t.shape[d] == N]
+        dims = [d for d in range(t.dim() - (1 if t.is_floating_point() else 0)) if t.shape[d] == N]
         if dims and name not in skip:
             out[name] = dims[-1]
     return out
@@ -414,4 +423,4 @@ def eager_modules(gm: fx.GraphModule) -> list[str]:
 
 
 __all__ = ["LiftedMoba", "NotLiftedMoba", "analyse", "specialise", "rewrite", "find_moba_modules",
-           "synthesize_args", "looks_like_moba", "to_bhnd", "from_bhnd", "eager_modules"]
+           "synthesize_args", "looks_like_moba", "sources_use_moba", "to_bhnd", "from_bhnd", "eager_modules"]

@@ -67,9 +67,11 @@ def random_bound(bound: Bound, seq_dims: dict, N: int, gen: torch.Generator, kee
             vals.append(draw(shape, gen, v.dtype, v.device))
         elif v.dtype == torch.bool:
             vals.append(torch.ones(shape, dtype=torch.bool, device=v.device))
-        else:
-            pos = torch.arange(N).view([-1 if i == seq_dims.get(name) else 1 for i in range(len(shape))])
+        elif name in seq_dims:                    # positions along the sequence (position_ids)
+            pos = torch.arange(N).view([-1 if i == seq_dims[name] else 1 for i in range(len(shape))])
             vals.append(pos.expand(shape).to(v.dtype).to(v.device).clone())
+        else:
+            vals.append(v.clone())
     return Bound(bound.names, tuple(vals))
 
 

@@ -16,7 +16,9 @@ Two ways to run a transformers MoE model on moec's kernels:
    ``moec.hf.calls(model)`` counts how the experts modules ran (kernels, or eager and why).
 
 And one way to run its attention as MoBA on moec's kernels: ``attn_implementation="moec_moba"``
-(`moec.hf.moba_attention`; block size and top-k from the config).
+(`moec.hf.moba_attention`; block size and top-k from the config). MoBA code a user registered as an
+attention function of its own (as MoBA's package installs itself) is lifted by ``moec.compile(model)``
+(`moec.hf.attention_functions`).
 """
 from __future__ import annotations
 
