@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import contextlib
+import functools
 from collections import Counter, OrderedDict
 
 import torch
@@ -42,7 +43,7 @@ from moec.runtime.support import why_not_kernels
 from . import guards
 from .compiler import MoERecipe
 from .frontend import lift
-from .frontend.outputs import derive, item_dtype, kernel_outputs, pack, slots
+from .frontend.outputs import derive, item_dtype, item_shape, kernel_outputs, pack, slots
 from .frontend.router_call import arguments
 from .moe_backward import kernels_backward
 from .region import Region, empty_with_grad, is_disabled
@@ -142,7 +143,7 @@ class MoERegion(Region):
         _, bound, fresh, graphs = got
         return bound, ({"x": x2, "score_bias": w.score_bias.float()} if fresh else {"x": x2}), graphs
 
-    def _graphed(self, c, bound, inputs: dict, graphs: GraphCache):
+    def _graphed(self, c, bound, inputs: dict, graphs: GraphCache, group_size=None):
         """The call through a CUDA graph of ``bound`` for this token count (`moec.runtime.graphs`); None
         when this call cannot take one (the reason is counted for explain())."""
         why = (not_capturable(inputs["x"])
@@ -157,7 +158,8 @@ class MoERegion(Region):
             self.graph_skips[why] += 1
             return None
         try:
-            return graphs.run(bound.run, inputs, graph_key(inputs))
+            return graphs.run(functools.partial(bound.run, group_size=group_size), inputs,
+                              graph_key(inputs) + (group_size,))
         except Exception as e:  # noqa: BLE001 - a capture that fails must not fail the call: no graphs
             graphs.failed = f"capture failed: {type(e).__name__}: {e}"
             self.graph_skips[graphs.failed] += 1
@@ -270,18 +272,19 @@ class MoERegion(Region):
                 dtype = x.dtype
             noise = torch.randn(x2.shape[0], self.spec.num_experts, dtype=dtype, device=x.device)
         w = kept.weights if kept is not None else self.weights(tensors)
+        group = x.shape[-2] if self.spec.router.capacity_per == "sequence" and x.dim() > 2 else None
         if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors)):
             lifted = self.lifted          # the backward differentiates this call's lift, whatever comes after it
             outs = self.serve("kernels forward and backward", KernelsBoth.apply,
-                              lambda ts: self.kernels(ts[0], w, training, noise, saving=True),
+                              lambda ts: self.kernels(ts[0], w, training, noise, saving=True, group_size=group),
                               lambda ts, saved, grads, needs: kernels_backward(self, lifted, ts, saved, grads, needs,
                                                                                     w, training, noise),
                               None, x2, *tensors)
         else:
-            outs = self.serve("kernels", self.kernels, x2, w, training, noise)
-        return self.pack(outs, x, w, module)
+            outs = self.serve("kernels", self.kernels, x2, w, training, noise, False, group)
+        return self.pack(outs, x, w, module, group)
 
-    def pack(self, outs, x, w: MoEWeights, module=None):
+    def pack(self, outs, x, w: MoEWeights, module=None, group_size=None):
         """The forward's result from the program's outputs ``outs``: its items in its kinds, dtypes and
         container (`moec.frontend.outputs`); a norm of the layer's output (`LiftedMoE.post`) is applied to y
         as the forward applies it, by calling that child of ``module``."""
@@ -292,13 +295,16 @@ class MoERegion(Region):
         kinds = slots(self.lifted.outputs)
         rules = self.lifted.out_dtypes or ("x",) * len(kinds)
         items = []
-        for kind, rule in zip(kinds, rules):
-            v = got[kind] if kind in got else derive(kind, got["logits"], self.spec.router, w.score_bias)
+        for i, (kind, rule) in enumerate(zip(kinds, rules)):
+            v = got[kind] if kind in got else derive(kind, got["logits"], self.spec.router, w.score_bias, group_size)
             dtype = item_dtype(rule, x.dtype)
-            items.append(v.to(dtype) if v is not None and dtype is not None and v.dtype != dtype else v)
+            v = v.to(dtype) if v is not None and dtype is not None and v.dtype != dtype else v
+            if i < len(self.lifted.out_leads) and self.lifted.out_leads[i] and v is not None:
+                v = v.reshape(item_shape(tuple(v.shape), True, x.shape))
+            items.append(v)
         return pack(items, self.lifted.container)
 
-    def kernels(self, x2, w: MoEWeights, training, noise, saving: bool = False):
+    def kernels(self, x2, w: MoEWeights, training, noise, saving: bool = False, group_size=None):
         """The program's outputs; with ``saving`` also what the backward reads (``{role: tensor}``,
         `moec.ir.backward.SAVED`: the routing, the dispatch, and the gate/up products when the training
         forward's save-activations pass chose to keep them)."""
@@ -314,12 +320,12 @@ class MoERegion(Region):
         if not saving:
             program, inputs, graphs = self._bound(c, w, x2)
             if self.mode == "reduce-overhead" and graphs is not None and noise is None:
-                got = self._graphed(c, program, inputs, graphs)
+                got = self._graphed(c, program, inputs, graphs, group_size)
                 if got is not None:
                     return got
-            return self.run(c, inputs, training=training, noise=noise, program=program)
+            return self.run(c, inputs, training=training, noise=noise, program=program, group_size=group_size)
         inputs = moe_inputs(x2, w)
-        env = self.run(c, inputs, training=training, noise=noise, values=True)
+        env = self.run(c, inputs, training=training, noise=noise, values=True, group_size=group_size)
         return [env[o] for o in c.graph.outputs], read_saved(c.graph, env)
 
     # ---- report -----------------------------------------------------------------------------
@@ -391,8 +397,12 @@ def _spec_line(spec) -> str:
         bits.append("selection bias")
     if r.n_group > 1:
         bits.append(f"group-limited {r.topk_group}/{r.n_group} ({r.group_score})")
-    if r.capacity_factor is not None:
-        bits.append(f"capacity {r.capacity_factor:g} ({r.overflow})")
+    if r.has_capacity:
+        size = f"capacity {r.capacity_factor:g}" if r.capacity_factor is not None else f"{r.expert_capacity} pairs"
+        size += f" (at least {r.min_capacity})" if r.min_capacity > 1 else ""
+        per = " per sequence" if r.capacity_per == "sequence" else ""
+        bits.append(f"{size} per expert{per} ({r.overflow}" + (", dropped tokens pass through)" if r.dropped == "pass"
+                                                                  else ")"))
     if r.noisy:
         bits.append("noisy gating")
     if r.aux_loss:

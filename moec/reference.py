@@ -74,10 +74,13 @@ def selection_keys(scores: torch.Tensor, cfg: RouterConfig, score_bias: Optional
     return sel
 
 
-def route(logits: torch.Tensor, cfg: RouterConfig, score_bias: Optional[torch.Tensor] = None):
+def route(logits: torch.Tensor, cfg: RouterConfig, score_bias: Optional[torch.Tensor] = None,
+          group_size: Optional[int] = None):
     """Top-k routing. Returns ``(ids [T,k] int64, weights [T,k] fp32, aux_loss fp32 scalar or None)``.
 
-    Capacity (if configured) is applied: dropped pairs get id ``DROPPED`` and weight 0.
+    Capacity (if configured) is applied per group of ``group_size`` tokens (a sequence: see
+    `RouterConfig.capacity_per`; None: the call is one sequence): dropped pairs get id ``DROPPED`` and
+    weight 0 (with ``dropped="pass"`` they keep their weight).
     """
     logits = logits.float()
     T, E = logits.shape
@@ -99,8 +102,8 @@ def route(logits: torch.Tensor, cfg: RouterConfig, score_bias: Optional[torch.Te
     weights = weights * cfg.routed_scaling
     factor = factor * cfg.routed_scaling
     aux = load_balancing_loss(scores, ids, cfg) if cfg.aux_loss else None
-    if cfg.capacity_factor is not None:
-        ids, weights = apply_capacity(ids, weights, scores, sel, factor, cfg)
+    if cfg.has_capacity:
+        ids, weights = apply_capacity(ids, weights, scores, sel, factor, cfg, group_size)
     return ids, weights, aux
 
 
@@ -112,6 +115,8 @@ def weights_given_ids(logits: torch.Tensor, cfg: RouterConfig, ids: torch.Tensor
     capacity). The backward of the routing: the choices themselves (ranking, groups, selection bias,
     capacity) have no gradient."""
     scores = scores_of(logits.float(), cfg)
+    if cfg.dropped == "pass" and ids_routed is not None:
+        ids = ids_routed                # a pair passed through keeps its routed weight
     chosen = (ids if ids_routed is None else ids_routed).long()
     factor = torch.full_like(scores[:, :1], cfg.routed_scaling)
     if cfg.order == "topk_then_score":
@@ -131,6 +136,8 @@ def route_backward(logits: torch.Tensor, cfg: RouterConfig, ids: torch.Tensor, d
     logits = logits.float()
     T, E = logits.shape
     scores = scores_of(logits, cfg)
+    if cfg.dropped == "pass" and ids_routed is not None:
+        ids = ids_routed                # a pair passed through keeps its routed weight
     chosen = (ids if ids_routed is None else ids_routed).long()
     kept = ids >= 0
     at = torch.where(kept, ids, torch.zeros_like(ids)).long()
@@ -169,13 +176,17 @@ def load_balancing_loss(scores: torch.Tensor, ids: torch.Tensor, cfg: RouterConf
     return E * torch.sum(counts / T * probs.mean(0))
 
 
-def apply_capacity(ids, weights, scores, sel, factor, cfg: RouterConfig):
-    """Enforce per-expert capacity (slot-major, then token priority); see `RouterConfig`."""
+def apply_capacity(ids, weights, scores, sel, factor, cfg: RouterConfig, group_size: Optional[int] = None):
+    """Enforce per-expert capacity (slot-major, then token priority, per capacity group); see `RouterConfig`.
+    Each group's experts count separately: a pair wants the "virtual" expert ``group * E + e``."""
     T, k = ids.shape
     E = cfg.num_experts
-    cap = cfg.capacity(T)
+    G = cfg.group_tokens(T, group_size)
+    cap = cfg.capacity(G)
     ids, weights = ids.clone(), weights.clone()
-    used = torch.zeros(E, dtype=torch.long, device=ids.device)
+    routed_weights = weights.clone()
+    groups = max(1, T // max(G, 1))
+    used = torch.zeros(groups * E, dtype=torch.long, device=ids.device)
     # pairs in priority order: p = slot * T + token
     pend_tok = torch.arange(T, device=ids.device).repeat(k)
     pend_slot = torch.arange(k, device=ids.device).repeat_interleave(T)
@@ -183,19 +194,20 @@ def apply_capacity(ids, weights, scores, sel, factor, cfg: RouterConfig):
     order = ranked(sel, E) if cfg.overflow == "next_best" else None
     next_rank = torch.full((T,), k, dtype=torch.long, device=ids.device)
     while cand.numel():
-        # rank of each candidate among candidates of the same expert, in priority order
-        srt = torch.sort(cand, stable=True)
+        # rank of each candidate among candidates of the same expert of its group, in priority order
+        virt = pend_tok // max(G, 1) * E + cand
+        srt = torch.sort(virt, stable=True)
         seg_start = torch.searchsorted(srt.values, srt.values, right=False)
         rank = torch.empty_like(cand)
         rank[srt.indices] = torch.arange(cand.numel(), device=ids.device) - seg_start
-        ok = used[cand] + rank < cap
-        used += torch.bincount(cand[ok], minlength=E)
+        ok = used[virt] + rank < cap
+        used += torch.bincount(virt[ok], minlength=groups * E)
         ids[pend_tok[ok], pend_slot[ok]] = cand[ok]
         if order is not None:
             weights[pend_tok[ok], pend_slot[ok]] = scores[pend_tok[ok], cand[ok]] * factor[pend_tok[ok], 0]
         pend_tok, pend_slot = pend_tok[~ok], pend_slot[~ok]
         ids[pend_tok, pend_slot] = DROPPED
-        weights[pend_tok, pend_slot] = 0.0
+        weights[pend_tok, pend_slot] = routed_weights[pend_tok, pend_slot] if cfg.dropped == "pass" else 0.0
         if order is None or pend_tok.numel() == 0:
             break
         # next candidates: each token's pending slots take its next unused ranks, in slot order
@@ -251,21 +263,29 @@ def expert_mlp(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, gate: Opti
     return _biased(h, down, b_down)
 
 
-def identity_share(ids: torch.Tensor, weights: torch.Tensor, ffn_experts: int) -> torch.Tensor:
+def identity_share(ids: torch.Tensor, weights: torch.Tensor, ffn_experts: int, dropped: bool = False) -> torch.Tensor:
     """``[T, 1]`` fp32: each token's summed routing weight over the slots that picked an identity expert (a
-    choice ``>= ffn_experts``); the identity experts add this times the token."""
-    return torch.where(ids >= ffn_experts, weights.float(), 0.0).sum(1, keepdim=True)
+    choice ``>= ffn_experts``), and with ``dropped`` the slots capacity dropped (passed through); the layer
+    adds this times the token."""
+    return torch.where(passed_slots(ids, ffn_experts, dropped), weights.float(), 0.0).sum(1, keepdim=True)
 
 
-def moe(x: torch.Tensor, w: MoEWeights, spec: MoESpec, noise: Optional[torch.Tensor] = None):
-    """The whole layer on ``x [T, d]``: returns ``(y [T, d] in x.dtype, aux_loss or None)``."""
+def passed_slots(ids: torch.Tensor, ffn_experts: int, dropped: bool = False) -> torch.Tensor:
+    """The slots whose token passes through (`identity_share`): an identity expert's, or a dropped pair's."""
+    return (ids >= ffn_experts) | (ids == DROPPED) if dropped else ids >= ffn_experts
+
+
+def moe(x: torch.Tensor, w: MoEWeights, spec: MoESpec, noise: Optional[torch.Tensor] = None,
+        group_size: Optional[int] = None):
+    """The whole layer on ``x [T, d]`` (``group_size``: tokens per sequence, for a per-sequence capacity):
+    returns ``(y [T, d] in x.dtype, aux_loss or None)``."""
     xf = x.float()
     cfg = spec.router
     logits = router_logits(x, w.w_router, w.b_router, w.w_noise, noise if cfg.noisy else None)
-    ids, weights, aux = route(logits, cfg, w.score_bias)
+    ids, weights, aux = route(logits, cfg, w.score_bias, group_size)
     y = torch.zeros_like(xf)
-    if spec.identity_experts:                 # identity picks add weight * x
-        y = y + xf * identity_share(ids, weights, spec.ffn_experts)
+    if spec.identity_experts or cfg.dropped == "pass":        # identity picks / passed pairs add weight * x
+        y = y + xf * identity_share(ids, weights, spec.ffn_experts, cfg.dropped == "pass")
     for e in range(spec.ffn_experts):
         tok, slot = torch.nonzero(ids == e, as_tuple=True)
         if tok.numel():

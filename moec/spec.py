@@ -17,6 +17,8 @@ SCORES = ("softmax", "sigmoid")
 ORDERS = ("score_then_topk", "topk_then_score", "logits_then_score")
 GROUP_SCORES = ("max", "top2_sum")
 OVERFLOWS = ("drop", "next_best")
+CAPACITY_GROUPS = ("batch", "sequence")
+DROPPED_PAIRS = ("zero", "pass")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2")     # relu2: relu(x)**2
 
 
@@ -74,11 +76,16 @@ class RouterConfig:
       ``top2_sum``: the sum of its two best), and only experts of the ``topk_group`` best
       groups may be chosen.
     - ``capacity_factor``: when set, each expert keeps at most
-      ``C = ceil(capacity_factor * T * k / E)`` (token, slot) pairs. Priority is slot-major
-      (every token's first choice before any second choice), then token order. Overflowing
-      pairs are dropped (weight 0) or, with ``overflow="next_best"``, moved to the token's
-      next-ranked expert that still has room (weight: that expert's score, under the same
-      normalisation); a pair that finds no room is dropped.
+      ``C = max(min_capacity, ceil(capacity_factor * G * k / E))`` (token, slot) pairs of each
+      capacity group of G tokens; ``expert_capacity`` instead fixes ``C`` (Switch Transformer's
+      config). ``capacity_per``: the group is every token of the call (``"batch"``: G = T) or each
+      sequence of an input ``[B, S, d]`` (``"sequence"``: G = S; a ``[T, d]`` input is one sequence).
+      Priority within a group is slot-major (every token's first choice before any second choice),
+      then token order. Overflowing pairs are dropped or, with ``overflow="next_best"``, moved to the
+      token's next-ranked expert that still has room (weight: that expert's score, under the same
+      normalisation); a pair that finds no room is dropped. ``dropped``: a dropped pair adds nothing
+      (``"zero"``: weight 0) or passes its token through (``"pass"``: it keeps its routed weight and
+      adds ``weight * x``, Switch Transformer's dropped tokens; with ``overflow="drop"``).
     - ``noisy``: noisy top-k gating: in training mode logits get
       ``noise * softplus(x @ w_noise.T)`` with ``noise ~ N(0, 1)`` drawn as ``torch.randn``
       of shape ``[T, E]``; in eval mode no noise is added.
@@ -103,6 +110,10 @@ class RouterConfig:
     overflow: str = "drop"
     noisy: bool = False
     aux_loss: bool = False
+    expert_capacity: Optional[int] = None
+    min_capacity: int = 1
+    capacity_per: str = "batch"
+    dropped: str = "zero"
 
     def __post_init__(self) -> None:
         E, k = self.num_experts, self.top_k
@@ -130,15 +141,50 @@ class RouterConfig:
                 raise MoESpecError("group_score='top2_sum' needs at least 2 experts per group")
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise MoESpecError(f"capacity_factor must be > 0, got {self.capacity_factor}")
+        if self.expert_capacity is not None and (isinstance(self.expert_capacity, bool) or
+                                                 not isinstance(self.expert_capacity, int) or self.expert_capacity < 1):
+            raise MoESpecError(f"expert_capacity must be an int >= 1, got {self.expert_capacity!r}")
+        if self.expert_capacity is not None and self.capacity_factor is not None:
+            raise MoESpecError("set capacity_factor or expert_capacity, not both")
+        if isinstance(self.min_capacity, bool) or not isinstance(self.min_capacity, int) or self.min_capacity < 1:
+            raise MoESpecError(f"min_capacity must be an int >= 1, got {self.min_capacity!r}")
+        for name, allowed in (("capacity_per", CAPACITY_GROUPS), ("dropped", DROPPED_PAIRS)):
+            if getattr(self, name) not in allowed:
+                raise MoESpecError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not self.has_capacity and (self.capacity_per, self.dropped, self.min_capacity) != ("batch", "zero", 1):
+            raise MoESpecError("capacity_per, dropped and min_capacity describe an expert capacity: set "
+                               "capacity_factor or expert_capacity")
+        if self.dropped == "pass" and self.overflow != "drop":
+            raise MoESpecError("dropped='pass' passes a pair through where it overflows: it needs overflow='drop'")
+
+    @property
+    def has_capacity(self) -> bool:
+        return self.capacity_factor is not None or self.expert_capacity is not None
+
+    def without_capacity(self) -> "RouterConfig":
+        """This routing before capacity (what the fused route kernel computes)."""
+        return self.replace(capacity_factor=None, expert_capacity=None, min_capacity=1, overflow="drop",
+                            capacity_per="batch", dropped="zero")
 
     def replace(self, **changes) -> "RouterConfig":
         return dataclasses.replace(self, **changes)
 
-    def capacity(self, num_tokens: int) -> Optional[int]:
-        """Per-expert capacity for ``num_tokens`` tokens (None: unlimited)."""
+    def capacity(self, group_tokens: int) -> Optional[int]:
+        """Per-expert capacity of a capacity group of ``group_tokens`` tokens (None: unlimited)."""
+        if self.expert_capacity is not None:
+            return self.expert_capacity
         if self.capacity_factor is None:
             return None
-        return max(1, math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts))
+        return max(self.min_capacity, math.ceil(self.capacity_factor * group_tokens * self.top_k / self.num_experts))
+
+    def group_tokens(self, T: int, group_size: Optional[int]) -> int:
+        """Tokens per capacity group of a call of T tokens whose sequences hold ``group_size`` (None: one
+        sequence); raises `MoESpecError` when they do not tile T."""
+        if self.capacity_per == "batch" or group_size is None or T == 0:
+            return T
+        if group_size < 1 or T % group_size:
+            raise MoESpecError(f"per-sequence capacity: {T} tokens are not sequences of {group_size}")
+        return group_size
 
 
 @dataclass(frozen=True)
@@ -212,7 +258,7 @@ class MoESpec:
         if not 0 <= self.identity_experts < self.router.num_experts:
             raise MoESpecError(f"identity_experts must be in [0, router.num_experts={self.router.num_experts}), "
                                f"got {self.identity_experts}")
-        if self.identity_experts and self.router.capacity_factor is not None:
+        if self.identity_experts and self.router.has_capacity:
             raise MoESpecError("identity experts with an expert capacity are not supported")
         if self.activation not in ACTIVATIONS:
             raise MoESpecError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .frontend.outputs import item_dtype, pack, slots
+from .frontend.outputs import item_dtype, item_shape, pack, slots
 
 _LAYERS: dict = {}            # handle -> weakref to a compiled module
 _CONTAINERS: dict = {}        # handle -> the class a layer's outputs come in (a namedtuple's)
@@ -74,7 +74,9 @@ def _out_meta(module: nn.Module, x: Tensor) -> list[tuple]:
               "counts": (E,)}
     kinds = slots(lifted.outputs)
     rules = lifted.out_dtypes or ("x",) * len(kinds)
-    return [(shapes[kind], item_dtype(rule, x.dtype)) for kind, rule in zip(kinds, rules) if kind != "none"]
+    lead = lifted.out_leads or (False,) * len(kinds)
+    return [(item_shape(shapes[kind], lead[i] and kind != "y", x.shape), item_dtype(rule, x.dtype))
+            for i, (kind, rule) in enumerate(zip(kinds, rules)) if kind != "none"]
 
 
 def _call(module: nn.Module, x: Tensor):

@@ -30,7 +30,7 @@ def _fuse_one(g: Graph, i: int, route: Node) -> Graph:
     if "noise_logits" in route.ins and (noise is None or noise.op != "linear" or noise.ins["x"] != x
                                         or g.uses(route.ins["noise_logits"]) != 1):
         return g
-    capacity = cfg.capacity_factor is not None
+    capacity = cfg.has_capacity
     if capacity and cfg.noisy:      # capacity ranks by the noisy scores, which the kernel keeps inside
         return g
     gates = [n for n in g.find("shared_gate") if n.ins["x"] == x][:1]
@@ -53,7 +53,7 @@ def _fuse_one(g: Graph, i: int, route: Node) -> Graph:
         names["shared_scale"] = gates[0].outs["scale"]
     if logits_needed:
         names["logits"] = logits
-    fused_cfg = cfg.replace(capacity_factor=None, overflow="drop")
+    fused_cfg = cfg.without_capacity()
     inferred = OPS["fused_route"].infer({r: g.types[v] for r, v in operands.items() if v}, router_attrs(fused_cfg))
     roles = [r for r in OPS["fused_route"].results if r in names]
     fused = Node("fused_route", tuple((r, v) for r, v in operands.items() if v),

@@ -196,7 +196,8 @@ def _capacity_step(n: Node, g: Graph) -> Step:
     cfg = router_config(n.attr)
 
     def run(v, outs, ctx):
-        ids, weights = apply_capacity(v["ids"], v["weights"], v["logits"], cfg, v.get("score_bias"))
+        ids, weights = apply_capacity(v["ids"], v["weights"], v["logits"], cfg, v.get("score_bias"),
+                                      ctx.get("group_size"))
         return {"ids": ids, "weights": weights}
     return Step(n, run)
 

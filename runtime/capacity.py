@@ -3,7 +3,8 @@ fixed-shape torch ops only (no ``.item()``, no boolean-mask indexing, no ``nonze
 so a call with capacity can be captured in a CUDA graph.
 
 Pairs are ranked in priority order ``p = slot * T + token`` (slot-major, then token: the
-reference's order in every round). A round ranks each pending pair among the pending pairs that
+reference's order in every round). With a per-sequence capacity each sequence's experts fill apart: a
+pair competes for the virtual expert ``sequence * E + expert`` (``T / S * E`` of them, from host ints). A round ranks each pending pair among the pending pairs that
 want the same expert (a stable sort by expert, ranks from `searchsorted`) and keeps it if the
 expert's load plus its rank is below the capacity ``C`` (a host int from T).
 
@@ -55,27 +56,31 @@ def _rank_within_expert(cand: Tensor, pending: Tensor, E: int) -> Tensor:
 
 
 def apply_capacity(ids: Tensor, weights: Tensor, logits: Tensor, cfg: RouterConfig,
-                   score_bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                   score_bias: Optional[Tensor] = None, group_size: Optional[int] = None) -> tuple[Tensor, Tensor]:
     """``(ids int32 [T, k], weights fp32 [T, k])`` after capacity, from the routed ``ids``,
-    ``weights`` and the router's fp32 ``logits [T, E]`` (what the ``apply_capacity`` IR op takes)."""
+    ``weights`` and the router's fp32 ``logits [T, E]`` (what the ``apply_capacity`` IR op takes);
+    ``group_size``: tokens per sequence, for a per-sequence capacity (each sequence's experts fill
+    separately: a pair competes for the "virtual" expert ``sequence * E + e``)."""
     T, k = ids.shape
-    E = cfg.num_experts
     dev = ids.device
     if T == 0:
         return ids.to(torch.int32), weights.float()
-    cap = cfg.capacity(T)
+    G = cfg.group_tokens(T, group_size)
+    E = cfg.num_experts * (T // G)                          # virtual experts: one set per capacity group
+    cap = cfg.capacity(G)
     next_best = cfg.overflow == "next_best"
     # pairs in priority order p = slot * T + token
-    cand = ids.t().reshape(-1).long()
+    tok = torch.arange(T, device=dev).repeat(k)
+    group = tok // G * cfg.num_experts                     # the first virtual expert of each pair's group
+    cand = ids.t().reshape(-1).long() + group
     ids_p = torch.full_like(cand, DROPPED)
     w_p = weights.t().reshape(-1).float().clone()
-    tok = torch.arange(T, device=dev).repeat(k)
     pending = torch.ones(T * k, dtype=torch.bool, device=dev)
     used = torch.zeros(E, dtype=torch.long, device=dev)
     if next_best:
         scores = scores_of(logits.float(), cfg)
         sel = selection_keys(scores, cfg, score_bias, logits)
-        order = ranked(sel, E)                                          # [T, E]: each token's preference
+        order = ranked(sel, cfg.num_experts)                            # [T, E]: each token's preference
         full = scores.gather(1, ids.long())
         factor = weights[:, :1].float() / full[:, :1]                   # the route's per-token normalisation
         w_p = torch.zeros_like(w_p)
@@ -84,12 +89,12 @@ def apply_capacity(ids: Tensor, weights: Tensor, logits: Tensor, cfg: RouterConf
     sync_free = capturing(dev)
     for r in range(rounds):
         rank = _rank_within_expert(cand, pending, E)
-        safe = torch.where(pending, cand, torch.zeros_like(cand))        # any valid index for the rest
+        safe = torch.where(pending, cand, group)                         # any valid index for the rest
         ok = pending & (used.gather(0, safe) + rank < cap)
         used.scatter_add_(0, safe, ok.long())
-        ids_p = torch.where(ok, cand, ids_p)
+        ids_p = torch.where(ok, cand - group, ids_p)
         if next_best:
-            w_p = torch.where(ok, scores[tok, safe] * factor[tok, 0], w_p)
+            w_p = torch.where(ok, scores[tok, safe - group] * factor[tok, 0], w_p)
         pending = pending & ~ok
         if not next_best or r == rounds - 1:
             break
@@ -98,12 +103,12 @@ def apply_capacity(ids: Tensor, weights: Tensor, logits: Tensor, cfg: RouterConf
         offset = (torch.cumsum(grid, 0) - grid).reshape(-1)
         rnk = next_rank[tok] + offset
         next_rank = next_rank + grid.sum(0)
-        in_range = rnk < E
-        nxt = order[tok, rnk.clamp(max=E - 1)]
+        in_range = rnk < cfg.num_experts
+        nxt = order[tok, rnk.clamp(max=cfg.num_experts - 1)]
         pending = pending & in_range & torch.isfinite(sel[tok, nxt])
-        cand = torch.where(pending, nxt, cand)
+        cand = torch.where(pending, nxt + group, cand)
         if not sync_free and not bool(pending.any()):
             break
-    if not next_best:
+    if not next_best and cfg.dropped != "pass":            # a passed pair keeps its weight
         w_p = torch.where(ids_p == DROPPED, torch.zeros_like(w_p), w_p)
     return ids_p.view(k, T).t().contiguous().to(torch.int32), w_p.view(k, T).t().contiguous()

@@ -198,15 +198,17 @@ class Program:
         return got
 
     def run(self, inputs: dict[str, torch.Tensor], *, training: bool = False, noise: Optional[torch.Tensor] = None,
-            on_step: Optional[Callable] = None, values: bool = False, needed: tuple = (), into: Optional[dict] = None):
+            on_step: Optional[Callable] = None, values: bool = False, needed: tuple = (), into: Optional[dict] = None,
+            group_size: Optional[int] = None):
         """Run the steps; returns the graph's outputs in order (``values=True``: every value, by name,
-        e.g. for a backward that reuses an intermediate). ``needed``: run only the steps these values
+        e.g. for a backward that reuses an intermediate; ``group_size``: tokens per sequence, for a
+        per-sequence expert capacity). ``needed``: run only the steps these values
         need (e.g. the routing alone), and return every value. ``into``: ``{value: tensor}`` the caller
         provides for results (any strides, e.g. views of a parameter's gradient layout): kernels write
         there, a torch step's result is copied there. ``on_step(step, operands, results, ctx)`` is called
         after each (autotune uses it to capture a kernel's operands)."""
         return self._unbound.run(inputs, training=training, noise=noise, on_step=on_step, values=values,
-                                 needed=needed, into=into)
+                                 needed=needed, into=into, group_size=group_size)
 
     def bind(self, inputs: dict[str, torch.Tensor]) -> "Bound":
         """The program with its weights bound: ``inputs``' tensors of `static_inputs` (the others are
@@ -236,7 +238,8 @@ class Bound:
         return got
 
     def run(self, inputs: dict[str, torch.Tensor], *, training: bool = False, noise: Optional[torch.Tensor] = None,
-            on_step: Optional[Callable] = None, values: bool = False, needed: tuple = (), into: Optional[dict] = None):
+            on_step: Optional[Callable] = None, values: bool = False, needed: tuple = (), into: Optional[dict] = None,
+            group_size: Optional[int] = None):
         """`Program.run`, with the bound inputs added to ``inputs``."""
         p = self.program
         env = {**self.bound, **inputs} if self.bound else dict(inputs)
@@ -244,7 +247,7 @@ class Bound:
         lead = env[p._token_dim[0]] if p._token_dim else next(iter(env.values()))
         T = lead.shape[p._token_dim[1]] if p._token_dim else 0
         device = lead.device
-        ctx = {"training": training, "noise": noise, "T": T, "sizes": sizes}
+        ctx = {"training": training, "noise": noise, "T": T, "sizes": sizes, "group_size": group_size}
         if not (p._selects or needed or into or on_step):      # every step, as planned for these sizes
             for allocs, go in self._plans.get(tuple(sizes.values())) or self._plan(sizes, T):
                 for name, shape, dtype in allocs:

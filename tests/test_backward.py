@@ -149,6 +149,11 @@ SPECS = {
     # HunYuan-V4: clamped routed experts, a plain shared expert (its own GLU variant)
     "clamped_plain_shared": (MoESpec(32, 16, RouterConfig(6, 2), glu_limit=0.5,
                                      shared=SharedExpertConfig(24, gated=True, variant=())), ("y",)),
+    # Switch Transformer: a fixed capacity per sequence, a dropped token passes through weighted; GShard's minimum
+    "switch_pass": (MoESpec(32, 48, RouterConfig(4, 1, expert_capacity=2, capacity_per="sequence", dropped="pass"),
+                            glu=False, activation="relu"), ("y", "logits")),
+    "capacity_minimum_pass": (MoESpec(32, 16, RouterConfig(4, 2, capacity_factor=0.5, min_capacity=2, renormalize=True,
+                                                           dropped="pass")), ("y", "weights")),
     # LongCat-Flash: a softmax router over 6 MLP and 3 identity experts, selection bias, scaled weights
     "identity_experts": (MoESpec(32, 16, RouterConfig(9, 3, score_bias=True, routed_scaling=1.5),
                                  identity_experts=3, shared=SharedExpertConfig(16)), ("y", "logits", "weights")),
@@ -241,7 +246,7 @@ ZOO = ["MixtralMoE", "MixtralSkipEmptyMoE", "MixtralTopkSoftmaxMoE", "MixtralLog
        "StackedGatherBmmMoE", "StackedExpertsModuleMoE", "DenseOneHotMoE", "DeepseekV3MoE", "DeepseekV2MoE",
        "SwitchMoE", "QwenMoE", "CapacityMoE", "NoisyTopKMoE", "AuxLossMoE", "BiasedExpertMoE", "BiasedFusedExpertMoE",
        "PlainLinearMoE", "GShardTop2MoE", "WrappedExpertsMoE", "STMoE", "LogitsZLossMoE", "Relu2ExpertMoE",
-       "LogitsBiasTopKMoE"]
+       "LogitsBiasTopKMoE", "SwitchCapacityMoE", "DenseDispatchMoE"]
 
 
 def _tensors(out) -> list:

@@ -39,6 +39,8 @@ LIFTED = {
     "LogitsBiasTopKMoE": lambda: zoo.LogitsBiasTopKMoE(),
     "LogitsZLossMoE": lambda: zoo.LogitsZLossMoE(),
     "IdentityExpertMoE": lambda: zoo.IdentityExpertMoE(),
+    "SwitchCapacityMoE": lambda: zoo.SwitchCapacityMoE(),
+    "DenseDispatchMoE": lambda: zoo.DenseDispatchMoE(),
 }
 
 

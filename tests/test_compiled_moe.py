@@ -103,18 +103,18 @@ def _strided(b):
     return wide[:, 1::2]
 
 
-def run_compiled(spec, dtype, outputs, arch, x, w, *, training=False, noise=None):
+def run_compiled(spec, dtype, outputs, arch, x, w, *, training=False, noise=None, group_size=None):
     compiled = compile_spec(spec, dtype, tuple(outputs), arch)
-    return compiled.program.run(moe_inputs(x, w), training=training, noise=noise)
+    return compiled.program.run(moe_inputs(x, w), training=training, noise=noise, group_size=group_size)
 
 
-def reference_outputs(spec, outputs, x, w, noise=None):
+def reference_outputs(spec, outputs, x, w, noise=None, group_size=None):
     """What the program must return; ``noise`` only when it applies (noisy router, training).
     The ``logits`` output is the router's linear (``x @ w_router.T + b``), as in the IR graph."""
-    y, aux = ref.moe(x, w, spec, noise=noise)
+    y, aux = ref.moe(x, w, spec, noise=noise, group_size=group_size)
     values = {"y": y, "aux": aux, "logits": ref.router_logits(x, w.w_router, w.b_router),
               "weights": ref.route(ref.router_logits(x, w.w_router, w.b_router, w.w_noise, noise), spec.router,
-                                   w.score_bias)[1]}
+                                   w.score_bias, group_size)[1]}
     return [values[o] for o in outputs]
 
 
@@ -137,7 +137,7 @@ def separated(spec: MoESpec, x, w: MoEWeights, noise=None) -> torch.Tensor:
     logits = ref.router_logits(x, w.w_router, w.b_router, w.w_noise, noise)
     scores = ref.scores_of(logits, cfg)
     E = cfg.num_experts
-    depth = E if (cfg.capacity_factor is not None and cfg.overflow == "next_best") else cfg.top_k
+    depth = E if (cfg.has_capacity and cfg.overflow == "next_best") else cfg.top_k
     if cfg.order == "topk_then_score":
         # the reference ranks logits; the compiled (canonical) router ranks softmax scores
         return _gaps_ok(logits, depth) & _gaps_ok(scores, depth)
@@ -196,11 +196,20 @@ def check_case(spec: MoESpec, dtype, outputs, arch, T: int, seed: int, *, traini
         x = x[keep]
         noise = noise[keep] if noise is not None else None
         active = active[keep] if active is not None else None
+    group = sequence_length(spec, x.shape[0], seed)
     # a noise tensor given in eval mode must be ignored
-    got = run_compiled(spec, dtype, outputs, arch, x, w, training=training, noise=noise)
-    want = reference_outputs(spec, outputs, x, w, active)
+    got = run_compiled(spec, dtype, outputs, arch, x, w, training=training, noise=noise, group_size=group)
+    want = reference_outputs(spec, outputs, x, w, active, group)
     assert_matches(got, want, outputs, dtype, x.shape[0], spec.hidden, spec.num_experts)
     return x.shape[0]
+
+
+def sequence_length(spec: MoESpec, T: int, seed: int):
+    """For a per-sequence capacity, a length that tiles T (one of its divisors, by the seed); else None."""
+    if spec.router.capacity_per != "sequence" or T == 0:
+        return None
+    divisors = [s for s in range(1, T + 1) if T % s == 0]
+    return divisors[seed % len(divisors)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,18 +234,23 @@ def routers(draw, *, capacity=None, noisy=False, big=True):
             per = E // n_group
             topk_group = draw(st.integers(-(-k // per), n_group))
             group_score = draw(st.sampled_from(["max", "top2_sum"] if per >= 2 else ["max"]))
-    capacity_factor, overflow = None, "drop"
+    cap = {}
     if capacity or (capacity is None and draw(st.booleans())):
-        capacity_factor = draw(st.sampled_from([0.25, 0.5, 1.0, 1.25, 2.0]))
         overflow = draw(st.sampled_from(["drop", "next_best"]))
+        cap = {"overflow": overflow, "capacity_per": draw(st.sampled_from(["batch", "sequence"])),
+               "dropped": draw(st.sampled_from(["zero", "pass"])) if overflow == "drop" else "zero"}
+        if draw(st.integers(0, 3)) == 0:              # Switch's fixed capacity per expert
+            cap["expert_capacity"] = draw(st.integers(1, 6))
+        else:
+            cap["capacity_factor"] = draw(st.sampled_from([0.25, 0.5, 1.0, 1.25, 2.0]))
+            cap["min_capacity"] = draw(st.sampled_from([1, 1, 4]))
     return RouterConfig(
         num_experts=E, top_k=k, score=score, order=order,
         renormalize=order == "score_then_topk" and draw(st.booleans()),
         routed_scaling=draw(st.sampled_from([1.0, 2.5, 0.5])),
         score_bias=score_bias, router_bias=draw(st.booleans()),
         n_group=n_group, topk_group=topk_group, group_score=group_score,
-        capacity_factor=capacity_factor, overflow=overflow,
-        noisy=noisy, aux_loss=draw(st.booleans()),
+        noisy=noisy, aux_loss=draw(st.booleans()), **cap,
     )
 
 
@@ -260,7 +274,7 @@ def specs(draw, router):
         own = draw(st.sampled_from([(), (("glu_limit", 0.5),), (("up_shift", 1.0), ("up_softcap", 0.5))]))
         shared = SharedExpertConfig(shared.width, shared.gated, variant=own)
     identity = 0
-    if r.num_experts > 1 and r.capacity_factor is None and draw(st.integers(0, 3)) == 0:
+    if r.num_experts > 1 and not r.has_capacity and draw(st.integers(0, 3)) == 0:
         identity = draw(st.integers(1, r.num_experts - 1))         # now and then LongCat's identity experts
     return MoESpec(hidden=draw(st.sampled_from(HIDDEN)), ffn=draw(st.integers(8, 80)), router=r,
                    activation=activation, glu=glu, shared=shared, expert_bias=draw(st.booleans()),
@@ -336,6 +350,10 @@ NAMED = {
     "switch_drop": MoESpec(32, 64, RouterConfig(4, 1, capacity_factor=1.0), glu=False, activation="relu"),
     "switch_next_best": MoESpec(32, 64, RouterConfig(4, 2, capacity_factor=0.5, overflow="next_best",
                                                      renormalize=True), glu=False, activation="relu"),
+    "switch_per_sequence_pass": MoESpec(32, 64, RouterConfig(4, 1, expert_capacity=2, capacity_per="sequence",
+                                                             dropped="pass"), glu=False, activation="relu"),
+    "gshard_min_capacity": MoESpec(32, 24, RouterConfig(4, 2, capacity_factor=0.5, min_capacity=3, renormalize=True,
+                                                        dropped="pass"), glu=False, activation="relu"),
     "noisy_topk": MoESpec(16, 24, RouterConfig(8, 2, order="topk_then_score", noisy=True, aux_loss=True)),
     "gelu_glu_shared": MoESpec(48, 8, RouterConfig(5, 2), activation="gelu", shared=SharedExpertConfig(16)),
     "gelu_tanh_plain": MoESpec(16, 80, RouterConfig(3, 1), activation="gelu_tanh", glu=False,
@@ -404,7 +422,8 @@ def _huge_router_row(w: MoEWeights, x: torch.Tensor, e: int, value: float = 30.0
     RouterConfig(6, 2, score="sigmoid", renormalize=True),
     RouterConfig(4, 1, capacity_factor=1.0),                         # most tokens overflow: dropped
     RouterConfig(4, 2, capacity_factor=1.0, overflow="next_best"),   # ... or moved to their next best
-], ids=["softmax_k1", "sigmoid_k2", "capacity_drop", "capacity_next_best"])
+    RouterConfig(4, 1, expert_capacity=3, dropped="pass"),           # ... or passed through
+], ids=["softmax_k1", "sigmoid_k2", "capacity_drop", "capacity_next_best", "capacity_pass"])
 @pytest.mark.parametrize("arch", ["cpu", "sm80"])
 def test_all_tokens_to_one_expert(router, arch):
     spec = MoESpec(32, 24, router, shared=SharedExpertConfig(16))
@@ -412,7 +431,7 @@ def test_all_tokens_to_one_expert(router, arch):
     w = make_weights(spec, torch.float32, gen)
     x = torch.randn(37, 32, generator=gen)
     _huge_router_row(w, x, e=2)
-    ids, _, _ = ref.route(ref.router_logits(x, w.w_router), router.replace(capacity_factor=None))
+    ids, _, _ = ref.route(ref.router_logits(x, w.w_router), router.without_capacity())
     assert (ids[:, 0] == 2).all()                         # the setup does what it says
     got = run_compiled(spec, torch.float32, ("y", "logits"), ARCHS[arch], x, w)
     assert_matches(got, reference_outputs(spec, ("y", "logits"), x, w), ("y", "logits"), torch.float32, 37, 32,
@@ -571,6 +590,27 @@ def test_aux_output_without_aux_loss_is_a_clear_error():
 def test_bad_glu_variant_is_a_clear_error(options, cause):
     with pytest.raises(MoESpecError, match=cause):
         MoESpec(16, 16, RouterConfig(4, 1), **options)
+
+
+@pytest.mark.parametrize("options, cause", [
+    (dict(capacity_factor=1.0, expert_capacity=4), "not both"),
+    (dict(expert_capacity=0), "expert_capacity must be an int >= 1"),
+    (dict(capacity_factor=1.0, min_capacity=0), "min_capacity must be an int >= 1"),
+    (dict(capacity_per="sequence"), "describe an expert capacity"),
+    (dict(dropped="pass"), "describe an expert capacity"),
+    (dict(capacity_factor=1.0, capacity_per="row"), "capacity_per must be one of"),
+    (dict(capacity_factor=1.0, dropped="pass", overflow="next_best"), "needs overflow='drop'"),
+], ids=["factor_and_fixed", "zero_fixed", "zero_minimum", "per_sequence_without_capacity", "pass_without_capacity",
+        "unknown_group", "pass_with_next_best"])
+def test_bad_capacity_is_a_clear_error(options, cause):
+    with pytest.raises(MoESpecError, match=cause):
+        RouterConfig(4, 1, **options)
+
+
+def test_sequences_that_do_not_tile_the_call_are_an_error():
+    cfg = RouterConfig(4, 1, expert_capacity=2, capacity_per="sequence")
+    with pytest.raises(MoESpecError, match="not sequences of 4"):
+        ref.route(torch.randn(10, 4), cfg, None, 4)
 
 
 def test_bias_of_the_wrong_shape_is_rejected_by_the_verifier():

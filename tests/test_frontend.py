@@ -77,6 +77,12 @@ CASES = {
                        dict(top_k=2, renormalize=True), dict(activation="silu", glu=True, expert_bias=True), "y"),
     "biased_fused_experts": (lambda: zoo.BiasedFusedExpertMoE(), "module-list loop",
                              dict(top_k=2, renormalize=True), dict(activation="gelu", glu=True, expert_bias=True), "y"),
+    "switch_capacity": (lambda: zoo.SwitchCapacityMoE(), "module-list loop",
+                        dict(top_k=1, expert_capacity=3, capacity_per="sequence", dropped="pass", capacity_factor=None),
+                        dict(activation="relu", glu=False), "y_logits"),
+    "dense_dispatch": (lambda: zoo.DenseDispatchMoE(), "stacked 3-D weights",
+                       dict(top_k=2, renormalize=True, capacity_factor=1.0, min_capacity=4, capacity_per="batch",
+                            dropped="zero"), dict(activation="relu", glu=False), "y"),
 }
 SHARED = {"deepseek_v3": (16, False), "qwen": (48, True), "logits_bias_topk": (32, False)}
 
@@ -112,7 +118,8 @@ def assert_matches(m, lifted, x, noise=None):
     y, extra = unpack(m(x))
     x2 = x.reshape(-1, d)
     w = lifted.weights(lifted.param_tensors(m))
-    y_ref, aux = reference.moe(x2, w, lifted.spec, noise)
+    group = x.shape[-2] if x.dim() == 3 else None
+    y_ref, aux = reference.moe(x2, w, lifted.spec, noise, group)
     assert y.shape == x.shape and y.dtype == x.dtype
     rtol = 1e-4 if x.dtype == torch.float32 else 2e-2
     logits = reference.router_logits(x2, w.w_router, w.b_router, w.w_noise, noise)
@@ -131,7 +138,7 @@ def assert_matches(m, lifted, x, noise=None):
         for kind, item in zip(lifted.outputs.split("_")[1:], out[1:]):
             want = {"logits": logits, "aux": aux, "none": None}.get(kind)
             if kind in ("zloss", "ids", "counts"):
-                want = outputs.derive(kind, logits, lifted.spec.router, w.score_bias)
+                want = outputs.derive(kind, logits, lifted.spec.router, w.score_bias, group)
             if want is None:
                 assert item is None
             elif kind in ("ids", "counts"):
@@ -169,12 +176,12 @@ def test_reference_matches_module(case):
     with torch.no_grad():
         for T, seed in ((1, 11), (7, 12), (40, 13)):
             assert_matches(m, lifted, inputs(lifted.spec.hidden, T, seed=seed))
-        if lifted.spec.router.capacity_factor is not None:   # the inputs do overflow
-            x = inputs(lifted.spec.hidden, 40, seed=13).reshape(-1, lifted.spec.hidden)
+        if lifted.spec.router.has_capacity:   # the inputs do overflow
+            x = inputs(lifted.spec.hidden, 40, seed=13)
             w = lifted.weights(lifted.param_tensors(m))
-            logits = reference.router_logits(x, w.w_router)
-            capped = reference.route(logits, lifted.spec.router)[0]
-            free = reference.route(logits, lifted.spec.router.replace(capacity_factor=None))[0]
+            logits = reference.router_logits(x.reshape(-1, lifted.spec.hidden), w.w_router)
+            capped = reference.route(logits, lifted.spec.router, None, x.shape[-2])[0]
+            free = reference.route(logits, lifted.spec.router.without_capacity())[0]
             assert not torch.equal(capped, free)
 
 
@@ -199,7 +206,7 @@ def test_weights_carry_gradients(case):
     tensors = lifted.param_tensors(m)
     trainable = [t for t in tensors if t.requires_grad]
     eager = torch.autograd.grad(loss, trainable, allow_unused=True)
-    y_ref, aux = reference.moe(x.reshape(-1, d), lifted.weights(tensors), lifted.spec)
+    y_ref, aux = reference.moe(x.reshape(-1, d), lifted.weights(tensors), lifted.spec, None, x.shape[-2])
     loss_ref = (y_ref.reshape(x.shape) * g).sum() + (aux if lifted.outputs == "y_aux" else 0)
     ref = torch.autograd.grad(loss_ref, trainable, allow_unused=True)
     assert trainable

@@ -251,6 +251,7 @@ LAYERS = {
     "switch": (zoo.SwitchMoE, {}),
     "capacity_drop": (zoo.CapacityMoE, dict(E=8, capacity_factor=0.5)),
     "identity_expert": (zoo.IdentityExpertMoE, {}),
+    "switch_capacity_per_sequence": (zoo.SwitchCapacityMoE, dict(expert_capacity=2)),
 }
 
 
@@ -345,11 +346,17 @@ def test_device_capacity_equals_the_reference(overflow, capture, monkeypatch):
                RouterConfig(8, 3, order="topk_then_score"),
                RouterConfig(8, 2, score="sigmoid", score_bias=True, n_group=4, topk_group=2,
                             group_score="top2_sum", renormalize=True, routed_scaling=2.5)]
+    sizes = [dict(capacity_factor=0.25), dict(capacity_factor=1.0), dict(capacity_factor=0.25, min_capacity=3),
+             dict(expert_capacity=2, capacity_per="sequence"), dict(capacity_factor=1.0, capacity_per="sequence")]
+    if overflow == "drop":
+        sizes += [dict(expert_capacity=1, capacity_per="sequence", dropped="pass"), dict(capacity_factor=0.5,
+                                                                                        dropped="pass")]
     cases = 0
     for base in configs:
-        for cf in (0.25, 1.0):
-            cfg = base.replace(capacity_factor=cf, overflow=overflow)
+        for size in sizes:
+            cfg = base.replace(overflow=overflow, **size)
             for T in (0, 1, 5, 33):
+                group = 11 if T == 33 else None                   # three sequences of 11
                 for seed in range(3):
                     g = torch.Generator().manual_seed(seed * 100 + T)
                     logits = torch.randn(T, cfg.num_experts, generator=g)
@@ -358,13 +365,13 @@ def test_device_capacity_equals_the_reference(overflow, capture, monkeypatch):
                     if seed == 2 and T:
                         logits[:] = logits[0]                     # every token on the same experts
                     sb = torch.randn(cfg.num_experts, generator=g) * 0.1 if cfg.score_bias else None
-                    ids, wts, _ = ref.route(logits, cfg.replace(capacity_factor=None, overflow="drop"), sb)
-                    want_ids, want_w, _ = ref.route(logits, cfg, sb)
-                    got_ids, got_w = capacity.apply_capacity(ids.to(torch.int32), wts, logits, cfg, sb)
+                    ids, wts, _ = ref.route(logits, cfg.without_capacity(), sb)
+                    want_ids, want_w, _ = ref.route(logits, cfg, sb, group)
+                    got_ids, got_w = capacity.apply_capacity(ids.to(torch.int32), wts, logits, cfg, sb, group)
                     assert got_ids.dtype == torch.int32 and torch.equal(got_ids.long(), want_ids), (cfg, T, seed)
                     torch.testing.assert_close(got_w, want_w, rtol=1e-6, atol=0)
                     cases += 1
-    assert cases > 80
+    assert cases >= 300
 
 
 # ---- positive controls: what is not graph-safe is reported and caught ------------------------------------

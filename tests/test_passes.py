@@ -29,6 +29,9 @@ CASES = {
     "noisy": (MoESpec(32, 64, RouterConfig(8, 2, order="topk_then_score", noisy=True)), "f32", ("y",)),
     "gpt_oss": (MoESpec(64, 32, RouterConfig(8, 2, order="topk_then_score", router_bias=True), expert_bias=True,
                         act_alpha=1.702, glu_limit=7.0, up_shift=1.0), "bf16", ("y", "weights")),
+    # Switch Transformer: a fixed capacity per expert and sequence, a dropped token passes through
+    "switch_pass": (MoESpec(64, 256, RouterConfig(4, 1, expert_capacity=8, capacity_per="sequence", dropped="pass"),
+                            glu=False, activation="relu"), "f32", ("y", "logits")),
     # LongCat-Flash: 8 MLP experts and 4 identity experts behind one softmax router, a shared expert
     "identity": (MoESpec(64, 32, RouterConfig(12, 4, score_bias=True, routed_scaling=2.0), identity_experts=4,
                          shared=SharedExpertConfig(32)), "bf16", ("y",)),

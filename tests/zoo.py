@@ -32,6 +32,10 @@ MoE layers                       router                                   expert
 - Relu2ExpertMoE                 Mixtral routing                          ModuleList, up -> relu(x)**2 -> down
 - LogitsBiasTopKMoE              top-k of logits + bias, sigmoid of the picks, renormalised; shared expert
 - IdentityExpertMoE              softmax over E + 1 choices -> top-k; choice E passes the token through, weighted
+- SwitchCapacityMoE              Switch top-1, a fixed capacity per expert and sequence (cumsum over the sequence),
+                                 a dropped token passes through; returns [B, S, E] router logits
+- DenseDispatchMoE               GShard top-2 with capacity and a minimum, dense [S, E, C] dispatch/combine einsums,
+                                 stacked [E, d, f] experts
 Negative examples: DenseMLP, TanhExpertMoE, PartialBiasExpertMoE, ExtraArgMoE, TemperatureMoE, MLPRouterMoE.
 """
 from __future__ import annotations
@@ -1046,3 +1050,91 @@ class PreNormMoE(MixtralMoE):
 
     def forward(self, hidden_states):
         return super().forward(self.in_norm(hidden_states))
+
+
+# ----------------------------------------------------------------------------------------------
+# Capacity as training code writes it
+# ----------------------------------------------------------------------------------------------
+
+class SwitchCapacityRouter(nn.Module):
+    """Switch Transformer's top-1 router as transformers writes it: argmax of the softmax, a one-hot
+    mask, each sequence's tokens ranked per expert by a cumsum over the sequence dim, kept while the
+    rank is within a fixed ``expert_capacity``."""
+
+    def __init__(self, d: int, E: int, expert_capacity: int):
+        super().__init__()
+        self.num_experts, self.expert_capacity = E, expert_capacity
+        self.classifier = nn.Linear(d, E, bias=False)
+
+    def forward(self, hidden_states):
+        router_logits = self.classifier(hidden_states)                           # [B, S, E]
+        router_probs = F.softmax(router_logits, dim=-1)
+        expert_index = F.one_hot(torch.argmax(router_probs, dim=-1), self.num_experts)
+        token_priority = torch.cumsum(expert_index, dim=-2)                    # per sequence
+        expert_index = expert_index * (token_priority <= self.expert_capacity)
+        router_probs = torch.max(router_probs, dim=-1).values.unsqueeze(-1)
+        return expert_index, router_probs, router_logits
+
+
+class SwitchCapacityMoE(nn.Module):
+    """Switch's sparse MLP: a token its expert has no room for passes through unchanged (then, like every
+    token, scaled by its router probability); returns ``(y, router_logits)``."""
+
+    def __init__(self, d: int = 16, f: int = 32, E: int = 4, expert_capacity: int = 3):
+        super().__init__()
+        self.router = SwitchCapacityRouter(d, E, expert_capacity)
+        self.experts = nn.ModuleDict({f"expert_{i}": DenseActDense(d, f) for i in range(E)})
+
+    def forward(self, hidden_states):
+        router_mask, router_probs, router_logits = self.router(hidden_states)
+        next_states = hidden_states.clone()
+        router_mask = router_mask.bool()
+        for idx, expert in enumerate(self.experts.values()):
+            token_indices = router_mask[:, :, idx]
+            next_states[token_indices] = expert(hidden_states[token_indices]).to(next_states.dtype)
+        return router_probs * next_states, router_logits
+
+
+def top2_gating(logits, capacity_factor: float, min_capacity: int):
+    """GShard's top-2 gating with dense dispatch and combine tensors ``[S, E, C]``: the second expert is the
+    best of the rest, both gates normalised, then the pairs past each expert's capacity dropped (first
+    choices before second choices, in token order)."""
+    gates = F.softmax(logits, dim=-1)
+    S, E = gates.shape
+    capacity = max(math.ceil(2 * S / E * capacity_factor), min_capacity)
+    mask1 = F.one_hot(torch.argmax(gates, dim=-1), E)
+    mask2 = F.one_hot(torch.argmax(gates.masked_fill(mask1.bool(), float("-inf")), dim=-1), E)
+    gates1_s = (gates * mask1).sum(dim=-1)
+    gates2_s = (gates * mask2).sum(dim=-1)
+    denom = torch.clamp(gates1_s + gates2_s, min=torch.finfo(gates.dtype).eps)
+    gates1_s, gates2_s = gates1_s / denom, gates2_s / denom
+    locations1 = torch.cumsum(mask1, dim=0) - 1
+    locations2 = torch.cumsum(mask2, dim=0) - 1 + torch.sum(mask1, dim=0, keepdim=True)
+    mask1 = mask1 * torch.lt(locations1, capacity)
+    mask2 = mask2 * torch.lt(locations2, capacity)
+    loc1 = F.one_hot(torch.sum(locations1 * mask1, dim=1), capacity)               # [S, C]
+    loc2 = F.one_hot(torch.sum(locations2 * mask2, dim=1), capacity)
+    combine = torch.einsum("s,se,sc->sec", gates1_s, mask1.to(gates.dtype), loc1.to(gates.dtype)) \
+        + torch.einsum("s,se,sc->sec", gates2_s, mask2.to(gates.dtype), loc2.to(gates.dtype))
+    return combine, combine.bool()
+
+
+class DenseDispatchMoE(nn.Module):
+    """GShard / fairseq style: dense ``[S, E, C]`` dispatch and combine tensors, expert inputs gathered by
+    einsum into ``[E, C, d]`` buffers, stacked expert weights, the outputs combined by einsum."""
+
+    def __init__(self, d: int = 16, f: int = 32, E: int = 4, capacity_factor: float = 1.0, min_capacity: int = 4):
+        super().__init__()
+        self.capacity_factor, self.min_capacity = capacity_factor, min_capacity
+        self.wg = nn.Linear(d, E, bias=False)
+        self.wi = nn.Parameter(torch.randn(E, d, f) * d ** -0.5)
+        self.wo = nn.Parameter(torch.randn(E, f, d) * f ** -0.5)
+
+    def forward(self, hidden_states):
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        combine, dispatch = top2_gating(self.wg(x).float(), self.capacity_factor, self.min_capacity)
+        expert_in = torch.einsum("sec,sm->ecm", dispatch.to(x.dtype), x)
+        h = F.relu(torch.einsum("ecm,emf->ecf", expert_in, self.wi))
+        expert_out = torch.einsum("ecf,efm->ecm", h, self.wo)
+        y = torch.einsum("sec,ecm->sm", combine.to(x.dtype), expert_out)
+        return y.reshape(hidden_states.shape)

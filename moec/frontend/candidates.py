@@ -28,6 +28,8 @@ _SCALE_ATTRS = ("routed_scaling_factor", "routed_scaling", "scaling_factor", "ro
 _GROUP_ATTRS = ("n_group", "num_expert_group", "n_groups", "num_groups")
 _TOPK_GROUP_ATTRS = ("topk_group", "num_topk_group", "topk_groups")
 _CAP_ATTRS = ("capacity_factor", "expert_capacity_factor")
+_FIXED_CAP_ATTRS = ("expert_capacity", "capacity")
+_MIN_CAP_ATTRS = ("min_capacity",)
 _OVERFLOW_ATTRS = ("overflow", "overflow_policy", "capacity_overflow")
 
 
@@ -85,11 +87,7 @@ def router_configs(st: Structure, hints: RouterHints, aux: bool, router_bias: bo
     if G and G > 1 and TG:
         groups += [(G, TG, gs) for gs in dedupe([hints.group_score, "max", "top2_sum"])]
     groups.append((1, 1, "max"))
-    cf = _attr(st, _CAP_ATTRS, float) or _attr(st, _CAP_ATTRS, int)
-    caps = [(None, "drop")]
-    if cf and cf > 0:
-        ov = _attr(st, _OVERFLOW_ATTRS, str)
-        caps = [(float(cf), o) for o in dedupe([ov if ov in OVERFLOWS else None, "drop", "next_best"])] + caps
+    caps = capacity_options(st)
     biases = [True, False] if has_bias else [False]
     noisy = [True, False] if has_noise else [False]
     for k, score in itertools.product(ks, scores):
@@ -101,15 +99,35 @@ def router_configs(st: Structure, hints: RouterHints, aux: bool, router_bias: bo
             forms = [("score_then_topk", renorm_first), ("score_then_topk", not renorm_first)]
         if has_bias:                     # a selection bias on the logits rather than the scores (Kolibri)
             forms += [("logits_then_score", renorm_first), ("logits_then_score", not renorm_first)]
-        for (order, renorm), scale, (g, tg, gs), bias, (c, ov), nz in itertools.product(
+        for (order, renorm), scale, (g, tg, gs), bias, cap, nz in itertools.product(
                 forms, scaling, groups, biases, caps, noisy):
             try:
                 yield RouterConfig(num_experts=E, top_k=k, score=score, order=order, renormalize=renorm,
                                    routed_scaling=float(scale), score_bias=bias, router_bias=router_bias,
-                                   n_group=g, topk_group=tg, group_score=gs, capacity_factor=c, overflow=ov,
-                                   noisy=nz, aux_loss=aux)
+                                   n_group=g, topk_group=tg, group_score=gs, noisy=nz, aux_loss=aux, **cap)
             except MoESpecError:
                 continue
+
+
+def capacity_options(st: Structure) -> list:
+    """Expert-capacity settings to try, as `RouterConfig` keywords: none, and for a capacity the module
+    names (a factor, with a minimum, or a fixed ``expert_capacity``) its overflow rules, capacity groups
+    (the call, each sequence) and what a dropped pair does (nothing, or pass its token through)."""
+    cf = _attr(st, _CAP_ATTRS, float) or _attr(st, _CAP_ATTRS, int)
+    fixed = _attr(st, _FIXED_CAP_ATTRS, int)
+    sizes = []
+    if cf and cf > 0:
+        mc = _attr(st, _MIN_CAP_ATTRS, int)
+        sizes += [{"capacity_factor": float(cf), "min_capacity": m} for m in dedupe([mc if mc and mc > 0 else None, 1])]
+    if fixed and fixed > 0:
+        sizes.append({"expert_capacity": fixed})
+    ov = _attr(st, _OVERFLOW_ATTRS, str)
+    out = []
+    for size, o, per, dropped in itertools.product(sizes, dedupe([ov if ov in OVERFLOWS else None, "drop", "next_best"]),
+                                                   ("batch", "sequence"), ("zero", "pass")):
+        if dropped == "zero" or o == "drop":
+            out.append({**size, "overflow": o, "capacity_per": per, "dropped": dropped})
+    return out + [{}]
 
 
 def router_options(st: Structure, hints: RouterHints) -> list:

@@ -221,7 +221,7 @@ def _lift(module: nn.Module):
                                 return
                             with torch.no_grad():
                                 noise = pr.noise(_SCREEN_INPUT, nd) if (screen and cfg.noisy) else None
-                                y_ref, aux = screen_y(xf, w, cfg, experts, S, noise)
+                                y_ref, aux = screen_y(xf, w, cfg, experts, S, noise, pr.group(_SCREEN_INPUT))
                                 outputs, msg = pr.match(_SCREEN_INPUT, screen, spec, w, nd, y_ref=y_ref, aux=aux)
                             if msg:
                                 if first_fail is None:
@@ -229,7 +229,7 @@ def _lift(module: nn.Module):
                                 continue
                             lifted = LiftedMoE(spec=spec, formulation=formulation, param_tensors=param_tensors,
                                                weights=recipe, outputs=outputs, container=pr.container,
-                                               out_dtypes=pr.out_dtypes,
+                                               out_dtypes=pr.out_dtypes, out_leads=pr.out_leads,
                                                noise_dtype=(nd or st.dtype) if cfg.noisy else None,
                                                notes=list(notes), observed=_observed(module, param_tensors.paths, recipe),
                                                post=pr.post_path)

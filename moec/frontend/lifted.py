@@ -28,7 +28,8 @@ class LiftedMoE:
       input), ``"y_logits"`` (y, router logits ``[T, E]``), ``"y_aux"`` (y, load-balancing loss),
       ``"y_weights"`` (y, routing weights ``[T, k]`` in slot order: GPT-OSS), ``"y_aux_zloss"``...
       (`moec.frontend.outputs`); ``container``: the tuple, list or namedtuple class they come in
-      (None: y alone); ``out_dtypes``: per item, ``"x"`` (the input's dtype), a dtype, or None.
+      (None: y alone); ``out_dtypes``: per item, ``"x"`` (the input's dtype), a dtype, or None;
+      ``out_leads``: per item, whether it keeps the input's leading dims (``[B, S, E]`` logits).
     - ``noise_dtype``: for noisy gating, the dtype eager draws ``randn_like`` in (at lift time).
     - ``notes``: human-readable facts for ``explain()``.
     - ``eager_in``: ``{training: reason}`` for a mode the probe could not confirm (router jitter applied
@@ -56,6 +57,7 @@ class LiftedMoE:
     notes: list[str] = field(default_factory=list)
     container: Optional[type] = None
     out_dtypes: tuple = ()
+    out_leads: tuple = ()
     observed: tuple[str, ...] = ()
     observed_calls: dict = field(default_factory=dict)
     idle_experts: dict = field(default_factory=dict)

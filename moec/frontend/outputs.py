@@ -38,12 +38,15 @@ def kernel_outputs(outputs: str) -> tuple:
     return tuple(ks)
 
 
-def kinds_of(value, T: int, E: int) -> list:
-    """The kinds a returned item (not the first) may be, judged by type, dtype and shape."""
+def kinds_of(value, T: int, E: int, lead: tuple = ()) -> list:
+    """The kinds a returned item (not the first) may be, judged by type, dtype and shape (a per-token item
+    may keep the input's leading dims ``lead``: router logits ``[B, S, E]``, see `leads`)."""
     if value is None:
         return ["none"]
     if not isinstance(value, torch.Tensor):
         return []
+    if leads(value, lead):
+        value = value.reshape(T, value.shape[-1])
     if value.is_floating_point():
         if value.dim() == 0:
             return ["aux", "zloss"]
@@ -56,6 +59,18 @@ def kinds_of(value, T: int, E: int) -> list:
     if tuple(value.shape) == (E,):
         return ["counts"]
     return []
+
+
+def leads(value, lead: tuple) -> bool:
+    """Whether a per-token item keeps the input's leading dims ``lead`` (more than one of them)."""
+    return isinstance(value, torch.Tensor) and len(lead) > 1 and value.dim() == len(lead) + 1 \
+        and tuple(value.shape[:-1]) == tuple(lead)
+
+
+def item_shape(flat: tuple, lead: bool, x_shape) -> tuple:
+    """An item's shape: ``flat`` (``[T, n]``) or, for an item that keeps the input's leading dims, those
+    and ``n``."""
+    return tuple(x_shape[:-1]) + tuple(flat[1:]) if lead else tuple(flat)
 
 
 def item_dtype(rule, x_dtype: torch.dtype) -> Optional[torch.dtype]:
@@ -71,13 +86,15 @@ def pack(items: list, container):
     return container(*items) if hasattr(container, "_fields") else container(items)
 
 
-def derive(kind: str, logits: torch.Tensor, cfg: RouterConfig, score_bias: Optional[torch.Tensor]):
-    """A host kind from the router logits ``[T, E]`` (fp32 values; the caller casts)."""
+def derive(kind: str, logits: torch.Tensor, cfg: RouterConfig, score_bias: Optional[torch.Tensor],
+           group_size: Optional[int] = None):
+    """A host kind from the router logits ``[T, E]`` (fp32 values; the caller casts; ``group_size``:
+    tokens per sequence, for a per-sequence capacity)."""
     if kind == "none":
         return None
     if kind == "zloss":
         return torch.logsumexp(logits.float(), dim=-1).square().mean()
-    ids = reference.route(logits, cfg, score_bias)[0]
+    ids = reference.route(logits, cfg, score_bias, group_size)[0]
     if kind == "ids":
         return ids
     flat = ids.flatten().long()                     # counts without bincount's host synchronisation

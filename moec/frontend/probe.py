@@ -24,7 +24,7 @@ from torch import nn
 
 from .. import reference
 from ..spec import MoESpec, MoEWeights, RouterConfig
-from .outputs import derive, kinds_of, slots
+from .outputs import derive, kinds_of, leads, slots
 from .probe_harness import draw, first, mismatch, near_tie, run_watched, seeded, tie_rtol
 
 _NAMES = {"logits": "router logits", "weights": "routing weights", "aux": "aux loss", "zloss": "z-loss",
@@ -67,6 +67,7 @@ class Prober:
         self.options: list = []          # what the forward's items may be (`moec.frontend.outputs`)
         self.container = None           # tuple, list or a namedtuple class; None: y alone
         self.out_dtypes: tuple = ()
+        self.out_leads: tuple = ()          # per item: whether it keeps the input's leading dims
         self.skew: Optional[torch.Tensor] = None
         self._cache: dict = {}
         self.effects: dict = {}          # (input, training, rank3) -> what the forward did besides returning
@@ -80,6 +81,10 @@ class Prober:
         self.skew = 4 * w0 / w0.pow(2).sum().clamp_min(1e-12)
         self._x = {k: v for k, v in self._x.items() if k[0] != SKEWED}
         self._cache = {k: v for k, v in self._cache.items() if k[0] != SKEWED}
+
+    def group(self, i: int) -> Optional[int]:
+        """Tokens per sequence of input i (None for a ``[T, d]`` input: one sequence)."""
+        return _SHAPES_3D[i][1] if self.rank3 else None
 
     def x(self, i: int) -> torch.Tensor:
         key = (i, self.rank3)
@@ -114,9 +119,10 @@ class Prober:
             return f"forward returns {got} for an input of shape {tuple(x.shape)} (expected the input's shape)"
         self.container = container
         if container is None:
-            self.options, self.out_dtypes = ["y"], ("x",)
+            self.options, self.out_dtypes, self.out_leads = ["y"], ("x",), ()
             return None
-        kinds = [kinds_of(e, T, self.E) for e in extras]
+        lead = tuple(x.shape[:-1])
+        kinds = [kinds_of(e, T, self.E, lead) for e in extras]
         for i, (e, k) in enumerate(zip(extras, kinds)):
             if not k:
                 what = f"a {e.dtype} tensor of shape {list(e.shape)}" if isinstance(e, torch.Tensor) else type(e).__name__
@@ -127,6 +133,7 @@ class Prober:
         if not self.options:
             return "forward returns the same kind of item twice"
         self.out_dtypes = ("x",) + tuple(None if e is None else "x" if e.dtype == x.dtype else e.dtype for e in extras)
+        self.out_leads = (False,) + tuple(leads(e, lead) for e in extras)
         return None
 
     def eager(self, i: int, training: bool, raw: bool = False):
@@ -161,7 +168,7 @@ class Prober:
         cfg = spec.router
         noise = self.noise(i, noise_dtype) if (training and cfg.noisy) else None
         if y_ref is None:
-            y_ref, aux = reference.moe(x, w, spec, noise)
+            y_ref, aux = reference.moe(x, w, spec, noise, self.group(i))
         if self.post is not None:                 # the output norm, on the reference's output
             y_ref = self.post.forward(y_ref)
         logits = reference.router_logits(x, w.w_router, w.b_router, w.w_noise, noise)
@@ -186,11 +193,11 @@ class Prober:
             elif kind == "weights":
                 if got.shape[-1] != cfg.top_k:
                     return f"{where}: the module returns {got.shape[-1]} routing weights per token, top_k is {cfg.top_k}"
-                want = reference.route(logits, cfg, w.score_bias)[1]
+                want = reference.route(logits, cfg, w.score_bias, self.group(i))[1]
             else:
                 if cfg.noisy:
                     return f"{where}: {kind} of a noisy router are not derived"
-                want = derive(kind, logits, cfg, w.score_bias)
+                want = derive(kind, logits, cfg, w.score_bias, self.group(i))
             if not isinstance(got, torch.Tensor) or got.shape != want.shape and got.numel() != want.numel():
                 return f"{where}: {_NAMES[kind]} of shape {list(getattr(got, 'shape', []))}, expected {list(want.shape)}"
             if kind in ("ids", "counts"):
@@ -231,16 +238,18 @@ class Prober:
 
     def capacity_binds(self, cfg: RouterConfig, w: MoEWeights) -> Optional[str]:
         """A capacity that could bind must have bound on some probe input, else it is unconfirmed."""
-        if cfg.capacity_factor is None or cfg.capacity(TOKENS[SKEWED]) >= TOKENS[SKEWED]:
+        group = cfg.group_tokens(TOKENS[SKEWED], self.group(SKEWED))
+        if not cfg.has_capacity or cfg.capacity(group) >= group:
             return None
         for i in range(len(TOKENS)):
             x = self.x(i).reshape(-1, self.d)
             logits = reference.router_logits(x, w.w_router, w.b_router)
-            if not torch.equal(reference.route(logits, cfg, w.score_bias)[0],
-                               reference.route(logits, cfg.replace(capacity_factor=None), w.score_bias)[0]):
+            if not torch.equal(reference.route(logits, cfg, w.score_bias, self.group(i))[0],
+                               reference.route(logits, cfg.without_capacity(), w.score_bias)[0]):
                 return None
-        return (f"capacity_factor={cfg.capacity_factor} never binds on the probe inputs, so the probe cannot "
-                f"tell it from no capacity")
+        what = f"capacity_factor={cfg.capacity_factor}" if cfg.capacity_factor is not None else \
+            f"expert_capacity={cfg.expert_capacity}"
+        return f"{what} never binds on the probe inputs, so the probe cannot tell it from no capacity"
 
 
 def probe(module: nn.Module, lifted, training: Optional[bool] = None) -> Optional[str]:
@@ -252,7 +261,7 @@ def probe(module: nn.Module, lifted, training: Optional[bool] = None) -> Optiona
         pr = Prober(module, lifted.spec.hidden, lifted.spec.num_experts, ref.dtype, ref.device)
         msg = pr.setup() or pr.check(lifted, training)
         if msg is None and not lifted.out_dtypes:         # an adapter's lift: packed as the forward packs
-            lifted.container, lifted.out_dtypes = pr.container, pr.out_dtypes
+            lifted.container, lifted.out_dtypes, lifted.out_leads = pr.container, pr.out_dtypes, pr.out_leads
         return msg
     except Exception as e:  # noqa: BLE001 - a probe that crashes is a failed probe
         return f"probe failed: {type(e).__name__}: {e}"

@@ -36,15 +36,15 @@ class ExpertRows:
         return self.Y
 
 
-def screen_y(xf, w, cfg, experts: ExpertRows, S, noise):
+def screen_y(xf, w, cfg, experts: ExpertRows, S, noise, group_size=None):
     logits = reference.router_logits(xf, w.w_router, w.b_router, w.w_noise, noise)
-    ids, wts, aux = reference.route(logits, cfg, w.score_bias)
+    ids, wts, aux = reference.route(logits, cfg, w.score_bias, group_size)
     T = xf.shape[0]
     E = experts.Y.shape[0]
     valid = (ids >= 0) & (ids < E)                       # choices past the experts: identity experts
     ffn = torch.where(valid, ids, -1)
     Y = experts.get(ffn)
     y = (Y[ffn.clamp(min=0), torch.arange(T, device=xf.device)[:, None]] * (wts * valid)[..., None]).sum(1)
-    if (ids >= E).any():
-        y = y + xf * reference.identity_share(ids, wts, E)
+    if (ids >= E).any() or cfg.dropped == "pass":         # identity picks, pairs passed through
+        y = y + xf * reference.identity_share(ids, wts, E, cfg.dropped == "pass")
     return (y + S if S is not None else y), aux

@@ -54,6 +54,9 @@ def saved_values(forward: Graph) -> dict:
     elif producer.op == "identity_experts":          # the router's choices, identity picks included
         got["route_weights"] = producer.ins["weights"]
         got["ids_chosen"] = producer.ins["ids"]
+        capacity = forward.producer(producer.ins["ids"])
+        if capacity is not None and capacity.op == "apply_capacity":     # pairs passed through
+            got["ids_routed"] = capacity.ins["ids"]
     else:
         got["route_weights"] = producer.outs["weights"]
         if producer.op == "apply_capacity":
@@ -164,13 +167,16 @@ def build_moe_backward_graph(spec: MoESpec, dtype, outputs=("y",), pre: tuple = 
     dx_pairs, d_weights, grads = routed_experts_grad(b, x, dy, ws, Ef, k, spec.activation, spec.glu,
                                                      spec.glu_variant, spec.expert_bias, pre)
     chosen, dx_identity = "ids", None
-    if spec.identity_experts:            # identity picks: d weight = x . dy, d x += dy * their weights
-        chosen = b.input("ids_chosen", TensorType("i32", (T, k)))
+    passing = r.dropped == "pass"
+    if spec.identity_experts or passing:  # identity picks / passed pairs: d weight = x . dy, d x += dy * weights
+        if spec.identity_experts:
+            chosen = b.input("ids_chosen", TensorType("i32", (T, k)))
         ig = b.add("identity_experts_grad", {"x": x, "dy": dy, "ids": chosen, "weights": "route_weights"},
-                   {"ffn_experts": Ef}, names={"d_weights": "d_identity_weights", "dx": "dx_identity"})
+                   {"ffn_experts": Ef, "dropped": passing},
+                   names={"d_weights": "d_identity_weights", "dx": "dx_identity"})
         d_weights = b.add("add", {"a": d_weights, "b": ig["d_weights"]}, names={"out": "d_route_weights_ffn_id"})["out"]
         dx_identity = ig["dx"]
-    ids_routed = b.input("ids_routed", TensorType("i32", (T, k))) if r.capacity_factor is not None else None
+    ids_routed = b.input("ids_routed", TensorType("i32", (T, k))) if r.has_capacity else None
     d_logits = b.input("d_logits", TensorType("f32", (T, E))) if "logits" in outputs else None
     if "weights" in outputs:             # the routing weights are an output too: their gradient adds up
         d_out = b.input("d_weights_out", TensorType("f32", (T, k)))

@@ -122,9 +122,10 @@ def build_moe_graph(spec: MoESpec, dtype, outputs=("y",), name: str = "moe") -> 
     route = b.add("route", {"logits": logits, "score_bias": score_bias, "noise_logits": noise},
                   router_attrs(r), results=["ids", "weights"] + (["aux"] if r.aux_loss else []))
     ids, extra = route["ids"], None
-    if spec.identity_experts:            # picks of identity experts add weight * x and run no MLP
-        ident = b.add("identity_experts", {"x": x, "ids": ids, "weights": route["weights"]}, {"ffn_experts": Ef},
-                      names={"ids": "ids_ffn", "out": "identity_out"})
+    passing = r.dropped == "pass"       # pairs capacity dropped pass their token through, weighted
+    if spec.identity_experts or passing:  # picks of identity experts add weight * x and run no MLP
+        ident = b.add("identity_experts", {"x": x, "ids": ids, "weights": route["weights"]},
+                      {"ffn_experts": Ef, "dropped": passing}, names={"ids": "ids_ffn", "out": "identity_out"})
         ids, extra = ident["ids"], ident["out"]
     y = routed_experts(b, x, ids, route["weights"], ws, Ef, k, spec.activation, spec.glu, spec.glu_variant)
 

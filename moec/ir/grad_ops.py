@@ -105,11 +105,11 @@ op("router_grad", "The router's backward given the forward's choices ids (and id
    attrs={**{n: REQUIRED for n in ("num_experts", "top_k")}, **_ROUTER_DEFAULTS})
 
 op("identity_experts_grad", "The VJP of identity_experts given the choices ids: d weights[t, s] = x[t] . "
-   "dy[t] for slots that picked an identity expert (ids >= ffn_experts), else 0; dx[t] = dy[t] * (sum of "
-   "those slots' weights); fp32.",
+   "dy[t] for slots that picked an identity expert (ids >= ffn_experts; with dropped, also the pairs capacity "
+   "dropped, ids -1), else 0; dx[t] = dy[t] * (sum of those slots' weights); fp32.",
    ["x", "dy", "ids", "weights"], ["d_weights", "dx"],
    lambda o, a: {"d_weights": TensorType("f32", o["ids"].shape), "dx": TensorType("f32", o["x"].shape)},
-   attrs={"ffn_experts": REQUIRED})
+   attrs={"ffn_experts": REQUIRED, "dropped": False})
 
 op("shared_gate_grad", "A sigmoid-gated shared expert's gate (scale = sigmoid(x @ w.T)): d x (fp32) and d w "
    "from the row sums of dots (d scale).",
@@ -306,8 +306,9 @@ def _attention_dkdv(n, v, ctx):
 @impl("identity_experts_grad")
 def _identity_experts_grad(n, v, ctx):
     dots = (v["x"].float() * v["dy"].float()).sum(1, keepdim=True)
-    share = ref.identity_share(v["ids"], v["weights"], n.attr["ffn_experts"])
-    return {"d_weights": torch.where(v["ids"] >= n.attr["ffn_experts"], dots, 0.0), "dx": v["dy"].float() * share}
+    share = ref.identity_share(v["ids"], v["weights"], n.attr["ffn_experts"], n.attr["dropped"])
+    passed = ref.passed_slots(v["ids"], n.attr["ffn_experts"], n.attr["dropped"])
+    return {"d_weights": torch.where(passed, dots, 0.0), "dx": v["dy"].float() * share}
 
 
 @impl("shared_gate_grad")

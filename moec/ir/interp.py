@@ -46,7 +46,7 @@ def _route(n, v, ctx):
     if cfg.noisy and ctx.get("training"):
         noise = _noise(ctx, *logits.shape, logits.device)
         logits = logits + noise * torch.nn.functional.softplus(v["noise_logits"])
-    ids, w, aux = ref.route(logits, cfg, v.get("score_bias"))
+    ids, w, aux = ref.route(logits, cfg, v.get("score_bias"), ctx.get("group_size"))
     return {"ids": ids.to(torch.int32), "weights": w, "aux": aux}
 
 
@@ -102,13 +102,13 @@ def _capacity(n, v, ctx):
     ids = v["ids"].long()
     full = scores.gather(1, ids)
     factor = v["weights"][:, :1] / full[:, :1]       # the per-token normalisation applied by route
-    ids, w = ref.apply_capacity(ids, v["weights"], scores, sel, factor, cfg)
+    ids, w = ref.apply_capacity(ids, v["weights"], scores, sel, factor, cfg, ctx.get("group_size"))
     return {"ids": ids.to(torch.int32), "weights": w}
 
 
 @impl("identity_experts")
 def _identity_experts(n, v, ctx):
-    share = ref.identity_share(v["ids"], v["weights"], n.attr["ffn_experts"])
+    share = ref.identity_share(v["ids"], v["weights"], n.attr["ffn_experts"], n.attr["dropped"])
     return {"ids": torch.where(v["ids"] >= n.attr["ffn_experts"], -1, v["ids"]), "out": v["x"].float() * share}
 
 
@@ -238,15 +238,18 @@ def run_node(n: Node, values: dict, ctx: dict) -> dict:
     return {name: got[role] for role, name in n.results}
 
 
-def interpret(g: Graph, inputs: dict, *, training: bool = False, noise=None, values: bool = False):
+def interpret(g: Graph, inputs: dict, *, training: bool = False, noise=None, values: bool = False,
+              group_size=None):
     """Run ``g`` on ``inputs`` (value name -> tensor); returns the outputs in order (``values=True``: every
-    value, by name, as `moec.runtime.program.Program.run` does)."""
+    value, by name, as `moec.runtime.program.Program.run` does; ``group_size``: tokens per sequence, for a
+    per-sequence capacity)."""
     keep = values
     values = dict(inputs)
     missing = [name for name, _ in g.inputs if name not in values]
     if missing:
         raise ValueError(f"missing graph inputs: {missing}")
-    ctx = {"training": training, "noise": noise, "sizes": bind_sizes(binders(g.inputs), values)}
+    ctx = {"training": training, "noise": noise, "sizes": bind_sizes(binders(g.inputs), values),
+           "group_size": group_size}
     for n in g.nodes:
         values.update(run_node(n, values, ctx))
     return values if keep else [values[o] for o in g.outputs]

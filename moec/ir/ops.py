@@ -107,17 +107,20 @@ op("aux_loss", "The load-balancing loss E * sum_e (counts_e / T) * (prob_sum_e /
    ["counts", "prob_sum", "ids"], ["out"], lambda o, a: {"out": TensorType("f32", ())},
    attrs={"num_experts": REQUIRED})
 
-op("apply_capacity", "Per-expert capacity on routed pairs (RouterConfig semantics: slot-major "
-   "priority, overflow dropped (id -1, weight 0) or moved to the next-best expert).",
+op("apply_capacity", "Per-expert capacity on routed pairs (RouterConfig semantics: per capacity group (the "
+   "call, or each sequence of the call's group_size tokens), slot-major priority, overflow dropped (id -1, "
+   "weight 0, or kept for a pass-through) or moved to the next-best expert).",
    ["ids", "weights", "logits"], ["ids", "weights"],
    lambda o, a: {"ids": o["ids"], "weights": o["weights"]}, optional_operands=["score_bias"],
    attrs={**{n: REQUIRED for n in ("num_experts", "top_k")}, **_ROUTER_DEFAULTS})
 
 op("identity_experts", "Identity (zero-computation) experts, the router's choices >= ffn_experts: ids = the "
    "choices with those set to -1 (no MLP runs for them: dropped pairs downstream), out[t] = x[t] * (sum of "
-   "weights[t, s] over the slots that picked one), fp32.",
+   "weights[t, s] over the slots that picked one, and with dropped over the pairs capacity dropped and "
+   "passed through, ids -1), fp32.",
    ["x", "ids", "weights"], ["ids", "out"],
-   lambda o, a: {"ids": o["ids"], "out": TensorType("f32", o["x"].shape)}, attrs={"ffn_experts": REQUIRED})
+   lambda o, a: {"ids": o["ids"], "out": TensorType("f32", o["x"].shape)},
+   attrs={"ffn_experts": REQUIRED, "dropped": False})
 
 op("shared_gate", "scale[t] = sigmoid(x[t] @ w[0]) (fp32), the gate of a sigmoid-gated shared expert.",
    ["x", "w"], ["scale"], lambda o, a: {"scale": TensorType("f32", (_rows(o["x"]),))})

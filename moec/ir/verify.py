@@ -16,7 +16,7 @@ def _router_ok(n: Node, types) -> None:
     cfg = router_config(n.attr)
     if n.op == "fused_route" and cfg.order == "topk_then_score":
         raise IRError("fused_route needs order='score_then_topk' or 'logits_then_score' (canonicalise first)")
-    if n.op == "fused_route" and cfg.capacity_factor is not None:
+    if n.op == "fused_route" and cfg.has_capacity:
         raise IRError("fused_route does not apply capacity; add an apply_capacity node")
     if cfg.score_bias != ("score_bias" in n.ins):
         raise IRError("score_bias attribute and score_bias operand disagree")
