@@ -169,7 +169,8 @@ class MobaRegion(Region):
     def report(self, qualname: str, cls: str) -> list[str]:
         where = f"{qualname or '<root>'} ({cls})"
         if self.state == "pending":
-            return [f"PENDING {where}: MoBA candidate (its forward uses topk); analysed at its first call"]
+            return [f"PENDING {where}: MoBA candidate (its forward uses topk); analysed at its first call"] + \
+                [f"        {x}" for x in self.call_lines()]
         if self.state == "eager":
             return [f"EAGER   {where}: MoBA core not lifted: {self.reason}"] + [f"        {x}" for x in self.call_lines()]
         if self.state != "lifted":

@@ -252,6 +252,9 @@ class MoERegion(Region):
             raise ValueError(f"moec region {self.name!r}: expects hidden size {self.spec.hidden} on the "
                              f"last dim, got input of shape {tuple(x.shape)}")
         reason = reason or empty_with_grad(x.numel())
+        if reason is None and self.spec.router.capacity_per == "sequence" and x.dim() != 3:
+            reason = (f"the per-sequence expert capacity was confirmed on [batch, sequence, hidden] inputs; this one "
+                      f"has {x.dim()} dims")
         if reason is not None:
             return self.eager(reason, eager_forward, x, *args, **kwargs)
         x2 = x.reshape(-1, x.shape[-1])
@@ -272,7 +275,7 @@ class MoERegion(Region):
                 dtype = x.dtype
             noise = torch.randn(x2.shape[0], self.spec.num_experts, dtype=dtype, device=x.device)
         w = kept.weights if kept is not None else self.weights(tensors)
-        group = x.shape[-2] if self.spec.router.capacity_per == "sequence" and x.dim() > 2 else None
+        group = x.shape[-2] if self.spec.router.capacity_per == "sequence" else None
         if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors)):
             lifted = self.lifted          # the backward differentiates this call's lift, whatever comes after it
             outs = self.serve("kernels forward and backward", KernelsBoth.apply,

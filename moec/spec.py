@@ -79,7 +79,7 @@ class RouterConfig:
       ``C = max(min_capacity, ceil(capacity_factor * G * k / E))`` (token, slot) pairs of each
       capacity group of G tokens; ``expert_capacity`` instead fixes ``C`` (Switch Transformer's
       config). ``capacity_per``: the group is every token of the call (``"batch"``: G = T) or each
-      sequence of an input ``[B, S, d]`` (``"sequence"``: G = S; a ``[T, d]`` input is one sequence).
+      sequence of an input ``[B, S, d]`` (``"sequence"``: G = S; `group_tokens`).
       Priority within a group is slot-major (every token's first choice before any second choice),
       then token order. Overflowing pairs are dropped or, with ``overflow="next_best"``, moved to the
       token's next-ranked expert that still has room (weight: that expert's score, under the same

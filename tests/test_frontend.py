@@ -534,3 +534,40 @@ def test_reading_an_activation_leaves_its_state_alone():
     x = torch.randn(1, 8, 16) * 0.1
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), eager(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("capacity", [30, 64])
+def test_a_capacity_the_probe_sizes_cannot_reach_is_confirmed_on_longer_sequences(capacity):
+    """Switch's fixed capacity of 64 never binds on the probe's 48 tokens: the probe adds sequences where it
+    does, so the per-sequence rule and the pass-through are read, and long inputs match eager."""
+    import moec
+    torch.manual_seed(0)
+    m = zoo.SwitchCapacityMoE(expert_capacity=capacity).eval()
+    ref = copy.deepcopy(m)
+    moec.compile(m)
+    r = m.__dict__["_moec_region"].lifted.spec.router
+    assert (r.expert_capacity, r.capacity_per, r.dropped) == (capacity, "sequence", "pass"), r
+    with torch.no_grad():
+        for shape in ((2, 40, 16), (2, 300, 16)):
+            x = torch.randn(shape)
+            for a, b in zip(m(x), ref(x)):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_per_sequence_capacity_runs_other_input_ranks_eagerly():
+    """The sequence is the second-to-last dim of the [B, S, d] inputs the probe confirmed: a [T, d] or
+    [A, B, S, d] input runs the eager forward (which may itself refuse it)."""
+    import moec
+    torch.manual_seed(0)
+    m = zoo.SwitchCapacityMoE(expert_capacity=2).eval()
+    ref = copy.deepcopy(m)
+    moec.compile(m)
+    with torch.no_grad():
+        x = torch.randn(2, 3, 4, 16)
+        for a, b in zip(m(x), ref(x)):
+            torch.testing.assert_close(a, b)
+        with pytest.raises(IndexError):
+            ref(torch.randn(5, 16))
+        with pytest.raises(IndexError):
+            m(torch.randn(5, 16))
+    assert "confirmed on [batch, sequence, hidden] inputs" in m.explain(), m.explain()

@@ -107,3 +107,26 @@ def test_pickled_compiled_model_is_lifted_again():
     with torch.no_grad():
         torch.testing.assert_close(loaded(IDS).logits, ref(IDS).logits, rtol=1e-4, atol=1e-4)
     assert regions(loaded) and all(r.calls["kernels"] == 2 for r in regions(loaded))
+
+
+def test_registering_the_name_again_reaches_every_model():
+    """A function registered with ``AttentionInterface.register`` is dispatched where it was registered, so
+    registering the name again (the same way) replaces it for compiled and uncompiled models alike."""
+    from transformers import AttentionInterface
+    name = "moba_plugin_global"
+    first = functools.partial(moba_layer, moba_varlen_naive, 8, 3)
+    second = functools.partial(moba_layer, moba_varlen_naive, 4, 2)
+    AttentionInterface.register(name, first)
+    cfg = hf_models.CONFIGS["mixtral"]()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=name).eval()
+    other = copy.deepcopy(model)
+    moec.compile(model)
+    assert isinstance(ALL_ATTENTION_FUNCTIONS[name], attention_functions.Dispatch)
+    AttentionInterface.register(name, second)
+    want = copy.deepcopy(other)
+    with torch.no_grad():
+        w = want(IDS).logits                         # an eager model under the new registration
+        torch.testing.assert_close(other(IDS).logits, w)
+        torch.testing.assert_close(model(IDS).logits, w, rtol=1e-4, atol=1e-4)
+    assert ALL_ATTENTION_FUNCTIONS[name] is second

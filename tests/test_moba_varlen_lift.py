@@ -9,13 +9,14 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
 import moec
 from moec.runtime.launch import recording
 
-from moba_zoo import PackedMobaAttention, VarlenLoopMoba, VarlenNaiveMoba, moba_varlen_loop
+from moba_zoo import PackedMobaAttention, VarlenLoopMoba, VarlenNaiveMoba, moba_dense_mask, moba_varlen_loop
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -162,3 +163,73 @@ def test_a_packing_eager_code_fails_on_raises_as_eager_and_a_later_call_lifts():
     with torch.no_grad():
         torch.testing.assert_close(m(q, k, v, cu, 30), ref(q, k, v, cu, 30), rtol=1e-4, atol=1e-5)
     assert region_of(m).state == "lifted", m.explain()
+
+
+class WithPositions(torch.nn.Module):
+    """Packed sequences with position ids used as data (a rotary-like phase): the offsets' values are read,
+    the positions' are not."""
+
+    def forward(self, q, k, v, cu_seqlens, position_ids):
+        phase = torch.cos(position_ids.float()[:, None, None] * 0.01)
+        return moba_varlen_loop(q * phase, k * phase, v, cu_seqlens, 8, 3)
+
+
+def test_integer_positions_beside_the_offsets_are_inputs_not_values():
+    m, ref = compiled_pair(WithPositions())
+    for lengths in ([30, 20], [41, 9, 17]):
+        q, k, v, cu = packed(lengths)
+        pos = torch.cat([torch.arange(n) for n in lengths])
+        with torch.no_grad():
+            torch.testing.assert_close(m(q, k, v, cu, pos), ref(q, k, v, cu, pos), rtol=1e-4, atol=1e-5)
+    assert region_of(m).state == "lifted" and region_of(m).lifted.host == ("cu_seqlens",), m.explain()
+
+
+class LongSequencesShift(torch.nn.Module):
+    """Dense-mask MoBA per packed sequence whose causal diagonal moves for sequences past 100 tokens: the same
+    op sequence with another integer, which the probe never saw."""
+
+    def forward(self, q, k, v, cu_seqlens):
+        out = torch.zeros_like(q)
+        for i in range(cu_seqlens.numel() - 1):
+            a, b = cu_seqlens[i].item(), cu_seqlens[i + 1].item()
+            shift = 1 if b - a > 100 else 0
+            t = tuple(x[a:b].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+            out[a:b] = dense_with_diagonal(*t, 8, 3, shift).squeeze(0).transpose(0, 1)
+        return out
+
+
+def dense_with_diagonal(q, k, v, block_size, top_k, diagonal):
+    B, H, N, D = q.shape
+    nb = -(-N // block_size)
+    pooled = F.pad(k, (0, 0, 0, nb * block_size - N)).reshape(B, H, nb, block_size, D).mean(dim=3)
+    q_blk, blk = torch.arange(N)[:, None] // block_size, torch.arange(nb)[None, :]
+    gate = (q @ pooled.transpose(-1, -2)).masked_fill(blk > q_blk, float("-inf")).masked_fill(blk == q_blk, float("inf"))
+    chosen = torch.zeros(B, H, N, nb, dtype=torch.bool).scatter_(-1, gate.topk(min(top_k, nb), dim=-1).indices, True)
+    mask = chosen.repeat_interleave(block_size, dim=-1)[..., :N] & torch.ones(N, N, dtype=torch.bool).tril(diagonal)
+    s = (q @ k.transpose(-1, -2)) * D ** -0.5
+    return torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1) @ v
+
+
+def test_an_integer_that_changes_with_the_length_is_probed_before_it_runs():
+    m, ref = compiled_pair(LongSequencesShift())
+    with torch.no_grad():
+        for lengths in ([20, 30], [20, 150]):
+            q, k, v, cu = packed(lengths)
+            torch.testing.assert_close(m(q, k, v, cu), ref(q, k, v, cu), rtol=1e-4, atol=1e-5)
+    assert region_of(m).state == "lifted", m.explain()
+
+
+class AppendsToCache(torch.nn.Module):
+    def forward(self, q, k, v, cache):
+        cache.append(k)
+        return moba_dense_mask(q, k, v, 8, 3)
+
+
+def test_a_forward_that_changes_a_container_argument_stays_eager():
+    """A graph cannot replay ``cache.append(k)``: the module runs eagerly (the list gets its tensor, no proxy)."""
+    m, ref = compiled_pair(AppendsToCache())
+    q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
+    got, want = [], []
+    torch.testing.assert_close(m(q, k, v, got), ref(q, k, v, want))
+    assert len(got) == 1 and type(got[0]) is torch.Tensor and torch.equal(got[0], want[0])
+    assert "cannot key" in m.explain(), m.explain()

@@ -189,7 +189,7 @@ class _Samples:
     """Probe inputs at a chosen sequence length N: the example's tensors redrawn at random with their
     sequence dims resized. For a forward over packed sequences (``host``: it reads ``cu_seqlens``), two
     sequences of N and 3 tokens: ``cu_seqlens = [0, N, N + 3]``, the packed dims sized ``N + 3``, and an
-    int argument equal to the example's longest sequence (``max_seqlen``) set to N."""
+    int argument named like ``max_seqlen`` and equal to the example's longest sequence set to N."""
 
     def __init__(self, bound: Bound, host: tuple, dims: dict, gen: torch.Generator):
         self.bound, self.host, self.dims, self.gen = bound, host, dims, gen
@@ -205,8 +205,8 @@ class _Samples:
         longest = max(torch.diff(cu.flatten()).tolist())
         new_cu = torch.tensor([0, N, N + 3], dtype=cu.dtype, device=cu.device)
         drawn = random_bound(self.bound, self.dims, N + 3, self.gen, keep=self.host)
-        vals = [new_cu if n == cu_name else max(self.lengths(N)) if type(v) is int and v == longest else v
-                for n, v in zip(drawn.names, drawn.values)]
+        vals = [new_cu if n == cu_name else max(self.lengths(N)) if type(v) is int and v == longest and "max" in n
+                else v for n, v in zip(drawn.names, drawn.values)]
         return Bound(drawn.names, tuple(vals))
 
 
@@ -227,6 +227,8 @@ def analyse(module: nn.Module, args: tuple, kwargs: dict) -> Union[LiftedMoba, N
     host: tuple = ()
     try:
         bound = bind(module, args, kwargs)
+        if signature(module, bound) is None:        # before any trace: a cache object would record proxies
+            return NotLiftedMoba("forward takes an argument moec cannot key a specialised graph by")
         try:
             tr = trace(module, bound)
         except TraceFailed as e:
@@ -240,8 +242,6 @@ def analyse(module: nn.Module, args: tuple, kwargs: dict) -> Union[LiftedMoba, N
                 return NotLiftedMoba(f"forward could not be traced for this call's {', '.join(host_candidates(bound))} "
                                      f"values: {e2}", final=False)      # (eager code may fail on them too)
             host = tuple(sorted(tr.host_read))
-        if signature(module, bound, host) is None:
-            return NotLiftedMoba("forward takes an argument moec cannot key a specialised graph by")
     except TraceFailed as e:
         if _reads_values(e):
             return NotLiftedMoba(
@@ -266,7 +266,8 @@ def analyse(module: nn.Module, args: tuple, kwargs: dict) -> Union[LiftedMoba, N
         cu = bound.values[bound.names.index(host[0])]
         total = int(cu.flatten()[-1])
         dims = input_seq_dims(bound, total, skip=host)
-        if sum(t.shape[d] == total for t in bound.tensors().values() for d in range(t.dim() - 1)) != len(dims):
+        if sum(t.shape[d] == total for n, t in bound.tensors().items() if n not in host
+               for d in range(t.dim() - (1 if t.is_floating_point() else 0))) != len(dims):
             return NotLiftedMoba(f"this call cannot tell which input dim holds the {total} packed tokens; the "
                                  "next call is analysed", final=False)
     else:

@@ -139,25 +139,41 @@ class CoreMatch:
         return self.block_size == block_size or (self.open_block and self.block_size <= block_size)
 
     def fingerprint(self) -> tuple:
-        """The core's op sequence with its semantic constants (floats, bools, negative ints, dims,
-        dtypes: scales, fills, axes), without the shape-derived ints, plus the block size and whether
-        ``topk`` selects some or all of the blocks. Equal fingerprints at two sequence lengths mean the
-        same computation with the sizes substituted."""
+        """The core's op sequence with its semantic constants (floats, bools, dims, dtypes, the ints of
+        other ops than sizes': scales, fills, axes, a ``tril`` diagonal), without the shape-derived ints
+        (every int of a sizing op: views, pads, slices, factories; elsewhere an int that is one of the
+        core's sizes or a multiple of the block size, from 4 up), plus the block size and whether ``topk``
+        selects some or all of the blocks. Equal fingerprints at two sequence lengths mean the same
+        computation with the sizes substituted."""
         order = {n: i for i, n in enumerate(self.out.graph.nodes)}
+        nodes = sorted(self.nodes, key=order.get)
+        sizes = {int(d) for n in nodes + [self.q, self.k, self.v] if isinstance(val(n), torch.Tensor)
+                 for d in val(n).shape}
+        top = max(sizes, default=0) + self.block_size
+        sizes |= set(range(self.block_size, top + 1, self.block_size))
+
+        def semantic(n, a):
+            sizing = op_name(n) in SIZING
+            if isinstance(a, (list, tuple)):
+                return tuple(semantic(n, x) for x in a)
+            if isinstance(a, dict):
+                return tuple((k, semantic(n, v) if k not in ("dim", "dims") else v) for k, v in sorted(a.items()))
+            if isinstance(a, (bool, float, str, torch.dtype)):
+                return a
+            if isinstance(a, int):
+                return "." if sizing and a >= 0 or (a >= 4 and a in sizes) else a
+            return "." if a is None or isinstance(a, slice) else "%"
         ops = tuple((n.op, n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "?"),
-                     _semantic(n.args), _semantic(n.kwargs)) for n in sorted(self.nodes, key=order.get))
+                     semantic(n, n.args), semantic(n, n.kwargs)) for n in nodes)
         regime = "all blocks" if self.top_k_read >= self.n_blocks else self.top_k_read
         return ops + (("block_size", "open" if self.open_block else self.block_size), ("topk", regime))
 
 
-def _semantic(a):
-    if isinstance(a, (list, tuple)):
-        return tuple(_semantic(x) for x in a)
-    if isinstance(a, dict):
-        return tuple((k, _semantic(v) if k not in ("dim", "dims") else v) for k, v in sorted(a.items()))
-    if isinstance(a, (bool, float, str, torch.dtype)) or (isinstance(a, int) and a < 0):
-        return a
-    return "." if a is None or isinstance(a, (int, slice)) else "%"
+# ops whose int arguments are sizes, positions or counts (they follow the sequence length)
+SIZING = frozenset({"view", "reshape", "expand", "pad", "arange", "zeros", "ones", "full", "empty", "new_zeros",
+                    "new_ones", "new_full", "new_empty", "zeros_like", "ones_like", "full_like", "empty_like",
+                    "narrow", "split", "chunk", "unflatten", "getitem", "setitem", "unfold", "eye", "tril_indices",
+                    "triu_indices", "linspace", "repeat", "topk"})
 
 
 def _seq_dim(n, D, n_blocks, bs, prefer=2) -> Optional[int]:

@@ -4,7 +4,8 @@ Matching by structure proposes; the probe confirms. `probe(module, lifted)` retu
 they agree, else a message naming the mismatch. What it checks:
 - token counts T = 1, 5 and 48, plus 48 tokens pushed towards expert 0 (so that a capacity
   limit, when there is one that can bind, does bind; a capacity configuration whose limit never
-  binds on any probe input is not confirmed), inputs shaped like the module expects
+  binds on any probe input is not confirmed; one that cannot bind at these sizes, a fixed capacity of
+  64, is probed on two sequences long enough that it does), inputs shaped like the module expects
   (``[B, S, d]``, else ``[T, d]``), in the module's dtype/device;
 - both training and eval mode; each eager run is one `moec.frontend.probe_harness.run` (a copy of
   the input, flags and buffers restored, a seeded fork of the RNG, so a noisy router's
@@ -30,6 +31,7 @@ from .probe_harness import draw, first, mismatch, near_tie, run_watched, seeded,
 _NAMES = {"logits": "router logits", "weights": "routing weights", "aux": "aux loss", "zloss": "z-loss",
           "ids": "expert ids", "counts": "expert counts"}
 TOKENS = (1, 5, 48, 48)
+MAX_PROBE_TOKENS = 8192     # the longest input a capacity that binds only on long inputs is probed with
 SKEWED = 3          # input 3: tokens pushed towards expert 0
 _SHAPES_3D = ((1, 1), (1, 5), (2, 24), (2, 24))
 
@@ -69,6 +71,7 @@ class Prober:
         self.out_dtypes: tuple = ()
         self.out_leads: tuple = ()          # per item: whether it keeps the input's leading dims
         self.skew: Optional[torch.Tensor] = None
+        self.extra: dict = {}               # further inputs: index -> (B, S)
         self._cache: dict = {}
         self.effects: dict = {}          # (input, training, rank3) -> what the forward did besides returning
         self._x: dict = {}
@@ -79,19 +82,29 @@ class Prober:
         """Input `SKEWED` leans on router row 0: ``x = 0.5 n + 4 w0 / |w0|^2`` (logit 0 is about 4)."""
         w0 = w_router.detach()[0].float().cpu()
         self.skew = 4 * w0 / w0.pow(2).sum().clamp_min(1e-12)
-        self._x = {k: v for k, v in self._x.items() if k[0] != SKEWED}
-        self._cache = {k: v for k, v in self._cache.items() if k[0] != SKEWED}
+        self._x = {k: v for k, v in self._x.items() if k[0] < SKEWED}
+        self._cache = {k: v for k, v in self._cache.items() if k[0] < SKEWED}
+
+    def shape(self, i: int) -> tuple:
+        """``(B, S)`` of input i: the probe's inputs, then those `add_input` made."""
+        return _SHAPES_3D[i] if i < len(_SHAPES_3D) else self.extra[i]
+
+    def add_input(self, B: int, S: int) -> int:
+        """A further input of B sequences of S tokens leaning on router row 0 (as `SKEWED`); its index."""
+        i = len(_SHAPES_3D) + len(self.extra)
+        self.extra[i] = (B, S)
+        return i
 
     def group(self, i: int) -> Optional[int]:
         """Tokens per sequence of input i (None for a ``[T, d]`` input: one sequence)."""
-        return _SHAPES_3D[i][1] if self.rank3 else None
+        return self.shape(i)[1] if self.rank3 else None
 
     def x(self, i: int) -> torch.Tensor:
         key = (i, self.rank3)
         if key not in self._x:
-            B, S = _SHAPES_3D[i]
+            B, S = self.shape(i)
             x = draw((B * S, self.d), 1000 + i)
-            if i == SKEWED and self.skew is not None:
+            if i >= SKEWED and self.skew is not None:
                 x = 0.5 * x + self.skew
             shape = (B, S, self.d) if self.rank3 else (B * S, self.d)
             self._x[key] = x.reshape(shape).to(dtype=self.dtype, device=self.device)
@@ -234,14 +247,30 @@ class Prober:
                 self.set_skew(w.w_router)
             runs = (self.compare(i, t, lifted.spec, w, lifted.outputs, lifted.noise_dtype)
                     for t in modes for i in range(len(TOKENS)))
-            return first(runs) or self.capacity_binds(lifted.spec.router, w)
+            return first(runs) or self.capacity_binds(lifted, w, modes)
 
-    def capacity_binds(self, cfg: RouterConfig, w: MoEWeights) -> Optional[str]:
-        """A capacity that could bind must have bound on some probe input, else it is unconfirmed."""
+    def capacity_binds(self, lifted, w: MoEWeights, modes) -> Optional[str]:
+        """A capacity that could bind must have bound on some probe input, else it is unconfirmed. One that
+        cannot bind at the probe's sizes (a fixed ``expert_capacity`` of 64, a large minimum) is probed on a
+        longer input where it does, so its rules (per sequence or batch, dropped or passed) are confirmed."""
+        cfg = lifted.spec.router
         group = cfg.group_tokens(TOKENS[SKEWED], self.group(SKEWED))
-        if not cfg.has_capacity or cfg.capacity(group) >= group:
+        inputs = range(len(TOKENS))
+        if not cfg.has_capacity:
             return None
-        for i in range(len(TOKENS)):
+        if cfg.capacity(group) >= group:
+            S = _binding_length(cfg)
+            if S is None:                   # a capacity no group of tokens can exceed: no capacity at all
+                return None
+            if 2 * S > MAX_PROBE_TOKENS:
+                return (f"the expert capacity ({cfg.capacity(S)} pairs) binds only past {S} tokens per sequence, "
+                        f"more than the probe runs ({MAX_PROBE_TOKENS // 2})")
+            inputs = [self.add_input(2, S)]
+            runs = (self.compare(i, t, lifted.spec, w, lifted.outputs, lifted.noise_dtype) for t in modes for i in inputs)
+            msg = first(runs)
+            if msg:
+                return msg
+        for i in inputs:
             x = self.x(i).reshape(-1, self.d)
             logits = reference.router_logits(x, w.w_router, w.b_router)
             if not torch.equal(reference.route(logits, cfg, w.score_bias, self.group(i))[0],
@@ -250,6 +279,16 @@ class Prober:
         what = f"capacity_factor={cfg.capacity_factor}" if cfg.capacity_factor is not None else \
             f"expert_capacity={cfg.expert_capacity}"
         return f"{what} never binds on the probe inputs, so the probe cannot tell it from no capacity"
+
+
+def _binding_length(cfg: RouterConfig) -> Optional[int]:
+    """Tokens per sequence at which ``cfg``'s capacity can be exceeded (None: never)."""
+    S = max(cfg.expert_capacity or 0, cfg.min_capacity) + 9
+    for _ in range(6):
+        if cfg.capacity(cfg.group_tokens(S, S)) < S:
+            return S
+        S *= 2
+    return None
 
 
 def probe(module: nn.Module, lifted, training: Optional[bool] = None) -> Optional[str]:

@@ -452,7 +452,7 @@ def _describe(v) -> Optional[tuple]:
         return ("tensor", tuple(v.shape), v.dtype, v.device)
     if isinstance(v, _SIMPLE):
         return ("value", type(v).__name__, v)
-    if isinstance(v, (tuple, list)):
+    if isinstance(v, tuple):        # (a list, dict or set may be changed by forward, which a graph cannot replay)
         parts = tuple(_describe(x) for x in v)
         return None if None in parts else ("seq", type(v).__name__, parts)
     return None

@@ -14,8 +14,9 @@ forwards never show the MoBA code. For a model `moec.compile` is given (`attach`
 - the registry entry is replaced by a `Dispatch` holding the original: calls from those modules go to
   their region, any other caller (another model, an uncompiled copy) gets the original function.
 
-A function registered again under the name afterwards replaces the dispatch: the modules then call the
-new function, eagerly.
+A function registered again under the name afterwards (``ALL_ATTENTION_FUNCTIONS[name] = fn`` or
+``AttentionInterface.register(name, fn)``, whichever registered it first) replaces the dispatch: the
+modules then call the new function, eagerly.
 """
 from __future__ import annotations
 
@@ -139,13 +140,14 @@ def attach(model: nn.Module, arch, dump_dir) -> list:
         name = getattr(getattr(module, "config", None), "_attn_implementation", None)
         if not isinstance(name, str) or not _calls_registry(type(module)):
             continue
-        fn = registry._local_mapping.get(name, registry._global_mapping.get(name))
+        local = name in registry._local_mapping
+        fn = registry._local_mapping[name] if local else registry._global_mapping.get(name)
         if fn is None or not looks_like_moba(fn):
             continue
         if isinstance(fn, Dispatch):
             fn = fn.fn
-        else:
-            registry[name] = Dispatch(name, fn)
+        else:           # where it was registered, so that registering the name again replaces the dispatch
+            (registry._local_mapping if local else type(registry)._global_mapping)[name] = Dispatch(name, fn)
         call = AttentionCall(fn, module, name)
         call.__dict__["region"] = MobaRegion((qualname.replace(".", "_") or "root") + "_attention_fn", arch=arch,
                                              dump_dir=dump_dir)
