@@ -405,7 +405,8 @@ def _spec_line(spec) -> str:
         size += f" (at least {r.min_capacity})" if r.min_capacity > 1 else ""
         per = " per sequence" if r.capacity_per == "sequence" else ""
         bits.append(f"{size} per expert{per} ({r.overflow}" + (", dropped tokens pass through)" if r.dropped == "pass"
-                                                                  else ")"))
+                                                                  else ", weights over the kept pairs)"
+                                                                  if r.renormalize_kept else ")"))
     if r.noisy:
         bits.append("noisy gating")
     if r.aux_loss:

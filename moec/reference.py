@@ -104,7 +104,17 @@ def route(logits: torch.Tensor, cfg: RouterConfig, score_bias: Optional[torch.Te
     aux = load_balancing_loss(scores, ids, cfg) if cfg.aux_loss else None
     if cfg.has_capacity:
         ids, weights = apply_capacity(ids, weights, scores, sel, factor, cfg, group_size)
+        if cfg.renormalize_kept:
+            weights = renormalized_over_kept(scores, ids, cfg)
     return ids, weights, aux
+
+
+def renormalized_over_kept(scores: torch.Tensor, ids: torch.Tensor, cfg: RouterConfig) -> torch.Tensor:
+    """``[T, k]`` fp32 weights normalised over the pairs capacity kept (`RouterConfig.renormalize_kept`)."""
+    kept = ids >= 0
+    picked = torch.where(kept, scores.gather(1, torch.where(kept, ids, torch.zeros_like(ids)).long()), 0.0)
+    total = picked.sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).eps)
+    return picked / total * cfg.routed_scaling
 
 
 def weights_given_ids(logits: torch.Tensor, cfg: RouterConfig, ids: torch.Tensor,
@@ -115,6 +125,8 @@ def weights_given_ids(logits: torch.Tensor, cfg: RouterConfig, ids: torch.Tensor
     capacity). The backward of the routing: the choices themselves (ranking, groups, selection bias,
     capacity) have no gradient."""
     scores = scores_of(logits.float(), cfg)
+    if cfg.renormalize_kept:
+        return renormalized_over_kept(scores, ids, cfg)
     if cfg.dropped == "pass" and ids_routed is not None:
         ids = ids_routed                # a pair passed through keeps its routed weight
     chosen = (ids if ids_routed is None else ids_routed).long()
@@ -144,14 +156,22 @@ def route_backward(logits: torch.Tensor, cfg: RouterConfig, ids: torch.Tensor, d
     dw = torch.where(kept, d_weights.float(), torch.zeros_like(d_weights, dtype=torch.float32))
     picked = scores.gather(1, at)
     factor = torch.full_like(scores[:, :1], cfg.routed_scaling)
-    total = None
-    if cfg.order == "topk_then_score" or cfg.renormalize:
+    total, over, among = None, chosen, torch.ones_like(kept)      # the total normalises over `over` (where `among`)
+    if cfg.renormalize_kept:
+        over, among = at, kept
+        total = torch.where(kept, picked, 0.0).sum(-1, keepdim=True)
+        clamped = total < torch.finfo(torch.float32).eps
+        total = total.clamp(min=torch.finfo(torch.float32).eps)
+        factor = factor / total
+    elif cfg.order == "topk_then_score" or cfg.renormalize:
         total = scores.gather(1, chosen).sum(-1, keepdim=True) + (0.0 if cfg.order == "topk_then_score" else 1e-20)
         factor = factor / total
     d_scores = torch.zeros_like(scores).scatter_add_(1, at, dw * factor)
     if total is not None:      # factor = c / total: d total = -factor / total * sum_s dw * picked
         d_total = -(factor / total) * (dw * picked).sum(-1, keepdim=True)
-        d_scores.scatter_add_(1, chosen, d_total.expand(-1, chosen.shape[1]).contiguous())
+        if cfg.renormalize_kept:
+            d_total = torch.where(clamped, 0.0, d_total)          # a clamped total is a constant
+        d_scores.scatter_add_(1, over, (d_total * among).contiguous())
     if d_aux is not None and cfg.aux_loss and T:
         counts = torch.zeros(E, device=logits.device).index_add_(
             0, chosen.reshape(-1), torch.ones(chosen.numel(), device=logits.device))

@@ -86,6 +86,9 @@ class RouterConfig:
       normalisation); a pair that finds no room is dropped. ``dropped``: a dropped pair adds nothing
       (``"zero"``: weight 0) or passes its token through (``"pass"``: it keeps its routed weight and
       adds ``weight * x``, Switch Transformer's dropped tokens; with ``overflow="drop"``).
+      ``renormalize_kept``: with ``renormalize``, the weights are normalised over the pairs capacity
+      kept instead of the top-k choices (fairseq's and DeepSpeed's top-2 gating: a token whose second
+      choice was dropped gives its first the whole weight; the sum is clamped at fp32's eps).
     - ``noisy``: noisy top-k gating: in training mode logits get
       ``noise * softplus(x @ w_noise.T)`` with ``noise ~ N(0, 1)`` drawn as ``torch.randn``
       of shape ``[T, E]``; in eval mode no noise is added.
@@ -114,6 +117,7 @@ class RouterConfig:
     min_capacity: int = 1
     capacity_per: str = "batch"
     dropped: str = "zero"
+    renormalize_kept: bool = False
 
     def __post_init__(self) -> None:
         E, k = self.num_experts, self.top_k
@@ -151,9 +155,14 @@ class RouterConfig:
         for name, allowed in (("capacity_per", CAPACITY_GROUPS), ("dropped", DROPPED_PAIRS)):
             if getattr(self, name) not in allowed:
                 raise MoESpecError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if not self.has_capacity and (self.capacity_per, self.dropped, self.min_capacity) != ("batch", "zero", 1):
+        if not self.has_capacity and (self.capacity_per, self.dropped, self.min_capacity) != ("batch", "zero", 1) \
+                and not self.renormalize_kept:
             raise MoESpecError("capacity_per, dropped and min_capacity describe an expert capacity: set "
                                "capacity_factor or expert_capacity")
+        if self.renormalize_kept and not (self.has_capacity and self.renormalize and self.dropped == "zero"
+                                          and self.order == "score_then_topk"):
+            raise MoESpecError("renormalize_kept normalises the weights over the pairs capacity kept: it needs a "
+                               "capacity, renormalize=True, order='score_then_topk' and dropped='zero'")
         if self.dropped == "pass" and self.overflow != "drop":
             raise MoESpecError("dropped='pass' passes a pair through where it overflows: it needs overflow='drop'")
 
@@ -164,7 +173,7 @@ class RouterConfig:
     def without_capacity(self) -> "RouterConfig":
         """This routing before capacity (what the fused route kernel computes)."""
         return self.replace(capacity_factor=None, expert_capacity=None, min_capacity=1, overflow="drop",
-                            capacity_per="batch", dropped="zero")
+                            capacity_per="batch", dropped="zero", renormalize_kept=False)
 
     def replace(self, **changes) -> "RouterConfig":
         return dataclasses.replace(self, **changes)

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from moec.reference import DROPPED, ranked, scores_of, selection_keys
+from moec.reference import DROPPED, ranked, renormalized_over_kept, scores_of, selection_keys
 from moec.spec import RouterConfig
 
 
@@ -111,4 +111,7 @@ def apply_capacity(ids: Tensor, weights: Tensor, logits: Tensor, cfg: RouterConf
             break
     if not next_best and cfg.dropped != "pass":            # a passed pair keeps its weight
         w_p = torch.where(ids_p == DROPPED, torch.zeros_like(w_p), w_p)
-    return ids_p.view(k, T).t().contiguous().to(torch.int32), w_p.view(k, T).t().contiguous()
+    ids_out = ids_p.view(k, T).t().contiguous()
+    if cfg.renormalize_kept:                                 # the weights normalised over the kept pairs
+        return ids_out.to(torch.int32), renormalized_over_kept(scores_of(logits.float(), cfg), ids_out, cfg)
+    return ids_out.to(torch.int32), w_p.view(k, T).t().contiguous()

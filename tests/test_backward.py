@@ -154,6 +154,9 @@ SPECS = {
                             glu=False, activation="relu"), ("y", "logits")),
     "capacity_minimum_pass": (MoESpec(32, 16, RouterConfig(4, 2, capacity_factor=0.5, min_capacity=2, renormalize=True,
                                                            dropped="pass")), ("y", "weights")),
+    # fairseq / DeepSpeed top-2: the weights normalised over the pairs capacity kept
+    "capacity_kept": (MoESpec(32, 16, RouterConfig(4, 2, capacity_factor=0.5, renormalize=True, renormalize_kept=True,
+                                                   routed_scaling=1.5)), ("y", "weights")),
     # LongCat-Flash: a softmax router over 6 MLP and 3 identity experts, selection bias, scaled weights
     "identity_experts": (MoESpec(32, 16, RouterConfig(9, 3, score_bias=True, routed_scaling=1.5),
                                  identity_experts=3, shared=SharedExpertConfig(16)), ("y", "logits", "weights")),
@@ -246,7 +249,8 @@ ZOO = ["MixtralMoE", "MixtralSkipEmptyMoE", "MixtralTopkSoftmaxMoE", "MixtralLog
        "StackedGatherBmmMoE", "StackedExpertsModuleMoE", "DenseOneHotMoE", "DeepseekV3MoE", "DeepseekV2MoE",
        "SwitchMoE", "QwenMoE", "CapacityMoE", "NoisyTopKMoE", "AuxLossMoE", "BiasedExpertMoE", "BiasedFusedExpertMoE",
        "PlainLinearMoE", "GShardTop2MoE", "WrappedExpertsMoE", "STMoE", "LogitsZLossMoE", "Relu2ExpertMoE",
-       "LogitsBiasTopKMoE", "SwitchCapacityMoE", "DenseDispatchMoE"]
+       "LogitsBiasTopKMoE", "SwitchCapacityMoE", "DenseDispatchMoE",
+       "FairseqTop2MoE"]
 
 
 def _tensors(out) -> list:

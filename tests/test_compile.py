@@ -41,6 +41,7 @@ LIFTED = {
     "IdentityExpertMoE": lambda: zoo.IdentityExpertMoE(),
     "SwitchCapacityMoE": lambda: zoo.SwitchCapacityMoE(),
     "DenseDispatchMoE": lambda: zoo.DenseDispatchMoE(),
+    "FairseqTop2MoE": lambda: zoo.FairseqTop2MoE(),
 }
 
 

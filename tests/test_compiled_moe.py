@@ -244,9 +244,12 @@ def routers(draw, *, capacity=None, noisy=False, big=True):
         else:
             cap["capacity_factor"] = draw(st.sampled_from([0.25, 0.5, 1.0, 1.25, 2.0]))
             cap["min_capacity"] = draw(st.sampled_from([1, 1, 4]))
+    renormalize = order == "score_then_topk" and draw(st.booleans())
+    if cap and renormalize and cap["dropped"] == "zero" and draw(st.booleans()):
+        cap["renormalize_kept"] = True                # fairseq / DeepSpeed: normalised over the kept pairs
     return RouterConfig(
         num_experts=E, top_k=k, score=score, order=order,
-        renormalize=order == "score_then_topk" and draw(st.booleans()),
+        renormalize=renormalize,
         routed_scaling=draw(st.sampled_from([1.0, 2.5, 0.5])),
         score_bias=score_bias, router_bias=draw(st.booleans()),
         n_group=n_group, topk_group=topk_group, group_score=group_score,
@@ -352,6 +355,8 @@ NAMED = {
                                                      renormalize=True), glu=False, activation="relu"),
     "switch_per_sequence_pass": MoESpec(32, 64, RouterConfig(4, 1, expert_capacity=2, capacity_per="sequence",
                                                              dropped="pass"), glu=False, activation="relu"),
+    "fairseq_top2_kept": MoESpec(24, 16, RouterConfig(8, 2, capacity_factor=0.5, renormalize=True,
+                                                      renormalize_kept=True, aux_loss=True)),
     "gshard_min_capacity": MoESpec(32, 24, RouterConfig(4, 2, capacity_factor=0.5, min_capacity=3, renormalize=True,
                                                         dropped="pass"), glu=False, activation="relu"),
     "noisy_topk": MoESpec(16, 24, RouterConfig(8, 2, order="topk_then_score", noisy=True, aux_loss=True)),
@@ -600,8 +605,10 @@ def test_bad_glu_variant_is_a_clear_error(options, cause):
     (dict(dropped="pass"), "describe an expert capacity"),
     (dict(capacity_factor=1.0, capacity_per="row"), "capacity_per must be one of"),
     (dict(capacity_factor=1.0, dropped="pass", overflow="next_best"), "needs overflow='drop'"),
+    (dict(capacity_factor=1.0, renormalize_kept=True), "renormalize_kept normalises"),
+    (dict(renormalize=True, renormalize_kept=True), "renormalize_kept normalises"),
 ], ids=["factor_and_fixed", "zero_fixed", "zero_minimum", "per_sequence_without_capacity", "pass_without_capacity",
-        "unknown_group", "pass_with_next_best"])
+        "unknown_group", "pass_with_next_best", "kept_without_renormalize", "kept_without_capacity"])
 def test_bad_capacity_is_a_clear_error(options, cause):
     with pytest.raises(MoESpecError, match=cause):
         RouterConfig(4, 1, **options)

@@ -36,6 +36,8 @@ MoE layers                       router                                   expert
                                  a dropped token passes through; returns [B, S, E] router logits
 - DenseDispatchMoE               GShard top-2 with capacity and a minimum, dense [S, E, C] dispatch/combine einsums,
                                  stacked [E, d, f] experts
+- FairseqTop2MoE                 fairseq / DeepSpeed top-2 gating: capacity, then both gates normalised over the kept
+                                 pairs; ModuleList SwiGLU
 Negative examples: DenseMLP, TanhExpertMoE, PartialBiasExpertMoE, ExtraArgMoE, TemperatureMoE, MLPRouterMoE.
 """
 from __future__ import annotations
@@ -1137,4 +1139,45 @@ class DenseDispatchMoE(nn.Module):
         h = F.relu(torch.einsum("ecm,emf->ecf", expert_in, self.wi))
         expert_out = torch.einsum("ecf,efm->ecm", h, self.wo)
         y = torch.einsum("sec,ecm->sm", combine.to(x.dtype), expert_out)
+        return y.reshape(hidden_states.shape)
+
+
+def fairseq_top2_gating(logits, capacity_factor: float):
+    """fairseq's / DeepSpeed's top-2 gating: the second expert is the best of the rest, pairs past each expert's
+    capacity dropped (first choices first), then the two gates normalised over the pairs that were kept."""
+    gates = F.softmax(logits, dim=1)
+    S, E = gates.shape
+    capacity = math.ceil(2 * S / E * capacity_factor)
+    mask1 = F.one_hot(torch.argmax(gates, dim=1), E)
+    mask2 = F.one_hot(torch.argmax(logits.masked_fill(mask1.bool(), float("-inf")), dim=1), E)
+    locations1 = torch.cumsum(mask1, dim=0) - 1
+    locations2 = torch.cumsum(mask2, dim=0) - 1 + torch.sum(mask1, dim=0, keepdim=True)
+    mask1 = mask1 * torch.lt(locations1, capacity)
+    mask2 = mask2 * torch.lt(locations2, capacity)
+    gates1_s = torch.einsum("se,se->s", gates, mask1.to(gates.dtype))
+    gates2_s = torch.einsum("se,se->s", gates, mask2.to(gates.dtype))
+    denom_s = torch.clamp(gates1_s + gates2_s, min=torch.finfo(gates.dtype).eps)
+    return mask1, mask2, gates1_s / denom_s, gates2_s / denom_s
+
+
+class FairseqTop2MoE(nn.Module):
+    """Top-2 gating as fairseq and DeepSpeed write it (weights normalised after the capacity drops), experts in
+    an ``nn.ModuleList`` applied to the tokens each mask keeps."""
+
+    def __init__(self, d: int = 16, f: int = 32, E: int = 4, capacity_factor: float = 0.5):
+        super().__init__()
+        self.capacity_factor = capacity_factor
+        self.wg = nn.Linear(d, E, bias=False)
+        self.experts = nn.ModuleList([MixtralBlockSparseTop2MLP(d, f) for _ in range(E)])
+
+    def forward(self, hidden_states):
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        logits = self.wg(x)
+        mask1, mask2, g1, g2 = fairseq_top2_gating(logits, self.capacity_factor)
+        y = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            rows = (mask1[:, e] + mask2[:, e]).bool()
+            if rows.any():
+                gate = g1 * mask1[:, e] + g2 * mask2[:, e]
+                y[rows] = y[rows] + expert(x[rows]) * gate[rows, None].to(x.dtype)
         return y.reshape(hidden_states.shape)

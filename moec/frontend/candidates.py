@@ -112,7 +112,8 @@ def router_configs(st: Structure, hints: RouterHints, aux: bool, router_bias: bo
 def capacity_options(st: Structure) -> list:
     """Expert-capacity settings to try, as `RouterConfig` keywords: none, and for a capacity the module
     names (a factor, with a minimum, or a fixed ``expert_capacity``) its overflow rules, capacity groups
-    (the call, each sequence) and what a dropped pair does (nothing, or pass its token through)."""
+    (the call, each sequence), what a dropped pair does (nothing, or pass its token through) and whether
+    the weights are normalised over the kept pairs."""
     cf = _attr(st, _CAP_ATTRS, float) or _attr(st, _CAP_ATTRS, int)
     fixed = _attr(st, _FIXED_CAP_ATTRS, int)
     sizes = []
@@ -127,6 +128,8 @@ def capacity_options(st: Structure) -> list:
                                                    ("batch", "sequence"), ("zero", "pass")):
         if dropped == "zero" or o == "drop":
             out.append({**size, "overflow": o, "capacity_per": per, "dropped": dropped})
+        if dropped == "zero":           # weights normalised over the kept pairs (fairseq, DeepSpeed)
+            out.append({**size, "overflow": o, "capacity_per": per, "dropped": dropped, "renormalize_kept": True})
     return out + [{}]
 
 
