@@ -169,8 +169,9 @@ def compile_module(model: nn.Module, *, dump_dir=None, arch: Optional[str] = Non
         elif isinstance(got, NotLifted):
             skipped.append((qualname, type(module).__name__, got.reason))
             _log.info("%s (%s): stays eager: %s", qualname or "<root>", type(module).__name__, got.reason)
-    skipped += [(q, type(m).__name__, why) for q, m, why in unread_moe_modules(model, found)]
-    moba = _attach_moba(model, find_moe_modules(model), arch, root)
+    unread = unread_moe_modules(model, found)
+    skipped += [(q, type(m).__name__, why) for q, m, why in unread]
+    moba = _attach_moba(model, find_moe_modules(model) + [(q, m) for q, m, _ in unread], arch, root)
     if sys.modules.get("transformers") is not None:       # MoBA registered as a transformers attention function
         moba += attention_functions.attach(model, arch, root)
     model.__class__ = _compiled_class(type(model))

@@ -108,7 +108,8 @@ def _shrink(cfg, layers: int = 2) -> None:
 
 # per-family settings the generic tiny config gets wrong
 FAMILY_SIZES = {"bailing_hybrid": {"num_expert_group": 2, "topk_group": 1, "num_experts_per_token": 2},
-               "longcat_flash": {"zero_expert_num": 4}}            # (its default: 256 identity experts)
+               "longcat_flash": {"zero_expert_num": 4},             # (its default: 256 identity experts)
+               "doge": {"is_moe": True, "num_experts": 64, "num_experts_per_tok": 4}}   # (its default is dense)
 
 
 def build(name: str, seed: int = 0, experts_implementation=None, **kwargs):

@@ -258,6 +258,8 @@ def test_explain_names_what_stays_eager():
 
 @pytest.mark.parametrize("cls, words", [
     (zoo.MLPRouterMoE, ("it holds 4 experts", "router gate (MLPRouter)", "MLP routers are not supported")),
+    (zoo.ProductKeyMoE, ("64 rank-one experts", "down_embed, up_embed", "query scores two sets of 8 keys",
+                         "product-key retrieval experts are not supported")),
 ])
 def test_explain_says_in_words_why_a_module_with_experts_is_not_read(cls, words):
     compiled, eager = compiled_and_eager(cls)

@@ -38,7 +38,8 @@ MoE layers                       router                                   expert
                                  stacked [E, d, f] experts
 - FairseqTop2MoE                 fairseq / DeepSpeed top-2 gating: capacity, then both gates normalised over the kept
                                  pairs; ModuleList SwiGLU
-Negative examples: DenseMLP, TanhExpertMoE, PartialBiasExpertMoE, ExtraArgMoE, TemperatureMoE, MLPRouterMoE.
+Negative examples: DenseMLP, TanhExpertMoE, PartialBiasExpertMoE, ExtraArgMoE, TemperatureMoE, MLPRouterMoE,
+ProductKeyMoE (PEER-style rank-one experts in embedding tables, picked by product keys).
 """
 from __future__ import annotations
 
@@ -1181,3 +1182,26 @@ class FairseqTop2MoE(nn.Module):
                 gate = g1 * mask1[:, e] + g2 * mask2[:, e]
                 y[rows] = y[rows] + expert(x[rows]) * gate[rows, None].to(x.dtype)
         return y.reshape(hidden_states.shape)
+
+
+class ProductKeyMoE(nn.Module):
+    """PEER-style retrieval experts: E rank-one experts kept as rows of two embedding tables, each token picks
+    k of them through two sets of sqrt(E) keys (the best pairs of a query's two halves)."""
+
+    def __init__(self, d: int = 16, E: int = 64, k: int = 4):
+        super().__init__()
+        self.num_keys, self.k = math.isqrt(E), k
+        self.query = nn.Linear(d, 2 * self.num_keys, bias=False)
+        self.down_embed = nn.Embedding(E, d)
+        self.up_embed = nn.Embedding(E, d)
+
+    def forward(self, hidden_states):
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        sx, sy = self.query(x).chunk(2, dim=-1)
+        (vx, ix), (vy, iy) = sx.topk(self.k, dim=-1), sy.topk(self.k, dim=-1)
+        scores = (vx[:, :, None] + vy[:, None, :]).flatten(1)
+        ids = (ix[:, :, None] * self.num_keys + iy[:, None, :]).flatten(1)
+        top, pos = scores.topk(self.k, dim=-1)
+        ids = ids.gather(1, pos)
+        h = F.gelu(torch.einsum("td,tkd->tk", x, self.down_embed(ids))) * top.softmax(-1)
+        return torch.einsum("tk,tkd->td", h, self.up_embed(ids)).reshape(hidden_states.shape)

@@ -12,6 +12,7 @@ Everything found here is a candidate; `moec.frontend.lift` lets the probe decide
 from __future__ import annotations
 
 import copy
+import math
 
 from dataclasses import dataclass, field
 from typing import Optional
@@ -136,6 +137,9 @@ def _owner(module: nn.Module, path: str) -> nn.Module:
 def experts_without_router(module: nn.Module) -> Optional[str]:
     """Why ``module``, which holds experts (a container or 3-D weights named *expert*, not *shared*)
     but is no `discover` candidate, is not an MoE layer moec reads, in words; None when it holds none."""
+    keyed = _product_key_experts(module)
+    if keyed:
+        return keyed
     routed = lambda p: _score(p, _EXPERT_NAMES) and "shared" not in p.lower()  # noqa: E731
     containers = [c for c in _expert_containers(module) if routed(c[0])]
     if containers:
@@ -169,6 +173,22 @@ def experts_without_router(module: nn.Module) -> Optional[str]:
                 f"(an MLP router, or a router inside a wrapper, is not read)")
     listed = ", ".join(f"{p} {list(shape)}" for p, shape in weights[:3]) or "none"
     return f"{head}, but no router weight with {E} outputs was found (2-D weights: {listed})"
+
+
+def _product_key_experts(module: nn.Module) -> Optional[str]:
+    """Why a layer of product-key retrieval experts (rank-one experts kept as rows of embedding tables, picked
+    through two sets of sqrt(E) keys: PEER, Doge's CDMoE) is not read, in words; None for other modules."""
+    tables = [(n, m) for n, m in module.named_children() if isinstance(m, nn.Embedding)]
+    sizes = {m.num_embeddings for _, m in tables}
+    for E in sizes:
+        keys = math.isqrt(E)
+        rows = [n for n, m in tables if m.num_embeddings == E]
+        gate = next((n for n, m in module.named_children() if isinstance(m, nn.Linear) and m.out_features == 2 * keys), None)
+        if len(rows) >= 2 and keys >= 2 and gate is not None:
+            return (f"it holds {E} rank-one experts as rows of the embedding tables {', '.join(rows)}, picked by "
+                    f"product keys ({gate} scores two sets of {keys} keys): product-key retrieval experts are not "
+                    f"supported")
+    return None
 
 
 def _single_linear(module: nn.Module, path: str) -> bool:
