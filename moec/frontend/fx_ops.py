@@ -249,7 +249,7 @@ def operands(mm: fx.Node) -> list[fx.Node]:
     return [a for a in args if isinstance(a, fx.Node)]
 
 
-def _reach(starts: Iterable[fx.Node], edges) -> set:
+def reach(starts: Iterable[fx.Node], edges) -> set:
     """Every node reachable from ``starts`` (included) along ``edges(node)``."""
     seen, todo = set(), list(starts)
     while todo:
@@ -261,8 +261,8 @@ def _reach(starts: Iterable[fx.Node], edges) -> set:
 
 
 def descendants(starts: Iterable[fx.Node]) -> set:
-    return _reach(starts, lambda n: n.users)
+    return reach(starts, lambda n: n.users)
 
 
 def ancestors(start: fx.Node) -> set:
-    return _reach([start], lambda n: n.all_input_nodes)
+    return reach([start], lambda n: n.all_input_nodes)

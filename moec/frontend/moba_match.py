@@ -39,8 +39,8 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from .fx_ops import (CASTS, LAYOUT, MATMULS, RESHAPES, ancestors, arg, chain, data_operand, descendants, is_inplace, is_tensor,
-                     op_name, operands, resolve_attr, search, strip, val)
+from .fx_ops import (CASTS, LAYOUT, MATMULS, RESHAPES, ancestors, arg, chain, data_operand, is_inplace, is_tensor,
+                     op_name, operands, reach, resolve_attr, search, strip, val)
 from .trace import Traced
 
 # what may stand between a score matmul and its softmax / topk (masks, in-place writes, casts)
@@ -301,13 +301,7 @@ def _downstream(tr: Traced, start: fx.Node) -> set:
         if is_inplace(n) and n.args and isinstance(n.args[0], fx.Node):
             out += [u for u in n.args[0].users if order[u] > order[n]]
         return out
-    seen, todo = set(), [start]
-    while todo:
-        n = todo.pop()
-        if n not in seen:
-            seen.add(n)
-            todo.extend(edges(n))
-    return seen
+    return reach([start], edges)
 
 
 def _output(out: fx.Node, q: fx.Node, qs: int, prefer: int) -> tuple[fx.Node, int]:
