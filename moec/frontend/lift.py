@@ -165,8 +165,8 @@ def _lift(module: nn.Module):
         msg = scaled_input_reason(cap, st, router_modules | router_params) + msg
         ids = token_id_args(module)
         if ids:                          # the forward fails without them: its routing reads the tokens
-            msg += (f" (its forward also takes {ids[0]}, which a layer called as forward(hidden_states) does not "
-                    f"get: routing by token ids, such as hash routing, is not supported)")
+            msg = (f"its forward also takes {ids[0]}, which a layer called as forward(hidden_states) does not get: "
+                   f"routing by token ids, such as hash routing, is not supported (without them: {msg})")
         return NotLifted(f"{cls}: {msg}")
     aux_out = any("aux" in slots(o) for o in pr.options)
     r0 = st.routers[0]
