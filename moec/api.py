@@ -24,6 +24,7 @@ from .explain import entries, report
 from .log import logger
 from .frontend import LiftedMoE, NotLifted, find_moe_modules, lift, unread_moe_modules
 from .frontend.moba_lift import find_moba_modules
+from .frontend.structure import product_key_layer
 from .hf import attention_functions
 from .moba_region import MobaRegion
 from .moe_region import MoERegion
@@ -171,7 +172,8 @@ def compile_module(model: nn.Module, *, dump_dir=None, arch: Optional[str] = Non
             _log.info("%s (%s): stays eager: %s", qualname or "<root>", type(module).__name__, got.reason)
     unread = unread_moe_modules(model, found)
     skipped += [(q, type(m).__name__, why) for q, m, why in unread]
-    moba = _attach_moba(model, find_moe_modules(model) + [(q, m) for q, m, _ in unread], arch, root)
+    keyed = [(q, m) for q, m, _ in unread if product_key_layer(m)]      # MoE layers, not MoBA attention
+    moba = _attach_moba(model, find_moe_modules(model) + keyed, arch, root)
     if sys.modules.get("transformers") is not None:       # MoBA registered as a transformers attention function
         moba += attention_functions.attach(model, arch, root)
     model.__class__ = _compiled_class(type(model))

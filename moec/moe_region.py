@@ -252,6 +252,9 @@ class MoERegion(Region):
             raise ValueError(f"moec region {self.name!r}: expects hidden size {self.spec.hidden} on the "
                              f"last dim, got input of shape {tuple(x.shape)}")
         reason = reason or empty_with_grad(x.numel())
+        if reason is None and self.spec.router.renormalize_kept and x.dtype != torch.float32:
+            reason = (f"weights normalised over the kept pairs in {str(x.dtype).replace('torch.', '')}: eager code "
+                      f"clamps their sum at its dtype's eps, moec at fp32's")
         if reason is None and self.spec.router.capacity_per == "sequence" and x.dim() != 3:
             reason = (f"the per-sequence expert capacity was confirmed on [batch, sequence, hidden] inputs; this one "
                       f"has {x.dim()} dims")

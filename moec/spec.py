@@ -76,7 +76,8 @@ class RouterConfig:
       ``top2_sum``: the sum of its two best), and only experts of the ``topk_group`` best
       groups may be chosen.
     - ``capacity_factor``: when set, each expert keeps at most
-      ``C = max(min_capacity, ceil(capacity_factor * G * k / E))`` (token, slot) pairs of each
+      ``C = max(min_capacity, ceil(capacity_factor * G * k / E))`` (``floor`` with ``capacity_round``,
+      as code that truncates with ``int()`` computes it) (token, slot) pairs of each
       capacity group of G tokens; ``expert_capacity`` instead fixes ``C`` (Switch Transformer's
       config). ``capacity_per``: the group is every token of the call (``"batch"``: G = T) or each
       sequence of an input ``[B, S, d]`` (``"sequence"``: G = S; `group_tokens`).
@@ -118,6 +119,7 @@ class RouterConfig:
     capacity_per: str = "batch"
     dropped: str = "zero"
     renormalize_kept: bool = False
+    capacity_round: str = "ceil"
 
     def __post_init__(self) -> None:
         E, k = self.num_experts, self.top_k
@@ -150,15 +152,16 @@ class RouterConfig:
             raise MoESpecError(f"expert_capacity must be an int >= 1, got {self.expert_capacity!r}")
         if self.expert_capacity is not None and self.capacity_factor is not None:
             raise MoESpecError("set capacity_factor or expert_capacity, not both")
-        if isinstance(self.min_capacity, bool) or not isinstance(self.min_capacity, int) or self.min_capacity < 1:
-            raise MoESpecError(f"min_capacity must be an int >= 1, got {self.min_capacity!r}")
-        for name, allowed in (("capacity_per", CAPACITY_GROUPS), ("dropped", DROPPED_PAIRS)):
+        if isinstance(self.min_capacity, bool) or not isinstance(self.min_capacity, int) or self.min_capacity < 0:
+            raise MoESpecError(f"min_capacity must be an int >= 0, got {self.min_capacity!r}")
+        for name, allowed in (("capacity_per", CAPACITY_GROUPS), ("dropped", DROPPED_PAIRS),
+                              ("capacity_round", ("ceil", "floor"))):
             if getattr(self, name) not in allowed:
                 raise MoESpecError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if not self.has_capacity and (self.capacity_per, self.dropped, self.min_capacity) != ("batch", "zero", 1) \
-                and not self.renormalize_kept:
-            raise MoESpecError("capacity_per, dropped and min_capacity describe an expert capacity: set "
-                               "capacity_factor or expert_capacity")
+        if not self.has_capacity and ((self.capacity_per, self.dropped, self.min_capacity, self.capacity_round)
+                                      != ("batch", "zero", 1, "ceil") or self.renormalize_kept):
+            raise MoESpecError("capacity_per, dropped, min_capacity, capacity_round and renormalize_kept describe an "
+                               "expert capacity: set capacity_factor or expert_capacity")
         if self.renormalize_kept and not (self.has_capacity and self.renormalize and self.dropped == "zero"
                                           and self.order == "score_then_topk"):
             raise MoESpecError("renormalize_kept normalises the weights over the pairs capacity kept: it needs a "
@@ -173,7 +176,7 @@ class RouterConfig:
     def without_capacity(self) -> "RouterConfig":
         """This routing before capacity (what the fused route kernel computes)."""
         return self.replace(capacity_factor=None, expert_capacity=None, min_capacity=1, overflow="drop",
-                            capacity_per="batch", dropped="zero", renormalize_kept=False)
+                            capacity_per="batch", dropped="zero", renormalize_kept=False, capacity_round="ceil")
 
     def replace(self, **changes) -> "RouterConfig":
         return dataclasses.replace(self, **changes)
@@ -184,7 +187,8 @@ class RouterConfig:
             return self.expert_capacity
         if self.capacity_factor is None:
             return None
-        return max(self.min_capacity, math.ceil(self.capacity_factor * group_tokens * self.top_k / self.num_experts))
+        exact = self.capacity_factor * group_tokens * self.top_k / self.num_experts
+        return max(self.min_capacity, math.ceil(exact) if self.capacity_round == "ceil" else math.floor(exact))
 
     def group_tokens(self, T: int, group_size: Optional[int]) -> int:
         """Tokens per capacity group of a call of T tokens whose sequences hold ``group_size`` (None: one

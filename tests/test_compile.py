@@ -468,3 +468,28 @@ def test_input_scaling_is_not_seen_where_the_weights_scale_the_output(name):
     assert reached, "the trace never reaches the experts: the check would be vacuous"
     paths = {r.module for r in st.routers if r.module} | {r.weight for r in st.routers}
     assert scaled_expert_input(cap, st, paths) is None
+
+
+def test_embedding_tables_of_a_model_are_no_product_key_experts():
+    """A byte-level model with two 256-row tables and a 32-way head is a model, not a layer of product-key
+    experts: its MoE and MoBA layers are lifted and nothing is reported about product keys."""
+    import moba_zoo
+
+    class ByteLM(torch.nn.Module):
+        def __init__(self, d=64):
+            super().__init__()
+            self.tok, self.pos = torch.nn.Embedding(256, d), torch.nn.Embedding(256, d)
+            self.block = moba_zoo.Block(d=d)
+            self.moe = zoo.MixtralMoE(d=d)
+            self.head = torch.nn.Linear(d, 32)
+
+        def forward(self, ids):
+            h = self.block(self.tok(ids) + self.pos(torch.arange(ids.shape[1])))
+            return self.head(h + self.moe(h))
+    compiled, eager = compiled_and_eager(ByteLM)
+    ids = torch.randint(0, 256, (1, 70))
+    with torch.no_grad():
+        assert_same(compiled(ids), eager(ids))
+    text = compiled.explain()
+    assert "LIFTED  moe (MixtralMoE)" in text and "LIFTED  block.attn (MobaAttention)" in text, text
+    assert "product" not in text, text

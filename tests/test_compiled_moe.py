@@ -600,13 +600,13 @@ def test_bad_glu_variant_is_a_clear_error(options, cause):
 @pytest.mark.parametrize("options, cause", [
     (dict(capacity_factor=1.0, expert_capacity=4), "not both"),
     (dict(expert_capacity=0), "expert_capacity must be an int >= 1"),
-    (dict(capacity_factor=1.0, min_capacity=0), "min_capacity must be an int >= 1"),
+    (dict(capacity_factor=1.0, min_capacity=-1), "min_capacity must be an int >= 0"),
     (dict(capacity_per="sequence"), "describe an expert capacity"),
     (dict(dropped="pass"), "describe an expert capacity"),
     (dict(capacity_factor=1.0, capacity_per="row"), "capacity_per must be one of"),
     (dict(capacity_factor=1.0, dropped="pass", overflow="next_best"), "needs overflow='drop'"),
     (dict(capacity_factor=1.0, renormalize_kept=True), "renormalize_kept normalises"),
-    (dict(renormalize=True, renormalize_kept=True), "renormalize_kept normalises"),
+    (dict(renormalize=True, renormalize_kept=True), "describe an expert capacity"),
 ], ids=["factor_and_fixed", "zero_fixed", "zero_minimum", "per_sequence_without_capacity", "pass_without_capacity",
         "unknown_group", "pass_with_next_best", "kept_without_renormalize", "kept_without_capacity"])
 def test_bad_capacity_is_a_clear_error(options, cause):

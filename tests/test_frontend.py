@@ -574,3 +574,52 @@ def test_per_sequence_capacity_runs_other_input_ranks_eagerly():
         with pytest.raises(IndexError):
             m(torch.randn(5, 16))
     assert "confirmed on [batch, sequence, hidden] inputs" in m.explain(), m.explain()
+
+
+def test_a_truncated_capacity_is_read_as_one():
+    """``int(cf * T * k / E)`` equals the ceiling at the probe's token counts: the long inputs tell them apart."""
+    import moec
+    torch.manual_seed(0)
+    m = zoo.FloorCapacityMoE().eval()
+    ref = copy.deepcopy(m)
+    moec.compile(m)
+    r = m.__dict__["_moec_region"].lifted.spec.router
+    assert (r.capacity_round, r.min_capacity) == ("floor", 4), r
+    gen = torch.Generator().manual_seed(1)
+    lean = 4 * ref.gate.weight[0] / ref.gate.weight[0].pow(2).sum()
+    with torch.no_grad():
+        for T in (5, 18, 22, 30, 50):
+            x = torch.randn(1, T, 16, generator=gen) * 0.5 + lean
+            torch.testing.assert_close(m(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [zoo.SequenceFirstSwitchMoE, zoo.GroupedCapacityMoE])
+def test_capacities_the_probe_sizes_cannot_tell_stay_correct_on_long_inputs(cls):
+    """A capacity over dim 0 of [S, B, d] inputs, or per group of 64 tokens, looks like none (or a per-batch one)
+    at the probe's 48 tokens: the long inputs show otherwise, and no wrong reading is lifted."""
+    import moec
+    torch.manual_seed(0)
+    m = cls().eval()
+    ref = copy.deepcopy(m)
+    moec.compile(m)
+    with torch.no_grad():
+        for shape in ((2, 100, 16), (100, 2, 16), (1, 150, 16)):
+            x = torch.randn(shape)
+            a, b = m(x), ref(x)
+            for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+                torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-5)
+
+
+def test_fp16_weights_over_the_kept_pairs_run_eager():
+    """Eager code clamps the kept pairs' sum at its dtype's eps (fp16: 1e-3), moec at fp32's: a half-precision
+    call runs the eager forward and says why."""
+    import moec
+    torch.manual_seed(0)
+    m = zoo.FairseqTop2MoE().eval()
+    ref = copy.deepcopy(m)
+    moec.compile(m)
+    m.half(), ref.half()
+    x = torch.randn(2, 12, 16).half()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref(x))
+    assert "clamps their sum at its dtype's eps" in m.explain(), m.explain()

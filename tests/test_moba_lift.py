@@ -4,6 +4,8 @@ were lifted (block size, top_k, GQA group, kernels and tiles) or why not. Compil
 compared with the module's own eager forward."""
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -306,3 +308,30 @@ def test_short_example_still_probes_the_selection():
         long = qkv(N=200, B=1, H=2, Hkv=1)
         torch.testing.assert_close(m(*long), ref(*long), rtol=1e-4, atol=1e-5)
     assert region_of(m).calls["kernels"] == 2
+
+
+class ConfiguredMoba(MobaAttention):
+    """Reads its block size and top-k from a config object at each call."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = types.SimpleNamespace(moba_chunk_size=16, moba_topk=3)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q, k, v = (p(x).view(B, N, h, self.head_dim).transpose(1, 2)
+                   for p, h in ((self.q_proj, self.heads), (self.k_proj, self.kv_heads), (self.v_proj, self.kv_heads)))
+        o = FORMULATIONS["dense"](q, k, v, self.config.moba_chunk_size, self.config.moba_topk)
+        return self.o_proj(o.transpose(1, 2).reshape(B, N, -1))
+
+
+def test_a_config_attribute_changed_after_compile_is_a_new_graph():
+    m, ref = twins(ConfiguredMoba)
+    moec.compile(m)
+    x = torch.randn(1, 100, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref(x), rtol=1e-4, atol=1e-5)
+        for change in (dict(moba_topk=1), dict(moba_chunk_size=32)):
+            for mod in (m, ref):
+                vars(mod.config).update(change)
+            torch.testing.assert_close(m(x), ref(x), rtol=1e-4, atol=1e-5)

@@ -38,6 +38,9 @@ MoE layers                       router                                   expert
                                  stacked [E, d, f] experts
 - FairseqTop2MoE                 fairseq / DeepSpeed top-2 gating: capacity, then both gates normalised over the kept
                                  pairs; ModuleList SwiGLU
+- FloorCapacityMoE               a capacity truncated by int() with a minimum
+Capacity moec must confirm on long inputs or leave eager: SequenceFirstSwitchMoE (cumsum over dim 0 of [S, B, d]),
+GroupedCapacityMoE (Mesh-TF groups of 64 tokens).
 Negative examples: DenseMLP, TanhExpertMoE, PartialBiasExpertMoE, ExtraArgMoE, TemperatureMoE, MLPRouterMoE,
 ProductKeyMoE (PEER-style rank-one experts in embedding tables, picked by product keys).
 """
@@ -1205,3 +1208,75 @@ class ProductKeyMoE(nn.Module):
         ids = ids.gather(1, pos)
         h = F.gelu(torch.einsum("td,tkd->tk", x, self.down_embed(ids))) * top.softmax(-1)
         return torch.einsum("tk,tkd->td", h, self.up_embed(ids)).reshape(hidden_states.shape)
+
+
+class FloorCapacityMoE(nn.Module):
+    """Capacity ``max(min_capacity, int(capacity_factor * T * k / E))``: truncated, not rounded up."""
+
+    def __init__(self, d: int = 16, f: int = 32, E: int = 8, k: int = 2, capacity_factor: float = 1.0,
+                 min_capacity: int = 4):
+        super().__init__()
+        self.num_experts, self.top_k = E, k
+        self.capacity_factor, self.min_capacity = capacity_factor, min_capacity
+        self.gate = nn.Linear(d, E, bias=False)
+        self.experts = nn.ModuleList([MixtralBlockSparseTop2MLP(d, f) for _ in range(E)])
+
+    def forward(self, hidden_states):
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        T = x.shape[0]
+        w, ids = F.softmax(self.gate(x), dim=-1, dtype=torch.float).topk(self.top_k, dim=-1)
+        w = w / w.sum(-1, keepdim=True)
+        capacity = max(self.min_capacity, int(self.capacity_factor * T * self.top_k / self.num_experts))
+        slot_major = F.one_hot(ids.t().reshape(-1), self.num_experts)
+        keep = (((torch.cumsum(slot_major, dim=0) - 1) * slot_major).sum(-1) < capacity).view(self.top_k, T).t()
+        w = (w * keep).to(x.dtype)
+        y = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok, slot = torch.where((ids == e) & keep)
+            if tok.numel():
+                y.index_add_(0, tok, expert(x[tok]) * w[tok, slot, None])
+        return y.reshape(hidden_states.shape)
+
+
+class SequenceFirstSwitchMoE(SwitchCapacityMoE):
+    """Switch's capacity on ``[S, B, d]`` inputs (Megatron and fairseq's layout): the cumsum runs over dim 0."""
+
+    def forward(self, hidden_states):
+        r = self.router
+        logits = r.classifier(hidden_states)
+        probs = F.softmax(logits, dim=-1)
+        index = F.one_hot(torch.argmax(probs, dim=-1), r.num_experts)
+        index = index * (torch.cumsum(index, dim=0) <= r.expert_capacity)
+        next_states = hidden_states.clone()
+        for i, expert in enumerate(self.experts.values()):
+            rows = index[..., i].bool()
+            next_states[rows] = expert(hidden_states[rows]).to(next_states.dtype)
+        return probs.max(dim=-1, keepdim=True).values * next_states
+
+
+class GroupedCapacityMoE(nn.Module):
+    """Mesh-TF style: tokens cut into groups of ``group_size``, each group's experts filling separately."""
+
+    def __init__(self, d: int = 16, f: int = 32, E: int = 4, k: int = 2, capacity_factor: float = 1.0,
+                 group_size: int = 64):
+        super().__init__()
+        self.num_experts, self.top_k, self.capacity_factor, self.group_size = E, k, capacity_factor, group_size
+        self.gate = nn.Linear(d, E, bias=False)
+        self.experts = nn.ModuleList([MixtralBlockSparseTop2MLP(d, f) for _ in range(E)])
+
+    def forward(self, hidden_states):
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        y = torch.zeros_like(x)
+        for s in range(0, x.shape[0], self.group_size):
+            g = x[s:s + self.group_size]
+            T = g.shape[0]
+            w, ids = F.softmax(self.gate(g), dim=-1).topk(self.top_k, dim=-1)
+            w = w / w.sum(-1, keepdim=True)
+            capacity = math.ceil(self.capacity_factor * T * self.top_k / self.num_experts)
+            slot_major = F.one_hot(ids.t().reshape(-1), self.num_experts)
+            keep = (((torch.cumsum(slot_major, dim=0) - 1) * slot_major).sum(-1) < capacity).view(self.top_k, T).t()
+            for e, expert in enumerate(self.experts):
+                tok, slot = torch.where((ids == e) & keep)
+                if tok.numel():
+                    y[s:s + self.group_size].index_add_(0, tok, expert(g[tok]) * w[tok, slot, None])
+        return y.reshape(hidden_states.shape)

@@ -119,7 +119,10 @@ def capacity_options(st: Structure) -> list:
     sizes = []
     if cf and cf > 0:
         mc = _attr(st, _MIN_CAP_ATTRS, int)
-        sizes += [{"capacity_factor": float(cf), "min_capacity": m} for m in dedupe([mc if mc and mc > 0 else None, 1])]
+        named = mc if mc is not None and mc >= 0 else None
+        sizes += [{"capacity_factor": float(cf), "min_capacity": m} for m in dedupe([named, 1])]
+        sizes += [{"capacity_factor": float(cf), "min_capacity": m, "capacity_round": "floor"}   # int() truncating
+                  for m in dedupe([named, 0])]
     if fixed and fixed > 0:
         sizes.append({"expert_capacity": fixed})
     ov = _attr(st, _OVERFLOW_ATTRS, str)

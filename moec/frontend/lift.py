@@ -26,7 +26,8 @@ from ..spec import MoESpec, MoESpecError
 from .accounting import Coverage, unaccounted
 from .adapters import adapter_for
 from .call_shape import extra_required_args, inside_a_bigger_layer, token_id_args
-from .candidates import Part, assemble, config_text, dedupe, router_configs, router_options, shared_options
+from .candidates import (Part, assemble, capacity_options, config_text, dedupe, router_configs, router_options,
+                         shared_options)
 from .experts import ExpertLayout, gated_activation, list_layout, shared_layout, stacked_layouts
 from .formulation import read_formulation, scaled_input_reason
 from .lifted import LiftedMoE, NotLifted, WeightsRecipe, resolve
@@ -160,6 +161,7 @@ def _lift(module: nn.Module):
     notes.append(f"formulation: {formulation} ({how})")
 
     pr = Prober(module, st.d, width, st.dtype, st.device)
+    pr.capacity_named = capacity_options(st) != [{}]
     msg = pr.setup()
     if msg:
         msg = scaled_input_reason(cap, st, router_modules | router_params) + msg

@@ -4,8 +4,8 @@ Matching by structure proposes; the probe confirms. `probe(module, lifted)` retu
 they agree, else a message naming the mismatch. What it checks:
 - token counts T = 1, 5 and 48, plus 48 tokens pushed towards expert 0 (so that a capacity
   limit, when there is one that can bind, does bind; a capacity configuration whose limit never
-  binds on any probe input is not confirmed; one that cannot bind at these sizes, a fixed capacity of
-  64, is probed on two sequences long enough that it does), inputs shaped like the module expects
+  binds on any probe input is not confirmed; a capacity, or a module that names one, is also probed on
+  long inputs, `Prober.capacity_checks`), inputs shaped like the module expects
   (``[B, S, d]``, else ``[T, d]``), in the module's dtype/device;
 - both training and eval mode; each eager run is one `moec.frontend.probe_harness.run` (a copy of
   the input, flags and buffers restored, a seeded fork of the RNG, so a noisy router's
@@ -32,6 +32,7 @@ _NAMES = {"logits": "router logits", "weights": "routing weights", "aux": "aux l
           "ids": "expert ids", "counts": "expert counts"}
 TOKENS = (1, 5, 48, 48)
 MAX_PROBE_TOKENS = 8192     # the longest input a capacity that binds only on long inputs is probed with
+LONG = 81                   # tokens per sequence of the long inputs a capacity is probed on
 SKEWED = 3          # input 3: tokens pushed towards expert 0
 _SHAPES_3D = ((1, 1), (1, 5), (2, 24), (2, 24))
 
@@ -72,6 +73,7 @@ class Prober:
         self.out_leads: tuple = ()          # per item: whether it keeps the input's leading dims
         self.skew: Optional[torch.Tensor] = None
         self.extra: dict = {}               # further inputs: index -> (B, S)
+        self.capacity_named = False         # the module names a capacity: a capacity-free lift is checked long
         self._cache: dict = {}
         self.effects: dict = {}          # (input, training, rank3) -> what the forward did besides returning
         self._x: dict = {}
@@ -91,9 +93,11 @@ class Prober:
 
     def add_input(self, B: int, S: int) -> int:
         """A further input of B sequences of S tokens leaning on router row 0 (as `SKEWED`); its index."""
-        i = len(_SHAPES_3D) + len(self.extra)
-        self.extra[i] = (B, S)
-        return i
+        got = next((i for i, shape in self.extra.items() if shape == (B, S)), None)
+        if got is None:
+            got = len(_SHAPES_3D) + len(self.extra)
+            self.extra[got] = (B, S)
+        return got
 
     def group(self, i: int) -> Optional[int]:
         """Tokens per sequence of input i (None for a ``[T, d]`` input: one sequence)."""
@@ -247,30 +251,26 @@ class Prober:
                 self.set_skew(w.w_router)
             runs = (self.compare(i, t, lifted.spec, w, lifted.outputs, lifted.noise_dtype)
                     for t in modes for i in range(len(TOKENS)))
-            return first(runs) or self.capacity_binds(lifted, w, modes)
+            return first(runs) or self.capacity_checks(lifted, w, modes)
 
-    def capacity_binds(self, lifted, w: MoEWeights, modes) -> Optional[str]:
-        """A capacity that could bind must have bound on some probe input, else it is unconfirmed. One that
-        cannot bind at the probe's sizes (a fixed ``expert_capacity`` of 64, a large minimum) is probed on a
-        longer input where it does, so its rules (per sequence or batch, dropped or passed) are confirmed."""
+    def capacity_checks(self, lifted, w: MoEWeights, modes) -> Optional[str]:
+        """A layer with an expert capacity, or whose module names one (``capacity_named``), is also probed on
+        two long inputs leaning on one expert, ``[2, S]`` and ``[S, 2]`` with S past where the capacity binds
+        (a fixed capacity of 64) and at least `LONG` tokens (past a group of 64 tokens, where a floor and a
+        ceiling differ, whichever dim is the sequence), so its rules are confirmed where it binds; and a
+        capacity must bind on some input, else it is unconfirmed."""
         cfg = lifted.spec.router
-        group = cfg.group_tokens(TOKENS[SKEWED], self.group(SKEWED))
-        inputs = range(len(TOKENS))
-        if not cfg.has_capacity:
+        if not cfg.has_capacity and not self.capacity_named:
             return None
-        if cfg.capacity(group) >= group:
-            S = _binding_length(cfg)
-            if S is None:                   # a capacity no group of tokens can exceed: no capacity at all
-                return None
-            if 2 * S > MAX_PROBE_TOKENS:
-                return (f"the expert capacity ({cfg.capacity(S)} pairs) binds only past {S} tokens per sequence, "
-                        f"more than the probe runs ({MAX_PROBE_TOKENS // 2})")
-            inputs = [self.add_input(2, S)]
-            runs = (self.compare(i, t, lifted.spec, w, lifted.outputs, lifted.noise_dtype) for t in modes for i in inputs)
-            msg = first(runs)
-            if msg:
-                return msg
-        for i in inputs:
+        S = max(_binding_length(cfg) or 0, LONG) if cfg.has_capacity else LONG
+        if 2 * S > MAX_PROBE_TOKENS:
+            return (f"the expert capacity ({cfg.capacity(S)} pairs) binds only past {S} tokens per sequence, "
+                    f"more than the probe runs ({MAX_PROBE_TOKENS // 2})")
+        longer = [self.add_input(2, S), self.add_input(S, 2)]
+        msg = first(self.compare(i, t, lifted.spec, w, lifted.outputs, lifted.noise_dtype) for t in modes for i in longer)
+        if msg or not cfg.has_capacity:
+            return msg
+        for i in [*range(len(TOKENS)), *longer]:
             x = self.x(i).reshape(-1, self.d)
             logits = reference.router_logits(x, w.w_router, w.b_router)
             if not torch.equal(reference.route(logits, cfg, w.score_bias, self.group(i))[0],

@@ -178,17 +178,25 @@ def experts_without_router(module: nn.Module) -> Optional[str]:
 def _product_key_experts(module: nn.Module) -> Optional[str]:
     """Why a layer of product-key retrieval experts (rank-one experts kept as rows of embedding tables, picked
     through two sets of sqrt(E) keys: PEER, Doge's CDMoE) is not read, in words; None for other modules."""
+    if any(len(list(c.children())) for c in module.children()):
+        return None                     # a model or a block holding layers, not one layer
     tables = [(n, m) for n, m in module.named_children() if isinstance(m, nn.Embedding)]
     sizes = {m.num_embeddings for _, m in tables}
     for E in sizes:
         keys = math.isqrt(E)
         rows = [n for n, m in tables if m.num_embeddings == E]
-        gate = next((n for n, m in module.named_children() if isinstance(m, nn.Linear) and m.out_features == 2 * keys), None)
-        if len(rows) >= 2 and keys >= 2 and gate is not None:
+        gate = next((n for n, m in module.named_children() if isinstance(m, nn.Linear) and m.out_features == 2 * keys
+                     and all(t.embedding_dim == m.in_features for n2, t in tables if n2 in rows)), None)
+        if len(rows) >= 2 and keys >= 2 and keys * keys == E and gate is not None:
             return (f"it holds {E} rank-one experts as rows of the embedding tables {', '.join(rows)}, picked by "
                     f"product keys ({gate} scores two sets of {keys} keys): product-key retrieval experts are not "
                     f"supported")
     return None
+
+
+def product_key_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a layer of product-key retrieval experts (`_product_key_experts`)."""
+    return _product_key_experts(module) is not None
 
 
 def _single_linear(module: nn.Module, path: str) -> bool:

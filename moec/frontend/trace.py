@@ -460,13 +460,20 @@ def _describe(v) -> Optional[tuple]:
 
 def signature(module: nn.Module, bound: Bound, host: Iterable[str] = ()) -> Optional[tuple]:
     """A hashable key for one specialised trace, or None when an argument cannot be keyed. The module's
-    plain public attributes (``self.top_k = 4``) are part of it: the trace reads them as constants; so
+    plain public attributes (``self.top_k = 4``) and its config's are part of it: the trace reads them as
+    constants; so
     are the values of the ``host`` arguments (a copy to the host: what the forward's ``.item()`` reads)."""
     host = set(host)
     parts = tuple(_describe(v) + (tuple(v.flatten().tolist()),) if n in host and isinstance(v, torch.Tensor)
                   else _describe(v) for n, v in zip(bound.names, bound.values))
     if None in parts:
         return None
-    attrs = tuple(sorted((k, v) for k, v in vars(module).items()
-                         if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))))
-    return (module.training, attrs, bound.names, parts)
+    return (module.training, _plain(module), _plain(getattr(module, "config", None)), bound.names, parts)
+
+
+def _plain(obj) -> tuple:
+    """An object's plain public attributes (a module's ``top_k``, its config's ``moba_topk``)."""
+    if obj is None or not hasattr(obj, "__dict__"):
+        return ()
+    return tuple(sorted((k, v) for k, v in vars(obj).items()
+                        if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))))
