@@ -243,7 +243,8 @@ def routers(draw, *, capacity=None, noisy=False, big=True):
             cap["expert_capacity"] = draw(st.integers(1, 6))
         else:
             cap["capacity_factor"] = draw(st.sampled_from([0.25, 0.5, 1.0, 1.25, 2.0]))
-            cap["min_capacity"] = draw(st.sampled_from([1, 1, 4]))
+            cap["capacity_round"] = draw(st.sampled_from(["ceil", "floor"]))
+            cap["min_capacity"] = draw(st.sampled_from([1, 1, 4] if cap["capacity_round"] == "ceil" else [0, 1, 4]))
     renormalize = order == "score_then_topk" and draw(st.booleans())
     if cap and renormalize and cap["dropped"] == "zero" and draw(st.booleans()):
         cap["renormalize_kept"] = True                # fairseq / DeepSpeed: normalised over the kept pairs

@@ -347,6 +347,7 @@ def test_device_capacity_equals_the_reference(overflow, capture, monkeypatch):
                RouterConfig(8, 2, score="sigmoid", score_bias=True, n_group=4, topk_group=2,
                             group_score="top2_sum", renormalize=True, routed_scaling=2.5)]
     sizes = [dict(capacity_factor=0.25), dict(capacity_factor=1.0), dict(capacity_factor=0.25, min_capacity=3),
+             dict(capacity_factor=0.4, capacity_round="floor", min_capacity=0),
              dict(expert_capacity=2, capacity_per="sequence"), dict(capacity_factor=1.0, capacity_per="sequence")]
     if overflow == "drop":
         sizes += [dict(expert_capacity=1, capacity_per="sequence", dropped="pass"), dict(capacity_factor=0.5,
