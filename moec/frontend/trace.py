@@ -24,12 +24,15 @@ baked into a graph. With one exception, for code whose loops run over index valu
 tensors) whose values it knows. Values computed from them, from constants and from deterministic
 factories (``arange``, ``zeros``...) only, are carried as small CPU tensors (``node.meta["host"]``);
 ``.item()``, ``.tolist()``, ``int()`` and ``bool()`` of such a value return the Python value, baked into
-the graph, and `signature` then keys the graph by those arguments' values too. Both trace the user's own forward (the original class's, for a module moec has
-compiled) on a shallow copy of the module, because fx may attach tensor constants to the root: the
-user's module is never mutated, and training flags set for a trace are restored.
+the graph, and `signature` then keys the graph by those arguments' values too.
+
+Both trace the user's own forward (the original class's, for a module moec has compiled) on a shallow
+copy of the module, because fx may attach tensor constants to the root: the user's module is never
+mutated, and training flags set for a trace are restored.
 
 One specialised trace serves one call signature (`signature`): the shapes, dtypes and devices of
-the tensor arguments, the values of the others, the training flag and the module's plain attributes.
+the tensor arguments (and the values of the host ones), the values of the others, the training flag and
+the plain attributes of the module and of its ``config``.
 """
 from __future__ import annotations
 
@@ -53,7 +56,9 @@ from .fx_ops import op_name, resolve_attr
 _FACTORIES = ("arange", "zeros", "ones", "full", "empty", "eye", "rand", "randn", "randint", "linspace",
               "tril_indices", "triu_indices")
 _SIMPLE = (type(None), bool, int, float, str, torch.dtype, torch.device)
-_RANDOM = ("rand", "randn", "randint", "empty")     # factories whose values are not a function of their arguments
+# ops whose values are not a function of their arguments (never computed on the host)
+_RANDOM = ("rand", "normal", "bernoulli", "multinomial", "dropout", "uniform", "exponential", "geometric", "cauchy",
+           "empty", "poisson")
 HOST_LIMIT = 4096          # most elements of a value carried on the host while tracing
 
 
@@ -226,7 +231,8 @@ class Tracer(fx.Tracer):
         fx.node.map_aggregate((args, kwargs), lambda a: leaves.append(a) if isinstance(a, fx.Proxy) else None)
         name = getattr(target, "__name__", target)
         factory = node.op == "call_function" and name in _FACTORIES and not leaves
-        if not leaves and not factory or name in _RANDOM or any(p.node.meta.get("host") is None for p in leaves):
+        random = isinstance(name, str) and any(r in name for r in _RANDOM)
+        if not leaves and not factory or random or any(p.node.meta.get("host") is None for p in leaves):
             return
         if not all(_small(v) for v in tree_leaves(node.meta.get("val"))):
             return
