@@ -413,7 +413,7 @@ def _spec_line(spec) -> str:
     if r.noisy:
         bits.append("noisy gating")
     if r.aux_loss:
-        bits.append("aux loss")
+        bits.append("aux loss" + (" over the first choices" if r.aux_counts == "first" else ""))
     if r.router_bias:
         bits.append("router bias")
     act = ("SwiGLU" if spec.activation == "silu" else f"{spec.activation} GLU") if spec.glu else spec.activation

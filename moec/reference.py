@@ -173,8 +173,9 @@ def route_backward(logits: torch.Tensor, cfg: RouterConfig, ids: torch.Tensor, d
             d_total = torch.where(clamped, 0.0, d_total)          # a clamped total is a constant
         d_scores.scatter_add_(1, over, (d_total * among).contiguous())
     if d_aux is not None and cfg.aux_loss and T:
+        counted = chosen[:, :1] if cfg.aux_counts == "first" else chosen
         counts = torch.zeros(E, device=logits.device).index_add_(
-            0, chosen.reshape(-1), torch.ones(chosen.numel(), device=logits.device))
+            0, counted.reshape(-1), torch.ones(counted.numel(), device=logits.device))
         d_probs = (d_aux.float() * E / (T * T) * counts).expand(T, E)
         if cfg.score == "softmax":
             d_scores = d_scores + d_probs
@@ -186,13 +187,20 @@ def route_backward(logits: torch.Tensor, cfg: RouterConfig, ids: torch.Tensor, d
     return d_scores * scores * (1.0 - scores)
 
 
+def first_choice_counts(ids: torch.Tensor, E: int) -> torch.Tensor:
+    """``[E]`` int64: tokens whose first choice (``ids[:, 0]``) is each expert (a scatter: no host sync)."""
+    first = ids[:, 0].long()
+    return torch.zeros(E, dtype=torch.int64, device=ids.device).scatter_add_(0, first, torch.ones_like(first))
+
+
 def load_balancing_loss(scores: torch.Tensor, ids: torch.Tensor, cfg: RouterConfig) -> torch.Tensor:
     """``E * sum_e (n_e / T) * P_e`` (see `RouterConfig`); 0 for an empty batch."""
     T, E = scores.shape
     if T == 0:
         return scores.new_zeros(())
     probs = scores if cfg.score == "softmax" else scores / scores.sum(-1, keepdim=True)
-    counts = torch.bincount(ids.reshape(-1), minlength=E).float()
+    counted = ids[:, :1] if cfg.aux_counts == "first" else ids
+    counts = torch.bincount(counted.reshape(-1), minlength=E).float()
     return E * torch.sum(counts / T * probs.mean(0))
 
 

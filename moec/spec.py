@@ -94,8 +94,9 @@ class RouterConfig:
       ``noise * softplus(x @ w_noise.T)`` with ``noise ~ N(0, 1)`` drawn as ``torch.randn``
       of shape ``[T, E]``; in eval mode no noise is added.
     - ``aux_loss``: also return the load-balancing loss ``E * sum_e (n_e / T) * P_e``, where
-      ``n_e`` counts the (token, slot) pairs routed to e before capacity and ``P_e`` is the mean
-      over tokens of the normalised scores (softmax of logits, or sigmoid scores / their sum).
+      ``n_e`` counts the (token, slot) pairs routed to e before capacity (``aux_counts="pairs"``) or the
+      tokens whose first choice is e (``"first"``: fairseq's and DeepSpeed's top-2 ``l_aux``) and ``P_e``
+      is the mean over tokens of the normalised scores (softmax of logits, or sigmoid scores / their sum).
     Ties between equal scores go to the lower expert index.
     """
 
@@ -120,6 +121,7 @@ class RouterConfig:
     dropped: str = "zero"
     renormalize_kept: bool = False
     capacity_round: str = "ceil"
+    aux_counts: str = "pairs"
 
     def __post_init__(self) -> None:
         E, k = self.num_experts, self.top_k
@@ -155,7 +157,7 @@ class RouterConfig:
         if isinstance(self.min_capacity, bool) or not isinstance(self.min_capacity, int) or self.min_capacity < 0:
             raise MoESpecError(f"min_capacity must be an int >= 0, got {self.min_capacity!r}")
         for name, allowed in (("capacity_per", CAPACITY_GROUPS), ("dropped", DROPPED_PAIRS),
-                              ("capacity_round", ("ceil", "floor"))):
+                              ("capacity_round", ("ceil", "floor")), ("aux_counts", ("pairs", "first"))):
             if getattr(self, name) not in allowed:
                 raise MoESpecError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not self.has_capacity and ((self.capacity_per, self.dropped, self.min_capacity, self.capacity_round)
@@ -166,6 +168,8 @@ class RouterConfig:
                                           and self.order == "score_then_topk"):
             raise MoESpecError("renormalize_kept normalises the weights over the pairs capacity kept: it needs a "
                                "capacity, renormalize=True, order='score_then_topk' and dropped='zero'")
+        if self.aux_counts != "pairs" and not self.aux_loss:
+            raise MoESpecError("aux_counts says what the load-balancing loss counts: it needs aux_loss=True")
         if self.dropped == "pass" and self.overflow != "drop":
             raise MoESpecError("dropped='pass' passes a pair through where it overflows: it needs overflow='drop'")
 

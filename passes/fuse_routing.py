@@ -63,7 +63,8 @@ def _fuse_one(g: Graph, i: int, route: Node) -> Graph:
     if cfg.aux_loss:
         new.append(Node("aux_loss", (("counts", names["counts"]), ("prob_sum", names["prob_sum"]),
                                      ("ids", names["ids"])),
-                        (("out", outs["aux"]),), (g.types[outs["aux"]],), (("num_experts", cfg.num_experts),)))
+                        (("out", outs["aux"]),), (g.types[outs["aux"]],), (("num_experts", cfg.num_experts),
+                                                                           ("first_choice", cfg.aux_counts == "first"))))
     if capacity:
         new.append(Node("apply_capacity", (("ids", names["ids"]), ("weights", names["weights"]),
                                            ("logits", logits), *(("score_bias", v) for v in [route.ins.get("score_bias")] if v)),

@@ -16,6 +16,7 @@ from moec.ir.graph import Graph, Node
 from moec.ir.ops import glu_variant, router_config
 from moec.ir.tiles import at_bucket
 from moec.ir.types import DTYPES
+from moec.reference import first_choice_counts
 from moec.runtime.capacity import apply_capacity
 from moec.runtime.dispatch import dispatch
 from moec.runtime.grouped_gemm_kernel import (GroupedGemmLaunch, GroupedGemmParams, bound_weights, grouped_gemm,
@@ -188,7 +189,8 @@ def _aux_step(n: Node, g: Graph) -> Step:
 
     def run(v, outs, ctx):
         T = max(ctx["T"], 1)   # T = 0: counts are all zero, so the loss is 0
-        return {"out": E * torch.sum(v["counts"].float() / T * v["prob_sum"] / T)}
+        counts = first_choice_counts(v["ids"], E) if n.attr["first_choice"] else v["counts"]
+        return {"out": E * torch.sum(counts.float() / T * v["prob_sum"] / T)}
     return Step(n, run)
 
 

@@ -157,6 +157,7 @@ SPECS = {
     # fairseq / DeepSpeed top-2: the weights normalised over the pairs capacity kept
     "capacity_kept": (MoESpec(32, 16, RouterConfig(4, 2, capacity_factor=0.5, renormalize=True, renormalize_kept=True,
                                                    routed_scaling=1.5)), ("y", "weights")),
+    "aux_first_choices": (MoESpec(32, 16, RouterConfig(6, 2, aux_loss=True, aux_counts="first")), ("y", "aux")),
     # LongCat-Flash: a softmax router over 6 MLP and 3 identity experts, selection bias, scaled weights
     "identity_experts": (MoESpec(32, 16, RouterConfig(9, 3, score_bias=True, routed_scaling=1.5),
                                  identity_experts=3, shared=SharedExpertConfig(16)), ("y", "logits", "weights")),

@@ -246,6 +246,7 @@ def routers(draw, *, capacity=None, noisy=False, big=True):
             cap["capacity_round"] = draw(st.sampled_from(["ceil", "floor"]))
             cap["min_capacity"] = draw(st.sampled_from([1, 1, 4] if cap["capacity_round"] == "ceil" else [0, 1, 4]))
     renormalize = order == "score_then_topk" and draw(st.booleans())
+    aux = draw(st.booleans())
     if cap and renormalize and cap["dropped"] == "zero" and draw(st.booleans()):
         cap["renormalize_kept"] = True                # fairseq / DeepSpeed: normalised over the kept pairs
     return RouterConfig(
@@ -254,7 +255,7 @@ def routers(draw, *, capacity=None, noisy=False, big=True):
         routed_scaling=draw(st.sampled_from([1.0, 2.5, 0.5])),
         score_bias=score_bias, router_bias=draw(st.booleans()),
         n_group=n_group, topk_group=topk_group, group_score=group_score,
-        noisy=noisy, aux_loss=draw(st.booleans()), **cap,
+        noisy=noisy, aux_loss=aux, aux_counts=draw(st.sampled_from(["pairs", "first"])) if aux else "pairs", **cap,
     )
 
 
@@ -357,7 +358,7 @@ NAMED = {
     "switch_per_sequence_pass": MoESpec(32, 64, RouterConfig(4, 1, expert_capacity=2, capacity_per="sequence",
                                                              dropped="pass"), glu=False, activation="relu"),
     "fairseq_top2_kept": MoESpec(24, 16, RouterConfig(8, 2, capacity_factor=0.5, renormalize=True,
-                                                      renormalize_kept=True, aux_loss=True)),
+                                                      renormalize_kept=True, aux_loss=True, aux_counts="first")),
     "gshard_min_capacity": MoESpec(32, 24, RouterConfig(4, 2, capacity_factor=0.5, min_capacity=3, renormalize=True,
                                                         dropped="pass"), glu=False, activation="relu"),
     "noisy_topk": MoESpec(16, 24, RouterConfig(8, 2, order="topk_then_score", noisy=True, aux_loss=True)),

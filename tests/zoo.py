@@ -1154,6 +1154,7 @@ def fairseq_top2_gating(logits, capacity_factor: float):
     capacity = math.ceil(2 * S / E * capacity_factor)
     mask1 = F.one_hot(torch.argmax(gates, dim=1), E)
     mask2 = F.one_hot(torch.argmax(logits.masked_fill(mask1.bool(), float("-inf")), dim=1), E)
+    l_aux = torch.mean(torch.mean(gates, dim=0) * torch.mean(mask1.float(), dim=0)) * E * E   # first choices
     locations1 = torch.cumsum(mask1, dim=0) - 1
     locations2 = torch.cumsum(mask2, dim=0) - 1 + torch.sum(mask1, dim=0, keepdim=True)
     mask1 = mask1 * torch.lt(locations1, capacity)
@@ -1161,12 +1162,13 @@ def fairseq_top2_gating(logits, capacity_factor: float):
     gates1_s = torch.einsum("se,se->s", gates, mask1.to(gates.dtype))
     gates2_s = torch.einsum("se,se->s", gates, mask2.to(gates.dtype))
     denom_s = torch.clamp(gates1_s + gates2_s, min=torch.finfo(gates.dtype).eps)
-    return mask1, mask2, gates1_s / denom_s, gates2_s / denom_s
+    return mask1, mask2, gates1_s / denom_s, gates2_s / denom_s, l_aux
 
 
 class FairseqTop2MoE(nn.Module):
-    """Top-2 gating as fairseq and DeepSpeed write it (weights normalised after the capacity drops), experts in
-    an ``nn.ModuleList`` applied to the tokens each mask keeps."""
+    """Top-2 gating as fairseq and DeepSpeed write it (weights normalised after the capacity drops, the balancing
+    loss over the first choices), experts in an ``nn.ModuleList`` applied to the tokens each mask keeps; returns
+    ``(y, l_aux)``."""
 
     def __init__(self, d: int = 16, f: int = 32, E: int = 4, capacity_factor: float = 0.5):
         super().__init__()
@@ -1177,14 +1179,14 @@ class FairseqTop2MoE(nn.Module):
     def forward(self, hidden_states):
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
         logits = self.wg(x)
-        mask1, mask2, g1, g2 = fairseq_top2_gating(logits, self.capacity_factor)
+        mask1, mask2, g1, g2, l_aux = fairseq_top2_gating(logits, self.capacity_factor)
         y = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
             rows = (mask1[:, e] + mask2[:, e]).bool()
             if rows.any():
                 gate = g1 * mask1[:, e] + g2 * mask2[:, e]
                 y[rows] = y[rows] + expert(x[rows]) * gate[rows, None].to(x.dtype)
-        return y.reshape(hidden_states.shape)
+        return y.reshape(hidden_states.shape), l_aux
 
 
 class ProductKeyMoE(nn.Module):

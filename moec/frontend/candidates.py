@@ -99,12 +99,14 @@ def router_configs(st: Structure, hints: RouterHints, aux: bool, router_bias: bo
             forms = [("score_then_topk", renorm_first), ("score_then_topk", not renorm_first)]
         if has_bias:                     # a selection bias on the logits rather than the scores (Kolibri)
             forms += [("logits_then_score", renorm_first), ("logits_then_score", not renorm_first)]
-        for (order, renorm), scale, (g, tg, gs), bias, cap, nz in itertools.product(
-                forms, scaling, groups, biases, caps, noisy):
+        counts = ("pairs", "first") if aux and k > 1 else ("pairs",)     # fairseq's l_aux: first choices
+        for (order, renorm), scale, (g, tg, gs), bias, cap, nz, ac in itertools.product(
+                forms, scaling, groups, biases, caps, noisy, counts):
             try:
                 yield RouterConfig(num_experts=E, top_k=k, score=score, order=order, renormalize=renorm,
                                    routed_scaling=float(scale), score_bias=bias, router_bias=router_bias,
-                                   n_group=g, topk_group=tg, group_score=gs, noisy=nz, aux_loss=aux, **cap)
+                                   n_group=g, topk_group=tg, group_score=gs, noisy=nz, aux_loss=aux, aux_counts=ac,
+                                   **cap)
             except MoESpecError:
                 continue
 

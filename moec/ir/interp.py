@@ -91,7 +91,8 @@ def _aux(n, v, ctx):
     E = n.attr["num_experts"]
     if T == 0:
         return {"out": v["prob_sum"].new_zeros(())}
-    return {"out": E * torch.sum(v["counts"].float() / T * v["prob_sum"] / T)}
+    counts = ref.first_choice_counts(v["ids"], E) if n.attr["first_choice"] else v["counts"]
+    return {"out": E * torch.sum(counts.float() / T * v["prob_sum"] / T)}
 
 
 @impl("apply_capacity")

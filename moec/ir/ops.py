@@ -103,9 +103,10 @@ op("fused_route", "One kernel: gate GEMM x @ w.T (+ b) (+ noise), score, group-l
    attrs={**{n: REQUIRED for n in ("num_experts", "top_k")}, **_ROUTER_DEFAULTS, **KERNEL_ATTRS,
           "schedule_block_m": None})
 
-op("aux_loss", "The load-balancing loss E * sum_e (counts_e / T) * (prob_sum_e / T); 0 when T = 0.",
+op("aux_loss", "The load-balancing loss E * sum_e (counts_e / T) * (prob_sum_e / T); 0 when T = 0. With "
+   "first_choice, counts_e are the tokens whose first choice (ids[:, 0]) is e, not the given pair counts.",
    ["counts", "prob_sum", "ids"], ["out"], lambda o, a: {"out": TensorType("f32", ())},
-   attrs={"num_experts": REQUIRED})
+   attrs={"num_experts": REQUIRED, "first_choice": False})
 
 op("apply_capacity", "Per-expert capacity on routed pairs (RouterConfig semantics: per capacity group (the "
    "call, or each sequence of the call's group_size tokens), slot-major priority, overflow dropped (id -1, "
