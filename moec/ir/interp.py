@@ -57,7 +57,7 @@ def _fused_route(n, v, ctx):
     x = v["x"]
     noise = _noise(ctx, x.shape[0], cfg.num_experts, x.device) if noisy else None
     logits = ref.router_logits(x, v["w"], v.get("b"), v.get("w_noise"), noise)
-    ids, w, _ = ref.route(logits, cfg.replace(aux_loss=False), v.get("score_bias"))
+    ids, w, _ = ref.route(logits, cfg.replace(aux_loss=False, aux_counts="pairs"), v.get("score_bias"))
     scores = ref.scores_of(logits, cfg)
     clean = ref.router_logits(x, v["w"], v.get("b")) if noisy else logits
     probs = scores if cfg.score == "softmax" else scores / scores.sum(-1, keepdim=True)
