@@ -23,7 +23,7 @@ from .autotune import tune_model
 from .explain import entries, report
 from .log import logger
 from .frontend import LiftedMoE, NotLifted, find_moe_modules, lift, unread_moe_modules
-from .frontend.moba_lift import find_moba_modules
+from .frontend.moba_candidates import find_moba_modules
 from .frontend.structure import product_key_layer
 from .hf import attention_functions
 from .moba_region import MobaRegion

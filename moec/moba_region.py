@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from moec.frontend.moba_lift import (LiftedMoba, analyse, eager_modules, from_bhnd, rewrite, specialise,
-                                     synthesize_args, to_bhnd)
+from moec.frontend.moba_candidates import synthesize_args
+from moec.frontend.moba_lift import LiftedMoba, analyse, eager_modules, from_bhnd, rewrite, specialise, to_bhnd
 from moec.frontend.fx_ops import val
 from moec.frontend.moba_match import heads
 from moec.frontend.trace import TraceFailed, bind, signature

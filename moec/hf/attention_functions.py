@@ -30,7 +30,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..frontend.moba_lift import sources_use_moba
+from ..frontend.moba_candidates import sources_use_moba
 from ..moba_region import MobaRegion
 
 _CALLS: "weakref.WeakKeyDictionary[nn.Module, AttentionCall]" = weakref.WeakKeyDictionary()
