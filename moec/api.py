@@ -28,7 +28,7 @@ from .frontend.structure import product_key_layer
 from .hf import attention_functions
 from .moba_region import MobaRegion
 from .moe_region import MoERegion
-from .region import activations_policy, check_mode
+from .region import activations_policy, being_traced, check_mode
 
 _SUBCLASSES: dict[type, type] = {}
 _log = logger("lift")
@@ -36,13 +36,6 @@ _log = logger("lift")
 
 # torch's lazy form of torch.compiler.disable: dynamo is imported only when something compiles
 _opaque = getattr(torch, "_disable_dynamo", None) or torch.compiler.disable
-
-
-def _traced() -> bool:
-    """Whether the call is being traced into a graph (kernels that read data pointers cannot be)."""
-    fx = torch.fx._symbolic_trace
-    symbolic = fx.is_fx_symbolic_tracing() if hasattr(fx, "is_fx_symbolic_tracing") else fx._is_fx_tracing_flag
-    return torch.compiler.is_compiling() or torch.jit.is_tracing() or symbolic
 
 
 def _compiled_forward(self, *args, **kwargs):
@@ -75,7 +68,7 @@ def _run(self, *args, **kwargs):
     eager = functools.partial(base.forward, self)
     if region is None:
         return eager(*args, **kwargs)
-    if _traced() and not traced.planning:
+    if being_traced() and not traced.planning:
         return region.eager("traced (torch.export, torch.fx or torch.jit trace the eager forward)", eager,
                             *args, **kwargs)
     if getattr(region, "takes_any_call", False):    # a MoBA region binds the call to forward itself

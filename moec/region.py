@@ -54,6 +54,14 @@ def is_disabled() -> bool:
     return getattr(_state, "disabled", False)
 
 
+def being_traced() -> bool:
+    """Whether the call is being traced into a graph (torch.compile, torch.jit, fx): kernels that read data
+    pointers cannot be."""
+    fx = torch.fx._symbolic_trace
+    symbolic = fx.is_fx_symbolic_tracing() if hasattr(fx, "is_fx_symbolic_tracing") else fx._is_fx_tracing_flag
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or symbolic
+
+
 def activations_policy(value: Optional[str] = None) -> str:
     """``value`` (`moec.compile`'s ``activations``), else ``MOEC_ACTIVATIONS``, else ``"auto"``; checked."""
     got = value or env.text("MOEC_ACTIVATIONS") or "auto"

@@ -4,9 +4,10 @@ so a call with capacity can be captured in a CUDA graph.
 
 Pairs are ranked in priority order ``p = slot * T + token`` (slot-major, then token: the
 reference's order in every round). With a per-sequence capacity each sequence's experts fill apart: a
-pair competes for the virtual expert ``sequence * E + expert`` (``T / S * E`` of them, from host ints). A round ranks each pending pair among the pending pairs that
-want the same expert (a stable sort by expert, ranks from `searchsorted`) and keeps it if the
-expert's load plus its rank is below the capacity ``C`` (a host int from T).
+pair competes for the virtual expert ``sequence * E + expert`` (``T / S * E`` of them, from host ints).
+A round ranks each pending pair among the pending pairs that want the same expert (a stable sort by
+expert, ranks from `searchsorted`) and keeps it if the expert's load plus its rank is below the
+capacity ``C`` (a host int from T).
 
 - ``overflow="drop"``: one round; pairs past ``C`` get id -1 and weight 0 (GShard's
   position-in-expert cumsum).

@@ -27,11 +27,11 @@ import types
 import weakref
 from typing import Callable, Optional
 
-import torch
 from torch import nn
 
 from ..frontend.moba_candidates import sources_use_moba
 from ..moba_region import MobaRegion
+from ..region import being_traced
 
 _CALLS: "weakref.WeakKeyDictionary[nn.Module, AttentionCall]" = weakref.WeakKeyDictionary()
 _CLASSES: dict = {}
@@ -94,23 +94,18 @@ def call_class(names: tuple) -> type:
     return _CLASSES[names]
 
 
-def _tracing() -> bool:
-    fx = torch.fx._symbolic_trace
-    symbolic = fx.is_fx_symbolic_tracing() if hasattr(fx, "is_fx_symbolic_tracing") else fx._is_fx_tracing_flag
-    return torch.compiler.is_compiling() or torch.jit.is_tracing() or symbolic
-
-
 class Dispatch:
     """Stands in the registry for ``fn``: a compiled model's attention modules run their region, every
     other caller runs ``fn``."""
 
     def __init__(self, name: str, fn: Callable):
         self.name, self.fn = name, fn
-        functools.update_wrapper(self, fn) if isinstance(fn, types.FunctionType) else None
+        if isinstance(fn, types.FunctionType):
+            functools.update_wrapper(self, fn)
 
     def __call__(self, module, query, key, value, attention_mask, *args, **kwargs):
         call = _CALLS.get(module) if isinstance(module, nn.Module) else None
-        if call is None or call.fn is not self.fn or call.implementation != self.name or _tracing():
+        if call is None or call.fn is not self.fn or call.implementation != self.name or being_traced():
             return self.fn(module, query, key, value, attention_mask, *args, **kwargs)
         eager = functools.partial(self.fn, module)
         names = tuple(kwargs)
