@@ -5,8 +5,10 @@
 
 `moec.compile` lifts each MixtralSparseMoeBlock (router, experts, combine) into moec's kernels;
 the model is otherwise untouched, so `generate()` works as usual. The script checks logits and
-greedy generation against eager transformers, dumps the generated kernels, and finally runs the
-other integration, `experts_implementation="moec"` (transformers' router, moec's experts).
+greedy generation against eager transformers, dumps the generated kernels, runs the other integration,
+`experts_implementation="moec"` (transformers' router, moec's experts), and finally compiles a PhiMoE model,
+whose sparsemixer routing moec does not compute: its blocks stay eager, explain() says why, and their experts
+modules run on moec's kernels all the same.
 """
 import argparse
 import copy
@@ -64,3 +66,18 @@ with torch.no_grad():
 print("experts_implementation='moec': max |moec - eager| logits:", (y - ref).abs().max().item(),
       "| experts calls:", dict(moec.hf.calls(fused)))
 assert torch.allclose(y, ref, atol=1e-4, rtol=1e-4)
+
+# a block whose routing moec does not compute (PhiMoE's sparsemixer): the routing as written, the experts on kernels
+from transformers import PhimoeConfig  # noqa: E402
+
+phi = PhimoeConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=128)
+torch.manual_seed(0)
+phi_eager = AutoModelForCausalLM.from_config(phi).eval()
+phi_model = moec.compile(copy.deepcopy(phi_eager))
+with torch.no_grad():
+    got, want = phi_model(prompt).logits, phi_eager(prompt).logits
+print("\n".join(line for line in phi_model.explain().splitlines() if "EAGER" in line or "EXPERTS" in line))
+print("PhiMoE: max |moec - eager| logits:", (got - want).abs().max().item())
+assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+assert "EXPERTS" in phi_model.explain()

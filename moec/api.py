@@ -25,7 +25,7 @@ from .log import logger
 from .frontend import LiftedMoE, NotLifted, find_moe_modules, lift, unread_moe_modules
 from .frontend.moba_candidates import find_moba_modules
 from .frontend.structure import product_key_layer
-from .hf import attention_functions
+from .hf import attention_functions, block_experts
 from .moba_region import MobaRegion
 from .moe_region import MoERegion
 from .region import activations_policy, being_traced, check_mode
@@ -71,7 +71,7 @@ def _run(self, *args, **kwargs):
     if being_traced() and not traced.planning:
         return region.eager("traced (torch.export, torch.fx or torch.jit trace the eager forward)", eager,
                             *args, **kwargs)
-    if getattr(region, "takes_any_call", False):    # a MoBA region binds the call to forward itself
+    if getattr(region, "takes_any_call", False):    # a MoBA or experts region binds the call itself
         return region(self, eager, *args, **kwargs)
     if not args and len(kwargs) == 1:      # forward(hidden_states=x)
         args, kwargs = tuple(kwargs.values()), {}
@@ -167,16 +167,21 @@ def compile_module(model: nn.Module, *, dump_dir=None, arch: Optional[str] = Non
     skipped += [(q, type(m).__name__, why) for q, m, why in unread]
     keyed = [(q, m) for q, m, _ in unread if product_key_layer(m)]      # MoE layers, not MoBA attention
     moba = _attach_moba(model, find_moe_modules(model) + keyed, arch, root)
+    experts = []
     if sys.modules.get("transformers") is not None:       # MoBA registered as a transformers attention function
         moba += attention_functions.attach(model, arch, root)
+        for qualname, module, region in block_experts.attach(model, skipped, arch, root):
+            module.__class__ = _compiled_class(type(module))    # an eager block's experts on the kernels
+            module.__dict__["_moec_region"] = region
+            experts.append((qualname, type(module).__name__, region))
     model.__class__ = _compiled_class(type(model))
     model.__dict__["_moec_report"] = {"regions": regions, "skipped": skipped, "root": type(model).__name__,
-                                      "moba": moba}
+                                      "moba": moba, "experts": experts}
     model.__dict__["_moec_options"] = {"dump_dir": dump_dir, "arch": arch, "activations": activations, "mode": mode}
     if root is not None:
         root.mkdir(parents=True, exist_ok=True)
         write = functools.partial(_write_explain, weakref.ref(model), root / "explain.txt")
-        for _, _, region in regions + moba:
+        for _, _, region in regions + moba + experts:
             region.on_compile = write           # the report grows a line per compiled program
         write()
     return model

@@ -20,7 +20,10 @@ def report(model) -> str:
 def entries(info: dict) -> list[str]:
     """The report's lines without its head and tail (`moec.api` joins several models' for a function)."""
     found = [(q, cls, region.report(q, cls)) for q, cls, region in info["regions"]]
-    found += [(q, cls, [f"EAGER   {q or '<root>'} ({cls}): {reason}"]) for q, cls, reason in info["skipped"]]
+    for q, cls, reason in info["skipped"]:
+        # an eager block's experts module that runs on the kernels, in its block's entry
+        served = [f"  {line}" for eq, ecls, r in info.get("experts", ()) if r.block == q for line in r.report(eq, ecls)]
+        found.append((q, cls, [f"EAGER   {q or '<root>'} ({cls}): {reason}"] + served))
     found += [(q, cls, region.report(q, cls)) for q, cls, region in info.get("moba", ())]
     found = [f for f in found if f[2]]
     if not found:
@@ -29,9 +32,12 @@ def entries(info: dict) -> list[str]:
     for names, cls, body in _grouped(found):
         where = f"{_names(names)} ({cls})"
         head = body[0].replace(f"{names[0] or '<root>'} ({cls})", where, 1)
+        rest = body[1:]
         if len(names) > 1:
             head += f"  [{len(names)} modules, one report]"
-        lines += [head] + body[1:]
+            if names[0]:            # the first module's name in the lines under it names them all
+                rest = [line.replace(names[0], _names(names)) for line in rest]
+        lines += [head] + rest
     return lines
 
 

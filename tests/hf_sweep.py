@@ -6,7 +6,9 @@ eager copy made before compiling: in eval and in training mode, with and without
 ``output_router_logits``. The outcome per family is one of
 
 - ``LIFTED``: at least one MoE block runs moec's kernels and every logit matches eager;
-- ``EAGER``: no block is lifted, the logits match, and ``explain()`` gives the reason;
+- ``EXPERTS``: no block is lifted (``explain()`` gives the reason) but their experts modules (transformers'
+  experts interface) run moec's kernels, the blocks' routing as written, and every logit matches eager;
+- ``EAGER``: nothing runs moec's kernels, the logits match, and ``explain()`` gives the reason;
 - ``WRONG``: a logit (or router logit) differs from eager;
 - ``CRASH``: the compiled model raised where eager did not;
 - ``SKIP``: the tiny model could not be built or run eagerly (not moec's concern).
@@ -141,7 +143,7 @@ def build(name: str, seed: int = 0, experts_implementation=None, **kwargs):
 @dataclass
 class Outcome:
     family: str
-    status: str                 # LIFTED | EAGER | WRONG | CRASH | SKIP
+    status: str                 # LIFTED | EXPERTS | EAGER | WRONG | CRASH | SKIP
     detail: str = ""
     blocks: int = 0             # lifted regions that ran kernels
 
@@ -195,11 +197,15 @@ def check(name: str, tol: float = 2e-4) -> Outcome:
     except Exception as e:
         tb = traceback.extract_tb(e.__traceback__)[-1]
         return Outcome(name, "CRASH", f"{type(e).__name__}: {str(e)[:160]} ({tb.filename.split('/')[-1]}:{tb.lineno})")
+    from moec.hf.block_experts import BlockExperts
     regions = [m.__dict__["_moec_region"] for m in model.modules() if "_moec_region" in m.__dict__]
-    ran = sum(1 for r in regions if any(k.startswith("kernels") for k in r.calls))
-    if ran:
-        return Outcome(name, "LIFTED", "", ran)
+    ran = [r for r in regions if any(k.startswith("kernels") for k in r.calls)]
     lines = [ln.strip() for ln in model.explain().splitlines() if ln.strip().startswith("EAGER")]
+    blocks = [r for r in ran if not isinstance(r, BlockExperts)]
+    if blocks:
+        return Outcome(name, "LIFTED", "", len(blocks))
+    if ran:             # the blocks' routing as written, their experts modules on the kernels
+        return Outcome(name, "EXPERTS", lines[0] if lines else "", len(ran))
     return Outcome(name, "EAGER", lines[0] if lines else model.explain().strip().splitlines()[-1])
 
 

@@ -68,7 +68,11 @@ def test_family_compiles_and_matches_eager(name):
     with torch.no_grad():
         _close(model(ids, attention_mask=mask).logits, eager(ids, attention_mask=mask).logits)
     regions = _regions(model)
-    assert len(regions) == (len(blocks) if how == "lifted" else 0)
+    if how == "lifted":
+        assert len(regions) == len(blocks)
+    else:               # an eager block's experts module may still run the kernels (moec.hf.block_experts)
+        from moec.hf.block_experts import BlockExperts
+        assert all(isinstance(r, BlockExperts) and r.block in blocks for r in regions), regions
     assert all(r.calls["kernels"] >= 1 for r in regions), [r.calls for r in regions]
 
 

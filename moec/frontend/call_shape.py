@@ -18,21 +18,13 @@ def attention_children(module: nn.Module) -> list:
 
 def inside_a_bigger_layer(module: nn.Module, st) -> str:
     """Why a module that holds experts and a router is a whole decoder layer (attention beside the MoE: the
-    MoE is a part of its forward, not all of it), with the way to moec's experts kernels when the experts
-    module follows transformers' experts interface; "" when it is not one."""
+    MoE is a part of its forward, not all of it); "" when it is not one. (An experts module of transformers'
+    experts interface inside it still runs on moec's kernels: `moec.hf.block_experts`.)"""
     attn = attention_children(module)
     if not attn:
         return ""
-    path = st.experts or st.stacked[0][0]
-    top = path.split(".")[0] if "." in path else ""          # stacked weights on the module itself: ""
-    experts = module.get_submodule(top)
-    hint = ""
-    if top and type(experts).__module__.startswith("transformers.") and any(
-            getattr(c.__dict__.get("forward"), "__wrapped__", None) is not None for c in type(experts).__mro__):
-        hint = (f"; its experts module {top} ({type(experts).__name__}) follows transformers' experts interface: "
-                f"experts_implementation=\"moec\" runs it on moec's kernels")
     return (f"its router and experts are children of a layer that also computes {attn[0]}: moec lifts a module "
-            f"whose forward is the MoE layer alone{hint}")
+            f"whose forward is the MoE layer alone")
 
 
 def extra_required_args(module: nn.Module) -> list:

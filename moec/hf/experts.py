@@ -265,21 +265,24 @@ def kernels_backward(region: ExpertsRegion, ts, saved, grads, needs, layout: Exp
 def moec_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor,
                          top_k_weights: Tensor) -> Tensor:
     """transformers' experts interface for ``experts_implementation="moec"`` (see the module doc)."""
-    x, ids, wts = hidden_states, top_k_index, top_k_weights
-    region = _region(self)
-    layout = read_layout(self, x.shape[-1]) if isinstance(x, Tensor) else "input is not a tensor"
+    return serve(_region(self), self, _eager_forward(self), hidden_states, top_k_index, top_k_weights)
+
+
+def serve(region: ExpertsRegion, m: nn.Module, eager, x: Tensor, ids: Tensor, wts: Tensor) -> Tensor:
+    """The experts module ``m``'s output for ``(x, ids, wts)`` from ``region``'s kernels, or from ``eager`` (the
+    forward to run otherwise; None: not found) with the reason counted."""
+    layout = read_layout(m, x.shape[-1]) if isinstance(x, Tensor) else "input is not a tensor"
     reason = "moec.disabled() is active" if is_disabled() else layout if isinstance(layout, str) else None
     if reason is None:
-        w = layout.weights(self)
+        w = layout.weights(m)
         reason = _why_eager(x, ids, wts, [t for t in w.values() if t is not None])
     reason = reason or empty_with_grad(x.shape[0])
     if reason is not None:
-        eager = _eager_forward(self)
         if eager is None:
-            raise RuntimeError(f"moec experts: {type(self).__name__} cannot run on moec's kernels ({reason}) and "
+            raise RuntimeError(f"moec experts: {type(m).__name__} cannot run on moec's kernels ({reason}) and "
                                f"its eager forward was not found")
-        return region.eager(reason, eager, hidden_states, top_k_index, top_k_weights)
-    leaves = layout.leaves(self)
+        return region.eager(reason, eager, x, ids, wts)
+    leaves = layout.leaves(m)
     if torch.is_grad_enabled() and any(t.requires_grad for t in [x, wts, *leaves]):
         def kernels(ts):
             return run_kernels(region, ts[0], ids, ts[1], layout, layout.views(ts[2:]), saving=True)
