@@ -295,7 +295,7 @@ class MoERegion(Region):
         container (`moec.frontend.outputs`); a norm of the layer's output (`LiftedMoE.post`) is applied to y
         as the forward applies it, by calling that child of ``module``."""
         got = dict(zip(self.outputs, outs))
-        got["y"] = got["y"].reshape(x.shape)
+        got["y"] = got["y"].reshape((-1, x.shape[-1]) if self.lifted.y_flat else x.shape)
         if self.lifted.post is not None:
             got["y"] = module.get_submodule(self.lifted.post)(got["y"])
         kinds = slots(self.lifted.outputs)
@@ -420,7 +420,8 @@ def _spec_line(spec) -> str:
     variant = [f"{k}={v:g}" for k, v in spec.glu_variant.items()]
     if variant:
         act += f" ({', '.join(variant)})"
-    bits.append(f"{act} experts{' with biases' if spec.expert_bias else ''} d={spec.hidden} f={spec.ffn}")
+    bits.append(f"{act} experts{' with biases' if spec.expert_bias else ''} d={spec.hidden} f={spec.ffn}"
+                + (" seeing weight * x (input-scaled)" if spec.input_scaled else ""))
     if spec.shared is not None:
         own = ""
         if spec.shared.variant is not None:

@@ -319,9 +319,12 @@ def moe(x: torch.Tensor, w: MoEWeights, spec: MoESpec, noise: Optional[torch.Ten
         if tok.numel():
             biases = tuple(b[e] if b is not None else None for b in (w.b_gate, w.b_up, w.b_down)) \
                 if spec.expert_bias else (None, None, None)
-            out = expert_mlp(xf[tok], w.w_up[e], w.w_down[e], w.w_gate[e] if spec.glu else None,
+            rows, scale = xf[tok], weights[tok, slot, None]
+            if spec.input_scaled:           # the weight scales the expert's input (Llama4), not its output
+                rows, scale = rows * scale, 1.0
+            out = expert_mlp(rows, w.w_up[e], w.w_down[e], w.w_gate[e] if spec.glu else None,
                              spec.activation, spec.glu_variant, biases)
-            y.index_add_(0, tok, out * weights[tok, slot, None])
+            y.index_add_(0, tok, out * scale)
     if spec.shared is not None:
         s = expert_mlp(xf, w.shared_up, w.shared_down, w.shared_gate if spec.glu else None, spec.activation,
                        variant=spec.shared_variant)

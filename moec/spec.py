@@ -255,6 +255,10 @@ class MoESpec:
     ``identity_experts``: the router's last ``identity_experts`` choices are identity ("zero-computation")
     experts (LongCat-Flash): a pick of one adds ``weight * x`` and runs no MLP. The MLP experts are the
     first ``ffn_experts = router.num_experts - identity_experts`` choices; expert weights have that many.
+
+    ``input_scaled`` (Llama4): the routing weight scales each expert's *input* instead of its output,
+    ``y = sum_s down_e(act(gate_e(w_s x)) * up_e(w_s x))``; the experts are bias-free (an expert a token did
+    not pick then adds exactly nothing, as in code that runs every expert on ``weight * x``).
     """
 
     hidden: int
@@ -270,8 +274,12 @@ class MoESpec:
     gate_softcap: Optional[float] = None
     up_softcap: Optional[float] = None
     identity_experts: int = 0
+    input_scaled: bool = False
 
     def __post_init__(self) -> None:
+        if self.input_scaled and (self.expert_bias or self.identity_experts or self.router.dropped == "pass"):
+            raise MoESpecError("input_scaled experts scale each expert's input by its routing weight: they are "
+                               "bias-free, with no identity experts and no passed-through pairs")
         if not 0 <= self.identity_experts < self.router.num_experts:
             raise MoESpecError(f"identity_experts must be in [0, router.num_experts={self.router.num_experts}), "
                                f"got {self.identity_experts}")

@@ -1,9 +1,9 @@
 """fold-combine: routing weights and the un-permute go into the down projection's epilogue.
 
-Expects: ``combine(y=G, order, weights, ids)`` with G a plain grouped GEMM read only by it (no
+Expects: ``combine(y=G, order, [weights,] ids)`` with G a plain grouped GEMM read only by it (no
 scale, no scatter, no other ``order``); optionally followed by ``add`` (the shared expert) and
 ``cast`` (back to the input dtype), each the only reader of what it reads.
-Guarantees: G stores row i, multiplied by its pair's routing weight, at row ``order[i]`` of a
+Guarantees: G stores row i, multiplied by its pair's routing weight (when the combine weighs), at row ``order[i]`` of a
 pair-major buffer (``scatter``, ``scale``): bf16 for a bf16 layer (the product taken on G's fp32
 accumulators and rounded once; half the bytes of fp32), fp32 otherwise (fp16's range is too small for
 rows whose sum is not); a ``reduce_topk`` sums each token's k rows in fp32 in slot order
@@ -56,7 +56,7 @@ def fold_combine(g: Graph, ctx) -> Graph:
                 or gemm.ins.get("order", n.ins["order"]) != n.ins["order"]:
             continue
         ys = fresh_name(g, "pairs_out")
-        scattered = gemm.replace(operands={"order": n.ins["order"], "scale": n.ins["weights"]},
+        scattered = gemm.replace(operands={"order": n.ins["order"], "scale": n.ins.get("weights")},
                                  attrs={"scatter": True, "out_dtype": _pair_dtype(g.types[gemm.ins["a"]].dtype)},
                                  results=(("out", ys),))
         scattered = scattered.replace(types=(OPS["grouped_gemm"].infer(

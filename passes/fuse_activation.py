@@ -1,8 +1,8 @@
 """fuse-activation: gate/up projections and their activation become one GEMM with an epilogue.
 
 Expects: ``activate(gate=G, up=U)`` where G and U are plain grouped GEMMs over the same rows
-(same ``a``, ``offsets``, ``order``, gather) read only by the activation (or, non-gated,
-``activate(gate=U)``).
+(same ``a``, ``offsets``, ``order``, gather, and input scale when their rows are scaled: ``scale_in``) read
+only by the activation (or, non-gated, ``activate(gate=U)``).
 Guarantees: one ``grouped_gemm(w=G.w, w_up=U.w, bias=G.bias, bias_up=U.bias)`` with ``activation``,
 ``glu`` and the GLU variant (clamp, slope, up shift) set: both products are accumulated in the same K
 loop over one A tile, their biases added and SwiGLU/GeGLU applied to the fp32 accumulators before the
@@ -16,7 +16,7 @@ from moec.spec import GLU_PLAIN
 
 from .rewrite import single_use_producer, swap
 
-_SAME = ("a", "offsets", "order")
+_SAME = ("a", "offsets", "order", "scale")
 
 
 def fuse_activation(g: Graph, ctx) -> Graph:
@@ -28,7 +28,7 @@ def fuse_activation(g: Graph, ctx) -> Graph:
         up = single_use_producer(g, n.ins["up"], "grouped_gemm") if n.attr["glu"] else None
         # (no activation implies no w_up: the verifier admits w_up only with glu and an activation)
         plain = lambda m: m is not None and m.attr["activation"] is None \
-            and "scale" not in m.ins and not m.attr["scatter"]
+            and ("scale" not in m.ins or m.attr["scale_in"]) and not m.attr["scatter"]
         if not plain(gate) or (n.attr["glu"] and not plain(up)):
             continue
         if up is not None and any(gate.ins.get(r) != up.ins.get(r) for r in _SAME) \

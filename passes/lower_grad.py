@@ -23,7 +23,8 @@ def _dgrad_step(n: Node, g: Graph):
         return GroupedDgradParams(num_experts=a["num_experts"], n=int(n.types[0].shape[1]),
                                   k_dim=int(g.types[n.ins["a"]].shape[1]), gather_top_k=a["gather_top_k"],
                                   two="a2" in n.ins, act_grad=a["act_grad"], activation=a["activation"],
-                                  glu=a["glu"], **glu_variant(a), scale="scale" in n.ins, store_h="h" in n.outs,
+                                  glu=a["glu"], **glu_variant(a), scale="scale" in n.ins, scale_in=a["scale_in"],
+                                  store_h="h" in n.outs,
                                   scatter=a["scatter"], out_dtype=n.types[0].torch_dtype, tile=tile,
                                   header=header(n), bucket=bucket)
 

@@ -92,7 +92,8 @@ def _gemm_step(n: Node, g: Graph) -> Step:
                                  k_dim=int(g.types[n.ins["a"]].shape[1]), activation=a["activation"],
                                  glu=a["glu"], bias="bias" in n.ins, bias_up="bias_up" in n.ins,
                                  **glu_variant(a), gather_top_k=a["gather_top_k"], scatter=a["scatter"],
-                                 scale="scale" in n.ins, store_pre="pre" in n.outs, out_dtype=n.types[0].torch_dtype,
+                                 scale="scale" in n.ins, scale_in=a["scale_in"], store_pre="pre" in n.outs,
+                                 out_dtype=n.types[0].torch_dtype,
                                  tile=tile, header=header(n), bucket=bucket)
 
     def launch(params, v, outs, ctx):

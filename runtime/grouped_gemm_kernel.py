@@ -125,6 +125,7 @@ class GroupedGemmParams:
     gather_top_k: int = 0               # > 0: row r reads a[order[r] // gather_top_k]
     scatter: bool = False               # row r is stored at out[order[r]]
     scale: bool = False                 # row r *= scale_vec[order[r]] (routed) or scale_vec[r]
+    scale_in: bool = False              # ... on the accumulators, before biases and activation (A's row scaled)
     store_pre: bool = False             # also store the activation's inputs (pre, pre_up) at out's rows
     out_dtype: torch.dtype = torch.float32
     tile: GemmTile = GemmTile(16, 32, 32)
@@ -146,6 +147,8 @@ class GroupedGemmParams:
         if self.store_pre and self.activation is None:
             raise ValueError("store_pre needs an activation (pre is its input)")
         check_glu_variant(self.activation or "silu", self.glu, **self.variant)
+        if self.scale_in and (not self.scale or self.store_pre):
+            raise ValueError("scale_in needs scale (it says where the scale applies) and stores no pre")
         if self.gather_top_k < 0:
             raise ValueError(f"gather_top_k must be >= 0, got {self.gather_top_k}")
         check_gemm_tile(self.tile)
@@ -173,7 +176,7 @@ class GroupedGemmParams:
         if self.variant != GLU_PLAIN:
             parts.append("variant")
         if self.scale:
-            parts.append("scaled")
+            parts.append("inscaled" if self.scale_in else "scaled")
         if self.scatter:
             parts.append("scatter")
         if self.store_pre:
@@ -194,8 +197,8 @@ def render_grouped_gemm(params: GroupedGemmParams) -> Kernel:
     source = render("grouped_gemm.py.jinja", fn_name=name, header=_one_line(params.header),
                     num_experts=params.num_experts, n=params.n, k_dim=params.k_dim,
                     activation=params.activation, glu=params.glu, gather_top_k=params.gather_top_k,
-                    scatter=params.scatter, scale=params.scale, store_pre=params.store_pre,
-                    out_dtype=str(params.out_dtype).replace("torch.", ""), tile=params.tile,
+                    scatter=params.scatter, scale=params.scale, scale_in=params.scale_in,
+                    store_pre=params.store_pre, out_dtype=str(params.out_dtype).replace("torch.", ""), tile=params.tile,
                     bias=params.bias, bias_up=params.bias_up,
                     bucket=bucket_text(*params.bucket) if params.bucket else "every T",
                     **epilogue_exprs(params.activation, **params.variant))
@@ -379,7 +382,8 @@ class GroupedGemmLaunch:
         constexprs = dict(N=N, K=K, NUM_EXPERTS=E, E_PAD=max(2, next_pow2(E)),
                           HAS_OFFSETS=offsets, HAS_SCHEDULE=schedule, PERSISTENT=bool(tile.persistent),
                           GATHER_TOP_K=params.gather_top_k,
-                          SCATTER=params.scatter, SCALE=params.scale, GLU=params.glu, GLU_INTERLEAVED=interleaved,
+                          SCATTER=params.scatter, SCALE=params.scale and not params.scale_in,
+                          SCALE_IN=params.scale_in, GLU=params.glu, GLU_INTERLEAVED=interleaved,
                           HAS_BIAS=params.bias, HAS_BIAS_UP=params.bias_up, STORE_PRE=params.store_pre, W_DESC=tma,
                           BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
                           GROUP_M=tile.group_m)

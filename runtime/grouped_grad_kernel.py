@@ -104,6 +104,8 @@ class GroupedDgradParams:
     gate_softcap: Optional[float] = None
     up_softcap: Optional[float] = None
     scale: bool = False                 # act_grad: d h times the routing weight (scale[order[r]] / scale[r])
+    scale_in: bool = False              # ... or the weight scaled the activation's inputs (d gate, d up and dots
+                                        # of experts whose input it scales)
     store_h: bool = False               # act_grad: write h
     scatter: bool = False               # not act_grad: row r stored at out[order[r]]
     out_dtype: torch.dtype = torch.float32
@@ -122,6 +124,8 @@ class GroupedDgradParams:
             check_glu_variant(self.activation, self.glu, **self.variant)
         elif self.glu or self.scale or self.store_h or self.activation is not None:
             raise ValueError("glu, scale, store_h and activation belong to act_grad")
+        if self.scale_in and not self.scale:
+            raise ValueError("scale_in needs scale (it says where the scale applies)")
         if self.gather_top_k < 0:
             raise ValueError(f"gather_top_k must be >= 0, got {self.gather_top_k}")
         check_gemm_tile(self.tile)
@@ -145,6 +149,8 @@ class GroupedDgradParams:
             parts += [self.activation] + (["glu"] if self.glu else [])
             if self.variant != GLU_PLAIN:
                 parts.append("variant")
+            if self.scale_in:
+                parts.append("inscaled")
         if self.scatter:
             parts.append("scatter")
         if self.bucket:
@@ -161,7 +167,8 @@ def render_grouped_dgrad(params: GroupedDgradParams) -> Kernel:
     source = render("grouped_dgrad.py.jinja", fn_name=name, header=_one_line(params.header),
                     num_experts=params.num_experts, n=params.n, k_dim=params.k_dim,
                     gather_top_k=params.gather_top_k, two=params.two, act_grad=params.act_grad,
-                    activation=params.activation, glu=params.glu, scale=params.scale, store_h=params.store_h,
+                    activation=params.activation, glu=params.glu, scale=params.scale, scale_in=params.scale_in,
+                    store_h=params.store_h,
                     scatter=params.scatter, out_dtype=str(params.out_dtype).replace("torch.", ""),
                     tile=params.tile, bucket=bucket_text(*params.bucket) if params.bucket else "every T", **exprs)
     return Kernel(source, name, DGRAD_ARGS)
@@ -230,7 +237,7 @@ def grouped_dgrad(a: Tensor, w: Tensor, params: GroupedDgradParams, *, out: Tens
         out.stride(0), out.stride(1), g_.stride(0), g_.stride(1), dots.stride(0) if dots is not None else 0)))
     constexprs = dict(N=N, K=K, NUM_EXPERTS=E, E_PAD=max(2, next_pow2(E)), HAS_OFFSETS=offsets is not None,
                       GATHER_TOP_K=params.gather_top_k, SCATTER=params.scatter, SCALE=params.scale,
-                      TWO=params.two, ACT_GRAD=params.act_grad, GLU=params.glu, STORE_H=params.store_h,
+                      SCALE_IN=params.scale_in, TWO=params.two, ACT_GRAD=params.act_grad, GLU=params.glu, STORE_H=params.store_h,
                       BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m)
     render_grouped_dgrad(params)((row_tiles * tiles_n,), args, constexprs,
                                  num_warps=tile.num_warps, num_stages=tile.num_stages)

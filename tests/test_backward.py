@@ -161,6 +161,11 @@ SPECS = {
     # LongCat-Flash: a softmax router over 6 MLP and 3 identity experts, selection bias, scaled weights
     "identity_experts": (MoESpec(32, 16, RouterConfig(9, 3, score_bias=True, routed_scaling=1.5),
                                  identity_experts=3, shared=SharedExpertConfig(16)), ("y", "logits", "weights")),
+    # Llama4: top-1 of the logits, its sigmoid scales the expert's input (routed experts always recomputed)
+    "input_scaled": (MoESpec(32, 16, RouterConfig(6, 1, score="sigmoid", order="logits_then_score"),
+                             input_scaled=True, shared=SharedExpertConfig(16)), ("y", "logits")),
+    "input_scaled_top2_clamped": (MoESpec(32, 16, RouterConfig(6, 2, renormalize=True), input_scaled=True,
+                                          glu_limit=0.5, up_shift=1.0, shared=SharedExpertConfig(8)), ("y", "weights")),
 }
 
 
@@ -209,7 +214,8 @@ def test_backward_program_matches_interpreter_and_eager(case, T, policy):
     pre = tuple(r for r in PRE_SAVED if r in saved_values(fwd.graph))
     assert bool(pre) == (policy == "save")
     bwd = compile_program(BackwardRecipe(MoERecipe(spec, outputs), pre), torch.float32, ARCHS["cpu"])
-    assert (policy == "save") != any(n.op == "grouped_gemm" for n in bwd.graph.nodes)   # nothing recomputed
+    # nothing recomputed when saving (but the rows of input-scaled experts)
+    assert (policy == "save" and not spec.input_scaled) != any(n.op == "grouped_gemm" for n in bwd.graph.nodes)
     env = fwd.program.run(moe_inputs(x, w), values=True)
     cot = {"dy": torch.randn(T, spec.hidden, generator=g), "d_aux": torch.tensor(0.7),
            "d_logits": torch.randn(T, spec.num_experts, generator=g),

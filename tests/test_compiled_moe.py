@@ -281,9 +281,12 @@ def specs(draw, router):
     identity = 0
     if r.num_experts > 1 and not r.has_capacity and draw(st.integers(0, 3)) == 0:
         identity = draw(st.integers(1, r.num_experts - 1))         # now and then LongCat's identity experts
+    bias = draw(st.booleans())
+    # now and then Llama4's experts, whose input the routing weight scales (bias-free, no identity experts)
+    scaled = not bias and not identity and r.dropped != "pass" and draw(st.integers(0, 3)) == 0
     return MoESpec(hidden=draw(st.sampled_from(HIDDEN)), ffn=draw(st.integers(8, 80)), router=r,
-                   activation=activation, glu=glu, shared=shared, expert_bias=draw(st.booleans()),
-                   identity_experts=identity, **variant)
+                   activation=activation, glu=glu, shared=shared, expert_bias=bias,
+                   identity_experts=identity, input_scaled=scaled, **variant)
 
 
 @st.composite

@@ -32,6 +32,9 @@ MOE = {
     "noisy": (MoESpec(32, 64, RouterConfig(8, 2, order="topk_then_score", noisy=True)), "f32", ("y",)),
     "gpt_oss": (MoESpec(64, 32, RouterConfig(8, 2, order="topk_then_score", router_bias=True), expert_bias=True,
                         act_alpha=1.702, glu_limit=7.0, up_shift=1.0), "bf16", ("y", "weights")),
+    # Llama4: the routing weight scales each expert's input (the gate/up GEMM's accumulators, before the SwiGLU)
+    "llama4": (MoESpec(64, 32, RouterConfig(16, 1, score="sigmoid", order="logits_then_score"), input_scaled=True,
+                       shared=SharedExpertConfig(32)), "bf16", ("y", "logits")),
 }
 EXPERTS = {   # transformers' experts interface: (E, k, d, f, activation, glu, dtype, bias, variant)
     "experts_silu_glu": (8, 2, 64, 128, "silu", True, torch.float16, False, ()),
@@ -87,7 +90,8 @@ def generate(case: str) -> dict:
 CASES = [f"{n}.sm90" for n in (*MOE, *EXPERTS, *MOBA)] + \
         ["mixtral.cpu", "gpt_oss.cpu", "experts_gelu.cpu", "moba_mha.cpu", "mixtral.sm80", "deepseek.sm100",
          "moba_gqa.sm100"] + \
-        [f"{n}.backward.{a}" for n in ("qwen_aux", "gpt_oss", "experts_gelu", "moba_gqa") for a in ("sm90", "cpu")]
+        [f"{n}.backward.{a}" for n in ("qwen_aux", "gpt_oss", "experts_gelu", "moba_gqa") for a in ("sm90", "cpu")] + \
+        ["llama4.backward.sm90"]
 
 
 @pytest.fixture(autouse=True)

@@ -411,7 +411,7 @@ def test_fuse_dispatch_sorted_guard_leaves_a_second_dispatch():
 
 # ==== fold-permute ===============================================================================
 # Guards: (1) only grouped_gemm (2) not already gathering (gather_top_k == 0); (3) a = permute(x, order);
-# (4) no other order operand on the GEMM.
+# (4) no other order operand on the GEMM; (5) a scaled permute only into a GEMM without a scale of its own.
 
 PERMUTED = """
 graph moe(%x: f32[T, 16], %w_router: f32[4, 16], %w: f32[4, 8, 16]) {{
@@ -475,9 +475,34 @@ def test_fold_permute_guard_gemm_with_another_order():
         }""")
 
 
+SCALED_PERMUTE = """
+graph moe(%x: f32[T, 16], %order: i32[2*T], %offsets: i32[5], %w: f32[4, 8, 16], %s: f32[T, 2], %s2: f32[T, 2]) {{
+  %xs: f32[2*T, 16] = permute(x=%x, order=%order, scale=%s) {{top_k=2}}
+  %h: f32[2*T, 8] = grouped_gemm({gemm}
+  return %h
+}}
+"""
+
+
+def test_fold_permute_carries_the_permutes_scale_into_the_gemm():
+    """Positive control: rows the routing weights scale (Llama4) become the GEMM's scale on its accumulators."""
+    assert_rewrites_to(fold_permute, SCALED_PERMUTE.format(gemm="a=%xs, w=%w, offsets=%offsets) {num_experts=4}"), """
+        graph moe(%x: f32[T, 16], %order: i32[2*T], %offsets: i32[5], %w: f32[4, 8, 16], %s: f32[T, 2], %s2: f32[T, 2]) {
+          %h: f32[2*T, 8] = grouped_gemm(a=%x, w=%w, offsets=%offsets, order=%order, scale=%s) {num_experts=4, gather_top_k=2, scale_in=True}
+          return %h
+        }""")
+
+
+def test_fold_permute_guard_scaled_rows_into_a_gemm_with_its_own_scale():
+    """Guard: a scaled permute folds only into a GEMM without a scale (one scale per kernel: the output's would be lost)."""
+    text = SCALED_PERMUTE.format(gemm="a=%xs, w=%w, offsets=%offsets, order=%order, scale=%s2) {num_experts=4}")
+    assert_unchanged(fold_permute, text)
+
+
 # ==== fuse-activation ============================================================================
 # Guards: gate (1) and up (2) are grouped_gemm with one use; gate (3) and up (4) are plain: no activation
-# (so no w_up), no scale, not scatter; (5) same rows: a, offsets, order; (6) same attributes.
+# (so no w_up), no scale (but the rows' scale_in), not scatter; (5) same rows: a, offsets, order, scale; (6) same
+# attributes.
 
 DENSE_GLU = """
 graph moe(%x: f32[T, 16], %w_gate: f32[1, 8, 16], %w_up: f32[1, 8, 16]{extra}) {{
@@ -502,6 +527,26 @@ def test_fuse_activation_fires_on_the_base_case():
           %h: f32[T, 8] = grouped_gemm(a=%x, w=%w_gate, w_up=%w_up) {num_experts=1, activation='silu', glu=True}
           return %h
         }""")
+
+
+def test_fuse_activation_fuses_gemms_of_the_same_scaled_rows():
+    """Positive control: gate and up of rows the routing weights scale (scale_in, the same scale) fuse; the
+    scale stays on the fused GEMM's accumulators."""
+    scaled = "a=%x, w={w}, offsets=%offsets, order=%order, scale=%s) {{num_experts=4, gather_top_k=2, scale_in=True}}"
+    text = """
+        graph moe(%x: f32[T, 16], %order: i32[2*T], %offsets: i32[5], %w_gate: f32[4, 8, 16], %w_up: f32[4, 8, 16], %s: f32[T, 2], %s2: f32[T, 2]) {{
+          %gate: f32[2*T, 8] = grouped_gemm({gate}
+          %up: f32[2*T, 8] = grouped_gemm({up}
+          %h: f32[2*T, 8] = activate(gate=%gate, up=%up) {{activation='silu', glu=True}}
+          return %h
+        }}"""
+    assert_rewrites_to(fuse_activation, text.format(gate=scaled.format(w="%w_gate"), up=scaled.format(w="%w_up")), """
+        graph moe(%x: f32[T, 16], %order: i32[2*T], %offsets: i32[5], %w_gate: f32[4, 8, 16], %w_up: f32[4, 8, 16], %s: f32[T, 2], %s2: f32[T, 2]) {
+          %h: f32[2*T, 8] = grouped_gemm(a=%x, w=%w_gate, offsets=%offsets, w_up=%w_up, order=%order, scale=%s) {num_experts=4, activation='silu', glu=True, gather_top_k=2, scale_in=True}
+          return %h
+        }""")
+    other = scaled.format(w="%w_up").replace("scale=%s)", "scale=%s2)")
+    assert_unchanged(fuse_activation, text.format(gate=scaled.format(w="%w_gate"), up=other))    # guard: same scale
 
 
 def test_fuse_activation_gate_single_use_guard():
@@ -649,7 +694,7 @@ def test_fuse_activation_same_attrs_guard():
 COMBINE = """
 graph moe(%h: f32[2*T, 8], %order: i32[2*T], %offsets: i32[5], %weights: f32[T, 2], %ids: i32[T, 2], %w_down: f32[4, 16, 8], %shared: f32[T, 16]) {{
   %ys: f32[2*T, 16] = grouped_gemm({gemm}
-  %routed: f32[T, 16] = combine(y=%ys, order=%order, weights=%weights, ids=%ids) {{top_k=2}}
+  %routed: f32[T, 16] = combine(y=%ys, order=%order, ids=%ids, weights=%weights) {{top_k=2}}
 {tail}
 }}
 """
@@ -683,14 +728,14 @@ def test_fold_combine_grouped_gemm_guard(producer):
     if producer == "input":
         text = """
             graph moe(%ys: f32[2*T, 16], %order: i32[2*T], %weights: f32[T, 2], %ids: i32[T, 2]) {
-              %routed: f32[T, 16] = combine(y=%ys, order=%order, weights=%weights, ids=%ids) {top_k=2}
+              %routed: f32[T, 16] = combine(y=%ys, order=%order, ids=%ids, weights=%weights) {top_k=2}
               return %routed
             }"""
     else:
         text = """
             graph moe(%ys16: f16[2*T, 16], %order: i32[2*T], %weights: f32[T, 2], %ids: i32[T, 2]) {
               %ys: f32[2*T, 16] = cast(x=%ys16) {dtype='f32'}
-              %routed: f32[T, 16] = combine(y=%ys, order=%order, weights=%weights, ids=%ids) {top_k=2}
+              %routed: f32[T, 16] = combine(y=%ys, order=%order, ids=%ids, weights=%weights) {top_k=2}
               return %routed
             }"""
     assert_unchanged(fold_combine, text)
@@ -707,7 +752,7 @@ graph moe(%x: f32[T, 16], %w_router: f32[4, 16], %w_down: f32[4, 16, 16], %s: f3
   %ids: i32[T, 2], %weights: f32[T, 2] = route(logits=%logits) {num_experts=4, top_k=2}
   %order: i32[2*T], %offsets: i32[5] = dispatch(ids=%ids) {num_experts=4}
   %ys: f32[2*T, 16] = grouped_gemm(a=%x, w=%w_down, offsets=%offsets, order=%order, scale=%s) {num_experts=4, gather_top_k=2}
-  %routed: f32[T, 16] = combine(y=%ys, order=%order, weights=%weights, ids=%ids) {top_k=2}
+  %routed: f32[T, 16] = combine(y=%ys, order=%order, ids=%ids, weights=%weights) {top_k=2}
   return %routed
 }
 """
@@ -763,7 +808,7 @@ def test_fold_combine_guard_gemm_gathering_with_another_order():
     assert_unchanged(fold_combine, """
         graph moe(%x: f32[T, 16], %order: i32[2*T], %order2: i32[2*T], %offsets: i32[5], %w: f32[4, 16, 16], %weights: f32[T, 2], %ids: i32[T, 2]) {
           %ys: f32[2*T, 16] = grouped_gemm(a=%x, w=%w, offsets=%offsets, order=%order2) {num_experts=4, gather_top_k=2}
-          %routed: f32[T, 16] = combine(y=%ys, order=%order, weights=%weights, ids=%ids) {top_k=2}
+          %routed: f32[T, 16] = combine(y=%ys, order=%order, ids=%ids, weights=%weights) {top_k=2}
           return %routed
         }""")
 

@@ -35,6 +35,9 @@ CASES = {
     # LongCat-Flash: 8 MLP experts and 4 identity experts behind one softmax router, a shared expert
     "identity": (MoESpec(64, 32, RouterConfig(12, 4, score_bias=True, routed_scaling=2.0), identity_experts=4,
                          shared=SharedExpertConfig(32)), "bf16", ("y",)),
+    # Llama4: top-1 of the logits, its sigmoid scales the expert's input (a scaled permute, a plain combine)
+    "llama4": (MoESpec(64, 32, RouterConfig(16, 1, score="sigmoid", order="logits_then_score"), input_scaled=True,
+                       shared=SharedExpertConfig(32)), "bf16", ("y", "logits")),
 }
 CTX = PassContext(ARCHS["sm90"])
 STAGES = ["captured"] + [p.name for p in PIPELINE]

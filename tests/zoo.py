@@ -1282,3 +1282,39 @@ class GroupedCapacityMoE(nn.Module):
                 if tok.numel():
                     y[s:s + self.group_size].index_add_(0, tok, expert(g[tok]) * w[tok, slot, None])
         return y.reshape(hidden_states.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Experts whose input the routing weight scales (Llama 4)
+# ----------------------------------------------------------------------------------------------
+
+class GatherScaledMoE(nn.Module):
+    """Llama 4 as its reference code writes it: the router a ``[d, E]`` parameter, top-k of the raw scores,
+    every expert run on every token (rows gathered per expert) whose input is scaled by the sigmoid of its
+    score (-inf, so 0, where the expert was not picked); stacked ``[E, d, f]`` / ``[E, f, d]`` experts by
+    ``bmm``; the experts' rows summed onto the shared expert's output with ``scatter_add``."""
+
+    def __init__(self, d: int = 16, f: int = 24, E: int = 4, k: int = 1):
+        super().__init__()
+        self.num_experts, self.top_k = E, k
+        self.router_DE = nn.Parameter(torch.randn(d, E) / math.sqrt(d))
+        self.w1 = nn.Parameter(torch.randn(E, d, f) / math.sqrt(d))
+        self.w3 = nn.Parameter(torch.randn(E, d, f) / math.sqrt(d))
+        self.w2 = nn.Parameter(torch.randn(E, f, d) / math.sqrt(f))
+        self.shared_expert = GatedMLP(d, f)
+
+    def forward(self, x):
+        bsz, slen, dim = x.shape
+        x_aD = x.view(-1, dim)
+        a = x_aD.shape[0]
+        scores_Ea = torch.matmul(x_aD, self.router_DE).transpose(0, 1)
+        top_aK, idx_aK = torch.topk(scores_Ea.transpose(0, 1), self.top_k, dim=1)
+        gates_Ea = torch.full_like(scores_Ea.transpose(0, 1), float("-inf")).scatter_(1, idx_aK, top_aK).transpose(0, 1)
+        gates_Ea = torch.sigmoid(gates_Ea)
+        rows = torch.arange(a, device=x.device).view(1, -1).expand(self.num_experts, -1).reshape(-1, 1)
+        routed_in = torch.gather(x_aD, dim=0, index=rows.expand(-1, dim)) * gates_Ea.reshape(-1, 1)
+        h = routed_in.view(self.num_experts, a, dim)
+        h = torch.bmm(F.silu(torch.bmm(h, self.w1)) * torch.bmm(h, self.w3), self.w2)
+        out_aD = self.shared_expert(x_aD)
+        out_aD = out_aD.scatter_add(0, rows.expand(-1, dim), h.reshape(-1, dim))
+        return out_aD.view(bsz, slen, dim)

@@ -1,7 +1,7 @@
 """What the traced forward of an MoE layer does with its experts (`moec.frontend.trace.trace_partial`'s graph):
 how it reaches them (the formulation explain() names: a loop over expert modules, a gather of stacked weights
 by the routed ids, or every expert on every token) and whether the routing weights scale what the experts read
-(input-scaled experts, a feature moec lacks: named in the reason a layer stays eager).
+(input-scaled experts, `MoESpec.input_scaled`: the candidates then scale the experts' input).
 """
 from __future__ import annotations
 
@@ -50,9 +50,9 @@ def scaled_expert_input(cap: Traced, st: Structure, router_paths: set) -> Option
     stacked, experts = {p for p, _ in st.stacked}, set(st.expert_paths)
     weight = lambda a: a.op == "get_attr" and a.target in stacked          # noqa: E731
     layout = RESHAPES | CASTS | {"transpose", "permute", "repeat", "expand", "unsqueeze", "flatten",
-                                 "repeat_interleave"}
+                                 "repeat_interleave", "gather", "index_select", "getitem"}
 
-    def the_input(o) -> bool:            # the layer's input itself, through layout ops only
+    def the_input(o) -> bool:            # the layer's input, through layout ops and row gathers only
         o = strip(o, layout, cap.root)
         return isinstance(o, fx.Node) and o.op == "placeholder"
     for n in cap.graph.nodes:
@@ -73,8 +73,8 @@ def scaled_expert_input(cap: Traced, st: Structure, router_paths: set) -> Option
 def scaled_input_reason(cap: Traced, st: Structure, router_paths: set) -> str:
     """The input-scaling clause of a reason (`scaled_expert_input`), or ""."""
     node = scaled_expert_input(cap, st, router_paths)
-    return (f"the routing weights scale the experts' input ({node}: the experts see weight * x, as Llama4's do): "
-            f"input-scaled experts are not supported; ") if node else ""
+    return (f"the routing weights scale the experts' input ({node}: the experts see weight * x, as Llama4's do); "
+            if node else "")
 
 
 def read_formulation(st: Structure, cap: Traced, router_paths: set) -> tuple:

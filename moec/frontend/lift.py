@@ -29,7 +29,7 @@ from .call_shape import extra_required_args, inside_a_bigger_layer, token_id_arg
 from .candidates import (Part, assemble, capacity_options, config_text, dedupe, router_configs, router_options,
                          shared_options)
 from .experts import ExpertLayout, gated_activation, list_layout, shared_layout, stacked_layouts
-from .formulation import read_formulation, scaled_input_reason
+from .formulation import read_formulation, scaled_expert_input, scaled_input_reason
 from .lifted import LiftedMoE, NotLifted, WeightsRecipe, resolve
 from .idle_experts import idle_expert_grads
 from .outputs import slots
@@ -159,6 +159,8 @@ def _lift(module: nn.Module):
                              f"of hidden size {st.d}")
     formulation, how = read_formulation(st, cap, router_modules | router_params)
     notes.append(f"formulation: {formulation} ({how})")
+    # the routing weights scale what the experts read (Llama4): candidates with input-scaled experts
+    scaled = scaled_expert_input(cap, st, router_modules | router_params) is not None
 
     pr = Prober(module, st.d, width, st.dtype, st.device)
     pr.capacity_named = capacity_options(st) != [{}]
@@ -214,7 +216,8 @@ def _lift(module: nn.Module):
                         try:
                             spec = MoESpec(hidden=st.d, ffn=layout.ffn, router=cfg, activation=layout.activation,
                                            glu=layout.glu, shared=sh_cfg, expert_bias=layout.bias,
-                                           identity_experts=r_width - st.E, **dict(layout.variant))
+                                           identity_experts=r_width - st.E, input_scaled=scaled,
+                                           **dict(layout.variant))
                         except MoESpecError:
                             continue
                         for nd in (noise_dtypes if cfg.noisy else [None]):
@@ -223,7 +226,10 @@ def _lift(module: nn.Module):
                                 return
                             with torch.no_grad():
                                 noise = pr.noise(_SCREEN_INPUT, nd) if (screen and cfg.noisy) else None
-                                y_ref, aux = screen_y(xf, w, cfg, experts, S, noise, pr.group(_SCREEN_INPUT))
+                                # (the precomputed expert rows are of unscaled inputs: input-scaled experts
+                                # are screened by the reference itself)
+                                y_ref, aux = (None, None) if scaled else \
+                                    screen_y(xf, w, cfg, experts, S, noise, pr.group(_SCREEN_INPUT))
                                 outputs, msg = pr.match(_SCREEN_INPUT, screen, spec, w, nd, y_ref=y_ref, aux=aux)
                             if msg:
                                 if first_fail is None:
@@ -231,7 +237,7 @@ def _lift(module: nn.Module):
                                 continue
                             lifted = LiftedMoE(spec=spec, formulation=formulation, param_tensors=param_tensors,
                                                weights=recipe, outputs=outputs, container=pr.container,
-                                               out_dtypes=pr.out_dtypes, out_leads=pr.out_leads,
+                                               out_dtypes=pr.out_dtypes, out_leads=pr.out_leads, y_flat=pr.y_flat,
                                                noise_dtype=(nd or st.dtype) if cfg.noisy else None,
                                                notes=list(notes), observed=_observed(module, param_tensors.paths, recipe),
                                                post=pr.post_path)

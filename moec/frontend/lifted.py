@@ -29,7 +29,8 @@ class LiftedMoE:
       ``"y_weights"`` (y, routing weights ``[T, k]`` in slot order: GPT-OSS), ``"y_aux_zloss"``...
       (`moec.frontend.outputs`); ``container``: the tuple, list or namedtuple class they come in
       (None: y alone); ``out_dtypes``: per item, ``"x"`` (the input's dtype), a dtype, or None;
-      ``out_leads``: per item, whether it keeps the input's leading dims (``[B, S, E]`` logits).
+      ``out_leads``: per item, whether it keeps the input's leading dims (``[B, S, E]`` logits); ``y_flat``:
+      y comes back as ``[T, d]`` whatever the input's leading dims (Llama4's blocks).
     - ``noise_dtype``: for noisy gating, the dtype eager draws ``randn_like`` in (at lift time).
     - ``notes``: human-readable facts for ``explain()``.
     - ``eager_in``: ``{training: reason}`` for a mode the probe could not confirm (router jitter applied
@@ -58,6 +59,7 @@ class LiftedMoE:
     container: Optional[type] = None
     out_dtypes: tuple = ()
     out_leads: tuple = ()
+    y_flat: bool = False
     observed: tuple[str, ...] = ()
     observed_calls: dict = field(default_factory=dict)
     idle_experts: dict = field(default_factory=dict)

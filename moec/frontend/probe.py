@@ -71,6 +71,7 @@ class Prober:
         self.container = None           # tuple, list or a namedtuple class; None: y alone
         self.out_dtypes: tuple = ()
         self.out_leads: tuple = ()          # per item: whether it keeps the input's leading dims
+        self.y_flat = False                 # y comes back as [T, d] for a [B, S, d] input
         self.skew: Optional[torch.Tensor] = None
         self.extra: dict = {}               # further inputs: index -> (B, S)
         self.capacity_named = False         # the module names a capacity: a capacity-free lift is checked long
@@ -131,9 +132,11 @@ class Prober:
     def _classify(self, y, extras, container) -> Optional[str]:
         x = self.x(1)
         T = x.numel() // self.d
-        if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+        self.y_flat = isinstance(y, torch.Tensor) and x.dim() > 2 and tuple(y.shape) == (T, self.d)
+        if not isinstance(y, torch.Tensor) or (y.shape != x.shape and not self.y_flat):
             got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-            return f"forward returns {got} for an input of shape {tuple(x.shape)} (expected the input's shape)"
+            return (f"forward returns {got} for an input of shape {tuple(x.shape)} (expected the input's shape, or "
+                    f"[T, d])")
         self.container = container
         if container is None:
             self.options, self.out_dtypes, self.out_leads = ["y"], ("x",), ()

@@ -87,9 +87,10 @@ def grad_outputs(g: Graph) -> list[str]:
 
 def _projection_grads(b: Builder, x: str, dy: str, ws: dict, gathered: dict, scale, E: int, k: int,
                       activation: str, glu: bool, variant: dict, prefix: str = "",
-                      pre: frozenset = frozenset()) -> tuple[str, str, dict]:
+                      pre: frozenset = frozenset(), scale_in: bool = False) -> tuple[str, str, dict]:
     """The VJP of one expert MLP block (gate/up grouped GEMMs, activation, down grouped GEMM, scaled by
-    ``scale``; ``ws``: role -> the input holding it, e.g. ``w_down -> shared_down``):
+    ``scale``, or with ``scale_in`` its input scaled by it; ``ws``: role -> the input holding it, e.g.
+    ``w_down -> shared_down``):
     ``(per-row d x (fp32, pair order when routed), dots, {input: its gradient})``. The gate/up products are
     inputs when ``pre`` (the saved roles) holds them, else recomputed from ``x``."""
     routed = {k_: v for k_, v in gathered.items() if v is not None}
@@ -108,7 +109,7 @@ def _projection_grads(b: Builder, x: str, dy: str, ws: dict, gathered: dict, sca
                     {"num_experts": E, "gather_top_k": gather}, names={"out": f"{prefix}up_re"})["out"] if glu else None)
     dg = b.add("grouped_dgrad", {"a": dy, "w": ws["w_down"], "gate": gate, "up": up, "scale": scale, **routed},
                {"num_experts": E, "gather_top_k": gather, "act_grad": True, "activation": activation,
-                "glu": glu, **variant},
+                "glu": glu, **variant, **({"scale_in": True} if scale_in else {})},
                names={"out": f"{prefix}d_gate_rows", "out2": f"{prefix}d_up_rows", "h": f"{prefix}h_re",
                       "dots": f"{prefix}dots"},
                results=["out", "h", "dots"] + (["out2"] if glu else []))
@@ -119,7 +120,8 @@ def _projection_grads(b: Builder, x: str, dy: str, ws: dict, gathered: dict, sca
                                        ("w_up", "b_up", d_up, x, {"gather_b": gather})):
         if a is None or ws[role] in grads:
             continue
-        got = b.add("grouped_wgrad", {"a": a, "b": rows, "scale": scale if role == "w_down" else None, **routed},
+        got = b.add("grouped_wgrad", {"a": a, "b": rows, "scale": scale if role == "w_down" and not scale_in else None,
+                                      **routed},
                     {"num_experts": E, **attrs}, names={"out": f"d_{ws[role]}", "dbias": f"d_{ws.get(bias)}"},
                     results=["out"] + (["dbias"] if bias in ws else []))
         grads[ws[role]] = got["out"]
@@ -132,7 +134,8 @@ def _projection_grads(b: Builder, x: str, dy: str, ws: dict, gathered: dict, sca
 
 
 def routed_experts_grad(b: Builder, x: str, dy: str, ws: dict, E: int, k: int, activation: str, glu: bool,
-                        variant: dict, bias: bool, pre: frozenset = frozenset()) -> tuple[str, str, dict]:
+                        variant: dict, bias: bool, pre: frozenset = frozenset(),
+                        input_scaled: bool = False) -> tuple[str, str, dict]:
     """The VJP of `moec.ir.build.routed_experts` given the saved routing: ``(d x pairs [T*k, d] fp32 in
     pair order, d routing weights [T, k] fp32, {weight input: its gradient})``."""
     ids = b.input("ids", TensorType("i32", (T, k)))
@@ -140,7 +143,7 @@ def routed_experts_grad(b: Builder, x: str, dy: str, ws: dict, E: int, k: int, a
     order = b.input("order", TensorType("i32", (T * k,)))
     offsets = b.input("offsets", TensorType("i32", (E + 1,)))
     dx, dots, grads = _projection_grads(b, x, dy, ws, {"offsets": offsets, "order": order}, weights, E, k,
-                                        activation, glu, variant, pre=pre)
+                                        activation, glu, variant, pre=pre, scale_in=input_scaled)
     dw = b.add("pair_weight_grad", {"dots": dots, "ids": ids, "dy": dy if bias else None,
                                     "b_down": ws.get("b_down") if bias else None}, {"top_k": k},
                names={"out": "d_route_weights"})["out"]
@@ -165,7 +168,7 @@ def build_moe_backward_graph(spec: MoESpec, dtype, outputs=("y",), pre: tuple = 
     w_noise = b.input("w_noise", TensorType(dt, (E, d))) if r.noisy else None
     ws = {n: v for n, v in expert_inputs(b, Ef, d, f, dt, spec.glu, spec.expert_bias).items() if v is not None}
     dx_pairs, d_weights, grads = routed_experts_grad(b, x, dy, ws, Ef, k, spec.activation, spec.glu,
-                                                     spec.glu_variant, spec.expert_bias, pre)
+                                                     spec.glu_variant, spec.expert_bias, pre, spec.input_scaled)
     chosen, dx_identity = "ids", None
     passing = r.dropped == "pass"
     if spec.identity_experts or passing:  # identity picks / passed pairs: d weight = x . dy, d x += dy * weights

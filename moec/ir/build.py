@@ -63,11 +63,13 @@ def expert_inputs(b: Builder, E: int, d: int, f: int, dt: str, glu: bool, bias: 
 
 
 def routed_experts(b: Builder, x: str, ids: str, weights: str, ws: dict, E: int, k: int, activation: str,
-                   glu: bool, variant: dict) -> str:
+                   glu: bool, variant: dict, input_scaled: bool = False) -> str:
     """Dispatch, permute, the gate/up/down grouped GEMMs, the activation and the weighted combine, unfused
-    (``ws`` from `expert_inputs`); returns the fp32 ``[T, d]`` combined output."""
+    (``ws`` from `expert_inputs`); returns the fp32 ``[T, d]`` combined output. ``input_scaled``: the weights
+    scale the permuted rows (each expert's input) and the combine is a plain sum."""
     disp = b.add("dispatch", {"ids": ids}, {"num_experts": E})
-    xs = b.add("permute", {"x": x, "order": disp["order"]}, {"top_k": k}, names={"out": "xs"})["out"]
+    xs = b.add("permute", {"x": x, "order": disp["order"], "scale": weights if input_scaled else None},
+               {"top_k": k}, names={"out": "xs"})["out"]
     proj = {"num_experts": E}
     up = b.add("grouped_gemm", {"a": xs, "w": ws["w_up"], "offsets": disp["offsets"], "bias": ws.get("b_up")},
                proj, names={"out": "up"})["out"]
@@ -77,8 +79,8 @@ def routed_experts(b: Builder, x: str, ids: str, weights: str, ws: dict, E: int,
               {"activation": activation, "glu": glu, **variant}, names={"out": "h"})["out"]
     ys = b.add("grouped_gemm", {"a": h, "w": ws["w_down"], "offsets": disp["offsets"], "bias": ws.get("b_down")},
                proj, names={"out": "ys"})["out"]
-    return b.add("combine", {"y": ys, "order": disp["order"], "weights": weights, "ids": ids}, {"top_k": k},
-                 names={"out": "routed"})["out"]
+    return b.add("combine", {"y": ys, "order": disp["order"], "weights": None if input_scaled else weights,
+                             "ids": ids}, {"top_k": k}, names={"out": "routed"})["out"]
 
 
 def build_experts_graph(E: int, k: int, d: int, f: int, activation: str, glu: bool, dtype,
@@ -127,7 +129,8 @@ def build_moe_graph(spec: MoESpec, dtype, outputs=("y",), name: str = "moe") -> 
         ident = b.add("identity_experts", {"x": x, "ids": ids, "weights": route["weights"]},
                       {"ffn_experts": Ef, "dropped": passing}, names={"ids": "ids_ffn", "out": "identity_out"})
         ids, extra = ident["ids"], ident["out"]
-    y = routed_experts(b, x, ids, route["weights"], ws, Ef, k, spec.activation, spec.glu, spec.glu_variant)
+    y = routed_experts(b, x, ids, route["weights"], ws, Ef, k, spec.activation, spec.glu, spec.glu_variant,
+                       spec.input_scaled)
 
     if spec.shared is not None:
         fs = spec.shared.width

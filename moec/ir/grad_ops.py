@@ -9,7 +9,8 @@ graphs of them from a forward's; shapes and pair order as in `moec.ir.ops`.
   ``h = act(gate) * up`` (or ``act(gate)``, `moec.reference.gated` with the GLU variant), ``dots[p, j]``
   the partial sums over column tile ``j`` of ``acc * h`` at pair ``p = order[i]`` (routed) or row ``i``,
   then with ``s`` the row's scale (1 without): ``out = d gate``, ``out2 = d up`` of ``h`` at ``s * acc``.
-  Else ``out = acc`` (at row ``order[i]`` with ``scatter``). Dropped pairs' rows are not written.
+  With ``scale_in`` (experts whose input ``s`` scales): ``h = act(s gate) * (s up)``, ``out``/``out2`` the
+  gradients of ``gate``/``up`` at ``acc``, and ``dots`` hold ``d s`` (``sum d(s gate) gate + d(s up) up``). Else ``out = acc`` (at row ``order[i]`` with ``scatter``). Dropped pairs' rows are not written.
 - ``grouped_wgrad(a, b, ...)``: ``out[e] = sum over expert e's rows i of A_i^T B_i`` (``[E, a cols,
   b cols]``), ``A_i = a[order[i] // gather_a]`` (or ``a[i]``), times ``scale.flat[order[i]]`` (or
   ``scale[i]`` without offsets); ``dbias[e]`` the column sums of the ``A_i``.
@@ -61,12 +62,14 @@ def _infer_dgrad(o, a):
 
 op("grouped_dgrad", "acc = A_i @ w[e] (+ a2_i @ w2[e]) over expert-sorted rows, w in the forward's layout; "
    "act_grad: the activation's backward epilogue (d gate, d up, h, partial dots); else out = acc, scattered "
-   "to pair order with scatter. See moec.ir.grad_ops.",
+   "to pair order with scatter. scale_in (experts whose input the routing weight s scales): the activation "
+   "reads s * gate and s * up, acc is not scaled, d gate / d up are s times the pre-activations' gradients and "
+   "the dots are d s. See moec.ir.grad_ops.",
    ["a", "w"], ["out", "out2", "h", "dots"], _infer_dgrad,
    optional_operands=["offsets", "order", "a2", "w2", "gate", "up", "scale"],
    optional_results=["out2", "h", "dots"],
    attrs={"num_experts": REQUIRED, "gather_top_k": 0, "scatter": False, "act_grad": False, "activation": None,
-          "glu": False, **GLU_PLAIN, "out_dtype": None, **KERNEL_ATTRS})
+          "glu": False, **GLU_PLAIN, "scale_in": False, "out_dtype": None, **KERNEL_ATTRS})
 
 
 def _infer_wgrad(o, a):
@@ -142,8 +145,10 @@ def _dgrad_ok(n, types) -> None:
             raise IRError("act_grad needs gate (and up with glu)")
         if a["scatter"] or "a2" in n.ins:
             raise IRError("act_grad goes with neither scatter nor a2")
-    elif a["glu"] or a["activation"] is not None or {"gate", "up", "scale"} & set(n.ins):
-        raise IRError("activation, glu, gate, up and scale belong to act_grad")
+        if a["scale_in"] and "scale" not in n.ins:
+            raise IRError("scale_in needs the scale")
+    elif a["glu"] or a["activation"] is not None or a["scale_in"] or {"gate", "up", "scale"} & set(n.ins):
+        raise IRError("activation, glu, gate, up and scale (scale_in) belong to act_grad")
     if ("a2" in n.ins) != ("w2" in n.ins):
         raise IRError("a2 and w2 go together")
     if (a["gather_top_k"] or a["scatter"]) and "order" not in n.ins:
@@ -197,17 +202,25 @@ def _dgrad(n, v, ctx):
         else:
             out[:kept] = acc[:kept].to(dt)
         return {"out": out}
+    pairs = order.long() if order is not None else torch.arange(rows, device=A.device)
+    s = v["scale"].reshape(-1).float()[pairs] if "scale" in v else torch.ones(rows, device=A.device)
+    g = v["gate"].float()
+    u = v["up"].float() if a["glu"] else None
+    if a["scale_in"]:       # the activation reads s g and s u
+        g, u = g * s[:, None], (u * s[:, None] if u is not None else None)
     with torch.enable_grad():
-        g = v["gate"].float().detach().requires_grad_()
-        u = v["up"].float().detach().requires_grad_() if a["glu"] else None
+        g, u = g.detach().requires_grad_(), (u.detach().requires_grad_() if u is not None else None)
         h = ref.gated(g, u, a["activation"], **glu_variant(a))
-        s = torch.ones(rows, device=A.device)
-        pairs = order.long() if order is not None else torch.arange(rows, device=A.device)
-        if "scale" in v:
-            s = v["scale"].reshape(-1).float()[pairs]
-        grads = torch.autograd.grad(h, [g] + ([u] if u is not None else []), acc * s[:, None])
+        ins = [g] + ([u] if u is not None else [])
+        if a["scale_in"]:   # d s = sum_n (d(s g) gate + d(s u) up); d gate = s d(s g), d up = s d(s u)
+            grads = torch.autograd.grad(h, ins, acc)
+            dot = sum((d * v[r].float()).sum(1) for d, r in zip(grads, ("gate", "up")))
+            grads = [d * s[:, None] for d in grads]
+        else:
+            grads = torch.autograd.grad(h, ins, acc * s[:, None])
+            dot = (acc * h.detach()).sum(1)
     dots = torch.zeros(rows, dot_columns(cols), device=A.device)
-    dots[pairs[:kept], 0] = (acc * h.detach())[:kept].sum(1)
+    dots[pairs[:kept], 0] = dot[:kept]
     zero = torch.zeros(rows, cols, dtype=dt, device=A.device)
     res = {"out": zero.clone(), "out2": zero.clone(), "h": zero.clone(), "dots": dots}
     res["out"][:kept] = grads[0][:kept].to(dt)

@@ -136,7 +136,10 @@ def _dispatch(n, v, ctx):
 
 @impl("permute")
 def _permute(n, v, ctx):
-    return {"out": v["x"][v["order"].long() // n.attr["top_k"]]}
+    rows = v["x"][v["order"].long() // n.attr["top_k"]]
+    if "scale" in v:
+        rows = (rows.float() * v["scale"].reshape(-1).float()[v["order"].long()][:, None]).to(rows.dtype)
+    return {"out": rows}
 
 
 @impl("grouped_gemm")
@@ -160,6 +163,9 @@ def _grouped_gemm(n, v, ctx):
         if hi <= lo:
             continue
         a = A[lo:hi].float()
+        if a_attr["scale_in"]:          # (s A_i) @ w
+            s = v["scale"].reshape(-1).float()
+            a = a * (s[order[lo:hi].long()] if order is not None else s[lo:hi])[:, None]
         h = a @ v["w"][e].float().t()
         if "bias" in v:
             h = h + v["bias"][e].float()
@@ -173,7 +179,7 @@ def _grouped_gemm(n, v, ctx):
             h = ref.gated(h, u, a_attr["activation"], **glu_variant(a_attr))
         elif a_attr["activation"]:
             h = ref.gated(h, None, a_attr["activation"], **glu_variant(a_attr))
-        if "scale" in v:
+        if "scale" in v and not a_attr["scale_in"]:
             s = v["scale"].reshape(-1)
             h = h * (s[order[lo:hi].long()] if order is not None else s[lo:hi])[:, None]
         out[lo:hi] = h.to(out.dtype)
@@ -199,11 +205,13 @@ def _activate(n, v, ctx):
 @impl("combine")
 def _combine(n, v, ctx):
     k = n.attr["top_k"]
-    ids, w = v["ids"], v["weights"]
+    ids = v["ids"]
     T = ids.shape[0]
     pos = torch.empty(T * k, dtype=torch.long, device=ids.device)
     pos[v["order"].long()] = torch.arange(T * k, device=ids.device)
-    y = v["y"].float()[pos].view(T, k, v["y"].shape[1]) * w[..., None]
+    y = v["y"].float()[pos].view(T, k, v["y"].shape[1])
+    if "weights" in v:
+        y = y * v["weights"][..., None]
     y = torch.where((ids >= 0)[..., None], y, torch.zeros_like(y))
     return {"out": y.sum(1)}
 

@@ -145,10 +145,11 @@ op("dispatch", "Sort pairs by expert: order[i] = pair p (stable: token order wit
    ["ids"], ["order", "offsets", "schedule"], _infer_dispatch, optional_results=["schedule"],
    attrs={"num_experts": REQUIRED, "schedule_block_m": None})
 
-op("permute", "out[i] = x[order[i] // top_k]: token rows copied into sorted pair order.",
+op("permute", "out[i] = x[order[i] // top_k]: token rows copied into sorted pair order; with scale, times "
+   "scale.flat[order[i]] (computed in fp32, stored in x's dtype: experts whose input the routing weight scales).",
    ["x", "order"], ["out"],
    lambda o, a: {"out": TensorType(o["x"].dtype, (o["order"].shape[0], o["x"].shape[1]))},
-   attrs={"top_k": REQUIRED})
+   optional_operands=["scale"], attrs={"top_k": REQUIRED})
 
 
 def _infer_gg(o, a):
@@ -163,7 +164,8 @@ op("grouped_gemm", "Row i of the sorted rows belongs to expert e(i) (offsets; on
    "offsets is absent): h = A_i @ w[e].T (+ bias[e]); with glu: gated(h, A_i @ w_up[e].T (+ bias_up[e])), "
    "else act(h) when activation is set (gated: see activate). A_i = a[order[i] // gather_top_k] when "
    "gather_top_k > 0 (the permute folded into the prologue), else a[i]. scale multiplies row i by "
-   "scale.flat[order[i]] (routed) or scale[i] (dense); scatter stores row i at out[order[i]] (the "
+   "scale.flat[order[i]] (routed) or scale[i] (dense): its output, or with scale_in its A row (A_i @ w = "
+   "(s A_i) @ w: before the biases and the activation); scatter stores row i at out[order[i]] (the "
    "un-permute folded into the epilogue). Rows of dropped pairs are left unwritten. fp32 accumulation. "
    "pre / pre_up (optional): h and the up product before the activation (biases added), in a's dtype, "
    "stored at out's rows: what a backward that saves rather than recomputes them reads. schedule (optional): "
@@ -173,7 +175,7 @@ op("grouped_gemm", "Row i of the sorted rows belongs to expert e(i) (offsets; on
    optional_operands=["offsets", "w_up", "order", "scale", "bias", "bias_up", "schedule"],
    optional_results=["pre", "pre_up"],
    attrs={"num_experts": REQUIRED, "activation": None, "glu": False, **GLU_PLAIN, "gather_top_k": 0,
-          "scatter": False, "out_dtype": None, **KERNEL_ATTRS})
+          "scatter": False, "scale_in": False, "out_dtype": None, **KERNEL_ATTRS})
 
 op("activate", "out = act(gate) * (up + up_shift) (glu) or act(gate), computed in fp32, stored in gate's "
    "dtype; act_alpha is silu's slope (x * sigmoid(act_alpha * x)); glu_limit clamps gate <= limit and up "
@@ -181,11 +183,11 @@ op("activate", "out = act(gate) * (up + up_shift) (glu) or act(gate), computed i
    ["gate"], ["out"], lambda o, a: {"out": o["gate"]}, optional_operands=["up"],
    attrs={"activation": REQUIRED, "glu": False, **GLU_PLAIN})
 
-op("combine", "out[t] = sum_s weights[t, s] * y[position of pair t*k+s in order], skipping "
-   "dropped pairs (ids = -1); fp32.",
-   ["y", "order", "weights", "ids"], ["out"],
-   lambda o, a: {"out": TensorType("f32", (_rows(o["weights"]), o["y"].shape[1]))},
-   attrs={"top_k": REQUIRED})
+op("combine", "out[t] = sum_s weights[t, s] * y[position of pair t*k+s in order] (without weights: the "
+   "plain sum), skipping dropped pairs (ids = -1); fp32.",
+   ["y", "order", "ids"], ["out"],
+   lambda o, a: {"out": TensorType("f32", (_rows(o["ids"]), o["y"].shape[1]))},
+   optional_operands=["weights"], attrs={"top_k": REQUIRED})
 
 op("reduce_topk", "out[t] = sum_s y[t*k+s] over slots s in fixed order, skipping dropped pairs "
    "(ids = -1), + residual[t]; fp32 sum, stored in out_dtype. Deterministic: no atomics.",

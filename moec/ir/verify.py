@@ -66,6 +66,8 @@ def _gemm_ok(n: Node, types) -> None:
         raise IRError("pre_up without pre")
     if (a["gather_top_k"] or a["scatter"]) and "order" not in n.ins:
         raise IRError("gather/scatter needs the order operand")
+    if a["scale_in"] and ("scale" not in n.ins or "pre" in n.outs):
+        raise IRError("scale_in needs a scale (the rows' weights) and stores no pre (they would be scaled)")
     if a["num_experts"] > 1 and "offsets" not in n.ins:
         raise IRError("more than one expert needs offsets")
     w = types[n.ins["w"]]

@@ -1,7 +1,7 @@
 # moec kernel grouped_gemm_gather_silu_glu_T1to128
 # IR node: %h: f32[2*T, 64] = grouped_gemm(a=%x, w=%w_gate, offsets=%offsets, w_up=%w_up, order=%order, schedule=%offsets_schedule) {num_experts=8, activation='silu', glu=True, gather_top_k=2, tiles={128: GemmTile(block_m=16, block_n=16, block_k=32, num_warps=4, num_stages=5, group_m=8), 1024: GemmTile(block_m=32, block_n=16, block_k=32, num_warps=4, num_stages=5, group_m=8), None: GemmTile(block_m=128, block_n=32, block_k=32, num_warps=4, num_stages=2, group_m=8)}}
 # grouped GEMM over E=8 experts: out[r, :] = epilogue(A[row(r), :] @ W[e(r)]^T), W[e]: [N=64, K=32]
-# variant: activation=silu glu=True bias=False bias_up=False gather_top_k=2 scatter=False scale=False store_pre=False out=float32
+# variant: activation=silu glu=True bias=False bias_up=False gather_top_k=2 scatter=False scale=False scale_in=False store_pre=False out=float32
 # tile (T <= 128): BLOCK_M=16 BLOCK_N=16 BLOCK_K=32 GROUP_M=8 num_warps=4 num_stages=5
 #
 # Rows r are (token, expert) pairs in expert-sorted order (`order`, `offsets` from moec.runtime.dispatch).
@@ -17,9 +17,11 @@
 # W_DESC (set at launch, sm90+, when the weights' layout allows): w_ptr / wup_ptr are TMA tensor descriptors
 # over [E, N, K] (1) or [E, K, N] (2) and the weight tiles are bulk copies into shared memory (no address math,
 # zero fill past N and K); gathered activation rows stay pointer loads.
-# Epilogue (fp32): biases, then with STORE_PRE the pre-activations (gate and up, for a backward that saves them
-# rather than recomputing them), activation, GLU product with the up projection, per-row scale, then the store: at
-# row order[r] when SCATTER (the un-permute), else at row r. Rows past offsets[E] (dropped pairs) are not written.
+# Epilogue (fp32): with SCALE_IN the per-row scale on the accumulators ((s A) @ W = s (A @ W): experts whose input
+# the routing weight scales), biases, then with STORE_PRE the pre-activations (gate and up, for a backward that
+# saves them rather than recomputing them), activation, GLU product with the up projection, else the per-row scale
+# (SCALE), then the store: at row order[r] when SCATTER (the un-permute), else at row r. Rows past offsets[E]
+# (dropped pairs) are not written.
 import triton
 import triton.language as tl
 
@@ -89,7 +91,7 @@ def _tile(
     stride_be, stride_bn, stride_bue, stride_bun,
     N: tl.constexpr, K: tl.constexpr,
     GATHER_TOP_K: tl.constexpr, SCATTER: tl.constexpr,
-    SCALE: tl.constexpr, GLU: tl.constexpr, GLU_INTERLEAVED: tl.constexpr,
+    SCALE: tl.constexpr, SCALE_IN: tl.constexpr, GLU: tl.constexpr, GLU_INTERLEAVED: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_BIAS_UP: tl.constexpr, STORE_PRE: tl.constexpr, W_DESC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -157,6 +159,15 @@ def _tile(
             w_ptrs += BLOCK_K * stride_wk
 
     # ---- epilogue, in fp32
+    if SCALE or SCALE_IN:
+        if GATHER_TOP_K > 0 or SCATTER:
+            s = tl.load(scale_ptr + pair, mask=mask_m, other=0.0).to(tl.float32)
+        else:
+            s = tl.load(scale_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)
+    if SCALE_IN:
+        acc = acc * s[:, None]
+        if GLU:
+            acc_up = acc_up * s[:, None]
     if HAS_BIAS:
         bias = tl.load(bias_ptr + e64 * stride_be + offs_n * stride_bn, mask=mask_n, other=0.0)
         acc += bias.to(tl.float32)[None, :]
@@ -179,11 +190,7 @@ def _tile(
     else:
         acc = x / (1.0 + tl.exp(-x))
     if SCALE:
-        if GATHER_TOP_K > 0 or SCATTER:
-            s = tl.load(scale_ptr + pair, mask=mask_m, other=0.0)
-        else:
-            s = tl.load(scale_ptr + offs_m, mask=mask_m, other=0.0)
-        acc = acc * s.to(tl.float32)[:, None]
+        acc = acc * s[:, None]
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
 
 
@@ -201,7 +208,7 @@ def grouped_gemm_gather_silu_glu_T1to128(
     NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr,
     HAS_OFFSETS: tl.constexpr, HAS_SCHEDULE: tl.constexpr, PERSISTENT: tl.constexpr,
     GATHER_TOP_K: tl.constexpr, SCATTER: tl.constexpr,
-    SCALE: tl.constexpr, GLU: tl.constexpr, GLU_INTERLEAVED: tl.constexpr,
+    SCALE: tl.constexpr, SCALE_IN: tl.constexpr, GLU: tl.constexpr, GLU_INTERLEAVED: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_BIAS_UP: tl.constexpr, STORE_PRE: tl.constexpr, W_DESC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -226,7 +233,7 @@ def grouped_gemm_gather_silu_glu_T1to128(
             _tile(pid_n, expert, row0, row_end, a_ptr, w_ptr, wup_ptr, out_ptr, pre_ptr, pre_up_ptr, order_ptr,
                   scale_ptr, bias_ptr, bias_up_ptr, stride_am, stride_ak, stride_we, stride_wn,
                   stride_wk, stride_ue, stride_un, stride_uk, stride_om, stride_on, stride_be,
-                  stride_bn, stride_bue, stride_bun, N, K, GATHER_TOP_K, SCATTER, SCALE, GLU,
+                  stride_bn, stride_bue, stride_bun, N, K, GATHER_TOP_K, SCATTER, SCALE, SCALE_IN, GLU,
                   GLU_INTERLEAVED, HAS_BIAS, HAS_BIAS_UP, STORE_PRE, W_DESC, BLOCK_M, BLOCK_N,
                   BLOCK_K)
     else:
@@ -237,6 +244,6 @@ def grouped_gemm_gather_silu_glu_T1to128(
             _tile(pid_n, expert, row0, row_end, a_ptr, w_ptr, wup_ptr, out_ptr, pre_ptr, pre_up_ptr, order_ptr,
                   scale_ptr, bias_ptr, bias_up_ptr, stride_am, stride_ak, stride_we, stride_wn,
                   stride_wk, stride_ue, stride_un, stride_uk, stride_om, stride_on, stride_be,
-                  stride_bn, stride_bue, stride_bun, N, K, GATHER_TOP_K, SCATTER, SCALE, GLU,
+                  stride_bn, stride_bue, stride_bun, N, K, GATHER_TOP_K, SCATTER, SCALE, SCALE_IN, GLU,
                   GLU_INTERLEAVED, HAS_BIAS, HAS_BIAS_UP, STORE_PRE, W_DESC, BLOCK_M, BLOCK_N,
                   BLOCK_K)

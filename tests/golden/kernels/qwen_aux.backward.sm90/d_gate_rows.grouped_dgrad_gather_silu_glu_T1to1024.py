@@ -1,7 +1,7 @@
 # moec kernel grouped_dgrad_gather_silu_glu_T1to1024
 # IR node: %d_gate_rows: f32[2*T, 32], %d_up_rows: f32[2*T, 32], %h_re: f32[2*T, 32], %dots: f32[2*T, 2] = grouped_dgrad(a=%dy, w=%w_down, offsets=%offsets, order=%order, gate=%gate_re, up=%up_re, scale=%route_weights) {num_experts=8, gather_top_k=2, act_grad=True, activation='silu', glu=True, tiles={1024: GemmTile(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=5, group_m=8), None: GemmTile(block_m=128, block_n=16, block_k=32, num_warps=4, num_stages=3, group_m=8)}}
 # grouped GEMM of a backward over E=8 experts: acc[r, :] = A[row(r), :] @ W[e(r)]^T, W[e]: [N=32, K=64]
-# variant: gather_top_k=2 two=False act_grad=True activation=silu glu=True scale=True store_h=True scatter=False out=float32
+# variant: gather_top_k=2 two=False act_grad=True activation=silu glu=True scale=True scale_in=False store_h=True scatter=False out=float32
 # tile (T <= 1024): BLOCK_M=16 BLOCK_N=16 BLOCK_K=64 GROUP_M=8 num_warps=4 num_stages=5
 #
 # W is the forward's weight read through strides (a transposed view: no copy). Rows r are (token, expert)
@@ -12,7 +12,9 @@
 # it reads the forward's pre-activation gate (and up) at the same rows, writes h (STORE_H: the down
 # projection's input, for its weight gradient), the partial dot sum_n acc * h per N tile (the routing
 # weight's gradient, summed over the tiles by the next step: deterministic), then scales by the routing weight
-# and writes d gate (and d up). Else: acc is stored, at row order[r] when SCATTER. Rows past offsets[E]
+# and writes d gate (and d up). SCALE_IN (experts whose input the routing weight s scales: h = act(s gate) *
+# (s up), not scaled after): acc is d h as it is, d gate / d up are s times the gradients at s gate / s up, and
+# the partial dots are d s = sum_n (d(s gate) gate + d(s up) up). Else: acc is stored, at row order[r] when SCATTER. Rows past offsets[E]
 # (dropped pairs) are not written.
 import triton
 import triton.language as tl
@@ -73,7 +75,7 @@ def grouped_dgrad_gather_silu_glu_T1to1024(
     N: tl.constexpr, K: tl.constexpr,
     NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr,
     HAS_OFFSETS: tl.constexpr, GATHER_TOP_K: tl.constexpr, SCATTER: tl.constexpr, SCALE: tl.constexpr,
-    TWO: tl.constexpr, ACT_GRAD: tl.constexpr, GLU: tl.constexpr, STORE_H: tl.constexpr,
+    SCALE_IN: tl.constexpr, TWO: tl.constexpr, ACT_GRAD: tl.constexpr, GLU: tl.constexpr, STORE_H: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_tile(tl.program_id(0), ROW_TILES, tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -140,12 +142,20 @@ def grouped_dgrad_gather_silu_glu_T1to1024(
     if ACT_GRAD:
         # ---- epilogue: the activation's backward, in fp32
         g_offs = offs_m.to(tl.int64)[:, None] * stride_gm + offs_n[None, :] * stride_gn
-        acc_g = tl.load(gate_ptr + g_offs, mask=mask, other=0.0).to(tl.float32)
+        gate_in = tl.load(gate_ptr + g_offs, mask=mask, other=0.0).to(tl.float32)
+        if SCALE:
+            s = tl.load(scale_ptr + pair, mask=mask_m, other=0.0).to(tl.float32)
+        acc_g = gate_in
+        if SCALE_IN:
+            acc_g = gate_in * s[:, None]
         x = acc_g
         act = x / (1.0 + tl.exp(-x))
         dact = (1.0 / (1.0 + tl.exp(-x))) * (1.0 + x * (1.0 - 1.0 / (1.0 + tl.exp(-x))))
         if GLU:
-            acc_up = tl.load(up_ptr + g_offs, mask=mask, other=0.0).to(tl.float32)
+            up_in = tl.load(up_ptr + g_offs, mask=mask, other=0.0).to(tl.float32)
+            acc_up = up_in
+            if SCALE_IN:
+                acc_up = up_in * s[:, None]
             up = acc_up
             h = act * up
         else:
@@ -153,15 +163,22 @@ def grouped_dgrad_gather_silu_glu_T1to1024(
         o_offs = offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
         if STORE_H:
             tl.store(h_ptr + o_offs, h.to(h_ptr.dtype.element_ty), mask=mask)
-        part = tl.sum(tl.where(mask, acc * h, 0.0), 1)
-        tl.store(dot_ptr + pair.to(tl.int64) * stride_dm + pid_n, part, mask=mask_m)
-        if SCALE:
-            s = tl.load(scale_ptr + pair, mask=mask_m, other=0.0)
-            acc = acc * s.to(tl.float32)[:, None]
+        if not SCALE_IN:
+            part = tl.sum(tl.where(mask, acc * h, 0.0), 1)
+            if SCALE:
+                acc = acc * s[:, None]
         dgate = acc * dact * 1.0
         if GLU:
             dgate = dgate * up
             dup = acc * act * 1.0
+        if SCALE_IN:        # d s, then the gradients of the unscaled gate and up
+            part = tl.sum(tl.where(mask, dgate * gate_in, 0.0), 1)
+            dgate = dgate * s[:, None]
+            if GLU:
+                part += tl.sum(tl.where(mask, dup * up_in, 0.0), 1)
+                dup = dup * s[:, None]
+        tl.store(dot_ptr + pair.to(tl.int64) * stride_dm + pid_n, part, mask=mask_m)
+        if GLU:
             tl.store(out2_ptr + o_offs, dup.to(out2_ptr.dtype.element_ty), mask=mask)
         tl.store(out_ptr + o_offs, dgate.to(out_ptr.dtype.element_ty), mask=mask)
     else:
