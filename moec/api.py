@@ -23,9 +23,11 @@ from .autotune import tune_model
 from .explain import entries, report
 from .log import logger
 from .frontend import LiftedMoE, NotLifted, find_moe_modules, lift, unread_moe_modules
+from .frontend.call_shape import is_attention
 from .frontend.moba_candidates import find_moba_modules
 from .frontend.structure import product_key_layer
 from .hf import attention_functions, block_experts
+from .hf.block_experts import BlockExperts
 from .moba_region import MobaRegion
 from .moe_region import MoERegion
 from .region import activations_policy, being_traced, check_mode
@@ -53,8 +55,8 @@ def _exporting() -> bool:
 def _for_dynamo(self, *args, **kwargs):
     region = getattr(self, "_moec_region", None)
     base = self._moec_base
-    if region is None:                      # the root: dynamo traces its own forward
-        return base.forward(self, *args, **kwargs)
+    if region is None or isinstance(region, BlockExperts):   # the root, an eager block's experts: dynamo traces
+        return base.forward(self, *args, **kwargs)                # their own forward
     if isinstance(region, MoERegion) and len(args) + len(kwargs) == 1:
         x = args[0] if args else next(iter(kwargs.values()))
         if isinstance(x, torch.Tensor):
@@ -166,10 +168,12 @@ def compile_module(model: nn.Module, *, dump_dir=None, arch: Optional[str] = Non
     unread = unread_moe_modules(model, found)
     skipped += [(q, type(m).__name__, why) for q, m, why in unread]
     keyed = [(q, m) for q, m, _ in unread if product_key_layer(m)]      # MoE layers, not MoBA attention
-    moba = _attach_moba(model, find_moe_modules(model) + keyed, arch, root)
+    # the parts of a layer holding experts moec does not read (an MLP router's top-k) are no MoBA either
+    parts = [(f"{q}.{n}", c) for q, m, _ in unread for n, c in m.named_children() if not is_attention(n, c)]
+    moba = _attach_moba(model, find_moe_modules(model) + keyed + parts, arch, root)
     experts = []
-    if sys.modules.get("transformers") is not None:       # MoBA registered as a transformers attention function
-        moba += attention_functions.attach(model, arch, root)
+    if sys.modules.get("transformers") is not None:
+        moba += attention_functions.attach(model, arch, root)    # MoBA registered as an attention function
         for qualname, module, region in block_experts.attach(model, skipped, arch, root):
             module.__class__ = _compiled_class(type(module))    # an eager block's experts on the kernels
             module.__dict__["_moec_region"] = region

@@ -8,7 +8,7 @@ Guarantees: when saving is chosen, each such node also returns ``pre`` (and ``pr
 the products before the activation, biases added, in the layer's dtype, stored from the same fp32
 accumulators at the same rows as the node's output (`moec.ir.backward.saved_values` names them for the
 backward, which then reads them instead of running two grouped GEMMs again); GEMMs whose rows the routing
-weights scale (``scale_in``) are always recomputed. Otherwise the graph is unchanged. The numbers are the same either way: both paths round the same fp32 products once.
+weights scale (``scale_in``, or reading a scaled ``permute``) are always recomputed. Otherwise the graph is unchanged. The numbers are the same either way: both paths round the same fp32 products once.
 
 The choice (`decide`): ``"auto"`` saves when writing and reading the saved rows costs less time on the
 target than recomputing them (their FLOPs at the arch's tensor-core rate against their bytes at its
@@ -93,8 +93,11 @@ def choice_for(g: Graph, arch: Arch, policy: str) -> Choice:
 
 
 def save_activations(g: Graph, ctx) -> Graph:
-    # (rows scaled before the activation, scale_in, are recomputed: their backward reads the unscaled products)
-    nodes = [n for n in gate_up_nodes(g) if "pre" not in n.outs and not n.attr["scatter"] and not n.attr["scale_in"]]
+    # rows the routing weights scale (scale_in, or a scaled permute's rows) are recomputed: their backward reads
+    # the unscaled products
+    scaled = {n.outs["out"] for n in g.nodes if n.op == "permute" and "scale" in n.ins}
+    nodes = [n for n in gate_up_nodes(g) if "pre" not in n.outs and not n.attr["scatter"] and not n.attr["scale_in"]
+             and n.ins["a"] not in scaled]
     if not ctx.saving or not nodes or not choice_for(g, ctx.arch, ctx.saving).save:
         return g
     repl = {}

@@ -75,6 +75,17 @@ def _backward_launches(arch: str, T: int = 40) -> list:
     inputs.update(saved)
     names = {n for n, _ in sbwd.graph.inputs}
     records += record_launches(lambda: sbwd.program.run({n: v for n, v in inputs.items() if n in names}))
+    # experts whose input the routing weight scales (Llama 4): the scale on the gate/up accumulators, forward
+    # and in the backward's activation epilogue
+    scaled = MoERecipe(MoESpec(64, 96, RouterConfig(8, 1, score="sigmoid"), input_scaled=True), ("y",))
+    ws = MoEWeights(w_router=w.w_router, w_gate=w.w_gate, w_up=w.w_up, w_down=w.w_down)
+    sfwd = compile_program(scaled, torch.float16, ARCHS[arch])
+    records += record_launches(lambda: sfwd.program.run(moe_inputs(x, ws)))
+    env = sfwd.program.run(moe_inputs(x, ws), values=True)
+    sb = compile_program(BackwardRecipe(scaled), torch.float16, ARCHS[arch])
+    sin = {**moe_inputs(x, ws), **{r: env[v] for r, v in saved_values(sfwd.graph).items()}, "dy": inputs["dy"]}
+    names = {n for n, _ in sb.graph.inputs}
+    records += record_launches(lambda: sb.program.run({n: v for n, v in sin.items() if n in names}))
     return distinct_launches(records)
 
 
@@ -89,6 +100,7 @@ def test_backward_kernels_compile_fit_and_use_tensor_cores(arch):
     assert {"grouped_dgrad_gather_silu_glu", "grouped_dgrad_two_scatter", "grouped_wgrad_gather_scaled_dbias",
             "grouped_wgrad_gather_dbias", "grouped_dgrad_silu_glu", "grouped_dgrad_two", "grouped_wgrad_scaled",
             "grouped_dgrad_gather_gelu", "grouped_dgrad_scatter"} <= names, names
+    assert {"grouped_gemm_gather_silu_glu_inscaled", "grouped_dgrad_gather_silu_glu_inscaled"} <= names, names
     for stored in ("grouped_gemm_gather_bias_silu_glu_pre", "grouped_gemm_silu_glu_pre"):   # the training forward's
         assert any(n.startswith(stored) for n in names), (stored, names)
     for record in launches:

@@ -28,7 +28,7 @@ from moec.spec import MoESpec, MoEWeights, RouterConfig
 pytestmark = pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
 
 MODULES = [zoo.MixtralMoE, zoo.StackedGatherBmmMoE, zoo.DenseOneHotMoE, zoo.DeepseekV3MoE, zoo.SwitchMoE,
-           zoo.QwenMoE, zoo.AuxLossMoE, zoo.LogitsBiasTopKMoE, zoo.Relu2ExpertMoE]
+           zoo.QwenMoE, zoo.AuxLossMoE, zoo.LogitsBiasTopKMoE, zoo.Relu2ExpertMoE, zoo.GatherScaledMoE]
 TOKENS = {"MixtralMoE": (4, 8, 300), "DeepseekV3MoE": (4, 8, 300)}     # others: (8,)
 # layers with no eager zoo module (their frontend is a Hugging Face adapter): compiled from the spec
 GPT_OSS = MoESpec(64, 48, RouterConfig(8, 2, order="topk_then_score", router_bias=True), expert_bias=True,

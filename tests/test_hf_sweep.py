@@ -27,8 +27,9 @@ MUST_LIFT = {"afmoe", "hy_v3", "minimax_m2", "nemotron_h", "deepseek_v2", "qwen3
              "lfm2_moe", "qwen4_exp_text", "bailing_hybrid", "llama4_text", "llama4"}
 
 # blocks left eager whose experts modules run the kernels: an MLP router (Zaya), sparsemixer (PhiMoE), hash routing
-# (DeepSeek-V4), a decoder-layer MoE (Gemma4), routers that also score shared experts (Inkling)
-EXPERTS_ONLY = {"zaya", "phimoe", "deepseek_v4", "gemma4", "gemma4_text", "inkling_text"}
+# (DeepSeek-V4), a decoder-layer MoE (Gemma4), routers that also score shared experts (Inkling), a branch on data
+# (Kolibri1)
+EXPERTS_ONLY = {"zaya", "phimoe", "deepseek_v4", "gemma4", "gemma4_text", "inkling_text", "kolibri1"}
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -109,3 +109,51 @@ def test_llama4_block_under_fullgraph_torch_compile():
     assert got[0].shape == want[0].shape == (10, block.hidden_dim)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ---- what must not be read as input-scaled or as a [T, d] output ----------------------------------------
+
+class MaskedInputMoE(torch.nn.Module):
+    """Every expert on every token, its input masked 0/1 to the tokens that picked it, its output weighted: the
+    input is multiplied by a router-derived value, but the weights scale the output (lifted as such)."""
+
+    def __init__(self, d=16, f=24, E=4, k=2):
+        super().__init__()
+        self.k = k
+        self.gate = torch.nn.Linear(d, E, bias=False)
+        self.experts = torch.nn.ModuleList([zoo.MixtralBlockSparseTop2MLP(d, f) for _ in range(E)])
+
+    def forward(self, x):
+        xf = x.view(-1, x.shape[-1])
+        probs = torch.softmax(self.gate(xf), dim=-1)
+        w, ids = torch.topk(probs, self.k, dim=-1)
+        mask = torch.zeros_like(probs).scatter(1, ids, 1.0)
+        wd = torch.zeros_like(probs).scatter(1, ids, w)
+        y = torch.zeros_like(xf)
+        for e, ex in enumerate(self.experts):
+            y = y + ex(xf * mask[:, e:e + 1]) * wd[:, e:e + 1]
+        return y.view_as(x)
+
+
+def test_a_masked_input_with_weighted_outputs_is_lifted_as_output_weighted():
+    model, eager = _pair(MaskedInputMoE)
+    assert "LIFTED" in model.explain() and "input-scaled" not in model.explain(), model.explain()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), eager(x), rtol=1e-4, atol=1e-5)
+
+
+class SqueezeMoE(zoo.MixtralMoE):
+    def forward(self, hidden_states):
+        return super().forward(hidden_states).squeeze(0)       # [T, d] for a batch of one only
+
+
+def test_a_forward_that_drops_a_batch_of_one_is_not_read_as_a_flat_output():
+    """y's shape is checked on every probe input: [T, d] for a batch of one, [B, S, d] otherwise is no rule the
+    kernels follow, so the layer stays eager (and answers as eager in every shape)."""
+    model, eager = _pair(SqueezeMoE)
+    assert "EAGER" in model.explain() and "returns y of shape" in model.explain(), model.explain()
+    for shape in [(1, 5, 16), (2, 5, 16)]:
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), eager(x))

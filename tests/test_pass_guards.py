@@ -815,7 +815,8 @@ def test_fold_combine_guard_gemm_gathering_with_another_order():
 
 # ==== save-activations ===========================================================================
 # Guards: (1) a forward a backward follows (ctx.saving set); (2) the policy chooses saving; (3) a GEMM with an
-# activation in its epilogue (4) not already storing pre and (5) not scattering (its rows would be pair order).
+# activation in its epilogue (4) not already storing pre and (5) not scattering (its rows would be pair order);
+# (6) its rows not scaled by the routing weights (scale_in, or a scaled permute's rows).
 
 FUSED_GLU = """
 graph moe(%x: f32[T, 16], %w_gate: f32[1, 8, 16], %w_up: f32[1, 8, 16]) {{
@@ -862,6 +863,24 @@ def test_save_activations_scatter_guard():
           %h: f32[2*T, 8] = grouped_gemm(a=%x, w=%w, offsets=%offsets, order=%order) {num_experts=4, activation='relu', gather_top_k=2, scatter=True}
           return %h
         }""")
+    assert print_graph(save_activations(g, SAVING)) == print_graph(g)
+
+
+
+@pytest.mark.parametrize("rows", ["scale_in", "permute"])
+def test_save_activations_scaled_rows_guard(rows):
+    """Guard 6: the products of rows the routing weights scale are s * gate, not what the backward reads (the
+    unscaled gate and up): recomputed, never saved, whether the scale is folded into the GEMM or not."""
+    if rows == "scale_in":
+        body = """%h: f32[2*T, 8] = grouped_gemm(a=%x, w=%w, offsets=%offsets, w_up=%w, order=%order, scale=%s) {num_experts=4, activation='silu', glu=True, gather_top_k=2, scale_in=True}"""
+    else:
+        body = """%xs: f32[2*T, 16] = permute(x=%x, order=%order, scale=%s) {top_k=2}
+          %h: f32[2*T, 8] = grouped_gemm(a=%xs, w=%w, offsets=%offsets, w_up=%w) {num_experts=4, activation='silu', glu=True}"""
+    g = ir(f"""
+        graph moe(%x: f32[T, 16], %w: f32[4, 8, 16], %offsets: i32[5], %order: i32[2*T], %s: f32[T, 2]) {{
+          {body}
+          return %h
+        }}""")
     assert print_graph(save_activations(g, SAVING)) == print_graph(g)
 
 

@@ -10,10 +10,14 @@ import inspect
 from torch import nn
 
 
+def is_attention(name: str, child: nn.Module) -> bool:
+    """Whether a child computes attention (named or classed so)."""
+    return "attention" in type(child).__name__.lower() or name.endswith(("attn", "attention"))
+
+
 def attention_children(module: nn.Module) -> list:
     """``"path (Class)"`` of the module's children that compute attention (named or classed so)."""
-    return [f"{name} ({type(c).__name__})" for name, c in module.named_children()
-            if "attention" in type(c).__name__.lower() or name.endswith(("attn", "attention"))]
+    return [f"{name} ({type(c).__name__})" for name, c in module.named_children() if is_attention(name, c)]
 
 
 def inside_a_bigger_layer(module: nn.Module, st) -> str:

@@ -159,8 +159,8 @@ def _lift(module: nn.Module):
                              f"of hidden size {st.d}")
     formulation, how = read_formulation(st, cap, router_modules | router_params)
     notes.append(f"formulation: {formulation} ({how})")
-    # the routing weights scale what the experts read (Llama4): candidates with input-scaled experts
-    scaled = scaled_expert_input(cap, st, router_modules | router_params) is not None
+    # the routing weights scale what the experts read (Llama4): candidates with input-scaled experts first
+    scalings = (True, False) if scaled_expert_input(cap, st, router_modules | router_params) else (False,)
 
     pr = Prober(module, st.d, width, st.dtype, st.device)
     pr.capacity_named = capacity_options(st) != [{}]
@@ -212,7 +212,8 @@ def _lift(module: nn.Module):
                                                      variant=dict(own))
                             if sh_cfg.gated:
                                 S = S * torch.sigmoid(xf @ w.shared_gate_proj.float().t())
-                    for cfg in router_configs(st, hints, aux_out, router_bias, has_bias, has_noise, r_width):
+                    for cfg, scaled in ((c, sc) for sc in scalings for c in router_configs(
+                            st, hints, aux_out, router_bias, has_bias, has_noise, r_width)):
                         try:
                             spec = MoESpec(hidden=st.d, ffn=layout.ffn, router=cfg, activation=layout.activation,
                                            glu=layout.glu, shared=sh_cfg, expert_bias=layout.bias,

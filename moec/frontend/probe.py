@@ -185,6 +185,10 @@ class Prober:
         where = f"T={x.shape[0]}, {'training' if training else 'eval'} mode"
         if self.effects[(i, training, self.rank3)]:
             return f"{where}: the forward {self.effects[(i, training, self.rank3)]}"
+        shape = tuple(self.eager(i, training, raw=True)[0].shape)     # y as the forward returns it, every input
+        want = (T, self.d) if self.y_flat else tuple(self.x(i).shape)
+        if shape != want:
+            return f"{where}: the forward returns y of shape {shape} for an input of shape {tuple(self.x(i).shape)}"
         cfg = spec.router
         noise = self.noise(i, noise_dtype) if (training and cfg.noisy) else None
         if y_ref is None:
@@ -304,6 +308,8 @@ def probe(module: nn.Module, lifted, training: Optional[bool] = None) -> Optiona
         msg = pr.setup() or pr.check(lifted, training)
         if msg is None and not lifted.out_dtypes:         # an adapter's lift: packed as the forward packs
             lifted.container, lifted.out_dtypes, lifted.out_leads = pr.container, pr.out_dtypes, pr.out_leads
+        if msg is None:
+            lifted.y_flat = pr.y_flat
         return msg
     except Exception as e:  # noqa: BLE001 - a probe that crashes is a failed probe
         return f"probe failed: {type(e).__name__}: {e}"

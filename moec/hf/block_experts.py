@@ -10,8 +10,11 @@ and weighted combine as generated kernels, forward and backward): the block's ro
 the expert computation on moec's kernels.
 
 Only a module whose own forward *is* the interface's is served (a subclass that wraps it, adding a norm
-after the projections, is not: its forward would be skipped). A call the kernels do not take runs the
-module's forward as the model chose it (``config._experts_implementation``), with the reason counted.
+after the projections, is not: its forward would be skipped), and only while the model's
+``config._experts_implementation`` is one that computes the plain maths (`SERVED`: a function registered
+under another name is the user's own and runs). A call the kernels do not take runs the module's forward as
+the model chose it, with the reason counted. Under ``torch.compile`` the module's own forward is traced
+(dynamo sees through transformers' implementations; a served call would be an opaque graph break).
 """
 from __future__ import annotations
 
@@ -21,15 +24,18 @@ from typing import Optional
 
 from torch import nn
 
-from .experts import ExpertsRegion, serve
+from .experts import ExpertsRegion, interface_forward, serve
+
+# transformers' implementations of the experts call that compute its plain maths (None: the default)
+SERVED = (None, "eager", "grouped_mm", "batched_mm", "moec")
 
 
 def follows_interface(m: nn.Module) -> bool:
-    """Whether ``m``'s forward is transformers' experts-interface dispatch (``@use_experts_implementation``)."""
-    fwd = getattr(type(m), "forward", None)
-    code = getattr(fwd, "__code__", None)
-    return (getattr(fwd, "__wrapped__", None) is not None and code is not None
-            and "experts_interface" in code.co_freevars and hasattr(m, "config"))
+    """Whether ``m``'s forward is transformers' experts-interface dispatch (``@use_experts_implementation``),
+    not a subclass's forward around it (compiled or not)."""
+    cls = getattr(type(m), "_moec_base", type(m))
+    fwd = interface_forward(cls)
+    return fwd is not None and cls.forward is fwd and hasattr(m, "config")
 
 
 @dataclass(eq=False)
@@ -41,24 +47,34 @@ class BlockExperts(ExpertsRegion):
     takes_any_call = True           # it binds the call to the interface's signature itself (`__call__`)
 
     def __call__(self, module: nn.Module, eager, *args, **kwargs):
-        got = _routed_call(type(module)._moec_base.forward, module, args, kwargs)
+        got = _routed_call(type(module)._moec_base, module, args, kwargs)
         if got is None:
             return self.eager("a call other than experts(hidden_states, top_k_index, top_k_weights)",
                               eager, *args, **kwargs)
-        return serve(self, module, eager, *got)
+        impl = getattr(getattr(module, "config", None), "_experts_implementation", None)
+        why = None if impl in SERVED else f"the model's own experts_implementation {impl!r}"
+        return serve(self, module, eager, *got, reason=why)
 
     def report(self, qualname: str, cls: str) -> list[str]:
         where = self.block or "<root>"
-        head = (f"EXPERTS {qualname} ({cls}): the routed experts on moec's kernels (transformers' experts interface); "
-                f"the routing stays {where}'s own code")
+        head = (f"EXPERTS {qualname} ({cls}): transformers' experts interface, served by moec's experts kernels "
+                f"where they apply (calls below); the routing stays {where}'s own code")
         lines = self.call_lines() + self.program_lines()
         return [head] + [f"  {line}" for line in lines]
 
 
-def _routed_call(forward, module: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple]:
+_SIGNATURES: dict = {}
+
+
+def _routed_call(cls: type, module: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple]:
     """``(hidden_states, top_k_index, top_k_weights)`` of a call, or None when it passes anything else."""
+    if len(args) == 3 and not kwargs:
+        return args
+    sig = _SIGNATURES.get(cls)
+    if sig is None:
+        sig = _SIGNATURES[cls] = inspect.signature(cls.forward)
     try:
-        bound = inspect.signature(forward).bind(module, *args, **kwargs)
+        bound = sig.bind(module, *args, **kwargs)
     except (TypeError, ValueError):
         return None
     values = list(bound.arguments.values())[1:]

@@ -107,12 +107,18 @@ class ExpertsLayout:
         return self.views(self.leaves(m))
 
 
+def _gate_fn(m: nn.Module):
+    """The function ``m._apply_gate`` runs: its class's, or one set on the instance (a bound method)."""
+    gate = getattr(m, "_apply_gate", None)
+    return getattr(gate, "__func__", gate)
+
+
 def _default_gate(m: nn.Module) -> bool:
     try:
         from transformers.integrations.moe import _default_apply_gate
     except Exception:  # noqa: BLE001 - another transformers layout: do not guess
         return False
-    return getattr(type(m), "_apply_gate", None) is _default_apply_gate
+    return _gate_fn(m) is _default_apply_gate
 
 
 def _cached(m: nn.Module, name: str, key: tuple, compute):
@@ -167,7 +173,7 @@ def read_layout(m: nn.Module, d: int):
             return f"unexpected bias shapes {shapes}"
     interleaved, variant = False, ()
     if glu and not _default_gate(m):
-        gate_key = (getattr(type(m), "_apply_gate", None), act_fn, f, module_state(m))
+        gate_key = (_gate_fn(m), act_fn, f, module_state(m))
         form = _cached(m, "_moec_gate", gate_key, lambda: _custom_gate(m, act, f))
         if form is None:
             return (f"a custom gate ({type(m).__name__}._apply_gate) that is none of moec's GLU forms "
@@ -216,12 +222,20 @@ def calls(model: nn.Module) -> Counter:
     return total
 
 
-def _eager_forward(m: nn.Module):
-    for cls in type(m).__mro__:
-        fwd = cls.__dict__.get("forward")
-        if fwd is not None and getattr(fwd, "__wrapped__", None) is not None:
-            return functools.partial(fwd.__wrapped__, m)
+def interface_forward(cls: type):
+    """The forward transformers' ``@use_experts_implementation`` gave ``cls`` (or a base of it): the dispatch on
+    ``config._experts_implementation``, whose ``__wrapped__`` is the class's own eager forward; None if none."""
+    for c in cls.__mro__:
+        fwd = c.__dict__.get("forward")
+        code = getattr(fwd, "__code__", None)
+        if getattr(fwd, "__wrapped__", None) is not None and code is not None and "experts_interface" in code.co_freevars:
+            return fwd
     return None
+
+
+def _eager_forward(m: nn.Module):
+    fwd = interface_forward(type(m))
+    return functools.partial(fwd.__wrapped__, m) if fwd is not None else None
 
 
 def _recipe(layout: ExpertsLayout, k: int, saving: str = "") -> ExpertsRecipe:
@@ -268,11 +282,13 @@ def moec_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Te
     return serve(_region(self), self, _eager_forward(self), hidden_states, top_k_index, top_k_weights)
 
 
-def serve(region: ExpertsRegion, m: nn.Module, eager, x: Tensor, ids: Tensor, wts: Tensor) -> Tensor:
+def serve(region: ExpertsRegion, m: nn.Module, eager, x: Tensor, ids: Tensor, wts: Tensor,
+          reason: Optional[str] = None) -> Tensor:
     """The experts module ``m``'s output for ``(x, ids, wts)`` from ``region``'s kernels, or from ``eager`` (the
-    forward to run otherwise; None: not found) with the reason counted."""
+    forward to run otherwise; None: not found) with the reason counted (``reason``: the caller's already).
+    Expert ids outside ``[0, E)`` (transformers' sentinel ``E`` of experts another rank holds) add nothing."""
     layout = read_layout(m, x.shape[-1]) if isinstance(x, Tensor) else "input is not a tensor"
-    reason = "moec.disabled() is active" if is_disabled() else layout if isinstance(layout, str) else None
+    reason = reason or ("moec.disabled() is active" if is_disabled() else layout if isinstance(layout, str) else None)
     if reason is None:
         w = layout.weights(m)
         reason = _why_eager(x, ids, wts, [t for t in w.values() if t is not None])
@@ -283,6 +299,7 @@ def serve(region: ExpertsRegion, m: nn.Module, eager, x: Tensor, ids: Tensor, wt
                                f"its eager forward was not found")
         return region.eager(reason, eager, x, ids, wts)
     leaves = layout.leaves(m)
+    ids = torch.where((ids >= 0) & (ids < layout.E), ids, -1)      # (-1: a pair that adds nothing, never read)
     if torch.is_grad_enabled() and any(t.requires_grad for t in [x, wts, *leaves]):
         def kernels(ts):
             return run_kernels(region, ts[0], ids, ts[1], layout, layout.views(ts[2:]), saving=True)
