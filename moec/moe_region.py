@@ -26,7 +26,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
-import contextlib
 import functools
 from collections import Counter, OrderedDict
 
@@ -44,9 +43,9 @@ from . import guards
 from .compiler import MoERecipe
 from .frontend import lift
 from .frontend.outputs import derive, item_dtype, item_shape, kernel_outputs, pack, slots
-from .frontend.router_call import arguments
 from .moe_backward import kernels_backward
 from .region import Region, empty_with_grad, is_disabled
+from .router_hooks import call_observed
 from .spec import MoEWeights
 
 @dataclass(eq=False)
@@ -64,7 +63,7 @@ class MoERegion(Region):
     _stacks: dict = field(default_factory=dict)   # stacked indices -> (stack, its members' addresses)
     _kept: Optional["_Kept"] = None               # the weights of the last call, while its tensors hold
     _owners: Optional[list] = None              # (module, name) of each tensor the lift reads (see `tensors`)
-    _observed: Optional[list] = None            # (path, module) of the observed children (see `_call_observed`)
+    _observed: Optional[list] = None            # (path, module) of the observed children (see `moec.router_hooks`)
     _outputs: Optional[tuple] = None            # (lift, its program's outputs)
     _program: Optional[tuple] = None            # (lift, saving, dtype, device, compiled): the last call's
     graph_skips: Counter = field(default_factory=Counter)   # mode="reduce-overhead": why a call took no graph
@@ -235,7 +234,7 @@ class MoERegion(Region):
             self.guard_changes[f"{change} -> eager"] += 1
         else:
             self.lifted, self._stacks, self._kept = got, {}, None
-            self.guard_changes[f"{change} -> lifted again ({_spec_line(got.spec)})"] += 1
+            self.guard_changes[f"{change} -> lifted again ({got.spec.describe()})"] += 1
 
     def __call__(self, module, eager_forward, x, *args, **kwargs):
         if self._lifting:
@@ -263,7 +262,7 @@ class MoERegion(Region):
         x2 = x.reshape(-1, x.shape[-1])
         if self._observed is None:
             self._observed = [(path, module.get_submodule(path)) for path in self.lifted.observed]
-        replay = _call_observed(module, self.lifted, self._observed, x, x2) if self._observed else None
+        replay = call_observed(module, self.lifted, self._observed, x, x2) if self._observed else None
         if replay == "cannot":
             return self.eager("hooks on the router, which the forward calls in a way moec cannot repeat",
                               eager_forward, x)
@@ -340,7 +339,8 @@ class MoERegion(Region):
         if self.lifted is None:
             return [f"EAGER   {qualname or '<root>'} ({cls}): {self.unlifted}"] + changed + \
                 [f"        {line}" for line in self.call_lines()]
-        lines = [f"LIFTED  {qualname or '<root>'} ({cls}): {self.lifted.formulation}", f"        {_spec_line(self.spec)}"]
+        lines = [f"LIFTED  {qualname or '<root>'} ({cls}): {self.lifted.formulation}",
+                 f"        {self.spec.describe()}"]
         lines += changed
         lines += [f"        {note}" for note in getattr(self.lifted, "notes", []) if note.startswith(_SHOWN_NOTES)]
         lines += [f"        {line}" for line in self.program_lines()]
@@ -387,49 +387,6 @@ def _owner(module, path: str) -> tuple:
     return (module.get_submodule(owner) if owner else module), name
 
 
-def _spec_line(spec) -> str:
-    r = spec.router
-    bits = [f"{spec.ffn_experts} experts" + (f" + {spec.identity_experts} identity" if spec.identity_experts else ""),
-            f"top-{r.top_k}", r.score]
-    if r.order == "topk_then_score":
-        bits.append("top-k then softmax")
-    if r.order == "logits_then_score":
-        bits.append("top-k of the logits")
-    if r.renormalize:
-        bits.append("renormalised")
-    if r.routed_scaling != 1.0:
-        bits.append(f"scaled x{r.routed_scaling:g}")
-    if r.score_bias:
-        bits.append("selection bias")
-    if r.n_group > 1:
-        bits.append(f"group-limited {r.topk_group}/{r.n_group} ({r.group_score})")
-    if r.has_capacity:
-        size = f"capacity {r.capacity_factor:g}" if r.capacity_factor is not None else f"{r.expert_capacity} pairs"
-        size += f" (at least {r.min_capacity})" if r.min_capacity > 1 else ""
-        per = " per sequence" if r.capacity_per == "sequence" else ""
-        bits.append(f"{size} per expert{per} ({r.overflow}" + (", dropped tokens pass through)" if r.dropped == "pass"
-                                                                  else ", weights over the kept pairs)"
-                                                                  if r.renormalize_kept else ")"))
-    if r.noisy:
-        bits.append("noisy gating")
-    if r.aux_loss:
-        bits.append("aux loss" + (" over the first choices" if r.aux_counts == "first" else ""))
-    if r.router_bias:
-        bits.append("router bias")
-    act = ("SwiGLU" if spec.activation == "silu" else f"{spec.activation} GLU") if spec.glu else spec.activation
-    variant = [f"{k}={v:g}" for k, v in spec.glu_variant.items()]
-    if variant:
-        act += f" ({', '.join(variant)})"
-    bits.append(f"{act} experts{' with biases' if spec.expert_bias else ''} d={spec.hidden} f={spec.ffn}"
-                + (" seeing weight * x (input-scaled)" if spec.input_scaled else ""))
-    if spec.shared is not None:
-        own = ""
-        if spec.shared.variant is not None:
-            own = ", its own GLU: " + (", ".join(f"{k}={v:g}" for k, v in spec.shared.variant) or "plain")
-        bits.append(f"shared expert f={spec.shared.width}" + (" (sigmoid-gated)" if spec.shared.gated else "") + own)
-    return ", ".join(bits)
-
-
 def share_storage(members: list) -> tuple[torch.Tensor, Optional[tuple]]:
     """``(stack of members, their addresses)``: the members become views of the stack (``.data``, so
     each keeps its identity, gradients and optimizer state), unless they cannot share one storage
@@ -448,54 +405,3 @@ def share_storage(members: list) -> tuple[torch.Tensor, Optional[tuple]]:
 
 def _identities(tensors) -> tuple:
     return tuple((id(t), t.data_ptr(), t.shape, t.stride(), t.dtype) for t in tensors)
-
-
-def _call_observed(module, lifted, observed: list, x, x2):
-    """Call the observed children (the router) that have forward hooks, once and with the arguments
-    the forward gives them, so that the hooks see their outputs (transformers records router logits
-    with hooks). None when every hook left the output as the router's own forward gives it; a
-    context in which the eager forward gets that hooked output from the router (its hooks not run
-    again); "cannot" when a hooked router's call cannot be repeated."""
-    for path, sub in observed:
-        if not (sub._forward_hooks or sub._forward_pre_hooks):
-            continue
-        call = lifted.observed_calls.get(path, ((("rows",),), {}))
-        if call is None:
-            return "cannot"
-        args, kwargs = arguments(module, call, x, x2)
-        hooked = sub(*args, **kwargs)
-        with torch.no_grad():
-            plain = sub.forward(*args, **kwargs)
-        if not _same(hooked, plain):
-            return _replaying(sub, x2, hooked)
-    return None
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and len(a) == len(b):
-        return all(_same(i, j) for i, j in zip(a, b))
-    return type(a) is type(b) and a == b
-
-
-@contextlib.contextmanager
-def _replaying(sub, x2, out):
-    """Inside: ``sub`` called on the rows ``x2`` gives ``out`` without running its hooks again."""
-    hooks, pre = sub._forward_hooks, sub._forward_pre_hooks
-    original = sub.forward
-
-    def forward(*args, **kwargs):
-        a = args[0] if args else next(iter(kwargs.values()), None)
-        if isinstance(a, torch.Tensor) and a.numel() == x2.numel() and torch.equal(a.reshape(x2.shape), x2):
-            return out
-        return original(*args, **kwargs)
-
-    sub._forward_hooks, sub._forward_pre_hooks = OrderedDict(), OrderedDict()
-    sub.forward = forward
-    try:
-        yield
-    finally:
-        del sub.forward
-        sub._forward_hooks, sub._forward_pre_hooks = hooks, pre
-

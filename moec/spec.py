@@ -293,6 +293,50 @@ class MoESpec:
         if self.shared is not None and self.shared.variant is not None:
             check_glu_variant(self.activation, self.glu, **{**GLU_PLAIN, **dict(self.shared.variant)})
 
+    def describe(self) -> str:
+        """The layer in one line of words (explain()'s head line of a lifted layer)."""
+        r = self.router
+        identity = f" + {self.identity_experts} identity" if self.identity_experts else ""
+        bits = [f"{self.ffn_experts} experts{identity}", f"top-{r.top_k}", r.score]
+        if r.order == "topk_then_score":
+            bits.append("top-k then softmax")
+        if r.order == "logits_then_score":
+            bits.append("top-k of the logits")
+        if r.renormalize:
+            bits.append("renormalised")
+        if r.routed_scaling != 1.0:
+            bits.append(f"scaled x{r.routed_scaling:g}")
+        if r.score_bias:
+            bits.append("selection bias")
+        if r.n_group > 1:
+            bits.append(f"group-limited {r.topk_group}/{r.n_group} ({r.group_score})")
+        if r.has_capacity:
+            size = f"capacity {r.capacity_factor:g}" if r.capacity_factor is not None else f"{r.expert_capacity} pairs"
+            size += f" (at least {r.min_capacity})" if r.min_capacity > 1 else ""
+            per = " per sequence" if r.capacity_per == "sequence" else ""
+            how = (", dropped tokens pass through)" if r.dropped == "pass"
+                   else ", weights over the kept pairs)" if r.renormalize_kept else ")")
+            bits.append(f"{size} per expert{per} ({r.overflow}{how}")
+        if r.noisy:
+            bits.append("noisy gating")
+        if r.aux_loss:
+            bits.append("aux loss" + (" over the first choices" if r.aux_counts == "first" else ""))
+        if r.router_bias:
+            bits.append("router bias")
+        act = ("SwiGLU" if self.activation == "silu" else f"{self.activation} GLU") if self.glu else self.activation
+        variant = [f"{k}={v:g}" for k, v in self.glu_variant.items()]
+        if variant:
+            act += f" ({', '.join(variant)})"
+        bits.append(f"{act} experts{' with biases' if self.expert_bias else ''} d={self.hidden} f={self.ffn}"
+                    + (" seeing weight * x (input-scaled)" if self.input_scaled else ""))
+        if self.shared is not None:
+            own = ""
+            if self.shared.variant is not None:
+                own = ", its own GLU: " + (", ".join(f"{k}={v:g}" for k, v in self.shared.variant) or "plain")
+            gated = " (sigmoid-gated)" if self.shared.gated else ""
+            bits.append(f"shared expert f={self.shared.width}{gated}{own}")
+        return ", ".join(bits)
+
     @property
     def glu_variant(self) -> dict:
         """The GLU variant as IR attributes (only the ones that differ from plain GLU)."""

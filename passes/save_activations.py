@@ -8,7 +8,8 @@ Guarantees: when saving is chosen, each such node also returns ``pre`` (and ``pr
 the products before the activation, biases added, in the layer's dtype, stored from the same fp32
 accumulators at the same rows as the node's output (`moec.ir.backward.saved_values` names them for the
 backward, which then reads them instead of running two grouped GEMMs again); GEMMs whose rows the routing
-weights scale (``scale_in``, or reading a scaled ``permute``) are always recomputed. Otherwise the graph is unchanged. The numbers are the same either way: both paths round the same fp32 products once.
+weights scale (``scale_in``, or reading a scaled ``permute``) are always recomputed. Otherwise the graph is
+unchanged. The numbers are the same either way: both paths round the same fp32 products once.
 
 The choice (`decide`): ``"auto"`` saves when writing and reading the saved rows costs less time on the
 target than recomputing them (their FLOPs at the arch's tensor-core rate against their bytes at its

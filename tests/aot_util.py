@@ -9,6 +9,7 @@ with fp16 tensors is re-typed with `retyped(record, "fp16", "bf16")` before comp
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Callable, Iterable
 
 from moec.runtime import cache
@@ -16,6 +17,15 @@ from moec.runtime.aot import AotReport, compile_launch
 from moec.runtime.launch import LaunchRecord, recording
 
 ARCHS = ("sm80", "sm90", "sm100")
+# under the large profile (or MOEC_AOT_ALL=1) every ahead-of-time check compiles for all of ARCHS
+LARGE = os.environ.get("HYPOTHESIS_PROFILE") == "large" or os.environ.get("MOEC_AOT_ALL") == "1"
+
+
+def aot_archs(*ci: str) -> tuple:
+    """The archs one ahead-of-time check compiles for: ``ci`` by default (each check one or two archs, the checks
+    together sm80's mma.sync, sm90's wgmma and sm100's tcgen05, so a suite run stays short), `ARCHS` under the
+    large profile."""
+    return ARCHS if LARGE else ci
 
 
 def record_launches(workload: Callable[[], object]) -> list[LaunchRecord]:

@@ -15,7 +15,7 @@ import re
 import pytest
 import torch
 
-from aot_util import distinct_launches, record_launches, retyped
+from aot_util import aot_archs, distinct_launches, record_launches, retyped
 from moec.compiler import BackwardRecipe, ExpertsRecipe, MoERecipe, compile_program
 from moec.ir.backward import PRE_SAVED, saved_values
 from moec.ir.build import moe_inputs
@@ -89,7 +89,7 @@ def _backward_launches(arch: str, T: int = 40) -> list:
     return distinct_launches(records)
 
 
-@pytest.mark.parametrize("arch", ["sm80", "sm90", "sm100"])
+@pytest.mark.parametrize("arch", aot_archs("sm90"))
 def test_backward_kernels_compile_fit_and_use_tensor_cores(arch):
     """bf16, the GPU dtype (recorded in fp16: the interpreter gets bf16 tl.dot wrong); fp16 as recorded too
     under ``HYPOTHESIS_PROFILE=large``. The cost model tiles the backward per token-count bucket: T = 40 runs the

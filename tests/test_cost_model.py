@@ -36,6 +36,7 @@ from moec.passes import cost_model as cm
 from moec.passes.cost_terms import MAX_SYNC_REGS, sync_mma, sync_regs
 from moec.ir.build import moe_inputs
 from moec.runtime import arch as arch_module
+from aot_util import LARGE, aot_archs
 from moec.runtime.aot import compile_launch
 from moec.runtime.arch import ARCHS, GPU_ARCHS, arch_of, with_device_facts
 from moec.runtime.launch import Kernel, recording
@@ -372,12 +373,11 @@ AOT_ALL = os.environ.get("MOEC_AOT_ALL") == "1"
 # (routing with groups, shared expert, gather / scatter GEMMs, reduce) at its largest bucket
 AOT_CASES = ([(m, None, None) for m in MODELS] if AOT_ALL
              else [("mixtral-8x7b", {"h"}, None), ("deepseek-v3", None, {None})])
-# sm86 and sm120 have sm89's shared memory and mma.sync: compiling for them too repeats sm89's check
-AOT_ARCHS = GPU_ARCHS if AOT_ALL else ("sm80", "sm89", "sm90", "sm100")
-# the backward's: one arch per MMA family, mma.sync's with the least shared memory (sm89); every arch with
-# MOEC_AOT_ALL=1 or HYPOTHESIS_PROFILE=large
-AOT_BACKWARD_ARCHS = AOT_ARCHS if AOT_ALL or os.environ.get("HYPOTHESIS_PROFILE") == "large" \
-    else ("sm89", "sm90", "sm100")
+# sm86 and sm120 have sm89's shared memory and mma.sync: compiling for them too repeats sm89's check. By default
+# (a suite run) the forward's tiles on mma.sync's least shared memory (sm89), wgmma (sm90) and tcgen05 (sm100), the
+# backward's on sm90; every arch with MOEC_AOT_ALL=1, the four under HYPOTHESIS_PROFILE=large
+AOT_ARCHS = GPU_ARCHS if AOT_ALL else ("sm80", "sm89", "sm90", "sm100") if LARGE else ("sm89", "sm90", "sm100")
+AOT_BACKWARD_ARCHS = AOT_ARCHS if AOT_ALL or LARGE else ("sm90",)
 
 
 @pytest.mark.parametrize("arch", AOT_ARCHS)
@@ -422,7 +422,7 @@ def test_sync_mma_tiles_keep_their_registers(arch):
                     assert regs <= MAX_SYNC_REGS, (model, n.name, tile, regs)
 
 
-@pytest.mark.parametrize("arch", ["sm80", "sm90"])
+@pytest.mark.parametrize("arch", aot_archs("sm90"))
 def test_large_t_gemms_compile_without_spills(arch):
     """The grouped GEMMs of the largest bucket of Mixtral and DeepSeek-V3 (``MOEC_AOT_ALL=1``: of every model)
     compile without register spills (ptxas -v on the PTX). Before the register bound, sm80's 128x128 GLU
@@ -488,7 +488,7 @@ def compiled_backward(model: str, arch: str, dtype=torch.bfloat16):
 GRAD_OPS = ("grouped_dgrad", "grouped_wgrad")
 
 
-@pytest.mark.parametrize("arch", ["sm80", "sm90", "sm100"])
+@pytest.mark.parametrize("arch", aot_archs("sm90"))
 def test_backward_tiles_come_from_the_cost_model(arch):
     """Per bucket, the model's best legal tile; at large T the fast tensor-core family (the MMA's rows are a
     dgrad's BLOCK_M and a wgrad's BLOCK_N), at decode a dgrad of 16-row tiles."""
@@ -570,7 +570,7 @@ def test_no_fp32_pair_buffer(dtype):
         assert cm.problem_of(red, c.graph).y_size == size
 
 
-@pytest.mark.parametrize("arch", ["sm86", "sm90"])
+@pytest.mark.parametrize("arch", ("sm86", "sm90") if LARGE else ("sm86",))
 def test_fp32_scaled_weight_gradient_tiles_fit(arch):
     """fp32 operands (the exact path): the routing-weight-scaled weight gradient stages its scaled rows in shared
     memory outside the pipeline; the model counts them, so every bucket's tile fits (sm86: 99 KiB per block)."""

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import moec
-from aot_util import distinct_launches, record_launches, retyped
+from aot_util import aot_archs, distinct_launches, record_launches, retyped
 from moec.compiler import BackwardRecipe, MobaRecipe, compile_program
 from moec.ir import parse_graph, print_graph, verify
 from moec.ir.backward import build_moba_backward_graph
@@ -163,7 +163,7 @@ def test_backward_ir_verifies_round_trips_and_interprets_as_the_kernels():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("arch", ["sm80", "sm90", "sm100"])
+@pytest.mark.parametrize("arch", aot_archs("sm90"))
 def test_backward_kernels_compile_and_fit(arch):
     """At the tiles chosen for each arch (64-row tiles: wgmma on sm90, tcgen05 on sm100), bf16 (and fp16 as
     recorded under ``HYPOTHESIS_PROFILE=large``)."""
