@@ -28,7 +28,7 @@ from .adapters import adapter_for
 from .call_shape import extra_required_args, inside_a_bigger_layer, token_id_args
 from .candidates import (Part, assemble, capacity_options, config_text, dedupe, router_configs, router_options,
                          shared_options)
-from .experts import ExpertLayout, gated_activation, list_layout, shared_layout, stacked_layouts
+from .experts import ExpertLayout, list_layout, shared_layout
 from .formulation import read_formulation, scaled_expert_input, scaled_input_reason
 from .lifted import LiftedMoE, NotLifted, WeightsRecipe, resolve
 from .idle_experts import idle_expert_grads
@@ -38,6 +38,7 @@ from .probe_harness import hooks_off
 from .router_call import router_calls
 from .router_hints import read_router
 from .screen import ExpertRows, screen_y
+from .stacked_experts import gated_activation, stacked_layouts
 from .structure import Structure, discover, experts_without_router, meta_or_none, output_norms, unsupported_parts
 from .trace import trace_partial
 
