@@ -19,7 +19,7 @@ from torch import nn
 
 from .. import reference
 from ..spec import ACTIVATIONS
-from .adapters import gate_method_form, known_activation
+from .adapters import known_activation
 from .fx_ops import ACTIVATION_OPS, CASTS, int_arg, strip
 from .lifted import Src
 from .linears import linears
