@@ -27,7 +27,6 @@ from .frontend.call_shape import is_attention
 from .frontend.moba_candidates import find_moba_modules
 from .frontend.structure import product_key_layer
 from .hf import attention_functions, block_experts
-from .hf.block_experts import BlockExperts
 from .moba_region import MobaRegion
 from .moe_region import MoERegion
 from .region import activations_policy, being_traced, check_mode
@@ -55,8 +54,9 @@ def _exporting() -> bool:
 def _for_dynamo(self, *args, **kwargs):
     region = getattr(self, "_moec_region", None)
     base = self._moec_base
-    if region is None or isinstance(region, BlockExperts):   # the root, an eager block's experts: dynamo traces
-        return base.forward(self, *args, **kwargs)                # their own forward
+    # the root, an eager block's experts: dynamo traces their own forward
+    if region is None or isinstance(region, block_experts.BlockExperts):
+        return base.forward(self, *args, **kwargs)
     if isinstance(region, MoERegion) and len(args) + len(kwargs) == 1:
         x = args[0] if args else next(iter(kwargs.values()))
         if isinstance(x, torch.Tensor):
@@ -88,6 +88,12 @@ _opaque_run = _opaque(_run)
 def _explain(self) -> str:
     """A readable report: which regions were lifted into moec IR, which were not, and why."""
     return report(self)
+
+
+def _serve(module: nn.Module, region) -> None:
+    """Make ``module``'s forward call ``region`` (its class swapped for the compiled subclass)."""
+    module.__class__ = _compiled_class(type(module))
+    module.__dict__["_moec_region"] = region
 
 
 def _compiled_class(cls: type) -> type:
@@ -157,8 +163,7 @@ def compile_module(model: nn.Module, *, dump_dir=None, arch: Optional[str] = Non
             region = MoERegion(name.replace(".", "_") or "root", arch=arch, dump_dir=root, activations=policy,
                                mode=mode, lifted=got,
                                lift_dtype=got.param_tensors(module)[0].dtype, state=guards.read(module))
-            module.__class__ = _compiled_class(type(module))
-            module.__dict__["_moec_region"] = region
+            _serve(module, region)
             traced.handle(module)
             regions.append((qualname, type(module).__name__, region))
             _log.info("%s (%s): lifted: %s", qualname or "<root>", type(module).__name__, got.formulation)
@@ -175,8 +180,7 @@ def compile_module(model: nn.Module, *, dump_dir=None, arch: Optional[str] = Non
     if sys.modules.get("transformers") is not None:
         moba += attention_functions.attach(model, arch, root)    # MoBA registered as an attention function
         for qualname, module, region in block_experts.attach(model, skipped, arch, root):
-            module.__class__ = _compiled_class(type(module))    # an eager block's experts on the kernels
-            module.__dict__["_moec_region"] = region
+            _serve(module, region)          # an eager block's experts on the kernels
             experts.append((qualname, type(module).__name__, region))
     model.__class__ = _compiled_class(type(model))
     model.__dict__["_moec_report"] = {"regions": regions, "skipped": skipped, "root": type(model).__name__,
@@ -198,8 +202,7 @@ def _attach_moba(model: nn.Module, moe: list, arch, root) -> list:
     for qualname, module in find_moba_modules(model, exclude=[m for _, m in moe]):
         region = MobaRegion((qualname.replace(".", "_") or "root") + "_moba", arch=arch, dump_dir=root)
         region.analyse_at_compile(module)
-        module.__class__ = _compiled_class(type(module))
-        module.__dict__["_moec_region"] = region
+        _serve(module, region)
         found.append((qualname, type(module).__name__, region))
     return found
 

@@ -193,6 +193,15 @@ def first_choice_counts(ids: torch.Tensor, E: int) -> torch.Tensor:
     return torch.zeros(E, dtype=torch.int64, device=ids.device).scatter_add_(0, first, torch.ones_like(first))
 
 
+def aux_from_counts(counts: torch.Tensor, prob_sum: torch.Tensor, ids: torch.Tensor, E: int,
+                    first_choice: bool = False) -> torch.Tensor:
+    """`load_balancing_loss` from what the fused route kernel gives: per-expert pair ``counts`` and the scores'
+    column sums ``prob_sum``, with ``first_choice`` the first choices of ``ids`` counted instead (0 for T = 0)."""
+    T = max(ids.shape[0], 1)            # T = 0: counts are all zero, so the loss is 0
+    counts = first_choice_counts(ids, E) if first_choice else counts
+    return E * torch.sum(counts.float() / T * prob_sum.float() / T)
+
+
 def load_balancing_loss(scores: torch.Tensor, ids: torch.Tensor, cfg: RouterConfig) -> torch.Tensor:
     """``E * sum_e (n_e / T) * P_e`` (see `RouterConfig`); 0 for an empty batch."""
     T, E = scores.shape

@@ -70,8 +70,8 @@ def _out_meta(module: nn.Module, x: Tensor) -> list[tuple]:
     lifted = module.__dict__["_moec_region"].lifted
     T, spec = x.numel() // x.shape[-1], lifted.spec
     k, E = spec.router.top_k, spec.num_experts
-    shapes = {"y": (T, x.shape[-1]) if lifted.y_flat else tuple(x.shape), "logits": (T, E), "weights": (T, k), "ids": (T, k), "aux": (), "zloss": (),
-              "counts": (E,)}
+    shapes = {"y": (T, x.shape[-1]) if lifted.y_flat else tuple(x.shape), "logits": (T, E), "weights": (T, k),
+              "ids": (T, k), "aux": (), "zloss": (), "counts": (E,)}
     kinds = slots(lifted.outputs)
     rules = lifted.out_dtypes or ("x",) * len(kinds)
     lead = lifted.out_leads or (False,) * len(kinds)

@@ -3,8 +3,8 @@
 Expects: ``combine(y=G, order, [weights,] ids)`` with G a plain grouped GEMM read only by it (no
 scale, no scatter, no other ``order``); optionally followed by ``add`` (the shared expert) and
 ``cast`` (back to the input dtype), each the only reader of what it reads.
-Guarantees: G stores row i, multiplied by its pair's routing weight (when the combine weighs), at row ``order[i]`` of a
-pair-major buffer (``scatter``, ``scale``): bf16 for a bf16 layer (the product taken on G's fp32
+Guarantees: G stores row i, multiplied by its pair's routing weight (when the combine weighs), at row
+``order[i]`` of a pair-major buffer (``scatter``, ``scale``): bf16 for a bf16 layer (the product taken on G's fp32
 accumulators and rounded once; half the bytes of fp32), fp32 otherwise (fp16's range is too small for
 rows whose sum is not); a ``reduce_topk`` sums each token's k rows in fp32 in slot order
 (deterministic: no atomics), adds the shared expert's output as ``residual`` and casts on store,

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 
 from moec.ir.graph import Graph, Node
 from moec.ir.ops import glu_variant, router_config
 from moec.ir.tiles import at_bucket
 from moec.ir.types import DTYPES
-from moec.reference import first_choice_counts
+from moec.reference import aux_from_counts
 from moec.runtime.capacity import apply_capacity
 from moec.runtime.dispatch import dispatch
 from moec.runtime.grouped_gemm_kernel import (GroupedGemmLaunch, GroupedGemmParams, bound_weights, grouped_gemm,
@@ -189,9 +188,7 @@ def _aux_step(n: Node, g: Graph) -> Step:
     E = n.attr["num_experts"]
 
     def run(v, outs, ctx):
-        T = max(ctx["T"], 1)   # T = 0: counts are all zero, so the loss is 0
-        counts = first_choice_counts(v["ids"], E) if n.attr["first_choice"] else v["counts"]
-        return {"out": E * torch.sum(counts.float() / T * v["prob_sum"] / T)}
+        return {"out": aux_from_counts(v["counts"], v["prob_sum"], v["ids"], E, n.attr["first_choice"])}
     return Step(n, run)
 
 

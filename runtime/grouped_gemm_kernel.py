@@ -198,7 +198,8 @@ def render_grouped_gemm(params: GroupedGemmParams) -> Kernel:
                     num_experts=params.num_experts, n=params.n, k_dim=params.k_dim,
                     activation=params.activation, glu=params.glu, gather_top_k=params.gather_top_k,
                     scatter=params.scatter, scale=params.scale, scale_in=params.scale_in,
-                    store_pre=params.store_pre, out_dtype=str(params.out_dtype).replace("torch.", ""), tile=params.tile,
+                    store_pre=params.store_pre, out_dtype=str(params.out_dtype).replace("torch.", ""),
+                    tile=params.tile,
                     bias=params.bias, bias_up=params.bias_up,
                     bucket=bucket_text(*params.bucket) if params.bucket else "every T",
                     **epilogue_exprs(params.activation, **params.variant))
@@ -382,8 +383,8 @@ class GroupedGemmLaunch:
         constexprs = dict(N=N, K=K, NUM_EXPERTS=E, E_PAD=max(2, next_pow2(E)),
                           HAS_OFFSETS=offsets, HAS_SCHEDULE=schedule, PERSISTENT=bool(tile.persistent),
                           GATHER_TOP_K=params.gather_top_k,
-                          SCATTER=params.scatter, SCALE=params.scale and not params.scale_in,
-                          SCALE_IN=params.scale_in, GLU=params.glu, GLU_INTERLEAVED=interleaved,
+                          SCATTER=params.scatter, SCALE=params.scale, SCALE_IN=params.scale_in, GLU=params.glu,
+                          GLU_INTERLEAVED=interleaved,
                           HAS_BIAS=params.bias, HAS_BIAS_UP=params.bias_up, STORE_PRE=params.store_pre, W_DESC=tma,
                           BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
                           GROUP_M=tile.group_m)

@@ -237,7 +237,8 @@ def grouped_dgrad(a: Tensor, w: Tensor, params: GroupedDgradParams, *, out: Tens
         out.stride(0), out.stride(1), g_.stride(0), g_.stride(1), dots.stride(0) if dots is not None else 0)))
     constexprs = dict(N=N, K=K, NUM_EXPERTS=E, E_PAD=max(2, next_pow2(E)), HAS_OFFSETS=offsets is not None,
                       GATHER_TOP_K=params.gather_top_k, SCATTER=params.scatter, SCALE=params.scale,
-                      SCALE_IN=params.scale_in, TWO=params.two, ACT_GRAD=params.act_grad, GLU=params.glu, STORE_H=params.store_h,
+                      SCALE_IN=params.scale_in, TWO=params.two, ACT_GRAD=params.act_grad, GLU=params.glu,
+                      STORE_H=params.store_h,
                       BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m)
     render_grouped_dgrad(params)((row_tiles * tiles_n,), args, constexprs,
                                  num_warps=tile.num_warps, num_stages=tile.num_stages)

@@ -70,9 +70,8 @@ def scaled_expert_input(cap: Traced, st: Structure, router_paths: set) -> Option
     return None
 
 
-def scaled_input_reason(cap: Traced, st: Structure, router_paths: set) -> str:
-    """The input-scaling clause of a reason (`scaled_expert_input`), or ""."""
-    node = scaled_expert_input(cap, st, router_paths)
+def scaled_input_reason(node: Optional[str]) -> str:
+    """The input-scaling clause of a reason for `scaled_expert_input`'s node, or "" (None)."""
     return (f"the routing weights scale the experts' input ({node}: the experts see weight * x, as Llama4's do); "
             if node else "")
 

@@ -161,13 +161,14 @@ def _lift(module: nn.Module):
     formulation, how = read_formulation(st, cap, router_modules | router_params)
     notes.append(f"formulation: {formulation} ({how})")
     # the routing weights scale what the experts read (Llama4): candidates with input-scaled experts first
-    scalings = (True, False) if scaled_expert_input(cap, st, router_modules | router_params) else (False,)
+    scaled_node = scaled_expert_input(cap, st, router_modules | router_params)
+    scalings = (True, False) if scaled_node else (False,)
 
     pr = Prober(module, st.d, width, st.dtype, st.device)
     pr.capacity_named = capacity_options(st) != [{}]
     msg = pr.setup()
     if msg:
-        msg = scaled_input_reason(cap, st, router_modules | router_params) + msg
+        msg = scaled_input_reason(scaled_node) + msg
         ids = token_id_args(module)
         if ids:                          # the forward fails without them: its routing reads the tokens
             msg = (f"its forward also takes {ids[0]}, which a layer called as forward(hidden_states) does not get: "
@@ -270,7 +271,7 @@ def _lift(module: nn.Module):
         if partial is not None:
             return partial
     # the first feature it lacks, in words, before the probe's details
-    lacks = unsupported_parts(module, st) + scaled_input_reason(cap, st, router_modules | router_params)
+    lacks = unsupported_parts(module, st) + scaled_input_reason(scaled_node)
     if tried > MAX_SCREENS:
         reason = f"{cls}: {lacks}no configuration found within {MAX_SCREENS} candidates"
         reason += f"; first candidate ({first_fail})" if first_fail else ""

@@ -228,7 +228,7 @@ def interface_forward(cls: type):
     for c in cls.__mro__:
         fwd = c.__dict__.get("forward")
         code = getattr(fwd, "__code__", None)
-        if getattr(fwd, "__wrapped__", None) is not None and code is not None and "experts_interface" in code.co_freevars:
+        if getattr(fwd, "__wrapped__", None) is not None and "experts_interface" in getattr(code, "co_freevars", ()):
             return fwd
     return None
 
@@ -287,7 +287,7 @@ def serve(region: ExpertsRegion, m: nn.Module, eager, x: Tensor, ids: Tensor, wt
     """The experts module ``m``'s output for ``(x, ids, wts)`` from ``region``'s kernels, or from ``eager`` (the
     forward to run otherwise; None: not found) with the reason counted (``reason``: the caller's already).
     Expert ids outside ``[0, E)`` (transformers' sentinel ``E`` of experts another rank holds) add nothing."""
-    layout = read_layout(m, x.shape[-1]) if isinstance(x, Tensor) else "input is not a tensor"
+    layout = None if reason else read_layout(m, x.shape[-1]) if isinstance(x, Tensor) else "input is not a tensor"
     reason = reason or ("moec.disabled() is active" if is_disabled() else layout if isinstance(layout, str) else None)
     if reason is None:
         w = layout.weights(m)

@@ -10,7 +10,8 @@ graphs of them from a forward's; shapes and pair order as in `moec.ir.ops`.
   the partial sums over column tile ``j`` of ``acc * h`` at pair ``p = order[i]`` (routed) or row ``i``,
   then with ``s`` the row's scale (1 without): ``out = d gate``, ``out2 = d up`` of ``h`` at ``s * acc``.
   With ``scale_in`` (experts whose input ``s`` scales): ``h = act(s gate) * (s up)``, ``out``/``out2`` the
-  gradients of ``gate``/``up`` at ``acc``, and ``dots`` hold ``d s`` (``sum d(s gate) gate + d(s up) up``). Else ``out = acc`` (at row ``order[i]`` with ``scatter``). Dropped pairs' rows are not written.
+  gradients of ``gate``/``up`` at ``acc``, and ``dots`` hold ``d s`` (``sum d(s gate) gate + d(s up) up``).
+  Else ``out = acc`` (at row ``order[i]`` with ``scatter``). Dropped pairs' rows are not written.
 - ``grouped_wgrad(a, b, ...)``: ``out[e] = sum over expert e's rows i of A_i^T B_i`` (``[E, a cols,
   b cols]``), ``A_i = a[order[i] // gather_a]`` (or ``a[i]``), times ``scale.flat[order[i]]`` (or
   ``scale[i]`` without offsets); ``dbias[e]`` the column sums of the ``A_i``.

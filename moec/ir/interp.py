@@ -87,12 +87,8 @@ def tile_schedule(offsets, pairs: int, block_m: int):
 
 @impl("aux_loss")
 def _aux(n, v, ctx):
-    T = v["ids"].shape[0]
-    E = n.attr["num_experts"]
-    if T == 0:
-        return {"out": v["prob_sum"].new_zeros(())}
-    counts = ref.first_choice_counts(v["ids"], E) if n.attr["first_choice"] else v["counts"]
-    return {"out": E * torch.sum(counts.float() / T * v["prob_sum"] / T)}
+    return {"out": ref.aux_from_counts(v["counts"], v["prob_sum"], v["ids"], n.attr["num_experts"],
+                                       n.attr["first_choice"])}
 
 
 @impl("apply_capacity")
@@ -163,9 +159,12 @@ def _grouped_gemm(n, v, ctx):
         if hi <= lo:
             continue
         a = A[lo:hi].float()
+        rs = None                       # the rows' scale
+        if "scale" in v:
+            s = v["scale"].reshape(-1)
+            rs = (s[order[lo:hi].long()] if order is not None else s[lo:hi])[:, None]
         if a_attr["scale_in"]:          # (s A_i) @ w
-            s = v["scale"].reshape(-1).float()
-            a = a * (s[order[lo:hi].long()] if order is not None else s[lo:hi])[:, None]
+            a = a * rs.float()
         h = a @ v["w"][e].float().t()
         if "bias" in v:
             h = h + v["bias"][e].float()
@@ -179,9 +178,8 @@ def _grouped_gemm(n, v, ctx):
             h = ref.gated(h, u, a_attr["activation"], **glu_variant(a_attr))
         elif a_attr["activation"]:
             h = ref.gated(h, None, a_attr["activation"], **glu_variant(a_attr))
-        if "scale" in v and not a_attr["scale_in"]:
-            s = v["scale"].reshape(-1)
-            h = h * (s[order[lo:hi].long()] if order is not None else s[lo:hi])[:, None]
+        if rs is not None and not a_attr["scale_in"]:
+            h = h * rs
         out[lo:hi] = h.to(out.dtype)
     if a_attr["scatter"]:
         scattered = torch.zeros_like(out)

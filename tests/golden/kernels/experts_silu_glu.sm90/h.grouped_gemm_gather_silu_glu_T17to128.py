@@ -17,10 +17,10 @@
 # W_DESC (set at launch, sm90+, when the weights' layout allows): w_ptr / wup_ptr are TMA tensor descriptors
 # over [E, N, K] (1) or [E, K, N] (2) and the weight tiles are bulk copies into shared memory (no address math,
 # zero fill past N and K); gathered activation rows stay pointer loads.
-# Epilogue (fp32): with SCALE_IN the per-row scale on the accumulators ((s A) @ W = s (A @ W): experts whose input
-# the routing weight scales), biases, then with STORE_PRE the pre-activations (gate and up, for a backward that
-# saves them rather than recomputing them), activation, GLU product with the up projection, else the per-row scale
-# (SCALE), then the store: at row order[r] when SCATTER (the un-permute), else at row r. Rows past offsets[E]
+# Epilogue (fp32): the per-row scale (SCALE) on the accumulators when SCALE_IN ((s A) @ W = s (A @ W): experts whose
+# input the routing weight scales), biases, then with STORE_PRE the pre-activations (gate and up, for a backward
+# that saves them rather than recomputing them), activation, GLU product with the up projection, else the per-row
+# scale, then the store: at row order[r] when SCATTER (the un-permute), else at row r. Rows past offsets[E]
 # (dropped pairs) are not written.
 import triton
 import triton.language as tl
@@ -159,7 +159,7 @@ def _tile(
             w_ptrs += BLOCK_K * stride_wk
 
     # ---- epilogue, in fp32
-    if SCALE or SCALE_IN:
+    if SCALE:           # the rows' weights: on the accumulators with SCALE_IN, else on the output
         if GATHER_TOP_K > 0 or SCATTER:
             s = tl.load(scale_ptr + pair, mask=mask_m, other=0.0).to(tl.float32)
         else:
@@ -189,7 +189,7 @@ def _tile(
         acc = (x / (1.0 + tl.exp(-x))) * (acc_up)
     else:
         acc = x / (1.0 + tl.exp(-x))
-    if SCALE:
+    if SCALE and not SCALE_IN:
         acc = acc * s[:, None]
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
 

@@ -14,8 +14,8 @@
 # weight's gradient, summed over the tiles by the next step: deterministic), then scales by the routing weight
 # and writes d gate (and d up). SCALE_IN (experts whose input the routing weight s scales: h = act(s gate) *
 # (s up), not scaled after): acc is d h as it is, d gate / d up are s times the gradients at s gate / s up, and
-# the partial dots are d s = sum_n (d(s gate) gate + d(s up) up). Else: acc is stored, at row order[r] when SCATTER. Rows past offsets[E]
-# (dropped pairs) are not written.
+# the partial dots are d s = sum_n (d(s gate) gate + d(s up) up). Else: acc is stored, at row order[r] when
+# SCATTER. Rows past offsets[E] (dropped pairs) are not written.
 import triton
 import triton.language as tl
 
