@@ -29,14 +29,16 @@ def kernels_backward(region, lifted, ts, saved, grads, needs, w: MoEWeights, tra
     lift ``lifted``, for the gradients ``grads`` of its outputs (None: that output is not used, zero).
     Only the kernels the wanted gradients need run (frozen experts: no weight-gradient kernels); tensors
     the used outputs do not depend on keep no gradient, as in eager (the experts when only the aux loss
-    or the router logits are used, the noise projection outside training)."""
-    outputs = kernel_outputs(lifted.outputs)
+    or the router logits are used, the noise projection outside training). An external router's logits
+    (`moec.spec.MoESpec.external_router`) come last in ``ts``; their gradient goes back through autograd."""
+    external = lifted.spec.external_router
+    outputs = kernel_outputs(lifted.outputs, external)
     recipe = MoERecipe(lifted.spec, outputs)
     got = dict(zip(outputs, grads))
     region._count("backward: kernels")
     x2 = ts[0]
     bw = region.compiled_for(BackwardRecipe(recipe, tuple(r for r in PRE_SAVED if r in saved)), x2.dtype, x2.device)
-    inputs = moe_inputs(x2, w)
+    inputs = moe_inputs(x2, w, ts[-1] if external else None)
     zeros = {"y": lambda: torch.zeros_like(x2), "aux": lambda: x2.new_zeros((), dtype=torch.float32),
              "logits": lambda: x2.new_zeros((x2.shape[0], lifted.spec.num_experts), dtype=torch.float32),
              "weights": lambda: x2.new_zeros((x2.shape[0], lifted.spec.router.top_k), dtype=torch.float32)}
@@ -46,9 +48,10 @@ def kernels_backward(region, lifted, ts, saved, grads, needs, w: MoEWeights, tra
     inputs.update(saved)
     unused = set() if noise is not None else {"w_noise"}
     if got.get("y") is None:            # only the router's outputs are used: no expert gets a gradient
-        unused |= {f for f in grad_outputs(bw.graph) if f not in ("x", "w_router", "b_router", "w_noise")}
+        unused |= {f for f in grad_outputs(bw.graph) if f not in ("x", "w_router", "b_router", "w_noise", "logits")}
     value_of = {f: v for f, v in zip(grad_outputs(bw.graph), bw.graph.outputs) if f not in unused}
-    tensors, wanted = ts[1:], needs[1:]
+    last = len(ts) - 1 if external else len(ts)
+    tensors, wanted = ts[1:last], needs[1:last]
     direct, buffers, into = _grad_layout(lifted.weights, tensors, wanted, value_of, bw.graph)
     # the rest (a tensor two fields read overlapping parts of, ...): autograd of the lift's weight binding
     # (stacks, slices, transposes) maps each weight's gradient onto the tensors it was read from
@@ -56,7 +59,8 @@ def kernels_backward(region, lifted, ts, saved, grads, needs, w: MoEWeights, tra
     with torch.enable_grad():          # only the weight binding's graph, for the tensors not written directly
         named = moe_inputs(x2, lifted.weights(leaves)) if any(t.requires_grad for t in leaves) else {}
     later = [(f, v) for f, v in value_of.items() if f in named and named[f].requires_grad]
-    needed = [v for f, v in value_of.items() if f == "x" and needs[0]] + list(into) + [v for _, v in later]
+    needed = [v for f, v in value_of.items() if (f == "x" and needs[0]) or (f == "logits" and needs[-1])] + \
+        list(into) + [v for _, v in later]
     with torch.no_grad():              # the kernels' (and the router's torch) gradients carry no graph
         env = region.run(bw, {n: inputs[n] for n, _ in bw.graph.inputs}, training=training, noise=noise,
                        needed=tuple(needed), into=into, values=True)
@@ -69,6 +73,8 @@ def kernels_backward(region, lifted, ts, saved, grads, needs, w: MoEWeights, tra
     got += [buffers[i] if i in direct else next(it) if t.requires_grad else None for i, t in enumerate(leaves)]
     for i in idle(lifted, inputs["ids"]):
         got[i] = None           # as the eager backward leaves them
+    if external:
+        got.append(env[value_of["logits"]] if needs[-1] and "logits" in value_of else None)
     return got
 
 

@@ -78,7 +78,7 @@ class MoERegion(Region):
     def outputs(self) -> tuple[str, ...]:
         """The program's outputs (the forward's other items are derived from them: `pack`)."""
         if self._outputs is None or self._outputs[0] is not self.lifted:
-            self._outputs = (self.lifted, kernel_outputs(self.lifted.outputs))
+            self._outputs = (self.lifted, kernel_outputs(self.lifted.outputs, self.spec.external_router))
         return self._outputs[1]
 
     @property
@@ -124,7 +124,7 @@ class MoERegion(Region):
             kept.support[key] = reason
         return reason
 
-    def _bound(self, c, w: MoEWeights, x2):
+    def _bound(self, c, w: MoEWeights, x2, logits=None):
         """``(program, per-call inputs)``: ``c``'s program with ``w``'s tensors bound
         (`moec.runtime.program.Program.bind`) while `weights` keeps ``w`` (the same tensors, addresses,
         shapes and strides), else the program and every input. A tensor moec converts at each call (a
@@ -132,7 +132,7 @@ class MoERegion(Region):
         tensor are seen."""
         kept = self._kept
         if kept is None or kept.weights is not w:
-            return c.program, moe_inputs(x2, w), None
+            return c.program, moe_inputs(x2, w, logits), None
         got = kept.programs.get(id(c))
         if got is None or got[0] is not c:
             inputs = moe_inputs(x2, w)
@@ -140,7 +140,8 @@ class MoERegion(Region):
             got = kept.programs[id(c)] = (c, c.program.bind({k: v for k, v in inputs.items() if k not in fresh}),
                                           fresh, GraphCache())
         _, bound, fresh, graphs = got
-        return bound, ({"x": x2, "score_bias": w.score_bias.float()} if fresh else {"x": x2}), graphs
+        per_call = {"x": x2, **({"logits": logits} if logits is not None else {})}
+        return bound, ({**per_call, "score_bias": w.score_bias.float()} if fresh else per_call), graphs
 
     def _graphed(self, c, bound, inputs: dict, graphs: GraphCache, group_size=None):
         """The call through a CUDA graph of ``bound`` for this token count (`moec.runtime.graphs`); None
@@ -202,7 +203,9 @@ class MoERegion(Region):
             return (f"{'training' if module.training else 'eval'} mode, which the probe could not confirm: "
                     f"{self.lifted.eager_in[module.training]}")
         hooked, mixed = self._guard.call_checks()
-        hooked = [p for p in hooked if p not in self.lifted.observed]
+        # (the external router and shared expert are called as the forward calls them: their hooks run)
+        hooked = [p for p in hooked if p not in self.lifted.observed and not _inside(p, self.lifted.router_module)
+                  and not _inside(p, self.lifted.shared_module)]
         if hooked:
             where = "global forward hooks" if hooked == ["*"] else f"forward hooks on {', '.join(hooked[:3])}"
             return f"{where} (they run only in the eager forward)"
@@ -278,23 +281,31 @@ class MoERegion(Region):
             noise = torch.randn(x2.shape[0], self.spec.num_experts, dtype=dtype, device=x.device)
         w = kept.weights if kept is not None else self.weights(tensors)
         group = x.shape[-2] if self.spec.router.capacity_per == "sequence" else None
-        if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors)):
+        # an external router runs as the forward runs it: by PyTorch, with its hooks, under autograd
+        logits = module.get_submodule(self.lifted.router_module)(x2).float() if self.spec.external_router else None
+        given = [logits] if logits is not None else []
+        if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors + given)):
             lifted = self.lifted          # the backward differentiates this call's lift, whatever comes after it
             outs = self.serve("kernels forward and backward", KernelsBoth.apply,
-                              lambda ts: self.kernels(ts[0], w, training, noise, saving=True, group_size=group),
+                              lambda ts: self.kernels(ts[0], w, training, noise, saving=True, group_size=group,
+                                                      logits=ts[-1] if given else None),
                               lambda ts, saved, grads, needs: kernels_backward(self, lifted, ts, saved, grads, needs,
                                                                                     w, training, noise),
-                              None, x2, *tensors)
+                              None, x2, *tensors, *given)
         else:
-            outs = self.serve("kernels", self.kernels, x2, w, training, noise, False, group)
-        return self.pack(outs, x, w, module, group)
+            outs = self.serve("kernels", self.kernels, x2, w, training, noise, False, group, logits)
+        return self.pack(outs, x, w, module, group, logits)
 
-    def pack(self, outs, x, w: MoEWeights, module=None, group_size=None):
+    def pack(self, outs, x, w: MoEWeights, module=None, group_size=None, logits=None):
         """The forward's result from the program's outputs ``outs``: its items in its kinds, dtypes and
         container (`moec.frontend.outputs`); a norm of the layer's output (`LiftedMoE.post`) is applied to y
-        as the forward applies it, by calling that child of ``module``."""
+        as the forward applies it, by calling that child of ``module``. ``logits``: an external router's."""
         got = dict(zip(self.outputs, outs))
+        if logits is not None:
+            got["logits"] = logits
         got["y"] = got["y"].reshape((-1, x.shape[-1]) if self.lifted.y_flat else x.shape)
+        if self.lifted.shared_module is not None:        # an external shared expert, added as the forward adds it
+            got["y"] = got["y"] + module.get_submodule(self.lifted.shared_module)(x).reshape(got["y"].shape)
         if self.lifted.post is not None:
             got["y"] = module.get_submodule(self.lifted.post)(got["y"])
         kinds = slots(self.lifted.outputs)
@@ -309,10 +320,10 @@ class MoERegion(Region):
             items.append(v)
         return pack(items, self.lifted.container)
 
-    def kernels(self, x2, w: MoEWeights, training, noise, saving: bool = False, group_size=None):
+    def kernels(self, x2, w: MoEWeights, training, noise, saving: bool = False, group_size=None, logits=None):
         """The program's outputs; with ``saving`` also what the backward reads (``{role: tensor}``,
         `moec.ir.backward.SAVED`: the routing, the dispatch, and the gate/up products when the training
-        forward's save-activations pass chose to keep them)."""
+        forward's save-activations pass chose to keep them). ``logits``: an external router's."""
         last = self._program
         if last is not None and last[0] is self.lifted and last[1] == saving and last[2] == x2.dtype \
                 and last[3] == x2.device and last[4].generation == tune_file.generation():
@@ -323,13 +334,13 @@ class MoERegion(Region):
             self._program = (self.lifted, saving, x2.dtype, x2.device, c)
         x2 = x2.contiguous() if x2.stride(-1) != 1 else x2
         if not saving:
-            program, inputs, graphs = self._bound(c, w, x2)
+            program, inputs, graphs = self._bound(c, w, x2, logits)
             if self.mode == "reduce-overhead" and graphs is not None and noise is None:
                 got = self._graphed(c, program, inputs, graphs, group_size)
                 if got is not None:
                     return got
             return self.run(c, inputs, training=training, noise=noise, program=program, group_size=group_size)
-        inputs = moe_inputs(x2, w)
+        inputs = moe_inputs(x2, w, logits)
         env = self.run(c, inputs, training=training, noise=noise, values=True, group_size=group_size)
         return [env[o] for o in c.graph.outputs], read_saved(c.graph, env)
 
@@ -380,6 +391,11 @@ class _Kept:
     weights: MoEWeights
     programs: dict = field(default_factory=dict)      # id(compiled) -> (compiled, bound, fresh inputs, graphs)
     support: dict = field(default_factory=dict)       # (input type, dtype, device) -> why_not_kernels
+
+
+def _inside(path: str, root: Optional[str]) -> bool:
+    """Whether module ``path`` is ``root`` or inside it (None: no root)."""
+    return root is not None and (path == root or path.startswith(root + "."))
 
 
 def _owner(module, path: str) -> tuple:

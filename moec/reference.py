@@ -48,6 +48,14 @@ def router_logits(x: torch.Tensor, w_router: torch.Tensor, b_router: Optional[to
     return logits
 
 
+def logits_of(x: torch.Tensor, w: MoEWeights, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The layer's fp32 router logits for ``x [T, d]``: its external router's output (`MoEWeights.router`), else
+    `router_logits` of its router weights (with ``noise`` when noisy)."""
+    if w.router is not None:
+        return w.router(x).float()
+    return router_logits(x, w.w_router, w.b_router, w.w_noise, noise)
+
+
 def scores_of(logits: torch.Tensor, cfg: RouterConfig) -> torch.Tensor:
     return torch.softmax(logits, dim=-1) if cfg.score == "softmax" else torch.sigmoid(logits)
 
@@ -300,6 +308,17 @@ def expert_mlp(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, gate: Opti
     return _biased(h, down, b_down)
 
 
+def row_experts(offsets: torch.Tensor, rows: int) -> torch.Tensor:
+    """The expert of each of ``rows`` rows grouped by expert (``offsets [E + 1]``); E for rows past the last."""
+    return torch.searchsorted(offsets[1:].long().contiguous(), torch.arange(rows, device=offsets.device), right=True)
+
+
+def expert_norm(y: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """Rows of one expert's output ``y`` RMS-normalised in fp32 and scaled by the expert's norm weight ``w [d]``
+    (`MoESpec.expert_norm`)."""
+    return F.rms_norm(y.float(), (y.shape[-1],), eps=eps) * w.float()
+
+
 def identity_share(ids: torch.Tensor, weights: torch.Tensor, ffn_experts: int, dropped: bool = False) -> torch.Tensor:
     """``[T, 1]`` fp32: each token's summed routing weight over the slots that picked an identity expert (a
     choice ``>= ffn_experts``), and with ``dropped`` the slots capacity dropped (passed through); the layer
@@ -318,7 +337,7 @@ def moe(x: torch.Tensor, w: MoEWeights, spec: MoESpec, noise: Optional[torch.Ten
     returns ``(y [T, d] in x.dtype, aux_loss or None)``."""
     xf = x.float()
     cfg = spec.router
-    logits = router_logits(x, w.w_router, w.b_router, w.w_noise, noise if cfg.noisy else None)
+    logits = logits_of(x, w, noise if cfg.noisy else None)
     ids, weights, aux = route(logits, cfg, w.score_bias, group_size)
     y = torch.zeros_like(xf)
     if spec.identity_experts or cfg.dropped == "pass":        # identity picks / passed pairs add weight * x
@@ -333,6 +352,8 @@ def moe(x: torch.Tensor, w: MoEWeights, spec: MoESpec, noise: Optional[torch.Ten
                 rows, scale = rows * scale, 1.0
             out = expert_mlp(rows, w.w_up[e], w.w_down[e], w.w_gate[e] if spec.glu else None,
                              spec.activation, spec.glu_variant, biases)
+            if spec.expert_norm is not None:
+                out = expert_norm(out, w.w_expert_norm[e], spec.expert_norm)
             y.index_add_(0, tok, out * scale)
     if spec.shared is not None:
         s = expert_mlp(xf, w.shared_up, w.shared_down, w.shared_gate if spec.glu else None, spec.activation,
@@ -340,4 +361,6 @@ def moe(x: torch.Tensor, w: MoEWeights, spec: MoESpec, noise: Optional[torch.Ten
         if spec.shared.gated:
             s = s * torch.sigmoid(xf @ w.shared_gate_proj.float().t())
         y = y + s
+    if w.shared is not None:            # an external shared expert (`MoEWeights.shared`), added in x's dtype
+        return y.to(x.dtype) + w.shared(x).to(x.dtype), aux
     return y.to(x.dtype), aux

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -259,6 +259,16 @@ class MoESpec:
     ``input_scaled`` (Llama4): the routing weight scales each expert's *input* instead of its output,
     ``y = sum_s down_e(act(gate_e(w_s x)) * up_e(w_s x))``; the experts are bias-free (an expert a token did
     not pick then adds exactly nothing, as in code that runs every expert on ``weight * x``).
+
+    ``expert_norm``: each pair's expert output is RMS-normalised (in fp32, with this eps) and scaled by its
+    expert's own norm weight (``w_expert_norm [E, d]``) before the routing weight multiplies it (Ergo's expert
+    norms); None: no norm.
+
+    ``external_router``: the router is a module moec does not read (a small MLP, a router of the user's own
+    making): its fp32 logits ``[T, E]`` are computed by calling it as the eager forward does (by PyTorch, under
+    autograd) and enter the layer as an input; the kernels route them, and the backward yields their gradient.
+    There is no router weight (``MoEWeights.w_router`` is None, ``MoEWeights.router`` computes the logits), no
+    router bias and no noise.
     """
 
     hidden: int
@@ -275,8 +285,17 @@ class MoESpec:
     up_softcap: Optional[float] = None
     identity_experts: int = 0
     input_scaled: bool = False
+    external_router: bool = False
+    expert_norm: Optional[float] = None
 
     def __post_init__(self) -> None:
+        if self.expert_norm is not None and not (math.isfinite(self.expert_norm) and self.expert_norm > 0):
+            raise MoESpecError(f"expert_norm is the norm's eps: a positive finite number, got {self.expert_norm}")
+        if self.expert_norm is not None and self.input_scaled:
+            raise MoESpecError("expert norms with input-scaled experts are not supported")
+        if self.external_router and (self.router.noisy or self.router.router_bias):
+            raise MoESpecError("an external router's logits are given: it has no router bias and no noise "
+                               "projection of moec's")
         if self.input_scaled and (self.expert_bias or self.identity_experts or self.router.dropped == "pass"):
             raise MoESpecError("input_scaled experts scale each expert's input by its routing weight: they are "
                                "bias-free, with no identity experts and no passed-through pairs")
@@ -323,12 +342,16 @@ class MoESpec:
             bits.append("aux loss" + (" over the first choices" if r.aux_counts == "first" else ""))
         if r.router_bias:
             bits.append("router bias")
+        if self.external_router:
+            bits.append("logits from its own router module (run by PyTorch)")
         act = ("SwiGLU" if self.activation == "silu" else f"{self.activation} GLU") if self.glu else self.activation
         variant = [f"{k}={v:g}" for k, v in self.glu_variant.items()]
         if variant:
             act += f" ({', '.join(variant)})"
         bits.append(f"{act} experts{' with biases' if self.expert_bias else ''} d={self.hidden} f={self.ffn}"
-                    + (" seeing weight * x (input-scaled)" if self.input_scaled else ""))
+                    + (" seeing weight * x (input-scaled)" if self.input_scaled else "")
+                    + (f", each output RMS-normalised by its expert's scale (eps={self.expert_norm:g})"
+                       if self.expert_norm is not None else ""))
         if self.shared is not None:
             own = ""
             if self.shared.variant is not None:
@@ -369,10 +392,13 @@ class MoEWeights:
     """The tensors of one MoE layer, in ``nn.Linear`` layout ``[out, in]`` per expert.
 
     Expert weights are ``[E, out, in]`` tensors or views (a ``[E, in, out]`` parameter is passed
-    as ``.transpose(1, 2)``; kernels read strides, so no copy is made).
+    as ``.transpose(1, 2)``; kernels read strides, so no copy is made). An external router
+    (`MoESpec.external_router`) has no ``w_router``: ``router(x)`` gives its logits ``[T, E]``. An external
+    shared expert (a module of the layer moec does not read: one with a norm of its own, an activation other
+    than the routed experts') is ``shared``: its output ``shared(x)`` is added to the layer's, outside the kernels.
     """
 
-    w_router: torch.Tensor                      # [E, d]
+    w_router: Optional[torch.Tensor]            # [E, d]; None for an external router
     w_up: torch.Tensor                          # [E, f, d]
     w_down: torch.Tensor                        # [E, d, f]
     w_gate: Optional[torch.Tensor] = None       # [E, f, d] when glu
@@ -386,4 +412,7 @@ class MoEWeights:
     b_gate: Optional[torch.Tensor] = None       # [E, f] when expert_bias (and glu)
     b_up: Optional[torch.Tensor] = None         # [E, f] when expert_bias
     b_down: Optional[torch.Tensor] = None       # [E, d] when expert_bias
+    w_expert_norm: Optional[torch.Tensor] = None  # [E, d] when expert_norm (read in fp32)
     extras: dict = field(default_factory=dict)
+    router: Optional[Callable[[torch.Tensor], torch.Tensor]] = None   # an external router: [T, d] -> [T, E]
+    shared: Optional[Callable[[torch.Tensor], torch.Tensor]] = None   # an external shared expert: [T, d] -> [T, d]

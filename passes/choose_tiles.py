@@ -56,7 +56,8 @@ def _cpu_tile(n, g):
         return GemmTile(bm, min(bn, pow2(int(n.types[0].shape[1]))), min(bk, pow2(int(n.types[0].shape[2]))), w, s)
     if n.op == "fused_route":
         bt, bk, w, s = CPU_ROUTE
-        return RouteTile(bt, min(bk, pow2(int(g.types[n.ins["x"]].shape[1]))), w, s)
+        hidden = int(g.types[n.ins["x"]].shape[1]) if "x" in n.ins else 0      # 0: given logits, no GEMM
+        return RouteTile(bt, min(bk, pow2(hidden)), w, s)
     bt, bd, w, s = CPU_ROW
     return RowTile(bt, min(bd, pow2(int(n.types[0].shape[1]))), w, s)
 

@@ -105,7 +105,7 @@ def route_candidates(p: RouteProblem, arch: Arch) -> list[RouteTile]:
     for bt in ROUTE_BT:
         for bk in (b for b in ROUTE_BK if bk_min <= b <= bk_max):
             for w in WARPS:
-                for s in ROUTE_STAGES:
+                for s in ROUTE_STAGES if p.hidden else (1,):     # given logits: no K loop to pipeline
                     tile = RouteTile(bt, bk, w, s)
                     if p.fits(tile, arch):
                         out.append(tile)

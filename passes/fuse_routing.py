@@ -1,6 +1,7 @@
 """fuse-routing: gate GEMM + score + top-k + renormalise + counts become one `fused_route`.
 
-Expects: canonical routers (``score_then_topk``); ``route(logits=linear(x, w, b))``, the noise
+Expects: canonical routers (``score_then_topk``); ``route(logits=linear(x, w, b))`` or ``route(logits=%in)``
+on a graph input (an external router's logits: the kernel reads them, no GEMM, no noise, no gate), the noise
 projection (if noisy) another ``linear`` of the same ``x`` read only by the route; optionally a
 ``shared_gate(x, w)`` (the first one of that ``x``). Nothing reads the logits or the gate's scale
 before the route (the kernel that makes them runs where the route was).
@@ -22,9 +23,10 @@ from .rewrite import fresh_name, swap
 
 def _fuse_one(g: Graph, i: int, route: Node) -> Graph:
     lin = g.producer(route.ins["logits"])
-    if lin is None or lin.op != "linear":
+    given = lin is None                 # the logits are a graph input: the kernel reads them
+    if (not given and lin.op != "linear") or (given and "noise_logits" in route.ins):
         return g
-    x = lin.ins["x"]
+    x = None if given else lin.ins["x"]
     cfg = router_config(route.attr)
     noise = g.producer(route.ins["noise_logits"]) if "noise_logits" in route.ins else None
     if "noise_logits" in route.ins and (noise is None or noise.op != "linear" or noise.ins["x"] != x
@@ -33,16 +35,20 @@ def _fuse_one(g: Graph, i: int, route: Node) -> Graph:
     capacity = cfg.has_capacity
     if capacity and cfg.noisy:      # capacity ranks by the noisy scores, which the kernel keeps inside
         return g
-    gates = [n for n in g.find("shared_gate") if n.ins["x"] == x][:1]
+    gates = [n for n in g.find("shared_gate") if n.ins["x"] == x][:1] if not given else []
     logits = route.ins["logits"]
-    early = [u for v in [logits] + [s.outs["scale"] for s in gates] for u in g.users(v) if g.nodes.index(u) < i]
+    early = [u for v in ([] if given else [logits]) + [s.outs["scale"] for s in gates] for u in g.users(v)
+             if g.nodes.index(u) < i]
     if early:                       # they would read a value the fused kernel defines only at the route
         return g
-    logits_needed = capacity or g.uses(logits) > 1
+    logits_needed = not given and (capacity or g.uses(logits) > 1)
 
-    operands = {"x": x, "w": lin.ins["w"], "b": lin.ins.get("b"), "score_bias": route.ins.get("score_bias"),
-                "w_noise": noise.ins["w"] if noise else None,
-                "w_shared_gate": gates[0].ins["w"] if gates else None}
+    if given:
+        operands = {"logits": logits, "score_bias": route.ins.get("score_bias")}
+    else:
+        operands = {"x": x, "w": lin.ins["w"], "b": lin.ins.get("b"), "score_bias": route.ins.get("score_bias"),
+                    "w_noise": noise.ins["w"] if noise else None,
+                    "w_shared_gate": gates[0].ins["w"] if gates else None}
     outs = route.outs
     names = {"ids": fresh_name(g, "ids_routed") if capacity else outs["ids"],
              "weights": fresh_name(g, "weights_routed") if capacity else outs["weights"]}
@@ -70,7 +76,7 @@ def _fuse_one(g: Graph, i: int, route: Node) -> Graph:
                                            ("logits", logits), *(("score_bias", v) for v in [route.ins.get("score_bias")] if v)),
                         (("ids", outs["ids"]), ("weights", outs["weights"])),
                         (g.types[outs["ids"]], g.types[outs["weights"]]), tuple(router_attrs(cfg).items())))
-    drop = {g.nodes.index(n): [] for n in gates + [lin] + ([noise] if noise else [])}
+    drop = {g.nodes.index(n): [] for n in gates + ([] if given else [lin]) + ([noise] if noise else [])}
     # the fused node must come after every input it reads: place it where the route was
     return swap(g, {**drop, i: new})
 

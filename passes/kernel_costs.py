@@ -260,6 +260,9 @@ class RouteProblem:
 
     @classmethod
     def of(cls, n: Node, g: Graph) -> "RouteProblem":
+        if "logits" in n.ins:           # given logits: no GEMM (hidden 0), the fp32 tile read once
+            return cls(experts=n.attr["num_experts"], top_k=n.attr["top_k"], hidden=0, in_size=4, fp32=True,
+                       dtype="f32")
         x_t = g.types[n.ins["x"]]
         return cls(experts=n.attr["num_experts"], top_k=n.attr["top_k"], hidden=int(x_t.shape[1]),
                    in_size=itemsize(x_t.dtype), fp32=x_t.dtype == "f32",
@@ -267,6 +270,8 @@ class RouteProblem:
 
     @property
     def key(self) -> str:
+        if not self.hidden:
+            return f"fused_route E={self.experts} k={self.top_k} logits given"
         return f"fused_route E={self.experts} k={self.top_k} d={self.hidden}{' noisy' if self.mats == 2 else ''} {self.dtype}"
 
     @property
@@ -277,6 +282,8 @@ class RouteProblem:
         return 2 * t * self.hidden * self.e_pad * self.mats
 
     def bytes(self, t=T, ops=Sym):
+        if not self.hidden:             # given logits: read the [T, E] tile
+            return t * self.experts * 4 + t * self.top_k * 8 + 4 * self.experts
         return (t * self.hidden * self.in_size + self.mats * self.experts * self.hidden * self.in_size
                 + t * self.top_k * 8 + 4 * self.experts)
 
@@ -290,6 +297,8 @@ class RouteProblem:
         return min(tile.block_k, pow2(self.hidden))
 
     def stage_bytes(self, tile: RouteTile) -> int:
+        if not self.hidden:             # no pipelined GEMM: the logits tile, loaded once
+            return tile.block_t * self.e_pad * self.in_size
         return (tile.block_t + self.mats * self.e_pad) * self.block_k(tile) * self.in_size
 
     def smem(self, tile: RouteTile, arch: Arch) -> int:

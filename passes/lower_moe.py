@@ -33,12 +33,14 @@ def _route_step(n: Node, g: Graph) -> Step:
     weights = ("w", "b", "score_bias", "w_noise", "w_shared_gate")
     sort = "order" in n.outs            # fuse-dispatch: the kernel groups the pairs by expert too
     schedule = n.attr["schedule_block_m"] if "schedule" in n.outs else None     # schedule-tiles
-    x_name = n.ins["x"]
+    given = "logits" in n.ins           # an external router's logits, read by the kernel
+    x_name = n.ins["logits" if given else "x"]
 
     def params_for(tile, bucket):
-        return RouteParams(router=cfg, hidden=int(g.types[n.ins["x"]].shape[1]),
+        return RouteParams(router=cfg, hidden=0 if given else int(g.types[x_name].shape[1]),
                            shared_gate="w_shared_gate" in n.ins, write_logits="logits" in n.outs,
-                           write_counts="counts" in n.outs, tile=tile, header=header(n), bucket=bucket)
+                           write_counts="counts" in n.outs, tile=tile, header=header(n), bucket=bucket,
+                           logits_in=given)
 
     def noise_of(ctx):
         if not (cfg.noisy and ctx["training"]):
@@ -54,7 +56,8 @@ def _route_step(n: Node, g: Graph) -> Step:
         return {v: got[role] for role, v in n.results}
 
     def launch(params, v, outs, ctx):
-        r = fused_route(v["x"], v["w"], params, b_router=v.get("b"), score_bias=v.get("score_bias"),
+        r = fused_route(v["logits" if given else "x"], v.get("w"), params, b_router=v.get("b"),
+                        score_bias=v.get("score_bias"),
                         w_noise=v.get("w_noise"), noise=noise_of(ctx), w_shared_gate=v.get("w_shared_gate"),
                         dispatch=sort, schedule=schedule)
         got = results(r)
@@ -63,9 +66,9 @@ def _route_step(n: Node, g: Graph) -> Step:
     def prepare(params, bound):
         if any(r in n.ins and r not in bound for r in weights):
             return None
-        check_route_weights(params, bound["w"], bound.get("b"), bound.get("score_bias"), bound.get("w_noise"),
+        check_route_weights(params, bound.get("w"), bound.get("b"), bound.get("score_bias"), bound.get("w_noise"),
                             bound.get("w_shared_gate"))
-        plan = RouteLaunch(params, bound["w"], bound.get("b"), bound.get("score_bias"), bound.get("w_noise"),
+        plan = RouteLaunch(params, bound.get("w"), bound.get("b"), bound.get("score_bias"), bound.get("w_noise"),
                            bound.get("w_shared_gate"), dispatch=sort, schedule=schedule)
 
         def go(env, ctx):

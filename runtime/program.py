@@ -104,7 +104,7 @@ class Step:
 # the shape-decided `select`, and the backward's router, shared-gate and routing-weight gradients
 # (written-out formulas: moec.reference.route_backward), its fp32 adds and MoBA's row term, and identity
 # experts' element-wise forward and backward
-GRAPH_SAFE_TORCH_OPS = frozenset({"dispatch", "aux_loss", "apply_capacity", "select", "router_grad",
+GRAPH_SAFE_TORCH_OPS = frozenset({"dispatch", "aux_loss", "apply_capacity", "select", "router_grad", "route_grad",
                                   "shared_gate_grad", "pair_weight_grad", "add", "attention_delta",
                                   "identity_experts", "identity_experts_grad"})
 # torch steps that are bookkeeping, not computation a kernel could have done (explain() lists the rest)

@@ -5,7 +5,9 @@ launches it on ``cdiv(T, BLOCK_T)`` programs. Each program computes the logits o
 as a ``[BLOCK_T, E_PAD]`` register tile (``tl.dot`` over the hidden dim, fp32 accumulation),
 then scores, selection keys, group-limited selection, top-k, weights and counts, exactly as
 `moec.reference.route` does with ``capacity_factor=None`` (capacity is a later stage's job).
-The logits reach global memory only when ``write_logits`` asks for them.
+The logits reach global memory only when ``write_logits`` asks for them. With ``logits_in`` the
+kernel is given the fp32 logits ``[T, E]`` (an external router's, `moec.spec.MoESpec.external_router`)
+in place of ``x`` and reads its tile instead of computing it (``hidden`` is 0: no GEMM).
 
 Outputs: ids int32 ``[T, k]`` (always in ``[0, E)``, even for NaN rows), weights fp32 ``[T, k]``,
 counts int32 ``[E]`` ((token, slot) pairs per expert), and optionally ``prob_sum`` fp32 ``[E]``
@@ -48,13 +50,14 @@ class RouteParams:
     """
 
     router: RouterConfig
-    hidden: int
+    hidden: int                         # 0 with logits_in
     shared_gate: bool = False
     write_logits: bool = False
     write_counts: bool = True           # the per-expert pair counts (the aux loss reads them)
     tile: RouteTile = RouteTile(16, 64)
     header: str = ""
     bucket: tuple = ()                  # (lo, hi): this kernel serves lo <= T <= hi; () every T
+    logits_in: bool = False             # given fp32 logits [T, E] in place of x (no GEMM)
 
     def __post_init__(self) -> None:
         if not isinstance(self.router, RouterConfig):
@@ -62,7 +65,12 @@ class RouteParams:
         if self.router.order not in ("score_then_topk", "logits_then_score"):
             raise ValueError(f"the routing kernel computes order='score_then_topk' or 'logits_then_score', got "
                              f"{self.router.order!r} (canonicalise topk_then_score first)")
-        if self.hidden < 1:
+        if self.logits_in:
+            r = self.router
+            if self.hidden or r.router_bias or r.noisy or self.shared_gate or self.write_logits:
+                raise ValueError("a routing kernel given logits computes no GEMM: hidden=0, no router bias, noise, "
+                                 "shared-expert gate or logits written")
+        elif self.hidden < 1:
             raise ValueError(f"hidden must be >= 1, got {self.hidden}")
         bt, bk = self.tile.block_t, self.tile.block_k
         for name, v in (("block_t", bt), ("block_k", bk)):
@@ -89,6 +97,8 @@ class RouteParams:
         name = f"moec_route_{r.score}_e{r.num_experts}_k{r.top_k}"
         if r.n_group > 1:
             name += f"_g{r.n_group}x{r.topk_group}"
+        if self.logits_in:
+            name += "_given"
         if self.bucket:
             name += "_" + bucket_suffix(*self.bucket)
         return name
@@ -105,7 +115,7 @@ class RouteParams:
             N_GROUP=r.n_group, TOPK_GROUP=r.topk_group if r.n_group > 1 else 1,
             GROUP_TOP2=r.group_score == "top2_sum",
             HAS_NOISE=bool(has_noise), AUX=r.aux_loss, SHARED_GATE=self.shared_gate,
-            WRITE_LOGITS=self.write_logits, WRITE_COUNTS=self.write_counts,
+            WRITE_LOGITS=self.write_logits, WRITE_COUNTS=self.write_counts, LOGITS_IN=self.logits_in,
             BLOCK_T=self.tile.block_t, BLOCK_K=self.block_k,
         )
 
@@ -144,8 +154,10 @@ def _describe(params: RouteParams) -> str:
 @functools.lru_cache(maxsize=None)
 def render_route(params: RouteParams) -> Kernel:
     """The routing kernel for ``params`` (cached per value)."""
+    E = params.router.num_experts
     source = render(TEMPLATE, fn_name=params.fn_name, header=_one_line(params.header) or "(none)",
-                    hidden=params.hidden, num_experts=params.router.num_experts,
+                    source=f"logits [T, {E}] (given)" if params.logits_in else
+                    f"x [T, {params.hidden}] -> logits [T, {E}]", num_experts=E,
                     top_k=params.router.top_k, e_pad=params.e_pad, router=_describe(params),
                     tile=params.tile, block_k=params.block_k,
                     bucket=bucket_text(*params.bucket) if params.bucket else "every T")
@@ -183,8 +195,12 @@ def check_route_weights(params: RouteParams, w_router: torch.Tensor, b_router: O
     weight's); ``w_noise`` is checked when given."""
     r = params.router
     E, d = r.num_experts, params.hidden
-    dev = device if device is not None else w_router.device
-    _check("w_router", w_router, (E, d), dev)
+    given = [t for t in (w_router, b_router, score_bias, w_noise, w_shared_gate) if t is not None]
+    dev = device if device is not None else given[0].device if given else None
+    if params.logits_in:
+        _unexpected("w_router", w_router, "the kernel is given the logits")
+    else:
+        _check("w_router", w_router, (E, d), dev)
     if r.router_bias:
         _check("b_router", b_router, (E,), dev)
     else:
@@ -203,7 +219,7 @@ def check_route_weights(params: RouteParams, w_router: torch.Tensor, b_router: O
         _unexpected("w_shared_gate", w_shared_gate, "params.shared_gate is False")
 
 
-def fused_route(x: torch.Tensor, w_router: torch.Tensor, params: RouteParams, *,
+def fused_route(x: torch.Tensor, w_router: Optional[torch.Tensor], params: RouteParams, *,
                 b_router: Optional[torch.Tensor] = None, score_bias: Optional[torch.Tensor] = None,
                 w_noise: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
                 w_shared_gate: Optional[torch.Tensor] = None, dispatch: bool = False,
@@ -212,10 +228,13 @@ def fused_route(x: torch.Tensor, w_router: torch.Tensor, params: RouteParams, *,
     draws) is added only when ``params.router.noisy`` and it is given (None: eval, no noise).
     ``dispatch``: also group the pairs by expert (``order``, ``offsets``: `RouteLaunch`); ``schedule``
     (with dispatch): ``{bucket bound: BLOCK_M}``, also write their tile schedule for the bucket of T's
-    BLOCK_M (`moec.runtime.schedule_kernel`)."""
+    BLOCK_M (`moec.runtime.schedule_kernel`). With ``params.logits_in``, ``x`` is the given fp32 logits
+    ``[T, E]`` and ``w_router`` is None."""
     r = params.router
     E, d = r.num_experts, params.hidden
-    if x.dim() != 2 or x.shape[1] != d:
+    if params.logits_in and (x.dim() != 2 or x.shape[1] != E or x.dtype != torch.float32):
+        raise ValueError(f"logits must be fp32 [T, {E}], got {x.dtype} {list(x.shape)}")
+    if not params.logits_in and (x.dim() != 2 or x.shape[1] != d):
         raise ValueError(f"x must be [T, {d}], got {list(x.shape)}")
     if x.dtype not in _FLOATS:
         raise ValueError(f"x must be fp32, fp16 or bf16, got {x.dtype}")
@@ -242,7 +261,7 @@ class RouteLaunch:
 
     __slots__ = ("params", "static", "dispatch", "schedule", "_launchers", "_schedulers")
 
-    def __init__(self, params: RouteParams, w_router: torch.Tensor, b_router: Optional[torch.Tensor] = None,
+    def __init__(self, params: RouteParams, w_router: Optional[torch.Tensor], b_router: Optional[torch.Tensor] = None,
                  score_bias: Optional[torch.Tensor] = None, w_noise: Optional[torch.Tensor] = None,
                  w_shared_gate: Optional[torch.Tensor] = None, dispatch: bool = False,
                  schedule: Optional[dict] = None):
@@ -254,7 +273,8 @@ class RouteLaunch:
                             for b, m in (schedule or {}).items()}
         self.static = (w_router, b_router if r.router_bias else None, score_bias if r.score_bias else None,
                        w_noise if r.noisy else None, w_shared_gate if params.shared_gate else None,
-                       w_router.stride(0), w_router.stride(1),
+                       w_router.stride(0) if w_router is not None else 0,
+                       w_router.stride(1) if w_router is not None else 0,
                        w_noise.stride(0) if w_noise is not None else 0, w_noise.stride(1) if w_noise is not None else 0,
                        w_shared_gate.stride(1) if w_shared_gate is not None else 0)
 

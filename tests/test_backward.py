@@ -166,6 +166,17 @@ SPECS = {
                              input_scaled=True, shared=SharedExpertConfig(16)), ("y", "logits")),
     "input_scaled_top2_clamped": (MoESpec(32, 16, RouterConfig(6, 2, renormalize=True), input_scaled=True,
                                           glu_limit=0.5, up_shift=1.0, shared=SharedExpertConfig(8)), ("y", "weights")),
+    # expert norms: the down projection's rows recomputed, the norm's backward gives their and the weights' gradients
+    "expert_norm": (MoESpec(32, 16, RouterConfig(6, 2, score="sigmoid", score_bias=True, renormalize=True), glu=False,
+                            activation="relu2", expert_norm=1e-6, shared=SharedExpertConfig(16)), ("y", "weights")),
+    "expert_norm_capacity_biases": (MoESpec(32, 16, RouterConfig(4, 2, capacity_factor=0.5, aux_loss=True),
+                                            expert_bias=True, expert_norm=1e-5), ("y", "aux")),
+    # an external router: its logits are an input, their gradient an output (autograd takes it on)
+    "external_router": (MoESpec(32, 16, RouterConfig(6, 2, aux_loss=True, renormalize=True), external_router=True,
+                                shared=SharedExpertConfig(16, gated=True)), ("y", "aux", "weights")),
+    "external_router_capacity": (MoESpec(32, 16, RouterConfig(4, 2, capacity_factor=0.5, renormalize=True,
+                                                              score="sigmoid", score_bias=True),
+                                         external_router=True), ("y",)),
 }
 
 
@@ -184,7 +195,8 @@ def _weights(spec: MoESpec, g) -> MoEWeights:
         b_down=rnd(Ef, d) if spec.expert_bias else None,
         shared_up=rnd(fs, d) if fs else None, shared_gate=rnd(fs, d) if fs and spec.glu else None,
         shared_down=rnd(d, fs) if fs else None,
-        shared_gate_proj=rnd(1, d) if spec.shared and spec.shared.gated else None)
+        shared_gate_proj=rnd(1, d) if spec.shared and spec.shared.gated else None,
+        w_expert_norm=1.0 + 0.2 * torch.randn(Ef, d, generator=g) if spec.expert_norm is not None else None)
 
 
 @pytest.mark.parametrize("case", SPECS)
@@ -193,7 +205,7 @@ def test_backward_graph_verifies_and_round_trips(case):
     g = verify(build_moe_backward_graph(spec, torch.float32, outputs))
     text = print_graph(g)
     assert print_graph(parse_graph(text)) == text
-    assert grad_outputs(g)[0] == "x" and "w_router" in grad_outputs(g)
+    assert grad_outputs(g)[0] == "x" and ("logits" if spec.external_router else "w_router") in grad_outputs(g)
     final = compile_program(BackwardRecipe(MoERecipe(spec, outputs)), torch.float32, ARCHS["sm90"])
     assert [s[0] for s in final.stages] == ["captured", "verify", "infer-shapes", "choose-tiles"]
     kernels = {n.op for n in final.graph.nodes if "tiles" in n.attr}
@@ -214,21 +226,28 @@ def test_backward_program_matches_interpreter_and_eager(case, T, policy):
     pre = tuple(r for r in PRE_SAVED if r in saved_values(fwd.graph))
     assert bool(pre) == (policy == "save")
     bwd = compile_program(BackwardRecipe(MoERecipe(spec, outputs), pre), torch.float32, ARCHS["cpu"])
-    # nothing recomputed when saving (but the rows of input-scaled experts)
-    assert (policy == "save" and not spec.input_scaled) != any(n.op == "grouped_gemm" for n in bwd.graph.nodes)
-    env = fwd.program.run(moe_inputs(x, w), values=True)
+    # nothing recomputed when saving (but the rows of input-scaled experts, and the down projection's rows that
+    # expert norms need)
+    assert (policy == "save" and not spec.input_scaled and spec.expert_norm is None) != \
+        any(n.op == "grouped_gemm" for n in bwd.graph.nodes)
+    # an external router's logits: a leaf of their own (their gradient is an output)
+    logits = reference.router_logits(x, w.w_router) if spec.external_router else None
+    env = fwd.program.run(moe_inputs(x, w, logits), values=True)
     cot = {"dy": torch.randn(T, spec.hidden, generator=g), "d_aux": torch.tensor(0.7),
            "d_logits": torch.randn(T, spec.num_experts, generator=g),
            "d_weights_out": torch.randn(T, spec.router.top_k, generator=g)}
     names = {n for n, _ in bwd.graph.inputs}
-    inputs = {**moe_inputs(x, w), **{r: env[v] for r, v in saved_values(fwd.graph).items()}, **cot}
+    inputs = {**moe_inputs(x, w, logits), **{r: env[v] for r, v in saved_values(fwd.graph).items()}, **cot}
     inputs = {n: v for n, v in inputs.items() if n in names}
     got = dict(zip(grad_outputs(bwd.graph), bwd.program.run(inputs)))
     interp = dict(zip(grad_outputs(bwd.graph), interpret(bwd.graph, inputs)))
     # autograd through the reference layer
-    fields = [n for n in grad_outputs(bwd.graph) if n != "x"]
+    fields = [n for n in grad_outputs(bwd.graph) if n not in ("x", "logits")]
     leaves = {"x": x.clone().requires_grad_(), **{n: getattr(w, n).clone().requires_grad_() for n in fields}}
-    wl = dataclasses.replace(w, **{n: leaves[n] for n in fields})
+    if logits is not None:
+        leaves["logits"] = logits.clone().requires_grad_()
+    wl = dataclasses.replace(w, **{n: leaves[n] for n in fields},
+                             router=(lambda _: leaves["logits"]) if logits is not None else None)
     y, aux = reference.moe(leaves["x"], wl, spec)
     loss = (y * cot["dy"]).sum()
     if "aux" in outputs:
@@ -236,7 +255,7 @@ def test_backward_program_matches_interpreter_and_eager(case, T, policy):
     if "logits" in outputs:
         loss = loss + (reference.router_logits(leaves["x"], wl.w_router, wl.b_router) * cot["d_logits"]).sum()
     if "weights" in outputs:
-        rw = reference.route(reference.router_logits(leaves["x"], wl.w_router, wl.b_router), spec.router,
+        rw = reference.route(reference.logits_of(leaves["x"], wl), spec.router,
                              wl.score_bias)[1]
         loss = loss + (rw * cot["d_weights_out"]).sum()
     if T:

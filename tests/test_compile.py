@@ -257,7 +257,6 @@ def test_explain_names_what_stays_eager():
 
 
 @pytest.mark.parametrize("cls, words", [
-    (zoo.MLPRouterMoE, ("it holds 4 experts", "router gate (MLPRouter)", "MLP routers are not supported")),
     (zoo.ProductKeyMoE, ("64 rank-one experts", "down_embed, up_embed", "query scores two sets of 8 keys",
                          "product-key retrieval experts are not supported")),
 ])

@@ -142,8 +142,9 @@ def _same_logits_and_gradients(eager, model, ids, params: str, unlike):
 def test_a_shared_expert_that_computes_another_glu(shared):
     """A shared expert is checked on inputs that reach past the routed experts' clamp (they agree on small
     inputs). One computing plain SwiGLU beside clamped routed experts is lifted with its own GLU variant
-    (`SharedExpertConfig.variant`); one with a looser clamp than theirs computes no form moec has, and the
-    block stays eager. Either way the compiled block is eager's answer at any scale."""
+    (`SharedExpertConfig.variant`); one with a looser clamp than theirs computes no form moec has: it runs as its
+    own module beside the kernels (an external shared expert). Either way the compiled block is eager's answer
+    at any scale."""
     import copy
 
     import torch
@@ -180,7 +181,8 @@ def test_a_shared_expert_that_computes_another_glu(shared):
                               for s in lifted), lifted
         assert "shared expert f=" in model.explain() and "its own GLU: plain" in model.explain()
     else:
-        assert not lifted
+        assert lifted and all(s.shared is None for s in lifted), lifted
+        assert "(an external shared expert)" in model.explain(), model.explain()
     compiled = [m for m in model.modules() if type(m).__name__ == "MiniMaxM3VLSparseMoeBlock"]
     for scale in (1.0, 30.0):
         x = torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(1)) * scale

@@ -35,6 +35,10 @@ MOE = {
     # Llama4: the routing weight scales each expert's input (the gate/up GEMM's accumulators, before the SwiGLU)
     "llama4": (MoESpec(64, 32, RouterConfig(16, 1, score="sigmoid", order="logits_then_score"), input_scaled=True,
                        shared=SharedExpertConfig(32)), "bf16", ("y", "logits")),
+    # an external router: the routing kernel reads the given logits (no GEMM); the backward yields their gradient
+    "external_router": (MoESpec(64, 32, RouterConfig(8, 2, score="sigmoid", score_bias=True, renormalize=True,
+                                                     aux_loss=True), external_router=True,
+                                shared=SharedExpertConfig(32)), "f16", ("y", "aux")),
 }
 EXPERTS = {   # transformers' experts interface: (E, k, d, f, activation, glu, dtype, bias, variant)
     "experts_silu_glu": (8, 2, 64, 128, "silu", True, torch.float16, False, ()),
@@ -91,7 +95,7 @@ CASES = [f"{n}.sm90" for n in (*MOE, *EXPERTS, *MOBA)] + \
         ["mixtral.cpu", "gpt_oss.cpu", "experts_gelu.cpu", "moba_mha.cpu", "mixtral.sm80", "deepseek.sm100",
          "moba_gqa.sm100"] + \
         [f"{n}.backward.{a}" for n in ("qwen_aux", "gpt_oss", "experts_gelu", "moba_gqa") for a in ("sm90", "cpu")] + \
-        ["llama4.backward.sm90"]
+        ["llama4.backward.sm90", "external_router.backward.sm90"]
 
 
 @pytest.fixture(autouse=True)

@@ -144,7 +144,7 @@ def test_canonicalize_router_route_guard_leaves_apply_capacity_alone():
 
 
 # ==== fuse-routing ===============================================================================
-# Guards: (1) logits come from a `linear`; (2) the noise logits come from a `linear` (3) of the same x
+# Guards: (1) logits come from a `linear` or are a graph input (given: then no noise); (2) the noise logits come from a `linear` (3) of the same x
 # (4) read only by the route; (5) not capacity and noisy together; (6) only the first shared_gate of the
 # same x is absorbed; (7) nothing reads the logits or that gate's scale before the route.
 
@@ -168,23 +168,39 @@ def test_fuse_routing_fires_on_the_base_case():
         }""")
 
 
-@pytest.mark.parametrize("producer", ["input", "cast"])
-def test_fuse_routing_logits_guard_needs_a_linear(producer):
-    """Guard logits = linear(x, w): without the router GEMM there is no x and w for the fused kernel to read."""
-    if producer == "input":
-        text = """
-            graph moe(%logits: f32[T, 4]) {
-              %ids: i32[T, 2], %weights: f32[T, 2] = route(logits=%logits) {num_experts=4, top_k=2}
-              return %ids, %weights
-            }"""
-    else:
-        text = """
-            graph moe(%logits16: f16[T, 4]) {
-              %logits: f32[T, 4] = cast(x=%logits16) {dtype='f32'}
-              %ids: i32[T, 2], %weights: f32[T, 2] = route(logits=%logits) {num_experts=4, top_k=2}
-              return %ids, %weights
-            }"""
-    assert_unchanged(fuse_routing, text)
+def test_fuse_routing_reads_given_logits():
+    """Logits that are a graph input (an external router's) are read by the kernel: no GEMM, the selection bias
+    kept; the capacity stage reads the same input."""
+    assert_rewrites_to(fuse_routing, """
+        graph moe(%logits: f32[T, 4], %sb: f32[4]) {
+          %ids: i32[T, 2], %weights: f32[T, 2] = route(logits=%logits, score_bias=%sb) {num_experts=4, top_k=2, score_bias=True, capacity_factor=1.0}
+          return %ids, %weights
+        }""", """
+        graph moe(%logits: f32[T, 4], %sb: f32[4]) {
+          %ids_routed: i32[T, 2], %weights_routed: f32[T, 2] = fused_route(logits=%logits, score_bias=%sb) {num_experts=4, top_k=2, score_bias=True}
+          %ids: i32[T, 2], %weights: f32[T, 2] = apply_capacity(ids=%ids_routed, weights=%weights_routed, logits=%logits, score_bias=%sb) {num_experts=4, top_k=2, score_bias=True, capacity_factor=1.0}
+          return %ids, %weights
+        }""")
+
+
+def test_fuse_routing_logits_guard_needs_a_linear_or_an_input():
+    """Guard logits = linear(x, w) or a graph input: logits another node computes (here a cast) have neither x and
+    w for the kernel's GEMM nor memory the kernel may read before that node runs."""
+    assert_unchanged(fuse_routing, """
+        graph moe(%logits16: f16[T, 4]) {
+          %logits: f32[T, 4] = cast(x=%logits16) {dtype='f32'}
+          %ids: i32[T, 2], %weights: f32[T, 2] = route(logits=%logits) {num_experts=4, top_k=2}
+          return %ids, %weights
+        }""")
+
+
+def test_fuse_routing_given_logits_guard_no_noise():
+    """Guard: given logits with noise logits stay unfused (the kernel draws its noise on a projection it computes)."""
+    assert_unchanged(fuse_routing, """
+        graph moe(%logits: f32[T, 4], %noise_logits: f32[T, 4]) {
+          %ids: i32[T, 2], %weights: f32[T, 2] = route(logits=%logits, noise_logits=%noise_logits) {num_experts=4, top_k=2, renormalize=True, noisy=True}
+          return %ids, %weights
+        }""")
 
 
 def test_fuse_routing_noise_linear_guard_needs_a_noise_projection():
@@ -739,6 +755,18 @@ def test_fold_combine_grouped_gemm_guard(producer):
               return %routed
             }"""
     assert_unchanged(fold_combine, text)
+
+
+def test_fold_combine_grouped_gemm_guard_keeps_expert_norms_before_the_combine():
+    """Guard y = grouped_gemm: expert norms between the down GEMM and the combine normalise whole rows before the
+    weights apply; folding the weights into the GEMM would skip the norm (must not fire)."""
+    assert_unchanged(fold_combine, """
+        graph moe(%h: f32[2*T, 8], %order: i32[2*T], %offsets: i32[5], %weights: f32[T, 2], %ids: i32[T, 2], %w_down: f32[4, 16, 8], %w_norm: f32[4, 16]) {
+          %ys: f32[2*T, 16] = grouped_gemm(a=%h, w=%w_down, offsets=%offsets) {num_experts=4}
+          %ys_normed: f32[2*T, 16] = expert_norm(y=%ys, w=%w_norm, offsets=%offsets) {eps=1e-06}
+          %routed: f32[T, 16] = combine(y=%ys_normed, order=%order, ids=%ids, weights=%weights) {top_k=2}
+          return %routed
+        }""")
 
 
 def test_fold_combine_scatter_guard():

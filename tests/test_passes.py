@@ -38,6 +38,13 @@ CASES = {
     # Llama4: top-1 of the logits, its sigmoid scales the expert's input (a scaled permute, a plain combine)
     "llama4": (MoESpec(64, 32, RouterConfig(16, 1, score="sigmoid", order="logits_then_score"), input_scaled=True,
                        shared=SharedExpertConfig(32)), "bf16", ("y", "logits")),
+    # Ergo's expert norms: each expert's output rows RMS-normalised by its own scale before the weighted combine
+    "expert_norm": (MoESpec(64, 32, RouterConfig(8, 2, score="sigmoid", score_bias=True, renormalize=True),
+                            glu=False, activation="relu2", expert_norm=1e-6), "bf16", ("y",)),
+    # an external router (an MLP the layer calls): its logits are an input the routing kernel reads
+    "external_router": (MoESpec(64, 32, RouterConfig(8, 2, score="sigmoid", score_bias=True, renormalize=True,
+                                                     aux_loss=True), external_router=True,
+                                shared=SharedExpertConfig(32)), "f16", ("y", "aux")),
 }
 CTX = PassContext(ARCHS["sm90"])
 STAGES = ["captured"] + [p.name for p in PIPELINE]

@@ -15,6 +15,7 @@ import torch
 import moec
 import zoo
 from moec.compiler import BackwardRecipe, MoERecipe, compile_program
+from moec import reference
 from moec.ir import interpret
 from moec.ir.backward import PRE_SAVED, saved_values
 from moec.ir.build import moe_inputs
@@ -87,8 +88,9 @@ def test_stored_pre_activations_equal_the_interpreters(case):
     g = torch.Generator().manual_seed(3)
     w, x = _weights(spec, g), torch.randn(9, spec.hidden, generator=g)
     fwd = compile_program(MoERecipe(spec, outputs, saving="save"), torch.float32, ARCHS["cpu"])
-    env = fwd.program.run(moe_inputs(x, w), values=True)
-    ref = interpret(fwd.graph, moe_inputs(x, w), values=True)
+    logits = reference.router_logits(x, w.w_router) if spec.external_router else None    # an external router's
+    env = fwd.program.run(moe_inputs(x, w, logits), values=True)
+    ref = interpret(fwd.graph, moe_inputs(x, w, logits), values=True)
     roles = saved_values(fwd.graph)
     kept = int(env[roles["offsets"]][-1])              # rows past the kept pairs are not written
     for role in PRE_SAVED:

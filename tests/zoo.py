@@ -841,11 +841,166 @@ class MLPRouter(nn.Module):
 
 
 class MLPRouterMoE(MixtralMoE):
-    """Mixtral whose router is a two-layer MLP (unsupported)."""
+    """Mixtral whose router is a two-layer MLP (an external router: moec calls it, the kernels route)."""
 
     def __init__(self, d: int = 16, f: int = 32, E: int = 4, k: int = 2):
         super().__init__(d, f, E, k)
         self.gate = MLPRouter(d, E)
+
+
+class TanhRouterMoE(nn.Module):
+    """A research repository's MoE: a two-layer tanh MLP router in an ``nn.Sequential``, experts as stacked
+    ``[E, d, f]`` parameters run by ``torch.einsum`` over the tokens each expert was given, and the forward
+    returns ``(y, aux)`` with a Switch-style balance loss over the top-k pairs."""
+
+    def __init__(self, d: int = 16, f: int = 32, E: int = 4, k: int = 2, hidden: int = 32):
+        super().__init__()
+        self.num_experts, self.top_k = E, k
+        self.router = nn.Sequential(nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, E))
+        self.w_in = nn.Parameter(torch.randn(E, d, 2 * f) / math.sqrt(d))
+        self.w_out = nn.Parameter(torch.randn(E, f, d) / math.sqrt(f))
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        probs = self.router(x).float().softmax(-1)
+        top_p, top_i = probs.topk(self.top_k, dim=-1)
+        top_p = top_p / top_p.sum(-1, keepdim=True)
+        counts = F.one_hot(top_i, self.num_experts).sum((0, 1)).float()
+        aux = self.num_experts * (counts / x.shape[0] * probs.mean(0)).sum()
+        y = torch.zeros_like(x)
+        for e in range(self.num_experts):
+            rows, slot = (top_i == e).nonzero(as_tuple=True)
+            a, b = torch.einsum("td,df->tf", x[rows], self.w_in[e]).chunk(2, dim=-1)
+            out = torch.einsum("tf,fd->td", F.silu(a) * b, self.w_out[e])
+            y.index_add_(0, rows, (out * top_p[rows, slot, None]).to(x.dtype))
+        return y.reshape(shape), aux
+
+
+class NormedRouter(nn.Module):
+    """A router that normalises the hidden states before its projection (no single linear)."""
+
+    def __init__(self, d: int, E: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.proj = nn.Linear(d, E, bias=False)
+
+    def forward(self, x):
+        return self.proj(self.norm(x))
+
+
+class NormedRouterMoE(nn.Module):
+    """DeepSeek-V3 style selection (sigmoid scores, a selection bias buffer for the top-k only, renormalised and
+    scaled weights) behind a router of the repository's own that normalises its input: the router's inner
+    linear alone does not reproduce the forward, calling the router does. A shared expert is added."""
+
+    def __init__(self, d: int = 16, f: int = 32, E: int = 8, k: int = 2):
+        super().__init__()
+        self.top_k, self.routed_scaling_factor = k, 1.5
+        self.gate = NormedRouter(d, E)
+        self.register_buffer("e_score_correction_bias", torch.randn(E) * 0.1)
+        self.experts = nn.ModuleList([MixtralBlockSparseTop2MLP(d, f) for _ in range(E)])
+        self.shared_expert = MixtralBlockSparseTop2MLP(d, f)
+
+    def forward(self, hidden_states):
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        scores = self.gate(x).float().sigmoid()
+        ids = (scores + self.e_score_correction_bias).topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, ids)
+        weights = weights / weights.sum(-1, keepdim=True) * self.routed_scaling_factor
+        y = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            rows, slot = torch.where(ids == e)
+            y.index_add_(0, rows, (expert(x[rows]) * weights[rows, slot, None]).to(x.dtype))
+        return (y + self.shared_expert(x)).reshape(shape)
+
+
+class RMSNormedMLP(nn.Module):
+    """A shared expert as Ergo writes it: a relu² MLP whose output its own RMSNorm normalises."""
+
+    def __init__(self, d: int, f: int):
+        super().__init__()
+        self.up_proj = nn.Linear(d, f, bias=False)
+        self.down_proj = nn.Linear(f, d, bias=False)
+        self.norm = nn.RMSNorm(d, eps=1e-6)
+
+    def forward(self, x):
+        return self.norm(self.down_proj(F.relu(self.up_proj(x)).square()))
+
+
+class NormedSharedMoE(nn.Module):
+    """Sigmoid routing with a selection bias over stacked relu² experts (``[E, d, f]`` / ``[E, f, d]``, run by
+    ``@`` on the rows each expert got), plus a shared expert moec does not read (its own RMSNorm): the compiled
+    layer calls it as the forward does and adds it to the kernels' output."""
+
+    def __init__(self, d: int = 16, f: int = 32, E: int = 8, k: int = 2):
+        super().__init__()
+        self.num_experts, self.top_k = E, k
+        self.gate = nn.Linear(d, E, bias=False)
+        self.register_buffer("e_score_correction_bias", torch.randn(E) * 0.1)
+        self.up_proj = nn.Parameter(torch.randn(E, d, f) / math.sqrt(d))
+        self.down_proj = nn.Parameter(torch.randn(E, f, d) / math.sqrt(f))
+        self.shared_experts = RMSNormedMLP(d, 2 * f)
+
+    def forward(self, hidden_states):
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        scores = self.gate(x).float().sigmoid()
+        ids = (scores + self.e_score_correction_bias).topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, ids)
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        y = torch.zeros_like(x)
+        for e in ids.unique().tolist():
+            rows, slot = (ids == e).nonzero(as_tuple=True)
+            out = F.relu(x[rows] @ self.up_proj[e]).square() @ self.down_proj[e]
+            y.index_add_(0, rows, (out * weights[rows, slot, None]).to(x.dtype))
+        return y.reshape(shape) + self.shared_experts(hidden_states)
+
+
+class GeluSharedMoE(MixtralMoE):
+    """Mixtral's SwiGLU experts with a plain GELU shared expert (another activation than the routed experts',
+    which one MoESpec cannot hold): the shared expert runs as its own module beside the kernels."""
+
+    def __init__(self, d: int = 16, f: int = 32, E: int = 4, k: int = 2):
+        super().__init__(d, f, E, k)
+        self.shared_expert = nn.Sequential(nn.Linear(d, 2 * f), nn.GELU(), nn.Linear(2 * f, d))
+
+    def forward(self, hidden_states):
+        return super().forward(hidden_states) + self.shared_expert(hidden_states)
+
+
+class ExpertNormMoE(nn.Module):
+    """Ergo-style experts written out: a sigmoid router with a selection bias, stacked relu² experts, each pair's
+    expert output RMS-normalised by its expert's own learned scale (``expert_norm [E, d]``) before the weighted
+    sum, and a shared expert with its own RMSNorm (an external shared expert)."""
+
+    def __init__(self, d: int = 16, f: int = 32, E: int = 8, k: int = 2, eps: float = 1e-6):
+        super().__init__()
+        self.num_experts, self.top_k, self.eps = E, k, eps
+        self.router = nn.Linear(d, E, bias=False)
+        self.register_buffer("e_score_correction_bias", torch.randn(E) * 0.1)
+        self.w_in = nn.Parameter(torch.randn(E, d, f) / math.sqrt(d))
+        self.w_out = nn.Parameter(torch.randn(E, f, d) / math.sqrt(f))
+        self.expert_norm = nn.Parameter(1.0 + 0.2 * torch.randn(E, d))
+        self.shared = RMSNormedMLP(d, f)
+
+    def forward(self, x):
+        shape = x.shape
+        h = x.reshape(-1, shape[-1])
+        scores = self.router(h).float().sigmoid()
+        ids = (scores + self.e_score_correction_bias).topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, ids)
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        rows = h.repeat_interleave(self.top_k, dim=0)
+        flat = ids.reshape(-1)
+        out = torch.empty_like(rows)
+        for e in flat.unique().tolist():
+            sel = flat == e
+            out[sel] = F.relu(rows[sel] @ self.w_in[e]).square() @ self.w_out[e]
+        out = F.rms_norm(out.float(), (shape[-1],), eps=self.eps) * self.expert_norm[flat]
+        y = (out.view(-1, self.top_k, shape[-1]) * weights.unsqueeze(-1)).sum(1).to(x.dtype)
+        return y.reshape(shape) + self.shared(x)
 
 
 class PlainLinear(nn.Module):

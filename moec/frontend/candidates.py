@@ -139,10 +139,15 @@ def capacity_options(st: Structure) -> list:
 
 
 def router_options(st: Structure, hints: RouterHints) -> list:
-    """(part, has_score_bias, has_noise, router_bias, width) options for the router's tensors (``width``: its
-    outputs, `RouterCand.width`)."""
+    """(part, has_score_bias, has_noise, router_bias, width, external router's path or None) options for the
+    router's tensors (``width``: its outputs, `RouterCand.width`): its weights' readings first, then each child
+    the compiled layer may call as an external router (`moec.spec.MoESpec.external_router`)."""
     out = []
     biases = dedupe([hints.score_bias] + st.score_biases)
+    # a bias the trace saw added before top-k first; if the trace reached top-k without
+    # one, try "no bias" first (an unused or zero buffer must not be read as a bias)
+    reached = hints.found and bool(hints.top_k)
+    ordered = (biases + [None]) if (hints.score_bias or not reached) else ([None] + biases)
     for r in st.routers:
         paths = [r.weight] + ([r.bias] if r.bias else [])
         fields = [("w_router", Src((0,), transpose=r.layout == "in_out"))]
@@ -154,10 +159,7 @@ def router_options(st: Structure, hints: RouterHints) -> list:
             if nz is not None:
                 f2.append(("w_noise", Src((len(p2),), transpose=nz.layout == "in_out")))
                 p2.append(nz.weight)
-            # a bias the trace saw added before top-k first; if the trace reached top-k without
-            # one, try "no bias" first (an unused or zero buffer must not be read as a bias)
-            reached = hints.found and bool(hints.top_k)
-            for b in (biases + [None]) if (hints.score_bias or not reached) else ([None] + biases):
+            for b in ordered:
                 p3, f3 = list(p2), list(f2)
                 if b is not None:
                     if st.shapes.get(b, (0,))[-1] != r.width(st.E):
@@ -167,13 +169,24 @@ def router_options(st: Structure, hints: RouterHints) -> list:
                     p3.append(b)
                 desc = f"router {r.weight}" + (f" + bias {r.bias}" if r.bias else "") + \
                     (f", noise {nz.weight}" if nz else "") + (f", selection bias {b}" if b else "")
-                out.append((Part(p3, f3, desc), b is not None, nz is not None, r.bias is not None, r.width(st.E)))
+                out.append((Part(p3, f3, desc), b is not None, nz is not None, r.bias is not None, r.width(st.E),
+                            None))
+    for path in st.router_modules:
+        for b in ordered:
+            if b is not None and st.shapes.get(b, (0,))[-1] != st.E:
+                continue
+            fields = [("score_bias", Src((0,), view=(st.E,) if len(st.shapes.get(b, ())) != 1 else None))] if b else []
+            desc = f"router: the module {path} (called as the forward calls it: an external router)" \
+                + (f", selection bias {b}" if b else "")
+            out.append((Part([b] if b else [], fields, desc), b is not None, False, False, st.E, path))
     return out
 
 
 def shared_options(shared: dict, st: Structure, layout: ExpertLayout, why: list) -> list:
-    """[(part or None, SharedExpertConfig or None)]: each shared candidate (gated first), then none.
-    ``shared`` maps each candidate's path to its `ExpertLayout` or the reason it has none."""
+    """[(part or None, SharedExpertConfig or None, external path or None)]: each shared candidate the kernels
+    compute (gated first), then each as an external shared expert (its own module, called as the forward calls
+    it and added to the kernels' output: `moec.spec.MoEWeights.shared`), then none. ``shared`` maps each
+    candidate's path to its `ExpertLayout` or the reason it has none."""
     out = []
     for path, lay in shared.items():
         if isinstance(lay, str):
@@ -200,8 +213,21 @@ def shared_options(shared: dict, st: Structure, layout: ExpertLayout, why: list)
             if own is not None:
                 desc += ", its own GLU variant: " + (", ".join(f"{k}={v:g}" for k, v in own) or "plain")
             out.append((Part(paths, fields, desc), SharedExpertConfig(width=lay.ffn, gated=g is not None,
-                                                                      variant=own)))
-    out.append((None, None))
+                                                                      variant=own), None))
+    for path in shared:
+        out.append((Part([], [], f"shared expert {path}: its own module, called as the forward calls it and added "
+                                 f"to the kernels' output (an external shared expert)"), None, path))
+    out.append((None, None, None))
+    return out
+
+
+def norm_options(st: Structure) -> list:
+    """``[(part or None, eps or None)]``: no expert norm first, then each ``[E, d]`` norm weight with each eps its
+    owner or the layer names (or a common one) as expert norms (`moec.spec.MoESpec.expert_norm`)."""
+    out = [(None, None)]
+    for path, eps_options in st.expert_norms:
+        for eps in eps_options:
+            out.append((Part([path], [("w_expert_norm", Src((0,)))], f"expert norms {path} (RMS, eps={eps:g})"), eps))
     return out
 
 

@@ -34,7 +34,7 @@ def _expert_of(lifted) -> dict:
 def hit_experts(x2: torch.Tensor, w, spec, group_size=None) -> set:
     """The experts the rows ``x2 [T, d]`` (sequences of ``group_size``) are routed to (noise-free routing)."""
     with torch.no_grad():
-        logits = reference.router_logits(x2, w.w_router, w.b_router)
+        logits = reference.logits_of(x2, w)
         return set(reference.route(logits, spec.router, w.score_bias, group_size)[0].flatten().tolist())
 
 
@@ -86,7 +86,7 @@ def idle_expert_grads(module: nn.Module, lifted, training: bool) -> dict:
             continue
     else:
         return {}
-    hit = hit_experts(x.reshape(-1, x.shape[-1]), lifted.weights(tensors), lifted.spec,
+    hit = hit_experts(x.reshape(-1, x.shape[-1]), lifted.read_weights(module, training), lifted.spec,
                       x.shape[-2] if x.dim() > 2 else None)
     idle = [i for i, e in expert_of.items() if e not in hit]
     busy = [i for i, e in expert_of.items() if e in hit]

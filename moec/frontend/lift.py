@@ -16,7 +16,7 @@ passed the probe is returned.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Union
 
 import torch
 from torch import nn
@@ -26,14 +26,14 @@ from ..spec import MoESpec, MoESpecError
 from .accounting import Coverage, unaccounted
 from .adapters import adapter_for
 from .call_shape import extra_required_args, inside_a_bigger_layer, token_id_args
-from .candidates import (Part, assemble, capacity_options, config_text, dedupe, router_configs, router_options,
-                         shared_options)
+from .candidates import (Part, assemble, capacity_options, config_text, dedupe, norm_options, router_configs,
+                         router_options, shared_options)
 from .experts import ExpertLayout, list_layout, shared_layout
 from .formulation import read_formulation, scaled_expert_input, scaled_input_reason
-from .lifted import LiftedMoE, NotLifted, WeightsRecipe, resolve
+from .lifted import LiftedMoE, NotLifted, WeightsRecipe, resolve, with_children
 from .idle_experts import idle_expert_grads
 from .outputs import slots
-from .probe import TOKENS, Prober, mode_name, probe
+from .probe import TOKENS, Prober, mode_name, probe, probe_seed
 from .probe_harness import hooks_off
 from .router_call import router_calls
 from .router_hints import read_router
@@ -70,6 +70,8 @@ def _observed(module: nn.Module, paths, recipe: WeightsRecipe) -> tuple:
     """The child module holding the router weight, when it holds no expert weights (so it is the
     router alone): the compiled forward calls it when it has forward hooks (`LiftedMoE.observed`)."""
     fields = dict(recipe.fields)
+    if "w_router" not in fields:        # an external router: the compiled forward calls it anyway
+        return ()
     router_path = paths[fields["w_router"].indices[0]]
     if "." not in router_path:
         return ()
@@ -132,11 +134,12 @@ def _lift(module: nn.Module):
     notes = [st.describe()]
 
     # the forward, traced as far as fx goes
-    leaves = [module.get_submodule(p) for p in st.expert_paths + st.shared]
-    router_modules = {r.module for r in st.routers + st.noises if r.module}
+    leaves = [module.get_submodule(p) for p in st.expert_paths + st.shared + st.router_modules]
+    router_modules = {r.module for r in st.routers + st.noises if r.module} | set(st.router_modules)
     router_params = {r.weight for r in st.routers}
     cap = trace_partial(module, leaves)
-    width = st.routers[0].width(st.E)       # the router's choices: the experts, and identity experts after them
+    # the router's choices: the experts, and identity experts after them
+    width = st.routers[0].width(st.E) if st.routers else st.E
     hints = read_router(cap, width, router_modules, router_params, st.shapes)
     if st.noises and not hints.noisy and not module.training:   # noise is usually added in training only
         in_training = read_router(trace_partial(module, leaves, training=True), width, router_modules,
@@ -175,9 +178,10 @@ def _lift(module: nn.Module):
                    f"routing by token ids, such as hash routing, is not supported (without them: {msg})")
         return NotLifted(f"{cls}: {msg}")
     aux_out = any("aux" in slots(o) for o in pr.options)
-    r0 = st.routers[0]
-    w0 = resolve(module, r0.weight)
-    pr.set_skew(w0 if r0.layout == "out_in" else w0.t())
+    if st.routers:                      # (an external router's probe inputs are not skewed: no weight to lean on)
+        r0 = st.routers[0]
+        w0 = resolve(module, r0.weight)
+        pr.set_skew(w0 if r0.layout == "out_in" else w0.t())
 
     why: list = []
     tried = 0
@@ -191,69 +195,96 @@ def _lift(module: nn.Module):
     variants = tuple(dict.fromkeys([lay.variant for lay in layouts] + [()]))
     shared = {p: shared_layout(module, p, st, variants) for p in st.shared}
 
-    def confirmed(screen: bool):
-        """Configurations whose screen (on one input, in the ``screen`` training mode) and full probe in that
-        mode pass, most plausible first, each with the other mode's probe result (None: it passes too)."""
-        nonlocal tried, first_fail
+    def prepared(screen: bool):
+        """Per expert layout: its part, its shared-expert options and its experts' rows on the screen input."""
         for layout in layouts:
-            exp_part = Part(layout.paths, layout.fields, layout.desc)
-            shared_opts = shared_options(shared, st, layout, why)
             with torch.no_grad():
                 experts = ExpertRows(xf, layout.build([resolve(module, p) for p in layout.paths]), layout, st.E)
-            for sh_part, sh_cfg in shared_opts:
-                for r_part, has_bias, has_noise, router_bias, r_width in router_opts:
-                    parts = [r_part, exp_part] + ([sh_part] if sh_part else [])
-                    param_tensors, recipe = assemble(parts)
-                    with torch.no_grad():
-                        w = recipe(param_tensors(module))
-                        S = None
-                        if sh_cfg is not None:
-                            own = sh_cfg.variant if sh_cfg.variant is not None else layout.variant
-                            S = reference.expert_mlp(xf, w.shared_up, w.shared_down,
-                                                     w.shared_gate if layout.glu else None, layout.activation,
-                                                     variant=dict(own))
-                            if sh_cfg.gated:
-                                S = S * torch.sigmoid(xf @ w.shared_gate_proj.float().t())
-                    for cfg, scaled in ((c, sc) for sc in scalings for c in router_configs(
-                            st, hints, aux_out, router_bias, has_bias, has_noise, r_width)):
-                        try:
-                            spec = MoESpec(hidden=st.d, ffn=layout.ffn, router=cfg, activation=layout.activation,
-                                           glu=layout.glu, shared=sh_cfg, expert_bias=layout.bias,
-                                           identity_experts=r_width - st.E, input_scaled=scaled,
-                                           **dict(layout.variant))
-                        except MoESpecError:
-                            continue
-                        for nd in (noise_dtypes if cfg.noisy else [None]):
-                            tried += 1
-                            if tried > MAX_SCREENS:
-                                return
-                            with torch.no_grad():
-                                noise = pr.noise(_SCREEN_INPUT, nd) if (screen and cfg.noisy) else None
-                                # (the precomputed expert rows are of unscaled inputs: input-scaled experts
-                                # are screened by the reference itself)
-                                y_ref, aux = (None, None) if scaled else \
-                                    screen_y(xf, w, cfg, experts, S, noise, pr.group(_SCREEN_INPUT))
-                                outputs, msg = pr.match(_SCREEN_INPUT, screen, spec, w, nd, y_ref=y_ref, aux=aux)
-                            if msg:
-                                if first_fail is None:
-                                    first_fail = f"{config_text(cfg)}: {msg}"
+            yield layout, Part(layout.paths, layout.fields, layout.desc), shared_options(shared, st, layout, why), \
+                experts
+
+    def readings(layout, exp_part, sh_opt, r_opt, screen: bool) -> tuple:
+        """The weights one reading of the module gives, per expert-norm option (none first), and the shared
+        expert's rows on the screen input."""
+        (sh_part, sh_cfg, sh_called), (r_part, called) = sh_opt, (r_opt[0], r_opt[5])
+        out = []
+        for n_part, n_eps in norm_options(st):
+            parts = [r_part, exp_part] + ([sh_part] if sh_part else []) + ([n_part] if n_part else [])
+            param_tensors, recipe = assemble(parts)
+            with torch.no_grad():
+                w = with_children(recipe(param_tensors(module)), module, called, sh_called, screen,
+                                  probe_seed(_SCREEN_INPUT))
+            out.append((parts, param_tensors, recipe, w, n_eps))
+        with torch.no_grad():
+            S = w.shared(x_screen).float() if sh_called is not None else None
+            if sh_cfg is not None:
+                own = sh_cfg.variant if sh_cfg.variant is not None else layout.variant
+                S = reference.expert_mlp(xf, w.shared_up, w.shared_down, w.shared_gate if layout.glu else None,
+                                         layout.activation, variant=dict(own))
+                if sh_cfg.gated:
+                    S = S * torch.sigmoid(xf @ w.shared_gate_proj.float().t())
+        return out, S
+
+    def confirmed(screen: bool):
+        """Configurations whose screen (on one input, in the ``screen`` training mode) and full probe in that
+        mode pass, most plausible first, each with the other mode's probe result (None: it passes too). The
+        router configuration leads the search: each is tried with every expert layout (the activation a trace
+        cut at the first data-dependent step could not read), shared expert and norm reading before the next."""
+        nonlocal tried, first_fail
+        layouts_ = list(prepared(screen))
+        cache: dict = {}
+        for ri, r_opt in enumerate(router_opts):
+            _, has_bias, has_noise, router_bias, r_width, called = r_opt
+            for cfg, scaled in ((c, sc) for sc in scalings for c in router_configs(
+                    st, hints, aux_out, router_bias, has_bias, has_noise, r_width)):
+                for li, (layout, exp_part, shared_opts, experts) in enumerate(layouts_):
+                    for si, sh_opt in enumerate(shared_opts):
+                        if (ri, li, si) not in cache:
+                            cache[ri, li, si] = readings(layout, exp_part, sh_opt, r_opt, screen)
+                        reads, S = cache[ri, li, si]
+                        sh_part, sh_cfg, sh_called = sh_opt
+                        for parts, param_tensors, recipe, w, n_eps in reads:
+                            try:
+                                spec = MoESpec(hidden=st.d, ffn=layout.ffn, router=cfg, activation=layout.activation,
+                                               glu=layout.glu, shared=sh_cfg, expert_bias=layout.bias,
+                                               identity_experts=r_width - st.E, input_scaled=scaled,
+                                               external_router=called is not None, expert_norm=n_eps,
+                                               **dict(layout.variant))
+                            except MoESpecError:
                                 continue
-                            lifted = LiftedMoE(spec=spec, formulation=formulation, param_tensors=param_tensors,
-                                               weights=recipe, outputs=outputs, container=pr.container,
-                                               out_dtypes=pr.out_dtypes, out_leads=pr.out_leads, y_flat=pr.y_flat,
-                                               noise_dtype=(nd or st.dtype) if cfg.noisy else None,
-                                               notes=list(notes), observed=_observed(module, param_tensors.paths, recipe),
-                                               post=pr.post_path)
-                            msg = pr.check(lifted, screen)
-                            if msg:
-                                if first_fail is None or first_fail.startswith(config_text(cfg)):
-                                    first_fail = f"{config_text(cfg)}: {msg}"
-                                continue
-                            _finish_notes(lifted, parts, layout, sh_part, cfg, st)
-                            if pr.post is not None:
-                                lifted.notes.append(f"output norm: {pr.post_path} ({type(pr.post).__name__}) applied "
-                                                    f"to the combined output, as torch code after the kernels")
-                            yield lifted, pr.check(lifted, not screen)
+                            for nd in (noise_dtypes if cfg.noisy else [None]):
+                                tried += 1
+                                if tried > MAX_SCREENS:
+                                    return
+                                with torch.no_grad():
+                                    noise = pr.noise(_SCREEN_INPUT, nd) if (screen and cfg.noisy) else None
+                                    # (the precomputed expert rows are of unscaled, unnormalised outputs:
+                                    # input-scaled and normalised experts are screened by the reference itself)
+                                    y_ref, aux = (None, None) if scaled or n_eps is not None else \
+                                        screen_y(xf, w, cfg, experts, S, noise, pr.group(_SCREEN_INPUT), x_screen)
+                                    outputs, msg = pr.match(_SCREEN_INPUT, screen, spec, w, nd, y_ref=y_ref, aux=aux)
+                                if msg:
+                                    if first_fail is None:
+                                        first_fail = f"{config_text(cfg)}: {msg}"
+                                    continue
+                                lifted = LiftedMoE(spec=spec, formulation=formulation, param_tensors=param_tensors,
+                                                   weights=recipe, outputs=outputs, container=pr.container,
+                                                   out_dtypes=pr.out_dtypes, out_leads=pr.out_leads,
+                                                   y_flat=pr.y_flat, noise_dtype=(nd or st.dtype) if cfg.noisy else None,
+                                                   notes=list(notes),
+                                                   observed=_observed(module, param_tensors.paths, recipe),
+                                                   post=pr.post_path, router_module=called, shared_module=sh_called)
+                                msg = pr.check(lifted, screen)
+                                if msg:
+                                    if first_fail is None or first_fail.startswith(config_text(cfg)):
+                                        first_fail = f"{config_text(cfg)}: {msg}"
+                                    continue
+                                _finish_notes(lifted, parts, layout, sh_part, cfg, st)
+                                if pr.post is not None:
+                                    lifted.notes.append(f"output norm: {pr.post_path} ({type(pr.post).__name__}) "
+                                                        f"applied to the combined output, as torch code after the "
+                                                        f"kernels")
+                                yield lifted, pr.check(lifted, not screen)
 
     # a configuration confirmed in both modes, else one confirmed in the current mode, else in the other;
     # with a norm of the layer's output (a child the forward applies last) first, when the module has one
@@ -293,11 +324,14 @@ def _eager_in(lifted: LiftedMoE, training: bool, reason: str) -> LiftedMoE:
 
 def _finish_notes(lifted: LiftedMoE, parts, layout: ExpertLayout, sh_part, cfg, st: Structure) -> None:
     n = lifted.notes
+    if lifted.router_module is not None:    # the structure's line named the most plausible router: say which one
+        n[0] = st.describe(parts[0].desc)
     n.append(f"experts: {layout.desc}" + (" (verified by calling each expert)" if layout.verified
                                          else " (reading chosen by the probe)"))
     n.append(parts[0].desc)
     if sh_part is not None:
         n.append(sh_part.desc)
+    n.extend(p.desc for p in parts[2:] if p is not sh_part)        # expert norms
     n.append(f"router: {config_text(cfg)}")
     if cfg.noisy:
         n.append(f"noisy gating: training-mode noise drawn as randn([T, E]) in {lifted.noise_dtype}")

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..spec import MoESpec, MoEWeights
+from .probe_harness import ProbedModule
 
 @dataclass
 class LiftedMoE:
@@ -47,6 +48,10 @@ class LiftedMoE:
     - ``idle_experts``: ``{tensor index: expert}`` when the eager backward leaves the parameters of
       experts no token reached without a gradient (`moec.frontend.idle_experts`); the compiled
       backward then does too.
+    - ``router_module``: an external router's path (`moec.spec.MoESpec.external_router`): the child the
+      compiled forward calls, as the eager forward does, for the logits the kernels route.
+    - ``shared_module``: an external shared expert's path (`moec.spec.MoEWeights.shared`): the child the
+      compiled forward calls, as the eager forward does, and adds to the kernels' output.
     """
 
     spec: MoESpec
@@ -65,6 +70,26 @@ class LiftedMoE:
     idle_experts: dict = field(default_factory=dict)
     post: Optional[str] = None          # a child (a norm) the forward applies to the combined output: run after
     eager_in: dict = field(default_factory=dict)
+    router_module: Optional[str] = None
+    shared_module: Optional[str] = None
+
+    def read_weights(self, module: nn.Module, training: bool) -> MoEWeights:
+        """The layer's `MoEWeights` from ``module``'s current tensors, with its external router and shared expert
+        (if any) called as the probe calls them in ``training`` mode (`with_children`)."""
+        return with_children(self.weights(self.param_tensors(module)), module, self.router_module,
+                             self.shared_module, training)
+
+
+def with_children(w: MoEWeights, module: nn.Module, router: Optional[str], shared: Optional[str], training: bool,
+                  seed: int = 0) -> MoEWeights:
+    """``w`` with the children of ``module`` at ``router`` and ``shared`` as its external router and shared expert
+    (`MoEWeights.router`, ``shared``; None: none), called as the probe calls eager code (`ProbedModule`:
+    ``training`` mode, ``seed``): the frontend's calls never change the module."""
+    if router is not None:
+        w.router = ProbedModule(module.get_submodule(router), training, seed)
+    if shared is not None:
+        w.shared = ProbedModule(module.get_submodule(shared), training, seed)
+    return w
 
 
 @dataclass
@@ -163,7 +188,8 @@ class WeightsRecipe:
     def __call__(self, tensors: Sequence[Tensor], stacks: Optional[dict] = None) -> MoEWeights:
         """``stacks``: ``{indices: tensor}`` of stacks the caller keeps (see `Src.build`)."""
         stacks = stacks or {}
-        return MoEWeights(**{name: src.build(tensors, stacks.get(src.indices)) for name, src in self.fields})
+        return MoEWeights(**{"w_router": None,     # an external router has none
+                             **{name: src.build(tensors, stacks.get(src.indices)) for name, src in self.fields}})
 
     @property
     def stacked(self) -> list[tuple[int, ...]]:

@@ -29,13 +29,14 @@ def slots(outputs: str) -> tuple:
     return tuple(outputs.split("_"))
 
 
-def kernel_outputs(outputs: str) -> tuple:
-    """The program's outputs for ``outputs``: its kernel kinds, and the logits the host kinds need."""
+def kernel_outputs(outputs: str, external_router: bool = False) -> tuple:
+    """The program's outputs for ``outputs``: its kernel kinds, and the logits the host kinds need (an
+    external router's logits are its own output, never the program's)."""
     s = slots(outputs)
     ks = [k for k in s if k in KERNEL_KINDS]
     if any(k in ("zloss", "ids", "counts") for k in s) and "logits" not in ks:
         ks.append("logits")
-    return tuple(ks)
+    return tuple(k for k in ks if not (external_router and k == "logits"))
 
 
 def kinds_of(value, T: int, E: int, lead: tuple = ()) -> list:

@@ -17,6 +17,7 @@ they agree, else a message naming the mismatch. What it checks:
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Optional
 
@@ -160,7 +161,7 @@ class Prober:
         """``(y, extras)`` of the module's forward on input i (cached); in training mode under a seeded RNG."""
         key = (i, training, self.rank3)
         if key not in self._cache:
-            out, effects = run_watched(self.module, (self.x(i),), self.module, training, self.device, 2000 + i)
+            out, effects = run_watched(self.module, (self.x(i),), self.module, training, self.device, probe_seed(i))
             self.effects[key] = effects
             if isinstance(out, (tuple, list)) and len(out) >= 1:
                 y, extras, container = out[0], list(out[1:]), type(out)
@@ -173,12 +174,21 @@ class Prober:
     def noise(self, i: int, dtype: Optional[torch.dtype]) -> torch.Tensor:
         """The noise eager's ``randn_like`` drew on input i in training mode."""
         T = self.x(i).numel() // self.d
-        with seeded(self.device, 2000 + i):
+        with seeded(self.device, probe_seed(i)):
             return torch.randn(T, self.E, dtype=dtype or self.dtype, device=self.device)
 
     def compare(self, i: int, training: bool, spec: MoESpec, w: MoEWeights, outputs: str,
                 noise_dtype: Optional[torch.dtype], y_ref=None, aux=None) -> Optional[str]:
-        """Compare eager with the reference on input i; ``y_ref``/``aux`` may be precomputed."""
+        """Compare eager with the reference on input i; ``y_ref``/``aux`` may be precomputed. A forward (or an
+        external router) that raises on the input is a mismatch in that mode, named."""
+        try:
+            return self._compare(i, training, spec, w, outputs, noise_dtype, y_ref, aux)
+        except Exception as e:  # noqa: BLE001 - eager code that fails on a probe input: that mode is unconfirmed
+            T = self.x(i).numel() // self.d
+            return f"T={T}, {mode_name(training)} mode: the forward raises {type(e).__name__}: {e}"
+
+    def _compare(self, i: int, training: bool, spec: MoESpec, w: MoEWeights, outputs: str,
+                 noise_dtype: Optional[torch.dtype], y_ref, aux) -> Optional[str]:
         x = self.x(i).reshape(-1, self.d)
         T = x.shape[0]
         y, extras = self.eager(i, training)
@@ -191,11 +201,14 @@ class Prober:
             return f"{where}: the forward returns y of shape {shape} for an input of shape {tuple(self.x(i).shape)}"
         cfg = spec.router
         noise = self.noise(i, noise_dtype) if (training and cfg.noisy) else None
+        if w.router is not None or w.shared is not None:    # external children, called as this input's eager run is
+            w = dataclasses.replace(w, **{k: getattr(w, k).at(training, probe_seed(i)) for k in ("router", "shared")
+                                          if getattr(w, k) is not None})
         if y_ref is None:
             y_ref, aux = reference.moe(x, w, spec, noise, self.group(i))
         if self.post is not None:                 # the output norm, on the reference's output
             y_ref = self.post.forward(y_ref)
-        logits = reference.router_logits(x, w.w_router, w.b_router, w.w_noise, noise)
+        logits = reference.logits_of(x, w, noise)
         keep = ~near_ties(logits, cfg, w.score_bias, self.dtype)
         msg = mismatch(y, y_ref, self.dtype, keep)
         if msg:
@@ -253,8 +266,8 @@ class Prober:
         current = self.module.training
         modes = (current, not current) if training is None else (training,)
         with torch.no_grad():
-            w = lifted.weights(lifted.param_tensors(self.module))
-            if self.skew is None:
+            w = lifted.read_weights(self.module, self.module.training)
+            if self.skew is None and w.w_router is not None:    # (an external router's inputs are not skewed)
                 self.set_skew(w.w_router)
             runs = (self.compare(i, t, lifted.spec, w, lifted.outputs, lifted.noise_dtype)
                     for t in modes for i in range(len(TOKENS)))
@@ -279,13 +292,18 @@ class Prober:
             return msg
         for i in [*range(len(TOKENS)), *longer]:
             x = self.x(i).reshape(-1, self.d)
-            logits = reference.router_logits(x, w.w_router, w.b_router)
+            logits = reference.logits_of(x, w)
             if not torch.equal(reference.route(logits, cfg, w.score_bias, self.group(i))[0],
                                reference.route(logits, cfg.without_capacity(), w.score_bias)[0]):
                 return None
         what = f"capacity_factor={cfg.capacity_factor}" if cfg.capacity_factor is not None else \
             f"expert_capacity={cfg.expert_capacity}"
         return f"{what} never binds on the probe inputs, so the probe cannot tell it from no capacity"
+
+
+def probe_seed(i: int) -> int:
+    """The RNG seed of the probe's runs on input i (eager's, and the reference's noise and external router)."""
+    return 2000 + i
 
 
 def _binding_length(cfg: RouterConfig) -> Optional[int]:

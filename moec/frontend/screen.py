@@ -36,8 +36,10 @@ class ExpertRows:
         return self.Y
 
 
-def screen_y(xf, w, cfg, experts: ExpertRows, S, noise, group_size=None):
-    logits = reference.router_logits(xf, w.w_router, w.b_router, w.w_noise, noise)
+def screen_y(xf, w, cfg, experts: ExpertRows, S, noise, group_size=None, x=None):
+    """y and the aux loss of the rows ``xf`` (fp32; ``x``: them in the layer's dtype, what an external router
+    reads) under ``cfg``, from the experts' precomputed rows."""
+    logits = reference.logits_of(x if w.router is not None else xf, w, noise)
     ids, wts, aux = reference.route(logits, cfg, w.score_bias, group_size)
     T = xf.shape[0]
     E = experts.Y.shape[0]

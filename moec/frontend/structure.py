@@ -3,7 +3,9 @@
 An MoE layer, for moec, is a module that directly owns
 - experts: a child ``nn.ModuleList``/``nn.ModuleDict`` of >= 2 same-class MLPs (2-3 linears each),
   or 3-D parameters with a common leading dim E (on the module or one child), and
-- a router: an ``nn.Linear(d, E)`` or an ``[E, d]`` / ``[d, E]`` parameter, at most two levels down.
+- a router: an ``nn.Linear(d, E)`` or an ``[E, d]`` / ``[d, E]`` parameter, at most two levels down, or
+  a child named like a router that holds a network ending in E outputs (a small MLP: an external router,
+  which the compiled layer calls as the forward does, `moec.spec.MoESpec.external_router`).
 Optional parts: a shared expert (an MLP child, preferably named ``shared*``), a shared-expert gate
 (``nn.Linear(d, 1)``), a per-expert selection bias (a 1-D tensor of size E), a noise projection
 (a second d->E projection whose name contains ``noise``), and plain attributes (``top_k``, ...).
@@ -55,7 +57,9 @@ class Structure:
     expert_paths: list = field(default_factory=list)   # one module path per expert, in expert order
     stacked: list = field(default_factory=list)        # [(path, shape)] 3-D parameters
     expert_biases: list = field(default_factory=list)  # [E, *] parameters named *bias*
+    expert_norms: list = field(default_factory=list)   # [(path, eps candidates)]: [E, d] tensors named *norm*
     routers: list = field(default_factory=list)        # [RouterCand], best first
+    router_modules: list = field(default_factory=list) # paths of children that may be external routers
     noises: list = field(default_factory=list)         # [RouterCand]
     score_biases: list = field(default_factory=list)   # paths of [E] tensors
     shared: list = field(default_factory=list)         # module paths of shared-expert MLPs, best first
@@ -64,13 +68,18 @@ class Structure:
     shapes: dict = field(default_factory=dict)         # every tensor path -> shape
     expert_class: str = ""
 
-    def describe(self) -> str:
+    def describe(self, router: Optional[str] = None) -> str:
+        """The parts in one line, with ``router`` (its words) or the most plausible router candidate."""
         if self.experts is not None:
             what = f"{self.experts} ({len(self.expert_paths)} x {self.expert_class})"
         else:
             what = ", ".join(f"{p} {list(s)}" for p, s in self.stacked)
-        r = self.routers[0]
-        return f"experts: {what}; router: {r.weight} ({'[E, d]' if r.layout == 'out_in' else '[d, E]'})"
+        if router is None and not self.routers:
+            router = f"router: the module {self.router_modules[0]} (called as the forward calls it)"
+        if router is None:
+            r = self.routers[0]
+            router = f"router: {r.weight} ({'[E, d]' if r.layout == 'out_in' else '[d, E]'})"
+        return f"experts: {what}; {router}"
 
 
 def _linears(m: nn.Module) -> list:
@@ -163,7 +172,9 @@ def experts_without_router(module: nn.Module) -> Optional[str]:
     in_top = [p for p, _ in weights if top and p.startswith(top + ".")]
     if top and _score(top, _ROUTER_NAMES) and len(in_top) > 1:
         return (f"{head}, but its router {top} ({type(getattr(module, top)).__name__}) is a small network of "
-                f"{len(in_top)} weights, not one linear: MLP routers are not supported")
+                f"{len(in_top)} weights, not one linear, and no linear of it has {E} outputs: moec calls a router "
+                f"network of its own (an external router) only when one of its linears reads the hidden states "
+                f"and one gives the {E} logits")
     if near:
         return (f"{head}, but its router's weight {near[0]} scores a different number of choices: routers "
                 f"that also score shared experts are not supported (extra choices are read as identity experts "
@@ -203,6 +214,23 @@ def _single_linear(module: nn.Module, path: str) -> bool:
     """Whether the top-level child holding the linear at ``path`` holds no other linear (a router, not an MLP)."""
     top = module.get_submodule(path.split(".")[0])
     return len(_linears(top)) <= 1
+
+
+def _router_modules(module: nn.Module, E: int, dims: set, excluded) -> list:
+    """``[(path, d)]``: children named like a router (by name or class) that are no single linear and hold
+    linears, one reading a width ``d`` of the experts' (their input) and one with ``E`` outputs: candidates
+    for an external router (the probe decides)."""
+    out = []
+    for name, child in module.named_children():
+        if excluded(name) or isinstance(child, (nn.ModuleList, nn.ModuleDict)) or as_linear(child) is not None:
+            continue
+        if not (_score(name, _ROUTER_NAMES) or _score(type(child).__name__, ("router", "gate", "gating"))):
+            continue
+        lins = [lin for _, lin in _linears(child)]
+        reads = [lin.in_features for lin in lins if lin.in_features in dims]
+        if reads and any(lin.out_features == E for lin in lins):
+            out.append((name, reads[0]))
+    return out
 
 
 def discover(module: nn.Module):
@@ -251,9 +279,8 @@ def discover(module: nn.Module):
         elif p.shape == (E, E):
             routers += [RouterCand(path, "out_in"), RouterCand(path, "in_out")]
     noises = [r for r in routers if "noise" in r.weight.lower()]
-    routers = [r for r in routers if "noise" not in r.weight.lower()]
-    if not routers:
-        return None
+    # (an [E, d] weight named *norm* is the experts' norms, read below, not a router)
+    routers = [r for r in routers if "noise" not in r.weight.lower() and not (r.module is None and "norm" in r.weight.lower())]
     routers.sort(key=lambda r: -_score(r.weight, _ROUTER_NAMES))
 
     def in_dim(r: RouterCand) -> int:
@@ -265,11 +292,14 @@ def discover(module: nn.Module):
         dims = {n for t in module.get_submodule(expert_paths[0]).parameters() for n in t.shape}
     else:
         dims = {n for _, shape in stacked for n in shape[1:]}
-    routers = [r for r in routers if in_dim(r) in dims]
-    if not routers:
+    called = _router_modules(module, E, dims, excluded)
+    # a linear inside a router network that does not read the network's input is one of its later layers
+    inner = {p: n for p, n in called}
+    routers = [r for r in routers if in_dim(r) in dims and inner.get(r.weight.split(".")[0], in_dim(r)) == in_dim(r)]
+    if not routers and not called:
         return None
 
-    d = in_dim(routers[0])
+    d = in_dim(routers[0]) if routers else called[0][1]
     routers = [r for r in routers if in_dim(r) == d]
     noises = [r for r in noises if in_dim(r) == d]
 
@@ -279,7 +309,8 @@ def discover(module: nn.Module):
     else:
         ref = module.get_parameter(stacked[0][0])
     st = Structure(d=d, E=E, dtype=ref.dtype, device=ref.device, experts=experts_path,
-                   expert_paths=expert_paths, stacked=stacked, routers=routers, noises=noises, shapes=shapes)
+                   expert_paths=expert_paths, stacked=stacked, routers=routers, noises=noises, shapes=shapes,
+                   router_modules=[p for p, n in called if n == d])
     st.expert_class = cls_name or ""
 
     # per-expert biases of stacked experts
@@ -287,9 +318,18 @@ def discover(module: nn.Module):
         for path, p in module.named_parameters():
             if p.dim() == 2 and p.shape[0] == E and "bias" in path.split(".")[-1].lower() and _depth(path) <= 1:
                 st.expert_biases.append(path)
+    # expert norms: an [E, d] tensor named *norm* (Ergo's post_expert_norm.weight), with the eps its owner or the
+    # layer names
+    for path, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if tuple(t.shape) == (E, d) and "norm" in path.lower() and _depth(path) <= 2 and "shared" not in path.lower():
+            owner = _owner(module, path)
+            named = [getattr(owner, a, None) for a in ("eps", "variance_epsilon", "epsilon")]
+            named += [getattr(getattr(module, "config", None), a, None) for a in ("rms_norm_eps", "norm_eps")]
+            eps = [float(e) for e in named if isinstance(e, (int, float)) and not isinstance(e, bool) and e > 0]
+            st.expert_norms.append((path, tuple(dict.fromkeys(eps + [1e-6, 1e-5]))))
     # selection bias: an [E] (or [1, E]) tensor that is not a linear's bias, on the layer or its router (ERNIE
     # keeps it in a submodule of the router: gate.moe_statics.e_score_correction_bias [1, E])
-    widths = {r.width(E) for r in routers}
+    widths = {r.width(E) for r in routers} | ({E} if st.router_modules else set())
     for path, t in list(module.named_parameters()) + list(module.named_buffers()):
         if t.numel() in widths and t.shape[-1] == t.numel() and t.dim() <= 2 and not excluded(path) \
                 and _depth(path) <= 2 and path not in st.expert_biases:
@@ -345,7 +385,7 @@ def output_norms(module: nn.Module, st: Structure) -> list:
     decides). A norm over other dims (GroupNorm's channels, BatchNorm's batch) is none: applied to the
     kernels' output its result would depend on how the rows are shaped."""
     expert_roots, shared_roots = _roots(st)
-    taken = expert_roots | shared_roots | {r.weight.split(".")[0] for r in st.routers}
+    taken = expert_roots | shared_roots | {r.weight.split(".")[0] for r in st.routers} | set(st.router_modules)
     return [name for name, m in module.named_children()
             if name not in taken and _is_norm(m) and _rowwise(m, st.d, st.dtype, st.device)]
 
@@ -368,17 +408,17 @@ def _rowwise(m: nn.Module, d: int, dtype, device) -> bool:
 
 def unsupported_parts(module: nn.Module, st: Structure) -> str:
     """What the layer holds that moec does not compute, in words (``"it applies ..., which moec does not
-    support; "``), else ``""``: normalisation modules (expert norms, a shared expert's norm, a norm elsewhere
-    than on the combined output: that one moec runs after its kernels) and expert activations none of moec's
-    is (an activation module's output, evaluated)."""
+    support; "``), else ``""``: normalisation modules (expert norms other than one ``[E, d]`` scale tensor, a
+    norm elsewhere than on the combined output: that one moec runs after its kernels; a shared expert's own
+    norm is no obstacle, the shared expert runs as its module) and expert activations none of moec's is (an
+    activation module's output, evaluated)."""
     found = {}
     expert_roots, shared_roots = _roots(st)
+    read = tuple(p.rsplit(".", 1)[0] for p, _ in st.expert_norms if "." in p)   # the norms read as [E, d] scales
     for path, m in module.named_modules():
-        name = type(m).__name__
         top = path.split(".")[0]
-        if path and _is_norm(m):
-            kind = ("expert norms" if top in expert_roots
-                    else "a shared expert's norm" if top in shared_roots or "shared" in top
+        if path and _is_norm(m) and path not in read and not (top in shared_roots or "shared" in top):
+            kind = ("expert norms other than one [E, d] scale tensor" if top in expert_roots
                     else "a norm outside the experts that the forward does not apply to the combined output alone")
             found.setdefault(kind, []).append(path)
         act = getattr(m, "act_fn", None)

@@ -4,7 +4,8 @@ backward's ops (`moec.ir.grad_ops`) and the forward's own ``grouped_gemm`` / ``r
 
 Graph inputs: ``dy`` (the output's gradient, in the layer's dtype), ``d_aux``, ``d_logits`` and
 ``d_weights_out`` (the gradients of the aux loss, router logits and routing weights, when the forward
-returns them), the forward's inputs under their names (``x``, ``w_router``, ``w_gate``...), and what
+returns them), the forward's inputs under their names (``x``, ``w_router`` or an external router's
+``logits``, ``w_gate``...), and what
 the forward saved: the routing (``ids``; ``ids_routed`` before capacity; ``ids_chosen``, the router's choices
 before identity experts became dropped pairs; ``route_weights``), the dispatch
 (``order``, ``offsets``) and a gated shared expert's ``shared_scale``. Outputs are named ``d_<input>``
@@ -87,12 +88,15 @@ def grad_outputs(g: Graph) -> list[str]:
 
 def _projection_grads(b: Builder, x: str, dy: str, ws: dict, gathered: dict, scale, E: int, k: int,
                       activation: str, glu: bool, variant: dict, prefix: str = "",
-                      pre: frozenset = frozenset(), scale_in: bool = False) -> tuple[str, str, dict]:
+                      pre: frozenset = frozenset(), scale_in: bool = False, norm_eps=None) -> tuple[str, str, dict]:
     """The VJP of one expert MLP block (gate/up grouped GEMMs, activation, down grouped GEMM, scaled by
     ``scale``, or with ``scale_in`` its input scaled by it; ``ws``: role -> the input holding it, e.g.
     ``w_down -> shared_down``):
     ``(per-row d x (fp32, pair order when routed), dots, {input: its gradient})``. The gate/up products are
-    inputs when ``pre`` (the saved roles) holds them, else recomputed from ``x``."""
+    inputs when ``pre`` (the saved roles) holds them, else recomputed from ``x``. With ``norm_eps`` (routed
+    experts with expert norms) the down projection's rows are recomputed too, and the norm's backward
+    (`expert_norm_grad`) gives the down projection's row gradients and, in place of ``dots``, the routing
+    weights' gradient."""
     routed = {k_: v for k_, v in gathered.items() if v is not None}
     gather = k if routed else 0
     first = "w_gate" if glu else "w_up"
@@ -107,21 +111,36 @@ def _projection_grads(b: Builder, x: str, dy: str, ws: dict, gathered: dict, sca
                      {"num_experts": E, "gather_top_k": gather}, names={"out": f"{prefix}gate_re"})["out"]
         up = (b.add("grouped_gemm", {"a": x, "w": ws["w_up"], "bias": ws.get("b_up"), **routed},
                     {"num_experts": E, "gather_top_k": gather}, names={"out": f"{prefix}up_re"})["out"] if glu else None)
-    dg = b.add("grouped_dgrad", {"a": dy, "w": ws["w_down"], "gate": gate, "up": up, "scale": scale, **routed},
-               {"num_experts": E, "gather_top_k": gather, "act_grad": True, "activation": activation,
+    grads = {}
+    a_down, down_rows, down_scale, down_gather, dots = dy, routed, scale, gather, None
+    if norm_eps is not None:            # expert norms: the norm's backward needs the down projection's rows
+        h = b.add("activate", {"gate": gate, "up": up}, {"activation": activation, "glu": glu, **variant},
+                  names={"out": "h_norm_re"})["out"]
+        ys = b.add("grouped_gemm", {"a": h, "w": ws["w_down"], "bias": ws.get("b_down"), "offsets": routed["offsets"]},
+                   {"num_experts": E}, names={"out": "ys_re"})["out"]
+        en = b.add("expert_norm_grad", {"y": ys, "w": ws["w_expert_norm"], "dy": dy, "order": routed["order"],
+                                        "offsets": routed["offsets"], "weights": scale}, {"eps": norm_eps, "top_k": k},
+                   names={"d_y": "d_ys_rows", "d_w": "d_w_expert_norm", "d_weights": "d_route_weights"})
+        grads[ws["w_expert_norm"]] = en["d_w"]
+        # the down projection's rows' gradients are given in expert order: no gather, no scale
+        a_down, down_rows, down_scale, down_gather, dots = en["d_y"], {"offsets": routed["offsets"]}, None, 0, \
+            en["d_weights"]
+    dg = b.add("grouped_dgrad", {"a": a_down, "w": ws["w_down"], "gate": gate, "up": up, "scale": down_scale,
+                                 **down_rows},
+               {"num_experts": E, "gather_top_k": down_gather, "act_grad": True, "activation": activation,
                 "glu": glu, **variant, **({"scale_in": True} if scale_in else {})},
                names={"out": f"{prefix}d_gate_rows", "out2": f"{prefix}d_up_rows", "h": f"{prefix}h_re",
                       "dots": f"{prefix}dots"},
                results=["out", "h", "dots"] + (["out2"] if glu else []))
     d_first, d_up = dg["out"], dg.get("out2")
-    grads = {}
-    for role, bias, a, rows, attrs in (("w_down", "b_down", dy, dg["h"], {"gather_a": gather}),
+    for role, bias, a, rows, attrs in (("w_down", "b_down", a_down, dg["h"], {"gather_a": down_gather}),
                                        (first, first_b, d_first, x, {"gather_b": gather}),
                                        ("w_up", "b_up", d_up, x, {"gather_b": gather})):
         if a is None or ws[role] in grads:
             continue
-        got = b.add("grouped_wgrad", {"a": a, "b": rows, "scale": scale if role == "w_down" and not scale_in else None,
-                                      **routed},
+        at = down_rows if role == "w_down" else routed
+        got = b.add("grouped_wgrad", {"a": a, "b": rows, "scale": down_scale if role == "w_down" and not scale_in
+                                      else None, **at},
                     {"num_experts": E, **attrs}, names={"out": f"d_{ws[role]}", "dbias": f"d_{ws.get(bias)}"},
                     results=["out"] + (["dbias"] if bias in ws else []))
         grads[ws[role]] = got["out"]
@@ -130,12 +149,12 @@ def _projection_grads(b: Builder, x: str, dy: str, ws: dict, gathered: dict, sca
     dx = b.add("grouped_dgrad", {"a": d_first, "w": ws[first], "a2": d_up, "w2": ws["w_up"] if glu else None,
                                  **routed}, {"num_experts": E, "scatter": bool(routed), "out_dtype": "f32"},
                names={"out": f"{prefix}dx_rows"})["out"]
-    return dx, dg["dots"], grads
+    return dx, dots if dots is not None else dg["dots"], grads
 
 
 def routed_experts_grad(b: Builder, x: str, dy: str, ws: dict, E: int, k: int, activation: str, glu: bool,
                         variant: dict, bias: bool, pre: frozenset = frozenset(),
-                        input_scaled: bool = False) -> tuple[str, str, dict]:
+                        input_scaled: bool = False, norm_eps=None) -> tuple[str, str, dict]:
     """The VJP of `moec.ir.build.routed_experts` given the saved routing: ``(d x pairs [T*k, d] fp32 in
     pair order, d routing weights [T, k] fp32, {weight input: its gradient})``."""
     ids = b.input("ids", TensorType("i32", (T, k)))
@@ -143,7 +162,9 @@ def routed_experts_grad(b: Builder, x: str, dy: str, ws: dict, E: int, k: int, a
     order = b.input("order", TensorType("i32", (T * k,)))
     offsets = b.input("offsets", TensorType("i32", (E + 1,)))
     dx, dots, grads = _projection_grads(b, x, dy, ws, {"offsets": offsets, "order": order}, weights, E, k,
-                                        activation, glu, variant, pre=pre, scale_in=input_scaled)
+                                        activation, glu, variant, pre=pre, scale_in=input_scaled, norm_eps=norm_eps)
+    if norm_eps is not None:            # the norm's backward gave the routing weights' gradient
+        return dx, dots, grads
     dw = b.add("pair_weight_grad", {"dots": dots, "ids": ids, "dy": dy if bias else None,
                                     "b_down": ws.get("b_down") if bias else None}, {"top_k": k},
                names={"out": "d_route_weights"})["out"]
@@ -163,12 +184,19 @@ def build_moe_backward_graph(spec: MoESpec, dtype, outputs=("y",), pre: tuple = 
     dy = b.input("dy", TensorType(dt, (T, d)))
     d_aux = b.input("d_aux", TensorType("f32", ())) if "aux" in outputs else None
     x = b.input("x", TensorType(dt, (T, d)))
-    w_router = b.input("w_router", TensorType(dt, (E, d)))
+    external = spec.external_router
+    if external and "logits" in outputs:
+        raise ValueError("an external router's logits are its own output (autograd differentiates it), "
+                         "not the program's")
+    logits = b.input("logits", TensorType("f32", (T, E))) if external else None
+    w_router = None if external else b.input("w_router", TensorType(dt, (E, d)))
     b_router = b.input("b_router", TensorType(dt, (E,))) if r.router_bias else None
     w_noise = b.input("w_noise", TensorType(dt, (E, d))) if r.noisy else None
-    ws = {n: v for n, v in expert_inputs(b, Ef, d, f, dt, spec.glu, spec.expert_bias).items() if v is not None}
+    ws = {n: v for n, v in expert_inputs(b, Ef, d, f, dt, spec.glu, spec.expert_bias,
+                                         spec.expert_norm is not None).items() if v is not None}
     dx_pairs, d_weights, grads = routed_experts_grad(b, x, dy, ws, Ef, k, spec.activation, spec.glu,
-                                                     spec.glu_variant, spec.expert_bias, pre, spec.input_scaled)
+                                                     spec.glu_variant, spec.expert_bias, pre, spec.input_scaled,
+                                                     spec.expert_norm)
     chosen, dx_identity = "ids", None
     passing = r.dropped == "pass"
     if spec.identity_experts or passing:  # identity picks / passed pairs: d weight = x . dy, d x += dy * weights
@@ -184,15 +212,20 @@ def build_moe_backward_graph(spec: MoESpec, dtype, outputs=("y",), pre: tuple = 
     if "weights" in outputs:             # the routing weights are an output too: their gradient adds up
         d_out = b.input("d_weights_out", TensorType("f32", (T, k)))
         d_weights = b.add("add", {"a": d_weights, "b": d_out}, names={"out": "d_route_weights_all"})["out"]
-    rg = b.add("router_grad", {"x": x, "w": w_router, "b": b_router, "w_noise": w_noise, "ids": chosen,
-                               "ids_routed": ids_routed, "d_weights": d_weights, "d_aux": d_aux,
-                               "d_logits": d_logits}, router_attrs(r),
-               names={"dx": "dx_router", "dw": "d_w_router", "db": "d_b_router", "dw_noise": "d_w_noise"},
-               results=["dx", "dw"] + (["db"] if r.router_bias else []) + (["dw_noise"] if r.noisy else []))
-    grads.update({"w_router": rg["dw"], "b_router": rg.get("db"), "w_noise": rg.get("dw_noise")})
-    residual = rg["dx"]
-    if dx_identity is not None:
-        residual = b.add("add", {"a": residual, "b": dx_identity}, names={"out": "dx_router_identity"})["out"]
+    routing = {"ids": chosen, "ids_routed": ids_routed, "d_weights": d_weights, "d_aux": d_aux}
+    if external:                         # the logits' gradient is an output: autograd takes it through the router
+        grads["logits"] = b.add("route_grad", {"logits": logits, **routing}, router_attrs(r),
+                                names={"d_logits": "d_logits"})["d_logits"]
+        residual = dx_identity
+    else:
+        rg = b.add("router_grad", {"x": x, "w": w_router, "b": b_router, "w_noise": w_noise, **routing,
+                                   "d_logits": d_logits}, router_attrs(r),
+                   names={"dx": "dx_router", "dw": "d_w_router", "db": "d_b_router", "dw_noise": "d_w_noise"},
+                   results=["dx", "dw"] + (["db"] if r.router_bias else []) + (["dw_noise"] if r.noisy else []))
+        grads.update({"w_router": rg["dw"], "b_router": rg.get("db"), "w_noise": rg.get("dw_noise")})
+        residual = rg["dx"]
+        if dx_identity is not None:
+            residual = b.add("add", {"a": residual, "b": dx_identity}, names={"out": "dx_router_identity"})["out"]
     if spec.shared is not None:
         fs = spec.shared.width
         sw = {"w_up": b.input("shared_up", TensorType(dt, (1, fs, d))),
@@ -203,7 +236,8 @@ def build_moe_backward_graph(spec: MoESpec, dtype, outputs=("y",), pre: tuple = 
         s_dx, s_dots, s_grads = _projection_grads(b, x, dy, sw, {}, scale, 1, k, spec.activation, spec.glu,
                                                   spec.shared_variant, prefix="shared_", pre=pre)
         grads.update(s_grads)
-        residual = b.add("add", {"a": residual, "b": s_dx}, names={"out": "dx_router_shared"})["out"]
+        residual = s_dx if residual is None else \
+            b.add("add", {"a": residual, "b": s_dx}, names={"out": "dx_router_shared"})["out"]
         if spec.shared.gated:
             w_sg = b.input("shared_gate_proj", TensorType(dt, (1, d)))
             sg = b.add("shared_gate_grad", {"x": x, "w": w_sg, "scale": scale, "dots": s_dots},

@@ -40,33 +40,39 @@ def graph_input(field: str, t):
     return t.unsqueeze(0) if field in ONE_EXPERT else t
 
 
-def moe_inputs(x, w: MoEWeights) -> dict:
+def moe_inputs(x, w: MoEWeights, logits=None) -> dict:
     """The inputs of `build_moe_graph`'s graph (named after `MoEWeights` fields) for one call: the
-    selection bias in fp32, the shared expert's matrices as one-expert stacks (views)."""
-    named = {"x": x, "w_router": w.w_router, "b_router": w.b_router, "w_noise": w.w_noise,
+    selection bias in fp32, the shared expert's matrices as one-expert stacks (views); ``logits``: an
+    external router's fp32 logits of ``x`` (`MoESpec.external_router`)."""
+    named = {"x": x, "logits": logits, "w_router": w.w_router, "b_router": w.b_router, "w_noise": w.w_noise,
              "w_gate": w.w_gate, "w_up": w.w_up, "w_down": w.w_down,
              "score_bias": w.score_bias.float() if w.score_bias is not None else None,
              "shared_up": w.shared_up, "shared_gate": w.shared_gate, "shared_down": w.shared_down,
-             "shared_gate_proj": w.shared_gate_proj, "b_gate": w.b_gate, "b_up": w.b_up, "b_down": w.b_down}
+             "shared_gate_proj": w.shared_gate_proj, "b_gate": w.b_gate, "b_up": w.b_up, "b_down": w.b_down,
+             "w_expert_norm": w.w_expert_norm.float() if w.w_expert_norm is not None else None}
     return {k: graph_input(k, v) for k, v in named.items() if v is not None}
 
 
-def expert_inputs(b: Builder, E: int, d: int, f: int, dt: str, glu: bool, bias: bool) -> dict:
-    """Declare the routed experts' weight inputs (named after `MoEWeights` fields); role -> value."""
+def expert_inputs(b: Builder, E: int, d: int, f: int, dt: str, glu: bool, bias: bool, norm: bool = False) -> dict:
+    """Declare the routed experts' weight inputs (named after `MoEWeights` fields); role -> value (``norm``: the
+    expert norms' fp32 weights too)."""
     ws = {"w_gate": b.input("w_gate", TensorType(dt, (E, f, d))) if glu else None,
           "w_up": b.input("w_up", TensorType(dt, (E, f, d))),
           "w_down": b.input("w_down", TensorType(dt, (E, d, f)))}
     if bias:
         ws.update(b_gate=b.input("b_gate", TensorType(dt, (E, f))) if glu else None,
                   b_up=b.input("b_up", TensorType(dt, (E, f))), b_down=b.input("b_down", TensorType(dt, (E, d))))
+    if norm:
+        ws["w_expert_norm"] = b.input("w_expert_norm", TensorType("f32", (E, d)))
     return ws
 
 
 def routed_experts(b: Builder, x: str, ids: str, weights: str, ws: dict, E: int, k: int, activation: str,
-                   glu: bool, variant: dict, input_scaled: bool = False) -> str:
+                   glu: bool, variant: dict, input_scaled: bool = False, norm_eps=None) -> str:
     """Dispatch, permute, the gate/up/down grouped GEMMs, the activation and the weighted combine, unfused
     (``ws`` from `expert_inputs`); returns the fp32 ``[T, d]`` combined output. ``input_scaled``: the weights
-    scale the permuted rows (each expert's input) and the combine is a plain sum."""
+    scale the permuted rows (each expert's input) and the combine is a plain sum. ``norm_eps``: each expert's
+    output rows are RMS-normalised by its own norm weight before the combine (`MoESpec.expert_norm`)."""
     disp = b.add("dispatch", {"ids": ids}, {"num_experts": E})
     xs = b.add("permute", {"x": x, "order": disp["order"], "scale": weights if input_scaled else None},
                {"top_k": k}, names={"out": "xs"})["out"]
@@ -79,6 +85,9 @@ def routed_experts(b: Builder, x: str, ids: str, weights: str, ws: dict, E: int,
               {"activation": activation, "glu": glu, **variant}, names={"out": "h"})["out"]
     ys = b.add("grouped_gemm", {"a": h, "w": ws["w_down"], "offsets": disp["offsets"], "bias": ws.get("b_down")},
                proj, names={"out": "ys"})["out"]
+    if norm_eps is not None:
+        ys = b.add("expert_norm", {"y": ys, "w": ws["w_expert_norm"], "offsets": disp["offsets"]}, {"eps": norm_eps},
+                   names={"out": "ys_normed"})["out"]
     return b.add("combine", {"y": ys, "order": disp["order"], "weights": None if input_scaled else weights,
                              "ids": ids}, {"top_k": k}, names={"out": "routed"})["out"]
 
@@ -107,19 +116,25 @@ def build_moe_graph(spec: MoESpec, dtype, outputs=("y",), name: str = "moe") -> 
             raise ValueError(f"unknown output {o!r}; choose from {OUTPUTS}")
     if "aux" in outputs and not spec.router.aux_loss:
         raise ValueError("the aux output needs a router with aux_loss=True")
+    if "logits" in outputs and spec.external_router:
+        raise ValueError("an external router's logits are its own output, not the program's")
     dt = dtype_name(dtype)
     r = spec.router
     E, k, d, f = r.num_experts, r.top_k, spec.hidden, spec.ffn
     Ef = spec.ffn_experts                   # experts with an MLP (the router's first choices)
     b = Builder(name)
     x = b.input("x", TensorType(dt, (T, d)))
-    w_router = b.input("w_router", TensorType(dt, (E, d)))
-    b_router = b.input("b_router", TensorType(dt, (E,))) if r.router_bias else None
+    if spec.external_router:            # the logits of a router moec leaves to PyTorch are an input
+        logits = b.input("logits", TensorType("f32", (T, E)))
+    else:
+        w_router = b.input("w_router", TensorType(dt, (E, d)))
+        b_router = b.input("b_router", TensorType(dt, (E,))) if r.router_bias else None
     score_bias = b.input("score_bias", TensorType("f32", (E,))) if r.score_bias else None
     w_noise = b.input("w_noise", TensorType(dt, (E, d))) if r.noisy else None
-    ws = expert_inputs(b, Ef, d, f, dt, spec.glu, spec.expert_bias)
+    ws = expert_inputs(b, Ef, d, f, dt, spec.glu, spec.expert_bias, spec.expert_norm is not None)
 
-    logits = b.add("linear", {"x": x, "w": w_router, "b": b_router}, names={"out": "logits"})["out"]
+    if not spec.external_router:
+        logits = b.add("linear", {"x": x, "w": w_router, "b": b_router}, names={"out": "logits"})["out"]
     noise = b.add("linear", {"x": x, "w": w_noise}, names={"out": "noise_logits"})["out"] if r.noisy else None
     route = b.add("route", {"logits": logits, "score_bias": score_bias, "noise_logits": noise},
                   router_attrs(r), results=["ids", "weights"] + (["aux"] if r.aux_loss else []))
@@ -130,7 +145,7 @@ def build_moe_graph(spec: MoESpec, dtype, outputs=("y",), name: str = "moe") -> 
                       {"ffn_experts": Ef, "dropped": passing}, names={"ids": "ids_ffn", "out": "identity_out"})
         ids, extra = ident["ids"], ident["out"]
     y = routed_experts(b, x, ids, route["weights"], ws, Ef, k, spec.activation, spec.glu, spec.glu_variant,
-                       spec.input_scaled)
+                       spec.input_scaled, spec.expert_norm)
 
     if spec.shared is not None:
         fs = spec.shared.width

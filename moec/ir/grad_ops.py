@@ -20,6 +20,9 @@ graphs of them from a forward's; shapes and pair order as in `moec.ir.ops`.
 - ``router_grad``: the router's backward from the routing weights' (and the aux loss's, and the logits')
   gradient, given the forward's choices (`moec.reference.route_backward`, the derivative of
   `moec.reference.weights_given_ids` written out): ``dx`` (fp32), the router's weight gradients.
+- ``expert_norm_grad``: the expert norms' backward with the weighted combine's (d of the pre-norm rows, of the
+  norm weights and of the routing weights).
+- ``route_grad``: the same from given logits (an external router's): their gradient ``d_logits``.
 - ``shared_gate_grad``: a sigmoid-gated shared expert's gate backward from its ``dots``.
 
 MoBA (shapes as in `moec.ir.moba_ops`; the selection ``indices`` has no gradient):
@@ -108,6 +111,21 @@ op("router_grad", "The router's backward given the forward's choices ids (and id
    optional_operands=["b", "w_noise", "ids_routed", "d_aux", "d_logits"], optional_results=["db", "dw_noise"],
    attrs={**{n: REQUIRED for n in ("num_experts", "top_k")}, **_ROUTER_DEFAULTS})
 
+op("expert_norm_grad", "The VJP of expert_norm followed by the weighted combine, given the pre-norm rows y "
+   "sorted by expert (offsets; pair order[i] at row i), the routing weights and dy [T, d]: d_y (rows, y's dtype) "
+   "of dn = weights[p] * dy[t] through the norm, d_w [E, d] (fp32) the sum over an expert's rows of dn * "
+   "rmsnorm(y), d_weights [T, k] (fp32) = dy[t] . normed row (0 for pairs no row holds).",
+   ["y", "w", "dy", "order", "offsets", "weights"], ["d_y", "d_w", "d_weights"],
+   lambda o, a: {"d_y": o["y"], "d_w": TensorType("f32", o["w"].shape), "d_weights": o["weights"]},
+   attrs={"eps": REQUIRED, "top_k": REQUIRED})
+
+op("route_grad", "The route's backward given the forward's logits [T, E] and choices ids (and ids_routed before "
+   "capacity): d logits (fp32) from d_weights [T, k] and d_aux (the load-balancing loss's), through "
+   "moec.reference.weights_given_ids (an external router's: autograd takes it on through the router).",
+   ["logits", "ids", "d_weights"], ["d_logits"], lambda o, a: {"d_logits": TensorType("f32", o["logits"].shape)},
+   optional_operands=["ids_routed", "d_aux"],
+   attrs={**{n: REQUIRED for n in ("num_experts", "top_k")}, **_ROUTER_DEFAULTS})
+
 op("identity_experts_grad", "The VJP of identity_experts given the choices ids: d weights[t, s] = x[t] . "
    "dy[t] for slots that picked an identity expert (ids >= ffn_experts; with dropped, also the pairs capacity "
    "dropped, ids -1), else 0; dx[t] = dy[t] * (sum of those slots' weights); fp32.",
@@ -170,7 +188,7 @@ def _wgrad_ok(n, types) -> None:
 
 
 RULES.update({"grouped_dgrad": _dgrad_ok, "grouped_wgrad": _wgrad_ok,
-              "router_grad": lambda n, t: router_config(n.attr)})
+              "router_grad": lambda n, t: router_config(n.attr), "route_grad": lambda n, t: router_config(n.attr)})
 
 
 # ---- interpreter ---------------------------------------------------------------------------------
@@ -284,6 +302,32 @@ def _router_grad(n, v, ctx):
             out["dx"] = out["dx"] + d_pre @ v["w_noise"].float()
             out["dw_noise"] = (d_pre.t() @ x).to(v["w_noise"].dtype)
     return out
+
+
+@impl("expert_norm_grad")
+def _expert_norm_grad(n, v, ctx):
+    y, w, dy, order, offsets = v["y"].float(), v["w"].float(), v["dy"].float(), v["order"].long(), v["offsets"]
+    k, eps = n.attr["top_k"], n.attr["eps"]
+    E, rows = w.shape[0], y.shape[0]
+    expert = ref.row_experts(offsets, rows)
+    kept = expert < E
+    e = expert.clamp(max=E - 1)
+    pair = order[:rows]
+    dn = torch.where(kept[:, None], v["weights"].reshape(-1)[pair, None].float() * dy[pair // k], 0.0)
+    with torch.enable_grad():
+        leaf = y.detach().requires_grad_()
+        normed = torch.nn.functional.rms_norm(leaf, (y.shape[1],), eps=eps)
+        (d_y,) = torch.autograd.grad(normed, leaf, dn * w[e])
+    d_w = torch.zeros_like(w).index_add_(0, e[kept], (dn * normed.detach())[kept])
+    d_weights = torch.zeros(v["weights"].numel(), dtype=torch.float32, device=y.device)
+    d_weights[pair[kept]] = (dy[pair // k] * normed.detach() * w[e]).sum(1)[kept]
+    return {"d_y": d_y.to(v["y"].dtype), "d_w": d_w, "d_weights": d_weights.view(v["weights"].shape)}
+
+
+@impl("route_grad")
+def _route_grad(n, v, ctx):
+    return {"d_logits": ref.route_backward(v["logits"], router_config(n.attr), v["ids"], v["d_weights"],
+                                           v.get("ids_routed"), v.get("d_aux"))}
 
 
 def _attention_grads(n, v):

@@ -54,9 +54,12 @@ def _route(n, v, ctx):
 def _fused_route(n, v, ctx):
     cfg = router_config(n.attr)
     noisy = cfg.noisy and ctx.get("training")
-    x = v["x"]
-    noise = _noise(ctx, x.shape[0], cfg.num_experts, x.device) if noisy else None
-    logits = ref.router_logits(x, v["w"], v.get("b"), v.get("w_noise"), noise)
+    x = v.get("x")
+    if x is None:                        # given logits (an external router's)
+        logits = v["logits"].float()
+    else:
+        noise = _noise(ctx, x.shape[0], cfg.num_experts, x.device) if noisy else None
+        logits = ref.router_logits(x, v["w"], v.get("b"), v.get("w_noise"), noise)
     ids, w, _ = ref.route(logits, cfg.replace(aux_loss=False, aux_counts="pairs"), v.get("score_bias"))
     scores = ref.scores_of(logits, cfg)
     clean = ref.router_logits(x, v["w"], v.get("b")) if noisy else logits
@@ -198,6 +201,15 @@ def _activate(n, v, ctx):
     h = ref.gated(g.float(), v["up"].float() if n.attr["glu"] else None, n.attr["activation"],
                   **glu_variant(n.attr))
     return {"out": h.to(g.dtype)}
+
+
+@impl("expert_norm")
+def _expert_norm(n, v, ctx):
+    y, w = v["y"], v["w"]
+    expert = ref.row_experts(v["offsets"], y.shape[0])
+    kept = expert < w.shape[0]
+    out = ref.expert_norm(y, w[expert.clamp(max=w.shape[0] - 1)], n.attr["eps"])
+    return {"out": torch.where(kept[:, None], out, 0.0).to(y.dtype)}
 
 
 @impl("combine")

@@ -87,7 +87,7 @@ op("route", "Top-k routing of fp32 logits [T, E] under the RouterConfig held in 
 
 
 def _infer_fused_route(o, a):
-    T, E = _rows(o["x"]), a["num_experts"]
+    T, E = _rows(o["x"] if "x" in o else o["logits"]), a["num_experts"]
     return {**_route_types(o, a, T), "counts": TensorType("i32", (E,)),
             "prob_sum": TensorType("f32", (E,)), "shared_scale": TensorType("f32", (T,)),
             "logits": TensorType("f32", (T, E)), **_infer_dispatch(o, a, T)}
@@ -96,9 +96,10 @@ def _infer_fused_route(o, a):
 op("fused_route", "One kernel: gate GEMM x @ w.T (+ b) (+ noise), score, group-limited top-k, "
    "renormalise, scale, per-expert pair counts (and prob_sum for the aux loss, the shared-expert "
    "gate sigmoid(x @ w_shared_gate.T), the router's logits before noise, and the pairs grouped by "
-   "expert as dispatch gives them, with their tile schedule, when asked). Capacity is not applied here.",
-   ["x", "w"], ["ids", "weights", "order", "offsets", "counts", "prob_sum", "shared_scale", "logits", "schedule"],
-   _infer_fused_route, optional_operands=["b", "score_bias", "w_noise", "w_shared_gate"],
+   "expert as dispatch gives them, with their tile schedule, when asked). Capacity is not applied here. "
+   "Given fp32 logits [T, E] (an external router's) instead of x and w, it reads them: no GEMM.",
+   [], ["ids", "weights", "order", "offsets", "counts", "prob_sum", "shared_scale", "logits", "schedule"],
+   _infer_fused_route, optional_operands=["x", "w", "logits", "b", "score_bias", "w_noise", "w_shared_gate"],
    optional_results=["order", "offsets", "counts", "prob_sum", "shared_scale", "logits", "schedule"],
    attrs={**{n: REQUIRED for n in ("num_experts", "top_k")}, **_ROUTER_DEFAULTS, **KERNEL_ATTRS,
           "schedule_block_m": None})
@@ -188,6 +189,10 @@ op("combine", "out[t] = sum_s weights[t, s] * y[position of pair t*k+s in order]
    ["y", "order", "ids"], ["out"],
    lambda o, a: {"out": TensorType("f32", (_rows(o["ids"]), o["y"].shape[1]))},
    optional_operands=["weights"], attrs={"top_k": REQUIRED})
+
+op("expert_norm", "Rows of y sorted by expert (offsets) RMS-normalised in fp32 with eps and scaled by their "
+   "expert's row of w [E, d] (Ergo's expert norms); rows past offsets[E] are 0; stored in y's dtype.",
+   ["y", "w", "offsets"], ["out"], lambda o, a: {"out": o["y"]}, attrs={"eps": REQUIRED})
 
 op("reduce_topk", "out[t] = sum_s y[t*k+s] over slots s in fixed order, skipping dropped pairs "
    "(ids = -1), + residual[t]; fp32 sum, stored in out_dtype. Deterministic: no atomics.",

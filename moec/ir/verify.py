@@ -21,6 +21,11 @@ def _router_ok(n: Node, types) -> None:
     if cfg.score_bias != ("score_bias" in n.ins):
         raise IRError("score_bias attribute and score_bias operand disagree")
     if n.op == "fused_route":
+        given = "logits" in n.ins
+        if given == ("x" in n.ins) or ("x" in n.ins) != ("w" in n.ins):
+            raise IRError("fused_route reads x and w (its gate GEMM) or the given logits, one of the two")
+        if given and any(r in n.ins for r in ("b", "w_noise", "w_shared_gate")):
+            raise IRError("fused_route on given logits has no router bias, noise or shared-expert gate to compute")
         if cfg.router_bias != ("b" in n.ins):
             raise IRError("router_bias attribute and operand b disagree")
         if cfg.noisy != ("w_noise" in n.ins):

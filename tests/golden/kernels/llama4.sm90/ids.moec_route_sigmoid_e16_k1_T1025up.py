@@ -8,10 +8,11 @@
 # [BLOCK_T, E_PAD] with tl.dot over hidden chunks of BLOCK_K (fp32 accumulation), then
 # scores (softmax / sigmoid), selection keys (+ score bias, group-limited), top-k by repeated
 # argmax (ties -> lower expert index, NaN ranks first), weights (renormalised, scaled), and
-# per-expert counts (atomics). With DISPATCH (one program holds every token) it also groups
-# the pairs by expert: a counting sort from the program's own counts, and with SCHED_M > 0 writes the
-# grouped GEMMs' tile schedule for SCHED_M-row tiles. Variants are tl.constexpr flags; Triton prunes the
-# dead ones.
+# per-expert counts (atomics). With LOGITS_IN it is given the logits (an external router's: x_ptr
+# points to fp32 [T, E]) and reads their tile instead of the GEMM. With DISPATCH (one program holds
+# every token) it also groups the pairs by expert: a counting sort from the program's own counts, and
+# with SCHED_M > 0 writes the grouped GEMMs' tile schedule for SCHED_M-row tiles. Variants are
+# tl.constexpr flags; Triton prunes the dead ones.
 import triton
 import triton.language as tl
 
@@ -31,7 +32,8 @@ def moec_route_sigmoid_e16_k1_T1025up(
     HAS_ROUTER_BIAS: tl.constexpr, HAS_SCORE_BIAS: tl.constexpr,
     N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_TOP2: tl.constexpr,
     HAS_NOISE: tl.constexpr, AUX: tl.constexpr, SHARED_GATE: tl.constexpr, WRITE_LOGITS: tl.constexpr,
-    WRITE_COUNTS: tl.constexpr, DISPATCH: tl.constexpr, SCHED_M: tl.constexpr, SCHED_S: tl.constexpr,
+    WRITE_COUNTS: tl.constexpr, LOGITS_IN: tl.constexpr, DISPATCH: tl.constexpr, SCHED_M: tl.constexpr,
+    SCHED_S: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -48,27 +50,31 @@ def moec_route_sigmoid_e16_k1_T1025up(
         acc_n = tl.zeros((BLOCK_T, E_PAD), tl.float32)
     if SHARED_GATE:
         acc_g = tl.zeros((BLOCK_T,), tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        kk = k0 + offs_k
-        mask_k = kk < D
-        xt = tl.load(x_ptr + rows[:, None] * stride_xt + kk[None, :].to(tl.int64) * stride_xd,
-                     mask=mask_t[:, None] & mask_k[None, :], other=0.0)
-        wt = tl.load(w_ptr + offs_e[None, :].to(tl.int64) * stride_we + kk[:, None].to(tl.int64) * stride_wd,
-                     mask=mask_k[:, None] & mask_e[None, :], other=0.0)
-        if (xt.dtype == wt.dtype) and (xt.dtype != tl.float32):
-            acc = tl.dot(xt, wt, acc)
-        else:
-            acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
-        if HAS_NOISE:
-            wnt = tl.load(wn_ptr + offs_e[None, :].to(tl.int64) * stride_wne + kk[:, None].to(tl.int64) * stride_wnd,
-                          mask=mask_k[:, None] & mask_e[None, :], other=0.0)
-            if (xt.dtype == wnt.dtype) and (xt.dtype != tl.float32):
-                acc_n = tl.dot(xt, wnt, acc_n)
+    if LOGITS_IN:   # the logits are given: their tile, read once (no GEMM)
+        acc = tl.load(x_ptr + rows[:, None] * stride_xt + offs_e[None, :].to(tl.int64) * stride_xd,
+                      mask=mask_t[:, None] & mask_e[None, :], other=0.0).to(tl.float32)
+    else:
+        for k0 in range(0, D, BLOCK_K):
+            kk = k0 + offs_k
+            mask_k = kk < D
+            xt = tl.load(x_ptr + rows[:, None] * stride_xt + kk[None, :].to(tl.int64) * stride_xd,
+                         mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+            wt = tl.load(w_ptr + offs_e[None, :].to(tl.int64) * stride_we + kk[:, None].to(tl.int64) * stride_wd,
+                         mask=mask_k[:, None] & mask_e[None, :], other=0.0)
+            if (xt.dtype == wt.dtype) and (xt.dtype != tl.float32):
+                acc = tl.dot(xt, wt, acc)
             else:
-                acc_n = tl.dot(xt.to(tl.float32), wnt.to(tl.float32), acc_n, input_precision="ieee")
-        if SHARED_GATE:
-            wg = tl.load(wsg_ptr + kk.to(tl.int64) * stride_sgd, mask=mask_k, other=0.0)
-            acc_g += tl.sum(xt.to(tl.float32) * wg.to(tl.float32)[None, :], 1)
+                acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
+            if HAS_NOISE:
+                wnt = tl.load(wn_ptr + offs_e[None, :].to(tl.int64) * stride_wne + kk[:, None].to(tl.int64) * stride_wnd,
+                              mask=mask_k[:, None] & mask_e[None, :], other=0.0)
+                if (xt.dtype == wnt.dtype) and (xt.dtype != tl.float32):
+                    acc_n = tl.dot(xt, wnt, acc_n)
+                else:
+                    acc_n = tl.dot(xt.to(tl.float32), wnt.to(tl.float32), acc_n, input_precision="ieee")
+            if SHARED_GATE:
+                wg = tl.load(wsg_ptr + kk.to(tl.int64) * stride_sgd, mask=mask_k, other=0.0)
+                acc_g += tl.sum(xt.to(tl.float32) * wg.to(tl.float32)[None, :], 1)
 
     logits = acc
     if HAS_ROUTER_BIAS:
