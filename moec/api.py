@@ -25,7 +25,7 @@ from .log import logger
 from .frontend import LiftedMoE, NotLifted, find_moe_modules, lift, unread_moe_modules
 from .frontend.call_shape import is_attention
 from .frontend.moba_candidates import find_moba_modules
-from .frontend.structure import product_key_layer
+from .frontend.unread import product_key_layer
 from .hf import attention_functions, block_experts
 from .moba_region import MobaRegion
 from .moe_region import MoERegion

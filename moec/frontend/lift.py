@@ -39,7 +39,8 @@ from .router_call import router_calls
 from .router_hints import read_router
 from .screen import ExpertRows, screen_y
 from .stacked_experts import gated_activation, stacked_layouts
-from .structure import Structure, discover, experts_without_router, meta_or_none, output_norms, unsupported_parts
+from .structure import Structure, discover, meta_or_none, output_norms
+from .unread import experts_without_router, unsupported_parts
 from .trace import trace_partial
 
 MAX_SCREENS = 4000
