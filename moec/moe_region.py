@@ -45,6 +45,7 @@ from .frontend import lift
 from .frontend.outputs import derive, item_dtype, item_shape, kernel_outputs, pack, slots
 from .moe_backward import kernels_backward
 from .region import Region, empty_with_grad, is_disabled
+from .frontend.router_call import arguments
 from .router_hooks import call_observed
 from .spec import MoEWeights
 
@@ -136,12 +137,13 @@ class MoERegion(Region):
         got = kept.programs.get(id(c))
         if got is None or got[0] is not c:
             inputs = moe_inputs(x2, w)
-            fresh = tuple(k for k, v in inputs.items() if k == "score_bias" and v is not w.score_bias)
+            # inputs moec converts (a selection bias or expert norms in another dtype than fp32): per call
+            fresh = tuple(k for k, v in inputs.items() if k in _CONVERTED and v is not getattr(w, k))
             got = kept.programs[id(c)] = (c, c.program.bind({k: v for k, v in inputs.items() if k not in fresh}),
                                           fresh, GraphCache())
         _, bound, fresh, graphs = got
         per_call = {"x": x2, **({"logits": logits} if logits is not None else {})}
-        return bound, ({**per_call, "score_bias": w.score_bias.float()} if fresh else per_call), graphs
+        return bound, {**per_call, **{k: getattr(w, k).float() for k in fresh}}, graphs
 
     def _graphed(self, c, bound, inputs: dict, graphs: GraphCache, group_size=None):
         """The call through a CUDA graph of ``bound`` for this token count (`moec.runtime.graphs`); None
@@ -282,7 +284,8 @@ class MoERegion(Region):
         w = kept.weights if kept is not None else self.weights(tensors)
         group = x.shape[-2] if self.spec.router.capacity_per == "sequence" else None
         # an external router runs as the forward runs it: by PyTorch, with its hooks, under autograd
-        logits = module.get_submodule(self.lifted.router_module)(x2).float() if self.spec.external_router else None
+        logits = self._external(module, self.lifted.router_module, x, x2).reshape(x2.shape[0], -1).float() \
+            if self.spec.external_router else None
         given = [logits] if logits is not None else []
         if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors + given)):
             lifted = self.lifted          # the backward differentiates this call's lift, whatever comes after it
@@ -305,7 +308,8 @@ class MoERegion(Region):
             got["logits"] = logits
         got["y"] = got["y"].reshape((-1, x.shape[-1]) if self.lifted.y_flat else x.shape)
         if self.lifted.shared_module is not None:        # an external shared expert, added as the forward adds it
-            got["y"] = got["y"] + module.get_submodule(self.lifted.shared_module)(x).reshape(got["y"].shape)
+            got["y"] = got["y"] + self._external(module, self.lifted.shared_module, x,
+                                                 x.reshape(-1, x.shape[-1])).reshape(got["y"].shape)
         if self.lifted.post is not None:
             got["y"] = module.get_submodule(self.lifted.post)(got["y"])
         kinds = slots(self.lifted.outputs)
@@ -319,6 +323,12 @@ class MoERegion(Region):
                 v = v.reshape(item_shape(tuple(v.shape), True, x.shape))
             items.append(v)
         return pack(items, self.lifted.container)
+
+    def _external(self, module, path: str, x, x2):
+        """The child at ``path`` (an external router or shared expert) called with the arguments the forward
+        passes it (`LiftedMoE.external_calls`: the input as given or its rows ``x2``, tensors of the layer)."""
+        args, kwargs = arguments(module, self.lifted.external_calls[path], x, x2)
+        return module.get_submodule(path)(*args, **kwargs)
 
     def kernels(self, x2, w: MoEWeights, training, noise, saving: bool = False, group_size=None, logits=None):
         """The program's outputs; with ``saving`` also what the backward reads (``{role: tensor}``,
@@ -391,6 +401,9 @@ class _Kept:
     weights: MoEWeights
     programs: dict = field(default_factory=dict)      # id(compiled) -> (compiled, bound, fresh inputs, graphs)
     support: dict = field(default_factory=dict)       # (input type, dtype, device) -> why_not_kernels
+
+
+_CONVERTED = ("score_bias", "w_expert_norm")       # `MoEWeights` fields moe_inputs reads in fp32
 
 
 def _inside(path: str, root: Optional[str]) -> bool:

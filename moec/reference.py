@@ -361,6 +361,6 @@ def moe(x: torch.Tensor, w: MoEWeights, spec: MoESpec, noise: Optional[torch.Ten
         if spec.shared.gated:
             s = s * torch.sigmoid(xf @ w.shared_gate_proj.float().t())
         y = y + s
-    if w.shared is not None:            # an external shared expert (`MoEWeights.shared`), added in x's dtype
-        return y.to(x.dtype) + w.shared(x).to(x.dtype), aux
+    if w.shared is not None:            # an external shared expert (`MoEWeights.shared`), added as eager adds it
+        return y.to(x.dtype) + w.shared(x), aux
     return y.to(x.dtype), aux

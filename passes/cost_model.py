@@ -37,10 +37,11 @@ from moec.ir.tiles import BUCKETS, GemmTile, RouteTile, RowTile
 from .cost_terms import (DRAM_LATENCY_S, ITER_S, L2_OVER_DRAM, L2_SHARE, LINE_BYTES, MAX_ACC_REGS,  # noqa: F401
                          SLOW_MMA, SMEM_RESERVE, TCGEN05_HALF, WAVE_LATENCIES, Num, Sym, mma_efficiency, pow2)
 from .grad_costs import DgradProblem, WgradProblem, wgrad_candidates
-from .kernel_costs import GemmProblem, RouteProblem, RowProblem
+from .kernel_costs import GemmProblem, NormProblem, RouteProblem, RowProblem
 
 # the problem of each kernel op the cost model tiles (MoBA's kernels take table tiles: passes/moba_tiles.py)
 PROBLEMS = {"grouped_gemm": GemmProblem, "fused_route": RouteProblem, "reduce_topk": RowProblem,
+            "expert_norm": NormProblem,
             "grouped_dgrad": DgradProblem, "grouped_wgrad": WgradProblem}
 
 
@@ -120,7 +121,7 @@ def row_candidates(p: RowProblem, arch: Arch) -> list[RowTile]:
 
 
 CANDIDATES = {GemmProblem: gemm_candidates, DgradProblem: gemm_candidates, RouteProblem: route_candidates,
-              RowProblem: row_candidates, WgradProblem: wgrad_candidates}
+              RowProblem: row_candidates, NormProblem: row_candidates, WgradProblem: wgrad_candidates}
 
 
 def candidates(problem, arch: Arch) -> list:

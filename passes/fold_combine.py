@@ -3,6 +3,8 @@
 Expects: ``combine(y=G, order, [weights,] ids)`` with G a plain grouped GEMM read only by it (no
 scale, no scatter, no other ``order``); optionally followed by ``add`` (the shared expert) and
 ``cast`` (back to the input dtype), each the only reader of what it reads.
+Also ``combine(y=expert_norm(...), weights)``: the norm's kernel takes the weights and the un-permute instead
+(scatter), the reduce the same.
 Guarantees: G stores row i, multiplied by its pair's routing weight (when the combine weighs), at row
 ``order[i]`` of a pair-major buffer (``scatter``, ``scale``): bf16 for a bf16 layer (the product taken on G's fp32
 accumulators and rounded once; half the bytes of fp32), fp32 otherwise (fp16's range is too small for
@@ -46,10 +48,33 @@ def _pair_dtype(dtype: str) -> str:
     return "bf16" if dtype == "bf16" else "f32"
 
 
+def _into_expert_norm(g: Graph, i: int, n: Node, repl: dict) -> None:
+    """The combine of expert norms' rows: the weights and un-permute go into the norm's kernel instead (it
+    normalises whole rows, so the GEMM before it keeps its plain store)."""
+    norm = single_use_producer(g, n.ins["y"], "expert_norm")
+    if norm is None or norm.attr["scatter"]:
+        return
+    ys = fresh_name(g, "pairs_out")
+    scattered = norm.replace(operands={"order": n.ins["order"], "weights": n.ins.get("weights")},
+                             attrs={"scatter": True}, results=(("out", ys),))
+    scattered = scattered.replace(types=(OPS["expert_norm"].infer({r: g.types[v] for r, v in scattered.operands},
+                                                                  scattered.attr)["out"],))
+    reduce, absorbed = _reduce(g, n, ys)
+    repl[g.nodes.index(norm)] = []
+    repl[i] = []
+    last = max([i] + [g.nodes.index(a) for a in absorbed])
+    for a in absorbed:
+        repl[g.nodes.index(a)] = []
+    repl[last] = [scattered, reduce]
+
+
 def fold_combine(g: Graph, ctx) -> Graph:
     repl = {}
     for i, n in enumerate(g.nodes):
         if n.op != "combine":
+            continue
+        if "weights" in n.ins and g.producer(n.ins["y"]) is not None and g.producer(n.ins["y"]).op == "expert_norm":
+            _into_expert_norm(g, i, n, repl)
             continue
         gemm = single_use_producer(g, n.ins["y"], "grouped_gemm")
         if gemm is None or gemm.attr["scatter"] or "scale" in gemm.ins \

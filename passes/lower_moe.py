@@ -18,6 +18,7 @@ from moec.ir.types import DTYPES
 from moec.reference import aux_from_counts
 from moec.runtime.capacity import apply_capacity
 from moec.runtime.dispatch import dispatch
+from moec.runtime.expert_norm_kernel import ExpertNormLaunch, ExpertNormParams, render_expert_norm
 from moec.runtime.grouped_gemm_kernel import (GroupedGemmLaunch, GroupedGemmParams, bound_weights, grouped_gemm,
                                              render_grouped_gemm)
 from moec.runtime.program import Step
@@ -205,5 +206,26 @@ def _capacity_step(n: Node, g: Graph) -> Step:
     return Step(n, run)
 
 
+def _expert_norm_step(n: Node, g: Graph) -> Step:
+    def params_for(tile, bucket):
+        E, d = (int(s) for s in g.types[n.ins["w"]].shape)
+        return ExpertNormParams(num_experts=E, hidden=d, eps=n.attr["eps"], scatter=n.attr["scatter"], tile=tile,
+                                header=header(n), bucket=bucket)
+
+    def launch(params, v, outs, ctx):
+        ExpertNormLaunch(params)(v["y"], v["w"], v["offsets"], outs["out"], v.get("order"), v.get("weights"))
+
+    def prepare(params, bound):
+        plan = ExpertNormLaunch(params)
+        names = n.ins
+
+        def go(env, ctx):
+            plan(env[names["y"]], env[names["w"]], env[names["offsets"]], env[n.outs["out"]],
+                 env.get(names.get("order")), env.get(names.get("weights")))
+        return go
+    return kernel_step(n, params_for, render_expert_norm, launch, prepare=prepare)
+
+
 LOWERINGS = {"fused_route": _route_step, "grouped_gemm": _gemm_step, "reduce_topk": _reduce_step,
+             "expert_norm": _expert_norm_step,
              "dispatch": _dispatch_step, "aux_loss": _aux_step, "apply_capacity": _capacity_step}

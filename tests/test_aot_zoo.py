@@ -8,7 +8,8 @@ fp16 to record its launches, and every distinct launch is compiled with
 pipelined and shared memory is what a real launch takes). Tiles are chosen per token-count
 bucket: every layer runs at T=8; two (routed GLU experts; groups + shared expert) also run at
 T=4 and T=300, and a GPT-OSS layer (biases, clamped SwiGLU, interleaved gate/up views) at T=4 and 300, so the decode bucket's and a mid bucket's kernels are compiled too (the others'
-tiles are covered by tests/test_cost_model.py).
+tiles are covered by tests/test_cost_model.py). An MLP router's layer compiles the routing kernel that reads
+given logits, Ergo-style expert norms the expert-norm kernel.
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ from moec.spec import MoESpec, MoEWeights, RouterConfig
 pytestmark = pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
 
 MODULES = [zoo.MixtralMoE, zoo.StackedGatherBmmMoE, zoo.DenseOneHotMoE, zoo.DeepseekV3MoE, zoo.SwitchMoE,
-           zoo.QwenMoE, zoo.AuxLossMoE, zoo.LogitsBiasTopKMoE, zoo.Relu2ExpertMoE, zoo.GatherScaledMoE]
+           zoo.QwenMoE, zoo.AuxLossMoE, zoo.LogitsBiasTopKMoE, zoo.Relu2ExpertMoE, zoo.GatherScaledMoE,
+           zoo.MLPRouterMoE, zoo.ExpertNormMoE]
 TOKENS = {"MixtralMoE": (4, 8, 300), "DeepseekV3MoE": (4, 8, 300)}     # others: (8,)
 # layers with no eager zoo module (their frontend is a Hugging Face adapter): compiled from the spec
 GPT_OSS = MoESpec(64, 48, RouterConfig(8, 2, order="topk_then_score", router_bias=True), expert_bias=True,
@@ -65,7 +67,9 @@ def test_zoo_kernels_compile_for_arch(lifted, arch):
         c = compile_spec(got.spec, torch.float16, region.outputs, ARCHS[arch])
         for T in TOKENS.get(name, (8,)):
             x = torch.randn(T, got.spec.hidden).half()
-            records += record_launches(lambda: c.program.run(moe_inputs(x, got.weights(tensors))))
+            # (an external router's logits are an input of the program)
+            logits = torch.randn(T, got.spec.num_experts) if got.spec.external_router else None
+            records += record_launches(lambda: c.program.run(moe_inputs(x, got.weights(tensors), logits)))
     c = compile_spec(GPT_OSS, torch.float16, ("y", "weights"), ARCHS[arch])
     for T in (4, 300):
         x = torch.randn(T, GPT_OSS.hidden).half()

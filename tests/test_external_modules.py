@@ -285,3 +285,131 @@ def test_hooks_on_an_external_shared_expert_run_once_and_a_replaced_one_is_read(
     with torch.no_grad():
         _assert_close(model(x), eager(x))
     assert _kernels(model)["kernels"] == 2, model.explain()
+
+
+# ---- called as the forward calls them ---------------------------------------------------------------------------
+
+class TemperatureRouter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 4)
+
+    def forward(self, x, temperature=None):
+        out = self.fc2(torch.tanh(self.fc1(x)))
+        return out if temperature is None else out / temperature
+
+
+class TemperatureRouterMoE(zoo.MixtralMoE):
+    """The forward passes a buffer of the layer as the router's second argument."""
+
+    def __init__(self):
+        super().__init__(16, 32, 4, 2)
+        self.gate = TemperatureRouter()
+        self.register_buffer("temperature", torch.tensor(1.0))
+
+    def route(self, hidden_states):
+        logits = self.gate(hidden_states, self.temperature)
+        weights = torch.softmax(logits, dim=1, dtype=torch.float)
+        weights, ids = torch.topk(weights, self.top_k, dim=-1)
+        return logits, (weights / weights.sum(-1, keepdim=True)).to(hidden_states.dtype), ids
+
+
+def test_a_router_gets_the_arguments_the_forward_passes_it():
+    model, eager = _pair(TemperatureRouterMoE)
+    x = torch.randn(2, 5, 16)
+    for value in (1.0, 0.05):
+        for m in (model, eager):
+            m.temperature.fill_(value)
+        with torch.no_grad():
+            _assert_close(model(x), eager(x))
+    assert _kernels(model) == {"kernels": 2}
+
+
+class Centred(nn.Module):
+    """Not row-wise: it centres its rows over the second-last dim."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 64), nn.Linear(64, 16)
+
+    def forward(self, x):
+        h = self.down(torch.nn.functional.gelu(self.up(x)))
+        return h - h.mean(-2, keepdim=True)
+
+
+class FlatCentredSharedMoE(zoo.MixtralMoE):
+    """The forward calls its shared expert on the flattened rows (so it centres over every token)."""
+
+    def __init__(self):
+        super().__init__(16, 32, 4, 2)
+        self.shared_expert = Centred()
+
+    def forward(self, hidden_states):
+        B, S, d = hidden_states.shape
+        return super().forward(hidden_states) + self.shared_expert(hidden_states.reshape(-1, d)).reshape(B, S, d)
+
+
+def test_children_get_their_input_in_the_shape_the_forward_gives_it():
+    """A shared expert called on the rows gets the rows; a router hook sees what eager's sees."""
+    model, eager = _pair(FlatCentredSharedMoE)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        _assert_close(model(x), eager(x))
+    assert _kernels(model) == {"kernels": 1}
+    model, eager = _pair(zoo.MLPRouterMoE)
+    shapes = {id(model): [], id(eager): []}
+    for m in (model, eager):
+        m.gate.register_forward_hook(lambda mod, args, out, key=id(m): shapes[key].append(tuple(args[0].shape)))
+    with torch.no_grad():
+        _assert_close(model(x), eager(x))
+    assert shapes[id(model)] == shapes[id(eager)] == [(10, 16)]
+
+
+class RouterTwiceMoE(zoo.MLPRouterMoE):
+    def route(self, hidden_states):
+        self.gate(hidden_states)                # a second call (its hooks and random draws count)
+        return super().route(hidden_states)
+
+
+class CountingRouter(zoo.MLPRouter):
+    def forward(self, x):
+        self.calls = getattr(self, "calls", 0) + 1
+        return super().forward(x)
+
+
+class DetachedRouterMoE(zoo.MLPRouterMoE):
+    def route(self, hidden_states):
+        return super().route(hidden_states.detach())     # a stop-gradient router
+
+
+@pytest.mark.parametrize("case", ["twice", "counting", "detached"])
+def test_children_moec_cannot_call_as_the_forward_does_keep_the_layer_eager(case):
+    """A router the forward calls twice, one that counts its calls in an attribute, one fed detached hidden
+    states: one call under autograd would differ, so the layer runs eager (the compile leaves it as found)."""
+    def make():
+        if case == "counting":
+            m = zoo.MLPRouterMoE()
+            m.gate = CountingRouter(16, 4)
+            return m
+        return RouterTwiceMoE() if case == "twice" else DetachedRouterMoE()
+    model, eager = _pair(make)
+    assert "LIFTED" not in model.explain(), model.explain()
+    assert getattr(model.gate, "calls", 0) == getattr(eager.gate, "calls", 0)
+    x = torch.randn(2, 5, 16)
+    _assert_same_grads(_run(model, x, True), _run(eager, x, True))
+
+
+class Fp32SharedMoE(zoo.GeluSharedMoE):
+    """The shared expert returns fp32 for an fp16 input: eager's sum is fp32."""
+
+    def forward(self, hidden_states):
+        return zoo.MixtralMoE.forward(self, hidden_states) + self.shared_expert(hidden_states).float()
+
+
+def test_y_has_the_dtype_the_forward_returns():
+    model, eager = _pair(lambda: Fp32SharedMoE().half())
+    x = torch.randn(2, 5, 16).half()
+    with torch.no_grad():
+        y, want = model(x), eager(x)
+    assert y.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(y, want, rtol=2e-3, atol=2e-3)

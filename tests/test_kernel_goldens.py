@@ -35,6 +35,9 @@ MOE = {
     # Llama4: the routing weight scales each expert's input (the gate/up GEMM's accumulators, before the SwiGLU)
     "llama4": (MoESpec(64, 32, RouterConfig(16, 1, score="sigmoid", order="logits_then_score"), input_scaled=True,
                        shared=SharedExpertConfig(32)), "bf16", ("y", "logits")),
+    # Ergo's expert norms: the norm's kernel takes the routing weights and the un-permute
+    "expert_norm": (MoESpec(64, 32, RouterConfig(8, 2, score="sigmoid", score_bias=True, renormalize=True),
+                            glu=False, activation="relu2", expert_norm=1e-6), "bf16", ("y",)),
     # an external router: the routing kernel reads the given logits (no GEMM); the backward yields their gradient
     "external_router": (MoESpec(64, 32, RouterConfig(8, 2, score="sigmoid", score_bias=True, renormalize=True,
                                                      aux_loss=True), external_router=True,
@@ -125,7 +128,7 @@ TEMPLATE_KERNELS = {"route": "moec_route", "grouped_gemm": "grouped_gemm", "redu
                     "moba_gate": "moec_moba_gate", "moba_attention": "moec_moba_attention",
                     "moba_window": "moec_moba_window",
                     "moba_bwd_dq": "moec_moba_bwd_dq", "moba_bwd_dkdv": "moec_moba_bwd_dkdv",
-                    "tile_schedule": "tile_schedule"}
+                    "tile_schedule": "tile_schedule", "expert_norm": "expert_norm"}
 
 
 def test_every_template_is_pinned():

@@ -757,16 +757,31 @@ def test_fold_combine_grouped_gemm_guard(producer):
     assert_unchanged(fold_combine, text)
 
 
-def test_fold_combine_grouped_gemm_guard_keeps_expert_norms_before_the_combine():
-    """Guard y = grouped_gemm: expert norms between the down GEMM and the combine normalise whole rows before the
-    weights apply; folding the weights into the GEMM would skip the norm (must not fire)."""
-    assert_unchanged(fold_combine, """
+NORMED = """
+graph moe(%h: f32[2*T, 8], %order: i32[2*T], %offsets: i32[5], %weights: f32[T, 2], %ids: i32[T, 2], %w_down: f32[4, 16, 8], %w_norm: f32[4, 16]) {{
+  %ys: f32[2*T, 16] = grouped_gemm(a=%h, w=%w_down, offsets=%offsets) {{num_experts=4}}
+  %ys_normed: f32[2*T, 16] = expert_norm(y=%ys, w=%w_norm, offsets=%offsets) {{eps=1e-06}}
+  %routed: f32[T, 16] = combine(y=%ys_normed, order=%order, ids=%ids, weights=%weights) {{top_k=2}}
+  return %routed{more}
+}}
+"""
+
+
+def test_fold_combine_folds_into_expert_norms():
+    """Expert norms between the down GEMM and the combine: the weights and un-permute go into the norm's kernel
+    (it normalises whole rows before the weights apply), the GEMM keeps its plain store."""
+    assert_rewrites_to(fold_combine, NORMED.format(more=""), """
         graph moe(%h: f32[2*T, 8], %order: i32[2*T], %offsets: i32[5], %weights: f32[T, 2], %ids: i32[T, 2], %w_down: f32[4, 16, 8], %w_norm: f32[4, 16]) {
           %ys: f32[2*T, 16] = grouped_gemm(a=%h, w=%w_down, offsets=%offsets) {num_experts=4}
-          %ys_normed: f32[2*T, 16] = expert_norm(y=%ys, w=%w_norm, offsets=%offsets) {eps=1e-06}
-          %routed: f32[T, 16] = combine(y=%ys_normed, order=%order, ids=%ids, weights=%weights) {top_k=2}
+          %pairs_out: f32[2*T, 16] = expert_norm(y=%ys, w=%w_norm, offsets=%offsets, order=%order, weights=%weights) {eps=1e-06, scatter=True}
+          %routed: f32[T, 16] = reduce_topk(y=%pairs_out, ids=%ids) {top_k=2, out_dtype='f32'}
           return %routed
         }""")
+
+
+def test_fold_combine_expert_norm_single_use_guard():
+    """Guard: normalised rows another node reads stay in expert order (must not fire)."""
+    assert_unchanged(fold_combine, NORMED.format(more=", %ys_normed"))
 
 
 def test_fold_combine_scatter_guard():

@@ -182,11 +182,11 @@ def router_options(st: Structure, hints: RouterHints) -> list:
     return out
 
 
-def shared_options(shared: dict, st: Structure, layout: ExpertLayout, why: list) -> list:
+def shared_options(shared: dict, st: Structure, layout: ExpertLayout, why: list, external=()) -> list:
     """[(part or None, SharedExpertConfig or None, external path or None)]: each shared candidate the kernels
     compute (gated first), then each as an external shared expert (its own module, called as the forward calls
-    it and added to the kernels' output: `moec.spec.MoEWeights.shared`), then none. ``shared`` maps each
-    candidate's path to its `ExpertLayout` or the reason it has none."""
+    it and added to the kernels' output: `moec.spec.MoEWeights.shared`; those of ``external``), then none.
+    ``shared`` maps each candidate's path to its `ExpertLayout` or the reason it has none."""
     out = []
     for path, lay in shared.items():
         if isinstance(lay, str):
@@ -214,7 +214,7 @@ def shared_options(shared: dict, st: Structure, layout: ExpertLayout, why: list)
                 desc += ", its own GLU variant: " + (", ".join(f"{k}={v:g}" for k, v in own) or "plain")
             out.append((Part(paths, fields, desc), SharedExpertConfig(width=lay.ffn, gated=g is not None,
                                                                       variant=own), None))
-    for path in shared:
+    for path in external:
         out.append((Part([], [], f"shared expert {path}: its own module, called as the forward calls it and added "
                                  f"to the kernels' output (an external shared expert)"), None, path))
     out.append((None, None, None))

@@ -35,7 +35,7 @@ from .idle_experts import idle_expert_grads
 from .outputs import slots
 from .probe import TOKENS, Prober, mode_name, probe, probe_seed
 from .probe_harness import hooks_off
-from .router_call import router_calls
+from .router_call import external_call, router_calls
 from .router_hints import read_router
 from .screen import ExpertRows, screen_y
 from .stacked_experts import gated_activation, stacked_layouts
@@ -179,17 +179,26 @@ def _lift(module: nn.Module):
                    f"routing by token ids, such as hash routing, is not supported (without them: {msg})")
         return NotLifted(f"{cls}: {msg}")
     aux_out = any("aux" in slots(o) for o in pr.options)
+    why: list = []
     if st.routers:                      # (an external router's probe inputs are not skewed: no weight to lean on)
         r0 = st.routers[0]
         w0 = resolve(module, r0.weight)
         pr.set_skew(w0 if r0.layout == "out_in" else w0.t())
 
-    why: list = []
     tried = 0
     first_fail = None
     x_screen = pr.x(_SCREEN_INPUT).reshape(-1, st.d)
+    screen_shape = pr.x(_SCREEN_INPUT).shape
     xf = x_screen.float()
     noise_dtypes = dedupe([st.dtype, torch.float32])
+    # how the forward calls each child that may run as it is (an external router or shared expert): one that it
+    # does not call exactly once, with gradients and with arguments moec can repeat, is none
+    calls = {}
+    for path in st.router_modules + st.shared:
+        calls[path], no = external_call(module, path, pr.x(1), module.training, st.device)
+        if no:
+            why.append(f"{path} cannot run as its own module: {no}")
+    st.router_modules = [p for p in st.router_modules if calls[p] is not None]
     router_opts = router_options(st, hints)
     # a shared expert computes the layer's variant, or plain GLU (`SharedExpertConfig.variant`: HunYuan-V4),
     # each read past the clamps (shared_layout)
@@ -201,23 +210,27 @@ def _lift(module: nn.Module):
         for layout in layouts:
             with torch.no_grad():
                 experts = ExpertRows(xf, layout.build([resolve(module, p) for p in layout.paths]), layout, st.E)
-            yield layout, Part(layout.paths, layout.fields, layout.desc), shared_options(shared, st, layout, why), \
-                experts
+            yield layout, Part(layout.paths, layout.fields, layout.desc), \
+                shared_options(shared, st, layout, why, [p for p in st.shared if calls[p] is not None]), experts
 
     def readings(layout, exp_part, sh_opt, r_opt, screen: bool) -> tuple:
         """The weights one reading of the module gives, per expert-norm option (none first), and the shared
-        expert's rows on the screen input."""
+        expert's rows on the screen input (None: an external shared expert that fails on it: no reading)."""
         (sh_part, sh_cfg, sh_called), (r_part, called) = sh_opt, (r_opt[0], r_opt[5])
         out = []
         for n_part, n_eps in norm_options(st):
             parts = [r_part, exp_part] + ([sh_part] if sh_part else []) + ([n_part] if n_part else [])
             param_tensors, recipe = assemble(parts)
             with torch.no_grad():
-                w = with_children(recipe(param_tensors(module)), module, called, sh_called, screen,
-                                  probe_seed(_SCREEN_INPUT))
+                w = with_children(recipe(param_tensors(module)), module, called, sh_called, calls, screen,
+                                  probe_seed(_SCREEN_INPUT), screen_shape)
             out.append((parts, param_tensors, recipe, w, n_eps))
         with torch.no_grad():
-            S = w.shared(x_screen).float() if sh_called is not None else None
+            try:
+                S = w.shared(x_screen).float() if sh_called is not None else None
+            except Exception as e:  # noqa: BLE001 - a candidate child that cannot take the input is no reading
+                why.append(f"shared expert {sh_called} as its own module: {type(e).__name__}: {e}")
+                return [], None
             if sh_cfg is not None:
                 own = sh_cfg.variant if sh_cfg.variant is not None else layout.variant
                 S = reference.expert_mlp(xf, w.shared_up, w.shared_down, w.shared_gate if layout.glu else None,
@@ -261,8 +274,11 @@ def _lift(module: nn.Module):
                                     noise = pr.noise(_SCREEN_INPUT, nd) if (screen and cfg.noisy) else None
                                     # (the precomputed expert rows are of unscaled, unnormalised outputs:
                                     # input-scaled and normalised experts are screened by the reference itself)
-                                    y_ref, aux = (None, None) if scaled or n_eps is not None else \
-                                        screen_y(xf, w, cfg, experts, S, noise, pr.group(_SCREEN_INPUT), x_screen)
+                                    try:
+                                        y_ref, aux = (None, None) if scaled or n_eps is not None else \
+                                            screen_y(xf, w, cfg, experts, S, noise, pr.group(_SCREEN_INPUT), x_screen)
+                                    except Exception:  # noqa: BLE001 - an external router failing on the input
+                                        y_ref, aux = None, None     # (the probe's comparison names the error)
                                     outputs, msg = pr.match(_SCREEN_INPUT, screen, spec, w, nd, y_ref=y_ref, aux=aux)
                                 if msg:
                                     if first_fail is None:
@@ -274,7 +290,8 @@ def _lift(module: nn.Module):
                                                    y_flat=pr.y_flat, noise_dtype=(nd or st.dtype) if cfg.noisy else None,
                                                    notes=list(notes),
                                                    observed=_observed(module, param_tensors.paths, recipe),
-                                                   post=pr.post_path, router_module=called, shared_module=sh_called)
+                                                   post=pr.post_path, router_module=called, shared_module=sh_called,
+                                                   external_calls={p: calls[p] for p in (called, sh_called) if p})
                                 msg = pr.check(lifted, screen)
                                 if msg:
                                     if first_fail is None or first_fail.startswith(config_text(cfg)):

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..spec import MoESpec, MoEWeights
-from .probe_harness import ProbedModule
+from .router_call import ProbedModule
 
 @dataclass
 class LiftedMoE:
@@ -52,6 +52,8 @@ class LiftedMoE:
       compiled forward calls, as the eager forward does, for the logits the kernels route.
     - ``shared_module``: an external shared expert's path (`moec.spec.MoEWeights.shared`): the child the
       compiled forward calls, as the eager forward does, and adds to the kernels' output.
+    - ``external_calls``: for each external child, how the forward calls it (its arguments:
+      `moec.frontend.router_call.external_call`), so the compiled call passes the same.
     """
 
     spec: MoESpec
@@ -72,23 +74,25 @@ class LiftedMoE:
     eager_in: dict = field(default_factory=dict)
     router_module: Optional[str] = None
     shared_module: Optional[str] = None
+    external_calls: dict = field(default_factory=dict)    # path -> how the forward calls that external child
 
     def read_weights(self, module: nn.Module, training: bool) -> MoEWeights:
         """The layer's `MoEWeights` from ``module``'s current tensors, with its external router and shared expert
         (if any) called as the probe calls them in ``training`` mode (`with_children`)."""
         return with_children(self.weights(self.param_tensors(module)), module, self.router_module,
-                             self.shared_module, training)
+                             self.shared_module, self.external_calls, training)
 
 
-def with_children(w: MoEWeights, module: nn.Module, router: Optional[str], shared: Optional[str], training: bool,
-                  seed: int = 0) -> MoEWeights:
+def with_children(w: MoEWeights, module: nn.Module, router: Optional[str], shared: Optional[str], calls: dict,
+                  training: bool, seed: int = 0, shape=None) -> MoEWeights:
     """``w`` with the children of ``module`` at ``router`` and ``shared`` as its external router and shared expert
-    (`MoEWeights.router`, ``shared``; None: none), called as the probe calls eager code (`ProbedModule`:
-    ``training`` mode, ``seed``): the frontend's calls never change the module."""
+    (`MoEWeights.router`, ``shared``; None: none), called as the forward calls them (``calls``: path -> how,
+    `moec.frontend.router_call.external_call`) the way the probe calls eager code (`ProbedModule`: ``training``
+    mode, ``seed``, for an input of ``shape``): the frontend's calls never change the module."""
     if router is not None:
-        w.router = ProbedModule(module.get_submodule(router), training, seed)
+        w.router = ProbedModule(module, router, calls[router], training, seed, shape)
     if shared is not None:
-        w.shared = ProbedModule(module.get_submodule(shared), training, seed)
+        w.shared = ProbedModule(module, shared, calls[shared], training, seed, shape)
     return w
 
 

@@ -76,6 +76,7 @@ class Prober:
         self.skew: Optional[torch.Tensor] = None
         self.extra: dict = {}               # further inputs: index -> (B, S)
         self.capacity_named = False         # the module names a capacity: a capacity-free lift is checked long
+        self.scaled: dict = {}              # input index -> (the input it scales, the factor)
         self._cache: dict = {}
         self.effects: dict = {}          # (input, training, rank3) -> what the forward did besides returning
         self._x: dict = {}
@@ -90,7 +91,9 @@ class Prober:
         self._cache = {k: v for k, v in self._cache.items() if k[0] < SKEWED}
 
     def shape(self, i: int) -> tuple:
-        """``(B, S)`` of input i: the probe's inputs, then those `add_input` made."""
+        """``(B, S)`` of input i: the probe's inputs, then those `add_input` and `add_scaled` made."""
+        if i in self.scaled:
+            return self.shape(self.scaled[i][0])
         return _SHAPES_3D[i] if i < len(_SHAPES_3D) else self.extra[i]
 
     def add_input(self, B: int, S: int) -> int:
@@ -105,8 +108,19 @@ class Prober:
         """Tokens per sequence of input i (None for a ``[T, d]`` input: one sequence)."""
         return self.shape(i)[1] if self.rank3 else None
 
+    def add_scaled(self, base: int, factor: float) -> int:
+        """A further input: input ``base`` times ``factor``; its index."""
+        got = next((i for i, v in self.scaled.items() if v == (base, factor)), None)
+        if got is None:
+            got = len(_SHAPES_3D) + len(self.extra) + len(self.scaled)
+            self.scaled[got] = (base, factor)
+        return got
+
     def x(self, i: int) -> torch.Tensor:
         key = (i, self.rank3)
+        if i in self.scaled and key not in self._x:
+            base, factor = self.scaled[i]
+            self._x[key] = (self.x(base).float() * factor).to(self.dtype)
         if key not in self._x:
             B, S = self.shape(i)
             x = draw((B * S, self.d), 1000 + i)
@@ -140,7 +154,7 @@ class Prober:
                     f"[T, d])")
         self.container = container
         if container is None:
-            self.options, self.out_dtypes, self.out_leads = ["y"], ("x",), ()
+            self.options, self.out_dtypes, self.out_leads = ["y"], (self._y_dtype(y),), ()
             return None
         lead = tuple(x.shape[:-1])
         kinds = [kinds_of(e, T, self.E, lead) for e in extras]
@@ -153,9 +167,14 @@ class Prober:
         self.options = ["_".join(("y",) + c) for c in combos[:8]]
         if not self.options:
             return "forward returns the same kind of item twice"
-        self.out_dtypes = ("x",) + tuple(None if e is None else "x" if e.dtype == x.dtype else e.dtype for e in extras)
+        self.out_dtypes = (self._y_dtype(y),) + tuple(None if e is None else "x" if e.dtype == x.dtype else e.dtype
+                                                      for e in extras)
         self.out_leads = (False,) + tuple(leads(e, lead) for e in extras)
         return None
+
+    def _y_dtype(self, y: torch.Tensor):
+        """y's dtype rule: the input's, or the one the forward returns (a sum promoted by an fp32 part)."""
+        return "x" if y.dtype == self.x(1).dtype else y.dtype
 
     def eager(self, i: int, training: bool, raw: bool = False):
         """``(y, extras)`` of the module's forward on input i (cached); in training mode under a seeded RNG."""
@@ -202,8 +221,8 @@ class Prober:
         cfg = spec.router
         noise = self.noise(i, noise_dtype) if (training and cfg.noisy) else None
         if w.router is not None or w.shared is not None:    # external children, called as this input's eager run is
-            w = dataclasses.replace(w, **{k: getattr(w, k).at(training, probe_seed(i)) for k in ("router", "shared")
-                                          if getattr(w, k) is not None})
+            w = dataclasses.replace(w, **{k: getattr(w, k).at(training, probe_seed(i), tuple(self.x(i).shape))
+                                          for k in ("router", "shared") if getattr(w, k) is not None})
         if y_ref is None:
             y_ref, aux = reference.moe(x, w, spec, noise, self.group(i))
         if self.post is not None:                 # the output norm, on the reference's output
@@ -271,7 +290,16 @@ class Prober:
                 self.set_skew(w.w_router)
             runs = (self.compare(i, t, lifted.spec, w, lifted.outputs, lifted.noise_dtype)
                     for t in modes for i in range(len(TOKENS)))
-            return first(runs) or self.capacity_checks(lifted, w, modes)
+            return first(runs) or self.capacity_checks(lifted, w, modes) or self.norm_checks(lifted, w, modes)
+
+    def norm_checks(self, lifted, w: MoEWeights, modes) -> Optional[str]:
+        """Expert norms: their eps shows only where an expert's output is about as small as it, so a layer with
+        them is also probed on inputs scaled down by 10, 100 and 1000 (a wrong eps answers otherwise there)."""
+        if lifted.spec.expert_norm is None:
+            return None
+        scaled = [self.add_scaled(2, f) for f in (1e-1, 1e-2, 1e-3)]
+        return first(self.compare(i, t, lifted.spec, w, lifted.outputs, lifted.noise_dtype) for t in modes
+                     for i in scaled)
 
     def capacity_checks(self, lifted, w: MoEWeights, modes) -> Optional[str]:
         """A layer with an expert capacity, or whose module names one (``capacity_named``), is also probed on

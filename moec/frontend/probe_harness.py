@@ -186,24 +186,6 @@ def run_watched(fn, args: tuple, module: nn.Module, training: bool, device: torc
 _UNSET = object()
 
 
-class ProbedModule:
-    """A child the compiled layer calls as the forward does (an external router or shared expert,
-    `moec.spec.MoEWeights.router` / ``shared``) as the probe calls it: `run` in ``training`` mode with the RNG
-    seeded with ``seed`` (as the probe's eager run of the same input is), so the lift leaves it as it found it
-    (its buffers, its hooks' callers) and a router drawing random numbers first in the forward draws what eager
-    drew."""
-
-    def __init__(self, child: nn.Module, training: bool, seed: int):
-        self.child, self.training, self.seed = child, training, seed
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return run(self.child, (x,), self.child, self.training, x.device, self.seed)
-
-    def at(self, training: bool, seed: int) -> "ProbedModule":
-        """The same child called in ``training`` mode with ``seed``."""
-        return ProbedModule(self.child, training, seed)
-
-
 def run(fn, args: tuple, module: nn.Module, training: bool, device: torch.device, seed: int):
     """``fn(*args)`` on copies of ``args``, without autograd, with ``module`` in ``training`` mode (restored
     after, buffers too) and the RNG of ``device`` seeded with ``seed`` (the caller's untouched)."""

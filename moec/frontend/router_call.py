@@ -9,11 +9,14 @@ state (by name, so a replaced tensor is read afresh) or a constant.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Optional
 
 import torch
 from torch import nn
+
+from .probe_harness import run_watched
 
 # an argument: ("rows",) the input as [T, d]; ("input",) the input as given; ("state", name) a tensor
 # of the layer found by its qualified name; ("const", value)
@@ -125,3 +128,72 @@ def arguments(module: nn.Module, call: tuple, x: torch.Tensor, rows: torch.Tenso
         return a[1]
     args, kwargs = call
     return tuple(value(a) for a in args), {k: value(v) for k, v in kwargs.items()}
+
+
+def external_call(module: nn.Module, path: str, x: torch.Tensor, training: bool, device) -> tuple[Call, str]:
+    """How the forward calls its child at ``path`` (an external router or shared expert, which the compiled layer
+    calls the same way): ``(call, "")``, or ``(None, why not)`` when the forward does not call it exactly once,
+    calls it without autograd or on a detached input (the compiled call's gradients would differ), or with an
+    argument moec cannot repeat. One run of the forward on ``x`` in ``training`` mode, on copies, hooks off,
+    the module left as found (`moec.frontend.probe_harness.run_watched`)."""
+    child = module.get_submodule(path)
+    seen = []
+    had, own = "forward" in child.__dict__, child.__dict__.get("forward")
+    inner = own if had else functools.partial(type(child).forward, child)
+
+    def spy(*args, **kwargs):
+        tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
+        seen.append((args, kwargs, torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
+        return inner(*args, **kwargs)
+
+    base = getattr(type(module), "_moec_base", None) or type(module)
+
+    def forward(xc):
+        with torch.enable_grad():
+            return base.forward(module, xc.requires_grad_(True) if xc.is_leaf else xc)
+
+    child.forward = spy
+    try:
+        run_watched(forward, (x.detach(),), module, training, device, 7)
+    except Exception as e:  # noqa: BLE001 - the forward failed: no call to repeat
+        return None, f"the forward fails on a made-up input ({type(e).__name__})"
+    finally:
+        if had:
+            child.forward = own
+        else:
+            del child.forward
+    if len(seen) != 1:
+        return None, f"the forward calls {path} {len(seen)} times, not once"
+    args, kwargs, tracked = seen[0]
+    if not tracked:
+        return None, f"the forward calls {path} without gradients to its input (detached or under no_grad)"
+    names = _state_names(module)
+    got_args = [_read(a, x, names) for a in args]
+    got_kwargs = {k: _read(v, x, names) for k, v in kwargs.items()}
+    if any(a is None for a in got_args) or any(v is None for v in got_kwargs.values()):
+        return None, f"the forward calls {path} with arguments moec cannot repeat"
+    return (tuple(got_args), got_kwargs), ""
+
+
+class ProbedModule:
+    """A child the compiled layer calls as the forward does (an external router or shared expert,
+    `moec.spec.MoEWeights.router` / ``shared``), as the probe calls it: with the arguments the forward passes
+    (``call``, `external_call`: the input shaped as given, or its rows, tensors of the layer) for a call on an
+    input of ``shape``, by `run_watched` in ``training`` mode with the RNG seeded with ``seed`` (as the probe's
+    eager run of that input is), so the lift leaves the module as it found it and a router drawing random
+    numbers first in the forward draws what eager drew. Called on rows ``[T, d]``; returns ``[T, -1]``."""
+
+    def __init__(self, layer: nn.Module, path: str, call: tuple, training: bool, seed: int, shape=None):
+        self.layer, self.path, self.call = layer, path, call
+        self.training, self.seed, self.shape = training, seed, shape
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        child = self.layer.get_submodule(self.path)
+        x = rows.reshape(self.shape) if self.shape is not None and rows.numel() else rows
+        args, kwargs = arguments(self.layer, self.call, x, rows)
+        out, _ = run_watched(lambda *a: child(*a, **kwargs), args, child, self.training, rows.device, self.seed)
+        return out.reshape(rows.shape[0], -1)
+
+    def at(self, training: bool, seed: int, shape=None) -> "ProbedModule":
+        """The same child called in ``training`` mode with ``seed``, for an input of ``shape``."""
+        return ProbedModule(self.layer, self.path, self.call, training, seed, shape)

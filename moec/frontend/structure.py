@@ -257,7 +257,8 @@ def discover(module: nn.Module):
             named = [getattr(owner, a, None) for a in ("eps", "variance_epsilon", "epsilon")]
             named += [getattr(getattr(module, "config", None), a, None) for a in ("rms_norm_eps", "norm_eps")]
             eps = [float(e) for e in named if isinstance(e, (int, float)) and not isinstance(e, bool) and e > 0]
-            st.expert_norms.append((path, tuple(dict.fromkeys(eps + [1e-6, 1e-5]))))
+            # (then common ones, and fp32's machine epsilon: F.rms_norm's eps=None on fp32 rows)
+            st.expert_norms.append((path, tuple(dict.fromkeys(eps + [1e-6, 1e-5, torch.finfo(torch.float32).eps]))))
     # selection bias: an [E] (or [1, E]) tensor that is not a linear's bias, on the layer or its router (ERNIE
     # keeps it in a submodule of the router: gate.moe_statics.e_score_correction_bias [1, E])
     widths = {r.width(E) for r in routers} | ({E} if st.router_modules else set())

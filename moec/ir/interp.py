@@ -208,8 +208,13 @@ def _expert_norm(n, v, ctx):
     y, w = v["y"], v["w"]
     expert = ref.row_experts(v["offsets"], y.shape[0])
     kept = expert < w.shape[0]
-    out = ref.expert_norm(y, w[expert.clamp(max=w.shape[0] - 1)], n.attr["eps"])
-    return {"out": torch.where(kept[:, None], out, 0.0).to(y.dtype)}
+    out = torch.where(kept[:, None], ref.expert_norm(y, w[expert.clamp(max=w.shape[0] - 1)], n.attr["eps"]), 0.0)
+    if not n.attr["scatter"]:
+        return {"out": out}
+    pair = v["order"].long()[kept]         # the combine folded in: weighted rows at their pairs' rows
+    scattered = torch.zeros_like(out)
+    scattered[pair] = out[kept] * v["weights"].reshape(-1)[pair, None].float()
+    return {"out": scattered}
 
 
 @impl("combine")

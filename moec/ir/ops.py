@@ -190,9 +190,16 @@ op("combine", "out[t] = sum_s weights[t, s] * y[position of pair t*k+s in order]
    lambda o, a: {"out": TensorType("f32", (_rows(o["ids"]), o["y"].shape[1]))},
    optional_operands=["weights"], attrs={"top_k": REQUIRED})
 
+def _infer_expert_norm(o, a):
+    return {"out": TensorType("f32", o["y"].shape)}
+
+
 op("expert_norm", "Rows of y sorted by expert (offsets) RMS-normalised in fp32 with eps and scaled by their "
-   "expert's row of w [E, d] (Ergo's expert norms); rows past offsets[E] are 0; stored in y's dtype.",
-   ["y", "w", "offsets"], ["out"], lambda o, a: {"out": o["y"]}, attrs={"eps": REQUIRED})
+   "expert's row of w [E, d] (Ergo's expert norms), in fp32 (eager sums them unrounded): at their own rows (rows "
+   "past offsets[E] are 0), or with scatter (fold-combine) times weights.flat[order[i]] at row order[i] of a "
+   "pair-major buffer (rows of dropped pairs not written).",
+   ["y", "w", "offsets"], ["out"], _infer_expert_norm, optional_operands=["order", "weights"],
+   attrs={"eps": REQUIRED, "scatter": False, **KERNEL_ATTRS})
 
 op("reduce_topk", "out[t] = sum_s y[t*k+s] over slots s in fixed order, skipping dropped pairs "
    "(ids = -1), + residual[t]; fp32 sum, stored in out_dtype. Deterministic: no atomics.",

@@ -96,8 +96,15 @@ def _select_ok(n: Node, types) -> None:
         raise IRError(f"when: {e}") from None
 
 
+def _expert_norm_ok(n: Node, types) -> None:
+    if n.attr["scatter"] != ("order" in n.ins and "weights" in n.ins) or ("order" in n.ins) != ("weights" in n.ins):
+        raise IRError("expert_norm scatters (the combine folded in) exactly when it reads order and weights")
+    if not n.attr["eps"] > 0:
+        raise IRError(f"expert_norm's eps must be positive, got {n.attr['eps']}")
+
+
 RULES = {"route": _router_ok, "fused_route": _router_ok, "apply_capacity": lambda n, t: router_config(n.attr),
-         "grouped_gemm": _gemm_ok, "activate": _activate_ok, "select": _select_ok}
+         "grouped_gemm": _gemm_ok, "activate": _activate_ok, "select": _select_ok, "expert_norm": _expert_norm_ok}
 
 
 def verify(g: Graph) -> Graph:
