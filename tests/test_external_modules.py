@@ -382,16 +382,28 @@ class DetachedRouterMoE(zoo.MLPRouterMoE):
         return super().route(hidden_states.detach())     # a stop-gradient router
 
 
-@pytest.mark.parametrize("case", ["twice", "counting", "detached"])
+class ScaledInputRouterMoE(zoo.MLPRouterMoE):
+    """The router reads the hidden states times a learned scale (ones when compiled: equal to them, not them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.router_scale = nn.Parameter(torch.ones(16))
+
+    def route(self, hidden_states):
+        return super().route(hidden_states * self.router_scale)
+
+
+@pytest.mark.parametrize("case", ["twice", "counting", "detached", "scaled"])
 def test_children_moec_cannot_call_as_the_forward_does_keep_the_layer_eager(case):
     """A router the forward calls twice, one that counts its calls in an attribute, one fed detached hidden
-    states: one call under autograd would differ, so the layer runs eager (the compile leaves it as found)."""
+    states, one fed a product that equals them when compiled: one call on the hidden states under autograd
+    would differ, so the layer runs eager (the compile leaves it as found)."""
     def make():
         if case == "counting":
             m = zoo.MLPRouterMoE()
             m.gate = CountingRouter(16, 4)
             return m
-        return RouterTwiceMoE() if case == "twice" else DetachedRouterMoE()
+        return {"twice": RouterTwiceMoE, "detached": DetachedRouterMoE, "scaled": ScaledInputRouterMoE}[case]()
     model, eager = _pair(make)
     assert "LIFTED" not in model.explain(), model.explain()
     assert getattr(model.gate, "calls", 0) == getattr(eager.gate, "calls", 0)

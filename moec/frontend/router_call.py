@@ -137,18 +137,22 @@ def external_call(module: nn.Module, path: str, x: torch.Tensor, training: bool,
     argument moec cannot repeat. One run of the forward on ``x`` in ``training`` mode, on copies, hooks off,
     the module left as found (`moec.frontend.probe_harness.run_watched`)."""
     child = module.get_submodule(path)
-    seen = []
+    seen, given = [], []
     had, own = "forward" in child.__dict__, child.__dict__.get("forward")
     inner = own if had else functools.partial(type(child).forward, child)
 
     def spy(*args, **kwargs):
         tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
-        seen.append((args, kwargs, torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
+        # an argument is the input (or its rows) only when it is a view of it: a tensor computed from it that
+        # happens to equal it here (x times a scale of ones) is not
+        views = {id(t) for t in tensors if given and t.untyped_storage().data_ptr() == given[0].untyped_storage().data_ptr()}
+        seen.append((args, kwargs, torch.is_grad_enabled() and any(t.requires_grad for t in tensors), views))
         return inner(*args, **kwargs)
 
     base = getattr(type(module), "_moec_base", None) or type(module)
 
     def forward(xc):
+        given.append(xc)
         with torch.enable_grad():
             return base.forward(module, xc.requires_grad_(True) if xc.is_leaf else xc)
 
@@ -164,12 +168,16 @@ def external_call(module: nn.Module, path: str, x: torch.Tensor, training: bool,
             del child.forward
     if len(seen) != 1:
         return None, f"the forward calls {path} {len(seen)} times, not once"
-    args, kwargs, tracked = seen[0]
+    args, kwargs, tracked, views = seen[0]
     if not tracked:
         return None, f"the forward calls {path} without gradients to its input (detached or under no_grad)"
     names = _state_names(module)
-    got_args = [_read(a, x, names) for a in args]
-    got_kwargs = {k: _read(v, x, names) for k, v in kwargs.items()}
+
+    def read(a):
+        got = _read(a, x, names)
+        return None if got in (("rows",), ("input",)) and id(a) not in views else got
+    got_args = [read(a) for a in args]
+    got_kwargs = {k: read(v) for k, v in kwargs.items()}
     if any(a is None for a in got_args) or any(v is None for v in got_kwargs.values()):
         return None, f"the forward calls {path} with arguments moec cannot repeat"
     return (tuple(got_args), got_kwargs), ""
