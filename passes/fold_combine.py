@@ -73,7 +73,8 @@ def fold_combine(g: Graph, ctx) -> Graph:
     for i, n in enumerate(g.nodes):
         if n.op != "combine":
             continue
-        if "weights" in n.ins and g.producer(n.ins["y"]) is not None and g.producer(n.ins["y"]).op == "expert_norm":
+        producer = g.producer(n.ins["y"])
+        if "weights" in n.ins and producer is not None and producer.op == "expert_norm":
             _into_expert_norm(g, i, n, repl)
             continue
         gemm = single_use_producer(g, n.ins["y"], "grouped_gemm")

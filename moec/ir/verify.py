@@ -97,7 +97,7 @@ def _select_ok(n: Node, types) -> None:
 
 
 def _expert_norm_ok(n: Node, types) -> None:
-    if n.attr["scatter"] != ("order" in n.ins and "weights" in n.ins) or ("order" in n.ins) != ("weights" in n.ins):
+    if not n.attr["scatter"] == ("order" in n.ins) == ("weights" in n.ins):
         raise IRError("expert_norm scatters (the combine folded in) exactly when it reads order and weights")
     if not n.attr["eps"] > 0:
         raise IRError(f"expert_norm's eps must be positive, got {n.attr['eps']}")
