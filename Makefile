@@ -26,9 +26,8 @@ install: $(if $(filter 1,$(IN_VENV)),,$(VENV)/bin/python)
 demo: install
 	$(PY) examples/quickstart.py
 
-# the suite on up to 4 processes (CI's 2 cores: both), each test file in one process (its order kept), the
-# longest files first (tests/conftest.py's SLOW_FIRST)
-PYTEST := -m pytest -q -n auto --maxprocesses 4 --dist loadfile --no-loadscope-reorder
+# the suite on up to 4 processes (CI's 2 cores: both), each test file in one process (its order kept)
+PYTEST := -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
 test: install
 	$(PY) $(PYTEST)
