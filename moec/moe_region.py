@@ -43,9 +43,9 @@ from . import guards
 from .compiler import MoERecipe
 from .frontend import lift
 from .frontend.outputs import derive, item_dtype, item_shape, kernel_outputs, pack, slots
+from .frontend.router_call import arguments
 from .moe_backward import kernels_backward
 from .region import Region, empty_with_grad, is_disabled
-from .frontend.router_call import arguments
 from .router_hooks import call_observed
 from .spec import MoEWeights
 
