@@ -37,7 +37,7 @@ def _assert_same(got, want, tol=1e-4):
             torch.testing.assert_close(dw[name], g, rtol=tol, atol=tol * max(1.0, g.abs().max().item()), msg=name)
 
 
-@settings(deadline=None, max_examples=10)
+@settings(deadline=None)
 @given(E=st.sampled_from([4, 8]), k=st.integers(1, 3), B=st.integers(1, 3), S=st.integers(1, 9),
        eps=st.sampled_from([1e-6, 1e-5]), train=st.booleans(), seed=st.integers(0, 2 ** 16))
 def test_expert_norms_match_eager(E, k, B, S, eps, train, seed):

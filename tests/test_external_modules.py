@@ -93,7 +93,7 @@ def test_the_route_is_a_generated_kernel_reading_the_logits():
     assert c.program.graph_safe
 
 
-@settings(deadline=None, max_examples=12)
+@settings(deadline=None)
 @given(E=st.integers(2, 8), k=st.integers(1, 3), width=st.sampled_from([8, 24]), B=st.integers(1, 3),
        S=st.integers(0, 9), train=st.booleans(), norm=st.booleans(), seed=st.integers(0, 2 ** 16))
 def test_mlp_routers_match_eager(E, k, width, B, S, train, norm, seed):
