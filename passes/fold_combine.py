@@ -59,8 +59,14 @@ def _into_expert_norm(g: Graph, i: int, n: Node, repl: dict) -> None:
                              attrs={"scatter": True}, results=(("out", ys),))
     scattered = scattered.replace(types=(OPS["expert_norm"].infer({r: g.types[v] for r, v in scattered.operands},
                                                                   scattered.attr)["out"],))
-    reduce, absorbed = _reduce(g, n, ys)
-    repl[g.nodes.index(norm)] = []
+    _fold(g, i, n, norm, scattered, ys, repl)
+
+
+def _fold(g: Graph, i: int, combine: Node, producer: Node, scattered: Node, ys: str, repl: dict) -> None:
+    """Replace ``producer`` and the combine at ``i`` with ``scattered`` (writing pair-major rows ``ys``) and the
+    reduce of those rows, which absorbs what follows the combine."""
+    reduce, absorbed = _reduce(g, combine, ys)
+    repl[g.nodes.index(producer)] = []
     repl[i] = []
     last = max([i] + [g.nodes.index(a) for a in absorbed])
     for a in absorbed:
@@ -87,11 +93,5 @@ def fold_combine(g: Graph, ctx) -> Graph:
                                  results=(("out", ys),))
         scattered = scattered.replace(types=(OPS["grouped_gemm"].infer(
             {r: g.types[v] for r, v in scattered.operands}, scattered.attr)["out"],))
-        reduce, absorbed = _reduce(g, n, ys)
-        repl[g.nodes.index(gemm)] = []
-        repl[i] = []
-        last = max([i] + [g.nodes.index(a) for a in absorbed])
-        for a in absorbed:
-            repl[g.nodes.index(a)] = []
-        repl[last] = [scattered, reduce]
+        _fold(g, i, n, gemm, scattered, ys, repl)
     return swap(g, repl)

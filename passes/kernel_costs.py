@@ -331,51 +331,6 @@ class RouteProblem:
 # ---- the top-k reduce -----------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class NormProblem:
-    """An ``expert_norm`` node: ``R`` rows (the pairs) read twice over the hidden dim, normalised, scaled and stored."""
-
-    hidden: int
-    y_size: int
-    out_size: int
-    pairs: int                  # rows per token (the top-k)
-    dtype: str = ""
-
-    @classmethod
-    def of(cls, n: Node, g: Graph) -> "NormProblem":
-        y_t = g.types[n.ins["y"]]
-        pairs = int(sympy.simplify(y_t.shape[0] / T)) if y_t.shape[0] != T else 1
-        return cls(hidden=int(y_t.shape[1]), y_size=itemsize(y_t.dtype), out_size=itemsize(n.types[0].dtype),
-                   pairs=max(pairs, 1), dtype=f"{y_t.dtype}->{n.types[0].dtype}")
-
-    @property
-    def key(self) -> str:
-        return f"expert_norm D={self.hidden} x{self.pairs} {self.dtype}"
-
-    def flops(self, t=T):
-        return 4 * t * self.pairs * self.hidden
-
-    def bytes(self, t=T, ops=Sym):
-        return t * self.pairs * self.hidden * (2 * self.y_size + self.out_size + 4)
-
-    def programs(self, tile: RowTile, t=T, ops=Sym):
-        return ops.ceil_div(t * self.pairs, tile.block_t)
-
-    def waves(self, tile: RowTile, arch: Arch, t=T, ops=Sym):
-        return ops.ceil_div(self.programs(tile, t, ops), self.slots(tile, arch))
-
-    def slots(self, tile: RowTile, arch: Arch) -> int:
-        return arch.sms * occupancy(0, tile.num_warps, tile.block_t * tile.block_d / (32 * tile.num_warps), arch)
-
-    def fits(self, tile: RowTile, arch: Arch) -> bool:
-        return tile.block_t * tile.block_d <= 32 * 32 * tile.num_warps
-
-    def time(self, tile: RowTile, arch: Arch, t: int) -> float:
-        return waves_time(self.programs(tile, t, Num), self.slots(tile, arch), arch,
-                          flops_per_program=0.0, dram_total=self.bytes(t, Num), l2_per_program=0.0,
-                          in_flight=tile.block_t * tile.block_d * self.y_size, flops_rate=1.0)
-
-
-@dataclass(frozen=True)
 class RowProblem:
     """A ``reduce_topk`` node: ``T`` rows of ``k`` pair rows (the layer's dtype) summed in fp32 (+ a residual)."""
 
@@ -419,3 +374,34 @@ class RowProblem:
         return waves_time(self.programs(tile, t, Num), self.slots(tile, arch), arch,
                            flops_per_program=0.0, dram_total=self.bytes(t, Num), l2_per_program=0.0,
                            in_flight=self.top_k * tile.block_t * tile.block_d * self.y_size, flops_rate=1.0)
+@dataclass(frozen=True)
+class NormProblem(RowProblem):
+    """An ``expert_norm`` node: the ``top_k`` pair rows of each token read twice over the hidden dim, normalised,
+    scaled and stored; one program a tile of rows (occupancy, fit and waves as `RowProblem`'s)."""
+
+    @classmethod
+    def of(cls, n: Node, g: Graph) -> "NormProblem":
+        y_t = g.types[n.ins["y"]]
+        pairs = int(sympy.simplify(y_t.shape[0] / T)) if y_t.shape[0] != T else 1
+        return cls(top_k=max(pairs, 1), hidden=int(y_t.shape[1]), y_size=itemsize(y_t.dtype),
+                   out_size=itemsize(n.types[0].dtype), residual=False, dtype=f"{y_t.dtype}->{n.types[0].dtype}")
+
+    @property
+    def key(self) -> str:
+        return f"expert_norm D={self.hidden} x{self.top_k} {self.dtype}"
+
+    def flops(self, t=T):
+        return 4 * t * self.top_k * self.hidden
+
+    def bytes(self, t=T, ops=Sym):
+        return t * self.top_k * self.hidden * (2 * self.y_size + self.out_size + 4)
+
+    def programs(self, tile: RowTile, t=T, ops=Sym):
+        return ops.ceil_div(t * self.top_k, tile.block_t)
+
+    def time(self, tile: RowTile, arch: Arch, t: int) -> float:
+        return waves_time(self.programs(tile, t, Num), self.slots(tile, arch), arch,
+                          flops_per_program=0.0, dram_total=self.bytes(t, Num), l2_per_program=0.0,
+                          in_flight=tile.block_t * tile.block_d * self.y_size, flops_rate=1.0)
+
+

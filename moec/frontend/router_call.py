@@ -9,6 +9,7 @@ state (by name, so a replaced tensor is read afresh) or a constant.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from typing import Optional
@@ -62,39 +63,52 @@ def _read(value, x: torch.Tensor, names: dict) -> Optional[Arg]:
     return None
 
 
-def _record(module: nn.Module, path: str, x: torch.Tensor) -> Call:
-    router = module.get_submodule(path)
-    seen = []
-    had = "forward" in router.__dict__
-    own = router.__dict__.get("forward")
+@contextlib.contextmanager
+def _spied(child: nn.Module, spy):
+    """``child``'s forward replaced by ``spy`` (given the forward it replaces), restored after."""
+    had, own = "forward" in child.__dict__, child.__dict__.get("forward")
+    child.forward = functools.partial(spy, own if had else functools.partial(type(child).forward, child))
+    try:
+        yield
+    finally:
+        if had:
+            child.forward = own
+        else:
+            del child.forward
 
-    def spy(*args, **kwargs):
+
+def _own_forward(module: nn.Module):
+    """The forward of ``module``'s own class (the one moec's compile wraps, when it did)."""
+    return (getattr(type(module), "_moec_base", None) or type(module)).forward
+
+
+def _read_call(args, kwargs, x: torch.Tensor, names: dict, read=_read) -> Call:
+    """The `Call` of a recorded call (each argument by ``read``), or None when an argument is not repeatable."""
+    got_args = [read(a, x, names) for a in args]
+    got_kwargs = {k: read(v, x, names) for k, v in kwargs.items()}
+    if any(a is None for a in got_args) or any(v is None for v in got_kwargs.values()):
+        return None
+    return tuple(got_args), got_kwargs
+
+
+def _record(module: nn.Module, path: str, x: torch.Tensor) -> Call:
+    seen = []
+
+    def spy(inner, *args, **kwargs):
         seen.append((args, kwargs))
         raise _Stop
 
-    router.forward = spy
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            type(module).forward(module, x) if getattr(type(module), "_moec_base", None) is None \
-                else type(module)._moec_base.forward(module, x)
+        with _spied(module.get_submodule(path), spy), torch.no_grad(), torch.random.fork_rng(devices=[]):
+            _own_forward(module)(module, x)
     except _Stop:
         pass
     except Exception:       # noqa: BLE001 - the forward failed before its router: not replayable
         return None
-    finally:
-        if had:
-            router.forward = own
-        else:
-            del router.forward
     if not seen:
         return None
     args, kwargs = seen[0]
-    names = _state_names(module)
-    got_args = [_read(a, x, names) for a in args]
-    got_kwargs = {k: _read(v, x, names) for k, v in kwargs.items()}
-    if any(a is None for a in got_args) or any(v is None for v in got_kwargs.values()):
-        return None
-    return tuple(got_args), got_kwargs
+    return _read_call(args, kwargs, x, _state_names(module))
 
 
 def router_calls(module: nn.Module, paths: tuple, hidden: int) -> dict:
@@ -136,51 +150,37 @@ def external_call(module: nn.Module, path: str, x: torch.Tensor, training: bool,
     calls it without autograd or on a detached input (the compiled call's gradients would differ), or with an
     argument moec cannot repeat. One run of the forward on ``x`` in ``training`` mode, on copies, hooks off,
     the module left as found (`moec.frontend.probe_harness.run_watched`)."""
-    child = module.get_submodule(path)
     seen, given = [], []
-    had, own = "forward" in child.__dict__, child.__dict__.get("forward")
-    inner = own if had else functools.partial(type(child).forward, child)
 
-    def spy(*args, **kwargs):
+    def spy(inner, *args, **kwargs):
         tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
         # an argument is the input (or its rows) only when it is a view of it: a tensor computed from it that
         # happens to equal it here (x times a scale of ones) is not
-        views = {id(t) for t in tensors if given and t.untyped_storage().data_ptr() == given[0].untyped_storage().data_ptr()}
+        base = given[0].untyped_storage().data_ptr() if given else None
+        views = {id(t) for t in tensors if t.untyped_storage().data_ptr() == base}
         seen.append((args, kwargs, torch.is_grad_enabled() and any(t.requires_grad for t in tensors), views))
         return inner(*args, **kwargs)
-
-    base = getattr(type(module), "_moec_base", None) or type(module)
 
     def forward(xc):
         given.append(xc)
         with torch.enable_grad():
-            return base.forward(module, xc.requires_grad_(True) if xc.is_leaf else xc)
+            return _own_forward(module)(module, xc.requires_grad_(True) if xc.is_leaf else xc)
 
-    child.forward = spy
     try:
-        run_watched(forward, (x.detach(),), module, training, device, 7)
+        with _spied(module.get_submodule(path), spy):
+            run_watched(forward, (x.detach(),), module, training, device, 7)
     except Exception as e:  # noqa: BLE001 - the forward failed: no call to repeat
         return None, f"the forward fails on a made-up input ({type(e).__name__})"
-    finally:
-        if had:
-            child.forward = own
-        else:
-            del child.forward
     if len(seen) != 1:
         return None, f"the forward calls {path} {len(seen)} times, not once"
     args, kwargs, tracked, views = seen[0]
     if not tracked:
         return None, f"the forward calls {path} without gradients to its input (detached or under no_grad)"
-    names = _state_names(module)
-
-    def read(a):
+    def read(a, x, names):
         got = _read(a, x, names)
         return None if got in (("rows",), ("input",)) and id(a) not in views else got
-    got_args = [read(a) for a in args]
-    got_kwargs = {k: read(v) for k, v in kwargs.items()}
-    if any(a is None for a in got_args) or any(v is None for v in got_kwargs.values()):
-        return None, f"the forward calls {path} with arguments moec cannot repeat"
-    return (tuple(got_args), got_kwargs), ""
+    call = _read_call(args, kwargs, x, _state_names(module), read)
+    return (call, "") if call is not None else (None, f"the forward calls {path} with arguments moec cannot repeat")
 
 
 class ProbedModule:
