@@ -43,7 +43,8 @@ from . import guards
 from .compiler import MoERecipe
 from .frontend import lift
 from .frontend.outputs import derive, item_dtype, item_shape, kernel_outputs, pack, slots
-from .frontend.router_call import arguments
+from .frontend.router_call import arguments, own_forward
+from .frontend.token_table import CallChoices
 from .moe_backward import kernels_backward
 from .region import Region, empty_with_grad, is_disabled
 from .router_hooks import call_observed
@@ -67,6 +68,7 @@ class MoERegion(Region):
     _observed: Optional[list] = None            # (path, module) of the observed children (see `moec.router_hooks`)
     _outputs: Optional[tuple] = None            # (lift, its program's outputs)
     _program: Optional[tuple] = None            # (lift, saving, dtype, device, compiled): the last call's
+    _call_choices: Optional[CallChoices] = None   # a token table's rows for a call's token ids
     graph_skips: Counter = field(default_factory=Counter)   # mode="reduce-overhead": why a call took no graph
 
     MAX_LIFTS = 8                               # states remembered (least recently used dropped)
@@ -125,7 +127,7 @@ class MoERegion(Region):
             kept.support[key] = reason
         return reason
 
-    def _bound(self, c, w: MoEWeights, x2, logits=None):
+    def _bound(self, c, w: MoEWeights, x2, logits=None, choices=None):
         """``(program, per-call inputs)``: ``c``'s program with ``w``'s tensors bound
         (`moec.runtime.program.Program.bind`) while `weights` keeps ``w`` (the same tensors, addresses,
         shapes and strides), else the program and every input. A tensor moec converts at each call (a
@@ -133,7 +135,7 @@ class MoERegion(Region):
         tensor are seen."""
         kept = self._kept
         if kept is None or kept.weights is not w:
-            return c.program, moe_inputs(x2, w, logits), None
+            return c.program, moe_inputs(x2, w, logits, choices), None
         got = kept.programs.get(id(c))
         if got is None or got[0] is not c:
             inputs = moe_inputs(x2, w)
@@ -142,7 +144,8 @@ class MoERegion(Region):
             got = kept.programs[id(c)] = (c, c.program.bind({k: v for k, v in inputs.items() if k not in fresh}),
                                           fresh, GraphCache())
         _, bound, fresh, graphs = got
-        per_call = {"x": x2, **({"logits": logits} if logits is not None else {})}
+        per_call = {"x": x2, **({"logits": logits} if logits is not None else {}),
+                    **({"choices": choices} if choices is not None else {})}
         return bound, {**per_call, **{k: getattr(w, k).float() for k in fresh}}, graphs
 
     def _graphed(self, c, bound, inputs: dict, graphs: GraphCache, group_size=None):
@@ -251,7 +254,8 @@ class MoERegion(Region):
             return self.eager(reason, eager_forward, x, *args, **kwargs)
         tensors = self.tensors(module)
         kept = self._kept_for(_identities(tensors))
-        reason = self._why_not(x, tensors, kept) if not args and not kwargs else "extra forward arguments"
+        choices, reason = self._choices(module, x, args, kwargs)
+        reason = reason or self._why_not(x, tensors, kept)
         if reason is None and x.shape[-1] != self.spec.hidden:
             raise ValueError(f"moec region {self.name!r}: expects hidden size {self.spec.hidden} on the "
                              f"last dim, got input of shape {tuple(x.shape)}")
@@ -270,10 +274,10 @@ class MoERegion(Region):
         replay = call_observed(module, self.lifted, self._observed, x, x2) if self._observed else None
         if replay == "cannot":
             return self.eager("hooks on the router, which the forward calls in a way moec cannot repeat",
-                              eager_forward, x)
+                              eager_forward, x, *args, **kwargs)
         if replay is not None:                    # a router hook changed the router's output
             with replay:
-                return self.eager("a router hook changed the router's output", eager_forward, x)
+                return self.eager("a router hook changed the router's output", eager_forward, x, *args, **kwargs)
         noise = None
         training = module.training
         if self.spec.router.noisy and training:
@@ -291,12 +295,12 @@ class MoERegion(Region):
             lifted = self.lifted          # the backward differentiates this call's lift, whatever comes after it
             outs = self.serve("kernels forward and backward", KernelsBoth.apply,
                               lambda ts: self.kernels(ts[0], w, training, noise, saving=True, group_size=group,
-                                                      logits=ts[-1] if given else None),
+                                                      logits=ts[-1] if given else None, choices=choices),
                               lambda ts, saved, grads, needs: kernels_backward(self, lifted, ts, saved, grads, needs,
                                                                                     w, training, noise),
                               None, x2, *tensors, *given)
         else:
-            outs = self.serve("kernels", self.kernels, x2, w, training, noise, False, group, logits)
+            outs = self.serve("kernels", self.kernels, x2, w, training, noise, False, group, logits, choices)
         return self.pack(outs, x, w, module, group, logits)
 
     def pack(self, outs, x, w: MoEWeights, module=None, group_size=None, logits=None):
@@ -324,16 +328,32 @@ class MoERegion(Region):
             items.append(v)
         return pack(items, self.lifted.container)
 
+    def _choices(self, module, x, args, kwargs) -> tuple:
+        """``(choices, None)`` for a layer that routes by token id (the table's rows of the call's token ids,
+        `moec.frontend.token_table.CallChoices`), ``(None, None)`` for another called as ``forward(x)``, else
+        ``(None, why this call runs eager)``."""
+        ids, ignored = self.lifted.token_ids, self.lifted.ignored_args
+        if not args and not kwargs and ids is None:
+            return None, None
+        if ids is None and not ignored:
+            return None, "extra forward arguments"
+        got = self._call_choices
+        if got is None or got.ids is not ids or got.ignored != ignored:
+            got = self._call_choices = CallChoices(ids, self.spec.num_experts, ignored)
+        return got(own_forward(module), module, x, args, kwargs)
+
     def _external(self, module, path: str, x, x2):
         """The child at ``path`` (an external router or shared expert) called with the arguments the forward
         passes it (`LiftedMoE.external_calls`: the input as given or its rows ``x2``, tensors of the layer)."""
         args, kwargs = arguments(module, self.lifted.external_calls[path], x, x2)
         return module.get_submodule(path)(*args, **kwargs)
 
-    def kernels(self, x2, w: MoEWeights, training, noise, saving: bool = False, group_size=None, logits=None):
+    def kernels(self, x2, w: MoEWeights, training, noise, saving: bool = False, group_size=None, logits=None,
+                choices=None):
         """The program's outputs; with ``saving`` also what the backward reads (``{role: tensor}``,
         `moec.ir.backward.SAVED`: the routing, the dispatch, and the gate/up products when the training
-        forward's save-activations pass chose to keep them). ``logits``: an external router's."""
+        forward's save-activations pass chose to keep them). ``logits``: an external router's; ``choices``: a
+        token table's rows for the call's tokens."""
         last = self._program
         if last is not None and last[0] is self.lifted and last[1] == saving and last[2] == x2.dtype \
                 and last[3] == x2.device and last[4].generation == tune_file.generation():
@@ -344,13 +364,13 @@ class MoERegion(Region):
             self._program = (self.lifted, saving, x2.dtype, x2.device, c)
         x2 = x2.contiguous() if x2.stride(-1) != 1 else x2
         if not saving:
-            program, inputs, graphs = self._bound(c, w, x2, logits)
+            program, inputs, graphs = self._bound(c, w, x2, logits, choices)
             if self.mode == "reduce-overhead" and graphs is not None and noise is None:
                 got = self._graphed(c, program, inputs, graphs, group_size)
                 if got is not None:
                     return got
             return self.run(c, inputs, training=training, noise=noise, program=program, group_size=group_size)
-        inputs = moe_inputs(x2, w, logits)
+        inputs = moe_inputs(x2, w, logits, choices)
         env = self.run(c, inputs, training=training, noise=noise, values=True, group_size=group_size)
         return [env[o] for o in c.graph.outputs], read_saved(c.graph, env)
 
@@ -389,7 +409,7 @@ class MoERegion(Region):
 
 
 _SHOWN_NOTES = ("traced router path", "experts:", "shared expert", "probe:", "training mode runs eager",
-                "eval mode runs eager", "output norm")   # the rest: captured.txt
+                "eval mode runs eager", "output norm", "routing by token id")   # the rest: captured.txt
 
 
 @dataclass(eq=False)

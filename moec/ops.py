@@ -28,7 +28,7 @@ from . import reference
 from .compiler import BackwardRecipe, MobaRecipe, MoERecipe, compile_program, compile_spec
 from .moba import reference as moba_ref
 from .moba.config import MobaConfig
-from .spec import MoESpec, MoEWeights, RouterConfig, SharedExpertConfig
+from .spec import SCORES, MoESpec, MoEWeights, RouterConfig, SharedExpertConfig
 
 
 def _spec_and_weights(x, w_router, w_up, w_down, w_gate, b_router, score_bias, shared_up, shared_down,
@@ -180,7 +180,7 @@ def moe(x: Tensor, w_router: Tensor, w_up: Tensor, w_down: Tensor, w_gate: Optio
     args.integer("top_k", top_k)
     args.integer("n_group", n_group)
     args.integer("topk_group", topk_group)
-    args.choice("score", score, ("softmax", "sigmoid"))
+    args.choice("score", score, SCORES)
     args.choice("group_score", group_score, ("max", "top2_sum"))
     if not isinstance(renormalize, bool):
         raise TypeError(f"renormalize must be a bool, got {type(renormalize).__name__}")

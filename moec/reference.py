@@ -57,6 +57,8 @@ def logits_of(x: torch.Tensor, w: MoEWeights, noise: Optional[torch.Tensor] = No
 
 
 def scores_of(logits: torch.Tensor, cfg: RouterConfig) -> torch.Tensor:
+    if cfg.score == "sqrtsoftplus":
+        return torch.nn.functional.softplus(logits).sqrt()
     return torch.softmax(logits, dim=-1) if cfg.score == "softmax" else torch.sigmoid(logits)
 
 
@@ -82,9 +84,16 @@ def selection_keys(scores: torch.Tensor, cfg: RouterConfig, score_bias: Optional
     return sel
 
 
+def table_choices(table: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``[T, k]`` int64: each token's row of a token table ``[V, k]`` (`RouterConfig.token_table`), as
+    ``table[tokens.reshape(-1)]`` (an id outside ``[0, V)`` raises, as it does in eager code)."""
+    return table[tokens.reshape(-1)].long()
+
+
 def route(logits: torch.Tensor, cfg: RouterConfig, score_bias: Optional[torch.Tensor] = None,
-          group_size: Optional[int] = None):
+          group_size: Optional[int] = None, choices: Optional[torch.Tensor] = None):
     """Top-k routing. Returns ``(ids [T,k] int64, weights [T,k] fp32, aux_loss fp32 scalar or None)``.
+    With ``cfg.token_table`` the choices are given (``choices [T, k]``, `table_choices`) and only weighted.
 
     Capacity (if configured) is applied per group of ``group_size`` tokens (a sequence: see
     `RouterConfig.capacity_per`; None: the call is one sequence): dropped pairs get id ``DROPPED`` and
@@ -94,6 +103,15 @@ def route(logits: torch.Tensor, cfg: RouterConfig, score_bias: Optional[torch.Te
     T, E = logits.shape
     k = cfg.top_k
     scores = scores_of(logits, cfg)
+    if cfg.token_table:
+        if choices is None or tuple(choices.shape) != (T, k):
+            raise ValueError(f"a token-table router needs choices [T, k] = [{T}, {k}], got "
+                             f"{None if choices is None else list(choices.shape)}")
+        ids = choices.long()
+        weights = scores.gather(1, ids)
+        if cfg.order == "topk_then_score" or cfg.renormalize:
+            weights = weights / (weights.sum(-1, keepdim=True) + (0.0 if cfg.order == "topk_then_score" else 1e-20))
+        return ids, weights * cfg.routed_scaling, None
     if cfg.order == "topk_then_score":
         sel = logits
         ids = ranked(sel, k)
@@ -192,6 +210,8 @@ def route_backward(logits: torch.Tensor, cfg: RouterConfig, ids: torch.Tensor, d
             d_scores = d_scores + (d_probs - (d_probs * scores).sum(-1, keepdim=True) / s_sum) / s_sum
     if cfg.score == "softmax":
         return scores * (d_scores - (d_scores * scores).sum(-1, keepdim=True))
+    if cfg.score == "sqrtsoftplus":    # d sqrt(softplus(z)) = sigmoid(z) / (2 sqrt(softplus(z)))
+        return torch.where(scores > 0, d_scores * torch.sigmoid(logits) / (2 * scores), 0.0)
     return d_scores * scores * (1.0 - scores)
 
 
@@ -332,13 +352,14 @@ def passed_slots(ids: torch.Tensor, ffn_experts: int, dropped: bool = False) -> 
 
 
 def moe(x: torch.Tensor, w: MoEWeights, spec: MoESpec, noise: Optional[torch.Tensor] = None,
-        group_size: Optional[int] = None):
-    """The whole layer on ``x [T, d]`` (``group_size``: tokens per sequence, for a per-sequence capacity):
-    returns ``(y [T, d] in x.dtype, aux_loss or None)``."""
+        group_size: Optional[int] = None, tokens: Optional[torch.Tensor] = None):
+    """The whole layer on ``x [T, d]`` (``group_size``: tokens per sequence, for a per-sequence capacity;
+    ``tokens``: the token ids a token-table router reads): returns ``(y [T, d] in x.dtype, aux_loss or None)``."""
     xf = x.float()
     cfg = spec.router
     logits = logits_of(x, w, noise if cfg.noisy else None)
-    ids, weights, aux = route(logits, cfg, w.score_bias, group_size)
+    choices = table_choices(w.token_table, tokens) if cfg.token_table else None
+    ids, weights, aux = route(logits, cfg, w.score_bias, group_size, choices)
     y = torch.zeros_like(xf)
     if spec.identity_experts or cfg.dropped == "pass":        # identity picks / passed pairs add weight * x
         y = y + xf * identity_share(ids, weights, spec.ffn_experts, cfg.dropped == "pass")

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-SCORES = ("softmax", "sigmoid")
+SCORES = ("softmax", "sigmoid", "sqrtsoftplus")     # sqrtsoftplus: sqrt(softplus(x)), DeepSeek-V4
 ORDERS = ("score_then_topk", "topk_then_score", "logits_then_score")
 GROUP_SCORES = ("max", "top2_sum")
 OVERFLOWS = ("drop", "next_best")
@@ -61,7 +61,8 @@ def check_glu_variant(activation, glu: bool, act_alpha: float = 1.0, glu_limit=N
 class RouterConfig:
     """How token scores become (expert ids, weights).
 
-    - ``score``: ``softmax`` over all E logits, or elementwise ``sigmoid``.
+    - ``score``: ``softmax`` over all E logits, or elementwise ``sigmoid`` or ``sqrtsoftplus``
+      (``sqrt(softplus(x))``, DeepSeek-V4).
     - ``order``: ``score_then_topk`` scores every expert then keeps the k best;
       ``topk_then_score`` keeps the k best logits then applies softmax to just those (Mixtral);
       the latter equals softmax-then-top-k with renormalisation (canonicalisation uses this);
@@ -93,6 +94,10 @@ class RouterConfig:
     - ``noisy``: noisy top-k gating: in training mode logits get
       ``noise * softplus(x @ w_noise.T)`` with ``noise ~ N(0, 1)`` drawn as ``torch.randn``
       of shape ``[T, E]``; in eval mode no noise is added.
+    - ``token_table``: the choices are given, not ranked: each token's k choices are its row of an integer
+      table ``[V, k]`` the layer holds, indexed by the token's id (hash routing: DeepSeek-V4's first layers).
+      The scores weight the given choices (``renormalize``, ``routed_scaling`` as above); a choice may repeat
+      (its expert then runs once per repeat). No selection bias, groups, noise, capacity or aux loss.
     - ``aux_loss``: also return the load-balancing loss ``E * sum_e (n_e / T) * P_e``, where
       ``n_e`` counts the (token, slot) pairs routed to e before capacity (``aux_counts="pairs"``) or the
       tokens whose first choice is e (``"first"``: fairseq's and DeepSpeed's top-2 ``l_aux``) and ``P_e``
@@ -122,6 +127,7 @@ class RouterConfig:
     renormalize_kept: bool = False
     capacity_round: str = "ceil"
     aux_counts: str = "pairs"
+    token_table: bool = False
 
     def __post_init__(self) -> None:
         E, k = self.num_experts, self.top_k
@@ -172,6 +178,10 @@ class RouterConfig:
             raise MoESpecError("aux_counts says what the load-balancing loss counts: it needs aux_loss=True")
         if self.dropped == "pass" and self.overflow != "drop":
             raise MoESpecError("dropped='pass' passes a pair through where it overflows: it needs overflow='drop'")
+        if self.token_table and (self.score_bias or self.n_group > 1 or self.noisy or self.has_capacity
+                                 or self.aux_loss or self.order == "logits_then_score"):
+            raise MoESpecError("token_table gives the choices: no selection bias, groups, noise, capacity, aux loss "
+                               "or order='logits_then_score' (which only rank)")
 
     @property
     def has_capacity(self) -> bool:
@@ -317,6 +327,8 @@ class MoESpec:
         r = self.router
         identity = f" + {self.identity_experts} identity" if self.identity_experts else ""
         bits = [f"{self.ffn_experts} experts{identity}", f"top-{r.top_k}", r.score]
+        if r.token_table:
+            bits.append("choices from a token table")
         if r.order == "topk_then_score":
             bits.append("top-k then softmax")
         if r.order == "logits_then_score":
@@ -413,6 +425,7 @@ class MoEWeights:
     b_up: Optional[torch.Tensor] = None         # [E, f] when expert_bias
     b_down: Optional[torch.Tensor] = None       # [E, d] when expert_bias
     w_expert_norm: Optional[torch.Tensor] = None  # [E, d] when expert_norm (read in fp32)
+    token_table: Optional[torch.Tensor] = None  # int [V, k] when router.token_table: token id -> its choices
     extras: dict = field(default_factory=dict)
     router: Optional[Callable[[torch.Tensor], torch.Tensor]] = None   # an external router: [T, d] -> [T, E]
     shared: Optional[Callable[[torch.Tensor], torch.Tensor]] = None   # an external shared expert: [T, d] -> [T, d]

@@ -5,7 +5,8 @@ on a graph input (an external router's logits: the kernel reads them, no GEMM, n
 projection (if noisy) another ``linear`` of the same ``x`` read only by the route; optionally a
 ``shared_gate(x, w)`` (the first one of that ``x``). Nothing reads the logits or the gate's scale
 before the route (the kernel that makes them runs where the route was).
-Guarantees: each such route is one ``fused_route`` reading ``x`` and the router weights,
+Guarantees: each such route is one ``fused_route`` reading ``x`` and the router weights (and a token
+table's given choices),
 which also yields per-expert pair counts when the aux loss reads them; the shared-expert gate of the same ``x`` is computed
 in the same kernel (``shared_scale``); the aux loss becomes ``aux_loss(counts, prob_sum)``;
 capacity becomes an ``apply_capacity`` node after the kernel (it needs a global, ordered
@@ -49,6 +50,7 @@ def _fuse_one(g: Graph, i: int, route: Node) -> Graph:
         operands = {"x": x, "w": lin.ins["w"], "b": lin.ins.get("b"), "score_bias": route.ins.get("score_bias"),
                     "w_noise": noise.ins["w"] if noise else None,
                     "w_shared_gate": gates[0].ins["w"] if gates else None}
+    operands["choices"] = route.ins.get("choices")      # a token table's: the kernel weights them
     outs = route.outs
     names = {"ids": fresh_name(g, "ids_routed") if capacity else outs["ids"],
              "weights": fresh_name(g, "weights_routed") if capacity else outs["weights"]}

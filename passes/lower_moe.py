@@ -36,12 +36,13 @@ def _route_step(n: Node, g: Graph) -> Step:
     schedule = n.attr["schedule_block_m"] if "schedule" in n.outs else None     # schedule-tiles
     given = "logits" in n.ins           # an external router's logits, read by the kernel
     x_name = n.ins["logits" if given else "x"]
+    choices_name = n.ins.get("choices")     # a token table's choices: weighted, not ranked
 
     def params_for(tile, bucket):
         return RouteParams(router=cfg, hidden=0 if given else int(g.types[x_name].shape[1]),
                            shared_gate="w_shared_gate" in n.ins, write_logits="logits" in n.outs,
                            write_counts="counts" in n.outs, tile=tile, header=header(n), bucket=bucket,
-                           logits_in=given)
+                           logits_in=given, choices_in=choices_name is not None)
 
     def noise_of(ctx):
         if not (cfg.noisy and ctx["training"]):
@@ -60,7 +61,7 @@ def _route_step(n: Node, g: Graph) -> Step:
         r = fused_route(v["logits" if given else "x"], v.get("w"), params, b_router=v.get("b"),
                         score_bias=v.get("score_bias"),
                         w_noise=v.get("w_noise"), noise=noise_of(ctx), w_shared_gate=v.get("w_shared_gate"),
-                        dispatch=sort, schedule=schedule)
+                        dispatch=sort, schedule=schedule, choices=v.get("choices"))
         got = results(r)
         return {role: got[v] for role, v in n.results}
 
@@ -73,7 +74,7 @@ def _route_step(n: Node, g: Graph) -> Step:
                            bound.get("w_shared_gate"), dispatch=sort, schedule=schedule)
 
         def go(env, ctx):
-            env.update(results(plan(env[x_name], noise_of(ctx))))
+            env.update(results(plan(env[x_name], noise_of(ctx), env[choices_name] if choices_name else None)))
         return go
     step = kernel_step(n, params_for, render_route, launch, fills_results=False, prepare=prepare)  # (it allocates)
     return dataclasses.replace(step, helpers=_schedule_kernels(n))

@@ -7,7 +7,9 @@ then scores, selection keys, group-limited selection, top-k, weights and counts,
 `moec.reference.route` does with ``capacity_factor=None`` (capacity is a later stage's job).
 The logits reach global memory only when ``write_logits`` asks for them. With ``logits_in`` the
 kernel is given the fp32 logits ``[T, E]`` (an external router's, `moec.spec.MoESpec.external_router`)
-in place of ``x`` and reads its tile instead of computing it (``hidden`` is 0: no GEMM).
+in place of ``x`` and reads its tile instead of computing it (``hidden`` is 0: no GEMM). With ``choices_in``
+each token's k choices are given (int ``[T, k]``: a token table's rows, `moec.spec.RouterConfig.token_table`)
+and weighted by their scores instead of ranked; a choice may repeat.
 
 Outputs: ids int32 ``[T, k]`` (always in ``[0, E)``, even for NaN rows), weights fp32 ``[T, k]``,
 counts int32 ``[E]`` ((token, slot) pairs per expert), and optionally ``prob_sum`` fp32 ``[E]``
@@ -33,9 +35,9 @@ from .schedule_kernel import ScheduleParams, schedule_chunk, schedule_launch
 from moec.ir.tiles import RouteTile, at_bucket, bucket_suffix, bucket_text
 
 TEMPLATE = "route.py.jinja"
-ARG_NAMES = ("x_ptr", "w_ptr", "b_ptr", "sbias_ptr", "wn_ptr", "noise_ptr", "wsg_ptr", "ids_ptr", "wts_ptr",
-             "counts_ptr", "psum_ptr", "sscale_ptr", "logits_ptr", "order_ptr", "offsets_ptr", "sched_ptr", "T",
-             "stride_xt", "stride_xd", "stride_we", "stride_wd", "stride_wne", "stride_wnd", "stride_nt",
+ARG_NAMES = ("x_ptr", "w_ptr", "b_ptr", "sbias_ptr", "wn_ptr", "noise_ptr", "wsg_ptr", "choices_ptr", "ids_ptr",
+             "wts_ptr", "counts_ptr", "psum_ptr", "sscale_ptr", "logits_ptr", "order_ptr", "offsets_ptr", "sched_ptr",
+             "T", "stride_xt", "stride_xd", "stride_we", "stride_wd", "stride_wne", "stride_wnd", "stride_nt",
              "stride_ne", "stride_sgd")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -58,6 +60,7 @@ class RouteParams:
     header: str = ""
     bucket: tuple = ()                  # (lo, hi): this kernel serves lo <= T <= hi; () every T
     logits_in: bool = False             # given fp32 logits [T, E] in place of x (no GEMM)
+    choices_in: bool = False            # given choices int [T, k] (router.token_table), weighted not ranked
 
     def __post_init__(self) -> None:
         if not isinstance(self.router, RouterConfig):
@@ -72,6 +75,8 @@ class RouteParams:
                                  "shared-expert gate or logits written")
         elif self.hidden < 1:
             raise ValueError(f"hidden must be >= 1, got {self.hidden}")
+        if self.choices_in != self.router.token_table:
+            raise ValueError("choices_in goes with router.token_table (the choices a token table gives)")
         bt, bk = self.tile.block_t, self.tile.block_k
         for name, v in (("block_t", bt), ("block_k", bk)):
             if v < 16 or v & (v - 1):
@@ -99,6 +104,8 @@ class RouteParams:
             name += f"_g{r.n_group}x{r.topk_group}"
         if self.logits_in:
             name += "_given"
+        if self.choices_in:
+            name += "_table"
         if self.bucket:
             name += "_" + bucket_suffix(*self.bucket)
         return name
@@ -108,7 +115,8 @@ class RouteParams:
         r = self.router
         return dict(
             D=self.hidden, E=r.num_experts, E_PAD=self.e_pad, K=r.top_k, K_PAD=self.k_pad,
-            SIGMOID=r.score == "sigmoid", SELECT_LOGITS=r.order == "logits_then_score",
+            SIGMOID=r.score == "sigmoid", SQRT_SOFTPLUS=r.score == "sqrtsoftplus",
+            SELECT_LOGITS=r.order == "logits_then_score",
             RENORMALIZE=r.renormalize,
             ROUTED_SCALING=float(r.routed_scaling),
             HAS_ROUTER_BIAS=r.router_bias, HAS_SCORE_BIAS=r.score_bias,
@@ -116,6 +124,7 @@ class RouteParams:
             GROUP_TOP2=r.group_score == "top2_sum",
             HAS_NOISE=bool(has_noise), AUX=r.aux_loss, SHARED_GATE=self.shared_gate,
             WRITE_LOGITS=self.write_logits, WRITE_COUNTS=self.write_counts, LOGITS_IN=self.logits_in,
+            CHOICES_IN=self.choices_in,
             BLOCK_T=self.tile.block_t, BLOCK_K=self.block_k,
         )
 
@@ -144,6 +153,8 @@ def _describe(params: RouteParams) -> str:
              f"router_bias={r.router_bias}", f"score_bias={r.score_bias}"]
     if r.order == "logits_then_score":
         parts.append("top-k of the logits")
+    if r.token_table:
+        parts.append("choices given by a token table")
     if r.n_group > 1:
         parts.append(f"groups={r.n_group} keep {r.topk_group} by {r.group_score}")
     parts += [f"noisy={r.noisy}", f"aux_loss={r.aux_loss}", f"shared_gate={params.shared_gate}",
@@ -223,13 +234,14 @@ def fused_route(x: torch.Tensor, w_router: Optional[torch.Tensor], params: Route
                 b_router: Optional[torch.Tensor] = None, score_bias: Optional[torch.Tensor] = None,
                 w_noise: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
                 w_shared_gate: Optional[torch.Tensor] = None, dispatch: bool = False,
-                schedule: Optional[dict] = None) -> RouteOutputs:
+                schedule: Optional[dict] = None, choices: Optional[torch.Tensor] = None) -> RouteOutputs:
     """Route the rows of ``x [T, d]`` (see the module docstring). ``noise`` (``[T, E]`` N(0, 1)
     draws) is added only when ``params.router.noisy`` and it is given (None: eval, no noise).
     ``dispatch``: also group the pairs by expert (``order``, ``offsets``: `RouteLaunch`); ``schedule``
     (with dispatch): ``{bucket bound: BLOCK_M}``, also write their tile schedule for the bucket of T's
     BLOCK_M (`moec.runtime.schedule_kernel`). With ``params.logits_in``, ``x`` is the given fp32 logits
-    ``[T, E]`` and ``w_router`` is None."""
+    ``[T, E]`` and ``w_router`` is None. With ``params.choices_in``, ``choices`` (int ``[T, k]``, each in
+    ``[0, E)``) are the tokens' given choices."""
     r = params.router
     E, d = r.num_experts, params.hidden
     if params.logits_in and (x.dim() != 2 or x.shape[1] != E or x.dtype != torch.float32):
@@ -248,7 +260,28 @@ def fused_route(x: torch.Tensor, w_router: Optional[torch.Tensor], params: Route
 
     if schedule is not None and not dispatch:
         raise ValueError("schedule needs dispatch (it is the grouped pairs' tile schedule)")
-    return RouteLaunch(params, w_router, b_router, score_bias, w_noise, w_shared_gate, dispatch, schedule)(x, noise)
+    if params.choices_in:
+        check_choices(choices, x.shape[0], r.top_k, E, x.device)
+    else:
+        _unexpected("choices", choices, "router.token_table is False")
+    return RouteLaunch(params, w_router, b_router, score_bias, w_noise, w_shared_gate, dispatch, schedule)(
+        x, noise, choices)
+
+
+def check_choices(choices: Optional[torch.Tensor], T: int, k: int, E: int, device) -> None:
+    """Raise unless ``choices`` are a token table's rows for T tokens: int ``[T, k]`` on ``device``, each in
+    ``[0, E)`` (a check that reads them back: the compiled layer checks its table once per change instead)."""
+    if choices is None:
+        raise ValueError("choices are required by a token-table router")
+    if choices.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"choices must be int32 or int64, got {choices.dtype}")
+    if tuple(choices.shape) != (T, k):
+        raise ValueError(f"choices must have shape {[T, k]}, got {list(choices.shape)}")
+    if choices.device != device:
+        raise ValueError(f"choices are on {choices.device}, x on {device}")
+    if choices.numel() and not bool(((choices >= 0) & (choices < E)).all()):
+        raise ValueError(f"choices must be expert ids in [0, {E}), got values in "
+                         f"[{int(choices.min())}, {int(choices.max())}]")
 
 
 class RouteLaunch:
@@ -287,7 +320,8 @@ class RouteLaunch:
                                   "SCHED_S": schedule_chunk(p.e_pad)}, p.tile.num_warps, p.tile.num_stages)
         return got
 
-    def __call__(self, x: torch.Tensor, noise: Optional[torch.Tensor] = None) -> RouteOutputs:
+    def __call__(self, x: torch.Tensor, noise: Optional[torch.Tensor] = None,
+                 choices: Optional[torch.Tensor] = None) -> RouteOutputs:
         p = self.params
         r = p.router
         E, k, dev, T = r.num_experts, r.top_k, x.device, x.shape[0]
@@ -308,9 +342,11 @@ class RouteLaunch:
         if T == 0:
             return out
         w, b, sb, wn, wsg, swe, swd, swne, swnd, ssgd = self.static
+        choices = choices.contiguous() if choices is not None else None       # (read as rows of k)
         has_noise = noise is not None
         self._launcher(has_noise, sort, sched_m if sort else 0)((-(-T // p.tile.block_t),), (
-            x, w, b, sb, wn if has_noise else None, noise, wsg, ids, weights, counts, prob_sum, shared_scale, logits,
+            x, w, b, sb, wn if has_noise else None, noise, wsg, choices, ids, weights, counts, prob_sum, shared_scale,
+            logits,
             order, offsets, sched, T, x.stride(0), x.stride(1), swe, swd, swne if has_noise else 0, swnd if has_noise else 0,
             noise.stride(0) if has_noise else 0, noise.stride(1) if has_noise else 0, ssgd))
         if self.dispatch and not sort:

@@ -177,6 +177,11 @@ SPECS = {
     "external_router_capacity": (MoESpec(32, 16, RouterConfig(4, 2, capacity_factor=0.5, renormalize=True,
                                                               score="sigmoid", score_bias=True),
                                          external_router=True), ("y",)),
+    # routing by token id (a token table's rows, repeats included) weighted by sqrt(softplus) scores
+    "token_table": (MoESpec(32, 16, RouterConfig(6, 2, score="sqrtsoftplus", renormalize=True, routed_scaling=1.5,
+                                                 token_table=True), shared=SharedExpertConfig(16)), ("y", "weights")),
+    "token_table_top1_sigmoid": (MoESpec(32, 16, RouterConfig(4, 1, score="sigmoid", token_table=True)),
+                                 ("y", "logits")),
 }
 
 
@@ -196,7 +201,8 @@ def _weights(spec: MoESpec, g) -> MoEWeights:
         shared_up=rnd(fs, d) if fs else None, shared_gate=rnd(fs, d) if fs and spec.glu else None,
         shared_down=rnd(d, fs) if fs else None,
         shared_gate_proj=rnd(1, d) if spec.shared and spec.shared.gated else None,
-        w_expert_norm=1.0 + 0.2 * torch.randn(Ef, d, generator=g) if spec.expert_norm is not None else None)
+        w_expert_norm=1.0 + 0.2 * torch.randn(Ef, d, generator=g) if spec.expert_norm is not None else None,
+        token_table=torch.randint(0, E, (11, r.top_k), generator=g) if r.token_table else None)
 
 
 @pytest.mark.parametrize("case", SPECS)
@@ -232,12 +238,14 @@ def test_backward_program_matches_interpreter_and_eager(case, T, policy):
         any(n.op == "grouped_gemm" for n in bwd.graph.nodes)
     # an external router's logits: a leaf of their own (their gradient is an output)
     logits = reference.router_logits(x, w.w_router) if spec.external_router else None
-    env = fwd.program.run(moe_inputs(x, w, logits), values=True)
+    tokens = torch.randint(0, 11, (T,), generator=g) if spec.router.token_table else None
+    choices = reference.table_choices(w.token_table, tokens) if tokens is not None else None
+    env = fwd.program.run(moe_inputs(x, w, logits, choices), values=True)
     cot = {"dy": torch.randn(T, spec.hidden, generator=g), "d_aux": torch.tensor(0.7),
            "d_logits": torch.randn(T, spec.num_experts, generator=g),
            "d_weights_out": torch.randn(T, spec.router.top_k, generator=g)}
     names = {n for n, _ in bwd.graph.inputs}
-    inputs = {**moe_inputs(x, w, logits), **{r: env[v] for r, v in saved_values(fwd.graph).items()}, **cot}
+    inputs = {**moe_inputs(x, w, logits, choices), **{r: env[v] for r, v in saved_values(fwd.graph).items()}, **cot}
     inputs = {n: v for n, v in inputs.items() if n in names}
     got = dict(zip(grad_outputs(bwd.graph), bwd.program.run(inputs)))
     interp = dict(zip(grad_outputs(bwd.graph), interpret(bwd.graph, inputs)))
@@ -248,7 +256,7 @@ def test_backward_program_matches_interpreter_and_eager(case, T, policy):
         leaves["logits"] = logits.clone().requires_grad_()
     wl = dataclasses.replace(w, **{n: leaves[n] for n in fields},
                              router=(lambda _: leaves["logits"]) if logits is not None else None)
-    y, aux = reference.moe(leaves["x"], wl, spec)
+    y, aux = reference.moe(leaves["x"], wl, spec, tokens=tokens)
     loss = (y * cot["dy"]).sum()
     if "aux" in outputs:
         loss = loss + aux * cot["d_aux"]
@@ -256,7 +264,7 @@ def test_backward_program_matches_interpreter_and_eager(case, T, policy):
         loss = loss + (reference.router_logits(leaves["x"], wl.w_router, wl.b_router) * cot["d_logits"]).sum()
     if "weights" in outputs:
         rw = reference.route(reference.logits_of(leaves["x"], wl), spec.router,
-                             wl.score_bias)[1]
+                             wl.score_bias, choices=choices)[1]
         loss = loss + (rw * cot["d_weights_out"]).sum()
     if T:
         loss.backward()

@@ -398,8 +398,8 @@ def test_a_decoder_block_with_stacked_experts_on_itself_says_why():
 
 
 def test_hash_routing_by_token_ids_says_why():
-    """A layer routing by a hash of the token ids (an optional input_ids argument, DeepSeek-V4's hash layers)
-    cannot be called as forward(hidden_states): eager, and the reason names routing by token ids."""
+    """A layer routing by arithmetic on the token ids (no table of the layer to look them up in: a table is lifted,
+    tests/test_token_table.py): eager, and the reason names the token ids and the table it looked for."""
     class HashMoE(zoo.MixtralMoE):
         def forward(self, hidden_states, input_ids=None):
             x = hidden_states.reshape(-1, hidden_states.shape[-1])
@@ -414,7 +414,7 @@ def test_hash_routing_by_token_ids_says_why():
     with torch.no_grad():
         assert_same(compiled(x, input_ids=ids), eager(x, input_ids=ids))
     line = next(ln for ln in compiled.explain().splitlines() if "EAGER" in ln)
-    assert "takes input_ids" in line and "hash routing" in line, line
+    assert "needs input_ids" in line and "table[input_ids]" in line, line
 
 
 class InputScaledMoE(torch.nn.Module):

@@ -1,6 +1,6 @@
 """The experts module of a transformers MoE block that stays eager runs on moec's kernels
-(`moec.hf.block_experts`): the block's routing as written (an MLP router, sparsemixer, hash routing, a
-decoder-layer MoE), the expert computation as generated kernels; every answer equal to eager's, in every
+(`moec.hf.block_experts`): the block's routing as written (an MLP router, sparsemixer, a router scoring shared
+experts, a decoder-layer MoE), the expert computation as generated kernels; every answer equal to eager's, in every
 state a user can reach."""
 import copy
 import os
@@ -40,9 +40,9 @@ def _logits(model, ids, **kwargs):
         return model(input_ids=ids, **kwargs).logits
 
 
-# an MLP router (Zaya), sparsemixer (PhiMoE), a decoder layer holding the MoE beside attention (Gemma4), hash
-# routing by token id (DeepSeek-V4: its tiny model takes longest, checked under the large profile)
-FAMILIES = ["zaya", "phimoe", "gemma4_text"] + (["deepseek_v4"] if os.environ.get("HYPOTHESIS_PROFILE") == "large"
+# an MLP router (Zaya), sparsemixer (PhiMoE), a decoder layer holding the MoE beside attention (Gemma4), a router
+# that also scores the shared experts (Inkling: checked under the large profile)
+FAMILIES = ["zaya", "phimoe", "gemma4_text"] + (["inkling_text"] if os.environ.get("HYPOTHESIS_PROFILE") == "large"
                                                  else [])
 
 

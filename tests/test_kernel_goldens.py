@@ -42,6 +42,11 @@ MOE = {
     "external_router": (MoESpec(64, 32, RouterConfig(8, 2, score="sigmoid", score_bias=True, renormalize=True,
                                                      aux_loss=True), external_router=True,
                                 shared=SharedExpertConfig(32)), "f16", ("y", "aux")),
+    # DeepSeek-V4's hash layers: each token's choices are its token-table row (a graph input), weighted by
+    # sqrt(softplus) scores
+    "token_table": (MoESpec(64, 32, RouterConfig(8, 2, score="sqrtsoftplus", renormalize=True, routed_scaling=1.5,
+                                                 token_table=True), glu_limit=10.0,
+                            shared=SharedExpertConfig(32)), "bf16", ("y",)),
 }
 EXPERTS = {   # transformers' experts interface: (E, k, d, f, activation, glu, dtype, bias, variant)
     "experts_silu_glu": (8, 2, 64, 128, "silu", True, torch.float16, False, ()),
@@ -98,7 +103,7 @@ CASES = [f"{n}.sm90" for n in (*MOE, *EXPERTS, *MOBA)] + \
         ["mixtral.cpu", "gpt_oss.cpu", "experts_gelu.cpu", "moba_mha.cpu", "mixtral.sm80", "deepseek.sm100",
          "moba_gqa.sm100"] + \
         [f"{n}.backward.{a}" for n in ("qwen_aux", "gpt_oss", "experts_gelu", "moba_gqa") for a in ("sm90", "cpu")] + \
-        ["llama4.backward.sm90", "external_router.backward.sm90"]
+        ["llama4.backward.sm90", "external_router.backward.sm90", "token_table.backward.sm90"]
 
 
 @pytest.fixture(autouse=True)

@@ -21,6 +21,7 @@ def weights(E=4, d=16, f=24, fs=0, dtype=torch.float32, seed=0):
     dict(top_k=1),
     dict(top_k=2, score="sigmoid", renormalize=True, routed_scaling=2.5, n_group=2, topk_group=1,
          group_score="top2_sum"),
+    dict(top_k=2, score="sqrtsoftplus", renormalize=True, routed_scaling=1.5),     # DeepSeek-V4's scores
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_moe_op_matches_reference(options, dtype):

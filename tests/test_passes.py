@@ -45,6 +45,10 @@ CASES = {
     "external_router": (MoESpec(64, 32, RouterConfig(8, 2, score="sigmoid", score_bias=True, renormalize=True,
                                                      aux_loss=True), external_router=True,
                                 shared=SharedExpertConfig(32)), "f16", ("y", "aux")),
+    # DeepSeek-V4's hash layers: the choices are a graph input (the token table's rows), only weighted
+    "token_table": (MoESpec(64, 32, RouterConfig(8, 2, score="sqrtsoftplus", renormalize=True, routed_scaling=1.5,
+                                                 token_table=True), glu_limit=10.0,
+                            shared=SharedExpertConfig(32)), "bf16", ("y",)),
 }
 CTX = PassContext(ARCHS["sm90"])
 STAGES = ["captured"] + [p.name for p in PIPELINE]

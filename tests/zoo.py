@@ -1473,3 +1473,84 @@ class GatherScaledMoE(nn.Module):
         out_aD = self.shared_expert(x_aD)
         out_aD = out_aD.scatter_add(0, rows.expand(-1, dim), h.reshape(-1, dim))
         return out_aD.view(bsz, slen, dim)
+
+
+class HashRoutedMoE(nn.Module):
+    """Hash routing as DeepSeek-V4's first layers write it: each token's experts are a fixed lookup
+    ``tid2eid[input_ids]`` (a ``[vocab, k]`` buffer, fixed at init), the learned gate only weighs them with
+    ``sqrt(softplus(logits))`` scores, renormalised and scaled; stacked SwiGLU experts looped over, a shared
+    expert added."""
+
+    def __init__(self, d: int = 16, f: int = 24, E: int = 4, k: int = 2, vocab: int = 40):
+        super().__init__()
+        self.num_experts, self.top_k, self.routed_scaling_factor = E, k, 1.5
+        self.gate = nn.Linear(d, E, bias=False)
+        self.register_buffer("tid2eid", torch.randint(0, E, (vocab, k)))
+        self.gate_up_proj = nn.Parameter(torch.randn(E, 2 * f, d) / math.sqrt(d))
+        self.down_proj = nn.Parameter(torch.randn(E, d, f) / math.sqrt(f))
+        self.shared_experts = GatedMLP(d, f)
+
+    def forward(self, hidden_states, input_ids=None):
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        scores = F.softplus(self.gate(x)).sqrt()
+        indices = self.tid2eid[input_ids.reshape(-1)]
+        weights = scores.gather(1, indices)
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20) * self.routed_scaling_factor
+        out = torch.zeros_like(x)
+        for e in range(self.num_experts):
+            token, slot = torch.where(indices == e)
+            if token.numel() == 0:
+                continue
+            gate, up = F.linear(x[token], self.gate_up_proj[e]).chunk(2, dim=-1)
+            h = F.linear(F.silu(gate) * up, self.down_proj[e])
+            out.index_add_(0, token, h * weights[token, slot, None])
+        return (out + self.shared_experts(x)).reshape(shape)
+
+
+class HashLayerMoE(nn.Module):
+    """A hash layer (one expert per token, chosen by a ``[vocab]`` table of the token's id) whose output the
+    router's sigmoid score for that expert scales; ModuleList experts; token ids passed positionally."""
+
+    def __init__(self, d: int = 16, f: int = 24, E: int = 4, vocab: int = 40):
+        super().__init__()
+        self.router = nn.Linear(d, E, bias=False)
+        self.register_buffer("hash_bin", torch.randint(0, E, (vocab,)))
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(d, f, bias=False), nn.ReLU(), nn.Linear(f, d, bias=False))
+                                     for _ in range(E))
+
+    def forward(self, x, tokens):
+        flat = x.reshape(-1, x.shape[-1])
+        expert = self.hash_bin[tokens.reshape(-1)]
+        gate = torch.sigmoid(self.router(flat)).gather(1, expert[:, None])
+        out = torch.zeros_like(flat)
+        for e, ffn in enumerate(self.experts):
+            rows = (expert == e).nonzero().squeeze(-1)
+            out[rows] = ffn(flat[rows]) * gate[rows]
+        return out.view_as(x)
+
+
+class SqrtSoftplusMoE(nn.Module):
+    """DeepSeek-V4's learned routing: ``sqrt(softplus(logits))`` scores, top-k of the scores plus a selection
+    bias, the picked scores renormalised; token ids taken (the model passes them to every layer) and ignored."""
+
+    def __init__(self, d: int = 16, f: int = 24, E: int = 6, k: int = 2):
+        super().__init__()
+        self.num_experts, self.top_k = E, k
+        self.gate = nn.Linear(d, E, bias=False)
+        self.register_buffer("e_score_correction_bias", torch.randn(E) / 10)
+        self.experts = nn.ModuleList(GatedMLP(d, f) for _ in range(E))
+
+    def forward(self, hidden_states, input_ids=None):
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        scores = F.softplus(self.gate(x)).sqrt()
+        idx = torch.topk(scores + self.e_score_correction_bias, self.top_k, dim=-1).indices
+        w = scores.gather(1, idx)
+        w = w / w.sum(-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok, slot = torch.where(idx == e)
+            if tok.numel():
+                out.index_add_(0, tok, expert(x[tok]) * w[tok, slot, None])
+        return out.reshape(shape)

@@ -76,7 +76,8 @@ def router_configs(st: Structure, hints: RouterHints, aux: bool, router_bias: bo
     E = width or st.E
     ks = dedupe([_attr(st, _K_ATTRS, int)] + list(hints.top_k) + list(range(1, min(E, 8) + 1)))
     ks = [k for k in ks if 1 <= k <= E]
-    scores = dedupe([hints.score, "softmax", "sigmoid"])
+    # sqrt(softplus) (DeepSeek-V4) only where the layer computes a softplus outside noise
+    scores = dedupe([hints.score, "softmax", "sigmoid"] + (["sqrtsoftplus"] if hints.softplus else []))
     norm_attr = _attr(st, _NORM_ATTRS, bool)
     renorm_first = hints.renormalize if norm_attr is None else norm_attr
     if renorm_first is None:
@@ -109,6 +110,25 @@ def router_configs(st: Structure, hints: RouterHints, aux: bool, router_bias: bo
                                    **cap)
             except MoESpecError:
                 continue
+
+
+def token_configs(configs, tokens) -> Iterator[RouterConfig]:
+    """``configs`` as they are, or for a layer that routes by token id (``tokens``: `TokenIds`) their token-table
+    forms (`RouterConfig.token_table`: the table's k choices, weighted), each once."""
+    if tokens is None:
+        yield from configs
+        return
+    seen = set()
+    for cfg in configs:
+        if cfg.top_k != tokens.top_k:
+            continue
+        try:
+            got = cfg.replace(token_table=True)
+        except MoESpecError:
+            continue
+        if got not in seen:
+            seen.add(got)
+            yield got
 
 
 def capacity_options(st: Structure) -> list:

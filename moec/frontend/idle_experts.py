@@ -17,6 +17,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 
 from .. import reference
 from .probe_harness import hooks_off, mode, seeded
+from .token_table import probe_tokens
 
 _EXPERT_FIELDS = ("w_up", "w_down", "w_gate", "b_up", "b_down", "b_gate")
 
@@ -31,11 +32,13 @@ def _expert_of(lifted) -> dict:
     return got
 
 
-def hit_experts(x2: torch.Tensor, w, spec, group_size=None) -> set:
-    """The experts the rows ``x2 [T, d]`` (sequences of ``group_size``) are routed to (noise-free routing)."""
+def hit_experts(x2: torch.Tensor, w, spec, group_size=None, tokens=None) -> set:
+    """The experts the rows ``x2 [T, d]`` (sequences of ``group_size``; ``tokens``: their ids, for a token table)
+    are routed to (noise-free routing)."""
     with torch.no_grad():
         logits = reference.logits_of(x2, w)
-        return set(reference.route(logits, spec.router, w.score_bias, group_size)[0].flatten().tolist())
+        choices = reference.table_choices(w.token_table, tokens) if spec.router.token_table else None
+        return set(reference.route(logits, spec.router, w.score_bias, group_size, choices)[0].flatten().tolist())
 
 
 def _reached(root) -> set:
@@ -75,10 +78,12 @@ def idle_expert_grads(module: nn.Module, lifted, training: bool) -> dict:
     leaves = {paths[i]: tensors[i].detach().requires_grad_(True) for i in expert_of}
     for shape in ((1, 1, lifted.spec.hidden), (1, lifted.spec.hidden)):
         x = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(dtype).to(device)
+        ids = lifted.token_ids
+        tokens = probe_tokens(shape[:-1], ids.vocab, 5, device) if ids is not None else None
         try:
             with mode(module, training), seeded(device, 11), hooks_off(module), torch.enable_grad(), \
                     _reparametrize_module(module, leaves):
-                out = forward(module, x)
+                out = forward(module, x, **({ids.arg: tokens} if ids is not None else {}))
             y = out[0] if isinstance(out, (tuple, list)) else out
             reached = _reached(y.grad_fn)
             break
@@ -87,7 +92,7 @@ def idle_expert_grads(module: nn.Module, lifted, training: bool) -> dict:
     else:
         return {}
     hit = hit_experts(x.reshape(-1, x.shape[-1]), lifted.read_weights(module, training), lifted.spec,
-                      x.shape[-2] if x.dim() > 2 else None)
+                      x.shape[-2] if x.dim() > 2 else None, tokens)
     idle = [i for i, e in expert_of.items() if e not in hit]
     busy = [i for i, e in expert_of.items() if e in hit]
     if idle and all(id(leaves[paths[i]]) not in reached for i in idle) \

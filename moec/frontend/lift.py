@@ -27,7 +27,7 @@ from .accounting import Coverage, unaccounted
 from .adapters import adapter_for
 from .call_shape import extra_required_args, inside_a_bigger_layer, token_id_args
 from .candidates import (Part, assemble, capacity_options, config_text, dedupe, norm_options, router_configs,
-                         router_options, shared_options)
+                         router_options, shared_options, token_configs)
 from .experts import ExpertLayout, list_layout, shared_layout
 from .formulation import read_formulation, scaled_expert_input, scaled_input_reason
 from .lifted import LiftedMoE, NotLifted, WeightsRecipe, resolve, with_children
@@ -40,6 +40,7 @@ from .router_hints import read_router
 from .screen import ExpertRows, screen_y
 from .stacked_experts import gated_activation, stacked_layouts
 from .structure import Structure, discover, meta_or_none, output_norms
+from .token_table import ignores_tokens, probe_table, tables
 from .unread import experts_without_router, unsupported_parts
 from .trace import trace_partial
 
@@ -57,8 +58,14 @@ def lift(module: nn.Module) -> Union[LiftedMoE, NotLifted, None]:
             if why:
                 return NotLifted(f"{type(module).__name__}: the kernels would drop code of its forward: {why}")
             with hooks_off(module):
-                got.observed_calls = router_calls(module, got.observed, got.spec.hidden)
+                got.observed_calls = router_calls(module, got.observed, got.spec.hidden, got.token_ids)
             got.idle_experts = idle_expert_grads(module, got, module.training)
+            if got.token_ids is None and token_id_args(module):
+                ref = got.weights(got.param_tensors(module)).w_up
+                xs = (torch.randn(shape, generator=torch.Generator().manual_seed(23)).to(ref)
+                      for shape in ((2, 5, got.spec.hidden), (10, got.spec.hidden)))
+                ignored = next((a for a in map(lambda x: ignores_tokens(module, x), xs) if a), None)
+                got.ignored_args = (ignored,) if ignored else ()
         return got
     except Exception as e:  # noqa: BLE001
         return NotLifted(f"{type(module).__name__}: analysis failed: {type(e).__name__}: {e}")
@@ -122,7 +129,7 @@ def _lift(module: nn.Module):
     meta = meta_or_none(module)
     if meta:
         return NotLifted(f"{cls}: {meta}")
-    extra = extra_required_args(module)
+    extra = [a for a in extra_required_args(module) if a not in token_id_args(module)[:1]]   # (token ids: a table?)
     if extra:
         return NotLifted(f"{cls}: forward takes extra required argument(s) {', '.join(map(repr, extra))}; "
                          f"moec lifts layers called as forward(hidden_states)")
@@ -147,6 +154,8 @@ def _lift(module: nn.Module):
                                   router_params, st.shapes)
         if in_training.found:
             hints = in_training
+    # a softplus module the trace does not enter (a score function held as a child, DeepSeek-V4's)
+    hints.softplus = hints.softplus or any("softplus" in type(m).__name__.lower() for m in module.modules())
     notes.append(cap.describe_stop())
     notes.append(hints.summary())
 
@@ -171,12 +180,20 @@ def _lift(module: nn.Module):
     pr = Prober(module, st.d, width, st.dtype, st.device)
     pr.capacity_named = capacity_options(st) != [{}]
     msg = pr.setup()
+    for cand in tables(module) if msg else []:     # the forward fails without token ids: a table it routes by?
+        pr.tokens, pr.table = cand, probe_table(module, cand, st.E)
+        if pr.setup() is None:
+            msg = None
+            notes.append(cand.describe())
+            break
+        pr.tokens = pr.table = None
     if msg:
         msg = scaled_input_reason(scaled_node) + msg
         ids = token_id_args(module)
-        if ids:                          # the forward fails without them: its routing reads the tokens
-            msg = (f"its forward also takes {ids[0]}, which a layer called as forward(hidden_states) does not get: "
-                   f"routing by token ids, such as hash routing, is not supported (without them: {msg})")
+        if ids:                          # the forward fails without them, and with them under no table of the layer
+            msg = (f"its forward needs {ids[0]}, and no integer [vocab, k] or [vocab] tensor of the layer is a table "
+                   f"its routing looks them up in (routing by token id moec lifts: experts = table[{ids[0]}]); "
+                   f"without them: {msg}")
         return NotLifted(f"{cls}: {msg}")
     aux_out = any("aux" in slots(o) for o in pr.options)
     why: list = []
@@ -249,8 +266,8 @@ def _lift(module: nn.Module):
         cache: dict = {}
         for ri, r_opt in enumerate(router_opts):
             _, has_bias, has_noise, router_bias, r_width, called = r_opt
-            for cfg, scaled in ((c, sc) for sc in scalings for c in router_configs(
-                    st, hints, aux_out, router_bias, has_bias, has_noise, r_width)):
+            for cfg, scaled in ((c, sc) for sc in scalings for c in token_configs(router_configs(
+                    st, hints, aux_out, router_bias, has_bias, has_noise, r_width), pr.tokens)):
                 for li, (layout, exp_part, shared_opts, experts) in enumerate(layouts_):
                     for si, sh_opt in enumerate(shared_opts):
                         if (ri, li, si) not in cache:
@@ -276,7 +293,8 @@ def _lift(module: nn.Module):
                                     # input-scaled and normalised experts are screened by the reference itself)
                                     try:
                                         y_ref, aux = (None, None) if scaled or n_eps is not None else \
-                                            screen_y(xf, w, cfg, experts, S, noise, pr.group(_SCREEN_INPUT), x_screen)
+                                            screen_y(xf, w, cfg, experts, S, noise, pr.group(_SCREEN_INPUT), x_screen,
+                                                     pr.choices(_SCREEN_INPUT))
                                     except Exception:  # noqa: BLE001 - an external router failing on the input
                                         y_ref, aux = None, None     # (the probe's comparison names the error)
                                     outputs, msg = pr.match(_SCREEN_INPUT, screen, spec, w, nd, y_ref=y_ref, aux=aux)
@@ -291,7 +309,8 @@ def _lift(module: nn.Module):
                                                    notes=list(notes),
                                                    observed=_observed(module, param_tensors.paths, recipe),
                                                    post=pr.post_path, router_module=called, shared_module=sh_called,
-                                                   external_calls={p: calls[p] for p in (called, sh_called) if p})
+                                                   external_calls={p: calls[p] for p in (called, sh_called) if p},
+                                                   token_ids=pr.tokens)
                                 msg = pr.check(lifted, screen)
                                 if msg:
                                     if first_fail is None or first_fail.startswith(config_text(cfg)):

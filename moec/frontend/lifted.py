@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..spec import MoESpec, MoEWeights
 from .router_call import ProbedModule
+from .token_table import TokenIds
 
 @dataclass
 class LiftedMoE:
@@ -54,6 +55,10 @@ class LiftedMoE:
       compiled forward calls, as the eager forward does, and adds to the kernels' output.
     - ``external_calls``: for each external child, how the forward calls it (its arguments:
       `moec.frontend.router_call.external_call`), so the compiled call passes the same.
+    - ``token_ids``: for a layer that routes by token id (`moec.spec.RouterConfig.token_table`), the forward's
+      token-id argument and the table it indexes (`moec.frontend.token_table.TokenIds`).
+    - ``ignored_args``: arguments the compiled call may be given and drops: token ids a layer that does not
+      route by them takes (`moec.frontend.token_table.ignores_tokens`).
     """
 
     spec: MoESpec
@@ -75,12 +80,17 @@ class LiftedMoE:
     router_module: Optional[str] = None
     shared_module: Optional[str] = None
     external_calls: dict = field(default_factory=dict)    # path -> how the forward calls that external child
+    token_ids: Optional[TokenIds] = None
+    ignored_args: tuple = ()            # forward arguments (token ids) the probe found it returns the same without
 
     def read_weights(self, module: nn.Module, training: bool) -> MoEWeights:
         """The layer's `MoEWeights` from ``module``'s current tensors, with its external router and shared expert
         (if any) called as the probe calls them in ``training`` mode (`with_children`)."""
-        return with_children(self.weights(self.param_tensors(module)), module, self.router_module,
-                             self.shared_module, self.external_calls, training)
+        w = with_children(self.weights(self.param_tensors(module)), module, self.router_module,
+                          self.shared_module, self.external_calls, training)
+        if self.token_ids is not None:
+            w.token_table = self.token_ids.rows(module)
+        return w
 
 
 def with_children(w: MoEWeights, module: nn.Module, router: Optional[str], shared: Optional[str], calls: dict,

@@ -28,6 +28,7 @@ from .. import reference
 from ..spec import MoESpec, MoEWeights, RouterConfig
 from .outputs import derive, kinds_of, leads, slots
 from .probe_harness import draw, first, mismatch, near_tie, run_watched, seeded, tie_rtol
+from .token_table import TokenIds, probe_tokens, scrambled
 
 _NAMES = {"logits": "router logits", "weights": "routing weights", "aux": "aux loss", "zloss": "z-loss",
           "ids": "expert ids", "counts": "expert counts"}
@@ -42,7 +43,7 @@ def near_ties(logits: torch.Tensor, cfg: RouterConfig, score_bias, dtype) -> tor
     """Tokens whose top-k (or top groups) could flip under the input dtype's rounding. None in fp32:
     there eager and reference compute the logits alike, and leaving tokens out would weaken the probe."""
     T, E = logits.shape
-    if tie_rtol(dtype) <= 1e-5 or T == 0:
+    if tie_rtol(dtype) <= 1e-5 or T == 0 or cfg.token_table:       # (a token table's choices are given)
         return torch.zeros(T, dtype=torch.bool, device=logits.device)
     logits = logits.float()
     if cfg.order == "topk_then_score":
@@ -82,6 +83,8 @@ class Prober:
         self._x: dict = {}
         self.post: Optional[nn.Module] = None     # a norm the forward applies to the combined output
         self.post_path: Optional[str] = None
+        self.tokens: Optional[TokenIds] = None     # routing by token id: the forward's ids argument, the table
+        self.table: Optional[torch.Tensor] = None  # the random table the eager runs see (`token_table.scrambled`)
 
     def set_skew(self, w_router: torch.Tensor) -> None:
         """Input `SKEWED` leans on router row 0: ``x = 0.5 n + 4 w0 / |w0|^2`` (logit 0 is about 4)."""
@@ -129,6 +132,24 @@ class Prober:
             shape = (B, S, self.d) if self.rank3 else (B * S, self.d)
             self._x[key] = x.reshape(shape).to(dtype=self.dtype, device=self.device)
         return self._x[key]
+
+    def token_ids(self, i: int) -> Optional[torch.Tensor]:
+        """Input i's random token ids (its leading dims), for a layer that routes by token id; else None."""
+        if self.tokens is None:
+            return None
+        return probe_tokens(tuple(self.x(i).shape[:-1]), self.tokens.vocab, 3000 + i, self.device)
+
+    def choices(self, i: int) -> Optional[torch.Tensor]:
+        """Input i's choices under the probe's table (`token_ids`), for a layer that routes by token id."""
+        if self.tokens is None:
+            return None
+        return reference.table_choices(self.table.view(self.table.shape[0], -1), self.token_ids(i))
+
+    def with_table(self, w: MoEWeights) -> MoEWeights:
+        """``w`` reading the probe's table (the one the eager runs see), for a layer that routes by token id."""
+        if self.tokens is None:
+            return w
+        return dataclasses.replace(w, token_table=self.table.view(self.table.shape[0], -1))
 
     def setup(self) -> Optional[str]:
         """Find the input rank the forward accepts and what it returns; a reason on failure."""
@@ -180,7 +201,10 @@ class Prober:
         """``(y, extras)`` of the module's forward on input i (cached); in training mode under a seeded RNG."""
         key = (i, training, self.rank3)
         if key not in self._cache:
-            out, effects = run_watched(self.module, (self.x(i),), self.module, training, self.device, probe_seed(i))
+            kwargs = {self.tokens.arg: self.token_ids(i)} if self.tokens is not None else {}
+            with scrambled(self.module, self.tokens, self.table):
+                out, effects = run_watched(lambda *a: self.module(*a, **kwargs), (self.x(i),), self.module, training,
+                                           self.device, probe_seed(i))
             self.effects[key] = effects
             if isinstance(out, (tuple, list)) and len(out) >= 1:
                 y, extras, container = out[0], list(out[1:]), type(out)
@@ -226,8 +250,10 @@ class Prober:
         logits = reference.logits_of(x, w, noise)
         if w.router is not None:            # (an external router runs once: the reference routes its logits)
             w = dataclasses.replace(w, router=lambda _: logits)
+        w, tokens = self.with_table(w), self.token_ids(i)
+        choices = reference.table_choices(w.token_table, tokens) if cfg.token_table else None
         if y_ref is None:
-            y_ref, aux = reference.moe(x, w, spec, noise, self.group(i))
+            y_ref, aux = reference.moe(x, w, spec, noise, self.group(i), tokens)
         if self.post is not None:                 # the output norm, on the reference's output
             y_ref = self.post.forward(y_ref)
         keep = ~near_ties(logits, cfg, w.score_bias, self.dtype)
@@ -251,10 +277,10 @@ class Prober:
             elif kind == "weights":
                 if got.shape[-1] != cfg.top_k:
                     return f"{where}: the module returns {got.shape[-1]} routing weights per token, top_k is {cfg.top_k}"
-                want = reference.route(logits, cfg, w.score_bias, self.group(i))[1]
+                want = reference.route(logits, cfg, w.score_bias, self.group(i), choices)[1]
             else:
-                if cfg.noisy:
-                    return f"{where}: {kind} of a noisy router are not derived"
+                if cfg.noisy or cfg.token_table:
+                    return f"{where}: {kind} of a {'noisy' if cfg.noisy else 'token-table'} router are not derived"
                 want = derive(kind, logits, cfg, w.score_bias, self.group(i))
             if not isinstance(got, torch.Tensor) or got.shape != want.shape and got.numel() != want.numel():
                 return f"{where}: {_NAMES[kind]} of shape {list(getattr(got, 'shape', []))}, expected {list(want.shape)}"

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .probe_harness import run_watched
+from .token_table import probe_tokens
 
 # an argument: ("rows",) the input as [T, d]; ("input",) the input as given; ("state", name) a tensor
 # of the layer found by its qualified name; ("const", value)
@@ -77,7 +78,7 @@ def _spied(child: nn.Module, spy):
             del child.forward
 
 
-def _own_forward(module: nn.Module):
+def own_forward(module: nn.Module):
     """The forward of ``module``'s own class (the one moec's compile wraps, when it did)."""
     return (getattr(type(module), "_moec_base", None) or type(module)).forward
 
@@ -91,7 +92,7 @@ def _read_call(args, kwargs, x: torch.Tensor, names: dict, read=_read) -> Call:
     return tuple(got_args), got_kwargs
 
 
-def _record(module: nn.Module, path: str, x: torch.Tensor) -> Call:
+def _record(module: nn.Module, path: str, x: torch.Tensor, kwargs: Optional[dict] = None) -> Call:
     seen = []
 
     def spy(inner, *args, **kwargs):
@@ -100,7 +101,7 @@ def _record(module: nn.Module, path: str, x: torch.Tensor) -> Call:
 
     try:
         with _spied(module.get_submodule(path), spy), torch.no_grad(), torch.random.fork_rng(devices=[]):
-            _own_forward(module)(module, x)
+            own_forward(module)(module, x, **(kwargs or {}))
     except _Stop:
         pass
     except Exception:       # noqa: BLE001 - the forward failed before its router: not replayable
@@ -111,9 +112,10 @@ def _record(module: nn.Module, path: str, x: torch.Tensor) -> Call:
     return _read_call(args, kwargs, x, _state_names(module))
 
 
-def router_calls(module: nn.Module, paths: tuple, hidden: int) -> dict:
+def router_calls(module: nn.Module, paths: tuple, hidden: int, tokens=None) -> dict:
     """``{path: Call}`` for each observed router of ``module`` that takes more than the hidden
-    states (the others are called as ``router(rows)``)."""
+    states (the others are called as ``router(rows)``); ``tokens``: the forward's token-id argument
+    (`moec.frontend.token_table.TokenIds`), given random ids."""
     calls = {}
     for path in paths:
         if not _needs_more_than_input(module.get_submodule(path)):
@@ -122,7 +124,8 @@ def router_calls(module: nn.Module, paths: tuple, hidden: int) -> dict:
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
         call = None
         for shape in ((1, 4, hidden), (4, hidden)):
-            call = _record(module, path, torch.randn(shape, dtype=dtype, device=device))
+            kwargs = {tokens.arg: probe_tokens(shape[:-1], tokens.vocab, 5, device)} if tokens is not None else {}
+            call = _record(module, path, torch.randn(shape, dtype=dtype, device=device), kwargs)
             if call is not None:
                 break
         calls[path] = call
@@ -164,7 +167,7 @@ def external_call(module: nn.Module, path: str, x: torch.Tensor, training: bool,
     def forward(xc):
         given.append(xc)
         with torch.enable_grad():
-            return _own_forward(module)(module, xc.requires_grad_(True) if xc.is_leaf else xc)
+            return own_forward(module)(module, xc.requires_grad_(True) if xc.is_leaf else xc)
 
     try:
         with _spied(module.get_submodule(path), spy):

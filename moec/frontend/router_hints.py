@@ -33,6 +33,7 @@ class RouterHints:
     group_score: Optional[str] = None
     score_bias: Optional[str] = None
     noisy: bool = False
+    softplus: bool = False              # the layer computes a softplus (a sqrt(softplus) score, or noise)
     activations: list = field(default_factory=list)
     chain: list = field(default_factory=list)
 
@@ -88,7 +89,8 @@ def read_router(cap: Traced, E: int, module_paths: set, param_paths: set,
         if k == "randn":
             h.noisy = True
     h.activations = acts
-    h.noisy = h.noisy and any(cap.kind(n) == "softplus" for n in cap.graph.nodes)
+    h.softplus = any(cap.kind(n) == "softplus" for n in cap.graph.nodes)
+    h.noisy = h.noisy and h.softplus
     starts = _router_nodes(cap, module_paths, param_paths)
     if not starts:
         return h
@@ -128,6 +130,8 @@ def read_router(cap: Traced, E: int, module_paths: set, param_paths: set,
     elif argmaxes:
         h.top_k.append(1)
     sel = final if final is not None else (argmaxes[0] if argmaxes else None)
+    if not scores and not h.noisy and any(kinds[n] == "softplus" for n in clos):
+        h.score = "sqrtsoftplus"        # the only score of a softplus of the logits (DeepSeek-V4)
     if scores:
         s0 = scores[0]
         h.score = kinds[s0]

@@ -36,11 +36,11 @@ class ExpertRows:
         return self.Y
 
 
-def screen_y(xf, w, cfg, experts: ExpertRows, S, noise, group_size=None, x=None):
+def screen_y(xf, w, cfg, experts: ExpertRows, S, noise, group_size=None, x=None, choices=None):
     """y and the aux loss of the rows ``xf`` (fp32; ``x``: them in the layer's dtype, what an external router
-    reads) under ``cfg``, from the experts' precomputed rows."""
+    reads; ``choices``: a token table's rows for them) under ``cfg``, from the experts' precomputed rows."""
     logits = reference.logits_of(x if w.router is not None else xf, w, noise)
-    ids, wts, aux = reference.route(logits, cfg, w.score_bias, group_size)
+    ids, wts, aux = reference.route(logits, cfg, w.score_bias, group_size, choices if cfg.token_table else None)
     T = xf.shape[0]
     E = experts.Y.shape[0]
     valid = (ids >= 0) & (ids < E)                       # choices past the experts: identity experts

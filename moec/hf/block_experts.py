@@ -1,7 +1,7 @@
 """The experts of a transformers MoE block that moec leaves eager, on moec's kernels.
 
-A block stays eager when its routing is none moec computes (an MLP router, hash routing by token id,
-PhiMoE's sparsemixer, a decoder layer holding the MoE beside attention, ...). transformers 5 splits
+A block stays eager when its routing is none moec computes (an MLP router it cannot call, a router scoring
+shared experts, PhiMoE's sparsemixer, a decoder layer holding the MoE beside attention, ...). transformers 5 splits
 such a block in two: the block computes ``top_k_index``/``top_k_weights`` however it likes and calls
 its experts module (``@use_experts_implementation``) as ``experts(hidden [T, d], top_k_index,
 top_k_weights)``. `moec.compile` serves that experts module with the same programs as

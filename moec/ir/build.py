@@ -40,11 +40,13 @@ def graph_input(field: str, t):
     return t.unsqueeze(0) if field in ONE_EXPERT else t
 
 
-def moe_inputs(x, w: MoEWeights, logits=None) -> dict:
+def moe_inputs(x, w: MoEWeights, logits=None, choices=None) -> dict:
     """The inputs of `build_moe_graph`'s graph (named after `MoEWeights` fields) for one call: the
     selection bias in fp32, the shared expert's matrices as one-expert stacks (views); ``logits``: an
-    external router's fp32 logits of ``x`` (`MoESpec.external_router`)."""
-    named = {"x": x, "logits": logits, "w_router": w.w_router, "b_router": w.b_router, "w_noise": w.w_noise,
+    external router's fp32 logits of ``x`` (`MoESpec.external_router`); ``choices``: a token table's rows
+    for the call's tokens (`RouterConfig.token_table`)."""
+    named = {"x": x, "logits": logits, "choices": choices, "w_router": w.w_router, "b_router": w.b_router,
+             "w_noise": w.w_noise,
              "w_gate": w.w_gate, "w_up": w.w_up, "w_down": w.w_down,
              "score_bias": w.score_bias.float() if w.score_bias is not None else None,
              "shared_up": w.shared_up, "shared_gate": w.shared_gate, "shared_down": w.shared_down,
@@ -131,12 +133,14 @@ def build_moe_graph(spec: MoESpec, dtype, outputs=("y",), name: str = "moe") -> 
         b_router = b.input("b_router", TensorType(dt, (E,))) if r.router_bias else None
     score_bias = b.input("score_bias", TensorType("f32", (E,))) if r.score_bias else None
     w_noise = b.input("w_noise", TensorType(dt, (E, d))) if r.noisy else None
+    # a token table's choices: each token's row, looked up by PyTorch as the forward looks it up
+    choices = b.input("choices", TensorType("i64", (T, k))) if r.token_table else None
     ws = expert_inputs(b, Ef, d, f, dt, spec.glu, spec.expert_bias, spec.expert_norm is not None)
 
     if not spec.external_router:
         logits = b.add("linear", {"x": x, "w": w_router, "b": b_router}, names={"out": "logits"})["out"]
     noise = b.add("linear", {"x": x, "w": w_noise}, names={"out": "noise_logits"})["out"] if r.noisy else None
-    route = b.add("route", {"logits": logits, "score_bias": score_bias, "noise_logits": noise},
+    route = b.add("route", {"logits": logits, "score_bias": score_bias, "noise_logits": noise, "choices": choices},
                   router_attrs(r), results=["ids", "weights"] + (["aux"] if r.aux_loss else []))
     ids, extra = route["ids"], None
     passing = r.dropped == "pass"       # pairs capacity dropped pass their token through, weighted

@@ -46,7 +46,7 @@ def _route(n, v, ctx):
     if cfg.noisy and ctx.get("training"):
         noise = _noise(ctx, *logits.shape, logits.device)
         logits = logits + noise * torch.nn.functional.softplus(v["noise_logits"])
-    ids, w, aux = ref.route(logits, cfg, v.get("score_bias"), ctx.get("group_size"))
+    ids, w, aux = ref.route(logits, cfg, v.get("score_bias"), ctx.get("group_size"), v.get("choices"))
     return {"ids": ids.to(torch.int32), "weights": w, "aux": aux}
 
 
@@ -60,7 +60,8 @@ def _fused_route(n, v, ctx):
     else:
         noise = _noise(ctx, x.shape[0], cfg.num_experts, x.device) if noisy else None
         logits = ref.router_logits(x, v["w"], v.get("b"), v.get("w_noise"), noise)
-    ids, w, _ = ref.route(logits, cfg.replace(aux_loss=False, aux_counts="pairs"), v.get("score_bias"))
+    ids, w, _ = ref.route(logits, cfg.replace(aux_loss=False, aux_counts="pairs"), v.get("score_bias"),
+                          choices=v.get("choices"))
     scores = ref.scores_of(logits, cfg)
     clean = ref.router_logits(x, v["w"], v.get("b")) if noisy else logits
     probs = scores if cfg.score == "softmax" else scores / scores.sum(-1, keepdim=True)

@@ -80,9 +80,10 @@ def _route_types(o, a, T):
 
 op("route", "Top-k routing of fp32 logits [T, E] under the RouterConfig held in the attributes "
    "(see moec.spec.RouterConfig): ids i32[T, k] (-1 = dropped by capacity), weights f32[T, k], "
-   "aux: the load-balancing loss when aux_loss. noise_logits = x @ w_noise.T for noisy gating.",
+   "aux: the load-balancing loss when aux_loss. noise_logits = x @ w_noise.T for noisy gating. With token_table "
+   "the choices are given (choices int[T, k]: each token's row of the layer's token table) and only weighted.",
    ["logits"], ["ids", "weights", "aux"], lambda o, a: _route_types(o, a, _rows(o["logits"])),
-   optional_operands=["score_bias", "noise_logits"], optional_results=["aux"],
+   optional_operands=["score_bias", "noise_logits", "choices"], optional_results=["aux"],
    attrs={**{n: REQUIRED for n in ("num_experts", "top_k")}, **_ROUTER_DEFAULTS})
 
 
@@ -97,9 +98,11 @@ op("fused_route", "One kernel: gate GEMM x @ w.T (+ b) (+ noise), score, group-l
    "renormalise, scale, per-expert pair counts (and prob_sum for the aux loss, the shared-expert "
    "gate sigmoid(x @ w_shared_gate.T), the router's logits before noise, and the pairs grouped by "
    "expert as dispatch gives them, with their tile schedule, when asked). Capacity is not applied here. "
-   "Given fp32 logits [T, E] (an external router's) instead of x and w, it reads them: no GEMM.",
+   "Given fp32 logits [T, E] (an external router's) instead of x and w, it reads them: no GEMM. Given "
+   "choices int[T, k] (token_table) it weights them instead of ranking.",
    [], ["ids", "weights", "order", "offsets", "counts", "prob_sum", "shared_scale", "logits", "schedule"],
-   _infer_fused_route, optional_operands=["x", "w", "logits", "b", "score_bias", "w_noise", "w_shared_gate"],
+   _infer_fused_route, optional_operands=["x", "w", "logits", "b", "score_bias", "w_noise", "w_shared_gate",
+                                          "choices"],
    optional_results=["order", "offsets", "counts", "prob_sum", "shared_scale", "logits", "schedule"],
    attrs={**{n: REQUIRED for n in ("num_experts", "top_k")}, **_ROUTER_DEFAULTS, **KERNEL_ATTRS,
           "schedule_block_m": None})

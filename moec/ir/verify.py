@@ -20,6 +20,12 @@ def _router_ok(n: Node, types) -> None:
         raise IRError("fused_route does not apply capacity; add an apply_capacity node")
     if cfg.score_bias != ("score_bias" in n.ins):
         raise IRError("score_bias attribute and score_bias operand disagree")
+    if cfg.token_table != ("choices" in n.ins):
+        raise IRError("token_table attribute and choices operand disagree")
+    if "choices" in n.ins:
+        t = types[n.ins["choices"]]
+        if t.dtype not in ("i32", "i64") or t.rank != 2 or t.shape[1] != cfg.top_k:
+            raise IRError(f"choices must be int[T, top_k={cfg.top_k}], got {t.dtype}{list(t.shape)}")
     if n.op == "fused_route":
         given = "logits" in n.ins
         if given == ("x" in n.ins) or ("x" in n.ins) != ("w" in n.ins):

@@ -4,22 +4,23 @@
 # router: score=sigmoid, renormalize=True, routed_scaling=2.5, router_bias=False, score_bias=True, groups=4 keep 2 by top2_sum, noisy=False, aux_loss=False, shared_gate=False, write_logits=False, write_counts=False
 # tile (T <= 16): RouteTile(block_t=32, block_k=64, num_warps=4, num_stages=4) (BLOCK_K used: 64)
 #
-# Fused routing: one program takes BLOCK_T tokens, computes their logits tile
-# [BLOCK_T, E_PAD] with tl.dot over hidden chunks of BLOCK_K (fp32 accumulation), then
-# scores (softmax / sigmoid), selection keys (+ score bias, group-limited), top-k by repeated
-# argmax (ties -> lower expert index, NaN ranks first), weights (renormalised, scaled), and
-# per-expert counts (atomics). With LOGITS_IN it is given the logits (an external router's: x_ptr
-# points to fp32 [T, E]) and reads their tile instead of the GEMM. With DISPATCH (one program holds
-# every token) it also groups the pairs by expert: a counting sort from the program's own counts, and
-# with SCHED_M > 0 writes the grouped GEMMs' tile schedule for SCHED_M-row tiles. Variants are
-# tl.constexpr flags; Triton prunes the dead ones.
+# Fused routing: one program takes BLOCK_T tokens, computes their logits tile [BLOCK_T, E_PAD]
+# with tl.dot over hidden chunks of BLOCK_K (fp32 accumulation), then scores (softmax / sigmoid /
+# sqrt(softplus)), selection keys (+ score bias, group-limited), top-k by repeated argmax (ties ->
+# lower expert index, NaN ranks first), weights (renormalised, scaled), and per-expert counts
+# (atomics). With LOGITS_IN it is given the logits (an external router's: x_ptr points to fp32
+# [T, E]) and reads their tile instead of the GEMM. With CHOICES_IN each token's k choices are given
+# (a token table's row, int [T, k] at choices_ptr) and weighted instead of ranked; a choice may
+# repeat. With DISPATCH (one program holds every token) it also groups the pairs by expert: a
+# counting sort from the program's own counts, and with SCHED_M > 0 writes the grouped GEMMs' tile
+# schedule for SCHED_M-row tiles. Variants are tl.constexpr flags; Triton prunes the dead ones.
 import triton
 import triton.language as tl
 
 
 @triton.jit
 def moec_route_sigmoid_e16_k4_g4x2_T1to16(
-    x_ptr, w_ptr, b_ptr, sbias_ptr, wn_ptr, noise_ptr, wsg_ptr,
+    x_ptr, w_ptr, b_ptr, sbias_ptr, wn_ptr, noise_ptr, wsg_ptr, choices_ptr,
     ids_ptr, wts_ptr, counts_ptr, psum_ptr, sscale_ptr, logits_ptr, order_ptr, offsets_ptr, sched_ptr,
     T,
     stride_xt, stride_xd,
@@ -28,11 +29,13 @@ def moec_route_sigmoid_e16_k4_g4x2_T1to16(
     stride_nt, stride_ne,
     stride_sgd,
     D: tl.constexpr, E: tl.constexpr, E_PAD: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
-    SIGMOID: tl.constexpr, SELECT_LOGITS: tl.constexpr, RENORMALIZE: tl.constexpr, ROUTED_SCALING: tl.constexpr,
+    SIGMOID: tl.constexpr, SQRT_SOFTPLUS: tl.constexpr, SELECT_LOGITS: tl.constexpr, RENORMALIZE: tl.constexpr,
+    ROUTED_SCALING: tl.constexpr,
     HAS_ROUTER_BIAS: tl.constexpr, HAS_SCORE_BIAS: tl.constexpr,
     N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_TOP2: tl.constexpr,
     HAS_NOISE: tl.constexpr, AUX: tl.constexpr, SHARED_GATE: tl.constexpr, WRITE_LOGITS: tl.constexpr,
-    WRITE_COUNTS: tl.constexpr, LOGITS_IN: tl.constexpr, DISPATCH: tl.constexpr, SCHED_M: tl.constexpr,
+    WRITE_COUNTS: tl.constexpr, LOGITS_IN: tl.constexpr, CHOICES_IN: tl.constexpr, DISPATCH: tl.constexpr,
+    SCHED_M: tl.constexpr,
     SCHED_S: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -98,12 +101,18 @@ def moec_route_sigmoid_e16_k4_g4x2_T1to16(
     # ---- scores over the E real experts (padded columns: score 0, never selected) -----------
     if SIGMOID:
         scores = tl.where(mask_e[None, :], tl.sigmoid(logits), 0.0)
+    elif SQRT_SOFTPLUS:     # sqrt(softplus(z)), softplus as torch computes it (as the noise's above)
+        ue = tl.exp(tl.minimum(logits, 20.0))
+        one_ue = 1.0 + ue
+        tiny_e = one_ue == 1.0
+        sp = tl.where(tiny_e, ue, tl.log(one_ue) * (ue / tl.where(tiny_e, 1.0, one_ue - 1.0)))
+        scores = tl.where(mask_e[None, :], tl.sqrt(tl.where(logits > 20.0, logits, sp)), 0.0)
     else:
         lm = tl.where(mask_e[None, :], logits, float("-inf"))
         p = tl.where(mask_e[None, :], tl.exp(lm - tl.max(lm, 1)[:, None]), 0.0)
         scores = p * (1.0 / tl.sum(p, 1))[:, None]
     if AUX:
-        if SIGMOID:
+        if SIGMOID or SQRT_SOFTPLUS:
             probs = scores / tl.sum(scores, 1)[:, None]
         else:
             probs = scores
@@ -152,16 +161,20 @@ def moec_route_sigmoid_e16_k4_g4x2_T1to16(
     # ---- top-k: K times, the highest key among experts not chosen yet, lower index on ties ---
     # (not tl.argmax: once every key left is -inf it could return an expert already chosen)
     offs_j = tl.arange(0, K_PAD)
-    chosen = tl.zeros((BLOCK_T, E_PAD), tl.int1)
+    chosen = tl.zeros((BLOCK_T, E_PAD), tl.int32)     # picks per (token, expert): given choices may repeat
     sel_ids = tl.zeros((BLOCK_T, K_PAD), tl.int32)
     sel_w = tl.zeros((BLOCK_T, K_PAD), tl.float32)
     for j in tl.static_range(K):
-        avail = mask_e[None, :] & (chosen == 0)
-        v = tl.where(avail, keys, float("-inf"))
-        idx = tl.min(tl.where(avail & (v == tl.max(v, 1)[:, None]), offs_e[None, :], E_PAD), 1)
-        idx = tl.minimum(idx, E - 1)   # always a real expert, whatever the data
+        if CHOICES_IN:  # the j-th given choice
+            idx = tl.load(choices_ptr + rows * K + j, mask=mask_t, other=0).to(tl.int32)
+            idx = tl.minimum(tl.maximum(idx, 0), E - 1)    # (checked before the launch; never read outside)
+        else:
+            avail = mask_e[None, :] & (chosen == 0)
+            v = tl.where(avail, keys, float("-inf"))
+            idx = tl.min(tl.where(avail & (v == tl.max(v, 1)[:, None]), offs_e[None, :], E_PAD), 1)
+            idx = tl.minimum(idx, E - 1)   # always a real expert, whatever the data
         hit = offs_e[None, :] == idx[:, None]
-        chosen = chosen | hit
+        chosen = chosen + hit.to(tl.int32)
         wj = tl.sum(tl.where(hit, scores, 0.0), 1)
         sel_ids = tl.where(offs_j[None, :] == j, idx[:, None], sel_ids)
         sel_w = tl.where(offs_j[None, :] == j, wj[:, None], sel_w)
@@ -175,7 +188,8 @@ def moec_route_sigmoid_e16_k4_g4x2_T1to16(
     tl.store(wts_ptr + out_off, sel_w, mask=out_mask)
 
     # ---- per-expert (token, slot) counts --------------------------------------------------
-    cnt = tl.sum((chosen & mask_t[:, None]).to(tl.int32), 0)
+    chosen = tl.where(mask_t[:, None], chosen, 0)
+    cnt = tl.sum(chosen, 0)
     if WRITE_COUNTS:
         if DISPATCH:    # the only program: its counts are the counts
             tl.store(counts_ptr + offs_e, cnt, mask=mask_e)
@@ -188,11 +202,13 @@ def moec_route_sigmoid_e16_k4_g4x2_T1to16(
         start = tl.cumsum(cnt, 0) - cnt                          # offsets[e]: pairs of experts < e
         tl.store(offsets_ptr + offs_e, start, mask=mask_e)
         tl.store(offsets_ptr + E, tl.sum(cnt, 0))
-        took = (chosen & mask_t[:, None]).to(tl.int32)
-        slot = start[None, :] + tl.cumsum(took, 0) - took      # position of token t's pair with expert e
+        slot = start[None, :] + tl.cumsum(chosen, 0) - chosen   # position of token t's first pair with expert e
+        seen = tl.zeros((BLOCK_T, E_PAD), tl.int32)            # token t's earlier pairs with e (repeated choices)
         for j in tl.static_range(K):
             idx = tl.sum(tl.where(offs_j[None, :] == j, sel_ids, 0), 1)
-            pos = tl.sum(tl.where(offs_e[None, :] == idx[:, None], slot, 0), 1)
+            hit = offs_e[None, :] == idx[:, None]
+            pos = tl.sum(tl.where(hit, slot + seen, 0), 1)
+            seen = seen + hit.to(tl.int32)
             tl.store(order_ptr + pos, (rows * K + j).to(tl.int32), mask=mask_t)
         if SCHED_M > 0:
             M = T * K

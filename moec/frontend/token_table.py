@@ -1,0 +1,184 @@
+"""Routing by token id (hash routing): the choices come from a table the layer holds, indexed by the token ids
+the forward is given (``experts = self.tid2eid[input_ids]``: DeepSeek-V4's first layers, hash layers).
+
+`tables` proposes the integer tensors of the layer shaped like such a table (``[V, k]``, or ``[V]`` for one
+choice); the probe then calls the forward with random token ids in ``[0, V)`` and, for the length of each
+eager run, with the table filled with random expert ids (`scrambled`): a table of equal rows (a freshly
+initialised one is all zeros) could not tell a lookup by token from any other. The compiled layer looks the
+rows up as the forward does (`moec.reference.table_choices`) and hands them to the kernels.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .call_shape import token_id_args
+
+_INTS = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
+
+
+def resolve(module: nn.Module, path: str) -> torch.Tensor:
+    """The tensor at a dotted path under ``module`` (``gate.tid2eid``)."""
+    owner, _, name = path.rpartition(".")
+    return getattr(module.get_submodule(owner) if owner else module, name)
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """How a layer routes by token: the forward's argument ``arg`` holds the token ids, and the tensor at
+    ``table`` (``[V, k]``, or ``[V]``: ``k = 1``) holds each token id's choices."""
+
+    arg: str
+    table: str
+    vocab: int
+    top_k: int
+
+    def rows(self, module: nn.Module) -> torch.Tensor:
+        """The table as ``[V, k]`` (a view of the layer's tensor, read afresh)."""
+        t = resolve(module, self.table)
+        return t.view(t.shape[0], -1)
+
+    def describe(self) -> str:
+        return (f"routing by token id: each token's {self.top_k} choice(s) are its row of {self.table} "
+                f"[{self.vocab}, {self.top_k}], indexed by the forward's argument {self.arg}")
+
+
+def tables(module: nn.Module) -> list:
+    """`TokenIds` candidates: the forward's token-id argument with each integer tensor of the layer shaped like
+    a table (``[V, k]`` with k <= 16, or ``[V]``), its first."""
+    args = token_id_args(module)
+    if not args:
+        return []
+    found = []
+    named = list(module.named_buffers()) + list(module.named_parameters())
+    for path, t in named:
+        if t.dtype in _INTS and t.dim() in (1, 2) and t.shape[0] >= 2 and (t.dim() == 1 or 1 <= t.shape[1] <= 16):
+            found.append(TokenIds(args[0], path, int(t.shape[0]), int(t.shape[1]) if t.dim() == 2 else 1))
+    return found
+
+
+def probe_tokens(lead: tuple, vocab: int, seed: int, device) -> torch.Tensor:
+    """Random token ids in ``[0, vocab)`` shaped ``lead`` (the input's leading dims)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, lead, generator=g).to(device)
+
+
+def probe_table(module: nn.Module, ids: TokenIds, experts: int) -> torch.Tensor:
+    """The random table the probe's runs see: expert ids in ``[0, experts)``, in the table's dtype and shape."""
+    t = resolve(module, ids.table)
+    g = torch.Generator().manual_seed(17)
+    return torch.randint(0, experts, tuple(t.shape), generator=g).to(dtype=t.dtype, device=t.device)
+
+
+@contextlib.contextmanager
+def scrambled(module: nn.Module, ids: Optional[TokenIds], table: Optional[torch.Tensor]):
+    """The layer's table holds ``table`` inside the block (written in place, restored after)."""
+    if ids is None:
+        yield
+        return
+    t = resolve(module, ids.table)
+    saved = t.detach().clone()
+    with torch.no_grad():
+        t.copy_(table)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            t.copy_(saved)
+
+
+def ignores_tokens(module: nn.Module, x: torch.Tensor) -> Optional[str]:
+    """The forward's token-id argument when the forward returns the same with and without token ids (in both
+    training modes, on ``x``): a layer that does not route by them (DeepSeek-V4's later layers take them too),
+    whose compiled calls may then be given them; else None."""
+    from .probe_harness import run_watched
+    args = token_id_args(module)
+    if not args:
+        return None
+    tokens = torch.arange(x.numel() // x.shape[-1], device=x.device).reshape(x.shape[:-1]) % 2
+    for training in (module.training, not module.training):
+        try:
+            plain, _ = run_watched(module, (x,), module, training, x.device, 19)
+            given, _ = run_watched(lambda a: module(a, **{args[0]: tokens}), (x,), module, training, x.device, 19)
+        except Exception:  # noqa: BLE001 - a forward that fails on either: not shown to ignore them
+            return None
+        flat = [(a, b) for a, b in zip(_items(plain), _items(given))]
+        if len(_items(plain)) != len(_items(given)) or not all(
+                (a is None and b is None) or (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                                              and a.shape == b.shape and torch.equal(a, b)) for a, b in flat):
+            return None
+    return args[0]
+
+
+def _items(out) -> list:
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def bound_extras(forward, args: tuple, kwargs: dict) -> Optional[dict]:
+    """The arguments of a call ``forward(self, x, *args, **kwargs)`` after the hidden states, by name (None: more
+    positional arguments than the forward names, or one given twice)."""
+    try:
+        names = list(inspect.signature(forward).parameters)[2:]     # after self and the hidden states
+    except (TypeError, ValueError):
+        names = []
+    given = dict(zip(names, args))
+    if len(args) > len(names) or set(given) & set(kwargs):
+        return None
+    given.update(kwargs)
+    return given
+
+
+class CallChoices:
+    """A compiled call's extra arguments: the table rows of the token ids the call passes, for a layer that
+    routes by them (``forward(x, input_ids=...)``, by keyword or position), or token ids the forward ignores
+    (``ignored``). The table's ids are checked to lie in ``[0, experts)`` once per change of the table (its
+    address, version, shape), not at every call."""
+
+    def __init__(self, ids: Optional[TokenIds], experts: int, ignored: tuple = ()):
+        self.ids, self.experts, self.ignored = ids, experts, ignored
+        self._checked: tuple = ((), None)
+
+    def __call__(self, forward, module: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> tuple:
+        """``(choices int64 [T, k] or None, None)``, or ``(None, why this call runs eager)``."""
+        given = bound_extras(forward, args, kwargs)
+        if given is None:
+            return None, "extra forward arguments"
+        tokens = given.pop(self.ids.arg, None) if self.ids is not None else None
+        for name in self.ignored:
+            given.pop(name, None)
+        if given:
+            return None, f"extra forward arguments ({', '.join(given)})"
+        if self.ids is None:
+            return None, None
+        T = x.numel() // x.shape[-1] if x.dim() else 0
+        if not isinstance(tokens, torch.Tensor) or tokens.is_floating_point() or tokens.is_complex() \
+                or tokens.numel() != T or tokens.device != x.device:
+            what = "none" if tokens is None else (f"{tokens.dtype} {list(tokens.shape)} on {tokens.device}"
+                                                  if isinstance(tokens, torch.Tensor) else type(tokens).__name__)
+            return None, (f"the layer routes by token id: {self.ids.arg} must be integer ids, one per token "
+                          f"({T}) on {x.device}; got {what}")
+        try:
+            table = self.ids.rows(module)
+        except Exception as e:  # noqa: BLE001 - a table replaced by something else: eager says what it does
+            return None, f"the token table {self.ids.table} cannot be read as [V, {self.ids.top_k}]: {e}"
+        why = self._table_ok(table)
+        if why:
+            return None, why
+        return table[tokens.reshape(-1)].long(), None
+
+    def _table_ok(self, table: torch.Tensor) -> Optional[str]:
+        key = (table.data_ptr(), table._version, tuple(table.shape), table.dtype, table.device)
+        if self._checked[0] != key:
+            bad = None
+            if table.dim() != 2 or table.shape[1] != self.ids.top_k or table.is_floating_point():
+                bad = f"the token table {self.ids.table} is now {table.dtype} {list(table.shape)}"
+            elif table.numel() and not bool(((table >= 0) & (table < self.experts)).all()):
+                bad = (f"the token table {self.ids.table} holds ids outside [0, {self.experts}) (from "
+                       f"{int(table.min())} to {int(table.max())})")
+            self._checked = (key, bad)
+        return self._checked[1]
