@@ -4,7 +4,8 @@ A lift reads a module tree once: its structure, its classes and forwards, the pl
 code branches on (``top_k``, ``norm_topk_prob``, ``capacity_factor``, ``jitter_noise``...). `read`
 records all of that as one hashable state: per module its path and identity, its class, a forward
 set on the instance, its plain attributes (numbers, strings, booleans, None, tuples of them), the
-tensors kept as plain attributes (by identity and address). A region compares the state at every
+tensors kept as plain attributes (by identity and address), and the dtype and device of each of its
+parameters and buffers (``.half()``, ``.to(device)``, a forward branching on a weight's dtype). A region compares the state at every
 call with the one its lift was made for; when they differ the region lifts again for the new state
 (or runs eager, with the reason), and `changes` says what changed for ``explain()``.
 
@@ -58,12 +59,22 @@ def _base(m: nn.Module) -> type:
     return getattr(type(m), "_moec_base", type(m))
 
 
+def _held(m: nn.Module) -> list:
+    """``(table, name)`` of the module's own parameters and buffers (the dicts they are kept in)."""
+    return [(table, k) for table in (m._parameters, m._buffers) for k, t in table.items() if t is not None]
+
+
+def _kind(t) -> tuple:
+    return (t.dtype, t.device) if isinstance(t, torch.Tensor) else None
+
+
 def _entry(path: str, m: nn.Module) -> tuple:
     d = m.__dict__
     attrs, tensors = _attributes(d)
     forward = d.get("forward")
     return (path, id(m), _base(m), id(forward) if forward is not None else None,
-            tuple(sorted(attrs, key=lambda kv: kv[0])), tuple((k, id(t), _address(t)) for k, t in tensors))
+            tuple(sorted(attrs, key=lambda kv: kv[0])), tuple((k, id(t), _address(t)) for k, t in tensors),
+            tuple((k, _kind(table[k])) for table, k in _held(m)))
 
 
 def read(module: nn.Module) -> tuple:
@@ -92,6 +103,9 @@ class Guard:
         self._attr_dicts, self._attr_keys, self._attr_values = (tuple(c) for c in zip(*attr_at)) if attr_at else ((),) * 3
         self._tensor_dicts, self._tensor_keys, self._tensors = (tuple(c) for c in zip(*tensor_at)) if tensor_at else ((),) * 3
         self._addresses = tuple(map(_address, self._tensors))
+        held = [pair for m in self.modules for pair in _held(m)]
+        self._held_tables, self._held_keys = (tuple(c) for c in zip(*held)) if held else ((), ())
+        self._held_kinds = tuple(map(_kind, map(dict.get, self._held_tables, self._held_keys)))
         self._missing = (_MISSING,) * len(self._attr_keys)     # a deleted attribute is not a None one
         self._inner = self.modules[1:]
 
@@ -106,6 +120,8 @@ class Guard:
                                           self._tensors))
                                   and tuple(map(_address, self._tensors)) == self._addresses):
             return False
+        if tuple(map(_kind, map(dict.get, self._held_tables, self._held_keys))) != self._held_kinds:
+            return False                    # a parameter or buffer of another dtype or device
         return tuple(map(_MODULES, self.modules)) == self._children
 
     def call_checks(self) -> tuple[list, bool]:
@@ -146,5 +162,12 @@ def changes(before: tuple, after: tuple, limit: int = 3) -> str:
                  for k in sorted(set(va) | set(vb)) if va.get(k, _MISSING) != vb.get(k, _MISSING)]
         ta, tb = {t[0]: t[1:] for t in a[5]}, {t[0]: t[1:] for t in b[5]}
         said += [f"{where}{k} (a tensor attribute) replaced" for k in sorted(set(ta) | set(tb)) if ta.get(k) != tb.get(k)]
+        ka, kb = dict(a[6]), dict(b[6])
+        said += [f"{where}{k}: {_kind_text(ka.get(k))} -> {_kind_text(kb.get(k))}" for k in ka if k in kb
+                 and ka[k] != kb[k]]
     more = f" (and {len(said) - limit} more)" if len(said) > limit else ""
     return "; ".join(said[:limit]) + more if said else "nothing"
+
+
+def _kind_text(kind) -> str:
+    return "(none)" if kind is None else f"{str(kind[0]).replace('torch.', '')} on {kind[1]}"

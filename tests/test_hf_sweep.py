@@ -21,8 +21,9 @@ NAMES = hf_sweep.families() if ALL else [n for n in SUBSET if n in hf_sweep.fami
 # selection bias kept in a submodule of the router (ERNIE); a softcapped SwiGLU module (Inkling2); a norm of the
 # combined output (A.X-K1); a clamped SwiGLU in a custom gate and in the shared expert (MiniMax-M3); clamped routed
 # experts beside a plain shared expert (HunYuan-V4); 256 identity experts behind the router (LongCat-Flash); experts
-# whose input the routing weight scales (Llama4); hash routing by token id with sqrt(softplus) scores (DeepSeek-V4)
-MUST_LIFT = {"deepseek_v4", "afmoe", "hy_v3", "minimax_m2", "nemotron_h", "deepseek_v2", "qwen3_next", "cohere2_moe",
+# whose input the routing weight scales (Llama4); hash routing by token id with sqrt(softplus) scores (DeepSeek-V4);
+# a gate branching on its weight's dtype (HunYuan-V1)
+MUST_LIFT = {"deepseek_v4", "hunyuan_v1_moe", "afmoe", "hy_v3", "minimax_m2", "nemotron_h", "deepseek_v2", "qwen3_next", "cohere2_moe",
              "ernie4_5_moe", "inkling2_text", "axk1", "minimax_m3_vl_text", "hy_v4", "longcat_flash",
              "lfm2_moe", "qwen4_exp_text", "bailing_hybrid", "llama4_text", "llama4"}
 

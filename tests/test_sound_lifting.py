@@ -112,6 +112,36 @@ def test_a_replaced_parameter_and_a_dtype_change():
     close(model(X.half()), ref(X.half()), rtol=2e-2, atol=2e-3)
 
 
+class DtypeBranchMoE(zoo.MixtralMoE):
+    """HunYuan-V1's gate: routes in fp32 when its weight is fp32 (kept so by the model), else in the input's
+    dtype. A branch on a weight's dtype is guarded: a dtype change lifts the layer again for the new branch."""
+
+    def route(self, hidden_states):
+        if self.gate.weight.dtype == torch.float32:
+            hidden_states = hidden_states.float()
+        logits = self.gate(hidden_states)
+        weights = torch.softmax(logits, dim=1, dtype=torch.float)
+        weights, ids = torch.topk(weights, self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return logits, weights.to(hidden_states.dtype), ids
+
+
+def test_a_branch_on_a_weights_dtype_is_guarded():
+    ref, model = pair(DtypeBranchMoE)
+    with torch.no_grad():
+        close(model(X), ref(X))
+        for m in (model, ref):          # experts in fp16, the gate kept in fp32: the branch as compiled
+            m.half()
+            m.gate.float()
+        close(model(X.half()), ref(X.half()), rtol=2e-2, atol=2e-3)
+        for m in (model, ref):          # the gate in fp16 too: the other branch
+            m.gate.half()
+        close(model(X.half()), ref(X.half()), rtol=2e-2, atol=2e-3)
+    region = model.__dict__["_moec_region"]
+    assert any("float32 on cpu -> float16 on cpu" in what for what in region.guard_changes), region.guard_changes
+    assert not eager_reasons(model), eager_reasons(model)
+
+
 def test_state_dict_keys_and_values_are_the_eager_ones():
     ref, model = pair()
     model(X)

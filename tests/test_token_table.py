@@ -248,3 +248,96 @@ def test_route_kernel_names_bad_choices():
 def test_a_token_table_router_only_weighs(extra):
     with pytest.raises(MoESpecError, match="token_table"):
         RouterConfig(4, 2, token_table=True, **extra)
+
+
+# ---- what the lookup must not hide ------------------------------------------------------------------
+
+class FoldedIdsMoE(zoo.HashRoutedMoE):
+    """Reads its ids through the table only after folding them (``% vocab``, ``clamp``) or masks padding:
+    not a plain lookup, so it is not lifted (the probe tries ids outside the table and the ids code treats
+    apart)."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+
+    def forward(self, hidden_states, input_ids=None):
+        V = self.tid2eid.shape[0]
+        ids = {"mod": lambda t: t % V, "clamp": lambda t: t.clamp(min=0), "pad": lambda t: t}[self.how](input_ids)
+        out = super().forward(hidden_states, ids)
+        return out * (input_ids != 0)[..., None] if self.how == "pad" else out
+
+
+@pytest.mark.parametrize("how", ["mod", "clamp", "pad"])
+def test_ids_read_other_than_by_a_plain_lookup_keep_the_layer_eager(how):
+    model, eager = _pair(FoldedIdsMoE, how=how)
+    x, tokens = torch.randn(2, 5, 16), torch.tensor([[0, 5, -1, 45, 7], [1, 2, 3, 39, 100]])
+    if how == "clamp":
+        tokens = tokens.clamp(max=39)
+    if how == "pad":
+        tokens = tokens.clamp(0, 39)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, input_ids=tokens), eager(x, input_ids=tokens))
+    assert "_moec_region" not in model.__dict__ or not model.__dict__["_moec_region"].lifted
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8])
+def test_mask_like_token_ids_run_the_eager_forward(dtype):
+    model, eager = _pair(zoo.HashRoutedMoE)
+    x, tokens = torch.randn(40, 16), (torch.arange(40) % 13 == 0).to(dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, input_ids=tokens), eager(x, input_ids=tokens))
+    assert not any(c.startswith("kernels") for c in _calls(model))
+
+
+def test_a_table_written_through_data_is_checked_on_the_cpu():
+    model, eager = _pair(zoo.HashRoutedMoE)
+    x, tokens = torch.randn(1, 4, 16), torch.tensor([[0, 1, 2, 3]])
+    with torch.no_grad():
+        model(x, input_ids=tokens)
+        model.tid2eid.data[0, 0] = 4            # no version bump: the rows are checked on the CPU
+        eager.tid2eid.data[0, 0] = 4
+        for m in (model, eager):
+            with pytest.raises(RuntimeError):   # eager's gather of expert 4 of 4 fails, and so does the call
+                m(x, input_ids=tokens)
+    assert "holds ids outside [0, 4) (read this call)" in model.explain()
+
+
+class PadMaskMoE(zoo.SqrtSoftplusMoE):
+    """Masks padding (id 2) when given ids."""
+
+    def forward(self, hidden_states, input_ids=None):
+        out = super().forward(hidden_states)
+        return out if input_ids is None else out * (input_ids != 2)[..., None]
+
+
+class CountingMoE(zoo.SqrtSoftplusMoE):
+    """Counts the tokens it sees when given ids (a buffer written)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("seen", torch.zeros(40, dtype=torch.long))
+
+    def forward(self, hidden_states, input_ids=None):
+        if input_ids is not None:
+            self.seen += torch.bincount(input_ids.reshape(-1), minlength=40)
+        return super().forward(hidden_states)
+
+
+@pytest.mark.parametrize("factory", [PadMaskMoE, CountingMoE, TokenEmbeddingMoE])
+def test_token_ids_a_layer_reads_are_not_ignored(factory):
+    model, eager = _pair(factory)
+    if factory is TokenEmbeddingMoE:            # zero at compile (same answer with and without ids), trained later
+        with torch.no_grad():
+            for m in (model, eager):
+                m.embed.weight.zero_()
+    model, eager = _pair(lambda: copy.deepcopy(eager))
+    x, tokens = torch.randn(2, 5, 16), torch.tensor([[2, 5, 2, 7, 9], [1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        if factory is TokenEmbeddingMoE:
+            for m in (model, eager):
+                m.embed.weight.fill_(0.5)
+        torch.testing.assert_close(model(x, input_ids=tokens), eager(x, input_ids=tokens))
+    if factory is CountingMoE:
+        assert torch.equal(model.seen, eager.seen)
+    assert model.__dict__["_moec_region"].lifted.ignored_args == ()

@@ -8,9 +8,10 @@ records which lines of the module tree's own Python ran (its classes' methods, n
 way each branch went; `unaccounted` then reads the source and names what the kernels would drop:
 
 - an ``if`` / ``while`` at a function's top level (outside loops) that went only one way, unless its
-  condition is static: it reads only attributes of ``self`` (incl. ``self.training``), constants, and
-  arguments compared with None. A static condition is covered by the guards (`moec.guards`: the lift is
-  redone when those attributes change) and by the probe running both training modes;
+  condition is static: it reads only attributes of ``self`` (incl. ``self.training`` and a weight's
+  ``dtype``), constants (``torch.float32``), and arguments compared with None. A static condition is
+  covered by the guards (`moec.guards`: the lift is redone when those attributes change) and by the
+  probe running both training modes;
 - an ``assert`` whose condition is not static (a check of the input the kernels would not make);
 - a ``try`` at a function's top level whose handler never ran.
 
@@ -88,7 +89,8 @@ def _static(expr: ast.AST, params: set) -> bool:
         root = expr
         while isinstance(root, ast.Attribute):
             root = root.value
-        return isinstance(root, ast.Name) and root.id == "self"
+        # (an attribute of torch is a constant: torch.float32; a weight's dtype is guarded, `moec.guards`)
+        return isinstance(root, ast.Name) and root.id in ("self", "torch")
     if isinstance(expr, ast.BoolOp):
         return all(_static(v, params) for v in expr.values)
     if isinstance(expr, ast.UnaryOp):

@@ -28,7 +28,7 @@ from .. import reference
 from ..spec import MoESpec, MoEWeights, RouterConfig
 from .outputs import derive, kinds_of, leads, slots
 from .probe_harness import draw, first, mismatch, near_tie, run_watched, seeded, tie_rtol
-from .token_table import TokenIds, probe_tokens, scrambled
+from .token_table import TokenIds, mirrored, probe_tokens, scrambled
 
 _NAMES = {"logits": "router logits", "weights": "routing weights", "aux": "aux loss", "zloss": "z-loss",
           "ids": "expert ids", "counts": "expert counts"}
@@ -85,6 +85,7 @@ class Prober:
         self.post_path: Optional[str] = None
         self.tokens: Optional[TokenIds] = None     # routing by token id: the forward's ids argument, the table
         self.table: Optional[torch.Tensor] = None  # the random table the eager runs see (`token_table.scrambled`)
+        self._tokens_given: Optional[tuple] = None  # (tag, table, token ids) in place of those (`token_checks`)
 
     def set_skew(self, w_router: torch.Tensor) -> None:
         """Input `SKEWED` leans on router row 0: ``x = 0.5 n + 4 w0 / |w0|^2`` (logit 0 is about 4)."""
@@ -137,19 +138,26 @@ class Prober:
         """Input i's random token ids (its leading dims), for a layer that routes by token id; else None."""
         if self.tokens is None:
             return None
+        if self._tokens_given is not None:
+            return self._tokens_given[2].reshape(self.x(i).shape[:-1])
         return probe_tokens(tuple(self.x(i).shape[:-1]), self.tokens.vocab, 3000 + i, self.device)
+
+    def _table(self) -> torch.Tensor:
+        return self._tokens_given[1] if self._tokens_given is not None else self.table
 
     def choices(self, i: int) -> Optional[torch.Tensor]:
         """Input i's choices under the probe's table (`token_ids`), for a layer that routes by token id."""
         if self.tokens is None:
             return None
-        return reference.table_choices(self.table.view(self.table.shape[0], -1), self.token_ids(i))
+        table = self._table()
+        return reference.table_choices(table.view(table.shape[0], -1), self.token_ids(i))
 
     def with_table(self, w: MoEWeights) -> MoEWeights:
         """``w`` reading the probe's table (the one the eager runs see), for a layer that routes by token id."""
         if self.tokens is None:
             return w
-        return dataclasses.replace(w, token_table=self.table.view(self.table.shape[0], -1))
+        table = self._table()
+        return dataclasses.replace(w, token_table=table.view(table.shape[0], -1))
 
     def setup(self) -> Optional[str]:
         """Find the input rank the forward accepts and what it returns; a reason on failure."""
@@ -199,10 +207,10 @@ class Prober:
 
     def eager(self, i: int, training: bool, raw: bool = False):
         """``(y, extras)`` of the module's forward on input i (cached); in training mode under a seeded RNG."""
-        key = (i, training, self.rank3)
+        key = (i, training, self.rank3) + ((self._tokens_given[0],) if self._tokens_given is not None else ())
         if key not in self._cache:
             kwargs = {self.tokens.arg: self.token_ids(i)} if self.tokens is not None else {}
-            with scrambled(self.module, self.tokens, self.table):
+            with scrambled(self.module, self.tokens, self._table() if self.tokens is not None else None):
                 out, effects = run_watched(lambda *a: self.module(*a, **kwargs), (self.x(i),), self.module, training,
                                            self.device, probe_seed(i))
             self.effects[key] = effects
@@ -236,8 +244,9 @@ class Prober:
         T = x.shape[0]
         y, extras = self.eager(i, training)
         where = f"T={x.shape[0]}, {'training' if training else 'eval'} mode"
-        if self.effects[(i, training, self.rank3)]:
-            return f"{where}: the forward {self.effects[(i, training, self.rank3)]}"
+        key = (i, training, self.rank3) + ((self._tokens_given[0],) if self._tokens_given is not None else ())
+        if self.effects[key]:
+            return f"{where}: the forward {self.effects[key]}"
         shape = tuple(self.eager(i, training, raw=True)[0].shape)     # y as the forward returns it, every input
         want = (T, self.d) if self.y_flat else tuple(self.x(i).shape)
         if shape != want:
@@ -318,7 +327,36 @@ class Prober:
                 self.set_skew(w.w_router)
             runs = (self.compare(i, t, lifted.spec, w, lifted.outputs, lifted.noise_dtype)
                     for t in modes for i in range(len(TOKENS)))
-            return first(runs) or self.capacity_checks(lifted, w, modes) or self.norm_checks(lifted, w, modes)
+            return first(runs) or self.capacity_checks(lifted, w, modes) or self.norm_checks(lifted, w, modes) or \
+                self.token_checks(lifted, w, modes)
+
+    def token_checks(self, lifted, w: MoEWeights, modes) -> Optional[str]:
+        """Routing by token id: the compiled layer looks the ids up as ``table[ids]`` does, so the layer is also
+        probed where a lookup's rules show: ids below 0 (rows from the end), ids past the vocabulary (a lookup
+        raises: so must the forward), and, under a table whose rows ``v`` and ``V - 1 - v`` are equal, both ids
+        of such pairs (a forward that reads the ids other than through the table answers differently)."""
+        if not lifted.spec.router.token_table:
+            return None
+        V, base = self.tokens.vocab, self.token_ids(2).reshape(-1)
+        cases = (("below", self.table, base - V), ("past", self.table, base + V),
+                 ("mirror", mirrored(self.table), base), ("mirrored", mirrored(self.table), V - 1 - base))
+        for tag, table, tokens in cases:
+            self._tokens_given = (tag, table, tokens)
+            try:
+                if tag == "past":           # a lookup raises: the forward must too
+                    for t in modes:
+                        try:
+                            self.eager(2, t)
+                        except Exception:  # noqa: BLE001 - the lookup's error, as the compiled layer's
+                            continue
+                        return f"{mode_name(t)} mode: the forward answers for token ids past its table's {V} rows"
+                    continue
+                msg = first(self.compare(2, t, lifted.spec, w, lifted.outputs, lifted.noise_dtype) for t in modes)
+                if msg:
+                    return f"token ids {'below 0' if tag == 'below' else 'read other than through the table'}: {msg}"
+            finally:
+                self._tokens_given = None
+        return None
 
     def norm_checks(self, lifted, w: MoEWeights, modes) -> Optional[str]:
         """Expert norms: their eps shows only where an expert's output is about as small as it, so a layer with

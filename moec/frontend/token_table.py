@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -20,6 +21,7 @@ from torch import nn
 from .call_shape import token_id_args
 
 _INTS = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
+_ID_TYPES = (torch.int64, torch.int32, torch.int16, torch.int8)      # (uint8 and bool index as masks)
 
 
 def resolve(module: nn.Module, path: str) -> torch.Tensor:
@@ -41,7 +43,7 @@ class TokenIds:
     def rows(self, module: nn.Module) -> torch.Tensor:
         """The table as ``[V, k]`` (a view of the layer's tensor, read afresh)."""
         t = resolve(module, self.table)
-        return t.view(t.shape[0], -1)
+        return t.view(t.shape[0], 1) if t.dim() == 1 else t
 
     def describe(self) -> str:
         return (f"routing by token id: each token's {self.top_k} choice(s) are its row of {self.table} "
@@ -63,9 +65,22 @@ def tables(module: nn.Module) -> list:
 
 
 def probe_tokens(lead: tuple, vocab: int, seed: int, device) -> torch.Tensor:
-    """Random token ids in ``[0, vocab)`` shaped ``lead`` (the input's leading dims)."""
+    """Random token ids in ``[0, vocab)`` shaped ``lead`` (the input's leading dims), the first of them the ids
+    code most often treats apart (padding, begin and end of text: 0, 1, 2, 3 and ``vocab - 1``)."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, lead, generator=g).to(device)
+    ids = torch.randint(0, vocab, (math.prod(lead),), generator=g)
+    special = torch.tensor([0, 1, 2, 3, vocab - 1]).clamp(max=vocab - 1)[:ids.numel()]
+    ids[:special.numel()] = special
+    return ids.reshape(lead).to(device)
+
+
+def mirrored(table: torch.Tensor) -> torch.Tensor:
+    """``table`` with row ``V - 1 - v`` equal to row ``v``: ids ``v`` and ``V - 1 - v`` then choose alike, so a
+    forward that reads the ids other than through the table answers differently for them."""
+    half = table.shape[0] // 2
+    out = table.clone()
+    out[table.shape[0] - half:] = table[:half].flip(0)
+    return out
 
 
 def probe_table(module: nn.Module, ids: TokenIds, experts: int) -> torch.Tensor:
@@ -92,20 +107,37 @@ def scrambled(module: nn.Module, ids: Optional[TokenIds], table: Optional[torch.
             t.copy_(saved)
 
 
+class _Watched(torch.Tensor):
+    """Token ids that note any torch operation on them (their values, shape, dtype read, or passed to an op)."""
+
+    touched: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.touched.append(getattr(func, "__name__", str(func)))
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
 def ignores_tokens(module: nn.Module, x: torch.Tensor) -> Optional[str]:
-    """The forward's token-id argument when the forward returns the same with and without token ids (in both
-    training modes, on ``x``): a layer that does not route by them (DeepSeek-V4's later layers take them too),
-    whose compiled calls may then be given them; else None."""
+    """The forward's token-id argument when the forward never reads the token ids it is given (no torch operation
+    touches them, in both training modes, on ``x``) and returns the same, with the same effects, as without them:
+    a layer that does not route by them (DeepSeek-V4's later layers take them too), whose compiled calls may then
+    be given them; else None."""
     from .probe_harness import run_watched
     args = token_id_args(module)
     if not args:
         return None
-    tokens = torch.arange(x.numel() // x.shape[-1], device=x.device).reshape(x.shape[:-1]) % 2
+    watched = type("Watched", (_Watched,), {"touched": []})
     for training in (module.training, not module.training):
+        tokens = torch.zeros(x.shape[:-1], dtype=torch.long, device=x.device).as_subclass(watched)
+        watched.touched.clear()
         try:
-            plain, _ = run_watched(module, (x,), module, training, x.device, 19)
-            given, _ = run_watched(lambda a: module(a, **{args[0]: tokens}), (x,), module, training, x.device, 19)
+            plain, done = run_watched(module, (x,), module, training, x.device, 19)
+            given, done_given = run_watched(lambda a: module(a, **{args[0]: tokens}), (x,), module, training,
+                                            x.device, 19)
         except Exception:  # noqa: BLE001 - a forward that fails on either: not shown to ignore them
+            return None
+        if watched.touched or done or done_given:
             return None
         flat = [(a, b) for a, b in zip(_items(plain), _items(given))]
         if len(_items(plain)) != len(_items(given)) or not all(
@@ -156,7 +188,7 @@ class CallChoices:
         if self.ids is None:
             return None, None
         T = x.numel() // x.shape[-1] if x.dim() else 0
-        if not isinstance(tokens, torch.Tensor) or tokens.is_floating_point() or tokens.is_complex() \
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype not in _ID_TYPES \
                 or tokens.numel() != T or tokens.device != x.device:
             what = "none" if tokens is None else (f"{tokens.dtype} {list(tokens.shape)} on {tokens.device}"
                                                   if isinstance(tokens, torch.Tensor) else type(tokens).__name__)
@@ -169,13 +201,21 @@ class CallChoices:
         why = self._table_ok(table)
         if why:
             return None, why
-        return table[tokens.reshape(-1)].long(), None
+        choices = table[tokens.reshape(-1)].long()    # (an id outside [-V, V) raises, as in eager)
+        if tuple(choices.shape) != (T, self.ids.top_k):
+            return None, f"the token table's rows for this call are {list(choices.shape)}, not [{T}, {self.ids.top_k}]"
+        # (on the CPU a check of the rows costs little: it also sees writes through ``.data``, which leave the
+        # table's version as it was)
+        if choices.device.type == "cpu" and choices.numel() and \
+                not bool(((choices >= 0) & (choices < self.experts)).all()):
+            return None, f"the token table {self.ids.table} holds ids outside [0, {self.experts}) (read this call)"
+        return choices, None
 
     def _table_ok(self, table: torch.Tensor) -> Optional[str]:
         key = (table.data_ptr(), table._version, tuple(table.shape), table.dtype, table.device)
         if self._checked[0] != key:
             bad = None
-            if table.dim() != 2 or table.shape[1] != self.ids.top_k or table.is_floating_point():
+            if table.dim() != 2 or table.shape[1] != self.ids.top_k or table.dtype not in _INTS:
                 bad = f"the token table {self.ids.table} is now {table.dtype} {list(table.shape)}"
             elif table.numel() and not bool(((table >= 0) & (table < self.experts)).all()):
                 bad = (f"the token table {self.ids.table} holds ids outside [0, {self.experts}) (from "
