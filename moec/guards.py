@@ -4,8 +4,8 @@ A lift reads a module tree once: its structure, its classes and forwards, the pl
 code branches on (``top_k``, ``norm_topk_prob``, ``capacity_factor``, ``jitter_noise``...). `read`
 records all of that as one hashable state: per module its path and identity, its class, a forward
 set on the instance, its plain attributes (numbers, strings, booleans, None, tuples of them), the
-tensors kept as plain attributes (by identity and address), and the dtype and device of each of its
-parameters and buffers (``.half()``, ``.to(device)``, a forward branching on a weight's dtype). A region compares the state at every
+tensors kept as plain attributes (by identity and address), and the dtype of each of its parameters and
+buffers (``.half()``, a forward branching on a weight's dtype). A region compares the state at every
 call with the one its lift was made for; when they differ the region lifts again for the new state
 (or runs eager, with the reason), and `changes` says what changed for ``explain()``.
 
@@ -64,8 +64,8 @@ def _held(m: nn.Module) -> list:
     return [(table, k) for table in (m._parameters, m._buffers) for k, t in table.items() if t is not None]
 
 
-def _kind(t) -> tuple:
-    return (t.dtype, t.device) if isinstance(t, torch.Tensor) else None
+def _kind(t):
+    return t.dtype if isinstance(t, torch.Tensor) else None
 
 
 def _entry(path: str, m: nn.Module) -> tuple:
@@ -105,7 +105,7 @@ class Guard:
         self._addresses = tuple(map(_address, self._tensors))
         held = [pair for m in self.modules for pair in _held(m)]
         self._held_tables, self._held_keys = (tuple(c) for c in zip(*held)) if held else ((), ())
-        self._held_kinds = tuple(map(_kind, map(dict.get, self._held_tables, self._held_keys)))
+        self._held_dtypes = tuple(map(_kind, map(dict.get, self._held_tables, self._held_keys)))
         self._missing = (_MISSING,) * len(self._attr_keys)     # a deleted attribute is not a None one
         self._inner = self.modules[1:]
 
@@ -120,8 +120,11 @@ class Guard:
                                           self._tensors))
                                   and tuple(map(_address, self._tensors)) == self._addresses):
             return False
-        if tuple(map(_kind, map(dict.get, self._held_tables, self._held_keys))) != self._held_kinds:
-            return False                    # a parameter or buffer of another dtype or device
+        try:                                # (C-level: a parameter set to None has no dtype)
+            if tuple(map(_DTYPE, map(dict.get, self._held_tables, self._held_keys))) != self._held_dtypes:
+                return False                # a parameter or buffer of another dtype
+        except AttributeError:
+            return False
         return tuple(map(_MODULES, self.modules)) == self._children
 
     def call_checks(self) -> tuple[list, bool]:
@@ -135,6 +138,7 @@ class Guard:
 
 
 _MODULES = operator.attrgetter("_modules")
+_DTYPE = operator.attrgetter("dtype")
 _HOOKS = operator.attrgetter("_forward_hooks")
 _PRE_HOOKS = operator.attrgetter("_forward_pre_hooks")
 _TRAINING = operator.attrgetter("training")
@@ -170,4 +174,4 @@ def changes(before: tuple, after: tuple, limit: int = 3) -> str:
 
 
 def _kind_text(kind) -> str:
-    return "(none)" if kind is None else f"{str(kind[0]).replace('torch.', '')} on {kind[1]}"
+    return "(none)" if kind is None else str(kind).replace("torch.", "")

@@ -188,7 +188,7 @@ def _plan(h: int) -> tuple:
         planning = before
     if region.lifted is None:
         return ()
-    attributes = tuple((path, k, v) for path, _, _, _, attrs, _ in region.state for k, v in attrs)
+    attributes = tuple((path, k, v) for path, _, _, _, attrs, *_ in region.state for k, v in attrs)
     container = region.lifted.container
     _CONTAINERS[h] = container                       # a class is no constant result: read by handle
     kind = None if container is None else "list" if container is list else "tuple" if container is tuple else "class"
