@@ -89,8 +89,10 @@ def test_stored_pre_activations_equal_the_interpreters(case):
     w, x = _weights(spec, g), torch.randn(9, spec.hidden, generator=g)
     fwd = compile_program(MoERecipe(spec, outputs, saving="save"), torch.float32, ARCHS["cpu"])
     logits = reference.router_logits(x, w.w_router) if spec.external_router else None    # an external router's
-    env = fwd.program.run(moe_inputs(x, w, logits), values=True)
-    ref = interpret(fwd.graph, moe_inputs(x, w, logits), values=True)
+    choices = reference.table_choices(w.token_table, torch.randint(0, w.token_table.shape[0], (9,), generator=g)) \
+        if spec.router.token_table else None                                         # a token table's rows
+    env = fwd.program.run(moe_inputs(x, w, logits, choices), values=True)
+    ref = interpret(fwd.graph, moe_inputs(x, w, logits, choices), values=True)
     roles = saved_values(fwd.graph)
     kept = int(env[roles["offsets"]][-1])              # rows past the kept pairs are not written
     for role in PRE_SAVED:
