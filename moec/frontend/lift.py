@@ -61,11 +61,13 @@ def lift(module: nn.Module) -> Union[LiftedMoE, NotLifted, None]:
                 got.observed_calls = router_calls(module, got.observed, got.spec.hidden, got.token_ids)
             got.idle_experts = idle_expert_grads(module, got, module.training)
             if got.token_ids is None and token_id_args(module):
-                ref = got.weights(got.param_tensors(module)).w_up
-                xs = (torch.randn(shape, generator=torch.Generator().manual_seed(23)).to(ref)
-                      for shape in ((2, 5, got.spec.hidden), (10, got.spec.hidden)))
-                ignored = next((a for a in map(lambda x: ignores_tokens(module, x), xs) if a), None)
-                got.ignored_args = (ignored,) if ignored else ()
+                ref = got.weights(got.param_tensors(module)).w_up       # (the input's dtype and device)
+                for shape in ((2, 5, got.spec.hidden), (10, got.spec.hidden)):
+                    x = torch.randn(shape, generator=torch.Generator().manual_seed(23)).to(ref)
+                    ignored = ignores_tokens(module, x)
+                    if ignored:
+                        got.ignored_args = (ignored,)
+                        break
         return got
     except Exception as e:  # noqa: BLE001
         return NotLifted(f"{type(module).__name__}: analysis failed: {type(e).__name__}: {e}")

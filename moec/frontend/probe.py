@@ -205,9 +205,13 @@ class Prober:
         """y's dtype rule: the input's, or the one the forward returns (a sum promoted by an fp32 part)."""
         return "x" if y.dtype == self.x(1).dtype else y.dtype
 
+    def _key(self, i: int, training: bool) -> tuple:
+        """The cache key of input i's eager run (with the ids and table `token_checks` gives, when it gives them)."""
+        return (i, training, self.rank3) + ((self._tokens_given[0],) if self._tokens_given is not None else ())
+
     def eager(self, i: int, training: bool, raw: bool = False):
         """``(y, extras)`` of the module's forward on input i (cached); in training mode under a seeded RNG."""
-        key = (i, training, self.rank3) + ((self._tokens_given[0],) if self._tokens_given is not None else ())
+        key = self._key(i, training)
         if key not in self._cache:
             kwargs = {self.tokens.arg: self.token_ids(i)} if self.tokens is not None else {}
             with scrambled(self.module, self.tokens, self._table() if self.tokens is not None else None):
@@ -244,7 +248,7 @@ class Prober:
         T = x.shape[0]
         y, extras = self.eager(i, training)
         where = f"T={x.shape[0]}, {'training' if training else 'eval'} mode"
-        key = (i, training, self.rank3) + ((self._tokens_given[0],) if self._tokens_given is not None else ())
+        key = self._key(i, training)
         if self.effects[key]:
             return f"{where}: the forward {self.effects[key]}"
         shape = tuple(self.eager(i, training, raw=True)[0].shape)     # y as the forward returns it, every input

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .. import reference
 from .call_shape import token_id_args
 
 _INTS = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
@@ -201,13 +202,12 @@ class CallChoices:
         why = self._table_ok(table)
         if why:
             return None, why
-        choices = table[tokens.reshape(-1)].long()    # (an id outside [-V, V) raises, as in eager)
+        choices = reference.table_choices(table, tokens)    # (an id outside [-V, V) raises, as in eager)
         if tuple(choices.shape) != (T, self.ids.top_k):
             return None, f"the token table's rows for this call are {list(choices.shape)}, not [{T}, {self.ids.top_k}]"
         # (on the CPU a check of the rows costs little: it also sees writes through ``.data``, which leave the
         # table's version as it was)
-        if choices.device.type == "cpu" and choices.numel() and \
-                not bool(((choices >= 0) & (choices < self.experts)).all()):
+        if choices.device.type == "cpu" and not _experts_only(choices, self.experts):
             return None, f"the token table {self.ids.table} holds ids outside [0, {self.experts}) (read this call)"
         return choices, None
 
@@ -217,8 +217,13 @@ class CallChoices:
             bad = None
             if table.dim() != 2 or table.shape[1] != self.ids.top_k or table.dtype not in _INTS:
                 bad = f"the token table {self.ids.table} is now {table.dtype} {list(table.shape)}"
-            elif table.numel() and not bool(((table >= 0) & (table < self.experts)).all()):
+            elif not _experts_only(table, self.experts):
                 bad = (f"the token table {self.ids.table} holds ids outside [0, {self.experts}) (from "
                        f"{int(table.min())} to {int(table.max())})")
             self._checked = (key, bad)
         return self._checked[1]
+
+
+def _experts_only(ids: torch.Tensor, experts: int) -> bool:
+    """Whether every id lies in ``[0, experts)`` (reads them back: a host synchronisation on a GPU)."""
+    return not ids.numel() or bool(((ids >= 0) & (ids < experts)).all())
